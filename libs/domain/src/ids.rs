@@ -1,0 +1,254 @@
+//! Typed identifiers. Each is parsed once at the edge and displayed the same way everywhere;
+//! all serialise as strings (attempt numbers as integers).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} '{value}': {reason}")]
+pub struct IdError {
+    pub kind: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+/// Identifies a job; a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    /// A new time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self).map_err(|_| IdError {
+            kind: "job id",
+            value: s.to_owned(),
+            reason: "not a uuid",
+        })
+    }
+}
+
+/// Validates a name-like id: used in NATS subject tokens, so no dots, wildcards or spaces.
+fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
+    let err = |reason| IdError {
+        kind,
+        value: s.to_owned(),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(err("must not be empty"));
+    }
+    if s.len() > 64 {
+        return Err(err("must be at most 64 characters"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err("may contain only ascii letters, digits, '-' and '_'"));
+    }
+    Ok(s.to_owned())
+}
+
+macro_rules! name_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                parse_name($kind, s).map(Self)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+    };
+}
+
+name_id!(
+    /// Identifies a worker (an agent host). Chosen by the agent; stable across restarts.
+    WorkerId,
+    "worker id"
+);
+name_id!(
+    /// Identifies a tenant. Single-tenant deployments use `default`.
+    TenantId,
+    "tenant id"
+);
+
+impl Default for TenantId {
+    fn default() -> Self {
+        Self("default".to_owned())
+    }
+}
+
+/// The number of an attempt at a job, starting at 1. It is also the fencing token: an agent's
+/// report about any attempt but the job's current one is stale and refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttemptNumber(u32);
+
+impl AttemptNumber {
+    /// The attempt number of a job that was never assigned.
+    pub const NONE: AttemptNumber = AttemptNumber(0);
+
+    pub fn new(n: u32) -> Self {
+        Self(n)
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The number of the attempt after this one.
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for AttemptNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One attempt of one job: `<job id>#<attempt number>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptId {
+    pub job_id: JobId,
+    pub attempt: AttemptNumber,
+}
+
+impl AttemptId {
+    pub fn new(job_id: JobId, attempt: AttemptNumber) -> Self {
+        Self { job_id, attempt }
+    }
+}
+
+impl fmt::Display for AttemptId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.job_id, self.attempt)
+    }
+}
+
+impl FromStr for AttemptId {
+    type Err = IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| IdError {
+            kind: "attempt id",
+            value: s.to_owned(),
+            reason,
+        };
+        let (job, n) = s.split_once('#').ok_or(err("expected '<job id>#<n>'"))?;
+        let job_id = job.parse().map_err(|_| err("job id is not a uuid"))?;
+        let n: u32 = n.parse().map_err(|_| err("attempt is not a number"))?;
+        if n == 0 {
+            return Err(err("attempt numbers start at 1"));
+        }
+        Ok(Self::new(job_id, AttemptNumber(n)))
+    }
+}
+
+macro_rules! string_serde {
+    ($($name:ident),*) => {$(
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+string_serde!(JobId, WorkerId, TenantId, AttemptId);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_strings_and_json() {
+        let job = JobId::new();
+        assert_eq!(job.to_string().parse::<JobId>().unwrap(), job);
+        let attempt = AttemptId::new(job, AttemptNumber::new(3));
+        assert_eq!(attempt.to_string().parse::<AttemptId>().unwrap(), attempt);
+        let json = serde_json::to_string(&attempt).unwrap();
+        assert_eq!(serde_json::from_str::<AttemptId>(&json).unwrap(), attempt);
+        let w: WorkerId = "agent-1".parse().unwrap();
+        assert_eq!(serde_json::to_string(&w).unwrap(), "\"agent-1\"");
+    }
+
+    #[test]
+    fn worker_ids_refuse_subject_syntax() {
+        for bad in ["", "a.b", "a*", ">", "a b", &"x".repeat(65)] {
+            assert!(bad.parse::<WorkerId>().is_err(), "{bad:?} accepted");
+        }
+        assert!("x#0".parse::<AttemptId>().is_err());
+        assert!("not-a-uuid".parse::<JobId>().is_err());
+    }
+}

@@ -1,0 +1,789 @@
+//! The `Job` aggregate: a job's state machine. Every command checks that its transition is
+//! legal, returns the event it produced and applies it; a refused command leaves the job as
+//! it was. Replaying a job's events rebuilds it exactly.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::DomainError;
+use crate::events::{JobEvent, JobEventKind};
+use crate::ids::{AttemptId, AttemptNumber, JobId, TenantId, WorkerId};
+use crate::spec::JobSpec;
+
+/// How many times a job may lose its worker (infrastructure failures, which do not spend the
+/// job's own retry budget) before it fails anyway.
+pub const MAX_LOST_ATTEMPTS: u32 = 5;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+        }
+    }
+
+    /// Terminal states are final: no command changes them.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = crate::ids::IdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| crate::ids::IdError {
+                kind: "job state",
+                value: s.to_owned(),
+                reason: "not one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
+            })
+    }
+}
+
+/// How an attempt ended, as the agent (or the liveness checks) saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The process exited with this code.
+    Exited { code: i32 },
+    /// The process was killed by this signal (not by us).
+    Signalled { signal: i32 },
+    /// The process ran past the job's timeout and was killed.
+    TimedOut,
+    /// The process was stopped because the job was cancelled.
+    Cancelled,
+    /// The process could not be started.
+    SpawnFailed { reason: String },
+    /// The worker running the attempt was lost (infrastructure failure).
+    Lost { reason: String },
+}
+
+impl AttemptOutcome {
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            AttemptOutcome::Exited { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        matches!(self, AttemptOutcome::Exited { code: 0 })
+    }
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptOutcome::Exited { code } => write!(f, "exited with code {code}"),
+            AttemptOutcome::Signalled { signal } => write!(f, "killed by signal {signal}"),
+            AttemptOutcome::TimedOut => f.write_str("timed out"),
+            AttemptOutcome::Cancelled => f.write_str("cancelled"),
+            AttemptOutcome::SpawnFailed { reason } => write!(f, "failed to start: {reason}"),
+            AttemptOutcome::Lost { reason } => write!(f, "worker lost: {reason}"),
+        }
+    }
+}
+
+/// One attempt in a job's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: AttemptNumber,
+    pub worker_id: WorkerId,
+    pub assigned_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<AttemptOutcome>,
+}
+
+/// A job and everything that happened to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    id: JobId,
+    tenant: TenantId,
+    spec: JobSpec,
+    state: JobState,
+    attempts: Vec<AttemptRecord>,
+    cancel_requested: bool,
+    not_before: Option<DateTime<Utc>>,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: u64,
+}
+
+impl Job {
+    /// Accepts a job: it starts queued, at version 1.
+    pub fn submit(
+        id: JobId,
+        tenant: TenantId,
+        spec: JobSpec,
+        now: DateTime<Utc>,
+    ) -> (Job, JobEvent) {
+        let event = JobEvent {
+            event_id: Uuid::now_v7(),
+            job_id: id,
+            seq: 1,
+            at: now,
+            kind: JobEventKind::Submitted {
+                tenant: tenant.clone(),
+                spec: spec.clone(),
+            },
+        };
+        let job = Job {
+            id,
+            tenant,
+            spec,
+            state: JobState::Queued,
+            attempts: Vec::new(),
+            cancel_requested: false,
+            not_before: None,
+            reason: None,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        };
+        (job, event)
+    }
+
+    /// Rebuilds a job from its full history.
+    pub fn from_events(events: &[JobEvent]) -> Result<Job, DomainError> {
+        let (first, rest) = events
+            .split_first()
+            .ok_or(DomainError::IllegalJobTransition {
+                action: "replay",
+                state: "empty history".to_owned(),
+            })?;
+        let JobEventKind::Submitted { tenant, spec } = &first.kind else {
+            return Err(DomainError::IllegalJobTransition {
+                action: "replay",
+                state: format!("history starting with {}", first.kind.name()),
+            });
+        };
+        let (mut job, _) = Job::submit(first.job_id, tenant.clone(), spec.clone(), first.at);
+        for event in rest {
+            job.apply(event)?;
+        }
+        Ok(job)
+    }
+
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
+    }
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+    pub fn attempts(&self) -> &[AttemptRecord] {
+        &self.attempts
+    }
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel_requested
+    }
+    /// A requeued job is not placed before this time (retry backoff).
+    pub fn not_before(&self) -> Option<DateTime<Utc>> {
+        self.not_before
+    }
+    /// Why the job ended as it did, or why it is waiting.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+    pub fn created_at(&self) -> DateTime<Utc> {
+        self.created_at
+    }
+    pub fn updated_at(&self) -> DateTime<Utc> {
+        self.updated_at
+    }
+    /// The sequence number of the last event applied: the optimistic-concurrency version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The current (latest) attempt number; `AttemptNumber::NONE` before the first assignment.
+    pub fn current_attempt(&self) -> AttemptNumber {
+        self.attempts
+            .last()
+            .map_or(AttemptNumber::NONE, |a| a.attempt)
+    }
+
+    pub fn current_attempt_record(&self) -> Option<&AttemptRecord> {
+        self.attempts.last()
+    }
+
+    /// The exit code of the attempt that ended the job, if it exited.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.attempts
+            .last()
+            .and_then(|a| a.outcome.as_ref())
+            .and_then(AttemptOutcome::exit_code)
+    }
+
+    /// Attempts that counted against the job's retry budget (not worker losses).
+    fn spent_attempts(&self) -> u32 {
+        count(
+            self.attempts
+                .iter()
+                .filter(|a| !matches!(a.outcome, Some(AttemptOutcome::Lost { .. }))),
+        )
+    }
+
+    fn lost_attempts(&self) -> u32 {
+        count(
+            self.attempts
+                .iter()
+                .filter(|a| matches!(a.outcome, Some(AttemptOutcome::Lost { .. }))),
+        )
+    }
+
+    /// Rebuilds a job from its stored projection fields, for repositories.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        id: JobId,
+        tenant: TenantId,
+        spec: JobSpec,
+        state: JobState,
+        attempts: Vec<AttemptRecord>,
+        cancel_requested: bool,
+        not_before: Option<DateTime<Utc>>,
+        reason: Option<String>,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        version: u64,
+    ) -> Job {
+        Job {
+            id,
+            tenant,
+            spec,
+            state,
+            attempts,
+            cancel_requested,
+            not_before,
+            reason,
+            created_at,
+            updated_at,
+            version,
+        }
+    }
+
+    fn illegal(&self, action: &'static str) -> DomainError {
+        DomainError::IllegalJobTransition {
+            action,
+            state: self.state.to_string(),
+        }
+    }
+
+    fn fence(&self, attempt: AttemptNumber) -> Result<(), DomainError> {
+        let current = self.current_attempt();
+        if attempt != current || attempt == AttemptNumber::NONE {
+            return Err(DomainError::StaleAttempt {
+                got: attempt.get(),
+                current: current.get(),
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, now: DateTime<Utc>, kind: JobEventKind) -> Result<JobEvent, DomainError> {
+        let event = JobEvent {
+            event_id: Uuid::now_v7(),
+            job_id: self.id,
+            seq: self.version + 1,
+            at: now,
+            kind,
+        };
+        self.apply(&event)?;
+        Ok(event)
+    }
+
+    /// Gives the next attempt to `worker_id`. Only a queued job can be assigned.
+    pub fn assign(
+        &mut self,
+        worker_id: WorkerId,
+        now: DateTime<Utc>,
+    ) -> Result<JobEvent, DomainError> {
+        if self.state != JobState::Queued {
+            return Err(self.illegal("assign"));
+        }
+        let attempt = self.current_attempt().next();
+        self.record(now, JobEventKind::Assigned { attempt, worker_id })
+    }
+
+    /// The worker started the attempt's process.
+    pub fn start(
+        &mut self,
+        attempt: AttemptNumber,
+        now: DateTime<Utc>,
+    ) -> Result<JobEvent, DomainError> {
+        if self.state.is_terminal() {
+            return Err(self.illegal("start"));
+        }
+        self.fence(attempt)?;
+        if self.state != JobState::Assigned {
+            return Err(self.illegal("start"));
+        }
+        let worker_id = self.worker_of_current()?;
+        self.record(now, JobEventKind::Started { attempt, worker_id })
+    }
+
+    fn worker_of_current(&self) -> Result<WorkerId, DomainError> {
+        self.attempts
+            .last()
+            .map(|a| a.worker_id.clone())
+            .ok_or_else(|| self.illegal("report on"))
+    }
+
+    /// The current attempt ended with `outcome`. Decides what happens to the job: success,
+    /// another attempt after the backoff (`jitter` in `[0, 1)`), or a terminal failure.
+    pub fn finish(
+        &mut self,
+        attempt: AttemptNumber,
+        outcome: AttemptOutcome,
+        now: DateTime<Utc>,
+        jitter: f64,
+    ) -> Result<JobEvent, DomainError> {
+        if self.state.is_terminal() {
+            return Err(self.illegal("finish"));
+        }
+        self.fence(attempt)?;
+        if !matches!(self.state, JobState::Assigned | JobState::Running) {
+            return Err(self.illegal("finish"));
+        }
+        let worker_id = self.worker_of_current()?;
+        let worker = Some(worker_id.clone());
+        let kind = if self.cancel_requested || outcome == AttemptOutcome::Cancelled {
+            JobEventKind::Cancelled {
+                attempt: Some(attempt),
+                worker_id: worker,
+                reason: format!("cancelled while on a worker ({outcome})"),
+            }
+        } else if outcome.is_success() {
+            JobEventKind::Succeeded {
+                attempt,
+                worker_id,
+                outcome,
+            }
+        } else if outcome == AttemptOutcome::TimedOut {
+            JobEventKind::TimedOut {
+                attempt,
+                worker_id,
+                outcome,
+            }
+        } else {
+            let lost = matches!(outcome, AttemptOutcome::Lost { .. });
+            // The attempt being finished is still counted as in flight; it is spent only when
+            // its outcome is not a worker loss.
+            let spent = self.spent_attempts() - u32::from(lost);
+            let losses = self.lost_attempts() + u32::from(lost);
+            if lost && losses >= MAX_LOST_ATTEMPTS {
+                JobEventKind::Failed {
+                    attempt: Some(attempt),
+                    worker_id: worker,
+                    reason: format!("lost its worker {losses} times; last: {outcome}"),
+                    outcome: Some(outcome),
+                }
+            } else if lost || spent < self.spec.max_attempts {
+                let delay = if lost {
+                    std::time::Duration::ZERO
+                } else {
+                    self.spec.retry_backoff.delay(spent, jitter)
+                };
+                let not_before =
+                    now + ChronoDuration::from_std(delay).unwrap_or(ChronoDuration::zero());
+                JobEventKind::Requeued {
+                    attempt,
+                    worker_id,
+                    outcome,
+                    not_before,
+                }
+            } else {
+                JobEventKind::Failed {
+                    attempt: Some(attempt),
+                    worker_id: worker,
+                    reason: format!("attempt {attempt} of {} {outcome}", self.spec.max_attempts),
+                    outcome: Some(outcome),
+                }
+            }
+        };
+        self.record(now, kind)
+    }
+
+    /// Asks to cancel the job. A queued job is cancelled at once; a job on a worker is marked
+    /// and its worker told to stop it (returns the `CancelRequested` event). Cancelling again
+    /// while a cancel is pending returns `Ok(None)`.
+    pub fn request_cancel(
+        &mut self,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<JobEvent>, DomainError> {
+        match self.state {
+            JobState::Queued => self
+                .record(
+                    now,
+                    JobEventKind::Cancelled {
+                        attempt: None,
+                        worker_id: None,
+                        reason: reason.to_owned(),
+                    },
+                )
+                .map(Some),
+            JobState::Assigned | JobState::Running if self.cancel_requested => Ok(None),
+            JobState::Assigned | JobState::Running => self
+                .record(
+                    now,
+                    JobEventKind::CancelRequested {
+                        reason: reason.to_owned(),
+                    },
+                )
+                .map(Some),
+            _ => Err(self.illegal("cancel")),
+        }
+    }
+
+    /// Fails a queued job that no worker can take (queue timeout), saying why.
+    pub fn fail_unplaceable(
+        &mut self,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<JobEvent, DomainError> {
+        if self.state != JobState::Queued {
+            return Err(self.illegal("fail as unplaceable"));
+        }
+        self.record(
+            now,
+            JobEventKind::Failed {
+                attempt: None,
+                worker_id: None,
+                outcome: None,
+                reason: reason.to_owned(),
+            },
+        )
+    }
+
+    /// Applies an event to the state. Commands call this after checking; replay calls it
+    /// directly, so it refuses events out of order or illegal for the state.
+    pub fn apply(&mut self, event: &JobEvent) -> Result<(), DomainError> {
+        if event.seq != self.version + 1 || event.job_id != self.id {
+            return Err(DomainError::OutOfOrderEvent {
+                job_id: self.id.to_string(),
+                seq: event.seq,
+                version: self.version,
+            });
+        }
+        if self.state.is_terminal() {
+            return Err(self.illegal("apply an event to"));
+        }
+        let at = event.at;
+        match &event.kind {
+            JobEventKind::Submitted { .. } => return Err(self.illegal("submit")),
+            JobEventKind::Assigned { attempt, worker_id } => {
+                self.state = JobState::Assigned;
+                self.not_before = None;
+                self.reason = None;
+                self.attempts.push(AttemptRecord {
+                    attempt: *attempt,
+                    worker_id: worker_id.clone(),
+                    assigned_at: at,
+                    started_at: None,
+                    finished_at: None,
+                    outcome: None,
+                });
+            }
+            JobEventKind::Started { .. } => {
+                self.state = JobState::Running;
+                if let Some(a) = self.attempts.last_mut() {
+                    a.started_at = Some(at);
+                }
+            }
+            JobEventKind::Requeued {
+                outcome,
+                not_before,
+                ..
+            } => {
+                self.state = JobState::Queued;
+                self.not_before = Some(*not_before);
+                self.reason = Some(format!("retrying: previous attempt {outcome}"));
+                self.close_attempt(at, Some(outcome.clone()));
+            }
+            JobEventKind::Succeeded { outcome, .. } | JobEventKind::TimedOut { outcome, .. } => {
+                self.state = if matches!(event.kind, JobEventKind::Succeeded { .. }) {
+                    JobState::Succeeded
+                } else {
+                    JobState::TimedOut
+                };
+                self.close_attempt(at, Some(outcome.clone()));
+            }
+            JobEventKind::Failed {
+                outcome, reason, ..
+            } => {
+                self.state = JobState::Failed;
+                self.reason = Some(reason.clone());
+                if outcome.is_some() {
+                    self.close_attempt(at, outcome.clone());
+                }
+            }
+            JobEventKind::CancelRequested { reason } => {
+                self.cancel_requested = true;
+                self.reason = Some(reason.clone());
+            }
+            JobEventKind::Cancelled {
+                attempt, reason, ..
+            } => {
+                self.state = JobState::Cancelled;
+                self.cancel_requested = true;
+                self.reason = Some(reason.clone());
+                if attempt.is_some() {
+                    self.close_attempt(at, Some(AttemptOutcome::Cancelled));
+                }
+            }
+        }
+        self.version = event.seq;
+        self.updated_at = at;
+        Ok(())
+    }
+
+    fn close_attempt(&mut self, at: DateTime<Utc>, outcome: Option<AttemptOutcome>) {
+        if let Some(a) = self.attempts.last_mut() {
+            a.finished_at = Some(at);
+            a.outcome = outcome;
+        }
+    }
+
+    /// The attempt id of the current attempt, if any.
+    pub fn current_attempt_id(&self) -> Option<AttemptId> {
+        self.attempts
+            .last()
+            .map(|a| AttemptId::new(self.id, a.attempt))
+    }
+
+    /// Stores why a queued job is still waiting (not an event: it changes often).
+    pub fn set_pending_reason(&mut self, reason: Option<String>) {
+        if self.state == JobState::Queued {
+            self.reason = reason;
+        }
+    }
+}
+
+fn count<I: Iterator>(iter: I) -> u32 {
+    u32::try_from(iter.count()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::JobSpecDraft;
+
+    fn job(max_attempts: u32) -> Job {
+        let mut d = JobSpecDraft::exec("t", &["true"]);
+        d.max_attempts = max_attempts;
+        let spec = JobSpec::try_from(d).unwrap();
+        Job::submit(JobId::new(), TenantId::default(), spec, Utc::now()).0
+    }
+
+    fn w(name: &str) -> WorkerId {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn happy_path_succeeds() {
+        let mut j = job(1);
+        let now = Utc::now();
+        j.assign(w("a"), now).unwrap();
+        j.start(AttemptNumber::new(1), now).unwrap();
+        let e = j
+            .finish(
+                AttemptNumber::new(1),
+                AttemptOutcome::Exited { code: 0 },
+                now,
+                0.0,
+            )
+            .unwrap();
+        assert_eq!(e.kind.name(), "succeeded");
+        assert_eq!(j.state(), JobState::Succeeded);
+        assert_eq!(j.version(), 4);
+        assert!(j.assign(w("a"), now).is_err());
+    }
+
+    #[test]
+    fn failures_retry_until_the_budget_is_spent() {
+        let mut j = job(2);
+        let now = Utc::now();
+        j.assign(w("a"), now).unwrap();
+        let e = j
+            .finish(
+                AttemptNumber::new(1),
+                AttemptOutcome::Exited { code: 3 },
+                now,
+                0.0,
+            )
+            .unwrap();
+        assert_eq!(e.kind.name(), "requeued");
+        assert_eq!(j.state(), JobState::Queued);
+        j.assign(w("b"), now).unwrap();
+        assert!(matches!(
+            j.finish(
+                AttemptNumber::new(1),
+                AttemptOutcome::Exited { code: 0 },
+                now,
+                0.0
+            ),
+            Err(DomainError::StaleAttempt { got: 1, current: 2 })
+        ));
+        j.finish(
+            AttemptNumber::new(2),
+            AttemptOutcome::Exited { code: 3 },
+            now,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(j.state(), JobState::Failed);
+        assert_eq!(j.exit_code(), Some(3));
+    }
+
+    #[test]
+    fn lost_workers_do_not_spend_retries() {
+        let mut j = job(1);
+        let now = Utc::now();
+        for n in 1..MAX_LOST_ATTEMPTS {
+            j.assign(w("a"), now).unwrap();
+            j.finish(
+                AttemptNumber::new(n),
+                AttemptOutcome::Lost {
+                    reason: "gone".into(),
+                },
+                now,
+                0.0,
+            )
+            .unwrap();
+            assert_eq!(j.state(), JobState::Queued);
+        }
+        j.assign(w("a"), now).unwrap();
+        j.finish(
+            AttemptNumber::new(MAX_LOST_ATTEMPTS),
+            AttemptOutcome::Lost {
+                reason: "gone".into(),
+            },
+            now,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(j.state(), JobState::Failed);
+    }
+
+    #[test]
+    fn cancel_paths() {
+        let now = Utc::now();
+        let mut queued = job(1);
+        assert_eq!(
+            queued
+                .request_cancel("user", now)
+                .unwrap()
+                .unwrap()
+                .kind
+                .name(),
+            "cancelled"
+        );
+        assert!(queued.request_cancel("user", now).is_err());
+
+        let mut running = job(3);
+        running.assign(w("a"), now).unwrap();
+        running.start(AttemptNumber::new(1), now).unwrap();
+        assert_eq!(
+            running
+                .request_cancel("user", now)
+                .unwrap()
+                .unwrap()
+                .kind
+                .name(),
+            "cancel_requested"
+        );
+        assert!(running.request_cancel("user", now).unwrap().is_none());
+        running
+            .finish(
+                AttemptNumber::new(1),
+                AttemptOutcome::Signalled { signal: 15 },
+                now,
+                0.0,
+            )
+            .unwrap();
+        assert_eq!(running.state(), JobState::Cancelled);
+    }
+
+    #[test]
+    fn replay_rebuilds_the_same_job() {
+        let mut events = Vec::new();
+        let mut d = JobSpecDraft::exec("t", &["true"]);
+        d.max_attempts = 2;
+        let now = Utc::now();
+        let (mut j, e) = Job::submit(
+            JobId::new(),
+            TenantId::default(),
+            JobSpec::try_from(d).unwrap(),
+            now,
+        );
+        events.push(e);
+        events.push(j.assign(w("a"), now).unwrap());
+        events.push(j.start(AttemptNumber::new(1), now).unwrap());
+        events.push(
+            j.finish(
+                AttemptNumber::new(1),
+                AttemptOutcome::Exited { code: 1 },
+                now,
+                0.3,
+            )
+            .unwrap(),
+        );
+        events.push(j.assign(w("b"), now).unwrap());
+        assert_eq!(Job::from_events(&events).unwrap(), j);
+        let mut shuffled = events.clone();
+        shuffled.swap(1, 2);
+        assert!(Job::from_events(&shuffled).is_err());
+    }
+}
