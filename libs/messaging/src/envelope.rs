@@ -1,0 +1,60 @@
+//! The CloudEvents-style JSON envelope around every domain event on `hodei.v1.evt.>`, so a
+//! person watching with a NATS subscriber reads what happened, to what, when and from where.
+
+use chrono::{DateTime, Utc};
+use hodei_domain::{JobEvent, WorkerEvent};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A domain event as published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub specversion: String,
+    /// The event id; also the JetStream de-duplication id.
+    pub id: Uuid,
+    /// `hodei.job.<event>` or `hodei.worker.<event>`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The service that recorded the event, e.g. `hodei/scheduler`.
+    pub source: String,
+    /// The aggregate the event is about (job or worker id).
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    pub datacontenttype: String,
+    /// The domain event itself.
+    pub data: Value,
+}
+
+impl Envelope {
+    pub fn for_job(event: &JobEvent, source: &str) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            specversion: "1.0".to_owned(),
+            id: event.event_id,
+            event_type: format!("hodei.job.{}", event.kind.name()),
+            source: source.to_owned(),
+            subject: event.job_id.to_string(),
+            time: event.at,
+            datacontenttype: "application/json".to_owned(),
+            data: serde_json::to_value(event)?,
+        })
+    }
+
+    pub fn for_worker(event: &WorkerEvent, source: &str) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            specversion: "1.0".to_owned(),
+            id: event.event_id,
+            event_type: format!("hodei.worker.{}", event.kind.name()),
+            source: source.to_owned(),
+            subject: event.worker_id.to_string(),
+            time: event.at,
+            datacontenttype: "application/json".to_owned(),
+            data: serde_json::to_value(event)?,
+        })
+    }
+
+    /// The job event inside, if this envelope carries one.
+    pub fn job_event(&self) -> Result<JobEvent, serde_json::Error> {
+        serde_json::from_value(self.data.clone())
+    }
+}

@@ -1,0 +1,27 @@
+//! Everything that crosses NATS: the one module that names subjects and headers, the
+//! JetStream streams and consumers, the JSON payloads and event envelope, and connecting to
+//! a server that is new enough.
+
+pub mod connect;
+pub mod envelope;
+pub mod payloads;
+pub mod streams;
+pub mod subjects;
+
+pub use connect::{MessagingError, connect};
+pub use envelope::Envelope;
+pub use payloads::{
+    AgentCommand, AgentReport, Heartbeat, LogBatch, LogEntry, LogStreamKind, Outgoing, PlaceJob,
+    ReportKind,
+};
+
+/// Decodes a JSON payload, naming the subject in the error.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    subject: &str,
+    payload: &[u8],
+) -> Result<T, MessagingError> {
+    serde_json::from_slice(payload).map_err(|source| MessagingError::Malformed {
+        subject: subject.to_owned(),
+        source,
+    })
+}

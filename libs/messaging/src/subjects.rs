@@ -1,0 +1,105 @@
+//! Every NATS subject and header name Hodei uses, built here and nowhere else. All subjects
+//! live under the versioned prefix `hodei.v1`.
+
+use hodei_domain::{JobId, WorkerId};
+
+/// The versioned root of every subject.
+pub const PREFIX: &str = "hodei.v1";
+
+/// Header carrying the JetStream de-duplication id (the event or message id).
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// Header carrying the subject a dead-lettered message was received on.
+pub const HEADER_DLQ_SUBJECT: &str = "Hodei-Dlq-Subject";
+/// Header carrying why a message was dead-lettered.
+pub const HEADER_DLQ_REASON: &str = "Hodei-Dlq-Reason";
+
+/// `hodei.v1.evt.job.<job_id>.<event>`: a job's domain event.
+pub fn job_event(job_id: &JobId, event: &str) -> String {
+    format!("{PREFIX}.evt.job.{job_id}.{event}")
+}
+
+/// `hodei.v1.evt.job.<job_id>.>`: every event of one job.
+pub fn job_events_of(job_id: &JobId) -> String {
+    format!("{PREFIX}.evt.job.{job_id}.>")
+}
+
+/// `hodei.v1.evt.worker.<worker_id>.<event>`: a worker's domain event.
+pub fn worker_event(worker_id: &WorkerId, event: &str) -> String {
+    format!("{PREFIX}.evt.worker.{worker_id}.{event}")
+}
+
+/// `hodei.v1.evt.>`: every domain event.
+pub fn all_events() -> String {
+    format!("{PREFIX}.evt.>")
+}
+
+/// `hodei.v1.work.place.<job_id>`: a job that needs placing (work queue).
+pub fn place_job(job_id: &JobId) -> String {
+    format!("{PREFIX}.work.place.{job_id}")
+}
+
+/// `hodei.v1.work.place.>`: what the schedulers consume.
+pub fn all_place_jobs() -> String {
+    format!("{PREFIX}.work.place.>")
+}
+
+/// `hodei.v1.agent.<worker_id>.cmd`: assignments and cancels for one agent.
+pub fn agent_commands(worker_id: &WorkerId) -> String {
+    format!("{PREFIX}.agent.{worker_id}.cmd")
+}
+
+/// `hodei.v1.report.<job_id>`: an agent's report on an attempt (started, finished).
+pub fn report(job_id: &JobId) -> String {
+    format!("{PREFIX}.report.{job_id}")
+}
+
+/// `hodei.v1.report.>`: every report.
+pub fn all_reports() -> String {
+    format!("{PREFIX}.report.>")
+}
+
+/// `hodei.v1.hb.<worker_id>`: an agent's heartbeat (core NATS, not persisted).
+pub fn heartbeat(worker_id: &WorkerId) -> String {
+    format!("{PREFIX}.hb.{worker_id}")
+}
+
+/// `hodei.v1.hb.*`: every heartbeat.
+pub fn all_heartbeats() -> String {
+    format!("{PREFIX}.hb.*")
+}
+
+/// `hodei.v1.log.<job_id>`: a job's output, in batches of lines.
+pub fn log(job_id: &JobId) -> String {
+    format!("{PREFIX}.log.{job_id}")
+}
+
+/// `hodei.v1.dlq.<kind>`: messages a service could not handle, kept for people to inspect.
+pub fn dead_letter(kind: &str) -> String {
+    format!("{PREFIX}.dlq.{kind}")
+}
+
+/// The token after `prefix.` in `subject`, e.g. the job id of a report subject.
+pub fn token_after(subject: &str, prefix_tokens: usize) -> Option<&str> {
+    subject.split('.').nth(prefix_tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_versioned_and_tokenised() {
+        let job = JobId::new();
+        let worker: WorkerId = "w-1".parse().unwrap();
+        assert_eq!(
+            job_event(&job, "assigned"),
+            format!("hodei.v1.evt.job.{job}.assigned")
+        );
+        assert_eq!(agent_commands(&worker), "hodei.v1.agent.w-1.cmd");
+        assert_eq!(token_after(&heartbeat(&worker), 3), Some("w-1"));
+        assert_eq!(
+            token_after(&report(&job), 3),
+            Some(job.to_string().as_str())
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! Storage errors, with PostgreSQL failures sorted into what callers act on.
+
+/// What can go wrong reading or writing the state of record.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("failed to apply migrations: {0}")]
+    Migrate(String),
+    /// Somebody else changed the row first (optimistic concurrency): reload and retry.
+    #[error("concurrent update of {what}")]
+    Conflict { what: String },
+    /// A stored row that does not decode: names the table, the row and the column.
+    #[error("corrupt row in {table} (id {id}): column {column}: {reason}")]
+    Corrupt {
+        table: &'static str,
+        id: String,
+        column: &'static str,
+        reason: String,
+    },
+    #[error("failed to encode {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
+}
+
+impl StorageError {
+    /// Whether the error is a unique or serialization violation worth retrying as a conflict.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            StorageError::Conflict { .. } => true,
+            StorageError::Database(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01"))
+            }
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn encode<T: serde::Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<serde_json::Value, StorageError> {
+    serde_json::to_value(value).map_err(|e| StorageError::Encode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Reads and decodes one column, naming it in the error.
+pub(crate) struct RowReader<'r> {
+    pub table: &'static str,
+    pub id: String,
+    pub row: &'r sqlx::postgres::PgRow,
+}
+
+impl<'r> RowReader<'r> {
+    pub fn get<T>(&self, column: &'static str) -> Result<T, StorageError>
+    where
+        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        use sqlx::Row;
+        self.row
+            .try_get(column)
+            .map_err(|e| self.corrupt(column, e.to_string()))
+    }
+
+    pub fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        column: &'static str,
+    ) -> Result<T, StorageError> {
+        let value: serde_json::Value = self.get(column)?;
+        serde_json::from_value(value).map_err(|e| self.corrupt(column, e.to_string()))
+    }
+
+    pub fn parse<T: std::str::FromStr>(&self, column: &'static str) -> Result<T, StorageError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let s: String = self.get(column)?;
+        s.parse()
+            .map_err(|e: T::Err| self.corrupt(column, e.to_string()))
+    }
+
+    pub fn unsigned(&self, column: &'static str) -> Result<u64, StorageError> {
+        let v: i64 = self.get(column)?;
+        u64::try_from(v).map_err(|_| self.corrupt(column, format!("negative value {v}")))
+    }
+
+    pub fn corrupt(&self, column: &'static str, reason: String) -> StorageError {
+        StorageError::Corrupt {
+            table: self.table,
+            id: self.id.clone(),
+            column,
+            reason,
+        }
+    }
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

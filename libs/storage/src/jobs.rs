@@ -1,0 +1,294 @@
+//! The job event store and the `jobs` projection. Every change appends the job's new events
+//! (unique `(job_id, seq)`) and updates the projection `WHERE version = expected` in one
+//! transaction, so two writers racing on a job cannot both win.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use hodei_domain::{Job, JobEvent, JobId, JobState, TenantId};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{RowReader, StorageError, encode, to_i64};
+
+const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
+
+/// What a submission did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// The job was recorded.
+    Created(Job),
+    /// A job with the same idempotency key existed; it is returned unchanged.
+    Existing(Job),
+}
+
+/// Records a new job, its first event and `messages` in one transaction. With an idempotency
+/// key already used by the tenant, records nothing and returns the existing job.
+pub async fn insert_submitted(
+    pool: &PgPool,
+    job: &Job,
+    event: &JobEvent,
+    messages: &[hodei_messaging::Outgoing],
+) -> Result<Submitted, StorageError> {
+    let mut tx = pool.begin().await?;
+    let spec = job.spec();
+    let inserted = sqlx::query(
+        "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
+                           current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
+                           created_at, updated_at, version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '[]', 0, NULL, false, NULL, NULL, NULL, $9, $9, $10)
+         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+    )
+    .bind(job.id().as_uuid())
+    .bind(job.tenant().as_str())
+    .bind(&spec.name)
+    .bind(job.state().as_str())
+    .bind(spec.priority)
+    .bind(encode("job spec", spec)?)
+    .bind(encode("job labels", &spec.labels)?)
+    .bind(spec.idempotency_key.as_deref())
+    .bind(job.created_at())
+    .bind(to_i64(job.version()))
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        tx.rollback().await?;
+        let key = spec.idempotency_key.as_deref().unwrap_or_default();
+        return match find_by_idempotency_key(pool, job.tenant(), key).await? {
+            Some(existing) => Ok(Submitted::Existing(existing)),
+            None => Err(StorageError::Conflict {
+                what: format!("job with idempotency key {key}"),
+            }),
+        };
+    }
+    append_events(&mut tx, std::slice::from_ref(event)).await?;
+    crate::outbox::append(&mut tx, messages).await?;
+    tx.commit().await?;
+    Ok(Submitted::Created(job.clone()))
+}
+
+/// The job a tenant submitted with `key`, if any.
+pub async fn find_by_idempotency_key(
+    pool: &PgPool,
+    tenant: &TenantId,
+    key: &str,
+) -> Result<Option<Job>, StorageError> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant.as_str())
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(decode).transpose()
+}
+
+/// One job, if it exists.
+pub async fn get(conn: impl sqlx::PgExecutor<'_>, id: JobId) -> Result<Option<Job>, StorageError> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_uuid())
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(decode).transpose()
+}
+
+/// Saves a job changed by `events` (already applied to it) if it is still at
+/// `expected_version`; otherwise returns `Conflict` and changes nothing.
+pub async fn save(
+    conn: &mut PgConnection,
+    job: &Job,
+    expected_version: u64,
+    events: &[JobEvent],
+) -> Result<(), StorageError> {
+    let current = job.current_attempt_record();
+    let updated = sqlx::query(
+        "UPDATE jobs SET state = $3, attempts = $4, current_attempt = $5, worker_id = $6,
+                cancel_requested = $7, not_before = $8, reason = $9, exit_code = $10,
+                updated_at = $11, version = $12
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(job.id().as_uuid())
+    .bind(to_i64(expected_version))
+    .bind(job.state().as_str())
+    .bind(encode("job attempts", &job.attempts())?)
+    .bind(i64::from(job.current_attempt().get()))
+    .bind(current.map(|a| a.worker_id.as_str()))
+    .bind(job.cancel_requested())
+    .bind(job.not_before())
+    .bind(job.reason())
+    .bind(job.exit_code())
+    .bind(job.updated_at())
+    .bind(to_i64(job.version()))
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(StorageError::Conflict {
+            what: format!("job {} at version {expected_version}", job.id()),
+        });
+    }
+    append_events(conn, events).await
+}
+
+async fn append_events(conn: &mut PgConnection, events: &[JobEvent]) -> Result<(), StorageError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut job_ids = Vec::with_capacity(events.len());
+    let mut seqs = Vec::with_capacity(events.len());
+    let mut ids = Vec::with_capacity(events.len());
+    let mut types = Vec::with_capacity(events.len());
+    let mut ats = Vec::with_capacity(events.len());
+    let mut data = Vec::with_capacity(events.len());
+    for e in events {
+        job_ids.push(e.job_id.as_uuid());
+        seqs.push(to_i64(e.seq));
+        ids.push(e.event_id);
+        types.push(e.kind.name());
+        ats.push(e.at);
+        data.push(encode("job event", e)?);
+    }
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, event_id, type, at, data)
+         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])",
+    )
+    .bind(&job_ids)
+    .bind(&seqs)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&ats)
+    .bind(&data)
+    .execute(conn)
+    .await
+    .map_err(|e| {
+        let err = StorageError::Database(e);
+        if err.is_conflict() {
+            StorageError::Conflict {
+                what: "job event sequence".to_owned(),
+            }
+        } else {
+            err
+        }
+    })?;
+    Ok(())
+}
+
+/// A job's events with `seq >= from_seq`, in order.
+pub async fn events(
+    pool: &PgPool,
+    id: JobId,
+    from_seq: u64,
+) -> Result<Vec<JobEvent>, StorageError> {
+    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT seq, data FROM job_events WHERE job_id = $1 AND seq >= $2 ORDER BY seq",
+    )
+    .bind(id.as_uuid())
+    .bind(to_i64(from_seq))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(seq, data)| {
+            serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
+                table: "job_events",
+                id: format!("{id}/{seq}"),
+                column: "data",
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub states: Vec<JobState>,
+    pub name_prefix: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Keyset cursor: only jobs older than this one.
+    pub before: Option<JobId>,
+    pub limit: u32,
+}
+
+/// Jobs matching `filter`, newest first.
+pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, StorageError> {
+    let states: Option<Vec<&str>> =
+        (!filter.states.is_empty()).then(|| filter.states.iter().map(JobState::as_str).collect());
+    let prefix = filter
+        .name_prefix
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            format!(
+                "{}%",
+                p.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+    let labels = (!filter.labels.is_empty())
+        .then(|| encode("label filter", &filter.labels))
+        .transpose()?;
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs
+         WHERE ($1::text[] IS NULL OR state = ANY($1))
+           AND ($2::text IS NULL OR name LIKE $2)
+           AND ($3::jsonb IS NULL OR labels @> $3)
+           AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(states)
+        .bind(prefix)
+        .bind(labels)
+        .bind(filter.before.map(|b| b.as_uuid()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Queued jobs whose next step is overdue: not placed `older_than` after they were queued.
+pub async fn overdue_queued(
+    pool: &PgPool,
+    older_than: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Job>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs WHERE state = 'queued' AND updated_at < $1
+           AND (not_before IS NULL OR not_before < $1)
+         ORDER BY priority DESC, id LIMIT $2"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(older_than)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+fn decode(row: &PgRow) -> Result<Job, StorageError> {
+    let id: Uuid = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
+        table: "jobs",
+        id: "?".to_owned(),
+        column: "id",
+        reason: e.to_string(),
+    })?;
+    let r = RowReader {
+        table: "jobs",
+        id: id.to_string(),
+        row,
+    };
+    Ok(Job::restore(
+        JobId::from_uuid(id),
+        r.parse("tenant")?,
+        r.json("spec")?,
+        r.parse("state")?,
+        r.json("attempts")?,
+        r.get("cancel_requested")?,
+        r.get("not_before")?,
+        r.get("reason")?,
+        r.get("created_at")?,
+        r.get("updated_at")?,
+        r.unsigned("version")?,
+    ))
+}

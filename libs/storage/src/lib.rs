@@ -1,0 +1,49 @@
+//! PostgreSQL persistence: the job event store and its projection, workers, and the
+//! transactional outbox with its relay to JetStream. PostgreSQL is the state of record;
+//! NATS only carries what was committed here.
+
+pub mod error;
+pub mod jobs;
+pub mod outbox;
+pub mod workers;
+
+use std::time::Duration;
+
+pub use error::StorageError;
+pub use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// Connects a pool to `url`, retrying for up to `timeout` while the server is starting.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool, StorageError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let attempt = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await;
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(StorageError::Database(e)),
+        }
+    }
+}
+
+/// Applies the migrations in `migrations/`. sqlx takes a PostgreSQL advisory lock, so services
+/// starting together apply them once.
+pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
+    sqlx::migrate!("../../migrations")
+        .run(pool)
+        .await
+        .map_err(|e| StorageError::Migrate(e.to_string()))
+}

@@ -1,0 +1,149 @@
+//! The transactional outbox: messages are inserted in the transaction that commits the state
+//! change they announce, and a relay publishes them to JetStream with `Nats-Msg-Id` set to
+//! their id (so a message published twice after a crash is stored once), then deletes them.
+//! Several relays may run at once: each claims rows with `FOR UPDATE SKIP LOCKED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::future::try_join_all;
+use hodei_messaging::Outgoing;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::StorageError;
+
+/// Appends messages to the outbox inside the caller's transaction.
+pub async fn append(conn: &mut PgConnection, messages: &[Outgoing]) -> Result<(), StorageError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
+    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();
+    sqlx::query(
+        "INSERT INTO outbox (id, subject, payload)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[])",
+    )
+    .bind(&ids)
+    .bind(&subjects)
+    .bind(&payloads)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Number of messages waiting to be relayed.
+pub async fn pending(pool: &PgPool) -> Result<i64, StorageError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Why a relay batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("failed to publish {subject}: {reason}")]
+    Publish { subject: String, reason: String },
+}
+
+impl From<sqlx::Error> for RelayError {
+    fn from(e: sqlx::Error) -> Self {
+        RelayError::Storage(StorageError::Database(e))
+    }
+}
+
+/// Publishes up to `limit` committed messages and deletes them once JetStream acknowledged
+/// every one. Returns how many were relayed. On any failure nothing is deleted, so the batch
+/// is published again later (and de-duplicated by the server).
+pub async fn relay_batch(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    limit: i64,
+) -> Result<usize, RelayError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT position, id, subject, payload FROM outbox
+         ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut positions = Vec::with_capacity(rows.len());
+    let mut acks = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let position: i64 = row.try_get("position")?;
+        let id: Uuid = row.try_get("id")?;
+        let subject: String = row.try_get("subject")?;
+        let payload: Vec<u8> = row.try_get("payload")?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(id.to_string());
+        let ack = js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| RelayError::Publish {
+                subject: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        positions.push(position);
+        acks.push(async move {
+            ack.await.map_err(|e| RelayError::Publish {
+                subject,
+                reason: e.to_string(),
+            })
+        });
+    }
+    try_join_all(acks).await?;
+    sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
+        .bind(&positions)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(positions.len())
+}
+
+/// Runs the relay until `shutdown`: relays whenever `wake` is notified (after a local commit)
+/// and at least every `poll` (for rows committed by other processes), backing off on errors.
+pub async fn run_relay(
+    pool: PgPool,
+    js: jetstream::Context,
+    wake: Arc<Notify>,
+    poll: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match relay_batch(&pool, &js, 512).await {
+            Ok(n) if n > 0 => {
+                backoff = Duration::from_millis(100);
+                tracing::debug!(count = n, "outbox relayed");
+                continue;
+            }
+            Ok(_) => {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

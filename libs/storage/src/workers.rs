@@ -1,0 +1,261 @@
+//! Worker rows. The registry writes what heartbeats say (in batches); schedulers write
+//! reservations (`held`) only `WHERE version = expected`, so replicas never over-commit.
+
+use chrono::{DateTime, Utc};
+use hodei_domain::{Resources, Worker, WorkerId, WorkerStatus};
+use hodei_messaging::Heartbeat;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{RowReader, StorageError, encode, to_i64};
+
+const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version";
+
+/// One worker, if known.
+pub async fn get(
+    conn: impl sqlx::PgExecutor<'_>,
+    id: &WorkerId,
+) -> Result<Option<Worker>, StorageError> {
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(decode).transpose()
+}
+
+/// Workers with one of `statuses` (all when empty), by id, after `after`.
+pub async fn list(
+    pool: &PgPool,
+    statuses: &[WorkerStatus],
+    after: Option<&WorkerId>,
+    limit: u32,
+) -> Result<Vec<Worker>, StorageError> {
+    let statuses: Option<Vec<&str>> =
+        (!statuses.is_empty()).then(|| statuses.iter().map(WorkerStatus::as_str).collect());
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers
+         WHERE ($1::text[] IS NULL OR status = ANY($1)) AND ($2::text IS NULL OR id > $2)
+         ORDER BY id LIMIT $3"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(statuses)
+        .bind(after.map(WorkerId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Ready workers that beat after `alive_since`: the candidates for placement.
+pub async fn placeable(
+    pool: &PgPool,
+    alive_since: DateTime<Utc>,
+) -> Result<Vec<Worker>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers WHERE status = 'ready' AND last_heartbeat_at >= $1 ORDER BY id"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(alive_since)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Inserts a worker, or overwrites every column of an existing one: for registration and
+/// tests. Live updates use [`save_reservation`] and [`apply_heartbeats`].
+pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage,
+                              registered_at, last_heartbeat_at, version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (id) DO UPDATE SET labels = $2, cpu_millis = $3, memory_mb = $4,
+             max_concurrent_jobs = $5, status = $6, held = $7, usage = $8, registered_at = $9,
+             last_heartbeat_at = $10, version = $11",
+    )
+    .bind(w.id().as_str())
+    .bind(encode("worker labels", w.labels())?)
+    .bind(to_i64(w.capacity().cpu_millis))
+    .bind(to_i64(w.capacity().memory_mb))
+    .bind(i64::from(w.max_concurrent_jobs()))
+    .bind(w.status().as_str())
+    .bind(encode("held attempts", &w.held())?)
+    .bind(encode("resource usage", &w.usage())?)
+    .bind(w.registered_at())
+    .bind(w.last_heartbeat_at())
+    .bind(to_i64(w.version()))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Saves a worker's reservations and status if its version is still `expected_version`;
+/// otherwise `Conflict`.
+pub async fn save_reservation(
+    conn: &mut PgConnection,
+    w: &Worker,
+    expected_version: u64,
+) -> Result<(), StorageError> {
+    let updated = sqlx::query(
+        "UPDATE workers SET held = $3, status = $4, version = $5 WHERE id = $1 AND version = $2",
+    )
+    .bind(w.id().as_str())
+    .bind(to_i64(expected_version))
+    .bind(encode("held attempts", &w.held())?)
+    .bind(w.status().as_str())
+    .bind(to_i64(w.version()))
+    .execute(conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(StorageError::Conflict {
+            what: format!("worker {} at version {expected_version}", w.id()),
+        });
+    }
+    Ok(())
+}
+
+/// How a heartbeat changed a worker's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatEffect {
+    /// First heartbeat: the worker was inserted.
+    Registered,
+    /// The worker was lost or offline and is ready again.
+    Returned,
+    /// The worker asked to drain.
+    Draining,
+    /// Nothing but the usage and time changed.
+    Refreshed,
+}
+
+/// Applies a batch of heartbeats in one statement: inserts unknown workers, refreshes labels,
+/// capacity, usage and last-seen time, brings lost or offline workers back to ready and marks
+/// draining ones. Reservations (`held`) are never touched here. Returns each worker's effect.
+pub async fn apply_heartbeats(
+    pool: &PgPool,
+    beats: &[(Heartbeat, DateTime<Utc>)],
+) -> Result<Vec<(WorkerId, HeartbeatEffect)>, StorageError> {
+    if beats.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut cpus = Vec::new();
+    let mut mems = Vec::new();
+    let mut maxes = Vec::new();
+    let mut usages = Vec::new();
+    let mut seen = Vec::new();
+    let mut draining = Vec::new();
+    for (hb, at) in beats {
+        ids.push(hb.worker_id.as_str());
+        labels.push(encode("worker labels", &hb.labels)?);
+        cpus.push(to_i64(hb.capacity.cpu_millis));
+        mems.push(to_i64(hb.capacity.memory_mb));
+        maxes.push(i64::from(hb.max_concurrent_jobs));
+        usages.push(encode("resource usage", &hb.usage)?);
+        seen.push(*at);
+        draining.push(hb.draining);
+    }
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                  $6::jsonb[], $7::timestamptz[], $8::bool[])
+                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining)
+         ),
+         old AS (
+             SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id FOR UPDATE OF w
+         ),
+         upserted AS (
+             INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
+                                       usage, registered_at, last_heartbeat_at, version)
+             SELECT id, labels, cpu, mem, maxc, CASE WHEN draining THEN 'draining' ELSE 'ready' END, '[]',
+                    usage, seen, seen, 0 FROM input
+             ON CONFLICT (id) DO UPDATE SET
+                 labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
+                 max_concurrent_jobs = excluded.max_concurrent_jobs, usage = excluded.usage,
+                 last_heartbeat_at = greatest(w.last_heartbeat_at, excluded.last_heartbeat_at),
+                 status = CASE
+                     WHEN excluded.status = 'draining' AND w.status <> 'draining' THEN 'draining'
+                     WHEN excluded.status = 'ready' AND w.status IN ('lost', 'offline') THEN 'ready'
+                     ELSE w.status END,
+                 version = CASE
+                     WHEN (excluded.status = 'draining' AND w.status <> 'draining')
+                       OR (excluded.status = 'ready' AND w.status IN ('lost', 'offline'))
+                     THEN w.version + 1 ELSE w.version END
+             RETURNING w.id, w.status
+         )
+         SELECT u.id, o.status, u.status FROM upserted u LEFT JOIN old o ON o.id = u.id",
+    )
+    .bind(&ids)
+    .bind(&labels)
+    .bind(&cpus)
+    .bind(&mems)
+    .bind(&maxes)
+    .bind(&usages)
+    .bind(&seen)
+    .bind(&draining)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(id, old, new)| {
+            let worker_id: WorkerId =
+                id.parse()
+                    .map_err(|e: hodei_domain::IdError| StorageError::Corrupt {
+                        table: "workers",
+                        id: id.clone(),
+                        column: "id",
+                        reason: e.to_string(),
+                    })?;
+            let effect = match (old.as_deref(), new.as_str()) {
+                (None, _) => HeartbeatEffect::Registered,
+                (Some("lost" | "offline"), "ready") => HeartbeatEffect::Returned,
+                (Some(o), "draining") if o != "draining" => HeartbeatEffect::Draining,
+                _ => HeartbeatEffect::Refreshed,
+            };
+            Ok((worker_id, effect))
+        })
+        .collect()
+}
+
+/// Ready or draining workers whose last heartbeat is older than `silent_since`.
+pub async fn silent(
+    pool: &PgPool,
+    silent_since: DateTime<Utc>,
+) -> Result<Vec<Worker>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers WHERE status IN ('ready', 'draining') AND last_heartbeat_at < $1"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(silent_since)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+fn decode(row: &PgRow) -> Result<Worker, StorageError> {
+    let id: String = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
+        table: "workers",
+        id: "?".to_owned(),
+        column: "id",
+        reason: e.to_string(),
+    })?;
+    let r = RowReader {
+        table: "workers",
+        id: id.clone(),
+        row,
+    };
+    let worker_id: WorkerId = r.parse("id")?;
+    let max: i32 = r.get("max_concurrent_jobs")?;
+    Ok(Worker::restore(
+        worker_id,
+        r.json("labels")?,
+        Resources::new(r.unsigned("cpu_millis")?, r.unsigned("memory_mb")?),
+        u32::try_from(max)
+            .map_err(|_| r.corrupt("max_concurrent_jobs", format!("negative value {max}")))?,
+        r.parse("status")?,
+        r.json("held")?,
+        r.json("usage")?,
+        r.get("registered_at")?,
+        r.get("last_heartbeat_at")?,
+        r.unsigned("version")?,
+    ))
+}

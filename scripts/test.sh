@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs what the tests need (cc, a nats-server
+# >= 2.10 for the test helpers, a private PostgreSQL cluster), then runs
+# `cargo nextest run` (or `cargo test` without nextest) and the doc tests.
+#
+# Environment:
+#   HODEI_KEEP_PG=1   leave the private PostgreSQL cluster running at exit
+#                     (a cluster that was already running is always left running)
+# Exit code: the tests' exit code (the first failing run's).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# shellcheck source=scripts/lib/deps.sh
+source "$ROOT/scripts/lib/deps.sh"
+
+# shellcheck disable=SC2329 # invoked by the EXIT trap
+stop_pg() {
+    if [ "${HODEI_KEEP_PG:-0}" != 1 ] && [ "${HODEI_PG_STARTED_HERE:-0}" = 1 ]; then
+        hodei_stop_postgres || echo "hodei: could not stop the private postgresql cluster" >&2
+    fi
+}
+trap stop_pg EXIT
+
+hodei_ensure_build_deps
+hodei_ensure_nats
+hodei_ensure_postgres
+export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT
+
+rc=0
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --all-targets --no-tests=warn || rc=$?
+else
+    cargo test --workspace --all-targets || rc=$?
+fi
+doc_rc=0
+cargo test --workspace --doc || doc_rc=$?
+if [ "$rc" -eq 0 ]; then
+    rc="$doc_rc"
+fi
+exit "$rc"
