@@ -20,6 +20,8 @@ use crate::subjects;
 pub struct PlaceJob {
     pub job_id: JobId,
     pub attempt: AttemptNumber,
+    /// The job's priority, so a scheduler can take the most urgent of a batch first.
+    pub priority: i32,
     pub not_before: Option<DateTime<Utc>>,
 }
 

@@ -131,7 +131,7 @@ pub enum HeartbeatEffect {
 /// capacity, usage and last-seen time, brings lost or offline workers back to ready and marks
 /// draining ones. Reservations (`held`) are never touched here. Returns each worker's effect.
 pub async fn apply_heartbeats(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     beats: &[(Heartbeat, DateTime<Utc>)],
 ) -> Result<Vec<(WorkerId, HeartbeatEffect)>, StorageError> {
     if beats.is_empty() {
@@ -193,7 +193,7 @@ pub async fn apply_heartbeats(
     .bind(&usages)
     .bind(&seen)
     .bind(&draining)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     rows.into_iter()
         .map(|(id, old, new)| {
