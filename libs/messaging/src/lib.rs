@@ -5,6 +5,7 @@
 pub mod connect;
 pub mod envelope;
 pub mod payloads;
+pub mod settle;
 pub mod streams;
 pub mod subjects;
 

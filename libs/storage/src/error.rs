@@ -98,3 +98,12 @@ impl<'r> RowReader<'r> {
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+impl From<serde_json::Error> for StorageError {
+    fn from(e: serde_json::Error) -> Self {
+        StorageError::Encode {
+            what: "json message",
+            reason: e.to_string(),
+        }
+    }
+}

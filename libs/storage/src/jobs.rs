@@ -292,3 +292,18 @@ fn decode(row: &PgRow) -> Result<Job, StorageError> {
         r.unsigned("version")?,
     ))
 }
+
+/// Records why a queued job is still waiting (not an event: it changes often). Does nothing
+/// if the job is no longer queued.
+pub async fn set_pending_reason(
+    pool: &PgPool,
+    id: JobId,
+    reason: &str,
+) -> Result<(), StorageError> {
+    sqlx::query("UPDATE jobs SET reason = $2 WHERE id = $1 AND state = 'queued' AND reason IS DISTINCT FROM $2")
+        .bind(id.as_uuid())
+        .bind(reason)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! transactional outbox with its relay to JetStream. PostgreSQL is the state of record;
 //! NATS only carries what was committed here.
 
+pub mod backends;
 pub mod error;
 pub mod jobs;
 pub mod outbox;
@@ -9,6 +10,7 @@ pub mod workers;
 
 use std::time::Duration;
 
+pub use backends::{BackendConfig, BackendError, Backends};
 pub use error::StorageError;
 pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

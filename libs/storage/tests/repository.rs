@@ -12,8 +12,8 @@ use hodei_domain::{
     AttemptId, AttemptNumber, AttemptOutcome, Job, JobId, JobSpec, JobState, Resources, TenantId,
     Worker,
 };
-use hodei_messaging::{streams, Outgoing};
-use hodei_storage::{jobs, outbox, workers, StorageError};
+use hodei_messaging::{Outgoing, streams};
+use hodei_storage::{StorageError, jobs, outbox, workers};
 use hodei_test_support::{TestDatabase, TestNats};
 
 async fn database() -> (TestDatabase, sqlx::PgPool) {
@@ -30,14 +30,21 @@ fn new_job(key: Option<&str>) -> (Job, hodei_domain::JobEvent) {
     d.idempotency_key = key.map(str::to_owned);
     // Postgres keeps microseconds: round the clock so the round trip compares equal.
     let now = Utc::now().trunc_subsecs(6);
-    Job::submit(JobId::new(), TenantId::default(), JobSpec::try_from(d).unwrap(), now)
+    Job::submit(
+        JobId::new(),
+        TenantId::default(),
+        JobSpec::try_from(d).unwrap(),
+        now,
+    )
 }
 
 #[tokio::test]
 async fn a_job_survives_a_save_load_round_trip_with_its_history() {
     let (db, pool) = database().await;
     let (mut job, first) = new_job(None);
-    let created = jobs::insert_submitted(&pool, &job, &first, &[]).await.unwrap();
+    let created = jobs::insert_submitted(&pool, &job, &first, &[])
+        .await
+        .unwrap();
     assert!(matches!(created, jobs::Submitted::Created(_)));
     assert_eq!(jobs::get(&pool, job.id()).await.unwrap().unwrap(), job);
 
@@ -45,7 +52,15 @@ async fn a_job_survives_a_save_load_round_trip_with_its_history() {
     let v = job.version();
     let mut events = vec![job.assign("w1".parse().unwrap(), now).unwrap()];
     events.push(job.start(AttemptNumber::new(1), now).unwrap());
-    events.push(job.finish(AttemptNumber::new(1), AttemptOutcome::Exited { code: 3 }, now, 0.0).unwrap());
+    events.push(
+        job.finish(
+            AttemptNumber::new(1),
+            AttemptOutcome::Exited { code: 3 },
+            now,
+            0.0,
+        )
+        .unwrap(),
+    );
     let mut tx = pool.begin().await.unwrap();
     jobs::save(&mut tx, &job, v, &events).await.unwrap();
     tx.commit().await.unwrap();
@@ -82,11 +97,25 @@ async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
     let (db, pool) = database().await;
     let now = Utc::now().trunc_subsecs(6);
     let labels = BTreeMap::from([("gpu".to_owned(), "true".to_owned())]);
-    let (mut w, _) = Worker::register("w-rt".parse().unwrap(), labels, Resources::new(4000, 8192), 3, now);
-    w.reserve(AttemptId::new(JobId::new(), AttemptNumber::new(1)), Resources::new(1000, 512), now)
-        .unwrap();
-    w.reserve(AttemptId::new(JobId::new(), AttemptNumber::new(2)), Resources::new(500, 0), now)
-        .unwrap();
+    let (mut w, _) = Worker::register(
+        "w-rt".parse().unwrap(),
+        labels,
+        Resources::new(4000, 8192),
+        3,
+        now,
+    );
+    w.reserve(
+        AttemptId::new(JobId::new(), AttemptNumber::new(1)),
+        Resources::new(1000, 512),
+        now,
+    )
+    .unwrap();
+    w.reserve(
+        AttemptId::new(JobId::new(), AttemptNumber::new(2)),
+        Resources::new(500, 0),
+        now,
+    )
+    .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     workers::upsert(&mut conn, &w).await.unwrap();
     let loaded = workers::get(&pool, w.id()).await.unwrap().unwrap();
@@ -97,9 +126,16 @@ async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
     let mut stale = loaded.clone();
     let mut fresh = loaded.clone();
     fresh.release(&loaded.held()[0].attempt).unwrap();
-    workers::save_reservation(&mut conn, &fresh, loaded.version()).await.unwrap();
+    workers::save_reservation(&mut conn, &fresh, loaded.version())
+        .await
+        .unwrap();
     stale.release(&loaded.held()[1].attempt).unwrap();
-    assert!(workers::save_reservation(&mut conn, &stale, loaded.version()).await.unwrap_err().is_conflict());
+    assert!(
+        workers::save_reservation(&mut conn, &stale, loaded.version())
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
     db.cleanup().await.unwrap();
 }
 
@@ -107,18 +143,30 @@ async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
 async fn corrupt_rows_give_errors_naming_the_column() {
     let (db, pool) = database().await;
     let (job, first) = new_job(None);
-    jobs::insert_submitted(&pool, &job, &first, &[]).await.unwrap();
+    jobs::insert_submitted(&pool, &job, &first, &[])
+        .await
+        .unwrap();
     sqlx::query("UPDATE jobs SET attempts = '{\"not\": \"a list\"}' WHERE id = $1")
         .bind(job.id().as_uuid())
         .execute(&pool)
         .await
         .unwrap();
     match jobs::get(&pool, job.id()).await {
-        Err(StorageError::Corrupt { table: "jobs", column: "attempts", .. }) => {}
+        Err(StorageError::Corrupt {
+            table: "jobs",
+            column: "attempts",
+            ..
+        }) => {}
         other => panic!("expected a corrupt attempts column, got {other:?}"),
     }
     let now = Utc::now();
-    let (w, _) = Worker::register("w-bad".parse().unwrap(), BTreeMap::new(), Resources::new(1, 1), 1, now);
+    let (w, _) = Worker::register(
+        "w-bad".parse().unwrap(),
+        BTreeMap::new(),
+        Resources::new(1, 1),
+        1,
+        now,
+    );
     let mut conn = pool.acquire().await.unwrap();
     workers::upsert(&mut conn, &w).await.unwrap();
     sqlx::query("UPDATE workers SET held = '[{\"attempt\": 7}]' WHERE id = 'w-bad'")
@@ -134,18 +182,25 @@ async fn corrupt_rows_give_errors_naming_the_column() {
 async fn the_outbox_relay_publishes_committed_messages_once() {
     let (db, pool) = database().await;
     let nats = TestNats::start().await.unwrap();
-    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10)).await.unwrap();
+    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
+        .await
+        .unwrap();
     streams::ensure_all(&js).await.unwrap();
     let mut sub = client.subscribe("hodei.v1.evt.>").await.unwrap();
 
     let (job, first) = new_job(None);
     let message = Outgoing::job_event(&first, "test").unwrap();
-    jobs::insert_submitted(&pool, &job, &first, std::slice::from_ref(&message)).await.unwrap();
+    jobs::insert_submitted(&pool, &job, &first, std::slice::from_ref(&message))
+        .await
+        .unwrap();
     assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
 
     assert_eq!(outbox::relay_batch(&pool, &js, 100).await.unwrap(), 1);
     assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
-    let got = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.subject.as_str(), message.subject);
     let envelope: hodei_messaging::Envelope = serde_json::from_slice(&got.payload).unwrap();
     assert_eq!(envelope.id, first.event_id);
@@ -154,7 +209,9 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
     // A crash between publish and delete relays the row again: the server keeps one copy.
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-    outbox::append(&mut tx, std::slice::from_ref(&message)).await.unwrap();
+    outbox::append(&mut tx, std::slice::from_ref(&message))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(outbox::relay_batch(&pool, &js, 100).await.unwrap(), 1);
     let mut stream = js.get_stream(streams::EVENTS).await.unwrap();

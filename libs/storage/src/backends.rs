@@ -1,0 +1,98 @@
+//! The connections a Hodei service with state needs: NATS (JetStream streams ensured) and
+//! PostgreSQL (migrations applied), plus the outbox relay that joins them. Shared by the
+//! gateway, the scheduler and the registry so they start the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use hodei_messaging::{MessagingError, streams};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::StorageError;
+
+/// Where the backends are. Flattened into each service's configuration.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendConfig {
+    /// NATS server URL (2.10 or newer, JetStream enabled).
+    #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// PostgreSQL URL of the Hodei database.
+    #[arg(
+        long,
+        env = "HODEI_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/hodei"
+    )]
+    pub database_url: String,
+    /// Largest number of PostgreSQL connections this process opens.
+    #[arg(long, env = "HODEI_DATABASE_POOL", default_value_t = 10)]
+    pub database_pool: u32,
+    /// How long to keep trying to reach NATS and PostgreSQL at start-up, in seconds.
+    #[arg(long, env = "HODEI_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
+    pub connect_timeout_secs: u64,
+}
+
+impl BackendConfig {
+    /// A configuration for these URLs with default pool size and timeout.
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            database_pool: 10,
+            connect_timeout_secs: 30,
+        }
+    }
+}
+
+/// Why a service could not reach its backends.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Messaging(#[from] MessagingError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Connected backends.
+#[derive(Clone)]
+pub struct Backends {
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub pool: PgPool,
+    /// Notify after committing outbox rows so the relay publishes them at once.
+    pub relay_wake: Arc<Notify>,
+}
+
+impl Backends {
+    /// Connects to NATS and PostgreSQL, ensures the streams and applies the migrations.
+    pub async fn connect(
+        config: &BackendConfig,
+        client_name: &str,
+    ) -> Result<Backends, BackendError> {
+        let timeout = Duration::from_secs(config.connect_timeout_secs);
+        let (nats, js) = hodei_messaging::connect(&config.nats_url, client_name, timeout).await?;
+        streams::ensure_all(&js).await?;
+        let pool = crate::connect(&config.database_url, config.database_pool, timeout).await?;
+        crate::migrate(&pool).await?;
+        Ok(Backends {
+            nats,
+            js,
+            pool,
+            relay_wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Starts the outbox relay; it stops when `shutdown` is cancelled.
+    pub fn spawn_relay(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(crate::outbox::run_relay(
+            self.pool.clone(),
+            self.js.clone(),
+            self.relay_wake.clone(),
+            Duration::from_millis(200),
+            shutdown,
+        ))
+    }
+}

@@ -1,0 +1,35 @@
+//! The one place errors become gRPC statuses.
+
+use hodei_domain::{DomainError, IdError, ValidationErrors};
+use hodei_storage::StorageError;
+use tonic::Status;
+
+/// Invalid input: every field with its reason.
+pub fn invalid(errors: &ValidationErrors) -> Status {
+    Status::invalid_argument(errors.to_string())
+}
+
+/// An unparseable id in request field `field`.
+pub fn invalid_id(field: &str, e: &IdError) -> Status {
+    Status::invalid_argument(format!("{field}: {e}"))
+}
+
+pub fn storage(e: StorageError) -> Status {
+    match &e {
+        StorageError::Conflict { .. } => Status::aborted(e.to_string()),
+        StorageError::Database(
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
+        ) => Status::unavailable(format!("database unavailable: {e}")),
+        _ => {
+            tracing::error!(error = %e, "storage error");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+pub fn domain(e: DomainError) -> Status {
+    match e {
+        DomainError::Invalid(v) => invalid(&v),
+        other => Status::failed_precondition(other.to_string()),
+    }
+}

@@ -1,0 +1,407 @@
+//! `hodei.v1.JobService`: submit, get, list, cancel, watch and logs.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::spec::JobSpecDraft;
+use hodei_domain::{Job, JobEventKind, JobId, JobSpec, JobState, TenantId};
+use hodei_messaging::{
+    AgentCommand, LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects,
+};
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_server::JobService;
+use hodei_storage::jobs::{self, JobFilter, Submitted};
+use hodei_storage::{Backends, outbox};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{SOURCE, errors};
+
+/// Largest page a list call returns.
+const MAX_PAGE: u32 = 1000;
+/// How long a stream waits for news before checking the job in PostgreSQL again.
+const STREAM_POLL: Duration = Duration::from_secs(1);
+
+pub struct JobApi {
+    backends: Backends,
+    shutdown: CancellationToken,
+}
+
+impl JobApi {
+    pub fn new(backends: Backends, shutdown: CancellationToken) -> Self {
+        Self { backends, shutdown }
+    }
+
+    async fn load(&self, id: JobId) -> Result<Job, Status> {
+        jobs::get(&self.backends.pool, id)
+            .await
+            .map_err(errors::storage)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))
+    }
+}
+
+/// A requested page size: 0 means 100; more than 1000 is refused.
+pub fn page_size(requested: u32) -> Result<u32, Status> {
+    match requested {
+        0 => Ok(100),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(Status::invalid_argument(format!(
+            "page_size: {n} is more than {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn parse_job_id(field: &str, value: &str) -> Result<JobId, Status> {
+    value.parse().map_err(|e| errors::invalid_id(field, &e))
+}
+
+fn serialization(e: serde_json::Error) -> Status {
+    Status::internal(format!("failed to encode a message: {e}"))
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    #[tracing::instrument(skip_all)]
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let tenant: TenantId = if req.tenant.is_empty() {
+            TenantId::default()
+        } else {
+            req.tenant
+                .parse()
+                .map_err(|e| errors::invalid_id("tenant", &e))?
+        };
+        let wire = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let spec = JobSpec::try_from(JobSpecDraft::from(wire)).map_err(|e| errors::invalid(&e))?;
+        let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
+        let messages = [
+            Outgoing::job_event(&event, SOURCE).map_err(serialization)?,
+            Outgoing::place_job(&PlaceJob {
+                job_id: job.id(),
+                attempt: job.current_attempt(),
+                priority: job.spec().priority,
+                not_before: None,
+            })
+            .map_err(serialization)?,
+        ];
+        let (job, created) = match jobs::insert_submitted(
+            &self.backends.pool,
+            &job,
+            &event,
+            &messages,
+        )
+        .await
+        .map_err(errors::storage)?
+        {
+            Submitted::Created(job) => {
+                self.backends.relay_wake.notify_one();
+                tracing::info!(job_id = %job.id(), name = %job.spec().name, "job submitted");
+                (job, true)
+            }
+            Submitted::Existing(job) => {
+                tracing::info!(job_id = %job.id(), "idempotent resubmission returned the existing job");
+                (job, false)
+            }
+        };
+        Ok(Response::new(pb::SubmitJobResponse {
+            job: Some((&job).into()),
+            created,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let id = parse_job_id("job_id", &request.into_inner().job_id)?;
+        let job = self.load(id).await?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some((&job).into()),
+        }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let states = req
+            .states
+            .iter()
+            .map(|s| {
+                hodei_proto::state_from_wire(*s).ok_or_else(|| {
+                    Status::invalid_argument(format!("states: unknown job state {s}"))
+                })
+            })
+            .collect::<Result<Vec<JobState>, Status>>()?;
+        let before = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_job_id("page_token", &req.page_token)?)
+        };
+        let filter = JobFilter {
+            states,
+            name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
+            labels: req.labels.into_iter().collect(),
+            before,
+            limit,
+        };
+        let found = jobs::list(&self.backends.pool, &filter)
+            .await
+            .map_err(errors::storage)?;
+        let next_page_token = if found.len() == limit as usize {
+            found.last().map(|j| j.id().to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: found.iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let reason = if req.reason.is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            req.reason
+        };
+        for _ in 0..8 {
+            let mut job = self.load(id).await?;
+            let version = job.version();
+            let Some(event) = job
+                .request_cancel(&reason, Utc::now())
+                .map_err(errors::domain)?
+            else {
+                // A cancel is already on its way to the worker.
+                return Ok(Response::new(pb::CancelJobResponse {
+                    job: Some((&job).into()),
+                }));
+            };
+            let mut messages = vec![Outgoing::job_event(&event, SOURCE).map_err(serialization)?];
+            if let (JobEventKind::CancelRequested { .. }, Some(attempt)) =
+                (&event.kind, job.current_attempt_record())
+            {
+                let command = AgentCommand::Cancel {
+                    job_id: id,
+                    attempt: attempt.attempt,
+                    reason: reason.clone(),
+                };
+                messages.push(
+                    Outgoing::agent_command(&attempt.worker_id, &command).map_err(serialization)?,
+                );
+            }
+            let saved: Result<(), hodei_storage::StorageError> = async {
+                let mut tx = self.backends.pool.begin().await?;
+                jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
+                outbox::append(&mut tx, &messages).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            match saved {
+                Ok(()) => {
+                    self.backends.relay_wake.notify_one();
+                    tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
+                    return Ok(Response::new(pb::CancelJobResponse {
+                        job: Some((&job).into()),
+                    }));
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(errors::storage(e)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "job {id} kept changing, try again"
+        )))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        self.load(id).await?;
+        // Subscribe before reading history so nothing falls between the two.
+        let mut live = self
+            .backends
+            .nats
+            .subscribe(subjects::job_events_of(&id))
+            .await
+            .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.backends.pool.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut next = req.from_seq.max(1);
+            let mut state = JobState::Queued;
+            loop {
+                // PostgreSQL is the truth: NATS only says when to look again.
+                let events = match jobs::events(&pool, id, next).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(errors::storage(e))).await;
+                        return;
+                    }
+                };
+                for event in &events {
+                    let wire = hodei_proto::job_event_to_wire(event, state);
+                    state = hodei_proto::state_from_wire(wire.state).unwrap_or(state);
+                    next = event.seq + 1;
+                    if tx.send(Ok(wire)).await.is_err() {
+                        return;
+                    }
+                    if event.kind.is_terminal() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    _ = live.next() => {}
+                    () = tokio::time::sleep(STREAM_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type StreamLogsStream = ReceiverStream<Result<pb::LogLine, Status>>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_job_id("job_id", &req.job_id)?;
+        self.load(id).await?;
+        let subject = subjects::log(&id);
+        let stream = self
+            .backends
+            .js
+            .get_stream(streams::LOGS)
+            .await
+            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+        let has_logs = stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .is_ok();
+        let (tx, rx) = mpsc::channel(256);
+        if !has_logs && !req.follow {
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+        let pool = self.backends.pool.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut sequence = 0u64;
+            let mut last_seen = 0u64;
+            loop {
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    next = messages.next() => Some(next),
+                    () = tokio::time::sleep(STREAM_POLL) => None,
+                };
+                let caught_up = match next {
+                    Some(Some(Ok(message))) => {
+                        if let Ok(info) = message.info() {
+                            last_seen = info.stream_sequence;
+                        }
+                        let pending = message.info().map(|i| i.pending).unwrap_or(1);
+                        match serde_json::from_slice::<LogBatch>(&message.payload) {
+                            Ok(batch) => {
+                                for line in batch.lines {
+                                    sequence += 1;
+                                    if sequence < req.from_sequence {
+                                        continue;
+                                    }
+                                    let stream = match line.stream {
+                                        LogStreamKind::Stdout => pb::LogStream::Stdout,
+                                        LogStreamKind::Stderr => pb::LogStream::Stderr,
+                                    };
+                                    let wire = pb::LogLine {
+                                        sequence,
+                                        attempt: batch.attempt.get(),
+                                        stream: stream.into(),
+                                        text: line.text,
+                                        at: Some(hodei_proto::timestamp(line.at)),
+                                    };
+                                    if tx.send(Ok(wire)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(subject = %message.subject, error = %e, "malformed log batch skipped")
+                            }
+                        }
+                        pending == 0
+                    }
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(job_id = %id, error = %e, "log stream error");
+                        continue;
+                    }
+                    Some(None) => return,
+                    None => true,
+                };
+                if !caught_up {
+                    continue;
+                }
+                if !req.follow {
+                    return;
+                }
+                // Following: stop once the job has ended and every line stored for it (all
+                // stored before the job's end was recorded) has been sent.
+                match jobs::get(&pool, id).await {
+                    Ok(Some(job)) if job.state().is_terminal() => {
+                        let last = stream
+                            .get_last_raw_message_by_subject(&subject)
+                            .await
+                            .map(|m| m.sequence)
+                            .unwrap_or(0);
+                        if last <= last_seen {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(errors::storage(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,79 @@
+//! `hodei.v1.WorkerService`: the fleet as the registry recorded it.
+
+use hodei_domain::WorkerId;
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::worker_service_server::WorkerService;
+use hodei_storage::Backends;
+use tonic::{Request, Response, Status};
+
+use crate::errors;
+
+pub struct WorkerApi {
+    backends: Backends,
+}
+
+impl WorkerApi {
+    pub fn new(backends: Backends) -> Self {
+        Self { backends }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let req = request.into_inner();
+        let limit = crate::jobs::page_size(req.page_size)?;
+        let statuses = req
+            .statuses
+            .iter()
+            .map(|s| {
+                hodei_proto::status_from_wire(*s).ok_or_else(|| {
+                    Status::invalid_argument(format!("statuses: unknown worker status {s}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let after: Option<WorkerId> = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                req.page_token
+                    .parse()
+                    .map_err(|e| errors::invalid_id("page_token", &e))?,
+            )
+        };
+        let found =
+            hodei_storage::workers::list(&self.backends.pool, &statuses, after.as_ref(), limit)
+                .await
+                .map_err(errors::storage)?;
+        let next_page_token = if found.len() == limit as usize {
+            found.last().map(|w| w.id().to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: found.iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_worker(
+        &self,
+        request: Request<pb::GetWorkerRequest>,
+    ) -> Result<Response<pb::GetWorkerResponse>, Status> {
+        let id: WorkerId = request
+            .into_inner()
+            .worker_id
+            .parse()
+            .map_err(|e| errors::invalid_id("worker_id", &e))?;
+        let worker = hodei_storage::workers::get(&self.backends.pool, &id)
+            .await
+            .map_err(errors::storage)?
+            .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
+        Ok(Response::new(pb::GetWorkerResponse {
+            worker: Some((&worker).into()),
+        }))
+    }
+}

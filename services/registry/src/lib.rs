@@ -1,0 +1,174 @@
+//! The registry: turns agents' heartbeats into worker rows (in batches: one statement per
+//! flush, however many agents beat), publishes worker events, and declares workers lost when
+//! they fall silent, handing their attempts back to the queue.
+
+mod liveness;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::{WorkerEvent, WorkerEventKind};
+use hodei_messaging::{Heartbeat, Outgoing, subjects};
+use hodei_storage::workers::{self, HeartbeatEffect};
+use hodei_storage::{BackendConfig, Backends};
+use tokio_util::sync::CancellationToken;
+
+/// Source name in the envelopes of events this service records.
+pub const SOURCE: &str = "hodei/registry";
+
+/// Registry configuration.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "hodei-registry",
+    about = "Keeps worker state from agents' heartbeats"
+)]
+pub struct RegistryConfig {
+    #[command(flatten)]
+    pub backends: BackendConfig,
+    /// Agents' heartbeat interval, in milliseconds.
+    #[arg(long, env = "HODEI_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// Missed heartbeats after which a worker is declared lost.
+    #[arg(long, env = "HODEI_MISSED_BEATS", default_value_t = 3)]
+    pub missed_beats: u32,
+    /// How often buffered heartbeats are written, in milliseconds.
+    #[arg(long, env = "HODEI_HEARTBEAT_FLUSH_MS", default_value_t = 100)]
+    pub flush_interval_ms: u64,
+}
+
+/// Why the registry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Backend(#[from] hodei_storage::BackendError),
+    #[error("failed to subscribe to heartbeats: {0}")]
+    Subscribe(String),
+}
+
+/// A built registry, connected and subscribed.
+pub struct Registry {
+    config: RegistryConfig,
+    backends: Backends,
+    heartbeats: async_nats::Subscriber,
+}
+
+/// Most heartbeats buffered before a flush is forced.
+const MAX_BATCH: usize = 2000;
+
+impl Registry {
+    pub async fn build(config: RegistryConfig) -> Result<Registry, RegistryError> {
+        let backends = Backends::connect(&config.backends, "hodei-registry").await?;
+        let heartbeats = backends
+            .nats
+            .queue_subscribe(subjects::all_heartbeats(), "hodei-registry".to_owned())
+            .await
+            .map_err(|e| RegistryError::Subscribe(e.to_string()))?;
+        Ok(Registry {
+            config,
+            backends,
+            heartbeats,
+        })
+    }
+
+    /// Runs until `shutdown`, then flushes what it buffered.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), RegistryError> {
+        let Registry {
+            config,
+            backends,
+            mut heartbeats,
+        } = self;
+        let relay = backends.spawn_relay(shutdown.clone());
+        let liveness = tokio::spawn(liveness::run(
+            backends.clone(),
+            Duration::from_millis(config.heartbeat_interval_ms),
+            config.missed_beats,
+            shutdown.clone(),
+        ));
+        let mut buffer: HashMap<hodei_domain::WorkerId, Heartbeat> = HashMap::new();
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(config.flush_interval_ms.max(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                message = heartbeats.next() => {
+                    let Some(message) = message else { break };
+                    match hodei_messaging::decode::<Heartbeat>(&message.subject, &message.payload) {
+                        Ok(hb) if subjects::token_after(&message.subject, 3) == Some(hb.worker_id.as_str()) => {
+                            // Keep the newest beat per worker: only the latest state matters.
+                            buffer.insert(hb.worker_id.clone(), hb);
+                        }
+                        Ok(hb) => tracing::warn!(subject = %message.subject, worker_id = %hb.worker_id, "heartbeat subject does not match its worker id, dropped"),
+                        Err(e) => tracing::warn!(subject = %message.subject, error = %e, "malformed heartbeat dropped"),
+                    }
+                    if buffer.len() >= MAX_BATCH {
+                        flush(&backends, &mut buffer).await;
+                    }
+                }
+                _ = tick.tick() => flush(&backends, &mut buffer).await,
+            }
+        }
+        flush(&backends, &mut buffer).await;
+        let _ = liveness.await;
+        let _ = relay.await;
+        Ok(())
+    }
+}
+
+/// Writes buffered heartbeats in one transaction with the worker events they cause. On a
+/// database error the beats are dropped (the next ones carry the same information).
+async fn flush(backends: &Backends, buffer: &mut HashMap<hodei_domain::WorkerId, Heartbeat>) {
+    if buffer.is_empty() {
+        return;
+    }
+    let now = Utc::now();
+    let beats: Vec<(Heartbeat, chrono::DateTime<Utc>)> =
+        buffer.drain().map(|(_, hb)| (hb, now)).collect();
+    let count = beats.len();
+    let result: Result<usize, hodei_storage::StorageError> = async {
+        let mut tx = backends.pool.begin().await?;
+        let effects = workers::apply_heartbeats(&mut tx, &beats).await?;
+        let mut messages = Vec::new();
+        for (worker_id, effect) in effects {
+            let kind = match effect {
+                HeartbeatEffect::Refreshed => continue,
+                HeartbeatEffect::Registered => {
+                    let Some((hb, _)) = beats.iter().find(|(hb, _)| hb.worker_id == worker_id) else {
+                        continue;
+                    };
+                    tracing::info!(worker_id = %worker_id, labels = ?hb.labels, "worker registered");
+                    WorkerEventKind::Registered {
+                        labels: hb.labels.clone(),
+                        capacity: hb.capacity,
+                        max_concurrent_jobs: hb.max_concurrent_jobs,
+                    }
+                }
+                HeartbeatEffect::Returned => {
+                    tracing::info!(worker_id = %worker_id, "worker returned");
+                    WorkerEventKind::Returned
+                }
+                HeartbeatEffect::Draining => {
+                    tracing::info!(worker_id = %worker_id, "worker draining");
+                    WorkerEventKind::Draining
+                }
+            };
+            let event = WorkerEvent::new(worker_id, now, kind);
+            messages.push(Outgoing::worker_event(&event, SOURCE)?);
+        }
+        hodei_storage::outbox::append(&mut tx, &messages).await?;
+        tx.commit().await?;
+        Ok(messages.len())
+    }
+    .await;
+    match result {
+        Ok(events) => {
+            tracing::debug!(count, events, "heartbeats flushed");
+            if events > 0 {
+                backends.relay_wake.notify_one();
+            }
+        }
+        Err(e) => tracing::warn!(count, error = %e, "failed to write heartbeats"),
+    }
+}

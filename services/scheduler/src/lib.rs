@@ -1,0 +1,113 @@
+//! The scheduler: places queued jobs on workers whose labels, slots and free resources fit,
+//! records each assignment (its attempt number is the fencing token) and sends it to the
+//! agent; records what agents report; re-drives jobs whose placement is overdue.
+//!
+//! Several replicas may run at once: they share durable consumers, and every write is
+//! guarded by optimistic concurrency on the job and the worker.
+
+pub mod placement;
+mod reconciler;
+mod reports;
+
+use std::time::Duration;
+
+use hodei_messaging::streams;
+use hodei_storage::{BackendConfig, Backends};
+use tokio_util::sync::CancellationToken;
+
+/// Source name in the envelopes of events this service records.
+pub const SOURCE: &str = "hodei/scheduler";
+
+/// Scheduler configuration.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    name = "hodei-scheduler",
+    about = "Places jobs on workers and records their progress"
+)]
+pub struct SchedulerConfig {
+    #[command(flatten)]
+    pub backends: BackendConfig,
+    /// A worker whose last heartbeat is older than this is not given new work, in milliseconds.
+    #[arg(long, env = "HODEI_WORKER_STALE_MS", default_value_t = 3000)]
+    pub worker_stale_ms: u64,
+    /// Delay before trying again to place a job no worker can take now, in milliseconds.
+    #[arg(long, env = "HODEI_PLACEMENT_RETRY_MS", default_value_t = 500)]
+    pub placement_retry_ms: u64,
+    /// A queued job not placed for this long is re-driven by the reconciler, in milliseconds.
+    #[arg(long, env = "HODEI_RECONCILE_AFTER_MS", default_value_t = 15_000)]
+    pub reconcile_after_ms: u64,
+}
+
+/// Why the scheduler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Backend(#[from] hodei_storage::BackendError),
+    #[error(transparent)]
+    Messaging(#[from] hodei_messaging::MessagingError),
+    #[error("failed to consume {what}: {reason}")]
+    Consume { what: &'static str, reason: String },
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub backends: Backends,
+    pub config: SchedulerConfig,
+}
+
+/// A built scheduler, connected, with its consumers created.
+pub struct Scheduler {
+    ctx: Context,
+    placer: async_nats::jetstream::consumer::PullConsumer,
+    reporter: async_nats::jetstream::consumer::PullConsumer,
+}
+
+impl Scheduler {
+    pub async fn build(config: SchedulerConfig) -> Result<Scheduler, SchedulerError> {
+        let backends = Backends::connect(&config.backends, "hodei-scheduler").await?;
+        // Waiting for a worker is normal for a placement, so its deliveries are not capped.
+        let mut placer_config =
+            streams::durable(streams::PLACER, hodei_messaging::subjects::all_place_jobs());
+        placer_config.max_deliver = -1;
+        let placer = streams::consumer(&backends.js, streams::WORK, placer_config).await?;
+        let reporter = streams::consumer(
+            &backends.js,
+            streams::REPORTS,
+            streams::durable(streams::REPORTER, hodei_messaging::subjects::all_reports()),
+        )
+        .await?;
+        Ok(Scheduler {
+            ctx: Context { backends, config },
+            placer,
+            reporter,
+        })
+    }
+
+    /// Runs until `shutdown`; messages being handled are finished first.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+    ) -> Result<(), SchedulerError> {
+        let relay = self.ctx.backends.spawn_relay(shutdown.clone());
+        let reconciler = tokio::spawn(reconciler::run(
+            self.ctx.clone(),
+            Duration::from_millis(self.ctx.config.reconcile_after_ms),
+            shutdown.clone(),
+        ));
+        let placer = placement::run(self.ctx.clone(), self.placer, shutdown.clone());
+        let reporter = reports::run(self.ctx.clone(), self.reporter, shutdown.clone());
+        let (placed, reported) = tokio::join!(placer, reporter);
+        shutdown.cancel();
+        let _ = reconciler.await;
+        let _ = relay.await;
+        placed.and(reported)
+    }
+}
+
+/// A number in `[0, 1)` for retry jitter.
+pub(crate) fn jitter() -> f64 {
+    let bits = uuid::Uuid::new_v4().as_u128() >> 75;
+    // 53 random bits make an exact f64 fraction.
+    (bits as f64) / ((1u64 << 53) as f64)
+}

@@ -1,0 +1,21 @@
+//! `hodei-scheduler`: parses configuration and runs the scheduler until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use hodei_scheduler::{Scheduler, SchedulerConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = SchedulerConfig::parse();
+    hodei_telemetry::init("scheduler").context("failed to initialise logging")?;
+    let scheduler = Scheduler::build(config)
+        .await
+        .context("failed to start the scheduler")?;
+    let shutdown = hodei_telemetry::shutdown_on_signal();
+    scheduler
+        .run_until_stopped(shutdown)
+        .await
+        .context("scheduler failed")?;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Placement: filter the live workers with the job's specification (labels, slots, free
+//! resources), rank them (most free slots, then most free CPU: spreading load), and commit
+//! the reservation and the assignment in one transaction guarded by both aggregates'
+//! versions.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::specification::Specification;
+use hodei_domain::worker::can_take;
+use hodei_domain::{AttemptId, Job, JobState, Worker};
+use hodei_messaging::settle::dead_letter;
+use hodei_messaging::{AgentCommand, Outgoing, PlaceJob};
+use hodei_storage::{StorageError, jobs, outbox, workers};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Context, SOURCE, SchedulerError};
+
+/// Workers that can take `job`, best first.
+pub fn rank<'a>(workers: &'a [Worker], job: &Job) -> Vec<&'a Worker> {
+    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    let mut fit: Vec<&Worker> = workers.iter().filter(|w| spec.is_satisfied_by(w)).collect();
+    fit.sort_by(|a, b| {
+        b.free_slots()
+            .cmp(&a.free_slots())
+            .then(
+                b.free_capacity()
+                    .cpu_millis
+                    .cmp(&a.free_capacity().cpu_millis),
+            )
+            .then(a.id().cmp(b.id()))
+    });
+    fit
+}
+
+/// Why no worker can take `job`, for a person: each worker with what it lacks.
+pub fn explain(workers: &[Worker], job: &Job) -> String {
+    if workers.is_empty() {
+        return "no live workers".to_owned();
+    }
+    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    let parts: Vec<String> = workers
+        .iter()
+        .take(10)
+        .map(|w| format!("{}: needs {}", w.id(), spec.unmet(w).join(", ")))
+        .collect();
+    let more = workers.len().saturating_sub(10);
+    let suffix = if more > 0 {
+        format!("; and {more} more")
+    } else {
+        String::new()
+    };
+    format!("waiting for a worker ({}{suffix})", parts.join("; "))
+}
+
+/// What became of a placement request.
+enum Placement {
+    Placed,
+    /// The job moved on since the request was queued.
+    Stale,
+    /// The job's retry backoff has not passed.
+    NotYet(Duration),
+    /// No worker can take it now.
+    NoWorker,
+}
+
+/// Consumes placement requests until `shutdown`, taking each ready batch by priority.
+pub(crate) async fn run(
+    ctx: Context,
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| SchedulerError::Consume {
+            what: "placements",
+            reason: e.to_string(),
+        })?;
+    let mut batches = messages.ready_chunks(256);
+    loop {
+        let batch = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            batch = batches.next() => batch,
+        };
+        let Some(batch) = batch else {
+            return Ok(());
+        };
+        let mut decoded = Vec::with_capacity(batch.len());
+        for message in batch {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to receive a placement request");
+                    continue;
+                }
+            };
+            match hodei_messaging::decode::<PlaceJob>(&message.subject, &message.payload) {
+                Ok(item) => decoded.push((item, message)),
+                Err(e) => dead_letter(&ctx.backends.js, &message, "place", &e.to_string()).await,
+            }
+        }
+        decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));
+        for (item, message) in decoded {
+            handle(&ctx, &item, &message).await;
+        }
+    }
+}
+
+async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
+    let retry = Duration::from_millis(ctx.config.placement_retry_ms);
+    let ack = match place(ctx, item).await {
+        Ok(Placement::Placed | Placement::Stale) => AckKind::Ack,
+        Ok(Placement::NotYet(delay)) => AckKind::Nak(Some(delay)),
+        Ok(Placement::NoWorker) => AckKind::Nak(Some(retry)),
+        Err(e) => {
+            tracing::warn!(job_id = %item.job_id, error = %e, "placement failed, will retry");
+            AckKind::Nak(Some(retry))
+        }
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        tracing::warn!(job_id = %item.job_id, error = %e, "failed to settle placement request");
+    }
+}
+
+async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError> {
+    let pool = &ctx.backends.pool;
+    let stale_after = chrono::Duration::milliseconds(
+        i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
+    );
+    for _ in 0..8 {
+        let now = Utc::now();
+        let Some(mut job) = jobs::get(pool, item.job_id).await? else {
+            tracing::warn!(job_id = %item.job_id, "placement request for an unknown job dropped");
+            return Ok(Placement::Stale);
+        };
+        if job.state() != JobState::Queued || job.current_attempt() != item.attempt {
+            return Ok(Placement::Stale);
+        }
+        if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
+            return Ok(Placement::NotYet(wait));
+        }
+        let live = workers::placeable(pool, now - stale_after).await?;
+        let Some(worker) = rank(&live, &job).first().map(|w| (*w).clone()) else {
+            let reason = explain(&live, &job);
+            tracing::debug!(job_id = %job.id(), reason, "no worker can take the job yet");
+            jobs::set_pending_reason(pool, job.id(), &reason).await?;
+            return Ok(Placement::NoWorker);
+        };
+        match assign(ctx, &mut job, worker).await {
+            Ok(()) => return Ok(Placement::Placed),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::Conflict {
+        what: format!("placement of job {}", item.job_id),
+    })
+}
+
+async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), StorageError> {
+    let now = Utc::now();
+    let (job_version, worker_version) = (job.version(), worker.version());
+    let event = job
+        .assign(worker.id().clone(), now)
+        .map_err(|e| StorageError::Conflict {
+            what: e.to_string(),
+        })?;
+    let attempt = job.current_attempt();
+    worker
+        .reserve(AttemptId::new(job.id(), attempt), job.spec().resources, now)
+        .map_err(|e| StorageError::Conflict {
+            what: e.to_string(),
+        })?;
+    let command = AgentCommand::Assign {
+        job_id: job.id(),
+        attempt,
+        spec: Box::new(job.spec().clone()),
+        assigned_at: now,
+    };
+    let messages = [
+        Outgoing::job_event(&event, SOURCE)?,
+        Outgoing::agent_command(worker.id(), &command)?,
+    ];
+    let mut tx = ctx.backends.pool.begin().await?;
+    workers::save_reservation(&mut tx, &worker, worker_version).await?;
+    jobs::save(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;
+    outbox::append(&mut tx, &messages).await?;
+    tx.commit().await?;
+    ctx.backends.relay_wake.notify_one();
+    tracing::info!(job_id = %job.id(), attempt = %attempt, worker_id = %worker.id(), "job assigned");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use hodei_domain::spec::JobSpecDraft;
+    use hodei_domain::{JobId, JobSpec, Resources, TenantId};
+
+    use super::*;
+
+    fn worker(id: &str, labels: &[(&str, &str)], max: u32) -> Worker {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        Worker::register(
+            id.parse().unwrap(),
+            labels,
+            Resources::new(2000, 2048),
+            max,
+            Utc::now(),
+        )
+        .0
+    }
+
+    fn job(required: &[(&str, &str)]) -> Job {
+        let mut d = JobSpecDraft::exec("j", &["true"]);
+        d.required_labels = required
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        Job::submit(
+            JobId::new(),
+            TenantId::default(),
+            JobSpec::try_from(d).unwrap(),
+            Utc::now(),
+        )
+        .0
+    }
+
+    #[test]
+    fn only_workers_with_the_labels_rank_and_the_emptiest_comes_first() {
+        let mut busy = worker("a", &[("gpu", "true")], 2);
+        busy.reserve(
+            AttemptId::new(JobId::new(), hodei_domain::AttemptNumber::new(1)),
+            Resources::default(),
+            Utc::now(),
+        )
+        .unwrap();
+        let workers = vec![
+            busy,
+            worker("b", &[("gpu", "true")], 2),
+            worker("c", &[], 4),
+        ];
+        let ranked: Vec<&str> = rank(&workers, &job(&[("gpu", "true")]))
+            .iter()
+            .map(|w| w.id().as_str())
+            .collect();
+        assert_eq!(ranked, vec!["b", "a"]);
+        let any: Vec<&str> = rank(&workers, &job(&[]))
+            .iter()
+            .map(|w| w.id().as_str())
+            .collect();
+        assert_eq!(any, vec!["c", "b", "a"]);
+    }
+
+    #[test]
+    fn explain_names_what_each_worker_lacks() {
+        let workers = vec![worker("c", &[], 4)];
+        let reason = explain(&workers, &job(&[("gpu", "true")]));
+        assert!(reason.contains("c: needs label gpu=true"), "{reason}");
+        assert_eq!(explain(&[], &job(&[])), "no live workers");
+    }
+}

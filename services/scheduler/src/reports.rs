@@ -1,0 +1,152 @@
+//! Agents' reports: `started` moves the job to running, `finished` ends the attempt (success,
+//! retry, failure, timeout or cancel) and frees the worker's slot. Reports about any attempt
+//! but the job's current one are stale and rejected (the attempt number is the fencing
+//! token); redelivered reports find the transition already made and are acknowledged.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::{AttemptId, DomainError, JobEventKind};
+use hodei_messaging::settle::dead_letter;
+use hodei_messaging::{AgentReport, Outgoing, PlaceJob, ReportKind};
+use hodei_storage::{StorageError, jobs, outbox, workers};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Context, SOURCE, SchedulerError, jitter};
+
+/// Consumes reports until `shutdown`.
+pub(crate) async fn run(
+    ctx: Context,
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| SchedulerError::Consume {
+            what: "reports",
+            reason: e.to_string(),
+        })?;
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            message = messages.next() => message,
+        };
+        let Some(message) = message else {
+            return Ok(());
+        };
+        match message {
+            Ok(message) => handle(&ctx, &message).await,
+            Err(e) => tracing::warn!(error = %e, "failed to receive a report"),
+        }
+    }
+}
+
+/// What became of a report.
+enum Outcome {
+    Recorded,
+    Ignored(String),
+}
+
+async fn handle(ctx: &Context, message: &Message) {
+    let report = match hodei_messaging::decode::<AgentReport>(&message.subject, &message.payload) {
+        Ok(r) => r,
+        Err(e) => return dead_letter(&ctx.backends.js, message, "report", &e.to_string()).await,
+    };
+    let mut result = record(ctx, &report).await;
+    for _ in 0..8 {
+        match &result {
+            Err(e) if e.is_conflict() => result = record(ctx, &report).await,
+            _ => break,
+        }
+    }
+    let ack = match result {
+        Ok(Outcome::Recorded) => AckKind::Ack,
+        Ok(Outcome::Ignored(why)) => {
+            tracing::info!(job_id = %report.job_id, attempt = %report.attempt, worker_id = %report.worker_id, why, "report ignored");
+            AckKind::Ack
+        }
+        Err(e) => {
+            tracing::warn!(job_id = %report.job_id, error = %e, "failed to record report, will retry");
+            AckKind::Nak(Some(Duration::from_millis(500)))
+        }
+    };
+    if let Err(e) = message.ack_with(ack).await {
+        tracing::warn!(job_id = %report.job_id, error = %e, "failed to settle report");
+    }
+}
+
+async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageError> {
+    let pool = &ctx.backends.pool;
+    let now = Utc::now();
+    let Some(mut job) = jobs::get(pool, report.job_id).await? else {
+        return Ok(Outcome::Ignored("unknown job".to_owned()));
+    };
+    let version = job.version();
+    let transition = match &report.kind {
+        ReportKind::Started { .. } => job.start(report.attempt, now),
+        ReportKind::Finished { outcome, .. } => {
+            job.finish(report.attempt, outcome.clone(), now, jitter())
+        }
+    };
+    let event = match transition {
+        Ok(e) => e,
+        Err(DomainError::StaleAttempt { got, current }) => {
+            return Ok(Outcome::Ignored(format!(
+                "stale attempt {got}, current is {current}"
+            )));
+        }
+        Err(e) => {
+            // Late or repeated report (e.g. started after finished): the job moved on.
+            if matches!(report.kind, ReportKind::Finished { .. }) {
+                release_slot(ctx, report).await?;
+            }
+            return Ok(Outcome::Ignored(e.to_string()));
+        }
+    };
+    let mut messages = vec![Outgoing::job_event(&event, SOURCE)?];
+    if let JobEventKind::Requeued { not_before, .. } = &event.kind {
+        messages.push(Outgoing::place_job(&PlaceJob {
+            job_id: job.id(),
+            attempt: job.current_attempt(),
+            priority: job.spec().priority,
+            not_before: Some(*not_before),
+        })?);
+    }
+    let mut tx = pool.begin().await?;
+    jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
+    if matches!(report.kind, ReportKind::Finished { .. })
+        && let Some(mut worker) = workers::get(&mut *tx, &report.worker_id).await?
+    {
+        let worker_version = worker.version();
+        if worker
+            .release(&AttemptId::new(report.job_id, report.attempt))
+            .is_ok()
+        {
+            workers::save_reservation(&mut tx, &worker, worker_version).await?;
+        }
+    }
+    outbox::append(&mut tx, &messages).await?;
+    tx.commit().await?;
+    ctx.backends.relay_wake.notify_one();
+    tracing::info!(job_id = %job.id(), attempt = %report.attempt, event = event.kind.name(), state = %job.state(), "report recorded");
+    Ok(Outcome::Recorded)
+}
+
+/// Frees the slot of a finished attempt whose report changed nothing on the job.
+async fn release_slot(ctx: &Context, report: &AgentReport) -> Result<(), StorageError> {
+    let mut conn = ctx.backends.pool.acquire().await?;
+    if let Some(mut worker) = workers::get(&mut *conn, &report.worker_id).await? {
+        let version = worker.version();
+        if worker
+            .release(&AttemptId::new(report.job_id, report.attempt))
+            .is_ok()
+        {
+            workers::save_reservation(&mut conn, &worker, version).await?;
+        }
+    }
+    Ok(())
+}
