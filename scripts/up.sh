@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Brings the whole Hodei system up locally and runs a demo end to end:
+#   a private nats-server (2.10+, JetStream, store in .hodei/nats), a private PostgreSQL
+#   cluster, the api-gateway, scheduler, registry and two agents (agent-gpu with gpu=true,
+#   agent-cpu without), then submits demo jobs with the `hodei` CLI and prints what happened.
+#
+# On a terminal the system stays up until Ctrl-C (use `target/debug/hodei --help` meanwhile);
+# otherwise, or with HODEI_DEMO_EXIT=1, everything is stopped once the demo ends.
+# Logs of every process: .hodei/run/*.log
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=scripts/lib/deps.sh
+source "$ROOT/scripts/lib/deps.sh"
+
+RUN="$ROOT/.hodei/run"
+mkdir -p "$RUN"
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${HODEI_PG_STARTED_HERE:-0}" = 1 ]; then
+        hodei_stop_postgres || true
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "==> installing what is missing (nats-server, postgresql, build tools)"
+hodei_ensure_build_deps
+hodei_ensure_nats
+hodei_ensure_postgres
+
+echo "==> building"
+cargo build --quiet --bins
+
+BIN="$ROOT/target/debug"
+NATS_PORT="$(_hodei_free_port)"
+GRPC_PORT="${HODEI_GRPC_PORT:-50051}"
+if (echo >"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null; then
+    GRPC_PORT="$(_hodei_free_port)"
+fi
+export HODEI_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+export HODEI_DATABASE_URL
+export HODEI_SERVER="http://127.0.0.1:$GRPC_PORT"
+export HODEI_HEARTBEAT_INTERVAL_MS=500
+
+start() {
+    local name="$1"
+    shift
+    "$@" >"$RUN/$name.log" 2>&1 &
+    PIDS+=("$!")
+}
+
+echo "==> starting nats-server on port $NATS_PORT"
+mkdir -p "$ROOT/.hodei/nats"
+start nats "$HODEI_NATS_SERVER" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$ROOT/.hodei/nats"
+
+echo "==> starting api-gateway ($HODEI_SERVER), scheduler, registry and two agents"
+HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" start api-gateway "$BIN/hodei-api-gateway"
+start scheduler "$BIN/hodei-scheduler"
+start registry "$BIN/hodei-registry"
+HODEI_WORKER_ID=agent-gpu HODEI_AGENT_LABELS="gpu=true,os=linux" start agent-gpu "$BIN/hodei-agent"
+HODEI_WORKER_ID=agent-cpu HODEI_AGENT_LABELS="os=linux" start agent-cpu "$BIN/hodei-agent"
+
+HODEI="$BIN/hodei"
+deadline=$((SECONDS + 60))
+until [ "$("$HODEI" workers --output json 2>/dev/null | grep -c '"status": *"ready"' || true)" -ge 2 ]; do
+    if [ "$SECONDS" -gt "$deadline" ]; then
+        echo "hodei: the system did not come up within 60 s; logs in $RUN" >&2
+        tail -n 20 "$RUN"/*.log >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+"$HODEI" workers
+
+echo
+echo "==> demo 1: hodei run streams a job's output live and exits with its code"
+"$HODEI" run --name demo-hello -- sh -c 'for i in 1 2 3; do echo "hello from $HODEI_WORKER_ID, line $i"; sleep 0.3; done'
+
+echo
+echo "==> demo 2: a job that needs gpu=true runs on agent-gpu"
+"$HODEI" run --name demo-gpu --require gpu=true -- sh -c 'echo "running on $HODEI_WORKER_ID"'
+
+echo
+echo "==> demo 3: a failing job: its exit code comes back"
+rc=0
+"$HODEI" run --name demo-fail -- sh -c 'echo "about to fail" >&2; exit 3' || rc=$?
+echo "hodei run exited with $rc"
+
+echo
+echo "==> demo 4: a job no worker can take waits, and says why"
+waiting="$("$HODEI" submit --name demo-unplaceable --require arch=riscv -- true)"
+sleep 1
+"$HODEI" get "$waiting"
+"$HODEI" cancel "$waiting" >/dev/null
+
+echo
+echo "==> all jobs"
+"$HODEI" list
+
+if [ -t 0 ] && [ "${HODEI_DEMO_EXIT:-0}" != 1 ]; then
+    echo
+    echo "hodei is up: HODEI_SERVER=$HODEI_SERVER, NATS at $HODEI_NATS_URL; try"
+    echo "  HODEI_SERVER=$HODEI_SERVER $HODEI run -- uname -a"
+    echo "Ctrl-C stops everything."
+    wait
+fi

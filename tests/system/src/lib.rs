@@ -1,0 +1,171 @@
+//! A whole Hodei system in one process for end-to-end tests: a private nats-server, a fresh
+//! PostgreSQL database, and the gateway, scheduler, registry and agents started through the
+//! same `build` + `run_until_stopped` wiring their binaries use.
+
+use std::time::Duration;
+
+use hodei_agent::{Agent, AgentConfig};
+use hodei_api_gateway::{Gateway, GatewayConfig};
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_proto::v1::worker_service_client::WorkerServiceClient;
+use hodei_registry::{Registry, RegistryConfig};
+use hodei_scheduler::{Scheduler, SchedulerConfig};
+use hodei_storage::BackendConfig;
+use hodei_test_support::{TestDatabase, TestNats, TestSupportError};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Heartbeat interval used by test systems, in milliseconds.
+pub const HEARTBEAT_MS: u64 = 200;
+
+/// Why a test system could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<TestSupportError> for StartError {
+    fn from(e: TestSupportError) -> Self {
+        StartError(e.to_string())
+    }
+}
+
+fn fail(what: &str) -> impl Fn(String) -> StartError + '_ {
+    move |e| StartError(format!("failed to start {what}: {e}"))
+}
+
+/// An agent to start: its id and labels (`k=v,k=v`).
+pub struct AgentSpec {
+    pub id: &'static str,
+    pub labels: &'static str,
+    pub slots: u32,
+}
+
+/// A running system. Dropping it without `stop` leaves the tasks to die with the runtime.
+pub struct TestSystem {
+    pub nats: TestNats,
+    pub database: TestDatabase,
+    pub jobs: JobServiceClient<Channel>,
+    pub workers: WorkerServiceClient<Channel>,
+    pub grpc_addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    work_root: tempfile::TempDir,
+}
+
+impl TestSystem {
+    /// Starts every service and the given agents.
+    pub async fn start(agents: &[AgentSpec]) -> Result<TestSystem, StartError> {
+        let nats = TestNats::start().await?;
+        let database = TestDatabase::create().await?;
+        let backends = BackendConfig::new(nats.url(), database.url());
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let gateway = Gateway::build(GatewayConfig {
+            backends: backends.clone(),
+            grpc_addr: ([127, 0, 0, 1], 0).into(),
+        })
+        .await
+        .map_err(|e| fail("gateway")(e.to_string()))?;
+        let grpc_addr = gateway.local_addr();
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = gateway.run_until_stopped(token).await {
+                eprintln!("gateway stopped with error: {e}");
+            }
+        }));
+
+        let scheduler = Scheduler::build(SchedulerConfig {
+            backends: backends.clone(),
+            worker_stale_ms: HEARTBEAT_MS * 5,
+            placement_retry_ms: 100,
+            reconcile_after_ms: 3_000,
+        })
+        .await
+        .map_err(|e| fail("scheduler")(e.to_string()))?;
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = scheduler.run_until_stopped(token).await {
+                eprintln!("scheduler stopped with error: {e}");
+            }
+        }));
+
+        let registry = Registry::build(RegistryConfig {
+            backends: backends.clone(),
+            heartbeat_interval_ms: HEARTBEAT_MS,
+            missed_beats: 5,
+            flush_interval_ms: 20,
+        })
+        .await
+        .map_err(|e| fail("registry")(e.to_string()))?;
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = registry.run_until_stopped(token).await {
+                eprintln!("registry stopped with error: {e}");
+            }
+        }));
+
+        let work_root = tempfile::tempdir().map_err(|e| fail("agents")(e.to_string()))?;
+        for spec in agents {
+            let agent = Agent::build(AgentConfig {
+                nats_url: nats.url(),
+                worker_id: Some(spec.id.to_owned()),
+                labels: spec.labels.to_owned(),
+                max_concurrent_jobs: spec.slots,
+                cpu_millis: Some(4000),
+                memory_mb: Some(4096),
+                work_dir: Some(work_root.path().join(spec.id)),
+                heartbeat_interval_ms: HEARTBEAT_MS,
+                kill_grace_ms: 1000,
+                drain_timeout_ms: 2000,
+            })
+            .await
+            .map_err(|e| fail("agent")(e.to_string()))?;
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = agent.run_until_stopped(token).await {
+                    eprintln!("agent stopped with error: {e}");
+                }
+            }));
+        }
+
+        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+            .map_err(|e| fail("grpc client")(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| fail("grpc client")(e.to_string()))?;
+        Ok(TestSystem {
+            nats,
+            database,
+            jobs: JobServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel),
+            grpc_addr,
+            shutdown,
+            tasks,
+            work_root,
+        })
+    }
+
+    /// The folder agents keep their workspaces under.
+    pub fn work_root(&self) -> &std::path::Path {
+        self.work_root.path()
+    }
+
+    /// Stops every service, waits for them, and drops the database.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        let _ = self.database.cleanup().await;
+    }
+}

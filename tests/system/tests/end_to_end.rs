@@ -1,0 +1,299 @@
+//! End to end: real services, a private nats-server, a fresh PostgreSQL database and real
+//! child processes on two agents (one with `gpu=true`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use hodei_proto::v1 as pb;
+use hodei_system_tests::{AgentSpec, TestSystem};
+use hodei_test_support::wait_for;
+
+const AGENTS: &[AgentSpec] = &[
+    AgentSpec {
+        id: "agent-gpu",
+        labels: "gpu=true,os=linux",
+        slots: 2,
+    },
+    AgentSpec {
+        id: "agent-cpu",
+        labels: "os=linux",
+        slots: 2,
+    },
+];
+
+fn script(name: &str, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_owned(),
+        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter: vec!["/bin/sh".into(), "-c".into()],
+            script: script.to_owned(),
+        })),
+        timeout_secs: 60,
+        ..Default::default()
+    }
+}
+
+async fn submit(system: &mut TestSystem, spec: pb::JobSpec) -> pb::Job {
+    system
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap()
+}
+
+async fn wait_terminal(system: &TestSystem, id: &str) -> pb::Job {
+    let client = system.jobs.clone();
+    wait_for("job to end", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let id = id.to_owned();
+        async move {
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .job?;
+            let state = pb::JobState::try_from(job.state).ok()?;
+            matches!(
+                state,
+                pb::JobState::Succeeded
+                    | pb::JobState::Failed
+                    | pb::JobState::Cancelled
+                    | pb::JobState::TimedOut
+            )
+            .then_some(job)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+async fn logs(system: &mut TestSystem, id: &str, follow: bool) -> Vec<pb::LogLine> {
+    let mut stream = system
+        .jobs
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: id.to_owned(),
+            from_sequence: 0,
+            follow,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .unwrap()
+    {
+        lines.push(line.unwrap());
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_run_end_to_end_with_logs_exit_codes_and_labels() {
+    let mut system = TestSystem::start(AGENTS).await.unwrap();
+
+    // Exit 0: succeeded, output in StreamLogs (followed live, then replayed).
+    let ok = submit(
+        &mut system,
+        script("hello", "echo hello from hodei; echo to stderr >&2"),
+    )
+    .await;
+    let followed = logs(&mut system, &ok.id, true).await;
+    let done = wait_terminal(&system, &ok.id).await;
+    assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.exit_code, Some(0));
+    let replayed = logs(&mut system, &ok.id, false).await;
+    for lines in [&followed, &replayed] {
+        let texts: Vec<(&str, i32)> = lines.iter().map(|l| (l.text.as_str(), l.stream)).collect();
+        assert!(
+            texts.contains(&("hello from hodei", pb::LogStream::Stdout as i32)),
+            "{texts:?}"
+        );
+        assert!(
+            texts.contains(&("to stderr", pb::LogStream::Stderr as i32)),
+            "{texts:?}"
+        );
+        let seqs: Vec<u64> = lines.iter().map(|l| l.sequence).collect();
+        assert_eq!(seqs, (1..=lines.len() as u64).collect::<Vec<_>>());
+    }
+
+    // Exit 3: failed with exit code 3.
+    let bad = submit(&mut system, script("exit-3", "exit 3")).await;
+    let done = wait_terminal(&system, &bad.id).await;
+    assert_eq!(done.state, pb::JobState::Failed as i32, "{done:?}");
+    assert_eq!(done.exit_code, Some(3));
+    assert!(
+        done.reason.contains("exited with code 3"),
+        "{}",
+        done.reason
+    );
+
+    // gpu=true runs only on the agent that has it.
+    let mut gpu_jobs = Vec::new();
+    for i in 0..4 {
+        let mut spec = script(&format!("gpu-{i}"), "echo on $HODEI_WORKER_ID");
+        spec.required_labels.insert("gpu".into(), "true".into());
+        gpu_jobs.push(submit(&mut system, spec).await.id);
+    }
+    for id in &gpu_jobs {
+        let done = wait_terminal(&system, id).await;
+        assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
+        assert!(
+            done.attempts.iter().all(|a| a.worker_id == "agent-gpu"),
+            "{:?}",
+            done.attempts
+        );
+        let lines = logs(&mut system, id, false).await;
+        assert_eq!(lines[0].text, "on agent-gpu");
+    }
+
+    // The history is there for WatchJob, from the first event to the terminal one.
+    let mut watch = system
+        .jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: ok.id.clone(),
+            from_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut types = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+    {
+        types.push(event.unwrap().r#type);
+    }
+    assert_eq!(types, vec!["submitted", "assigned", "started", "succeeded"]);
+
+    // Both agents registered, with their labels.
+    let workers = system
+        .workers
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = workers.workers.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, vec!["agent-cpu", "agent-gpu"]);
+
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_and_submissions_are_idempotent() {
+    let mut system = TestSystem::start(AGENTS).await.unwrap();
+
+    // An invalid spec: INVALID_ARGUMENT naming each field.
+    let mut spec = script("", "true");
+    spec.max_attempts = 1000;
+    let status = system
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("name:"), "{}", status.message());
+    assert!(
+        status.message().contains("max_attempts:"),
+        "{}",
+        status.message()
+    );
+    let status = system
+        .jobs
+        .get_job(pb::GetJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("job_id:"),
+        "{}",
+        status.message()
+    );
+    let status = system
+        .jobs
+        .get_job(pb::GetJobRequest {
+            job_id: "0195a4c4-0000-7000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    // The same idempotency key twice: one job.
+    let mut spec = script("once", "echo once");
+    spec.idempotency_key = "deploy-42".into();
+    let first = system
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec.clone()),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second = system
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    assert!(!second.created);
+    assert_eq!(first.job.unwrap().id, second.job.unwrap().id);
+
+    // Garbage on every subject the services consume: logged, settled, nothing crashes.
+    let client = async_nats::connect(system.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    for subject in [
+        "hodei.v1.work.place.not-a-job",
+        "hodei.v1.report.not-a-job",
+        "hodei.v1.agent.agent-cpu.cmd",
+    ] {
+        js.publish(subject, "{not json".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    client
+        .publish("hodei.v1.hb.agent-cpu", "\u{0}garbage".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    wait_for(
+        "malformed messages dead-lettered",
+        Duration::from_secs(20),
+        || {
+            let js = js.clone();
+            async move {
+                let mut dlq = js.get_stream("HODEI_DLQ").await.ok()?;
+                let count = dlq.info().await.ok()?.state.messages;
+                (count >= 2).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // ...and the system still runs jobs.
+    let after = submit(&mut system, script("after-garbage", "echo still fine")).await;
+    let done = wait_terminal(&system, &after.id).await;
+    assert_eq!(done.state, pb::JobState::Succeeded as i32, "{done:?}");
+
+    system.stop().await;
+}
