@@ -85,7 +85,7 @@ impl TestSystem {
 
         let scheduler = Scheduler::build(SchedulerConfig {
             backends: backends.clone(),
-            worker_stale_ms: HEARTBEAT_MS * 5,
+            worker_stale_ms: HEARTBEAT_MS * 25,
             placement_retry_ms: 100,
             reconcile_after_ms: 3_000,
         })
@@ -101,7 +101,8 @@ impl TestSystem {
         let registry = Registry::build(RegistryConfig {
             backends: backends.clone(),
             heartbeat_interval_ms: HEARTBEAT_MS,
-            missed_beats: 5,
+            // Generous: a loaded CI machine must not declare healthy agents lost.
+            missed_beats: 25,
             flush_interval_ms: 20,
         })
         .await

@@ -1,0 +1,345 @@
+//! The [`Agent`]: connects to NATS, takes commands from its durable consumer, runs the
+//! attempts it is assigned, beats, and drains on shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use hodei_domain::{AttemptId, WorkerId};
+use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::attempt::{self, Assignment, AttemptContext, Stops};
+use crate::config::{AgentConfig, Settings};
+use crate::error::AgentError;
+use crate::heartbeat::Heartbeater;
+use crate::running::Running;
+
+/// How long to keep trying the first connection to NATS.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// First wait after a failure to pull commands.
+const MIN_PULL_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait after repeated failures to pull commands.
+const MAX_PULL_BACKOFF: Duration = Duration::from_secs(5);
+/// After the drain timeout, how long killed attempts get to report, beyond their kill grace.
+const REPORT_GRACE: Duration = Duration::from_secs(10);
+/// After giving up on reports, how long attempts get to wind down before they are aborted.
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// An agent, connected and ready to run: see [`Agent::run_until_stopped`].
+pub struct Agent {
+    settings: Settings,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    consumer: PullConsumer,
+}
+
+impl Agent {
+    /// Checks `config`, creates the work folder, connects to NATS (as
+    /// `hodei-agent-<worker id>`), makes sure the streams exist and gets or creates this
+    /// agent's durable consumer `agent-<worker id>` on its command subject.
+    pub async fn build(config: AgentConfig) -> Result<Agent, AgentError> {
+        let settings = Settings::from_config(config)?;
+        tokio::fs::create_dir_all(&settings.work_dir)
+            .await
+            .map_err(|source| AgentError::WorkDir {
+                path: settings.work_dir.clone(),
+                source,
+            })?;
+        let id = &settings.worker_id;
+        let (client, js) = connect(
+            &settings.nats_url,
+            &format!("hodei-agent-{id}"),
+            CONNECT_TIMEOUT,
+        )
+        .await?;
+        streams::ensure_all(&js).await?;
+        let consumer = streams::consumer(&js, streams::AGENT, consumer_config(id)).await?;
+        info!(
+            worker_id = %id,
+            nats_url = %settings.nats_url,
+            work_dir = %settings.work_dir.display(),
+            labels = ?settings.labels,
+            cpu_millis = settings.capacity.cpu_millis,
+            memory_mb = settings.capacity.memory_mb,
+            max_concurrent_jobs = settings.max_concurrent_jobs,
+            "agent ready"
+        );
+        Ok(Agent {
+            settings,
+            client,
+            js,
+            consumer,
+        })
+    }
+
+    /// This agent's worker id.
+    pub fn worker_id(&self) -> &WorkerId {
+        &self.settings.worker_id
+    }
+
+    /// Beats and runs commands until `shutdown` is cancelled, then drains: takes no new
+    /// command, beats with `draining` set, gives running attempts up to the drain timeout,
+    /// stops and reports lost the ones still running, and sends a last heartbeat.
+    pub async fn run_until_stopped(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let worker_id = self.settings.worker_id.clone();
+        let running = Running::default();
+        let draining = Arc::new(AtomicBool::new(false));
+        let beat_now = Arc::new(Notify::new());
+        let stop_beating = CancellationToken::new();
+        let heartbeats = tokio::spawn(
+            Heartbeater::new(
+                self.client.clone(),
+                worker_id.clone(),
+                self.settings.labels.clone(),
+                self.settings.capacity,
+                self.settings.max_concurrent_jobs,
+                running.clone(),
+                Arc::clone(&draining),
+            )
+            .run(
+                self.settings.heartbeat_interval,
+                Arc::clone(&beat_now),
+                stop_beating.clone(),
+            ),
+        );
+        let stops = Stops {
+            shutdown: shutdown.clone(),
+            ..Stops::default()
+        };
+        let ctx = Arc::new(AttemptContext {
+            js: self.js.clone(),
+            worker_id: worker_id.clone(),
+            work_dir: self.settings.work_dir.clone(),
+            kill_grace: self.settings.kill_grace,
+            path: std::env::var_os("PATH"),
+            stops: stops.clone(),
+        });
+        let mut attempts = JoinSet::new();
+
+        self.take_commands(&shutdown, &ctx, &running, &mut attempts)
+            .await;
+
+        draining.store(true, Ordering::SeqCst);
+        beat_now.notify_one();
+        info!(worker_id = %worker_id, running = running.len(), drain_timeout_ms = %self.settings.drain_timeout.as_millis(), "agent draining");
+        self.drain(&stops, &mut attempts).await;
+
+        stop_beating.cancel();
+        match heartbeats.await {
+            Ok(heartbeater) => heartbeater.last_beat().await,
+            Err(e) => error!(worker_id = %worker_id, error = %e, "heartbeat task failed"),
+        }
+        info!(worker_id = %worker_id, "agent stopped");
+        Ok(())
+    }
+
+    /// Pulls and handles commands until `shutdown` is cancelled.
+    async fn take_commands(
+        &mut self,
+        shutdown: &CancellationToken,
+        ctx: &Arc<AttemptContext>,
+        running: &Running,
+        attempts: &mut JoinSet<()>,
+    ) {
+        let mut messages: Option<MessageStream> = None;
+        let mut backoff = MIN_PULL_BACKOFF;
+        loop {
+            let Some(stream) = messages.as_mut() else {
+                let pulled = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    pulled = self.pull() => pulled,
+                };
+                match pulled {
+                    Ok(stream) => messages = Some(stream),
+                    Err(e) => {
+                        warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
+                        if !pause(shutdown, &mut backoff).await {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                Some(joined) = attempts.join_next() => log_join(joined),
+                next = stream.next() => match next {
+                    Some(Ok(message)) => {
+                        backoff = MIN_PULL_BACKOFF;
+                        self.handle(message, ctx, running, attempts).await;
+                    }
+                    Some(Err(e)) => {
+                        warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
+                        if e.kind() == MessagesErrorKind::ConsumerDeleted {
+                            messages = None;
+                        }
+                        if !pause(shutdown, &mut backoff).await {
+                            return;
+                        }
+                    }
+                    None => {
+                        warn!(worker_id = %self.settings.worker_id, "command stream ended, pulling again");
+                        messages = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// A fresh message stream from this agent's consumer, getting (or creating again) the
+    /// consumer first so a deleted consumer comes back.
+    async fn pull(&mut self) -> Result<MessageStream, AgentError> {
+        let config = consumer_config(&self.settings.worker_id);
+        self.consumer = streams::consumer(&self.js, streams::AGENT, config).await?;
+        self.consumer.messages().await.map_err(|e| {
+            AgentError::Messaging(MessagingError::Setup {
+                what: format!("pulling from consumer agent-{}", self.settings.worker_id),
+                reason: e.to_string(),
+            })
+        })
+    }
+
+    /// Handles one command message.
+    async fn handle(
+        &self,
+        message: jetstream::Message,
+        ctx: &Arc<AttemptContext>,
+        running: &Running,
+        attempts: &mut JoinSet<()>,
+    ) {
+        let command: AgentCommand = match decode(&message.subject, &message.payload) {
+            Ok(command) => command,
+            Err(e) => {
+                warn!(subject = %message.subject, error = %e, "malformed command, terminating it");
+                if let Err(e) = message.ack_with(AckKind::Term).await {
+                    warn!(subject = %message.subject, error = %e, "failed to terminate malformed command");
+                }
+                return;
+            }
+        };
+        match command {
+            AgentCommand::Assign {
+                job_id,
+                attempt,
+                spec,
+                ..
+            } => {
+                let id = AttemptId::new(job_id, attempt);
+                let Some(cancel) = running.start(id) else {
+                    info!(job_id = %job_id, attempt = %attempt, "attempt already running, ignoring the assignment");
+                    ack(&message).await;
+                    return;
+                };
+                let count = running.len();
+                if count > self.settings.max_concurrent_jobs as usize {
+                    warn!(job_id = %job_id, attempt = %attempt, running = count, max_concurrent_jobs = self.settings.max_concurrent_jobs, "more attempts assigned than slots, running it anyway");
+                }
+                info!(job_id = %job_id, attempt = %attempt, name = %spec.name, "attempt assigned");
+                let assignment = Assignment {
+                    id,
+                    spec,
+                    command: message,
+                    cancel,
+                };
+                let ctx = Arc::clone(ctx);
+                let running = running.clone();
+                attempts.spawn(async move {
+                    attempt::run(ctx, assignment).await;
+                    running.finish(&id);
+                });
+            }
+            AgentCommand::Cancel {
+                job_id,
+                attempt,
+                reason,
+            } => {
+                let id = AttemptId::new(job_id, attempt);
+                if running.cancel(&id) {
+                    info!(job_id = %job_id, attempt = %attempt, reason = %reason, "attempt cancelled");
+                } else {
+                    debug!(job_id = %job_id, attempt = %attempt, reason = %reason, "cancel for an attempt not running here, ignoring it");
+                }
+                ack(&message).await;
+            }
+        }
+    }
+
+    /// Waits for the attempts up to the drain timeout; then stops the rest (reported lost),
+    /// gives them the kill grace and some time to report, and finally aborts what is left.
+    async fn drain(&self, stops: &Stops, attempts: &mut JoinSet<()>) {
+        let worker_id = &self.settings.worker_id;
+        if wait_all(attempts, self.settings.drain_timeout).await {
+            return;
+        }
+        warn!(worker_id = %worker_id, left = attempts.len(), "drain timeout reached, stopping the attempts still running");
+        stops.lost.cancel();
+        // Stopping takes up to a grace for the process and one for what it left running.
+        let report_window = self.settings.kill_grace * 2 + REPORT_GRACE;
+        if wait_all(attempts, report_window).await {
+            return;
+        }
+        warn!(worker_id = %worker_id, left = attempts.len(), "attempts did not report in time, giving up on them");
+        stops.give_up.cancel();
+        if !wait_all(attempts, ABORT_GRACE).await {
+            attempts.abort_all();
+            while let Some(joined) = attempts.join_next().await {
+                log_join(joined);
+            }
+        }
+    }
+}
+
+/// This agent's durable consumer on its command subject.
+fn consumer_config(worker_id: &WorkerId) -> jetstream::consumer::pull::Config {
+    streams::durable(
+        &format!("agent-{worker_id}"),
+        subjects::agent_commands(worker_id),
+    )
+}
+
+/// Waits up to `within` for every attempt to end; returns whether they all did.
+async fn wait_all(attempts: &mut JoinSet<()>, within: Duration) -> bool {
+    let all = async {
+        while let Some(joined) = attempts.join_next().await {
+            log_join(joined);
+        }
+    };
+    tokio::time::timeout(within, all).await.is_ok()
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined
+        && !e.is_cancelled()
+    {
+        error!(error = %e, "attempt task failed");
+    }
+}
+
+/// Waits `backoff` (doubling it for next time) unless `shutdown` comes first; returns
+/// whether to go on.
+async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(MAX_PULL_BACKOFF);
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+async fn ack(message: &jetstream::Message) {
+    if let Err(e) = message.ack().await {
+        warn!(subject = %message.subject, error = %e, "failed to acknowledge command");
+    }
+}

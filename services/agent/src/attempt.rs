@@ -1,0 +1,434 @@
+//! Running one attempt: a fresh workspace, the process in its own process group, its output
+//! shipped as logs, the timeout and cancellation (SIGTERM, grace, SIGKILL to the group), and
+//! the `Started` and `Finished` reports.
+//!
+//! The command that assigned the attempt is acknowledged once `Started` is stored (or, if the
+//! agent shut down before that, once `Finished` is): until then it would be redelivered.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use hodei_domain::{AttemptId, AttemptOutcome, JobSpec, WorkerId};
+use hodei_messaging::{AgentReport, LogStreamKind, ReportKind, subjects};
+use nix::sys::signal::Signal;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use crate::group::ProcessGroup;
+use crate::output::{self, LogShipper};
+use crate::publish;
+
+/// The reason given for an attempt still running when the agent's drain timed out: it is
+/// reported `Lost` with it.
+pub const LOST_REASON: &str = "agent shut down before the attempt finished";
+/// How long a process may take to disappear after SIGKILL before the agent stops waiting.
+const AFTER_KILL_WAIT: Duration = Duration::from_secs(5);
+/// Shortest wait for a killed job's output to close.
+const MIN_OUTPUT_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What every attempt shares: where to publish, who we are, where workspaces live.
+pub(crate) struct AttemptContext {
+    pub js: jetstream::Context,
+    pub worker_id: WorkerId,
+    pub work_dir: PathBuf,
+    pub kill_grace: Duration,
+    /// The agent's own `PATH`, handed to jobs so `argv[0]` is found as on the host.
+    pub path: Option<OsString>,
+    pub stops: Stops,
+}
+
+/// The agent's stages of stopping, as seen by attempts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stops {
+    /// The agent is draining: `Started` reports stop retrying.
+    pub shutdown: CancellationToken,
+    /// The drain timed out: running processes are killed and reported lost.
+    pub lost: CancellationToken,
+    /// The agent is about to return: publishing stops retrying.
+    pub give_up: CancellationToken,
+}
+
+/// An attempt to run, with the command that assigned it (acknowledged once reported).
+pub(crate) struct Assignment {
+    pub id: AttemptId,
+    pub spec: Box<JobSpec>,
+    pub command: jetstream::Message,
+    /// Cancelled by a `Cancel` command.
+    pub cancel: CancellationToken,
+}
+
+/// Why the agent stopped a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    TimedOut,
+    Cancelled,
+    Lost,
+}
+
+impl StopReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            StopReason::TimedOut => "timed out",
+            StopReason::Cancelled => "cancelled",
+            StopReason::Lost => "agent shutting down",
+        }
+    }
+}
+
+/// How the process ended.
+#[derive(Debug)]
+enum End {
+    /// On its own.
+    Exited(io::Result<ExitStatus>),
+    /// Stopped by the agent.
+    Stopped(StopReason),
+}
+
+/// Runs the attempt to its end and reports it.
+pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
+    let Assignment {
+        id,
+        spec,
+        command,
+        cancel,
+    } = assignment;
+    let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
+    let (outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
+        Ok(child) => supervise(&ctx, id, &spec, child, &command, &cancel).await,
+        Err(reason) => {
+            warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "attempt failed to start");
+            LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone())
+                .eof_only()
+                .await;
+            (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
+        }
+    };
+    info!(job_id = %id.job_id, attempt = %id.attempt, outcome = %outcome, "attempt finished");
+    let finished = ReportKind::Finished { outcome, tail };
+    if report(&ctx, id, finished, &ctx.stops.give_up).await && !acked {
+        ack(&command, id).await;
+    }
+    match tokio::fs::remove_dir_all(&workspace).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(job_id = %id.job_id, attempt = %id.attempt, workspace = %workspace.display(), error = %e, "failed to remove workspace");
+        }
+    }
+}
+
+/// Creates a fresh workspace and starts the job's process in it. The environment is only:
+/// the agent's `PATH` (so `argv[0]` is looked up as on the host; the job's env may replace
+/// it), `HOME` set to the workspace, the job's env, and `HODEI_JOB_ID`, `HODEI_ATTEMPT`,
+/// `HODEI_WORKER_ID` and `HODEI_WORKSPACE`.
+async fn spawn(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    spec: &JobSpec,
+    workspace: &Path,
+) -> Result<Child, String> {
+    let io_err = |what: &str, path: &Path, e: io::Error| format!("{what} {}: {e}", path.display());
+    match tokio::fs::remove_dir_all(workspace).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("failed to clear old workspace", workspace, e)),
+    }
+    tokio::fs::create_dir_all(workspace)
+        .await
+        .map_err(|e| io_err("failed to create workspace", workspace, e))?;
+    let cwd = match &spec.working_dir {
+        Some(dir) => {
+            let cwd = workspace.join(dir);
+            tokio::fs::create_dir_all(&cwd)
+                .await
+                .map_err(|e| io_err("failed to create working dir", &cwd, e))?;
+            cwd
+        }
+        None => workspace.to_path_buf(),
+    };
+    let argv = spec.command.argv();
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| "the command is empty".to_owned())?;
+    let mut command = Command::new(program);
+    command.args(args).env_clear();
+    if let Some(path) = &ctx.path {
+        command.env("PATH", path);
+    }
+    command
+        .env("HOME", workspace)
+        .envs(&spec.env)
+        .env("HODEI_JOB_ID", id.job_id.to_string())
+        .env("HODEI_ATTEMPT", id.attempt.to_string())
+        .env("HODEI_WORKER_ID", ctx.worker_id.as_str())
+        .env("HODEI_WORKSPACE", workspace)
+        .current_dir(&cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .map_err(|e| format!("failed to start {program}: {e}"))
+}
+
+/// Watches a started process to its end while reporting `Started`; returns the outcome, the
+/// output's last lines and whether the command is acknowledged.
+async fn supervise(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    spec: &JobSpec,
+    mut child: Child,
+    command: &jetstream::Message,
+    cancel: &CancellationToken,
+) -> (AttemptOutcome, Vec<String>, bool) {
+    let deadline = Instant::now() + spec.timeout();
+    let pid = child.id().unwrap_or_default();
+    let group = ProcessGroup::led_by(pid);
+    info!(job_id = %id.job_id, attempt = %id.attempt, pid, "process started");
+
+    let (lines_tx, lines_rx) = mpsc::channel(output::LINE_CHANNEL_CAPACITY);
+    let mut readers = Vec::with_capacity(2);
+    if let Some(stdout) = child.stdout.take() {
+        let lines = lines_tx.clone();
+        readers.push(tokio::spawn(output::read_lines(
+            stdout,
+            LogStreamKind::Stdout,
+            lines,
+        )));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        let lines = lines_tx.clone();
+        readers.push(tokio::spawn(output::read_lines(
+            stderr,
+            LogStreamKind::Stderr,
+            lines,
+        )));
+    }
+    drop(lines_tx);
+    let (exited_tx, exited_rx) = oneshot::channel();
+    let shipper = tokio::spawn(
+        LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone()).ship(lines_rx, exited_rx),
+    );
+
+    let announce = async {
+        let stored = report(ctx, id, ReportKind::Started { pid }, &ctx.stops.shutdown).await;
+        if stored {
+            ack(command, id).await;
+        }
+        stored
+    };
+    let watch = async {
+        let end = wait_or_stop(ctx, id, &mut child, group, deadline, cancel).await;
+        // The shipper sends its last batch once the pipes are closed too.
+        let _ = exited_tx.send(());
+        let stopped = matches!(end, End::Stopped(_));
+        close_output(ctx, id, group, readers, deadline, cancel, stopped).await;
+        end
+    };
+    let (acked, end) = tokio::join!(announce, watch);
+    let tail = shipper.await.unwrap_or_else(|e| {
+        error!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "log shipper failed");
+        Vec::new()
+    });
+    (outcome(end), tail, acked)
+}
+
+/// Waits for the process to exit, or stops it (SIGTERM, grace, SIGKILL to its group) at the
+/// deadline, on cancel, or when the agent gives up draining.
+async fn wait_or_stop(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    child: &mut Child,
+    group: Option<ProcessGroup>,
+    deadline: Instant,
+    cancel: &CancellationToken,
+) -> End {
+    let reason = tokio::select! {
+        status = child.wait() => return End::Exited(status),
+        _ = tokio::time::sleep_until(deadline) => StopReason::TimedOut,
+        _ = cancel.cancelled() => StopReason::Cancelled,
+        _ = ctx.stops.lost.cancelled() => StopReason::Lost,
+    };
+    info!(job_id = %id.job_id, attempt = %id.attempt, reason = reason.as_str(), grace_ms = %ctx.kill_grace.as_millis(), "stopping process group");
+    let status = match group {
+        Some(group) => {
+            group
+                .terminate(ctx.kill_grace, AFTER_KILL_WAIT, child.wait())
+                .await
+        }
+        None => {
+            if let Err(e) = child.start_kill() {
+                warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to kill process");
+            }
+            tokio::time::timeout(AFTER_KILL_WAIT, child.wait())
+                .await
+                .ok()
+        }
+    };
+    match status {
+        Some(Ok(status)) => {
+            info!(job_id = %id.job_id, attempt = %id.attempt, status = %status, "process stopped");
+        }
+        Some(Err(e)) => {
+            warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to wait for the stopped process");
+        }
+        None => {
+            error!(job_id = %id.job_id, attempt = %id.attempt, "process still there after sigkill");
+        }
+    }
+    End::Stopped(reason)
+}
+
+/// Once the leader has exited: stops whatever the job left running in its group (SIGTERM,
+/// grace, SIGKILL), then waits for the output pipes to close. Output held open by a process
+/// outside the group is cut at the deadline or on cancel (or, for a stopped job, after the
+/// grace period).
+async fn close_output(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    group: Option<ProcessGroup>,
+    readers: Vec<JoinHandle<()>>,
+    deadline: Instant,
+    cancel: &CancellationToken,
+    stopped: bool,
+) {
+    if let Some(group) = group
+        && group.signal(Signal::SIGTERM)
+    {
+        info!(job_id = %id.job_id, attempt = %id.attempt, pgid = group.id(), "stopping processes the job left running");
+        if !group.wait_empty(ctx.kill_grace).await {
+            group.signal(Signal::SIGKILL);
+        }
+    }
+    let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();
+    let done = futures::future::join_all(readers);
+    tokio::pin!(done);
+    let closed = if stopped {
+        let wait = ctx.kill_grace.max(MIN_OUTPUT_CLOSE_WAIT);
+        tokio::time::timeout(wait, &mut done).await.is_ok()
+    } else {
+        tokio::select! {
+            _ = &mut done => true,
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = cancel.cancelled() => false,
+            _ = ctx.stops.lost.cancelled() => false,
+        }
+    };
+    if !closed {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, "output still open after the process ended, closing it");
+        for abort in aborts {
+            abort.abort();
+        }
+    }
+}
+
+/// The outcome to report for how the process ended.
+fn outcome(end: End) -> AttemptOutcome {
+    match end {
+        End::Stopped(StopReason::TimedOut) => AttemptOutcome::TimedOut,
+        End::Stopped(StopReason::Cancelled) => AttemptOutcome::Cancelled,
+        End::Stopped(StopReason::Lost) => AttemptOutcome::Lost {
+            reason: LOST_REASON.to_owned(),
+        },
+        End::Exited(Ok(status)) => match (status.code(), status.signal()) {
+            (Some(code), _) => AttemptOutcome::Exited { code },
+            (None, Some(signal)) => AttemptOutcome::Signalled { signal },
+            (None, None) => AttemptOutcome::Lost {
+                reason: format!("process ended with an unknown status: {status}"),
+            },
+        },
+        End::Exited(Err(e)) => AttemptOutcome::Lost {
+            reason: format!("failed to wait for the process: {e}"),
+        },
+    }
+}
+
+/// Publishes a report on the attempt until it is stored or `stop` is cancelled; returns
+/// whether it was stored.
+async fn report(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    kind: ReportKind,
+    stop: &CancellationToken,
+) -> bool {
+    let report = AgentReport {
+        report_id: Uuid::now_v7(),
+        worker_id: ctx.worker_id.clone(),
+        job_id: id.job_id,
+        attempt: id.attempt,
+        at: Utc::now(),
+        kind,
+    };
+    let payload = match serde_json::to_vec(&report) {
+        Ok(json) => json,
+        Err(e) => {
+            error!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to encode report");
+            return false;
+        }
+    };
+    let stored = publish::until_acked(
+        &ctx.js,
+        &subjects::report(&id.job_id),
+        &report.report_id.to_string(),
+        payload.into(),
+        stop,
+    )
+    .await;
+    if !stored {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, "report not stored, giving up");
+    }
+    stored
+}
+
+async fn ack(command: &jetstream::Message, id: AttemptId) {
+    if let Err(e) = command.ack().await {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to acknowledge command");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command as StdCommand;
+
+    use super::*;
+
+    fn status_of(script: &str) -> ExitStatus {
+        StdCommand::new("sh").args(["-c", script]).status().unwrap()
+    }
+
+    #[test]
+    fn exits_and_signals_become_outcomes() {
+        assert_eq!(
+            outcome(End::Exited(Ok(status_of("exit 3")))),
+            AttemptOutcome::Exited { code: 3 }
+        );
+        assert_eq!(
+            outcome(End::Exited(Ok(status_of("kill -9 $$")))),
+            AttemptOutcome::Signalled { signal: 9 }
+        );
+        assert_eq!(
+            outcome(End::Stopped(StopReason::TimedOut)),
+            AttemptOutcome::TimedOut
+        );
+        assert_eq!(
+            outcome(End::Stopped(StopReason::Lost)),
+            AttemptOutcome::Lost {
+                reason: LOST_REASON.to_owned()
+            }
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! The agent's configuration: [`AgentConfig`] as given on the command line or in `HODEI_*`
+//! environment variables, and [`Settings`], the same values checked and completed with the
+//! host's defaults (worker id from the hostname, capacity from the hardware).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hodei_domain::{Resources, WorkerId};
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+
+use crate::error::AgentError;
+
+/// Longest worker id the domain accepts.
+const MAX_WORKER_ID_LEN: usize = 64;
+/// Worker id used when the hostname is unknown or has no usable character.
+const FALLBACK_WORKER_ID: &str = "agent";
+
+/// How an agent is configured: flags, with `HODEI_*` environment variables as fallbacks.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "hodei-agent", version, about = "Runs Hodei jobs on this host")]
+pub struct AgentConfig {
+    /// NATS server to connect to.
+    #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// This worker's id (ASCII letters, digits, '-' and '_'); defaults to the hostname with
+    /// every other character replaced by '-'.
+    #[arg(long, env = "HODEI_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Labels jobs can require, as comma-separated `key=value` pairs, e.g. `gpu=true,os=linux`.
+    #[arg(long, env = "HODEI_AGENT_LABELS", default_value = "")]
+    pub labels: String,
+    /// Most attempts this agent runs at once.
+    #[arg(long, env = "HODEI_MAX_CONCURRENT_JOBS", default_value_t = 4)]
+    pub max_concurrent_jobs: u32,
+    /// CPU offered to jobs, in thousandths of a core; defaults to 1000 per core.
+    #[arg(long, env = "HODEI_AGENT_CPU_MILLIS")]
+    pub cpu_millis: Option<u64>,
+    /// Memory offered to jobs, in MiB; defaults to the host's total memory.
+    #[arg(long, env = "HODEI_AGENT_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    /// Folder holding the jobs' workspaces; defaults to `<temp dir>/hodei-agent-<worker id>`.
+    #[arg(long, env = "HODEI_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "HODEI_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// Milliseconds a job gets between SIGTERM and SIGKILL when it is stopped.
+    #[arg(long, env = "HODEI_KILL_GRACE_MS", default_value_t = 10_000)]
+    pub kill_grace_ms: u64,
+    /// Milliseconds running attempts get to finish when the agent shuts down.
+    #[arg(long, env = "HODEI_DRAIN_TIMEOUT_MS", default_value_t = 60_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// The configuration checked and completed: what the agent runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub nats_url: String,
+    pub worker_id: WorkerId,
+    pub labels: BTreeMap<String, String>,
+    pub max_concurrent_jobs: u32,
+    pub capacity: Resources,
+    pub work_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub kill_grace: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Settings {
+    /// Checks `config` and fills in the host's defaults.
+    pub fn from_config(config: AgentConfig) -> Result<Settings, AgentError> {
+        let worker_id = match config.worker_id.as_deref() {
+            Some(id) => id.parse().map_err(AgentError::WorkerId)?,
+            None => worker_id_from_hostname(System::host_name().as_deref())?,
+        };
+        let labels = parse_labels(&config.labels)?;
+        if config.max_concurrent_jobs == 0 {
+            return Err(invalid("max_concurrent_jobs", "must be at least 1"));
+        }
+        if config.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be at least 1"));
+        }
+        let capacity = host_capacity(config.cpu_millis, config.memory_mb);
+        let work_dir = config
+            .work_dir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("hodei-agent-{worker_id}")));
+        Ok(Settings {
+            nats_url: config.nats_url,
+            worker_id,
+            labels,
+            max_concurrent_jobs: config.max_concurrent_jobs,
+            capacity,
+            work_dir,
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+            kill_grace: Duration::from_millis(config.kill_grace_ms),
+            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+        })
+    }
+}
+
+fn invalid(field: &'static str, reason: &'static str) -> AgentError {
+    AgentError::InvalidConfig { field, reason }
+}
+
+/// The capacity offered: what the configuration says, else the host's cores and memory.
+fn host_capacity(cpu_millis: Option<u64>, memory_mb: Option<u64>) -> Resources {
+    if let (Some(cpu), Some(memory)) = (cpu_millis, memory_mb) {
+        return Resources::new(cpu, memory);
+    }
+    let system = System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_cpu(CpuRefreshKind::nothing())
+            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+    );
+    let cores = u64::try_from(system.cpus().len())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Resources::new(
+        cpu_millis.unwrap_or_else(|| cores.saturating_mul(1000)),
+        memory_mb.unwrap_or_else(|| system.total_memory() / (1024 * 1024)),
+    )
+}
+
+/// A worker id made from the hostname: every character outside `[A-Za-z0-9_-]` becomes '-',
+/// cut to 64 characters; `agent` when there is no hostname.
+pub(crate) fn worker_id_from_hostname(hostname: Option<&str>) -> Result<WorkerId, AgentError> {
+    let sanitised: String = hostname
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_WORKER_ID_LEN)
+        .collect();
+    let id = if sanitised.is_empty() {
+        FALLBACK_WORKER_ID
+    } else {
+        &sanitised
+    };
+    id.parse().map_err(AgentError::WorkerId)
+}
+
+/// Parses `key=value,key=value`. Keys are 1 to 63 characters of `[A-Za-z0-9-_./]`, values at
+/// most 255 characters without control characters; blanks around pairs are ignored.
+pub(crate) fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, AgentError> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let err = |reason| AgentError::InvalidLabel {
+            label: pair.to_owned(),
+            reason,
+        };
+        let (key, value) = pair.split_once('=').ok_or(err("expected key=value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !key_ok {
+            return Err(err(
+                "key must be 1 to 63 characters of ascii letters, digits, '-', '_', '.' and '/'",
+            ));
+        }
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(err(
+                "value must be at most 255 characters without control characters",
+            ));
+        }
+        if labels.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(err("key given twice"));
+        }
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn labels_parse_into_a_map() {
+        let labels = parse_labels(" gpu=true, os=linux ,zone=eu/west-1").unwrap();
+        assert_eq!(labels.len(), 3);
+        assert_eq!(labels["gpu"], "true");
+        assert_eq!(labels["os"], "linux");
+        assert_eq!(labels["zone"], "eu/west-1");
+        assert!(parse_labels("").unwrap().is_empty());
+        assert!(parse_labels(" , ").unwrap().is_empty());
+        assert_eq!(parse_labels("empty=").unwrap()["empty"], "");
+    }
+
+    #[test]
+    fn invalid_labels_are_named_in_the_error() {
+        for (text, culprit) in [
+            ("gpu=true,nogood", "nogood"),
+            ("bad key=1", "bad key=1"),
+            ("=1", "=1"),
+            ("a=1,a=2", "a=2"),
+        ] {
+            let err = parse_labels(text).unwrap_err();
+            assert!(
+                matches!(&err, AgentError::InvalidLabel { label, .. } if label == culprit),
+                "{text:?} gave {err}"
+            );
+            assert!(err.to_string().contains(culprit), "{err}");
+        }
+    }
+
+    #[test]
+    fn hostnames_become_worker_ids() {
+        assert_eq!(
+            worker_id_from_hostname(Some("build-01.example.com"))
+                .unwrap()
+                .as_str(),
+            "build-01-example-com"
+        );
+        assert_eq!(
+            worker_id_from_hostname(None).unwrap().as_str(),
+            FALLBACK_WORKER_ID
+        );
+        let long = "h".repeat(100);
+        assert_eq!(
+            worker_id_from_hostname(Some(&long)).unwrap().as_str().len(),
+            MAX_WORKER_ID_LEN
+        );
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let config =
+            AgentConfig::try_parse_from(["hodei-agent", "--worker-id", "w-1", "--labels", "a=b"])
+                .unwrap();
+        let settings = Settings::from_config(config).unwrap();
+        assert_eq!(settings.worker_id.as_str(), "w-1");
+        assert_eq!(settings.max_concurrent_jobs, 4);
+        assert!(settings.capacity.cpu_millis >= 1000);
+        assert!(settings.capacity.memory_mb > 0);
+        assert!(settings.work_dir.ends_with("hodei-agent-w-1"));
+        assert_eq!(settings.heartbeat_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["hodei-agent"];
+            all.extend_from_slice(args);
+            Settings::from_config(AgentConfig::try_parse_from(all).unwrap())
+        };
+        assert!(matches!(
+            parse(&["--worker-id", "a.b"]),
+            Err(AgentError::WorkerId(_))
+        ));
+        assert!(matches!(
+            parse(&["--worker-id", "w", "--max-concurrent-jobs", "0"]),
+            Err(AgentError::InvalidConfig {
+                field: "max_concurrent_jobs",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["--worker-id", "w", "--heartbeat-interval-ms", "0"]),
+            Err(AgentError::InvalidConfig {
+                field: "heartbeat_interval_ms",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,33 @@
+//! What can stop an agent from starting: bad configuration, an unusable work folder, NATS.
+
+use std::path::PathBuf;
+
+use hodei_domain::IdError;
+use hodei_messaging::MessagingError;
+
+/// Why an agent could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The worker id given (or made from the hostname) is not a valid id.
+    #[error("invalid worker id: {0}")]
+    WorkerId(#[source] IdError),
+    /// One `key=value` pair of the labels is invalid.
+    #[error("invalid label '{label}': {reason}")]
+    InvalidLabel { label: String, reason: &'static str },
+    /// Another setting is out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        field: &'static str,
+        reason: &'static str,
+    },
+    /// The folder holding the workspaces cannot be created.
+    #[error("failed to create the work folder {}: {source}", path.display())]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting to NATS or setting up streams and consumers failed.
+    #[error(transparent)]
+    Messaging(#[from] MessagingError),
+}

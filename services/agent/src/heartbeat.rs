@@ -1,0 +1,150 @@
+//! Heartbeats: the agent's sign of life on core NATS, with its labels, capacity, the host's
+//! measured usage and the attempts it runs. A failed publish is logged and tried again at the
+//! next tick; heartbeats are never fatal.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use hodei_domain::{ResourceUsage, Resources, WorkerId};
+use hodei_messaging::{Heartbeat, subjects};
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+use tokio::sync::Notify;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::running::Running;
+
+const MIB: u64 = 1024 * 1024;
+/// Longest wait for the last heartbeat to reach the server at shutdown.
+const LAST_BEAT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Builds and sends heartbeats.
+pub(crate) struct Heartbeater {
+    client: async_nats::Client,
+    subject: String,
+    worker_id: WorkerId,
+    labels: BTreeMap<String, String>,
+    capacity: Resources,
+    max_concurrent_jobs: u32,
+    system: System,
+    running: Running,
+    draining: Arc<AtomicBool>,
+}
+
+impl Heartbeater {
+    /// A heartbeater for `worker_id`, reading the attempts from `running` and whether the
+    /// agent is draining from `draining`.
+    pub fn new(
+        client: async_nats::Client,
+        worker_id: WorkerId,
+        labels: BTreeMap<String, String>,
+        capacity: Resources,
+        max_concurrent_jobs: u32,
+        running: Running,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
+        // CPU use is measured between two refreshes: this is the first.
+        let system = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        );
+        Self {
+            client,
+            subject: subjects::heartbeat(&worker_id),
+            worker_id,
+            labels,
+            capacity,
+            max_concurrent_jobs,
+            system,
+            running,
+            draining,
+        }
+    }
+
+    /// Beats every `interval` (the first at once) and whenever `now` is notified, until `stop`
+    /// is cancelled. Returns itself so the caller can send a last heartbeat.
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        now: Arc<Notify>,
+        stop: CancellationToken,
+    ) -> Self {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => self.beat().await,
+                _ = now.notified() => self.beat().await,
+            }
+        }
+        self
+    }
+
+    /// Sends the last heartbeat and waits (briefly) until it has left.
+    pub async fn last_beat(mut self) {
+        self.beat().await;
+        match tokio::time::timeout(LAST_BEAT_FLUSH_TIMEOUT, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(worker_id = %self.worker_id, error = %e, "failed to flush the last heartbeat")
+            }
+            Err(_) => warn!(worker_id = %self.worker_id, "last heartbeat not flushed in time"),
+        }
+    }
+
+    /// Sends one heartbeat.
+    pub async fn beat(&mut self) {
+        let heartbeat = Heartbeat {
+            worker_id: self.worker_id.clone(),
+            labels: self.labels.clone(),
+            capacity: self.capacity,
+            max_concurrent_jobs: self.max_concurrent_jobs,
+            usage: self.usage(),
+            running: self.running.list(),
+            draining: self.draining.load(Ordering::SeqCst),
+            sent_at: Utc::now(),
+        };
+        let payload = match serde_json::to_vec(&heartbeat) {
+            Ok(json) => json,
+            Err(e) => {
+                warn!(worker_id = %self.worker_id, error = %e, "failed to encode heartbeat");
+                return;
+            }
+        };
+        match self
+            .client
+            .publish(self.subject.clone(), payload.into())
+            .await
+        {
+            Ok(()) => debug!(
+                worker_id = %self.worker_id,
+                running = heartbeat.running.len(),
+                draining = heartbeat.draining,
+                "heartbeat sent"
+            ),
+            Err(e) => {
+                warn!(worker_id = %self.worker_id, error = %e, "failed to publish heartbeat, retrying next tick");
+            }
+        }
+    }
+
+    /// The host's usage now: CPU since the previous call, memory, one-minute load.
+    fn usage(&mut self) -> ResourceUsage {
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        // `global_cpu_usage` is the mean over cores; the domain counts up to 100 per core.
+        let cores = self.system.cpus().len().max(1) as f32;
+        ResourceUsage {
+            cpu_percent: self.system.global_cpu_usage() * cores,
+            memory_used_mb: self.system.used_memory() / MIB,
+            memory_total_mb: self.system.total_memory() / MIB,
+            load_1m: System::load_average().one,
+        }
+    }
+}

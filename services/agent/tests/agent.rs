@@ -1,0 +1,640 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! End-to-end tests of the agent: the production wiring against a private nats-server, real
+//! processes, commands published on the agent's subject, and what it reports, logs and beats
+//! read back from NATS.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_agent::{Agent, AgentConfig, AgentError, LOST_REASON};
+use hodei_domain::spec::JobSpecDraft;
+use hodei_domain::{AttemptId, AttemptNumber, AttemptOutcome, JobId, JobSpec, WorkerId};
+use hodei_messaging::{
+    AgentCommand, AgentReport, Heartbeat, LogBatch, LogEntry, LogStreamKind, ReportKind, decode,
+    streams, subjects,
+};
+use hodei_test_support::{TestNats, wait_for};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Longest wait for anything the agent should do.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Everything received on one subject or stream, filled by a background task.
+struct Collector<T> {
+    items: Arc<Mutex<Vec<T>>>,
+    task: JoinHandle<()>,
+}
+
+impl<T: Clone + Send + 'static> Collector<T> {
+    fn spawn<S>(mut source: S) -> Self
+    where
+        S: futures::Stream<Item = T> + Unpin + Send + 'static,
+    {
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&items);
+        let task = tokio::spawn(async move {
+            while let Some(item) = source.next().await {
+                sink.lock().unwrap().push(item);
+            }
+        });
+        Self { items, task }
+    }
+
+    fn all(&self) -> Vec<T> {
+        self.items.lock().unwrap().clone()
+    }
+
+    fn find(&self, pred: impl Fn(&T) -> bool) -> Option<T> {
+        self.items.lock().unwrap().iter().find(|t| pred(t)).cloned()
+    }
+}
+
+impl<T> Drop for Collector<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running agent on a private NATS, with collectors on its reports, logs and heartbeats.
+struct Harness {
+    /// Kept for the test's lifetime: dropping it kills the server.
+    _nats: TestNats,
+    js: jetstream::Context,
+    worker_id: WorkerId,
+    work_dir: TempDir,
+    shutdown: CancellationToken,
+    agent: Option<JoinHandle<Result<(), AgentError>>>,
+    reports: Collector<AgentReport>,
+    logs: Collector<LogBatch>,
+    heartbeats: Collector<Heartbeat>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Harness::start_with(1_000).await
+    }
+
+    async fn start_with(drain_timeout_ms: u64) -> Harness {
+        let nats = TestNats::start().await.expect("nats-server starts");
+        let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
+        let work_dir = tempfile::tempdir().unwrap();
+        let (client, js) = hodei_messaging::connect(&nats.url(), "agent-test", DEADLINE)
+            .await
+            .unwrap();
+
+        let beats = client
+            .subscribe(subjects::heartbeat(&worker_id))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let heartbeats =
+            Collector::spawn(Box::pin(beats.filter_map(|m| async move {
+                decode::<Heartbeat>(&m.subject, &m.payload).ok()
+            })));
+
+        let config = AgentConfig {
+            nats_url: nats.url(),
+            worker_id: Some(worker_id.to_string()),
+            labels: "gpu=true, os=linux".to_owned(),
+            max_concurrent_jobs: 3,
+            cpu_millis: Some(2_000),
+            memory_mb: Some(1_024),
+            work_dir: Some(work_dir.path().to_path_buf()),
+            heartbeat_interval_ms: 100,
+            kill_grace_ms: 500,
+            drain_timeout_ms,
+        };
+        let agent = Agent::build(config).await.expect("agent builds");
+        assert_eq!(agent.worker_id(), &worker_id);
+
+        // The agent created the streams; read them back.
+        let reports_consumer = js
+            .get_stream(streams::REPORTS)
+            .await
+            .unwrap()
+            .get_or_create_consumer(
+                "test-reports",
+                streams::durable("test-reports", subjects::all_reports()),
+            )
+            .await
+            .unwrap();
+        let report_messages = reports_consumer.messages().await.unwrap();
+        let reports = Collector::spawn(Box::pin(report_messages.filter_map(|m| async move {
+            let m = m.ok()?;
+            m.ack().await.ok()?;
+            decode::<AgentReport>(&m.subject, &m.payload).ok()
+        })));
+        let logs_consumer = js
+            .get_stream(streams::LOGS)
+            .await
+            .unwrap()
+            .create_consumer(pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let log_messages = logs_consumer.messages().await.unwrap();
+        let logs = Collector::spawn(Box::pin(log_messages.filter_map(|m| async move {
+            let m = m.ok()?;
+            decode::<LogBatch>(&m.subject, &m.payload).ok()
+        })));
+
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn(agent.run_until_stopped(shutdown.clone()));
+        Harness {
+            _nats: nats,
+            js,
+            worker_id,
+            work_dir,
+            shutdown,
+            agent: Some(agent),
+            reports,
+            logs,
+            heartbeats,
+        }
+    }
+
+    /// Publishes raw bytes on the agent's command subject and waits for JetStream to store them.
+    async fn publish_command_bytes(&self, payload: Vec<u8>) {
+        self.js
+            .publish(subjects::agent_commands(&self.worker_id), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn send(&self, command: &AgentCommand) {
+        self.publish_command_bytes(serde_json::to_vec(command).unwrap())
+            .await;
+    }
+
+    /// Assigns attempt 1 of a new job running `spec`.
+    async fn assign(&self, spec: JobSpec) -> AttemptId {
+        let id = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+        self.assign_attempt(id, spec).await;
+        id
+    }
+
+    async fn assign_attempt(&self, id: AttemptId, spec: JobSpec) {
+        self.send(&AgentCommand::Assign {
+            job_id: id.job_id,
+            attempt: id.attempt,
+            spec: Box::new(spec),
+            assigned_at: Utc::now(),
+        })
+        .await;
+    }
+
+    async fn cancel(&self, id: AttemptId) {
+        self.send(&AgentCommand::Cancel {
+            job_id: id.job_id,
+            attempt: id.attempt,
+            reason: "test".to_owned(),
+        })
+        .await;
+    }
+
+    fn reports_of(&self, id: AttemptId) -> Vec<AgentReport> {
+        self.reports
+            .all()
+            .into_iter()
+            .filter(|r| r.job_id == id.job_id && r.attempt == id.attempt)
+            .collect()
+    }
+
+    /// Waits for the attempt's `Started` report and returns its pid.
+    async fn started(&self, id: AttemptId) -> u32 {
+        wait_for("the started report", DEADLINE, || async {
+            self.reports_of(id).iter().find_map(|r| match r.kind {
+                ReportKind::Started { pid } => Some(pid),
+                ReportKind::Finished { .. } => None,
+            })
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits for the attempt's `Finished` report and returns its outcome and tail.
+    async fn finished(&self, id: AttemptId) -> (AttemptOutcome, Vec<String>) {
+        wait_for("the finished report", DEADLINE, || async {
+            self.reports_of(id).into_iter().find_map(|r| match r.kind {
+                ReportKind::Finished { outcome, tail } => Some((outcome, tail)),
+                ReportKind::Started { .. } => None,
+            })
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The attempt's batches as received, once its `eof` batch is in.
+    async fn log_batches(&self, id: AttemptId) -> Vec<LogBatch> {
+        wait_for("the last log batch", DEADLINE, || async {
+            let batches: Vec<LogBatch> = self
+                .logs
+                .all()
+                .into_iter()
+                .filter(|b| b.job_id == id.job_id && b.attempt == id.attempt)
+                .collect();
+            batches.iter().any(|b| b.eof).then_some(batches)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The attempt's log lines, once its `eof` batch is in.
+    async fn log_lines(&self, id: AttemptId) -> Vec<LogEntry> {
+        self.log_batches(id)
+            .await
+            .into_iter()
+            .flat_map(|b| b.lines)
+            .collect()
+    }
+
+    /// Waits for a heartbeat matching `pred`.
+    async fn heartbeat(&self, what: &str, pred: impl Fn(&Heartbeat) -> bool) -> Heartbeat {
+        wait_for(what, DEADLINE, || async { self.heartbeats.find(&pred) })
+            .await
+            .unwrap()
+    }
+
+    /// How many commands wait in the agent's stream (acknowledged ones are removed).
+    async fn commands_pending(&self) -> u64 {
+        let mut stream = self.js.get_stream(streams::AGENT).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+
+    fn workspace(&self, id: AttemptId) -> PathBuf {
+        self.work_dir
+            .path()
+            .join(format!("{}-{}", id.job_id, id.attempt))
+    }
+
+    /// Cancels the shutdown token and waits for the agent to return.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        let agent = self.agent.take().expect("the agent runs");
+        let result = tokio::time::timeout(DEADLINE, agent)
+            .await
+            .expect("the agent stops in time")
+            .expect("the agent task does not panic");
+        assert!(result.is_ok(), "{result:?}");
+    }
+}
+
+fn sh(name: &str, script: &str) -> JobSpecDraft {
+    JobSpecDraft::exec(name, &["sh", "-c", script])
+}
+
+fn spec(draft: JobSpecDraft) -> JobSpec {
+    JobSpec::try_from(draft).unwrap()
+}
+
+/// Whether the process is gone (or a zombie, dead but not yet reaped by its new parent).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn exit_code_and_output_are_reported() {
+    let mut h = Harness::start().await;
+    let id = h
+        .assign(spec(sh("echo", "echo out; echo err >&2; exit 3")))
+        .await;
+
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 3 });
+    let mut sorted_tail = tail.clone();
+    sorted_tail.sort();
+    assert_eq!(sorted_tail, vec!["err", "out"]);
+    let reports = h.reports_of(id);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    match reports[0].kind {
+        ReportKind::Started { pid } => assert!(pid > 1),
+        ref other => panic!("expected started first, got {other:?}"),
+    }
+    assert_eq!(reports[0].worker_id, h.worker_id);
+    assert_ne!(reports[0].report_id, reports[1].report_id);
+
+    let batches = h.log_batches(id).await;
+    let eofs: Vec<usize> = batches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| b.eof.then_some(i))
+        .collect();
+    assert_eq!(eofs, vec![batches.len() - 1], "one eof batch, the last");
+    let mut lines: Vec<LogEntry> = batches.into_iter().flat_map(|b| b.lines).collect();
+    lines.sort_by_key(|l| l.seq);
+    let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, vec![1, 2]);
+    let mut streams: Vec<(LogStreamKind, &str)> =
+        lines.iter().map(|l| (l.stream, l.text.as_str())).collect();
+    streams.sort_by_key(|(_, text)| *text);
+    assert_eq!(
+        streams,
+        vec![
+            (LogStreamKind::Stderr, "err"),
+            (LogStreamKind::Stdout, "out")
+        ]
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_run_in_a_fresh_workspace_with_their_environment() {
+    let mut h = Harness::start().await;
+    let mut draft = sh(
+        "env",
+        "echo \"$HODEI_JOB_ID $HODEI_ATTEMPT $HODEI_WORKER_ID\"; pwd; echo \"$HOME\"; \
+         echo \"$HODEI_WORKSPACE\"; echo \"$GREETING\"; echo \"${CARGO_MANIFEST_DIR:-unset}\"",
+    );
+    draft.working_dir = Some("sub/dir".to_owned());
+    draft.env.insert("GREETING".to_owned(), "hello".to_owned());
+    let id = AttemptId::new(JobId::new(), AttemptNumber::new(2));
+    h.assign_attempt(id, spec(draft)).await;
+    // Cargo sets this for the test process: the job must not inherit it.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let mut lines = h.log_lines(id).await;
+    lines.sort_by_key(|l| l.seq);
+    let texts: Vec<String> = lines.into_iter().map(|l| l.text).collect();
+    let workspace = std::fs::canonicalize(h.work_dir.path())
+        .unwrap()
+        .join(format!("{}-2", id.job_id));
+    assert_eq!(
+        texts,
+        vec![
+            format!("{} 2 {}", id.job_id, h.worker_id),
+            workspace.join("sub/dir").display().to_string(),
+            h.workspace(id).display().to_string(),
+            h.workspace(id).display().to_string(),
+            "hello".to_owned(),
+            "unset".to_owned(),
+        ]
+    );
+    wait_for("the workspace to be removed", DEADLINE, || async {
+        (!h.workspace(id).exists()).then_some(())
+    })
+    .await
+    .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_is_reported() {
+    let mut h = Harness::start().await;
+    let id = h
+        .assign(spec(JobSpecDraft::exec(
+            "missing",
+            &["/nonexistent/program"],
+        )))
+        .await;
+    let (outcome, tail) = h.finished(id).await;
+    match outcome {
+        AttemptOutcome::SpawnFailed { reason } => {
+            assert!(reason.contains("/nonexistent/program"), "{reason}");
+        }
+        other => panic!("expected a spawn failure, got {other:?}"),
+    }
+    assert!(tail.is_empty());
+    assert!(h.log_lines(id).await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_carry_labels_capacity_and_running_attempts() {
+    let mut h = Harness::start().await;
+    let first = h.heartbeat("a first heartbeat", |_| true).await;
+    assert_eq!(first.worker_id, h.worker_id);
+    assert_eq!(first.labels.get("gpu").map(String::as_str), Some("true"));
+    assert_eq!(first.labels.get("os").map(String::as_str), Some("linux"));
+    assert_eq!(first.capacity.cpu_millis, 2_000);
+    assert_eq!(first.capacity.memory_mb, 1_024);
+    assert_eq!(first.max_concurrent_jobs, 3);
+    assert!(first.usage.memory_total_mb > 0);
+    assert!(!first.draining);
+
+    let id = h.assign(spec(sh("sleeper", "sleep 30"))).await;
+    h.heartbeat("a heartbeat listing the attempt", |hb| {
+        hb.running == vec![id]
+    })
+    .await;
+    h.cancel(id).await;
+    h.finished(id).await;
+    h.heartbeat("a heartbeat after the attempt ended", |hb| {
+        hb.running.is_empty() && hb.sent_at > first.sent_at
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_attempt() {
+    let mut h = Harness::start().await;
+    let id = h
+        .assign(spec(JobSpecDraft::exec("sleep", &["sleep", "30"])))
+        .await;
+    let pid = h.started(id).await;
+    h.cancel(id).await;
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Cancelled);
+    wait_for("the process to be gone", DEADLINE, || async {
+        process_gone(pid).then_some(())
+    })
+    .await
+    .unwrap();
+    // A cancel for an attempt that is not running is acknowledged and ignored.
+    h.cancel(AttemptId::new(JobId::new(), AttemptNumber::new(1)))
+        .await;
+    wait_for("the commands to be acknowledged", DEADLINE, || async {
+        (h.commands_pending().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_process_group() {
+    let mut h = Harness::start().await;
+    let mut draft = sh("slow", "sleep 30 & echo $!; sleep 30");
+    draft.timeout_secs = 1;
+    let id = h.assign(spec(draft)).await;
+
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::TimedOut);
+    let grandchild: u32 = tail
+        .first()
+        .expect("the script printed a pid")
+        .parse()
+        .unwrap();
+    wait_for("the background sleep to be gone", DEADLINE, || async {
+        process_gone(grandchild).then_some(())
+    })
+    .await
+    .unwrap();
+    let lines = h.log_lines(id).await;
+    assert_eq!(lines.len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_assignment_of_a_running_attempt_is_ignored() {
+    let mut h = Harness::start().await;
+    let job = spec(JobSpecDraft::exec("sleep", &["sleep", "30"]));
+    let id = h.assign(job.clone()).await;
+    h.started(id).await;
+    h.assign_attempt(id, job).await;
+    wait_for(
+        "the second assignment to be acknowledged",
+        DEADLINE,
+        || async { (h.commands_pending().await == 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+    h.cancel(id).await;
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Cancelled);
+    let started = h
+        .reports_of(id)
+        .iter()
+        .filter(|r| matches!(r.kind, ReportKind::Started { .. }))
+        .count();
+    assert_eq!(started, 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_commands_are_dropped_and_the_agent_goes_on() {
+    let mut h = Harness::start().await;
+    h.publish_command_bytes(b"{not json".to_vec()).await;
+    h.publish_command_bytes(br#"{"type":"reboot"}"#.to_vec())
+        .await;
+    let id = h.assign(spec(sh("after", "echo still here"))).await;
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    assert_eq!(tail, vec!["still here"]);
+    // Terminated, not left for redelivery.
+    wait_for("the malformed commands to be gone", DEADLINE, || async {
+        (h.commands_pending().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(!h.agent.as_ref().unwrap().is_finished());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_attempts_that_finish_within_the_drain_timeout() {
+    let mut h = Harness::start_with(15_000).await;
+    let id = h.assign(spec(sh("short", "sleep 1; echo done"))).await;
+    h.started(id).await;
+    h.stop().await;
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    assert_eq!(tail, vec!["done"]);
+    h.heartbeat("a draining heartbeat listing the attempt", |hb| {
+        hb.draining && hb.running == vec![id]
+    })
+    .await;
+    h.heartbeat("the last heartbeat, draining and empty", |hb| {
+        hb.draining && hb.running.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_reports_attempts_still_running_after_the_drain_timeout_as_lost() {
+    let mut h = Harness::start_with(300).await;
+    let id = h.assign(spec(sh("long", "sleep 30"))).await;
+    let pid = h.started(id).await;
+    h.stop().await;
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(
+        outcome,
+        AttemptOutcome::Lost {
+            reason: LOST_REASON.to_owned()
+        }
+    );
+    wait_for("the process to be gone", DEADLINE, || async {
+        process_gone(pid).then_some(())
+    })
+    .await
+    .unwrap();
+    h.heartbeat("the last heartbeat, draining and empty", |hb| {
+        hb.draining && hb.running.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn large_output_is_shipped_in_bounded_numbered_batches() {
+    let mut h = Harness::start().await;
+    // 20000 short lines, then one line of 200000 bytes (cut into 64 KiB pieces).
+    let id = h
+        .assign(spec(sh(
+            "chatty",
+            "seq 1 20000; head -c 200000 /dev/zero | tr '\\0' x; echo",
+        )))
+        .await;
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+
+    let batches = h.log_batches(id).await;
+    for batch in &batches {
+        assert!(batch.lines.len() <= 500, "{} lines", batch.lines.len());
+        let bytes: usize = batch.lines.iter().map(|l| l.text.len()).sum();
+        assert!(bytes <= 128 * 1024, "{bytes} bytes");
+    }
+    let mut lines: Vec<LogEntry> = batches.into_iter().flat_map(|b| b.lines).collect();
+    lines.sort_by_key(|l| l.seq);
+    let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, (1..=20_004).collect::<Vec<u64>>());
+    let numbers: Vec<String> = (1..=20_000).map(|n| n.to_string()).collect();
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(
+        texts[..20_000],
+        numbers.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
+    let pieces: Vec<usize> = lines[20_000..].iter().map(|l| l.text.len()).collect();
+    assert_eq!(pieces, vec![65_536, 65_536, 65_536, 3_392]);
+
+    assert_eq!(tail.len(), 20);
+    assert_eq!(tail[0], "19985");
+    assert_eq!(tail[19].len(), 3_392);
+    assert!(tail.iter().all(|l| l.len() <= 4 * 1024));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn processes_left_running_are_stopped_when_the_job_exits() {
+    let mut h = Harness::start().await;
+    let id = h
+        .assign(spec(sh("leaves", "sleep 30 & echo $!; exit 0")))
+        .await;
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let leftover: u32 = tail
+        .first()
+        .expect("the script printed a pid")
+        .parse()
+        .unwrap();
+    wait_for("the background sleep to be gone", DEADLINE, || async {
+        process_gone(leftover).then_some(())
+    })
+    .await
+    .unwrap();
+    h.stop().await;
+}
