@@ -68,3 +68,6 @@ CREATE TABLE workers (
 );
 
 CREATE INDEX workers_status ON workers (status, last_heartbeat_at);
+
+-- Jobs on workers by age, for the reconciler's overdue checks.
+CREATE INDEX jobs_on_workers_updated ON jobs (updated_at) WHERE state IN ('assigned', 'running');

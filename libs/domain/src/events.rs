@@ -19,6 +19,9 @@ pub struct JobEvent {
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: JobEventKind,
+    /// For events that end an attempt: the attempt's last lines of output, for a quick look.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_tail: Vec<String>,
 }
 
 /// What happened to a job.

@@ -137,6 +137,9 @@ pub struct AttemptRecord {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub outcome: Option<AttemptOutcome>,
+    /// The attempt's last lines of output, as its agent reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_tail: Vec<String>,
 }
 
 /// A job and everything that happened to it.
@@ -170,8 +173,10 @@ impl Job {
             at: now,
             kind: JobEventKind::Submitted {
                 tenant: tenant.clone(),
-                spec: spec.clone(),
+                // Events are shown to people: secret values never enter them.
+                spec: spec.redacted(),
             },
+            output_tail: Vec::new(),
         };
         let job = Job {
             id,
@@ -189,7 +194,8 @@ impl Job {
         (job, event)
     }
 
-    /// Rebuilds a job from its full history.
+    /// Rebuilds a job from its full history. Secret env values are not in the history, so a
+    /// rebuilt job's spec has them masked.
     pub fn from_events(events: &[JobEvent]) -> Result<Job, DomainError> {
         let (first, rest) = events
             .split_first()
@@ -332,12 +338,22 @@ impl Job {
     }
 
     fn record(&mut self, now: DateTime<Utc>, kind: JobEventKind) -> Result<JobEvent, DomainError> {
+        self.record_with_tail(now, kind, Vec::new())
+    }
+
+    fn record_with_tail(
+        &mut self,
+        now: DateTime<Utc>,
+        kind: JobEventKind,
+        output_tail: Vec<String>,
+    ) -> Result<JobEvent, DomainError> {
         let event = JobEvent {
             event_id: Uuid::now_v7(),
             job_id: self.id,
             seq: self.version + 1,
             at: now,
             kind,
+            output_tail,
         };
         self.apply(&event)?;
         Ok(event)
@@ -386,6 +402,18 @@ impl Job {
         &mut self,
         attempt: AttemptNumber,
         outcome: AttemptOutcome,
+        now: DateTime<Utc>,
+        jitter: f64,
+    ) -> Result<JobEvent, DomainError> {
+        self.finish_with_output(attempt, outcome, Vec::new(), now, jitter)
+    }
+
+    /// [`Job::finish`], keeping the attempt's last lines of output with its record.
+    pub fn finish_with_output(
+        &mut self,
+        attempt: AttemptNumber,
+        outcome: AttemptOutcome,
+        output_tail: Vec<String>,
         now: DateTime<Utc>,
         jitter: f64,
     ) -> Result<JobEvent, DomainError> {
@@ -452,7 +480,7 @@ impl Job {
                 }
             }
         };
-        self.record(now, kind)
+        self.record_with_tail(now, kind, output_tail)
     }
 
     /// Asks to cancel the job. A queued job is cancelled at once; a job on a worker is marked
@@ -534,6 +562,7 @@ impl Job {
                     started_at: None,
                     finished_at: None,
                     outcome: None,
+                    output_tail: Vec::new(),
                 });
             }
             JobEventKind::Started { .. } => {
@@ -550,7 +579,7 @@ impl Job {
                 self.state = JobState::Queued;
                 self.not_before = Some(*not_before);
                 self.reason = Some(format!("retrying: previous attempt {outcome}"));
-                self.close_attempt(at, Some(outcome.clone()));
+                self.close_attempt(at, Some(outcome.clone()), &event.output_tail);
             }
             JobEventKind::Succeeded { outcome, .. } | JobEventKind::TimedOut { outcome, .. } => {
                 self.state = if matches!(event.kind, JobEventKind::Succeeded { .. }) {
@@ -558,7 +587,7 @@ impl Job {
                 } else {
                     JobState::TimedOut
                 };
-                self.close_attempt(at, Some(outcome.clone()));
+                self.close_attempt(at, Some(outcome.clone()), &event.output_tail);
             }
             JobEventKind::Failed {
                 outcome, reason, ..
@@ -566,7 +595,7 @@ impl Job {
                 self.state = JobState::Failed;
                 self.reason = Some(reason.clone());
                 if outcome.is_some() {
-                    self.close_attempt(at, outcome.clone());
+                    self.close_attempt(at, outcome.clone(), &event.output_tail);
                 }
             }
             JobEventKind::CancelRequested { reason } => {
@@ -580,7 +609,7 @@ impl Job {
                 self.cancel_requested = true;
                 self.reason = Some(reason.clone());
                 if attempt.is_some() {
-                    self.close_attempt(at, Some(AttemptOutcome::Cancelled));
+                    self.close_attempt(at, Some(AttemptOutcome::Cancelled), &event.output_tail);
                 }
             }
         }
@@ -589,9 +618,15 @@ impl Job {
         Ok(())
     }
 
-    fn close_attempt(&mut self, at: DateTime<Utc>, outcome: Option<AttemptOutcome>) {
+    fn close_attempt(
+        &mut self,
+        at: DateTime<Utc>,
+        outcome: Option<AttemptOutcome>,
+        tail: &[String],
+    ) {
         if let Some(a) = self.attempts.last_mut() {
             a.finished_at = Some(at);
+            a.output_tail = tail.to_vec();
             a.outcome = outcome;
         }
     }

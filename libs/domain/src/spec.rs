@@ -1,7 +1,7 @@
 //! What a user asks to run: [`JobSpec`], parsed once from a [`JobSpecDraft`] by rules that are
 //! [`Specification`]s, reporting every invalid field with its reason.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 use std::time::Duration;
 
@@ -136,6 +136,10 @@ pub struct JobSpecDraft {
     pub command: Command,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Names of `env` entries whose values are secret: never shown in events, API answers or
+    /// logs, and masked in the job's own output.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_env: BTreeSet<String>,
     #[serde(default)]
     pub working_dir: Option<String>,
     #[serde(default = "default_timeout")]
@@ -165,6 +169,7 @@ impl JobSpecDraft {
                 argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             },
             env: BTreeMap::new(),
+            secret_env: BTreeSet::new(),
             working_dir: None,
             timeout_secs: default_timeout(),
             resources: Resources::default(),
@@ -214,9 +219,34 @@ impl TryFrom<JobSpecDraft> for JobSpec {
     }
 }
 
+/// What secret values are replaced with wherever they would be shown.
+pub const SECRET_MASK: &str = "********";
+
 impl JobSpec {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+
+    /// The values of secret env entries (non-empty ones), for masking output.
+    pub fn secret_values(&self) -> Vec<&str> {
+        self.secret_env
+            .iter()
+            .filter_map(|name| self.env.get(name))
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+            .collect()
+    }
+
+    /// The spec with every secret value replaced by [`SECRET_MASK`]: what events, API answers
+    /// and logs show.
+    pub fn redacted(&self) -> JobSpec {
+        let mut draft = self.0.clone();
+        for name in &draft.secret_env {
+            if let Some(value) = draft.env.get_mut(name) {
+                *value = SECRET_MASK.to_owned();
+            }
+        }
+        JobSpec(draft)
     }
 }
 
@@ -377,6 +407,14 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
             },
         ));
     }
+    for name in &draft.secret_env {
+        let n = name.clone();
+        rules.push(Rule::new(
+            format!("secret_env.{name}"),
+            "must name an entry of env",
+            move |d| d.env.contains_key(&n),
+        ));
+    }
     for (field, map) in [
         ("labels", &draft.labels),
         ("required_labels", &draft.required_labels),
@@ -466,6 +504,24 @@ mod tests {
         let good = r#"{"name":"x","command":{"kind":"exec","argv":["true"]}}"#;
         let spec: JobSpec = serde_json::from_str(good).unwrap();
         assert_eq!(spec.max_attempts, 1);
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_must_name_env_entries() {
+        let mut d = JobSpecDraft::exec("s", &["env"]);
+        d.env.insert("TOKEN".into(), "hunter2".into());
+        d.env.insert("PLAIN".into(), "visible".into());
+        d.secret_env.insert("TOKEN".into());
+        let spec = JobSpec::try_from(d.clone()).unwrap();
+        assert_eq!(spec.secret_values(), vec!["hunter2"]);
+        let shown = serde_json::to_string(&spec.redacted()).unwrap();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("visible"),
+            "{shown}"
+        );
+        d.secret_env.insert("MISSING".into());
+        let err = JobSpec::try_from(d).unwrap_err();
+        assert_eq!(err.errors()[0].field, "secret_env.MISSING");
     }
 
     #[test]

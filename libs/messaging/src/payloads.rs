@@ -42,6 +42,8 @@ pub enum AgentCommand {
         attempt: AttemptNumber,
         reason: String,
     },
+    /// Stop taking work, let running attempts finish, then exit (as on SIGTERM).
+    Drain { reason: String },
 }
 
 /// What an agent says about an attempt.

@@ -35,6 +35,7 @@ impl From<pb::JobSpec> for JobSpecDraft {
             name: w.name,
             command,
             env: w.env.into_iter().collect(),
+            secret_env: w.secret_env.into_iter().collect(),
             working_dir: Some(w.working_dir).filter(|s| !s.is_empty()),
             timeout_secs: if w.timeout_secs == 0 {
                 defaults.timeout_secs
@@ -66,7 +67,9 @@ impl From<pb::JobSpec> for JobSpecDraft {
 }
 
 impl From<&JobSpec> for pb::JobSpec {
+    /// The spec as the API shows it: secret values masked.
     fn from(s: &JobSpec) -> Self {
+        let s = &s.redacted();
         let command = match &s.command {
             Command::Exec { argv } => {
                 pb::job_spec::Command::Exec(pb::ExecCommand { argv: argv.clone() })
@@ -83,6 +86,7 @@ impl From<&JobSpec> for pb::JobSpec {
             name: s.name.clone(),
             command: Some(command),
             env: s.env.clone().into_iter().collect(),
+            secret_env: s.secret_env.iter().cloned().collect(),
             working_dir: s.working_dir.clone().unwrap_or_default(),
             timeout_secs: s.timeout_secs,
             resources: Some(resources(s.resources)),
@@ -158,6 +162,7 @@ impl From<&AttemptRecord> for pb::Attempt {
             started_at: a.started_at.map(timestamp),
             finished_at: a.finished_at.map(timestamp),
             outcome: a.outcome.as_ref().map(Into::into),
+            output_tail: a.output_tail.clone(),
         }
     }
 }

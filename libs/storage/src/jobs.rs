@@ -307,3 +307,65 @@ pub async fn set_pending_reason(
         .await?;
     Ok(())
 }
+
+/// Jobs on a worker whose next step is overdue: assigned but not started within
+/// `start_within`, or running for longer than their own timeout plus `grace`.
+pub async fn overdue_on_workers(
+    pool: &PgPool,
+    start_within: std::time::Duration,
+    grace: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Job>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs
+         WHERE (state = 'assigned' AND updated_at < now() - make_interval(secs => $1))
+            OR (state = 'running'
+                AND updated_at < now() - make_interval(secs => (spec->>'timeout_secs')::double precision + $2))
+         ORDER BY updated_at LIMIT $3"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(start_within.as_secs_f64())
+        .bind(grace.as_secs_f64())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Records one transition of a job inside the caller's transaction: saves the job (at
+/// `expected_version`), queues its event for publishing (from `source`), asks for placement
+/// again if the job was requeued, and frees the slot `release` names on its worker if the
+/// worker still holds it. `extra` messages are queued too.
+pub async fn commit_transition(
+    conn: &mut PgConnection,
+    job: &Job,
+    expected_version: u64,
+    event: &JobEvent,
+    release: Option<(&hodei_domain::WorkerId, hodei_domain::AttemptId)>,
+    extra: Vec<hodei_messaging::Outgoing>,
+    source: &str,
+) -> Result<(), StorageError> {
+    use hodei_domain::JobEventKind;
+    use hodei_messaging::{Outgoing, PlaceJob};
+
+    save(conn, job, expected_version, std::slice::from_ref(event)).await?;
+    if let Some((worker_id, attempt)) = release
+        && let Some(mut worker) = crate::workers::get(&mut *conn, worker_id).await?
+    {
+        let version = worker.version();
+        if worker.release(&attempt).is_ok() {
+            crate::workers::save_reservation(conn, &worker, version).await?;
+        }
+    }
+    let mut messages = vec![Outgoing::job_event(event, source)?];
+    if let JobEventKind::Requeued { not_before, .. } = &event.kind {
+        messages.push(Outgoing::place_job(&PlaceJob {
+            job_id: job.id(),
+            attempt: job.current_attempt(),
+            priority: job.spec().priority,
+            not_before: Some(*not_before),
+        })?);
+    }
+    messages.extend(extra);
+    crate::outbox::append(conn, &messages).await
+}

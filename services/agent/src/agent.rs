@@ -1,5 +1,11 @@
 //! The [`Agent`]: connects to NATS, takes commands from its durable consumer, runs the
 //! attempts it is assigned, beats, and drains on shutdown.
+//!
+//! Stopping comes in two strengths. Draining (the `shutdown` token of
+//! [`Agent::run_until_stopped`], or a `Drain` command) takes no new command, beats with
+//! `draining` set and lets the running attempts finish, up to the drain timeout. A forced stop
+//! ([`Agent::force_stop_token`], during a drain or instead of one) cancels the running attempts
+//! at once (SIGTERM, kill grace, SIGKILL), reports them `Cancelled` and returns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +45,18 @@ pub struct Agent {
     client: async_nats::Client,
     js: jetstream::Context,
     consumer: PullConsumer,
+    force_stop: CancellationToken,
+}
+
+/// Why the agent stopped taking commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StopCause {
+    /// The `shutdown` token was cancelled.
+    Shutdown,
+    /// A `Drain` command came.
+    DrainCommand { reason: String },
+    /// The force stop token was cancelled.
+    Forced,
 }
 
 impl Agent {
@@ -77,6 +95,7 @@ impl Agent {
             client,
             js,
             consumer,
+            force_stop: CancellationToken::new(),
         })
     }
 
@@ -85,9 +104,18 @@ impl Agent {
         &self.settings.worker_id
     }
 
-    /// Beats and runs commands until `shutdown` is cancelled, then drains: takes no new
-    /// command, beats with `draining` set, gives running attempts up to the drain timeout,
-    /// stops and reports lost the ones still running, and sends a last heartbeat.
+    /// The token that stops this agent at once: cancelled (typically on a second SIGTERM, while
+    /// draining), [`Agent::run_until_stopped`] takes no new command, cancels the running
+    /// attempts (SIGTERM, kill grace, SIGKILL to each process group), waits for them to report
+    /// `Cancelled`, and returns. Take it before calling `run_until_stopped`.
+    pub fn force_stop_token(&self) -> CancellationToken {
+        self.force_stop.clone()
+    }
+
+    /// Beats and runs commands until `shutdown` is cancelled or a `Drain` command comes, then
+    /// drains: takes no new command, beats with `draining` set, gives running attempts up to
+    /// the drain timeout, stops and reports lost the ones still running, and sends a last
+    /// heartbeat. The [force stop token](Agent::force_stop_token) cuts this short.
     pub async fn run_until_stopped(
         mut self,
         shutdown: CancellationToken,
@@ -113,10 +141,7 @@ impl Agent {
                 stop_beating.clone(),
             ),
         );
-        let stops = Stops {
-            shutdown: shutdown.clone(),
-            ..Stops::default()
-        };
+        let stops = Stops::default();
         let ctx = Arc::new(AttemptContext {
             js: self.js.clone(),
             worker_id: worker_id.clone(),
@@ -127,13 +152,26 @@ impl Agent {
         });
         let mut attempts = JoinSet::new();
 
-        self.take_commands(&shutdown, &ctx, &running, &mut attempts)
+        let cause = self
+            .take_commands(&shutdown, &ctx, &running, &mut attempts)
             .await;
 
         draining.store(true, Ordering::SeqCst);
         beat_now.notify_one();
-        info!(worker_id = %worker_id, running = running.len(), drain_timeout_ms = %self.settings.drain_timeout.as_millis(), "agent draining");
-        self.drain(&stops, &mut attempts).await;
+        let running_now = running.len();
+        let drain_timeout_ms = self.settings.drain_timeout.as_millis();
+        match &cause {
+            StopCause::Shutdown => {
+                info!(worker_id = %worker_id, running = running_now, drain_timeout_ms = %drain_timeout_ms, "shutdown requested, agent draining");
+            }
+            StopCause::DrainCommand { reason } => {
+                info!(worker_id = %worker_id, running = running_now, drain_timeout_ms = %drain_timeout_ms, reason = %reason, "drain requested, agent draining");
+            }
+            StopCause::Forced => {
+                info!(worker_id = %worker_id, running = running_now, "forced stop requested");
+            }
+        }
+        self.drain(&stops, &running, &mut attempts).await;
 
         stop_beating.cancel();
         match heartbeats.await {
@@ -144,28 +182,36 @@ impl Agent {
         Ok(())
     }
 
-    /// Pulls and handles commands until `shutdown` is cancelled.
+    /// Pulls and handles commands until `shutdown` or the force stop token is cancelled or a
+    /// `Drain` command comes; returns which.
     async fn take_commands(
         &mut self,
         shutdown: &CancellationToken,
         ctx: &Arc<AttemptContext>,
         running: &Running,
         attempts: &mut JoinSet<()>,
-    ) {
+    ) -> StopCause {
+        let force = self.force_stop.clone();
+        let stop_requested = || async {
+            tokio::select! {
+                _ = shutdown.cancelled() => StopCause::Shutdown,
+                _ = force.cancelled() => StopCause::Forced,
+            }
+        };
         let mut messages: Option<MessageStream> = None;
         let mut backoff = MIN_PULL_BACKOFF;
         loop {
             let Some(stream) = messages.as_mut() else {
                 let pulled = tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    cause = stop_requested() => return cause,
                     pulled = self.pull() => pulled,
                 };
                 match pulled {
                     Ok(stream) => messages = Some(stream),
                     Err(e) => {
                         warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
-                        if !pause(shutdown, &mut backoff).await {
-                            return;
+                        if let Some(cause) = pause(stop_requested(), &mut backoff).await {
+                            return cause;
                         }
                     }
                 }
@@ -173,20 +219,22 @@ impl Agent {
             };
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
+                cause = stop_requested() => return cause,
                 Some(joined) = attempts.join_next() => log_join(joined),
                 next = stream.next() => match next {
                     Some(Ok(message)) => {
                         backoff = MIN_PULL_BACKOFF;
-                        self.handle(message, ctx, running, attempts).await;
+                        if let Some(reason) = self.handle(message, ctx, running, attempts).await {
+                            return StopCause::DrainCommand { reason };
+                        }
                     }
                     Some(Err(e)) => {
                         warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
                         if e.kind() == MessagesErrorKind::ConsumerDeleted {
                             messages = None;
                         }
-                        if !pause(shutdown, &mut backoff).await {
-                            return;
+                        if let Some(cause) = pause(stop_requested(), &mut backoff).await {
+                            return cause;
                         }
                     }
                     None => {
@@ -211,14 +259,14 @@ impl Agent {
         })
     }
 
-    /// Handles one command message.
+    /// Handles one command message; returns the reason given when it is a `Drain` command.
     async fn handle(
         &self,
         message: jetstream::Message,
         ctx: &Arc<AttemptContext>,
         running: &Running,
         attempts: &mut JoinSet<()>,
-    ) {
+    ) -> Option<String> {
         let command: AgentCommand = match decode(&message.subject, &message.payload) {
             Ok(command) => command,
             Err(e) => {
@@ -226,7 +274,7 @@ impl Agent {
                 if let Err(e) = message.ack_with(AckKind::Term).await {
                     warn!(subject = %message.subject, error = %e, "failed to terminate malformed command");
                 }
-                return;
+                return None;
             }
         };
         match command {
@@ -240,7 +288,7 @@ impl Agent {
                 let Some(cancel) = running.start(id) else {
                     info!(job_id = %job_id, attempt = %attempt, "attempt already running, ignoring the assignment");
                     ack(&message).await;
-                    return;
+                    return None;
                 };
                 let count = running.len();
                 if count > self.settings.max_concurrent_jobs as usize {
@@ -259,6 +307,7 @@ impl Agent {
                     attempt::run(ctx, assignment).await;
                     running.finish(&id);
                 });
+                None
             }
             AgentCommand::Cancel {
                 job_id,
@@ -272,19 +321,37 @@ impl Agent {
                     debug!(job_id = %job_id, attempt = %attempt, reason = %reason, "cancel for an attempt not running here, ignoring it");
                 }
                 ack(&message).await;
+                None
+            }
+            AgentCommand::Drain { reason } => {
+                ack(&message).await;
+                Some(reason)
             }
         }
     }
 
     /// Waits for the attempts up to the drain timeout; then stops the rest (reported lost),
     /// gives them the kill grace and some time to report, and finally aborts what is left.
-    async fn drain(&self, stops: &Stops, attempts: &mut JoinSet<()>) {
+    /// A forced stop, before the timeout, cancels the attempts (reported cancelled) instead.
+    async fn drain(&self, stops: &Stops, running: &Running, attempts: &mut JoinSet<()>) {
         let worker_id = &self.settings.worker_id;
-        if wait_all(attempts, self.settings.drain_timeout).await {
-            return;
+        let forced = self.force_stop.is_cancelled()
+            || tokio::select! {
+                all = wait_all(attempts, self.settings.drain_timeout) => {
+                    if all {
+                        return;
+                    }
+                    false
+                }
+                _ = self.force_stop.cancelled() => true,
+            };
+        if forced {
+            let cancelled = running.cancel_all();
+            warn!(worker_id = %worker_id, cancelled, "forced stop, cancelling the attempts still running");
+        } else {
+            warn!(worker_id = %worker_id, left = attempts.len(), "drain timeout reached, stopping the attempts still running");
+            stops.lost.cancel();
         }
-        warn!(worker_id = %worker_id, left = attempts.len(), "drain timeout reached, stopping the attempts still running");
-        stops.lost.cancel();
         // Stopping takes up to a grace for the process and one for what it left running.
         let report_window = self.settings.kill_grace * 2 + REPORT_GRACE;
         if wait_all(attempts, report_window).await {
@@ -327,14 +394,17 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Waits `backoff` (doubling it for next time) unless `shutdown` comes first; returns
-/// whether to go on.
-async fn pause(shutdown: &CancellationToken, backoff: &mut Duration) -> bool {
+/// Waits `backoff` (doubling it for next time) unless a stop is requested first; returns the
+/// stop's cause if one was.
+async fn pause(
+    stop_requested: impl Future<Output = StopCause>,
+    backoff: &mut Duration,
+) -> Option<StopCause> {
     let wait = *backoff;
     *backoff = (*backoff * 2).min(MAX_PULL_BACKOFF);
     tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(wait) => true,
+        cause = stop_requested => Some(cause),
+        _ = tokio::time::sleep(wait) => None,
     }
 }
 

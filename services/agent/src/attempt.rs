@@ -1,9 +1,9 @@
 //! Running one attempt: a fresh workspace, the process in its own process group, its output
-//! shipped as logs, the timeout and cancellation (SIGTERM, grace, SIGKILL to the group), and
-//! the `Started` and `Finished` reports.
+//! (secrets masked) shipped as logs, the timeout and cancellation (SIGTERM, grace, SIGKILL to
+//! the group), and the `Started` and `Finished` reports.
 //!
-//! The command that assigned the attempt is acknowledged once `Started` is stored (or, if the
-//! agent shut down before that, once `Finished` is): until then it would be redelivered.
+//! The command that assigned the attempt is acknowledged once `Started` is stored (or, if that
+//! never happened, once `Finished` is): until then it would be redelivered.
 
 use std::ffi::OsString;
 use std::io;
@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::group::ProcessGroup;
+use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
 
@@ -49,11 +50,10 @@ pub(crate) struct AttemptContext {
     pub stops: Stops,
 }
 
-/// The agent's stages of stopping, as seen by attempts.
+/// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
+/// an attempt; a forced stop cancels each attempt through its own token.)
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Stops {
-    /// The agent is draining: `Started` reports stop retrying.
-    pub shutdown: CancellationToken,
     /// The drain timed out: running processes are killed and reported lost.
     pub lost: CancellationToken,
     /// The agent is about to return: publishing stops retrying.
@@ -105,9 +105,12 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         cancel,
     } = assignment;
     let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
+    let masker = Arc::new(Masker::for_spec(&spec));
     let (outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
-        Ok(child) => supervise(&ctx, id, &spec, child, &command, &cancel).await,
+        Ok(child) => supervise(&ctx, id, &spec, child, &command, &cancel, masker).await,
         Err(reason) => {
+            // The reason names the program, which may hold a secret value.
+            let reason = String::from_utf8_lossy(&masker.mask(reason.as_bytes())).into_owned();
             warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "attempt failed to start");
             LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone())
                 .eof_only()
@@ -194,6 +197,7 @@ async fn supervise(
     mut child: Child,
     command: &jetstream::Message,
     cancel: &CancellationToken,
+    masker: Arc<Masker>,
 ) -> (AttemptOutcome, Vec<String>, bool) {
     let deadline = Instant::now() + spec.timeout();
     let pid = child.id().unwrap_or_default();
@@ -207,6 +211,7 @@ async fn supervise(
         readers.push(tokio::spawn(output::read_lines(
             stdout,
             LogStreamKind::Stdout,
+            Arc::clone(&masker),
             lines,
         )));
     }
@@ -215,6 +220,7 @@ async fn supervise(
         readers.push(tokio::spawn(output::read_lines(
             stderr,
             LogStreamKind::Stderr,
+            Arc::clone(&masker),
             lines,
         )));
     }
@@ -224,8 +230,10 @@ async fn supervise(
         LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone()).ship(lines_rx, exited_rx),
     );
 
+    // Retried until stored (or the agent gives up): a job must not go from assigned to ended
+    // without having been seen running, even if the agent began draining meanwhile.
     let announce = async {
-        let stored = report(ctx, id, ReportKind::Started { pid }, &ctx.stops.shutdown).await;
+        let stored = report(ctx, id, ReportKind::Started { pid }, &ctx.stops.give_up).await;
         if stored {
             ack(command, id).await;
         }

@@ -21,6 +21,7 @@ mod config;
 mod error;
 mod group;
 mod heartbeat;
+mod mask;
 mod output;
 mod publish;
 mod running;

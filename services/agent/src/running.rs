@@ -45,6 +45,15 @@ impl Running {
         }
     }
 
+    /// Cancels every running attempt; returns how many there were.
+    pub fn cancel_all(&self) -> usize {
+        let map = self.lock();
+        for token in map.values() {
+            token.cancel();
+        }
+        map.len()
+    }
+
     /// The running attempts, sorted.
     pub fn list(&self) -> Vec<AttemptId> {
         let mut list: Vec<AttemptId> = self.lock().keys().copied().collect();
@@ -78,5 +87,8 @@ mod tests {
         running.finish(&a);
         assert!(!running.cancel(&a));
         assert_eq!(running.len(), 1);
+        let c = running.start(a).unwrap();
+        assert_eq!(running.cancel_all(), 2);
+        assert!(c.is_cancelled());
     }
 }

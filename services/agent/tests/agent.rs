@@ -70,6 +70,7 @@ struct Harness {
     worker_id: WorkerId,
     work_dir: TempDir,
     shutdown: CancellationToken,
+    force_stop: CancellationToken,
     agent: Option<JoinHandle<Result<(), AgentError>>>,
     reports: Collector<AgentReport>,
     logs: Collector<LogBatch>,
@@ -145,6 +146,7 @@ impl Harness {
         })));
 
         let shutdown = CancellationToken::new();
+        let force_stop = agent.force_stop_token();
         let agent = tokio::spawn(agent.run_until_stopped(shutdown.clone()));
         Harness {
             _nats: nats,
@@ -152,6 +154,7 @@ impl Harness {
             worker_id,
             work_dir,
             shutdown,
+            force_stop,
             agent: Some(agent),
             reports,
             logs,
@@ -278,6 +281,11 @@ impl Harness {
     /// Cancels the shutdown token and waits for the agent to return.
     async fn stop(&mut self) {
         self.shutdown.cancel();
+        self.returned().await;
+    }
+
+    /// Waits for the agent to return, and checks it returned `Ok`.
+    async fn returned(&mut self) {
         let agent = self.agent.take().expect("the agent runs");
         let result = tokio::time::timeout(DEADLINE, agent)
             .await
@@ -608,13 +616,19 @@ async fn large_output_is_shipped_in_bounded_numbered_batches() {
         texts[..20_000],
         numbers.iter().map(String::as_str).collect::<Vec<_>>()[..]
     );
-    let pieces: Vec<usize> = lines[20_000..].iter().map(|l| l.text.len()).collect();
-    assert_eq!(pieces, vec![65_536, 65_536, 65_536, 3_392]);
+    // Cut at 64 KiB, or earlier if `tr` pauses longer than the partial line delay.
+    let pieces = &lines[20_000..];
+    assert!(pieces.iter().all(|l| l.text.len() <= 65_536));
+    assert!(pieces.len() >= 4);
+    let long: String = pieces.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(long, "x".repeat(200_000));
 
-    assert_eq!(tail.len(), 20);
-    assert_eq!(tail[0], "19985");
-    assert_eq!(tail[19].len(), 3_392);
-    assert!(tail.iter().all(|l| l.len() <= 4 * 1024));
+    // The tail: the last 20 lines, each cut to 4 KiB.
+    let expected: Vec<&str> = lines[lines.len() - 20..]
+        .iter()
+        .map(|l| &l.text[..l.text.len().min(4 * 1024)])
+        .collect();
+    assert_eq!(tail, expected);
     h.stop().await;
 }
 
@@ -637,4 +651,135 @@ async fn processes_left_running_are_stopped_when_the_job_exits() {
     .await
     .unwrap();
     h.stop().await;
+}
+
+/// A job that prints `before`, waits until the file `gate` exists, then prints `after`.
+fn gated(name: &str, gate: &std::path::Path, before: &str, after: &str) -> JobSpec {
+    let mut draft = sh(
+        name,
+        &format!(
+            "printf '%s' '{before}'; while [ ! -e \"$GATE\" ]; do sleep 0.05; done; echo '{after}'"
+        ),
+    );
+    draft
+        .env
+        .insert("GATE".to_owned(), gate.display().to_string());
+    spec(draft)
+}
+
+#[tokio::test]
+async fn secrets_are_masked_in_logs_and_in_the_tail() {
+    let mut h = Harness::start().await;
+    let mut draft = sh(
+        "secret",
+        "echo \"token is $TOKEN\"; printf '%s' \"$TOKEN\" >&2; echo \"plain $PLAIN\"",
+    );
+    draft
+        .env
+        .insert("TOKEN".to_owned(), "tok-5ecret-value".to_owned());
+    draft.env.insert("PLAIN".to_owned(), "visible".to_owned());
+    draft.secret_env.insert("TOKEN".to_owned());
+    let id = h.assign(spec(draft)).await;
+
+    let (outcome, tail) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let mut lines = h.log_lines(id).await;
+    lines.sort_by_key(|l| l.seq);
+    let mut texts: Vec<(LogStreamKind, String)> =
+        lines.into_iter().map(|l| (l.stream, l.text)).collect();
+    texts.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        texts,
+        vec![
+            (LogStreamKind::Stderr, "********".to_owned()),
+            (LogStreamKind::Stdout, "plain visible".to_owned()),
+            (LogStreamKind::Stdout, "token is ********".to_owned()),
+        ]
+    );
+    assert_eq!(tail.len(), 3);
+    assert!(tail.iter().all(|l| !l.contains("5ecret")), "{tail:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn output_without_a_newline_is_shipped_before_the_line_ends() {
+    let mut h = Harness::start().await;
+    let gate = h.work_dir.path().join("gate");
+    let id = h.assign(gated("partial", &gate, "waiting", " done")).await;
+    wait_for("the partial line to be shipped", DEADLINE, || async {
+        h.logs
+            .find(|b| b.job_id == id.job_id && b.lines.iter().any(|l| l.text == "waiting"))
+    })
+    .await
+    .unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Exited { code: 0 });
+    let mut lines = h.log_lines(id).await;
+    lines.sort_by_key(|l| l.seq);
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, vec!["waiting", " done"]);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_command_stops_new_work_and_lets_running_attempts_finish() {
+    let mut h = Harness::start_with(15_000).await;
+    let gate = h.work_dir.path().join("gate");
+    let running = h.assign(gated("running", &gate, "", "finished")).await;
+    h.started(running).await;
+
+    h.send(&AgentCommand::Drain {
+        reason: "test".to_owned(),
+    })
+    .await;
+    h.heartbeat("a draining heartbeat listing the attempt", |hb| {
+        hb.draining && hb.running == vec![running]
+    })
+    .await;
+    // Work sent after the drain is left in the stream, for another run of the agent.
+    let later = h.assign(spec(sh("later", "echo never"))).await;
+
+    std::fs::write(&gate, b"").unwrap();
+    let (outcome, tail) = h.finished(running).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    assert_eq!(tail, vec!["finished"]);
+    h.returned().await;
+    h.heartbeat("the last heartbeat, draining and empty", |hb| {
+        hb.draining && hb.running.is_empty()
+    })
+    .await;
+    assert!(h.reports_of(later).is_empty());
+    // The drain command was acknowledged; the later assignment was not.
+    assert_eq!(h.commands_pending().await, 1);
+}
+
+#[tokio::test]
+async fn a_forced_stop_while_draining_cancels_running_attempts() {
+    let mut h = Harness::start_with(60_000).await;
+    let id = h
+        .assign(spec(sh("stubborn", "trap '' TERM; echo ready; sleep 30")))
+        .await;
+    let pid = h.started(id).await;
+    // Signal only once the trap is in place.
+    wait_for("the job to be ready", DEADLINE, || async {
+        h.logs
+            .find(|b| b.job_id == id.job_id && b.lines.iter().any(|l| l.text == "ready"))
+    })
+    .await
+    .unwrap();
+    h.shutdown.cancel();
+    h.heartbeat("a draining heartbeat listing the attempt", |hb| {
+        hb.draining && hb.running == vec![id]
+    })
+    .await;
+
+    h.force_stop.cancel();
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Cancelled);
+    h.returned().await;
+    wait_for("the process to be gone", DEADLINE, || async {
+        process_gone(pid).then_some(())
+    })
+    .await
+    .unwrap();
 }

@@ -33,3 +33,8 @@ pub fn domain(e: DomainError) -> Status {
         other => Status::failed_precondition(other.to_string()),
     }
 }
+
+/// A message that could not be encoded (a bug, not bad input).
+pub fn serialization(e: serde_json::Error) -> Status {
+    Status::internal(format!("failed to encode a message: {e}"))
+}

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::admission::Admission;
 use crate::{SOURCE, errors};
 
 /// Largest page a list call returns.
@@ -28,12 +29,17 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
 
 pub struct JobApi {
     backends: Backends,
+    admission: Admission,
     shutdown: CancellationToken,
 }
 
 impl JobApi {
-    pub fn new(backends: Backends, shutdown: CancellationToken) -> Self {
-        Self { backends, shutdown }
+    pub fn new(backends: Backends, admission: Admission, shutdown: CancellationToken) -> Self {
+        Self {
+            backends,
+            admission,
+            shutdown,
+        }
     }
 
     async fn load(&self, id: JobId) -> Result<Job, Status> {
@@ -59,10 +65,6 @@ fn parse_job_id(field: &str, value: &str) -> Result<JobId, Status> {
     value.parse().map_err(|e| errors::invalid_id(field, &e))
 }
 
-fn serialization(e: serde_json::Error) -> Status {
-    Status::internal(format!("failed to encode a message: {e}"))
-}
-
 #[tonic::async_trait]
 impl JobService for JobApi {
     #[tracing::instrument(skip_all)]
@@ -82,16 +84,28 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).map_err(|e| errors::invalid(&e))?;
+        // Resubmissions of an accepted job are answered even when the queue is full.
+        if let Some(key) = spec.idempotency_key.as_deref()
+            && let Some(existing) = jobs::find_by_idempotency_key(&self.backends.pool, &tenant, key)
+                .await
+                .map_err(errors::storage)?
+        {
+            return Ok(Response::new(pb::SubmitJobResponse {
+                job: Some((&existing).into()),
+                created: false,
+            }));
+        }
+        self.admission.check()?;
         let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
         let messages = [
-            Outgoing::job_event(&event, SOURCE).map_err(serialization)?,
+            Outgoing::job_event(&event, SOURCE).map_err(errors::serialization)?,
             Outgoing::place_job(&PlaceJob {
                 job_id: job.id(),
                 attempt: job.current_attempt(),
                 priority: job.spec().priority,
                 not_before: None,
             })
-            .map_err(serialization)?,
+            .map_err(errors::serialization)?,
         ];
         let (job, created) = match jobs::insert_submitted(
             &self.backends.pool,
@@ -194,7 +208,8 @@ impl JobService for JobApi {
                     job: Some((&job).into()),
                 }));
             };
-            let mut messages = vec![Outgoing::job_event(&event, SOURCE).map_err(serialization)?];
+            let mut messages =
+                vec![Outgoing::job_event(&event, SOURCE).map_err(errors::serialization)?];
             if let (JobEventKind::CancelRequested { .. }, Some(attempt)) =
                 (&event.kind, job.current_attempt_record())
             {
@@ -204,7 +219,8 @@ impl JobService for JobApi {
                     reason: reason.clone(),
                 };
                 messages.push(
-                    Outgoing::agent_command(&attempt.worker_id, &command).map_err(serialization)?,
+                    Outgoing::agent_command(&attempt.worker_id, &command)
+                        .map_err(errors::serialization)?,
                 );
             }
             let saved: Result<(), hodei_storage::StorageError> = async {

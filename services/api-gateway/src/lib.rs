@@ -3,6 +3,7 @@
 //! cancellations (job + event + outbox rows in one transaction), answers queries from
 //! PostgreSQL and streams events and logs.
 
+mod admission;
 mod errors;
 mod jobs;
 mod workers;
@@ -27,6 +28,21 @@ pub struct GatewayConfig {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "HODEI_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// Admission control: with this many jobs queued, submissions are refused with
+    /// RESOURCE_EXHAUSTED until the queue drains.
+    #[arg(long, env = "HODEI_MAX_QUEUED_JOBS", default_value_t = 100_000)]
+    pub max_queued_jobs: u64,
+}
+
+impl GatewayConfig {
+    /// Defaults for every setting but the backends and the listen address.
+    pub fn new(backends: BackendConfig, grpc_addr: SocketAddr) -> Self {
+        Self {
+            backends,
+            grpc_addr,
+            max_queued_jobs: 100_000,
+        }
+    }
 }
 
 /// Why the gateway failed.
@@ -48,6 +64,7 @@ pub enum GatewayError {
 
 /// A built gateway: connected and listening, not yet serving.
 pub struct Gateway {
+    config: GatewayConfig,
     backends: Backends,
     listener: TcpListener,
     addr: SocketAddr,
@@ -67,6 +84,7 @@ impl Gateway {
             source,
         })?;
         Ok(Gateway {
+            config,
             backends,
             listener,
             addr,
@@ -95,7 +113,12 @@ impl Gateway {
             .map_err(|e| GatewayError::Reflection(e.to_string()))?;
         tracing::info!(addr = %self.addr, "grpc api listening");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
-        let job_api = jobs::JobApi::new(self.backends.clone(), shutdown.clone());
+        let admission = admission::Admission::start(
+            self.backends.pool.clone(),
+            self.config.max_queued_jobs,
+            shutdown.clone(),
+        );
+        let job_api = jobs::JobApi::new(self.backends.clone(), admission, shutdown.clone());
         let result = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection)

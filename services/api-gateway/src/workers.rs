@@ -1,12 +1,14 @@
 //! `hodei.v1.WorkerService`: the fleet as the registry recorded it.
 
-use hodei_domain::WorkerId;
+use chrono::Utc;
+use hodei_domain::{WorkerId, WorkerStatus};
+use hodei_messaging::{AgentCommand, Outgoing};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::worker_service_server::WorkerService;
 use hodei_storage::Backends;
 use tonic::{Request, Response, Status};
 
-use crate::errors;
+use crate::{SOURCE, errors};
 
 pub struct WorkerApi {
     backends: Backends,
@@ -75,5 +77,65 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::GetWorkerResponse {
             worker: Some((&worker).into()),
         }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let req = request.into_inner();
+        let id: WorkerId = req
+            .worker_id
+            .parse()
+            .map_err(|e| errors::invalid_id("worker_id", &e))?;
+        let reason = if req.reason.is_empty() {
+            "drained by request".to_owned()
+        } else {
+            req.reason
+        };
+        for _ in 0..8 {
+            let mut worker = hodei_storage::workers::get(&self.backends.pool, &id)
+                .await
+                .map_err(errors::storage)?
+                .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
+            if worker.status() == WorkerStatus::Draining {
+                return Ok(Response::new(pb::DrainWorkerResponse {
+                    worker: Some((&worker).into()),
+                }));
+            }
+            let version = worker.version();
+            let event = worker
+                .drain(Utc::now())
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            let command = AgentCommand::Drain {
+                reason: reason.clone(),
+            };
+            let messages = [
+                Outgoing::worker_event(&event, SOURCE).map_err(errors::serialization)?,
+                Outgoing::agent_command(&id, &command).map_err(errors::serialization)?,
+            ];
+            let saved: Result<(), hodei_storage::StorageError> = async {
+                let mut tx = self.backends.pool.begin().await?;
+                hodei_storage::workers::save_reservation(&mut tx, &worker, version).await?;
+                hodei_storage::outbox::append(&mut tx, &messages).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .await;
+            match saved {
+                Ok(()) => {
+                    self.backends.relay_wake.notify_one();
+                    tracing::info!(worker_id = %id, reason, "worker drain requested");
+                    return Ok(Response::new(pb::DrainWorkerResponse {
+                        worker: Some((&worker).into()),
+                    }));
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(errors::storage(e)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "worker {id} kept changing, try again"
+        )))
     }
 }

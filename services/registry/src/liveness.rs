@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hodei_domain::{AttemptOutcome, JobEventKind};
-use hodei_messaging::{Outgoing, PlaceJob};
+use hodei_messaging::Outgoing;
 use hodei_storage::{Backends, StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
 
@@ -66,7 +66,7 @@ async fn declare_lost(
     })?;
     let mut tx = backends.pool.begin().await?;
     workers::save_reservation(&mut tx, &worker, version).await?;
-    let mut messages = vec![Outgoing::worker_event(&event, SOURCE)?];
+    let messages = [Outgoing::worker_event(&event, SOURCE)?];
     let mut requeued = 0;
     for held in released {
         let Some(mut job) = jobs::get(&mut *tx, held.attempt.job_id).await? else {
@@ -83,17 +83,12 @@ async fn declare_lost(
             // The job moved on (finished or reassigned): nothing to hand back.
             continue;
         };
-        jobs::save(&mut tx, &job, job_version, std::slice::from_ref(&event)).await?;
-        messages.push(Outgoing::job_event(&event, SOURCE)?);
-        if let JobEventKind::Requeued { not_before, .. } = &event.kind {
-            messages.push(Outgoing::place_job(&PlaceJob {
-                job_id: job.id(),
-                attempt: job.current_attempt(),
-                priority: job.spec().priority,
-                not_before: Some(*not_before),
-            })?);
+        if matches!(event.kind, JobEventKind::Requeued { .. }) {
             requeued += 1;
         }
+        // The worker was saved above with its attempts released: nothing to free here.
+        jobs::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
+            .await?;
     }
     hodei_storage::outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;

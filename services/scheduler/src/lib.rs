@@ -36,6 +36,32 @@ pub struct SchedulerConfig {
     /// A queued job not placed for this long is re-driven by the reconciler, in milliseconds.
     #[arg(long, env = "HODEI_RECONCILE_AFTER_MS", default_value_t = 15_000)]
     pub reconcile_after_ms: u64,
+    /// An assigned attempt not started within this is handed back (as a lost attempt), in
+    /// milliseconds.
+    #[arg(long, env = "HODEI_START_TIMEOUT_MS", default_value_t = 60_000)]
+    pub start_timeout_ms: u64,
+    /// A running job still not reported finished this long after its own timeout is ended as
+    /// timed out by the scheduler (its worker may be silent), in milliseconds.
+    #[arg(long, env = "HODEI_TIMEOUT_GRACE_MS", default_value_t = 30_000)]
+    pub timeout_grace_ms: u64,
+    /// A job no worker can take fails after waiting this long in the queue, in milliseconds.
+    #[arg(long, env = "HODEI_QUEUE_TIMEOUT_MS", default_value_t = 3_600_000)]
+    pub queue_timeout_ms: u64,
+}
+
+impl SchedulerConfig {
+    /// Defaults for every setting but the backends.
+    pub fn new(backends: BackendConfig) -> Self {
+        Self {
+            backends,
+            worker_stale_ms: 3000,
+            placement_retry_ms: 500,
+            reconcile_after_ms: 15_000,
+            start_timeout_ms: 60_000,
+            timeout_grace_ms: 30_000,
+            queue_timeout_ms: 3_600_000,
+        }
+    }
 }
 
 /// Why the scheduler failed.

@@ -146,6 +146,16 @@ async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError
         let live = workers::placeable(pool, now - stale_after).await?;
         let Some(worker) = rank(&live, &job).first().map(|w| (*w).clone()) else {
             let reason = explain(&live, &job);
+            let queue_timeout = chrono::Duration::milliseconds(
+                i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
+            );
+            if now - job.updated_at() > queue_timeout {
+                match fail_unplaceable(ctx, &mut job, &reason).await {
+                    Ok(()) => return Ok(Placement::Stale),
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             tracing::debug!(job_id = %job.id(), reason, "no worker can take the job yet");
             jobs::set_pending_reason(pool, job.id(), &reason).await?;
             return Ok(Placement::NoWorker);
@@ -159,6 +169,23 @@ async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError
     Err(StorageError::Conflict {
         what: format!("placement of job {}", item.job_id),
     })
+}
+
+/// Fails a job that waited longer than the queue timeout, saying what did not match.
+async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<(), StorageError> {
+    let version = job.version();
+    let why = format!("no worker could take the job within the queue timeout; {reason}");
+    let event = job
+        .fail_unplaceable(&why, Utc::now())
+        .map_err(|e| StorageError::Conflict {
+            what: e.to_string(),
+        })?;
+    let mut tx = ctx.backends.pool.begin().await?;
+    jobs::commit_transition(&mut tx, job, version, &event, None, Vec::new(), SOURCE).await?;
+    tx.commit().await?;
+    ctx.backends.relay_wake.notify_one();
+    tracing::warn!(job_id = %job.id(), reason, "job failed: no worker within the queue timeout");
+    Ok(())
 }
 
 async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), StorageError> {

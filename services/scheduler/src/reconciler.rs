@@ -1,15 +1,18 @@
-//! The reconciler: PostgreSQL is the truth and NATS the transport, so a queued job whose
-//! placement request was lost (or dropped) is found here and asked for again. A lost message
-//! delays a job; it never loses it.
+//! The reconciler: PostgreSQL is the truth and NATS the transport, so a job whose next step
+//! is overdue is found here and re-driven. A queued job whose placement request was lost is
+//! asked for again; an assignment never started is handed back; a running job far past its
+//! own timeout (its worker silent) is ended as timed out and its worker told to kill it. A
+//! lost message delays a job; it never loses it.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use hodei_messaging::{Outgoing, PlaceJob, streams, subjects};
+use hodei_domain::{AttemptId, AttemptOutcome, JobState};
+use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, subjects};
 use hodei_storage::jobs;
 use tokio_util::sync::CancellationToken;
 
-use crate::Context;
+use crate::{Context, SOURCE};
 
 /// Every `overdue / 3`, re-requests placement of jobs queued for longer than `overdue` that
 /// have no request waiting in the work queue.
@@ -23,6 +26,9 @@ pub(crate) async fn run(ctx: Context, overdue: Duration, shutdown: CancellationT
         }
         if let Err(e) = sweep(&ctx, overdue).await {
             tracing::warn!(error = %e, "reconciler sweep failed");
+        }
+        if let Err(e) = sweep_workers(&ctx).await {
+            tracing::warn!(error = %e, "reconciler sweep of jobs on workers failed");
         }
     }
 }
@@ -59,6 +65,71 @@ async fn sweep(
             .await?
             .await?;
         tracing::info!(job_id = %job.id(), "overdue job re-driven");
+    }
+    Ok(())
+}
+
+/// Ends attempts whose next step is overdue: never started (handed back as lost, without
+/// spending the job's retries) or running far past the job's timeout (timed out). The worker
+/// is told to kill the attempt in case it still runs it.
+async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let start_within = Duration::from_millis(ctx.config.start_timeout_ms);
+    let grace = Duration::from_millis(ctx.config.timeout_grace_ms);
+    for mut job in jobs::overdue_on_workers(&ctx.backends.pool, start_within, grace, 500).await? {
+        let Some(record) = job.current_attempt_record().cloned() else {
+            continue;
+        };
+        let version = job.version();
+        let (outcome, why) = if job.state() == JobState::Assigned {
+            let reason = format!(
+                "not started on {} within {start_within:?}",
+                record.worker_id
+            );
+            (
+                AttemptOutcome::Lost {
+                    reason: reason.clone(),
+                },
+                reason,
+            )
+        } else {
+            (
+                AttemptOutcome::TimedOut,
+                "timed out with no report from its worker".to_owned(),
+            )
+        };
+        let Ok(event) = job.finish(record.attempt, outcome, Utc::now(), crate::jitter()) else {
+            continue;
+        };
+        let kill = Outgoing::agent_command(
+            &record.worker_id,
+            &AgentCommand::Cancel {
+                job_id: job.id(),
+                attempt: record.attempt,
+                reason: why.clone(),
+            },
+        )?;
+        let attempt = AttemptId::new(job.id(), record.attempt);
+        let mut tx = ctx.backends.pool.begin().await?;
+        match jobs::commit_transition(
+            &mut tx,
+            &job,
+            version,
+            &event,
+            Some((&record.worker_id, attempt)),
+            vec![kill],
+            SOURCE,
+        )
+        .await
+        {
+            Ok(()) => {
+                tx.commit().await?;
+                ctx.backends.relay_wake.notify_one();
+                tracing::warn!(job_id = %job.id(), attempt = %record.attempt, worker_id = %record.worker_id, why, "overdue attempt ended");
+            }
+            // A report arrived meanwhile: it decided.
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

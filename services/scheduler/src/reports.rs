@@ -9,10 +9,10 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::{AttemptId, DomainError, JobEventKind};
+use hodei_domain::{AttemptId, DomainError};
 use hodei_messaging::settle::dead_letter;
-use hodei_messaging::{AgentReport, Outgoing, PlaceJob, ReportKind};
-use hodei_storage::{StorageError, jobs, outbox, workers};
+use hodei_messaging::{AgentReport, ReportKind};
+use hodei_storage::{StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Context, SOURCE, SchedulerError, jitter};
@@ -88,8 +88,8 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
     let version = job.version();
     let transition = match &report.kind {
         ReportKind::Started { .. } => job.start(report.attempt, now),
-        ReportKind::Finished { outcome, .. } => {
-            job.finish(report.attempt, outcome.clone(), now, jitter())
+        ReportKind::Finished { outcome, tail } => {
+            job.finish_with_output(report.attempt, outcome.clone(), tail.clone(), now, jitter())
         }
     };
     let event = match transition {
@@ -107,29 +107,14 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
             return Ok(Outcome::Ignored(e.to_string()));
         }
     };
-    let mut messages = vec![Outgoing::job_event(&event, SOURCE)?];
-    if let JobEventKind::Requeued { not_before, .. } = &event.kind {
-        messages.push(Outgoing::place_job(&PlaceJob {
-            job_id: job.id(),
-            attempt: job.current_attempt(),
-            priority: job.spec().priority,
-            not_before: Some(*not_before),
-        })?);
-    }
+    let release = matches!(report.kind, ReportKind::Finished { .. }).then(|| {
+        (
+            &report.worker_id,
+            AttemptId::new(report.job_id, report.attempt),
+        )
+    });
     let mut tx = pool.begin().await?;
-    jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
-    if matches!(report.kind, ReportKind::Finished { .. })
-        && let Some(mut worker) = workers::get(&mut *tx, &report.worker_id).await?
-    {
-        let worker_version = worker.version();
-        if worker
-            .release(&AttemptId::new(report.job_id, report.attempt))
-            .is_ok()
-        {
-            workers::save_reservation(&mut tx, &worker, worker_version).await?;
-        }
-    }
-    outbox::append(&mut tx, &messages).await?;
+    jobs::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
     tracing::info!(job_id = %job.id(), attempt = %report.attempt, event = event.kind.name(), state = %job.state(), "report recorded");

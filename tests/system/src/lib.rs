@@ -57,12 +57,43 @@ pub struct TestSystem {
     pub grpc_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Per agent id, cancelled once that agent's `run_until_stopped` has returned.
+    agents_stopped: Vec<(&'static str, CancellationToken)>,
     work_root: tempfile::TempDir,
+}
+
+/// Settings a test may change; the rest are fixed for test systems.
+#[derive(Debug, Clone)]
+pub struct SystemOptions {
+    pub max_queued_jobs: u64,
+    pub queue_timeout_ms: u64,
+    pub start_timeout_ms: u64,
+    /// How long agents let running attempts finish when draining.
+    pub agent_drain_timeout_ms: u64,
+}
+
+impl Default for SystemOptions {
+    fn default() -> Self {
+        Self {
+            max_queued_jobs: 100_000,
+            queue_timeout_ms: 3_600_000,
+            start_timeout_ms: 60_000,
+            agent_drain_timeout_ms: 2_000,
+        }
+    }
 }
 
 impl TestSystem {
     /// Starts every service and the given agents.
     pub async fn start(agents: &[AgentSpec]) -> Result<TestSystem, StartError> {
+        Self::start_with(agents, SystemOptions::default()).await
+    }
+
+    /// Starts every service, with `options`, and the given agents.
+    pub async fn start_with(
+        agents: &[AgentSpec],
+        options: SystemOptions,
+    ) -> Result<TestSystem, StartError> {
         let nats = TestNats::start().await?;
         let database = TestDatabase::create().await?;
         let backends = BackendConfig::new(nats.url(), database.url());
@@ -70,8 +101,8 @@ impl TestSystem {
         let mut tasks = Vec::new();
 
         let gateway = Gateway::build(GatewayConfig {
-            backends: backends.clone(),
-            grpc_addr: ([127, 0, 0, 1], 0).into(),
+            max_queued_jobs: options.max_queued_jobs,
+            ..GatewayConfig::new(backends.clone(), ([127, 0, 0, 1], 0).into())
         })
         .await
         .map_err(|e| fail("gateway")(e.to_string()))?;
@@ -84,10 +115,12 @@ impl TestSystem {
         }));
 
         let scheduler = Scheduler::build(SchedulerConfig {
-            backends: backends.clone(),
             worker_stale_ms: HEARTBEAT_MS * 25,
             placement_retry_ms: 100,
             reconcile_after_ms: 3_000,
+            queue_timeout_ms: options.queue_timeout_ms,
+            start_timeout_ms: options.start_timeout_ms,
+            ..SchedulerConfig::new(backends.clone())
         })
         .await
         .map_err(|e| fail("scheduler")(e.to_string()))?;
@@ -115,6 +148,7 @@ impl TestSystem {
         }));
 
         let work_root = tempfile::tempdir().map_err(|e| fail("agents")(e.to_string()))?;
+        let mut agents_stopped = Vec::new();
         for spec in agents {
             let agent = Agent::build(AgentConfig {
                 nats_url: nats.url(),
@@ -126,15 +160,18 @@ impl TestSystem {
                 work_dir: Some(work_root.path().join(spec.id)),
                 heartbeat_interval_ms: HEARTBEAT_MS,
                 kill_grace_ms: 1000,
-                drain_timeout_ms: 2000,
+                drain_timeout_ms: options.agent_drain_timeout_ms,
             })
             .await
             .map_err(|e| fail("agent")(e.to_string()))?;
             let token = shutdown.clone();
+            let stopped = CancellationToken::new();
+            agents_stopped.push((spec.id, stopped.clone()));
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = agent.run_until_stopped(token).await {
                     eprintln!("agent stopped with error: {e}");
                 }
+                stopped.cancel();
             }));
         }
 
@@ -152,8 +189,18 @@ impl TestSystem {
             grpc_addr,
             shutdown,
             tasks,
+            agents_stopped,
             work_root,
         })
+    }
+
+    /// Whether the agent `id` has stopped (its `run_until_stopped` returned). `None` for an
+    /// agent this system did not start.
+    pub fn agent_stopped(&self, id: &str) -> Option<bool> {
+        self.agents_stopped
+            .iter()
+            .find(|(agent, _)| *agent == id)
+            .map(|(_, stopped)| stopped.is_cancelled())
     }
 
     /// The folder agents keep their workspaces under.

@@ -126,10 +126,15 @@ async fn jobs_run_end_to_end_with_logs_exit_codes_and_labels() {
     }
 
     // Exit 3: failed with exit code 3.
-    let bad = submit(&mut system, script("exit-3", "exit 3")).await;
+    let bad = submit(&mut system, script("exit-3", "echo about to fail; exit 3")).await;
     let done = wait_terminal(&system, &bad.id).await;
     assert_eq!(done.state, pb::JobState::Failed as i32, "{done:?}");
     assert_eq!(done.exit_code, Some(3));
+    // The last lines of output stay with the attempt for a quick look.
+    assert_eq!(
+        done.attempts[0].output_tail,
+        vec!["about to fail".to_owned()]
+    );
     assert!(
         done.reason.contains("exited with code 3"),
         "{}",

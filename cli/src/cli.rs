@@ -1,0 +1,446 @@
+//! The command line: every command, flag and help text, parsed with clap.
+//!
+//! Parsing only checks shapes (numbers, `K=V` pairs, known state names); turning job options
+//! into a `JobSpec` is `spec.rs`'s job.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hodei_proto::v1 as pb;
+
+/// Where `--server` points when neither the flag nor `HODEI_SERVER` is set.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+/// Heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
+/// Submit and follow jobs on a Hodei Pipelines cluster.
+#[derive(Debug, Parser)]
+#[command(name = "hodei", version, propagate_version = true)]
+#[command(after_help = "\
+Examples:
+  hodei run -- make test
+  hodei submit --name nightly --require gpu=true -- ./train.sh --epochs 10
+  hodei list --state running
+  hodei logs -f 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei --server http://hodei.internal:50051 workers")]
+pub struct Cli {
+    /// Address of the Hodei API gateway.
+    #[arg(long, global = true, env = "HODEI_SERVER", default_value = DEFAULT_SERVER,
+          value_name = "URL", help_heading = GLOBAL)]
+    pub server: String,
+
+    /// How to print results: `human` (tables and plain text) or `json`.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human,
+          value_name = "FORMAT", help_heading = GLOBAL)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Tables and plain text for people.
+    Human,
+    /// JSON for programs; streams print one JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a job and print its id.
+    #[command(after_help = "\
+Examples:
+  hodei submit -- echo hello
+  hodei submit --name build --env RUST_LOG=debug --label team=ci --timeout 600 -- cargo build
+  hodei submit --script 'make && make install' --require arch=arm64
+  hodei submit --secret-env GITHUB_TOKEN -- ./publish.sh
+  hodei --output json submit -- true")]
+    Submit(JobArgs),
+
+    /// Submit a job, stream its output, and exit with its exit code.
+    ///
+    /// The job's stdout goes to stdout and its stderr to stderr. A job that succeeds exits 0,
+    /// a job that fails with exit code N exits N; a job that is cancelled, times out or fails
+    /// without an exit code exits 1. Ctrl-C cancels the job and keeps streaming until it ends;
+    /// a second Ctrl-C stops waiting. With `--output json`, every output line is printed as a
+    /// JSON object, followed by the finished job.
+    #[command(after_help = "\
+Examples:
+  hodei run -- cargo test --workspace
+  hodei run --max-attempts 3 --script 'curl -fsS https://example.com/health'")]
+    Run(JobArgs),
+
+    /// Show one job: its state, outcome and attempts.
+    #[command(after_help = "Example:\n  hodei get 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
+    Get {
+        /// The job's id.
+        id: String,
+    },
+
+    /// List jobs, newest first.
+    #[command(after_help = "\
+Examples:
+  hodei list
+  hodei list --state queued --state running --label team=ci --limit 20
+  hodei list --name-prefix nightly- --page-token <token from the previous page>")]
+    List(ListArgs),
+
+    /// Follow a job's events (assigned, started, requeued, ...) until it ends.
+    #[command(after_help = "Example:\n  hodei watch 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
+    Watch {
+        /// The job's id.
+        id: String,
+        /// First event sequence number to show; 0 or 1 for the whole history.
+        #[arg(long, default_value_t = 0, value_name = "SEQ")]
+        from: u64,
+    },
+
+    /// Print a job's output: stdout lines to stdout, stderr lines to stderr.
+    #[command(after_help = "\
+Examples:
+  hodei logs 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei logs -f --from 120 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
+    Logs {
+        /// The job's id.
+        id: String,
+        /// Keep printing new lines until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// First line sequence number to print; 0 for the beginning.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        from: u64,
+    },
+
+    /// Cancel a job: at once if it is queued, otherwise by stopping its process.
+    #[command(
+        after_help = "Example:\n  hodei cancel --reason 'wrong branch' 01J0Z3N1W8Q4K5T6Y7V8X9ABCD"
+    )]
+    Cancel {
+        /// The job's id.
+        id: String,
+        /// Why the job is cancelled; recorded on the job.
+        #[arg(long, value_name = "R", default_value = "")]
+        reason: String,
+    },
+
+    /// List workers with their status, load and free slots.
+    #[command(after_help = "\
+Examples:
+  hodei workers
+  hodei workers --status ready --status draining")]
+    Workers {
+        /// Only workers with this status (repeatable, or comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "S")]
+        status: Vec<WorkerStatusArg>,
+    },
+
+    /// Show one worker: labels, capacity, usage and the attempts it holds.
+    #[command(after_help = "Example:\n  hodei worker worker-7f3a")]
+    Worker {
+        /// The worker's id.
+        id: String,
+    },
+
+    /// Drain a worker: it takes no new work, lets its running jobs finish, then its agent
+    /// exits.
+    #[command(after_help = "Example:\n  hodei drain --reason 'kernel upgrade' worker-7f3a")]
+    Drain {
+        /// The worker's id.
+        id: String,
+        /// Why the worker is drained.
+        #[arg(long, value_name = "R", default_value = "")]
+        reason: String,
+    },
+}
+
+/// What to run and how: shared by `submit` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Job name; defaults to the command's basename.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Environment variable of the process (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+
+    /// Secret environment variable (repeatable): like `--env`, but masked wherever shown.
+    ///
+    /// The server never shows its value, and masks it in the job's output. `K` alone takes the
+    /// value of `K` in this shell, which keeps it out of the shell history.
+    #[arg(long = "secret-env", value_name = "K[=V]", value_parser = parse_secret_env)]
+    pub secret_env: Vec<(String, Option<String>)>,
+
+    /// Label to find the job by (repeatable).
+    #[arg(long = "label", value_name = "k=v", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// Label a worker must carry, with this value, to run the job (repeatable).
+    #[arg(long = "require", value_name = "k=v", value_parser = parse_key_value)]
+    pub required_labels: Vec<(String, String)>,
+
+    /// Seconds an attempt may run before it is killed [server default: 3600].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
+
+    /// Attempts in all, counting retries after failures [server default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: Option<u32>,
+
+    /// Higher runs first, from -1000 to 1000.
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub priority: Option<i32>,
+
+    /// CPU to reserve, in thousandths of a core.
+    #[arg(long, value_name = "MILLIS")]
+    pub cpu: Option<u64>,
+
+    /// Memory to reserve, in MiB.
+    #[arg(long, value_name = "MB")]
+    pub memory: Option<u64>,
+
+    /// Submitting again with the same key returns the first job instead of a new one.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+
+    /// Working directory, relative to the attempt's workspace.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// Run this script with `--interpreter` instead of a command after `--`.
+    #[arg(long, value_name = "TEXT")]
+    pub script: Option<String>,
+
+    /// Interpreter of `--script`, split on whitespace; the script is its last argument
+    /// [default: "/bin/sh -c"].
+    #[arg(
+        long,
+        value_name = "CMD",
+        requires = "script",
+        conflicts_with = "command"
+    )]
+    pub interpreter: Option<String>,
+
+    /// The command and its arguments, run without a shell (after `--`).
+    #[arg(
+        value_name = "CMD",
+        trailing_var_arg = true,
+        required_unless_present = "script",
+        conflicts_with = "script"
+    )]
+    pub command: Vec<String>,
+}
+
+/// Filters and paging of `hodei list`.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only jobs in this state (repeatable, or comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "S")]
+    pub state: Vec<JobStateArg>,
+
+    /// Only jobs whose name starts with this.
+    #[arg(long, value_name = "P")]
+    pub name_prefix: Option<String>,
+
+    /// Only jobs carrying this label (repeatable).
+    #[arg(long = "label", value_name = "k=v", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// Jobs per page, 1 to 1000 [server default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+
+    /// Where to continue, from the previous page's `next page` line.
+    #[arg(long, value_name = "T")]
+    pub page_token: Option<String>,
+}
+
+/// A job state as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum JobStateArg {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl From<JobStateArg> for pb::JobState {
+    fn from(s: JobStateArg) -> Self {
+        match s {
+            JobStateArg::Queued => pb::JobState::Queued,
+            JobStateArg::Assigned => pb::JobState::Assigned,
+            JobStateArg::Running => pb::JobState::Running,
+            JobStateArg::Succeeded => pb::JobState::Succeeded,
+            JobStateArg::Failed => pb::JobState::Failed,
+            JobStateArg::Cancelled => pb::JobState::Cancelled,
+            JobStateArg::TimedOut => pb::JobState::TimedOut,
+        }
+    }
+}
+
+/// A worker status as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum WorkerStatusArg {
+    Ready,
+    Draining,
+    Lost,
+    Offline,
+}
+
+impl From<WorkerStatusArg> for pb::WorkerStatus {
+    fn from(s: WorkerStatusArg) -> Self {
+        match s {
+            WorkerStatusArg::Ready => pb::WorkerStatus::Ready,
+            WorkerStatusArg::Draining => pb::WorkerStatus::Draining,
+            WorkerStatusArg::Lost => pb::WorkerStatus::Lost,
+            WorkerStatusArg::Offline => pb::WorkerStatus::Offline,
+        }
+    }
+}
+
+/// Parses `KEY=VALUE`; the value may be empty or contain `=`, the key may not be empty.
+/// clap prefixes the error with the flag, as in "invalid value 'X' for '--env <K=V>'".
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err("the key before '=' is empty".to_owned()),
+        Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+        None => Err("expected KEY=VALUE, with an '='".to_owned()),
+    }
+}
+
+/// Parses `KEY=VALUE` or a bare `KEY` whose value is read later from the environment.
+fn parse_secret_env(s: &str) -> Result<(String, Option<String>), String> {
+    match s.split_once('=') {
+        None if s.is_empty() => Err("the variable name is empty".to_owned()),
+        None => Ok((s.to_owned(), None)),
+        Some(_) => parse_key_value(s).map(|(k, v)| (k, Some(v))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hodei").chain(args.iter().copied()))
+    }
+
+    fn job_args(args: &[&str]) -> JobArgs {
+        match parse(args).unwrap().command {
+            Command::Submit(a) | Command::Run(a) => a,
+            other => panic!("not a job command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_defaults() {
+        let cli = parse(&["get", "j1"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Human);
+        // HODEI_SERVER may be set where the tests run; only check the flag wins.
+        let cli = parse(&["--server", "http://h:1", "--output", "json", "get", "j1"]).unwrap();
+        assert_eq!(cli.server, "http://h:1");
+        assert_eq!(cli.output, OutputFormat::Json);
+        let cli = parse(&["get", "j1", "--output", "json"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+    }
+
+    #[test]
+    fn key_values_split_on_the_first_equals() {
+        let a = job_args(&["submit", "--env", "A=b=c", "--env", "EMPTY=", "--", "true"]);
+        assert_eq!(
+            a.env,
+            vec![("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]
+        );
+    }
+
+    #[test]
+    fn malformed_key_value_names_the_flag() {
+        let err = parse(&["submit", "--env", "X", "--", "true"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        let msg = err.to_string();
+        assert!(msg.contains("--env"), "{msg}");
+        assert!(msg.contains("KEY=VALUE"), "{msg}");
+
+        let msg = parse(&["submit", "--require", "=x", "--", "true"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--require"), "{msg}");
+        let msg = parse(&["list", "--label", "nolabel"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--label"), "{msg}");
+    }
+
+    #[test]
+    fn command_after_double_dash_keeps_its_flags() {
+        let a = job_args(&["run", "--name", "x", "--", "ls", "-la", "--color", "/tmp"]);
+        assert_eq!(a.command, vec!["ls", "-la", "--color", "/tmp"]);
+        assert_eq!(a.name.as_deref(), Some("x"));
+        let a = job_args(&["submit", "echo", "-n", "hi"]);
+        assert_eq!(a.command, vec!["echo", "-n", "hi"]);
+    }
+
+    #[test]
+    fn a_command_or_a_script_is_required_but_not_both() {
+        assert!(parse(&["submit"]).is_err());
+        assert!(parse(&["submit", "--script", "echo hi", "--", "echo"]).is_err());
+        let a = job_args(&["submit", "--script", "echo hi"]);
+        assert_eq!(a.script.as_deref(), Some("echo hi"));
+        assert_eq!(a.interpreter, None);
+        assert!(parse(&["submit", "--interpreter", "bash -c", "--", "true"]).is_err());
+        assert!(parse(&["submit", "--interpreter", "bash -c"]).is_err());
+    }
+
+    #[test]
+    fn numbers_are_range_checked() {
+        let a = job_args(&["submit", "--priority", "-5", "--", "true"]);
+        assert_eq!(a.priority, Some(-5));
+        assert!(parse(&["submit", "--priority", "1001", "--", "true"]).is_err());
+        assert!(parse(&["submit", "--max-attempts", "0", "--", "true"]).is_err());
+        assert!(parse(&["list", "--limit", "0"]).is_err());
+    }
+
+    #[test]
+    fn states_repeat_or_use_commas() {
+        let Command::List(l) =
+            parse(&["list", "--state", "queued,timed_out", "--state", "running"])
+                .unwrap()
+                .command
+        else {
+            panic!("not list");
+        };
+        assert_eq!(
+            l.state,
+            vec![
+                JobStateArg::Queued,
+                JobStateArg::TimedOut,
+                JobStateArg::Running
+            ]
+        );
+        assert!(parse(&["list", "--state", "done"]).is_err());
+    }
+
+    #[test]
+    fn logs_flags() {
+        let Command::Logs { id, follow, from } =
+            parse(&["logs", "-f", "--from", "7", "j1"]).unwrap().command
+        else {
+            panic!("not logs");
+        };
+        assert_eq!((id.as_str(), follow, from), ("j1", true, 7));
+    }
+}

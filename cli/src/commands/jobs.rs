@@ -1,0 +1,394 @@
+//! The job commands: submit, run, get, list, watch, logs and cancel.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use hodei_proto::v1 as pb;
+use serde_json::json;
+use tonic::Code;
+
+use super::{print_json, print_json_line, print_log_line, print_text};
+use crate::cli::{JobArgs, ListArgs, OutputFormat};
+use crate::client::Clients;
+use crate::{human, json, wire};
+
+/// Exit code of `hodei run` when the user stops waiting with a second Ctrl-C (128 + SIGINT).
+const DETACHED: u8 = 130;
+
+/// Recorded on the job when Ctrl-C cancels `hodei run`.
+const INTERRUPT_REASON: &str = "interrupted by the client (ctrl-c)";
+
+pub async fn submit(
+    clients: &mut Clients,
+    args: &JobArgs,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let job = submit_job(clients, args).await?;
+    match format {
+        OutputFormat::Human => print_text(&format!("{}\n", job.id))?,
+        OutputFormat::Json => print_json(&json::job(&job))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run(
+    clients: &mut Clients,
+    args: &JobArgs,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let job = submit_job(clients, args).await?;
+    let id = job.id;
+    if format == OutputFormat::Human && std::io::stderr().is_terminal() {
+        eprintln!("job {id} submitted");
+    }
+    // Listen before anything streams: from the first line on, Ctrl-C is ours.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("failed to listen for ctrl-c")?;
+    let mut logs = clients
+        .jobs
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: id.clone(),
+            from_sequence: 0,
+            follow: true,
+        })
+        .await?
+        .into_inner();
+
+    // The first Ctrl-C cancels the job and keeps streaming, so the job's last lines and its
+    // end still show; the second stops waiting.
+    let mut cancelling = false;
+    loop {
+        tokio::select! {
+            line = logs.message() => match line? {
+                Some(line) => print_log_line(&line, format)?,
+                None => break,
+            },
+            _ = interrupt.recv() => {
+                if cancelling {
+                    return Ok(detach(&id));
+                }
+                cancelling = true;
+                eprintln!("cancelling job {id}; press ctrl-c again to stop waiting");
+                request_cancel(clients, &id, INTERRUPT_REASON).await?;
+            }
+        }
+    }
+
+    let job = tokio::select! {
+        job = finished_job(clients, &id) => job?,
+        _ = interrupt.recv() => {
+            return Ok(detach(&id));
+        }
+    };
+    if format == OutputFormat::Json {
+        print_json_line(&json::job(&job))?;
+    }
+    let (code, line) = run_exit(&job);
+    if let Some(line) = line {
+        eprintln!("{line}");
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn detach(id: &str) -> ExitCode {
+    eprintln!("stopped waiting for job {id}");
+    ExitCode::from(DETACHED)
+}
+
+/// The exit code of `hodei run` for a job, and the line to print on stderr when the job's own
+/// exit code does not tell what happened.
+fn run_exit(job: &pb::Job) -> (u8, Option<String>) {
+    let state = pb::JobState::try_from(job.state).unwrap_or(pb::JobState::Unspecified);
+    match (state, job.exit_code) {
+        (pb::JobState::Succeeded, _) => (0, None),
+        // Codes outside 1..=255 would wrap to something else, even 0, in the shell.
+        (pb::JobState::Failed, Some(code)) if (1..=255).contains(&code) => {
+            (u8::try_from(code).unwrap_or(1), None)
+        }
+        _ => {
+            let mut line = format!("job {} {}", job.id, wire::state_name(job.state));
+            if !wire::is_terminal(job.state) {
+                line.push_str(" and has not ended");
+            }
+            if let Some(code) = job.exit_code {
+                line.push_str(&format!(" (exit code {code})"));
+            }
+            if !job.reason.is_empty() {
+                line.push_str(": ");
+                line.push_str(&job.reason);
+            }
+            (1, Some(line))
+        }
+    }
+}
+
+/// The job once it has ended. The log stream can close before the job's final event is
+/// recorded, so when the job still looks live, its events are followed to the end.
+async fn finished_job(clients: &mut Clients, id: &str) -> anyhow::Result<pb::Job> {
+    let job = get_job(clients, id).await?;
+    if wire::is_terminal(job.state) {
+        return Ok(job);
+    }
+    let mut events = clients
+        .jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_owned(),
+            from_seq: job.version,
+        })
+        .await?
+        .into_inner();
+    while events.message().await?.is_some() {}
+    get_job(clients, id).await
+}
+
+pub async fn get(
+    clients: &mut Clients,
+    id: String,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let job = get_job(clients, &id).await?;
+    match format {
+        OutputFormat::Human => print_text(&human::job_block(&job))?,
+        OutputFormat::Json => print_json(&json::job(&job))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(
+    clients: &mut Clients,
+    args: ListArgs,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let request = pb::ListJobsRequest {
+        states: args
+            .state
+            .into_iter()
+            .map(|s| pb::JobState::from(s).into())
+            .collect(),
+        name_prefix: args.name_prefix.unwrap_or_default(),
+        labels: args.labels.into_iter().collect(),
+        page_size: args.limit.unwrap_or(0),
+        page_token: args.page_token.unwrap_or_default(),
+    };
+    let page = clients.jobs.list_jobs(request).await?.into_inner();
+    match format {
+        OutputFormat::Human => {
+            let mut text = human::jobs_table(&page.jobs, chrono::Utc::now());
+            if !page.next_page_token.is_empty() {
+                text.push_str(&format!(
+                    "next page: --page-token {}\n",
+                    page.next_page_token
+                ));
+            }
+            print_text(&text)?;
+        }
+        OutputFormat::Json => print_json(&json!({
+            "jobs": page.jobs.iter().map(json::job).collect::<Vec<_>>(),
+            "next_page_token": page.next_page_token,
+        }))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn watch(
+    clients: &mut Clients,
+    id: String,
+    from: u64,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let mut events = clients
+        .jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id,
+            from_seq: from,
+        })
+        .await?
+        .into_inner();
+    while let Some(event) = events.message().await? {
+        match format {
+            OutputFormat::Human => print_text(&format!("{}\n", human::event_line(&event)))?,
+            OutputFormat::Json => print_json_line(&json::job_event(&event))?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn logs(
+    clients: &mut Clients,
+    id: String,
+    follow: bool,
+    from: u64,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let mut lines = clients
+        .jobs
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: id,
+            from_sequence: from,
+            follow,
+        })
+        .await?
+        .into_inner();
+    while let Some(line) = lines.message().await? {
+        print_log_line(&line, format)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(
+    clients: &mut Clients,
+    id: String,
+    reason: String,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let job = clients
+        .jobs
+        .cancel_job(pb::CancelJobRequest { job_id: id, reason })
+        .await?
+        .into_inner()
+        .job
+        .context("the server answered without the job")?;
+    match format {
+        OutputFormat::Human => print_text(&format!("{}\n", cancel_text(&job)))?,
+        OutputFormat::Json => print_json(&json::job(&job))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cancel_text(job: &pb::Job) -> String {
+    if wire::is_terminal(job.state) {
+        format!("job {} {}", job.id, wire::state_name(job.state))
+    } else {
+        format!(
+            "job {} cancel requested (still {})",
+            job.id,
+            wire::state_name(job.state)
+        )
+    }
+}
+
+async fn submit_job(clients: &mut Clients, args: &JobArgs) -> anyhow::Result<pb::Job> {
+    let spec = args.to_spec()?;
+    let response = clients
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await?
+        .into_inner();
+    let job = response
+        .job
+        .context("the server answered without the job")?;
+    if !response.created {
+        eprintln!(
+            "job {} was submitted earlier with this idempotency key; not submitted again",
+            job.id
+        );
+    }
+    Ok(job)
+}
+
+async fn get_job(clients: &mut Clients, id: &str) -> anyhow::Result<pb::Job> {
+    clients
+        .jobs
+        .get_job(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .job
+        .context("the server answered without the job")
+}
+
+/// Asks for the job to be cancelled; a job that has ended meanwhile is fine.
+async fn request_cancel(clients: &mut Clients, id: &str, reason: &str) -> anyhow::Result<()> {
+    match clients
+        .jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: id.to_owned(),
+            reason: reason.to_owned(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(status) if status.code() == Code::FailedPrecondition => Ok(()),
+        Err(status) => Err(status.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::sample_job;
+
+    fn job(state: pb::JobState, exit_code: Option<i32>, reason: &str) -> pb::Job {
+        pb::Job {
+            state: state.into(),
+            exit_code,
+            reason: reason.into(),
+            ..sample_job()
+        }
+    }
+
+    #[test]
+    fn run_exits_with_the_job_exit_code() {
+        assert_eq!(
+            run_exit(&job(pb::JobState::Succeeded, Some(0), "")),
+            (0, None)
+        );
+        assert_eq!(
+            run_exit(&job(pb::JobState::Failed, Some(3), "exited with code 3")),
+            (3, None)
+        );
+        assert_eq!(
+            run_exit(&job(pb::JobState::Failed, Some(255), "")),
+            (255, None)
+        );
+    }
+
+    #[test]
+    fn run_exits_1_with_a_line_otherwise() {
+        assert_eq!(
+            run_exit(&job(pb::JobState::TimedOut, None, "ran past 10s")),
+            (1, Some("job job-1 timed_out: ran past 10s".into()))
+        );
+        assert_eq!(
+            run_exit(&job(pb::JobState::Cancelled, None, "")),
+            (1, Some("job job-1 cancelled".into()))
+        );
+        assert_eq!(
+            run_exit(&job(
+                pb::JobState::Failed,
+                None,
+                "failed to start: no such file"
+            )),
+            (
+                1,
+                Some("job job-1 failed: failed to start: no such file".into())
+            )
+        );
+        // A code the shell would wrap around is not passed on.
+        assert_eq!(
+            run_exit(&job(pb::JobState::Failed, Some(256), "")),
+            (1, Some("job job-1 failed (exit code 256)".into()))
+        );
+        assert_eq!(
+            run_exit(&job(pb::JobState::Running, None, "")),
+            (1, Some("job job-1 running and has not ended".into()))
+        );
+    }
+
+    #[test]
+    fn cancel_says_whether_the_job_ended() {
+        assert_eq!(
+            cancel_text(&job(pb::JobState::Cancelled, None, "")),
+            "job job-1 cancelled"
+        );
+        assert_eq!(
+            cancel_text(&job(pb::JobState::Running, None, "")),
+            "job job-1 cancel requested (still running)"
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! One function per command: call the API, print the answer, choose the exit code.
+
+mod jobs;
+mod workers;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use hodei_proto::v1 as pb;
+use serde_json::Value;
+
+use crate::cli::{Cli, Command, OutputFormat};
+use crate::client::Clients;
+use crate::json;
+
+/// Runs the parsed command line against the server it names.
+pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut clients = Clients::connect_lazy(&cli.server)?;
+    let format = cli.output;
+    match cli.command {
+        Command::Submit(args) => jobs::submit(&mut clients, &args, format).await,
+        Command::Run(args) => jobs::run(&mut clients, &args, format).await,
+        Command::Get { id } => jobs::get(&mut clients, id, format).await,
+        Command::List(args) => jobs::list(&mut clients, args, format).await,
+        Command::Watch { id, from } => jobs::watch(&mut clients, id, from, format).await,
+        Command::Logs { id, follow, from } => {
+            jobs::logs(&mut clients, id, follow, from, format).await
+        }
+        Command::Cancel { id, reason } => jobs::cancel(&mut clients, id, reason, format).await,
+        Command::Workers { status } => workers::list(&mut clients, &status, format).await,
+        Command::Worker { id } => workers::get(&mut clients, id, format).await,
+        Command::Drain { id, reason } => workers::drain(&mut clients, id, reason, format).await,
+    }
+}
+
+/// Writes `text` to stdout as is. Writing through `io::Write` rather than `print!` turns a
+/// closed pipe into an error instead of a panic.
+fn print_text(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
+/// One JSON document, indented, for commands that answer once.
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    print_text(&format!("{}\n", serde_json::to_string_pretty(value)?))?;
+    Ok(())
+}
+
+/// One JSON object per line, for streams.
+fn print_json_line(value: &Value) -> anyhow::Result<()> {
+    print_text(&format!("{value}\n"))?;
+    Ok(())
+}
+
+/// A job output line: in human form to stdout or stderr like the job wrote it, in JSON form
+/// as one object per line on stdout.
+fn print_log_line(line: &pb::LogLine, format: OutputFormat) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => print_json_line(&json::log_line(line)),
+        OutputFormat::Human => {
+            let text = format!("{}\n", line.text);
+            if line.stream == i32::from(pb::LogStream::Stderr) {
+                let mut err = io::stderr().lock();
+                err.write_all(text.as_bytes())?;
+                err.flush()?;
+            } else {
+                print_text(&text)?;
+            }
+            Ok(())
+        }
+    }
+}

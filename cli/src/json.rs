@@ -1,0 +1,281 @@
+//! JSON forms of the wire messages for `--output json`.
+//!
+//! prost types don't derive serde, so each message is converted by hand: timestamps become
+//! RFC 3339 strings (or null when unset), enums their lowercase names ("succeeded"), oneofs an
+//! object with a `kind`, maps objects with sorted keys.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::attempt_outcome::Kind;
+use serde_json::{Map, Value, json};
+
+use crate::wire;
+
+pub fn job(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id,
+        "tenant": j.tenant,
+        "spec": j.spec.as_ref().map(spec),
+        "state": wire::state_name(j.state),
+        "attempts": j.attempts.iter().map(attempt).collect::<Vec<_>>(),
+        "cancel_requested": j.cancel_requested,
+        "reason": j.reason,
+        "exit_code": j.exit_code,
+        "created_at": wire::rfc3339(j.created_at.as_ref()),
+        "updated_at": wire::rfc3339(j.updated_at.as_ref()),
+        "version": j.version,
+        "not_before": wire::rfc3339(j.not_before.as_ref()),
+    })
+}
+
+pub fn spec(s: &pb::JobSpec) -> Value {
+    let command = s.command.as_ref().map(|c| match c {
+        pb::job_spec::Command::Exec(e) => json!({ "kind": "exec", "argv": e.argv }),
+        pb::job_spec::Command::Script(s) => json!({
+            "kind": "script",
+            "interpreter": s.interpreter,
+            "script": s.script,
+        }),
+    });
+    json!({
+        "name": s.name,
+        "command": command,
+        "env": string_map(&s.env),
+        "secret_env": s.secret_env,
+        "working_dir": s.working_dir,
+        "timeout_secs": s.timeout_secs,
+        "resources": s.resources.as_ref().map(resources),
+        "required_labels": string_map(&s.required_labels),
+        "priority": s.priority,
+        "max_attempts": s.max_attempts,
+        "retry_backoff": s.retry_backoff.as_ref().map(|b| json!({
+            "initial_ms": b.initial_ms,
+            "max_ms": b.max_ms,
+        })),
+        "idempotency_key": s.idempotency_key,
+        "labels": string_map(&s.labels),
+    })
+}
+
+pub fn attempt(a: &pb::Attempt) -> Value {
+    json!({
+        "attempt": a.attempt,
+        "worker_id": a.worker_id,
+        "assigned_at": wire::rfc3339(a.assigned_at.as_ref()),
+        "started_at": wire::rfc3339(a.started_at.as_ref()),
+        "finished_at": wire::rfc3339(a.finished_at.as_ref()),
+        "outcome": outcome(a.outcome.as_ref()),
+        "output_tail": a.output_tail,
+    })
+}
+
+/// `{"kind": "exited", "code": 3}`, `{"kind": "timed_out"}`, ...; null when unset.
+pub fn outcome(o: Option<&pb::AttemptOutcome>) -> Value {
+    let Some(kind) = o.and_then(|o| o.kind.as_ref()) else {
+        return Value::Null;
+    };
+    match kind {
+        Kind::Exited(code) => json!({ "kind": "exited", "code": code }),
+        Kind::Signalled(signal) => json!({ "kind": "signalled", "signal": signal }),
+        Kind::TimedOut(_) => json!({ "kind": "timed_out" }),
+        Kind::Cancelled(_) => json!({ "kind": "cancelled" }),
+        Kind::SpawnFailed(reason) => json!({ "kind": "spawn_failed", "reason": reason }),
+        Kind::Lost(reason) => json!({ "kind": "lost", "reason": reason }),
+    }
+}
+
+pub fn job_event(e: &pb::JobEvent) -> Value {
+    json!({
+        "job_id": e.job_id,
+        "seq": e.seq,
+        "at": wire::rfc3339(e.at.as_ref()),
+        "type": e.r#type,
+        "state": wire::state_name(e.state),
+        "attempt": e.attempt,
+        "worker_id": e.worker_id,
+        "outcome": outcome(e.outcome.as_ref()),
+        "reason": e.reason,
+    })
+}
+
+pub fn log_line(l: &pb::LogLine) -> Value {
+    json!({
+        "sequence": l.sequence,
+        "attempt": l.attempt,
+        "stream": wire::stream_name(l.stream),
+        "text": l.text,
+        "at": wire::rfc3339(l.at.as_ref()),
+    })
+}
+
+pub fn worker(w: &pb::Worker) -> Value {
+    json!({
+        "id": w.id,
+        "labels": string_map(&w.labels),
+        "capacity": w.capacity.as_ref().map(resources),
+        "max_concurrent_jobs": w.max_concurrent_jobs,
+        "status": wire::status_name(w.status),
+        "held": w.held.iter().map(|h| json!({
+            "job_id": h.job_id,
+            "attempt": h.attempt,
+            "resources": h.resources.as_ref().map(resources),
+            "since": wire::rfc3339(h.since.as_ref()),
+        })).collect::<Vec<_>>(),
+        "usage": w.usage.as_ref().map(|u| json!({
+            "cpu_percent": round2(f64::from(u.cpu_percent)),
+            "memory_used_mb": u.memory_used_mb,
+            "memory_total_mb": u.memory_total_mb,
+            "load_1m": round2(u.load_1m),
+        })),
+        "registered_at": wire::rfc3339(w.registered_at.as_ref()),
+        "last_heartbeat_at": wire::rfc3339(w.last_heartbeat_at.as_ref()),
+    })
+}
+
+fn resources(r: &pb::Resources) -> Value {
+    json!({ "cpu_millis": r.cpu_millis, "memory_mb": r.memory_mb })
+}
+
+/// Keys sorted, so output is stable whatever the HashMap order.
+fn string_map(m: &HashMap<String, String>) -> Value {
+    let sorted: BTreeMap<_, _> = m.iter().collect();
+    Value::Object(
+        sorted
+            .into_iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// Two decimals: the wire's f32 would otherwise print as 12.300000190734863.
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{sample_job, ts};
+
+    #[test]
+    fn job_converts_to_json() {
+        let want = json!({
+            "id": "job-1",
+            "tenant": "default",
+            "spec": {
+                "name": "echo",
+                "command": { "kind": "exec", "argv": ["echo", "hi"] },
+                "env": { "A": "1", "B": "2" },
+                "secret_env": [],
+                "working_dir": "",
+                "timeout_secs": 0,
+                "resources": null,
+                "required_labels": { "gpu": "true" },
+                "priority": 0,
+                "max_attempts": 2,
+                "retry_backoff": null,
+                "idempotency_key": "",
+                "labels": {},
+            },
+            "state": "failed",
+            "attempts": [{
+                "attempt": 1,
+                "worker_id": "w-1",
+                "assigned_at": "2023-11-14T22:13:20Z",
+                "started_at": "2023-11-14T22:13:21Z",
+                "finished_at": "2023-11-14T22:13:25Z",
+                "outcome": { "kind": "exited", "code": 3 },
+                "output_tail": ["hi", "error: disk full"],
+            }],
+            "cancel_requested": false,
+            "reason": "exited with code 3",
+            "exit_code": 3,
+            "created_at": "2023-11-14T22:13:20Z",
+            "updated_at": "2023-11-14T22:13:25Z",
+            "version": 4,
+            "not_before": null,
+        });
+        assert_eq!(job(&sample_job()), want);
+    }
+
+    #[test]
+    fn keys_print_sorted() {
+        let text = serde_json::to_string(&job(&sample_job())).unwrap();
+        let a = text.find("\"A\":\"1\"").unwrap();
+        let b = text.find("\"B\":\"2\"").unwrap();
+        assert!(a < b, "{text}");
+    }
+
+    #[test]
+    fn script_command_and_missing_exit_code() {
+        let mut j = sample_job();
+        j.exit_code = None;
+        j.state = pb::JobState::TimedOut.into();
+        if let Some(s) = j.spec.as_mut() {
+            s.command = Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+                interpreter: vec!["/bin/sh".into(), "-c".into()],
+                script: "sleep 9".into(),
+            }));
+        }
+        let v = job(&j);
+        assert_eq!(v["exit_code"], Value::Null);
+        assert_eq!(v["state"], "timed_out");
+        assert_eq!(
+            v["spec"]["command"],
+            json!({ "kind": "script", "interpreter": ["/bin/sh", "-c"], "script": "sleep 9" })
+        );
+    }
+
+    #[test]
+    fn event_log_line_and_worker() {
+        let e = pb::JobEvent {
+            job_id: "job-1".into(),
+            seq: 2,
+            at: ts(1_700_000_000),
+            r#type: "requeued".into(),
+            state: pb::JobState::Queued.into(),
+            attempt: 1,
+            worker_id: "w-1".into(),
+            outcome: Some(pb::AttemptOutcome {
+                kind: Some(Kind::Lost("no heartbeat".into())),
+            }),
+            reason: String::new(),
+        };
+        let v = job_event(&e);
+        assert_eq!(v["state"], "queued");
+        assert_eq!(
+            v["outcome"],
+            json!({ "kind": "lost", "reason": "no heartbeat" })
+        );
+
+        let l = pb::LogLine {
+            sequence: 9,
+            attempt: 1,
+            stream: pb::LogStream::Stderr.into(),
+            text: "oops".into(),
+            at: ts(1_700_000_000),
+        };
+        assert_eq!(
+            log_line(&l),
+            json!({ "sequence": 9, "attempt": 1, "stream": "stderr", "text": "oops",
+                    "at": "2023-11-14T22:13:20Z" })
+        );
+
+        let w = pb::Worker {
+            id: "w-1".into(),
+            status: pb::WorkerStatus::Ready.into(),
+            usage: Some(pb::ResourceUsage {
+                cpu_percent: 12.3,
+                memory_used_mb: 512,
+                memory_total_mb: 2048,
+                load_1m: 0.5,
+            }),
+            ..Default::default()
+        };
+        let v = worker(&w);
+        assert_eq!(v["status"], "ready");
+        assert_eq!(v["usage"]["cpu_percent"], json!(12.3));
+        assert_eq!(v["registered_at"], Value::Null);
+    }
+}

@@ -1,0 +1,145 @@
+//! Plain-text tables with columns aligned by hand: every column but the last is padded to its
+//! widest cell, columns are two spaces apart, and no line ends in spaces.
+
+/// Rows of cells, with an optional header row.
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+/// Empty cells show as this, so columns never look shifted.
+const EMPTY_CELL: &str = "-";
+
+const GAP: &str = "  ";
+
+impl Table {
+    /// A table whose first row is `header`.
+    pub fn with_header(header: &[&str]) -> Self {
+        Table {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    /// A table without a header, such as a key/value block.
+    pub fn new() -> Self {
+        Table::default()
+    }
+
+    /// Adds a row. Empty cells show as "-"; line breaks and tabs are escaped so a cell stays
+    /// on its line.
+    pub fn row<I, S>(&mut self, cells: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let row = cells
+            .into_iter()
+            .map(|c| {
+                let c: String = c.into();
+                if c.is_empty() {
+                    EMPTY_CELL.to_owned()
+                } else {
+                    one_line(&c)
+                }
+            })
+            .collect();
+        self.rows.push(row);
+    }
+
+    /// The table, one line per row, each ending in a newline.
+    pub fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut widths = vec![0; columns];
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str(GAP);
+                }
+                line.push_str(cell);
+                let pad = widths[i] - cell.chars().count();
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Every line of `text` prefixed with `prefix`.
+pub fn indent(text: &str, prefix: &str) -> String {
+    text.lines().map(|l| format!("{prefix}{l}\n")).collect()
+}
+
+fn one_line(s: &str) -> String {
+    if !s.contains(['\n', '\r', '\t']) {
+        return s.to_owned();
+    }
+    s.replace('\r', "\\r")
+        .replace('\n', "\\n")
+        .replace('\t', "\\t")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align_on_the_widest_cell() {
+        let mut t = Table::with_header(&["ID", "NAME", "STATE"]);
+        t.row(["1", "build-everything", "running"]);
+        t.row(["12345", "x", "queued"]);
+        assert_eq!(
+            t.render(),
+            "\
+ID     NAME              STATE
+1      build-everything  running
+12345  x                 queued
+"
+        );
+    }
+
+    #[test]
+    fn empty_cells_show_a_dash_and_lines_have_no_trailing_spaces() {
+        let mut t = Table::with_header(&["A", "B", "C"]);
+        t.row(["long value", "", ""]);
+        let out = t.render();
+        assert_eq!(out, "A           B  C\nlong value  -  -\n");
+        assert!(out.lines().all(|l| !l.ends_with(' ')));
+    }
+
+    #[test]
+    fn widths_count_characters_not_bytes() {
+        let mut t = Table::new();
+        t.row(["héllo", "1"]);
+        t.row(["hi", "2"]);
+        assert_eq!(t.render(), "héllo  1\nhi     2\n");
+    }
+
+    #[test]
+    fn cells_stay_on_one_line() {
+        let mut t = Table::new();
+        t.row(["script:", "make\nmake install"]);
+        assert_eq!(t.render(), "script:  make\\nmake install\n");
+    }
+
+    #[test]
+    fn short_rows_and_empty_tables() {
+        let mut t = Table::with_header(&["A", "B"]);
+        t.row(["x"]);
+        assert_eq!(t.render(), "A  B\nx\n");
+        assert_eq!(Table::new().render(), "");
+    }
+
+    #[test]
+    fn indent_prefixes_every_line() {
+        assert_eq!(indent("a\nb\n", "  "), "  a\n  b\n");
+    }
+}

@@ -1,0 +1,61 @@
+//! Admission control: the gateway refuses new jobs with RESOURCE_EXHAUSTED while the queue is
+//! at its configured depth, instead of letting the backlog (and every service's memory) grow
+//! without bound. The depth is read from PostgreSQL every 250 ms by one task, not per call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// How often the queue depth is refreshed.
+const REFRESH: Duration = Duration::from_millis(250);
+
+/// The admission gate shared by every call.
+#[derive(Clone)]
+pub struct Admission {
+    queued: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl Admission {
+    /// Starts refreshing the queue depth until `shutdown`.
+    pub fn start(pool: PgPool, limit: u64, shutdown: CancellationToken) -> Self {
+        let queued = Arc::new(AtomicU64::new(0));
+        let depth = queued.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM jobs WHERE state = 'queued'",
+                )
+                .fetch_one(&pool)
+                .await
+                {
+                    Ok(n) => depth.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed),
+                    Err(e) => tracing::warn!(error = %e, "failed to read the queue depth"),
+                }
+            }
+        });
+        Self { queued, limit }
+    }
+
+    /// Ok while the queue has room; RESOURCE_EXHAUSTED when it is full.
+    pub fn check(&self) -> Result<(), Status> {
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued >= self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "queue is full: {queued} jobs queued (limit {}), retry later",
+                self.limit
+            )));
+        }
+        Ok(())
+    }
+}
