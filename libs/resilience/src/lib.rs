@@ -30,4 +30,4 @@ mod retry;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 pub use error::BreakerError;
-pub use retry::{RetryPolicy, retry};
+pub use retry::{RetryPolicy, random_unit, retry};

@@ -136,7 +136,7 @@ where
 
 /// A number drawn uniformly from `[0, 1)`, from the 48 leading bits of a random v4 UUID
 /// (all random; the version and variant bits come later).
-fn random_unit() -> f64 {
+pub fn random_unit() -> f64 {
     let bits = uuid::Uuid::new_v4().as_u128() >> 80;
     // Exact: 48-bit integers and their quotient by 2^48 are representable in an f64.
     bits as f64 / (1u64 << 48) as f64

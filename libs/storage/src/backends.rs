@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use hodei_messaging::{MessagingError, streams};
+use hodei_resilience::{BreakerConfig, BreakerError, CircuitBreaker};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -64,7 +65,12 @@ pub struct Backends {
     pub pool: PgPool,
     /// Notify after committing outbox rows so the relay publishes them at once.
     pub relay_wake: Arc<Notify>,
+    /// The circuit breaker every PostgreSQL call of this process goes through.
+    pub db_breaker: CircuitBreaker,
 }
+
+/// Longest a unit of PostgreSQL work may take before it counts as a failure.
+pub const DB_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Backends {
     /// Connects to NATS and PostgreSQL, ensures the streams and applies the migrations.
@@ -82,7 +88,18 @@ impl Backends {
             js,
             pool,
             relay_wake: Arc::new(Notify::new()),
+            db_breaker: CircuitBreaker::new("postgres", BreakerConfig::default()),
         })
+    }
+
+    /// Runs one unit of PostgreSQL work through the breaker, with a timeout: while PostgreSQL
+    /// keeps failing, calls fail fast with `Unavailable` instead of piling up.
+    pub async fn db<T, F, Fut>(&self, op: F) -> Result<T, StorageError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        guarded(&self.db_breaker, op).await
     }
 
     /// Starts the outbox relay; it stops when `shutdown` is cancelled.
@@ -95,4 +112,27 @@ impl Backends {
             shutdown,
         ))
     }
+}
+
+/// Runs `op` through `breaker` with [`DB_CALL_TIMEOUT`], mapping an open circuit or a timeout
+/// to [`StorageError::Unavailable`].
+pub async fn guarded<T, F, Fut>(breaker: &CircuitBreaker, op: F) -> Result<T, StorageError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    breaker
+        .call_with_timeout(DB_CALL_TIMEOUT, StorageError::is_unavailable, op)
+        .await
+        .map_err(|e| match e {
+            BreakerError::Inner(e) => e,
+            BreakerError::Open { retry_in, .. } => StorageError::Unavailable {
+                reason: format!("circuit open after repeated failures, retry in {retry_in:?}"),
+                retry_in,
+            },
+            BreakerError::Timeout { after, .. } => StorageError::Unavailable {
+                reason: format!("no answer within {after:?}"),
+                retry_in: Duration::from_millis(500),
+            },
+        })
 }

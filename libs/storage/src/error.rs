@@ -20,9 +20,32 @@ pub enum StorageError {
     },
     #[error("failed to encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    /// PostgreSQL is not answering (circuit open or call timed out): try again later.
+    #[error("database unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_in: std::time::Duration,
+    },
 }
 
 impl StorageError {
+    /// Whether the error means PostgreSQL could not be reached or did not answer (what the
+    /// circuit breaker counts), as opposed to an answer we did not like.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Unavailable { .. }
+                | StorageError::Database(
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::WorkerCrashed
+                )
+        )
+    }
+
     /// Whether the error is a unique or serialization violation worth retrying as a conflict.
     pub fn is_conflict(&self) -> bool {
         match self {

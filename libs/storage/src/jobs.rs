@@ -369,3 +369,42 @@ pub async fn commit_transition(
     messages.extend(extra);
     crate::outbox::append(conn, &messages).await
 }
+
+/// Where each of `ids` stands now: state, current attempt and the worker of that attempt.
+/// Unknown ids are absent from the answer.
+pub async fn current_attempts(
+    conn: &mut PgConnection,
+    ids: &[JobId],
+) -> Result<
+    std::collections::HashMap<JobId, (JobState, hodei_domain::AttemptNumber, Option<String>)>,
+    StorageError,
+> {
+    if ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+    let rows: Vec<(Uuid, String, i32, Option<String>)> =
+        sqlx::query_as("SELECT id, state, current_attempt, worker_id FROM jobs WHERE id = ANY($1)")
+            .bind(&uuids)
+            .fetch_all(conn)
+            .await?;
+    rows.into_iter()
+        .map(|(id, state, attempt, worker)| {
+            let corrupt = |column: &'static str, reason: String| StorageError::Corrupt {
+                table: "jobs",
+                id: id.to_string(),
+                column,
+                reason,
+            };
+            let state: JobState = state
+                .parse()
+                .map_err(|e: hodei_domain::IdError| corrupt("state", e.to_string()))?;
+            let attempt = u32::try_from(attempt)
+                .map_err(|_| corrupt("current_attempt", format!("negative value {attempt}")))?;
+            Ok((
+                JobId::from_uuid(id),
+                (state, hodei_domain::AttemptNumber::new(attempt), worker),
+            ))
+        })
+        .collect()
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::future::try_join_all;
 use hodei_messaging::Outgoing;
+use hodei_resilience::{RetryPolicy, random_unit};
 use sqlx::{PgConnection, PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -112,7 +113,8 @@ pub async fn relay_batch(
 }
 
 /// Runs the relay until `shutdown`: relays whenever `wake` is notified (after a local commit)
-/// and at least every `poll` (for rows committed by other processes), backing off on errors.
+/// and at least every `poll` (for rows committed by other processes). Failures (NATS or
+/// PostgreSQL down) back off exponentially with jitter, up to 5 s, and never lose a row.
 pub async fn run_relay(
     pool: PgPool,
     js: jetstream::Context,
@@ -120,29 +122,47 @@ pub async fn run_relay(
     poll: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let backoff = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial: Duration::from_millis(100),
+        max_delay: Duration::from_secs(5),
+        attempt_timeout: Duration::from_secs(30),
+    };
+    let mut failures = 0u32;
     loop {
-        match relay_batch(&pool, &js, 512).await {
-            Ok(n) if n > 0 => {
-                backoff = Duration::from_millis(100);
+        let relayed =
+            tokio::time::timeout(backoff.attempt_timeout, relay_batch(&pool, &js, 512)).await;
+        match relayed {
+            Ok(Ok(n)) if n > 0 => {
+                failures = 0;
                 tracing::debug!(count = n, "outbox relayed");
                 continue;
             }
-            Ok(_) => {
-                backoff = Duration::from_millis(100);
+            Ok(Ok(_)) => {
+                failures = 0;
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = wake.notified() => {}
                     () = tokio::time::sleep(poll) => {}
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "outbox relay failed");
+            result => {
+                failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures, random_unit());
+                match result {
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64, "outbox relay failed")
+                    }
+                    _ => tracing::warn!(
+                        failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "outbox relay timed out"
+                    ),
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -129,10 +129,13 @@ pub enum HeartbeatEffect {
 
 /// Applies a batch of heartbeats in one statement: inserts unknown workers, refreshes labels,
 /// capacity, usage and last-seen time, brings lost or offline workers back to ready and marks
-/// draining ones. Reservations (`held`) are never touched here. Returns each worker's effect.
+/// draining ones. A worker in `hold_back` (it still runs attempts that are no longer its own)
+/// is not brought back to ready until it has killed them. Reservations (`held`) are never
+/// touched here. Returns each worker's effect.
 pub async fn apply_heartbeats(
     conn: &mut PgConnection,
     beats: &[(Heartbeat, DateTime<Utc>)],
+    hold_back: &std::collections::HashSet<WorkerId>,
 ) -> Result<Vec<(WorkerId, HeartbeatEffect)>, StorageError> {
     if beats.is_empty() {
         return Ok(Vec::new());
@@ -145,7 +148,9 @@ pub async fn apply_heartbeats(
     let mut usages = Vec::new();
     let mut seen = Vec::new();
     let mut draining = Vec::new();
+    let mut held_back = Vec::new();
     for (hb, at) in beats {
+        held_back.push(hold_back.contains(&hb.worker_id));
         ids.push(hb.worker_id.as_str());
         labels.push(encode("worker labels", &hb.labels)?);
         cpus.push(to_i64(hb.capacity.cpu_millis));
@@ -158,8 +163,8 @@ pub async fn apply_heartbeats(
     let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                  $6::jsonb[], $7::timestamptz[], $8::bool[])
-                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining)
+                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[])
+                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back)
          ),
          old AS (
              SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id FOR UPDATE OF w
@@ -167,7 +172,8 @@ pub async fn apply_heartbeats(
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
                                        usage, registered_at, last_heartbeat_at, version)
-             SELECT id, labels, cpu, mem, maxc, CASE WHEN draining THEN 'draining' ELSE 'ready' END, '[]',
+             SELECT id, labels, cpu, mem, maxc,
+                    CASE WHEN draining THEN 'draining' WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
                     usage, seen, seen, 0 FROM input
              ON CONFLICT (id) DO UPDATE SET
                  labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
@@ -193,6 +199,7 @@ pub async fn apply_heartbeats(
     .bind(&usages)
     .bind(&seen)
     .bind(&draining)
+    .bind(&held_back)
     .fetch_all(conn)
     .await?;
     rows.into_iter()

@@ -4,6 +4,7 @@
 //! read back from NATS.
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,7 +72,10 @@ struct Harness {
     work_dir: TempDir,
     shutdown: CancellationToken,
     force_stop: CancellationToken,
+    /// The agent run in this process (absent when it runs as a child process).
     agent: Option<JoinHandle<Result<(), AgentError>>>,
+    /// The `hodei-agent` binary, when the agent runs as a child process.
+    process: Option<tokio::process::Child>,
     reports: Collector<AgentReport>,
     logs: Collector<LogBatch>,
     heartbeats: Collector<Heartbeat>,
@@ -83,6 +87,11 @@ impl Harness {
     }
 
     async fn start_with(drain_timeout_ms: u64) -> Harness {
+        Harness::start_as(drain_timeout_ms, false).await
+    }
+
+    /// Starts the agent in this process, or as the `hodei-agent` binary if `as_binary`.
+    async fn start_as(drain_timeout_ms: u64, as_binary: bool) -> Harness {
         let nats = TestNats::start().await.expect("nats-server starts");
         let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
         let work_dir = tempfile::tempdir().unwrap();
@@ -112,8 +121,32 @@ impl Harness {
             kill_grace_ms: 500,
             drain_timeout_ms,
         };
-        let agent = Agent::build(config).await.expect("agent builds");
-        assert_eq!(agent.worker_id(), &worker_id);
+        let (agent, process) = if as_binary {
+            let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))
+                .env("HODEI_NATS_URL", &config.nats_url)
+                .env("HODEI_WORKER_ID", worker_id.as_str())
+                .env("HODEI_WORK_DIR", work_dir.path())
+                .env("HODEI_HEARTBEAT_INTERVAL_MS", "100")
+                .env("HODEI_KILL_GRACE_MS", config.kill_grace_ms.to_string())
+                .env("HODEI_DRAIN_TIMEOUT_MS", drain_timeout_ms.to_string())
+                .env("HODEI_LOG", "error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("the agent binary starts");
+            // Its first heartbeat comes once it has set up the streams.
+            wait_for("the agent binary to beat", DEADLINE, || async {
+                heartbeats.find(|_| true)
+            })
+            .await
+            .unwrap();
+            (None, Some(process))
+        } else {
+            let agent = Agent::build(config).await.expect("agent builds");
+            assert_eq!(agent.worker_id(), &worker_id);
+            (Some(agent), None)
+        };
 
         // The agent created the streams; read them back.
         let reports_consumer = js
@@ -146,8 +179,10 @@ impl Harness {
         })));
 
         let shutdown = CancellationToken::new();
-        let force_stop = agent.force_stop_token();
-        let agent = tokio::spawn(agent.run_until_stopped(shutdown.clone()));
+        let force_stop = agent
+            .as_ref()
+            .map_or_else(CancellationToken::new, Agent::force_stop_token);
+        let agent = agent.map(|agent| tokio::spawn(agent.run_until_stopped(shutdown.clone())));
         Harness {
             _nats: nats,
             js,
@@ -155,7 +190,8 @@ impl Harness {
             work_dir,
             shutdown,
             force_stop,
-            agent: Some(agent),
+            agent,
+            process,
             reports,
             logs,
             heartbeats,
@@ -284,7 +320,7 @@ impl Harness {
         self.returned().await;
     }
 
-    /// Waits for the agent to return, and checks it returned `Ok`.
+    /// Waits for the in-process agent to return, and checks it returned `Ok`.
     async fn returned(&mut self) {
         let agent = self.agent.take().expect("the agent runs");
         let result = tokio::time::timeout(DEADLINE, agent)
@@ -782,4 +818,41 @@ async fn a_forced_stop_while_draining_cancels_running_attempts() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn the_binary_drains_on_a_first_signal_and_cancels_on_a_second() {
+    let mut h = Harness::start_as(60_000, true).await;
+    let id = h
+        .assign(spec(sh("stubborn", "trap '' TERM; echo ready; sleep 30")))
+        .await;
+    h.started(id).await;
+    wait_for("the job to be ready", DEADLINE, || async {
+        h.logs
+            .find(|b| b.job_id == id.job_id && b.lines.iter().any(|l| l.text == "ready"))
+    })
+    .await
+    .unwrap();
+    let process = h.process.as_mut().unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(process.id().unwrap()).unwrap());
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    h.heartbeat("a draining heartbeat listing the attempt", |hb| {
+        hb.draining && hb.running == vec![id]
+    })
+    .await;
+    assert_eq!(
+        h.reports_of(id).len(),
+        1,
+        "only started: still running while draining"
+    );
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Cancelled);
+    let process = h.process.as_mut().unwrap();
+    let status = tokio::time::timeout(DEADLINE, process.wait())
+        .await
+        .expect("the agent exits in time")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -17,6 +17,7 @@ pub fn invalid_id(field: &str, e: &IdError) -> Status {
 pub fn storage(e: StorageError) -> Status {
     match &e {
         StorageError::Conflict { .. } => Status::aborted(e.to_string()),
+        StorageError::Unavailable { .. } => Status::unavailable(e.to_string()),
         StorageError::Database(
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
         ) => Status::unavailable(format!("database unavailable: {e}")),

@@ -43,7 +43,8 @@ impl JobApi {
     }
 
     async fn load(&self, id: JobId) -> Result<Job, Status> {
-        jobs::get(&self.backends.pool, id)
+        self.backends
+            .db(|| jobs::get(&self.backends.pool, id))
             .await
             .map_err(errors::storage)?
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))
@@ -86,7 +87,9 @@ impl JobService for JobApi {
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).map_err(|e| errors::invalid(&e))?;
         // Resubmissions of an accepted job are answered even when the queue is full.
         if let Some(key) = spec.idempotency_key.as_deref()
-            && let Some(existing) = jobs::find_by_idempotency_key(&self.backends.pool, &tenant, key)
+            && let Some(existing) = self
+                .backends
+                .db(|| jobs::find_by_idempotency_key(&self.backends.pool, &tenant, key))
                 .await
                 .map_err(errors::storage)?
         {
@@ -107,14 +110,11 @@ impl JobService for JobApi {
             })
             .map_err(errors::serialization)?,
         ];
-        let (job, created) = match jobs::insert_submitted(
-            &self.backends.pool,
-            &job,
-            &event,
-            &messages,
-        )
-        .await
-        .map_err(errors::storage)?
+        let (job, created) = match self
+            .backends
+            .db(|| jobs::insert_submitted(&self.backends.pool, &job, &event, &messages))
+            .await
+            .map_err(errors::storage)?
         {
             Submitted::Created(job) => {
                 self.backends.relay_wake.notify_one();
@@ -170,7 +170,9 @@ impl JobService for JobApi {
             before,
             limit,
         };
-        let found = jobs::list(&self.backends.pool, &filter)
+        let found = self
+            .backends
+            .db(|| jobs::list(&self.backends.pool, &filter))
             .await
             .map_err(errors::storage)?;
         let next_page_token = if found.len() == limit as usize {
@@ -223,14 +225,16 @@ impl JobService for JobApi {
                         .map_err(errors::serialization)?,
                 );
             }
-            let saved: Result<(), hodei_storage::StorageError> = async {
-                let mut tx = self.backends.pool.begin().await?;
-                jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
-                outbox::append(&mut tx, &messages).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-            .await;
+            let saved = self
+                .backends
+                .db(|| async {
+                    let mut tx = self.backends.pool.begin().await?;
+                    jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
+                    outbox::append(&mut tx, &messages).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await;
             match saved {
                 Ok(()) => {
                     self.backends.relay_wake.notify_one();

@@ -46,10 +46,13 @@ impl WorkerService for WorkerApi {
                     .map_err(|e| errors::invalid_id("page_token", &e))?,
             )
         };
-        let found =
-            hodei_storage::workers::list(&self.backends.pool, &statuses, after.as_ref(), limit)
-                .await
-                .map_err(errors::storage)?;
+        let found = self
+            .backends
+            .db(|| {
+                hodei_storage::workers::list(&self.backends.pool, &statuses, after.as_ref(), limit)
+            })
+            .await
+            .map_err(errors::storage)?;
         let next_page_token = if found.len() == limit as usize {
             found.last().map(|w| w.id().to_string()).unwrap_or_default()
         } else {
@@ -70,7 +73,9 @@ impl WorkerService for WorkerApi {
             .worker_id
             .parse()
             .map_err(|e| errors::invalid_id("worker_id", &e))?;
-        let worker = hodei_storage::workers::get(&self.backends.pool, &id)
+        let worker = self
+            .backends
+            .db(|| hodei_storage::workers::get(&self.backends.pool, &id))
             .await
             .map_err(errors::storage)?
             .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
@@ -94,7 +99,9 @@ impl WorkerService for WorkerApi {
             req.reason
         };
         for _ in 0..8 {
-            let mut worker = hodei_storage::workers::get(&self.backends.pool, &id)
+            let mut worker = self
+                .backends
+                .db(|| hodei_storage::workers::get(&self.backends.pool, &id))
                 .await
                 .map_err(errors::storage)?
                 .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
@@ -114,14 +121,16 @@ impl WorkerService for WorkerApi {
                 Outgoing::worker_event(&event, SOURCE).map_err(errors::serialization)?,
                 Outgoing::agent_command(&id, &command).map_err(errors::serialization)?,
             ];
-            let saved: Result<(), hodei_storage::StorageError> = async {
-                let mut tx = self.backends.pool.begin().await?;
-                hodei_storage::workers::save_reservation(&mut tx, &worker, version).await?;
-                hodei_storage::outbox::append(&mut tx, &messages).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-            .await;
+            let saved = self
+                .backends
+                .db(|| async {
+                    let mut tx = self.backends.pool.begin().await?;
+                    hodei_storage::workers::save_reservation(&mut tx, &worker, version).await?;
+                    hodei_storage::outbox::append(&mut tx, &messages).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await;
             match saved {
                 Ok(()) => {
                     self.backends.relay_wake.notify_one();

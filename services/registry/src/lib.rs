@@ -4,13 +4,14 @@
 
 mod liveness;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::{WorkerEvent, WorkerEventKind};
-use hodei_messaging::{Heartbeat, Outgoing, subjects};
+use hodei_domain::{AttemptId, JobId, JobState, WorkerEvent, WorkerEventKind, WorkerId};
+use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
+use hodei_storage::jobs;
 use hodei_storage::workers::{self, HeartbeatEffect};
 use hodei_storage::{BackendConfig, Backends};
 use tokio_util::sync::CancellationToken;
@@ -86,7 +87,8 @@ impl Registry {
             config.missed_beats,
             shutdown.clone(),
         ));
-        let mut buffer: HashMap<hodei_domain::WorkerId, Heartbeat> = HashMap::new();
+        let mut buffer: HashMap<WorkerId, Heartbeat> = HashMap::new();
+        let mut orders = StaleOrders::new();
         let mut tick =
             tokio::time::interval(Duration::from_millis(config.flush_interval_ms.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,22 +106,63 @@ impl Registry {
                         Err(e) => tracing::warn!(subject = %message.subject, error = %e, "malformed heartbeat dropped"),
                     }
                     if buffer.len() >= MAX_BATCH {
-                        flush(&backends, &mut buffer).await;
+                        flush(&backends, &mut buffer, &mut orders).await;
                     }
                 }
-                _ = tick.tick() => flush(&backends, &mut buffer).await,
+                _ = tick.tick() => flush(&backends, &mut buffer, &mut orders).await,
             }
         }
-        flush(&backends, &mut buffer).await;
+        flush(&backends, &mut buffer, &mut orders).await;
         let _ = liveness.await;
         let _ = relay.await;
         Ok(())
     }
 }
 
-/// Writes buffered heartbeats in one transaction with the worker events they cause. On a
-/// database error the beats are dropped (the next ones carry the same information).
-async fn flush(backends: &Backends, buffer: &mut HashMap<hodei_domain::WorkerId, Heartbeat>) {
+/// How long before a kill order for a stale attempt is sent again if the agent still runs it.
+const STALE_RESEND: Duration = Duration::from_secs(5);
+
+/// Kill orders sent for stale attempts, and when, so each is not sent with every beat.
+type StaleOrders = HashMap<AttemptId, tokio::time::Instant>;
+
+/// The attempts agents say they run that are no longer theirs (the job ended, moved to another
+/// attempt or another worker): the attempt number is the fencing token.
+async fn stale_attempts(
+    conn: &mut sqlx::PgConnection,
+    beats: &[(Heartbeat, chrono::DateTime<Utc>)],
+) -> Result<Vec<(WorkerId, AttemptId)>, hodei_storage::StorageError> {
+    let ids: Vec<JobId> = beats
+        .iter()
+        .flat_map(|(hb, _)| hb.running.iter().map(|a| a.job_id))
+        .collect();
+    let current = jobs::current_attempts(conn, &ids).await?;
+    let mut stale = Vec::new();
+    for (hb, _) in beats {
+        for attempt in &hb.running {
+            let owned = current
+                .get(&attempt.job_id)
+                .is_some_and(|(state, number, worker)| {
+                    matches!(state, JobState::Assigned | JobState::Running)
+                        && *number == attempt.attempt
+                        && worker.as_deref() == Some(hb.worker_id.as_str())
+                });
+            if !owned {
+                stale.push((hb.worker_id.clone(), *attempt));
+            }
+        }
+    }
+    Ok(stale)
+}
+
+/// Writes buffered heartbeats in one transaction with the worker events they cause, and
+/// orders agents to kill attempts that are no longer theirs; a worker that comes back with
+/// such attempts stays lost (takes no work) until it has killed them. On a database error the
+/// beats are dropped (the next ones carry the same information).
+async fn flush(
+    backends: &Backends,
+    buffer: &mut HashMap<WorkerId, Heartbeat>,
+    orders: &mut StaleOrders,
+) {
     if buffer.is_empty() {
         return;
     }
@@ -127,10 +170,28 @@ async fn flush(backends: &Backends, buffer: &mut HashMap<hodei_domain::WorkerId,
     let beats: Vec<(Heartbeat, chrono::DateTime<Utc>)> =
         buffer.drain().map(|(_, hb)| (hb, now)).collect();
     let count = beats.len();
-    let result: Result<usize, hodei_storage::StorageError> = async {
+    let sent_before = tokio::time::Instant::now() - STALE_RESEND;
+    orders.retain(|_, sent| *sent > sent_before);
+    let result: Result<(usize, Vec<AttemptId>), hodei_storage::StorageError> = backends.db(|| async {
         let mut tx = backends.pool.begin().await?;
-        let effects = workers::apply_heartbeats(&mut tx, &beats).await?;
+        let stale = stale_attempts(&mut tx, &beats).await?;
+        let hold_back: HashSet<WorkerId> = stale.iter().map(|(w, _)| w.clone()).collect();
+        let effects = workers::apply_heartbeats(&mut tx, &beats, &hold_back).await?;
         let mut messages = Vec::new();
+        let mut ordered = Vec::new();
+        for (worker_id, attempt) in stale {
+            if orders.contains_key(&attempt) {
+                continue;
+            }
+            tracing::warn!(worker_id = %worker_id, job_id = %attempt.job_id, attempt = %attempt.attempt, "stale attempt on worker, ordering it killed");
+            let command = AgentCommand::Cancel {
+                job_id: attempt.job_id,
+                attempt: attempt.attempt,
+                reason: "stale attempt: the job is no longer this worker's".to_owned(),
+            };
+            messages.push(Outgoing::agent_command(&worker_id, &command)?);
+            ordered.push(attempt);
+        }
         for (worker_id, effect) in effects {
             let kind = match effect {
                 HeartbeatEffect::Refreshed => continue,
@@ -159,13 +220,15 @@ async fn flush(backends: &Backends, buffer: &mut HashMap<hodei_domain::WorkerId,
         }
         hodei_storage::outbox::append(&mut tx, &messages).await?;
         tx.commit().await?;
-        Ok(messages.len())
-    }
+        Ok((messages.len(), ordered))
+    })
     .await;
     match result {
-        Ok(events) => {
-            tracing::debug!(count, events, "heartbeats flushed");
-            if events > 0 {
+        Ok((messages, ordered)) => {
+            tracing::debug!(count, messages, "heartbeats flushed");
+            let sent = tokio::time::Instant::now();
+            orders.extend(ordered.into_iter().map(|a| (a, sent)));
+            if messages > 0 {
                 backends.relay_wake.notify_one();
             }
         }

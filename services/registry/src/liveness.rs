@@ -30,11 +30,14 @@ pub async fn run(
         let Ok(silence) = chrono::Duration::from_std(silence) else {
             return;
         };
-        match workers::silent(&backends.pool, Utc::now() - silence).await {
+        match backends
+            .db(|| workers::silent(&backends.pool, Utc::now() - silence))
+            .await
+        {
             Ok(silent) => {
                 for worker in silent {
                     let id = worker.id().clone();
-                    match declare_lost(&backends, worker).await {
+                    match backends.db(|| declare_lost(&backends, worker)).await {
                         Ok(requeued) => {
                             tracing::warn!(worker_id = %id, attempts = requeued, "worker lost, attempts handed back");
                             backends.relay_wake.notify_one();

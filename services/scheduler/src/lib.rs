@@ -133,7 +133,5 @@ impl Scheduler {
 
 /// A number in `[0, 1)` for retry jitter.
 pub(crate) fn jitter() -> f64 {
-    let bits = uuid::Uuid::new_v4().as_u128() >> 75;
-    // 53 random bits make an exact f64 fraction.
-    (bits as f64) / ((1u64 << 53) as f64)
+    hodei_resilience::random_unit()
 }

@@ -112,10 +112,11 @@ pub(crate) async fn run(
 
 async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
     let retry = Duration::from_millis(ctx.config.placement_retry_ms);
-    let ack = match place(ctx, item).await {
+    let ack = match ctx.backends.db(|| place(ctx, item)).await {
         Ok(Placement::Placed | Placement::Stale) => AckKind::Ack,
         Ok(Placement::NotYet(delay)) => AckKind::Nak(Some(delay)),
         Ok(Placement::NoWorker) => AckKind::Nak(Some(retry)),
+        Err(StorageError::Unavailable { retry_in, .. }) => AckKind::Nak(Some(retry_in.max(retry))),
         Err(e) => {
             tracing::warn!(job_id = %item.job_id, error = %e, "placement failed, will retry");
             AckKind::Nak(Some(retry))

@@ -56,10 +56,10 @@ async fn handle(ctx: &Context, message: &Message) {
         Ok(r) => r,
         Err(e) => return dead_letter(&ctx.backends.js, message, "report", &e.to_string()).await,
     };
-    let mut result = record(ctx, &report).await;
+    let mut result = ctx.backends.db(|| record(ctx, &report)).await;
     for _ in 0..8 {
         match &result {
-            Err(e) if e.is_conflict() => result = record(ctx, &report).await,
+            Err(e) if e.is_conflict() => result = ctx.backends.db(|| record(ctx, &report)).await,
             _ => break,
         }
     }

@@ -272,9 +272,13 @@ async fn output_arrives_whole_in_order_and_without_secrets() {
     secret.env.insert("USER_NAME".into(), "alice".into());
     secret.secret_env.push("TOKEN".into());
     let secret = submit(&system, secret).await;
-    // About 9.4 MB in 1.3 million lines.
-    const COUNT: u64 = 1_300_000;
-    let big = submit(&system, script("big", &format!("seq 1 {COUNT}"))).await;
+    // 10 MB: 100 000 numbered lines of 99 digits (zero-padded) and a newline.
+    const COUNT: u64 = 100_000;
+    let big = submit(
+        &system,
+        script("big", &format!("seq -f '%099.0f' 1 {COUNT}")),
+    )
+    .await;
 
     // The secret is masked in the output and absent from the job and its events.
     let done = wait_terminal(&system, &secret).await;
@@ -318,7 +322,12 @@ async fn output_arrives_whole_in_order_and_without_secrets() {
     let lines = logs(&system, &big).await;
     assert_eq!(lines.len() as u64, COUNT);
     for (expected, line) in (1..=COUNT).zip(&lines) {
-        assert_eq!(line.text, expected.to_string(), "line {}", line.sequence);
+        assert_eq!(
+            line.text,
+            format!("{expected:099}"),
+            "line {}",
+            line.sequence
+        );
         assert_eq!(line.sequence, expected);
     }
 
