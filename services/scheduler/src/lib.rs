@@ -47,6 +47,10 @@ pub struct SchedulerConfig {
     /// A job no worker can take fails after waiting this long in the queue, in milliseconds.
     #[arg(long, env = "HODEI_QUEUE_TIMEOUT_MS", default_value_t = 3_600_000)]
     pub queue_timeout_ms: u64,
+    /// How long the shared consumers wait for a scheduler's ack before redelivering to another
+    /// replica (how fast a crashed replica's messages are taken over), in milliseconds.
+    #[arg(long, env = "HODEI_ACK_WAIT_MS", default_value_t = 30_000)]
+    pub ack_wait_ms: u64,
 }
 
 impl SchedulerConfig {
@@ -60,6 +64,7 @@ impl SchedulerConfig {
             start_timeout_ms: 60_000,
             timeout_grace_ms: 30_000,
             queue_timeout_ms: 3_600_000,
+            ack_wait_ms: 30_000,
         }
     }
 }
@@ -96,13 +101,13 @@ impl Scheduler {
         let mut placer_config =
             streams::durable(streams::PLACER, hodei_messaging::subjects::all_place_jobs());
         placer_config.max_deliver = -1;
+        let ack_wait = Duration::from_millis(config.ack_wait_ms);
+        placer_config.ack_wait = ack_wait;
+        let mut reporter_config =
+            streams::durable(streams::REPORTER, hodei_messaging::subjects::all_reports());
+        reporter_config.ack_wait = ack_wait;
         let placer = streams::consumer(&backends.js, streams::WORK, placer_config).await?;
-        let reporter = streams::consumer(
-            &backends.js,
-            streams::REPORTS,
-            streams::durable(streams::REPORTER, hodei_messaging::subjects::all_reports()),
-        )
-        .await?;
+        let reporter = streams::consumer(&backends.js, streams::REPORTS, reporter_config).await?;
         Ok(Scheduler {
             ctx: Context { backends, config },
             placer,

@@ -57,6 +57,12 @@ pub struct TestSystem {
     pub grpc_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Scheduler replicas, by index, for tests that crash one.
+    schedulers: Vec<JoinHandle<()>>,
+    /// In-process agents by id, for tests that crash one.
+    agent_tasks: Vec<(String, JoinHandle<()>)>,
+    backends: BackendConfig,
+    options: SystemOptions,
     /// Per agent id, cancelled once that agent's `run_until_stopped` has returned.
     agents_stopped: Vec<(&'static str, CancellationToken)>,
     work_root: tempfile::TempDir,
@@ -70,6 +76,12 @@ pub struct SystemOptions {
     pub start_timeout_ms: u64,
     /// How long agents let running attempts finish when draining.
     pub agent_drain_timeout_ms: u64,
+    /// How many scheduler replicas to run.
+    pub schedulers: usize,
+    /// Schedulers' consumer ack wait: how fast a crashed replica's messages move on.
+    pub ack_wait_ms: u64,
+    /// Missed heartbeats before the registry declares a worker lost.
+    pub missed_beats: u32,
 }
 
 impl Default for SystemOptions {
@@ -79,6 +91,10 @@ impl Default for SystemOptions {
             queue_timeout_ms: 3_600_000,
             start_timeout_ms: 60_000,
             agent_drain_timeout_ms: 2_000,
+            schedulers: 1,
+            ack_wait_ms: 30_000,
+            // Generous: a loaded CI machine must not declare healthy agents lost.
+            missed_beats: 25,
         }
     }
 }
@@ -114,28 +130,31 @@ impl TestSystem {
             }
         }));
 
-        let scheduler = Scheduler::build(SchedulerConfig {
-            worker_stale_ms: HEARTBEAT_MS * 25,
-            placement_retry_ms: 100,
-            reconcile_after_ms: 3_000,
-            queue_timeout_ms: options.queue_timeout_ms,
-            start_timeout_ms: options.start_timeout_ms,
-            ..SchedulerConfig::new(backends.clone())
-        })
-        .await
-        .map_err(|e| fail("scheduler")(e.to_string()))?;
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = scheduler.run_until_stopped(token).await {
-                eprintln!("scheduler stopped with error: {e}");
-            }
-        }));
+        let mut schedulers = Vec::new();
+        for _ in 0..options.schedulers.max(1) {
+            let scheduler = Scheduler::build(SchedulerConfig {
+                worker_stale_ms: HEARTBEAT_MS * 25,
+                placement_retry_ms: 100,
+                reconcile_after_ms: 3_000,
+                queue_timeout_ms: options.queue_timeout_ms,
+                start_timeout_ms: options.start_timeout_ms,
+                ack_wait_ms: options.ack_wait_ms,
+                ..SchedulerConfig::new(backends.clone())
+            })
+            .await
+            .map_err(|e| fail("scheduler")(e.to_string()))?;
+            let token = shutdown.clone();
+            schedulers.push(tokio::spawn(async move {
+                if let Err(e) = scheduler.run_until_stopped(token).await {
+                    eprintln!("scheduler stopped with error: {e}");
+                }
+            }));
+        }
 
         let registry = Registry::build(RegistryConfig {
             backends: backends.clone(),
             heartbeat_interval_ms: HEARTBEAT_MS,
-            // Generous: a loaded CI machine must not declare healthy agents lost.
-            missed_beats: 25,
+            missed_beats: options.missed_beats,
             flush_interval_ms: 20,
         })
         .await
@@ -148,40 +167,13 @@ impl TestSystem {
         }));
 
         let work_root = tempfile::tempdir().map_err(|e| fail("agents")(e.to_string()))?;
-        let mut agents_stopped = Vec::new();
-        for spec in agents {
-            let agent = Agent::build(AgentConfig {
-                nats_url: nats.url(),
-                worker_id: Some(spec.id.to_owned()),
-                labels: spec.labels.to_owned(),
-                max_concurrent_jobs: spec.slots,
-                cpu_millis: Some(4000),
-                memory_mb: Some(4096),
-                work_dir: Some(work_root.path().join(spec.id)),
-                heartbeat_interval_ms: HEARTBEAT_MS,
-                kill_grace_ms: 1000,
-                drain_timeout_ms: options.agent_drain_timeout_ms,
-            })
-            .await
-            .map_err(|e| fail("agent")(e.to_string()))?;
-            let token = shutdown.clone();
-            let stopped = CancellationToken::new();
-            agents_stopped.push((spec.id, stopped.clone()));
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = agent.run_until_stopped(token).await {
-                    eprintln!("agent stopped with error: {e}");
-                }
-                stopped.cancel();
-            }));
-        }
-
         let channel = Channel::from_shared(format!("http://{grpc_addr}"))
             .map_err(|e| fail("grpc client")(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .map_err(|e| fail("grpc client")(e.to_string()))?;
-        Ok(TestSystem {
+        let mut system = TestSystem {
             nats,
             database,
             jobs: JobServiceClient::new(channel.clone()),
@@ -189,9 +181,71 @@ impl TestSystem {
             grpc_addr,
             shutdown,
             tasks,
-            agents_stopped,
+            schedulers,
+            agent_tasks: Vec::new(),
+            backends,
+            options,
+            agents_stopped: Vec::new(),
             work_root,
+        };
+        for spec in agents {
+            system.add_agent(spec, HEARTBEAT_MS).await?;
+        }
+        Ok(system)
+    }
+
+    /// Starts one more in-process agent, beating every `heartbeat_ms`.
+    pub async fn add_agent(
+        &mut self,
+        spec: &AgentSpec,
+        heartbeat_ms: u64,
+    ) -> Result<(), StartError> {
+        let agent = Agent::build(AgentConfig {
+            nats_url: self.nats.url(),
+            worker_id: Some(spec.id.to_owned()),
+            labels: spec.labels.to_owned(),
+            max_concurrent_jobs: spec.slots,
+            cpu_millis: Some(4000),
+            memory_mb: Some(4096),
+            work_dir: Some(self.work_root.path().join(spec.id)),
+            heartbeat_interval_ms: heartbeat_ms,
+            kill_grace_ms: 1000,
+            drain_timeout_ms: self.options.agent_drain_timeout_ms,
         })
+        .await
+        .map_err(|e| fail("agent")(e.to_string()))?;
+        let token = self.shutdown.clone();
+        let stopped = CancellationToken::new();
+        self.agents_stopped.push((spec.id, stopped.clone()));
+        let task = tokio::spawn(async move {
+            if let Err(e) = agent.run_until_stopped(token).await {
+                eprintln!("agent stopped with error: {e}");
+            }
+            stopped.cancel();
+        });
+        self.agent_tasks.push((spec.id.to_owned(), task));
+        Ok(())
+    }
+
+    /// Crashes scheduler replica `index`: its task is aborted mid-work, with no graceful
+    /// shutdown (unacked messages wait for the ack wait, open transactions roll back).
+    pub fn crash_scheduler(&mut self, index: usize) {
+        if let Some(task) = self.schedulers.get(index) {
+            task.abort();
+        }
+    }
+
+    /// Crashes the in-process agent `id`: its task is aborted with no goodbye; its child
+    /// processes are killed as the task's state is dropped.
+    pub fn crash_agent(&mut self, id: &str) {
+        if let Some((_, task)) = self.agent_tasks.iter().find(|(agent, _)| agent == id) {
+            task.abort();
+        }
+    }
+
+    /// Where the backends are, to start services or agents as separate processes.
+    pub fn backends(&self) -> &BackendConfig {
+        &self.backends
     }
 
     /// Whether the agent `id` has stopped (its `run_until_stopped` returned). `None` for an
@@ -211,7 +265,8 @@ impl TestSystem {
     /// Stops every service, waits for them, and drops the database.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        for task in self.tasks {
+        let agents = self.agent_tasks.into_iter().map(|(_, task)| task);
+        for task in self.tasks.into_iter().chain(self.schedulers).chain(agents) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
         let _ = self.database.cleanup().await;
