@@ -30,7 +30,7 @@ export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_POR
 
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --all-targets --no-tests=warn || rc=$?
+    cargo nextest run --workspace --all-targets --no-tests=warn --no-fail-fast || rc=$?
 else
     cargo test --workspace --all-targets || rc=$?
 fi

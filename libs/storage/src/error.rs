@@ -32,18 +32,21 @@ impl StorageError {
     /// Whether the error means PostgreSQL could not be reached or did not answer (what the
     /// circuit breaker counts), as opposed to an answer we did not like.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            StorageError::Unavailable { .. }
-                | StorageError::Database(
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::Tls(_)
-                        | sqlx::Error::Protocol(_)
-                        | sqlx::Error::WorkerCrashed
-                )
-        )
+        match self {
+            StorageError::Unavailable { .. } => true,
+            StorageError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            StorageError::Database(sqlx::Error::Database(db)) => {
+                db.code().as_deref().is_some_and(is_unavailable_sqlstate)
+            }
+            _ => false,
+        }
     }
 
     /// Whether the error is a unique or serialization violation worth retrying as a conflict.
@@ -56,6 +59,14 @@ impl StorageError {
             _ => false,
         }
     }
+}
+
+/// SQLSTATEs that mean the server (or the database) is not taking work right now rather than
+/// refusing this statement: connection exceptions (class 08), administrator or crash shutdown
+/// and start-up (57P01-57P03), too many connections (53300), and a database that does not
+/// accept connections (55000, as when `ALLOW_CONNECTIONS false` is set).
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55000")
 }
 
 pub(crate) fn encode<T: serde::Serialize>(

@@ -18,9 +18,7 @@ pub fn storage(e: StorageError) -> Status {
     match &e {
         StorageError::Conflict { .. } => Status::aborted(e.to_string()),
         StorageError::Unavailable { .. } => Status::unavailable(e.to_string()),
-        StorageError::Database(
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed,
-        ) => Status::unavailable(format!("database unavailable: {e}")),
+        _ if e.is_unavailable() => Status::unavailable(format!("database unavailable: {e}")),
         _ => {
             tracing::error!(error = %e, "storage error");
             Status::internal(e.to_string())

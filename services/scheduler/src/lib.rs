@@ -5,6 +5,7 @@
 //! Several replicas may run at once: they share durable consumers, and every write is
 //! guarded by optimistic concurrency on the job and the worker.
 
+mod observe;
 pub mod placement;
 mod reconciler;
 mod reports;
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Source name in the envelopes of events this service records.
 pub const SOURCE: &str = "hodei/scheduler";
+/// This service's name on its spans and metrics.
+pub(crate) const SERVICE: &str = "scheduler";
 
 /// Scheduler configuration.
 #[derive(clap::Parser, Debug, Clone)]
@@ -106,6 +109,9 @@ impl Scheduler {
         let mut reporter_config =
             streams::durable(streams::REPORTER, hodei_messaging::subjects::all_reports());
         reporter_config.ack_wait = ack_wait;
+        // A report must outlive a PostgreSQL outage of any length: the handler backs off and
+        // dead-letters the ones that fail for other reasons, so the server does not cap them.
+        reporter_config.max_deliver = -1;
         let placer = streams::consumer(&backends.js, streams::WORK, placer_config).await?;
         let reporter = streams::consumer(&backends.js, streams::REPORTS, reporter_config).await?;
         Ok(Scheduler {
@@ -115,12 +121,18 @@ impl Scheduler {
         })
     }
 
+    /// The address of the `/metrics`, `/healthz` and `/readyz` server, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ctx.backends.metrics_addr()
+    }
+
     /// Runs until `shutdown`; messages being handled are finished first.
     pub async fn run_until_stopped(
         self,
         shutdown: CancellationToken,
     ) -> Result<(), SchedulerError> {
         let relay = self.ctx.backends.spawn_relay(shutdown.clone());
+        let observability = self.ctx.backends.spawn_observability(shutdown.clone());
         let reconciler = tokio::spawn(reconciler::run(
             self.ctx.clone(),
             Duration::from_millis(self.ctx.config.reconcile_after_ms),
@@ -132,6 +144,9 @@ impl Scheduler {
         shutdown.cancel();
         let _ = reconciler.await;
         let _ = relay.await;
+        if let Some(observability) = observability {
+            let _ = observability.await;
+        }
         placed.and(reported)
     }
 }

@@ -10,12 +10,18 @@ use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{AttemptId, DomainError};
-use hodei_messaging::settle::dead_letter;
-use hodei_messaging::{AgentReport, ReportKind};
+use hodei_messaging::settle::{self, dead_letter};
+use hodei_messaging::{AgentReport, ReportKind, streams, trace};
 use hodei_storage::{StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::{Context, SOURCE, SchedulerError, jitter};
+use crate::{Context, SERVICE, SOURCE, SchedulerError, jitter};
+
+/// First delay before a report that could not be recorded is delivered again.
+const REPORT_RETRY: Duration = Duration::from_millis(250);
+/// Longest delay between two deliveries of a report that could not be recorded.
+const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Consumes reports until `shutdown`.
 pub(crate) async fn run(
@@ -39,8 +45,19 @@ pub(crate) async fn run(
             return Ok(());
         };
         match message {
-            Ok(message) => handle(&ctx, &message).await,
-            Err(e) => tracing::warn!(error = %e, "failed to receive a report"),
+            Ok(message) => {
+                let span = trace::process_span(
+                    SERVICE,
+                    &message.subject,
+                    streams::REPORTER,
+                    message.headers.as_ref(),
+                );
+                handle(&ctx, &message).instrument(span).await
+            }
+            Err(e) => {
+                ctx.backends.metrics.nats_error("consume");
+                tracing::warn!(error = %e, "failed to receive a report")
+            }
         }
     }
 }
@@ -69,12 +86,21 @@ async fn handle(ctx: &Context, message: &Message) {
             tracing::info!(job_id = %report.job_id, attempt = %report.attempt, worker_id = %report.worker_id, why, "report ignored");
             AckKind::Ack
         }
+        // PostgreSQL away: the report waits for it however long the outage lasts, backing
+        // off; anything else is retried a few times, then dead-lettered.
+        Err(e) if !e.is_unavailable() && settle::deliveries(message) >= streams::MAX_DELIVER => {
+            let reason = format!("failed to record report: {e}");
+            return dead_letter(&ctx.backends.js, message, "report", &reason).await;
+        }
         Err(e) => {
-            tracing::warn!(job_id = %report.job_id, error = %e, "failed to record report, will retry");
-            AckKind::Nak(Some(Duration::from_millis(500)))
+            let delay =
+                settle::backoff(settle::deliveries(message), REPORT_RETRY, REPORT_RETRY_MAX);
+            tracing::warn!(job_id = %report.job_id, error = %e, retry_in = ?delay, "failed to record report, will retry");
+            AckKind::Nak(Some(delay))
         }
     };
     if let Err(e) = message.ack_with(ack).await {
+        ctx.backends.metrics.nats_error("ack");
         tracing::warn!(job_id = %report.job_id, error = %e, "failed to settle report");
     }
 }
@@ -117,6 +143,7 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
     jobs::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
+    crate::observe::recorded(ctx, &job, report, now);
     tracing::info!(job_id = %job.id(), attempt = %report.attempt, event = event.kind.name(), state = %job.state(), "report recorded");
     Ok(Outcome::Recorded)
 }

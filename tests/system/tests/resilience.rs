@@ -1,0 +1,702 @@
+//! Resilience end to end, with real NATS, real PostgreSQL and real processes: scheduler
+//! replicas racing for the same workers never over-commit one, a crashed replica loses
+//! nothing, the system recovers from a NATS restart and a PostgreSQL outage, and a lost agent
+//! is replaced while the attempt it still runs is killed and its late report rejected.
+//!
+//! The checks read the state of record (PostgreSQL) directly: every attempt's
+//! `[assigned_at, finished_at)` interval and every job's terminal events.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
+use hodei_test_support::wait_for;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection};
+use tonic::transport::Channel;
+
+/// The job states (and event types) that end a job.
+const TERMINAL_STATES: [&str; 4] = ["succeeded", "failed", "timed_out", "cancelled"];
+/// [`TERMINAL_STATES`] as an SQL list.
+const TERMINAL: &str = "'succeeded', 'failed', 'timed_out', 'cancelled'";
+
+fn script(name: &str, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_owned(),
+        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter: vec!["/bin/sh".into(), "-c".into()],
+            script: script.to_owned(),
+        })),
+        timeout_secs: 60,
+        ..Default::default()
+    }
+}
+
+/// Agents `agent-0` .. `agent-9` (AgentSpec ids are `&'static str`).
+const AGENT_IDS: [&str; 10] = [
+    "agent-0", "agent-1", "agent-2", "agent-3", "agent-4", "agent-5", "agent-6", "agent-7",
+    "agent-8", "agent-9",
+];
+
+fn agents(count: usize, slots: u32) -> Vec<AgentSpec> {
+    AGENT_IDS
+        .iter()
+        .take(count)
+        .map(|id| AgentSpec {
+            id,
+            labels: "",
+            slots,
+        })
+        .collect()
+}
+
+/// Submits `specs` from `tasks` concurrent clients; returns the ids of the accepted jobs, and
+/// how many submissions were refused with UNAVAILABLE when `unavailable_ok` (any other error
+/// fails the test).
+async fn submit_all(
+    client: JobServiceClient<Channel>,
+    specs: Vec<pb::JobSpec>,
+    tasks: usize,
+    unavailable_ok: bool,
+) -> (Vec<String>, usize) {
+    let mut shares: Vec<Vec<pb::JobSpec>> = (0..tasks).map(|_| Vec::new()).collect();
+    for (i, spec) in specs.into_iter().enumerate() {
+        shares[i % tasks].push(spec);
+    }
+    let handles: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                let mut refused = 0;
+                for spec in share {
+                    let request = pb::SubmitJobRequest {
+                        spec: Some(spec),
+                        tenant: String::new(),
+                    };
+                    match client.submit_job(request).await {
+                        Ok(response) => ids.push(response.into_inner().job.unwrap().id),
+                        Err(status)
+                            if unavailable_ok && status.code() == tonic::Code::Unavailable =>
+                        {
+                            refused += 1;
+                        }
+                        Err(status) => panic!("submission failed: {status:?}"),
+                    }
+                }
+                (ids, refused)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    for handle in handles {
+        let (share, share_refused) = handle.await.unwrap();
+        ids.extend(share);
+        refused += share_refused;
+    }
+    (ids, refused)
+}
+
+/// A small pool of the test's own on the system's database (separate from the services').
+async fn db_pool(system: &TestSystem) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&system.database.url())
+        .await
+        .unwrap()
+}
+
+/// How many jobs are in each state; `None` while PostgreSQL does not answer.
+async fn state_counts(pool: &PgPool) -> Option<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(pool)
+            .await
+            .ok()?;
+    Some(rows.into_iter().collect())
+}
+
+async fn terminal_count(pool: &PgPool) -> Option<i64> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM jobs WHERE state IN ({TERMINAL})"
+    )))
+    .fetch_one(pool)
+    .await
+    .ok()
+}
+
+/// Waits until `expected` jobs have ended; returns the states seen then.
+async fn wait_all_ended(
+    pool: &PgPool,
+    expected: usize,
+    deadline: Duration,
+) -> BTreeMap<String, i64> {
+    let result = wait_for(
+        &format!("{expected} jobs to end"),
+        deadline,
+        || async move {
+            let counts = state_counts(pool).await?;
+            let ended: i64 = counts
+                .iter()
+                .filter(|(state, _)| TERMINAL_STATES.contains(&state.as_str()))
+                .map(|(_, n)| n)
+                .sum();
+            (ended >= expected as i64).then_some(counts)
+        },
+    )
+    .await;
+    match result {
+        Ok(counts) => counts,
+        Err(e) => panic!("{e}; states now: {:?}", state_counts(pool).await),
+    }
+}
+
+/// One attempt as stored in `jobs.attempts`, with times in microseconds since the epoch.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct AttemptRow {
+    job_id: String,
+    worker_id: String,
+    assigned_us: i64,
+    finished_us: Option<i64>,
+    /// `exited`, `lost`, ... (`None` while the attempt runs).
+    outcome: Option<String>,
+}
+
+async fn attempt_rows(pool: &PgPool) -> Vec<AttemptRow> {
+    sqlx::query_as(
+        "SELECT j.id::text AS job_id, a->>'worker_id' AS worker_id,
+                (extract(epoch FROM (a->>'assigned_at')::timestamptz) * 1000000)::bigint
+                    AS assigned_us,
+                (extract(epoch FROM (a->>'finished_at')::timestamptz) * 1000000)::bigint
+                    AS finished_us,
+                a->'outcome'->>'kind' AS outcome
+         FROM jobs j CROSS JOIN LATERAL jsonb_array_elements(j.attempts) a
+         ORDER BY j.id, (a->>'attempt')::bigint",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// How many attempts ended each way.
+fn outcomes(rows: &[AttemptRow]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        let kind = row.outcome.clone().unwrap_or_else(|| "none".to_owned());
+        *counts.entry(kind).or_default() += 1;
+    }
+    counts
+}
+
+/// The most `[start, end)` intervals open at one instant.
+fn max_overlap(intervals: &[(i64, i64)]) -> usize {
+    let mut points: Vec<(i64, i32)> = intervals
+        .iter()
+        .flat_map(|&(start, end)| [(start, 1), (end, -1)])
+        .collect();
+    // At equal times ends (-1) sort before starts (+1): the intervals are half-open.
+    points.sort_unstable();
+    let (mut open, mut max) = (0i32, 0i32);
+    for (_, delta) in points {
+        open += delta;
+        max = max.max(open);
+    }
+    usize::try_from(max).unwrap_or_default()
+}
+
+/// Every job ends exactly once: one terminal event per job in `job_events`.
+async fn assert_each_job_ends_once(pool: &PgPool, expected_jobs: usize) {
+    let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT j.id::text, count(e.seq) FROM jobs j
+         LEFT JOIN job_events e ON e.job_id = j.id AND e.type IN ({TERMINAL})
+         GROUP BY j.id"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), expected_jobs);
+    let wrong: Vec<_> = rows.iter().filter(|(_, ends)| *ends != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "jobs without exactly one terminal event: {wrong:?}"
+    );
+}
+
+/// Every job in the database succeeded.
+async fn assert_all_succeeded(pool: &PgPool, expected_jobs: usize) {
+    let counts = state_counts(pool).await.unwrap();
+    assert_eq!(
+        counts,
+        BTreeMap::from([("succeeded".to_owned(), expected_jobs as i64)]),
+        "job states"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_schedulers_never_overcommit_a_worker() {
+    const JOBS: usize = 300;
+    const SLOTS: u32 = 2;
+    let started = Instant::now();
+    let options = SystemOptions {
+        schedulers: 2,
+        ..SystemOptions::default()
+    };
+    let system = TestSystem::start_with(&agents(10, SLOTS), options)
+        .await
+        .unwrap();
+    let pool = db_pool(&system).await;
+    let specs = (0..JOBS)
+        .map(|i| script(&format!("short-{i}"), &format!("sleep 0.0{}", i % 5)))
+        .collect();
+    let (ids, _) = submit_all(system.jobs.clone(), specs, 4, false).await;
+    assert_eq!(ids.len(), JOBS);
+    wait_all_ended(&pool, JOBS, Duration::from_secs(60)).await;
+
+    assert_all_succeeded(&pool, JOBS).await;
+    assert_each_job_ends_once(&pool, JOBS).await;
+    let rows = attempt_rows(&pool).await;
+    let mut by_worker: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+    for row in &rows {
+        let finished = row
+            .finished_us
+            .unwrap_or_else(|| panic!("attempt never finished: {row:?}"));
+        by_worker
+            .entry(row.worker_id.clone())
+            .or_default()
+            .push((row.assigned_us, finished));
+    }
+    for (worker, intervals) in &by_worker {
+        let max = max_overlap(intervals);
+        assert!(
+            max <= SLOTS as usize,
+            "worker {worker} held {max} attempts at once with {SLOTS} slots"
+        );
+    }
+    // Both replicas had work to race for: the load was spread over the fleet.
+    assert!(by_worker.len() >= 5, "attempts per worker: {by_worker:?}");
+    eprintln!(
+        "two_schedulers_never_overcommit_a_worker: {JOBS} jobs, attempts {:?} on {} workers in {:?}",
+        outcomes(&rows),
+        by_worker.len(),
+        started.elapsed()
+    );
+    pool.close().await;
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_scheduler_replica_loses_nothing() {
+    const JOBS: usize = 500;
+    let started = Instant::now();
+    let options = SystemOptions {
+        schedulers: 2,
+        ack_wait_ms: 2_000,
+        ..SystemOptions::default()
+    };
+    let mut system = TestSystem::start_with(&agents(4, 4), options)
+        .await
+        .unwrap();
+    let pool = db_pool(&system).await;
+    let specs = (0..JOBS)
+        .map(|i| script(&format!("true-{i}"), "true"))
+        .collect();
+    let submitting = tokio::spawn(submit_all(system.jobs.clone(), specs, 4, false));
+    wait_for("100 jobs to end", Duration::from_secs(60), || {
+        let pool = &pool;
+        async move { (terminal_count(pool).await? >= 100).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let crashed_at = started.elapsed();
+    system.crash_scheduler(0);
+    let (ids, _) = submitting.await.unwrap();
+    assert_eq!(ids.len(), JOBS);
+    wait_all_ended(&pool, JOBS, Duration::from_secs(60)).await;
+
+    assert_all_succeeded(&pool, JOBS).await;
+    assert_each_job_ends_once(&pool, JOBS).await;
+    let rows = attempt_rows(&pool).await;
+    let mut by_job: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+    for row in &rows {
+        let finished = row
+            .finished_us
+            .unwrap_or_else(|| panic!("attempt never finished: {row:?}"));
+        by_job
+            .entry(row.job_id.as_str())
+            .or_default()
+            .push((row.assigned_us, finished));
+    }
+    assert_eq!(by_job.len(), JOBS, "every job has attempts");
+    for (job, intervals) in &by_job {
+        assert_eq!(
+            max_overlap(intervals),
+            1,
+            "job {job} had overlapping attempts: {intervals:?}"
+        );
+    }
+    let retried = by_job.values().filter(|a| a.len() > 1).count();
+    eprintln!(
+        "a_crashed_scheduler_replica_loses_nothing: crashed replica 0 at {crashed_at:?}, \
+         {JOBS} jobs ({retried} with more than one attempt, attempts {:?}) in {:?}",
+        outcomes(&rows),
+        started.elapsed()
+    );
+    pool.close().await;
+    system.stop().await;
+}
+
+/// Jobs for the outage tests: long enough that the run spans the outage on 4 slots.
+fn outage_jobs(prefix: &str, count: usize) -> Vec<pb::JobSpec> {
+    (0..count)
+        .map(|i| script(&format!("{prefix}-{i}"), "sleep 0.2"))
+        .collect()
+}
+
+/// How long the outage tests keep a backend down: a test input, not synchronisation.
+const OUTAGE: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restart_mid_run() {
+    const JOBS: usize = 60;
+    let started = Instant::now();
+    let mut system = TestSystem::start(&agents(2, 2)).await.unwrap();
+    let pool = db_pool(&system).await;
+    let (ids, _) = submit_all(system.jobs.clone(), outage_jobs("nats", JOBS), 4, false).await;
+    assert_eq!(ids.len(), JOBS);
+    wait_for("10 jobs to end", Duration::from_secs(30), || {
+        let pool = &pool;
+        async move { (terminal_count(pool).await? >= 10).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let before = terminal_count(&pool).await.unwrap();
+
+    system.nats.stop().await;
+    // The outage's length is the test's input (how long NATS stays down), not a wait for
+    // something to happen.
+    tokio::time::sleep(OUTAGE).await;
+    system.nats.restart().await.unwrap();
+    let restarted_at = started.elapsed();
+
+    wait_all_ended(&pool, JOBS, Duration::from_secs(60)).await;
+    assert!(
+        before < JOBS as i64,
+        "the outage came after every job had ended"
+    );
+    assert_all_succeeded(&pool, JOBS).await;
+    assert_each_job_ends_once(&pool, JOBS).await;
+    eprintln!(
+        "nats_restart_mid_run: {before} of {JOBS} jobs ended before the outage, NATS back at \
+         {restarted_at:?}, all ended at {:?}",
+        started.elapsed()
+    );
+    pool.close().await;
+    system.stop().await;
+}
+
+/// The admin URL of the test PostgreSQL server (as `TestDatabase` finds it).
+fn admin_url() -> String {
+    std::env::var("HODEI_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Takes the test database away (no new connections, every session terminated) or gives it
+/// back.
+async fn set_database_available(admin: &mut PgConnection, name: &str, available: bool) {
+    // `name` is the test database's generated name ([a-z0-9_] only).
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {available}"
+    )))
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+    if !available {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_mid_run() {
+    const JOBS: usize = 60;
+    let started = Instant::now();
+    let system = TestSystem::start(&agents(2, 2)).await.unwrap();
+    let pool = db_pool(&system).await;
+    let (mut ids, _) = submit_all(system.jobs.clone(), outage_jobs("pg", JOBS), 4, false).await;
+    assert_eq!(ids.len(), JOBS);
+    wait_for("10 jobs to end", Duration::from_secs(30), || {
+        let pool = &pool;
+        async move { (terminal_count(pool).await? >= 10).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let before = terminal_count(&pool).await.unwrap();
+
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    let name = system.database.name().to_owned();
+    set_database_available(&mut admin, &name, false).await;
+    // Submissions while the database is away may be refused (UNAVAILABLE); only the
+    // accepted ones count.
+    let (during, refused) =
+        submit_all(system.jobs.clone(), outage_jobs("pg-during", 5), 1, true).await;
+    ids.extend(during);
+    // The outage's length is the test's input (how long PostgreSQL stays away), not a wait
+    // for something to happen.
+    tokio::time::sleep(OUTAGE).await;
+    set_database_available(&mut admin, &name, true).await;
+    let back_at = started.elapsed();
+    admin.close().await.unwrap();
+
+    wait_all_ended(&pool, ids.len(), Duration::from_secs(60)).await;
+    assert!(
+        before < JOBS as i64,
+        "the outage came after every job had ended"
+    );
+    assert_all_succeeded(&pool, ids.len()).await;
+    assert_each_job_ends_once(&pool, ids.len()).await;
+    eprintln!(
+        "postgres_outage_mid_run: {before} of {JOBS} jobs ended before the outage, {refused} \
+         submissions refused during it, database back at {back_at:?}, all {} ended at {:?}",
+        ids.len(),
+        started.elapsed()
+    );
+    pool.close().await;
+    system.stop().await;
+}
+
+/// Whether process `pid` still runs (exists and is not a zombie).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name, which ends with ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+async fn get_job(system: &TestSystem, id: &str) -> Option<pb::Job> {
+    system
+        .jobs
+        .clone()
+        .get_job(pb::GetJobRequest {
+            job_id: id.to_owned(),
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .job
+}
+
+async fn worker_status(system: &TestSystem, id: &str) -> Option<pb::WorkerStatus> {
+    let workers = system
+        .workers
+        .clone()
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .ok()?
+        .into_inner()
+        .workers;
+    let worker = workers.into_iter().find(|w| w.id == id)?;
+    pb::WorkerStatus::try_from(worker.status).ok()
+}
+
+fn outcome(attempt: &pb::Attempt) -> Option<pb::attempt_outcome::Kind> {
+    attempt.outcome.clone()?.kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_agent_is_replaced_and_its_stale_attempt_is_killed() {
+    const FLAKY: AgentSpec = AgentSpec {
+        id: "flaky",
+        labels: "pool=a",
+        slots: 1,
+    };
+    const STEADY: AgentSpec = AgentSpec {
+        id: "steady",
+        labels: "pool=a",
+        slots: 1,
+    };
+    let started = Instant::now();
+    // The registry expects a beat every 200 ms: a worker silent for 600 ms is lost.
+    let options = SystemOptions {
+        missed_beats: 3,
+        ..SystemOptions::default()
+    };
+    let mut system = TestSystem::start_with(&[], options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = dir.path().display().to_string();
+    let go = dir.path().join("go");
+    // Every attempt records its shell's pid; attempt 1 then runs on until killed, attempt 2
+    // waits for the test to say go (so the job stays open while the stale report arrives).
+    let mut spec = script(
+        "replaced",
+        &format!(
+            "echo $$ > {dir_path}/pid-$HODEI_WORKER_ID-$HODEI_ATTEMPT
+             if [ \"$HODEI_ATTEMPT\" -ge 2 ]; then
+               while [ ! -e {dir_path}/go ]; do sleep 0.05; done
+               exit 0
+             fi
+             sleep 30"
+        ),
+    );
+    spec.required_labels.insert("pool".into(), "a".into());
+    let job = system
+        .jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let id = job.id;
+
+    // "flaky" beats every 2 s, so the registry declares it lost between two beats. The job
+    // waits for it (nobody else has pool=a) and is placed right after its first beat.
+    system.add_agent(&FLAKY, 2_000).await.unwrap();
+    let flaky_pid_file = dir.path().join("pid-flaky-1");
+    let flaky_pid: u32 = wait_for(
+        "attempt 1 to start on flaky",
+        Duration::from_secs(20),
+        || read_pid(&flaky_pid_file),
+    )
+    .await
+    .unwrap();
+    assert!(process_alive(flaky_pid));
+
+    // The replacement: it registers before flaky is declared lost, so the requeued job goes
+    // to it.
+    system.add_agent(&STEADY, 200).await.unwrap();
+    let steady_pid_file = dir.path().join("pid-steady-2");
+    wait_for(
+        "attempt 2 to start on steady",
+        Duration::from_secs(20),
+        || read_pid(&steady_pid_file),
+    )
+    .await
+    .unwrap();
+    let running = wait_for(
+        "the job to run attempt 2 on steady",
+        Duration::from_secs(20),
+        || async {
+            let job = get_job(&system, &id).await?;
+            let current = job.attempts.last()?;
+            (job.state == pb::JobState::Running as i32
+                && current.attempt == 2
+                && current.worker_id == "steady")
+                .then_some(job)
+        },
+    )
+    .await
+    .unwrap();
+    let first = &running.attempts[0];
+    assert_eq!(first.worker_id, "flaky");
+    assert!(
+        matches!(outcome(first), Some(pb::attempt_outcome::Kind::Lost(_))),
+        "{first:?}"
+    );
+
+    // At flaky's next beat the registry orders the stale attempt killed.
+    wait_for(
+        "the stale attempt's process to be killed",
+        Duration::from_secs(15),
+        || async { (!process_alive(flaky_pid)).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // Once flaky no longer runs it, it is ready again (until it is silent too long again).
+    wait_for(
+        "flaky to be ready again",
+        Duration::from_secs(15),
+        || async {
+            (worker_status(&system, "flaky").await? == pb::WorkerStatus::Ready).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Flaky stored its report on the stale attempt before it stopped listing it; once the
+    // schedulers have consumed every report, that one was handled (and rejected).
+    let nats = async_nats::connect(system.nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    wait_for(
+        "every report to be consumed",
+        Duration::from_secs(15),
+        || {
+            let js = js.clone();
+            async move {
+                let mut stream = js
+                    .get_stream(hodei_messaging::streams::REPORTS)
+                    .await
+                    .ok()?;
+                (stream.info().await.ok()?.state.messages == 0).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let after_stale_report = get_job(&system, &id).await.unwrap();
+    assert_eq!(
+        after_stale_report.version, running.version,
+        "the stale report changed the job: {after_stale_report:?}"
+    );
+    assert_eq!(after_stale_report.attempts, running.attempts);
+
+    std::fs::write(&go, b"").unwrap();
+    let done = wait_for("the job to succeed", Duration::from_secs(20), || async {
+        let job = get_job(&system, &id).await?;
+        (job.state == pb::JobState::Succeeded as i32).then_some(job)
+    })
+    .await
+    .unwrap();
+    let history: Vec<(u32, &str, Option<pb::attempt_outcome::Kind>)> = done
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.worker_id.as_str(), outcome(a)))
+        .collect();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert!(
+        matches!(
+            history[0],
+            (1, "flaky", Some(pb::attempt_outcome::Kind::Lost(_)))
+        ),
+        "{history:?}"
+    );
+    assert_eq!(
+        history[1],
+        (2, "steady", Some(pb::attempt_outcome::Kind::Exited(0)))
+    );
+    eprintln!(
+        "a_lost_agent_is_replaced_and_its_stale_attempt_is_killed: done in {:?}",
+        started.elapsed()
+    );
+    system.stop().await;
+}
+
+/// The pid in `file`, once it has been written.
+async fn read_pid(file: &Path) -> Option<u32> {
+    tokio::fs::read_to_string(file)
+        .await
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
