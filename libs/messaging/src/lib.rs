@@ -1,6 +1,6 @@
 //! Everything that crosses NATS: the one module that names subjects and headers, the
 //! JetStream streams and consumers, the JSON payloads and event envelope, and connecting to
-//! a server that is new enough.
+//! a server that is new enough, and trace context in message headers ([`trace`]).
 
 pub mod connect;
 pub mod envelope;
@@ -8,6 +8,7 @@ pub mod payloads;
 pub mod settle;
 pub mod streams;
 pub mod subjects;
+pub mod trace;
 
 pub use connect::{MessagingError, connect};
 pub use envelope::Envelope;
@@ -15,6 +16,7 @@ pub use payloads::{
     AgentCommand, AgentReport, Heartbeat, LogBatch, LogEntry, LogStreamKind, Outgoing, PlaceJob,
     ReportKind,
 };
+pub use trace::TraceHeaders;
 
 /// Decodes a JSON payload, naming the subject in the error.
 pub fn decode<T: serde::de::DeserializeOwned>(

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::envelope::Envelope;
 use crate::subjects;
+use crate::trace::{self, TraceHeaders};
 
 /// A job that needs placing, on the work queue. `attempt` is the job's current attempt
 /// number when it was queued: a scheduler that finds the job moved on drops the item.
@@ -113,12 +114,14 @@ pub struct LogBatch {
     pub eof: bool,
 }
 
-/// A message ready for the outbox: subject, JSON payload and the de-duplication id.
+/// A message ready for the outbox: subject, JSON payload, the de-duplication id and the trace
+/// context of the span it was created in (so its consumer continues that trace).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
     pub id: Uuid,
     pub subject: String,
     pub payload: Vec<u8>,
+    pub headers: TraceHeaders,
 }
 
 impl Outgoing {
@@ -128,6 +131,7 @@ impl Outgoing {
             id: event.event_id,
             subject: subjects::job_event(&event.job_id, event.kind.name()),
             payload: serde_json::to_vec(&Envelope::for_job(event, source)?)?,
+            headers: trace::current(),
         })
     }
 
@@ -137,6 +141,7 @@ impl Outgoing {
             id: event.event_id,
             subject: subjects::worker_event(&event.worker_id, event.kind.name()),
             payload: serde_json::to_vec(&Envelope::for_worker(event, source)?)?,
+            headers: trace::current(),
         })
     }
 
@@ -146,6 +151,7 @@ impl Outgoing {
             id: Uuid::now_v7(),
             subject: subjects::place_job(&item.job_id),
             payload: serde_json::to_vec(item)?,
+            headers: trace::current(),
         })
     }
 
@@ -155,6 +161,7 @@ impl Outgoing {
             id: Uuid::now_v7(),
             subject: subjects::agent_commands(worker),
             payload: serde_json::to_vec(cmd)?,
+            headers: trace::current(),
         })
     }
 }

@@ -8,6 +8,10 @@ pub const PREFIX: &str = "hodei.v1";
 
 /// Header carrying the JetStream de-duplication id (the event or message id).
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// W3C trace context header: the trace and the span that produced the message.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// W3C trace context header: vendor-specific trace state, passed on unchanged.
+pub const HEADER_TRACESTATE: &str = "tracestate";
 /// Header carrying the subject a dead-lettered message was received on.
 pub const HEADER_DLQ_SUBJECT: &str = "Hodei-Dlq-Subject";
 /// Header carrying why a message was dead-lettered.
@@ -78,6 +82,22 @@ pub fn dead_letter(kind: &str) -> String {
     format!("{PREFIX}.dlq.{kind}")
 }
 
+/// `subject` with its ids replaced by `*` (`hodei.v1.report.*`, `hodei.v1.evt.job.*.assigned`):
+/// few distinct values, for span names and grouping.
+pub fn template(subject: &str) -> String {
+    let mut tokens: Vec<&str> = subject.split('.').collect();
+    let id_at = match tokens.get(2).copied() {
+        _ if tokens.len() < 4 || tokens[0] != "hodei" => None,
+        Some("evt") | Some("work") => Some(4),
+        Some("agent") | Some("report") | Some("hb") | Some("log") => Some(3),
+        _ => None,
+    };
+    if let Some(token) = id_at.and_then(|i| tokens.get_mut(i)) {
+        *token = "*";
+    }
+    tokens.join(".")
+}
+
 /// The token after `prefix.` in `subject`, e.g. the job id of a report subject.
 pub fn token_after(subject: &str, prefix_tokens: usize) -> Option<&str> {
     subject.split('.').nth(prefix_tokens)
@@ -97,6 +117,14 @@ mod tests {
         );
         assert_eq!(agent_commands(&worker), "hodei.v1.agent.w-1.cmd");
         assert_eq!(token_after(&heartbeat(&worker), 3), Some("w-1"));
+        assert_eq!(
+            template(&job_event(&job, "assigned")),
+            "hodei.v1.evt.job.*.assigned"
+        );
+        assert_eq!(template(&place_job(&job)), "hodei.v1.work.place.*");
+        assert_eq!(template(&agent_commands(&worker)), "hodei.v1.agent.*.cmd");
+        assert_eq!(template(&report(&job)), "hodei.v1.report.*");
+        assert_eq!(template(&dead_letter("report")), "hodei.v1.dlq.report");
         assert_eq!(
             token_after(&report(&job), 3),
             Some(job.to_string().as_str())

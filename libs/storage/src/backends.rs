@@ -1,13 +1,16 @@
 //! The connections a Hodei service with state needs: NATS (JetStream streams ensured) and
-//! PostgreSQL (migrations applied), plus the outbox relay that joins them. Shared by the
-//! gateway, the scheduler and the registry so they start the same way.
+//! PostgreSQL (migrations applied), plus the outbox relay that joins them, the service's
+//! metrics and its `/metrics`, `/healthz`, `/readyz` server. Shared by the gateway, the
+//! scheduler and the registry so they start the same way.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use hodei_messaging::{MessagingError, streams};
 use hodei_resilience::{BreakerConfig, BreakerError, CircuitBreaker};
+use hodei_telemetry::{Metrics, ObservabilityServer, TelemetryError};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -34,6 +37,10 @@ pub struct BackendConfig {
     /// How long to keep trying to reach NATS and PostgreSQL at start-up, in seconds.
     #[arg(long, env = "HODEI_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
     pub connect_timeout_secs: u64,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz` (port 0 picks a
+    /// free port); none when unset.
+    #[arg(long, env = "HODEI_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BackendConfig {
@@ -44,6 +51,7 @@ impl BackendConfig {
             database_url: database_url.into(),
             database_pool: 10,
             connect_timeout_secs: 30,
+            metrics_addr: None,
         }
     }
 }
@@ -55,6 +63,8 @@ pub enum BackendError {
     Messaging(#[from] MessagingError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Connected backends.
@@ -67,13 +77,20 @@ pub struct Backends {
     pub relay_wake: Arc<Notify>,
     /// The circuit breaker every PostgreSQL call of this process goes through.
     pub db_breaker: CircuitBreaker,
+    /// This service's metrics.
+    pub metrics: Metrics,
+    /// The bound metrics and health server, until [`Backends::spawn_observability`] takes it.
+    observability: Arc<Mutex<Option<ObservabilityServer>>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Longest a unit of PostgreSQL work may take before it counts as a failure.
 pub const DB_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Backends {
-    /// Connects to NATS and PostgreSQL, ensures the streams and applies the migrations.
+    /// Connects to NATS and PostgreSQL, ensures the streams, applies the migrations and binds
+    /// the metrics server if configured. `client_name` is `hodei-<service>`; the service name
+    /// picks the metrics it records.
     pub async fn connect(
         config: &BackendConfig,
         client_name: &str,
@@ -83,13 +100,42 @@ impl Backends {
         streams::ensure_all(&js).await?;
         let pool = crate::connect(&config.database_url, config.database_pool, timeout).await?;
         crate::migrate(&pool).await?;
+        let service = client_name.strip_prefix("hodei-").unwrap_or(client_name);
+        let observability = match config.metrics_addr {
+            Some(addr) => Some(ObservabilityServer::bind(addr).await?),
+            None => None,
+        };
         Ok(Backends {
             nats,
             js,
             pool,
             relay_wake: Arc::new(Notify::new()),
             db_breaker: CircuitBreaker::new("postgres", BreakerConfig::default()),
+            metrics: Metrics::new(service),
+            metrics_addr: observability.as_ref().map(ObservabilityServer::local_addr),
+            observability: Arc::new(Mutex::new(observability)),
         })
+    }
+
+    /// The address of the metrics and health server, if one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`, if a metrics address is
+    /// configured (and it is not served yet).
+    pub fn spawn_observability(&self, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
+        let server = self
+            .observability
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        let probes = Arc::new(crate::probes::BackendProbes::new(self));
+        Some(tokio::spawn(server.serve(
+            self.metrics.clone(),
+            probes,
+            shutdown,
+        )))
     }
 
     /// Runs one unit of PostgreSQL work through the breaker, with a timeout: while PostgreSQL
@@ -99,7 +145,13 @@ impl Backends {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<T, StorageError>>,
     {
-        guarded(&self.db_breaker, op).await
+        let result = guarded(&self.db_breaker, op).await;
+        if let Err(e) = &result
+            && !e.is_conflict()
+        {
+            self.metrics.postgres_errors.inc();
+        }
+        result
     }
 
     /// Starts the outbox relay; it stops when `shutdown` is cancelled.
@@ -109,6 +161,7 @@ impl Backends {
             self.js.clone(),
             self.relay_wake.clone(),
             Duration::from_millis(200),
+            self.metrics.clone(),
             shutdown,
         ))
     }

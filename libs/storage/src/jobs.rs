@@ -24,7 +24,9 @@ pub enum Submitted {
 }
 
 /// Records a new job, its first event and `messages` in one transaction. With an idempotency
-/// key already used by the tenant, records nothing and returns the existing job.
+/// key already used by the tenant, records nothing and returns the existing job. The trace
+/// context of the current span (the submission's) is stored with the job, for the steps
+/// later taken on it without a message to continue (see [`trace_contexts`]).
 pub async fn insert_submitted(
     pool: &PgPool,
     job: &Job,
@@ -36,8 +38,8 @@ pub async fn insert_submitted(
     let inserted = sqlx::query(
         "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
                            current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
-                           created_at, updated_at, version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '[]', 0, NULL, false, NULL, NULL, NULL, $9, $9, $10)
+                           created_at, updated_at, version, trace_context)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '[]', 0, NULL, false, NULL, NULL, NULL, $9, $9, $10, $11)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
     )
     .bind(job.id().as_uuid())
@@ -50,6 +52,7 @@ pub async fn insert_submitted(
     .bind(spec.idempotency_key.as_deref())
     .bind(job.created_at())
     .bind(to_i64(job.version()))
+    .bind(encode("trace context", &hodei_messaging::trace::current())?)
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
@@ -81,6 +84,28 @@ pub async fn find_by_idempotency_key(
         .fetch_optional(pool)
         .await?;
     row.as_ref().map(decode).transpose()
+}
+
+/// The trace context stored with each of `ids` at submission (see [`insert_submitted`]);
+/// jobs without one, or unknown, are absent from the answer.
+pub async fn trace_contexts(
+    conn: impl sqlx::PgExecutor<'_>,
+    ids: &[JobId],
+) -> Result<std::collections::HashMap<JobId, hodei_messaging::TraceHeaders>, StorageError> {
+    if ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+    let rows: Vec<(Uuid, sqlx::types::Json<hodei_messaging::TraceHeaders>)> = sqlx::query_as(
+        "SELECT id, trace_context FROM jobs WHERE id = ANY($1) AND trace_context <> '{}'",
+    )
+    .bind(&uuids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, json)| (JobId::from_uuid(id), json.0))
+        .collect())
 }
 
 /// One job, if it exists.

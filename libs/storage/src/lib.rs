@@ -6,6 +6,7 @@ pub mod backends;
 pub mod error;
 pub mod jobs;
 pub mod outbox;
+mod probes;
 pub mod workers;
 
 use std::time::Duration;
@@ -41,10 +42,13 @@ pub async fn connect(
     }
 }
 
+/// The migrations in `migrations/`, built in.
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
 /// Applies the migrations in `migrations/`. sqlx takes a PostgreSQL advisory lock, so services
 /// starting together apply them once.
 pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
-    sqlx::migrate!("../../migrations")
+    MIGRATOR
         .run(pool)
         .await
         .map_err(|e| StorageError::Migrate(e.to_string()))

@@ -195,7 +195,10 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
         .unwrap();
     assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
 
-    assert_eq!(outbox::relay_batch(&pool, &js, 100).await.unwrap(), 1);
+    assert_eq!(
+        outbox::relay_batch(&pool, &js, 100, "test").await.unwrap(),
+        1
+    );
     assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
     let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
@@ -213,7 +216,10 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(outbox::relay_batch(&pool, &js, 100).await.unwrap(), 1);
+    assert_eq!(
+        outbox::relay_batch(&pool, &js, 100, "test").await.unwrap(),
+        1
+    );
     let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
     db.cleanup().await.unwrap();

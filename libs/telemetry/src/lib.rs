@@ -1,39 +1,36 @@
-//! Process plumbing every Hodei binary shares: logging initialisation (human-readable by
-//! default, JSON with `HODEI_LOG_FORMAT=json`, filtered by `HODEI_LOG`) and shutdown on
-//! SIGINT/SIGTERM.
+//! Process plumbing every Hodei binary shares: tracing (logs on stderr, human-readable or
+//! JSON, with trace and span ids on every line inside a span; OpenTelemetry spans exported
+//! over OTLP/gRPC when an endpoint is configured), the Prometheus metrics catalogue, the small
+//! HTTP server for `/metrics`, `/healthz` and `/readyz`, and shutdown on SIGINT/SIGTERM.
 
+mod format;
+pub mod http;
+pub mod metrics;
+mod setup;
+
+pub use http::{Check, ObservabilityServer, Probes};
+pub use metrics::Metrics;
+pub use setup::{TelemetryConfig, TelemetryGuard, init, init_with};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("invalid HODEI_LOG filter: {0}")]
-    Filter(String),
+    #[error("invalid {variable} filter: {reason}")]
+    Filter {
+        variable: &'static str,
+        reason: String,
+    },
     #[error("failed to install the log subscriber: {0}")]
     Install(String),
-}
-
-/// Installs the global log subscriber for `service`. Default filter: `info`.
-pub fn init(service: &str) -> Result<(), TelemetryError> {
-    let filter = match std::env::var("HODEI_LOG") {
-        Ok(f) if !f.is_empty() => {
-            EnvFilter::try_new(f).map_err(|e| TelemetryError::Filter(e.to_string()))?
-        }
-        _ => EnvFilter::new("info"),
-    };
-    let json = std::env::var("HODEI_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let result = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
-    };
-    result.map_err(|e| TelemetryError::Install(e.to_string()))?;
-    tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "starting");
-    Ok(())
+    #[error("failed to set up the otlp exporter for {endpoint}: {reason}")]
+    Exporter { endpoint: String, reason: String },
+    #[error("failed to bind the metrics server on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM.

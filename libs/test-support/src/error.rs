@@ -48,6 +48,15 @@ pub enum TestSupportError {
         log: String,
     },
 
+    /// An HTTP request to a service's metrics and health server failed.
+    #[error("http GET {url} failed: {reason}")]
+    Http {
+        /// The URL requested.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// A condition did not become true before its deadline.
     #[error("timed out waiting for {what}")]
     Timeout {

@@ -1,6 +1,7 @@
 //! Test helpers shared by the Hodei crates: a private NATS server with
 //! JetStream ([`TestNats`]), a fresh PostgreSQL database per test
-//! ([`TestDatabase`]), condition polling ([`wait_for`]) and [`free_port`].
+//! ([`TestDatabase`]), condition polling ([`wait_for`]), [`free_port`] and a
+//! plain HTTP GET ([`http_get`]) for the services' `/metrics` and probes.
 //!
 //! The helpers find their servers through the environment that
 //! `scripts/test.sh` sets up (see `scripts/lib/deps.sh`):
@@ -34,10 +35,12 @@
 
 mod database;
 mod error;
+mod http;
 mod nats;
 mod wait;
 
 pub use database::TestDatabase;
 pub use error::TestSupportError;
+pub use http::{HttpResponse, http_get};
 pub use nats::TestNats;
 pub use wait::{free_port, wait_for};

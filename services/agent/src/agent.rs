@@ -16,16 +16,18 @@ use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as Message
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hodei_domain::{AttemptId, WorkerId};
-use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects};
+use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects, trace};
+use hodei_telemetry::{Metrics, ObservabilityServer};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::attempt::{self, Assignment, AttemptContext, Stops};
 use crate::config::{AgentConfig, Settings};
 use crate::error::AgentError;
 use crate::heartbeat::Heartbeater;
+use crate::observe::{AgentProbes, SERVICE};
 use crate::running::Running;
 
 /// How long to keep trying the first connection to NATS.
@@ -46,6 +48,8 @@ pub struct Agent {
     js: jetstream::Context,
     consumer: PullConsumer,
     force_stop: CancellationToken,
+    metrics: Metrics,
+    observability: Option<ObservabilityServer>,
 }
 
 /// Why the agent stopped taking commands.
@@ -80,6 +84,10 @@ impl Agent {
         .await?;
         streams::ensure_all(&js).await?;
         let consumer = streams::consumer(&js, streams::AGENT, consumer_config(id)).await?;
+        let observability = match settings.metrics_addr {
+            Some(addr) => Some(ObservabilityServer::bind(addr).await?),
+            None => None,
+        };
         info!(
             worker_id = %id,
             nats_url = %settings.nats_url,
@@ -96,7 +104,16 @@ impl Agent {
             js,
             consumer,
             force_stop: CancellationToken::new(),
+            metrics: Metrics::new(SERVICE),
+            observability,
         })
+    }
+
+    /// The address of the `/metrics`, `/healthz` and `/readyz` server, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.observability
+            .as_ref()
+            .map(ObservabilityServer::local_addr)
     }
 
     /// This agent's worker id.
@@ -122,6 +139,16 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let worker_id = self.settings.worker_id.clone();
         let running = Running::default();
+        let stop_serving = CancellationToken::new();
+        let observability = self.observability.take().map(|server| {
+            let probes = AgentProbes {
+                nats: self.client.clone(),
+                running: running.clone(),
+                max_concurrent_jobs: self.settings.max_concurrent_jobs,
+                metrics: self.metrics.clone(),
+            };
+            tokio::spawn(server.serve(self.metrics.clone(), Arc::new(probes), stop_serving.clone()))
+        });
         let draining = Arc::new(AtomicBool::new(false));
         let beat_now = Arc::new(Notify::new());
         let stop_beating = CancellationToken::new();
@@ -149,6 +176,7 @@ impl Agent {
             kill_grace: self.settings.kill_grace,
             path: std::env::var_os("PATH"),
             stops: stops.clone(),
+            metrics: self.metrics.clone(),
         });
         let mut attempts = JoinSet::new();
 
@@ -177,6 +205,10 @@ impl Agent {
         match heartbeats.await {
             Ok(heartbeater) => heartbeater.last_beat().await,
             Err(e) => error!(worker_id = %worker_id, error = %e, "heartbeat task failed"),
+        }
+        stop_serving.cancel();
+        if let Some(observability) = observability {
+            let _ = observability.await;
         }
         info!(worker_id = %worker_id, "agent stopped");
         Ok(())
@@ -209,6 +241,7 @@ impl Agent {
                 match pulled {
                     Ok(stream) => messages = Some(stream),
                     Err(e) => {
+                        self.metrics.nats_error("consume");
                         warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
                         if let Some(cause) = pause(stop_requested(), &mut backoff).await {
                             return cause;
@@ -224,11 +257,18 @@ impl Agent {
                 next = stream.next() => match next {
                     Some(Ok(message)) => {
                         backoff = MIN_PULL_BACKOFF;
-                        if let Some(reason) = self.handle(message, ctx, running, attempts).await {
+                        let span = trace::process_span(
+                            SERVICE,
+                            &message.subject,
+                            &format!("agent-{}", self.settings.worker_id),
+                            message.headers.as_ref(),
+                        );
+                        if let Some(reason) = self.handle(message, ctx, running, attempts).instrument(span).await {
                             return StopCause::DrainCommand { reason };
                         }
                     }
                     Some(Err(e)) => {
+                        self.metrics.nats_error("consume");
                         warn!(worker_id = %self.settings.worker_id, retry_in_ms = %backoff.as_millis(), error = %e, "failed to pull commands");
                         if e.kind() == MessagesErrorKind::ConsumerDeleted {
                             messages = None;
@@ -303,10 +343,24 @@ impl Agent {
                 };
                 let ctx = Arc::clone(ctx);
                 let running = running.clone();
-                attempts.spawn(async move {
-                    attempt::run(ctx, assignment).await;
-                    running.finish(&id);
-                });
+                // Child of the command's `process` span; lives as long as the attempt.
+                let span = tracing::info_span!(
+                    "run attempt",
+                    hodei.service = SERVICE,
+                    job_id = %job_id,
+                    attempt = %attempt,
+                    worker_id = %self.settings.worker_id,
+                    process.pid = tracing::field::Empty,
+                    process.exit.code = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                );
+                attempts.spawn(
+                    async move {
+                        attempt::run(ctx, assignment).await;
+                        running.finish(&id);
+                    }
+                    .instrument(span),
+                );
                 None
             }
             AgentCommand::Cancel {

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
 use crate::group::ProcessGroup;
@@ -48,6 +48,7 @@ pub(crate) struct AttemptContext {
     /// The agent's own `PATH`, handed to jobs so `argv[0]` is found as on the host.
     pub path: Option<OsString>,
     pub stops: Stops,
+    pub metrics: hodei_telemetry::Metrics,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -118,6 +119,13 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
+    let span = tracing::Span::current();
+    span.record("outcome", crate::observe::outcome_label(&outcome));
+    if let Some(code) = outcome.exit_code() {
+        span.record("process.exit.code", code);
+    }
+    ctx.metrics
+        .agent_attempt_finished(crate::observe::outcome_label(&outcome));
     info!(job_id = %id.job_id, attempt = %id.attempt, outcome = %outcome, "attempt finished");
     let finished = ReportKind::Finished { outcome, tail };
     if report(&ctx, id, finished, &ctx.stops.give_up).await && !acked {
@@ -202,6 +210,7 @@ async fn supervise(
     let deadline = Instant::now() + spec.timeout();
     let pid = child.id().unwrap_or_default();
     let group = ProcessGroup::led_by(pid);
+    tracing::Span::current().record("process.pid", pid);
     info!(job_id = %id.job_id, attempt = %id.attempt, pid, "process started");
 
     let (lines_tx, lines_rx) = mpsc::channel(output::LINE_CHANNEL_CAPACITY);
@@ -227,7 +236,9 @@ async fn supervise(
     drop(lines_tx);
     let (exited_tx, exited_rx) = oneshot::channel();
     let shipper = tokio::spawn(
-        LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone()).ship(lines_rx, exited_rx),
+        LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone())
+            .ship(lines_rx, exited_rx)
+            .instrument(tracing::Span::current()),
     );
 
     // Retried until stored (or the agent gives up): a job must not go from assigned to ended

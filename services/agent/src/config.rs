@@ -3,6 +3,7 @@
 //! host's defaults (worker id from the hostname, capacity from the hardware).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ pub struct AgentConfig {
     /// Milliseconds running attempts get to finish when the agent shuts down.
     #[arg(long, env = "HODEI_DRAIN_TIMEOUT_MS", default_value_t = 60_000)]
     pub drain_timeout_ms: u64,
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz` (port 0 picks a
+    /// free port); none when unset.
+    #[arg(long, env = "HODEI_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The configuration checked and completed: what the agent runs with.
@@ -65,6 +70,7 @@ pub(crate) struct Settings {
     pub heartbeat_interval: Duration,
     pub kill_grace: Duration,
     pub drain_timeout: Duration,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -95,6 +101,7 @@ impl Settings {
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
             kill_grace: Duration::from_millis(config.kill_grace_ms),
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            metrics_addr: config.metrics_addr,
         })
     }
 }

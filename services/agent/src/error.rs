@@ -30,4 +30,7 @@ pub enum AgentError {
     /// Connecting to NATS or setting up streams and consumers failed.
     #[error(transparent)]
     Messaging(#[from] MessagingError),
+    /// The metrics and health server could not be started.
+    #[error(transparent)]
+    Telemetry(#[from] hodei_telemetry::TelemetryError),
 }

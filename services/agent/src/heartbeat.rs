@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hodei_domain::{ResourceUsage, Resources, WorkerId};
-use hodei_messaging::{Heartbeat, subjects};
+use hodei_messaging::{Heartbeat, subjects, trace};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::running::Running;
 
@@ -117,9 +117,13 @@ impl Heartbeater {
                 return;
             }
         };
+        let span = trace::send_heartbeat_span(crate::observe::SERVICE, &self.subject);
+        let mut headers = async_nats::HeaderMap::new();
+        trace::to_nats(&trace::headers_of(&span), &mut headers);
         match self
             .client
-            .publish(self.subject.clone(), payload.into())
+            .publish_with_headers(self.subject.clone(), headers, payload.into())
+            .instrument(span)
             .await
         {
             Ok(()) => debug!(

@@ -22,6 +22,7 @@ mod error;
 mod group;
 mod heartbeat;
 mod mask;
+mod observe;
 mod output;
 mod publish;
 mod running;

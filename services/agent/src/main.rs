@@ -2,6 +2,7 @@
 //! runs it until SIGINT or SIGTERM. The first signal drains: no new work, running attempts
 //! finish (up to the drain timeout). A second one stops at once: running attempts are
 //! cancelled (SIGTERM, kill grace, SIGKILL) and reported cancelled before the agent exits.
+//! Buffered traces are flushed last.
 
 use anyhow::Context;
 use clap::Parser;
@@ -13,7 +14,7 @@ use tracing::{info, warn};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
-    hodei_telemetry::init("agent").context("failed to initialise telemetry")?;
+    let telemetry = hodei_telemetry::init("agent").context("failed to initialise telemetry")?;
     // Listening from the start: a signal while connecting is kept and acted on once running.
     let signals = StopSignals::listen().context("failed to listen for sigint and sigterm")?;
     let agent = Agent::build(config)
@@ -21,11 +22,12 @@ async fn main() -> anyhow::Result<()> {
         .context("failed to start the agent")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals.drive(shutdown.clone(), agent.force_stop_token()));
-    agent
+    let result = agent
         .run_until_stopped(shutdown)
         .await
-        .context("failed to run the agent")?;
-    Ok(())
+        .context("failed to run the agent");
+    telemetry.shutdown().await;
+    result
 }
 
 /// SIGINT and SIGTERM, listened to for the whole run so a second one is never missed.

@@ -5,29 +5,32 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
 use bytes::Bytes;
-use hodei_messaging::subjects;
+use hodei_messaging::trace;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{Instrument, error, warn};
+
+use crate::observe::SERVICE;
 
 /// First wait between two tries.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Hands `payload` to the client for `subject`, with `msg_id` as its de-duplication id; the
-/// returned future resolves when JetStream acknowledges it.
+/// Hands `payload` to the client for `subject`, with `msg_id` as its de-duplication id and the
+/// context of a `send` span (child of the current span) as its trace context; the returned
+/// future resolves when JetStream acknowledges it.
 pub(crate) async fn send(
     js: &jetstream::Context,
     subject: &str,
     msg_id: &str,
     payload: Bytes,
 ) -> Result<PublishAckFuture, jetstream::context::PublishError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(subjects::HEADER_MSG_ID, msg_id);
+    let span = trace::send_span(SERVICE, subject, msg_id);
+    let headers = trace::nats_headers(&span, msg_id);
     js.publish_with_headers(subject.to_owned(), headers, payload)
+        .instrument(span)
         .await
 }
 

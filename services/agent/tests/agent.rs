@@ -120,6 +120,7 @@ impl Harness {
             heartbeat_interval_ms: 100,
             kill_grace_ms: 500,
             drain_timeout_ms,
+            metrics_addr: None,
         };
         let (agent, process) = if as_binary {
             let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))

@@ -68,7 +68,7 @@ fn parse_job_id(field: &str, value: &str) -> Result<JobId, Status> {
 
 #[tonic::async_trait]
 impl JobService for JobApi {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", job_id))]
     async fn submit_job(
         &self,
         request: Request<pb::SubmitJobRequest>,
@@ -118,6 +118,8 @@ impl JobService for JobApi {
         {
             Submitted::Created(job) => {
                 self.backends.relay_wake.notify_one();
+                self.backends.metrics.jobs_submitted.inc();
+                tracing::Span::current().record("job_id", tracing::field::display(job.id()));
                 tracing::info!(job_id = %job.id(), name = %job.spec().name, "job submitted");
                 (job, true)
             }
@@ -186,7 +188,7 @@ impl JobService for JobApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway"))]
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
@@ -238,6 +240,9 @@ impl JobService for JobApi {
             match saved {
                 Ok(()) => {
                     self.backends.relay_wake.notify_one();
+                    if job.state().is_terminal() {
+                        self.backends.metrics.job_finished(job.state().as_str());
+                    }
                     tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
                     return Ok(Response::new(pb::CancelJobResponse {
                         job: Some((&job).into()),

@@ -5,6 +5,7 @@
 
 mod admission;
 mod errors;
+mod grpc_trace;
 mod jobs;
 mod workers;
 
@@ -96,9 +97,15 @@ impl Gateway {
         self.addr
     }
 
+    /// The address of the `/metrics`, `/healthz` and `/readyz` server, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.backends.metrics_addr()
+    }
+
     /// Serves until `shutdown`, then lets in-flight calls finish.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
         let relay = self.backends.spawn_relay(shutdown.clone());
+        let observability = self.backends.spawn_observability(shutdown.clone());
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<JobServiceServer<jobs::JobApi>>()
@@ -120,6 +127,7 @@ impl Gateway {
         );
         let job_api = jobs::JobApi::new(self.backends.clone(), admission, shutdown.clone());
         let result = tonic::transport::Server::builder()
+            .trace_fn(grpc_trace::server_span)
             .add_service(health)
             .add_service(reflection)
             .add_service(JobServiceServer::new(job_api))
@@ -131,6 +139,9 @@ impl Gateway {
             .map_err(|e| GatewayError::Serve(e.to_string()));
         shutdown.cancel();
         let _ = relay.await;
+        if let Some(observability) = observability {
+            let _ = observability.await;
+        }
         result
     }
 }

@@ -2,6 +2,7 @@
 //! flush, however many agents beat), publishes worker events, and declares workers lost when
 //! they fall silent, handing their attempts back to the queue.
 
+mod confirm;
 mod liveness;
 
 use std::collections::{HashMap, HashSet};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{AttemptId, JobId, JobState, WorkerEvent, WorkerEventKind, WorkerId};
-use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
+use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects, trace};
 use hodei_storage::jobs;
 use hodei_storage::workers::{self, HeartbeatEffect};
 use hodei_storage::{BackendConfig, Backends};
@@ -18,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Source name in the envelopes of events this service records.
 pub const SOURCE: &str = "hodei/registry";
+/// This service's name on its spans and metrics.
+pub(crate) const SERVICE: &str = "registry";
+/// The queue group the registries share heartbeats in.
+const QUEUE_GROUP: &str = "hodei-registry";
 
 /// Registry configuration.
 #[derive(clap::Parser, Debug, Clone)]
@@ -63,7 +68,7 @@ impl Registry {
         let backends = Backends::connect(&config.backends, "hodei-registry").await?;
         let heartbeats = backends
             .nats
-            .queue_subscribe(subjects::all_heartbeats(), "hodei-registry".to_owned())
+            .queue_subscribe(subjects::all_heartbeats(), QUEUE_GROUP.to_owned())
             .await
             .map_err(|e| RegistryError::Subscribe(e.to_string()))?;
         Ok(Registry {
@@ -71,6 +76,11 @@ impl Registry {
             backends,
             heartbeats,
         })
+    }
+
+    /// The address of the `/metrics`, `/healthz` and `/readyz` server, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.backends.metrics_addr()
     }
 
     /// Runs until `shutdown`, then flushes what it buffered.
@@ -81,6 +91,7 @@ impl Registry {
             mut heartbeats,
         } = self;
         let relay = backends.spawn_relay(shutdown.clone());
+        let observability = backends.spawn_observability(shutdown.clone());
         let liveness = tokio::spawn(liveness::run(
             backends.clone(),
             Duration::from_millis(config.heartbeat_interval_ms),
@@ -89,6 +100,7 @@ impl Registry {
         ));
         let mut buffer: HashMap<WorkerId, Heartbeat> = HashMap::new();
         let mut orders = StaleOrders::new();
+        let mut seen = confirm::SeenAttempts::default();
         let mut tick =
             tokio::time::interval(Duration::from_millis(config.flush_interval_ms.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,6 +109,9 @@ impl Registry {
                 () = shutdown.cancelled() => break,
                 message = heartbeats.next() => {
                     let Some(message) = message else { break };
+                    backends.metrics.heartbeats_received.inc();
+                    let span = trace::process_heartbeat_span(SERVICE, &message.subject, QUEUE_GROUP, message.headers.as_ref());
+                    let entered = span.enter();
                     match hodei_messaging::decode::<Heartbeat>(&message.subject, &message.payload) {
                         Ok(hb) if subjects::token_after(&message.subject, 3) == Some(hb.worker_id.as_str()) => {
                             // Keep the newest beat per worker: only the latest state matters.
@@ -105,16 +120,20 @@ impl Registry {
                         Ok(hb) => tracing::warn!(subject = %message.subject, worker_id = %hb.worker_id, "heartbeat subject does not match its worker id, dropped"),
                         Err(e) => tracing::warn!(subject = %message.subject, error = %e, "malformed heartbeat dropped"),
                     }
+                    drop(entered);
                     if buffer.len() >= MAX_BATCH {
-                        flush(&backends, &mut buffer, &mut orders).await;
+                        flush(&backends, &mut buffer, &mut orders, &mut seen).await;
                     }
                 }
-                _ = tick.tick() => flush(&backends, &mut buffer, &mut orders).await,
+                _ = tick.tick() => flush(&backends, &mut buffer, &mut orders, &mut seen).await,
             }
         }
-        flush(&backends, &mut buffer, &mut orders).await;
+        flush(&backends, &mut buffer, &mut orders, &mut seen).await;
         let _ = liveness.await;
         let _ = relay.await;
+        if let Some(observability) = observability {
+            let _ = observability.await;
+        }
         Ok(())
     }
 }
@@ -157,11 +176,13 @@ async fn stale_attempts(
 /// Writes buffered heartbeats in one transaction with the worker events they cause, and
 /// orders agents to kill attempts that are no longer theirs; a worker that comes back with
 /// such attempts stays lost (takes no work) until it has killed them. On a database error the
-/// beats are dropped (the next ones carry the same information).
+/// beats are dropped (the next ones carry the same information). Attempts seen for the first
+/// time are recorded in their jobs' traces.
 async fn flush(
     backends: &Backends,
     buffer: &mut HashMap<WorkerId, Heartbeat>,
     orders: &mut StaleOrders,
+    seen: &mut confirm::SeenAttempts,
 ) {
     if buffer.is_empty() {
         return;
@@ -234,4 +255,5 @@ async fn flush(
         }
         Err(e) => tracing::warn!(count, error = %e, "failed to write heartbeats"),
     }
+    seen.record(backends, &beats).await;
 }

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hodei_domain::{AttemptOutcome, JobEventKind};
-use hodei_messaging::Outgoing;
+use hodei_messaging::{Outgoing, trace};
 use hodei_storage::{Backends, StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::SOURCE;
+use crate::{SERVICE, SOURCE};
 
 /// Checks for silent workers every half interval until `shutdown`.
 pub async fn run(
@@ -39,6 +40,7 @@ pub async fn run(
                     let id = worker.id().clone();
                     match backends.db(|| declare_lost(&backends, worker)).await {
                         Ok(requeued) => {
+                            backends.metrics.workers_lost.inc();
                             tracing::warn!(worker_id = %id, attempts = requeued, "worker lost, attempts handed back");
                             backends.relay_wake.notify_one();
                         }
@@ -57,7 +59,8 @@ pub async fn run(
 }
 
 /// In one transaction: marks the worker lost (if nobody changed it meanwhile), ends its
-/// attempts as lost and requeues their jobs. Returns how many attempts were handed back.
+/// attempts as lost and requeues their jobs, each in its job's trace. Returns how many
+/// attempts were handed back.
 async fn declare_lost(
     backends: &Backends,
     mut worker: hodei_domain::Worker,
@@ -71,6 +74,9 @@ async fn declare_lost(
     workers::save_reservation(&mut tx, &worker, version).await?;
     let messages = [Outgoing::worker_event(&event, SOURCE)?];
     let mut requeued = 0;
+    let ids: Vec<_> = released.iter().map(|h| h.attempt.job_id).collect();
+    let traces = jobs::trace_contexts(&mut *tx, &ids).await?;
+    let mut ended = Vec::new();
     for held in released {
         let Some(mut job) = jobs::get(&mut *tx, held.attempt.job_id).await? else {
             continue;
@@ -89,11 +95,21 @@ async fn declare_lost(
         if matches!(event.kind, JobEventKind::Requeued { .. }) {
             requeued += 1;
         }
+        if job.state().is_terminal() {
+            ended.push(job.state().as_str());
+        }
+        // The job's own trace goes on: handing the attempt back is part of it.
+        let step = tracing::info_span!("hand back lost attempt", hodei.service = SERVICE, job_id = %job.id(), worker_id = %worker.id());
+        trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
         // The worker was saved above with its attempts released: nothing to free here.
         jobs::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
+            .instrument(step)
             .await?;
     }
     hodei_storage::outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
+    for state in ended {
+        backends.metrics.job_finished(state);
+    }
     Ok(requeued)
 }

@@ -1,4 +1,5 @@
-//! `hodei-registry`: parses configuration and runs the registry until SIGINT/SIGTERM.
+//! `hodei-registry`: parses configuration and runs the registry until SIGINT/SIGTERM,
+//! then flushes its traces.
 
 use anyhow::Context;
 use clap::Parser;
@@ -7,15 +8,16 @@ use hodei_registry::{Registry, RegistryConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = RegistryConfig::parse();
-    hodei_telemetry::init("registry").context("failed to initialise logging")?;
+    let telemetry = hodei_telemetry::init("registry").context("failed to initialise telemetry")?;
     let registry = Registry::build(config)
         .await
         .context("failed to start the registry")?;
     let shutdown = hodei_telemetry::shutdown_on_signal();
-    registry
+    let result = registry
         .run_until_stopped(shutdown)
         .await
-        .context("registry failed")?;
+        .context("registry failed");
     tracing::info!("registry stopped");
-    Ok(())
+    telemetry.shutdown().await;
+    result
 }

@@ -13,11 +13,12 @@ use hodei_domain::specification::Specification;
 use hodei_domain::worker::can_take;
 use hodei_domain::{AttemptId, Job, JobState, Worker};
 use hodei_messaging::settle::dead_letter;
-use hodei_messaging::{AgentCommand, Outgoing, PlaceJob};
+use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, trace};
 use hodei_storage::{StorageError, jobs, outbox, workers};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::{Context, SOURCE, SchedulerError};
+use crate::{Context, SERVICE, SOURCE, SchedulerError};
 
 /// Workers that can take `job`, best first.
 pub fn rank<'a>(workers: &'a [Worker], job: &Job) -> Vec<&'a Worker> {
@@ -94,6 +95,7 @@ pub(crate) async fn run(
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
+                    ctx.backends.metrics.nats_error("consume");
                     tracing::warn!(error = %e, "failed to receive a placement request");
                     continue;
                 }
@@ -105,14 +107,35 @@ pub(crate) async fn run(
         }
         decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));
         for (item, message) in decoded {
-            handle(&ctx, &item, &message).await;
+            let span = trace::process_span(
+                SERVICE,
+                &message.subject,
+                streams::PLACER,
+                message.headers.as_ref(),
+            );
+            handle(&ctx, &item, &message).instrument(span).await;
         }
     }
 }
 
 async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
     let retry = Duration::from_millis(ctx.config.placement_retry_ms);
-    let ack = match ctx.backends.db(|| place(ctx, item)).await {
+    let started = std::time::Instant::now();
+    let placed = ctx.backends.db(|| place(ctx, item)).await;
+    let metrics = &ctx.backends.metrics;
+    metrics.placement(match &placed {
+        Ok(Placement::Placed) => "placed",
+        Ok(Placement::Stale) => "stale",
+        Ok(Placement::NotYet(_)) => "not_yet",
+        Ok(Placement::NoWorker) => "no_worker",
+        Err(_) => "error",
+    });
+    if matches!(placed, Ok(Placement::Placed)) {
+        metrics
+            .placement_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+    let ack = match placed {
         Ok(Placement::Placed | Placement::Stale) => AckKind::Ack,
         Ok(Placement::NotYet(delay)) => AckKind::Nak(Some(delay)),
         Ok(Placement::NoWorker) => AckKind::Nak(Some(retry)),
@@ -123,6 +146,7 @@ async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
         }
     };
     if let Err(e) = message.ack_with(ack).await {
+        metrics.nats_error("ack");
         tracing::warn!(job_id = %item.job_id, error = %e, "failed to settle placement request");
     }
 }
@@ -185,6 +209,7 @@ async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<
     jobs::commit_transition(&mut tx, job, version, &event, None, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
+    ctx.backends.metrics.job_finished(job.state().as_str());
     tracing::warn!(job_id = %job.id(), reason, "job failed: no worker within the queue timeout");
     Ok(())
 }
@@ -192,6 +217,10 @@ async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<
 async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), StorageError> {
     let now = Utc::now();
     let (job_version, worker_version) = (job.version(), worker.version());
+    // Placeable since it was queued (or requeued), or since its retry backoff ended.
+    let placeable_since = job
+        .not_before()
+        .map_or(job.updated_at(), |t| t.max(job.updated_at()));
     let event = job
         .assign(worker.id().clone(), now)
         .map_err(|e| StorageError::Conflict {
@@ -219,6 +248,12 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), 
     outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
+    if let Ok(waited) = (now - placeable_since).to_std() {
+        ctx.backends
+            .metrics
+            .queue_wait
+            .observe(waited.as_secs_f64());
+    }
     tracing::info!(job_id = %job.id(), attempt = %attempt, worker_id = %worker.id(), "job assigned");
     Ok(())
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hodei_domain::{AttemptId, AttemptOutcome, JobState};
-use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, subjects};
+use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, subjects, trace};
 use hodei_storage::jobs;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::{Context, SOURCE};
+use crate::{Context, SERVICE, SOURCE};
 
 /// Every `overdue / 3`, re-requests placement of jobs queued for longer than `overdue` that
 /// have no request waiting in the work queue.
@@ -43,6 +44,8 @@ async fn sweep(
         return Ok(());
     }
     let stream = ctx.backends.js.get_stream(streams::WORK).await?;
+    let ids: Vec<_> = stuck.iter().map(|j| j.id()).collect();
+    let traces = jobs::trace_contexts(&ctx.backends.pool, &ids).await?;
     for job in stuck {
         let subject = subjects::place_job(&job.id());
         if stream
@@ -58,13 +61,26 @@ async fn sweep(
             priority: job.spec().priority,
             not_before: job.not_before(),
         };
-        let message = Outgoing::place_job(&item)?;
-        ctx.backends
-            .js
-            .publish(message.subject, message.payload.into())
-            .await?
-            .await?;
-        tracing::info!(job_id = %job.id(), "overdue job re-driven");
+        // The job's own trace goes on: this step is part of it.
+        let step =
+            tracing::info_span!("re-drive queued job", hodei.service = SERVICE, job_id = %job.id());
+        trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
+        async {
+            let message = Outgoing::place_job(&item)?;
+            let id = message.id.to_string();
+            let send = trace::send_span(SERVICE, &message.subject, &id);
+            let headers = trace::nats_headers(&send, &id);
+            ctx.backends
+                .js
+                .publish_with_headers(message.subject, headers, message.payload.into())
+                .instrument(send)
+                .await?
+                .await?;
+            tracing::info!(job_id = %job.id(), "overdue job re-driven");
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        }
+        .instrument(step)
+        .await?;
     }
     Ok(())
 }
@@ -75,10 +91,17 @@ async fn sweep(
 async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start_within = Duration::from_millis(ctx.config.start_timeout_ms);
     let grace = Duration::from_millis(ctx.config.timeout_grace_ms);
-    for mut job in jobs::overdue_on_workers(&ctx.backends.pool, start_within, grace, 500).await? {
+    let overdue = jobs::overdue_on_workers(&ctx.backends.pool, start_within, grace, 500).await?;
+    let ids: Vec<_> = overdue.iter().map(|j| j.id()).collect();
+    let traces = jobs::trace_contexts(&ctx.backends.pool, &ids).await?;
+    for mut job in overdue {
         let Some(record) = job.current_attempt_record().cloned() else {
             continue;
         };
+        // The job's own trace goes on: ending the attempt is part of it.
+        let step =
+            tracing::info_span!("end overdue attempt", hodei.service = SERVICE, job_id = %job.id());
+        trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
         let version = job.version();
         let (outcome, why) = if job.state() == JobState::Assigned {
             let reason = format!(
@@ -100,14 +123,16 @@ async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + 
         let Ok(event) = job.finish(record.attempt, outcome, Utc::now(), crate::jitter()) else {
             continue;
         };
-        let kill = Outgoing::agent_command(
-            &record.worker_id,
-            &AgentCommand::Cancel {
-                job_id: job.id(),
-                attempt: record.attempt,
-                reason: why.clone(),
-            },
-        )?;
+        let kill = step.in_scope(|| {
+            Outgoing::agent_command(
+                &record.worker_id,
+                &AgentCommand::Cancel {
+                    job_id: job.id(),
+                    attempt: record.attempt,
+                    reason: why.clone(),
+                },
+            )
+        })?;
         let attempt = AttemptId::new(job.id(), record.attempt);
         let mut tx = ctx.backends.pool.begin().await?;
         match jobs::commit_transition(
@@ -119,12 +144,16 @@ async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + 
             vec![kill],
             SOURCE,
         )
+        .instrument(step.clone())
         .await
         {
             Ok(()) => {
                 tx.commit().await?;
                 ctx.backends.relay_wake.notify_one();
-                tracing::warn!(job_id = %job.id(), attempt = %record.attempt, worker_id = %record.worker_id, why, "overdue attempt ended");
+                if job.state().is_terminal() {
+                    ctx.backends.metrics.job_finished(job.state().as_str());
+                }
+                tracing::warn!(parent: &step, job_id = %job.id(), attempt = %record.attempt, worker_id = %record.worker_id, why, "overdue attempt ended");
             }
             // A report arrived meanwhile: it decided.
             Err(e) if e.is_conflict() => {}

@@ -6,15 +6,19 @@ use std::time::Duration;
 
 use hodei_agent::{Agent, AgentConfig};
 use hodei_api_gateway::{Gateway, GatewayConfig};
+use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_registry::{Registry, RegistryConfig};
 use hodei_scheduler::{Scheduler, SchedulerConfig};
 use hodei_storage::BackendConfig;
-use hodei_test_support::{TestDatabase, TestNats, TestSupportError};
+use hodei_test_support::{TestDatabase, TestNats, TestSupportError, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+/// Where test services bind their metrics servers: a free port on the loopback interface.
+const LOCALHOST_ANY_PORT: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 
 /// Heartbeat interval used by test systems, in milliseconds.
 pub const HEARTBEAT_MS: u64 = 200;
@@ -66,6 +70,9 @@ pub struct TestSystem {
     /// Per agent id, cancelled once that agent's `run_until_stopped` has returned.
     agents_stopped: Vec<(&'static str, CancellationToken)>,
     work_root: tempfile::TempDir,
+    /// Each service's `/metrics`, `/healthz`, `/readyz` address, by name (`api-gateway`,
+    /// `scheduler` (and `scheduler-1`, … for more replicas), `registry`, agents by id).
+    metrics_addrs: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// Settings a test may change; the rest are fixed for test systems.
@@ -112,9 +119,13 @@ impl TestSystem {
     ) -> Result<TestSystem, StartError> {
         let nats = TestNats::start().await?;
         let database = TestDatabase::create().await?;
-        let backends = BackendConfig::new(nats.url(), database.url());
+        let backends = BackendConfig {
+            metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
+            ..BackendConfig::new(nats.url(), database.url())
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut metrics_addrs = Vec::new();
 
         let gateway = Gateway::build(GatewayConfig {
             max_queued_jobs: options.max_queued_jobs,
@@ -123,6 +134,11 @@ impl TestSystem {
         .await
         .map_err(|e| fail("gateway")(e.to_string()))?;
         let grpc_addr = gateway.local_addr();
+        metrics_addrs.extend(
+            gateway
+                .metrics_addr()
+                .map(|a| ("api-gateway".to_owned(), a)),
+        );
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = gateway.run_until_stopped(token).await {
@@ -131,7 +147,7 @@ impl TestSystem {
         }));
 
         let mut schedulers = Vec::new();
-        for _ in 0..options.schedulers.max(1) {
+        for replica in 0..options.schedulers.max(1) {
             let scheduler = Scheduler::build(SchedulerConfig {
                 worker_stale_ms: HEARTBEAT_MS * 25,
                 placement_retry_ms: 100,
@@ -143,6 +159,11 @@ impl TestSystem {
             })
             .await
             .map_err(|e| fail("scheduler")(e.to_string()))?;
+            let name = match replica {
+                0 => "scheduler".to_owned(),
+                n => format!("scheduler-{n}"),
+            };
+            metrics_addrs.extend(scheduler.metrics_addr().map(|a| (name, a)));
             let token = shutdown.clone();
             schedulers.push(tokio::spawn(async move {
                 if let Err(e) = scheduler.run_until_stopped(token).await {
@@ -159,6 +180,7 @@ impl TestSystem {
         })
         .await
         .map_err(|e| fail("registry")(e.to_string()))?;
+        metrics_addrs.extend(registry.metrics_addr().map(|a| ("registry".to_owned(), a)));
         let token = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = registry.run_until_stopped(token).await {
@@ -187,6 +209,7 @@ impl TestSystem {
             options,
             agents_stopped: Vec::new(),
             work_root,
+            metrics_addrs,
         };
         for spec in agents {
             system.add_agent(spec, HEARTBEAT_MS).await?;
@@ -211,9 +234,12 @@ impl TestSystem {
             heartbeat_interval_ms: heartbeat_ms,
             kill_grace_ms: 1000,
             drain_timeout_ms: self.options.agent_drain_timeout_ms,
+            metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
         })
         .await
         .map_err(|e| fail("agent")(e.to_string()))?;
+        self.metrics_addrs
+            .extend(agent.metrics_addr().map(|a| (spec.id.to_owned(), a)));
         let token = self.shutdown.clone();
         let stopped = CancellationToken::new();
         self.agents_stopped.push((spec.id, stopped.clone()));
@@ -255,6 +281,62 @@ impl TestSystem {
             .iter()
             .find(|(agent, _)| *agent == id)
             .map(|(_, stopped)| stopped.is_cancelled())
+    }
+
+    /// The `/metrics`, `/healthz`, `/readyz` address of a service: `api-gateway`, `scheduler`
+    /// (`scheduler-1`, … for further replicas), `registry`, or an agent's id.
+    pub fn metrics_addr(&self, service: &str) -> Option<std::net::SocketAddr> {
+        self.metrics_addrs
+            .iter()
+            .find(|(name, _)| name == service)
+            .map(|(_, addr)| *addr)
+    }
+
+    /// Submits `spec` and returns the accepted job; a refusal is the error.
+    pub async fn submit(&self, spec: pb::JobSpec) -> Result<pb::Job, tonic::Status> {
+        let response = self
+            .jobs
+            .clone()
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(spec),
+                tenant: String::new(),
+            })
+            .await?;
+        response
+            .into_inner()
+            .job
+            .ok_or_else(|| tonic::Status::internal("SubmitJob answered without a job"))
+    }
+
+    /// Waits (up to `deadline`) for job `id` to reach a terminal state, and returns it.
+    pub async fn wait_terminal(
+        &self,
+        id: &str,
+        deadline: Duration,
+    ) -> Result<pb::Job, TestSupportError> {
+        let client = self.jobs.clone();
+        wait_for(&format!("job {id} to end"), deadline, || {
+            let mut client = client.clone();
+            let id = id.to_owned();
+            async move {
+                let job = client
+                    .get_job(pb::GetJobRequest { job_id: id })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .job?;
+                let state = pb::JobState::try_from(job.state).ok()?;
+                matches!(
+                    state,
+                    pb::JobState::Succeeded
+                        | pb::JobState::Failed
+                        | pb::JobState::Cancelled
+                        | pb::JobState::TimedOut
+                )
+                .then_some(job)
+            }
+        })
+        .await
     }
 
     /// The folder agents keep their workspaces under.

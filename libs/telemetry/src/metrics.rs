@@ -1,0 +1,322 @@
+//! Every Prometheus metric Hodei exports, named and described here and nowhere else (as
+//! subjects are in `hodei_messaging::subjects`). Each service registers the families it
+//! records in its own registry, so its `/metrics` shows its own numbers only, even when
+//! several services share a process (as in the system tests).
+//!
+//! | metric | type | recorded by |
+//! |---|---|---|
+//! | `hodei_jobs_submitted_total` | counter | api-gateway |
+//! | `hodei_jobs_started_total` | counter | scheduler |
+//! | `hodei_jobs_finished_total{outcome}` | counter | api-gateway, scheduler, registry (whichever records the end) |
+//! | `hodei_jobs_queued` | gauge | scheduler (read from PostgreSQL at scrape time) |
+//! | `hodei_placements_total{result}` | counter | scheduler |
+//! | `hodei_placement_duration_seconds` | histogram | scheduler |
+//! | `hodei_job_queue_wait_seconds` | histogram | scheduler |
+//! | `hodei_job_start_delay_seconds` | histogram | scheduler |
+//! | `hodei_heartbeats_received_total` | counter | registry |
+//! | `hodei_workers{state}` | gauge | registry (read at scrape time) |
+//! | `hodei_workers_lost_total` | counter | registry |
+//! | `hodei_nats_errors_total{operation}` | counter | every service |
+//! | `hodei_postgres_errors_total` | counter | api-gateway, scheduler, registry |
+//! | `hodei_outbox_pending` | gauge | api-gateway, scheduler, registry (read at scrape time) |
+//! | `hodei_outbox_lag_seconds` | gauge | api-gateway, scheduler, registry (read at scrape time) |
+//! | `hodei_outbox_published_total` | counter | api-gateway, scheduler, registry |
+//! | `hodei_agent_running_attempts` | gauge | agent |
+//! | `hodei_agent_free_slots` | gauge | agent |
+//! | `hodei_agent_attempts_finished_total{outcome}` | counter | agent |
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+/// One label, e.g. `outcome="succeeded"`.
+type Label = [(&'static str, String); 1];
+
+fn label(name: &'static str, value: &str) -> Label {
+    [(name, value.to_owned())]
+}
+
+/// Which families a service records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Gateway,
+    Scheduler,
+    Registry,
+    Agent,
+    /// A name this catalogue does not know: every family is registered.
+    Other,
+}
+
+impl Role {
+    fn of(service: &str) -> Role {
+        match service {
+            "api-gateway" => Role::Gateway,
+            "scheduler" => Role::Scheduler,
+            "registry" => Role::Registry,
+            "agent" => Role::Agent,
+            _ => Role::Other,
+        }
+    }
+}
+
+/// The metrics of one service: cheap to clone, every clone records into the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    service: String,
+    registry: Arc<Registry>,
+    pub jobs_submitted: Counter,
+    pub jobs_started: Counter,
+    jobs_finished: Family<Label, Counter>,
+    pub jobs_queued: Gauge,
+    placements: Family<Label, Counter>,
+    pub placement_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub start_delay: Histogram,
+    pub heartbeats_received: Counter,
+    workers: Family<Label, Gauge>,
+    pub workers_lost: Counter,
+    nats_errors: Family<Label, Counter>,
+    pub postgres_errors: Counter,
+    pub outbox_pending: Gauge,
+    pub outbox_lag: Gauge<f64, AtomicU64>,
+    pub outbox_published: Counter,
+    pub agent_running_attempts: Gauge,
+    pub agent_free_slots: Gauge,
+    agent_attempts_finished: Family<Label, Counter>,
+}
+
+impl Metrics {
+    /// The metrics of `service` (`api-gateway`, `scheduler`, `registry` or `agent`), each
+    /// family it records registered in a registry of its own.
+    pub fn new(service: &str) -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.005, 2.0, 16));
+        let metrics = Metrics {
+            service: service.to_owned(),
+            registry: Arc::new(Registry::default()),
+            jobs_submitted: Counter::default(),
+            jobs_started: Counter::default(),
+            jobs_finished: Family::default(),
+            jobs_queued: Gauge::default(),
+            placements: Family::default(),
+            placement_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            queue_wait: seconds(),
+            start_delay: seconds(),
+            heartbeats_received: Counter::default(),
+            workers: Family::default(),
+            workers_lost: Counter::default(),
+            nats_errors: Family::default(),
+            postgres_errors: Counter::default(),
+            outbox_pending: Gauge::default(),
+            outbox_lag: Gauge::default(),
+            outbox_published: Counter::default(),
+            agent_running_attempts: Gauge::default(),
+            agent_free_slots: Gauge::default(),
+            agent_attempts_finished: Family::default(),
+        };
+        let mut registry = Registry::with_prefix("hodei");
+        metrics.register(Role::of(service), &mut registry);
+        Metrics {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+
+    fn register(&self, role: Role, r: &mut Registry) {
+        use Role::{Agent, Gateway, Other, Registry as Reg, Scheduler};
+        let is = |roles: &[Role]| role == Other || roles.contains(&role);
+        if is(&[Gateway]) {
+            r.register(
+                "jobs_submitted",
+                "Jobs accepted by SubmitJob (idempotent resubmissions not counted)",
+                self.jobs_submitted.clone(),
+            );
+        }
+        if is(&[Scheduler]) {
+            r.register(
+                "jobs_started",
+                "Attempts whose process started, as reported by agents",
+                self.jobs_started.clone(),
+            );
+            r.register(
+                "jobs_queued",
+                "Jobs waiting in the queue (state queued)",
+                self.jobs_queued.clone(),
+            );
+            r.register(
+                "placements",
+                "Placement requests handled, by result (placed, no_worker, not_yet, stale, error)",
+                self.placements.clone(),
+            );
+            r.register_with_unit(
+                "placement_duration",
+                "Time to place one job: load it and the live workers, filter, rank, commit the assignment",
+                Unit::Seconds,
+                self.placement_duration.clone(),
+            );
+            r.register_with_unit(
+                "job_queue_wait",
+                "Time from a job becoming placeable (submitted, or requeued and its backoff over) to its assignment",
+                Unit::Seconds,
+                self.queue_wait.clone(),
+            );
+            r.register_with_unit(
+                "job_start_delay",
+                "Time from a job's submission to the start of its first attempt",
+                Unit::Seconds,
+                self.start_delay.clone(),
+            );
+        }
+        if is(&[Gateway, Scheduler, Reg]) {
+            r.register(
+                "jobs_finished",
+                "Jobs that reached an end state, by outcome (succeeded, failed, timed_out, cancelled)",
+                self.jobs_finished.clone(),
+            );
+            r.register(
+                "postgres_errors",
+                "PostgreSQL calls that failed (unreachable, timed out, circuit open or an error answer)",
+                self.postgres_errors.clone(),
+            );
+            r.register(
+                "outbox_pending",
+                "Committed messages waiting in the outbox to be published",
+                self.outbox_pending.clone(),
+            );
+            r.register_with_unit(
+                "outbox_lag",
+                "Age of the oldest message waiting in the outbox (0 when empty)",
+                Unit::Seconds,
+                self.outbox_lag.clone(),
+            );
+            r.register(
+                "outbox_published",
+                "Outbox messages this process published and JetStream acknowledged",
+                self.outbox_published.clone(),
+            );
+        }
+        if is(&[Reg]) {
+            r.register(
+                "heartbeats_received",
+                "Agent heartbeats received",
+                self.heartbeats_received.clone(),
+            );
+            r.register(
+                "workers",
+                "Known workers by state (ready, draining, lost, offline)",
+                self.workers.clone(),
+            );
+            r.register(
+                "workers_lost",
+                "Workers declared lost after missing their heartbeats",
+                self.workers_lost.clone(),
+            );
+        }
+        if is(&[Gateway, Scheduler, Reg, Agent]) {
+            r.register(
+                "nats_errors",
+                "NATS operations that failed, by operation (publish, consume, ack)",
+                self.nats_errors.clone(),
+            );
+        }
+        if is(&[Agent]) {
+            r.register(
+                "agent_running_attempts",
+                "Attempts this agent runs now",
+                self.agent_running_attempts.clone(),
+            );
+            r.register(
+                "agent_free_slots",
+                "Attempts this agent could take on now (max concurrent jobs minus running)",
+                self.agent_free_slots.clone(),
+            );
+            r.register(
+                "agent_attempts_finished",
+                "Attempts this agent ran to their end, by outcome",
+                self.agent_attempts_finished.clone(),
+            );
+        }
+    }
+
+    /// The service these metrics belong to.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Counts a job that reached an end state (`succeeded`, `failed`, `timed_out`, `cancelled`).
+    pub fn job_finished(&self, outcome: &str) {
+        self.jobs_finished
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+    }
+
+    /// Counts a handled placement request by result.
+    pub fn placement(&self, result: &str) {
+        self.placements
+            .get_or_create(&label("result", result))
+            .inc();
+    }
+
+    /// Sets how many workers are in `state`.
+    pub fn set_workers(&self, state: &str, count: i64) {
+        self.workers
+            .get_or_create(&label("state", state))
+            .set(count);
+    }
+
+    /// Counts a failed NATS `operation` (`publish`, `consume`, `ack`).
+    pub fn nats_error(&self, operation: &str) {
+        self.nats_errors
+            .get_or_create(&label("operation", operation))
+            .inc();
+    }
+
+    /// Counts an attempt the agent ran to its end, by outcome.
+    pub fn agent_attempt_finished(&self, outcome: &str) {
+        self.agent_attempts_finished
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+    }
+
+    /// The registered families in the OpenMetrics text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_exports_only_what_it_records() {
+        let scheduler = Metrics::new("scheduler");
+        scheduler.jobs_started.inc();
+        scheduler.job_finished("succeeded");
+        scheduler.placement_duration.observe(0.002);
+        let text = scheduler.encode().unwrap();
+        assert!(text.contains("hodei_jobs_started_total 1"), "{text}");
+        assert!(
+            text.contains("hodei_jobs_finished_total{outcome=\"succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hodei_placement_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(!text.contains("hodei_jobs_submitted"), "{text}");
+        assert!(!text.contains("hodei_agent_free_slots"), "{text}");
+
+        let agent = Metrics::new("agent");
+        agent.agent_free_slots.set(3);
+        let text = agent.encode().unwrap();
+        assert!(text.contains("hodei_agent_free_slots 3"), "{text}");
+        assert!(!text.contains("hodei_postgres_errors"), "{text}");
+    }
+}
