@@ -18,6 +18,7 @@ const GLOBAL: &str = "Global options";
 #[command(after_help = "\
 Examples:
   hodei run -- make test
+  hodei run -f job.yaml
   hodei submit --name nightly --require gpu=true -- ./train.sh --epochs 10
   hodei list --state running
   hodei logs -f 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
@@ -55,6 +56,7 @@ Examples:
   hodei submit --name build --env RUST_LOG=debug --label team=ci --timeout 600 -- cargo build
   hodei submit --script 'make && make install' --require arch=arm64
   hodei submit --secret-env GITHUB_TOKEN -- ./publish.sh
+  hodei submit -f examples/jobs/retry.yaml --max-attempts 5
   hodei --output json submit -- true")]
     Submit(JobArgs),
 
@@ -65,10 +67,16 @@ Examples:
     /// without an exit code exits 1. Ctrl-C cancels the job and keeps streaming until it ends;
     /// a second Ctrl-C stops waiting. With `--output json`, every output line is printed as a
     /// JSON object, followed by the finished job.
+    ///
+    /// On a terminal, the job's stderr lines are dimmed and, until the job prints its first
+    /// line, a status line on stderr says what it is waiting for. Set NO_COLOR to turn colours
+    /// off.
     #[command(after_help = "\
 Examples:
   hodei run -- cargo test --workspace
-  hodei run --max-attempts 3 --script 'curl -fsS https://example.com/health'")]
+  hodei run --max-attempts 3 --script 'curl -fsS https://example.com/health'
+  hodei run -f examples/jobs/hello.yaml
+  generate-job | hodei run -f - --label team=ci")]
     Run(JobArgs),
 
     /// Show one job: its state, outcome and attempts.
@@ -157,7 +165,24 @@ Examples:
 /// What to run and how: shared by `submit` and `run`.
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
-    /// Job name; defaults to the command's basename.
+    /// Read the job from this YAML or JSON file (`-` for stdin).
+    ///
+    /// The file has the fields of a job spec: `name`, `command` (`{kind: exec, argv: [...]}` or
+    /// `{kind: script, interpreter: [...], script: ...}`), `env`, `secret_env`, `working_dir`,
+    /// `timeout_secs`, `resources` (`cpu_millis`, `memory_mb`), `required_labels`, `priority`,
+    /// `max_attempts`, `retry_backoff` (`initial_ms`, `max_ms`), `idempotency_key`, `labels`;
+    /// only `name` and `command` are required, unknown fields are refused. `.json` files are
+    /// read as JSON, others as YAML. The spec is checked before it is sent, and every invalid
+    /// field is reported.
+    ///
+    /// Other job options override the file: `--name`, `--timeout`, `--max-attempts`,
+    /// `--priority`, `--cpu`, `--memory`, `--idempotency-key`, `--workdir` and a command (after
+    /// `--` or `--script`) replace the file's value; `--env`, `--secret-env`, `--label` and
+    /// `--require` add entries and replace the file's entries with the same key.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<String>,
+
+    /// Job name; defaults to the command's basename (to the file's with `-f`).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
@@ -227,7 +252,7 @@ pub struct JobArgs {
     #[arg(
         value_name = "CMD",
         trailing_var_arg = true,
-        required_unless_present = "script",
+        required_unless_present_any = ["script", "file"],
         conflicts_with = "script"
     )]
     pub command: Vec<String>,
@@ -403,6 +428,18 @@ mod tests {
         assert_eq!(a.interpreter, None);
         assert!(parse(&["submit", "--interpreter", "bash -c", "--", "true"]).is_err());
         assert!(parse(&["submit", "--interpreter", "bash -c"]).is_err());
+    }
+
+    #[test]
+    fn a_job_file_stands_for_the_command() {
+        let a = job_args(&["run", "-f", "job.yaml"]);
+        assert_eq!(a.file.as_deref(), Some("job.yaml"));
+        assert!(a.command.is_empty());
+        let a = job_args(&["submit", "--file", "-", "--name", "x", "--", "echo", "hi"]);
+        assert_eq!(a.file.as_deref(), Some("-"));
+        assert_eq!(a.command, vec!["echo", "hi"]);
+        let a = job_args(&["submit", "-f", "job.json", "--script", "make"]);
+        assert_eq!(a.script.as_deref(), Some("make"));
     }
 
     #[test]

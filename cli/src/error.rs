@@ -1,10 +1,13 @@
-//! How a failed command is reported: one line on stderr and exit code 2.
+//! How a failed command is reported: one line on stderr (one per invalid field of a job
+//! file) and exit code 2.
 
 use std::error::Error as _;
 use std::io;
 use std::process::ExitCode;
 
 use tonic::{Code, ConnectError, Status};
+
+use crate::spec::InvalidSpec;
 
 /// Exit code of every failure of the CLI itself (as opposed to a job's own exit code).
 pub const FAILURE: u8 = 2;
@@ -18,8 +21,22 @@ pub fn report(err: &anyhow::Error, server: &str) -> ExitCode {
     {
         return ExitCode::SUCCESS;
     }
-    eprintln!("{}", message(err, server));
+    for line in messages(err, server) {
+        eprintln!("{line}");
+    }
     ExitCode::from(FAILURE)
+}
+
+/// The lines to print for `err`: one per invalid field of a job file, else one.
+pub fn messages(err: &anyhow::Error, server: &str) -> Vec<String> {
+    match err.downcast_ref::<InvalidSpec>() {
+        Some(invalid) => invalid
+            .lines()
+            .iter()
+            .map(|line| format!("error: {}", one_line(line)))
+            .collect(),
+        None => vec![message(err, server)],
+    }
 }
 
 /// The line to print for `err`, starting with "error: ".
@@ -132,6 +149,26 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn an_invalid_job_file_prints_a_line_per_field() {
+        let err = anyhow::Error::from(InvalidSpec {
+            source: "job.yaml".into(),
+            errors: vec![
+                hodei_domain::FieldError::new("name", "must not be empty"),
+                hodei_domain::FieldError::new("priority", "must be between -1000 and 1000"),
+            ],
+        });
+        assert_eq!(
+            messages(&err, SERVER),
+            [
+                "error: job.yaml: name: must not be empty",
+                "error: job.yaml: priority: must be between -1000 and 1000",
+            ]
+        );
+        let err = anyhow::anyhow!("boom");
+        assert_eq!(messages(&err, SERVER), ["error: boom"]);
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! Output for people: key/value blocks, tables and one-line events, as plain text.
 //!
 //! Every function returns the text instead of printing it, so tests can compare it; the
-//! current time is a parameter wherever an age is shown.
+//! current time is a parameter wherever an age is shown, and the [`Style`] wherever job states
+//! are coloured.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use hodei_proto::v1 as pb;
 
-use crate::table::{Table, indent};
+use crate::style::{Style, state_paint};
+use crate::table::{Cell, Table, indent};
 use crate::wire;
 
 /// `hodei get`: the job, then its attempts.
-pub fn job_block(j: &pb::Job) -> String {
+pub fn job_block(j: &pb::Job, style: Style) -> String {
     let mut t = Table::new();
     t.row(["id:", j.id.as_str()]);
     let spec = j.spec.clone().unwrap_or_default();
@@ -21,7 +23,10 @@ pub fn job_block(j: &pb::Job) -> String {
     if j.cancel_requested && !wire::is_terminal(j.state) {
         state.push_str(" (cancel requested)");
     }
-    t.row(["state:".to_owned(), state]);
+    t.row([
+        Cell::from("state:"),
+        Cell::painted(state, style.pick(state_paint(j.state))),
+    ]);
     if !j.reason.is_empty() {
         t.row(["reason:", j.reason.as_str()]);
     }
@@ -122,22 +127,27 @@ fn attempts_table(attempts: &[pb::Attempt]) -> Table {
 }
 
 /// `hodei list`.
-pub fn jobs_table(jobs: &[pb::Job], now: DateTime<Utc>) -> String {
+pub fn jobs_table(jobs: &[pb::Job], now: DateTime<Utc>, style: Style) -> String {
     let mut t = Table::with_header(&["ID", "NAME", "STATE", "ATTEMPT", "WORKER", "EXIT", "AGE"]);
     for j in jobs {
         let spec = j.spec.clone().unwrap_or_default();
         let last = j.attempts.last();
         t.row([
-            j.id.clone(),
-            spec.name,
-            wire::state_name(j.state).to_owned(),
+            Cell::from(j.id.clone()),
+            spec.name.into(),
+            Cell::painted(wire::state_name(j.state), style.pick(state_paint(j.state))),
             last.map(|a| format!("{}/{}", a.attempt, max_attempts_of(j)))
-                .unwrap_or_default(),
-            last.map(|a| a.worker_id.clone()).unwrap_or_default(),
-            j.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                .unwrap_or_default()
+                .into(),
+            last.map(|a| a.worker_id.clone()).unwrap_or_default().into(),
+            j.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_default()
+                .into(),
             wire::time(j.created_at.as_ref())
                 .map(|t| age(now, t))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into(),
         ]);
     }
     t.render()
@@ -346,7 +356,7 @@ mod tests {
 
     #[test]
     fn job_block_shows_state_outcome_and_attempts() {
-        let out = job_block(&sample_job());
+        let out = job_block(&sample_job(), Style::PLAIN);
         assert_eq!(
             out,
             "\
@@ -382,7 +392,7 @@ output of attempt 1 (last lines, `hodei logs` for all):
         queued.attempts.clear();
         queued.exit_code = None;
         queued.created_at = ts(1_700_000_000 - 7200);
-        let out = jobs_table(&[sample_job(), queued], at(1_700_000_090));
+        let out = jobs_table(&[sample_job(), queued], at(1_700_000_090), Style::PLAIN);
         assert_eq!(
             out,
             "\
@@ -391,6 +401,29 @@ job-1   echo  failed  1/2      w-1     3     1m
 job-22  echo  queued  -        -       -     2h
 "
         );
+    }
+
+    #[test]
+    fn states_are_coloured_when_the_style_says_so() {
+        let mut running = sample_job();
+        running.id = "job-22".into();
+        running.state = pb::JobState::Running.into();
+        running.exit_code = None;
+        let out = jobs_table(&[sample_job(), running], at(1_700_000_090), Style::COLOR);
+        assert_eq!(
+            out,
+            "\
+ID      NAME  STATE    ATTEMPT  WORKER  EXIT  AGE
+job-1   echo  \x1b[31mfailed\x1b[0m   1/2      w-1     3     1m
+job-22  echo  \x1b[34mrunning\x1b[0m  1/2      w-1     -     1m
+"
+        );
+        let out = job_block(&sample_job(), Style::COLOR);
+        assert!(
+            out.contains("state:         \x1b[31mfailed\x1b[0m\n"),
+            "{out}"
+        );
+        assert!(!job_block(&sample_job(), Style::PLAIN).contains('\x1b'));
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `hodei`, the command-line client of Hodei Pipelines: submit jobs, follow their output and
 //! events, and look at jobs and workers, over the API gateway's gRPC API.
 //!
-//! Exit codes: 0 on success; 2 when the command fails (bad usage, an error from the server,
-//! the server unreachable); `hodei run` exits with its job's exit code, or 1 when the job
-//! ended without one.
+//! Exit codes: 0 on success; 2 when the command fails (bad usage, a job file that does not
+//! parse or validate, an error from the server, the server unreachable); `hodei run` exits
+//! with its job's exit code, or 1 when the job ended without one.
 
 mod cli;
 mod client;
@@ -12,8 +12,11 @@ mod error;
 #[cfg(test)]
 mod fixtures;
 mod human;
+mod jobfile;
 mod json;
+mod progress;
 mod spec;
+mod style;
 mod table;
 mod wire;
 

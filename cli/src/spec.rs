@@ -1,15 +1,23 @@
-//! Turns the job options of `submit` and `run` into the wire `JobSpec`.
+//! Turns the job options of `submit` and `run`, and the job file of `-f`, into the wire
+//! `JobSpec` to submit.
 //!
-//! Options left out stay at their wire zero values, which the server reads as its documented
-//! defaults; the server validates the rest and names any field it refuses.
+//! Without a file, options left out stay at their wire zero values, which the server reads as
+//! its documented defaults, and the server validates the rest. With a file, the file is read
+//! into the domain's `JobSpecDraft`, the options given override it, and the result is
+//! validated here with the domain's own rules, so every invalid field is reported before
+//! anything is sent.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::Path;
 
 use anyhow::bail;
+use hodei_domain::spec::JobSpecDraft;
+use hodei_domain::{Command, FieldError, JobSpec};
 use hodei_proto::v1 as pb;
 
 use crate::cli::JobArgs;
+use crate::jobfile;
 
 /// Longest job name the server accepts; a default name is cut to fit.
 const MAX_NAME_CHARS: usize = 128;
@@ -20,34 +28,106 @@ const DEFAULT_INTERPRETER: &str = "/bin/sh -c";
 /// Name of a `--script` job submitted without `--name`.
 const SCRIPT_JOB_NAME: &str = "script";
 
+/// A job file whose spec, once the options are applied, breaks the spec's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// The file as the user named it, or `<stdin>`.
+    pub source: String,
+    /// Every invalid field, in the domain's order.
+    pub errors: Vec<FieldError>,
+}
+
+impl InvalidSpec {
+    /// One line per invalid field: `job.yaml: max_attempts: must be between 1 and 100`.
+    pub fn lines(&self) -> Vec<String> {
+        self.errors
+            .iter()
+            .map(|e| format!("{}: {}: {}", self.source, e.field, e.reason))
+            .collect()
+    }
+}
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines().join("; "))
+    }
+}
+
+impl std::error::Error for InvalidSpec {}
+
 impl JobArgs {
-    /// The spec to submit.
+    /// The spec to submit: the job file with the options applied over it when `-f` is given,
+    /// the options alone otherwise.
     pub fn to_spec(&self) -> anyhow::Result<pb::JobSpec> {
-        let command = match &self.script {
-            Some(script) => {
-                let interpreter: Vec<String> = self
-                    .interpreter
-                    .as_deref()
-                    .unwrap_or(DEFAULT_INTERPRETER)
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect();
-                if interpreter.is_empty() {
-                    bail!("--interpreter is empty; give a program such as \"/bin/sh -c\"");
-                }
-                pb::job_spec::Command::Script(pb::ScriptCommand {
-                    interpreter,
-                    script: script.clone(),
-                })
+        match &self.file {
+            Some(path) => {
+                let draft = jobfile::load(path)?;
+                self.spec_from_file(draft, &jobfile::display_name(path))
             }
-            None => {
-                if self.command.is_empty() {
-                    bail!("no command to run; give one after `--` or use --script");
-                }
-                pb::job_spec::Command::Exec(pb::ExecCommand {
-                    argv: self.command.clone(),
-                })
-            }
+            None => self.spec_from_options(),
+        }
+    }
+
+    /// `draft` with the options applied, validated, in wire form. `source` names the file in
+    /// errors.
+    fn spec_from_file(&self, mut draft: JobSpecDraft, source: &str) -> anyhow::Result<pb::JobSpec> {
+        self.apply_to(&mut draft)?;
+        let spec = JobSpec::try_from(draft).map_err(|invalid| InvalidSpec {
+            source: source.to_owned(),
+            errors: invalid.0,
+        })?;
+        Ok(to_wire(&spec))
+    }
+
+    /// Overrides the file's values with the options given: a name, a command (after `--` or
+    /// `--script`), a number, a directory or a key replaces the file's; `--env`,
+    /// `--secret-env`, `--label` and `--require` add entries, replacing the file's entries of
+    /// the same key (an `--env` value for a key the file marks secret stays secret);
+    /// `--cpu` and `--memory` replace one resource each.
+    fn apply_to(&self, draft: &mut JobSpecDraft) -> anyhow::Result<()> {
+        if let Some(name) = &self.name {
+            draft.name = name.clone();
+        }
+        if let Some(command) = self.command()? {
+            draft.command = command;
+        }
+        draft.env.extend(self.env.iter().cloned());
+        for (key, value) in self.secret_values()? {
+            draft.env.insert(key.clone(), value);
+            draft.secret_env.insert(key);
+        }
+        draft.labels.extend(self.labels.iter().cloned());
+        draft
+            .required_labels
+            .extend(self.required_labels.iter().cloned());
+        if let Some(timeout) = self.timeout {
+            draft.timeout_secs = timeout;
+        }
+        if let Some(max_attempts) = self.max_attempts {
+            draft.max_attempts = max_attempts;
+        }
+        if let Some(priority) = self.priority {
+            draft.priority = priority;
+        }
+        if let Some(cpu) = self.cpu {
+            draft.resources.cpu_millis = cpu;
+        }
+        if let Some(memory) = self.memory {
+            draft.resources.memory_mb = memory;
+        }
+        if let Some(key) = &self.idempotency_key {
+            draft.idempotency_key = Some(key.clone());
+        }
+        if let Some(dir) = &self.workdir {
+            draft.working_dir = Some(dir.clone());
+        }
+        Ok(())
+    }
+
+    /// The spec from the options alone.
+    fn spec_from_options(&self) -> anyhow::Result<pb::JobSpec> {
+        let Some(command) = self.command()? else {
+            bail!("no command to run; give one after `--`, use --script, or -f FILE");
         };
         let name = match &self.name {
             Some(name) => name.clone(),
@@ -59,24 +139,15 @@ impl JobArgs {
         });
         let mut env = to_map(&self.env);
         let mut secret_env = Vec::new();
-        for (key, value) in &self.secret_env {
-            let value = match value {
-                Some(value) => value.clone(),
-                None => std::env::var(key).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--secret-env {key}: {key} is not set (or not UTF-8) in this environment; \
-                         give it as {key}=VALUE"
-                    )
-                })?,
-            };
+        for (key, value) in self.secret_values()? {
             env.insert(key.clone(), value);
-            if !secret_env.contains(key) {
-                secret_env.push(key.clone());
+            if !secret_env.contains(&key) {
+                secret_env.push(key);
             }
         }
         Ok(pb::JobSpec {
             name,
-            command: Some(command),
+            command: Some(command_to_wire(command)),
             env,
             secret_env,
             working_dir: self.workdir.clone().unwrap_or_default(),
@@ -90,13 +161,81 @@ impl JobArgs {
             labels: to_map(&self.labels),
         })
     }
+
+    /// The command given by `--script` or after `--`, if any.
+    fn command(&self) -> anyhow::Result<Option<Command>> {
+        if let Some(script) = &self.script {
+            let interpreter: Vec<String> = self
+                .interpreter
+                .as_deref()
+                .unwrap_or(DEFAULT_INTERPRETER)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            if interpreter.is_empty() {
+                bail!("--interpreter is empty; give a program such as \"/bin/sh -c\"");
+            }
+            return Ok(Some(Command::Script {
+                interpreter,
+                script: script.clone(),
+            }));
+        }
+        Ok((!self.command.is_empty()).then(|| Command::Exec {
+            argv: self.command.clone(),
+        }))
+    }
+
+    /// The `--secret-env` entries with their values, a bare `K` taking the value of `K` in
+    /// this environment.
+    fn secret_values(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.secret_env
+            .iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    Some(value) => value.clone(),
+                    None => std::env::var(key).map_err(|_| {
+                        anyhow::anyhow!(
+                            "--secret-env {key}: {key} is not set (or not UTF-8) in this \
+                             environment; give it as {key}=VALUE"
+                        )
+                    })?,
+                };
+                Ok((key.clone(), value))
+            })
+            .collect()
+    }
+}
+
+/// The validated spec as submitted. `pb::JobSpec::from(&JobSpec)` is the API's display form
+/// and masks secret values; a submission must carry them, so the env is put back unmasked and
+/// everything else comes from the shared conversion.
+pub fn to_wire(spec: &JobSpec) -> pb::JobSpec {
+    let mut wire = pb::JobSpec::from(spec);
+    wire.env = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    wire
+}
+
+fn command_to_wire(command: Command) -> pb::job_spec::Command {
+    match command {
+        Command::Exec { argv } => pb::job_spec::Command::Exec(pb::ExecCommand { argv }),
+        Command::Script {
+            interpreter,
+            script,
+        } => pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter,
+            script,
+        }),
+    }
 }
 
 /// The basename of the program for a command, `script` for a script.
-fn default_name(command: &pb::job_spec::Command) -> String {
+fn default_name(command: &Command) -> String {
     let name = match command {
-        pb::job_spec::Command::Exec(exec) => exec
-            .argv
+        Command::Exec { argv } => argv
             .first()
             .map(|program| {
                 Path::new(program)
@@ -105,7 +244,7 @@ fn default_name(command: &pb::job_spec::Command) -> String {
             })
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| SCRIPT_JOB_NAME.to_owned()),
-        pb::job_spec::Command::Script(_) => SCRIPT_JOB_NAME.to_owned(),
+        Command::Script { .. } => SCRIPT_JOB_NAME.to_owned(),
     };
     name.chars().take(MAX_NAME_CHARS).collect()
 }
@@ -128,6 +267,36 @@ mod tests {
             Command::Submit(a) | Command::Run(a) => a.to_spec(),
             other => panic!("not a job command: {other:?}"),
         }
+    }
+
+    /// The spec of `args` (which name a job file) with `draft` standing for the file.
+    fn file_spec(args: &[&str], draft: JobSpecDraft) -> anyhow::Result<pb::JobSpec> {
+        let cli = Cli::try_parse_from(std::iter::once("hodei").chain(args.iter().copied()))?;
+        match cli.command {
+            Command::Submit(a) | Command::Run(a) => {
+                assert!(a.file.is_some(), "no -f in {args:?}");
+                a.spec_from_file(draft, "job.yaml")
+            }
+            other => panic!("not a job command: {other:?}"),
+        }
+    }
+
+    fn file_draft() -> JobSpecDraft {
+        let mut d = JobSpecDraft::exec("from-file", &["echo", "file"]);
+        d.env.insert("A".into(), "1".into());
+        d.env.insert("B".into(), "2".into());
+        d.env.insert("TOKEN".into(), "file-secret".into());
+        d.secret_env.insert("TOKEN".into());
+        d.labels.insert("team".into(), "web".into());
+        d.labels.insert("tier".into(), "1".into());
+        d.resources = hodei_domain::Resources::new(100, 200);
+        d.timeout_secs = 60;
+        d.max_attempts = 3;
+        d.retry_backoff = hodei_domain::Backoff {
+            initial_ms: 10,
+            max_ms: 20,
+        };
+        d
     }
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -293,5 +462,146 @@ mod tests {
     fn repeated_keys_keep_the_last_value() {
         let got = spec(&["submit", "--env", "A=1", "--env", "A=2", "--", "true"]).unwrap();
         assert_eq!(got.env, map(&[("A", "2")]));
+    }
+
+    #[test]
+    fn a_file_is_submitted_as_written_with_secrets_unmasked() {
+        let got = file_spec(&["submit", "-f", "job.yaml"], file_draft()).unwrap();
+        assert_eq!(
+            got.env.get("TOKEN").map(String::as_str),
+            Some("file-secret")
+        );
+        assert_eq!(got.secret_env, vec!["TOKEN"]);
+        // Nothing is lost or masked on the way: the server reads back the same draft.
+        assert_eq!(JobSpecDraft::from(got), file_draft());
+    }
+
+    #[test]
+    fn options_override_the_file() {
+        let got = file_spec(
+            &[
+                "run",
+                "-f",
+                "job.yaml",
+                "--name",
+                "from-flags",
+                "--env",
+                "B=3",
+                "--env",
+                "TOKEN=flag-secret",
+                "--secret-env",
+                "KEY=k",
+                "--label",
+                "team=ci",
+                "--require",
+                "gpu=true",
+                "--timeout",
+                "5",
+                "--memory",
+                "512",
+                "--priority",
+                "7",
+                "--idempotency-key",
+                "once",
+                "--workdir",
+                "src",
+                "--",
+                "echo",
+                "flags",
+            ],
+            file_draft(),
+        )
+        .unwrap();
+        let d = JobSpecDraft::from(got);
+        assert_eq!(d.name, "from-flags");
+        assert_eq!(
+            d.command,
+            hodei_domain::Command::Exec {
+                argv: vec!["echo".into(), "flags".into()]
+            }
+        );
+        let env: Vec<(&str, &str)> = d
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("A", "1"),
+                ("B", "3"),
+                ("KEY", "k"),
+                ("TOKEN", "flag-secret")
+            ]
+        );
+        // The file marked TOKEN secret; a plain --env value for it stays secret.
+        assert_eq!(
+            d.secret_env.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["KEY", "TOKEN"]
+        );
+        assert_eq!(d.labels.get("team").map(String::as_str), Some("ci"));
+        assert_eq!(d.labels.get("tier").map(String::as_str), Some("1"));
+        assert_eq!(
+            d.required_labels.get("gpu").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(d.timeout_secs, 5);
+        assert_eq!(d.resources, hodei_domain::Resources::new(100, 512));
+        assert_eq!(d.priority, 7);
+        assert_eq!(d.idempotency_key.as_deref(), Some("once"));
+        assert_eq!(d.working_dir.as_deref(), Some("src"));
+        // What no option touched is the file's.
+        assert_eq!(d.max_attempts, 3);
+        assert_eq!(d.retry_backoff.initial_ms, 10);
+    }
+
+    #[test]
+    fn a_script_option_replaces_the_files_command() {
+        let got = file_spec(
+            &["submit", "-f", "job.yaml", "--script", "make"],
+            file_draft(),
+        )
+        .unwrap();
+        assert_eq!(
+            got.command,
+            Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+                interpreter: vec!["/bin/sh".into(), "-c".into()],
+                script: "make".into(),
+            }))
+        );
+    }
+
+    #[test]
+    fn an_invalid_file_reports_every_field() {
+        let mut d = file_draft();
+        d.max_attempts = 1000;
+        d.priority = 5000;
+        d.secret_env.insert("MISSING".into());
+        let err = file_spec(&["submit", "-f", "job.yaml"], d.clone()).unwrap_err();
+        let invalid = err.downcast_ref::<InvalidSpec>().unwrap();
+        assert_eq!(
+            invalid.lines(),
+            [
+                "job.yaml: max_attempts: must be between 1 and 100",
+                "job.yaml: priority: must be between -1000 and 1000",
+                "job.yaml: secret_env.MISSING: must name an entry of env",
+            ]
+        );
+        // Options are applied before validation, so they can mend a file.
+        d.secret_env.remove("MISSING");
+        let got = file_spec(
+            &[
+                "submit",
+                "-f",
+                "job.yaml",
+                "--max-attempts",
+                "2",
+                "--priority",
+                "1",
+            ],
+            d,
+        )
+        .unwrap();
+        assert_eq!((got.max_attempts, got.priority), (2, 1));
     }
 }

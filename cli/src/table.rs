@@ -1,10 +1,50 @@
 //! Plain-text tables with columns aligned by hand: every column but the last is padded to its
-//! widest cell, columns are two spaces apart, and no line ends in spaces.
+//! widest cell, columns are two spaces apart, and no line ends in spaces. A cell may be
+//! painted; widths count its text only, never the colour codes.
+
+use crate::style::Paint;
 
 /// Rows of cells, with an optional header row.
 #[derive(Debug, Default)]
 pub struct Table {
-    rows: Vec<Vec<String>>,
+    rows: Vec<Vec<Cell>>,
+}
+
+/// One cell: its text, kept on one line, and how to paint it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    text: String,
+    paint: Option<Paint>,
+}
+
+impl Cell {
+    /// A cell shown in `paint` (none for plain text). Empty text shows as "-"; line breaks
+    /// and tabs are escaped so the cell stays on its line.
+    pub fn painted(text: impl Into<String>, paint: Option<Paint>) -> Self {
+        let text: String = text.into();
+        let text = if text.is_empty() {
+            EMPTY_CELL.to_owned()
+        } else {
+            one_line(&text)
+        };
+        Cell { text, paint }
+    }
+
+    fn width(&self) -> usize {
+        self.text.chars().count()
+    }
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Self {
+        Cell::painted(text, None)
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Self {
+        Cell::painted(text, None)
+    }
 }
 
 /// Empty cells show as this, so columns never look shifted.
@@ -16,7 +56,7 @@ impl Table {
     /// A table whose first row is `header`.
     pub fn with_header(header: &[&str]) -> Self {
         Table {
-            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+            rows: vec![header.iter().map(|h| Cell::from(*h)).collect()],
         }
     }
 
@@ -30,20 +70,9 @@ impl Table {
     pub fn row<I, S>(&mut self, cells: I)
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: Into<Cell>,
     {
-        let row = cells
-            .into_iter()
-            .map(|c| {
-                let c: String = c.into();
-                if c.is_empty() {
-                    EMPTY_CELL.to_owned()
-                } else {
-                    one_line(&c)
-                }
-            })
-            .collect();
-        self.rows.push(row);
+        self.rows.push(cells.into_iter().map(Into::into).collect());
     }
 
     /// The table, one line per row, each ending in a newline.
@@ -52,7 +81,7 @@ impl Table {
         let mut widths = vec![0; columns];
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate() {
-                widths[i] = widths[i].max(cell.chars().count());
+                widths[i] = widths[i].max(cell.width());
             }
         }
         let mut out = String::new();
@@ -62,8 +91,11 @@ impl Table {
                 if i > 0 {
                     line.push_str(GAP);
                 }
-                line.push_str(cell);
-                let pad = widths[i] - cell.chars().count();
+                match cell.paint {
+                    Some(paint) => line.push_str(&paint.apply(&cell.text)),
+                    None => line.push_str(&cell.text),
+                }
+                let pad = widths[i] - cell.width();
                 line.extend(std::iter::repeat_n(' ', pad));
             }
             out.push_str(line.trim_end());
@@ -136,6 +168,17 @@ ID     NAME              STATE
         t.row(["x"]);
         assert_eq!(t.render(), "A  B\nx\n");
         assert_eq!(Table::new().render(), "");
+    }
+
+    #[test]
+    fn painted_cells_align_on_their_text() {
+        let mut t = Table::with_header(&["STATE", "ID"]);
+        t.row([Cell::painted("failed", Some(Paint::Red)), "1".into()]);
+        t.row([Cell::painted("succeeded", Some(Paint::Green)), "2".into()]);
+        assert_eq!(
+            t.render(),
+            "STATE      ID\n\x1b[31mfailed\x1b[0m     1\n\x1b[32msucceeded\x1b[0m  2\n"
+        );
     }
 
     #[test]

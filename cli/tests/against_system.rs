@@ -71,5 +71,27 @@ async fn run_streams_the_output_and_exits_with_the_jobs_code() {
         "{stderr}"
     );
 
+    // The shipped example job files run as they are.
+    let out = hodei(&server, &["run", "-f", &example("hello.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from hodei\n");
+
+    // The secret reaches the job (its length is printed) but never its output.
+    let out = hodei(&server, &["run", "-f", &example("secret.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "calling https://api.example.com with token ********\nthe token has 17 characters\n"
+    );
+
+    let out = hodei(&server, &["run", "-f", &example("retry.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "attempt 3: ok\n");
+
     system.stop().await;
+}
+
+/// The path of a file of `examples/jobs`.
+fn example(name: &str) -> String {
+    format!("{}/../examples/jobs/{name}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -4,15 +4,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::{JobService, JobServiceServer};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -30,6 +32,9 @@ struct FakeJobs {
     next_page_token: String,
     /// Keep followed log streams open after the last line, like a job that never ends.
     hang: bool,
+    /// Hold log lines back until the client has looked the job up, like a job that starts
+    /// after the client has shown that it waits.
+    logs_after_get: Option<Arc<Semaphore>>,
 }
 
 impl FakeJobs {
@@ -64,6 +69,7 @@ impl FakeJobs {
             cancel_reasons: Arc::default(),
             next_page_token: String::new(),
             hang: false,
+            logs_after_get: None,
         }
     }
 
@@ -104,6 +110,9 @@ impl JobService for FakeJobs {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let job = self.job_for(&request.into_inner().job_id)?;
+        if let Some(gate) = &self.logs_after_get {
+            gate.add_permits(1);
+        }
         Ok(Response::new(pb::GetJobResponse { job: Some(job) }))
     }
 
@@ -159,6 +168,16 @@ impl JobService for FakeJobs {
             .cloned()
             .map(Ok)
             .collect();
+        if let Some(gate) = self.logs_after_get.clone() {
+            let (tx, rx) = mpsc::channel(lines.len().max(1));
+            tokio::spawn(async move {
+                gate.acquire().await.unwrap().forget();
+                for line in lines {
+                    tx.send(line).await.unwrap();
+                }
+            });
+            return Ok(Response::new(Box::pin(ReceiverStream::new(rx))));
+        }
         let lines = tokio_stream::iter(lines);
         if self.hang && request.follow {
             Ok(Response::new(Box::pin(
@@ -395,4 +414,335 @@ async fn ctrl_c_cancels_the_job_and_a_second_one_stops_waiting() {
         cancel_reasons.lock().unwrap().as_slice(),
         ["interrupted by the client (ctrl-c)"]
     );
+}
+
+/// `hodei` with `input` on its stdin.
+async fn hodei_with_stdin(server: &str, args: &[&str], input: &str) -> Output {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei"))
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env_remove("HODEI_SERVER")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    child.wait_with_output().await.unwrap()
+}
+
+/// `hodei` on a pseudo-terminal, through util-linux `script`: stdout and stderr both reach
+/// the terminal, and come back merged, with `\r\n` line ends.
+async fn hodei_on_a_terminal(server: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = quote(env!("CARGO_BIN_EXE_hodei"));
+    for arg in ["--server", server].iter().chain(args) {
+        line.push(' ');
+        line.push_str(&quote(arg));
+    }
+    tokio::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .env_remove("HODEI_SERVER")
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm")
+        .env("COLUMNS", "200")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A job file in a fresh directory, kept as long as the returned guard.
+fn job_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+const SECRET_JOB: &str = "\
+name: deploy
+command:
+  kind: script
+  interpreter: [/bin/bash, -c]
+  script: ./deploy.sh
+env:
+  TOKEN: s3cret
+  REGION: eu
+secret_env: [TOKEN]
+labels:
+  team: web
+max_attempts: 3
+retry_backoff: {initial_ms: 100, max_ms: 400}
+";
+
+#[tokio::test]
+async fn submit_from_a_yaml_file_sends_the_file_with_options_over_it() {
+    let fake = FakeJobs::new(pb::JobState::Queued, None, "");
+    let submitted = fake.submitted.clone();
+    let addr = serve(fake).await;
+    let (_dir, path) = job_file("deploy.yaml", SECRET_JOB);
+    let out = hodei(
+        &format!("http://{addr}"),
+        &[
+            "submit",
+            "-f",
+            path.to_str().unwrap(),
+            "--label",
+            "team=ci",
+            "--env",
+            "REGION=us",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{JOB_ID}\n"));
+
+    let specs = submitted.lock().unwrap().clone();
+    assert_eq!(specs.len(), 1);
+    let spec = &specs[0];
+    assert_eq!(spec.name, "deploy");
+    // The secret travels unmasked: the server needs it to run the job.
+    assert_eq!(spec.env.get("TOKEN").map(String::as_str), Some("s3cret"));
+    assert_eq!(spec.secret_env, vec!["TOKEN"]);
+    assert_eq!(spec.env.get("REGION").map(String::as_str), Some("us"));
+    assert_eq!(spec.labels.get("team").map(String::as_str), Some("ci"));
+    assert_eq!(spec.max_attempts, 3);
+    assert_eq!(
+        spec.retry_backoff,
+        Some(pb::Backoff {
+            initial_ms: 100,
+            max_ms: 400
+        })
+    );
+    assert_eq!(
+        spec.command,
+        Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter: vec!["/bin/bash".into(), "-c".into()],
+            script: "./deploy.sh".into(),
+        }))
+    );
+}
+
+#[tokio::test]
+async fn run_from_a_json_file_and_from_stdin() {
+    let fake = FakeJobs::new(pb::JobState::Succeeded, Some(0), "");
+    let submitted = fake.submitted.clone();
+    let addr = serve(fake).await;
+    let server = format!("http://{addr}");
+    let (_dir, path) = job_file(
+        "job.json",
+        r#"{"name": "from-json", "command": {"kind": "exec", "argv": ["make", "all"]}}"#,
+    );
+    let out = hodei(&server, &["run", "-f", path.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "compiling\ndone\n");
+
+    let out = hodei_with_stdin(&server, &["submit", "-f", "-"], SECRET_JOB).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let names: Vec<String> = submitted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(names, ["from-json", "deploy"]);
+}
+
+#[tokio::test]
+async fn a_malformed_file_is_reported_with_line_and_column() {
+    let fake = FakeJobs::new(pb::JobState::Queued, None, "");
+    let submitted = fake.submitted.clone();
+    let addr = serve(fake).await;
+    let server = format!("http://{addr}");
+
+    let (_dir, path) = job_file(
+        "job.yaml",
+        "name: x\ncommand:\n  kind: exec\n  argv: [echo, hi\n",
+    );
+    let path = path.to_str().unwrap();
+    let out = hodei(&server, &["submit", "-f", path]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: {path}:5:1: did not find expected ',' or ']', \
+             while parsing a flow sequence at line 4 column 9\n"
+        )
+    );
+
+    let (_dir, path) = job_file(
+        "job.yaml",
+        "name: x\ncommand:\n  kind: exec\n  argv: [\"true\"]\nretries: 3\n",
+    );
+    let path = path.to_str().unwrap();
+    let out = hodei(&server, &["run", "-f", path]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "error: {path}:5:1: unknown field `retries`, expected one of `name`, "
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let out = hodei_with_stdin(&server, &["submit", "-f", "-"], "name: x\nbogus: 1\n").await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).starts_with("error: <stdin>:2:1: unknown field `bogus`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = hodei(&server, &["submit", "-f", "/nonexistent/job.yaml"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).starts_with("error: failed to read /nonexistent/job.yaml: "),
+        "{}",
+        text(&out.stderr)
+    );
+
+    assert!(submitted.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_invalid_file_reports_every_field_and_sends_nothing() {
+    let fake = FakeJobs::new(pb::JobState::Queued, None, "");
+    let submitted = fake.submitted.clone();
+    let addr = serve(fake).await;
+    let (_dir, path) = job_file(
+        "job.yaml",
+        "name: x\ncommand: {kind: exec, argv: []}\nmax_attempts: 1000\nenv: {HODEI_X: y}\n",
+    );
+    let path = path.to_str().unwrap();
+    let out = hodei(&format!("http://{addr}"), &["submit", "-f", path]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with(&format!("error: {path}: "))),
+        "{stderr}"
+    );
+    for field in ["max_attempts: ", "command.argv: ", "env.HODEI_X: "] {
+        assert!(
+            stderr.contains(&format!("{path}: {field}")),
+            "{field}: {stderr}"
+        );
+    }
+    assert!(submitted.lock().unwrap().is_empty());
+
+    // Options apply before validation.
+    let out = hodei(
+        &format!("http://{addr}"),
+        &[
+            "submit",
+            "-f",
+            path,
+            "--max-attempts",
+            "2",
+            "--env",
+            "HODEI_X=z",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        2,
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn no_colour_or_status_when_output_is_not_a_terminal() {
+    let addr = serve(FakeJobs::new(
+        pb::JobState::Failed,
+        Some(3),
+        "exited with code 3",
+    ))
+    .await;
+    let server = format!("http://{addr}");
+    for args in [
+        &["list"][..],
+        &["get", JOB_ID],
+        &["logs", JOB_ID],
+        &["run", "--", "make"],
+    ] {
+        let out = hodei(&server, args).await;
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            !all.contains('\x1b') && !all.contains('\r'),
+            "{args:?}: {all:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn on_a_terminal_states_are_coloured_unless_no_color() {
+    let addr = serve(FakeJobs::new(
+        pb::JobState::Failed,
+        Some(3),
+        "exited with code 3",
+    ))
+    .await;
+    let server = format!("http://{addr}");
+    let out = hodei_on_a_terminal(&server, &["list"], &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let screen = text(&out.stdout);
+    assert!(
+        screen.contains(&format!("{JOB_ID}  build  \x1b[31mfailed\x1b[0m ")),
+        "{screen:?}"
+    );
+    let out = hodei_on_a_terminal(&server, &["get", JOB_ID], &[]).await;
+    assert!(
+        text(&out.stdout).contains("\x1b[31mfailed\x1b[0m\r\n"),
+        "{out:?}"
+    );
+
+    let out = hodei_on_a_terminal(&server, &["list"], &[("NO_COLOR", "1")]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let screen = text(&out.stdout);
+    assert!(
+        screen.contains(&format!("{JOB_ID}  build  failed ")),
+        "{screen:?}"
+    );
+    assert!(!screen.contains('\x1b'), "{screen:?}");
+}
+
+#[tokio::test]
+async fn run_on_a_terminal_shows_why_it_waits_then_the_output() {
+    let mut fake = FakeJobs::new(pb::JobState::Queued, None, "no worker has gpu=true");
+    fake.logs_after_get = Some(Arc::new(Semaphore::new(0)));
+    let addr = serve(fake).await;
+    let out = hodei_on_a_terminal(&format!("http://{addr}"), &["run", "--", "make"], &[]).await;
+    let screen = text(&out.stdout);
+    // Still queued when the stream ends: the fake job never starts for real.
+    assert_eq!(out.status.code(), Some(1), "{screen:?}");
+    let status = screen
+        .find(": queued — no worker has gpu=true")
+        .unwrap_or_else(|| panic!("no waiting status in {screen:?}"));
+    let start = screen[..status].rfind("waiting ").unwrap();
+    let shown = screen[start..].find('\r').unwrap();
+    // The status is wiped with as many blanks as it had characters, before the first line.
+    let width = screen[start..start + shown].chars().count();
+    let wiped = format!("\r{}\rcompiling\r\n", " ".repeat(width));
+    assert!(
+        screen[start..].starts_with(&format!("{}{wiped}", &screen[start..start + shown])),
+        "{screen:?}"
+    );
+    assert!(
+        screen.contains("\x1b[2mwarning: unused\x1b[0m\r\n"),
+        "{screen:?}"
+    );
+    assert!(screen.contains("done\r\n"), "{screen:?}");
 }

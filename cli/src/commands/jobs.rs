@@ -2,15 +2,19 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hodei_proto::v1 as pb;
 use serde_json::json;
+use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
 use super::{print_json, print_json_line, print_log_line, print_text};
 use crate::cli::{JobArgs, ListArgs, OutputFormat};
 use crate::client::Clients;
+use crate::progress::{StatusLine, waiting_text};
+use crate::style::Style;
 use crate::{human, json, wire};
 
 /// Exit code of `hodei run` when the user stops waiting with a second Ctrl-C (128 + SIGINT).
@@ -18,6 +22,10 @@ const DETACHED: u8 = 130;
 
 /// Recorded on the job when Ctrl-C cancels `hodei run`.
 const INTERRUPT_REASON: &str = "interrupted by the client (ctrl-c)";
+
+/// How often `hodei run` refreshes its waiting status on a terminal. Why a queued job waits is
+/// kept on the job, not sent as an event, so the job is looked up again.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 pub async fn submit(
     clients: &mut Clients,
@@ -37,11 +45,14 @@ pub async fn run(
     args: &JobArgs,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
+    let submitted = Instant::now();
     let job = submit_job(clients, args).await?;
     let id = job.id;
-    if format == OutputFormat::Human && std::io::stderr().is_terminal() {
+    let people_watch = format == OutputFormat::Human && std::io::stderr().is_terminal();
+    if people_watch {
         eprintln!("job {id} submitted");
     }
+    let stderr_style = Style::stderr();
     // Listen before anything streams: from the first line on, Ctrl-C is ours.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("failed to listen for ctrl-c")?;
@@ -55,16 +66,40 @@ pub async fn run(
         .await?
         .into_inner();
 
+    // Until the job prints its first line, a terminal shows what it is waiting for.
+    let mut status = StatusLine::stderr(people_watch);
+    let mut waiting = people_watch;
+    let mut refresh = tokio::time::interval(STATUS_REFRESH);
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
     // The first Ctrl-C cancels the job and keeps streaming, so the job's last lines and its
     // end still show; the second stops waiting.
     let mut cancelling = false;
     loop {
         tokio::select! {
             line = logs.message() => match line? {
-                Some(line) => print_log_line(&line, format)?,
+                Some(line) => {
+                    if waiting {
+                        waiting = false;
+                        status.clear()?;
+                    }
+                    print_log_line(&line, format, stderr_style)?;
+                }
                 None => break,
             },
+            _ = refresh.tick(), if waiting => {
+                // The status is only a courtesy: a failed look-up skips one refresh.
+                if let Ok(job) = get_job(clients, &id).await {
+                    if wire::is_terminal(job.state) {
+                        waiting = false;
+                        status.clear()?;
+                    } else {
+                        status.show(&waiting_text(&job, submitted.elapsed()))?;
+                    }
+                }
+            }
             _ = interrupt.recv() => {
+                status.clear()?;
                 if cancelling {
                     return Ok(detach(&id));
                 }
@@ -74,6 +109,7 @@ pub async fn run(
             }
         }
     }
+    status.clear()?;
 
     let job = tokio::select! {
         job = finished_job(clients, &id) => job?,
@@ -149,7 +185,7 @@ pub async fn get(
 ) -> anyhow::Result<ExitCode> {
     let job = get_job(clients, &id).await?;
     match format {
-        OutputFormat::Human => print_text(&human::job_block(&job))?,
+        OutputFormat::Human => print_text(&human::job_block(&job, Style::stdout()))?,
         OutputFormat::Json => print_json(&json::job(&job))?,
     }
     Ok(ExitCode::SUCCESS)
@@ -174,7 +210,7 @@ pub async fn list(
     let page = clients.jobs.list_jobs(request).await?.into_inner();
     match format {
         OutputFormat::Human => {
-            let mut text = human::jobs_table(&page.jobs, chrono::Utc::now());
+            let mut text = human::jobs_table(&page.jobs, chrono::Utc::now(), Style::stdout());
             if !page.next_page_token.is_empty() {
                 text.push_str(&format!(
                     "next page: --page-token {}\n",
@@ -230,8 +266,9 @@ pub async fn logs(
         })
         .await?
         .into_inner();
+    let stderr_style = Style::stderr();
     while let Some(line) = lines.message().await? {
-        print_log_line(&line, format)?;
+        print_log_line(&line, format, stderr_style)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::cli::{Cli, Command, OutputFormat};
 use crate::client::Clients;
 use crate::json;
+use crate::style::{Paint, Style};
 
 /// Runs the parsed command line against the server it names.
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -53,19 +54,23 @@ fn print_json_line(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A job output line: in human form to stdout or stderr like the job wrote it, in JSON form
-/// as one object per line on stdout.
-fn print_log_line(line: &pb::LogLine, format: OutputFormat) -> anyhow::Result<()> {
+/// A job output line: in human form to stdout or stderr like the job wrote it, stderr lines
+/// dimmed when `stderr_style` colours; in JSON form as one object per line on stdout.
+fn print_log_line(
+    line: &pb::LogLine,
+    format: OutputFormat,
+    stderr_style: Style,
+) -> anyhow::Result<()> {
     match format {
         OutputFormat::Json => print_json_line(&json::log_line(line)),
         OutputFormat::Human => {
-            let text = format!("{}\n", line.text);
             if line.stream == i32::from(pb::LogStream::Stderr) {
+                let text = format!("{}\n", stderr_style.paint(Some(Paint::Dim), &line.text));
                 let mut err = io::stderr().lock();
                 err.write_all(text.as_bytes())?;
                 err.flush()?;
             } else {
-                print_text(&text)?;
+                print_text(&format!("{}\n", line.text))?;
             }
             Ok(())
         }

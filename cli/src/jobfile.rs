@@ -1,0 +1,341 @@
+//! Job files for `submit -f` and `run -f`: a YAML or JSON document in the schema of the
+//! domain's `JobSpecDraft`, so files and the API share one definition of a job.
+//!
+//! The format follows the extension: `.json` is read as JSON, anything else (`.yaml`, `.yml`,
+//! stdin) as YAML, which also reads JSON. A document that does not parse or does not fit the
+//! schema is reported as `FILE:LINE:COLUMN: message`; one that parses but breaks the spec's
+//! rules is reported with every invalid field by the caller, after flags are applied.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::Context;
+use hodei_domain::Command;
+use hodei_domain::spec::JobSpecDraft;
+
+/// What `-f` takes to read the job from stdin.
+pub const STDIN: &str = "-";
+
+/// How a job file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+impl Format {
+    /// JSON for a `.json` extension (any case), YAML for anything else.
+    pub fn of(path: &str) -> Format {
+        let is_json = Path::new(path)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if is_json { Format::Json } else { Format::Yaml }
+    }
+}
+
+/// A job file that does not parse or does not fit the schema, with where it went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// The file as the user named it, or `<stdin>`.
+    pub source: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.source, self.line, self.column, self.message
+        )
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// The name a job file goes by in messages: its path, or `<stdin>` for `-`.
+pub fn display_name(path: &str) -> String {
+    if path == STDIN {
+        "<stdin>".to_owned()
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Reads and parses the job file at `path`, or stdin for `-`.
+pub fn load(path: &str) -> anyhow::Result<JobSpecDraft> {
+    let text = if path == STDIN {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("failed to read the job from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("failed to read {path}"))?
+    };
+    Ok(parse(&text, Format::of(path), &display_name(path))?)
+}
+
+/// Parses a job document; `source` names it in errors.
+pub fn parse(text: &str, format: Format, source: &str) -> Result<JobSpecDraft, ParseError> {
+    let error = |line, column, message: String| ParseError {
+        source: source.to_owned(),
+        line,
+        column,
+        message,
+    };
+    if text.trim().is_empty() {
+        return Err(error(
+            1,
+            1,
+            "the file is empty; a job needs at least `name` and `command`".to_owned(),
+        ));
+    }
+    match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| {
+            let (line, column) = (e.line().max(1), e.column().max(1));
+            error(
+                line,
+                column,
+                without_position(&e.to_string(), e.line(), e.column()),
+            )
+        }),
+        Format::Yaml => serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
+            let message = without_position(&e.to_string(), line, column);
+            match command_error(text).filter(|m| *m == message) {
+                Some(message) => {
+                    let (line, column) = key_position(text, "command").unwrap_or((line, column));
+                    error(line, column, format!("command: {}", with_hint(message)))
+                }
+                None => error(line, column, message),
+            }
+        }),
+    }
+}
+
+/// The error of the document's `command` alone, if it has one.
+///
+/// serde reads `command`, an internally tagged enum, from a buffered copy, so the parser can
+/// only place errors inside it at the start of the document, without their path. When the
+/// document's error is the command's, it is reported at the `command` key instead.
+fn command_error(text: &str) -> Option<String> {
+    let document: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).ok()?;
+    let command = document.get("command")?.clone();
+    serde_yaml_ng::from_value::<Command>(command)
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// Line and column (1-based) of a top-level block key `key:` or a JSON-style `"key":`.
+fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    let quoted = format!("\"{key}\"");
+    let followed_by_colon = |rest: &str| rest.trim_start().starts_with(':');
+    text.lines().enumerate().find_map(|(i, line)| {
+        if line.strip_prefix(key).is_some_and(followed_by_colon) {
+            return Some((i + 1, 1));
+        }
+        let at = line.find(&quoted)?;
+        followed_by_colon(&line[at + quoted.len()..])
+            .then(|| (i + 1, line[..at].chars().count() + 1))
+    })
+}
+
+/// A buffered copy keeps YAML's types, so `argv: [sleep, 10]` holds a number where a string
+/// is wanted; the fix is to quote it.
+fn with_hint(message: String) -> String {
+    if message.ends_with("expected a string") {
+        format!("{message} (quote it, as in argv: [sleep, \"10\"])")
+    } else {
+        message
+    }
+}
+
+/// The parsers' messages end their first clause with " at line L column C"; the position
+/// leads the report already, so it is taken out once. Other positions (such as where an
+/// unclosed bracket was opened) stay.
+fn without_position(message: &str, line: usize, column: usize) -> String {
+    message.replacen(&format!(" at line {line} column {column}"), "", 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use hodei_domain::JobSpec;
+
+    use super::*;
+
+    const HELLO_YAML: &str = "\
+name: hello
+command:
+  kind: exec
+  argv: [echo, hi]
+env:
+  A: b
+max_attempts: 2
+";
+
+    fn yaml_error(text: &str) -> String {
+        parse(text, Format::Yaml, "job.yaml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_format_follows_the_extension() {
+        assert_eq!(Format::of("job.json"), Format::Json);
+        assert_eq!(Format::of("dir.d/JOB.JSON"), Format::Json);
+        assert_eq!(Format::of("job.yaml"), Format::Yaml);
+        assert_eq!(Format::of("job.yml"), Format::Yaml);
+        assert_eq!(Format::of("job"), Format::Yaml);
+        assert_eq!(Format::of(STDIN), Format::Yaml);
+    }
+
+    #[test]
+    fn yaml_parses_into_the_domain_draft_with_its_defaults() {
+        let draft = parse(HELLO_YAML, Format::Yaml, "job.yaml").unwrap();
+        let mut want = JobSpecDraft::exec("hello", &["echo", "hi"]);
+        want.env.insert("A".into(), "b".into());
+        want.max_attempts = 2;
+        assert_eq!(draft, want);
+    }
+
+    #[test]
+    fn json_parses_as_json_and_as_yaml() {
+        let text = r#"{
+  "name": "s",
+  "command": {"kind": "script", "interpreter": ["/bin/sh", "-c"], "script": "echo hi"},
+  "retry_backoff": {"initial_ms": 10, "max_ms": 20},
+  "resources": {"cpu_millis": 500, "memory_mb": 64}
+}"#;
+        let draft = parse(text, Format::Json, "job.json").unwrap();
+        assert_eq!(
+            draft.command,
+            Command::Script {
+                interpreter: vec!["/bin/sh".into(), "-c".into()],
+                script: "echo hi".into()
+            }
+        );
+        assert_eq!(draft.retry_backoff.max_ms, 20);
+        assert_eq!(draft.resources.memory_mb, 64);
+        assert_eq!(parse(text, Format::Yaml, "job").unwrap(), draft);
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_and_column() {
+        let err = yaml_error("name: x\ncommand:\n  kind: exec\n  argv: [echo, hi\n");
+        assert_eq!(
+            err,
+            "job.yaml:5:1: did not find expected ',' or ']', \
+             while parsing a flow sequence at line 4 column 9"
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_names_its_line_and_column() {
+        let err = yaml_error("name: x\ncommand:\n  kind: exec\n  argv: [\"true\"]\nretries: 3\n");
+        assert!(
+            err.starts_with("job.yaml:5:1: unknown field `retries`, expected one of `name`"),
+            "{err}"
+        );
+        assert!(!err.contains("at line"), "{err}");
+
+        let err = parse(
+            "{\"name\": \"x\",\n \"command\": {\"kind\": \"exec\", \"argv\": [\"true\"]},\n \"bogus\": 1}",
+            Format::Json,
+            "job.json",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("job.json:3:") && err.contains("unknown field `bogus`"),
+            "{err}"
+        );
+        assert!(!err.contains("at line"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_variants_name_the_field() {
+        let err =
+            yaml_error("name: x\ncommand:\n  kind: exec\n  argv: [\"true\"]\ntimeout_secs: soon\n");
+        assert_eq!(
+            err,
+            "job.yaml:5:15: timeout_secs: invalid type: string \"soon\", expected u64"
+        );
+        let err = yaml_error("name: x\ncommand:\n  kind: shell\n  argv: [\"true\"]\n");
+        assert_eq!(
+            err,
+            "job.yaml:3:9: command.kind: unknown variant `shell`, expected `exec` or `script`"
+        );
+    }
+
+    #[test]
+    fn errors_inside_the_command_are_placed_at_its_key() {
+        assert_eq!(
+            yaml_error("# sleeps\nname: x\ncommand:\n  kind: exec\n  argv: [sleep, 10]\n"),
+            "job.yaml:3:1: command: invalid type: integer `10`, expected a string \
+             (quote it, as in argv: [sleep, \"10\"])"
+        );
+        assert_eq!(
+            yaml_error("name: x\ncommand:\n  kind: script\n  interpreter: [sh, -c]\n"),
+            "job.yaml:2:1: command: missing field `script`"
+        );
+        assert_eq!(
+            yaml_error("{\"name\": \"x\",\n  \"command\": {\"kind\": \"exec\"}}"),
+            "job.yaml:2:3: command: missing field `argv`"
+        );
+        // Errors the parser places itself keep their place.
+        assert!(yaml_error("name: x\ncommand:\n  kind: shell\n").starts_with("job.yaml:3:9: "),);
+    }
+
+    #[test]
+    fn missing_and_empty_documents_are_reported() {
+        assert_eq!(
+            yaml_error("command:\n  kind: exec\n  argv: [\"true\"]\n"),
+            "job.yaml:1:1: missing field `name`"
+        );
+        assert_eq!(
+            yaml_error("\n  \n"),
+            "job.yaml:1:1: the file is empty; a job needs at least `name` and `command`"
+        );
+        assert!(yaml_error("- a\n").starts_with("job.yaml:1:1: invalid type: sequence"));
+    }
+
+    #[test]
+    fn files_are_read_and_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hello.yaml");
+        std::fs::write(&path, HELLO_YAML).unwrap();
+        let draft = load(path.to_str().unwrap()).unwrap();
+        assert_eq!(draft.name, "hello");
+
+        let missing = dir.path().join("missing.yaml");
+        let err = load(missing.to_str().unwrap()).unwrap_err();
+        assert!(
+            format!("{err:#}").starts_with(&format!("failed to read {}: ", missing.display())),
+            "{err:#}"
+        );
+        assert_eq!(display_name(STDIN), "<stdin>");
+    }
+
+    /// The shipped examples are documentation: each must parse and pass validation.
+    #[test]
+    fn every_example_job_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.to_str().unwrap();
+            let draft = load(name).unwrap_or_else(|e| panic!("{e:#}"));
+            if let Err(e) = JobSpec::try_from(draft) {
+                panic!("{name}: {e}");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 3, "only {seen} examples in {}", dir.display());
+    }
+}
