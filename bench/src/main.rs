@@ -1,0 +1,214 @@
+//! `hodei-bench`: the benchmark harness. Each scenario starts what it needs — a private
+//! nats-server with file storage, a fresh PostgreSQL database, the real Hodei services in this
+//! process, simulated agents — measures, prints a table with the machine it ran on, writes
+//! JSON with `--json`, and cleans up everything it started. Every scenario is bounded in time.
+
+mod machine;
+mod queries;
+mod reference;
+mod report;
+mod sim;
+mod system;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::machine::Machine;
+use crate::report::{Outcome, Run};
+
+/// Measures Hodei against the targets of TARGETS.md.
+#[derive(Debug, Parser)]
+#[command(name = "hodei-bench", version)]
+struct Cli {
+    /// Small sizes, to check the harness works (about a minute for `all`).
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Also write the figures, machine and notes as JSON to this file.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// No-op jobs submitted over grpc by concurrent clients to simulated agents: jobs/s,
+    /// beside raw jetstream publishes/s and postgres batched inserts/s.
+    Throughput {
+        /// Jobs to run (default 10,000; 1,000 with --quick).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Concurrent grpc clients (default 64; 16 with --quick).
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Simulated agents (default 1,000; 100 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+    },
+    /// A fixed offered rate for a fixed time: submit→assigned/started/completed percentiles.
+    Latency {
+        /// Jobs per second offered (default 1,000; 200 with --quick).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Seconds of load (default 10; 3 with --quick).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Simulated agents (default 1,000; 100 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+    },
+    /// ListJobs by state (page of 100) against many stored jobs, with the EXPLAIN plan.
+    Queries {
+        /// Jobs to load (default 1,000,000; 20,000 with --quick).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Pages measured per state (default 500; 50 with --quick).
+        #[arg(long)]
+        pages: Option<usize>,
+    },
+    /// Every scenario above, one after the other, with their defaults.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let quick = cli.quick;
+    let started_at = chrono::Utc::now();
+    let machine = Machine::probe()
+        .await
+        .context("failed to describe the machine")?;
+    eprintln!("{}", machine.describe());
+    let mut outcome = Outcome::default();
+    let scenarios = match cli.scenario {
+        Scenario::All => vec![
+            Scenario::Throughput {
+                jobs: None,
+                clients: None,
+                agents: None,
+            },
+            Scenario::Latency {
+                rate: None,
+                seconds: None,
+                agents: None,
+            },
+            Scenario::Queries {
+                jobs: None,
+                pages: None,
+            },
+        ],
+        one => vec![one],
+    };
+    let mut failed = Vec::new();
+    for scenario in scenarios {
+        let name = scenario.name();
+        eprintln!("running {name}{}", if quick { " (quick)" } else { "" });
+        let limit = if quick {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_secs(1800)
+        };
+        let bounded = tokio::time::timeout(limit, run(scenario, quick));
+        let finished = tokio::select! {
+            finished = bounded => finished,
+            _ = tokio::signal::ctrl_c() => {
+                // Dropping the scenario kills its nats-server; its database may be left behind.
+                eprintln!("interrupted during {name}");
+                outcome.note(format!("{name}: interrupted"));
+                failed.push(name);
+                break;
+            }
+        };
+        match finished {
+            Ok(Ok(result)) => {
+                for f in &result.figures {
+                    eprintln!("{name}: {} = {:.3} {}", f.metric, f.value, f.unit);
+                }
+                outcome.extend(result);
+            }
+            Ok(Err(e)) => {
+                eprintln!("{name} failed: {e:#}");
+                outcome.note(format!("{name}: failed: {e:#}"));
+                failed.push(name);
+            }
+            Err(_) => {
+                eprintln!("{name} did not finish within {limit:?}");
+                outcome.note(format!("{name}: did not finish within {limit:?}"));
+                failed.push(name);
+            }
+        }
+    }
+    let run = Run {
+        machine,
+        mode: if quick { "quick" } else { "full" },
+        started_at,
+        outcome,
+    };
+    println!("{}", run.table());
+    if let Some(path) = cli.json {
+        run.write_json(&path)?;
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("scenarios failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Throughput { .. } => "throughput",
+            Scenario::Latency { .. } => "latency",
+            Scenario::Queries { .. } => "queries",
+            Scenario::All => "all",
+        }
+    }
+}
+
+/// Picks the full or the quick default.
+fn size<T>(given: Option<T>, quick: bool, full: T, small: T) -> T {
+    given.unwrap_or(if quick { small } else { full })
+}
+
+async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
+    match scenario {
+        Scenario::Throughput {
+            jobs,
+            clients,
+            agents,
+        } => {
+            system::throughput(system::ThroughputParams {
+                jobs: size(jobs, quick, 10_000, 1_000),
+                clients: size(clients, quick, 64, 16),
+                agents: size(agents, quick, 1_000, 100),
+                timeout: Duration::from_secs(if quick { 60 } else { 900 }),
+                reference_messages: if quick { 5_000 } else { 50_000 },
+            })
+            .await
+        }
+        Scenario::Latency {
+            rate,
+            seconds,
+            agents,
+        } => {
+            system::latency(system::LatencyParams {
+                rate: size(rate, quick, 1_000, 200),
+                duration: Duration::from_secs(size(seconds, quick, 10, 3)),
+                agents: size(agents, quick, 1_000, 100),
+                timeout: Duration::from_secs(if quick { 60 } else { 240 }),
+            })
+            .await
+        }
+        Scenario::Queries { jobs, pages } => {
+            queries::queries(queries::QueriesParams {
+                jobs: size(jobs, quick, 1_000_000, 20_000),
+                pages_per_state: size(pages, quick, 500, 50),
+            })
+            .await
+        }
+        Scenario::All => anyhow::bail!("all is not a single scenario"),
+    }
+}

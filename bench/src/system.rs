@@ -1,0 +1,368 @@
+//! The end-to-end scenarios, `throughput` and `latency`: the real gateway, scheduler and
+//! registry in process (through `hodei-system-tests`, the wiring their binaries use), a private
+//! nats-server with file storage, a fresh PostgreSQL database, and simulated agents.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use hodei_domain::AttemptRecord;
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_system_tests::{SystemOptions, TestSystem};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use crate::reference;
+use crate::report::{Outcome, histogram};
+use crate::sim::{SimAgents, SimConfig};
+
+/// Heartbeat interval of the simulated agents: inside the test system's 5 s staleness window.
+const SIM_HEARTBEAT_MS: u64 = 1_000;
+
+/// A running system with its simulated agents and a pool on its database.
+struct Bench {
+    system: TestSystem,
+    agents: SimAgents,
+    pool: PgPool,
+}
+
+impl Bench {
+    async fn start(agents: usize) -> anyhow::Result<Bench> {
+        let options = SystemOptions {
+            max_queued_jobs: 10_000_000,
+            ..SystemOptions::default()
+        };
+        let system = TestSystem::start_with(&[], options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pool = system.database.connect().await?;
+        let agents_started = SimAgents::start(
+            &system.nats.url(),
+            SimConfig {
+                agents,
+                slots: 4,
+                heartbeat_ms: SIM_HEARTBEAT_MS,
+            },
+        )
+        .await;
+        let sim = match agents_started {
+            Ok(sim) => sim,
+            Err(e) => {
+                system.stop().await;
+                return Err(e);
+            }
+        };
+        let bench = Bench {
+            system,
+            agents: sim,
+            pool,
+        };
+        let wanted = i64::try_from(agents).unwrap_or(i64::MAX);
+        if let Err(e) = wait_count(
+            &bench.pool,
+            "SELECT count(*) FROM workers WHERE status = 'ready'",
+            wanted,
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            bench.stop().await;
+            return Err(e.context("simulated agents were not all registered"));
+        }
+        Ok(bench)
+    }
+
+    async fn stop(self) {
+        self.agents.stop().await;
+        self.pool.close().await;
+        self.system.stop().await;
+    }
+}
+
+/// Polls `sql` (a count) until it reaches `wanted`; returns when it did, or fails at `within`.
+async fn wait_count(
+    pool: &PgPool,
+    sql: &'static str,
+    wanted: i64,
+    within: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + within;
+    loop {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
+        if n >= wanted {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {n} of {wanted} after {within:?} ({sql})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn noop_spec(i: usize) -> pb::JobSpec {
+    pb::JobSpec {
+        name: format!("noop-{i}"),
+        command: Some(pb::job_spec::Command::Exec(pb::ExecCommand {
+            argv: vec!["true".to_owned()],
+        })),
+        timeout_secs: 60,
+        ..Default::default()
+    }
+}
+
+/// Submits one job, retrying while the gateway answers RESOURCE_EXHAUSTED. Returns how many
+/// times it was refused.
+async fn submit(client: &mut JobServiceClient<Channel>, i: usize) -> anyhow::Result<u64> {
+    let mut refused = 0;
+    loop {
+        let request = pb::SubmitJobRequest {
+            spec: Some(noop_spec(i)),
+            tenant: String::new(),
+        };
+        match client.submit_job(request).await {
+            Ok(_) => return Ok(refused),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && refused < 1_000 => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => anyhow::bail!("submit refused: {status}"),
+        }
+    }
+}
+
+/// Parameters of `throughput`.
+pub struct ThroughputParams {
+    pub jobs: usize,
+    pub clients: usize,
+    pub agents: usize,
+    pub timeout: Duration,
+    pub reference_messages: usize,
+}
+
+/// N no-op jobs over gRPC by concurrent clients; jobs/s from first submit to last completion,
+/// then the reference rates on the same servers.
+pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
+    let bench = Bench::start(p.agents).await?;
+    let result = throughput_on(&bench, &p).await;
+    bench.stop().await;
+    let mut out = result?;
+    out.note(format!(
+        "throughput: {} no-op jobs, {} grpc clients (one http/2 channel each), {} simulated \
+         agents x 4 slots beating every {SIM_HEARTBEAT_MS} ms; completion counted in postgres \
+         every 20 ms",
+        p.jobs, p.clients, p.agents
+    ));
+    Ok(out)
+}
+
+async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Outcome> {
+    const S: &str = "throughput";
+    let mut out = Outcome::default();
+    let mut clients = Vec::with_capacity(p.clients);
+    for _ in 0..p.clients.max(1) {
+        let channel = Channel::from_shared(format!("http://{}", bench.system.grpc_addr))?
+            .connect()
+            .await
+            .context("failed to connect a grpc client")?;
+        clients.push(JobServiceClient::new(channel));
+    }
+    let started = Instant::now();
+    let mut submitters = JoinSet::new();
+    let n_clients = clients.len();
+    for (c, mut client) in clients.into_iter().enumerate() {
+        let jobs = p.jobs;
+        submitters.spawn(async move {
+            let mut refused = 0;
+            for i in (c..jobs).step_by(n_clients) {
+                refused += submit(&mut client, i).await?;
+            }
+            anyhow::Ok(refused)
+        });
+    }
+    let mut refused = 0;
+    while let Some(joined) = submitters.join_next().await {
+        refused += joined.context("a submitter panicked")??;
+    }
+    let submitted = started.elapsed();
+    let wanted = i64::try_from(p.jobs).unwrap_or(i64::MAX);
+    let finished = wait_count(
+        &bench.pool,
+        "SELECT count(*) FROM jobs WHERE state = 'succeeded'",
+        wanted,
+        p.timeout,
+    )
+    .await
+    .context("jobs did not all complete in time")?;
+    let elapsed = finished - started;
+    let rate = p.jobs as f64 / elapsed.as_secs_f64();
+    out.figure(
+        S,
+        "end-to-end jobs/s (submit to completed)",
+        rate,
+        "1/s",
+        Some(">= 5,000"),
+    );
+    out.figure(
+        S,
+        "submit phase jobs/s (accepted)",
+        p.jobs as f64 / submitted.as_secs_f64(),
+        "1/s",
+        None,
+    );
+    out.figure(
+        S,
+        "submissions refused (resource exhausted)",
+        refused as f64,
+        "count",
+        None,
+    );
+    let js =
+        reference::jetstream_publishes(&bench.system.nats.url(), p.reference_messages, 512).await?;
+    let pg = reference::postgres_inserts(&bench.pool, p.reference_messages).await?;
+    out.figure(
+        S,
+        "reference: jetstream persisted publishes/s (512 B)",
+        js,
+        "1/s",
+        None,
+    );
+    out.figure(
+        S,
+        "reference: postgres batched inserts/s (1000/stmt)",
+        pg,
+        "rows/s",
+        None,
+    );
+    out.figure(
+        S,
+        "ratio: jobs/s to jetstream publishes/s",
+        rate / js,
+        "x",
+        None,
+    );
+    out.figure(
+        S,
+        "ratio: jobs/s to postgres inserts/s",
+        rate / pg,
+        "x",
+        None,
+    );
+    Ok(out)
+}
+
+/// Parameters of `latency`.
+pub struct LatencyParams {
+    pub rate: u32,
+    pub duration: Duration,
+    pub agents: usize,
+    pub timeout: Duration,
+}
+
+/// A fixed offered rate for a fixed time (open loop: each submission is its own task), then
+/// submit→assigned/started/completed from each job's first attempt.
+pub async fn latency(p: LatencyParams) -> anyhow::Result<Outcome> {
+    let bench = Bench::start(p.agents).await?;
+    let result = latency_on(&bench, &p).await;
+    bench.stop().await;
+    let mut out = result?;
+    out.note(format!(
+        "latency: {} jobs/s offered for {:?} (open loop), {} simulated agents; 'submit' is the \
+         job's created_at (set by the gateway on receipt), the rest come from its first \
+         attempt (assigned_at by the scheduler, started_at/finished_at when the scheduler \
+         recorded the agent's reports) — one clock, one machine",
+        p.rate, p.duration, p.agents
+    ));
+    Ok(out)
+}
+
+async fn latency_on(bench: &Bench, p: &LatencyParams) -> anyhow::Result<Outcome> {
+    const S: &str = "latency";
+    let mut out = Outcome::default();
+    let client = bench.system.jobs.clone();
+    let period = Duration::from_secs_f64(1.0 / f64::from(p.rate.max(1)));
+    let total = (f64::from(p.rate) * p.duration.as_secs_f64()).round() as usize;
+    let mut tick = tokio::time::interval(period);
+    let mut submissions = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..total {
+        tick.tick().await;
+        let mut client = client.clone();
+        submissions.spawn(async move {
+            let t = Instant::now();
+            submit(&mut client, i).await.map(|_| t.elapsed())
+        });
+    }
+    let offered_for = started.elapsed();
+    let mut rtt = histogram()?;
+    while let Some(joined) = submissions.join_next().await {
+        let took = joined.context("a submission panicked")??;
+        rtt.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
+    }
+    let wanted = i64::try_from(total).unwrap_or(i64::MAX);
+    // Jobs still unfinished at the deadline are counted, not waited for: the percentiles
+    // below then cover the completed ones only, and the table says how many were missing.
+    let drained = wait_count(
+        &bench.pool,
+        "SELECT count(*) FROM jobs WHERE state = 'succeeded'",
+        wanted,
+        p.timeout,
+    )
+    .await;
+    if let Err(e) = &drained {
+        out.note(format!("latency: not every job completed: {e:#}"));
+    }
+    let rows: Vec<(DateTime<Utc>, serde_json::Value)> =
+        sqlx::query_as("SELECT created_at, attempts FROM jobs WHERE state = 'succeeded'")
+            .fetch_all(&bench.pool)
+            .await?;
+    let (mut assigned, mut started_h, mut completed) = (histogram()?, histogram()?, histogram()?);
+    let micros = |from: DateTime<Utc>, to: DateTime<Utc>| {
+        u64::try_from((to - from).num_microseconds().unwrap_or(0))
+            .unwrap_or(0)
+            .max(1)
+    };
+    for (created, attempts) in rows {
+        let attempts: Vec<AttemptRecord> = serde_json::from_value(attempts)?;
+        let Some(first) = attempts.first() else {
+            continue;
+        };
+        assigned.record(micros(created, first.assigned_at))?;
+        if let Some(at) = first.started_at {
+            started_h.record(micros(created, at))?;
+        }
+        if let Some(at) = first.finished_at {
+            completed.record(micros(created, at))?;
+        }
+    }
+    out.figure(
+        S,
+        "jobs not completed by the deadline",
+        (total as u64).saturating_sub(completed.len()) as f64,
+        "count",
+        None,
+    );
+    out.figure(
+        S,
+        "achieved offered rate",
+        total as f64 / offered_for.as_secs_f64(),
+        "1/s",
+        None,
+    );
+    out.percentiles(S, "grpc submit round trip", &rtt, None);
+    out.percentiles(S, "submit->assigned", &assigned, None);
+    out.percentiles(
+        S,
+        "submit->started",
+        &started_h,
+        Some("<= 20 ms at 1,000/s"),
+    );
+    out.percentiles(
+        S,
+        "submit->completed",
+        &completed,
+        Some("<= 50 ms at 1,000/s"),
+    );
+    Ok(out)
+}
