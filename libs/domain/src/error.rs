@@ -52,6 +52,16 @@ pub enum DomainError {
     Invalid(#[from] ValidationErrors),
     #[error("cannot {action} a job in state {state}")]
     IllegalJobTransition { action: &'static str, state: String },
+    #[error("cannot {action} a pipeline run in state {state}")]
+    IllegalPipelineTransition { action: &'static str, state: String },
+    #[error("cannot {action} step {step} in state {state}")]
+    IllegalStepTransition {
+        step: String,
+        action: &'static str,
+        state: String,
+    },
+    #[error("the pipeline run has no step {step}")]
+    UnknownStep { step: String },
     #[error("stale attempt {got}: the job's current attempt is {current}")]
     StaleAttempt { got: u32, current: u32 },
     #[error("cannot {action} a worker in status {status}")]

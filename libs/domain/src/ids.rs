@@ -16,48 +16,63 @@ pub struct IdError {
     pub reason: &'static str,
 }
 
-/// Identifies a job; a UUIDv7, so ids sort by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(Uuid);
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Uuid);
 
-impl JobId {
-    /// A new time-ordered id.
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
+        impl $name {
+            /// A new time-ordered id.
+            pub fn new() -> Self {
+                Self(Uuid::now_v7())
+            }
 
-    pub fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
+            pub fn from_uuid(uuid: Uuid) -> Self {
+                Self(uuid)
+            }
 
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
-    }
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.as_hyphenated().fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self).map_err(|_| IdError {
+                    kind: $kind,
+                    value: s.to_owned(),
+                    reason: "not a uuid",
+                })
+            }
+        }
+    };
 }
 
-impl Default for JobId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Display for JobId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.as_hyphenated().fmt(f)
-    }
-}
-
-impl FromStr for JobId {
-    type Err = IdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self).map_err(|_| IdError {
-            kind: "job id",
-            value: s.to_owned(),
-            reason: "not a uuid",
-        })
-    }
-}
+uuid_id!(
+    /// Identifies a job; a UUIDv7, so ids sort by creation time.
+    JobId,
+    "job id"
+);
+uuid_id!(
+    /// Identifies one run of a pipeline; a UUIDv7, so ids sort by creation time.
+    PipelineRunId,
+    "pipeline run id"
+);
 
 /// Validates a name-like id: used in NATS subject tokens, so no dots, wildcards or spaces.
 fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
@@ -225,7 +240,7 @@ macro_rules! string_serde {
     )*};
 }
 
-string_serde!(JobId, WorkerId, TenantId, AttemptId);
+string_serde!(JobId, PipelineRunId, WorkerId, TenantId, AttemptId);
 
 #[cfg(test)]
 mod tests {

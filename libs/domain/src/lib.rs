@@ -1,5 +1,5 @@
 //! The pure domain of Hodei Pipelines: typed identifiers, job specifications and their
-//! validation, the `Job` and `Worker` aggregates with their state machines, composable
+//! validation, the `Job`, `Worker` and `PipelineRun` aggregates with their state machines, composable
 //! specifications and the domain events every state change produces.
 //!
 //! Nothing here performs I/O: no tokio, no database, no NATS. Adapters at the edge
@@ -9,14 +9,19 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod job;
+pub mod pipeline;
 pub mod spec;
 pub mod specification;
 pub mod worker;
 
 pub use error::{DomainError, FieldError, ValidationErrors};
 pub use events::{JobEvent, JobEventKind, WorkerEvent, WorkerEventKind};
-pub use ids::{AttemptId, AttemptNumber, IdError, JobId, TenantId, WorkerId};
+pub use ids::{AttemptId, AttemptNumber, IdError, JobId, PipelineRunId, TenantId, WorkerId};
 pub use job::{AttemptOutcome, AttemptRecord, Job, JobState};
+pub use pipeline::{
+    Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
+    PipelineState, StepDraft, StepRun, StepState, When,
+};
 pub use spec::{Backoff, Command, JobSpec, Resources};
 pub use specification::Specification;
 pub use worker::{HeldAttempt, ResourceUsage, Worker, WorkerStatus};

@@ -1,0 +1,711 @@
+//! What a user asks a pipeline to do: [`PipelineSpec`], parsed once from a
+//! [`PipelineSpecDraft`]. Validation reports every error with its path
+//! (`steps.build.needs[1]`, `steps.test.timeout_secs`): duplicate names, unknown or cyclic
+//! `needs`, bad matrices and every invalid field of every step's job spec.
+//!
+//! A validated spec is expanded into concrete steps ([`PipelineSpec::expand`]): a step with a
+//! `matrix` becomes one step per combination of its values, and a step that needs it needs
+//! every one of them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FieldError, ValidationErrors};
+use crate::spec::{Backoff, Command, JobSpec, JobSpecDraft, Resources};
+
+/// Most steps a pipeline may declare.
+pub const MAX_STEPS: usize = 500;
+/// Most concrete steps a pipeline may expand to (matrices included).
+pub const MAX_EXPANDED_STEPS: usize = 1000;
+/// Most combinations one step's matrix may expand to.
+pub const MAX_MATRIX_COMBINATIONS: usize = 256;
+
+/// When a step runs, once every step it needs has ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// Only if every step it needs succeeded (the default).
+    #[default]
+    OnSuccess,
+    /// Only if at least one step it needs failed.
+    OnFailure,
+    /// Whatever happened to the steps it needs, even when the run is cancelled (clean-up).
+    Always,
+}
+
+impl When {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            When::OnSuccess => "on_success",
+            When::OnFailure => "on_failure",
+            When::Always => "always",
+        }
+    }
+}
+
+fn default_timeout() -> u64 {
+    3600
+}
+
+fn default_attempts() -> u32 {
+    1
+}
+
+/// One step as written: a job spec (every field of [`JobSpecDraft`] but the name, which is the
+/// step's) plus its place in the graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDraft {
+    /// Unique in the pipeline: `[A-Za-z0-9_-]`, 1 to 64 characters.
+    pub name: String,
+    /// Steps that must end before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    #[serde(default)]
+    pub when: When,
+    /// Parameters to expand this step by: one step per combination of values, each with
+    /// `MATRIX_<KEY>` (key upper-cased) set to its value in its env.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matrix: BTreeMap<String, Vec<String>>,
+    pub command: Command,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_env: BTreeSet<String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub required_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub retry_backoff: Backoff,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl StepDraft {
+    /// A step that runs `argv`, with every other field at its default.
+    pub fn exec(name: impl Into<String>, argv: &[&str]) -> Self {
+        let job = JobSpecDraft::exec("step", argv);
+        Self {
+            name: name.into(),
+            needs: Vec::new(),
+            when: When::default(),
+            matrix: BTreeMap::new(),
+            command: job.command,
+            env: job.env,
+            secret_env: job.secret_env,
+            working_dir: job.working_dir,
+            timeout_secs: job.timeout_secs,
+            resources: job.resources,
+            required_labels: job.required_labels,
+            priority: job.priority,
+            max_attempts: job.max_attempts,
+            retry_backoff: job.retry_backoff,
+            labels: job.labels,
+        }
+    }
+
+    /// This step `needs` the given steps.
+    pub fn needing(mut self, needs: &[&str]) -> Self {
+        self.needs = needs.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// The job spec draft of one concrete step named `name`, with the pipeline's env under the
+    /// step's own and `extra_env` (matrix values) over both.
+    fn job_draft(
+        &self,
+        name: String,
+        pipeline_env: &BTreeMap<String, String>,
+        extra_env: &BTreeMap<String, String>,
+    ) -> JobSpecDraft {
+        let mut env = pipeline_env.clone();
+        env.extend(self.env.clone());
+        env.extend(extra_env.clone());
+        JobSpecDraft {
+            name,
+            command: self.command.clone(),
+            env,
+            secret_env: self.secret_env.clone(),
+            working_dir: self.working_dir.clone(),
+            timeout_secs: self.timeout_secs,
+            resources: self.resources,
+            required_labels: self.required_labels.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            retry_backoff: self.retry_backoff,
+            idempotency_key: None,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// A pipeline spec as received, not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpecDraft {
+    pub name: String,
+    /// Env every step gets, under its own.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub steps: Vec<StepDraft>,
+    /// Whether one failed step cancels the steps still running or waiting (except `always`
+    /// and `on_failure` steps).
+    #[serde(default)]
+    pub fail_fast: bool,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A validated pipeline spec. Read its fields through `Deref`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PipelineSpecDraft", into = "PipelineSpecDraft")]
+pub struct PipelineSpec(PipelineSpecDraft);
+
+impl Deref for PipelineSpec {
+    type Target = PipelineSpecDraft;
+
+    fn deref(&self) -> &PipelineSpecDraft {
+        &self.0
+    }
+}
+
+impl From<PipelineSpec> for PipelineSpecDraft {
+    fn from(spec: PipelineSpec) -> Self {
+        spec.0
+    }
+}
+
+/// One concrete step after matrix expansion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpandedStep {
+    /// `build`, or `test[os=linux,version=1]` for one combination of a matrix.
+    pub name: String,
+    /// The step as written this one comes from.
+    pub base: String,
+    /// Concrete steps this one needs.
+    pub needs: Vec<String>,
+    pub when: When,
+    /// The job this step runs.
+    pub job: JobSpec,
+}
+
+fn is_step_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn is_matrix_key(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 64
+}
+
+/// Every combination of a matrix, in key order then value order.
+fn combinations(matrix: &BTreeMap<String, Vec<String>>) -> Vec<BTreeMap<String, String>> {
+    let mut out = vec![BTreeMap::new()];
+    for (key, values) in matrix {
+        out = out
+            .into_iter()
+            .flat_map(|combo| {
+                values.iter().map(move |v| {
+                    let mut c = combo.clone();
+                    c.insert(key.clone(), v.clone());
+                    c
+                })
+            })
+            .collect();
+    }
+    out
+}
+
+fn combination_count(matrix: &BTreeMap<String, Vec<String>>) -> usize {
+    matrix
+        .values()
+        .fold(1usize, |n, values| n.saturating_mul(values.len()))
+}
+
+/// `test[os=linux,version=1]`.
+fn expanded_name(base: &str, combo: &BTreeMap<String, String>) -> String {
+    if combo.is_empty() {
+        return base.to_owned();
+    }
+    let parts: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{base}[{}]", parts.join(","))
+}
+
+fn matrix_env(combo: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    combo
+        .iter()
+        .map(|(k, v)| (format!("MATRIX_{}", k.to_ascii_uppercase()), v.clone()))
+        .collect()
+}
+
+/// A cycle through `start`, as the list of steps on it, if there is one reachable from it.
+fn find_cycle(steps: &BTreeMap<&str, Vec<&str>>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Unseen,
+        OnPath,
+        Done,
+    }
+    let mut marks: BTreeMap<&str, Mark> = steps.keys().map(|k| (*k, Mark::Unseen)).collect();
+    for start in steps.keys() {
+        if marks.get(start) != Some(&Mark::Unseen) {
+            continue;
+        }
+        // Iterative depth-first search: (node, index of the next need to visit).
+        let mut path: Vec<(&str, usize)> = vec![(start, 0)];
+        marks.insert(start, Mark::OnPath);
+        while let Some((node, next)) = path.last().copied() {
+            let needs = steps.get(node).map(Vec::as_slice).unwrap_or_default();
+            match needs.get(next) {
+                Some(need) => {
+                    if let Some(top) = path.last_mut() {
+                        top.1 += 1;
+                    }
+                    match marks.get(need).copied() {
+                        Some(Mark::Unseen) => {
+                            marks.insert(need, Mark::OnPath);
+                            path.push((need, 0));
+                        }
+                        Some(Mark::OnPath) => {
+                            let from = path.iter().position(|(n, _)| n == need).unwrap_or(0);
+                            let mut cycle: Vec<String> =
+                                path[from..].iter().map(|(n, _)| (*n).to_owned()).collect();
+                            cycle.push((*need).to_owned());
+                            return Some(cycle);
+                        }
+                        // Done, or unknown (reported elsewhere).
+                        _ => {}
+                    }
+                }
+                None => {
+                    marks.insert(node, Mark::Done);
+                    path.pop();
+                }
+            }
+        }
+    }
+    None
+}
+
+impl TryFrom<PipelineSpecDraft> for PipelineSpec {
+    type Error = ValidationErrors;
+
+    fn try_from(draft: PipelineSpecDraft) -> Result<Self, Self::Error> {
+        let errors = validate(&draft);
+        if errors.is_empty() {
+            Ok(PipelineSpec(draft))
+        } else {
+            Err(ValidationErrors(errors))
+        }
+    }
+}
+
+fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if draft.name.trim().is_empty()
+        || draft.name.len() > 128
+        || draft.name.contains(char::is_control)
+    {
+        errors.push(FieldError::new(
+            "name",
+            "must be 1 to 128 characters without control characters",
+        ));
+    }
+    if draft
+        .idempotency_key
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256 || k.contains(char::is_control))
+    {
+        errors.push(FieldError::new(
+            "idempotency_key",
+            "must be 1 to 256 characters without control characters when given",
+        ));
+    }
+    if draft.steps.is_empty() {
+        errors.push(FieldError::new("steps", "must have at least one step"));
+    }
+    if draft.steps.len() > MAX_STEPS {
+        errors.push(FieldError::new(
+            "steps",
+            format!("must have at most {MAX_STEPS} steps"),
+        ));
+    }
+    // Pipeline-level env and labels are checked as a job spec would check them.
+    let mut probe = JobSpecDraft::exec(draft.name.clone(), &["true"]);
+    probe.env = draft.env.clone();
+    probe.labels = draft.labels.clone();
+    if let Err(e) = JobSpec::try_from(probe) {
+        errors.extend(
+            e.0.into_iter()
+                .filter(|f| f.field.starts_with("env") || f.field.starts_with("labels")),
+        );
+    }
+
+    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, step) in draft.steps.iter().enumerate() {
+        if !is_step_name(&step.name) {
+            errors.push(FieldError::new(
+                format!("steps[{i}].name"),
+                "must be 1 to 64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        if let Some(first) = first_index.get(step.name.as_str()) {
+            errors.push(FieldError::new(
+                format!("steps[{i}].name"),
+                format!("duplicate step name '{}' (also steps[{first}])", step.name),
+            ));
+        } else {
+            first_index.insert(&step.name, i);
+        }
+    }
+
+    let mut expanded = 0usize;
+    for step in &draft.steps {
+        let at = format!("steps.{}", step.name);
+        let mut seen = BTreeSet::new();
+        for (j, need) in step.needs.iter().enumerate() {
+            if need == &step.name {
+                errors.push(FieldError::new(
+                    format!("{at}.needs[{j}]"),
+                    "a step cannot need itself",
+                ));
+            } else if !first_index.contains_key(need.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{at}.needs[{j}]"),
+                    format!("unknown step '{need}'"),
+                ));
+            }
+            if !seen.insert(need) {
+                errors.push(FieldError::new(
+                    format!("{at}.needs[{j}]"),
+                    format!("'{need}' is listed twice"),
+                ));
+            }
+        }
+        for (key, values) in &step.matrix {
+            if !is_matrix_key(key) {
+                errors.push(FieldError::new(
+                    format!("{at}.matrix.{key}"),
+                    "key must match [A-Za-z_][A-Za-z0-9_]*",
+                ));
+            }
+            if values.is_empty() {
+                errors.push(FieldError::new(
+                    format!("{at}.matrix.{key}"),
+                    "must list at least one value",
+                ));
+            }
+            let distinct: BTreeSet<&String> = values.iter().collect();
+            if distinct.len() != values.len() {
+                errors.push(FieldError::new(
+                    format!("{at}.matrix.{key}"),
+                    "values must be distinct",
+                ));
+            }
+            for (k, v) in values.iter().enumerate() {
+                if v.is_empty()
+                    || v.len() > 64
+                    || v.contains(char::is_control)
+                    || v.contains([',', '=', '[', ']'])
+                {
+                    errors.push(FieldError::new(
+                        format!("{at}.matrix.{key}[{k}]"),
+                        "must be 1 to 64 printable characters without , = [ ]",
+                    ));
+                }
+            }
+        }
+        let combos = combination_count(&step.matrix);
+        if combos > MAX_MATRIX_COMBINATIONS {
+            errors.push(FieldError::new(
+                format!("{at}.matrix"),
+                format!("expands to {combos} steps, at most {MAX_MATRIX_COMBINATIONS} allowed"),
+            ));
+        }
+        expanded = expanded.saturating_add(combos);
+        // The step's job spec, checked with every combination's env applied to the first.
+        let first_combo = combinations(&step.matrix)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let job = step.job_draft(
+            expanded_name(&step.name, &first_combo),
+            &draft.env,
+            &matrix_env(&first_combo),
+        );
+        if let Err(e) = JobSpec::try_from(job) {
+            for f in e.0 {
+                // The job's name is the step's, reported under steps[i].name above.
+                if f.field != "name" {
+                    errors.push(FieldError::new(format!("{at}.{}", f.field), f.reason));
+                }
+            }
+        }
+    }
+    if expanded > MAX_EXPANDED_STEPS {
+        errors.push(FieldError::new(
+            "steps",
+            format!("expand to {expanded} steps, at most {MAX_EXPANDED_STEPS} allowed"),
+        ));
+    }
+
+    let graph: BTreeMap<&str, Vec<&str>> = draft
+        .steps
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.needs.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    if let Some(cycle) = find_cycle(&graph) {
+        let first = cycle.first().cloned().unwrap_or_default();
+        errors.push(FieldError::new(
+            format!("steps.{first}.needs"),
+            format!("cycle: {}", cycle.join(" -> ")),
+        ));
+    }
+    errors
+}
+
+impl PipelineSpec {
+    /// The concrete steps, matrices expanded, in the order written.
+    pub fn expand(&self) -> Vec<ExpandedStep> {
+        let names: BTreeMap<&str, Vec<String>> = self
+            .steps
+            .iter()
+            .map(|s| {
+                let names = combinations(&s.matrix)
+                    .iter()
+                    .map(|c| expanded_name(&s.name, c))
+                    .collect();
+                (s.name.as_str(), names)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for step in &self.steps {
+            let needs: Vec<String> = step
+                .needs
+                .iter()
+                .flat_map(|n| names.get(n.as_str()).cloned().unwrap_or_default())
+                .collect();
+            for combo in combinations(&step.matrix) {
+                let name = expanded_name(&step.name, &combo);
+                let draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo));
+                // Validation checked the first combination; the others differ only in the
+                // matrix values, which were checked too, so this cannot fail. A failure would
+                // still not panic: the step is dropped and the run reports it missing.
+                let Ok(job) = JobSpec::try_from(draft) else {
+                    continue;
+                };
+                out.push(ExpandedStep {
+                    name,
+                    base: step.name.clone(),
+                    needs: needs.clone(),
+                    when: step.when,
+                    job,
+                });
+            }
+        }
+        out
+    }
+
+    /// The spec with every secret value of every step masked: what events and answers show.
+    pub fn redacted(&self) -> PipelineSpec {
+        let mut draft = self.0.clone();
+        for step in &mut draft.steps {
+            for name in &step.secret_env {
+                if let Some(value) = step.env.get_mut(name) {
+                    *value = crate::spec::SECRET_MASK.to_owned();
+                }
+            }
+        }
+        PipelineSpec(draft)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(steps: Vec<StepDraft>) -> PipelineSpecDraft {
+        PipelineSpecDraft {
+            name: "ci".to_owned(),
+            env: BTreeMap::new(),
+            steps,
+            fail_fast: false,
+            idempotency_key: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn fields(draft: PipelineSpecDraft) -> Vec<String> {
+        PipelineSpec::try_from(draft)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|f| f.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_diamond_is_valid_and_expands_in_order() {
+        let spec = PipelineSpec::try_from(pipeline(vec![
+            StepDraft::exec("a", &["true"]),
+            StepDraft::exec("b", &["true"]).needing(&["a"]),
+            StepDraft::exec("c", &["true"]).needing(&["a"]),
+            StepDraft::exec("d", &["true"]).needing(&["b", "c"]),
+        ]))
+        .unwrap();
+        let steps = spec.expand();
+        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        assert_eq!(steps[3].needs, ["b", "c"]);
+        assert_eq!(steps[3].job.name, "d");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let mut bad = StepDraft::exec("build", &["true"]).needing(&["nope", "build"]);
+        bad.timeout_secs = 0;
+        let errors = fields(pipeline(vec![
+            bad,
+            StepDraft::exec("build", &["true"]),
+            StepDraft::exec("bad name!", &[""]),
+        ]));
+        assert!(
+            errors.contains(&"steps.build.needs[0]".to_owned()),
+            "{errors:?}"
+        );
+        assert!(
+            errors.contains(&"steps.build.needs[1]".to_owned()),
+            "{errors:?}"
+        );
+        assert!(
+            errors.contains(&"steps.build.timeout_secs".to_owned()),
+            "{errors:?}"
+        );
+        assert!(errors.contains(&"steps[1].name".to_owned()), "{errors:?}");
+        assert!(errors.contains(&"steps[2].name".to_owned()), "{errors:?}");
+        assert!(
+            errors.contains(&"steps.bad name!.command.argv".to_owned()),
+            "{errors:?}"
+        );
+        assert!(fields(pipeline(vec![])).contains(&"steps".to_owned()));
+    }
+
+    #[test]
+    fn cycles_are_refused_naming_the_cycle() {
+        let err = PipelineSpec::try_from(pipeline(vec![
+            StepDraft::exec("a", &["true"]).needing(&["c"]),
+            StepDraft::exec("b", &["true"]).needing(&["a"]),
+            StepDraft::exec("c", &["true"]).needing(&["b"]),
+        ]))
+        .unwrap_err();
+        let cycle = err
+            .0
+            .iter()
+            .find(|f| f.reason.starts_with("cycle"))
+            .unwrap();
+        assert_eq!(cycle.field, "steps.a.needs");
+        assert_eq!(cycle.reason, "cycle: a -> c -> b -> a");
+    }
+
+    #[test]
+    fn a_matrix_expands_to_every_combination_with_its_values_in_env() {
+        let mut test = StepDraft::exec("test", &["true"]).needing(&["build"]);
+        test.matrix = BTreeMap::from([
+            ("os".to_owned(), vec!["linux".to_owned(), "mac".to_owned()]),
+            ("version".to_owned(), vec!["1".to_owned(), "2".to_owned()]),
+        ]);
+        let spec = PipelineSpec::try_from(pipeline(vec![
+            StepDraft::exec("build", &["true"]),
+            test,
+            StepDraft::exec("deploy", &["true"]).needing(&["test"]),
+        ]))
+        .unwrap();
+        let steps = spec.expand();
+        assert_eq!(steps.len(), 6);
+        assert_eq!(steps[1].name, "test[os=linux,version=1]");
+        assert_eq!(steps[4].name, "test[os=mac,version=2]");
+        assert_eq!(
+            steps[4].job.env.get("MATRIX_OS").map(String::as_str),
+            Some("mac")
+        );
+        assert_eq!(
+            steps[4].job.env.get("MATRIX_VERSION").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(steps[5].needs.len(), 4);
+        assert!(
+            steps
+                .iter()
+                .filter(|s| s.base == "test")
+                .all(|s| s.needs == ["build"])
+        );
+    }
+
+    #[test]
+    fn bad_matrices_are_refused() {
+        let mut test = StepDraft::exec("test", &["true"]);
+        test.matrix = BTreeMap::from([
+            ("os".to_owned(), vec![]),
+            ("bad-key".to_owned(), vec!["x".to_owned(), "x".to_owned()]),
+        ]);
+        let errors = fields(pipeline(vec![test]));
+        assert!(
+            errors.contains(&"steps.test.matrix.os".to_owned()),
+            "{errors:?}"
+        );
+        assert!(
+            errors.contains(&"steps.test.matrix.bad-key".to_owned()),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn pipeline_env_is_under_step_env() {
+        let mut draft = pipeline(vec![{
+            let mut s = StepDraft::exec("a", &["true"]);
+            s.env.insert("B".to_owned(), "step".to_owned());
+            s
+        }]);
+        draft.env.insert("A".to_owned(), "pipeline".to_owned());
+        draft.env.insert("B".to_owned(), "pipeline".to_owned());
+        let steps = PipelineSpec::try_from(draft).unwrap().expand();
+        assert_eq!(
+            steps[0].job.env.get("A").map(String::as_str),
+            Some("pipeline")
+        );
+        assert_eq!(steps[0].job.env.get("B").map(String::as_str), Some("step"));
+    }
+
+    #[test]
+    fn yaml_shaped_json_is_validated_on_deserialise() {
+        let ok = r#"{"name":"ci","steps":[{"name":"a","command":{"kind":"exec","argv":["true"]}},
+                     {"name":"b","needs":["a"],"when":"always","command":{"kind":"exec","argv":["true"]}}]}"#;
+        let spec: PipelineSpec = serde_json::from_str(ok).unwrap();
+        assert_eq!(spec.steps[1].when, When::Always);
+        let unknown = r#"{"name":"ci","steps":[{"name":"a","nedds":["x"],"command":{"kind":"exec","argv":["true"]}}]}"#;
+        assert!(serde_json::from_str::<PipelineSpec>(unknown).is_err());
+    }
+}
