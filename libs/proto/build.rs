@@ -7,7 +7,11 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["hodei/v1/jobs.proto", "hodei/v1/workers.proto"];
+    let files = [
+        "hodei/v1/jobs.proto",
+        "hodei/v1/workers.proto",
+        "hodei/v1/pipelines.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

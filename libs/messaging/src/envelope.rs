@@ -2,7 +2,7 @@
 //! person watching with a NATS subscriber reads what happened, to what, when and from where.
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{JobEvent, WorkerEvent};
+use hodei_domain::{JobEvent, PipelineEvent, WorkerEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -13,12 +13,12 @@ pub struct Envelope {
     pub specversion: String,
     /// The event id; also the JetStream de-duplication id.
     pub id: Uuid,
-    /// `hodei.job.<event>` or `hodei.worker.<event>`.
+    /// `hodei.job.<event>`, `hodei.worker.<event>` or `hodei.pipeline.<event>`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The service that recorded the event, e.g. `hodei/scheduler`.
     pub source: String,
-    /// The aggregate the event is about (job or worker id).
+    /// The aggregate the event is about (job, worker or pipeline run id).
     pub subject: String,
     pub time: DateTime<Utc>,
     pub datacontenttype: String,
@@ -27,30 +27,57 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    pub fn for_job(event: &JobEvent, source: &str) -> Result<Self, serde_json::Error> {
-        Ok(Self {
+    fn new(
+        id: Uuid,
+        event_type: String,
+        source: &str,
+        subject: String,
+        time: DateTime<Utc>,
+        data: Value,
+    ) -> Self {
+        Self {
             specversion: "1.0".to_owned(),
-            id: event.event_id,
-            event_type: format!("hodei.job.{}", event.kind.name()),
+            id,
+            event_type,
             source: source.to_owned(),
-            subject: event.job_id.to_string(),
-            time: event.at,
+            subject,
+            time,
             datacontenttype: "application/json".to_owned(),
-            data: serde_json::to_value(event)?,
-        })
+            data,
+        }
+    }
+
+    pub fn for_job(event: &JobEvent, source: &str) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(
+            event.event_id,
+            format!("hodei.job.{}", event.kind.name()),
+            source,
+            event.job_id.to_string(),
+            event.at,
+            serde_json::to_value(event)?,
+        ))
     }
 
     pub fn for_worker(event: &WorkerEvent, source: &str) -> Result<Self, serde_json::Error> {
-        Ok(Self {
-            specversion: "1.0".to_owned(),
-            id: event.event_id,
-            event_type: format!("hodei.worker.{}", event.kind.name()),
-            source: source.to_owned(),
-            subject: event.worker_id.to_string(),
-            time: event.at,
-            datacontenttype: "application/json".to_owned(),
-            data: serde_json::to_value(event)?,
-        })
+        Ok(Self::new(
+            event.event_id,
+            format!("hodei.worker.{}", event.kind.name()),
+            source,
+            event.worker_id.to_string(),
+            event.at,
+            serde_json::to_value(event)?,
+        ))
+    }
+
+    pub fn for_pipeline(event: &PipelineEvent, source: &str) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(
+            event.event_id,
+            format!("hodei.pipeline.{}", event.kind.name()),
+            source,
+            event.run_id.to_string(),
+            event.at,
+            serde_json::to_value(event)?,
+        ))
     }
 
     /// The job event inside, if this envelope carries one.

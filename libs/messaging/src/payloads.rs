@@ -135,6 +135,19 @@ impl Outgoing {
         })
     }
 
+    /// A pipeline run's event, in its envelope, on `hodei.v1.evt.pipeline.<id>.<event>`.
+    pub fn pipeline_event(
+        event: &hodei_domain::PipelineEvent,
+        source: &str,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: event.event_id,
+            subject: subjects::pipeline_event(&event.run_id, event.kind.name()),
+            payload: serde_json::to_vec(&Envelope::for_pipeline(event, source)?)?,
+            headers: trace::current(),
+        })
+    }
+
     /// A worker event, in its envelope, on `hodei.v1.evt.worker.<id>.<event>`.
     pub fn worker_event(event: &WorkerEvent, source: &str) -> Result<Self, serde_json::Error> {
         Ok(Self {

@@ -1,7 +1,7 @@
 //! Every NATS subject and header name Hodei uses, built here and nowhere else. All subjects
 //! live under the versioned prefix `hodei.v1`.
 
-use hodei_domain::{JobId, WorkerId};
+use hodei_domain::{JobId, PipelineRunId, WorkerId};
 
 /// The versioned root of every subject.
 pub const PREFIX: &str = "hodei.v1";
@@ -30,6 +30,16 @@ pub fn job_events_of(job_id: &JobId) -> String {
 /// `hodei.v1.evt.worker.<worker_id>.<event>`: a worker's domain event.
 pub fn worker_event(worker_id: &WorkerId, event: &str) -> String {
     format!("{PREFIX}.evt.worker.{worker_id}.{event}")
+}
+
+/// `hodei.v1.evt.pipeline.<run_id>.<event>`: a pipeline run's domain event.
+pub fn pipeline_event(run_id: &PipelineRunId, event: &str) -> String {
+    format!("{PREFIX}.evt.pipeline.{run_id}.{event}")
+}
+
+/// `hodei.v1.evt.pipeline.<run_id>.>`: every event of one pipeline run.
+pub fn pipeline_events_of(run_id: &PipelineRunId) -> String {
+    format!("{PREFIX}.evt.pipeline.{run_id}.>")
 }
 
 /// `hodei.v1.evt.>`: every domain event.

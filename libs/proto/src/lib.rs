@@ -8,8 +8,12 @@ pub mod v1 {
 }
 
 mod convert;
+mod pipelines;
 
 pub use convert::{job_event_to_wire, state_from_wire, status_from_wire, timestamp};
+pub use pipelines::{
+    pipeline_event_to_wire, pipeline_run_to_wire, pipeline_spec_from_wire, pipeline_state_from_wire,
+};
 
 /// The encoded descriptor set of every `hodei.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -5,6 +5,9 @@
 pub enum StorageError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The aggregate refused the change (an illegal transition).
+    #[error(transparent)]
+    Refused(#[from] hodei_domain::DomainError),
     #[error("failed to apply migrations: {0}")]
     Migrate(String),
     /// Somebody else changed the row first (optimistic concurrency): reload and retry.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{Job, JobEvent, JobId, JobState, TenantId};
+use hodei_domain::{Job, JobEvent, JobId, JobState, PipelineRunId, TenantId};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -34,12 +34,37 @@ pub async fn insert_submitted(
     messages: &[hodei_messaging::Outgoing],
 ) -> Result<Submitted, StorageError> {
     let mut tx = pool.begin().await?;
+    if !insert_job(&mut tx, job, event, None).await? {
+        tx.rollback().await?;
+        let spec = job.spec();
+        let key = spec.idempotency_key.as_deref().unwrap_or_default();
+        return match find_by_idempotency_key(pool, job.tenant(), key).await? {
+            Some(existing) => Ok(Submitted::Existing(existing)),
+            None => Err(StorageError::Conflict {
+                what: format!("job with idempotency key {key}"),
+            }),
+        };
+    }
+    crate::outbox::append(&mut tx, messages).await?;
+    tx.commit().await?;
+    Ok(Submitted::Created(job.clone()))
+}
+
+/// Inserts a new job and its first event inside the caller's transaction, linked to the
+/// pipeline run step `step` if given, with the current span's trace context. Returns false,
+/// inserting nothing, when the tenant already used the job's idempotency key.
+pub(crate) async fn insert_job(
+    conn: &mut PgConnection,
+    job: &Job,
+    event: &JobEvent,
+    step: Option<(PipelineRunId, &str)>,
+) -> Result<bool, StorageError> {
     let spec = job.spec();
     let inserted = sqlx::query(
         "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
                            current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
-                           created_at, updated_at, version, trace_context)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '[]', 0, NULL, false, NULL, NULL, NULL, $9, $9, $10, $11)
+                           created_at, updated_at, version, trace_context, pipeline_run_id, pipeline_step)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '[]', 0, NULL, false, NULL, NULL, NULL, $9, $9, $10, $11, $12, $13)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
     )
     .bind(job.id().as_uuid())
@@ -53,22 +78,15 @@ pub async fn insert_submitted(
     .bind(job.created_at())
     .bind(to_i64(job.version()))
     .bind(encode("trace context", &hodei_messaging::trace::current())?)
-    .execute(&mut *tx)
+    .bind(step.map(|(run, _)| run.as_uuid()))
+    .bind(step.map(|(_, name)| name))
+    .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 0 {
-        tx.rollback().await?;
-        let key = spec.idempotency_key.as_deref().unwrap_or_default();
-        return match find_by_idempotency_key(pool, job.tenant(), key).await? {
-            Some(existing) => Ok(Submitted::Existing(existing)),
-            None => Err(StorageError::Conflict {
-                what: format!("job with idempotency key {key}"),
-            }),
-        };
+        return Ok(false);
     }
-    append_events(&mut tx, std::slice::from_ref(event)).await?;
-    crate::outbox::append(&mut tx, messages).await?;
-    tx.commit().await?;
-    Ok(Submitted::Created(job.clone()))
+    append_events(conn, std::slice::from_ref(event)).await?;
+    Ok(true)
 }
 
 /// The job a tenant submitted with `key`, if any.
@@ -119,19 +137,37 @@ pub async fn get(conn: impl sqlx::PgExecutor<'_>, id: JobId) -> Result<Option<Jo
 }
 
 /// Saves a job changed by `events` (already applied to it) if it is still at
-/// `expected_version`; otherwise returns `Conflict` and changes nothing.
+/// `expected_version`; otherwise returns `Conflict` and changes nothing. When the job is a
+/// pipeline step and `events` start or end it, its run is moved on in the same transaction
+/// (see [`crate::pipelines`]).
 pub async fn save(
     conn: &mut PgConnection,
     job: &Job,
     expected_version: u64,
     events: &[JobEvent],
 ) -> Result<(), StorageError> {
+    let run = save_projection(conn, job, expected_version, events).await?;
+    if let Some(run) = run {
+        crate::pipelines::on_step_job(conn, run, job, events).await?;
+    }
+    Ok(())
+}
+
+/// [`save`] without moving the job's pipeline run: returns the run the job belongs to, if
+/// any, for the caller to move.
+pub(crate) async fn save_projection(
+    conn: &mut PgConnection,
+    job: &Job,
+    expected_version: u64,
+    events: &[JobEvent],
+) -> Result<Option<PipelineRunId>, StorageError> {
     let current = job.current_attempt_record();
-    let updated = sqlx::query(
+    let updated: Option<(Option<Uuid>,)> = sqlx::query_as(
         "UPDATE jobs SET state = $3, attempts = $4, current_attempt = $5, worker_id = $6,
                 cancel_requested = $7, not_before = $8, reason = $9, exit_code = $10,
                 updated_at = $11, version = $12
-         WHERE id = $1 AND version = $2",
+         WHERE id = $1 AND version = $2
+         RETURNING pipeline_run_id",
     )
     .bind(job.id().as_uuid())
     .bind(to_i64(expected_version))
@@ -145,14 +181,68 @@ pub async fn save(
     .bind(job.exit_code())
     .bind(job.updated_at())
     .bind(to_i64(job.version()))
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    if updated.rows_affected() == 0 {
+    let Some((run,)) = updated else {
         return Err(StorageError::Conflict {
             what: format!("job {} at version {expected_version}", job.id()),
         });
+    };
+    append_events(conn, events).await?;
+    Ok(run.map(PipelineRunId::from_uuid))
+}
+
+/// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends
+/// cancelled at once, a job on a worker gets `cancel_requested` and its agent a `cancel`
+/// command; a pipeline step's run moves on. Returns the job as it is now and the event
+/// recorded (none when a cancel was already on its way), or `None` for an unknown job. A job
+/// already ended is refused ([`StorageError::Refused`]).
+pub async fn request_cancel(
+    conn: &mut PgConnection,
+    id: JobId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<(Job, Option<JobEvent>)>, StorageError> {
+    let Some((job, event, run)) = request_cancel_unmoved(conn, id, reason, source).await? else {
+        return Ok(None);
+    };
+    if let (Some(event), Some(run)) = (&event, run) {
+        crate::pipelines::on_step_job(conn, run, &job, std::slice::from_ref(event)).await?;
     }
-    append_events(conn, events).await
+    Ok(Some((job, event)))
+}
+
+/// [`request_cancel`] without moving the job's pipeline run; also returns the run, for the
+/// caller (the pipeline driver) to move.
+pub(crate) async fn request_cancel_unmoved(
+    conn: &mut PgConnection,
+    id: JobId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<(Job, Option<JobEvent>, Option<PipelineRunId>)>, StorageError> {
+    use hodei_messaging::{AgentCommand, Outgoing};
+
+    let Some(mut job) = get(&mut *conn, id).await? else {
+        return Ok(None);
+    };
+    let version = job.version();
+    let Some(event) = job.request_cancel(reason, Utc::now())? else {
+        return Ok(Some((job, None, None)));
+    };
+    let mut messages = vec![Outgoing::job_event(&event, source)?];
+    if let (hodei_domain::JobEventKind::CancelRequested { .. }, Some(attempt)) =
+        (&event.kind, job.current_attempt_record())
+    {
+        let command = AgentCommand::Cancel {
+            job_id: id,
+            attempt: attempt.attempt,
+            reason: reason.to_owned(),
+        };
+        messages.push(Outgoing::agent_command(&attempt.worker_id, &command)?);
+    }
+    let run = save_projection(conn, &job, version, std::slice::from_ref(&event)).await?;
+    crate::outbox::append(conn, &messages).await?;
+    Ok(Some((job, Some(event), run)))
 }
 
 async fn append_events(conn: &mut PgConnection, events: &[JobEvent]) -> Result<(), StorageError> {
@@ -242,14 +332,7 @@ pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, Storage
         .name_prefix
         .as_deref()
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            format!(
-                "{}%",
-                p.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            )
-        });
+        .map(like_prefix);
     let labels = (!filter.labels.is_empty())
         .then(|| encode("label filter", &filter.labels))
         .transpose()?;
@@ -270,6 +353,18 @@ pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, Storage
         .fetch_all(pool)
         .await?;
     rows.iter().map(decode).collect()
+}
+
+/// A `LIKE` pattern matching strings that start with `prefix` (its `%`, `_` and `\\`
+/// escaped).
+pub(crate) fn like_prefix(prefix: &str) -> String {
+    format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
 }
 
 /// Queued jobs whose next step is overdue: not placed `older_than` after they were queued.

@@ -1,11 +1,12 @@
-//! PostgreSQL persistence: the job event store and its projection, workers, and the
-//! transactional outbox with its relay to JetStream. PostgreSQL is the state of record;
-//! NATS only carries what was committed here.
+//! PostgreSQL persistence: the job and pipeline run event stores and their projections,
+//! workers, and the transactional outbox with its relay to JetStream. PostgreSQL is the state
+//! of record; NATS only carries what was committed here.
 
 pub mod backends;
 pub mod error;
 pub mod jobs;
 pub mod outbox;
+pub mod pipelines;
 mod probes;
 pub mod workers;
 

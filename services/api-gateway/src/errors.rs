@@ -15,6 +15,9 @@ pub fn invalid_id(field: &str, e: &IdError) -> Status {
 }
 
 pub fn storage(e: StorageError) -> Status {
+    if let StorageError::Refused(refused) = e {
+        return domain(refused);
+    }
     match &e {
         StorageError::Conflict { .. } => Status::aborted(e.to_string()),
         StorageError::Unavailable { .. } => Status::unavailable(e.to_string()),

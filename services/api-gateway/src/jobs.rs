@@ -6,14 +6,12 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{Job, JobEventKind, JobId, JobSpec, JobState, TenantId};
-use hodei_messaging::{
-    AgentCommand, LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects,
-};
+use hodei_domain::{Job, JobId, JobSpec, JobState, TenantId};
+use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
+use hodei_storage::Backends;
 use hodei_storage::jobs::{self, JobFilter, Submitted};
-use hodei_storage::{Backends, outbox};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +23,7 @@ use crate::{SOURCE, errors};
 /// Largest page a list call returns.
 const MAX_PAGE: u32 = 1000;
 /// How long a stream waits for news before checking the job in PostgreSQL again.
-const STREAM_POLL: Duration = Duration::from_secs(1);
+pub(crate) const STREAM_POLL: Duration = Duration::from_secs(1);
 
 pub struct JobApi {
     backends: Backends,
@@ -62,6 +60,15 @@ pub fn page_size(requested: u32) -> Result<u32, Status> {
     }
 }
 
+/// The tenant of a request: empty means the default tenant.
+pub fn parse_tenant(value: &str) -> Result<TenantId, Status> {
+    if value.is_empty() {
+        Ok(TenantId::default())
+    } else {
+        value.parse().map_err(|e| errors::invalid_id("tenant", &e))
+    }
+}
+
 fn parse_job_id(field: &str, value: &str) -> Result<JobId, Status> {
     value.parse().map_err(|e| errors::invalid_id(field, &e))
 }
@@ -74,13 +81,7 @@ impl JobService for JobApi {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        let tenant: TenantId = if req.tenant.is_empty() {
-            TenantId::default()
-        } else {
-            req.tenant
-                .parse()
-                .map_err(|e| errors::invalid_id("tenant", &e))?
-        };
+        let tenant = parse_tenant(&req.tenant)?;
         let wire = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
@@ -201,49 +202,25 @@ impl JobService for JobApi {
             req.reason
         };
         for _ in 0..8 {
-            let mut job = self.load(id).await?;
-            let version = job.version();
-            let Some(event) = job
-                .request_cancel(&reason, Utc::now())
-                .map_err(errors::domain)?
-            else {
-                // A cancel is already on its way to the worker.
-                return Ok(Response::new(pb::CancelJobResponse {
-                    job: Some((&job).into()),
-                }));
-            };
-            let mut messages =
-                vec![Outgoing::job_event(&event, SOURCE).map_err(errors::serialization)?];
-            if let (JobEventKind::CancelRequested { .. }, Some(attempt)) =
-                (&event.kind, job.current_attempt_record())
-            {
-                let command = AgentCommand::Cancel {
-                    job_id: id,
-                    attempt: attempt.attempt,
-                    reason: reason.clone(),
-                };
-                messages.push(
-                    Outgoing::agent_command(&attempt.worker_id, &command)
-                        .map_err(errors::serialization)?,
-                );
-            }
             let saved = self
                 .backends
                 .db(|| async {
                     let mut tx = self.backends.pool.begin().await?;
-                    jobs::save(&mut tx, &job, version, std::slice::from_ref(&event)).await?;
-                    outbox::append(&mut tx, &messages).await?;
+                    let done = jobs::request_cancel(&mut tx, id, &reason, SOURCE).await?;
                     tx.commit().await?;
-                    Ok(())
+                    Ok(done)
                 })
                 .await;
             match saved {
-                Ok(()) => {
-                    self.backends.relay_wake.notify_one();
-                    if job.state().is_terminal() {
-                        self.backends.metrics.job_finished(job.state().as_str());
+                Ok(None) => return Err(Status::not_found(format!("job {id} not found"))),
+                Ok(Some((job, event))) => {
+                    if let Some(event) = event {
+                        self.backends.relay_wake.notify_one();
+                        if job.state().is_terminal() {
+                            self.backends.metrics.job_finished(job.state().as_str());
+                        }
+                        tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
                     }
-                    tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
                     return Ok(Response::new(pb::CancelJobResponse {
                         job: Some((&job).into()),
                     }));

@@ -1,17 +1,19 @@
-//! The API gateway: the gRPC front door (`hodei.v1.JobService`, `WorkerService`, standard
-//! health and server reflection). It validates input at the edge, records submissions and
-//! cancellations (job + event + outbox rows in one transaction), answers queries from
-//! PostgreSQL and streams events and logs.
+//! The API gateway: the gRPC front door (`hodei.v1.JobService`, `PipelineService`,
+//! `WorkerService`, standard health and server reflection). It validates input at the edge,
+//! records submissions and cancellations (aggregate + events + outbox rows in one
+//! transaction), answers queries from PostgreSQL and streams events and logs.
 
 mod admission;
 mod errors;
 mod grpc_trace;
 mod jobs;
+mod pipelines;
 mod workers;
 
 use std::net::SocketAddr;
 
 use hodei_proto::v1::job_service_server::JobServiceServer;
+use hodei_proto::v1::pipeline_service_server::PipelineServiceServer;
 use hodei_proto::v1::worker_service_server::WorkerServiceServer;
 use hodei_storage::{BackendConfig, Backends};
 use tokio::net::TcpListener;
@@ -113,6 +115,9 @@ impl Gateway {
         health_reporter
             .set_serving::<WorkerServiceServer<workers::WorkerApi>>()
             .await;
+        health_reporter
+            .set_serving::<PipelineServiceServer<pipelines::PipelineApi>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hodei_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -125,12 +130,15 @@ impl Gateway {
             self.config.max_queued_jobs,
             shutdown.clone(),
         );
+        let pipeline_api =
+            pipelines::PipelineApi::new(self.backends.clone(), admission.clone(), shutdown.clone());
         let job_api = jobs::JobApi::new(self.backends.clone(), admission, shutdown.clone());
         let result = tonic::transport::Server::builder()
             .trace_fn(grpc_trace::server_span)
             .add_service(health)
             .add_service(reflection)
             .add_service(JobServiceServer::new(job_api))
+            .add_service(PipelineServiceServer::new(pipeline_api))
             .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
                 self.backends.clone(),
             )))

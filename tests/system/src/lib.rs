@@ -8,6 +8,7 @@ use hodei_agent::{Agent, AgentConfig};
 use hodei_api_gateway::{Gateway, GatewayConfig};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_registry::{Registry, RegistryConfig};
 use hodei_scheduler::{Scheduler, SchedulerConfig};
@@ -57,6 +58,7 @@ pub struct TestSystem {
     pub nats: TestNats,
     pub database: TestDatabase,
     pub jobs: JobServiceClient<Channel>,
+    pub pipelines: PipelineServiceClient<Channel>,
     pub workers: WorkerServiceClient<Channel>,
     pub grpc_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
@@ -199,6 +201,7 @@ impl TestSystem {
             nats,
             database,
             jobs: JobServiceClient::new(channel.clone()),
+            pipelines: PipelineServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel),
             grpc_addr,
             shutdown,

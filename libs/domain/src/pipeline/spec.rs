@@ -467,16 +467,13 @@ fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
         ));
     }
 
-    let graph: BTreeMap<&str, Vec<&str>> = draft
-        .steps
-        .iter()
-        .map(|s| {
-            (
-                s.name.as_str(),
-                s.needs.iter().map(String::as_str).collect(),
-            )
-        })
-        .collect();
+    // A duplicate name (reported above) does not hide the first step's needs.
+    let mut graph: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for s in &draft.steps {
+        graph
+            .entry(s.name.as_str())
+            .or_insert_with(|| s.needs.iter().map(String::as_str).collect());
+    }
     if let Some(cycle) = find_cycle(&graph) {
         let first = cycle.first().cloned().unwrap_or_default();
         errors.push(FieldError::new(

@@ -1,0 +1,255 @@
+//! `hodei.v1.PipelineService`: submit, get, list, cancel and watch pipeline runs.
+
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::{JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::pipeline_service_server::PipelineService;
+use hodei_storage::Backends;
+use hodei_storage::pipelines::{self, RunFilter, Submitted};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::admission::Admission;
+use crate::jobs::{STREAM_POLL, page_size, parse_tenant};
+use crate::{SOURCE, errors};
+
+pub struct PipelineApi {
+    backends: Backends,
+    admission: Admission,
+    shutdown: CancellationToken,
+}
+
+impl PipelineApi {
+    pub fn new(backends: Backends, admission: Admission, shutdown: CancellationToken) -> Self {
+        Self {
+            backends,
+            admission,
+            shutdown,
+        }
+    }
+
+    async fn load(&self, id: PipelineRunId) -> Result<PipelineRun, Status> {
+        self.backends
+            .db(|| pipelines::get(&self.backends.pool, id))
+            .await
+            .map_err(errors::storage)?
+            .ok_or_else(|| Status::not_found(format!("pipeline run {id} not found")))
+    }
+
+    /// The run on the wire, with its steps' attempts.
+    async fn to_wire(&self, run: &PipelineRun) -> Result<pb::PipelineRun, Status> {
+        let jobs: Vec<JobId> = run.steps().iter().filter_map(|s| s.job_id).collect();
+        let attempts = self
+            .backends
+            .db(|| pipelines::step_attempts(&self.backends.pool, &jobs))
+            .await
+            .map_err(errors::storage)?;
+        Ok(hodei_proto::pipeline_run_to_wire(run, &attempts))
+    }
+}
+
+fn parse_run_id(field: &str, value: &str) -> Result<PipelineRunId, Status> {
+    value.parse().map_err(|e| errors::invalid_id(field, &e))
+}
+
+#[tonic::async_trait]
+impl PipelineService for PipelineApi {
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", run_id))]
+    async fn submit_pipeline(
+        &self,
+        request: Request<pb::SubmitPipelineRequest>,
+    ) -> Result<Response<pb::SubmitPipelineResponse>, Status> {
+        let req = request.into_inner();
+        let tenant = parse_tenant(&req.tenant)?;
+        let wire = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let draft = hodei_proto::pipeline_spec_from_wire(wire).map_err(|e| errors::invalid(&e))?;
+        let spec = PipelineSpec::try_from(draft).map_err(|e| errors::invalid(&e))?;
+        if let Some(key) = spec.idempotency_key.as_deref()
+            && let Some(existing) = self
+                .backends
+                .db(|| pipelines::find_by_idempotency_key(&self.backends.pool, &tenant, key))
+                .await
+                .map_err(errors::storage)?
+        {
+            return Ok(Response::new(pb::SubmitPipelineResponse {
+                run: Some(self.to_wire(&existing).await?),
+                created: false,
+            }));
+        }
+        self.admission.check()?;
+        let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, Utc::now());
+        let (run, created) = match self
+            .backends
+            .db(|| pipelines::insert_submitted(&self.backends.pool, run.clone(), &event, SOURCE))
+            .await
+            .map_err(errors::storage)?
+        {
+            Submitted::Created(run) => {
+                self.backends.relay_wake.notify_one();
+                tracing::Span::current().record("run_id", tracing::field::display(run.id()));
+                tracing::info!(run_id = %run.id(), name = %run.spec().name, steps = run.steps().len(), "pipeline submitted");
+                (run, true)
+            }
+            Submitted::Existing(run) => {
+                tracing::info!(run_id = %run.id(), "idempotent resubmission returned the existing pipeline run");
+                (run, false)
+            }
+        };
+        Ok(Response::new(pb::SubmitPipelineResponse {
+            run: Some(self.to_wire(&run).await?),
+            created,
+        }))
+    }
+
+    async fn get_pipeline_run(
+        &self,
+        request: Request<pb::GetPipelineRunRequest>,
+    ) -> Result<Response<pb::GetPipelineRunResponse>, Status> {
+        let id = parse_run_id("run_id", &request.into_inner().run_id)?;
+        let run = self.load(id).await?;
+        Ok(Response::new(pb::GetPipelineRunResponse {
+            run: Some(self.to_wire(&run).await?),
+        }))
+    }
+
+    async fn list_pipeline_runs(
+        &self,
+        request: Request<pb::ListPipelineRunsRequest>,
+    ) -> Result<Response<pb::ListPipelineRunsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = page_size(req.page_size)?;
+        let states = req
+            .states
+            .iter()
+            .map(|s| {
+                hodei_proto::pipeline_state_from_wire(*s).ok_or_else(|| {
+                    Status::invalid_argument(format!("states: unknown pipeline state {s}"))
+                })
+            })
+            .collect::<Result<Vec<PipelineState>, Status>>()?;
+        let before = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(parse_run_id("page_token", &req.page_token)?)
+        };
+        let filter = RunFilter {
+            states,
+            name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
+            before,
+            limit,
+        };
+        let found = self
+            .backends
+            .db(|| pipelines::list(&self.backends.pool, &filter))
+            .await
+            .map_err(errors::storage)?;
+        let next_page_token = if found.len() == limit as usize {
+            found.last().map(|r| r.id().to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let mut runs = Vec::with_capacity(found.len());
+        for run in &found {
+            runs.push(self.to_wire(run).await?);
+        }
+        Ok(Response::new(pb::ListPipelineRunsResponse {
+            runs,
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway"))]
+    async fn cancel_pipeline_run(
+        &self,
+        request: Request<pb::CancelPipelineRunRequest>,
+    ) -> Result<Response<pb::CancelPipelineRunResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_run_id("run_id", &req.run_id)?;
+        let reason = if req.reason.is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            req.reason
+        };
+        for _ in 0..8 {
+            let cancelled = self
+                .backends
+                .db(|| pipelines::cancel(&self.backends.pool, id, &reason, SOURCE))
+                .await;
+            match cancelled {
+                Ok(Some(run)) => {
+                    self.backends.relay_wake.notify_one();
+                    tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
+                    return Ok(Response::new(pb::CancelPipelineRunResponse {
+                        run: Some(self.to_wire(&run).await?),
+                    }));
+                }
+                Ok(None) => {
+                    return Err(Status::not_found(format!("pipeline run {id} not found")));
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(errors::storage(e)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "pipeline run {id} kept changing, try again"
+        )))
+    }
+
+    type WatchPipelineRunStream = ReceiverStream<Result<pb::PipelineEvent, Status>>;
+
+    async fn watch_pipeline_run(
+        &self,
+        request: Request<pb::WatchPipelineRunRequest>,
+    ) -> Result<Response<Self::WatchPipelineRunStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_run_id("run_id", &req.run_id)?;
+        self.load(id).await?;
+        // Subscribe before reading history so nothing falls between the two.
+        let mut live = self
+            .backends
+            .nats
+            .subscribe(hodei_messaging::subjects::pipeline_events_of(&id))
+            .await
+            .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
+        let (tx, rx) = mpsc::channel(64);
+        let pool = self.backends.pool.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut next = req.from_seq.max(1);
+            let mut state = PipelineState::Queued;
+            loop {
+                // PostgreSQL is the truth: NATS only says when to look again.
+                let events = match pipelines::events(&pool, id, next).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(errors::storage(e))).await;
+                        return;
+                    }
+                };
+                for event in &events {
+                    let wire = hodei_proto::pipeline_event_to_wire(event, state);
+                    state = hodei_proto::pipeline_state_from_wire(wire.state).unwrap_or(state);
+                    next = event.seq + 1;
+                    if tx.send(Ok(wire)).await.is_err() {
+                        return;
+                    }
+                    if state.is_terminal() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    _ = live.next() => {}
+                    () = tokio::time::sleep(STREAM_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

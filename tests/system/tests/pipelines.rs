@@ -1,0 +1,468 @@
+//! Pipelines end to end: real services, a private nats-server, a fresh database and real
+//! processes on real agents. DAG order with parallel branches, failure and `always` steps,
+//! fail-fast, matrices, cancel, validation with paths, idempotency, and a scheduler replica
+//! crashing in the middle of a run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hodei_proto::v1 as pb;
+use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
+use hodei_test_support::wait_for;
+
+const TWO_AGENTS: &[AgentSpec] = &[
+    AgentSpec {
+        id: "pipe-agent-1",
+        labels: "os=linux",
+        slots: 1,
+    },
+    AgentSpec {
+        id: "pipe-agent-2",
+        labels: "os=linux",
+        slots: 1,
+    },
+];
+
+fn step(name: &str, needs: &[&str], script: &str) -> pb::PipelineStep {
+    pb::PipelineStep {
+        name: name.to_owned(),
+        needs: needs.iter().map(|s| (*s).to_owned()).collect(),
+        job: Some(pb::JobSpec {
+            command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+                interpreter: vec!["/bin/sh".into(), "-c".into()],
+                script: script.to_owned(),
+            })),
+            timeout_secs: 120,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn when(mut s: pb::PipelineStep, w: pb::When) -> pb::PipelineStep {
+    s.when = w.into();
+    s
+}
+
+fn pipeline(name: &str, steps: Vec<pb::PipelineStep>) -> pb::PipelineSpec {
+    pb::PipelineSpec {
+        name: name.to_owned(),
+        steps,
+        ..Default::default()
+    }
+}
+
+async fn submit(
+    system: &TestSystem,
+    spec: pb::PipelineSpec,
+) -> Result<pb::PipelineRun, tonic::Status> {
+    let response = system
+        .pipelines
+        .clone()
+        .submit_pipeline(pb::SubmitPipelineRequest {
+            spec: Some(spec),
+            tenant: String::new(),
+        })
+        .await?;
+    Ok(response.into_inner().run.unwrap())
+}
+
+async fn get(system: &TestSystem, id: &str) -> pb::PipelineRun {
+    system
+        .pipelines
+        .clone()
+        .get_pipeline_run(pb::GetPipelineRunRequest {
+            run_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+}
+
+fn is_terminal(state: i32) -> bool {
+    [
+        pb::PipelineState::Succeeded,
+        pb::PipelineState::Failed,
+        pb::PipelineState::Cancelled,
+    ]
+    .iter()
+    .any(|s| *s as i32 == state)
+}
+
+async fn wait_run(system: &TestSystem, id: &str, deadline: Duration) -> pb::PipelineRun {
+    let client = system.pipelines.clone();
+    wait_for(&format!("pipeline run {id} to end"), deadline, || {
+        let mut client = client.clone();
+        let id = id.to_owned();
+        async move {
+            let run = client
+                .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .run?;
+            is_terminal(run.state).then_some(run)
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until step `name` of run `id` is in `state`.
+async fn wait_step(system: &TestSystem, id: &str, name: &str, state: pb::StepState) -> pb::StepRun {
+    let client = system.pipelines.clone();
+    wait_for(
+        &format!("step {name} to be {state:?}"),
+        Duration::from_secs(60),
+        || {
+            let mut client = client.clone();
+            let id = id.to_owned();
+            async move {
+                let run = client
+                    .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .run?;
+                run.steps
+                    .into_iter()
+                    .find(|s| s.name == name && s.state == state as i32)
+            }
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn steps(run: &pb::PipelineRun) -> HashMap<String, pb::StepRun> {
+    run.steps
+        .iter()
+        .map(|s| (s.name.clone(), s.clone()))
+        .collect()
+}
+
+fn state(s: &pb::StepRun) -> pb::StepState {
+    pb::StepState::try_from(s.state).unwrap()
+}
+
+fn secs(t: &Option<prost_types::Timestamp>) -> f64 {
+    let t = t.as_ref().unwrap();
+    t.seconds as f64 + f64::from(t.nanos) / 1e9
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_diamond_runs_in_order_with_its_branches_in_parallel_on_two_agents() {
+    let system = TestSystem::start(TWO_AGENTS).await.unwrap();
+    // b and c each wait until the other has started (a file each), so they can only succeed
+    // if they run at the same time.
+    let dir = tempfile::tempdir().unwrap();
+    let mark = |name: &str| dir.path().join(name).display().to_string();
+    let branch = |me: &str, other: &str| {
+        format!(
+            "touch {me}; i=0; while [ ! -e {other} ]; do i=$((i+1)); [ $i -gt 400 ] && exit 9; sleep 0.05; done",
+            me = mark(me),
+            other = mark(other)
+        )
+    };
+    let run = submit(
+        &system,
+        pipeline(
+            "diamond",
+            vec![
+                step("a", &[], "echo a"),
+                step("b", &["a"], &branch("b", "c")),
+                step("c", &["a"], &branch("c", "b")),
+                step("d", &["b", "c"], "echo d"),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.steps.len(), 4);
+    let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
+    assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
+    let s = steps(&run);
+    for name in ["a", "b", "c", "d"] {
+        assert_eq!(
+            state(&s[name]),
+            pb::StepState::Succeeded,
+            "{name}: {:?}",
+            s[name]
+        );
+        assert_eq!(s[name].attempts.len(), 1);
+    }
+    // Dependency order: a ended before b and c started; d started after both ended.
+    assert!(secs(&s["a"].finished_at) <= secs(&s["b"].queued_at));
+    assert!(secs(&s["a"].finished_at) <= secs(&s["c"].queued_at));
+    assert!(secs(&s["d"].queued_at) >= secs(&s["b"].finished_at));
+    assert!(secs(&s["d"].queued_at) >= secs(&s["c"].finished_at));
+    // b and c ran at once, on the two agents (each has one slot).
+    assert_ne!(s["b"].attempts[0].worker_id, s["c"].attempts[0].worker_id);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_skips_dependants_runs_always_steps_and_fail_fast_cancels_siblings() {
+    let system = TestSystem::start(TWO_AGENTS).await.unwrap();
+
+    let failing = submit(
+        &system,
+        pipeline(
+            "failing",
+            vec![
+                step("build", &[], "exit 3"),
+                step("deploy", &["build"], "echo deploy"),
+                when(
+                    step("cleanup", &["deploy"], "echo cleanup"),
+                    pb::When::Always,
+                ),
+                when(
+                    step("notify", &["build"], "echo notify"),
+                    pb::When::OnFailure,
+                ),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    let run = wait_run(&system, &failing.id, Duration::from_secs(60)).await;
+    assert_eq!(run.state, pb::PipelineState::Failed as i32, "{run:#?}");
+    let s = steps(&run);
+    assert_eq!(state(&s["build"]), pb::StepState::Failed);
+    assert_eq!(
+        s["build"].attempts[0].outcome,
+        Some(pb::AttemptOutcome {
+            kind: Some(pb::attempt_outcome::Kind::Exited(3)),
+        })
+    );
+    assert_eq!(state(&s["deploy"]), pb::StepState::Skipped);
+    assert!(
+        s["deploy"].reason.contains("build failed"),
+        "{}",
+        s["deploy"].reason
+    );
+    assert_eq!(state(&s["cleanup"]), pb::StepState::Succeeded);
+    assert_eq!(state(&s["notify"]), pb::StepState::Succeeded);
+
+    let mut spec = pipeline(
+        "fail-fast",
+        vec![
+            step("lint", &[], "sleep 0.3; exit 1"),
+            step("test", &[], "sleep 60"),
+            step("publish", &["lint", "test"], "echo publish"),
+        ],
+    );
+    spec.fail_fast = true;
+    let fast = submit(&system, spec).await.unwrap();
+    wait_step(&system, &fast.id, "test", pb::StepState::Running).await;
+    // The sibling is stopped through the cancel path (SIGTERM to its process group).
+    let run = wait_run(&system, &fast.id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, pb::PipelineState::Failed as i32, "{run:#?}");
+    let s = steps(&run);
+    assert_eq!(state(&s["lint"]), pb::StepState::Failed);
+    assert_eq!(
+        state(&s["test"]),
+        pb::StepState::Cancelled,
+        "{:?}",
+        s["test"]
+    );
+    assert_eq!(state(&s["publish"]), pb::StepState::Cancelled);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_matrix_expands_into_jobs_with_their_values() {
+    let mut system = TestSystem::start(TWO_AGENTS).await.unwrap();
+    let mut test = step("test", &["build"], "echo \"$MATRIX_OS/$MATRIX_VERSION\"");
+    test.matrix = [
+        (
+            "os".to_owned(),
+            pb::MatrixValues {
+                values: vec!["linux".into(), "mac".into()],
+            },
+        ),
+        (
+            "version".to_owned(),
+            pb::MatrixValues {
+                values: vec!["1".into(), "2".into()],
+            },
+        ),
+    ]
+    .into();
+    let run = submit(
+        &system,
+        pipeline(
+            "matrix",
+            vec![
+                step("build", &[], "true"),
+                test,
+                step("ship", &["test"], "true"),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.steps.len(), 6);
+    let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
+    assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
+    let s = steps(&run);
+    let one = &s["test[os=mac,version=2]"];
+    assert_eq!(one.base, "test");
+    assert_eq!(s["ship"].needs.len(), 4);
+    // The combination's values reached the process.
+    let mut logs = system
+        .jobs
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: one.job_id.clone(),
+            from_sequence: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    while let Some(line) = logs.message().await.unwrap() {
+        text.push(line.text);
+    }
+    assert_eq!(text, ["mac/2"]);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_stops_running_steps_cancels_waiting_ones_and_still_runs_always_steps() {
+    let system = TestSystem::start(TWO_AGENTS).await.unwrap();
+    let run = submit(
+        &system,
+        pipeline(
+            "cancelled",
+            vec![
+                step("long", &[], "sleep 60"),
+                step("after", &["long"], "echo never"),
+                when(
+                    step("cleanup", &["after"], "echo cleanup"),
+                    pb::When::Always,
+                ),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    wait_step(&system, &run.id, "long", pb::StepState::Running).await;
+    system
+        .pipelines
+        .clone()
+        .cancel_pipeline_run(pb::CancelPipelineRunRequest {
+            run_id: run.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let run = wait_run(&system, &run.id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, pb::PipelineState::Cancelled as i32, "{run:#?}");
+    let s = steps(&run);
+    assert_eq!(state(&s["long"]), pb::StepState::Cancelled);
+    assert_eq!(state(&s["after"]), pb::StepState::Cancelled);
+    assert_eq!(state(&s["cleanup"]), pb::StepState::Succeeded);
+    // A run that ended cannot be cancelled again.
+    let again = system
+        .pipelines
+        .clone()
+        .cancel_pipeline_run(pb::CancelPipelineRunRequest {
+            run_id: run.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_pipelines_are_refused_with_paths_and_submissions_are_idempotent() {
+    let system = TestSystem::start(&[]).await.unwrap();
+    let mut bad_job = step("b", &["nope"], "true");
+    bad_job.job.as_mut().unwrap().timeout_secs = 10_000_000;
+    let err = submit(
+        &system,
+        pipeline(
+            "bad",
+            vec![
+                step("a", &["c"], "true"),
+                bad_job,
+                step("c", &["a"], "true"),
+                step("a", &[], "true"),
+            ],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    for path in [
+        "steps.b.needs[0]: unknown step 'nope'",
+        "steps.b.timeout_secs",
+        "steps[3].name: duplicate step name 'a'",
+        "cycle: a -> c -> a",
+    ] {
+        assert!(
+            err.message().contains(path),
+            "{path} not in {}",
+            err.message()
+        );
+    }
+
+    let mut spec = pipeline("once", vec![step("only", &[], "true")]);
+    spec.idempotency_key = "pipeline-key-1".into();
+    let first = submit(&system, spec.clone()).await.unwrap();
+    let second = submit(&system, spec).await.unwrap();
+    assert_eq!(first.id, second.id);
+    let listed = system
+        .pipelines
+        .clone()
+        .list_pipeline_runs(pb::ListPipelineRunsRequest {
+            name_prefix: "once".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+    assert_eq!(get(&system, &first.id).await.spec.unwrap().name, "once");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_survives_the_crash_of_the_scheduler_that_drives_it() {
+    let options = SystemOptions {
+        schedulers: 2,
+        ack_wait_ms: 2_000,
+        ..SystemOptions::default()
+    };
+    let mut system = TestSystem::start_with(TWO_AGENTS, options).await.unwrap();
+    let chain: Vec<pb::PipelineStep> = (0..6)
+        .map(|i| {
+            let needs = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
+            let refs: Vec<&str> = needs.iter().map(String::as_str).collect();
+            step(&format!("s{i}"), &refs, "sleep 0.3")
+        })
+        .collect();
+    let run = submit(&system, pipeline("chain", chain)).await.unwrap();
+    wait_step(&system, &run.id, "s1", pb::StepState::Running).await;
+    // Replica 0 dies mid-run, without a goodbye: whatever it held is redelivered to the other.
+    system.crash_scheduler(0);
+    let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
+    assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
+    let s = steps(&run);
+    for i in 1..6 {
+        assert!(
+            secs(&s[&format!("s{i}")].queued_at) >= secs(&s[&format!("s{}", i - 1)].finished_at)
+        );
+    }
+    system.stop().await;
+}
