@@ -100,6 +100,8 @@ pub enum AttemptOutcome {
     SpawnFailed { reason: String },
     /// The worker running the attempt was lost (infrastructure failure).
     Lost { reason: String },
+    /// The process exited 0 but the step's artifacts could not be kept.
+    ArtifactsFailed { reason: String },
 }
 
 impl AttemptOutcome {
@@ -124,6 +126,9 @@ impl fmt::Display for AttemptOutcome {
             AttemptOutcome::Cancelled => f.write_str("cancelled"),
             AttemptOutcome::SpawnFailed { reason } => write!(f, "failed to start: {reason}"),
             AttemptOutcome::Lost { reason } => write!(f, "worker lost: {reason}"),
+            AttemptOutcome::ArtifactsFailed { reason } => {
+                write!(f, "failed to keep artifacts: {reason}")
+            }
         }
     }
 }

@@ -20,8 +20,8 @@ pub use ids::{AttemptId, AttemptNumber, IdError, JobId, PipelineRunId, TenantId,
 pub use job::{AttemptOutcome, AttemptRecord, Job, JobState};
 pub use pipeline::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
-    PipelineState, StepDraft, StepRun, StepState, When,
+    PipelineState, StepArtifacts, StepDraft, StepRun, StepState, When,
 };
-pub use spec::{Backoff, Command, JobSpec, Resources};
+pub use spec::{ArtifactPlan, Backoff, Command, JobSpec, Resources};
 pub use specification::Specification;
 pub use worker::{HeldAttempt, ResourceUsage, Worker, WorkerStatus};

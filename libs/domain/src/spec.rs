@@ -158,6 +158,34 @@ pub struct JobSpecDraft {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// For a pipeline step: the artifacts to fetch before it starts and to keep after it
+    /// succeeds. Set by the pipeline, never by a client (the API has no such field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactPlan>,
+}
+
+/// The artifacts of one pipeline step's job, for its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactPlan {
+    pub run_id: crate::ids::PipelineRunId,
+    /// The concrete step the job runs: its artifacts are kept under this name.
+    pub step: String,
+    /// Globs, relative to the workspace, of the files and folders to keep after success.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub produce: Vec<String>,
+    /// Steps of the same run whose artifacts are put in the workspace before the start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consume: Vec<String>,
+}
+
+/// Whether `glob` is a usable artifact pattern: relative, inside the workspace, printable.
+pub fn is_workspace_glob(glob: &str) -> bool {
+    !glob.is_empty()
+        && glob.len() <= 1024
+        && !glob.starts_with('/')
+        && !glob.split('/').any(|part| part == "..")
+        && !glob.contains(char::is_control)
 }
 
 impl JobSpecDraft {
@@ -179,6 +207,7 @@ impl JobSpecDraft {
             retry_backoff: Backoff::default(),
             idempotency_key: None,
             labels: BTreeMap::new(),
+            artifacts: None,
         }
     }
 }
@@ -406,6 +435,16 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
                     && d.env.get(&k).is_some_and(|v| !v.contains('\0'))
             },
         ));
+    }
+    if let Some(plan) = &draft.artifacts {
+        for (i, glob) in plan.produce.iter().enumerate() {
+            let g = glob.clone();
+            rules.push(Rule::new(
+                format!("artifacts.produce[{i}]"),
+                "must be a glob relative to the workspace (no '..', not absolute), 1 to 1024 printable characters",
+                move |_| is_workspace_glob(&g),
+            ));
+        }
     }
     for name in &draft.secret_env {
         let n = name.clone();

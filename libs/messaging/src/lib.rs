@@ -2,6 +2,7 @@
 //! JetStream streams and consumers, the JSON payloads and event envelope, and connecting to
 //! a server that is new enough, and trace context in message headers ([`trace`]).
 
+pub mod artifacts;
 pub mod connect;
 pub mod envelope;
 pub mod payloads;

@@ -62,6 +62,7 @@ impl From<pb::JobSpec> for JobSpecDraft {
                 .unwrap_or_default(),
             idempotency_key: Some(w.idempotency_key).filter(|s| !s.is_empty()),
             labels: w.labels.into_iter().collect(),
+            artifacts: None,
         }
     }
 }
@@ -148,6 +149,7 @@ impl From<&AttemptOutcome> for pb::AttemptOutcome {
             AttemptOutcome::Cancelled => Kind::Cancelled(true),
             AttemptOutcome::SpawnFailed { reason } => Kind::SpawnFailed(reason.clone()),
             AttemptOutcome::Lost { reason } => Kind::Lost(reason.clone()),
+            AttemptOutcome::ArtifactsFailed { reason } => Kind::ArtifactsFailed(reason.clone()),
         };
         pb::AttemptOutcome { kind: Some(kind) }
     }

@@ -12,7 +12,8 @@ mod pipelines;
 
 pub use convert::{job_event_to_wire, state_from_wire, status_from_wire, timestamp};
 pub use pipelines::{
-    pipeline_event_to_wire, pipeline_run_to_wire, pipeline_spec_from_wire, pipeline_state_from_wire,
+    pipeline_event_to_wire, pipeline_run_to_wire, pipeline_spec_from_wire, pipeline_spec_to_wire,
+    pipeline_state_from_wire,
 };
 
 /// The encoded descriptor set of every `hodei.v1` file, for gRPC server reflection.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{
     AttemptRecord, FieldError, JobId, JobSpec, PipelineEvent, PipelineEventKind, PipelineRun,
-    PipelineSpec, PipelineSpecDraft, PipelineState, StepDraft, StepRun, StepState,
+    PipelineSpec, PipelineSpecDraft, PipelineState, StepArtifacts, StepDraft, StepRun, StepState,
     ValidationErrors, When,
 };
 
@@ -54,6 +54,13 @@ pub fn pipeline_spec_from_wire(w: pb::PipelineSpec) -> Result<PipelineSpecDraft,
                 .into_iter()
                 .map(|(k, v)| (k, v.values))
                 .collect(),
+            artifacts: step
+                .artifacts
+                .map(|a| StepArtifacts {
+                    produce: a.produce,
+                    consume: a.consume,
+                })
+                .unwrap_or_default(),
             command: job.command,
             env: job.env,
             secret_env: job.secret_env,
@@ -104,12 +111,15 @@ impl From<&StepDraft> for pb::PipelineStep {
             retry_backoff: s.retry_backoff,
             idempotency_key: None,
             labels: s.labels.clone(),
+            artifacts: None,
         };
         // A step of a validated pipeline is a valid job spec; an unvalidated one is shown
         // without its job rather than not at all.
         let job = JobSpec::try_from(draft).ok().map(|job| {
             let mut wire = pb::JobSpec::from(&job);
             wire.name.clear();
+            // `From<&JobSpec>` masks secrets; the caller decides (see `pipeline_spec_to_wire`).
+            wire.env = job.env.clone().into_iter().collect();
             wire
         });
         pb::PipelineStep {
@@ -122,6 +132,10 @@ impl From<&StepDraft> for pb::PipelineStep {
                 .map(|(k, v)| (k.clone(), pb::MatrixValues { values: v.clone() }))
                 .collect(),
             job,
+            artifacts: (!s.artifacts.is_empty()).then(|| pb::StepArtifacts {
+                produce: s.artifacts.produce.clone(),
+                consume: s.artifacts.consume.clone(),
+            }),
         }
     }
 }
@@ -129,15 +143,19 @@ impl From<&StepDraft> for pb::PipelineStep {
 impl From<&PipelineSpec> for pb::PipelineSpec {
     /// The spec as the API shows it: secret values masked.
     fn from(s: &PipelineSpec) -> Self {
-        let s = s.redacted();
-        pb::PipelineSpec {
-            name: s.name.clone(),
-            env: s.env.clone().into_iter().collect(),
-            steps: s.steps.iter().map(Into::into).collect(),
-            fail_fast: s.fail_fast,
-            idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
-            labels: s.labels.clone().into_iter().collect(),
-        }
+        pipeline_spec_to_wire(&s.redacted())
+    }
+}
+
+/// The spec as a client submits it, secret values included.
+pub fn pipeline_spec_to_wire(s: &PipelineSpec) -> pb::PipelineSpec {
+    pb::PipelineSpec {
+        name: s.name.clone(),
+        env: s.env.clone().into_iter().collect(),
+        steps: s.steps.iter().map(Into::into).collect(),
+        fail_fast: s.fail_fast,
+        idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
+        labels: s.labels.clone().into_iter().collect(),
     }
 }
 

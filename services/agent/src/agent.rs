@@ -46,6 +46,7 @@ pub struct Agent {
     settings: Settings,
     client: async_nats::Client,
     js: jetstream::Context,
+    artifacts: async_nats::jetstream::object_store::ObjectStore,
     consumer: PullConsumer,
     force_stop: CancellationToken,
     metrics: Metrics,
@@ -83,6 +84,7 @@ impl Agent {
         )
         .await?;
         streams::ensure_all(&js).await?;
+        let artifacts = hodei_messaging::artifacts::bucket(&js).await?;
         let consumer = streams::consumer(&js, streams::AGENT, consumer_config(id)).await?;
         let observability = match settings.metrics_addr {
             Some(addr) => Some(ObservabilityServer::bind(addr).await?),
@@ -102,6 +104,7 @@ impl Agent {
             settings,
             client,
             js,
+            artifacts,
             consumer,
             force_stop: CancellationToken::new(),
             metrics: Metrics::new(SERVICE),
@@ -177,6 +180,8 @@ impl Agent {
             path: std::env::var_os("PATH"),
             stops: stops.clone(),
             metrics: self.metrics.clone(),
+            artifacts: self.artifacts.clone(),
+            artifact_max_bytes: self.settings.artifact_max_bytes,
         });
         let mut attempts = JoinSet::new();
 

@@ -1,6 +1,8 @@
-//! Running one attempt: a fresh workspace, the process in its own process group, its output
+//! Running one attempt: a fresh workspace (with the artifacts of the steps a pipeline step
+//! consumes), the process in its own process group, its output
 //! (secrets masked) shipped as logs, the timeout and cancellation (SIGTERM, grace, SIGKILL to
-//! the group), and the `Started` and `Finished` reports.
+//! the group), the artifacts a successful pipeline step produces, and the `Started` and
+//! `Finished` reports.
 //!
 //! The command that assigned the attempt is acknowledged once `Started` is stored (or, if that
 //! never happened, once `Finished` is): until then it would be redelivered.
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
+use crate::artifacts;
 use crate::group::ProcessGroup;
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
@@ -49,6 +52,9 @@ pub(crate) struct AttemptContext {
     pub path: Option<OsString>,
     pub stops: Stops,
     pub metrics: hodei_telemetry::Metrics,
+    /// Where pipeline steps' artifacts are kept.
+    pub artifacts: async_nats::jetstream::object_store::ObjectStore,
+    pub artifact_max_bytes: u64,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -107,7 +113,7 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     } = assignment;
     let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
     let masker = Arc::new(Masker::for_spec(&spec));
-    let (outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
+    let (mut outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
         Ok(child) => supervise(&ctx, id, &spec, child, &command, &cancel, masker).await,
         Err(reason) => {
             // The reason names the program, which may hold a secret value.
@@ -119,6 +125,14 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
+    if outcome.is_success()
+        && let Some(plan) = &spec.artifacts
+        && let Err(reason) =
+            artifacts::keep(&ctx.artifacts, plan, &workspace, ctx.artifact_max_bytes).await
+    {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "failed to keep artifacts");
+        outcome = AttemptOutcome::ArtifactsFailed { reason };
+    }
     let span = tracing::Span::current();
     span.record("outcome", crate::observe::outcome_label(&outcome));
     if let Some(code) = outcome.exit_code() {
@@ -159,6 +173,11 @@ async fn spawn(
     tokio::fs::create_dir_all(workspace)
         .await
         .map_err(|e| io_err("failed to create workspace", workspace, e))?;
+    if let Some(plan) = &spec.artifacts {
+        artifacts::fetch(&ctx.artifacts, plan, workspace)
+            .await
+            .map_err(|reason| format!("failed to fetch artifacts: {reason}"))?;
+    }
     let cwd = match &spec.working_dir {
         Some(dir) => {
             let cwd = workspace.join(dir);

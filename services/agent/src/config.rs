@@ -56,6 +56,9 @@ pub struct AgentConfig {
     /// free port); none when unset.
     #[arg(long, env = "HODEI_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Most bytes of artifacts one pipeline step may keep; a step producing more fails.
+    #[arg(long, env = "HODEI_ARTIFACT_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub artifact_max_bytes: u64,
 }
 
 /// The configuration checked and completed: what the agent runs with.
@@ -71,6 +74,7 @@ pub(crate) struct Settings {
     pub kill_grace: Duration,
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    pub artifact_max_bytes: u64,
 }
 
 impl Settings {
@@ -102,6 +106,7 @@ impl Settings {
             kill_grace: Duration::from_millis(config.kill_grace_ms),
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             metrics_addr: config.metrics_addr,
+            artifact_max_bytes: config.artifact_max_bytes,
         })
     }
 }

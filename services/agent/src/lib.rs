@@ -16,6 +16,7 @@
 //! ```
 
 mod agent;
+mod artifacts;
 mod attempt;
 mod config;
 mod error;

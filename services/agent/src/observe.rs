@@ -46,6 +46,7 @@ pub(crate) fn outcome_label(outcome: &AttemptOutcome) -> &'static str {
         AttemptOutcome::TimedOut => "timed_out",
         AttemptOutcome::Cancelled => "cancelled",
         AttemptOutcome::SpawnFailed { .. } => "spawn_failed",
+        AttemptOutcome::ArtifactsFailed { .. } => "artifacts_failed",
         AttemptOutcome::Lost { .. } => "lost",
     }
 }

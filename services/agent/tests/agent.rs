@@ -121,6 +121,7 @@ impl Harness {
             kill_grace_ms: 500,
             drain_timeout_ms,
             metrics_addr: None,
+            artifact_max_bytes: 1024 * 1024,
         };
         let (agent, process) = if as_binary {
             let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))

@@ -3,6 +3,7 @@
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
+use hodei_messaging::artifacts;
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
 use hodei_storage::Backends;
@@ -15,6 +16,9 @@ use tonic::{Request, Response, Status};
 use crate::admission::Admission;
 use crate::jobs::{STREAM_POLL, page_size, parse_tenant};
 use crate::{SOURCE, errors};
+
+/// Bytes per chunk of an artifact download.
+const DOWNLOAD_CHUNK: usize = 64 * 1024;
 
 pub struct PipelineApi {
     backends: Backends,
@@ -37,6 +41,14 @@ impl PipelineApi {
             .await
             .map_err(errors::storage)?
             .ok_or_else(|| Status::not_found(format!("pipeline run {id} not found")))
+    }
+
+    async fn artifact_store(
+        &self,
+    ) -> Result<async_nats::jetstream::object_store::ObjectStore, Status> {
+        artifacts::bucket(&self.backends.js)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 
     /// The run on the wire, with its steps' attempts.
@@ -247,6 +259,102 @@ impl PipelineService for PipelineApi {
                     () = tx.closed() => return,
                     _ = live.next() => {}
                     () = tokio::time::sleep(STREAM_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let req = request.into_inner();
+        let id = parse_run_id("run_id", &req.run_id)?;
+        self.load(id).await?;
+        let store = self.artifact_store().await?;
+        let prefix = if req.step.is_empty() {
+            artifacts::run_prefix(&id)
+        } else {
+            artifacts::step_prefix(&id, &req.step)
+        };
+        let mut list = store
+            .list()
+            .await
+            .map_err(|e| Status::unavailable(format!("artifact store unavailable: {e}")))?;
+        let mut found = Vec::new();
+        while let Some(info) = list.next().await {
+            let info =
+                info.map_err(|e| Status::unavailable(format!("artifact store unavailable: {e}")))?;
+            if info.deleted || !info.name.starts_with(&prefix) {
+                continue;
+            }
+            let Some((_, step, path)) = artifacts::parse_object_name(&info.name) else {
+                continue;
+            };
+            found.push(pb::Artifact {
+                step: step.to_owned(),
+                path: path.to_owned(),
+                size: u64::try_from(info.size).unwrap_or(u64::MAX),
+                digest: info.digest.clone().unwrap_or_default(),
+                modified: info.modified.map(|t| prost_types::Timestamp {
+                    seconds: t.unix_timestamp(),
+                    nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+                }),
+            });
+        }
+        found.sort_by(|a, b| (&a.step, &a.path).cmp(&(&b.step, &b.path)));
+        Ok(Response::new(pb::ListArtifactsResponse {
+            artifacts: found,
+        }))
+    }
+
+    type DownloadArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+
+    async fn download_artifact(
+        &self,
+        request: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        let req = request.into_inner();
+        let id = parse_run_id("run_id", &req.run_id)?;
+        if req.step.is_empty() {
+            return Err(Status::invalid_argument("step: is required"));
+        }
+        let name = artifacts::object_name(&id, &req.step, &req.path);
+        if artifacts::parse_object_name(&name).is_none() {
+            return Err(Status::invalid_argument(
+                "path: must be relative, without '..' or empty parts",
+            ));
+        }
+        let store = self.artifact_store().await?;
+        let mut object = store.get(&name).await.map_err(|e| match e.kind() {
+            async_nats::jetstream::object_store::GetErrorKind::NotFound => Status::not_found(
+                format!("no artifact {} of step {} in run {id}", req.path, req.step),
+            ),
+            _ => Status::unavailable(format!("artifact store unavailable: {e}")),
+        })?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
+            loop {
+                // The client checks the object's SHA-256 digest as the last chunk is read: a
+                // mismatch ends the stream with an error instead of a clean end.
+                match object.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = pb::ArtifactChunk {
+                            data: buf[..n].to_vec(),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!("artifact read failed: {e}"))))
+                            .await;
+                        return;
+                    }
                 }
             }
         });

@@ -238,6 +238,7 @@ impl TestSystem {
             kill_grace_ms: 1000,
             drain_timeout_ms: self.options.agent_drain_timeout_ms,
             metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
+            artifact_max_bytes: 64 * 1024 * 1024,
         })
         .await
         .map_err(|e| fail("agent")(e.to_string()))?;

@@ -466,3 +466,154 @@ async fn a_run_survives_the_crash_of_the_scheduler_that_drives_it() {
     }
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_artifact_made_on_one_agent_is_read_on_another_with_its_checksum() {
+    let system = TestSystem::start(&[
+        AgentSpec {
+            id: "art-builder",
+            labels: "role=build",
+            slots: 1,
+        },
+        AgentSpec {
+            id: "art-tester",
+            labels: "role=test",
+            slots: 1,
+        },
+    ])
+    .await
+    .unwrap();
+    let on = |mut s: pb::PipelineStep, role: &str| {
+        s.job
+            .as_mut()
+            .unwrap()
+            .required_labels
+            .insert("role".into(), role.into());
+        s
+    };
+    let mut build = on(
+        step(
+            "build",
+            &[],
+            "mkdir -p dist/sub && head -c 200000 /dev/urandom > dist/app.bin \
+             && echo hello > dist/sub/notes.txt && sha256sum dist/app.bin > app.sha",
+        ),
+        "build",
+    );
+    build.artifacts = Some(pb::StepArtifacts {
+        produce: vec!["dist".into(), "*.sha".into()],
+        consume: vec![],
+    });
+    let mut check = on(
+        step(
+            "check",
+            &["build"],
+            "sha256sum -c app.sha && cat dist/sub/notes.txt",
+        ),
+        "test",
+    );
+    check.artifacts = Some(pb::StepArtifacts {
+        produce: vec![],
+        consume: vec!["build".into()],
+    });
+    let mut empty = step("empty", &[], "true");
+    empty.artifacts = Some(pb::StepArtifacts {
+        produce: vec!["nothing/*".into()],
+        consume: vec![],
+    });
+    let run = submit(&system, pipeline("artifacts", vec![build, check, empty]))
+        .await
+        .unwrap();
+    let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
+    let s = steps(&run);
+    assert_eq!(
+        state(&s["build"]),
+        pb::StepState::Succeeded,
+        "{:?}",
+        s["build"]
+    );
+    assert_eq!(
+        state(&s["check"]),
+        pb::StepState::Succeeded,
+        "{:?}",
+        s["check"]
+    );
+    assert_eq!(s["build"].attempts[0].worker_id, "art-builder");
+    assert_eq!(s["check"].attempts[0].worker_id, "art-tester");
+    // A step whose globs match nothing fails, saying so.
+    assert_eq!(state(&s["empty"]), pb::StepState::Failed);
+    assert!(
+        s["empty"].reason.contains("no file matches"),
+        "{}",
+        s["empty"].reason
+    );
+    assert_eq!(run.state, pb::PipelineState::Failed as i32);
+
+    let listed = system
+        .pipelines
+        .clone()
+        .list_artifacts(pb::ListArtifactsRequest {
+            run_id: run.id.clone(),
+            step: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .artifacts;
+    let paths: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|a| (a.step.as_str(), a.path.as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("build", "app.sha"),
+            ("build", "dist/app.bin"),
+            ("build", "dist/sub/notes.txt")
+        ]
+    );
+    let bin = listed.iter().find(|a| a.path == "dist/app.bin").unwrap();
+    assert_eq!(bin.size, 200_000);
+    assert!(bin.digest.starts_with("SHA-256="), "{}", bin.digest);
+
+    // The bytes served match the checksum the producing step computed.
+    let download = |path: &str| {
+        let mut client = system.pipelines.clone();
+        let request = pb::DownloadArtifactRequest {
+            run_id: run.id.clone(),
+            step: "build".into(),
+            path: path.into(),
+        };
+        async move {
+            let mut stream = client.download_artifact(request).await?.into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                bytes.extend(chunk.data);
+            }
+            Ok::<_, tonic::Status>(bytes)
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("dist")).unwrap();
+    std::fs::write(
+        dir.path().join("dist/app.bin"),
+        download("dist/app.bin").await.unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("app.sha"),
+        download("app.sha").await.unwrap(),
+    )
+    .unwrap();
+    let verified = std::process::Command::new("sha256sum")
+        .args(["-c", "app.sha"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(verified.success());
+    let missing = download("dist/none").await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let escape = download("../x").await.unwrap_err();
+    assert_eq!(escape.code(), tonic::Code::InvalidArgument);
+    system.stop().await;
+}

@@ -8,4 +8,4 @@ pub mod spec;
 pub use run::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineState, StepRun, StepState,
 };
-pub use spec::{ExpandedStep, PipelineSpec, PipelineSpecDraft, StepDraft, When};
+pub use spec::{ExpandedStep, PipelineSpec, PipelineSpecDraft, StepArtifacts, StepDraft, When};

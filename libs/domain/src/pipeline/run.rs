@@ -260,7 +260,7 @@ impl PipelineRun {
         now: DateTime<Utc>,
     ) -> (PipelineRun, PipelineEvent) {
         let steps = spec
-            .expand()
+            .expand(id)
             .into_iter()
             .map(|s| StepRun {
                 name: s.name,
@@ -361,7 +361,7 @@ impl PipelineRun {
     /// The job spec of concrete step `step`.
     pub fn job_spec(&self, step: &str) -> Option<crate::spec::JobSpec> {
         self.spec
-            .expand()
+            .expand(self.id)
             .into_iter()
             .find(|s| s.name == step)
             .map(|s| s.job)

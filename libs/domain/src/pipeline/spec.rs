@@ -13,7 +13,8 @@ use std::ops::Deref;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FieldError, ValidationErrors};
-use crate::spec::{Backoff, Command, JobSpec, JobSpecDraft, Resources};
+use crate::ids::PipelineRunId;
+use crate::spec::{ArtifactPlan, Backoff, Command, JobSpec, JobSpecDraft, Resources};
 
 /// Most steps a pipeline may declare.
 pub const MAX_STEPS: usize = 500;
@@ -53,6 +54,25 @@ fn default_attempts() -> u32 {
     1
 }
 
+/// The files a step passes on and takes from earlier steps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepArtifacts {
+    /// Globs, relative to the step's workspace, of files and folders kept after it succeeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub produce: Vec<String>,
+    /// Steps whose artifacts are put in this step's workspace before it starts: each must be
+    /// one the step needs (directly or not), produce something, and have no matrix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consume: Vec<String>,
+}
+
+impl StepArtifacts {
+    pub fn is_empty(&self) -> bool {
+        self.produce.is_empty() && self.consume.is_empty()
+    }
+}
+
 /// One step as written: a job spec (every field of [`JobSpecDraft`] but the name, which is the
 /// step's) plus its place in the graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +89,8 @@ pub struct StepDraft {
     /// `MATRIX_<KEY>` (key upper-cased) set to its value in its env.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub matrix: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "StepArtifacts::is_empty")]
+    pub artifacts: StepArtifacts,
     pub command: Command,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -101,6 +123,7 @@ impl StepDraft {
             needs: Vec::new(),
             when: When::default(),
             matrix: BTreeMap::new(),
+            artifacts: StepArtifacts::default(),
             command: job.command,
             env: job.env,
             secret_env: job.secret_env,
@@ -122,13 +145,21 @@ impl StepDraft {
     }
 
     /// The job spec draft of one concrete step named `name`, with the pipeline's env under the
-    /// step's own and `extra_env` (matrix values) over both.
+    /// step's own and `extra_env` (matrix values) over both, and the step's artifacts kept
+    /// under run `run`.
     fn job_draft(
         &self,
         name: String,
         pipeline_env: &BTreeMap<String, String>,
         extra_env: &BTreeMap<String, String>,
+        run: PipelineRunId,
     ) -> JobSpecDraft {
+        let artifacts = (!self.artifacts.is_empty()).then(|| ArtifactPlan {
+            run_id: run,
+            step: name.clone(),
+            produce: self.artifacts.produce.clone(),
+            consume: self.artifacts.consume.clone(),
+        });
         let mut env = pipeline_env.clone();
         env.extend(self.env.clone());
         env.extend(extra_env.clone());
@@ -146,6 +177,7 @@ impl StepDraft {
             retry_backoff: self.retry_backoff,
             idempotency_key: None,
             labels: self.labels.clone(),
+            artifacts,
         }
     }
 }
@@ -450,6 +482,7 @@ fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
             expanded_name(&step.name, &first_combo),
             &draft.env,
             &matrix_env(&first_combo),
+            PipelineRunId::from_uuid(uuid::Uuid::nil()),
         );
         if let Err(e) = JobSpec::try_from(job) {
             for f in e.0 {
@@ -474,7 +507,11 @@ fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
             .entry(s.name.as_str())
             .or_insert_with(|| s.needs.iter().map(String::as_str).collect());
     }
-    if let Some(cycle) = find_cycle(&graph) {
+    let cycle = find_cycle(&graph);
+    if cycle.is_none() {
+        errors.extend(consume_errors(draft, &graph));
+    }
+    if let Some(cycle) = cycle {
         let first = cycle.first().cloned().unwrap_or_default();
         errors.push(FieldError::new(
             format!("steps.{first}.needs"),
@@ -484,9 +521,49 @@ fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
     errors
 }
 
+/// What is wrong with each step's `artifacts.consume` (in a graph without cycles).
+fn consume_errors(draft: &PipelineSpecDraft, graph: &BTreeMap<&str, Vec<&str>>) -> Vec<FieldError> {
+    let by_name: BTreeMap<&str, &StepDraft> =
+        draft.steps.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut errors = Vec::new();
+    for step in &draft.steps {
+        if step.artifacts.consume.is_empty() {
+            continue;
+        }
+        // Every step this one needs, directly or not.
+        let mut upstream = BTreeSet::new();
+        let mut todo: Vec<&str> = graph.get(step.name.as_str()).cloned().unwrap_or_default();
+        while let Some(n) = todo.pop() {
+            if upstream.insert(n) {
+                todo.extend(graph.get(n).cloned().unwrap_or_default());
+            }
+        }
+        for (j, from) in step.artifacts.consume.iter().enumerate() {
+            let field = format!("steps.{}.artifacts.consume[{j}]", step.name);
+            let reason = match by_name.get(from.as_str()) {
+                None => Some(format!("unknown step '{from}'")),
+                Some(_) if !upstream.contains(from.as_str()) => Some(format!(
+                    "'{from}' must be among the steps this one needs, so it has ended first"
+                )),
+                Some(p) if p.artifacts.produce.is_empty() => {
+                    Some(format!("'{from}' produces no artifacts"))
+                }
+                Some(p) if !p.matrix.is_empty() => Some(format!(
+                    "'{from}' has a matrix: consume one step, not a matrix of them"
+                )),
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                errors.push(FieldError::new(field, reason));
+            }
+        }
+    }
+    errors
+}
+
 impl PipelineSpec {
-    /// The concrete steps, matrices expanded, in the order written.
-    pub fn expand(&self) -> Vec<ExpandedStep> {
+    /// The concrete steps of run `run`, matrices expanded, in the order written.
+    pub fn expand(&self, run: PipelineRunId) -> Vec<ExpandedStep> {
         let names: BTreeMap<&str, Vec<String>> = self
             .steps
             .iter()
@@ -507,7 +584,7 @@ impl PipelineSpec {
                 .collect();
             for combo in combinations(&step.matrix) {
                 let name = expanded_name(&step.name, &combo);
-                let draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo));
+                let draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo), run);
                 // Validation checked the first combination; the others differ only in the
                 // matrix values, which were checked too, so this cannot fail. A failure would
                 // still not panic: the step is dropped and the run reports it missing.
@@ -573,7 +650,7 @@ mod tests {
             StepDraft::exec("d", &["true"]).needing(&["b", "c"]),
         ]))
         .unwrap();
-        let steps = spec.expand();
+        let steps = spec.expand(PipelineRunId::new());
         let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c", "d"]);
         assert_eq!(steps[3].needs, ["b", "c"]);
@@ -640,7 +717,7 @@ mod tests {
             StepDraft::exec("deploy", &["true"]).needing(&["test"]),
         ]))
         .unwrap();
-        let steps = spec.expand();
+        let steps = spec.expand(PipelineRunId::new());
         assert_eq!(steps.len(), 6);
         assert_eq!(steps[1].name, "test[os=linux,version=1]");
         assert_eq!(steps[4].name, "test[os=mac,version=2]");
@@ -688,12 +765,71 @@ mod tests {
         }]);
         draft.env.insert("A".to_owned(), "pipeline".to_owned());
         draft.env.insert("B".to_owned(), "pipeline".to_owned());
-        let steps = PipelineSpec::try_from(draft).unwrap().expand();
+        let steps = PipelineSpec::try_from(draft)
+            .unwrap()
+            .expand(PipelineRunId::new());
         assert_eq!(
             steps[0].job.env.get("A").map(String::as_str),
             Some("pipeline")
         );
         assert_eq!(steps[0].job.env.get("B").map(String::as_str), Some("step"));
+    }
+
+    #[test]
+    fn artifacts_are_consumed_only_from_upstream_producers() {
+        let mut build = StepDraft::exec("build", &["true"]);
+        build.artifacts.produce = vec!["out/*.bin".to_owned()];
+        let mut lint = StepDraft::exec("lint", &["true"]);
+        lint.artifacts.produce = vec!["../escape".to_owned()];
+        let mut deploy = StepDraft::exec("deploy", &["true"]).needing(&["build"]);
+        deploy.artifacts.consume = vec!["build".into(), "lint".into(), "ghost".into()];
+        let errors = PipelineSpec::try_from(pipeline(vec![build.clone(), lint, deploy]))
+            .unwrap_err()
+            .0;
+        let paths: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.reason.as_str()))
+            .collect();
+        assert!(
+            paths
+                .iter()
+                .any(|(f, _)| *f == "steps.lint.artifacts.produce[0]"),
+            "{paths:?}"
+        );
+        assert!(
+            paths
+                .iter()
+                .any(|(f, r)| *f == "steps.deploy.artifacts.consume[1]" && r.contains("needs")),
+            "{paths:?}"
+        );
+        assert!(
+            paths
+                .iter()
+                .any(|(f, _)| *f == "steps.deploy.artifacts.consume[2]"),
+            "{paths:?}"
+        );
+        assert!(
+            !paths
+                .iter()
+                .any(|(f, _)| *f == "steps.deploy.artifacts.consume[0]"),
+            "{paths:?}"
+        );
+
+        let mut ok = StepDraft::exec("deploy", &["true"]).needing(&["build"]);
+        ok.artifacts.consume = vec!["build".into()];
+        let run = PipelineRunId::new();
+        let steps = PipelineSpec::try_from(pipeline(vec![build, ok]))
+            .unwrap()
+            .expand(run);
+        let plan = steps[1].job.artifacts.clone().unwrap();
+        assert_eq!(
+            (plan.run_id, plan.step.as_str(), plan.consume.as_slice()),
+            (run, "deploy", ["build".to_owned()].as_slice())
+        );
+        assert_eq!(
+            steps[0].job.artifacts.as_ref().unwrap().produce,
+            ["out/*.bin"]
+        );
     }
 
     #[test]

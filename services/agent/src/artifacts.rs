@@ -1,0 +1,216 @@
+//! A pipeline step's artifacts on the agent: before the process starts, the artifacts of the
+//! steps it consumes are written into its workspace; after it exits 0, the files its globs
+//! match are kept in the object store under `<run>/<step>/<path>`. Symbolic links are never
+//! followed (a link could point outside the workspace), and a step keeps at most a configured
+//! number of bytes. Downloads are checked against the SHA-256 digest the store recorded.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+
+use async_nats::jetstream::object_store::ObjectStore;
+use futures::StreamExt;
+use hodei_domain::ArtifactPlan;
+use hodei_messaging::artifacts;
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+/// What was moved: files and bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Moved {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// Writes the artifacts of every step `plan` consumes into `workspace`.
+pub(crate) async fn fetch(
+    store: &ObjectStore,
+    plan: &ArtifactPlan,
+    workspace: &Path,
+) -> Result<Moved, String> {
+    let mut moved = Moved::default();
+    if plan.consume.is_empty() {
+        return Ok(moved);
+    }
+    let prefixes: Vec<(String, &str)> = plan
+        .consume
+        .iter()
+        .map(|step| (artifacts::step_prefix(&plan.run_id, step), step.as_str()))
+        .collect();
+    let mut names = Vec::new();
+    let mut list = store
+        .list()
+        .await
+        .map_err(|e| format!("failed to list artifacts: {e}"))?;
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| format!("failed to list artifacts: {e}"))?;
+        if !info.deleted
+            && prefixes
+                .iter()
+                .any(|(p, _)| info.name.starts_with(p.as_str()))
+        {
+            names.push(info.name);
+        }
+    }
+    for name in names {
+        let Some((_, step, path)) = artifacts::parse_object_name(&name) else {
+            continue;
+        };
+        let target = workspace.join(path);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("failed to create {}: {e}", parent.display()))?;
+        }
+        let mut object = store
+            .get(&name)
+            .await
+            .map_err(|e| format!("failed to get artifact {path} of {step}: {e}"))?;
+        let mut file = tokio::fs::File::create(&target)
+            .await
+            .map_err(|e| format!("failed to create {}: {e}", target.display()))?;
+        // The object's reader fails at its end if the bytes do not match the stored digest.
+        let bytes = tokio::io::copy(&mut object, &mut file)
+            .await
+            .map_err(|e| format!("failed to download artifact {path} of {step}: {e}"))?;
+        file.flush()
+            .await
+            .map_err(|e| format!("failed to write {}: {e}", target.display()))?;
+        moved.files += 1;
+        moved.bytes += bytes;
+    }
+    let missing: Vec<&str> = prefixes.iter().map(|(_, s)| *s).collect();
+    if moved.files == 0 {
+        return Err(format!("no artifacts found of {}", missing.join(", ")));
+    }
+    info!(run_id = %plan.run_id, step = %plan.step, files = moved.files, bytes = moved.bytes, "artifacts fetched");
+    Ok(moved)
+}
+
+/// Keeps every file under `workspace` that `plan.produce` matches (a matched folder keeps
+/// everything under it), at most `max_bytes` in all.
+pub(crate) async fn keep(
+    store: &ObjectStore,
+    plan: &ArtifactPlan,
+    workspace: &Path,
+    max_bytes: u64,
+) -> Result<Moved, String> {
+    let mut moved = Moved::default();
+    if plan.produce.is_empty() {
+        return Ok(moved);
+    }
+    let files = matching_files(workspace, &plan.produce)?;
+    let total: u64 = files.iter().map(|(_, size)| size).sum();
+    if total > max_bytes {
+        return Err(format!(
+            "artifacts of {} take {total} bytes, more than the {max_bytes} allowed",
+            plan.step
+        ));
+    }
+    for (path, _) in &files {
+        let relative = relative_name(workspace, path)?;
+        let name = artifacts::object_name(&plan.run_id, &plan.step, &relative);
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+        let info = store
+            .put(name.as_str(), &mut file)
+            .await
+            .map_err(|e| format!("failed to store artifact {relative}: {e}"))?;
+        moved.files += 1;
+        moved.bytes += u64::try_from(info.size).unwrap_or(u64::MAX);
+    }
+    if moved.files == 0 {
+        return Err(format!(
+            "no file matches {} in the workspace",
+            plan.produce.join(", ")
+        ));
+    }
+    info!(run_id = %plan.run_id, step = %plan.step, files = moved.files, bytes = moved.bytes, "artifacts kept");
+    Ok(moved)
+}
+
+/// The regular files (not links) `globs` match under `workspace`, with their sizes; a matched
+/// folder contributes every regular file below it.
+fn matching_files(workspace: &Path, globs: &[String]) -> Result<Vec<(PathBuf, u64)>, String> {
+    let mut found = BTreeSet::new();
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    for pattern in globs {
+        let full = workspace.join(pattern);
+        let full = full
+            .to_str()
+            .ok_or_else(|| format!("artifact glob {pattern} is not valid UTF-8"))?;
+        let paths = glob::glob_with(full, options)
+            .map_err(|e| format!("invalid artifact glob {pattern}: {e}"))?;
+        for entry in paths {
+            let path = entry.map_err(|e| format!("failed to read {}: {e}", e.path().display()))?;
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+            if meta.is_file() {
+                found.insert(path);
+            } else if meta.is_dir() {
+                for entry in walkdir::WalkDir::new(&path).follow_links(false) {
+                    let entry =
+                        entry.map_err(|e| format!("failed to walk {}: {e}", path.display()))?;
+                    if entry.file_type().is_file() {
+                        found.insert(entry.into_path());
+                    }
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|path| {
+            let size = std::fs::symlink_metadata(&path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?
+                .len();
+            Ok((path, size))
+        })
+        .collect()
+}
+
+/// `path` relative to `workspace`, `/`-separated, refusing anything that would leave it.
+fn relative_name(workspace: &Path, path: &Path) -> Result<String, String> {
+    let relative = path
+        .strip_prefix(workspace)
+        .map_err(|_| format!("{} is outside the workspace", path.display()))?;
+    let mut parts = Vec::new();
+    for component in relative.components() {
+        match component {
+            Component::Normal(part) => parts.push(
+                part.to_str()
+                    .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))?,
+            ),
+            _ => return Err(format!("{} is outside the workspace", path.display())),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_files_and_folders_but_not_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        std::fs::create_dir_all(ws.join("dist/sub")).unwrap();
+        std::fs::write(ws.join("dist/a.bin"), b"a").unwrap();
+        std::fs::write(ws.join("dist/sub/b.txt"), b"bb").unwrap();
+        std::fs::write(ws.join("report.xml"), b"ccc").unwrap();
+        std::fs::write(ws.join("other.log"), b"d").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", ws.join("dist/link")).unwrap();
+        let found = matching_files(ws, &["dist".to_owned(), "*.xml".to_owned()]).unwrap();
+        let names: Vec<String> = found
+            .iter()
+            .map(|(p, _)| relative_name(ws, p).unwrap())
+            .collect();
+        assert_eq!(names, ["dist/a.bin", "dist/sub/b.txt", "report.xml"]);
+        assert_eq!(found.iter().map(|(_, s)| s).sum::<u64>(), 6);
+    }
+}
