@@ -128,6 +128,7 @@ impl Beats {
                 usage: ResourceUsage::default(),
                 running,
                 draining: false,
+                leaving: false,
                 sent_at: now,
             };
             let Ok(payload) = serde_json::to_vec(&beat) else {

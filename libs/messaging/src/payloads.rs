@@ -84,6 +84,9 @@ pub struct Heartbeat {
     /// Attempts running on the agent now.
     pub running: Vec<AttemptId>,
     pub draining: bool,
+    /// The agent's last beat before it exits: the worker goes offline (not lost).
+    #[serde(default)]
+    pub leaving: bool,
     pub sent_at: DateTime<Utc>,
 }
 

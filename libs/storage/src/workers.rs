@@ -123,13 +123,16 @@ pub enum HeartbeatEffect {
     Returned,
     /// The worker asked to drain.
     Draining,
+    /// The agent said goodbye holding no attempt: the worker is offline.
+    Offline,
     /// Nothing but the usage and time changed.
     Refreshed,
 }
 
 /// Applies a batch of heartbeats in one statement: inserts unknown workers, refreshes labels,
-/// capacity, usage and last-seen time, brings lost or offline workers back to ready and marks
-/// draining ones. A worker in `hold_back` (it still runs attempts that are no longer its own)
+/// capacity, usage and last-seen time, brings lost or offline workers back to ready, marks
+/// draining ones, and takes offline those whose agent said goodbye (`leaving`) while holding
+/// no attempt (one that still holds some is left to the liveness checks). A worker in `hold_back` (it still runs attempts that are no longer its own)
 /// is not brought back to ready until it has killed them. Reservations (`held`) are never
 /// touched here. Returns each worker's effect.
 pub async fn apply_heartbeats(
@@ -148,6 +151,7 @@ pub async fn apply_heartbeats(
     let mut usages = Vec::new();
     let mut seen = Vec::new();
     let mut draining = Vec::new();
+    let mut leaving = Vec::new();
     let mut held_back = Vec::new();
     for (hb, at) in beats {
         held_back.push(hold_back.contains(&hb.worker_id));
@@ -159,12 +163,13 @@ pub async fn apply_heartbeats(
         usages.push(encode("resource usage", &hb.usage)?);
         seen.push(*at);
         draining.push(hb.draining);
+        leaving.push(hb.leaving);
     }
     let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[])
-                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back)
+                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[])
+                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving)
          ),
          old AS (
              SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id FOR UPDATE OF w
@@ -173,18 +178,23 @@ pub async fn apply_heartbeats(
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
                                        usage, registered_at, last_heartbeat_at, version)
              SELECT id, labels, cpu, mem, maxc,
-                    CASE WHEN draining THEN 'draining' WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
+                    CASE WHEN leaving THEN 'offline' WHEN draining THEN 'draining'
+                         WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
                     usage, seen, seen, 0 FROM input
              ON CONFLICT (id) DO UPDATE SET
                  labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
                  max_concurrent_jobs = excluded.max_concurrent_jobs, usage = excluded.usage,
                  last_heartbeat_at = greatest(w.last_heartbeat_at, excluded.last_heartbeat_at),
                  status = CASE
+                     WHEN excluded.status = 'offline' AND w.status <> 'offline' AND w.held = '[]'::jsonb
+                     THEN 'offline'
+                     WHEN excluded.status = 'offline' THEN w.status
                      WHEN excluded.status = 'draining' AND w.status <> 'draining' THEN 'draining'
                      WHEN excluded.status = 'ready' AND w.status IN ('lost', 'offline') THEN 'ready'
                      ELSE w.status END,
                  version = CASE
-                     WHEN (excluded.status = 'draining' AND w.status <> 'draining')
+                     WHEN (excluded.status = 'offline' AND w.status <> 'offline' AND w.held = '[]'::jsonb)
+                       OR (excluded.status = 'draining' AND w.status <> 'draining')
                        OR (excluded.status = 'ready' AND w.status IN ('lost', 'offline'))
                      THEN w.version + 1 ELSE w.version END
              RETURNING w.id, w.status
@@ -200,6 +210,7 @@ pub async fn apply_heartbeats(
     .bind(&seen)
     .bind(&draining)
     .bind(&held_back)
+    .bind(&leaving)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
@@ -216,6 +227,7 @@ pub async fn apply_heartbeats(
                 (None, _) => HeartbeatEffect::Registered,
                 (Some("lost" | "offline"), "ready") => HeartbeatEffect::Returned,
                 (Some(o), "draining") if o != "draining" => HeartbeatEffect::Draining,
+                (Some(o), "offline") if o != "offline" => HeartbeatEffect::Offline,
                 _ => HeartbeatEffect::Refreshed,
             };
             Ok((worker_id, effect))

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
-use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hodei_domain::{AttemptId, WorkerId};
 use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects, trace};
@@ -315,10 +315,13 @@ impl Agent {
         let command: AgentCommand = match decode(&message.subject, &message.payload) {
             Ok(command) => command,
             Err(e) => {
-                warn!(subject = %message.subject, error = %e, "malformed command, terminating it");
-                if let Err(e) = message.ack_with(AckKind::Term).await {
-                    warn!(subject = %message.subject, error = %e, "failed to terminate malformed command");
-                }
+                hodei_messaging::settle::dead_letter(
+                    &self.js,
+                    &message,
+                    "agent-command",
+                    &e.to_string(),
+                )
+                .await;
                 return None;
             }
         };

@@ -86,9 +86,9 @@ impl Heartbeater {
         self
     }
 
-    /// Sends the last heartbeat and waits (briefly) until it has left.
+    /// Sends the last heartbeat, saying goodbye, and waits (briefly) until it has left.
     pub async fn last_beat(mut self) {
-        self.beat().await;
+        self.send(true).await;
         match tokio::time::timeout(LAST_BEAT_FLUSH_TIMEOUT, self.client.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -100,6 +100,10 @@ impl Heartbeater {
 
     /// Sends one heartbeat.
     pub async fn beat(&mut self) {
+        self.send(false).await;
+    }
+
+    async fn send(&mut self, leaving: bool) {
         let heartbeat = Heartbeat {
             worker_id: self.worker_id.clone(),
             labels: self.labels.clone(),
@@ -108,6 +112,7 @@ impl Heartbeater {
             usage: self.usage(),
             running: self.running.list(),
             draining: self.draining.load(Ordering::SeqCst),
+            leaving,
             sent_at: Utc::now(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {

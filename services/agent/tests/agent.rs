@@ -572,12 +572,24 @@ async fn malformed_commands_are_dropped_and_the_agent_goes_on() {
     let (outcome, tail) = h.finished(id).await;
     assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
     assert_eq!(tail, vec!["still here"]);
-    // Terminated, not left for redelivery.
+    // Terminated, not left for redelivery, and kept in the dead-letter stream.
     wait_for("the malformed commands to be gone", DEADLINE, || async {
         (h.commands_pending().await == 0).then_some(())
     })
     .await
     .unwrap();
+    let dead = wait_for(
+        "the malformed commands to be dead-lettered",
+        DEADLINE,
+        || async {
+            let mut dlq = h.js.get_stream(streams::DLQ).await.ok()?;
+            let n = dlq.info().await.ok()?.state.messages;
+            (n == 2).then_some(n)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(dead, 2);
     assert!(!h.agent.as_ref().unwrap().is_finished());
     h.stop().await;
 }

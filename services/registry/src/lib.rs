@@ -235,6 +235,10 @@ async fn flush(
                     tracing::info!(worker_id = %worker_id, "worker draining");
                     WorkerEventKind::Draining
                 }
+                HeartbeatEffect::Offline => {
+                    tracing::info!(worker_id = %worker_id, "worker said goodbye, offline");
+                    WorkerEventKind::Offline
+                }
             };
             let event = WorkerEvent::new(worker_id, now, kind);
             messages.push(Outgoing::worker_event(&event, SOURCE)?);

@@ -400,17 +400,24 @@ async fn a_drained_worker_finishes_its_jobs_takes_no_more_and_stops() {
     .await
     .unwrap();
 
-    let worker = system
-        .workers
-        .get_worker(pb::GetWorkerRequest {
-            worker_id: AGENT.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker
-        .unwrap();
-    assert_eq!(worker.status(), pb::WorkerStatus::Draining);
+    // Its last beat said goodbye: the worker is offline, not lost.
+    let workers = system.workers.clone();
+    wait_for("the drained worker to be offline", DEADLINE, || {
+        let mut workers = workers.clone();
+        async move {
+            let worker = workers
+                .get_worker(pb::GetWorkerRequest {
+                    worker_id: AGENT.to_owned(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .worker?;
+            (worker.status() == pb::WorkerStatus::Offline).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     let later = get(&system, &later).await;
     assert_eq!(later.state(), pb::JobState::Queued, "{later:?}");
     assert!(later.attempts.is_empty(), "{:?}", later.attempts);
