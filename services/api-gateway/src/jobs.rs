@@ -60,6 +60,16 @@ pub fn page_size(requested: u32) -> Result<u32, Status> {
     }
 }
 
+/// The token of the page after `page` (of at most `limit` items): the last item's id, or
+/// empty when the page was not full (it was the last).
+pub fn page_token_after<T>(page: &[T], limit: u32, id: impl Fn(&T) -> String) -> String {
+    if page.len() == limit as usize {
+        page.last().map(id).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 /// The tenant of a request: empty means the default tenant.
 pub fn parse_tenant(value: &str) -> Result<TenantId, Status> {
     if value.is_empty() {
@@ -178,11 +188,7 @@ impl JobService for JobApi {
             .db(|| jobs::list(&self.backends.pool, &filter))
             .await
             .map_err(errors::storage)?;
-        let next_page_token = if found.len() == limit as usize {
-            found.last().map(|j| j.id().to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page_token_after(&found, limit, |j| j.id().to_string());
         Ok(Response::new(pb::ListJobsResponse {
             jobs: found.iter().map(Into::into).collect(),
             next_page_token,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::jobs::{STREAM_POLL, page_size, parse_tenant};
+use crate::jobs::{STREAM_POLL, page_size, page_token_after, parse_tenant};
 use crate::{SOURCE, errors};
 
 /// Bytes per chunk of an artifact download.
@@ -160,11 +160,7 @@ impl PipelineService for PipelineApi {
             .db(|| pipelines::list(&self.backends.pool, &filter))
             .await
             .map_err(errors::storage)?;
-        let next_page_token = if found.len() == limit as usize {
-            found.last().map(|r| r.id().to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page_token_after(&found, limit, |r| r.id().to_string());
         let mut runs = Vec::with_capacity(found.len());
         for run in &found {
             runs.push(self.to_wire(run).await?);

@@ -8,6 +8,7 @@ use hodei_proto::v1::worker_service_server::WorkerService;
 use hodei_storage::Backends;
 use tonic::{Request, Response, Status};
 
+use crate::jobs::page_token_after;
 use crate::{SOURCE, errors};
 
 pub struct WorkerApi {
@@ -53,11 +54,7 @@ impl WorkerService for WorkerApi {
             })
             .await
             .map_err(errors::storage)?;
-        let next_page_token = if found.len() == limit as usize {
-            found.last().map(|w| w.id().to_string()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = page_token_after(&found, limit, |w| w.id().to_string());
         Ok(Response::new(pb::ListWorkersResponse {
             workers: found.iter().map(Into::into).collect(),
             next_page_token,

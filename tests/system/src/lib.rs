@@ -312,16 +312,19 @@ impl TestSystem {
             .ok_or_else(|| tonic::Status::internal("SubmitJob answered without a job"))
     }
 
-    /// Waits (up to `deadline`) for job `id` to reach a terminal state, and returns it.
-    pub async fn wait_terminal(
+    /// Waits (up to `deadline`) until job `id` is in a state `pred` accepts, and returns it.
+    pub async fn wait_job(
         &self,
         id: &str,
+        what: &str,
         deadline: Duration,
+        pred: impl Fn(pb::JobState) -> bool,
     ) -> Result<pb::Job, TestSupportError> {
         let client = self.jobs.clone();
-        wait_for(&format!("job {id} to end"), deadline, || {
+        wait_for(&format!("job {id}: {what}"), deadline, || {
             let mut client = client.clone();
             let id = id.to_owned();
+            let pred = &pred;
             async move {
                 let job = client
                     .get_job(pb::GetJobRequest { job_id: id })
@@ -329,16 +332,26 @@ impl TestSystem {
                     .ok()?
                     .into_inner()
                     .job?;
-                let state = pb::JobState::try_from(job.state).ok()?;
-                matches!(
-                    state,
-                    pb::JobState::Succeeded
-                        | pb::JobState::Failed
-                        | pb::JobState::Cancelled
-                        | pb::JobState::TimedOut
-                )
-                .then_some(job)
+                pred(job.state()).then_some(job)
             }
+        })
+        .await
+    }
+
+    /// Waits (up to `deadline`) for job `id` to reach a terminal state, and returns it.
+    pub async fn wait_terminal(
+        &self,
+        id: &str,
+        deadline: Duration,
+    ) -> Result<pb::Job, TestSupportError> {
+        self.wait_job(id, "to end", deadline, |state| {
+            matches!(
+                state,
+                pb::JobState::Succeeded
+                    | pb::JobState::Failed
+                    | pb::JobState::Cancelled
+                    | pb::JobState::TimedOut
+            )
         })
         .await
     }

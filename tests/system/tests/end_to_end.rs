@@ -35,44 +35,14 @@ fn script(name: &str, script: &str) -> pb::JobSpec {
 }
 
 async fn submit(system: &mut TestSystem, spec: pb::JobSpec) -> pb::Job {
-    system
-        .jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            tenant: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap()
+    system.submit(spec).await.unwrap()
 }
 
 async fn wait_terminal(system: &TestSystem, id: &str) -> pb::Job {
-    let client = system.jobs.clone();
-    wait_for("job to end", Duration::from_secs(60), || {
-        let mut client = client.clone();
-        let id = id.to_owned();
-        async move {
-            let job = client
-                .get_job(pb::GetJobRequest { job_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .job?;
-            let state = pb::JobState::try_from(job.state).ok()?;
-            matches!(
-                state,
-                pb::JobState::Succeeded
-                    | pb::JobState::Failed
-                    | pb::JobState::Cancelled
-                    | pb::JobState::TimedOut
-            )
-            .then_some(job)
-        }
-    })
-    .await
-    .unwrap()
+    system
+        .wait_terminal(id, Duration::from_secs(60))
+        .await
+        .unwrap()
 }
 
 async fn logs(system: &mut TestSystem, id: &str, follow: bool) -> Vec<pb::LogLine> {

@@ -40,19 +40,7 @@ fn gated(name: &str, gate: &Path) -> pb::JobSpec {
 }
 
 async fn submit(system: &TestSystem, spec: pb::JobSpec) -> String {
-    system
-        .jobs
-        .clone()
-        .submit_job(pb::SubmitJobRequest {
-            spec: Some(spec),
-            tenant: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap()
-        .id
+    system.submit(spec).await.unwrap().id
 }
 
 async fn get(system: &TestSystem, id: &str) -> pb::Job {
@@ -69,50 +57,17 @@ async fn get(system: &TestSystem, id: &str) -> pb::Job {
         .unwrap()
 }
 
-/// Waits until the job is in a state `pred` accepts, and returns it.
-async fn wait_job(
-    system: &TestSystem,
-    id: &str,
-    what: &str,
-    pred: impl Fn(pb::JobState) -> bool,
-) -> pb::Job {
-    let client = system.jobs.clone();
-    wait_for(what, DEADLINE, || {
-        let mut client = client.clone();
-        let id = id.to_owned();
-        let pred = &pred;
-        async move {
-            let job = client
-                .get_job(pb::GetJobRequest { job_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .job?;
-            pred(job.state()).then_some(job)
-        }
-    })
-    .await
-    .unwrap()
-}
-
 async fn wait_terminal(system: &TestSystem, id: &str) -> pb::Job {
-    wait_job(system, id, "the job to end", |state| {
-        matches!(
-            state,
-            pb::JobState::Succeeded
-                | pb::JobState::Failed
-                | pb::JobState::Cancelled
-                | pb::JobState::TimedOut
-        )
-    })
-    .await
+    system.wait_terminal(id, DEADLINE).await.unwrap()
 }
 
 async fn wait_running(system: &TestSystem, id: &str) -> pb::Job {
-    wait_job(system, id, "the job to run", |state| {
-        state == pb::JobState::Running
-    })
-    .await
+    system
+        .wait_job(id, "to run", DEADLINE, |state| {
+            state == pb::JobState::Running
+        })
+        .await
+        .unwrap()
 }
 
 /// Every output line of an ended job, followed to its end.

@@ -22,26 +22,15 @@ fn script(name: &str, script: &str) -> pb::JobSpec {
 }
 
 async fn wait_state(system: &TestSystem, id: &str, state: pb::JobState) -> pb::Job {
-    let client = system.jobs.clone();
-    wait_for(
-        &format!("job to be {state:?}"),
-        Duration::from_secs(60),
-        || {
-            let mut client = client.clone();
-            let id = id.to_owned();
-            async move {
-                let job = client
-                    .get_job(pb::GetJobRequest { job_id: id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .job?;
-                (job.state == state as i32).then_some(job)
-            }
-        },
-    )
-    .await
-    .unwrap()
+    system
+        .wait_job(
+            id,
+            &format!("to be {state:?}"),
+            Duration::from_secs(60),
+            |s| s == state,
+        )
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
