@@ -29,7 +29,10 @@ pub struct JobEvent {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEventKind {
     /// The job was accepted and queued.
-    Submitted { tenant: TenantId, spec: JobSpec },
+    Submitted {
+        tenant: TenantId,
+        spec: Box<JobSpec>,
+    },
     /// An attempt was given to a worker.
     Assigned {
         attempt: AttemptNumber,

@@ -179,7 +179,7 @@ impl Job {
             kind: JobEventKind::Submitted {
                 tenant: tenant.clone(),
                 // Events are shown to people: secret values never enter them.
-                spec: spec.redacted(),
+                spec: Box::new(spec.redacted()),
             },
             output_tail: Vec::new(),
         };
@@ -214,7 +214,7 @@ impl Job {
                 state: format!("history starting with {}", first.kind.name()),
             });
         };
-        let (mut job, _) = Job::submit(first.job_id, tenant.clone(), spec.clone(), first.at);
+        let (mut job, _) = Job::submit(first.job_id, tenant.clone(), (**spec).clone(), first.at);
         for event in rest {
             job.apply(event)?;
         }

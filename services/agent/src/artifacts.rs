@@ -130,7 +130,7 @@ pub(crate) async fn keep(
 }
 
 /// The regular files (not links) `globs` match under `workspace`, with their sizes; a matched
-/// folder contributes every regular file below it.
+/// folder contributes every regular file below it (so `dist` and `dist/**` keep the same).
 fn matching_files(workspace: &Path, globs: &[String]) -> Result<Vec<(PathBuf, u64)>, String> {
     let mut found = BTreeSet::new();
     let options = glob::MatchOptions {
@@ -138,7 +138,13 @@ fn matching_files(workspace: &Path, globs: &[String]) -> Result<Vec<(PathBuf, u6
         require_literal_separator: true,
         require_literal_leading_dot: false,
     };
-    for pattern in globs {
+    // `dir/**` means everything below `dir`, as in most CI tools; the glob crate's `**` alone
+    // matches only the folders below it, so `dir` itself is matched too.
+    let patterns = globs.iter().flat_map(|g| {
+        let base = g.strip_suffix("/**").filter(|b| !b.is_empty());
+        std::iter::once(g.as_str()).chain(base)
+    });
+    for pattern in patterns {
         let full = workspace.join(pattern);
         let full = full
             .to_str()
@@ -212,5 +218,9 @@ mod tests {
             .collect();
         assert_eq!(names, ["dist/a.bin", "dist/sub/b.txt", "report.xml"]);
         assert_eq!(found.iter().map(|(_, s)| s).sum::<u64>(), 6);
+        let deep = matching_files(ws, &["dist/**".to_owned()]).unwrap();
+        assert_eq!(deep.len(), 2, "{deep:?}");
+        let files = matching_files(ws, &["dist/**/*.txt".to_owned()]).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
     }
 }
