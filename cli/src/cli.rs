@@ -22,6 +22,8 @@ Examples:
   hodei submit --name nightly --require gpu=true -- ./train.sh --epochs 10
   hodei list --state running
   hodei logs -f 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei pipeline run -f examples/pipelines/build-test-deploy.yaml
+  hodei artifacts ls 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
   hodei --server http://hodei.internal:50051 workers")]
 pub struct Cli {
     /// Address of the Hodei API gateway.
@@ -159,6 +161,172 @@ Examples:
         /// Why the worker is drained.
         #[arg(long, value_name = "R", default_value = "")]
         reason: String,
+    },
+
+    /// Run pipelines (DAGs of jobs) and look at their runs.
+    #[command(subcommand, alias = "pipelines")]
+    #[command(after_help = "\
+Examples:
+  hodei pipeline run -f examples/pipelines/build-test-deploy.yaml
+  hodei pipeline list --state running
+  hodei pipeline get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    Pipeline(PipelineCommand),
+
+    /// List and download the files the steps of a pipeline run produced.
+    #[command(subcommand, alias = "artifact")]
+    #[command(after_help = "\
+Examples:
+  hodei artifacts ls 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
+  hodei artifacts get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.txt")]
+    Artifacts(ArtifactsCommand),
+}
+
+/// `hodei pipeline ...`.
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Submit a pipeline and show its steps live until the run ends.
+    ///
+    /// The file is checked before anything is sent: a file that does not parse is reported
+    /// with its line and column, an invalid pipeline with every error and its path
+    /// (`steps.build.needs[1]`).
+    ///
+    /// Then one line per step shows its state (waiting, queued, running, succeeded, failed,
+    /// skipped, cancelled), how long it ran (so far, while running), its worker and exit code,
+    /// and why it was skipped, cancelled or failed. On a terminal the lines are redrawn in
+    /// place; otherwise a line is printed each time a step changes state. With `--output
+    /// json`, every event of the run is printed as a JSON object, then the ended run.
+    ///
+    /// Exits 0 if the run succeeded, 1 if it failed or was cancelled. Ctrl-C cancels the run
+    /// (steps with `when: always` still run) and keeps watching until it ends; a second
+    /// Ctrl-C stops waiting (exit code 130) and leaves the run going.
+    #[command(after_help = "\
+Examples:
+  hodei pipeline run -f examples/pipelines/build-test-deploy.yaml
+  generate-pipeline | hodei pipeline run -f -
+  hodei --output json pipeline run -f ci.yaml > events.jsonl")]
+    Run(PipelineFileArgs),
+
+    /// Submit a pipeline and print its run id.
+    #[command(after_help = "\
+Examples:
+  hodei pipeline submit -f examples/pipelines/build-test-deploy.yaml
+  hodei --output json pipeline submit -f ci.json")]
+    Submit(PipelineFileArgs),
+
+    /// Show one run: its state, then a table of its steps.
+    #[command(after_help = "Example:\n  hodei pipeline get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    Get {
+        /// The run's id.
+        id: String,
+    },
+
+    /// List pipeline runs, newest first.
+    #[command(after_help = "\
+Examples:
+  hodei pipeline list
+  hodei pipeline list --state running,queued --name nightly- --limit 20
+  hodei pipeline list --page-token <token from the previous page>")]
+    List(PipelineListArgs),
+
+    /// Show the steps of an existing run live until it ends, as `pipeline run` does.
+    ///
+    /// Exits 0 if the run succeeded, 1 if it failed or was cancelled.
+    #[command(after_help = "Example:\n  hodei pipeline watch 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    Watch {
+        /// The run's id.
+        id: String,
+    },
+
+    /// Cancel a run: steps not started are cancelled, running ones stopped; steps with
+    /// `when: always` still run.
+    #[command(after_help = "\
+Example:
+  hodei pipeline cancel --reason 'wrong branch' 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    Cancel {
+        /// The run's id.
+        id: String,
+        /// Why the run is cancelled; recorded on the run and its steps.
+        #[arg(long, value_name = "R", default_value = "")]
+        reason: String,
+    },
+}
+
+/// The pipeline file of `pipeline run` and `pipeline submit`.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineFileArgs {
+    /// Read the pipeline from this YAML or JSON file (`-` for stdin).
+    ///
+    /// The file has `name`, `steps` and optionally `env` (for every step), `fail_fast`,
+    /// `idempotency_key` and `labels`. Each step has a `name`, a `command` (`{kind: exec,
+    /// argv: [...]}` or `{kind: script, interpreter: [...], script: ...}`) and optionally
+    /// `needs` (steps that must end first), `when` (`on_success`, `on_failure` or `always`),
+    /// `matrix` (`{key: [values]}`: one step per combination, with `MATRIX_<KEY>` set),
+    /// `artifacts` (`{produce: [globs], consume: [steps]}`) and the fields of a job spec
+    /// (`env`, `secret_env`, `working_dir`, `timeout_secs`, `resources`, `required_labels`,
+    /// `priority`, `max_attempts`, `retry_backoff`, `labels`). Unknown fields are refused.
+    /// `.json` files are read as JSON, others as YAML.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: String,
+}
+
+/// Filters and paging of `hodei pipeline list`.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineListArgs {
+    /// Only runs in this state (repeatable, or comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "S")]
+    pub state: Vec<PipelineStateArg>,
+
+    /// Only runs whose pipeline name starts with this.
+    #[arg(long = "name", visible_alias = "name-prefix", value_name = "PREFIX")]
+    pub name_prefix: Option<String>,
+
+    /// Runs per page, 1 to 1000 [server default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+
+    /// Where to continue, from the previous page's `next page` line.
+    #[arg(long, value_name = "T")]
+    pub page_token: Option<String>,
+}
+
+/// `hodei artifacts ...`.
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// List the artifacts of a run: step, path, size, digest and when it was modified.
+    #[command(alias = "list")]
+    #[command(after_help = "\
+Examples:
+  hodei artifacts ls 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
+  hodei artifacts ls --step build 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    Ls {
+        /// The run's id.
+        run_id: String,
+        /// Only this step's artifacts (`build`, or `test[os=linux]` for a matrix step).
+        #[arg(long, value_name = "STEP")]
+        step: Option<String>,
+    },
+
+    /// Download one artifact.
+    ///
+    /// The file is written as it arrives and its digest is checked by the server as it is
+    /// read; an interrupted download leaves no file behind. With `-o -` the bytes go to
+    /// stdout and nothing else is printed there.
+    #[command(after_help = "\
+Examples:
+  hodei artifacts get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.txt
+  hodei artifacts get -o app-linux.txt 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.txt
+  hodei artifacts get -o - 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.tar | tar x")]
+    Get {
+        /// The run's id.
+        run_id: String,
+        /// The step that produced it.
+        step: String,
+        /// Its path, as `artifacts ls` shows it.
+        path: String,
+        /// Where to write it (`-` for stdout) [default: the path's file name, in the current
+        /// directory].
+        #[arg(short = 'o', long = "output-file", value_name = "FILE")]
+        output_file: Option<String>,
     },
 }
 
@@ -305,6 +473,29 @@ impl From<JobStateArg> for pb::JobState {
             JobStateArg::Failed => pb::JobState::Failed,
             JobStateArg::Cancelled => pb::JobState::Cancelled,
             JobStateArg::TimedOut => pb::JobState::TimedOut,
+        }
+    }
+}
+
+/// A pipeline run state as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum PipelineStateArg {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<PipelineStateArg> for pb::PipelineState {
+    fn from(s: PipelineStateArg) -> Self {
+        match s {
+            PipelineStateArg::Queued => pb::PipelineState::Queued,
+            PipelineStateArg::Running => pb::PipelineState::Running,
+            PipelineStateArg::Succeeded => pb::PipelineState::Succeeded,
+            PipelineStateArg::Failed => pb::PipelineState::Failed,
+            PipelineStateArg::Cancelled => pb::PipelineState::Cancelled,
         }
     }
 }
@@ -469,6 +660,73 @@ mod tests {
             ]
         );
         assert!(parse(&["list", "--state", "done"]).is_err());
+    }
+
+    #[test]
+    fn pipeline_commands_parse() {
+        let Command::Pipeline(PipelineCommand::Run(a)) =
+            parse(&["pipeline", "run", "-f", "-"]).unwrap().command
+        else {
+            panic!("not pipeline run");
+        };
+        assert_eq!(a.file, "-");
+        assert!(parse(&["pipeline", "run"]).is_err());
+        let Command::Pipeline(PipelineCommand::List(l)) = parse(&[
+            "pipeline",
+            "list",
+            "--state",
+            "running,failed",
+            "--name",
+            "nightly-",
+            "--limit",
+            "5",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not pipeline list");
+        };
+        assert_eq!(
+            l.state,
+            vec![PipelineStateArg::Running, PipelineStateArg::Failed]
+        );
+        assert_eq!(l.name_prefix.as_deref(), Some("nightly-"));
+        assert_eq!(l.limit, Some(5));
+        assert!(parse(&["pipeline", "list", "--state", "waiting"]).is_err());
+        assert!(parse(&["pipelines", "get", "r1"]).is_ok());
+    }
+
+    #[test]
+    fn artifacts_commands_parse() {
+        let Command::Artifacts(ArtifactsCommand::Get {
+            run_id,
+            step,
+            path,
+            output_file,
+        }) = parse(&["artifacts", "get", "-o", "-", "r1", "build", "dist/app.txt"])
+            .unwrap()
+            .command
+        else {
+            panic!("not artifacts get");
+        };
+        assert_eq!(
+            (
+                run_id.as_str(),
+                step.as_str(),
+                path.as_str(),
+                output_file.as_deref()
+            ),
+            ("r1", "build", "dist/app.txt", Some("-"))
+        );
+        let Command::Artifacts(ArtifactsCommand::Ls { step, .. }) =
+            parse(&["artifacts", "ls", "r1", "--step", "test[os=linux]"])
+                .unwrap()
+                .command
+        else {
+            panic!("not artifacts ls");
+        };
+        assert_eq!(step.as_deref(), Some("test[os=linux]"));
+        assert!(parse(&["artifacts", "get", "r1", "build"]).is_err());
     }
 
     #[test]

@@ -4,16 +4,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 /// How long to wait for the TCP (and HTTP/2) connection before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Clients of the job and worker services.
+/// Clients of the job, pipeline and worker services.
 #[derive(Debug, Clone)]
 pub struct Clients {
     pub jobs: JobServiceClient<Channel>,
+    pub pipelines: PipelineServiceClient<Channel>,
     pub workers: WorkerServiceClient<Channel>,
 }
 
@@ -27,6 +29,7 @@ impl Clients {
         let channel = endpoint.connect_lazy();
         Ok(Clients {
             jobs: JobServiceClient::new(channel.clone()),
+            pipelines: PipelineServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel),
         })
     }

@@ -1,5 +1,5 @@
-//! How a failed command is reported: one line on stderr (one per invalid field of a job
-//! file) and exit code 2.
+//! How a failed command is reported: one line on stderr (one per invalid field of a job or
+//! pipeline file) and exit code 2.
 
 use std::error::Error as _;
 use std::io;
@@ -27,7 +27,7 @@ pub fn report(err: &anyhow::Error, server: &str) -> ExitCode {
     ExitCode::from(FAILURE)
 }
 
-/// The lines to print for `err`: one per invalid field of a job file, else one.
+/// The lines to print for `err`: one per invalid field of a job or pipeline file, else one.
 pub fn messages(err: &anyhow::Error, server: &str) -> Vec<String> {
     match err.downcast_ref::<InvalidSpec>() {
         Some(invalid) => invalid

@@ -78,3 +78,59 @@ pub fn sample_worker() -> pb::Worker {
         last_heartbeat_at: ts(1_700_000_005),
     }
 }
+
+/// A run of four steps: build succeeded, test failed, deploy running, cleanup waiting.
+pub fn sample_run() -> pb::PipelineRun {
+    let attempt = |worker: &str, started, finished: Option<i64>, code: Option<i32>| pb::Attempt {
+        attempt: 1,
+        worker_id: worker.into(),
+        started_at: ts(started),
+        finished_at: finished.and_then(ts),
+        outcome: code.map(|c| pb::AttemptOutcome {
+            kind: Some(Kind::Exited(c)),
+        }),
+        ..Default::default()
+    };
+    let step = |name: &str, state: pb::StepState, job: &str| pb::StepRun {
+        name: name.into(),
+        base: name.into(),
+        state: state.into(),
+        job_id: job.into(),
+        ..Default::default()
+    };
+    let mut build = step("build", pb::StepState::Succeeded, "job-b");
+    build.started_at = ts(1_700_000_001);
+    build.finished_at = ts(1_700_000_003);
+    build.reason = "exited with code 0".into();
+    build.attempts = vec![attempt("w-1", 1_700_000_001, Some(1_700_000_003), Some(0))];
+    let mut test = step("test", pb::StepState::Failed, "job-t");
+    test.needs = vec!["build".into()];
+    test.started_at = ts(1_700_000_003);
+    test.finished_at = Some(Timestamp {
+        seconds: 1_700_000_004,
+        nanos: 500_000_000,
+    });
+    test.reason = "exited with code 3".into();
+    test.attempts = vec![attempt("w-1", 1_700_000_003, Some(1_700_000_004), Some(3))];
+    let mut deploy = step("deploy", pb::StepState::Running, "job-d");
+    deploy.needs = vec!["build".into()];
+    deploy.started_at = ts(1_700_000_004);
+    deploy.attempts = vec![attempt("w-2", 1_700_000_004, None, None)];
+    let mut cleanup = step("cleanup", pb::StepState::Waiting, "");
+    cleanup.needs = vec!["test".into(), "deploy".into()];
+    cleanup.when = pb::When::Always.into();
+    pb::PipelineRun {
+        id: "run-1".into(),
+        tenant: "default".into(),
+        spec: Some(pb::PipelineSpec {
+            name: "ci".into(),
+            ..Default::default()
+        }),
+        state: pb::PipelineState::Running.into(),
+        steps: vec![build, test, deploy, cleanup],
+        cancel_requested: false,
+        created_at: ts(1_700_000_000),
+        updated_at: ts(1_700_000_005),
+        version: 7,
+    }
+}

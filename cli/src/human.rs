@@ -1,15 +1,17 @@
-//! Output for people: key/value blocks, tables and one-line events, as plain text.
+//! Output for people: key/value blocks, tables and one-line events, as plain text, for jobs,
+//! workers, pipeline runs and artifacts.
 //!
 //! Every function returns the text instead of printing it, so tests can compare it; the
 //! current time is a parameter wherever an age is shown, and the [`Style`] wherever job states
 //! are coloured.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hodei_proto::v1 as pb;
 
-use crate::style::{Style, state_paint};
+use crate::style::{Style, name_paint, state_paint};
 use crate::table::{Cell, Table, indent};
 use crate::wire;
 
@@ -261,6 +263,189 @@ pub fn worker_block(w: &pb::Worker, now: DateTime<Utc>) -> String {
     out
 }
 
+/// `hodei pipeline get`: the run, then a table of its steps.
+pub fn run_block(r: &pb::PipelineRun, now: DateTime<Utc>, style: Style) -> String {
+    let spec = r.spec.clone().unwrap_or_default();
+    let mut t = Table::new();
+    t.row(["id:", r.id.as_str()]);
+    t.row(["pipeline:", spec.name.as_str()]);
+    t.row([Cell::from("state:"), run_state_cell(r, style)]);
+    t.row(["steps:".to_owned(), steps_summary(r)]);
+    if spec.fail_fast {
+        t.row(["fail fast:", "yes"]);
+    }
+    if !spec.labels.is_empty() {
+        t.row(["labels:".to_owned(), labels_text(&spec.labels)]);
+    }
+    if !spec.idempotency_key.is_empty() {
+        t.row(["idempotency key:", spec.idempotency_key.as_str()]);
+    }
+    if !r.tenant.is_empty() {
+        t.row(["tenant:", r.tenant.as_str()]);
+    }
+    t.row([
+        "created:".to_owned(),
+        wire::rfc3339_secs(r.created_at.as_ref()),
+    ]);
+    t.row([
+        "updated:".to_owned(),
+        wire::rfc3339_secs(r.updated_at.as_ref()),
+    ]);
+    let mut out = t.render();
+    let mut steps = Table::with_header(&["STEP", "STATE", "DURATION", "JOB", "ATTEMPTS", "REASON"]);
+    for step in &r.steps {
+        steps.row([
+            Cell::from(step.name.as_str()),
+            step_state_cell(step, style),
+            step_duration(step, now)
+                .map(duration_text)
+                .unwrap_or_default()
+                .into(),
+            step.job_id.as_str().into(),
+            match step.attempts.len() {
+                0 => String::new(),
+                n => n.to_string(),
+            }
+            .into(),
+            step_reason(step).unwrap_or_default().into(),
+        ]);
+    }
+    out.push_str(&steps.render());
+    out
+}
+
+/// `hodei pipeline list`.
+pub fn runs_table(runs: &[pb::PipelineRun], now: DateTime<Utc>, style: Style) -> String {
+    let mut t = Table::with_header(&["ID", "PIPELINE", "STATE", "STEPS", "AGE"]);
+    for r in runs {
+        t.row([
+            Cell::from(r.id.as_str()),
+            r.spec
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+                .into(),
+            run_state_cell(r, style),
+            steps_summary(r).into(),
+            wire::time(r.created_at.as_ref())
+                .map(|t| age(now, t))
+                .unwrap_or_default()
+                .into(),
+        ]);
+    }
+    t.render()
+}
+
+/// `hodei artifacts ls`.
+pub fn artifacts_table(artifacts: &[pb::Artifact]) -> String {
+    let mut t = Table::with_header(&["STEP", "PATH", "SIZE", "DIGEST", "MODIFIED"]);
+    for a in artifacts {
+        t.row([
+            a.step.clone(),
+            a.path.clone(),
+            size_text(a.size),
+            a.digest.clone(),
+            wire::rfc3339_secs(a.modified.as_ref()),
+        ]);
+    }
+    t.render()
+}
+
+/// The run's state, with "(cancel requested)" while a cancel is under way, coloured.
+pub fn run_state_cell(r: &pb::PipelineRun, style: Style) -> Cell {
+    let name = wire::run_state_name(r.state);
+    let mut text = name.to_owned();
+    if r.cancel_requested && !wire::run_is_terminal(r.state) {
+        text.push_str(" (cancel requested)");
+    }
+    Cell::painted(text, style.pick(name_paint(name)))
+}
+
+/// The step's state, coloured.
+pub fn step_state_cell(step: &pb::StepRun, style: Style) -> Cell {
+    let name = wire::step_state_name(step.state);
+    Cell::painted(name, style.pick(name_paint(name)))
+}
+
+/// "3/5 ended, 1 failed": how far the run's steps are.
+fn steps_summary(r: &pb::PipelineRun) -> String {
+    let ended = r
+        .steps
+        .iter()
+        .filter(|s| wire::step_is_terminal(s.state))
+        .count();
+    let failed = r
+        .steps
+        .iter()
+        .filter(|s| s.state == i32::from(pb::StepState::Failed))
+        .count();
+    let mut text = format!("{ended}/{} ended", r.steps.len());
+    if failed > 0 {
+        text.push_str(&format!(", {failed} failed"));
+    }
+    text
+}
+
+/// How long the step ran: until it finished, or until `now` while it runs; `None` before it
+/// starts (and for steps that never did).
+pub fn step_duration(step: &pb::StepRun, now: DateTime<Utc>) -> Option<Duration> {
+    let started = wire::time(step.started_at.as_ref())?;
+    let until = wire::time(step.finished_at.as_ref()).unwrap_or(now);
+    Some((until - started).to_std().unwrap_or_default())
+}
+
+/// The worker of the step's last attempt, if it has one.
+pub fn step_worker(step: &pb::StepRun) -> Option<&str> {
+    step.attempts
+        .last()
+        .map(|a| a.worker_id.as_str())
+        .filter(|w| !w.is_empty())
+}
+
+/// The exit code of the step's last attempt, when its process exited.
+pub fn step_exit_code(step: &pb::StepRun) -> Option<i32> {
+    match step.attempts.last()?.outcome.as_ref()?.kind.as_ref()? {
+        pb::attempt_outcome::Kind::Exited(code) => Some(*code),
+        _ => None,
+    }
+}
+
+/// Why the step failed, was skipped or was cancelled; `None` for other states.
+pub fn step_reason(step: &pb::StepRun) -> Option<&str> {
+    let explained = matches!(
+        pb::StepState::try_from(step.state),
+        Ok(pb::StepState::Failed | pb::StepState::Skipped | pb::StepState::Cancelled)
+    );
+    (explained && !step.reason.is_empty()).then_some(step.reason.as_str())
+}
+
+/// A duration for people: "0.4s", "12s", "3m05s", "2h04m".
+pub fn duration_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..10 => format!("{:.1}s", d.as_secs_f64()),
+        10..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// A size in bytes for people: "512 B", "1.5 KiB", "3.0 MiB".
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    // One decimal of the largest unit that keeps it above 1; f64 is precise enough for that.
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// How long ago `then` was, in its largest whole unit: "42s", "5m", "3h", "12d".
 pub fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
     let secs = (now - then).num_seconds().max(0);
@@ -348,7 +533,7 @@ mod tests {
     use hodei_proto::v1::attempt_outcome::Kind;
 
     use super::*;
-    use crate::fixtures::{sample_job, sample_worker, ts};
+    use crate::fixtures::{sample_job, sample_run, sample_worker, ts};
 
     fn at(seconds: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(seconds, 0).unwrap()
@@ -489,6 +674,84 @@ w-20  lost    -                    0/4    -     -             5s ago
             ),
             "{out}"
         );
+    }
+
+    #[test]
+    fn run_block_shows_the_run_then_its_steps() {
+        let out = run_block(&sample_run(), at(1_700_000_030), Style::PLAIN);
+        assert_eq!(
+            out,
+            "\
+id:        run-1
+pipeline:  ci
+state:     running
+steps:     2/4 ended, 1 failed
+tenant:    default
+created:   2023-11-14T22:13:20Z
+updated:   2023-11-14T22:13:25Z
+STEP     STATE      DURATION  JOB    ATTEMPTS  REASON
+build    succeeded  2.0s      job-b  1         -
+test     failed     1.5s      job-t  1         exited with code 3
+deploy   running    26s       job-d  1         -
+cleanup  waiting    -         -      -         -
+"
+        );
+        let out = run_block(&sample_run(), at(1_700_000_030), Style::COLOR);
+        assert!(out.contains("\x1b[31mfailed\x1b[0m "), "{out}");
+    }
+
+    #[test]
+    fn runs_and_artifacts_tables() {
+        let mut cancelling = sample_run();
+        cancelling.id = "run-22".into();
+        cancelling.cancel_requested = true;
+        let out = runs_table(&[sample_run(), cancelling], at(1_700_000_090), Style::PLAIN);
+        assert_eq!(
+            out,
+            "\
+ID      PIPELINE  STATE                       STEPS                AGE
+run-1   ci        running                     2/4 ended, 1 failed  1m
+run-22  ci        running (cancel requested)  2/4 ended, 1 failed  1m
+"
+        );
+        let artifact = |path: &str, size| pb::Artifact {
+            step: "build".into(),
+            path: path.into(),
+            size,
+            digest: "SHA-256=abc".into(),
+            modified: ts(1_700_000_000),
+        };
+        let out = artifacts_table(&[artifact("dist/app.txt", 12), artifact("dist/big", 3 << 20)]);
+        assert_eq!(
+            out,
+            "\
+STEP   PATH          SIZE     DIGEST       MODIFIED
+build  dist/app.txt  12 B     SHA-256=abc  2023-11-14T22:13:20Z
+build  dist/big      3.0 MiB  SHA-256=abc  2023-11-14T22:13:20Z
+"
+        );
+    }
+
+    #[test]
+    fn step_details() {
+        let run = sample_run();
+        assert_eq!(step_worker(&run.steps[1]), Some("w-1"));
+        assert_eq!(step_exit_code(&run.steps[1]), Some(3));
+        assert_eq!(step_reason(&run.steps[1]), Some("exited with code 3"));
+        // A succeeded step's reason is not news.
+        assert_eq!(step_reason(&run.steps[0]), None);
+        assert_eq!(step_duration(&run.steps[3], at(1_700_000_030)), None);
+    }
+
+    #[test]
+    fn durations_and_sizes_for_people() {
+        assert_eq!(duration_text(Duration::from_millis(400)), "0.4s");
+        assert_eq!(duration_text(Duration::from_secs(12)), "12s");
+        assert_eq!(duration_text(Duration::from_secs(185)), "3m05s");
+        assert_eq!(duration_text(Duration::from_secs(7440)), "2h04m");
+        assert_eq!(size_text(0), "0 B");
+        assert_eq!(size_text(1536), "1.5 KiB");
+        assert_eq!(size_text(5 << 30), "5.0 GiB");
     }
 
     #[test]

@@ -1,18 +1,21 @@
-//! Job files for `submit -f` and `run -f`: a YAML or JSON document in the schema of the
-//! domain's `JobSpecDraft`, so files and the API share one definition of a job.
+//! Job and pipeline files for `-f`: a YAML or JSON document in the schema of the domain's
+//! `JobSpecDraft` or `PipelineSpecDraft`, so files and the API share one definition of each.
 //!
 //! The format follows the extension: `.json` is read as JSON, anything else (`.yaml`, `.yml`,
 //! stdin) as YAML, which also reads JSON. A document that does not parse or does not fit the
 //! schema is reported as `FILE:LINE:COLUMN: message`; one that parses but breaks the spec's
-//! rules is reported with every invalid field by the caller, after flags are applied.
+//! rules is reported with every invalid field by the caller (after flags are applied, for
+//! jobs).
 
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::Context;
-use hodei_domain::Command;
 use hodei_domain::spec::JobSpecDraft;
+use hodei_domain::{Command, PipelineSpecDraft};
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::Value;
 
 /// What `-f` takes to read the job from stdin.
 pub const STDIN: &str = "-";
@@ -65,13 +68,54 @@ pub fn display_name(path: &str) -> String {
     }
 }
 
-/// Reads and parses the job file at `path`, or stdin for `-`.
-pub fn load(path: &str) -> anyhow::Result<JobSpecDraft> {
+/// What a file can hold: a job or a pipeline.
+pub trait Document: DeserializeOwned {
+    /// What it is, in messages: "job".
+    const WHAT: &'static str;
+    /// The fields it cannot do without, in messages: "`name` and `command`".
+    const REQUIRED: &'static str;
+
+    /// Where its commands are, each with the path of the mapping that holds it (empty for
+    /// the top level) and the command as written.
+    fn commands(document: &Value) -> Vec<(String, &Value)>;
+}
+
+impl Document for JobSpecDraft {
+    const WHAT: &'static str = "job";
+    const REQUIRED: &'static str = "`name` and `command`";
+
+    fn commands(document: &Value) -> Vec<(String, &Value)> {
+        document
+            .get("command")
+            .map(|c| (String::new(), c))
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Document for PipelineSpecDraft {
+    const WHAT: &'static str = "pipeline";
+    const REQUIRED: &'static str = "`name` and `steps`";
+
+    fn commands(document: &Value) -> Vec<(String, &Value)> {
+        let Some(steps) = document.get("steps").and_then(Value::as_sequence) else {
+            return Vec::new();
+        };
+        steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, step)| Some((format!("steps[{i}]"), step.get("command")?)))
+            .collect()
+    }
+}
+
+/// Reads and parses the job or pipeline file at `path`, or stdin for `-`.
+pub fn load<D: Document>(path: &str) -> anyhow::Result<D> {
     let text = if path == STDIN {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("failed to read the job from stdin")?;
+            .with_context(|| format!("failed to read the {} from stdin", D::WHAT))?;
         text
     } else {
         std::fs::read_to_string(path).with_context(|| format!("failed to read {path}"))?
@@ -79,8 +123,8 @@ pub fn load(path: &str) -> anyhow::Result<JobSpecDraft> {
     Ok(parse(&text, Format::of(path), &display_name(path))?)
 }
 
-/// Parses a job document; `source` names it in errors.
-pub fn parse(text: &str, format: Format, source: &str) -> Result<JobSpecDraft, ParseError> {
+/// Parses a job or pipeline document; `source` names it in errors.
+pub fn parse<D: Document>(text: &str, format: Format, source: &str) -> Result<D, ParseError> {
     let error = |line, column, message: String| ParseError {
         source: source.to_owned(),
         line,
@@ -91,7 +135,11 @@ pub fn parse(text: &str, format: Format, source: &str) -> Result<JobSpecDraft, P
         return Err(error(
             1,
             1,
-            "the file is empty; a job needs at least `name` and `command`".to_owned(),
+            format!(
+                "the file is empty; a {} needs at least {}",
+                D::WHAT,
+                D::REQUIRED
+            ),
         ));
     }
     match format {
@@ -108,10 +156,15 @@ pub fn parse(text: &str, format: Format, source: &str) -> Result<JobSpecDraft, P
                 .location()
                 .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
             let message = without_position(&e.to_string(), line, column);
-            match command_error(text).filter(|m| *m == message) {
-                Some(message) => {
-                    let (line, column) = key_position(text, "command").unwrap_or((line, column));
-                    error(line, column, format!("command: {}", with_hint(message)))
+            match command_error::<D>(text, &message) {
+                Some((path, message)) => {
+                    let (line, column) =
+                        key_position(text, "command", line, column).unwrap_or((line, column));
+                    error(
+                        line,
+                        column,
+                        format!("{path}command: {}", with_hint(message)),
+                    )
                 }
                 None => error(line, column, message),
             }
@@ -119,31 +172,54 @@ pub fn parse(text: &str, format: Format, source: &str) -> Result<JobSpecDraft, P
     }
 }
 
-/// The error of the document's `command` alone, if it has one.
+/// When the document's error `message` is one of its commands' own, that command's path
+/// (`""` or `"steps[1]."`) and error.
 ///
-/// serde reads `command`, an internally tagged enum, from a buffered copy, so the parser can
-/// only place errors inside it at the start of the document, without their path. When the
-/// document's error is the command's, it is reported at the `command` key instead.
-fn command_error(text: &str) -> Option<String> {
-    let document: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).ok()?;
-    let command = document.get("command")?.clone();
-    serde_yaml_ng::from_value::<Command>(command)
-        .err()
-        .map(|e| e.to_string())
+/// serde reads a command, an internally tagged enum, from a buffered copy, so the parser can
+/// only place errors inside it at the start of the mapping that holds it, without their path
+/// under it. Such an error is reported at the `command` key instead.
+fn command_error<D: Document>(text: &str, message: &str) -> Option<(String, String)> {
+    let document: Value = serde_yaml_ng::from_str(text).ok()?;
+    D::commands(&document)
+        .into_iter()
+        .find_map(|(at, command)| {
+            let error = serde_yaml_ng::from_value::<Command>(command.clone())
+                .err()?
+                .to_string();
+            let (path, whole) = if at.is_empty() {
+                (String::new(), error.clone())
+            } else {
+                (format!("{at}."), format!("{at}: {error}"))
+            };
+            (whole == message).then_some((path, error))
+        })
 }
 
-/// Line and column (1-based) of a top-level block key `key:` or a JSON-style `"key":`.
-fn key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+/// Line and column (1-based) of the key `key:` of the mapping that starts at `line` and
+/// `column`: a block key at that column, or a JSON-style `"key":` anywhere, on that line or a
+/// later one before the mapping ends (a line indented less than the mapping).
+fn key_position(text: &str, key: &str, line: usize, column: usize) -> Option<(usize, usize)> {
     let quoted = format!("\"{key}\"");
     let followed_by_colon = |rest: &str| rest.trim_start().starts_with(':');
-    text.lines().enumerate().find_map(|(i, line)| {
-        if line.strip_prefix(key).is_some_and(followed_by_colon) {
-            return Some((i + 1, 1));
+    let indent = column.saturating_sub(1);
+    for (i, text) in text.lines().enumerate().skip(line.saturating_sub(1)) {
+        let leading = text.chars().take_while(|c| *c == ' ').count();
+        let blank = text.trim().is_empty() || text.trim_start().starts_with('#');
+        // The mapping's first line may start after a `- `; later ones end it by dedenting.
+        if i + 1 > line && !blank && leading < indent {
+            return None;
         }
-        let at = line.find(&quoted)?;
-        followed_by_colon(&line[at + quoted.len()..])
-            .then(|| (i + 1, line[..at].chars().count() + 1))
-    })
+        let at_column: String = text.chars().skip(indent).collect();
+        if at_column.strip_prefix(key).is_some_and(followed_by_colon) {
+            return Some((i + 1, column.max(1)));
+        }
+        if let Some(at) = text.find(&quoted)
+            && followed_by_colon(&text[at + quoted.len()..])
+        {
+            return Some((i + 1, text[..at].chars().count() + 1));
+        }
+    }
+    None
 }
 
 /// A buffered copy keeps YAML's types, so `argv: [sleep, 10]` holds a number where a string
@@ -180,7 +256,13 @@ max_attempts: 2
 ";
 
     fn yaml_error(text: &str) -> String {
-        parse(text, Format::Yaml, "job.yaml")
+        parse::<JobSpecDraft>(text, Format::Yaml, "job.yaml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn pipeline_error(text: &str) -> String {
+        parse::<PipelineSpecDraft>(text, Format::Yaml, "p.yaml")
             .unwrap_err()
             .to_string()
     }
@@ -197,7 +279,7 @@ max_attempts: 2
 
     #[test]
     fn yaml_parses_into_the_domain_draft_with_its_defaults() {
-        let draft = parse(HELLO_YAML, Format::Yaml, "job.yaml").unwrap();
+        let draft: JobSpecDraft = parse(HELLO_YAML, Format::Yaml, "job.yaml").unwrap();
         let mut want = JobSpecDraft::exec("hello", &["echo", "hi"]);
         want.env.insert("A".into(), "b".into());
         want.max_attempts = 2;
@@ -212,7 +294,7 @@ max_attempts: 2
   "retry_backoff": {"initial_ms": 10, "max_ms": 20},
   "resources": {"cpu_millis": 500, "memory_mb": 64}
 }"#;
-        let draft = parse(text, Format::Json, "job.json").unwrap();
+        let draft: JobSpecDraft = parse(text, Format::Json, "job.json").unwrap();
         assert_eq!(
             draft.command,
             Command::Script {
@@ -222,7 +304,10 @@ max_attempts: 2
         );
         assert_eq!(draft.retry_backoff.max_ms, 20);
         assert_eq!(draft.resources.memory_mb, 64);
-        assert_eq!(parse(text, Format::Yaml, "job").unwrap(), draft);
+        assert_eq!(
+            parse::<JobSpecDraft>(text, Format::Yaml, "job").unwrap(),
+            draft
+        );
     }
 
     #[test]
@@ -244,7 +329,7 @@ max_attempts: 2
         );
         assert!(!err.contains("at line"), "{err}");
 
-        let err = parse(
+        let err = parse::<JobSpecDraft>(
             "{\"name\": \"x\",\n \"command\": {\"kind\": \"exec\", \"argv\": [\"true\"]},\n \"bogus\": 1}",
             Format::Json,
             "job.json",
@@ -310,16 +395,85 @@ max_attempts: 2
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hello.yaml");
         std::fs::write(&path, HELLO_YAML).unwrap();
-        let draft = load(path.to_str().unwrap()).unwrap();
+        let draft: JobSpecDraft = load(path.to_str().unwrap()).unwrap();
         assert_eq!(draft.name, "hello");
 
         let missing = dir.path().join("missing.yaml");
-        let err = load(missing.to_str().unwrap()).unwrap_err();
+        let err = load::<JobSpecDraft>(missing.to_str().unwrap()).unwrap_err();
         assert!(
             format!("{err:#}").starts_with(&format!("failed to read {}: ", missing.display())),
             "{err:#}"
         );
         assert_eq!(display_name(STDIN), "<stdin>");
+    }
+
+    const PIPELINE_YAML: &str = "\
+name: ci
+steps:
+  - name: build
+    command: {kind: exec, argv: [make]}
+  - name: test
+    needs: [build]
+    command:
+      kind: exec
+      argv: [sleep, 10]
+";
+
+    #[test]
+    fn pipelines_parse_into_the_domain_draft() {
+        let text = PIPELINE_YAML.replace("[sleep, 10]", "[sleep, \"10\"]");
+        let draft: PipelineSpecDraft = parse(&text, Format::Yaml, "p.yaml").unwrap();
+        assert_eq!(draft.name, "ci");
+        let names: Vec<&str> = draft.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["build", "test"]);
+        assert_eq!(draft.steps[1].needs, ["build"]);
+    }
+
+    #[test]
+    fn pipeline_errors_name_the_step_line_and_column() {
+        assert_eq!(
+            pipeline_error(PIPELINE_YAML),
+            "p.yaml:7:5: steps[1].command: invalid type: integer `10`, expected a string \
+             (quote it, as in argv: [sleep, \"10\"])"
+        );
+        let text = PIPELINE_YAML.replace("kind: exec\n      argv", "kind: exec\n      arg");
+        assert_eq!(
+            pipeline_error(&text),
+            "p.yaml:7:5: steps[1].command: missing field `argv`"
+        );
+        let text = PIPELINE_YAML.replace(
+            "    needs: [build]\n",
+            "    needs: [build]\n    retries: 2\n",
+        );
+        assert!(
+            pipeline_error(&text).starts_with("p.yaml:7:5: steps[1]: unknown field `retries`"),
+            "{}",
+            pipeline_error(&text)
+        );
+        let text = PIPELINE_YAML.replace("kind: exec\n      argv", "kind: shell\n      argv");
+        assert_eq!(
+            pipeline_error(&text),
+            "p.yaml:8:13: steps[1].command.kind: unknown variant `shell`, expected `exec` or \
+             `script`"
+        );
+        assert_eq!(
+            pipeline_error("name: ci\nsteps:\n  - name: a\n"),
+            "p.yaml:3:5: steps[0]: missing field `command`"
+        );
+        assert_eq!(
+            pipeline_error(""),
+            "p.yaml:1:1: the file is empty; a pipeline needs at least `name` and `steps`"
+        );
+        assert!(pipeline_error("name: ci\nsteps: [\n").starts_with("p.yaml:3:1: "));
+    }
+
+    #[test]
+    fn a_command_key_is_looked_for_in_its_own_mapping_only() {
+        // The flow-style step has its command inline; the next step's key must not be taken.
+        let text = "name: ci\nsteps:\n  - {name: a, command: {kind: exec, argv: [sleep, 1]}}\n  - name: b\n    command: {kind: exec, argv: [\"true\"]}\n";
+        let err = pipeline_error(text);
+        assert!(err.starts_with("p.yaml:3:"), "{err}");
+        assert!(err.contains("steps[0].command: invalid type"), "{err}");
     }
 
     /// The shipped examples are documentation: each must parse and pass validation.
@@ -330,12 +484,34 @@ max_attempts: 2
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.to_str().unwrap();
-            let draft = load(name).unwrap_or_else(|e| panic!("{e:#}"));
+            let draft: JobSpecDraft = load(name).unwrap_or_else(|e| panic!("{e:#}"));
             if let Err(e) = JobSpec::try_from(draft) {
                 panic!("{name}: {e}");
             }
             seen += 1;
         }
         assert!(seen >= 3, "only {seen} examples in {}", dir.display());
+    }
+
+    #[test]
+    fn every_example_pipeline_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "json")
+            ) {
+                continue;
+            }
+            let name = path.to_str().unwrap();
+            let draft: PipelineSpecDraft = load(name).unwrap_or_else(|e| panic!("{e:#}"));
+            if let Err(e) = hodei_domain::PipelineSpec::try_from(draft) {
+                panic!("{name}: {e}");
+            }
+            seen += 1;
+        }
+        assert!(seen >= 1, "no example pipelines in {}", dir.display());
     }
 }

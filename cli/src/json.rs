@@ -82,6 +82,7 @@ pub fn outcome(o: Option<&pb::AttemptOutcome>) -> Value {
         Kind::Cancelled(_) => json!({ "kind": "cancelled" }),
         Kind::SpawnFailed(reason) => json!({ "kind": "spawn_failed", "reason": reason }),
         Kind::Lost(reason) => json!({ "kind": "lost", "reason": reason }),
+        Kind::ArtifactsFailed(reason) => json!({ "kind": "artifacts_failed", "reason": reason }),
     }
 }
 
@@ -106,6 +107,88 @@ pub fn log_line(l: &pb::LogLine) -> Value {
         "stream": wire::stream_name(l.stream),
         "text": l.text,
         "at": wire::rfc3339(l.at.as_ref()),
+    })
+}
+
+pub fn pipeline_run(r: &pb::PipelineRun) -> Value {
+    json!({
+        "id": r.id,
+        "tenant": r.tenant,
+        "spec": r.spec.as_ref().map(pipeline_spec),
+        "state": wire::run_state_name(r.state),
+        "steps": r.steps.iter().map(step_run).collect::<Vec<_>>(),
+        "cancel_requested": r.cancel_requested,
+        "created_at": wire::rfc3339(r.created_at.as_ref()),
+        "updated_at": wire::rfc3339(r.updated_at.as_ref()),
+        "version": r.version,
+    })
+}
+
+pub fn pipeline_spec(s: &pb::PipelineSpec) -> Value {
+    json!({
+        "name": s.name,
+        "env": string_map(&s.env),
+        "steps": s.steps.iter().map(|step| {
+            let matrix: BTreeMap<_, _> = step
+                .matrix
+                .iter()
+                .map(|(k, v)| (k.clone(), v.values.clone()))
+                .collect();
+            json!({
+                "name": step.name,
+                "needs": step.needs,
+                "when": wire::when_name(step.when),
+                "matrix": matrix,
+                "job": step.job.as_ref().map(spec),
+                "artifacts": step.artifacts.as_ref().map(|a| json!({
+                    "produce": a.produce,
+                    "consume": a.consume,
+                })),
+            })
+        }).collect::<Vec<_>>(),
+        "fail_fast": s.fail_fast,
+        "idempotency_key": s.idempotency_key,
+        "labels": string_map(&s.labels),
+    })
+}
+
+pub fn step_run(s: &pb::StepRun) -> Value {
+    json!({
+        "name": s.name,
+        "base": s.base,
+        "needs": s.needs,
+        "when": wire::when_name(s.when),
+        "state": wire::step_state_name(s.state),
+        "job_id": s.job_id,
+        "queued_at": wire::rfc3339(s.queued_at.as_ref()),
+        "started_at": wire::rfc3339(s.started_at.as_ref()),
+        "finished_at": wire::rfc3339(s.finished_at.as_ref()),
+        "reason": s.reason,
+        "attempts": s.attempts.iter().map(attempt).collect::<Vec<_>>(),
+    })
+}
+
+pub fn pipeline_event(e: &pb::PipelineEvent) -> Value {
+    json!({
+        "run_id": e.run_id,
+        "seq": e.seq,
+        "at": wire::rfc3339(e.at.as_ref()),
+        "type": e.r#type,
+        "step": e.step,
+        "step_state": (!e.step.is_empty()).then(|| wire::step_state_name(e.step_state)),
+        "job_id": e.job_id,
+        "reason": e.reason,
+        "state": wire::run_state_name(e.state),
+    })
+}
+
+pub fn artifact(a: &pb::Artifact) -> Value {
+    json!({
+        "step": a.step,
+        "path": a.path,
+        "size": a.size,
+        "digest": a.digest,
+        "modified": wire::rfc3339(a.modified.as_ref()),
     })
 }
 
@@ -156,7 +239,7 @@ fn round2(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{sample_job, ts};
+    use crate::fixtures::{sample_job, sample_run, ts};
 
     #[test]
     fn job_converts_to_json() {
@@ -197,6 +280,47 @@ mod tests {
             "not_before": null,
         });
         assert_eq!(job(&sample_job()), want);
+    }
+
+    #[test]
+    fn pipeline_runs_and_events_convert_to_json() {
+        let v = pipeline_run(&sample_run());
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["spec"]["name"], "ci");
+        assert_eq!(v["steps"][1]["state"], "failed");
+        assert_eq!(v["steps"][1]["needs"], json!(["build"]));
+        assert_eq!(
+            v["steps"][1]["attempts"][0]["outcome"],
+            json!({"kind": "exited", "code": 3})
+        );
+        assert_eq!(v["steps"][3]["when"], "always");
+        assert_eq!(v["steps"][3]["started_at"], Value::Null);
+
+        let e = pb::PipelineEvent {
+            run_id: "run-1".into(),
+            seq: 3,
+            at: ts(1_700_000_000),
+            r#type: "step_finished".into(),
+            step: "test".into(),
+            step_state: pb::StepState::Failed.into(),
+            job_id: "job-t".into(),
+            reason: "exited with code 3".into(),
+            state: pb::PipelineState::Running.into(),
+        };
+        let v = pipeline_event(&e);
+        assert_eq!(v["step_state"], "failed");
+        assert_eq!(v["state"], "running");
+        let v = pipeline_event(&pb::PipelineEvent {
+            r#type: "finished".into(),
+            state: pb::PipelineState::Failed.into(),
+            ..e
+        });
+        assert_eq!(v["step"], "test");
+        let v = pipeline_event(&pb::PipelineEvent {
+            r#type: "submitted".into(),
+            ..Default::default()
+        });
+        assert_eq!(v["step_state"], Value::Null);
     }
 
     #[test]

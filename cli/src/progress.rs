@@ -29,14 +29,19 @@ pub struct StatusLine<W: Write = io::Stderr> {
 impl StatusLine {
     /// The status line on stderr.
     pub fn stderr(enabled: bool) -> Self {
-        let columns = std::env::var("COLUMNS")
-            .ok()
-            .and_then(|c| c.trim().parse::<usize>().ok())
-            .filter(|&c| c > 1)
-            .unwrap_or(DEFAULT_COLUMNS);
-        // The last column is left free: some terminals wrap on writing it.
-        StatusLine::new(io::stderr(), enabled, columns - 1)
+        StatusLine::new(io::stderr(), enabled, line_width())
     }
+}
+
+/// How many characters a line may hold without wrapping: the terminal's width (`COLUMNS`,
+/// else 80) less the last column, which some terminals wrap on writing.
+pub fn line_width() -> usize {
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<usize>().ok())
+        .filter(|&c| c > 1)
+        .unwrap_or(DEFAULT_COLUMNS);
+    columns - 1
 }
 
 impl<W: Write> StatusLine<W> {

@@ -1,11 +1,12 @@
 //! Turns the job options of `submit` and `run`, and the job file of `-f`, into the wire
-//! `JobSpec` to submit.
+//! `JobSpec` to submit; and a pipeline file into the wire `PipelineSpec`.
 //!
 //! Without a file, options left out stay at their wire zero values, which the server reads as
 //! its documented defaults, and the server validates the rest. With a file, the file is read
 //! into the domain's `JobSpecDraft`, the options given override it, and the result is
 //! validated here with the domain's own rules, so every invalid field is reported before
-//! anything is sent.
+//! anything is sent. Pipeline files are validated the same way, every error with its path
+//! (`steps.build.needs[1]`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,7 +14,7 @@ use std::path::Path;
 
 use anyhow::bail;
 use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{Command, FieldError, JobSpec};
+use hodei_domain::{Command, FieldError, JobSpec, PipelineSpec, PipelineSpecDraft};
 use hodei_proto::v1 as pb;
 
 use crate::cli::JobArgs;
@@ -28,7 +29,8 @@ const DEFAULT_INTERPRETER: &str = "/bin/sh -c";
 /// Name of a `--script` job submitted without `--name`.
 const SCRIPT_JOB_NAME: &str = "script";
 
-/// A job file whose spec, once the options are applied, breaks the spec's rules.
+/// A job file whose spec, once the options are applied, breaks the spec's rules; or a
+/// pipeline file that does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidSpec {
     /// The file as the user named it, or `<stdin>`.
@@ -61,7 +63,7 @@ impl JobArgs {
     pub fn to_spec(&self) -> anyhow::Result<pb::JobSpec> {
         match &self.file {
             Some(path) => {
-                let draft = jobfile::load(path)?;
+                let draft: JobSpecDraft = jobfile::load(path)?;
                 self.spec_from_file(draft, &jobfile::display_name(path))
             }
             None => self.spec_from_options(),
@@ -204,6 +206,23 @@ impl JobArgs {
             })
             .collect()
     }
+}
+
+/// The pipeline file at `path` (`-` for stdin), validated, in wire form with its secret
+/// values, ready to submit.
+pub fn pipeline_from_file(path: &str) -> anyhow::Result<pb::PipelineSpec> {
+    let draft: PipelineSpecDraft = jobfile::load(path)?;
+    pipeline_to_wire(draft, &jobfile::display_name(path))
+}
+
+/// `draft` validated and in wire form; `source` names the file in errors.
+fn pipeline_to_wire(draft: PipelineSpecDraft, source: &str) -> anyhow::Result<pb::PipelineSpec> {
+    let spec = PipelineSpec::try_from(draft).map_err(|invalid| InvalidSpec {
+        source: source.to_owned(),
+        errors: invalid.0,
+    })?;
+    // Not `pb::PipelineSpec::from(&spec)`: that is the display form, with secrets masked.
+    Ok(hodei_proto::pipeline_spec_to_wire(&spec))
 }
 
 /// The validated spec as submitted. `pb::JobSpec::from(&JobSpec)` is the API's display form
@@ -568,6 +587,44 @@ mod tests {
                 interpreter: vec!["/bin/sh".into(), "-c".into()],
                 script: "make".into(),
             }))
+        );
+    }
+
+    #[test]
+    fn a_pipeline_is_validated_with_paths_and_sent_with_its_secrets() {
+        let mut deploy =
+            hodei_domain::StepDraft::exec("deploy", &["./deploy.sh"]).needing(&["build"]);
+        deploy.env.insert("TOKEN".into(), "s3cret".into());
+        deploy.secret_env.insert("TOKEN".into());
+        let draft = PipelineSpecDraft {
+            name: "ci".into(),
+            env: Default::default(),
+            steps: vec![hodei_domain::StepDraft::exec("build", &["make"]), deploy],
+            fail_fast: false,
+            idempotency_key: None,
+            labels: Default::default(),
+        };
+        let wire = pipeline_to_wire(draft.clone(), "p.yaml").unwrap();
+        assert_eq!(wire.steps.len(), 2);
+        let job = wire.steps[1].job.clone().unwrap();
+        assert_eq!(job.env.get("TOKEN").map(String::as_str), Some("s3cret"));
+        assert_eq!(wire.steps[1].needs, ["build"]);
+
+        let mut bad = draft;
+        bad.steps[1].needs = vec!["build".into(), "nope".into()];
+        bad.steps[0].max_attempts = 0;
+        let err = pipeline_to_wire(bad, "p.yaml").unwrap_err();
+        let invalid = err.downcast_ref::<InvalidSpec>().unwrap();
+        let lines = invalid.lines();
+        assert!(
+            lines.contains(&"p.yaml: steps.deploy.needs[1]: unknown step 'nope'".to_owned()),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("p.yaml: steps.build.max_attempts: ")),
+            "{lines:?}"
         );
     }
 

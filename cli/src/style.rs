@@ -8,6 +8,8 @@ use std::io::IsTerminal;
 
 use hodei_proto::v1 as pb;
 
+use crate::wire;
+
 /// A colour or an attribute of text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Paint {
@@ -93,12 +95,20 @@ fn wants_color(is_terminal: bool, no_color: bool, term: Option<&std::ffi::OsStr>
 /// The colour of a job state: green for succeeded, red for failed and timed out, yellow for
 /// cancelled, blue for running; none for the waiting states.
 pub fn state_paint(value: i32) -> Option<Paint> {
-    match pb::JobState::try_from(value).ok()? {
-        pb::JobState::Succeeded => Some(Paint::Green),
-        pb::JobState::Failed | pb::JobState::TimedOut => Some(Paint::Red),
-        pb::JobState::Cancelled => Some(Paint::Yellow),
-        pb::JobState::Running => Some(Paint::Blue),
-        pb::JobState::Unspecified | pb::JobState::Queued | pb::JobState::Assigned => None,
+    pb::JobState::try_from(value).ok()?;
+    name_paint(wire::state_name(value))
+}
+
+/// The colour of a state of a job, a pipeline run or a step, by its name: as for jobs, and dim
+/// for skipped steps.
+pub fn name_paint(state: &str) -> Option<Paint> {
+    match state {
+        "succeeded" => Some(Paint::Green),
+        "failed" | "timed_out" => Some(Paint::Red),
+        "cancelled" => Some(Paint::Yellow),
+        "running" => Some(Paint::Blue),
+        "skipped" => Some(Paint::Dim),
+        _ => None,
     }
 }
 
@@ -140,5 +150,7 @@ mod tests {
         assert_eq!(paint(pb::JobState::Running), Some(Paint::Blue));
         assert_eq!(paint(pb::JobState::Queued), None);
         assert_eq!(state_paint(99), None);
+        assert_eq!(name_paint("skipped"), Some(Paint::Dim));
+        assert_eq!(name_paint("waiting"), None);
     }
 }

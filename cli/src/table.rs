@@ -30,6 +30,14 @@ impl Cell {
         Cell { text, paint }
     }
 
+    /// A cell that shows nothing, for views where "-" would only be noise.
+    pub fn blank() -> Self {
+        Cell {
+            text: String::new(),
+            paint: None,
+        }
+    }
+
     fn width(&self) -> usize {
         self.text.chars().count()
     }
@@ -179,6 +187,14 @@ ID     NAME              STATE
             t.render(),
             "STATE      ID\n\x1b[31mfailed\x1b[0m     1\n\x1b[32msucceeded\x1b[0m  2\n"
         );
+    }
+
+    #[test]
+    fn blank_cells_show_nothing() {
+        let mut t = Table::new();
+        t.row([Cell::from("a"), Cell::blank(), Cell::from("b")]);
+        t.row([Cell::from("long"), Cell::blank(), Cell::blank()]);
+        assert_eq!(t.render(), "a       b\nlong\n");
     }
 
     #[test]

@@ -16,6 +16,52 @@ pub fn is_terminal(value: i32) -> bool {
     hodei_proto::state_from_wire(value).is_some_and(|s| s.is_terminal())
 }
 
+/// The lowercase name of a pipeline run state ("running"); "unspecified" for 0 or unknown
+/// values.
+pub fn run_state_name(value: i32) -> &'static str {
+    hodei_proto::pipeline_state_from_wire(value).map_or("unspecified", |s| s.as_str())
+}
+
+/// Whether a run in this state is finished for good.
+pub fn run_is_terminal(value: i32) -> bool {
+    hodei_proto::pipeline_state_from_wire(value).is_some_and(|s| s.is_terminal())
+}
+
+/// The lowercase name of a step state ("waiting", "skipped"); "unspecified" for 0 or unknown
+/// values.
+pub fn step_state_name(value: i32) -> &'static str {
+    match pb::StepState::try_from(value) {
+        Ok(pb::StepState::Waiting) => "waiting",
+        Ok(pb::StepState::Queued) => "queued",
+        Ok(pb::StepState::Running) => "running",
+        Ok(pb::StepState::Succeeded) => "succeeded",
+        Ok(pb::StepState::Failed) => "failed",
+        Ok(pb::StepState::Skipped) => "skipped",
+        Ok(pb::StepState::Cancelled) => "cancelled",
+        Ok(pb::StepState::Unspecified) | Err(_) => "unspecified",
+    }
+}
+
+/// Whether a step in this state has ended for good (succeeded, failed, skipped, cancelled).
+pub fn step_is_terminal(value: i32) -> bool {
+    matches!(
+        pb::StepState::try_from(value),
+        Ok(pb::StepState::Succeeded
+            | pb::StepState::Failed
+            | pb::StepState::Skipped
+            | pb::StepState::Cancelled)
+    )
+}
+
+/// "on_success", "on_failure" or "always" (the wire's unspecified means on_success).
+pub fn when_name(value: i32) -> &'static str {
+    match pb::When::try_from(value) {
+        Ok(pb::When::OnFailure) => "on_failure",
+        Ok(pb::When::Always) => "always",
+        Ok(pb::When::OnSuccess | pb::When::Unspecified) | Err(_) => "on_success",
+    }
+}
+
 /// The lowercase name of a worker status ("ready"); "unspecified" for unknown values.
 pub fn status_name(value: i32) -> &'static str {
     hodei_proto::status_from_wire(value).map_or("unspecified", |s| s.as_str())
@@ -58,6 +104,7 @@ pub fn outcome_text(outcome: Option<&pb::AttemptOutcome>) -> Option<String> {
         Kind::Cancelled(_) => "cancelled".to_owned(),
         Kind::SpawnFailed(reason) => format!("failed to start: {reason}"),
         Kind::Lost(reason) => format!("worker lost: {reason}"),
+        Kind::ArtifactsFailed(reason) => format!("failed to keep artifacts: {reason}"),
     })
 }
 
@@ -75,6 +122,17 @@ mod tests {
         assert_eq!(stream_name(pb::LogStream::Stderr.into()), "stderr");
         assert!(is_terminal(pb::JobState::Cancelled.into()));
         assert!(!is_terminal(pb::JobState::Running.into()));
+        assert_eq!(
+            run_state_name(pb::PipelineState::Cancelled.into()),
+            "cancelled"
+        );
+        assert_eq!(run_state_name(0), "unspecified");
+        assert!(run_is_terminal(pb::PipelineState::Failed.into()));
+        assert!(!run_is_terminal(pb::PipelineState::Running.into()));
+        assert_eq!(step_state_name(pb::StepState::Skipped.into()), "skipped");
+        assert_eq!(step_state_name(42), "unspecified");
+        assert_eq!(when_name(0), "on_success");
+        assert_eq!(when_name(pb::When::Always.into()), "always");
     }
 
     #[test]

@@ -95,3 +95,123 @@ async fn run_streams_the_output_and_exits_with_the_jobs_code() {
 fn example(name: &str) -> String {
     format!("{}/../examples/jobs/{name}", env!("CARGO_MANIFEST_DIR"))
 }
+
+/// A pipeline of `build`, `test` (exits with `test_exit`) and `cleanup` (`when: always`).
+fn three_steps(test_exit: u8) -> String {
+    format!(
+        "\
+name: cli-pipeline
+steps:
+  - name: build
+    command: {{kind: exec, argv: [echo, built]}}
+    timeout_secs: 60
+  - name: test
+    needs: [build]
+    command: {{kind: script, interpreter: [/bin/sh, -c], script: 'echo testing; exit {test_exit}'}}
+    timeout_secs: 60
+  - name: cleanup
+    needs: [test]
+    when: always
+    command: {{kind: exec, argv: [echo, cleaned]}}
+    timeout_secs: 60
+"
+    )
+}
+
+/// The last state the plain output gives each step: lines are `STEP: STATE...`.
+fn final_states(stdout: &str) -> std::collections::HashMap<String, String> {
+    stdout
+        .lines()
+        .filter(|l| !l.starts_with("run "))
+        .filter_map(|l| {
+            let (step, rest) = l.split_once(": ")?;
+            let state = rest.split([' ', ':']).next()?;
+            Some((step.to_owned(), state.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipeline_run_follows_the_run_and_exits_by_its_outcome() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "cli-pipeline-agent",
+        labels: "os=linux",
+        slots: 2,
+    }])
+    .await
+    .unwrap();
+    let server = format!("http://{}", system.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+
+    let failing = dir.path().join("failing.yaml");
+    std::fs::write(&failing, three_steps(3)).unwrap();
+    let out = hodei(
+        &server,
+        &["pipeline", "run", "-f", failing.to_str().unwrap()],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let states = final_states(&stdout);
+    assert_eq!(
+        states.get("build").map(String::as_str),
+        Some("succeeded"),
+        "{stdout}"
+    );
+    assert_eq!(
+        states.get("test").map(String::as_str),
+        Some("failed"),
+        "{stdout}"
+    );
+    assert_eq!(
+        states.get("cleanup").map(String::as_str),
+        Some("succeeded"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test: failed in "), "{stdout}");
+    assert!(stdout.contains("(exit code 3)"), "{stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("run ") && last.contains("(cli-pipeline): failed after "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+
+    let passing = dir.path().join("passing.yaml");
+    std::fs::write(&passing, three_steps(0)).unwrap();
+    let out = hodei(
+        &server,
+        &["pipeline", "run", "-f", passing.to_str().unwrap()],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let states = final_states(&stdout);
+    for step in ["build", "test", "cleanup"] {
+        assert_eq!(
+            states.get(step).map(String::as_str),
+            Some("succeeded"),
+            "{stdout}"
+        );
+    }
+
+    // The runs are there to look at afterwards.
+    let out = hodei(&server, &["pipeline", "list", "--state", "failed"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let id = listed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let out = hodei(&server, &["pipeline", "get", &id]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("state:     failed"), "{shown}");
+
+    system.stop().await;
+}

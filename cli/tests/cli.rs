@@ -746,3 +746,655 @@ async fn run_on_a_terminal_shows_why_it_waits_then_the_output() {
     );
     assert!(screen.contains("done\r\n"), "{screen:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pipelines and artifacts, against a fake PipelineService.
+
+use hodei_proto::v1::pipeline_service_server::{PipelineService, PipelineServiceServer};
+
+const RUN_ID: &str = "0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f";
+
+/// Answers every pipeline call about the one run it holds, in its final state; records what
+/// is submitted and cancelled.
+#[derive(Clone)]
+struct FakePipelines {
+    run: pb::PipelineRun,
+    submitted: Arc<Mutex<Vec<pb::PipelineSpec>>>,
+    cancel_reasons: Arc<Mutex<Vec<String>>>,
+    /// Keep the event stream open after the history, like a run that never ends.
+    hang: bool,
+}
+
+impl FakePipelines {
+    /// A run of `build`, `test` and `cleanup` (when: always) ended in `state`; `test` failed
+    /// unless the run succeeded.
+    fn new(state: pb::PipelineState) -> Self {
+        let ok = state == pb::PipelineState::Succeeded;
+        let step = |name: &str, state: pb::StepState, code: i32, reason: &str| pb::StepRun {
+            name: name.into(),
+            base: name.into(),
+            state: state.into(),
+            job_id: format!("job-{name}"),
+            reason: reason.into(),
+            attempts: vec![pb::Attempt {
+                attempt: 1,
+                worker_id: "w-1".into(),
+                outcome: Some(pb::AttemptOutcome {
+                    kind: Some(pb::attempt_outcome::Kind::Exited(code)),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let test = if ok {
+            step("test", pb::StepState::Succeeded, 0, "exited with code 0")
+        } else {
+            step("test", pb::StepState::Failed, 3, "exited with code 3")
+        };
+        FakePipelines {
+            run: pb::PipelineRun {
+                id: RUN_ID.into(),
+                tenant: "default".into(),
+                spec: Some(pb::PipelineSpec {
+                    name: "ci".into(),
+                    ..Default::default()
+                }),
+                state: state.into(),
+                steps: vec![
+                    step("build", pb::StepState::Succeeded, 0, "exited with code 0"),
+                    test,
+                    step("cleanup", pb::StepState::Succeeded, 0, "exited with code 0"),
+                ],
+                version: 9,
+                ..Default::default()
+            },
+            submitted: Arc::default(),
+            cancel_reasons: Arc::default(),
+            hang: false,
+        }
+    }
+
+    fn run_for(&self, id: &str) -> Result<pb::PipelineRun, Status> {
+        if id == self.run.id {
+            Ok(self.run.clone())
+        } else {
+            Err(Status::not_found(format!("pipeline run {id} not found")))
+        }
+    }
+
+    fn events(&self) -> Vec<pb::PipelineEvent> {
+        let event = |seq, r#type: &str, step: &str, state: pb::PipelineState| pb::PipelineEvent {
+            run_id: RUN_ID.into(),
+            seq,
+            r#type: r#type.into(),
+            step: step.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let mut events = vec![
+            event(1, "submitted", "", pb::PipelineState::Queued),
+            event(2, "step_queued", "build", pb::PipelineState::Running),
+            event(3, "step_finished", "build", pb::PipelineState::Running),
+        ];
+        if !self.hang {
+            let end = pb::PipelineState::try_from(self.run.state).unwrap();
+            events.push(event(4, "finished", "", end));
+        }
+        events
+    }
+}
+
+#[tonic::async_trait]
+impl PipelineService for FakePipelines {
+    async fn submit_pipeline(
+        &self,
+        request: Request<pb::SubmitPipelineRequest>,
+    ) -> Result<Response<pb::SubmitPipelineResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        self.submitted.lock().unwrap().push(spec);
+        let mut run = self.run.clone();
+        run.state = pb::PipelineState::Queued.into();
+        for step in &mut run.steps {
+            step.state = pb::StepState::Waiting.into();
+            step.attempts.clear();
+        }
+        Ok(Response::new(pb::SubmitPipelineResponse {
+            run: Some(run),
+            created: true,
+        }))
+    }
+
+    async fn get_pipeline_run(
+        &self,
+        request: Request<pb::GetPipelineRunRequest>,
+    ) -> Result<Response<pb::GetPipelineRunResponse>, Status> {
+        let run = self.run_for(&request.into_inner().run_id)?;
+        Ok(Response::new(pb::GetPipelineRunResponse { run: Some(run) }))
+    }
+
+    async fn list_pipeline_runs(
+        &self,
+        _request: Request<pb::ListPipelineRunsRequest>,
+    ) -> Result<Response<pb::ListPipelineRunsResponse>, Status> {
+        Ok(Response::new(pb::ListPipelineRunsResponse {
+            runs: vec![self.run.clone()],
+            next_page_token: "tok9".into(),
+        }))
+    }
+
+    async fn cancel_pipeline_run(
+        &self,
+        request: Request<pb::CancelPipelineRunRequest>,
+    ) -> Result<Response<pb::CancelPipelineRunResponse>, Status> {
+        let request = request.into_inner();
+        let run = self.run_for(&request.run_id)?;
+        self.cancel_reasons.lock().unwrap().push(request.reason);
+        Ok(Response::new(pb::CancelPipelineRunResponse {
+            run: Some(run),
+        }))
+    }
+
+    type WatchPipelineRunStream = BoxStream<pb::PipelineEvent>;
+
+    async fn watch_pipeline_run(
+        &self,
+        request: Request<pb::WatchPipelineRunRequest>,
+    ) -> Result<Response<Self::WatchPipelineRunStream>, Status> {
+        self.run_for(&request.into_inner().run_id)?;
+        let events = tokio_stream::iter(self.events().into_iter().map(Ok));
+        if self.hang {
+            Ok(Response::new(Box::pin(
+                events.chain(tokio_stream::pending()),
+            )))
+        } else {
+            Ok(Response::new(Box::pin(events)))
+        }
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let request = request.into_inner();
+        self.run_for(&request.run_id)?;
+        let artifacts = [("build", "dist/app.txt", 12), ("test", "report.xml", 2048)]
+            .into_iter()
+            .filter(|(step, _, _)| request.step.is_empty() || request.step == *step)
+            .map(|(step, path, size)| pb::Artifact {
+                step: step.into(),
+                path: path.into(),
+                size,
+                digest: "SHA-256=q1w2e3".into(),
+                modified: None,
+            })
+            .collect();
+        Ok(Response::new(pb::ListArtifactsResponse { artifacts }))
+    }
+
+    type DownloadArtifactStream = BoxStream<pb::ArtifactChunk>;
+
+    async fn download_artifact(
+        &self,
+        request: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        let request = request.into_inner();
+        self.run_for(&request.run_id)?;
+        if (request.step.as_str(), request.path.as_str()) != ("build", "dist/app.txt") {
+            return Err(Status::not_found(format!(
+                "artifact {} of step {} not found",
+                request.path, request.step
+            )));
+        }
+        let chunks = ["hello ", "world\n"].map(|data| {
+            Ok(pb::ArtifactChunk {
+                data: data.as_bytes().to_vec(),
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}
+
+async fn serve_pipelines(pipelines: FakePipelines) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PipelineServiceServer::new(pipelines))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+const PIPELINE: &str = "\
+name: ci
+steps:
+  - name: build
+    command: {kind: exec, argv: [make]}
+  - name: test
+    needs: [build]
+    command: {kind: script, interpreter: [/bin/sh, -c], script: 'make test'}
+    env: {TOKEN: s3cret}
+    secret_env: [TOKEN]
+  - name: cleanup
+    needs: [test]
+    when: always
+    command: {kind: exec, argv: [make, clean]}
+";
+
+#[tokio::test]
+async fn pipeline_run_prints_a_line_per_change_and_exits_1_for_a_failed_run() {
+    let fake = FakePipelines::new(pb::PipelineState::Failed);
+    let submitted = fake.submitted.clone();
+    let server = serve_pipelines(fake).await;
+    let (_dir, path) = job_file("ci.yaml", PIPELINE);
+    let out = hodei(&server, &["pipeline", "run", "-f", path.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("run {RUN_ID} (ci): queued"),
+            "build: waiting".into(),
+            "test: waiting".into(),
+            "cleanup: waiting".into(),
+            "build: succeeded on w-1 (exit code 0)".into(),
+            "test: failed on w-1 (exit code 3): exited with code 3".into(),
+            "cleanup: succeeded on w-1 (exit code 0)".into(),
+            format!("run {RUN_ID} (ci): failed after 0.0s"),
+        ],
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+
+    let specs = submitted.lock().unwrap().clone();
+    assert_eq!(specs.len(), 1);
+    let names: Vec<&str> = specs[0].steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["build", "test", "cleanup"]);
+    assert_eq!(specs[0].steps[2].when, i32::from(pb::When::Always));
+    // The secret travels unmasked: the server needs it to run the step.
+    let test_job = specs[0].steps[1].job.clone().unwrap();
+    assert_eq!(
+        test_job.env.get("TOKEN").map(String::as_str),
+        Some("s3cret")
+    );
+}
+
+#[tokio::test]
+async fn pipeline_run_of_a_succeeded_run_exits_0_and_json_prints_events_then_the_run() {
+    let server = serve_pipelines(FakePipelines::new(pb::PipelineState::Succeeded)).await;
+    let out = hodei_with_stdin(&server, &["pipeline", "run", "-f", "-"], PIPELINE).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(text(&out.stdout).contains("test: succeeded"), "{out:?}");
+
+    let out = hodei_with_stdin(
+        &server,
+        &["--output", "json", "pipeline", "run", "-f", "-"],
+        PIPELINE,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let docs: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let types: Vec<&str> = docs[..4]
+        .iter()
+        .map(|d| d["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["submitted", "step_queued", "step_finished", "finished"]
+    );
+    assert_eq!(docs.len(), 5);
+    assert_eq!(docs[4]["id"], RUN_ID);
+    assert_eq!(docs[4]["state"], "succeeded");
+    assert_eq!(docs[4]["steps"][2]["state"], "succeeded");
+}
+
+/// A port that accepts connections but is never served, and whether anyone connected.
+fn silent_server() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    (listener, server)
+}
+
+fn nobody_connected(listener: &std::net::TcpListener) -> bool {
+    matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[tokio::test]
+async fn a_malformed_pipeline_file_names_line_and_column_and_sends_nothing() {
+    let (listener, server) = silent_server();
+    let (_dir, path) = job_file(
+        "ci.yaml",
+        "name: ci\nsteps:\n  - name: build\n    command: {kind: exec, argv: [make]\n",
+    );
+    let path = path.to_str().unwrap();
+    let out = hodei(&server, &["pipeline", "run", "-f", path]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("error: {path}:5:1: ")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let out = hodei_with_stdin(
+        &server,
+        &["pipeline", "submit", "-f", "-"],
+        "name: ci\nsteps:\n  - name: build\n    retries: 3\n    command: {kind: exec, argv: [make]}\n",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).starts_with("error: <stdin>:4:5: steps[0]: unknown field `retries`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = hodei_with_stdin(
+        &server,
+        &["pipeline", "run", "-f", "-"],
+        "name: ci\nsteps:\n  - name: sleep\n    command:\n      kind: exec\n      argv: [sleep, 10]\n",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).starts_with(
+            "error: <stdin>:4:5: steps[0].command: invalid type: integer `10`, expected a string"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(nobody_connected(&listener));
+}
+
+#[tokio::test]
+async fn an_invalid_pipeline_lists_every_error_with_its_path_and_sends_nothing() {
+    let (listener, server) = silent_server();
+    let (_dir, path) = job_file(
+        "ci.yaml",
+        "\
+name: ci
+steps:
+  - name: build
+    command: {kind: exec, argv: [make]}
+    max_attempts: 0
+  - name: test
+    needs: [build, tests]
+    command: {kind: exec, argv: []}
+  - name: test
+    command: {kind: exec, argv: [\"true\"]}
+",
+    );
+    let path = path.to_str().unwrap();
+    let out = hodei(&server, &["pipeline", "run", "-f", path]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    for field in [
+        "steps[2].name: duplicate step name 'test'",
+        "steps.build.max_attempts: ",
+        "steps.test.needs[1]: unknown step 'tests'",
+        "steps.test.command.argv: ",
+    ] {
+        assert!(
+            stderr.contains(&format!("error: {path}: {field}")),
+            "{field}: {stderr}"
+        );
+    }
+    assert!(
+        stderr
+            .lines()
+            .all(|l| l.starts_with(&format!("error: {path}: "))),
+        "{stderr}"
+    );
+    assert!(nobody_connected(&listener));
+}
+
+#[tokio::test]
+async fn pipeline_get_list_watch_and_cancel() {
+    let fake = FakePipelines::new(pb::PipelineState::Failed);
+    let cancel_reasons = fake.cancel_reasons.clone();
+    let server = serve_pipelines(fake).await;
+
+    let out = hodei(&server, &["pipeline", "get", RUN_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("state:     failed\n"), "{stdout}");
+    assert!(
+        stdout.contains("STEP     STATE      DURATION  JOB          ATTEMPTS  REASON\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("test     failed     -         job-test     1         exited with code 3\n"),
+        "{stdout}"
+    );
+
+    let out = hodei(&server, &["pipeline", "get", "nope"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: not_found: pipeline run nope not found\n"
+    );
+
+    let out = hodei(
+        &server,
+        &["pipeline", "list", "--state", "failed", "--name", "c"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("ID                                    PIPELINE  STATE   STEPS"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{RUN_ID}  ci        failed  3/3 ended, 1 failed")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("next page: --page-token tok9\n"),
+        "{stdout}"
+    );
+
+    let out = hodei(&server, &["pipeline", "watch", RUN_ID]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text(&out.stdout).contains("test: failed"), "{out:?}");
+
+    let out = hodei(&server, &["pipeline", "cancel", "--reason", "oops", RUN_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(text(&out.stdout), format!("run {RUN_ID} failed\n"));
+    assert_eq!(cancel_reasons.lock().unwrap().as_slice(), ["oops"]);
+}
+
+#[tokio::test]
+async fn ctrl_c_cancels_the_run_and_a_second_one_stops_waiting() {
+    let mut fake = FakePipelines::new(pb::PipelineState::Running);
+    fake.hang = true;
+    let submitted = fake.submitted.clone();
+    let cancel_reasons = fake.cancel_reasons.clone();
+    let server = serve_pipelines(fake).await;
+    let (_dir, path) = job_file("ci.yaml", PIPELINE);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei"))
+        .args([
+            "--server",
+            &server,
+            "pipeline",
+            "run",
+            "-f",
+            path.to_str().unwrap(),
+        ])
+        .env_remove("HODEI_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    // The client listens for Ctrl-C before it submits, so once the run is submitted a signal
+    // is the client's to handle.
+    hodei_test_support::wait_for("the submission", std::time::Duration::from_secs(10), || {
+        let seen = !submitted.lock().unwrap().is_empty();
+        async move { seen.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let interrupt = || async {
+        let status = tokio::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+    };
+    interrupt().await;
+    hodei_test_support::wait_for(
+        "the cancel request",
+        std::time::Duration::from_secs(10),
+        || {
+            let seen = !cancel_reasons.lock().unwrap().is_empty();
+            async move { seen.then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    interrupt().await;
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cancelling run {RUN_ID}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("stopped waiting for run {RUN_ID}")),
+        "{stderr}"
+    );
+    assert_eq!(
+        cancel_reasons.lock().unwrap().as_slice(),
+        ["interrupted by the client (ctrl-c)"]
+    );
+}
+
+#[tokio::test]
+async fn pipeline_run_on_a_terminal_redraws_the_steps_in_place() {
+    let server = serve_pipelines(FakePipelines::new(pb::PipelineState::Failed)).await;
+    let (_dir, path) = job_file("ci.yaml", PIPELINE);
+    let out = hodei_on_a_terminal(
+        &server,
+        &["pipeline", "run", "-f", path.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let screen = text(&out.stdout);
+    // The block of 4 lines (the run, 3 steps) is drawn, then drawn again over itself.
+    assert!(screen.contains("\x1b[4A"), "{screen:?}");
+    assert!(screen.contains("\x1b[31mfailed\x1b[0m"), "{screen:?}");
+    let last = &screen[screen.rfind("\x1b[4A").unwrap()..];
+    assert!(last.contains("  cleanup  "), "{screen:?}");
+}
+
+#[tokio::test]
+async fn artifacts_are_listed_and_downloaded() {
+    let server = serve_pipelines(FakePipelines::new(pb::PipelineState::Succeeded)).await;
+    let out = hodei(&server, &["artifacts", "ls", RUN_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        "\
+STEP   PATH          SIZE     DIGEST          MODIFIED
+build  dist/app.txt  12 B     SHA-256=q1w2e3  -
+test   report.xml    2.0 KiB  SHA-256=q1w2e3  -
+"
+    );
+    let out = hodei(
+        &server,
+        &[
+            "--output",
+            "json",
+            "artifacts",
+            "ls",
+            RUN_ID,
+            "--step",
+            "test",
+        ],
+    )
+    .await;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["artifacts"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["artifacts"][0]["path"], "report.xml");
+
+    // To stdout: the bytes and nothing else.
+    let out = hodei(
+        &server,
+        &[
+            "artifacts",
+            "get",
+            "-o",
+            "-",
+            RUN_ID,
+            "build",
+            "dist/app.txt",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty(), "{out:?}");
+
+    // By default, under its file name in the current directory.
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei"))
+        .args([
+            "--server",
+            &server,
+            "artifacts",
+            "get",
+            RUN_ID,
+            "build",
+            "dist/app.txt",
+        ])
+        .env_remove("HODEI_SERVER")
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(
+        std::fs::read(dir.path().join("app.txt")).unwrap(),
+        b"hello world\n"
+    );
+
+    let target = dir.path().join("copy.txt");
+    let out = hodei(
+        &server,
+        &[
+            "artifacts",
+            "get",
+            "-o",
+            target.to_str().unwrap(),
+            RUN_ID,
+            "build",
+            "missing",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "error: not_found: artifact missing of step build not found\n"
+    );
+    assert!(!target.exists());
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["app.txt"], "no partial file is left behind");
+}

@@ -10,18 +10,12 @@ use serde_json::json;
 use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
-use super::{print_json, print_json_line, print_log_line, print_text};
+use super::{DETACHED, INTERRUPT_REASON, print_json, print_json_line, print_log_line, print_text};
 use crate::cli::{JobArgs, ListArgs, OutputFormat};
 use crate::client::Clients;
 use crate::progress::{StatusLine, waiting_text};
 use crate::style::Style;
 use crate::{human, json, wire};
-
-/// Exit code of `hodei run` when the user stops waiting with a second Ctrl-C (128 + SIGINT).
-const DETACHED: u8 = 130;
-
-/// Recorded on the job when Ctrl-C cancels `hodei run`.
-const INTERRUPT_REASON: &str = "interrupted by the client (ctrl-c)";
 
 /// How often `hodei run` refreshes its waiting status on a terminal. Why a queued job waits is
 /// kept on the job, not sent as an event, so the job is looked up again.

@@ -1,6 +1,8 @@
 //! One function per command: call the API, print the answer, choose the exit code.
 
+mod artifacts;
 mod jobs;
+mod pipelines;
 mod workers;
 
 use std::io::{self, Write};
@@ -9,7 +11,7 @@ use std::process::ExitCode;
 use hodei_proto::v1 as pb;
 use serde_json::Value;
 
-use crate::cli::{Cli, Command, OutputFormat};
+use crate::cli::{ArtifactsCommand, Cli, Command, OutputFormat, PipelineCommand};
 use crate::client::Clients;
 use crate::json;
 use crate::style::{Paint, Style};
@@ -31,8 +33,44 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workers { status } => workers::list(&mut clients, &status, format).await,
         Command::Worker { id } => workers::get(&mut clients, id, format).await,
         Command::Drain { id, reason } => workers::drain(&mut clients, id, reason, format).await,
+        Command::Pipeline(command) => pipeline(&mut clients, command, format).await,
+        Command::Artifacts(command) => match command {
+            ArtifactsCommand::Ls { run_id, step } => {
+                artifacts::ls(&mut clients, run_id, step, format).await
+            }
+            ArtifactsCommand::Get {
+                run_id,
+                step,
+                path,
+                output_file,
+            } => artifacts::get(&mut clients, run_id, step, path, output_file, format).await,
+        },
     }
 }
+
+async fn pipeline(
+    clients: &mut Clients,
+    command: PipelineCommand,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        PipelineCommand::Run(args) => pipelines::run(clients, &args, format).await,
+        PipelineCommand::Submit(args) => pipelines::submit(clients, &args, format).await,
+        PipelineCommand::Get { id } => pipelines::get(clients, id, format).await,
+        PipelineCommand::List(args) => pipelines::list(clients, args, format).await,
+        PipelineCommand::Watch { id } => pipelines::watch(clients, id, format).await,
+        PipelineCommand::Cancel { id, reason } => {
+            pipelines::cancel(clients, id, reason, format).await
+        }
+    }
+}
+
+/// Exit code of `hodei run` and `hodei pipeline run` when the user stops waiting with a
+/// second Ctrl-C (128 + SIGINT).
+const DETACHED: u8 = 130;
+
+/// Recorded on the job or run when Ctrl-C cancels `hodei run` or `hodei pipeline run`.
+const INTERRUPT_REASON: &str = "interrupted by the client (ctrl-c)";
 
 /// Writes `text` to stdout as is. Writing through `io::Write` rather than `print!` turns a
 /// closed pipe into an error instead of a panic.
