@@ -2,7 +2,8 @@
 # Brings the whole Hodei system up locally and runs a demo end to end:
 #   a private nats-server (2.10+, JetStream, store in .hodei/nats), a private PostgreSQL
 #   cluster, the api-gateway, scheduler, registry and two agents (agent-gpu with gpu=true,
-#   agent-cpu without), then submits demo jobs with the `hodei` CLI and prints what happened.
+#   agent-cpu without), then submits demo jobs and a demo pipeline with the `hodei` CLI and
+#   prints what happened.
 #
 # On a terminal the system stays up until Ctrl-C (use `target/debug/hodei --help` meanwhile);
 # otherwise, or with HODEI_DEMO_EXIT=1, everything is stopped once the demo ends.
@@ -101,6 +102,15 @@ waiting="$("$HODEI" submit --name demo-unplaceable --require arch=riscv -- true)
 sleep 1
 "$HODEI" get "$waiting"
 "$HODEI" cancel "$waiting" >/dev/null
+
+echo
+echo "==> demo 5: a pipeline: build, a 2x2 matrix of tests reading build's artifact, deploy, clean-up"
+echo "(hodei pipeline run -f FILE does both steps below in one)"
+run_id="$("$HODEI" pipeline submit -f "$ROOT/examples/pipelines/build-test-deploy.yaml")"
+rc=0
+"$HODEI" pipeline watch "$run_id" || rc=$?
+echo "hodei pipeline watch exited with $rc"
+"$HODEI" artifacts ls "$run_id"
 
 echo
 echo "==> all jobs"
