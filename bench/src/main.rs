@@ -3,10 +3,17 @@
 //! process, simulated agents — measures, prints a table with the machine it ran on, writes
 //! JSON with `--json`, and cleans up everything it started. Every scenario is bounded in time.
 
+mod agent;
+mod eventbus;
+mod failure;
+mod fleet;
+mod heartbeats;
 mod machine;
+mod procfs;
 mod queries;
 mod reference;
 mod report;
+mod services;
 mod sim;
 mod system;
 
@@ -69,6 +76,47 @@ enum Scenario {
         #[arg(long)]
         pages: Option<usize>,
     },
+    /// Simulated agents beating against one real registry: heartbeats/s sent, received and
+    /// persisted, with this process's cpu and rss.
+    Heartbeats {
+        /// Simulated agents (default 10,000; 500 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Heartbeat interval in milliseconds (default 500).
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        /// Seconds measured after the warm-up (default 20; 3 with --quick).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Silence 1% of the beating agents: last beat→lost and →jobs requeued percentiles.
+    FailureDetection {
+        /// Simulated agents (default 10,000; 200 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Heartbeat interval of agents and registry in milliseconds (default 500).
+        #[arg(long)]
+        interval_ms: Option<u64>,
+        /// Missed beats before a worker is lost (default 3).
+        #[arg(long)]
+        missed_beats: Option<u32>,
+    },
+    /// Job events in their envelopes over core nats and in process: events/s, beside raw
+    /// core nats publishes of the same bytes.
+    EventBus {
+        /// Events per path (default 1,000,000; 50,000 with --quick).
+        #[arg(long)]
+        events: Option<usize>,
+    },
+    /// A real agent process: idle rss, and assignment published→process started percentiles.
+    Agent {
+        /// Assignments of `true`, one at a time (default 500; 20 with --quick).
+        #[arg(long)]
+        assignments: Option<usize>,
+        /// The hodei-agent binary (default: next to this executable).
+        #[arg(long, env = "HODEI_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
+    },
     /// Every scenario above, one after the other, with their defaults.
     All,
 }
@@ -98,6 +146,21 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Queries {
                 jobs: None,
                 pages: None,
+            },
+            Scenario::Heartbeats {
+                agents: None,
+                interval_ms: None,
+                seconds: None,
+            },
+            Scenario::FailureDetection {
+                agents: None,
+                interval_ms: None,
+                missed_beats: None,
+            },
+            Scenario::EventBus { events: None },
+            Scenario::Agent {
+                assignments: None,
+                agent_bin: None,
             },
         ],
         one => vec![one],
@@ -163,6 +226,10 @@ impl Scenario {
             Scenario::Throughput { .. } => "throughput",
             Scenario::Latency { .. } => "latency",
             Scenario::Queries { .. } => "queries",
+            Scenario::Heartbeats { .. } => "heartbeats",
+            Scenario::FailureDetection { .. } => "failure-detection",
+            Scenario::EventBus { .. } => "event-bus",
+            Scenario::Agent { .. } => "agent",
             Scenario::All => "all",
         }
     }
@@ -206,6 +273,51 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
             queries::queries(queries::QueriesParams {
                 jobs: size(jobs, quick, 1_000_000, 20_000),
                 pages_per_state: size(pages, quick, 500, 50),
+            })
+            .await
+        }
+        Scenario::Heartbeats {
+            agents,
+            interval_ms,
+            seconds,
+        } => {
+            heartbeats::heartbeats(heartbeats::HeartbeatsParams {
+                agents: size(agents, quick, 10_000, 500),
+                interval: Duration::from_millis(size(interval_ms, quick, 500, 500).max(1)),
+                window: Duration::from_secs(size(seconds, quick, 20, 3)),
+                warmup: Duration::from_secs(if quick { 1 } else { 3 }),
+                register_within: Duration::from_secs(if quick { 30 } else { 120 }),
+            })
+            .await
+        }
+        Scenario::FailureDetection {
+            agents,
+            interval_ms,
+            missed_beats,
+        } => {
+            failure::failure_detection(failure::FailureParams {
+                agents: size(agents, quick, 10_000, 200),
+                interval: Duration::from_millis(size(interval_ms, quick, 500, 500).max(1)),
+                missed_beats: size(missed_beats, quick, 3, 3).max(1),
+                register_within: Duration::from_secs(if quick { 30 } else { 120 }),
+                detect_within: Duration::from_secs(if quick { 15 } else { 30 }),
+            })
+            .await
+        }
+        Scenario::EventBus { events } => {
+            eventbus::event_bus(eventbus::EventBusParams {
+                events: size(events, quick, 1_000_000, 50_000),
+            })
+            .await
+        }
+        Scenario::Agent {
+            assignments,
+            agent_bin,
+        } => {
+            agent::agent(agent::AgentParams {
+                binary: agent_bin,
+                assignments: size(assignments, quick, 500, 20),
+                settle: Duration::from_secs(if quick { 1 } else { 3 }),
             })
             .await
         }

@@ -90,13 +90,13 @@ impl Run {
         let _ = writeln!(out, "mode: {}, started {}", self.mode, self.started_at);
         let _ = writeln!(
             out,
-            "\n{:<12} {:<52} {:>14} {:<6} target",
+            "\n{:<17} {:<62} {:>14} {:<6} target",
             "scenario", "metric", "value", "unit"
         );
         for f in &self.outcome.figures {
             let _ = writeln!(
                 out,
-                "{:<12} {:<52} {:>14} {:<6} {}",
+                "{:<17} {:<62} {:>14} {:<6} {}",
                 f.scenario,
                 f.metric,
                 format_value(f.value),

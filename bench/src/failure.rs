@@ -1,0 +1,377 @@
+//! `failure-detection`: the gateway, one scheduler and the registry (heartbeat interval and
+//! missed beats as in production settings chosen by the scenario) in this process, a private
+//! nats-server, a fresh database, and a fleet of simulated agents that hold the jobs they are
+//! given. A few long jobs are submitted and held; then a random 1% of the fleet (every holder
+//! among them) is silenced at a recorded instant. For each silenced worker: its last beat
+//! sent → `status = 'lost'` seen in `workers` (polled), and for each job it held: its last
+//! beat → the attempt ended `lost` and the job handed back (the attempt's `finished_at`,
+//! stamped by the registry in the same transaction).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use hodei_domain::{AttemptOutcome, AttemptRecord, JobId};
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_test_support::{TestDatabase, TestNats};
+use sqlx::PgPool;
+use tonic::transport::Channel;
+
+use crate::fleet::{self, Fleet, FleetConfig};
+use crate::report::{Outcome, histogram};
+use crate::services::{RegistrySettings, Services};
+
+const S: &str = "failure-detection";
+/// How often `workers` is polled for lost workers.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Parameters of `failure-detection`.
+pub struct FailureParams {
+    pub agents: usize,
+    pub interval: Duration,
+    pub missed_beats: u32,
+    pub register_within: Duration,
+    pub detect_within: Duration,
+}
+
+pub async fn failure_detection(p: FailureParams) -> anyhow::Result<Outcome> {
+    let nats = TestNats::start().await?;
+    let database = TestDatabase::create().await?;
+    let result = run_with(&nats, &database, &p).await;
+    let _ = database.cleanup().await;
+    drop(nats);
+    result
+}
+
+async fn run_with(
+    nats: &TestNats,
+    database: &TestDatabase,
+    p: &FailureParams,
+) -> anyhow::Result<Outcome> {
+    let settings = RegistrySettings {
+        heartbeat_interval_ms: u64::try_from(p.interval.as_millis()).unwrap_or(u64::MAX),
+        missed_beats: p.missed_beats,
+        flush_interval_ms: 100,
+    };
+    let services = Services::start(nats.url(), database.url(), settings, true).await?;
+    let pool = match database.connect().await {
+        Ok(pool) => pool,
+        Err(e) => {
+            services.stop().await;
+            return Err(e.into());
+        }
+    };
+    let fleet = Fleet::start(
+        &nats.url(),
+        FleetConfig {
+            agents: p.agents,
+            interval: p.interval,
+            hold_jobs: true,
+        },
+    )
+    .await;
+    let result = match fleet {
+        Ok(fleet) => {
+            let result = measure(&fleet, &services, &pool, p).await;
+            fleet.stop().await;
+            result
+        }
+        Err(e) => Err(e),
+    };
+    services.stop().await;
+    pool.close().await;
+    let mut out = result?;
+    out.note(format!(
+        "failure-detection: {} simulated agents beating every {:?}; registry: interval {:?}, \
+         {} missed beats, flush every {} ms, its sweep every half interval; 'last beat' is \
+         when the fleet published the silenced worker's last heartbeat; 'lost' is when a \
+         {POLL:?} poll of workers first saw status = 'lost'; 'requeued' is the lost attempt's \
+         finished_at (set by the registry in the transaction that requeues the job); the \
+         registry persists last_heartbeat_at as its flush time, so detection cannot come \
+         before last beat + flush delay + {} intervals",
+        p.agents,
+        p.interval,
+        p.interval,
+        p.missed_beats,
+        settings.flush_interval_ms,
+        p.missed_beats
+    ));
+    Ok(out)
+}
+
+/// A small xorshift generator: the silenced set only needs to be unpredictable, not secure.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64);
+        Rng(nanos | 1)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+fn long_job(i: usize) -> pb::JobSpec {
+    pb::JobSpec {
+        name: format!("held-{i}"),
+        command: Some(pb::job_spec::Command::Exec(pb::ExecCommand {
+            argv: vec!["sleep".to_owned(), "3600".to_owned()],
+        })),
+        timeout_secs: 3600,
+        ..Default::default()
+    }
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(sql).fetch_one(pool).await?)
+}
+
+async fn wait_for_count(
+    pool: &PgPool,
+    sql: &'static str,
+    wanted: i64,
+    within: Duration,
+    what: &str,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let n = count(pool, sql).await?;
+        if n >= wanted {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            anyhow::bail!("only {n} of {wanted} {what} after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+async fn measure(
+    fleet: &Fleet,
+    services: &Services,
+    pool: &PgPool,
+    p: &FailureParams,
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::default();
+    let wanted = i64::try_from(p.agents).unwrap_or(i64::MAX);
+    let took = wait_for_count(
+        pool,
+        "SELECT count(*) FROM workers WHERE status = 'ready'",
+        wanted,
+        p.register_within,
+        "workers ready",
+    )
+    .await?;
+    out.figure(
+        S,
+        format!("time to register {} workers", p.agents),
+        took.as_secs_f64(),
+        "s",
+        None,
+    );
+
+    // Jobs for the silenced workers to hold: one per silenced worker at most.
+    let silenced_count = (p.agents / 100).max(2).min(p.agents);
+    let grpc = services.grpc_addr.context("the gateway did not start")?;
+    let channel = Channel::from_shared(format!("http://{grpc}"))?
+        .connect()
+        .await
+        .context("failed to connect to the gateway")?;
+    let mut client = JobServiceClient::new(channel);
+    for i in 0..silenced_count {
+        client
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(long_job(i)),
+                tenant: String::new(),
+            })
+            .await
+            .context("failed to submit a job to hold")?;
+    }
+    let jobs_wanted = i64::try_from(silenced_count).unwrap_or(i64::MAX);
+    wait_for_count(
+        pool,
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        jobs_wanted,
+        Duration::from_secs(30),
+        "held jobs running",
+    )
+    .await?;
+    // Let the holders' heartbeats carry their attempts for a few beats.
+    tokio::time::sleep(p.interval * 3).await;
+
+    let held = fleet.held();
+    let mut silenced: Vec<usize> = held
+        .iter()
+        .filter(|(_, a)| !a.is_empty())
+        .map(|(&i, _)| i)
+        .collect();
+    let holders = silenced.len();
+    let mut rng = Rng::seeded();
+    while silenced.len() < silenced_count {
+        let i = rng.below(fleet.len());
+        if !silenced.contains(&i) {
+            silenced.push(i);
+        }
+    }
+    let held_jobs: Vec<(usize, JobId)> = silenced
+        .iter()
+        .flat_map(|&i| {
+            held.get(&i)
+                .into_iter()
+                .flatten()
+                .map(move |a| (i, a.job_id))
+        })
+        .collect();
+    let silenced_ids: Vec<String> = silenced.iter().map(|&i| fleet::worker_id(i)).collect();
+
+    let silenced_at = Instant::now();
+    fleet.silence(&silenced);
+    let mut lost_seen: HashMap<String, Instant> = HashMap::new();
+    let deadline = silenced_at + p.detect_within;
+    while lost_seen.len() < silenced.len() && Instant::now() < deadline {
+        let lost: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM workers WHERE status = 'lost' AND id = ANY($1)")
+                .bind(&silenced_ids)
+                .fetch_all(pool)
+                .await?;
+        let now = Instant::now();
+        for id in lost {
+            lost_seen.entry(id).or_insert(now);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+
+    let mut to_lost = histogram()?;
+    let mut beat_to_stored = histogram()?;
+    let stored: Vec<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, last_heartbeat_at FROM workers WHERE id = ANY($1)")
+            .bind(&silenced_ids)
+            .fetch_all(pool)
+            .await?;
+    let stored: HashMap<String, DateTime<Utc>> = stored.into_iter().collect();
+    let mut last_beats = HashMap::new();
+    for (&i, id) in silenced.iter().zip(&silenced_ids) {
+        let Some(last) = fleet.last_beat(i) else {
+            continue;
+        };
+        last_beats.insert(i, last);
+        if let Some(seen) = lost_seen.get(id) {
+            to_lost.record(micros(seen.saturating_duration_since(last)))?;
+        }
+        if let Some(at) = stored.get(id) {
+            let sent = fleet.utc_of(last);
+            let d = (*at - sent).num_microseconds().unwrap_or(0);
+            beat_to_stored.record(u64::try_from(d).unwrap_or(0).max(1))?;
+        }
+    }
+    let false_lost = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM workers WHERE status = 'lost' AND NOT (id = ANY($1))",
+    )
+    .bind(&silenced_ids)
+    .fetch_one(pool)
+    .await?;
+
+    // The held jobs: when their attempt was ended as lost, and whether the job went back.
+    let job_ids: Vec<uuid::Uuid> = held_jobs.iter().map(|(_, j)| j.as_uuid()).collect();
+    let mut to_requeued = histogram()?;
+    let requeue_deadline = Instant::now() + Duration::from_secs(5);
+    let requeued = loop {
+        let rows: Vec<(uuid::Uuid, String, serde_json::Value)> =
+            sqlx::query_as("SELECT id, state, attempts FROM jobs WHERE id = ANY($1)")
+                .bind(&job_ids)
+                .fetch_all(pool)
+                .await?;
+        let mut ended = Vec::new();
+        for (id, _state, attempts) in &rows {
+            let attempts: Vec<AttemptRecord> = serde_json::from_value(attempts.clone())?;
+            let lost_at = attempts.first().and_then(|a| match a.outcome {
+                Some(AttemptOutcome::Lost { .. }) => a.finished_at,
+                _ => None,
+            });
+            if let Some(at) = lost_at {
+                ended.push((*id, at));
+            }
+        }
+        if ended.len() == job_ids.len() || Instant::now() > requeue_deadline {
+            let requeued = ended.len() as u64;
+            for (id, at) in ended {
+                let holder = held_jobs
+                    .iter()
+                    .find(|(_, j)| j.as_uuid() == id)
+                    .and_then(|(i, _)| last_beats.get(i));
+                if let Some(&last) = holder {
+                    let d = (at - fleet.utc_of(last)).num_microseconds().unwrap_or(0);
+                    to_requeued.record(u64::try_from(d).unwrap_or(0).max(1))?;
+                }
+            }
+            break requeued;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    out.figure(S, "workers silenced", silenced.len() as f64, "count", None);
+    out.figure(
+        S,
+        "silenced workers declared lost",
+        lost_seen.len() as f64,
+        "count",
+        None,
+    );
+    out.figure(
+        S,
+        "healthy workers declared lost (false positives)",
+        false_lost as f64,
+        "count",
+        None,
+    );
+    out.figure(
+        S,
+        "last beat->lost min",
+        to_lost.min() as f64 / 1000.0,
+        "ms",
+        None,
+    );
+    out.percentiles(S, "last beat->lost", &to_lost, Some("<= 1,500 ms"));
+    out.percentiles(
+        S,
+        "last beat->stored last_heartbeat_at",
+        &beat_to_stored,
+        None,
+    );
+    out.figure(
+        S,
+        "held jobs on silenced workers",
+        job_ids.len() as f64,
+        "count",
+        None,
+    );
+    out.figure(S, "held jobs handed back", requeued as f64, "count", None);
+    if !to_requeued.is_empty() {
+        out.percentiles(
+            S,
+            "last beat->job requeued",
+            &to_requeued,
+            Some("<= 1,500 ms"),
+        );
+    }
+    out.note(format!(
+        "failure-detection: {} jobs held by {holders} of the silenced workers; the other {} \
+         silenced workers were picked at random",
+        job_ids.len(),
+        silenced.len() - holders
+    ));
+    Ok(out)
+}
