@@ -326,32 +326,36 @@ pub struct JobFilter {
 
 /// Jobs matching `filter`, newest first.
 pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, StorageError> {
-    let states: Option<Vec<&str>> =
-        (!filter.states.is_empty()).then(|| filter.states.iter().map(JobState::as_str).collect());
-    let prefix = filter
-        .name_prefix
-        .as_deref()
-        .filter(|p| !p.is_empty())
-        .map(like_prefix);
-    let labels = (!filter.labels.is_empty())
-        .then(|| encode("label filter", &filter.labels))
-        .transpose()?;
-    let sql = format!(
-        "SELECT {COLUMNS} FROM jobs
-         WHERE ($1::text[] IS NULL OR state = ANY($1))
-           AND ($2::text IS NULL OR name LIKE $2)
-           AND ($3::jsonb IS NULL OR labels @> $3)
-           AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(states)
-        .bind(prefix)
-        .bind(labels)
-        .bind(filter.before.map(|b| b.as_uuid()))
-        .bind(i64::from(filter.limit))
-        .fetch_all(pool)
-        .await?;
+    // Only the filters given become conditions, so the planner sees `state = $1` and can walk
+    // `jobs_state_id (state, id DESC)` for a page by state instead of the whole primary key.
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE true"
+    ));
+    match filter.states.as_slice() {
+        [] => {}
+        [one] => {
+            query.push(" AND state = ").push_bind(one.as_str());
+        }
+        many => {
+            let states: Vec<&str> = many.iter().map(JobState::as_str).collect();
+            query.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+    }
+    if let Some(prefix) = filter.name_prefix.as_deref().filter(|p| !p.is_empty()) {
+        query.push(" AND name LIKE ").push_bind(like_prefix(prefix));
+    }
+    if !filter.labels.is_empty() {
+        query
+            .push(" AND labels @> ")
+            .push_bind(encode("label filter", &filter.labels)?);
+    }
+    if let Some(before) = filter.before {
+        query.push(" AND id < ").push_bind(before.as_uuid());
+    }
+    query
+        .push(" ORDER BY id DESC LIMIT ")
+        .push_bind(i64::from(filter.limit));
+    let rows = query.build().fetch_all(pool).await?;
     rows.iter().map(decode).collect()
 }
 
