@@ -123,26 +123,16 @@ fn duration_micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// EXPLAIN ANALYZE of the statement `jobs::list` runs for one state, with the same parameters.
-/// The SQL is a copy of the one in `hodei_storage::jobs::list`.
+/// EXPLAIN ANALYZE of the statement `jobs::list` runs for one state, page of 100.
 async fn explain(pool: &PgPool) -> anyhow::Result<String> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN (ANALYZE, BUFFERS)
-         SELECT id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version FROM jobs
-         WHERE ($1::text[] IS NULL OR state = ANY($1))
-           AND ($2::text IS NULL OR name LIKE $2)
-           AND ($3::jsonb IS NULL OR labels @> $3)
-           AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5",
-    )
-    .bind(Some(vec!["queued"]))
-    .bind(None::<String>)
-    .bind(None::<serde_json::Value>)
-    .bind(None::<uuid::Uuid>)
-    .bind(100_i64)
-    .fetch_all(pool)
-    .await
-    .context("failed to explain the list query")?;
+    let filter = JobFilter {
+        states: vec![JobState::Queued],
+        limit: 100,
+        ..JobFilter::default()
+    };
+    let rows = jobs::explain_list(pool, &filter)
+        .await
+        .context("failed to explain the list query")?;
     Ok(format!(
         "queries: EXPLAIN (ANALYZE, BUFFERS) of ListJobs state=queued page 100:\n    {}",
         rows.join("\n    ")

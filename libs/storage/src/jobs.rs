@@ -326,10 +326,26 @@ pub struct JobFilter {
 
 /// Jobs matching `filter`, newest first.
 pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, StorageError> {
-    // Only the filters given become conditions, so the planner sees `state = $1` and can walk
-    // `jobs_state_id (state, id DESC)` for a page by state instead of the whole primary key.
+    let rows = list_query("", filter)?.build().fetch_all(pool).await?;
+    rows.iter().map(decode).collect()
+}
+
+/// The plan PostgreSQL runs [`list`] with for `filter`, executed (`EXPLAIN (ANALYZE, BUFFERS)`),
+/// one line per row: to check which index a listing uses.
+pub async fn explain_list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<String>, StorageError> {
+    let mut query = list_query("EXPLAIN (ANALYZE, BUFFERS) ", filter)?;
+    Ok(query.build_query_scalar().fetch_all(pool).await?)
+}
+
+/// The statement of [`list`], after `prefix`. Only the filters given become conditions, so the
+/// planner sees `state = $1` and can walk `jobs_state_id (state, id DESC)` for a page by state
+/// instead of the whole primary key.
+fn list_query(
+    prefix: &str,
+    filter: &JobFilter,
+) -> Result<sqlx::QueryBuilder<sqlx::Postgres>, StorageError> {
     let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
-        "SELECT {COLUMNS} FROM jobs WHERE true"
+        "{prefix}SELECT {COLUMNS} FROM jobs WHERE true"
     ));
     match filter.states.as_slice() {
         [] => {}
@@ -341,8 +357,8 @@ pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, Storage
             query.push(" AND state = ANY(").push_bind(states).push(")");
         }
     }
-    if let Some(prefix) = filter.name_prefix.as_deref().filter(|p| !p.is_empty()) {
-        query.push(" AND name LIKE ").push_bind(like_prefix(prefix));
+    if let Some(name) = filter.name_prefix.as_deref().filter(|p| !p.is_empty()) {
+        query.push(" AND name LIKE ").push_bind(like_prefix(name));
     }
     if !filter.labels.is_empty() {
         query
@@ -355,8 +371,7 @@ pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, Storage
     query
         .push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(filter.limit));
-    let rows = query.build().fetch_all(pool).await?;
-    rows.iter().map(decode).collect()
+    Ok(query)
 }
 
 /// A `LIKE` pattern matching strings that start with `prefix` (its `%`, `_` and `\\`
