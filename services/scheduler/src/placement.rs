@@ -106,6 +106,8 @@ pub(crate) async fn run(
             }
         }
         decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));
+        // One read of the live workers serves the whole batch (see `WorkerView`).
+        let mut view = WorkerView::default();
         for (item, message) in decoded {
             let span = trace::process_span(
                 SERVICE,
@@ -113,15 +115,59 @@ pub(crate) async fn run(
                 streams::PLACER,
                 message.headers.as_ref(),
             );
-            handle(&ctx, &item, &message).instrument(span).await;
+            handle(&ctx, &item, &message, &mut view)
+                .instrument(span)
+                .await;
         }
     }
 }
 
-async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
+/// The live workers as this scheduler last read them, kept current with its own
+/// reservations. Other writers (reports freeing slots, other replicas, heartbeats changing
+/// status) make it stale: a stale worker fails its reservation's version check, which drops
+/// the view, and a job that fits no worker in a view older than this placement is checked
+/// against a fresh read before it is told to wait. So the view saves reads, never decides.
+#[derive(Default)]
+struct WorkerView {
+    workers: Option<Vec<Worker>>,
+}
+
+impl WorkerView {
+    async fn get(
+        &mut self,
+        pool: &sqlx::PgPool,
+        live_since: chrono::DateTime<Utc>,
+    ) -> Result<(&[Worker], bool), StorageError> {
+        let fresh = self.workers.is_none();
+        if fresh {
+            self.workers = Some(workers::placeable(pool, live_since).await?);
+        }
+        Ok((self.workers.as_deref().unwrap_or_default(), fresh))
+    }
+
+    fn forget(&mut self) {
+        self.workers = None;
+    }
+
+    /// Replaces the view's copy of `worker` with the one just saved.
+    fn saved(&mut self, worker: Worker) {
+        if let Some(w) = self
+            .workers
+            .as_mut()
+            .and_then(|ws| ws.iter_mut().find(|w| w.id() == worker.id()))
+        {
+            *w = worker;
+        }
+    }
+}
+
+async fn handle(ctx: &Context, item: &PlaceJob, message: &Message, view: &mut WorkerView) {
     let retry = Duration::from_millis(ctx.config.placement_retry_ms);
     let started = std::time::Instant::now();
-    let placed = ctx.backends.db(|| place(ctx, item)).await;
+    let placed = ctx.backends.db(|| place(ctx, item, view)).await;
+    if placed.is_err() {
+        view.forget();
+    }
     let metrics = &ctx.backends.metrics;
     metrics.placement(match &placed {
         Ok(Placement::Placed) => "placed",
@@ -151,7 +197,11 @@ async fn handle(ctx: &Context, item: &PlaceJob, message: &Message) {
     }
 }
 
-async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError> {
+async fn place(
+    ctx: &Context,
+    item: &PlaceJob,
+    view: &mut WorkerView,
+) -> Result<Placement, StorageError> {
     let pool = &ctx.backends.pool;
     let stale_after = chrono::Duration::milliseconds(
         i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
@@ -168,9 +218,14 @@ async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError
         if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
             return Ok(Placement::NotYet(wait));
         }
-        let live = workers::placeable(pool, now - stale_after).await?;
-        let Some(worker) = rank(&live, &job).first().map(|w| (*w).clone()) else {
-            let reason = explain(&live, &job);
+        let (live, fresh) = view.get(pool, now - stale_after).await?;
+        let Some(worker) = rank(live, &job).first().map(|w| (*w).clone()) else {
+            if !fresh {
+                // Slots may have been freed since the view was read.
+                view.forget();
+                continue;
+            }
+            let reason = explain(live, &job);
             let queue_timeout = chrono::Duration::milliseconds(
                 i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
             );
@@ -186,8 +241,14 @@ async fn place(ctx: &Context, item: &PlaceJob) -> Result<Placement, StorageError
             return Ok(Placement::NoWorker);
         };
         match assign(ctx, &mut job, worker).await {
-            Ok(()) => return Ok(Placement::Placed),
-            Err(e) if e.is_conflict() => continue,
+            Ok(worker) => {
+                view.saved(worker);
+                return Ok(Placement::Placed);
+            }
+            Err(e) if e.is_conflict() => {
+                view.forget();
+                continue;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -214,7 +275,8 @@ async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<
     Ok(())
 }
 
-async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), StorageError> {
+/// Assigns `job` to `worker` and returns the worker as saved, its slot reserved.
+async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Worker, StorageError> {
     let now = Utc::now();
     let (job_version, worker_version) = (job.version(), worker.version());
     // Placeable since it was queued (or requeued), or since its retry backoff ended.
@@ -255,7 +317,7 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<(), 
             .observe(waited.as_secs_f64());
     }
     tracing::info!(job_id = %job.id(), attempt = %attempt, worker_id = %worker.id(), "job assigned");
-    Ok(())
+    Ok(worker)
 }
 
 #[cfg(test)]
