@@ -171,8 +171,11 @@ pub async fn apply_heartbeats(
                                   $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[])
                  AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving)
          ),
+         -- The statement's snapshot: the status before this upsert. (With FOR UPDATE this CTE
+         -- would skip the rows the upsert below changes, and every beat would look like a
+         -- first registration.)
          old AS (
-             SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id FOR UPDATE OF w
+             SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id
          ),
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,

@@ -224,3 +224,57 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
     db.cleanup().await.unwrap();
 }
+
+fn beat(
+    worker: &str,
+    draining: bool,
+    leaving: bool,
+) -> (hodei_messaging::Heartbeat, chrono::DateTime<Utc>) {
+    let now = Utc::now();
+    let hb = hodei_messaging::Heartbeat {
+        worker_id: worker.parse().unwrap(),
+        labels: BTreeMap::new(),
+        capacity: Resources::new(1000, 1024),
+        max_concurrent_jobs: 2,
+        usage: hodei_domain::ResourceUsage::default(),
+        running: Vec::new(),
+        draining,
+        leaving,
+        sent_at: now,
+    };
+    (hb, now)
+}
+
+#[tokio::test]
+async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
+    use hodei_storage::workers::HeartbeatEffect;
+    let (db, pool) = database().await;
+    let none = std::collections::HashSet::new();
+    let mut effects = Vec::new();
+    for b in [
+        beat("hb-1", false, false),
+        beat("hb-1", false, false),
+        beat("hb-1", true, false),
+        beat("hb-1", true, true),
+        beat("hb-1", false, false),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        let out = workers::apply_heartbeats(&mut tx, &[b], &none)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        effects.push(out[0].1.clone());
+    }
+    assert_eq!(
+        effects,
+        [
+            HeartbeatEffect::Registered,
+            HeartbeatEffect::Refreshed,
+            HeartbeatEffect::Draining,
+            HeartbeatEffect::Offline,
+            HeartbeatEffect::Returned,
+        ]
+    );
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
