@@ -173,8 +173,8 @@ pub async fn apply_heartbeats(
          ),
          -- The statement's snapshot: the status before this upsert. (With FOR UPDATE this CTE
          -- would skip the rows the upsert below changes, and every beat would look like a
-         -- first registration.)
-         old AS (
+         -- first registration.) Materialized: read once by primary key, not joined again.
+         old AS MATERIALIZED (
              SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id
          ),
          upserted AS (
