@@ -60,6 +60,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("rank_10k_workers", |b| {
         b.iter(|| black_box(placement::rank(black_box(&workers), black_box(&job))).len());
     });
+    // What a placement runs: the best worker in one pass.
+    group.bench_function("best_of_10k_workers", |b| {
+        b.iter(|| black_box(placement::best(black_box(&workers), black_box(&job))).is_some());
+    });
     group.finish();
 
     let mut group = c.benchmark_group("can_take");

@@ -20,21 +20,35 @@ use tracing::Instrument;
 
 use crate::{Context, SERVICE, SOURCE, SchedulerError};
 
+/// How good a home `w` is for a job (greater is better): most free slots, then most free
+/// CPU, then the smallest id, so equal workers are picked in a stable order (spread).
+fn preference(w: &Worker) -> (u32, u64, std::cmp::Reverse<&str>) {
+    (
+        w.free_slots(),
+        w.free_capacity().cpu_millis,
+        std::cmp::Reverse(w.id().as_str()),
+    )
+}
+
 /// Workers that can take `job`, best first.
 pub fn rank<'a>(workers: &'a [Worker], job: &Job) -> Vec<&'a Worker> {
     let spec = can_take(&job.spec().required_labels, job.spec().resources);
-    let mut fit: Vec<&Worker> = workers.iter().filter(|w| spec.is_satisfied_by(w)).collect();
-    fit.sort_by(|a, b| {
-        b.free_slots()
-            .cmp(&a.free_slots())
-            .then(
-                b.free_capacity()
-                    .cpu_millis
-                    .cmp(&a.free_capacity().cpu_millis),
-            )
-            .then(a.id().cmp(b.id()))
-    });
-    fit
+    let mut fit: Vec<(_, &Worker)> = workers
+        .iter()
+        .filter(|w| spec.is_satisfied_by(w))
+        .map(|w| (preference(w), w))
+        .collect();
+    fit.sort_by(|a, b| b.0.cmp(&a.0));
+    fit.into_iter().map(|(_, w)| w).collect()
+}
+
+/// The worker [`rank`] puts first, found in one pass: what a placement needs.
+pub fn best<'a>(workers: &'a [Worker], job: &Job) -> Option<&'a Worker> {
+    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    workers
+        .iter()
+        .filter(|w| spec.is_satisfied_by(w))
+        .max_by_key(|w| preference(w))
 }
 
 /// Why no worker can take `job`, for a person: each worker with what it lacks.
@@ -219,7 +233,7 @@ async fn place(
             return Ok(Placement::NotYet(wait));
         }
         let (live, fresh) = view.get(pool, now - stale_after).await?;
-        let Some(worker) = rank(live, &job).first().map(|w| (*w).clone()) else {
+        let Some(worker) = best(live, &job).cloned() else {
             if !fresh {
                 // Slots may have been freed since the view was read.
                 view.forget();
@@ -383,6 +397,15 @@ mod tests {
             .map(|w| w.id().as_str())
             .collect();
         assert_eq!(any, vec!["c", "b", "a"]);
+        assert_eq!(
+            best(&workers, &job(&[])).map(|w| w.id().as_str()),
+            Some("c")
+        );
+        assert_eq!(
+            best(&workers, &job(&[("gpu", "true")])).map(|w| w.id().as_str()),
+            Some("b")
+        );
+        assert!(best(&workers, &job(&[("gpu", "false")])).is_none());
     }
 
     #[test]
