@@ -60,6 +60,36 @@ pub fn page_size(requested: u32) -> Result<u32, Status> {
     }
 }
 
+/// The wire state values of a list filter as domain states; an unknown value is refused,
+/// naming the `states` field and the kind of state (`job`, `pipeline`).
+pub fn parse_states<S>(
+    values: &[i32],
+    kind: &str,
+    from_wire: impl Fn(i32) -> Option<S>,
+) -> Result<Vec<S>, Status> {
+    values
+        .iter()
+        .map(|v| {
+            from_wire(*v).ok_or_else(|| {
+                Status::invalid_argument(format!("states: unknown {kind} state {v}"))
+            })
+        })
+        .collect()
+}
+
+/// A list request's `page_token`: none when empty, else parsed by `parse` (which names the
+/// field in its error).
+pub fn parse_page_token<T>(
+    token: &str,
+    parse: impl Fn(&str, &str) -> Result<T, Status>,
+) -> Result<Option<T>, Status> {
+    if token.is_empty() {
+        Ok(None)
+    } else {
+        parse("page_token", token).map(Some)
+    }
+}
+
 /// The token of the page after `page` (of at most `limit` items): the last item's id, or
 /// empty when the page was not full (it was the last).
 pub fn page_token_after<T>(page: &[T], limit: u32, id: impl Fn(&T) -> String) -> String {
@@ -162,20 +192,8 @@ impl JobService for JobApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
-        let states = req
-            .states
-            .iter()
-            .map(|s| {
-                hodei_proto::state_from_wire(*s).ok_or_else(|| {
-                    Status::invalid_argument(format!("states: unknown job state {s}"))
-                })
-            })
-            .collect::<Result<Vec<JobState>, Status>>()?;
-        let before = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(parse_job_id("page_token", &req.page_token)?)
-        };
+        let states = parse_states(&req.states, "job", hodei_proto::state_from_wire)?;
+        let before = parse_page_token(&req.page_token, parse_job_id)?;
         let filter = JobFilter {
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),

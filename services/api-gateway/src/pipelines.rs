@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::jobs::{STREAM_POLL, page_size, page_token_after, parse_tenant};
+use crate::jobs::{
+    STREAM_POLL, page_size, page_token_after, parse_page_token, parse_states, parse_tenant,
+};
 use crate::{SOURCE, errors};
 
 /// Bytes per chunk of an artifact download.
@@ -135,20 +137,12 @@ impl PipelineService for PipelineApi {
     ) -> Result<Response<pb::ListPipelineRunsResponse>, Status> {
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
-        let states = req
-            .states
-            .iter()
-            .map(|s| {
-                hodei_proto::pipeline_state_from_wire(*s).ok_or_else(|| {
-                    Status::invalid_argument(format!("states: unknown pipeline state {s}"))
-                })
-            })
-            .collect::<Result<Vec<PipelineState>, Status>>()?;
-        let before = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(parse_run_id("page_token", &req.page_token)?)
-        };
+        let states = parse_states(
+            &req.states,
+            "pipeline",
+            hodei_proto::pipeline_state_from_wire,
+        )?;
+        let before = parse_page_token(&req.page_token, parse_run_id)?;
         let filter = RunFilter {
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
