@@ -165,6 +165,7 @@ impl Agent {
                 running.clone(),
                 Arc::clone(&draining),
             )
+            .with_metrics(self.metrics.clone())
             .run(
                 self.settings.heartbeat_interval,
                 Arc::clone(&beat_now),

@@ -119,9 +119,14 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             // The reason names the program, which may hold a secret value.
             let reason = String::from_utf8_lossy(&masker.mask(reason.as_bytes())).into_owned();
             warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "attempt failed to start");
-            LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone())
-                .eof_only()
-                .await;
+            LogShipper::new(
+                ctx.js.clone(),
+                ctx.metrics.clone(),
+                id,
+                ctx.stops.give_up.clone(),
+            )
+            .eof_only()
+            .await;
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
@@ -255,9 +260,14 @@ async fn supervise(
     drop(lines_tx);
     let (exited_tx, exited_rx) = oneshot::channel();
     let shipper = tokio::spawn(
-        LogShipper::new(ctx.js.clone(), id, ctx.stops.give_up.clone())
-            .ship(lines_rx, exited_rx)
-            .instrument(tracing::Span::current()),
+        LogShipper::new(
+            ctx.js.clone(),
+            ctx.metrics.clone(),
+            id,
+            ctx.stops.give_up.clone(),
+        )
+        .ship(lines_rx, exited_rx)
+        .instrument(tracing::Span::current()),
     );
 
     // Retried until stored (or the agent gives up): a job must not go from assigned to ended
@@ -420,6 +430,7 @@ async fn report(
     };
     let stored = publish::until_acked(
         &ctx.js,
+        &ctx.metrics,
         &subjects::report(&id.job_id),
         &report.report_id.to_string(),
         payload.into(),

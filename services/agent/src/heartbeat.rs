@@ -33,6 +33,8 @@ pub(crate) struct Heartbeater {
     system: System,
     running: Running,
     draining: Arc<AtomicBool>,
+    /// Where failed publishes are counted, if anywhere.
+    metrics: Option<hodei_telemetry::Metrics>,
 }
 
 impl Heartbeater {
@@ -63,7 +65,14 @@ impl Heartbeater {
             system,
             running,
             draining,
+            metrics: None,
         }
+    }
+
+    /// Counts failed publishes in `metrics` (`hodei_nats_errors_total{operation="heartbeat"}`).
+    pub fn with_metrics(mut self, metrics: hodei_telemetry::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Beats every `interval` (the first at once) and whenever `now` is notified, until `stop`
@@ -138,6 +147,9 @@ impl Heartbeater {
                 "heartbeat sent"
             ),
             Err(e) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.nats_error("heartbeat");
+                }
                 warn!(worker_id = %self.worker_id, error = %e, "failed to publish heartbeat, retrying next tick");
             }
         }

@@ -256,6 +256,7 @@ fn char_cut(buf: &[u8]) -> usize {
 /// Publishes one attempt's output in numbered batches.
 pub(crate) struct LogShipper {
     js: jetstream::Context,
+    metrics: hodei_telemetry::Metrics,
     attempt: AttemptId,
     subject: String,
     /// Unique per run of the attempt, so de-duplication ids never collide with a re-run.
@@ -279,9 +280,15 @@ struct InFlight {
 
 impl LogShipper {
     /// A shipper for `attempt`'s output; retries stop once `give_up` is cancelled.
-    pub fn new(js: jetstream::Context, attempt: AttemptId, give_up: CancellationToken) -> Self {
+    pub fn new(
+        js: jetstream::Context,
+        metrics: hodei_telemetry::Metrics,
+        attempt: AttemptId,
+        give_up: CancellationToken,
+    ) -> Self {
         Self {
             js,
+            metrics,
             subject: subjects::log(&attempt.job_id),
             attempt,
             run_id: Uuid::now_v7(),
@@ -417,6 +424,7 @@ impl LogShipper {
             _ = self.give_up.cancelled() => return,
         };
         if let Err(e) = acked {
+            self.metrics.nats_error("publish");
             warn!(subject = %self.subject, error = %e, "log batch not acknowledged, retrying");
             self.republish(&batch.msg_id, batch.payload).await;
         }
@@ -424,7 +432,15 @@ impl LogShipper {
 
     async fn republish(&self, msg_id: &str, payload: Bytes) {
         // Failure is already logged; the lines are lost only when the agent gives up.
-        let _ = publish::until_acked(&self.js, &self.subject, msg_id, payload, &self.give_up).await;
+        let _ = publish::until_acked(
+            &self.js,
+            &self.metrics,
+            &self.subject,
+            msg_id,
+            payload,
+            &self.give_up,
+        )
+        .await;
     }
 }
 

@@ -34,11 +34,13 @@ pub(crate) async fn send(
         .await
 }
 
-/// Publishes `payload` until JetStream acknowledges it, waiting longer after each failure.
+/// Publishes `payload` until JetStream acknowledges it, waiting longer after each failure
+/// (each counted in `hodei_nats_errors_total{operation="publish"}`).
 /// Returns `false` if `stop` was cancelled first, or if the server refuses the message for good
 /// (too large).
 pub(crate) async fn until_acked(
     js: &jetstream::Context,
+    metrics: &hodei_telemetry::Metrics,
     subject: &str,
     msg_id: &str,
     payload: Bytes,
@@ -65,6 +67,7 @@ pub(crate) async fn until_acked(
                 return false;
             }
             Err(e) => {
+                metrics.nats_error("publish");
                 warn!(subject, tries, retry_in_ms = %backoff.as_millis(), error = %e, "publish not acknowledged, retrying");
             }
         }
