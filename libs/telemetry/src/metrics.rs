@@ -6,6 +6,7 @@
 //! | metric | type | recorded by |
 //! |---|---|---|
 //! | `hodei_jobs_submitted_total` | counter | api-gateway |
+//! | `hodei_submissions_refused_total` | counter | api-gateway (admission control) |
 //! | `hodei_jobs_started_total` | counter | scheduler |
 //! | `hodei_jobs_finished_total{outcome}` | counter | api-gateway, scheduler, registry (whichever records the end) |
 //! | `hodei_jobs_queued` | gauge | scheduler (read from PostgreSQL at scrape time) |
@@ -70,6 +71,7 @@ pub struct Metrics {
     service: String,
     registry: Arc<Registry>,
     pub jobs_submitted: Counter,
+    pub submissions_refused: Counter,
     pub jobs_started: Counter,
     jobs_finished: Family<Label, Counter>,
     pub jobs_queued: Gauge,
@@ -99,6 +101,7 @@ impl Metrics {
             service: service.to_owned(),
             registry: Arc::new(Registry::default()),
             jobs_submitted: Counter::default(),
+            submissions_refused: Counter::default(),
             jobs_started: Counter::default(),
             jobs_finished: Family::default(),
             jobs_queued: Gauge::default(),
@@ -134,6 +137,11 @@ impl Metrics {
                 "jobs_submitted",
                 "Jobs accepted by SubmitJob (idempotent resubmissions not counted)",
                 self.jobs_submitted.clone(),
+            );
+            r.register(
+                "submissions_refused",
+                "Job and pipeline submissions refused with RESOURCE_EXHAUSTED by admission control",
+                self.submissions_refused.clone(),
             );
         }
         if is(&[Scheduler]) {

@@ -139,7 +139,10 @@ impl JobService for JobApi {
                 created: false,
             }));
         }
-        self.admission.check()?;
+        if let Err(refused) = self.admission.check() {
+            self.backends.metrics.submissions_refused.inc();
+            return Err(refused);
+        }
         let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
         let messages = [
             Outgoing::job_event(&event, SOURCE).map_err(errors::serialization)?,

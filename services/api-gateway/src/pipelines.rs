@@ -95,7 +95,10 @@ impl PipelineService for PipelineApi {
                 created: false,
             }));
         }
-        self.admission.check()?;
+        if let Err(refused) = self.admission.check() {
+            self.backends.metrics.submissions_refused.inc();
+            return Err(refused);
+        }
         let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, Utc::now());
         let (run, created) = match self
             .backends

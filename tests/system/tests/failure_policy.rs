@@ -205,5 +205,16 @@ async fn a_full_queue_answers_resource_exhausted() {
         .unwrap()
         .into_inner();
     assert_eq!(again.job.unwrap().id, first.job.unwrap().id);
+    // The refusal is counted.
+    let metrics = system.metrics_addr("api-gateway").unwrap();
+    let text = hodei_test_support::http_get(metrics, "/metrics")
+        .await
+        .unwrap()
+        .body;
+    let refused = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hodei_submissions_refused_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1.0), "{text}");
     system.stop().await;
 }
