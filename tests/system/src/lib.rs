@@ -13,7 +13,7 @@ use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_registry::{Registry, RegistryConfig};
 use hodei_scheduler::{Scheduler, SchedulerConfig};
 use hodei_storage::BackendConfig;
-use hodei_test_support::{TestDatabase, TestNats, TestSupportError, wait_for};
+use hodei_test_support::{TestDatabase, TestNats, TestSupportError, http_get, wait_for};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -310,6 +310,34 @@ impl TestSystem {
             .into_inner()
             .job
             .ok_or_else(|| tonic::Status::internal("SubmitJob answered without a job"))
+    }
+
+    /// Waits (up to `deadline`) until `/readyz` of every one of `services` (names as for
+    /// [`TestSystem::metrics_addr`]) answers `status` (200 ready, 503 not).
+    pub async fn wait_readiness(
+        &self,
+        services: &[&str],
+        status: u16,
+        deadline: Duration,
+    ) -> Result<(), TestSupportError> {
+        for service in services {
+            let addr = self
+                .metrics_addr(service)
+                .ok_or_else(|| TestSupportError::Http {
+                    url: format!("/readyz of {service}"),
+                    reason: "no such service in this test system".to_owned(),
+                })?;
+            wait_for(
+                &format!("{service} /readyz to answer {status}"),
+                deadline,
+                || async move {
+                    let response = http_get(addr, "/readyz").await.ok()?;
+                    (response.status == status).then_some(())
+                },
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Waits (up to `deadline`) until job `id` is in a state `pred` accepts, and returns it.

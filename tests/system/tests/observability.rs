@@ -44,19 +44,10 @@ async fn scrape(addr: SocketAddr) -> String {
 
 /// Waits until every service's `/readyz` answers `want` (200 or 503).
 async fn wait_readiness(system: &TestSystem, want: u16) {
-    for service in SERVICES {
-        let addr = system.metrics_addr(service).unwrap();
-        wait_for(
-            &format!("{service} /readyz to answer {want}"),
-            Duration::from_secs(30),
-            || async move {
-                let response = http_get(addr, "/readyz").await.ok()?;
-                (response.status == want).then_some(())
-            },
-        )
+    system
+        .wait_readiness(&SERVICES, want, Duration::from_secs(30))
         .await
         .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

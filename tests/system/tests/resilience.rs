@@ -359,8 +359,9 @@ fn outage_jobs(prefix: &str, count: usize) -> Vec<pb::JobSpec> {
         .collect()
 }
 
-/// How long the outage tests keep a backend down: a test input, not synchronisation.
-const OUTAGE: Duration = Duration::from_secs(3);
+/// The services of the outage tests' systems (two agents) that check PostgreSQL, and all.
+const PG_SERVICES: [&str; 3] = ["api-gateway", "scheduler", "registry"];
+const ALL_SERVICES: [&str; 5] = ["api-gateway", "scheduler", "registry", "agent-0", "agent-1"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_restart_mid_run() {
@@ -379,9 +380,11 @@ async fn nats_restart_mid_run() {
     let before = terminal_count(&pool).await.unwrap();
 
     system.nats.stop().await;
-    // The outage's length is the test's input (how long NATS stays down), not a wait for
-    // something to happen.
-    tokio::time::sleep(OUTAGE).await;
+    // NATS stays down until every service has noticed (its readiness says so).
+    system
+        .wait_readiness(&ALL_SERVICES, 503, Duration::from_secs(30))
+        .await
+        .unwrap();
     system.nats.restart().await.unwrap();
     let restarted_at = started.elapsed();
 
@@ -455,9 +458,11 @@ async fn postgres_outage_mid_run() {
     let (during, refused) =
         submit_all(system.jobs.clone(), outage_jobs("pg-during", 5), 1, true).await;
     ids.extend(during);
-    // The outage's length is the test's input (how long PostgreSQL stays away), not a wait
-    // for something to happen.
-    tokio::time::sleep(OUTAGE).await;
+    // PostgreSQL stays away until every service that uses it has noticed.
+    system
+        .wait_readiness(&PG_SERVICES, 503, Duration::from_secs(30))
+        .await
+        .unwrap();
     set_database_available(&mut admin, &name, true).await;
     let back_at = started.elapsed();
     admin.close().await.unwrap();
