@@ -97,22 +97,7 @@ fn when_to_wire(w: When) -> pb::When {
 
 impl From<&StepDraft> for pb::PipelineStep {
     fn from(s: &StepDraft) -> Self {
-        let draft = JobSpecDraft {
-            name: s.name.clone(),
-            command: s.command.clone(),
-            env: s.env.clone(),
-            secret_env: s.secret_env.clone(),
-            working_dir: s.working_dir.clone(),
-            timeout_secs: s.timeout_secs,
-            resources: s.resources,
-            required_labels: s.required_labels.clone(),
-            priority: s.priority,
-            max_attempts: s.max_attempts,
-            retry_backoff: s.retry_backoff,
-            idempotency_key: None,
-            labels: s.labels.clone(),
-            artifacts: None,
-        };
+        let draft = s.own_job();
         // A step of a validated pipeline is a valid job spec; an unvalidated one is shown
         // without its job rather than not at all.
         let job = JobSpec::try_from(draft).ok().map(|job| {

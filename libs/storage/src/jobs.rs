@@ -11,6 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
+use crate::event_store::{self, EventTable, Stored};
 
 const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
 
@@ -246,46 +247,15 @@ pub(crate) async fn request_cancel_unmoved(
 }
 
 async fn append_events(conn: &mut PgConnection, events: &[JobEvent]) -> Result<(), StorageError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let mut job_ids = Vec::with_capacity(events.len());
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut ats = Vec::with_capacity(events.len());
-    let mut data = Vec::with_capacity(events.len());
-    for e in events {
-        job_ids.push(e.job_id.as_uuid());
-        seqs.push(to_i64(e.seq));
-        ids.push(e.event_id);
-        types.push(e.kind.name());
-        ats.push(e.at);
-        data.push(encode("job event", e)?);
-    }
-    sqlx::query(
-        "INSERT INTO job_events (job_id, seq, event_id, type, at, data)
-         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])",
-    )
-    .bind(&job_ids)
-    .bind(&seqs)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&ats)
-    .bind(&data)
-    .execute(conn)
-    .await
-    .map_err(|e| {
-        let err = StorageError::Database(e);
-        if err.is_conflict() {
-            StorageError::Conflict {
-                what: "job event sequence".to_owned(),
-            }
-        } else {
-            err
-        }
-    })?;
-    Ok(())
+    let stored = events.iter().map(|e| Stored {
+        aggregate: e.job_id.as_uuid(),
+        seq: e.seq,
+        event_id: e.event_id,
+        kind: e.kind.name(),
+        at: e.at,
+        event: e,
+    });
+    event_store::append(conn, EventTable::Jobs, stored).await
 }
 
 /// A job's events with `seq >= from_seq`, in order.
@@ -294,23 +264,7 @@ pub async fn events(
     id: JobId,
     from_seq: u64,
 ) -> Result<Vec<JobEvent>, StorageError> {
-    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
-        "SELECT seq, data FROM job_events WHERE job_id = $1 AND seq >= $2 ORDER BY seq",
-    )
-    .bind(id.as_uuid())
-    .bind(to_i64(from_seq))
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|(seq, data)| {
-            serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
-                table: "job_events",
-                id: format!("{id}/{seq}"),
-                column: "data",
-                reason: e.to_string(),
-            })
-        })
-        .collect()
+    event_store::read(pool, EventTable::Jobs, id.as_uuid(), from_seq).await
 }
 
 /// Filters for [`list`].

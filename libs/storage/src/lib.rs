@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod error;
+mod event_store;
 pub mod jobs;
 pub mod outbox;
 pub mod pipelines;

@@ -21,11 +21,13 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
+use crate::event_store::{self, EventTable, Stored};
 use crate::jobs;
 
 const COLUMNS: &str = "id, tenant, state, spec, steps, cancel_requested, failing_fast, created_at, updated_at, version";
 
-/// The source name events recorded by the pipeline driver carry, whichever service ran it.
+/// The source of what a step job's start or end makes the run do (`jobs::save` does not know
+/// which service is saving).
 const DRIVER: &str = "hodei/pipelines";
 
 /// What a submission did.
@@ -80,7 +82,7 @@ pub async fn insert_submitted(
     let mut messages = vec![Outgoing::pipeline_event(event, source)?];
     let version = run.version();
     let effects = run.advance(Utc::now(), JobId::new)?;
-    carry_out(&mut tx, &mut run, effects, &mut messages).await?;
+    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
     save(&mut tx, &run, version, &messages).await?;
     tx.commit().await?;
     Ok(Submitted::Created(run))
@@ -114,7 +116,7 @@ pub(crate) async fn on_step_job(
     }
     if ended {
         let effects = run.job_ended(job.id(), job.state(), job_reason(job), now)?;
-        carry_out(conn, &mut run, effects, &mut messages).await?;
+        carry_out(conn, &mut run, effects, DRIVER, &mut messages).await?;
     }
     save(conn, &run, version, &messages).await
 }
@@ -138,14 +140,7 @@ pub async fn cancel(
         return Ok(Some(run));
     }
     let mut messages = Vec::new();
-    let events = effects.events.clone();
-    carry_out(&mut tx, &mut run, effects, &mut messages).await?;
-    // The cancel-requested event was recorded by `source`, not by the driver.
-    if let Some(first) = events.first()
-        && let Some(message) = messages.iter_mut().find(|m| m.id == first.event_id)
-    {
-        *message = Outgoing::pipeline_event(first, source)?;
-    }
+    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
     save(&mut tx, &run, version, &messages).await?;
     tx.commit().await?;
     Ok(Some(run))
@@ -153,21 +148,28 @@ pub async fn cancel(
 
 /// Records what the run decided: its events, the jobs of the steps it queued, the cancels of
 /// the jobs it stops. A cancelled job that ends at once (it was still queued) is fed back to
-/// the run until nothing more follows.
+/// the run until nothing more follows. What it records names `source` as its source.
 async fn carry_out(
     conn: &mut PgConnection,
     run: &mut PipelineRun,
     effects: Effects,
+    source: &str,
     messages: &mut Vec<Outgoing>,
 ) -> Result<(), StorageError> {
+    // The steps' job specs, expanded once, when a step is to be queued.
+    let mut specs = None;
     let mut pending = VecDeque::from([effects]);
     while let Some(effects) = pending.pop_front() {
         append_events(conn, &effects.events).await?;
         for event in &effects.events {
-            messages.push(Outgoing::pipeline_event(event, DRIVER)?);
+            messages.push(Outgoing::pipeline_event(event, source)?);
         }
         for (step, job_id) in &effects.jobs_to_create {
-            create_step_job(conn, run, step, *job_id).await?;
+            let specs = specs.get_or_insert_with(|| run.job_specs());
+            let spec = specs
+                .remove(step)
+                .ok_or_else(|| hodei_domain::DomainError::UnknownStep { step: step.clone() })?;
+            create_step_job(conn, run, step, spec, *job_id, source).await?;
         }
         for job_id in &effects.jobs_to_cancel {
             let reason = if run.cancel_requested() {
@@ -175,7 +177,7 @@ async fn carry_out(
             } else {
                 "fail-fast: another step failed"
             };
-            let job = match jobs::request_cancel_unmoved(conn, *job_id, reason, DRIVER).await {
+            let job = match jobs::request_cancel_unmoved(conn, *job_id, reason, source).await {
                 Ok(Some((job, _, _))) => job,
                 // Gone, or already ended (its end moves the run on its own).
                 Ok(None) | Err(StorageError::Refused(_)) => continue,
@@ -199,17 +201,14 @@ async fn create_step_job(
     conn: &mut PgConnection,
     run: &PipelineRun,
     step: &str,
+    spec: hodei_domain::JobSpec,
     job_id: JobId,
+    source: &str,
 ) -> Result<(), StorageError> {
-    let spec = run
-        .job_spec(step)
-        .ok_or_else(|| hodei_domain::DomainError::UnknownStep {
-            step: step.to_owned(),
-        })?;
     let (job, event) = Job::submit(job_id, run.tenant().clone(), spec, Utc::now());
     jobs::insert_job(conn, &job, &event, Some((run.id(), step))).await?;
     let messages = [
-        Outgoing::job_event(&event, DRIVER)?,
+        Outgoing::job_event(&event, source)?,
         Outgoing::place_job(&PlaceJob {
             job_id,
             attempt: job.current_attempt(),
@@ -266,46 +265,15 @@ async fn append_events(
     conn: &mut PgConnection,
     events: &[PipelineEvent],
 ) -> Result<(), StorageError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let mut run_ids = Vec::with_capacity(events.len());
-    let mut seqs = Vec::with_capacity(events.len());
-    let mut ids = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut ats = Vec::with_capacity(events.len());
-    let mut data = Vec::with_capacity(events.len());
-    for e in events {
-        run_ids.push(e.run_id.as_uuid());
-        seqs.push(to_i64(e.seq));
-        ids.push(e.event_id);
-        types.push(e.kind.name());
-        ats.push(e.at);
-        data.push(encode("pipeline event", e)?);
-    }
-    sqlx::query(
-        "INSERT INTO pipeline_events (run_id, seq, event_id, type, at, data)
-         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])",
-    )
-    .bind(&run_ids)
-    .bind(&seqs)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&ats)
-    .bind(&data)
-    .execute(conn)
-    .await
-    .map_err(|e| {
-        let err = StorageError::Database(e);
-        if err.is_conflict() {
-            StorageError::Conflict {
-                what: "pipeline event sequence".to_owned(),
-            }
-        } else {
-            err
-        }
-    })?;
-    Ok(())
+    let stored = events.iter().map(|e| Stored {
+        aggregate: e.run_id.as_uuid(),
+        seq: e.seq,
+        event_id: e.event_id,
+        kind: e.kind.name(),
+        at: e.at,
+        event: e,
+    });
+    event_store::append(conn, EventTable::Pipelines, stored).await
 }
 
 /// Run `id`, its row locked until the end of the caller's transaction.
@@ -392,23 +360,7 @@ pub async fn events(
     id: PipelineRunId,
     from_seq: u64,
 ) -> Result<Vec<PipelineEvent>, StorageError> {
-    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
-        "SELECT seq, data FROM pipeline_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq",
-    )
-    .bind(id.as_uuid())
-    .bind(to_i64(from_seq))
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|(seq, data)| {
-            serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
-                table: "pipeline_events",
-                id: format!("{id}/{seq}"),
-                column: "data",
-                reason: e.to_string(),
-            })
-        })
-        .collect()
+    event_store::read(pool, EventTable::Pipelines, id.as_uuid(), from_seq).await
 }
 
 /// The attempts of each of `ids` (the jobs of a run's steps), for showing a run.

@@ -55,13 +55,26 @@ impl PipelineApi {
 
     /// The run on the wire, with its steps' attempts.
     async fn to_wire(&self, run: &PipelineRun) -> Result<pb::PipelineRun, Status> {
-        let jobs: Vec<JobId> = run.steps().iter().filter_map(|s| s.job_id).collect();
+        let mut wire = self.all_to_wire(std::slice::from_ref(run)).await?;
+        wire.pop()
+            .ok_or_else(|| Status::internal("no wire form for the run"))
+    }
+
+    /// `runs` on the wire, with their steps' attempts read in one query.
+    async fn all_to_wire(&self, runs: &[PipelineRun]) -> Result<Vec<pb::PipelineRun>, Status> {
+        let jobs: Vec<JobId> = runs
+            .iter()
+            .flat_map(|r| r.steps().iter().filter_map(|s| s.job_id))
+            .collect();
         let attempts = self
             .backends
             .db(|| pipelines::step_attempts(&self.backends.pool, &jobs))
             .await
             .map_err(errors::storage)?;
-        Ok(hodei_proto::pipeline_run_to_wire(run, &attempts))
+        Ok(runs
+            .iter()
+            .map(|run| hodei_proto::pipeline_run_to_wire(run, &attempts))
+            .collect())
     }
 }
 
@@ -158,12 +171,8 @@ impl PipelineService for PipelineApi {
             .await
             .map_err(errors::storage)?;
         let next_page_token = page_token_after(&found, limit, |r| r.id().to_string());
-        let mut runs = Vec::with_capacity(found.len());
-        for run in &found {
-            runs.push(self.to_wire(run).await?);
-        }
         Ok(Response::new(pb::ListPipelineRunsResponse {
-            runs,
+            runs: self.all_to_wire(&found).await?,
             next_page_token,
         }))
     }

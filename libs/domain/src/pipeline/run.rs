@@ -358,13 +358,13 @@ impl PipelineRun {
         self.steps.iter().find(|s| s.job_id == Some(job_id))
     }
 
-    /// The job spec of concrete step `step`.
-    pub fn job_spec(&self, step: &str) -> Option<crate::spec::JobSpec> {
+    /// The job spec of every concrete step, by step name (one expansion of the spec).
+    pub fn job_specs(&self) -> BTreeMap<String, crate::spec::JobSpec> {
         self.spec
             .expand(self.id)
             .into_iter()
-            .find(|s| s.name == step)
-            .map(|s| s.job)
+            .map(|s| (s.name, s.job))
+            .collect()
     }
 
     /// Rebuilds a run from its stored projection, for repositories.

@@ -165,8 +165,19 @@ impl StepDraft {
         env.extend(extra_env.clone());
         JobSpecDraft {
             name,
-            command: self.command.clone(),
             env,
+            artifacts,
+            ..self.own_job()
+        }
+    }
+
+    /// The step's job fields as written, named after the step: without the pipeline's env,
+    /// matrix values or artifacts.
+    pub fn own_job(&self) -> JobSpecDraft {
+        JobSpecDraft {
+            name: self.name.clone(),
+            command: self.command.clone(),
+            env: self.env.clone(),
             secret_env: self.secret_env.clone(),
             working_dir: self.working_dir.clone(),
             timeout_secs: self.timeout_secs,
@@ -177,7 +188,7 @@ impl StepDraft {
             retry_backoff: self.retry_backoff,
             idempotency_key: None,
             labels: self.labels.clone(),
-            artifacts,
+            artifacts: None,
         }
     }
 }

@@ -1,0 +1,139 @@
+//! The append-only event tables (`job_events`, `pipeline_events`): one way to append a batch
+//! of an aggregate's events (unique `(aggregate, seq)`: a second writer at the same version
+//! gets `Conflict`) and to read them back in order.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{StorageError, encode, to_i64};
+
+/// Which event table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum EventTable {
+    Jobs,
+    Pipelines,
+}
+
+impl EventTable {
+    fn name(self) -> &'static str {
+        match self {
+            EventTable::Jobs => "job_events",
+            EventTable::Pipelines => "pipeline_events",
+        }
+    }
+
+    fn insert_sql(self) -> &'static str {
+        match self {
+            EventTable::Jobs => {
+                "INSERT INTO job_events (job_id, seq, event_id, type, at, data)
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])"
+            }
+            EventTable::Pipelines => {
+                "INSERT INTO pipeline_events (run_id, seq, event_id, type, at, data)
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])"
+            }
+        }
+    }
+
+    fn select_sql(self) -> &'static str {
+        match self {
+            EventTable::Jobs => {
+                "SELECT seq, data FROM job_events WHERE job_id = $1 AND seq >= $2 ORDER BY seq"
+            }
+            EventTable::Pipelines => {
+                "SELECT seq, data FROM pipeline_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq"
+            }
+        }
+    }
+}
+
+/// What the event table keeps of one event besides the event itself.
+pub(crate) struct Stored<'e, E> {
+    pub aggregate: Uuid,
+    pub seq: u64,
+    pub event_id: Uuid,
+    pub kind: &'static str,
+    pub at: DateTime<Utc>,
+    pub event: &'e E,
+}
+
+/// Appends `events` to `table` in one statement.
+pub(crate) async fn append<'e, E: Serialize + 'e>(
+    conn: &mut PgConnection,
+    table: EventTable,
+    events: impl ExactSizeIterator<Item = Stored<'e, E>>,
+) -> Result<(), StorageError> {
+    let n = events.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (mut aggregates, mut seqs, mut ids) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut kinds, mut ats, mut data) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for e in events {
+        aggregates.push(e.aggregate);
+        seqs.push(to_i64(e.seq));
+        ids.push(e.event_id);
+        kinds.push(e.kind);
+        ats.push(e.at);
+        data.push(encode("event", e.event)?);
+    }
+    sqlx::query(table.insert_sql())
+        .bind(&aggregates)
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&ats)
+        .bind(&data)
+        .execute(conn)
+        .await
+        .map_err(|e| {
+            let err = StorageError::Database(e);
+            if err.is_conflict() {
+                StorageError::Conflict {
+                    what: match table {
+                        EventTable::Jobs => "job event sequence",
+                        EventTable::Pipelines => "pipeline event sequence",
+                    }
+                    .to_owned(),
+                }
+            } else {
+                err
+            }
+        })?;
+    Ok(())
+}
+
+/// The events of `aggregate` in `table` with `seq >= from_seq`, in order.
+pub(crate) async fn read<E: DeserializeOwned>(
+    pool: &PgPool,
+    table: EventTable,
+    aggregate: Uuid,
+    from_seq: u64,
+) -> Result<Vec<E>, StorageError> {
+    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(table.select_sql())
+        .bind(aggregate)
+        .bind(to_i64(from_seq))
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter()
+        .map(|(seq, data)| {
+            serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
+                table: table.name(),
+                id: format!("{aggregate}/{seq}"),
+                column: "data",
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
