@@ -1,7 +1,5 @@
 //! `hodei.v1.JobService`: submit, get, list, cancel, watch and logs.
 
-use std::time::Duration;
-
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use chrono::Utc;
 use futures::StreamExt;
@@ -18,12 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
+use crate::watch::{self, STREAM_POLL};
 use crate::{SOURCE, errors};
 
 /// Largest page a list call returns.
 const MAX_PAGE: u32 = 1000;
-/// How long a stream waits for news before checking the job in PostgreSQL again.
-pub(crate) const STREAM_POLL: Duration = Duration::from_secs(1);
 
 pub struct JobApi {
     backends: Backends,
@@ -271,47 +268,33 @@ impl JobService for JobApi {
         let id = parse_job_id("job_id", &req.job_id)?;
         self.load(id).await?;
         // Subscribe before reading history so nothing falls between the two.
-        let mut live = self
+        let live = self
             .backends
             .nats
             .subscribe(subjects::job_events_of(&id))
             .await
             .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
-        let (tx, rx) = mpsc::channel(64);
         let pool = self.backends.pool.clone();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut next = req.from_seq.max(1);
-            let mut state = JobState::Queued;
-            loop {
-                // PostgreSQL is the truth: NATS only says when to look again.
-                let events = match jobs::events(&pool, id, next).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(errors::storage(e))).await;
-                        return;
-                    }
-                };
-                for event in &events {
-                    let wire = hodei_proto::job_event_to_wire(event, state);
-                    state = hodei_proto::state_from_wire(wire.state).unwrap_or(state);
-                    next = event.seq + 1;
-                    if tx.send(Ok(wire)).await.is_err() {
-                        return;
-                    }
-                    if event.kind.is_terminal() {
-                        return;
-                    }
+        let mut state = JobState::Queued;
+        let stream = watch::spawn(
+            live,
+            self.shutdown.clone(),
+            req.from_seq,
+            move |next| {
+                let pool = pool.clone();
+                async move { jobs::events(&pool, id, next).await }
+            },
+            move |event: &hodei_domain::JobEvent| {
+                let wire = hodei_proto::job_event_to_wire(event, state);
+                state = hodei_proto::state_from_wire(wire.state).unwrap_or(state);
+                watch::Streamed {
+                    wire,
+                    seq: event.seq,
+                    last: event.kind.is_terminal(),
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tx.closed() => return,
-                    _ = live.next() => {}
-                    () = tokio::time::sleep(STREAM_POLL) => {}
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            },
+        );
+        Ok(Response::new(stream))
     }
 
     type StreamLogsStream = ReceiverStream<Result<pb::LogLine, Status>>;

@@ -8,6 +8,7 @@ mod errors;
 mod grpc_trace;
 mod jobs;
 mod pipelines;
+mod watch;
 mod workers;
 
 use std::net::SocketAddr;

@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
-use crate::jobs::{
-    STREAM_POLL, page_size, page_token_after, parse_page_token, parse_states, parse_tenant,
-};
+use crate::jobs::{page_size, page_token_after, parse_page_token, parse_states, parse_tenant};
+use crate::watch;
 use crate::{SOURCE, errors};
 
 /// Bytes per chunk of an artifact download.
@@ -224,47 +223,33 @@ impl PipelineService for PipelineApi {
         let id = parse_run_id("run_id", &req.run_id)?;
         self.load(id).await?;
         // Subscribe before reading history so nothing falls between the two.
-        let mut live = self
+        let live = self
             .backends
             .nats
             .subscribe(hodei_messaging::subjects::pipeline_events_of(&id))
             .await
             .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
-        let (tx, rx) = mpsc::channel(64);
         let pool = self.backends.pool.clone();
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut next = req.from_seq.max(1);
-            let mut state = PipelineState::Queued;
-            loop {
-                // PostgreSQL is the truth: NATS only says when to look again.
-                let events = match pipelines::events(&pool, id, next).await {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(errors::storage(e))).await;
-                        return;
-                    }
-                };
-                for event in &events {
-                    let wire = hodei_proto::pipeline_event_to_wire(event, state);
-                    state = hodei_proto::pipeline_state_from_wire(wire.state).unwrap_or(state);
-                    next = event.seq + 1;
-                    if tx.send(Ok(wire)).await.is_err() {
-                        return;
-                    }
-                    if state.is_terminal() {
-                        return;
-                    }
+        let mut state = PipelineState::Queued;
+        let stream = watch::spawn(
+            live,
+            self.shutdown.clone(),
+            req.from_seq,
+            move |next| {
+                let pool = pool.clone();
+                async move { pipelines::events(&pool, id, next).await }
+            },
+            move |event: &hodei_domain::PipelineEvent| {
+                let wire = hodei_proto::pipeline_event_to_wire(event, state);
+                state = hodei_proto::pipeline_state_from_wire(wire.state).unwrap_or(state);
+                watch::Streamed {
+                    wire,
+                    seq: event.seq,
+                    last: state.is_terminal(),
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tx.closed() => return,
-                    _ = live.next() => {}
-                    () = tokio::time::sleep(STREAM_POLL) => {}
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            },
+        );
+        Ok(Response::new(stream))
     }
     async fn list_artifacts(
         &self,
