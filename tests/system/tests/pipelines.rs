@@ -92,11 +92,19 @@ fn is_terminal(state: i32) -> bool {
     .any(|s| *s as i32 == state)
 }
 
-async fn wait_run(system: &TestSystem, id: &str, deadline: Duration) -> pb::PipelineRun {
+/// Polls run `id` until `pick` finds what it waits for in it.
+async fn wait_run_until<T>(
+    system: &TestSystem,
+    id: &str,
+    what: &str,
+    deadline: Duration,
+    pick: impl Fn(pb::PipelineRun) -> Option<T>,
+) -> T {
     let client = system.pipelines.clone();
-    wait_for(&format!("pipeline run {id} to end"), deadline, || {
+    wait_for(&format!("pipeline run {id}: {what}"), deadline, || {
         let mut client = client.clone();
         let id = id.to_owned();
+        let pick = &pick;
         async move {
             let run = client
                 .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
@@ -104,37 +112,29 @@ async fn wait_run(system: &TestSystem, id: &str, deadline: Duration) -> pb::Pipe
                 .ok()?
                 .into_inner()
                 .run?;
-            is_terminal(run.state).then_some(run)
+            pick(run)
         }
     })
     .await
     .unwrap()
 }
 
+async fn wait_run(system: &TestSystem, id: &str, deadline: Duration) -> pb::PipelineRun {
+    wait_run_until(system, id, "to end", deadline, |run| {
+        is_terminal(run.state).then_some(run)
+    })
+    .await
+}
+
 /// Waits until step `name` of run `id` is in `state`.
 async fn wait_step(system: &TestSystem, id: &str, name: &str, state: pb::StepState) -> pb::StepRun {
-    let client = system.pipelines.clone();
-    wait_for(
-        &format!("step {name} to be {state:?}"),
-        Duration::from_secs(60),
-        || {
-            let mut client = client.clone();
-            let id = id.to_owned();
-            async move {
-                let run = client
-                    .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .run?;
-                run.steps
-                    .into_iter()
-                    .find(|s| s.name == name && s.state == state as i32)
-            }
-        },
-    )
+    let what = format!("step {name} to be {state:?}");
+    wait_run_until(system, id, &what, Duration::from_secs(60), |run| {
+        run.steps
+            .into_iter()
+            .find(|s| s.name == name && s.state == state as i32)
+    })
     .await
-    .unwrap()
 }
 
 fn steps(run: &pb::PipelineRun) -> HashMap<String, pb::StepRun> {
