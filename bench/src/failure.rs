@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 
 use crate::fleet::{self, Fleet, FleetConfig};
 use crate::report::{Outcome, histogram};
-use crate::services::{RegistrySettings, Services};
+use crate::services::{self, RegistrySettings, Services};
 
 const S: &str = "failure-detection";
 /// How often `workers` is polled for lost workers.
@@ -37,12 +37,7 @@ pub struct FailureParams {
 }
 
 pub async fn failure_detection(p: FailureParams) -> anyhow::Result<Outcome> {
-    let nats = TestNats::start().await?;
-    let database = TestDatabase::create().await?;
-    let result = run_with(&nats, &database, &p).await;
-    let _ = database.cleanup().await;
-    drop(nats);
-    result
+    services::with_backends(async |nats, database| run_with(nats, database, &p).await).await
 }
 
 async fn run_with(

@@ -31,12 +31,7 @@ pub struct HeartbeatsParams {
 }
 
 pub async fn heartbeats(p: HeartbeatsParams) -> anyhow::Result<Outcome> {
-    let nats = TestNats::start().await?;
-    let database = TestDatabase::create().await?;
-    let result = run_with(&nats, &database, &p).await;
-    let _ = database.cleanup().await;
-    drop(nats);
-    result
+    services::with_backends(async |nats, database| run_with(nats, database, &p).await).await
 }
 
 async fn run_with(

@@ -128,11 +128,22 @@ pub async fn counter(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
     let page = hodei_test_support::http_get(addr, "/metrics")
         .await
         .with_context(|| format!("failed to read metrics at {addr}"))?;
-    page.body
-        .lines()
-        .find_map(|l| {
-            let (metric, value) = l.split_once(' ')?;
-            (metric == name).then(|| value.trim().parse().ok())?
-        })
+    hodei_test_support::metric_sample(&page.body, name)
         .with_context(|| format!("no {name} at {addr}/metrics"))
+}
+
+/// Runs `scenario` against a private nats-server and a fresh database, removing both after it
+/// whatever its outcome.
+pub async fn with_backends<T>(
+    scenario: impl AsyncFnOnce(
+        &hodei_test_support::TestNats,
+        &hodei_test_support::TestDatabase,
+    ) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let nats = hodei_test_support::TestNats::start().await?;
+    let database = hodei_test_support::TestDatabase::create().await?;
+    let result = scenario(&nats, &database).await;
+    let _ = database.cleanup().await;
+    drop(nats);
+    result
 }

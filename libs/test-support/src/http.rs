@@ -63,3 +63,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<HttpResponse, Test
         .await
         .map_err(|_| failed(format!("no answer within {REQUEST_TIMEOUT:?}")))?
 }
+
+/// The value of the sample `series` (metric name with its labels as exposed, e.g.
+/// `hodei_jobs_finished_total{outcome="failed"}`) in a Prometheus text exposition.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.trim().parse().ok())?
+        })
+}

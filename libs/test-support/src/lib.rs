@@ -41,6 +41,6 @@ mod wait;
 
 pub use database::TestDatabase;
 pub use error::TestSupportError;
-pub use http::{HttpResponse, http_get};
+pub use http::{HttpResponse, http_get, metric_sample};
 pub use nats::TestNats;
 pub use wait::{free_port, wait_for};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hodei_domain::AttemptRecord;
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
-use hodei_test_support::{free_port, http_get, wait_for};
+use hodei_test_support::{free_port, http_get, metric_sample, wait_for};
 
 const JOBS: usize = 300;
 
@@ -31,16 +31,6 @@ fn spawn_scheduler(system: &TestSystem, metrics_port: u16) -> tokio::process::Ch
         .kill_on_drop(true)
         .spawn()
         .unwrap()
-}
-
-/// The value of `series` in a Prometheus text exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -87,7 +77,7 @@ async fn a_killed_scheduler_process_loses_nothing_and_runs_nothing_twice() {
         Duration::from_secs(60),
         || async move {
             let text = http_get(metrics, "/metrics").await.ok()?.body;
-            let placed = sample(&text, r#"hodei_placements_total{result="placed"}"#)?;
+            let placed = metric_sample(&text, r#"hodei_placements_total{result="placed"}"#)?;
             (placed >= 5.0).then_some(placed)
         },
     )

@@ -211,10 +211,7 @@ async fn a_full_queue_answers_resource_exhausted() {
         .await
         .unwrap()
         .body;
-    let refused = text
-        .lines()
-        .find_map(|l| l.strip_prefix("hodei_submissions_refused_total "))
-        .and_then(|v| v.parse::<f64>().ok());
+    let refused = hodei_test_support::metric_sample(&text, "hodei_submissions_refused_total");
     assert!(refused.is_some_and(|n| n >= 1.0), "{text}");
     system.stop().await;
 }

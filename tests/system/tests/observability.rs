@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{AgentSpec, TestSystem};
-use hodei_test_support::{http_get, wait_for};
+use hodei_test_support::{http_get, metric_sample, wait_for};
 
 const AGENT: &str = "metrics-agent";
 const SERVICES: [&str; 4] = ["api-gateway", "scheduler", "registry", AGENT];
@@ -24,16 +24,6 @@ fn script(name: &str, script: &str) -> pb::JobSpec {
         max_attempts: 1,
         ..Default::default()
     }
-}
-
-/// The value of the sample `series` (metric name with its labels, as exposed) in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
 }
 
 async fn scrape(addr: SocketAddr) -> String {
@@ -84,7 +74,7 @@ async fn metrics_count_jobs_and_readiness_follows_nats() {
 
     let gateway = scrape(system.metrics_addr("api-gateway").unwrap()).await;
     assert_eq!(
-        sample(&gateway, "hodei_jobs_submitted_total"),
+        metric_sample(&gateway, "hodei_jobs_submitted_total"),
         Some(3.0),
         "{gateway}"
     );
@@ -97,58 +87,60 @@ async fn metrics_count_jobs_and_readiness_follows_nats() {
         Duration::from_secs(10),
         || async move {
             let text = scrape(scheduler_addr).await;
-            let done = sample(&text, r#"hodei_jobs_finished_total{outcome="succeeded"}"#)
+            let done = metric_sample(&text, r#"hodei_jobs_finished_total{outcome="succeeded"}"#)
                 == Some(2.0)
-                && sample(&text, r#"hodei_jobs_finished_total{outcome="failed"}"#) == Some(1.0);
+                && metric_sample(&text, r#"hodei_jobs_finished_total{outcome="failed"}"#)
+                    == Some(1.0);
             done.then_some(text)
         },
     )
     .await
     .unwrap();
     assert_eq!(
-        sample(&scheduler, "hodei_jobs_started_total"),
+        metric_sample(&scheduler, "hodei_jobs_started_total"),
         Some(3.0),
         "{scheduler}"
     );
     assert_eq!(
-        sample(&scheduler, "hodei_jobs_queued"),
+        metric_sample(&scheduler, "hodei_jobs_queued"),
         Some(0.0),
         "{scheduler}"
     );
     assert!(
-        sample(&scheduler, "hodei_placement_duration_seconds_count").is_some_and(|n| n >= 3.0),
+        metric_sample(&scheduler, "hodei_placement_duration_seconds_count")
+            .is_some_and(|n| n >= 3.0),
         "{scheduler}"
     );
 
     let registry = scrape(system.metrics_addr("registry").unwrap()).await;
     assert!(
-        sample(&registry, "hodei_heartbeats_received_total").is_some_and(|n| n >= 1.0),
+        metric_sample(&registry, "hodei_heartbeats_received_total").is_some_and(|n| n >= 1.0),
         "{registry}"
     );
     assert_eq!(
-        sample(&registry, r#"hodei_workers{state="ready"}"#),
+        metric_sample(&registry, r#"hodei_workers{state="ready"}"#),
         Some(1.0),
         "{registry}"
     );
     assert_eq!(
-        sample(&registry, r#"hodei_workers{state="lost"}"#),
+        metric_sample(&registry, r#"hodei_workers{state="lost"}"#),
         Some(0.0),
         "{registry}"
     );
 
     let agent = scrape(system.metrics_addr(AGENT).unwrap()).await;
     assert_eq!(
-        sample(&agent, "hodei_agent_running_attempts"),
+        metric_sample(&agent, "hodei_agent_running_attempts"),
         Some(0.0),
         "{agent}"
     );
     assert_eq!(
-        sample(&agent, "hodei_agent_free_slots"),
+        metric_sample(&agent, "hodei_agent_free_slots"),
         Some(2.0),
         "{agent}"
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &agent,
             r#"hodei_agent_attempts_finished_total{outcome="succeeded"}"#
         ),
