@@ -506,6 +506,7 @@ impl From<PipelineStateArg> for pb::PipelineState {
 pub enum WorkerStatusArg {
     Ready,
     Draining,
+    Unreachable,
     Lost,
     Offline,
 }
@@ -515,6 +516,7 @@ impl From<WorkerStatusArg> for pb::WorkerStatus {
         match s {
             WorkerStatusArg::Ready => pb::WorkerStatus::Ready,
             WorkerStatusArg::Draining => pb::WorkerStatus::Draining,
+            WorkerStatusArg::Unreachable => pb::WorkerStatus::Unreachable,
             WorkerStatusArg::Lost => pb::WorkerStatus::Lost,
             WorkerStatusArg::Offline => pb::WorkerStatus::Offline,
         }

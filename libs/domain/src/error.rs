@@ -82,6 +82,12 @@ pub enum DomainError {
         requested: u64,
         free: u64,
     },
+    #[error("{field} is {value}, out of range (at most {max})")]
+    OutOfRange {
+        field: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("worker {worker_id} already holds attempt {attempt}")]
     AlreadyHeld { worker_id: String, attempt: String },
     #[error("worker {worker_id} does not hold attempt {attempt}")]

@@ -131,8 +131,16 @@ pub enum WorkerEventKind {
     Returned,
     /// The worker stopped taking new work.
     Draining,
-    /// The worker missed too many heartbeats.
+    /// The worker fell silent: no new work for it; its attempts stay its own for now.
+    Unreachable { silent_since: DateTime<Utc> },
+    /// The worker's attempts were handed back: silent past its lease and kill grace.
     Lost { missed_since: DateTime<Utc> },
+    /// The worker came back as a new agent incarnation: the attempts of the previous one
+    /// were handed back at once.
+    Restarted {
+        incarnation: crate::ids::IncarnationId,
+        handed_back: usize,
+    },
     /// The worker said goodbye.
     Offline,
 }
@@ -144,7 +152,9 @@ impl WorkerEventKind {
             WorkerEventKind::Registered { .. } => "registered",
             WorkerEventKind::Returned => "returned",
             WorkerEventKind::Draining => "draining",
+            WorkerEventKind::Unreachable { .. } => "unreachable",
             WorkerEventKind::Lost { .. } => "lost",
+            WorkerEventKind::Restarted { .. } => "restarted",
             WorkerEventKind::Offline => "offline",
         }
     }

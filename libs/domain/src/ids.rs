@@ -73,6 +73,13 @@ uuid_id!(
     PipelineRunId,
     "pipeline run id"
 );
+uuid_id!(
+    /// Identifies one incarnation of an agent: a new one at every agent start, carried in its
+    /// heartbeats, so a worker that comes back under the same id is told apart from the
+    /// process that held its earlier attempts.
+    IncarnationId,
+    "incarnation id"
+);
 
 /// Validates a name-like id: used in NATS subject tokens, so no dots, wildcards or spaces.
 fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
@@ -240,7 +247,14 @@ macro_rules! string_serde {
     )*};
 }
 
-string_serde!(JobId, PipelineRunId, WorkerId, TenantId, AttemptId);
+string_serde!(
+    JobId,
+    PipelineRunId,
+    IncarnationId,
+    WorkerId,
+    TenantId,
+    AttemptId
+);
 
 #[cfg(test)]
 mod tests {

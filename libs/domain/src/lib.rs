@@ -16,7 +16,9 @@ pub mod worker;
 
 pub use error::{DomainError, FieldError, ValidationErrors};
 pub use events::{JobEvent, JobEventKind, WorkerEvent, WorkerEventKind};
-pub use ids::{AttemptId, AttemptNumber, IdError, JobId, PipelineRunId, TenantId, WorkerId};
+pub use ids::{
+    AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, TenantId, WorkerId,
+};
 pub use job::{AttemptOutcome, AttemptRecord, Job, JobState};
 pub use pipeline::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
@@ -24,4 +26,4 @@ pub use pipeline::{
 };
 pub use spec::{ArtifactPlan, Backoff, Command, JobSpec, Resources};
 pub use specification::Specification;
-pub use worker::{HeldAttempt, ResourceUsage, Worker, WorkerStatus};
+pub use worker::{HeldAttempt, LeaseTerms, ResourceUsage, Worker, WorkerStatus};

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DomainError;
 use crate::events::{WorkerEvent, WorkerEventKind};
-use crate::ids::{AttemptId, WorkerId};
+use crate::ids::{AttemptId, IncarnationId, WorkerId};
 use crate::spec::Resources;
 use crate::specification::{AllOf, Predicate, Specification};
 
@@ -23,16 +23,20 @@ pub enum WorkerStatus {
     Ready,
     /// Beating, finishing what it holds, taking nothing new.
     Draining,
-    /// Missed too many heartbeats; its attempts are handed back.
+    /// Silent for a few heartbeat intervals: it takes no new work, but the attempts it holds
+    /// stay its own until its lease and kill grace have passed (or its loss is confirmed).
+    Unreachable,
+    /// Its attempts were handed back: silent past its lease and kill grace, or confirmed gone.
     Lost,
     /// Said goodbye.
     Offline,
 }
 
 impl WorkerStatus {
-    pub const ALL: [WorkerStatus; 4] = [
+    pub const ALL: [WorkerStatus; 5] = [
         WorkerStatus::Ready,
         WorkerStatus::Draining,
+        WorkerStatus::Unreachable,
         WorkerStatus::Lost,
         WorkerStatus::Offline,
     ];
@@ -41,6 +45,7 @@ impl WorkerStatus {
         match self {
             WorkerStatus::Ready => "ready",
             WorkerStatus::Draining => "draining",
+            WorkerStatus::Unreachable => "unreachable",
             WorkerStatus::Lost => "lost",
             WorkerStatus::Offline => "offline",
         }
@@ -63,7 +68,7 @@ impl FromStr for WorkerStatus {
             .ok_or_else(|| crate::ids::IdError {
                 kind: "worker status",
                 value: s.to_owned(),
-                reason: "not one of ready, draining, lost, offline",
+                reason: "not one of ready, draining, unreachable, lost, offline",
             })
     }
 }
@@ -79,12 +84,71 @@ pub struct ResourceUsage {
     pub load_1m: f64,
 }
 
-/// An attempt a worker holds, with the resources reserved for it.
+/// An attempt a worker holds, with the resources reserved for it and the agent incarnation it
+/// was placed with (none for attempts placed before the worker reported one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldAttempt {
     pub attempt: AttemptId,
     pub resources: Resources,
     pub since: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<IncarnationId>,
+}
+
+/// How long a worker's attempts may outlive its silence. An agent that cannot reach NATS for
+/// `lease_ms` stops its attempts itself (SIGTERM, then SIGKILL after `kill_grace_ms`), so once
+/// both have passed since its last heartbeat, none of its processes can still run and its
+/// attempts may be handed back without two attempts of a job ever running at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseTerms {
+    pub lease_ms: u64,
+    pub kill_grace_ms: u64,
+}
+
+impl LeaseTerms {
+    /// The default lease (15 s) survives a 10 s NATS restart without stopping any work.
+    pub const DEFAULT: LeaseTerms = LeaseTerms {
+        lease_ms: 15_000,
+        kill_grace_ms: 10_000,
+    };
+    /// Longest lease or kill grace a worker may announce: one day.
+    pub const MAX_MS: u64 = 24 * 3600 * 1000;
+
+    /// Terms checked for range: each at most [`LeaseTerms::MAX_MS`], the lease at least 1 ms.
+    pub fn new(lease_ms: u64, kill_grace_ms: u64) -> Result<LeaseTerms, DomainError> {
+        if lease_ms == 0 || lease_ms > Self::MAX_MS {
+            return Err(DomainError::OutOfRange {
+                field: "lease_ms",
+                value: lease_ms,
+                max: Self::MAX_MS,
+            });
+        }
+        if kill_grace_ms > Self::MAX_MS {
+            return Err(DomainError::OutOfRange {
+                field: "kill_grace_ms",
+                value: kill_grace_ms,
+                max: Self::MAX_MS,
+            });
+        }
+        Ok(LeaseTerms {
+            lease_ms,
+            kill_grace_ms,
+        })
+    }
+
+    /// How long after a worker's last heartbeat its attempts are handed back: lease plus
+    /// kill grace.
+    pub fn hand_back_after(&self) -> chrono::Duration {
+        chrono::Duration::milliseconds(
+            i64::try_from(self.lease_ms.saturating_add(self.kill_grace_ms)).unwrap_or(i64::MAX),
+        )
+    }
+}
+
+impl Default for LeaseTerms {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 /// A worker host.
@@ -100,6 +164,8 @@ pub struct Worker {
     registered_at: DateTime<Utc>,
     last_heartbeat_at: DateTime<Utc>,
     version: u64,
+    incarnation: Option<IncarnationId>,
+    lease: LeaseTerms,
 }
 
 impl Worker {
@@ -131,6 +197,8 @@ impl Worker {
             registered_at: now,
             last_heartbeat_at: now,
             version: 0,
+            incarnation: None,
+            lease: LeaseTerms::DEFAULT,
         };
         (worker, event)
     }
@@ -148,6 +216,8 @@ impl Worker {
         registered_at: DateTime<Utc>,
         last_heartbeat_at: DateTime<Utc>,
         version: u64,
+        incarnation: Option<IncarnationId>,
+        lease: LeaseTerms,
     ) -> Worker {
         Worker {
             id,
@@ -160,6 +230,8 @@ impl Worker {
             registered_at,
             last_heartbeat_at,
             version,
+            incarnation,
+            lease,
         }
     }
 
@@ -189,6 +261,20 @@ impl Worker {
     }
     pub fn last_heartbeat_at(&self) -> DateTime<Utc> {
         self.last_heartbeat_at
+    }
+    /// The agent incarnation of its latest heartbeat, if it reported one.
+    pub fn incarnation(&self) -> Option<IncarnationId> {
+        self.incarnation
+    }
+    /// The lease and kill grace its agent announced.
+    pub fn lease(&self) -> LeaseTerms {
+        self.lease
+    }
+    /// Sets the incarnation and lease its agent announced (for a worker not yet stored).
+    pub fn with_agent(mut self, incarnation: IncarnationId, lease: LeaseTerms) -> Self {
+        self.incarnation = Some(incarnation);
+        self.lease = lease;
+        self
     }
     /// Reservation version, for optimistic concurrency between scheduler replicas.
     pub fn version(&self) -> u64 {
@@ -229,7 +315,7 @@ impl Worker {
             self.last_heartbeat_at = now;
         }
         match self.status {
-            WorkerStatus::Lost | WorkerStatus::Offline => {
+            WorkerStatus::Unreachable | WorkerStatus::Lost | WorkerStatus::Offline => {
                 self.status = WorkerStatus::Ready;
                 Some(WorkerEvent::new(
                     self.id.clone(),
@@ -286,6 +372,7 @@ impl Worker {
             attempt,
             resources,
             since: now,
+            incarnation: self.incarnation,
         });
         self.version += 1;
         Ok(())
@@ -322,12 +409,34 @@ impl Worker {
         ))
     }
 
-    /// Declares the worker lost; returns the attempts it held, now released, for requeueing.
-    pub fn mark_lost(
-        &mut self,
-        now: DateTime<Utc>,
-    ) -> Result<(WorkerEvent, Vec<HeldAttempt>), DomainError> {
+    /// The worker fell silent: it takes no new work, and keeps its attempts until its lease
+    /// and kill grace have passed or its loss is confirmed.
+    pub fn mark_unreachable(&mut self, now: DateTime<Utc>) -> Result<WorkerEvent, DomainError> {
         if !matches!(self.status, WorkerStatus::Ready | WorkerStatus::Draining) {
+            return Err(DomainError::IllegalWorkerTransition {
+                action: "mark unreachable",
+                status: self.status.to_string(),
+            });
+        }
+        self.status = WorkerStatus::Unreachable;
+        self.version += 1;
+        Ok(WorkerEvent::new(
+            self.id.clone(),
+            now,
+            WorkerEventKind::Unreachable {
+                silent_since: self.last_heartbeat_at,
+            },
+        ))
+    }
+
+    /// Declares the worker lost: silent past its lease and kill grace, so none of its
+    /// processes can still run. The attempts it holds are to be handed back with
+    /// [`Worker::release`].
+    pub fn mark_lost(&mut self, now: DateTime<Utc>) -> Result<WorkerEvent, DomainError> {
+        if !matches!(
+            self.status,
+            WorkerStatus::Ready | WorkerStatus::Draining | WorkerStatus::Unreachable
+        ) {
             return Err(DomainError::IllegalWorkerTransition {
                 action: "mark lost",
                 status: self.status.to_string(),
@@ -335,15 +444,30 @@ impl Worker {
         }
         self.status = WorkerStatus::Lost;
         self.version += 1;
-        let released = std::mem::take(&mut self.held);
-        let event = WorkerEvent::new(
+        Ok(WorkerEvent::new(
             self.id.clone(),
             now,
             WorkerEventKind::Lost {
                 missed_since: self.last_heartbeat_at,
             },
-        );
-        Ok((event, released))
+        ))
+    }
+
+    /// Whether its attempts may be handed back at `now`: it is lost already, or silent (as far
+    /// as `observing_since` lets the observer tell) for longer than its lease and kill grace.
+    pub fn silent_past_lease(&self, now: DateTime<Utc>, observing_since: DateTime<Utc>) -> bool {
+        let silent_since = self.last_heartbeat_at.max(observing_since);
+        now - silent_since > self.lease.hand_back_after()
+    }
+
+    /// The attempts it holds from an agent incarnation other than `current`: that process is
+    /// gone (a worker came back under the same id), so they no longer run anywhere.
+    pub fn attempts_of_other_incarnations(&self, current: IncarnationId) -> Vec<HeldAttempt> {
+        self.held
+            .iter()
+            .filter(|h| h.incarnation != Some(current))
+            .cloned()
+            .collect()
     }
 
     /// The worker said goodbye.
@@ -446,9 +570,17 @@ mod tests {
     fn lost_worker_hands_back_its_attempts_and_returns_on_heartbeat() {
         let mut w = worker(2);
         let now = Utc::now();
-        w.reserve(attempt(), Resources::default(), now).unwrap();
-        let (_, released) = w.mark_lost(now).unwrap();
-        assert_eq!(released.len(), 1);
+        let a = attempt();
+        w.reserve(a, Resources::default(), now).unwrap();
+        w.mark_unreachable(now).unwrap();
+        assert!(w.reserve(attempt(), Resources::default(), now).is_err());
+        assert_eq!(
+            w.held().len(),
+            1,
+            "an unreachable worker keeps its attempts"
+        );
+        w.mark_lost(now).unwrap();
+        w.release(&a).unwrap();
         assert!(w.reserve(attempt(), Resources::default(), now).is_err());
         let event = w.heartbeat(
             w.labels().clone(),
@@ -459,6 +591,45 @@ mod tests {
         );
         assert_eq!(event.unwrap().kind.name(), "returned");
         assert_eq!(w.status(), WorkerStatus::Ready);
+    }
+
+    #[test]
+    fn attempts_are_handed_back_only_after_lease_and_grace_of_observed_silence() {
+        let start = Utc::now();
+        let w = worker(1).with_agent(IncarnationId::new(), LeaseTerms::new(3000, 1000).unwrap());
+        let seen = w.last_heartbeat_at();
+        let at = |ms| seen + chrono::Duration::milliseconds(ms);
+        assert!(!w.silent_past_lease(at(3999), start));
+        assert!(w.silent_past_lease(at(4001), start));
+        // The observer only started watching at +2 s: silence counts from then.
+        assert!(!w.silent_past_lease(at(4001), at(2000)));
+        assert!(w.silent_past_lease(at(6001), at(2000)));
+        assert!(LeaseTerms::new(0, 0).is_err());
+        assert!(LeaseTerms::new(1, LeaseTerms::MAX_MS + 1).is_err());
+    }
+
+    #[test]
+    fn a_new_incarnation_disowns_the_attempts_of_the_previous_one() {
+        let now = Utc::now();
+        let first = IncarnationId::new();
+        let mut w = worker(3).with_agent(first, LeaseTerms::DEFAULT);
+        let old = attempt();
+        w.reserve(old, Resources::default(), now).unwrap();
+        let second = IncarnationId::new();
+        w = w.with_agent(second, LeaseTerms::DEFAULT);
+        let new = attempt();
+        w.reserve(new, Resources::default(), now).unwrap();
+        let gone: Vec<_> = w
+            .attempts_of_other_incarnations(second)
+            .into_iter()
+            .map(|h| h.attempt)
+            .collect();
+        assert_eq!(gone, vec![old]);
+        assert!(
+            w.attempts_of_other_incarnations(first)
+                .iter()
+                .any(|h| h.attempt == new)
+        );
     }
 
     #[test]

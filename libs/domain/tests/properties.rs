@@ -126,8 +126,13 @@ proptest! {
                     }
                 }
                 WorkerCmd::Lost => {
-                    let _ = worker.mark_lost(now);
-                    prop_assert!(worker.held().is_empty() || worker.status() != hodei_domain::WorkerStatus::Lost);
+                    if worker.mark_lost(now).is_ok() {
+                        // The registry hands every attempt of a lost worker back.
+                        for held in worker.held().to_vec() {
+                            prop_assert!(worker.release(&held.attempt).is_ok());
+                        }
+                    }
+                    prop_assert!(worker.reserve(AttemptId::new(JobId::new(), AttemptNumber::new(1)), Resources::default(), now).is_err() || worker.status() != hodei_domain::WorkerStatus::Lost);
                 }
                 WorkerCmd::Heartbeat => {
                     let _ = worker.heartbeat(BTreeMap::new(), capacity, max, Default::default(), now);

@@ -14,8 +14,8 @@ pub mod trace;
 pub use connect::{MessagingError, connect};
 pub use envelope::Envelope;
 pub use payloads::{
-    AgentCommand, AgentReport, Heartbeat, LogBatch, LogEntry, LogStreamKind, Outgoing, PlaceJob,
-    ReportKind,
+    AgentCommand, AgentReport, Heartbeat, HeartbeatRefused, LogBatch, LogEntry, LogStreamKind,
+    Outgoing, PlaceJob, ReportKind,
 };
 pub use trace::TraceHeaders;
 

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use hodei_domain::{
-    AttemptId, AttemptNumber, AttemptOutcome, JobEvent, JobId, JobSpec, ResourceUsage, Resources,
-    WorkerEvent, WorkerId,
+    AttemptId, AttemptNumber, AttemptOutcome, IncarnationId, JobEvent, JobId, JobSpec,
+    ResourceUsage, Resources, WorkerEvent, WorkerId,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -36,6 +36,11 @@ pub enum AgentCommand {
         attempt: AttemptNumber,
         spec: Box<JobSpec>,
         assigned_at: DateTime<Utc>,
+        /// The agent incarnation the attempt was placed with: another incarnation of the
+        /// same worker (the agent restarted meanwhile) must not run it, since the registry
+        /// hands such attempts back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incarnation: Option<IncarnationId>,
     },
     /// Stop this attempt (SIGTERM, then SIGKILL after the grace period).
     Cancel {
@@ -47,7 +52,9 @@ pub enum AgentCommand {
     Drain { reason: String },
 }
 
-/// What an agent says about an attempt.
+/// What an agent says about an attempt, on `hodei.v1.report.<worker_id>.<job_id>`: the
+/// subject names the sender, so a NATS credential can bind it, and a report counts only when
+/// subject, payload and the attempt's worker agree.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentReport {
     /// Unique per report: redelivered reports are recognised by it.
@@ -77,6 +84,12 @@ pub enum ReportKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub worker_id: WorkerId,
+    /// New at every agent start: a change tells the registry the previous process is gone.
+    pub incarnation: IncarnationId,
+    /// How long the agent keeps running attempts without reaching NATS, in milliseconds.
+    pub lease_ms: u64,
+    /// How long the agent gives a stopped attempt between SIGTERM and SIGKILL.
+    pub kill_grace_ms: u64,
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
     pub max_concurrent_jobs: u32,
@@ -88,6 +101,100 @@ pub struct Heartbeat {
     #[serde(default)]
     pub leaving: bool,
     pub sent_at: DateTime<Utc>,
+}
+
+/// Why a heartbeat was refused before it reached storage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("heartbeat field {field}: {reason}")]
+pub struct HeartbeatRefused {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl Heartbeat {
+    /// Most slots a worker may announce.
+    pub const MAX_SLOTS: u32 = 100_000;
+    /// Most attempts a heartbeat may list.
+    pub const MAX_RUNNING: usize = 100_000;
+    /// Most labels a worker may announce, and the longest key or value.
+    pub const MAX_LABELS: usize = 256;
+    pub const MAX_LABEL_LEN: usize = 256;
+
+    /// Range-checks every number and size before the beat reaches SQL, so that one odd beat
+    /// is refused alone instead of failing the batch it would be written in.
+    pub fn validate(&self) -> Result<(), HeartbeatRefused> {
+        let refuse = |field, reason: String| Err(HeartbeatRefused { field, reason });
+        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > Self::MAX_SLOTS {
+            return refuse(
+                "max_concurrent_jobs",
+                format!(
+                    "{} is out of range 1..={}",
+                    self.max_concurrent_jobs,
+                    Self::MAX_SLOTS
+                ),
+            );
+        }
+        let max = i64::MAX as u64;
+        for (field, value) in [
+            ("capacity.cpu_millis", self.capacity.cpu_millis),
+            ("capacity.memory_mb", self.capacity.memory_mb),
+            ("usage.memory_used_mb", self.usage.memory_used_mb),
+            ("usage.memory_total_mb", self.usage.memory_total_mb),
+        ] {
+            if value > max {
+                return refuse(field, format!("{value} is over {max}"));
+            }
+        }
+        if !self.usage.cpu_percent.is_finite() || self.usage.cpu_percent < 0.0 {
+            return refuse(
+                "usage.cpu_percent",
+                format!(
+                    "{} is not a finite non-negative number",
+                    self.usage.cpu_percent
+                ),
+            );
+        }
+        if !self.usage.load_1m.is_finite() || self.usage.load_1m < 0.0 {
+            return refuse(
+                "usage.load_1m",
+                format!("{} is not a finite non-negative number", self.usage.load_1m),
+            );
+        }
+        if let Err(e) = hodei_domain::LeaseTerms::new(self.lease_ms, self.kill_grace_ms) {
+            return refuse("lease_ms", e.to_string());
+        }
+        if self.running.len() > Self::MAX_RUNNING {
+            return refuse(
+                "running",
+                format!(
+                    "{} attempts, at most {}",
+                    self.running.len(),
+                    Self::MAX_RUNNING
+                ),
+            );
+        }
+        if self.labels.len() > Self::MAX_LABELS {
+            return refuse(
+                "labels",
+                format!("{} labels, at most {}", self.labels.len(), Self::MAX_LABELS),
+            );
+        }
+        if let Some((key, value)) = self.labels.iter().find(|(k, v)| {
+            k.is_empty() || k.len() > Self::MAX_LABEL_LEN || v.len() > Self::MAX_LABEL_LEN
+        }) {
+            return refuse(
+                "labels",
+                format!(
+                    "label '{}' (key {} bytes, value {} bytes): keys 1 to {max} bytes, values at most {max}",
+                    key.chars().take(32).collect::<String>(),
+                    key.len(),
+                    value.len(),
+                    max = Self::MAX_LABEL_LEN
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Which output stream a line came from.
@@ -179,5 +286,47 @@ impl Outgoing {
             payload: serde_json::to_vec(cmd)?,
             headers: trace::current(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat() -> Heartbeat {
+        Heartbeat {
+            worker_id: "w-1".parse().unwrap(),
+            incarnation: IncarnationId::new(),
+            lease_ms: 15_000,
+            kill_grace_ms: 10_000,
+            labels: BTreeMap::new(),
+            capacity: Resources::new(1000, 1024),
+            max_concurrent_jobs: 4,
+            usage: ResourceUsage::default(),
+            running: Vec::new(),
+            draining: false,
+            leaving: false,
+            sent_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn heartbeat_numbers_are_range_checked() {
+        assert_eq!(beat().validate(), Ok(()));
+        let mut odd = beat();
+        odd.max_concurrent_jobs = u32::MAX;
+        assert_eq!(odd.validate().unwrap_err().field, "max_concurrent_jobs");
+        let mut odd = beat();
+        odd.capacity.cpu_millis = u64::MAX;
+        assert_eq!(odd.validate().unwrap_err().field, "capacity.cpu_millis");
+        let mut odd = beat();
+        odd.usage.cpu_percent = f32::NAN;
+        assert_eq!(odd.validate().unwrap_err().field, "usage.cpu_percent");
+        let mut odd = beat();
+        odd.lease_ms = 0;
+        assert_eq!(odd.validate().unwrap_err().field, "lease_ms");
+        let mut odd = beat();
+        odd.labels.insert("k".repeat(300), "v".to_owned());
+        assert_eq!(odd.validate().unwrap_err().field, "labels");
     }
 }

@@ -62,9 +62,28 @@ pub fn agent_commands(worker_id: &WorkerId) -> String {
     format!("{PREFIX}.agent.{worker_id}.cmd")
 }
 
-/// `hodei.v1.report.<job_id>`: an agent's report on an attempt (started, finished).
-pub fn report(job_id: &JobId) -> String {
-    format!("{PREFIX}.report.{job_id}")
+/// `hodei.v1.report.<worker_id>.<job_id>`: an agent's report on an attempt (started,
+/// finished). The subject names the sending worker, so a credential can be bound to it.
+pub fn report(worker_id: &WorkerId, job_id: &JobId) -> String {
+    format!("{PREFIX}.report.{worker_id}.{job_id}")
+}
+
+/// The worker and job named by a report subject (`hodei.v1.report.<worker_id>.<job_id>`).
+pub fn report_sender(subject: &str) -> Option<(&str, &str)> {
+    let mut tokens = subject.split('.');
+    match (
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+        tokens.next(),
+    ) {
+        (Some("hodei"), Some("v1"), Some("report"), Some(worker), Some(job), None) => {
+            Some((worker, job))
+        }
+        _ => None,
+    }
 }
 
 /// `hodei.v1.report.>`: every report.
@@ -105,6 +124,12 @@ pub fn template(subject: &str) -> String {
     if let Some(token) = id_at.and_then(|i| tokens.get_mut(i)) {
         *token = "*";
     }
+    // A report names its worker and its job.
+    if tokens.get(2) == Some(&"report")
+        && let Some(token) = tokens.get_mut(4)
+    {
+        *token = "*";
+    }
     tokens.join(".")
 }
 
@@ -133,11 +158,13 @@ mod tests {
         );
         assert_eq!(template(&place_job(&job)), "hodei.v1.work.place.*");
         assert_eq!(template(&agent_commands(&worker)), "hodei.v1.agent.*.cmd");
-        assert_eq!(template(&report(&job)), "hodei.v1.report.*");
-        assert_eq!(template(&dead_letter("report")), "hodei.v1.dlq.report");
+        assert_eq!(template(&report(&worker, &job)), "hodei.v1.report.*.*");
         assert_eq!(
-            token_after(&report(&job), 3),
-            Some(job.to_string().as_str())
+            report_sender(&report(&worker, &job)),
+            Some(("w-1", job.to_string().as_str()))
         );
+        assert_eq!(report_sender("hodei.v1.report.w-1"), None);
+        assert_eq!(report_sender("hodei.v1.report.a.b.c"), None);
+        assert_eq!(template(&dead_letter("report")), "hodei.v1.dlq.report");
     }
 }

@@ -282,6 +282,7 @@ impl From<WorkerStatus> for pb::WorkerStatus {
         match s {
             WorkerStatus::Ready => pb::WorkerStatus::Ready,
             WorkerStatus::Draining => pb::WorkerStatus::Draining,
+            WorkerStatus::Unreachable => pb::WorkerStatus::Unreachable,
             WorkerStatus::Lost => pb::WorkerStatus::Lost,
             WorkerStatus::Offline => pb::WorkerStatus::Offline,
         }
@@ -294,6 +295,7 @@ pub fn status_from_wire(value: i32) -> Option<WorkerStatus> {
         pb::WorkerStatus::Unspecified => None,
         pb::WorkerStatus::Ready => Some(WorkerStatus::Ready),
         pb::WorkerStatus::Draining => Some(WorkerStatus::Draining),
+        pb::WorkerStatus::Unreachable => Some(WorkerStatus::Unreachable),
         pb::WorkerStatus::Lost => Some(WorkerStatus::Lost),
         pb::WorkerStatus::Offline => Some(WorkerStatus::Offline),
     }

@@ -13,7 +13,7 @@ use crate::Backends;
 /// Longest one probe query may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Every worker state, so a state no worker is in reads 0 rather than its last count.
-const WORKER_STATES: [&str; 4] = ["ready", "draining", "lost", "offline"];
+const WORKER_STATES: [&str; 5] = ["ready", "draining", "unreachable", "lost", "offline"];
 
 pub(crate) struct BackendProbes {
     nats: async_nats::Client,

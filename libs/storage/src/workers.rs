@@ -2,14 +2,14 @@
 //! reservations (`held`) only `WHERE version = expected`, so replicas never over-commit.
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{Resources, Worker, WorkerId, WorkerStatus};
+use hodei_domain::{IncarnationId, LeaseTerms, Resources, Worker, WorkerId, WorkerStatus};
 use hodei_messaging::Heartbeat;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 
-const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version";
+const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms";
 
 /// One worker, if known.
 pub async fn get(
@@ -67,11 +67,12 @@ pub async fn placeable(
 pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageError> {
     sqlx::query(
         "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage,
-                              registered_at, last_heartbeat_at, version)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                              registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
          ON CONFLICT (id) DO UPDATE SET labels = $2, cpu_millis = $3, memory_mb = $4,
              max_concurrent_jobs = $5, status = $6, held = $7, usage = $8, registered_at = $9,
-             last_heartbeat_at = $10, version = $11",
+             last_heartbeat_at = $10, version = $11, incarnation = $12, lease_ms = $13,
+             kill_grace_ms = $14",
     )
     .bind(w.id().as_str())
     .bind(encode("worker labels", w.labels())?)
@@ -84,6 +85,9 @@ pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageEr
     .bind(w.registered_at())
     .bind(w.last_heartbeat_at())
     .bind(to_i64(w.version()))
+    .bind(w.incarnation().map(|i| i.as_uuid()))
+    .bind(to_i64(w.lease().lease_ms))
+    .bind(to_i64(w.lease().kill_grace_ms))
     .execute(conn)
     .await?;
     Ok(())
@@ -119,27 +123,39 @@ pub async fn save_reservation(
 pub enum HeartbeatEffect {
     /// First heartbeat: the worker was inserted.
     Registered,
-    /// The worker was lost or offline and is ready again.
+    /// The worker was unreachable, lost or offline and is ready again.
     Returned,
     /// The worker asked to drain.
     Draining,
-    /// The agent said goodbye holding no attempt: the worker is offline.
+    /// The agent said goodbye: the worker is offline (attempts it still holds are handed
+    /// back by the registry).
     Offline,
     /// Nothing but the usage and time changed.
     Refreshed,
 }
 
+/// What a batch of heartbeats did to one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatApplied {
+    pub worker_id: WorkerId,
+    pub effect: HeartbeatEffect,
+    /// The incarnation stored before this beat, when it differs from the beat's: the agent
+    /// restarted, and the attempts of the previous incarnation are gone.
+    pub replaced_incarnation: Option<Option<IncarnationId>>,
+}
+
 /// Applies a batch of heartbeats in one statement: inserts unknown workers, refreshes labels,
-/// capacity, usage and last-seen time, brings lost or offline workers back to ready, marks
-/// draining ones, and takes offline those whose agent said goodbye (`leaving`) while holding
-/// no attempt (one that still holds some is left to the liveness checks). A worker in `hold_back` (it still runs attempts that are no longer its own)
-/// is not brought back to ready until it has killed them. Reservations (`held`) are never
-/// touched here. Returns each worker's effect.
+/// capacity, usage, incarnation, lease terms and last-seen time, brings unreachable, lost or
+/// offline workers back to ready, marks draining ones, and takes offline those whose agent
+/// said goodbye (`leaving`). A worker in `hold_back` (it still runs attempts that are no longer
+/// its own) is not brought back to ready until it has killed them. Reservations (`held`) are
+/// never touched here. Every beat must have passed [`hodei_messaging::Heartbeat`] validation
+/// (numbers in range). Returns each worker's effect.
 pub async fn apply_heartbeats(
     conn: &mut PgConnection,
     beats: &[(Heartbeat, DateTime<Utc>)],
     hold_back: &std::collections::HashSet<WorkerId>,
-) -> Result<Vec<(WorkerId, HeartbeatEffect)>, StorageError> {
+) -> Result<Vec<HeartbeatApplied>, StorageError> {
     if beats.is_empty() {
         return Ok(Vec::new());
     }
@@ -153,7 +169,13 @@ pub async fn apply_heartbeats(
     let mut draining = Vec::new();
     let mut leaving = Vec::new();
     let mut held_back = Vec::new();
+    let mut incarnations = Vec::new();
+    let mut leases = Vec::new();
+    let mut graces = Vec::new();
     for (hb, at) in beats {
+        incarnations.push(hb.incarnation.as_uuid());
+        leases.push(to_i64(hb.lease_ms));
+        graces.push(to_i64(hb.kill_grace_ms));
         held_back.push(hold_back.contains(&hb.worker_id));
         ids.push(hb.worker_id.as_str());
         labels.push(encode("worker labels", &hb.labels)?);
@@ -165,44 +187,51 @@ pub async fn apply_heartbeats(
         draining.push(hb.draining);
         leaving.push(hb.leaving);
     }
-    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(String, Option<String>, String, Option<uuid::Uuid>, uuid::Uuid)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[])
-                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving)
+                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[],
+                                  $11::uuid[], $12::bigint[], $13::bigint[])
+                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving,
+                      incarnation, lease_ms, kill_grace_ms)
          ),
          -- The statement's snapshot: the status before this upsert. (With FOR UPDATE this CTE
          -- would skip the rows the upsert below changes, and every beat would look like a
          -- first registration.) Materialized: read once by primary key, not joined again.
          old AS MATERIALIZED (
-             SELECT w.id, w.status FROM workers w JOIN input i ON i.id = w.id
+             SELECT w.id, w.status, w.incarnation FROM workers w JOIN input i ON i.id = w.id
          ),
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
-                                       usage, registered_at, last_heartbeat_at, version)
+                                       usage, registered_at, last_heartbeat_at, version, incarnation,
+                                       lease_ms, kill_grace_ms)
              SELECT id, labels, cpu, mem, maxc,
                     CASE WHEN leaving THEN 'offline' WHEN draining THEN 'draining'
                          WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
-                    usage, seen, seen, 0 FROM input
+                    usage, seen, seen, 0, incarnation, lease_ms, kill_grace_ms FROM input
              ON CONFLICT (id) DO UPDATE SET
                  labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
                  max_concurrent_jobs = excluded.max_concurrent_jobs, usage = excluded.usage,
+                 incarnation = excluded.incarnation, lease_ms = excluded.lease_ms,
+                 kill_grace_ms = excluded.kill_grace_ms,
                  last_heartbeat_at = greatest(w.last_heartbeat_at, excluded.last_heartbeat_at),
                  status = CASE
-                     WHEN excluded.status = 'offline' AND w.status <> 'offline' AND w.held = '[]'::jsonb
-                     THEN 'offline'
+                     WHEN excluded.status = 'offline' AND w.status <> 'offline' THEN 'offline'
                      WHEN excluded.status = 'offline' THEN w.status
                      WHEN excluded.status = 'draining' AND w.status <> 'draining' THEN 'draining'
-                     WHEN excluded.status = 'ready' AND w.status IN ('lost', 'offline') THEN 'ready'
+                     WHEN excluded.status = 'ready' AND w.status IN ('unreachable', 'lost', 'offline') THEN 'ready'
                      ELSE w.status END,
                  version = CASE
-                     WHEN (excluded.status = 'offline' AND w.status <> 'offline' AND w.held = '[]'::jsonb)
+                     WHEN (excluded.status = 'offline' AND w.status <> 'offline')
                        OR (excluded.status = 'draining' AND w.status <> 'draining')
-                       OR (excluded.status = 'ready' AND w.status IN ('lost', 'offline'))
+                       OR (excluded.status = 'ready' AND w.status IN ('unreachable', 'lost', 'offline'))
+                       OR excluded.incarnation IS DISTINCT FROM w.incarnation
                      THEN w.version + 1 ELSE w.version END
-             RETURNING w.id, w.status
+             RETURNING w.id, w.status, w.incarnation
          )
-         SELECT u.id, o.status, u.status FROM upserted u LEFT JOIN old o ON o.id = u.id",
+         SELECT u.id, o.status, u.status, o.incarnation, u.incarnation
+         FROM upserted u LEFT JOIN old o ON o.id = u.id",
     )
     .bind(&ids)
     .bind(&labels)
@@ -214,10 +243,13 @@ pub async fn apply_heartbeats(
     .bind(&draining)
     .bind(&held_back)
     .bind(&leaving)
+    .bind(&incarnations)
+    .bind(&leases)
+    .bind(&graces)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
-        .map(|(id, old, new)| {
+        .map(|(id, old, new, old_incarnation, new_incarnation)| {
             let worker_id: WorkerId =
                 id.parse()
                     .map_err(|e: hodei_domain::IdError| StorageError::Corrupt {
@@ -228,12 +260,18 @@ pub async fn apply_heartbeats(
                     })?;
             let effect = match (old.as_deref(), new.as_str()) {
                 (None, _) => HeartbeatEffect::Registered,
-                (Some("lost" | "offline"), "ready") => HeartbeatEffect::Returned,
+                (Some("unreachable" | "lost" | "offline"), "ready") => HeartbeatEffect::Returned,
                 (Some(o), "draining") if o != "draining" => HeartbeatEffect::Draining,
                 (Some(o), "offline") if o != "offline" => HeartbeatEffect::Offline,
                 _ => HeartbeatEffect::Refreshed,
             };
-            Ok((worker_id, effect))
+            let replaced_incarnation = (old.is_some() && old_incarnation != Some(new_incarnation))
+                .then(|| old_incarnation.map(IncarnationId::from_uuid));
+            Ok(HeartbeatApplied {
+                worker_id,
+                effect,
+                replaced_incarnation,
+            })
         })
         .collect()
 }
@@ -251,6 +289,34 @@ pub async fn silent(
         .fetch_all(pool)
         .await?;
     rows.iter().map(decode).collect()
+}
+
+/// Workers that may have attempts to hand back: unreachable ones, lost or offline ones that
+/// still hold attempts (a goodbye, or a loss whose hand-back was deferred), and any that holds
+/// attempts placed with another incarnation of its agent than its current one.
+pub async fn holding_unreachable_or_gone(pool: &PgPool) -> Result<Vec<Worker>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM workers w
+         WHERE status = 'unreachable'
+            OR (status IN ('lost', 'offline') AND held <> '[]'::jsonb)
+            OR (held <> '[]'::jsonb AND EXISTS (
+                    SELECT 1 FROM jsonb_array_elements(w.held) h
+                    WHERE (h->>'incarnation') IS DISTINCT FROM w.incarnation::text))"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// How many workers are live (ready, draining or unreachable): the fleet a partition is
+/// measured against.
+pub async fn live_count(pool: &PgPool) -> Result<i64, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM workers WHERE status IN ('ready', 'draining', 'unreachable')",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 fn decode(row: &PgRow) -> Result<Worker, StorageError> {
@@ -279,5 +345,9 @@ fn decode(row: &PgRow) -> Result<Worker, StorageError> {
         r.get("registered_at")?,
         r.get("last_heartbeat_at")?,
         r.unsigned("version")?,
+        r.get::<Option<uuid::Uuid>>("incarnation")?
+            .map(IncarnationId::from_uuid),
+        LeaseTerms::new(r.unsigned("lease_ms")?, r.unsigned("kill_grace_ms")?)
+            .map_err(|e| r.corrupt("lease_ms", e.to_string()))?,
     ))
 }

@@ -230,9 +230,25 @@ fn beat(
     draining: bool,
     leaving: bool,
 ) -> (hodei_messaging::Heartbeat, chrono::DateTime<Utc>) {
+    beat_of(worker, INCARNATION.with(|i| *i), draining, leaving)
+}
+
+thread_local! {
+    static INCARNATION: hodei_domain::IncarnationId = hodei_domain::IncarnationId::new();
+}
+
+fn beat_of(
+    worker: &str,
+    incarnation: hodei_domain::IncarnationId,
+    draining: bool,
+    leaving: bool,
+) -> (hodei_messaging::Heartbeat, chrono::DateTime<Utc>) {
     let now = Utc::now();
     let hb = hodei_messaging::Heartbeat {
         worker_id: worker.parse().unwrap(),
+        incarnation,
+        lease_ms: 3000,
+        kill_grace_ms: 1000,
         labels: BTreeMap::new(),
         capacity: Resources::new(1000, 1024),
         max_concurrent_jobs: 2,
@@ -263,7 +279,8 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        effects.push(out[0].1.clone());
+        effects.push(out[0].effect.clone());
+        assert_eq!(out[0].replaced_incarnation, None);
     }
     assert_eq!(
         effects,
@@ -274,6 +291,29 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
             HeartbeatEffect::Offline,
             HeartbeatEffect::Returned,
         ]
+    );
+    // The agent restarts: the beat says which incarnation it replaced, and the row keeps the
+    // lease terms the agent announced.
+    let first = workers::get(&pool, &"hb-1".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
+        .incarnation();
+    let next = hodei_domain::IncarnationId::new();
+    let mut tx = pool.begin().await.unwrap();
+    let out = workers::apply_heartbeats(&mut tx, &[beat_of("hb-1", next, false, false)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(out[0].replaced_incarnation, Some(first));
+    let worker = workers::get(&pool, &"hb-1".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(worker.incarnation(), Some(next));
+    assert_eq!(
+        worker.lease(),
+        hodei_domain::LeaseTerms::new(3000, 1000).unwrap()
     );
     pool.close().await;
     db.cleanup().await.unwrap();

@@ -17,6 +17,12 @@
 //! | `hodei_heartbeats_received_total` | counter | registry |
 //! | `hodei_workers{state}` | gauge | registry (read at scrape time) |
 //! | `hodei_workers_lost_total` | counter | registry |
+//! | `hodei_workers_unreachable_total` | counter | registry |
+//! | `hodei_heartbeats_refused_total{field}` | counter | registry |
+//! | `hodei_liveness_resets_total{cause}` | counter | registry |
+//! | `hodei_liveness_partitions_total` | counter | registry |
+//! | `hodei_reports_refused_total{reason}` | counter | scheduler |
+//! | `hodei_agent_lease_expired_total` | counter | agent |
 //! | `hodei_nats_errors_total{operation}` | counter | every service |
 //! | `hodei_postgres_errors_total` | counter | api-gateway, scheduler, registry |
 //! | `hodei_outbox_pending` | gauge | api-gateway, scheduler, registry (read at scrape time) |
@@ -82,6 +88,12 @@ pub struct Metrics {
     pub heartbeats_received: Counter,
     workers: Family<Label, Gauge>,
     pub workers_lost: Counter,
+    pub workers_unreachable: Counter,
+    heartbeats_refused: Family<Label, Counter>,
+    liveness_resets: Family<Label, Counter>,
+    pub liveness_partitions: Counter,
+    reports_refused: Family<Label, Counter>,
+    pub agent_lease_expired: Counter,
     nats_errors: Family<Label, Counter>,
     pub postgres_errors: Counter,
     pub outbox_pending: Gauge,
@@ -112,6 +124,12 @@ impl Metrics {
             heartbeats_received: Counter::default(),
             workers: Family::default(),
             workers_lost: Counter::default(),
+            workers_unreachable: Counter::default(),
+            heartbeats_refused: Family::default(),
+            liveness_resets: Family::default(),
+            liveness_partitions: Counter::default(),
+            reports_refused: Family::default(),
+            agent_lease_expired: Counter::default(),
             nats_errors: Family::default(),
             postgres_errors: Counter::default(),
             outbox_pending: Gauge::default(),
@@ -220,8 +238,35 @@ impl Metrics {
             );
             r.register(
                 "workers_lost",
-                "Workers declared lost after missing their heartbeats",
+                "Workers declared lost: silent past their lease and kill grace, their attempts handed back",
                 self.workers_lost.clone(),
+            );
+            r.register(
+                "workers_unreachable",
+                "Workers marked unreachable (no new work) after missing their heartbeats",
+                self.workers_unreachable.clone(),
+            );
+            r.register(
+                "heartbeats_refused",
+                "Heartbeats refused alone before reaching storage, by the field that failed",
+                self.heartbeats_refused.clone(),
+            );
+            r.register(
+                "liveness_resets",
+                "Times the registry restarted counting silence because it could not observe (start, nats, postgres, lag)",
+                self.liveness_resets.clone(),
+            );
+            r.register(
+                "liveness_partitions",
+                "Sweeps in which too large a share of the fleet was silent at once, so nobody was declared lost",
+                self.liveness_partitions.clone(),
+            );
+        }
+        if is(&[Scheduler]) {
+            r.register(
+                "reports_refused",
+                "Agent reports refused and dead-lettered, by reason (sender, malformed)",
+                self.reports_refused.clone(),
             );
         }
         if is(&[Gateway, Scheduler, Reg, Agent]) {
@@ -246,6 +291,11 @@ impl Metrics {
                 "agent_attempts_finished",
                 "Attempts this agent ran to their end, by outcome",
                 self.agent_attempts_finished.clone(),
+            );
+            r.register(
+                "agent_lease_expired",
+                "Times this agent stopped its attempts itself after losing NATS for longer than its lease",
+                self.agent_lease_expired.clone(),
             );
         }
     }
@@ -280,6 +330,27 @@ impl Metrics {
     pub fn nats_error(&self, operation: &str) {
         self.nats_errors
             .get_or_create(&label("operation", operation))
+            .inc();
+    }
+
+    /// Counts a heartbeat refused before storage, by the field that failed validation.
+    pub fn heartbeat_refused(&self, field: &str) {
+        self.heartbeats_refused
+            .get_or_create(&label("field", field))
+            .inc();
+    }
+
+    /// Counts a restart of the registry's silence clock, by cause.
+    pub fn liveness_reset(&self, cause: &str) {
+        self.liveness_resets
+            .get_or_create(&label("cause", cause))
+            .inc();
+    }
+
+    /// Counts a report refused and dead-lettered, by reason.
+    pub fn report_refused(&self, reason: &str) {
+        self.reports_refused
+            .get_or_create(&label("reason", reason))
             .inc();
     }
 
