@@ -1,115 +1,359 @@
-//! Lost-worker detection: a worker silent for `missed_beats` heartbeat intervals is declared
-//! lost, and each attempt it held ends as `Lost` (an infrastructure failure that does not
-//! spend the job's retry budget), which puts its job back in the queue.
+//! Lost-worker detection, careful about blame.
+//!
+//! - **Detection is fast.** A worker silent for `missed_beats` heartbeat intervals becomes
+//!   `unreachable`: it gets no new work, but the attempts it holds stay its own.
+//! - **Blame is careful.** Its attempts are handed back (ended `Lost`, requeued without
+//!   spending the job's retries) only once its lease plus kill grace have passed since its
+//!   last beat: by then its agent, if it is alive but cut off, has stopped them itself. Silence
+//!   counts only while the registry could observe (see [`crate::observation`]). When more than
+//!   `partition_share` of the live fleet is unreachable at once, that is a partition on the
+//!   observer's side: nobody is declared lost.
+//! - **Confirmed losses are handed back at once**: a new agent incarnation (see
+//!   [`crate::heartbeats`]) or a goodbye.
+//! - An attempt whose agent report still waits in the reports stream is never handed back:
+//!   the report decides it.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use hodei_domain::{AttemptOutcome, JobEventKind};
-use hodei_messaging::{Outgoing, trace};
+use hodei_domain::{
+    AttemptOutcome, HeldAttempt, IncarnationId, JobEventKind, Worker, WorkerEvent, WorkerEventKind,
+    WorkerStatus,
+};
+use hodei_messaging::{Outgoing, streams, subjects, trace};
 use hodei_storage::{Backends, StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::observation::Observation;
 use crate::{SERVICE, SOURCE};
 
+/// When silence makes a worker unreachable and when a partition is suspected.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub interval: Duration,
+    pub missed_beats: u32,
+    /// Share of the live fleet that may be unreachable at once before the registry suspects
+    /// its own partition and declares nobody lost.
+    pub partition_share: f64,
+    /// Smallest live fleet the partition rule applies to.
+    pub partition_min_workers: u32,
+}
+
+impl Policy {
+    fn silence(&self) -> Duration {
+        self.interval * self.missed_beats.max(1)
+    }
+
+    /// How late heartbeat writes may be before the registry counts itself as not observing.
+    pub fn lag_limit(&self) -> Duration {
+        self.interval * 2
+    }
+}
+
 /// Checks for silent workers every half interval until `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     backends: Backends,
-    interval: Duration,
-    missed_beats: u32,
+    policy: Policy,
+    observation: Observation,
     shutdown: CancellationToken,
 ) {
-    let silence = interval * missed_beats.max(1);
-    let mut tick = tokio::time::interval((interval / 2).max(Duration::from_millis(10)));
+    let period = (policy.interval / 2).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = tokio::time::Instant::now();
+    let mut partitioned = false;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(silence) = chrono::Duration::from_std(silence) else {
-            return;
-        };
-        match backends
-            .db(|| workers::silent(&backends.pool, Utc::now() - silence))
-            .await
-        {
-            Ok(silent) => {
-                for worker in silent {
-                    let id = worker.id().clone();
-                    match backends.db(|| declare_lost(&backends, worker)).await {
-                        Ok(requeued) => {
-                            backends.metrics.workers_lost.inc();
-                            tracing::warn!(worker_id = %id, attempts = requeued, "worker lost, attempts handed back");
-                            backends.relay_wake.notify_one();
-                        }
-                        Err(e) if e.is_conflict() => {
-                            tracing::debug!(worker_id = %id, "worker changed while declaring it lost, next sweep decides")
-                        }
-                        Err(e) => {
-                            tracing::warn!(worker_id = %id, error = %e, "failed to declare worker lost")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "failed to look for silent workers"),
+        observation.check(&backends.nats, policy.lag_limit());
+        // The sweep itself stalled (an overloaded host): what it did not watch does not count.
+        if last_tick.elapsed() > period * 4 {
+            observation.check(&backends.nats, Duration::ZERO);
+        }
+        last_tick = tokio::time::Instant::now();
+        if let Err(e) = sweep(&backends, &policy, &observation, &mut partitioned).await {
+            tracing::warn!(error = %e, "failed to sweep for silent workers");
         }
     }
 }
 
-/// In one transaction: marks the worker lost (if nobody changed it meanwhile), ends its
-/// attempts as lost and requeues their jobs, each in its job's trace. Returns how many
-/// attempts were handed back.
-async fn declare_lost(
+async fn sweep(
     backends: &Backends,
-    mut worker: hodei_domain::Worker,
-) -> Result<usize, StorageError> {
+    policy: &Policy,
+    observation: &Observation,
+    partitioned: &mut bool,
+) -> Result<(), StorageError> {
     let now = Utc::now();
+    let since = observation.since();
+    let silence = chrono::Duration::from_std(policy.silence()).unwrap_or(chrono::Duration::MAX);
+    // Detection: no new work for a worker silent for `missed_beats` intervals, observed.
+    if now - since > silence {
+        let silent = backends
+            .db(|| workers::silent(&backends.pool, now - silence))
+            .await?;
+        for worker in silent {
+            let id = worker.id().clone();
+            match backends.db(|| mark_unreachable(backends, worker)).await {
+                Ok(()) => {
+                    backends.metrics.workers_unreachable.inc();
+                    tracing::warn!(worker_id = %id, "worker silent, no new work for it");
+                    backends.relay_wake.notify_one();
+                }
+                Err(e) if e.is_conflict() => {}
+                Err(e) => {
+                    tracing::warn!(worker_id = %id, error = %e, "failed to mark worker unreachable")
+                }
+            }
+        }
+    }
+
+    let candidates = backends
+        .db(|| workers::holding_unreachable_or_gone(&backends.pool))
+        .await?;
+    if candidates.is_empty() {
+        *partitioned = false;
+        return Ok(());
+    }
+    let unreachable = candidates
+        .iter()
+        .filter(|w| w.status() == WorkerStatus::Unreachable)
+        .count();
+    let live = backends.db(|| workers::live_count(&backends.pool)).await?;
+    let suspect_partition = unreachable > 0
+        && live >= i64::from(policy.partition_min_workers)
+        && (unreachable as f64) > policy.partition_share * (live as f64);
+    if suspect_partition {
+        if !*partitioned {
+            backends.metrics.liveness_partitions.inc();
+            tracing::warn!(
+                unreachable,
+                live,
+                share = policy.partition_share,
+                "most of the fleet went silent at once: treating it as the observer's partition, declaring nobody lost"
+            );
+        }
+        *partitioned = true;
+    } else if *partitioned {
+        tracing::info!(
+            unreachable,
+            live,
+            "fleet heard again, liveness back to normal"
+        );
+        *partitioned = false;
+    }
+
+    for worker in candidates {
+        let id = worker.id().clone();
+        let (change, reason) = match worker.status() {
+            WorkerStatus::Unreachable => {
+                if suspect_partition || !worker.silent_past_lease(now, since) {
+                    continue;
+                }
+                let lease = worker.lease();
+                (
+                    StatusChange::Lost,
+                    format!(
+                        "worker {id} silent past its lease and kill grace ({} ms + {} ms)",
+                        lease.lease_ms, lease.kill_grace_ms
+                    ),
+                )
+            }
+            WorkerStatus::Offline => (
+                StatusChange::None,
+                format!("worker {id} said goodbye before the attempt ended"),
+            ),
+            WorkerStatus::Lost => (
+                StatusChange::None,
+                format!("worker {id} was lost before the attempt ended"),
+            ),
+            WorkerStatus::Ready | WorkerStatus::Draining => (
+                StatusChange::None,
+                format!("the agent of worker {id} restarted while the attempt ran"),
+            ),
+        };
+        let attempts = match (worker.status(), worker.incarnation()) {
+            (WorkerStatus::Ready | WorkerStatus::Draining, Some(current)) => {
+                worker.attempts_of_other_incarnations(current)
+            }
+            (WorkerStatus::Ready | WorkerStatus::Draining, None) => continue,
+            _ => worker.held().to_vec(),
+        };
+        match hand_back(backends, worker, attempts, &reason, change).await {
+            Ok(done) => {
+                if change == StatusChange::Lost {
+                    backends.metrics.workers_lost.inc();
+                }
+                if done.handed_back > 0 || change == StatusChange::Lost {
+                    tracing::warn!(worker_id = %id, handed_back = done.handed_back, deferred = done.deferred, reason, "attempts handed back");
+                }
+            }
+            Err(e) if e.is_conflict() => {
+                tracing::debug!(worker_id = %id, "worker changed while handing back its attempts, next sweep decides")
+            }
+            Err(e) => tracing::warn!(worker_id = %id, error = %e, "failed to hand back attempts"),
+        }
+    }
+    Ok(())
+}
+
+/// Marks `worker` unreachable if nobody changed it meanwhile, with its event.
+async fn mark_unreachable(backends: &Backends, mut worker: Worker) -> Result<(), StorageError> {
     let version = worker.version();
-    let (event, released) = worker.mark_lost(now).map_err(|e| StorageError::Conflict {
-        what: e.to_string(),
-    })?;
+    let event = worker
+        .mark_unreachable(Utc::now())
+        .map_err(|e| StorageError::Conflict {
+            what: e.to_string(),
+        })?;
     let mut tx = backends.pool.begin().await?;
     workers::save_reservation(&mut tx, &worker, version).await?;
-    let messages = [Outgoing::worker_event(&event, SOURCE)?];
-    let mut requeued = 0;
-    let ids: Vec<_> = released.iter().map(|h| h.attempt.job_id).collect();
-    let traces = jobs::trace_contexts(&mut *tx, &ids).await?;
-    let mut ended = Vec::new();
-    for held in released {
-        let Some(mut job) = jobs::get(&mut *tx, held.attempt.job_id).await? else {
-            continue;
-        };
-        let job_version = job.version();
-        let reason = format!("worker {} stopped sending heartbeats", worker.id());
-        let Ok(event) = job.finish(
-            held.attempt.attempt,
-            AttemptOutcome::Lost { reason },
-            now,
-            0.0,
-        ) else {
-            // The job moved on (finished or reassigned): nothing to hand back.
-            continue;
-        };
-        if matches!(event.kind, JobEventKind::Requeued { .. }) {
-            requeued += 1;
-        }
-        if job.state().is_terminal() {
-            ended.push(job.state().as_str());
-        }
-        // The job's own trace goes on: handing the attempt back is part of it.
-        let step = tracing::info_span!("hand back lost attempt", hodei.service = SERVICE, job_id = %job.id(), worker_id = %worker.id());
-        trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
-        // The worker was saved above with its attempts released: nothing to free here.
-        jobs::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
-            .instrument(step)
-            .await?;
-    }
-    hodei_storage::outbox::append(&mut tx, &messages).await?;
+    hodei_storage::outbox::append(&mut tx, &[Outgoing::worker_event(&event, SOURCE)?]).await?;
     tx.commit().await?;
-    for state in ended {
-        backends.metrics.job_finished(state);
+    Ok(())
+}
+
+/// What handing back does to the worker's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusChange {
+    None,
+    /// Silent past its lease: the worker is lost.
+    Lost,
+    /// A new incarnation of its agent beat: the previous one is gone.
+    Restarted(IncarnationId),
+}
+
+/// What a hand-back did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HandedBack {
+    pub handed_back: usize,
+    /// Attempts left with the worker because their report still waits to be recorded.
+    pub deferred: usize,
+}
+
+/// Whether a report from `worker` about `job` still waits in the reports stream (a work
+/// queue: recorded reports are gone from it). When the stream cannot be asked, the answer is
+/// yes: an attempt is never handed back while its outcome may be on its way.
+async fn report_pending(
+    backends: &Backends,
+    worker: &hodei_domain::WorkerId,
+    job: &hodei_domain::JobId,
+) -> bool {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let stream = match backends.js.get_stream(streams::REPORTS).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to open the reports stream, deferring hand-back");
+            return true;
+        }
+    };
+    match stream
+        .get_last_raw_message_by_subject(&subjects::report(worker, job))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to look for pending reports, deferring hand-back");
+            true
+        }
     }
-    Ok(requeued)
+}
+
+/// In one transaction: releases `attempts` from `worker` (but those whose report is still
+/// pending), applies `change` to its status, ends each released attempt as `Lost` (its job is
+/// requeued without spending its retries) in its job's trace, and records the events.
+pub(crate) async fn hand_back(
+    backends: &Backends,
+    mut worker: Worker,
+    attempts: Vec<HeldAttempt>,
+    reason: &str,
+    change: StatusChange,
+) -> Result<HandedBack, StorageError> {
+    let mut release = Vec::new();
+    let mut done = HandedBack::default();
+    for held in attempts {
+        if report_pending(backends, worker.id(), &held.attempt.job_id).await {
+            done.deferred += 1;
+        } else {
+            release.push(held);
+        }
+    }
+    if release.is_empty() && change == StatusChange::None {
+        return Ok(done);
+    }
+    let now = Utc::now();
+    let version = worker.version();
+    let conflict = |e: hodei_domain::DomainError| StorageError::Conflict {
+        what: e.to_string(),
+    };
+    let mut events: Vec<WorkerEvent> = Vec::new();
+    match change {
+        StatusChange::None => {}
+        StatusChange::Lost => events.push(worker.mark_lost(now).map_err(conflict)?),
+        StatusChange::Restarted(incarnation) => events.push(WorkerEvent::new(
+            worker.id().clone(),
+            now,
+            WorkerEventKind::Restarted {
+                incarnation,
+                handed_back: release.len(),
+            },
+        )),
+    }
+    for held in &release {
+        worker.release(&held.attempt).map_err(conflict)?;
+    }
+    backends
+        .db(|| async {
+            let mut tx = backends.pool.begin().await?;
+            workers::save_reservation(&mut tx, &worker, version).await?;
+            let ids: Vec<_> = release.iter().map(|h| h.attempt.job_id).collect();
+            let traces = jobs::trace_contexts(&mut *tx, &ids).await?;
+            let mut ended = Vec::new();
+            let mut handed_back = 0;
+            for held in &release {
+                let Some(mut job) = jobs::get(&mut *tx, held.attempt.job_id).await? else {
+                    continue;
+                };
+                let job_version = job.version();
+                let Ok(event) = job.finish(
+                    held.attempt.attempt,
+                    AttemptOutcome::Lost {
+                        reason: reason.to_owned(),
+                    },
+                    now,
+                    0.0,
+                ) else {
+                    // The job moved on (its report was recorded, or it was reassigned).
+                    continue;
+                };
+                if matches!(event.kind, JobEventKind::Requeued { .. }) {
+                    handed_back += 1;
+                }
+                if job.state().is_terminal() {
+                    ended.push(job.state().as_str());
+                }
+                let step = tracing::info_span!("hand back lost attempt", hodei.service = SERVICE, job_id = %job.id(), worker_id = %worker.id());
+                trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
+                // The worker is saved above with its attempts released: nothing to free here.
+                jobs::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
+                    .instrument(step)
+                    .await?;
+            }
+            let messages = events
+                .iter()
+                .map(|e| Outgoing::worker_event(e, SOURCE))
+                .collect::<Result<Vec<_>, _>>()?;
+            hodei_storage::outbox::append(&mut tx, &messages).await?;
+            tx.commit().await?;
+            for state in ended {
+                backends.metrics.job_finished(state);
+            }
+            done.handed_back = handed_back;
+            Ok(())
+        })
+        .await?;
+    backends.relay_wake.notify_one();
+    Ok(done)
 }

@@ -1,0 +1,296 @@
+//! Heartbeats into worker rows: received beats are checked one by one (numbers in range,
+//! subject naming the worker), buffered (newest per worker) and written in one transaction per
+//! flush with the worker events they cause. A batch that fails for any reason but PostgreSQL
+//! being away is written again beat by beat, so one beat that cannot be applied is refused
+//! alone. A worker whose agent comes back as a new incarnation gets the attempts of the
+//! previous one handed back at once.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use hodei_domain::{AttemptId, JobId, JobState, WorkerEvent, WorkerEventKind, WorkerId};
+use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
+use hodei_storage::workers::{self, HeartbeatApplied, HeartbeatEffect};
+use hodei_storage::{Backends, StorageError, jobs};
+
+use crate::SOURCE;
+use crate::confirm::SeenAttempts;
+use crate::liveness::{self, StatusChange};
+use crate::observation::Observation;
+
+/// How long before a kill order for a stale attempt is sent again if the agent still runs it.
+const STALE_RESEND: Duration = Duration::from_secs(5);
+
+/// Beats waiting for the next flush, with what the registry remembers between flushes.
+pub(crate) struct Buffer {
+    beats: HashMap<WorkerId, Heartbeat>,
+    /// Kill orders sent for stale attempts, and when, so each is not sent with every beat.
+    orders: HashMap<AttemptId, tokio::time::Instant>,
+    seen: SeenAttempts,
+}
+
+impl Buffer {
+    pub fn new() -> Self {
+        Self {
+            beats: HashMap::new(),
+            orders: HashMap::new(),
+            seen: SeenAttempts::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.beats.len()
+    }
+
+    /// Checks one received beat and keeps it (the newest per worker): refused alone, with a
+    /// metric, when malformed, out of range or sent on another worker's subject.
+    pub fn receive(&mut self, backends: &Backends, subject: &str, payload: &[u8]) {
+        backends.metrics.heartbeats_received.inc();
+        let hb = match hodei_messaging::decode::<Heartbeat>(subject, payload) {
+            Ok(hb) => hb,
+            Err(e) => {
+                backends.metrics.heartbeat_refused("payload");
+                tracing::warn!(subject, error = %e, "malformed heartbeat refused");
+                return;
+            }
+        };
+        if subjects::token_after(subject, 3) != Some(hb.worker_id.as_str()) {
+            backends.metrics.heartbeat_refused("worker_id");
+            tracing::warn!(subject, worker_id = %hb.worker_id, "heartbeat subject does not match its worker id, refused");
+            return;
+        }
+        if let Err(e) = hb.validate() {
+            backends.metrics.heartbeat_refused(e.field);
+            tracing::warn!(subject, worker_id = %hb.worker_id, error = %e, "heartbeat refused");
+            return;
+        }
+        self.beats.insert(hb.worker_id.clone(), hb);
+    }
+
+    /// Writes the buffered beats; see the module doc.
+    pub async fn flush(&mut self, backends: &Backends, observation: &Observation) {
+        if self.beats.is_empty() {
+            observation.flushed();
+            return;
+        }
+        let now = Utc::now();
+        let beats: Vec<(Heartbeat, chrono::DateTime<Utc>)> =
+            self.beats.drain().map(|(_, hb)| (hb, now)).collect();
+        let sent_before = tokio::time::Instant::now() - STALE_RESEND;
+        self.orders.retain(|_, sent| *sent > sent_before);
+        let mut restarted = Vec::new();
+        match write(backends, &beats, &self.orders).await {
+            Ok(written) => {
+                observation.flushed();
+                self.written(backends, written, &mut restarted);
+            }
+            Err(e) if e.is_unavailable() => {
+                // The beats are lost: nobody's silence may count until writes succeed again.
+                observation.flush_failed();
+                tracing::warn!(count = beats.len(), error = %e, "failed to write heartbeats");
+            }
+            Err(e) => {
+                tracing::warn!(count = beats.len(), error = %e, "failed to write a batch of heartbeats, writing them one by one");
+                let mut unavailable = false;
+                for beat in &beats {
+                    match write(backends, std::slice::from_ref(beat), &self.orders).await {
+                        Ok(written) => self.written(backends, written, &mut restarted),
+                        Err(e) if e.is_unavailable() => unavailable = true,
+                        Err(e) => {
+                            backends.metrics.heartbeat_refused("storage");
+                            tracing::warn!(worker_id = %beat.0.worker_id, error = %e, "heartbeat could not be written, refused");
+                        }
+                    }
+                }
+                if unavailable {
+                    observation.flush_failed();
+                } else {
+                    observation.flushed();
+                }
+            }
+        }
+        for (worker_id, incarnation) in restarted {
+            hand_back_previous_incarnation(backends, &worker_id, incarnation).await;
+        }
+        self.seen.record(backends, &beats).await;
+    }
+
+    fn written(
+        &mut self,
+        backends: &Backends,
+        written: Written,
+        restarted: &mut Vec<(WorkerId, hodei_domain::IncarnationId)>,
+    ) {
+        tracing::debug!(messages = written.messages, "heartbeats flushed");
+        let sent = tokio::time::Instant::now();
+        self.orders
+            .extend(written.ordered.into_iter().map(|a| (a, sent)));
+        restarted.extend(written.restarted);
+        if written.messages > 0 {
+            backends.relay_wake.notify_one();
+        }
+    }
+}
+
+/// What one written batch did.
+struct Written {
+    messages: usize,
+    /// Stale attempts ordered killed.
+    ordered: Vec<AttemptId>,
+    /// Workers whose agent came back as a new incarnation, with that incarnation.
+    restarted: Vec<(WorkerId, hodei_domain::IncarnationId)>,
+}
+
+/// The attempts agents say they run that are no longer theirs (the job ended, moved to another
+/// attempt or another worker): the attempt number is the fencing token.
+async fn stale_attempts(
+    conn: &mut sqlx::PgConnection,
+    beats: &[(Heartbeat, chrono::DateTime<Utc>)],
+) -> Result<Vec<(WorkerId, AttemptId)>, StorageError> {
+    let ids: Vec<JobId> = beats
+        .iter()
+        .flat_map(|(hb, _)| hb.running.iter().map(|a| a.job_id))
+        .collect();
+    let current = jobs::current_attempts(conn, &ids).await?;
+    let mut stale = Vec::new();
+    for (hb, _) in beats {
+        for attempt in &hb.running {
+            let owned = current
+                .get(&attempt.job_id)
+                .is_some_and(|(state, number, worker)| {
+                    matches!(state, JobState::Assigned | JobState::Running)
+                        && *number == attempt.attempt
+                        && worker.as_deref() == Some(hb.worker_id.as_str())
+                });
+            if !owned {
+                stale.push((hb.worker_id.clone(), *attempt));
+            }
+        }
+    }
+    Ok(stale)
+}
+
+/// Writes `beats` in one transaction with the worker events they cause, and orders agents to
+/// kill attempts that are no longer theirs; a worker that comes back with such attempts stays
+/// lost (takes no work) until it has killed them.
+async fn write(
+    backends: &Backends,
+    beats: &[(Heartbeat, chrono::DateTime<Utc>)],
+    orders: &HashMap<AttemptId, tokio::time::Instant>,
+) -> Result<Written, StorageError> {
+    backends
+        .db(|| async {
+            let now = Utc::now();
+            let mut tx = backends.pool.begin().await?;
+            let stale = stale_attempts(&mut tx, beats).await?;
+            let hold_back: HashSet<WorkerId> = stale.iter().map(|(w, _)| w.clone()).collect();
+            let applied = workers::apply_heartbeats(&mut tx, beats, &hold_back).await?;
+            let mut messages = Vec::new();
+            let mut ordered = Vec::new();
+            for (worker_id, attempt) in stale {
+                if orders.contains_key(&attempt) {
+                    continue;
+                }
+                tracing::warn!(worker_id = %worker_id, job_id = %attempt.job_id, attempt = %attempt.attempt, "stale attempt on worker, ordering it killed");
+                let command = AgentCommand::Cancel {
+                    job_id: attempt.job_id,
+                    attempt: attempt.attempt,
+                    reason: "stale attempt: the job is no longer this worker's".to_owned(),
+                };
+                messages.push(Outgoing::agent_command(&worker_id, &command)?);
+                ordered.push(attempt);
+            }
+            let mut restarted = Vec::new();
+            for HeartbeatApplied {
+                worker_id,
+                effect,
+                replaced_incarnation,
+            } in applied
+            {
+                let beat = beats.iter().find(|(hb, _)| hb.worker_id == worker_id);
+                if let (Some(previous), Some((hb, _))) = (replaced_incarnation, beat) {
+                    tracing::info!(worker_id = %worker_id, incarnation = %hb.incarnation, previous = ?previous.map(|p| p.to_string()), "worker restarted as a new agent incarnation");
+                    restarted.push((worker_id.clone(), hb.incarnation));
+                }
+                let kind = match effect {
+                    HeartbeatEffect::Refreshed => continue,
+                    HeartbeatEffect::Registered => {
+                        let Some((hb, _)) = beat else {
+                            continue;
+                        };
+                        tracing::info!(worker_id = %worker_id, labels = ?hb.labels, "worker registered");
+                        WorkerEventKind::Registered {
+                            labels: hb.labels.clone(),
+                            capacity: hb.capacity,
+                            max_concurrent_jobs: hb.max_concurrent_jobs,
+                        }
+                    }
+                    HeartbeatEffect::Returned => {
+                        tracing::info!(worker_id = %worker_id, "worker returned");
+                        WorkerEventKind::Returned
+                    }
+                    HeartbeatEffect::Draining => {
+                        tracing::info!(worker_id = %worker_id, "worker draining");
+                        WorkerEventKind::Draining
+                    }
+                    HeartbeatEffect::Offline => {
+                        tracing::info!(worker_id = %worker_id, "worker said goodbye, offline");
+                        WorkerEventKind::Offline
+                    }
+                };
+                let event = WorkerEvent::new(worker_id, now, kind);
+                messages.push(Outgoing::worker_event(&event, SOURCE)?);
+            }
+            hodei_storage::outbox::append(&mut tx, &messages).await?;
+            tx.commit().await?;
+            Ok(Written {
+                messages: messages.len(),
+                ordered,
+                restarted,
+            })
+        })
+        .await
+}
+
+/// A worker's agent came back as `incarnation`: the attempts it held from the previous one
+/// are gone with that process, so they are handed back at once (but those whose report is
+/// still on its way). A failure leaves them to the liveness sweep.
+async fn hand_back_previous_incarnation(
+    backends: &Backends,
+    worker_id: &WorkerId,
+    incarnation: hodei_domain::IncarnationId,
+) {
+    let worker = match backends
+        .db(|| workers::get(&backends.pool, worker_id))
+        .await
+    {
+        Ok(Some(worker)) => worker,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(worker_id = %worker_id, error = %e, "failed to read restarted worker");
+            return;
+        }
+    };
+    let previous = worker.attempts_of_other_incarnations(incarnation);
+    if previous.is_empty() {
+        return;
+    }
+    let reason = format!("the agent of worker {worker_id} restarted while the attempt ran");
+    match liveness::hand_back(
+        backends,
+        worker,
+        previous,
+        &reason,
+        StatusChange::Restarted(incarnation),
+    )
+    .await
+    {
+        Ok(done) => {
+            tracing::warn!(worker_id = %worker_id, handed_back = done.handed_back, deferred = done.deferred, "attempts of the previous incarnation handed back")
+        }
+        Err(e) => {
+            tracing::warn!(worker_id = %worker_id, error = %e, "failed to hand back the previous incarnation's attempts, the sweep retries")
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Whether the registry could observe its fleet, and since when. Silence counts against a
+//! worker only while the registry could have heard it: after the registry's own start, after
+//! NATS reconnects, after PostgreSQL comes back from failing heartbeat writes, and after its own
+//! processing lagged, the clock restarts. An outage of the observer is never evidence against a
+//! worker.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hodei_telemetry::Metrics;
+use tokio::time::Instant;
+
+/// The registry's view of its own ability to observe; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Observation {
+    state: Arc<Mutex<State>>,
+    metrics: Metrics,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Silence before this instant is not counted.
+    since: DateTime<Utc>,
+    /// NATS connections made so far (initial one included), as last seen.
+    nats_connects: u64,
+    /// The last heartbeat write failed: the beats it carried were dropped.
+    writes_failing: bool,
+    /// When buffered heartbeats were last written (or there were none to write).
+    last_flush: Instant,
+}
+
+impl Observation {
+    /// Starts observing now (the registry's own start counts as a restart of the clock).
+    pub fn start(nats: &async_nats::Client, metrics: Metrics) -> Self {
+        metrics.liveness_reset("start");
+        Self {
+            state: Arc::new(Mutex::new(State {
+                since: Utc::now(),
+                nats_connects: nats.statistics().connects.load(Ordering::Relaxed),
+                writes_failing: false,
+                last_flush: Instant::now(),
+            })),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Silence before this counts for nothing.
+    pub fn since(&self) -> DateTime<Utc> {
+        self.lock().since
+    }
+
+    fn reset(&self, state: &mut State, cause: &'static str) {
+        let now = Utc::now();
+        if now > state.since {
+            state.since = now;
+        }
+        self.metrics.liveness_reset(cause);
+        tracing::debug!(
+            cause,
+            "liveness clock restarted: the registry could not observe"
+        );
+    }
+
+    /// A batch of heartbeats was written (or there was none): the registry hears its fleet.
+    /// The first success after failures restarts the clock, since the failed beats were lost.
+    pub fn flushed(&self) {
+        let mut state = self.lock();
+        state.last_flush = Instant::now();
+        if state.writes_failing {
+            state.writes_failing = false;
+            self.reset(&mut state, "postgres");
+            tracing::info!("heartbeat writes recovered, silence counted from now");
+        }
+    }
+
+    /// Writing a batch of heartbeats failed: those beats are lost, so nobody's silence counts.
+    pub fn flush_failed(&self) {
+        let mut state = self.lock();
+        state.last_flush = Instant::now();
+        state.writes_failing = true;
+        self.reset(&mut state, "postgres");
+    }
+
+    /// Checks the NATS connection and the registry's own pace; restarts the clock while NATS is
+    /// disconnected, after it reconnected, and while heartbeat writes lag more than `lag_limit`.
+    pub fn check(&self, nats: &async_nats::Client, lag_limit: Duration) {
+        let mut state = self.lock();
+        let connects = nats.statistics().connects.load(Ordering::Relaxed);
+        let connected = nats.connection_state() == async_nats::connection::State::Connected;
+        if !connected || connects != state.nats_connects {
+            if connected {
+                tracing::info!("nats reconnected, silence counted from now");
+            }
+            state.nats_connects = connects;
+            self.reset(&mut state, "nats");
+        }
+        if state.last_flush.elapsed() > lag_limit {
+            self.reset(&mut state, "lag");
+        }
+        if state.writes_failing {
+            self.reset(&mut state, "postgres");
+        }
+    }
+}
