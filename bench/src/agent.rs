@@ -205,6 +205,7 @@ async fn measure(
             attempt: AttemptNumber::new(1),
             spec: Box::new(spec.clone()),
             assigned_at,
+            incarnation: None,
         };
         let payload = serde_json::to_vec(&command)?;
         let mut headers = HeaderMap::new();

@@ -49,6 +49,7 @@ async fn run_with(
         heartbeat_interval_ms: u64::try_from(p.interval.as_millis()).unwrap_or(u64::MAX),
         missed_beats: p.missed_beats,
         flush_interval_ms: 100,
+        partition_share: 0.5,
     };
     let services = Services::start(nats.url(), database.url(), settings, true).await?;
     let pool = match database.connect().await {
@@ -64,6 +65,7 @@ async fn run_with(
             agents: p.agents,
             interval: p.interval,
             hold_jobs: true,
+            lease: hodei_domain::LeaseTerms::DEFAULT,
         },
     )
     .await;

@@ -33,6 +33,8 @@ pub struct FleetConfig {
     pub agents: usize,
     pub interval: Duration,
     pub hold_jobs: bool,
+    /// The lease and kill grace the simulated agents announce.
+    pub lease: hodei_domain::LeaseTerms,
 }
 
 /// What the beating task and the scenario share.
@@ -48,6 +50,9 @@ struct Shared {
     base: Instant,
     base_utc: DateTime<Utc>,
     held: Mutex<HashMap<usize, Vec<AttemptId>>>,
+    /// The simulated agents' incarnation and lease terms, the same for the whole run.
+    incarnation: hodei_domain::IncarnationId,
+    lease: hodei_domain::LeaseTerms,
 }
 
 /// A running fleet; stop it with [`Fleet::stop`].
@@ -78,6 +83,8 @@ impl Fleet {
             base: Instant::now(),
             base_utc: Utc::now(),
             held: Mutex::new(HashMap::new()),
+            incarnation: hodei_domain::IncarnationId::new(),
+            lease: config.lease,
         });
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -212,6 +219,9 @@ async fn beat(
             let id = &shared.ids[i];
             let beat = Heartbeat {
                 worker_id: id.clone(),
+                incarnation: shared.incarnation,
+                lease_ms: shared.lease.lease_ms,
+                kill_grace_ms: shared.lease.kill_grace_ms,
                 labels: labels.clone(),
                 capacity: Resources::new(4000, 8192),
                 max_concurrent_jobs: 4,
@@ -283,7 +293,11 @@ async fn hold(js: &jetstream::Context, shared: &Shared, batch: Vec<jetstream::Me
                     report.report_id.to_string().as_str(),
                 );
                 match js
-                    .publish_with_headers(subjects::report(&job_id), headers, payload.into())
+                    .publish_with_headers(
+                        subjects::report(&report.worker_id, &job_id),
+                        headers,
+                        payload.into(),
+                    )
                     .await
                 {
                     Ok(ack) => {

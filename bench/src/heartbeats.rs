@@ -43,6 +43,7 @@ async fn run_with(
         heartbeat_interval_ms: u64::try_from(p.interval.as_millis()).unwrap_or(u64::MAX),
         missed_beats: 3,
         flush_interval_ms: 100,
+        partition_share: 0.5,
     };
     let services = Services::start(nats.url(), database.url(), settings, false).await?;
     let pool = match database.connect().await {
@@ -58,6 +59,7 @@ async fn run_with(
             agents: p.agents,
             interval: p.interval,
             hold_jobs: false,
+            lease: hodei_domain::LeaseTerms::DEFAULT,
         },
     )
     .await;

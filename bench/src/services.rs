@@ -23,6 +23,9 @@ pub struct RegistrySettings {
     pub heartbeat_interval_ms: u64,
     pub missed_beats: u32,
     pub flush_interval_ms: u64,
+    /// Share of the fleet that may go silent at once before the registry suspects its own
+    /// partition.
+    pub partition_share: f64,
 }
 
 /// Running services; stop them with [`Services::stop`].
@@ -71,6 +74,8 @@ impl Services {
             heartbeat_interval_ms: settings.heartbeat_interval_ms,
             missed_beats: settings.missed_beats,
             flush_interval_ms: settings.flush_interval_ms,
+            partition_share: settings.partition_share,
+            partition_min_workers: 3,
         })
         .await
         .context("failed to start the registry")?;

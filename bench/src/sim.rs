@@ -57,6 +57,7 @@ impl SimAgents {
             ids,
             slots: config.slots,
             running: running.clone(),
+            incarnation: hodei_domain::IncarnationId::new(),
         };
         beats.beat_all().await;
         let interval = Duration::from_millis(config.heartbeat_ms);
@@ -112,6 +113,8 @@ struct Beats {
     ids: Vec<WorkerId>,
     slots: u32,
     running: Running,
+    /// The simulated agents' incarnation, the same for the whole run.
+    incarnation: hodei_domain::IncarnationId,
 }
 
 impl Beats {
@@ -122,6 +125,9 @@ impl Beats {
             let running = lock(&self.running).get(id).cloned().unwrap_or_default();
             let beat = Heartbeat {
                 worker_id: id.clone(),
+                incarnation: self.incarnation,
+                lease_ms: hodei_domain::LeaseTerms::DEFAULT.lease_ms,
+                kill_grace_ms: hodei_domain::LeaseTerms::DEFAULT.kill_grace_ms,
                 labels: labels.clone(),
                 capacity: Resources::new(4000, 8192),
                 max_concurrent_jobs: self.slots,
@@ -207,7 +213,11 @@ async fn answer(js: &jetstream::Context, running: &Running, batch: Vec<jetstream
                 report.report_id.to_string().as_str(),
             );
             match js
-                .publish_with_headers(subjects::report(&attempt.job_id), headers, payload.into())
+                .publish_with_headers(
+                    subjects::report(worker, &attempt.job_id),
+                    headers,
+                    payload.into(),
+                )
                 .await
             {
                 Ok(ack) => acks.push(ack),

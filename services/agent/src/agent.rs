@@ -15,7 +15,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
 use futures::StreamExt;
-use hodei_domain::{AttemptId, WorkerId};
+use hodei_domain::{AttemptId, IncarnationId, WorkerId};
 use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects, trace};
 use hodei_telemetry::{Metrics, ObservabilityServer};
 use tokio::sync::Notify;
@@ -27,7 +27,9 @@ use crate::attempt::{self, Assignment, AttemptContext, Stops};
 use crate::config::{AgentConfig, Settings};
 use crate::error::AgentError;
 use crate::heartbeat::Heartbeater;
+use crate::lease::{self, Lease};
 use crate::observe::{AgentProbes, SERVICE};
+use crate::records::{self, Records};
 use crate::running::Running;
 
 /// How long to keep trying the first connection to NATS.
@@ -40,10 +42,17 @@ const MAX_PULL_BACKOFF: Duration = Duration::from_secs(5);
 const REPORT_GRACE: Duration = Duration::from_secs(10);
 /// After giving up on reports, how long attempts get to wind down before they are aborted.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
+/// How long the reports of what the previous incarnation left may take before the agent
+/// starts beating anyway (the registry then hands those attempts back itself).
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An agent, connected and ready to run: see [`Agent::run_until_stopped`].
 pub struct Agent {
     settings: Settings,
+    /// New at every start: the registry tells this process from earlier ones by it.
+    incarnation: IncarnationId,
+    records: Records,
+    setpriv: std::path::PathBuf,
     client: async_nats::Client,
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
@@ -76,6 +85,16 @@ impl Agent {
                 path: settings.work_dir.clone(),
                 source,
             })?;
+        let records = Records::open(&settings.work_dir).map_err(|source| AgentError::WorkDir {
+            path: settings.work_dir.clone(),
+            source,
+        })?;
+        // Every job starts through it so that it dies with the agent (util-linux, on every
+        // Debian system).
+        let setpriv = which::which("setpriv").map_err(|_| AgentError::InvalidConfig {
+            field: "PATH",
+            reason: "setpriv (util-linux) not found: jobs could outlive the agent",
+        })?;
         let id = &settings.worker_id;
         let (client, js) = connect(
             &settings.nats_url,
@@ -102,6 +121,9 @@ impl Agent {
         );
         Ok(Agent {
             settings,
+            incarnation: IncarnationId::new(),
+            records,
+            setpriv,
             client,
             js,
             artifacts,
@@ -155,10 +177,38 @@ impl Agent {
         let draining = Arc::new(AtomicBool::new(false));
         let beat_now = Arc::new(Notify::new());
         let stop_beating = CancellationToken::new();
+        let stops = Stops::default();
+        let ctx = Arc::new(AttemptContext {
+            js: self.js.clone(),
+            worker_id: worker_id.clone(),
+            work_dir: self.settings.work_dir.clone(),
+            kill_grace: self.settings.kill_grace,
+            path: std::env::var_os("PATH"),
+            stops: stops.clone(),
+            metrics: self.metrics.clone(),
+            artifacts: self.artifacts.clone(),
+            artifact_max_bytes: self.settings.artifact_max_bytes,
+            records: self.records.clone(),
+            setpriv: self.setpriv.clone(),
+        });
+        // Before the first beat: a report the previous incarnation could not send must be
+        // stored before the registry, seeing the new incarnation, hands its attempts back.
+        recover(&ctx).await;
+        let lease = Lease::new(self.settings.lease);
+        let lease_watch = tokio::spawn(lease::watch(
+            lease.clone(),
+            running.clone(),
+            worker_id.clone(),
+            self.metrics.clone(),
+            stop_beating.clone(),
+        ));
         let heartbeats = tokio::spawn(
             Heartbeater::new(
                 self.client.clone(),
                 worker_id.clone(),
+                self.incarnation,
+                lease,
+                (self.settings.lease, self.settings.kill_grace),
                 self.settings.labels.clone(),
                 self.settings.capacity,
                 self.settings.max_concurrent_jobs,
@@ -172,18 +222,6 @@ impl Agent {
                 stop_beating.clone(),
             ),
         );
-        let stops = Stops::default();
-        let ctx = Arc::new(AttemptContext {
-            js: self.js.clone(),
-            worker_id: worker_id.clone(),
-            work_dir: self.settings.work_dir.clone(),
-            kill_grace: self.settings.kill_grace,
-            path: std::env::var_os("PATH"),
-            stops: stops.clone(),
-            metrics: self.metrics.clone(),
-            artifacts: self.artifacts.clone(),
-            artifact_max_bytes: self.settings.artifact_max_bytes,
-        });
         let mut attempts = JoinSet::new();
 
         let cause = self
@@ -208,6 +246,7 @@ impl Agent {
         self.drain(&stops, &running, &mut attempts).await;
 
         stop_beating.cancel();
+        let _ = lease_watch.await;
         match heartbeats.await {
             Ok(heartbeater) => heartbeater.last_beat().await,
             Err(e) => error!(worker_id = %worker_id, error = %e, "heartbeat task failed"),
@@ -331,10 +370,20 @@ impl Agent {
                 job_id,
                 attempt,
                 spec,
+                incarnation,
                 ..
             } => {
                 let id = AttemptId::new(job_id, attempt);
-                let Some(cancel) = running.start(id) else {
+                if let Some(placed_with) = incarnation
+                    && placed_with != self.incarnation
+                {
+                    // Placed with an earlier process of this worker: the registry hands it
+                    // back, and running it here could overlap with its next attempt.
+                    info!(job_id = %job_id, attempt = %attempt, placed_with = %placed_with, incarnation = %self.incarnation, "assignment for a previous incarnation, ignoring it");
+                    ack(&message).await;
+                    return None;
+                }
+                let Some(stoppers) = running.start(id) else {
                     info!(job_id = %job_id, attempt = %attempt, "attempt already running, ignoring the assignment");
                     ack(&message).await;
                     return None;
@@ -348,7 +397,7 @@ impl Agent {
                     id,
                     spec,
                     command: message,
-                    cancel,
+                    stoppers,
                 };
                 let ctx = Arc::clone(ctx);
                 let running = running.clone();
@@ -428,6 +477,39 @@ impl Agent {
                 log_join(joined);
             }
         }
+    }
+}
+
+/// Sweeps and reports what the previous incarnation left in the work folder: kills what is
+/// left of each recorded attempt's processes, then reports each attempt (as recorded when its
+/// process had ended, as lost otherwise), removing the record once the report is stored.
+async fn recover(ctx: &AttemptContext) {
+    let left = ctx.records.left();
+    if left.is_empty() {
+        return;
+    }
+    info!(worker_id = %ctx.worker_id, attempts = left.len(), "reporting what the previous incarnation left");
+    // Bounded by the timeout below, which drops whatever is still publishing.
+    let give_up = CancellationToken::new();
+    let give_up = &give_up;
+    let all = futures::future::join_all(left.into_iter().map(|record| async move {
+        records::kill_leftovers(&record);
+        let outcome = records::outcome_of(&record);
+        info!(job_id = %record.attempt.job_id, attempt = %record.attempt.attempt, outcome = %outcome, "attempt of the previous incarnation");
+        let finished = hodei_messaging::ReportKind::Finished {
+            outcome,
+            tail: record.tail.clone(),
+        };
+        if attempt::report(ctx, record.attempt, record.report_id, finished, give_up).await {
+            ctx.records.remove(&record.attempt);
+            let workspace = ctx
+                .work_dir
+                .join(format!("{}-{}", record.attempt.job_id, record.attempt.attempt));
+            let _ = tokio::fs::remove_dir_all(workspace).await;
+        }
+    }));
+    if tokio::time::timeout(RECOVERY_TIMEOUT, all).await.is_err() {
+        warn!(worker_id = %ctx.worker_id, "reports of the previous incarnation not stored in time, the registry hands those attempts back");
     }
 }
 

@@ -6,6 +6,10 @@
 //!
 //! The command that assigned the attempt is acknowledged once `Started` is stored (or, if that
 //! never happened, once `Finished` is): until then it would be redelivered.
+//!
+//! The process is started through `setpriv --pdeathsig KILL`, so it dies with the agent, and
+//! recorded in the work folder ([`crate::records`]) from its start until its `Finished` report
+//! is stored, so the next incarnation can sweep and report what this one left.
 
 use std::ffi::OsString;
 use std::io;
@@ -33,10 +37,16 @@ use crate::group::ProcessGroup;
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
+use crate::records::{Record, Records};
+use crate::running::Stoppers;
 
 /// The reason given for an attempt still running when the agent's drain timed out: it is
 /// reported `Lost` with it.
 pub const LOST_REASON: &str = "agent shut down before the attempt finished";
+/// The reason given for an attempt the agent stopped because it could not reach NATS for
+/// longer than its lease: it is reported `Lost` with it (and requeued elsewhere).
+pub const LEASE_REASON: &str =
+    "the agent lost contact with NATS for longer than its lease and stopped the attempt";
 /// How long a process may take to disappear after SIGKILL before the agent stops waiting.
 const AFTER_KILL_WAIT: Duration = Duration::from_secs(5);
 /// Shortest wait for a killed job's output to close.
@@ -55,6 +65,10 @@ pub(crate) struct AttemptContext {
     /// Where pipeline steps' artifacts are kept.
     pub artifacts: async_nats::jetstream::object_store::ObjectStore,
     pub artifact_max_bytes: u64,
+    /// Where attempts are recorded for the next incarnation.
+    pub records: Records,
+    /// `setpriv`, which starts every job with the parent-death signal set.
+    pub setpriv: PathBuf,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -72,8 +86,8 @@ pub(crate) struct Assignment {
     pub id: AttemptId,
     pub spec: Box<JobSpec>,
     pub command: jetstream::Message,
-    /// Cancelled by a `Cancel` command.
-    pub cancel: CancellationToken,
+    /// What stops it: a `Cancel` command, or the agent's lease expiring.
+    pub stoppers: Stoppers,
 }
 
 /// Why the agent stopped a process.
@@ -82,6 +96,7 @@ enum StopReason {
     TimedOut,
     Cancelled,
     Lost,
+    LeaseExpired,
 }
 
 impl StopReason {
@@ -90,6 +105,7 @@ impl StopReason {
             StopReason::TimedOut => "timed out",
             StopReason::Cancelled => "cancelled",
             StopReason::Lost => "agent shutting down",
+            StopReason::LeaseExpired => "lease expired",
         }
     }
 }
@@ -109,12 +125,28 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         id,
         spec,
         command,
-        cancel,
+        stoppers,
     } = assignment;
     let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
     let masker = Arc::new(Masker::for_spec(&spec));
+    let report_id = Uuid::now_v7();
+    let mut pgid = None;
     let (mut outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
-        Ok(child) => supervise(&ctx, id, &spec, child, &command, &cancel, masker).await,
+        Ok(child) => {
+            let record = Record {
+                attempt: id,
+                pgid: child
+                    .id()
+                    .and_then(|pid| i32::try_from(pid).ok())
+                    .unwrap_or_default(),
+                report_id,
+                outcome: None,
+                tail: Vec::new(),
+            };
+            ctx.records.write(&record);
+            pgid = Some(record.pgid);
+            supervise(&ctx, id, &spec, child, &command, &stoppers, masker, record).await
+        }
         Err(reason) => {
             // The reason names the program, which may hold a secret value.
             let reason = String::from_utf8_lossy(&masker.mask(reason.as_bytes())).into_owned();
@@ -146,9 +178,21 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     ctx.metrics
         .agent_attempt_finished(crate::observe::outcome_label(&outcome));
     info!(job_id = %id.job_id, attempt = %id.attempt, outcome = %outcome, "attempt finished");
+    if let Some(pgid) = pgid {
+        ctx.records.write(&Record {
+            attempt: id,
+            pgid,
+            report_id,
+            outcome: Some(outcome.clone()),
+            tail: tail.clone(),
+        });
+    }
     let finished = ReportKind::Finished { outcome, tail };
-    if report(&ctx, id, finished, &ctx.stops.give_up).await && !acked {
-        ack(&command, id).await;
+    if report(&ctx, id, report_id, finished, &ctx.stops.give_up).await {
+        ctx.records.remove(&id);
+        if !acked {
+            ack(&command, id).await;
+        }
     }
     match tokio::fs::remove_dir_all(&workspace).await {
         Ok(()) => {}
@@ -197,8 +241,21 @@ async fn spawn(
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| "the command is empty".to_owned())?;
-    let mut command = Command::new(program);
-    command.args(args).env_clear();
+    // Found as the job's own PATH would find it, so a missing program fails the start here
+    // rather than inside `setpriv`.
+    let search_path = spec
+        .env
+        .get("PATH")
+        .map(OsString::from)
+        .or_else(|| ctx.path.clone());
+    let resolved = which::which_in(program, search_path, &cwd)
+        .map_err(|e| format!("failed to start {program}: {e}"))?;
+    let mut command = Command::new(&ctx.setpriv);
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(&resolved)
+        .args(args)
+        .env_clear();
     if let Some(path) = &ctx.path {
         command.env("PATH", path);
     }
@@ -215,21 +272,26 @@ async fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    command
-        .spawn()
-        .map_err(|e| format!("failed to start {program}: {e}"))
+    command.spawn().map_err(|e| {
+        format!(
+            "failed to start {program} (through {}): {e}",
+            ctx.setpriv.display()
+        )
+    })
 }
 
 /// Watches a started process to its end while reporting `Started`; returns the outcome, the
 /// output's last lines and whether the command is acknowledged.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     ctx: &AttemptContext,
     id: AttemptId,
     spec: &JobSpec,
     mut child: Child,
     command: &jetstream::Message,
-    cancel: &CancellationToken,
+    stoppers: &Stoppers,
     masker: Arc<Masker>,
+    mut record: Record,
 ) -> (AttemptOutcome, Vec<String>, bool) {
     let deadline = Instant::now() + spec.timeout();
     let pid = child.id().unwrap_or_default();
@@ -273,18 +335,23 @@ async fn supervise(
     // Retried until stored (or the agent gives up): a job must not go from assigned to ended
     // without having been seen running, even if the agent began draining meanwhile.
     let announce = async {
-        let stored = report(ctx, id, ReportKind::Started { pid }, &ctx.stops.give_up).await;
+        let started = ReportKind::Started { pid };
+        let stored = report(ctx, id, Uuid::now_v7(), started, &ctx.stops.give_up).await;
         if stored {
             ack(command, id).await;
         }
         stored
     };
     let watch = async {
-        let end = wait_or_stop(ctx, id, &mut child, group, deadline, cancel).await;
+        let end = wait_or_stop(ctx, id, &mut child, group, deadline, stoppers).await;
+        // Recorded at once: an agent killed from here on still has its next incarnation
+        // report how the process ended, instead of running the job again.
+        record.outcome = Some(outcome(&end));
+        ctx.records.write(&record);
         // The shipper sends its last batch once the pipes are closed too.
         let _ = exited_tx.send(());
         let stopped = matches!(end, End::Stopped(_));
-        close_output(ctx, id, group, readers, deadline, cancel, stopped).await;
+        close_output(ctx, id, group, readers, deadline, stoppers, stopped).await;
         end
     };
     let (acked, end) = tokio::join!(announce, watch);
@@ -292,7 +359,7 @@ async fn supervise(
         error!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "log shipper failed");
         Vec::new()
     });
-    (outcome(end), tail, acked)
+    (outcome(&end), tail, acked)
 }
 
 /// Waits for the process to exit, or stops it (SIGTERM, grace, SIGKILL to its group) at the
@@ -303,12 +370,13 @@ async fn wait_or_stop(
     child: &mut Child,
     group: Option<ProcessGroup>,
     deadline: Instant,
-    cancel: &CancellationToken,
+    stoppers: &Stoppers,
 ) -> End {
     let reason = tokio::select! {
         status = child.wait() => return End::Exited(status),
         _ = tokio::time::sleep_until(deadline) => StopReason::TimedOut,
-        _ = cancel.cancelled() => StopReason::Cancelled,
+        _ = stoppers.cancel.cancelled() => StopReason::Cancelled,
+        _ = stoppers.lose.cancelled() => StopReason::LeaseExpired,
         _ = ctx.stops.lost.cancelled() => StopReason::Lost,
     };
     info!(job_id = %id.job_id, attempt = %id.attempt, reason = reason.as_str(), grace_ms = %ctx.kill_grace.as_millis(), "stopping process group");
@@ -351,7 +419,7 @@ async fn close_output(
     group: Option<ProcessGroup>,
     readers: Vec<JoinHandle<()>>,
     deadline: Instant,
-    cancel: &CancellationToken,
+    stoppers: &Stoppers,
     stopped: bool,
 ) {
     if let Some(group) = group
@@ -372,7 +440,8 @@ async fn close_output(
         tokio::select! {
             _ = &mut done => true,
             _ = tokio::time::sleep_until(deadline) => false,
-            _ = cancel.cancelled() => false,
+            _ = stoppers.cancel.cancelled() => false,
+            _ = stoppers.lose.cancelled() => false,
             _ = ctx.stops.lost.cancelled() => false,
         }
     };
@@ -385,12 +454,15 @@ async fn close_output(
 }
 
 /// The outcome to report for how the process ended.
-fn outcome(end: End) -> AttemptOutcome {
+fn outcome(end: &End) -> AttemptOutcome {
     match end {
         End::Stopped(StopReason::TimedOut) => AttemptOutcome::TimedOut,
         End::Stopped(StopReason::Cancelled) => AttemptOutcome::Cancelled,
         End::Stopped(StopReason::Lost) => AttemptOutcome::Lost {
             reason: LOST_REASON.to_owned(),
+        },
+        End::Stopped(StopReason::LeaseExpired) => AttemptOutcome::Lost {
+            reason: LEASE_REASON.to_owned(),
         },
         End::Exited(Ok(status)) => match (status.code(), status.signal()) {
             (Some(code), _) => AttemptOutcome::Exited { code },
@@ -405,16 +477,17 @@ fn outcome(end: End) -> AttemptOutcome {
     }
 }
 
-/// Publishes a report on the attempt until it is stored or `stop` is cancelled; returns
-/// whether it was stored.
-async fn report(
+/// Publishes a report on the attempt (de-duplicated by `report_id`) until it is stored or
+/// `stop` is cancelled; returns whether it was stored.
+pub(crate) async fn report(
     ctx: &AttemptContext,
     id: AttemptId,
+    report_id: Uuid,
     kind: ReportKind,
     stop: &CancellationToken,
 ) -> bool {
     let report = AgentReport {
-        report_id: Uuid::now_v7(),
+        report_id,
         worker_id: ctx.worker_id.clone(),
         job_id: id.job_id,
         attempt: id.attempt,
@@ -431,7 +504,7 @@ async fn report(
     let stored = publish::until_acked(
         &ctx.js,
         &ctx.metrics,
-        &subjects::report(&id.job_id),
+        &subjects::report(&ctx.worker_id, &id.job_id),
         &report.report_id.to_string(),
         payload.into(),
         stop,
@@ -462,19 +535,19 @@ mod tests {
     #[test]
     fn exits_and_signals_become_outcomes() {
         assert_eq!(
-            outcome(End::Exited(Ok(status_of("exit 3")))),
+            outcome(&End::Exited(Ok(status_of("exit 3")))),
             AttemptOutcome::Exited { code: 3 }
         );
         assert_eq!(
-            outcome(End::Exited(Ok(status_of("kill -9 $$")))),
+            outcome(&End::Exited(Ok(status_of("kill -9 $$")))),
             AttemptOutcome::Signalled { signal: 9 }
         );
         assert_eq!(
-            outcome(End::Stopped(StopReason::TimedOut)),
+            outcome(&End::Stopped(StopReason::TimedOut)),
             AttemptOutcome::TimedOut
         );
         assert_eq!(
-            outcome(End::Stopped(StopReason::Lost)),
+            outcome(&End::Stopped(StopReason::Lost)),
             AttemptOutcome::Lost {
                 reason: LOST_REASON.to_owned()
             }

@@ -49,6 +49,12 @@ pub struct AgentConfig {
     /// Milliseconds a job gets between SIGTERM and SIGKILL when it is stopped.
     #[arg(long, env = "HODEI_KILL_GRACE_MS", default_value_t = 10_000)]
     pub kill_grace_ms: u64,
+    /// Milliseconds the agent keeps running attempts without reaching NATS. Past it, it stops
+    /// them itself (SIGTERM, kill grace, SIGKILL) and reports them once reconnected; the
+    /// registry hands a silent worker's attempts back only after lease plus kill grace. The
+    /// default survives a 10 s NATS restart without stopping any work.
+    #[arg(long, env = "HODEI_LEASE_MS", default_value_t = 15_000)]
+    pub lease_ms: u64,
     /// Milliseconds running attempts get to finish when the agent shuts down.
     #[arg(long, env = "HODEI_DRAIN_TIMEOUT_MS", default_value_t = 60_000)]
     pub drain_timeout_ms: u64,
@@ -72,6 +78,8 @@ pub(crate) struct Settings {
     pub work_dir: PathBuf,
     pub heartbeat_interval: Duration,
     pub kill_grace: Duration,
+    /// How long attempts run on without contact with NATS.
+    pub lease: Duration,
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub artifact_max_bytes: u64,
@@ -91,6 +99,13 @@ impl Settings {
         if config.heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be at least 1"));
         }
+        let terms =
+            hodei_domain::LeaseTerms::new(config.lease_ms, config.kill_grace_ms).map_err(|_| {
+                invalid(
+                    "lease_ms",
+                    "lease must be 1 ms to 1 day, kill grace at most 1 day",
+                )
+            })?;
         let capacity = host_capacity(config.cpu_millis, config.memory_mb);
         let work_dir = config
             .work_dir
@@ -103,7 +118,8 @@ impl Settings {
             capacity,
             work_dir,
             heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
-            kill_grace: Duration::from_millis(config.kill_grace_ms),
+            kill_grace: Duration::from_millis(terms.kill_grace_ms),
+            lease: Duration::from_millis(terms.lease_ms),
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             metrics_addr: config.metrics_addr,
             artifact_max_bytes: config.artifact_max_bytes,

@@ -1,6 +1,7 @@
-//! Heartbeats: the agent's sign of life on core NATS, with its labels, capacity, the host's
-//! measured usage and the attempts it runs. A failed publish is logged and tried again at the
-//! next tick; heartbeats are never fatal.
+//! Heartbeats: the agent's sign of life on core NATS, with its incarnation, lease terms,
+//! labels, capacity, the host's measured usage and the attempts it runs. Each beat the server
+//! confirms (a flush round trip) renews the agent's [`Lease`]. A failed publish is logged and
+//! tried again at the next tick; heartbeats are never fatal.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use hodei_domain::{ResourceUsage, Resources, WorkerId};
+use hodei_domain::{IncarnationId, ResourceUsage, Resources, WorkerId};
 use hodei_messaging::{Heartbeat, subjects, trace};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 use tokio::sync::Notify;
@@ -16,6 +17,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
+use crate::lease::Lease;
 use crate::running::Running;
 
 const MIB: u64 = 1024 * 1024;
@@ -27,6 +29,12 @@ pub(crate) struct Heartbeater {
     client: async_nats::Client,
     subject: String,
     worker_id: WorkerId,
+    incarnation: IncarnationId,
+    lease: Lease,
+    lease_ms: u64,
+    kill_grace_ms: u64,
+    /// Longest wait for the server to confirm a beat.
+    confirm_within: Duration,
     labels: BTreeMap<String, String>,
     capacity: Resources,
     max_concurrent_jobs: u32,
@@ -39,10 +47,14 @@ pub(crate) struct Heartbeater {
 
 impl Heartbeater {
     /// A heartbeater for `worker_id`, reading the attempts from `running` and whether the
-    /// agent is draining from `draining`.
+    /// agent is draining from `draining`, renewing `lease` with every confirmed beat.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: async_nats::Client,
         worker_id: WorkerId,
+        incarnation: IncarnationId,
+        lease: Lease,
+        (lease_length, kill_grace): (Duration, Duration),
         labels: BTreeMap<String, String>,
         capacity: Resources,
         max_concurrent_jobs: u32,
@@ -59,6 +71,11 @@ impl Heartbeater {
             client,
             subject: subjects::heartbeat(&worker_id),
             worker_id,
+            incarnation,
+            lease,
+            lease_ms: u64::try_from(lease_length.as_millis()).unwrap_or(u64::MAX),
+            kill_grace_ms: u64::try_from(kill_grace.as_millis()).unwrap_or(u64::MAX),
+            confirm_within: lease_length / 4,
             labels,
             capacity,
             max_concurrent_jobs,
@@ -115,6 +132,9 @@ impl Heartbeater {
     async fn send(&mut self, leaving: bool) {
         let heartbeat = Heartbeat {
             worker_id: self.worker_id.clone(),
+            incarnation: self.incarnation,
+            lease_ms: self.lease_ms,
+            kill_grace_ms: self.kill_grace_ms,
             labels: self.labels.clone(),
             capacity: self.capacity,
             max_concurrent_jobs: self.max_concurrent_jobs,
@@ -134,18 +154,31 @@ impl Heartbeater {
         let span = trace::send_heartbeat_span(crate::observe::SERVICE, &self.subject);
         let mut headers = async_nats::HeaderMap::new();
         trace::to_nats(&trace::headers_of(&span), &mut headers);
+        let sent = tokio::time::Instant::now();
         match self
             .client
             .publish_with_headers(self.subject.clone(), headers, payload.into())
             .instrument(span)
             .await
         {
-            Ok(()) => debug!(
-                worker_id = %self.worker_id,
-                running = heartbeat.running.len(),
-                draining = heartbeat.draining,
-                "heartbeat sent"
-            ),
+            Ok(()) => {
+                debug!(
+                    worker_id = %self.worker_id,
+                    running = heartbeat.running.len(),
+                    draining = heartbeat.draining,
+                    "heartbeat sent"
+                );
+                // The server has it once a round trip after it completes.
+                match tokio::time::timeout(self.confirm_within, self.client.flush()).await {
+                    Ok(Ok(())) => self.lease.renew(sent),
+                    Ok(Err(e)) => {
+                        debug!(worker_id = %self.worker_id, error = %e, "heartbeat not confirmed")
+                    }
+                    Err(_) => {
+                        debug!(worker_id = %self.worker_id, "heartbeat not confirmed in time")
+                    }
+                }
+            }
             Err(e) => {
                 if let Some(metrics) = &self.metrics {
                     metrics.nats_error("heartbeat");

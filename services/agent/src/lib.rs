@@ -1,7 +1,9 @@
 //! The Hodei agent: runs on each worker host, takes the commands addressed to it from its
 //! durable JetStream consumer, runs each assigned attempt as a local process in its own
 //! workspace and process group, ships the output as log batches, reports `Started` and
-//! `Finished`, and sends heartbeats with the host's usage and the attempts it holds.
+//! `Finished`, and sends heartbeats with the host's usage and the attempts it holds. Its jobs
+//! die with it, it stops them itself when cut off from NATS longer than its lease, and each
+//! start is a new incarnation that sweeps and reports what the previous one left.
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -22,13 +24,16 @@ mod config;
 mod error;
 mod group;
 mod heartbeat;
+mod lease;
 mod mask;
 mod observe;
 mod output;
 mod publish;
+mod records;
 mod running;
 
 pub use agent::Agent;
-pub use attempt::LOST_REASON;
+pub use attempt::{LEASE_REASON, LOST_REASON};
 pub use config::AgentConfig;
 pub use error::AgentError;
+pub use records::RESTARTED_REASON;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_agent::{Agent, AgentConfig, AgentError, LOST_REASON};
+use hodei_agent::{Agent, AgentConfig, AgentError, LEASE_REASON, LOST_REASON, RESTARTED_REASON};
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{AttemptId, AttemptNumber, AttemptOutcome, JobId, JobSpec, WorkerId};
 use hodei_messaging::{
@@ -66,7 +66,7 @@ impl<T> Drop for Collector<T> {
 /// A running agent on a private NATS, with collectors on its reports, logs and heartbeats.
 struct Harness {
     /// Kept for the test's lifetime: dropping it kills the server.
-    _nats: TestNats,
+    nats: TestNats,
     js: jetstream::Context,
     worker_id: WorkerId,
     work_dir: TempDir,
@@ -92,6 +92,11 @@ impl Harness {
 
     /// Starts the agent in this process, or as the `hodei-agent` binary if `as_binary`.
     async fn start_as(drain_timeout_ms: u64, as_binary: bool) -> Harness {
+        Harness::start_leased(drain_timeout_ms, as_binary, 15_000).await
+    }
+
+    /// Like [`Harness::start_as`], with a lease of `lease_ms` on the agent's work.
+    async fn start_leased(drain_timeout_ms: u64, as_binary: bool, lease_ms: u64) -> Harness {
         let nats = TestNats::start().await.expect("nats-server starts");
         let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
         let work_dir = tempfile::tempdir().unwrap();
@@ -119,24 +124,13 @@ impl Harness {
             work_dir: Some(work_dir.path().to_path_buf()),
             heartbeat_interval_ms: 100,
             kill_grace_ms: 500,
+            lease_ms,
             drain_timeout_ms,
             metrics_addr: None,
             artifact_max_bytes: 1024 * 1024,
         };
         let (agent, process) = if as_binary {
-            let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))
-                .env("HODEI_NATS_URL", &config.nats_url)
-                .env("HODEI_WORKER_ID", worker_id.as_str())
-                .env("HODEI_WORK_DIR", work_dir.path())
-                .env("HODEI_HEARTBEAT_INTERVAL_MS", "100")
-                .env("HODEI_KILL_GRACE_MS", config.kill_grace_ms.to_string())
-                .env("HODEI_DRAIN_TIMEOUT_MS", drain_timeout_ms.to_string())
-                .env("HODEI_LOG", "error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("the agent binary starts");
+            let process = spawn_binary(&config);
             // Its first heartbeat comes once it has set up the streams.
             wait_for("the agent binary to beat", DEADLINE, || async {
                 heartbeats.find(|_| true)
@@ -186,7 +180,7 @@ impl Harness {
             .map_or_else(CancellationToken::new, Agent::force_stop_token);
         let agent = agent.map(|agent| tokio::spawn(agent.run_until_stopped(shutdown.clone())));
         Harness {
-            _nats: nats,
+            nats,
             js,
             worker_id,
             work_dir,
@@ -228,6 +222,7 @@ impl Harness {
             attempt: id.attempt,
             spec: Box::new(spec),
             assigned_at: Utc::now(),
+            incarnation: None,
         })
         .await;
     }
@@ -331,6 +326,30 @@ impl Harness {
             .expect("the agent task does not panic");
         assert!(result.is_ok(), "{result:?}");
     }
+}
+
+/// Starts the `hodei-agent` binary configured as `config`.
+fn spawn_binary(config: &AgentConfig) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))
+        .env("HODEI_NATS_URL", &config.nats_url)
+        .env(
+            "HODEI_WORKER_ID",
+            config.worker_id.as_deref().unwrap_or_default(),
+        )
+        .env("HODEI_WORK_DIR", config.work_dir.as_deref().unwrap())
+        .env("HODEI_HEARTBEAT_INTERVAL_MS", "100")
+        .env("HODEI_KILL_GRACE_MS", config.kill_grace_ms.to_string())
+        .env("HODEI_LEASE_MS", config.lease_ms.to_string())
+        .env(
+            "HODEI_DRAIN_TIMEOUT_MS",
+            config.drain_timeout_ms.to_string(),
+        )
+        .env("HODEI_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the agent binary starts")
 }
 
 fn sh(name: &str, script: &str) -> JobSpecDraft {
@@ -869,4 +888,152 @@ async fn the_binary_drains_on_a_first_signal_and_cancels_on_a_second() {
         .expect("the agent exits in time")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// The pid a job printed as `<label> <pid>`, once its line is in the logs.
+async fn printed_pid(h: &Harness, id: AttemptId, label: &str) -> u32 {
+    wait_for("the job to print a pid", DEADLINE, || async {
+        h.logs.all().into_iter().find_map(|b| {
+            (b.job_id == id.job_id)
+                .then(|| {
+                    b.lines.iter().find_map(|l| {
+                        l.text
+                            .strip_prefix(label)
+                            .and_then(|rest| rest.trim().parse().ok())
+                    })
+                })
+                .flatten()
+        })
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_it() {
+    let mut h = Harness::start_as(60_000, true).await;
+    let first = h.heartbeat("a first heartbeat", |_| true).await.incarnation;
+    // A process group: the shell leads it, its background child does not.
+    let id = h
+        .assign(spec(sh(
+            "orphan-maker",
+            "sleep 300 & echo child $!; echo leader $$; wait",
+        )))
+        .await;
+    let leader = printed_pid(&h, id, "leader").await;
+    let child = printed_pid(&h, id, "child").await;
+    let mut process = h.process.take().unwrap();
+    process.start_kill().unwrap();
+    process.wait().await.unwrap();
+
+    // The group leader dies with its agent (parent-death signal).
+    wait_for(
+        "the job's leader to die with the agent",
+        DEADLINE,
+        || async { process_gone(leader).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert!(!process_gone(child), "the leader's own child outlives it");
+
+    // The next incarnation sweeps what is left and reports the attempt lost.
+    let config = AgentConfig {
+        nats_url: h.nats.url(),
+        worker_id: Some(h.worker_id.to_string()),
+        labels: String::new(),
+        max_concurrent_jobs: 3,
+        cpu_millis: None,
+        memory_mb: None,
+        work_dir: Some(h.work_dir.path().to_path_buf()),
+        heartbeat_interval_ms: 100,
+        kill_grace_ms: 500,
+        lease_ms: 15_000,
+        drain_timeout_ms: 60_000,
+        metrics_addr: None,
+        artifact_max_bytes: 1024 * 1024,
+    };
+    h.process = Some(spawn_binary(&config));
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(
+        outcome,
+        AttemptOutcome::Lost {
+            reason: RESTARTED_REASON.to_owned()
+        }
+    );
+    wait_for("what the job left to be swept", DEADLINE, || async {
+        process_gone(child).then_some(())
+    })
+    .await
+    .unwrap();
+    let next = h
+        .heartbeat("a heartbeat of a new incarnation", |hb| {
+            hb.incarnation != first
+        })
+        .await;
+    assert!(next.running.is_empty());
+    // A command placed with the previous incarnation is not run by this one.
+    let stale = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+    h.send(&AgentCommand::Assign {
+        job_id: stale.job_id,
+        attempt: stale.attempt,
+        spec: Box::new(spec(sh("stale", "echo ran"))),
+        assigned_at: Utc::now(),
+        incarnation: Some(first),
+    })
+    .await;
+    wait_for("the stale assignment to be dropped", DEADLINE, || async {
+        (h.commands_pending().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(h.reports_of(stale).is_empty(), "{:?}", h.reports_of(stale));
+}
+
+#[tokio::test]
+async fn an_agent_cut_off_from_nats_stops_its_attempts_after_its_lease() {
+    let mut h = Harness::start_leased(60_000, false, 1_000).await;
+    let id = h
+        .assign(spec(sh("long", "echo leader $$; sleep 300")))
+        .await;
+    let leader = printed_pid(&h, id, "leader").await;
+    h.nats.stop().await;
+    // Lease (1 s), then SIGTERM and the kill grace at most.
+    wait_for("the agent to stop its attempt", DEADLINE, || async {
+        process_gone(leader).then_some(())
+    })
+    .await
+    .unwrap();
+    h.nats.restart().await.unwrap();
+    // Reported once NATS is back, read from the stream afresh.
+    let stream = h.js.get_stream(streams::REPORTS).await.unwrap();
+    let outcome = wait_for("the lost report", DEADLINE, || async {
+        // The test's collector may have taken it from the work queue already.
+        let collected = h.reports_of(id).into_iter().find_map(|r| match r.kind {
+            ReportKind::Finished { outcome, .. } => Some(outcome),
+            ReportKind::Started { .. } => None,
+        });
+        if collected.is_some() {
+            return collected;
+        }
+        let message = stream
+            .get_last_raw_message_by_subject(&subjects::report(&h.worker_id, &id.job_id))
+            .await
+            .ok()?;
+        match decode::<AgentReport>(&message.subject, &message.payload)
+            .ok()?
+            .kind
+        {
+            ReportKind::Finished { outcome, .. } => Some(outcome),
+            ReportKind::Started { .. } => None,
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome,
+        AttemptOutcome::Lost {
+            reason: LEASE_REASON.to_owned()
+        }
+    );
+    h.stop().await;
 }

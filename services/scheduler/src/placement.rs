@@ -313,6 +313,7 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
         attempt,
         spec: Box::new(job.spec().clone()),
         assigned_at: now,
+        incarnation: worker.incarnation(),
     };
     let messages = [
         Outgoing::job_event(&event, SOURCE)?,

@@ -11,7 +11,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{AttemptId, DomainError};
 use hodei_messaging::settle::{self, dead_letter};
-use hodei_messaging::{AgentReport, ReportKind, streams, trace};
+use hodei_messaging::{AgentReport, ReportKind, streams, subjects, trace};
 use hodei_storage::{StorageError, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -66,13 +66,34 @@ pub(crate) async fn run(
 enum Outcome {
     Recorded,
     Ignored(String),
+    /// The sender does not hold the attempt it reports on.
+    Forged(String),
 }
 
 async fn handle(ctx: &Context, message: &Message) {
     let report = match hodei_messaging::decode::<AgentReport>(&message.subject, &message.payload) {
         Ok(r) => r,
-        Err(e) => return dead_letter(&ctx.backends.js, message, "report", &e.to_string()).await,
+        Err(e) => {
+            ctx.backends.metrics.report_refused("malformed");
+            return dead_letter(&ctx.backends.js, message, "report", &e.to_string()).await;
+        }
     };
+    // The subject names the sender (a NATS credential can be bound to it): the payload must
+    // agree with it.
+    let named = subjects::report_sender(&message.subject);
+    if named
+        != Some((
+            report.worker_id.as_str(),
+            report.job_id.to_string().as_str(),
+        ))
+    {
+        ctx.backends.metrics.report_refused("sender");
+        let reason = format!(
+            "report for job {} from worker {} arrived on subject {}, which names another sender or job",
+            report.job_id, report.worker_id, message.subject
+        );
+        return dead_letter(&ctx.backends.js, message, "report", &reason).await;
+    }
     let mut result = ctx.backends.db(|| record(ctx, &report)).await;
     for _ in 0..8 {
         match &result {
@@ -82,6 +103,10 @@ async fn handle(ctx: &Context, message: &Message) {
     }
     let ack = match result {
         Ok(Outcome::Recorded) => AckKind::Ack,
+        Ok(Outcome::Forged(why)) => {
+            ctx.backends.metrics.report_refused("sender");
+            return dead_letter(&ctx.backends.js, message, "report", &why).await;
+        }
         Ok(Outcome::Ignored(why)) => {
             tracing::info!(job_id = %report.job_id, attempt = %report.attempt, worker_id = %report.worker_id, why, "report ignored");
             AckKind::Ack
@@ -111,6 +136,24 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
     let Some(mut job) = jobs::get(pool, report.job_id).await? else {
         return Ok(Outcome::Ignored("unknown job".to_owned()));
     };
+    // A report counts only from the worker that holds the attempt.
+    let holder = job
+        .attempts()
+        .iter()
+        .find(|a| a.attempt == report.attempt)
+        .map(|a| &a.worker_id);
+    if holder != Some(&report.worker_id) {
+        return Ok(Outcome::Forged(format!(
+            "worker {} reported on attempt {} of job {}, which {}",
+            report.worker_id,
+            report.attempt,
+            report.job_id,
+            match holder {
+                Some(holder) => format!("worker {holder} holds"),
+                None => "was never assigned".to_owned(),
+            }
+        )));
+    }
     let version = job.version();
     let transition = match &report.kind {
         ReportKind::Started { .. } => job.start(report.attempt, now),

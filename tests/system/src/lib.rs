@@ -89,8 +89,11 @@ pub struct SystemOptions {
     pub schedulers: usize,
     /// Schedulers' consumer ack wait: how fast a crashed replica's messages move on.
     pub ack_wait_ms: u64,
-    /// Missed heartbeats before the registry declares a worker lost.
+    /// Missed heartbeats before the registry marks a worker unreachable.
     pub missed_beats: u32,
+    /// How long agents run attempts on without NATS; a silent worker's attempts are handed
+    /// back after this plus the kill grace (1 s).
+    pub agent_lease_ms: u64,
 }
 
 impl Default for SystemOptions {
@@ -104,6 +107,7 @@ impl Default for SystemOptions {
             ack_wait_ms: 30_000,
             // Generous: a loaded CI machine must not declare healthy agents lost.
             missed_beats: 25,
+            agent_lease_ms: 2_000,
         }
     }
 }
@@ -179,6 +183,8 @@ impl TestSystem {
             heartbeat_interval_ms: HEARTBEAT_MS,
             missed_beats: options.missed_beats,
             flush_interval_ms: 20,
+            partition_share: 0.5,
+            partition_min_workers: 3,
         })
         .await
         .map_err(|e| fail("registry")(e.to_string()))?;
@@ -236,6 +242,7 @@ impl TestSystem {
             work_dir: Some(self.work_root.path().join(spec.id)),
             heartbeat_interval_ms: heartbeat_ms,
             kill_grace_ms: 1000,
+            lease_ms: self.options.agent_lease_ms,
             drain_timeout_ms: self.options.agent_drain_timeout_ms,
             metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
             artifact_max_bytes: 64 * 1024 * 1024,
