@@ -1,0 +1,202 @@
+//! Forged and odd messages on the bus harm nobody but their sender: a report from a worker
+//! that does not hold the attempt is dead-lettered without touching the job, and a stream of
+//! out-of-range heartbeats is refused beat by beat while real workers stay ready and jobs flow.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use hodei_domain::{AttemptNumber, AttemptOutcome, IncarnationId, JobId, Resources, WorkerId};
+use hodei_messaging::{AgentReport, Heartbeat, ReportKind, streams, subjects};
+use hodei_proto::v1 as pb;
+use hodei_system_tests::{AgentSpec, TestSystem};
+use hodei_test_support::{http_get, metric_sample, wait_for};
+
+const AGENTS: &[AgentSpec] = &[AgentSpec {
+    id: "honest",
+    labels: "",
+    slots: 2,
+}];
+
+fn script(name: &str, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_owned(),
+        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter: vec!["/bin/sh".into(), "-c".into()],
+            script: script.to_owned(),
+        })),
+        timeout_secs: 60,
+        ..Default::default()
+    }
+}
+
+async fn metric(system: &TestSystem, service: &str, series: &str) -> f64 {
+    let addr = system.metrics_addr(service).unwrap();
+    let body = http_get(addr, "/metrics").await.unwrap().body;
+    metric_sample(&body, series).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_report_is_dead_lettered_and_the_job_keeps_its_true_outcome() {
+    let system = TestSystem::start(AGENTS).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let job = system
+        .submit(script(
+            "honest-work",
+            &format!(
+                "while [ ! -e {} ]; do sleep 0.05; done; echo honest; exit 3",
+                go.display()
+            ),
+        ))
+        .await
+        .unwrap();
+    system
+        .wait_job(&job.id, "running", Duration::from_secs(30), |s| {
+            s == pb::JobState::Running
+        })
+        .await
+        .unwrap();
+    let job_id: JobId = job.id.parse().unwrap();
+    let (client, js) =
+        hodei_messaging::connect(&system.nats.url(), "forger", Duration::from_secs(10))
+            .await
+            .unwrap();
+    let forged = |worker: &str| AgentReport {
+        report_id: uuid::Uuid::now_v7(),
+        worker_id: worker.parse().unwrap(),
+        job_id,
+        attempt: AttemptNumber::new(1),
+        at: Utc::now(),
+        kind: ReportKind::Finished {
+            outcome: AttemptOutcome::Exited { code: 0 },
+            tail: vec!["made up".to_owned()],
+        },
+    };
+    let mallory: WorkerId = "mallory".parse().unwrap();
+    let honest: WorkerId = "honest".parse().unwrap();
+    // From a worker that does not hold the attempt, on its own subject; and claiming to be
+    // another worker than the subject names.
+    for (subject, report) in [
+        (subjects::report(&mallory, &job_id), forged("mallory")),
+        (subjects::report(&honest, &job_id), forged("mallory")),
+        (subjects::report(&mallory, &job_id), forged("honest")),
+    ] {
+        js.publish(subject, serde_json::to_vec(&report).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "the forged reports to be dead-lettered",
+        Duration::from_secs(20),
+        || async {
+            let refused = metric(
+                &system,
+                "scheduler",
+                r#"hodei_reports_refused_total{reason="sender"}"#,
+            )
+            .await;
+            (refused >= 3.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let mut dlq = js.get_stream(streams::DLQ).await.unwrap();
+    assert!(dlq.info().await.unwrap().state.messages >= 3);
+    let still = system
+        .wait_job(&job.id, "still running", Duration::from_secs(5), |_| true)
+        .await
+        .unwrap();
+    assert_eq!(still.state(), pb::JobState::Running, "{still:?}");
+
+    std::fs::write(&go, b"").unwrap();
+    let done = system
+        .wait_terminal(&job.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), pb::JobState::Failed);
+    assert_eq!(done.attempts.len(), 1);
+    assert_eq!(done.attempts[0].output_tail, vec!["honest".to_owned()]);
+    drop(client);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_range_heartbeats_are_refused_alone_and_real_workers_stay_ready() {
+    let system = TestSystem::start(AGENTS).await.unwrap();
+    let (client, _) = hodei_messaging::connect(&system.nats.url(), "odd", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let odd: WorkerId = "odd-worker".parse().unwrap();
+    let beat = Heartbeat {
+        worker_id: odd.clone(),
+        incarnation: IncarnationId::new(),
+        lease_ms: 15_000,
+        kill_grace_ms: 10_000,
+        labels: BTreeMap::new(),
+        capacity: Resources::new(1000, 1000),
+        max_concurrent_jobs: u32::MAX,
+        usage: Default::default(),
+        running: Vec::new(),
+        draining: false,
+        leaving: false,
+        sent_at: Utc::now(),
+    };
+    let payload = serde_json::to_vec(&beat).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let beating = {
+        let client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let _ = client
+                    .publish(subjects::heartbeat(&odd), payload.clone().into())
+                    .await;
+            }
+        })
+    };
+    wait_for(
+        "odd heartbeats to be refused",
+        Duration::from_secs(20),
+        || async {
+            let refused = metric(
+                &system,
+                "registry",
+                r#"hodei_heartbeats_refused_total{field="max_concurrent_jobs"}"#,
+            )
+            .await;
+            (refused >= 10.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // While they keep coming, the real worker is ready and its jobs run.
+    for i in 0..3 {
+        let job = system
+            .submit(script(&format!("flows-{i}"), "echo ok"))
+            .await
+            .unwrap();
+        let done = system
+            .wait_terminal(&job.id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(done.state(), pb::JobState::Succeeded);
+    }
+    let mut workers = system.workers.clone();
+    let list = workers
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(list.len(), 1, "the odd worker was never stored: {list:?}");
+    assert_eq!(list[0].status(), pb::WorkerStatus::Ready);
+    stop.cancel();
+    beating.await.unwrap();
+    system.stop().await;
+}
