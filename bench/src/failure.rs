@@ -3,9 +3,10 @@
 //! nats-server, a fresh database, and a fleet of simulated agents that hold the jobs they are
 //! given. A few long jobs are submitted and held; then a random 1% of the fleet (every holder
 //! among them) is silenced at a recorded instant. For each silenced worker: its last beat
-//! sent → `status = 'lost'` seen in `workers` (polled), and for each job it held: its last
-//! beat → the attempt ended `lost` and the job handed back (the attempt's `finished_at`,
-//! stamped by the registry in the same transaction).
+//! sent → `status` `unreachable` (no new work) or later seen in `workers` (polled), and for
+//! each job it held: its last beat → the attempt ended `lost` and the job handed back (the
+//! attempt's `finished_at`, stamped by the registry in the same transaction), which happens
+//! after the lease plus kill grace the simulated agents announce (1 s + 0.5 s here).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -24,6 +25,12 @@ use crate::report::{Outcome, histogram};
 use crate::services::{self, RegistrySettings, Services};
 
 const S: &str = "failure-detection";
+/// The lease and kill grace the simulated agents announce: their attempts are handed back
+/// 1.5 s after their last beat.
+const SIMULATED_LEASE: hodei_domain::LeaseTerms = hodei_domain::LeaseTerms {
+    lease_ms: 1_000,
+    kill_grace_ms: 500,
+};
 /// How often `workers` is polled for lost workers.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -65,7 +72,7 @@ async fn run_with(
             agents: p.agents,
             interval: p.interval,
             hold_jobs: true,
-            lease: hodei_domain::LeaseTerms::DEFAULT,
+            lease: SIMULATED_LEASE,
         },
     )
     .await;
@@ -84,8 +91,9 @@ async fn run_with(
         "failure-detection: {} simulated agents beating every {:?}; registry: interval {:?}, \
          {} missed beats, flush every {} ms, its sweep every half interval; 'last beat' is \
          when the fleet published the silenced worker's last heartbeat; 'lost' is when a \
-         {POLL:?} poll of workers first saw status = 'lost'; 'requeued' is the lost attempt's \
-         finished_at (set by the registry in the transaction that requeues the job); the \
+         {POLL:?} poll of workers first saw it unreachable (no new work) or lost; 'requeued' \
+         is the lost attempt's finished_at (set by the registry in the transaction that \
+         requeues the job, after the agents' 1 s lease + 0.5 s kill grace); the \
          registry persists last_heartbeat_at as its flush time, so detection cannot come \
          before last beat + flush delay + {} intervals",
         p.agents,
@@ -239,11 +247,12 @@ async fn measure(
     let mut lost_seen: HashMap<String, Instant> = HashMap::new();
     let deadline = silenced_at + p.detect_within;
     while lost_seen.len() < silenced.len() && Instant::now() < deadline {
-        let lost: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM workers WHERE status = 'lost' AND id = ANY($1)")
-                .bind(&silenced_ids)
-                .fetch_all(pool)
-                .await?;
+        let lost: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM workers WHERE status IN ('unreachable', 'lost') AND id = ANY($1)",
+        )
+        .bind(&silenced_ids)
+        .fetch_all(pool)
+        .await?;
         let now = Instant::now();
         for id in lost {
             lost_seen.entry(id).or_insert(now);
@@ -275,7 +284,7 @@ async fn measure(
         }
     }
     let false_lost = sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM workers WHERE status = 'lost' AND NOT (id = ANY($1))",
+        "SELECT count(*) FROM workers WHERE status IN ('unreachable', 'lost') AND NOT (id = ANY($1))",
     )
     .bind(&silenced_ids)
     .fetch_one(pool)

@@ -111,7 +111,7 @@ pub fn dead_letter(kind: &str) -> String {
     format!("{PREFIX}.dlq.{kind}")
 }
 
-/// `subject` with its ids replaced by `*` (`hodei.v1.report.*`, `hodei.v1.evt.job.*.assigned`):
+/// `subject` with its ids replaced by `*` (`hodei.v1.report.*.*`, `hodei.v1.evt.job.*.assigned`):
 /// few distinct values, for span names and grouping.
 pub fn template(subject: &str) -> String {
     let mut tokens: Vec<&str> = subject.split('.').collect();

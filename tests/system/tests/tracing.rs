@@ -226,7 +226,7 @@ async fn one_job_is_one_trace_from_gateway_through_scheduler_to_agent() {
             let seen: BTreeSet<&str> = spans.iter().map(service).collect();
             let report_processed = spans
                 .iter()
-                .any(|s| s.name == "process hodei.v1.report.*" && service(s) == "scheduler");
+                .any(|s| s.name == "process hodei.v1.report.*.*" && service(s) == "scheduler");
             (services.iter().all(|s| seen.contains(s)) && report_processed).then_some(spans)
         }
     })
@@ -291,7 +291,7 @@ async fn one_job_is_one_trace_from_gateway_through_scheduler_to_agent() {
     // the attempt joins it too.
     let report = spans
         .iter()
-        .find(|s| s.name == "process hodei.v1.report.*")
+        .find(|s| s.name == "process hodei.v1.report.*.*")
         .unwrap();
     assert!(
         ancestry(report, &by_id)

@@ -277,6 +277,14 @@ fn combinations(matrix: &BTreeMap<String, Vec<String>>) -> Vec<BTreeMap<String, 
     out
 }
 
+/// The first combination of a matrix (each key's first value), without expanding the rest.
+fn first_combination(matrix: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, String> {
+    matrix
+        .iter()
+        .filter_map(|(key, values)| Some((key.clone(), values.first()?.clone())))
+        .collect()
+}
+
 fn combination_count(matrix: &BTreeMap<String, Vec<String>>) -> usize {
     matrix
         .values()
@@ -485,10 +493,9 @@ fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
         }
         expanded = expanded.saturating_add(combos);
         // The step's job spec, checked with every combination's env applied to the first.
-        let first_combo = combinations(&step.matrix)
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+        // Counted above and taken without expanding: a matrix of a million combinations
+        // must cost nothing before it is refused.
+        let first_combo = first_combination(&step.matrix);
         let job = step.job_draft(
             expanded_name(&step.name, &first_combo),
             &draft.env,
@@ -763,6 +770,20 @@ mod tests {
         );
         assert!(
             errors.contains(&"steps.test.matrix.bad-key".to_owned()),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_huge_matrix_is_refused_before_anything_is_expanded() {
+        // 10^8 combinations: expanding them would take gigabytes; counting takes nothing.
+        let mut test = StepDraft::exec("test", &["true"]);
+        test.matrix = (0..8)
+            .map(|k| (format!("k{k}"), (0..10).map(|v| v.to_string()).collect()))
+            .collect();
+        let errors = fields(pipeline(vec![test]));
+        assert!(
+            errors.contains(&"steps.test.matrix".to_owned()),
             "{errors:?}"
         );
     }
