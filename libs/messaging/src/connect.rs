@@ -42,15 +42,21 @@ pub async fn connect(
         .await
         .map_err(|_| err(format!("no answer within {timeout:?}")))?
         .map_err(|e| err(e.to_string()))?;
-    // With retry_on_initial_connect the client may return before the handshake: wait for it.
+    // With retry_on_initial_connect the client may return before the handshake, and the
+    // state can read `Connected` a moment before the server's INFO is stored: wait for both.
     let deadline = tokio::time::Instant::now() + timeout;
-    while client.connection_state() != async_nats::connection::State::Connected {
+    let version = loop {
+        let version = client.server_info().version;
+        if client.connection_state() == async_nats::connection::State::Connected
+            && !version.is_empty()
+        {
+            break version;
+        }
         if tokio::time::Instant::now() > deadline {
             return Err(err(format!("not connected within {timeout:?}")));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let version = client.server_info().version;
+    };
     if !version_at_least(&version, 2, 10) {
         return Err(MessagingError::TooOld {
             url: url.to_owned(),
