@@ -83,6 +83,38 @@ impl TestDatabase {
             )))
     }
 
+    /// Takes the database away (no new connections, every session terminated), or gives it
+    /// back: a PostgreSQL outage as the services see it, without touching other tests'
+    /// databases on the same server.
+    pub async fn set_available(&self, available: bool) -> Result<(), TestSupportError> {
+        let mut admin = admin_connect(&self.admin_url).await?;
+        let name = &self.name;
+        let result = async {
+            // `name` is made of [a-z0-9_] only, so it is safe to splice in.
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {available}"
+            )))
+            .execute(&mut admin)
+            .await?;
+            if !available {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(name)
+                .execute(&mut admin)
+                .await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }
+        .await
+        .map_err(TestSupportError::db(format!(
+            "setting database {name} available={available}"
+        )));
+        close(admin).await;
+        result
+    }
+
     /// Drops the database, closing any sessions still connected to it.
     pub async fn cleanup(self) -> Result<(), TestSupportError> {
         let mut admin = admin_connect(&self.admin_url).await?;

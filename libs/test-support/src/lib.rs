@@ -1,7 +1,8 @@
 //! Test helpers shared by the Hodei crates: a private NATS server with
 //! JetStream ([`TestNats`]), a fresh PostgreSQL database per test
 //! ([`TestDatabase`]), condition polling ([`wait_for`]), [`free_port`] and a
-//! plain HTTP GET ([`http_get`]) for the services' `/metrics` and probes.
+//! plain HTTP GET ([`http_get`]) for the services' `/metrics` and probes, and a
+//! [`TcpProxy`] that cuts one process off a server.
 //!
 //! The helpers find their servers through the environment that
 //! `scripts/test.sh` sets up (see `scripts/lib/deps.sh`):
@@ -37,10 +38,12 @@ mod database;
 mod error;
 mod http;
 mod nats;
+mod proxy;
 mod wait;
 
 pub use database::TestDatabase;
 pub use error::TestSupportError;
 pub use http::{HttpResponse, http_get, metric_sample};
 pub use nats::TestNats;
+pub use proxy::TcpProxy;
 pub use wait::{free_port, wait_for};

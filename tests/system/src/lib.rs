@@ -2,6 +2,8 @@
 //! PostgreSQL database, and the gateway, scheduler, registry and agents started through the
 //! same `build` + `run_until_stopped` wiring their binaries use.
 
+pub mod processes;
+
 use std::time::Duration;
 
 use hodei_agent::{Agent, AgentConfig};

@@ -15,8 +15,8 @@ use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use tonic::transport::Channel;
 
 /// The job states (and event types) that end a job.
@@ -404,36 +404,6 @@ async fn nats_restart_mid_run() {
     system.stop().await;
 }
 
-/// The admin URL of the test PostgreSQL server (as `TestDatabase` finds it).
-fn admin_url() -> String {
-    std::env::var("HODEI_TEST_DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Takes the test database away (no new connections, every session terminated) or gives it
-/// back.
-async fn set_database_available(admin: &mut PgConnection, name: &str, available: bool) {
-    // `name` is the test database's generated name ([a-z0-9_] only).
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {available}"
-    )))
-    .execute(&mut *admin)
-    .await
-    .unwrap();
-    if !available {
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(name)
-        .execute(&mut *admin)
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_outage_mid_run() {
     const JOBS: usize = 60;
@@ -450,9 +420,7 @@ async fn postgres_outage_mid_run() {
     .unwrap();
     let before = terminal_count(&pool).await.unwrap();
 
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    let name = system.database.name().to_owned();
-    set_database_available(&mut admin, &name, false).await;
+    system.database.set_available(false).await.unwrap();
     // Submissions while the database is away may be refused (UNAVAILABLE); only the
     // accepted ones count.
     let (during, refused) =
@@ -463,9 +431,8 @@ async fn postgres_outage_mid_run() {
         .wait_readiness(&PG_SERVICES, 503, Duration::from_secs(30))
         .await
         .unwrap();
-    set_database_available(&mut admin, &name, true).await;
+    system.database.set_available(true).await.unwrap();
     let back_at = started.elapsed();
-    admin.close().await.unwrap();
 
     wait_all_ended(&pool, ids.len(), Duration::from_secs(60)).await;
     assert!(

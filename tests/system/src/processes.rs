@@ -1,0 +1,169 @@
+//! Hodei's services as separate operating-system processes, started from the binaries the
+//! workspace builds, so that a test can kill one with SIGKILL and start it again as an
+//! operator would.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use hodei_test_support::{http_get, wait_for};
+use tokio::process::{Child, Command};
+
+use crate::StartError;
+
+/// How much of a service's log goes into messages.
+const LOG_TAIL_BYTES: usize = 4000;
+
+/// Where the workspace's binaries are: next to the test executable's `deps/` folder.
+///
+/// `cargo nextest run --workspace --all-targets` (the suite's command) builds them; a test
+/// run that built only one crate's tests may not have.
+pub fn binary(name: &str) -> Result<PathBuf, StartError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| StartError(format!("cannot find the test executable: {e}")))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| StartError(format!("{} has no profile folder", exe.display())))?;
+    let path = profile_dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(StartError(format!(
+            "{} is not built: run `cargo build --workspace --bins` (the test suite's \
+             `cargo nextest run --workspace --all-targets` builds it)",
+            path.display()
+        )))
+    }
+}
+
+/// One service process: its binary, its environment, a log file that survives restarts and
+/// the address of its `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    name: String,
+    binary: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    metrics_addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` (a workspace binary's name) as `name`, with `env` on top of the test's
+    /// own environment and `HODEI_METRICS_ADDR` set to `metrics_addr`; its output is
+    /// appended to `<logs>/<name>.log`.
+    pub fn start(
+        name: &str,
+        binary_name: &str,
+        env: Vec<(String, String)>,
+        metrics_addr: SocketAddr,
+        logs: &Path,
+    ) -> Result<ServiceProcess, StartError> {
+        let mut process = ServiceProcess {
+            name: name.to_owned(),
+            binary: binary(binary_name)?,
+            env,
+            log: logs.join(format!("{name}.log")),
+            metrics_addr,
+            child: None,
+        };
+        process.spawn()?;
+        Ok(process)
+    }
+
+    /// The service's name in this test.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    fn spawn(&mut self) -> Result<(), StartError> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+        };
+        let fail = |e: std::io::Error| StartError(format!("failed to start {}: {e}", self.name));
+        let (stdout, stderr) = (open().map_err(fail)?, open().map_err(fail)?);
+        let child = Command::new(&self.binary)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("HODEI_METRICS_ADDR", self.metrics_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(fail)?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL (no goodbye, no drain) and reaps it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take()
+            && let Err(e) = child.kill().await
+        {
+            eprintln!("could not kill {}: {e}", self.name);
+        }
+    }
+
+    /// Starts the process again with the same settings (killing it first if it runs).
+    pub async fn restart(&mut self) -> Result<(), StartError> {
+        self.kill().await;
+        self.spawn()
+    }
+
+    /// Waits until `/readyz` answers `status` (200 ready, 503 not), or fails with the log's
+    /// tail. Fails at once if the process has exited.
+    pub async fn wait_readiness(
+        &mut self,
+        status: u16,
+        deadline: Duration,
+    ) -> Result<(), StartError> {
+        let addr = self.metrics_addr;
+        let waited = wait_for(
+            &format!("{} /readyz to answer {status}", self.name),
+            deadline,
+            || async move {
+                let response = http_get(addr, "/readyz").await.ok()?;
+                (response.status == status).then_some(())
+            },
+        )
+        .await;
+        let exited = match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(exit))) => Some(exit.to_string()),
+            _ => None,
+        };
+        match (waited, exited) {
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(exit)) | (Err(_), Some(exit)) => Err(StartError(format!(
+                "{} exited ({exit}); its log ends with:\n{}",
+                self.name,
+                self.log_tail()
+            ))),
+            (Err(e), None) => Err(StartError(format!(
+                "{e}; the log of {} ends with:\n{}",
+                self.name,
+                self.log_tail()
+            ))),
+        }
+    }
+
+    /// The last few kilobytes of the service's log.
+    pub fn log_tail(&self) -> String {
+        match std::fs::read(&self.log) {
+            Ok(bytes) => {
+                let start = bytes.len().saturating_sub(LOG_TAIL_BYTES);
+                String::from_utf8_lossy(bytes.get(start..).unwrap_or_default()).into_owned()
+            }
+            Err(e) => format!("<could not read {}: {e}>", self.log.display()),
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! Exactly once under routine faults, proven against what really ran.
+//!
+//! Every service runs as its own operating-system process, started from the workspace's
+//! binaries: the gateway, the scheduler, the registry and three agents with four slots each.
+//! Every job appends `start` and `end` lines to a ledger file, and holds an exclusive `flock`
+//! on a lock file of its own name while it runs: a second copy of the job that starts while
+//! the first still runs finds the lock taken and writes an `overlap` line.
+//!
+//! Phase by phase, under load, the test injects one fault: SIGKILL and restart of the registry
+//! (after every heartbeat in PostgreSQL has gone stale), of the scheduler (with a report
+//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; SIGKILL of an agent and its
+//! restart under the same worker id; and a partition of one agent from NATS for longer than
+//! its lease. Then it checks the ledger and the state of record:
+//!
+//! - every accepted job succeeded, and its ledger shows exactly one `end` and no `overlap`;
+//! - no attempt was handed back in a phase whose fault only hit an observer (registry,
+//!   scheduler, gateway, NATS, PostgreSQL): healthy workers were never blamed;
+//! - only the phases that really killed running processes (agent restart, partition) re-ran
+//!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_system_tests::processes::ServiceProcess;
+use hodei_test_support::{TcpProxy, TestDatabase, TestNats, free_port, wait_for};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tonic::transport::Channel;
+
+/// Agents' worker ids; the last one reaches NATS through a proxy the test can cut.
+const AGENTS: [&str; 3] = ["chaos-a", "chaos-b", "chaos-c"];
+/// The agent the test kills and restarts under the same id.
+const RESTARTED: &str = "chaos-b";
+/// The agent the test cuts off NATS.
+const PARTITIONED: &str = "chaos-c";
+const SLOTS: u32 = 4;
+const HEARTBEAT_MS: u64 = 250;
+/// Unreachable (no new work) after 2 s of observed silence.
+const MISSED_BEATS: u32 = 8;
+/// Agents stop their attempts after 8 s without NATS (a NATS restart, with the clients'
+/// reconnect backoff, stays well inside it); the registry hands them back after 8.5 s of
+/// observed silence.
+const LEASE_MS: u64 = 8_000;
+const KILL_GRACE_MS: u64 = 500;
+/// Jobs per phase: more than the 12 slots, so that work is queued, placed and running when
+/// the fault hits.
+const PHASE_JOBS: usize = 16;
+/// The partition phase's jobs outlast the lease, so that the partitioned agent kills them
+/// before any of them ends unreported.
+const PARTITION_JOB_SECS: f64 = 10.0;
+/// How long PostgreSQL stays away: longer than the 2 s of silence that make a worker
+/// unreachable.
+const PG_OUTAGE: Duration = Duration::from_secs(3);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The job each ledger entry comes from: takes its lock, writes `start`, sleeps, writes `end`.
+const JOB_SCRIPT: &str = r#"exec 9>>"$LOCKS/$NAME"
+flock -n 9 || echo "overlap $NAME $$" >> "$LEDGER"
+echo "start $NAME $$" >> "$LEDGER"
+sleep "$SECS"
+echo "end $NAME $$" >> "$LEDGER"
+"#;
+
+/// The whole system as separate processes, with the ledger's folder.
+struct Cluster {
+    nats: TestNats,
+    database: TestDatabase,
+    dir: tempfile::TempDir,
+    proxy: TcpProxy,
+    gateway: ServiceProcess,
+    scheduler: ServiceProcess,
+    registry: ServiceProcess,
+    agents: Vec<ServiceProcess>,
+    jobs: JobServiceClient<Channel>,
+    pool: PgPool,
+}
+
+fn loopback_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()))
+}
+
+fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let nats = TestNats::start().await.unwrap();
+        let database = TestDatabase::create().await.unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hodei-chaos-")
+            .tempdir()
+            .unwrap();
+        for sub in ["logs", "locks", "work"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let logs = dir.path().join("logs");
+        let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], nats.port())))
+            .await
+            .unwrap();
+        let backends = |extra: &[(&str, String)]| {
+            let mut env = vars(&[
+                ("HODEI_NATS_URL", nats.url()),
+                ("HODEI_DATABASE_URL", database.url()),
+                ("HODEI_LOG", "warn".to_owned()),
+            ]);
+            env.extend(vars(extra));
+            env
+        };
+
+        let grpc = loopback_port();
+        let mut gateway = ServiceProcess::start(
+            "api-gateway",
+            "hodei-api-gateway",
+            backends(&[("HODEI_GRPC_ADDR", grpc.to_string())]),
+            loopback_port(),
+            &logs,
+        )
+        .unwrap();
+        // The gateway applies the migrations: the others start once it is ready.
+        gateway.wait_readiness(200, DEADLINE).await.unwrap();
+        let mut scheduler = ServiceProcess::start(
+            "scheduler",
+            "hodei-scheduler",
+            backends(&[
+                ("HODEI_WORKER_STALE_MS", "2000".to_owned()),
+                ("HODEI_PLACEMENT_RETRY_MS", "100".to_owned()),
+                ("HODEI_RECONCILE_AFTER_MS", "3000".to_owned()),
+                ("HODEI_ACK_WAIT_MS", "2000".to_owned()),
+            ]),
+            loopback_port(),
+            &logs,
+        )
+        .unwrap();
+        let mut registry = ServiceProcess::start(
+            "registry",
+            "hodei-registry",
+            backends(&[
+                ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
+                ("HODEI_MISSED_BEATS", MISSED_BEATS.to_string()),
+                ("HODEI_HEARTBEAT_FLUSH_MS", "20".to_owned()),
+            ]),
+            loopback_port(),
+            &logs,
+        )
+        .unwrap();
+        scheduler.wait_readiness(200, DEADLINE).await.unwrap();
+        registry.wait_readiness(200, DEADLINE).await.unwrap();
+
+        let mut agents = Vec::new();
+        for id in AGENTS {
+            let nats_url = if id == PARTITIONED {
+                format!("nats://{}", proxy.addr())
+            } else {
+                nats.url()
+            };
+            let mut agent = ServiceProcess::start(
+                id,
+                "hodei-agent",
+                vars(&[
+                    ("HODEI_NATS_URL", nats_url),
+                    ("HODEI_WORKER_ID", id.to_owned()),
+                    ("HODEI_MAX_CONCURRENT_JOBS", SLOTS.to_string()),
+                    (
+                        "HODEI_WORK_DIR",
+                        dir.path().join("work").join(id).display().to_string(),
+                    ),
+                    ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
+                    ("HODEI_LEASE_MS", LEASE_MS.to_string()),
+                    ("HODEI_KILL_GRACE_MS", KILL_GRACE_MS.to_string()),
+                    ("HODEI_DRAIN_TIMEOUT_MS", "2000".to_owned()),
+                    ("HODEI_LOG", "warn".to_owned()),
+                ]),
+                loopback_port(),
+                &logs,
+            )
+            .unwrap();
+            agent.wait_readiness(200, DEADLINE).await.unwrap();
+            agents.push(agent);
+        }
+
+        let channel = Channel::from_shared(format!("http://{grpc}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect(&database.url())
+            .await
+            .unwrap();
+        let cluster = Cluster {
+            nats,
+            database,
+            dir,
+            proxy,
+            gateway,
+            scheduler,
+            registry,
+            agents,
+            jobs: JobServiceClient::new(channel),
+            pool,
+        };
+        cluster
+            .wait_db("every agent to be ready", |pool| async move {
+                let ready: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM workers WHERE status = 'ready'")
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                (ready == AGENTS.len() as i64).then_some(())
+            })
+            .await;
+        cluster
+    }
+
+    fn ledger(&self) -> PathBuf {
+        self.dir.path().join("ledger")
+    }
+
+    fn agent(&mut self, id: &str) -> &mut ServiceProcess {
+        self.agents.iter_mut().find(|a| a.name() == id).unwrap()
+    }
+
+    /// Submits the phase's jobs; each sleeps `secs(i)` seconds.
+    async fn submit(&self, phase: &str, count: usize, secs: impl Fn(usize) -> f64) {
+        for i in 0..count {
+            let name = format!("{phase}-{i:02}");
+            let env = [
+                ("LEDGER", self.ledger().display().to_string()),
+                ("LOCKS", self.dir.path().join("locks").display().to_string()),
+                ("NAME", name.clone()),
+                ("SECS", format!("{:.3}", secs(i))),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            let spec = pb::JobSpec {
+                name,
+                command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+                    interpreter: vec!["/bin/sh".into(), "-c".into()],
+                    script: JOB_SCRIPT.to_owned(),
+                })),
+                env,
+                timeout_secs: 60,
+                ..Default::default()
+            };
+            self.jobs
+                .clone()
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(spec),
+                    tenant: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Polls the state of record until `f` answers; `None` while PostgreSQL is away.
+    async fn wait_db<T, F, Fut>(&self, what: &str, f: F) -> T
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        match wait_for(what, DEADLINE, || f(self.pool.clone())).await {
+            Ok(value) => value,
+            Err(e) => panic!("{e}\n{}", self.logs()),
+        }
+    }
+
+    /// Waits until at least `count` of the phase's jobs run (on `worker`, if given).
+    async fn wait_running(&self, phase: &str, count: i64, worker: Option<&str>) {
+        let pattern = format!("{phase}-%");
+        let worker = worker.map(str::to_owned);
+        self.wait_db(&format!("{count} jobs of {phase} to run"), |pool| {
+            let (pattern, worker) = (pattern.clone(), worker.clone());
+            async move {
+                let running: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE name LIKE $1 AND state = 'running'
+                     AND ($2::text IS NULL OR worker_id = $2)",
+                )
+                .bind(pattern)
+                .bind(worker)
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (running >= count).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until every job of the phase has ended.
+    async fn wait_phase_ended(&self, phase: &str) {
+        let pattern = format!("{phase}-%");
+        self.wait_db(&format!("every job of {phase} to end"), |pool| {
+            let pattern = pattern.clone();
+            async move {
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE name LIKE $1
+                     AND state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')",
+                )
+                .bind(pattern)
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (open == 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until the worker's status in the state of record is `status`.
+    async fn wait_worker_status(&self, id: &str, status: &str) {
+        self.wait_db(&format!("{id} to be {status}"), |pool| async move {
+            let now: String = sqlx::query_scalar("SELECT status FROM workers WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (now == status).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until every worker's last recorded heartbeat is older than the silence that
+    /// makes a worker unreachable: what a registry sees when it was not there to observe.
+    async fn wait_heartbeats_stale(&self) {
+        let stale = Duration::from_millis(HEARTBEAT_MS * u64::from(MISSED_BEATS) + 500);
+        self.wait_db("every heartbeat to be stale", |pool| async move {
+            let stale: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM workers
+                 WHERE last_heartbeat_at < now() - make_interval(secs => $1)",
+            )
+            .bind(stale.as_secs_f64())
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (stale == AGENTS.len() as i64).then_some(())
+        })
+        .await;
+    }
+
+    /// How many lines the ledger has now.
+    fn ledger_lines(&self) -> usize {
+        std::fs::read_to_string(self.ledger())
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a running job of `service`'s kind answers `status` on `/readyz`.
+    async fn wait_services(&mut self, status: u16) {
+        for service in [&mut self.gateway, &mut self.scheduler, &mut self.registry] {
+            service.wait_readiness(status, DEADLINE).await.unwrap();
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for service in [&self.gateway, &self.scheduler, &self.registry]
+            .into_iter()
+            .chain(&self.agents)
+        {
+            out.push_str(&format!(
+                "--- {} log tail ---\n{}\n",
+                service.name(),
+                service.log_tail()
+            ));
+        }
+        out
+    }
+
+    /// Per job of the state of record: its state and its attempts' workers and outcomes.
+    async fn jobs_of_record(&self) -> BTreeMap<String, Recorded> {
+        let jobs: Vec<(String, String)> = sqlx::query_as("SELECT name, state FROM jobs")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        let attempts: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT j.name, a->>'worker_id', a->'outcome'->>'kind'
+             FROM jobs j CROSS JOIN LATERAL jsonb_array_elements(j.attempts) a
+             ORDER BY j.name, (a->>'attempt')::bigint",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let mut record: BTreeMap<String, Recorded> = jobs
+            .into_iter()
+            .map(|(name, state)| {
+                let job = Recorded {
+                    state,
+                    attempts: Vec::new(),
+                };
+                (name, job)
+            })
+            .collect();
+        for (name, worker, outcome) in attempts {
+            if let Some(job) = record.get_mut(&name) {
+                job.attempts.push((worker, outcome.unwrap_or_default()));
+            }
+        }
+        record
+    }
+}
+
+/// A job as the state of record has it.
+#[derive(Debug)]
+struct Recorded {
+    state: String,
+    /// Per attempt, in order: its worker and how it ended (`exited`, `lost`, ...).
+    attempts: Vec<(String, String)>,
+}
+
+/// What the jobs themselves wrote, per job name.
+#[derive(Debug, Default)]
+struct Runs {
+    starts: usize,
+    ends: usize,
+    overlaps: usize,
+}
+
+fn read_ledger(path: &Path) -> BTreeMap<String, Runs> {
+    let mut runs: BTreeMap<String, Runs> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let mut words = line.split_whitespace();
+        let (Some(kind), Some(name)) = (words.next(), words.next()) else {
+            panic!("malformed ledger line {line:?}");
+        };
+        let entry = runs.entry(name.to_owned()).or_default();
+        match kind {
+            "start" => entry.starts += 1,
+            "end" => entry.ends += 1,
+            "overlap" => entry.overlaps += 1,
+            other => panic!("unknown ledger entry {other:?} in {line:?}"),
+        }
+    }
+    runs
+}
+
+/// One phase's fault, and how long it took from injection to healing.
+struct Phase {
+    name: &'static str,
+    /// The worker whose running processes the fault kills (so its jobs may run again).
+    kills_jobs_on: Option<&'static str>,
+    fault: Duration,
+}
+
+fn duration_secs(i: usize) -> f64 {
+    1.0 + (i * 37 % 100) as f64 / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
+    let started = Instant::now();
+    let mut cluster = Cluster::start().await;
+    let mut phases = Vec::new();
+
+    // The registry dies; it comes back once every heartbeat it wrote has gone stale, which is
+    // what used to make it declare healthy workers lost.
+    cluster.submit("registry", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("registry", 8, None).await;
+    let t = Instant::now();
+    cluster.registry.kill().await;
+    cluster.wait_heartbeats_stale().await;
+    cluster.registry.restart().await.unwrap();
+    cluster
+        .registry
+        .wait_readiness(200, DEADLINE)
+        .await
+        .unwrap();
+    phases.push(Phase {
+        name: "registry",
+        kills_jobs_on: None,
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("registry").await;
+
+    // The scheduler dies with work queued and a report waiting for it.
+    cluster.submit("scheduler", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("scheduler", 8, None).await;
+    let t = Instant::now();
+    cluster.scheduler.kill().await;
+    let lines = cluster.ledger_lines();
+    wait_for("a job to end while the scheduler is down", DEADLINE, || {
+        let cluster = &cluster;
+        async move { (cluster.ledger_lines() > lines).then_some(()) }
+    })
+    .await
+    .unwrap();
+    cluster.scheduler.restart().await.unwrap();
+    cluster
+        .scheduler
+        .wait_readiness(200, DEADLINE)
+        .await
+        .unwrap();
+    phases.push(Phase {
+        name: "scheduler",
+        kills_jobs_on: None,
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("scheduler").await;
+
+    // The gateway dies with work in flight; clients come back to the new one.
+    cluster.submit("gateway", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("gateway", 8, None).await;
+    let t = Instant::now();
+    cluster.gateway.restart().await.unwrap();
+    cluster.gateway.wait_readiness(200, DEADLINE).await.unwrap();
+    phases.push(Phase {
+        name: "gateway",
+        kills_jobs_on: None,
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("gateway").await;
+
+    // NATS restarts; it stays down until every service has noticed.
+    cluster.submit("nats", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("nats", 8, None).await;
+    let t = Instant::now();
+    cluster.nats.stop().await;
+    cluster.wait_services(503).await;
+    // It stays down past the silence that makes a worker unreachable.
+    cluster.wait_heartbeats_stale().await;
+    cluster.nats.restart().await.unwrap();
+    cluster.wait_services(200).await;
+    phases.push(Phase {
+        name: "nats",
+        kills_jobs_on: None,
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("nats").await;
+
+    // PostgreSQL goes away until every service has noticed.
+    cluster.submit("postgres", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("postgres", 8, None).await;
+    let t = Instant::now();
+    cluster.database.set_available(false).await.unwrap();
+    cluster.wait_services(503).await;
+    // The outage's length is part of the fault (nothing to wait for can be read while the
+    // database is away): past the silence that makes a worker unreachable.
+    tokio::time::sleep_until((t + PG_OUTAGE).into()).await;
+    cluster.database.set_available(true).await.unwrap();
+    cluster.wait_services(200).await;
+    phases.push(Phase {
+        name: "postgres",
+        kills_jobs_on: None,
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("postgres").await;
+
+    // An agent dies with jobs running and comes back under the same worker id: its jobs die
+    // with it and run again, once.
+    cluster.submit("agent", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("agent", 2, Some(RESTARTED)).await;
+    let t = Instant::now();
+    cluster.agent(RESTARTED).restart().await.unwrap();
+    cluster
+        .agent(RESTARTED)
+        .wait_readiness(200, DEADLINE)
+        .await
+        .unwrap();
+    phases.push(Phase {
+        name: "agent",
+        kills_jobs_on: Some(RESTARTED),
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("agent").await;
+
+    // One agent is cut off NATS, with jobs that outlast its lease: it stops them when its
+    // lease runs out, and only then are they handed back and run elsewhere.
+    cluster
+        .submit("partition", 12, |_| PARTITION_JOB_SECS)
+        .await;
+    cluster.wait_running("partition", 12, None).await;
+    cluster
+        .wait_running("partition", 1, Some(PARTITIONED))
+        .await;
+    let t = Instant::now();
+    cluster.proxy.cut();
+    cluster.wait_worker_status(PARTITIONED, "lost").await;
+    eprintln!(
+        "chaos partition: {PARTITIONED} lost and its attempts handed back {:.2} s after the \
+         cut (lease {LEASE_MS} ms + kill grace {KILL_GRACE_MS} ms)",
+        t.elapsed().as_secs_f64()
+    );
+    cluster.proxy.heal();
+    cluster.wait_worker_status(PARTITIONED, "ready").await;
+    phases.push(Phase {
+        name: "partition",
+        kills_jobs_on: Some(PARTITIONED),
+        fault: t.elapsed(),
+    });
+    cluster.wait_phase_ended("partition").await;
+
+    // The ledger and the state of record.
+    let ledger = read_ledger(&cluster.ledger());
+    let record = cluster.jobs_of_record().await;
+    let logs = cluster.logs();
+    assert_eq!(record.len(), 6 * PHASE_JOBS + 12, "{record:?}");
+    for (name, job) in &record {
+        assert_eq!(job.state, "succeeded", "{name} ended {}\n{logs}", job.state);
+        let runs = ledger.get(name);
+        assert!(
+            runs.is_some_and(|r| r.ends == 1 && r.overlaps == 0),
+            "{name} must have run to the end exactly once, alone: {runs:?}\n{logs}"
+        );
+    }
+    for phase in &phases {
+        let jobs: Vec<_> = record
+            .iter()
+            .filter(|(name, _)| name.starts_with(&format!("{}-", phase.name)))
+            .collect();
+        let handed_back: Vec<_> = jobs
+            .iter()
+            .flat_map(|(name, job)| {
+                let earlier = job.attempts.len().saturating_sub(1);
+                job.attempts.iter().take(earlier).map(move |a| (name, a))
+            })
+            .collect();
+        let rerun = jobs
+            .iter()
+            .filter(|(name, _)| ledger.get(*name).is_some_and(|r| r.starts > 1))
+            .count();
+        eprintln!(
+            "chaos {:<9} fault {:>6.2} s, {} attempts handed back, {rerun} jobs started again",
+            phase.name,
+            phase.fault.as_secs_f64(),
+            handed_back.len()
+        );
+        match phase.kills_jobs_on {
+            None => assert!(
+                handed_back.is_empty(),
+                "{}: an observer's outage must not hand back healthy work: {handed_back:?}\n{logs}",
+                phase.name
+            ),
+            Some(worker) => {
+                assert!(
+                    handed_back
+                        .iter()
+                        .all(|(_, (on, outcome))| on == worker && outcome == "lost"),
+                    "{}: only {worker}'s attempts are handed back: {handed_back:?}\n{logs}",
+                    phase.name
+                );
+                assert!(
+                    (1..=SLOTS as usize).contains(&rerun),
+                    "{}: the jobs {worker} ran, and only those, start again: {rerun}\n{logs}",
+                    phase.name
+                );
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {} jobs, {} ledger lines, {:.1} s in all",
+        record.len(),
+        cluster.ledger_lines(),
+        started.elapsed().as_secs_f64()
+    );
+    cluster.pool.close().await;
+    for agent in &mut cluster.agents {
+        agent.kill().await;
+    }
+    cluster.gateway.kill().await;
+    cluster.scheduler.kill().await;
+    cluster.registry.kill().await;
+    let _ = cluster.database.cleanup().await;
+}
