@@ -12,7 +12,10 @@
 //! restart under the same worker id; and a partition of one agent from NATS for longer than
 //! its lease. Then it checks the ledger and the state of record:
 //!
-//! - every accepted job succeeded, and its ledger shows exactly one `end` and no `overlap`;
+//! - every accepted job ended, and its ledger shows exactly one `end` and no `overlap`;
+//! - every recorded outcome is what ran: the job's state and exit code are those of the one
+//!   `end` line (every fifth job exits 3 and is not retried);
+//! - every job ended within a bound the test prints, per phase;
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
 //!   scheduler, gateway, NATS, PostgreSQL): healthy workers were never blamed;
 //! - only the phases that really killed running processes (agent restart, partition) re-ran
@@ -57,13 +60,18 @@ const PARTITION_JOB_SECS: f64 = 10.0;
 const PG_OUTAGE: Duration = Duration::from_secs(3);
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The job each ledger entry comes from: takes its lock, writes `start`, sleeps, writes `end`.
+/// The job each ledger entry comes from: takes its lock, writes `start`, sleeps, writes `end`
+/// with the exit code it then exits with.
 const JOB_SCRIPT: &str = r#"exec 9>>"$LOCKS/$NAME"
 flock -n 9 || echo "overlap $NAME $$" >> "$LEDGER"
 echo "start $NAME $$" >> "$LEDGER"
 sleep "$SECS"
-echo "end $NAME $$" >> "$LEDGER"
+echo "end $NAME $$ $CODE" >> "$LEDGER"
+exit "$CODE"
 "#;
+/// Every fifth job fails with this exit code, so that outcomes other than success are
+/// checked against the ledger too.
+const FAILING_CODE: i64 = 3;
 
 /// The whole system as separate processes, with the ledger's folder.
 struct Cluster {
@@ -238,6 +246,7 @@ impl Cluster {
                 ("LOCKS", self.dir.path().join("locks").display().to_string()),
                 ("NAME", name.clone()),
                 ("SECS", format!("{:.3}", secs(i))),
+                ("CODE", expected_code(i).to_string()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
@@ -250,6 +259,8 @@ impl Cluster {
                 })),
                 env,
                 timeout_secs: 60,
+                // A failed run is not retried: the one end in the ledger is the outcome.
+                max_attempts: 1,
                 ..Default::default()
             };
             self.jobs
@@ -383,8 +394,9 @@ impl Cluster {
             .fetch_all(&self.pool)
             .await
             .unwrap();
-        let attempts: Vec<(String, String, Option<String>)> = sqlx::query_as(
-            "SELECT j.name, a->>'worker_id', a->'outcome'->>'kind'
+        let attempts: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT j.name, a->>'worker_id', a->'outcome'->>'kind',
+                    (a->'outcome'->>'code')::bigint
              FROM jobs j CROSS JOIN LATERAL jsonb_array_elements(j.attempts) a
              ORDER BY j.name, (a->>'attempt')::bigint",
         )
@@ -397,13 +409,15 @@ impl Cluster {
                 let job = Recorded {
                     state,
                     attempts: Vec::new(),
+                    exit_code: None,
                 };
                 (name, job)
             })
             .collect();
-        for (name, worker, outcome) in attempts {
+        for (name, worker, outcome, code) in attempts {
             if let Some(job) = record.get_mut(&name) {
                 job.attempts.push((worker, outcome.unwrap_or_default()));
+                job.exit_code = code;
             }
         }
         record
@@ -416,13 +430,16 @@ struct Recorded {
     state: String,
     /// Per attempt, in order: its worker and how it ended (`exited`, `lost`, ...).
     attempts: Vec<(String, String)>,
+    /// The last attempt's exit code.
+    exit_code: Option<i64>,
 }
 
 /// What the jobs themselves wrote, per job name.
 #[derive(Debug, Default)]
 struct Runs {
     starts: usize,
-    ends: usize,
+    /// The exit code of each run that reached its end.
+    ends: Vec<i64>,
     overlaps: usize,
 }
 
@@ -436,7 +453,12 @@ fn read_ledger(path: &Path) -> BTreeMap<String, Runs> {
         let entry = runs.entry(name.to_owned()).or_default();
         match kind {
             "start" => entry.starts += 1,
-            "end" => entry.ends += 1,
+            "end" => entry.ends.push(
+                words
+                    .nth(1)
+                    .and_then(|code| code.parse().ok())
+                    .unwrap_or_else(|| panic!("no exit code in {line:?}")),
+            ),
             "overlap" => entry.overlaps += 1,
             other => panic!("unknown ledger entry {other:?} in {line:?}"),
         }
@@ -450,6 +472,13 @@ struct Phase {
     /// The worker whose running processes the fault kills (so its jobs may run again).
     kills_jobs_on: Option<&'static str>,
     fault: Duration,
+    /// From the phase's first submission until its last job ended: the bound every job of
+    /// the phase ended within.
+    ended: Duration,
+}
+
+fn expected_code(i: usize) -> i64 {
+    if i % 5 == 4 { FAILING_CODE } else { 0 }
 }
 
 fn duration_secs(i: usize) -> f64 {
@@ -464,6 +493,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
 
     // The registry dies; it comes back once every heartbeat it wrote has gone stale, which is
     // what used to make it declare healthy workers lost.
+    let submitted = Instant::now();
     cluster.submit("registry", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("registry", 8, None).await;
     let t = Instant::now();
@@ -475,14 +505,17 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         .wait_readiness(200, DEADLINE)
         .await
         .unwrap();
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("registry").await;
     phases.push(Phase {
         name: "registry",
         kills_jobs_on: None,
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("registry").await;
 
     // The scheduler dies with work queued and a report waiting for it.
+    let submitted = Instant::now();
     cluster.submit("scheduler", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("scheduler", 8, None).await;
     let t = Instant::now();
@@ -500,27 +533,33 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         .wait_readiness(200, DEADLINE)
         .await
         .unwrap();
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("scheduler").await;
     phases.push(Phase {
         name: "scheduler",
         kills_jobs_on: None,
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("scheduler").await;
 
     // The gateway dies with work in flight; clients come back to the new one.
+    let submitted = Instant::now();
     cluster.submit("gateway", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("gateway", 8, None).await;
     let t = Instant::now();
     cluster.gateway.restart().await.unwrap();
     cluster.gateway.wait_readiness(200, DEADLINE).await.unwrap();
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("gateway").await;
     phases.push(Phase {
         name: "gateway",
         kills_jobs_on: None,
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("gateway").await;
 
     // NATS restarts; it stays down until every service has noticed.
+    let submitted = Instant::now();
     cluster.submit("nats", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("nats", 8, None).await;
     let t = Instant::now();
@@ -530,14 +569,17 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     cluster.wait_heartbeats_stale().await;
     cluster.nats.restart().await.unwrap();
     cluster.wait_services(200).await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("nats").await;
     phases.push(Phase {
         name: "nats",
         kills_jobs_on: None,
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("nats").await;
 
     // PostgreSQL goes away until every service has noticed.
+    let submitted = Instant::now();
     cluster.submit("postgres", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("postgres", 8, None).await;
     let t = Instant::now();
@@ -548,15 +590,18 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     tokio::time::sleep_until((t + PG_OUTAGE).into()).await;
     cluster.database.set_available(true).await.unwrap();
     cluster.wait_services(200).await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("postgres").await;
     phases.push(Phase {
         name: "postgres",
         kills_jobs_on: None,
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("postgres").await;
 
     // An agent dies with jobs running and comes back under the same worker id: its jobs die
     // with it and run again, once.
+    let submitted = Instant::now();
     cluster.submit("agent", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("agent", 2, Some(RESTARTED)).await;
     let t = Instant::now();
@@ -566,15 +611,18 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         .wait_readiness(200, DEADLINE)
         .await
         .unwrap();
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("agent").await;
     phases.push(Phase {
         name: "agent",
         kills_jobs_on: Some(RESTARTED),
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("agent").await;
 
     // One agent is cut off NATS, with jobs that outlast its lease: it stops them when its
     // lease runs out, and only then are they handed back and run elsewhere.
+    let submitted = Instant::now();
     cluster
         .submit("partition", 12, |_| PARTITION_JOB_SECS)
         .await;
@@ -592,12 +640,14 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     );
     cluster.proxy.heal();
     cluster.wait_worker_status(PARTITIONED, "ready").await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("partition").await;
     phases.push(Phase {
         name: "partition",
         kills_jobs_on: Some(PARTITIONED),
-        fault: t.elapsed(),
+        fault,
+        ended: submitted.elapsed(),
     });
-    cluster.wait_phase_ended("partition").await;
 
     // The ledger and the state of record.
     let ledger = read_ledger(&cluster.ledger());
@@ -605,11 +655,21 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let logs = cluster.logs();
     assert_eq!(record.len(), 6 * PHASE_JOBS + 12, "{record:?}");
     for (name, job) in &record {
-        assert_eq!(job.state, "succeeded", "{name} ended {}\n{logs}", job.state);
         let runs = ledger.get(name);
-        assert!(
-            runs.is_some_and(|r| r.ends == 1 && r.overlaps == 0),
-            "{name} must have run to the end exactly once, alone: {runs:?}\n{logs}"
+        let Some(Runs {
+            ends, overlaps: 0, ..
+        }) = runs
+        else {
+            panic!("{name} ran alongside a copy of itself, or never: {runs:?}\n{logs}");
+        };
+        let [code] = ends.as_slice() else {
+            panic!("{name} must have run to the end exactly once: {runs:?}\n{logs}");
+        };
+        let state = if *code == 0 { "succeeded" } else { "failed" };
+        assert_eq!(
+            (job.state.as_str(), job.exit_code),
+            (state, Some(*code)),
+            "{name}: the recorded outcome must be what ran\n{logs}"
         );
     }
     for phase in &phases {
@@ -629,9 +689,11 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
             .filter(|(name, _)| ledger.get(*name).is_some_and(|r| r.starts > 1))
             .count();
         eprintln!(
-            "chaos {:<9} fault {:>6.2} s, {} attempts handed back, {rerun} jobs started again",
+            "chaos {:<9} fault {:>5.2} s, every job ended within {:>5.2} s of its submission, \
+             {} attempts handed back, {rerun} jobs started again",
             phase.name,
             phase.fault.as_secs_f64(),
+            phase.ended.as_secs_f64(),
             handed_back.len()
         );
         match phase.kills_jobs_on {
