@@ -381,6 +381,11 @@ pub struct JobArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: Option<u32>,
 
+    /// For idempotent work: when the worker goes silent, run the job elsewhere at once rather
+    /// than after the worker's lease; two copies may then run at the same time.
+    #[arg(long)]
+    pub requeue_when_unreachable: bool,
+
     /// Higher runs first, from -1000 to 1000.
     #[arg(long, value_name = "N", allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-1000..=1000))]

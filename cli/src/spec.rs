@@ -111,6 +111,9 @@ impl JobArgs {
         if let Some(priority) = self.priority {
             draft.priority = priority;
         }
+        if self.requeue_when_unreachable {
+            draft.requeue_when_unreachable = true;
+        }
         if let Some(cpu) = self.cpu {
             draft.resources.cpu_millis = cpu;
         }
@@ -161,6 +164,7 @@ impl JobArgs {
             retry_backoff: None,
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
             labels: to_map(&self.labels),
+            requeue_when_unreachable: self.requeue_when_unreachable,
         })
     }
 

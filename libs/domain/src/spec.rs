@@ -158,6 +158,10 @@ pub struct JobSpecDraft {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// For idempotent work: when the worker goes silent, hand the attempt back at once
+    /// rather than after the worker's lease and kill grace. Two copies may then run at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeue_when_unreachable: bool,
     /// For a pipeline step: the artifacts to fetch before it starts and to keep after it
     /// succeeds. Set by the pipeline, never by a client (the API has no such field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +211,7 @@ impl JobSpecDraft {
             retry_backoff: Backoff::default(),
             idempotency_key: None,
             labels: BTreeMap::new(),
+            requeue_when_unreachable: false,
             artifacts: None,
         }
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::DomainError;
 use crate::events::{WorkerEvent, WorkerEventKind};
 use crate::ids::{AttemptId, IncarnationId, WorkerId};
-use crate::spec::Resources;
+use crate::spec::{JobSpec, Resources};
 use crate::specification::{AllOf, Predicate, Specification};
 
 /// Whether a worker takes work.
@@ -93,6 +93,10 @@ pub struct HeldAttempt {
     pub since: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<IncarnationId>,
+    /// The job asked to be handed back as soon as this worker is unreachable (idempotent work),
+    /// not after its lease and kill grace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeue_when_unreachable: bool,
 }
 
 /// How long a worker's attempts may outlive its silence. An agent that cannot reach NATS for
@@ -373,9 +377,34 @@ impl Worker {
             resources,
             since: now,
             incarnation: self.incarnation,
+            requeue_when_unreachable: false,
         });
         self.version += 1;
         Ok(())
+    }
+
+    /// Reserves a slot for `attempt` of a job with `spec`: its resources, and whether it is
+    /// handed back as soon as the worker is unreachable.
+    pub fn reserve_for(
+        &mut self,
+        attempt: AttemptId,
+        spec: &JobSpec,
+        now: DateTime<Utc>,
+    ) -> Result<(), DomainError> {
+        self.reserve(attempt, spec.resources, now)?;
+        if let Some(held) = self.held.last_mut() {
+            held.requeue_when_unreachable = spec.requeue_when_unreachable;
+        }
+        Ok(())
+    }
+
+    /// The attempts whose jobs asked to be handed back as soon as the worker is unreachable.
+    pub fn attempts_to_requeue_when_unreachable(&self) -> Vec<HeldAttempt> {
+        self.held
+            .iter()
+            .filter(|h| h.requeue_when_unreachable)
+            .cloned()
+            .collect()
     }
 
     /// Releases the slot of `attempt`.
@@ -564,6 +593,26 @@ mod tests {
         w.release(&a).unwrap();
         assert!(w.release(&a).is_err());
         assert_eq!(w.free_slots(), 1);
+    }
+
+    #[test]
+    fn only_jobs_that_ask_for_it_are_marked_for_requeue_when_unreachable() {
+        let mut w = worker(2);
+        let now = Utc::now();
+        let mut draft = crate::spec::JobSpecDraft::exec("idempotent", &["true"]);
+        draft.requeue_when_unreachable = true;
+        let eager = JobSpec::try_from(draft).unwrap();
+        let patient =
+            JobSpec::try_from(crate::spec::JobSpecDraft::exec("patient", &["true"])).unwrap();
+        let (a, b) = (attempt(), attempt());
+        w.reserve_for(a, &eager, now).unwrap();
+        w.reserve_for(b, &patient, now).unwrap();
+        let marked: Vec<_> = w
+            .attempts_to_requeue_when_unreachable()
+            .into_iter()
+            .map(|h| h.attempt)
+            .collect();
+        assert_eq!(marked, vec![a]);
     }
 
     #[test]

@@ -62,6 +62,7 @@ impl From<pb::JobSpec> for JobSpecDraft {
                 .unwrap_or_default(),
             idempotency_key: Some(w.idempotency_key).filter(|s| !s.is_empty()),
             labels: w.labels.into_iter().collect(),
+            requeue_when_unreachable: w.requeue_when_unreachable,
             artifacts: None,
         }
     }
@@ -100,6 +101,7 @@ impl From<&JobSpec> for pb::JobSpec {
             }),
             idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
             labels: s.labels.clone().into_iter().collect(),
+            requeue_when_unreachable: s.requeue_when_unreachable,
         }
     }
 }

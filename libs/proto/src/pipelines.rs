@@ -72,6 +72,7 @@ pub fn pipeline_spec_from_wire(w: pb::PipelineSpec) -> Result<PipelineSpecDraft,
             max_attempts: job.max_attempts,
             retry_backoff: job.retry_backoff,
             labels: job.labels,
+            requeue_when_unreachable: job.requeue_when_unreachable,
         });
     }
     if !errors.is_empty() {

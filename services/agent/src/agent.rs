@@ -21,6 +21,7 @@ use hodei_telemetry::{Metrics, ObservabilityServer};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::attempt::{self, Assignment, AttemptContext, Stops};
@@ -172,7 +173,11 @@ impl Agent {
                 max_concurrent_jobs: self.settings.max_concurrent_jobs,
                 metrics: self.metrics.clone(),
             };
-            tokio::spawn(server.serve(self.metrics.clone(), Arc::new(probes), stop_serving.clone()))
+            AbortOnDropHandle::new(tokio::spawn(server.serve(
+                self.metrics.clone(),
+                Arc::new(probes),
+                stop_serving.clone(),
+            )))
         });
         let draining = Arc::new(AtomicBool::new(false));
         let beat_now = Arc::new(Notify::new());
@@ -195,14 +200,16 @@ impl Agent {
         // stored before the registry, seeing the new incarnation, hands its attempts back.
         recover(&ctx).await;
         let lease = Lease::new(self.settings.lease);
-        let lease_watch = tokio::spawn(lease::watch(
+        // The background tasks die with this future: an agent dropped mid-run (a crash, in
+        // tests) stops beating at once, as a killed process would.
+        let lease_watch = AbortOnDropHandle::new(tokio::spawn(lease::watch(
             lease.clone(),
             running.clone(),
             worker_id.clone(),
             self.metrics.clone(),
             stop_beating.clone(),
-        ));
-        let heartbeats = tokio::spawn(
+        )));
+        let heartbeats = AbortOnDropHandle::new(tokio::spawn(
             Heartbeater::new(
                 self.client.clone(),
                 worker_id.clone(),
@@ -221,7 +228,7 @@ impl Agent {
                 Arc::clone(&beat_now),
                 stop_beating.clone(),
             ),
-        );
+        ));
         let mut attempts = JoinSet::new();
 
         let cause = self

@@ -148,10 +148,30 @@ async fn sweep(
     for worker in candidates {
         let id = worker.id().clone();
         let (change, reason) = match worker.status() {
-            WorkerStatus::Unreachable => {
-                if suspect_partition || !worker.silent_past_lease(now, since) {
+            WorkerStatus::Unreachable if suspect_partition => continue,
+            WorkerStatus::Unreachable if !worker.silent_past_lease(now, since) => {
+                // Within the lease only the jobs that asked for it (idempotent work) go back.
+                let attempts = worker.attempts_to_requeue_when_unreachable();
+                if attempts.is_empty() {
                     continue;
                 }
+                let reason = format!(
+                    "worker {id} unreachable and the job asked to be requeued at once \
+                     (requeue_when_unreachable)"
+                );
+                match hand_back(backends, worker, attempts, &reason, StatusChange::None).await {
+                    Ok(done) if done.handed_back > 0 => {
+                        tracing::warn!(worker_id = %id, handed_back = done.handed_back, deferred = done.deferred, reason, "attempts handed back")
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => {
+                        tracing::warn!(worker_id = %id, error = %e, "failed to hand back attempts")
+                    }
+                }
+                continue;
+            }
+            WorkerStatus::Unreachable => {
                 let lease = worker.lease();
                 (
                     StatusChange::Lost,

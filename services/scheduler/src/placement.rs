@@ -304,7 +304,7 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
         })?;
     let attempt = job.current_attempt();
     worker
-        .reserve(AttemptId::new(job.id(), attempt), job.spec().resources, now)
+        .reserve_for(AttemptId::new(job.id(), attempt), job.spec(), now)
         .map_err(|e| StorageError::Conflict {
             what: e.to_string(),
         })?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
-use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
+use hodei_system_tests::{AgentSpec, HEARTBEAT_MS, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -583,4 +583,72 @@ async fn read_pid(file: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_asks_for_it_is_requeued_as_soon_as_its_worker_is_unreachable() {
+    const FLAKY: AgentSpec = AgentSpec {
+        id: "flaky",
+        labels: "pool=a",
+        slots: 2,
+    };
+    const STEADY: AgentSpec = AgentSpec {
+        id: "steady",
+        labels: "pool=a",
+        slots: 2,
+    };
+    // Unreachable after 600 ms of silence; the agents' lease (60 s) is far away.
+    let options = SystemOptions {
+        missed_beats: 3,
+        agent_lease_ms: 60_000,
+        ..SystemOptions::default()
+    };
+    let mut system = TestSystem::start_with(&[FLAKY], options).await.unwrap();
+    // On flaky the jobs wait until the test ends; anywhere else they succeed at once.
+    let job = |name: &str, requeue_when_unreachable: bool| {
+        let mut spec = script(
+            name,
+            r#"if [ "$HODEI_WORKER_ID" = flaky ]; then sleep 600; fi"#,
+        );
+        spec.required_labels.insert("pool".into(), "a".into());
+        spec.requeue_when_unreachable = requeue_when_unreachable;
+        spec
+    };
+    let idempotent = system.submit(job("idempotent", true)).await.unwrap().id;
+    let patient = system.submit(job("patient", false)).await.unwrap().id;
+    for id in [&idempotent, &patient] {
+        system
+            .wait_job(id, "to run on flaky", Duration::from_secs(20), |s| {
+                s == pb::JobState::Running
+            })
+            .await
+            .unwrap();
+    }
+    system.add_agent(&STEADY, HEARTBEAT_MS).await.unwrap();
+    let silenced = Instant::now();
+    system.crash_agent("flaky");
+
+    let done = system
+        .wait_terminal(&idempotent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let took = silenced.elapsed();
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts.len(), 2, "{:?}", done.attempts);
+    assert_eq!(done.attempts[0].worker_id, "flaky");
+    assert!(
+        format!("{:?}", done.attempts[0].outcome).contains("requeue_when_unreachable"),
+        "{:?}",
+        done.attempts[0].outcome
+    );
+    assert_eq!(done.attempts[1].worker_id, "steady");
+    // The job that did not ask for it waits for flaky's lease.
+    let waiting = get_job(&system, &patient).await.unwrap();
+    assert_eq!(waiting.state(), pb::JobState::Running, "{waiting:?}");
+    assert_eq!(waiting.attempts.len(), 1, "{:?}", waiting.attempts);
+    eprintln!(
+        "a_job_that_asks_for_it_is_requeued_as_soon_as_its_worker_is_unreachable: ran again \
+         and ended {took:?} after its worker went silent"
+    );
+    system.stop().await;
 }

@@ -112,6 +112,10 @@ pub struct StepDraft {
     pub retry_backoff: Backoff,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// For idempotent work: when the worker goes silent, hand the attempt back at once
+    /// rather than after the worker's lease and kill grace. Two copies may then run at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requeue_when_unreachable: bool,
 }
 
 impl StepDraft {
@@ -135,6 +139,7 @@ impl StepDraft {
             max_attempts: job.max_attempts,
             retry_backoff: job.retry_backoff,
             labels: job.labels,
+            requeue_when_unreachable: job.requeue_when_unreachable,
         }
     }
 
@@ -188,6 +193,7 @@ impl StepDraft {
             retry_backoff: self.retry_backoff,
             idempotency_key: None,
             labels: self.labels.clone(),
+            requeue_when_unreachable: self.requeue_when_unreachable,
             artifacts: None,
         }
     }
