@@ -48,7 +48,7 @@ pub async fn failure_detection(p: FailureParams) -> anyhow::Result<Outcome> {
 }
 
 async fn run_with(
-    nats: &TestNats,
+    nats: &mut TestNats,
     database: &TestDatabase,
     p: &FailureParams,
 ) -> anyhow::Result<Outcome> {
@@ -58,7 +58,7 @@ async fn run_with(
         flush_interval_ms: 100,
         partition_share: 0.5,
     };
-    let services = Services::start(nats.url(), database.url(), settings, true).await?;
+    let mut services = Services::start(nats.url(), database.url(), settings, true).await?;
     let pool = match database.connect().await {
         Ok(pool) => pool,
         Err(e) => {
@@ -78,7 +78,7 @@ async fn run_with(
     .await;
     let result = match fleet {
         Ok(fleet) => {
-            let result = measure(&fleet, &services, &pool, p).await;
+            let result = measure(&fleet, &mut services, nats, &pool, p).await;
             fleet.stop().await;
             result
         }
@@ -166,7 +166,8 @@ fn micros(d: Duration) -> u64 {
 
 async fn measure(
     fleet: &Fleet,
-    services: &Services,
+    services: &mut Services,
+    nats: &mut TestNats,
     pool: &PgPool,
     p: &FailureParams,
 ) -> anyhow::Result<Outcome> {
@@ -375,9 +376,188 @@ async fn measure(
     }
     out.note(format!(
         "failure-detection: {} jobs held by {holders} of the silenced workers; the other {} \
-         silenced workers were picked at random",
+         silenced workers were picked at random; 'last beat->job requeued' is the requeue \
+         time of a worker that goes silent (a partition, or a crash with no restart)",
         job_ids.len(),
         silenced.len() - holders
     ));
+
+    // A crash with a restart: the workers holding the jobs now die and come back at once as
+    // new incarnations; their first beat confirms the loss.
+    let holders = wait_held(fleet, pool, jobs_wanted, &silenced).await?;
+    let restarted: Vec<usize> = holders.keys().copied().collect();
+    let lost_before = lost_attempts(pool, &job_ids).await?;
+    fleet.restart(&restarted);
+    let lost = wait_lost(pool, &job_ids, lost_before + job_ids.len()).await?;
+    let mut to_requeued = histogram()?;
+    for (i, attempts) in &holders {
+        let Some(first_beat) = fleet.restart_beat(*i) else {
+            continue;
+        };
+        for attempt in attempts {
+            if let Some(at) = lost.get(&(attempt.job_id.as_uuid(), attempt.attempt.get())) {
+                let d = (*at - fleet.utc_of(first_beat))
+                    .num_microseconds()
+                    .unwrap_or(0);
+                to_requeued.record(u64::try_from(d).unwrap_or(0).max(1))?;
+            }
+        }
+    }
+    out.figure(
+        S,
+        "crash and restart: jobs held by the restarted workers",
+        holders.values().map(Vec::len).sum::<usize>() as f64,
+        "count",
+        None,
+    );
+    if !to_requeued.is_empty() {
+        out.percentiles(
+            S,
+            "crash and restart: new incarnation's first beat->job requeued",
+            &to_requeued,
+            None,
+        );
+    }
+
+    // Observer outages: nobody healthy may be blamed. The jobs are held again first.
+    wait_held(fleet, pool, jobs_wanted, &silenced).await?;
+    let settle = Duration::from_millis(SIMULATED_LEASE.lease_ms + SIMULATED_LEASE.kill_grace_ms)
+        + p.interval * (p.missed_beats + 4);
+    for outage in [Outage::Nats, Outage::Registry] {
+        let lost_before = lost_attempts(pool, &job_ids).await?;
+        let workers_before = count(pool, LOST_WORKERS).await?;
+        match outage {
+            Outage::Nats => {
+                nats.stop().await;
+                tokio::time::sleep(NATS_OUTAGE).await;
+                nats.restart().await?;
+            }
+            Outage::Registry => {
+                services.crash_registry().await;
+                tokio::time::sleep(REGISTRY_OUTAGE).await;
+                services.start_registry().await?;
+            }
+        }
+        // Long enough for any wrong verdict to be reached and acted on.
+        tokio::time::sleep(settle).await;
+        let handed_back = lost_attempts(pool, &job_ids).await? - lost_before;
+        let workers_lost = count(pool, LOST_WORKERS).await? - workers_before;
+        let what = outage.describe();
+        out.figure(
+            S,
+            format!("{what}: healthy workers declared lost"),
+            workers_lost as f64,
+            "count",
+            Some("0"),
+        );
+        out.figure(
+            S,
+            format!("{what}: held jobs handed back"),
+            handed_back as f64,
+            "count",
+            Some("0"),
+        );
+    }
+    out.note(format!(
+        "failure-detection: after the silencing, the workers holding the jobs are restarted as \
+         new incarnations (crash and restart); then NATS is stopped for {NATS_OUTAGE:?} and \
+         restarted, and the registry is crashed and started again {REGISTRY_OUTAGE:?} later, \
+         each followed by {settle:?} (lease + grace + missed beats + 4 intervals) before \
+         counting workers newly lost and held attempts handed back"
+    ));
     Ok(out)
+}
+
+/// How long NATS stays down in the observer-outage check.
+const NATS_OUTAGE: Duration = Duration::from_secs(5);
+/// How long the registry stays down: longer than the silence that makes a worker unreachable
+/// at the default settings.
+const REGISTRY_OUTAGE: Duration = Duration::from_secs(3);
+const LOST_WORKERS: &str = "SELECT count(*) FROM workers WHERE status = 'lost'";
+
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    Nats,
+    Registry,
+}
+
+impl Outage {
+    fn describe(self) -> String {
+        match self {
+            Outage::Nats => format!("NATS down {NATS_OUTAGE:?}"),
+            Outage::Registry => format!("registry down {REGISTRY_OUTAGE:?}"),
+        }
+    }
+}
+
+/// Waits until `wanted` jobs run and the fleet holds them on agents other than `silenced`
+/// (which still hold what they had when they went silent); returns those holders.
+async fn wait_held(
+    fleet: &Fleet,
+    pool: &PgPool,
+    wanted: i64,
+    silenced: &[usize],
+) -> anyhow::Result<HashMap<usize, Vec<hodei_domain::AttemptId>>> {
+    wait_for_count(
+        pool,
+        "SELECT count(*) FROM jobs WHERE state = 'running'",
+        wanted,
+        Duration::from_secs(60),
+        "held jobs running",
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        let held: HashMap<_, _> = fleet
+            .held()
+            .into_iter()
+            .filter(|(i, a)| !a.is_empty() && !silenced.contains(i))
+            .collect();
+        if held.values().map(Vec::len).sum::<usize>() as i64 >= wanted {
+            return Ok(held);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            anyhow::bail!("the fleet holds fewer than {wanted} jobs after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many attempts of `jobs` ended lost.
+async fn lost_attempts(pool: &PgPool, jobs: &[uuid::Uuid]) -> anyhow::Result<usize> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j CROSS JOIN LATERAL jsonb_array_elements(j.attempts) a
+         WHERE j.id = ANY($1) AND a->'outcome'->>'kind' = 'lost'",
+    )
+    .bind(jobs)
+    .fetch_one(pool)
+    .await?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Waits until `wanted` attempts of `jobs` have ended lost; returns when each ended, by
+/// (job, attempt number).
+async fn wait_lost(
+    pool: &PgPool,
+    jobs: &[uuid::Uuid],
+    wanted: usize,
+) -> anyhow::Result<HashMap<(uuid::Uuid, u32), DateTime<Utc>>> {
+    let started = Instant::now();
+    loop {
+        let rows: Vec<(uuid::Uuid, i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT j.id, (a->>'attempt')::bigint, (a->>'finished_at')::timestamptz
+             FROM jobs j CROSS JOIN LATERAL jsonb_array_elements(j.attempts) a
+             WHERE j.id = ANY($1) AND a->'outcome'->>'kind' = 'lost'",
+        )
+        .bind(jobs)
+        .fetch_all(pool)
+        .await?;
+        if rows.len() >= wanted || started.elapsed() > Duration::from_secs(30) {
+            return Ok(rows
+                .into_iter()
+                .map(|(job, attempt, at)| ((job, u32::try_from(attempt).unwrap_or(0)), at))
+                .collect());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

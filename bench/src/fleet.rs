@@ -50,8 +50,12 @@ struct Shared {
     base: Instant,
     base_utc: DateTime<Utc>,
     held: Mutex<HashMap<usize, Vec<AttemptId>>>,
-    /// The simulated agents' incarnation and lease terms, the same for the whole run.
+    /// The simulated agents' first incarnation and lease terms.
     incarnation: hodei_domain::IncarnationId,
+    /// Agents restarted by [`Fleet::restart`], with their new incarnation.
+    restarted: Mutex<HashMap<usize, hodei_domain::IncarnationId>>,
+    /// Nanoseconds after `base` of each restarted agent's first beat as its new incarnation.
+    restart_beat_ns: Vec<AtomicU64>,
     lease: hodei_domain::LeaseTerms,
 }
 
@@ -84,6 +88,8 @@ impl Fleet {
             base_utc: Utc::now(),
             held: Mutex::new(HashMap::new()),
             incarnation: hodei_domain::IncarnationId::new(),
+            restarted: Mutex::new(HashMap::new()),
+            restart_beat_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             lease: config.lease,
         });
         let stop = CancellationToken::new();
@@ -149,6 +155,30 @@ impl Fleet {
         }
     }
 
+    /// Kills the agents at `indexes` and starts them again at once: what they held is gone,
+    /// and their next beats carry a new incarnation.
+    pub fn restart(&self, indexes: &[usize]) {
+        let mut held = lock(&self.shared.held);
+        let mut restarted = lock(&self.shared.restarted);
+        for &i in indexes {
+            held.remove(&i);
+            restarted.insert(i, hodei_domain::IncarnationId::new());
+            if let Some(at) = self.shared.restart_beat_ns.get(i) {
+                at.store(0, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// When agent `index` first beat as the incarnation [`Fleet::restart`] gave it.
+    pub fn restart_beat(&self, index: usize) -> Option<Instant> {
+        let ns = self
+            .shared
+            .restart_beat_ns
+            .get(index)?
+            .load(Ordering::SeqCst);
+        (ns > 0).then(|| self.shared.base + Duration::from_nanos(ns))
+    }
+
     /// When agent `index` last published a beat, if it ever did.
     pub fn last_beat(&self, index: usize) -> Option<Instant> {
         let ns = self.shared.last_beat_ns.get(index)?.load(Ordering::SeqCst);
@@ -210,6 +240,7 @@ async fn beat(
             _ = tick.tick() => {}
         }
         let held = lock(&shared.held).clone();
+        let restarted = lock(&shared.restarted).clone();
         let now = Utc::now();
         for i in (slice..n).step_by(SLICES) {
             if shared.silenced[i].load(Ordering::SeqCst) {
@@ -219,7 +250,7 @@ async fn beat(
             let id = &shared.ids[i];
             let beat = Heartbeat {
                 worker_id: id.clone(),
-                incarnation: shared.incarnation,
+                incarnation: restarted.get(&i).copied().unwrap_or(shared.incarnation),
                 lease_ms: shared.lease.lease_ms,
                 kill_grace_ms: shared.lease.kill_grace_ms,
                 labels: labels.clone(),
@@ -249,6 +280,15 @@ async fn beat(
             }
             let at = u64::try_from(shared.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
             shared.last_beat_ns[i].store(at.max(1), Ordering::SeqCst);
+            if restarted.contains_key(&i) {
+                // Only the first beat of the new incarnation is kept.
+                let _ = shared.restart_beat_ns[i].compare_exchange(
+                    0,
+                    at.max(1),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
             shared.sent.fetch_add(1, Ordering::Relaxed);
         }
         slice = (slice + 1) % SLICES;

@@ -32,6 +32,10 @@ pub struct RegistrySettings {
 pub struct Services {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The registry's task, apart so that it can be crashed and started again.
+    registry: Option<JoinHandle<()>>,
+    backends: BackendConfig,
+    settings: RegistrySettings,
     /// The registry's `/metrics` address.
     pub registry_metrics: Option<SocketAddr>,
     /// The gateway's gRPC address, when it was started.
@@ -53,6 +57,9 @@ impl Services {
         let mut services = Services {
             shutdown: CancellationToken::new(),
             tasks: Vec::new(),
+            registry: None,
+            backends: backends.clone(),
+            settings: registry,
             registry_metrics: None,
             grpc_addr: None,
         };
@@ -63,14 +70,11 @@ impl Services {
         Ok(services)
     }
 
-    async fn start_all(
-        &mut self,
-        backends: BackendConfig,
-        settings: RegistrySettings,
-        whole: bool,
-    ) -> anyhow::Result<()> {
+    /// Starts the registry (again, after [`Services::crash_registry`]).
+    pub async fn start_registry(&mut self) -> anyhow::Result<()> {
+        let settings = self.settings;
         let registry = Registry::build(RegistryConfig {
-            backends: backends.clone(),
+            backends: self.backends.clone(),
             heartbeat_interval_ms: settings.heartbeat_interval_ms,
             missed_beats: settings.missed_beats,
             flush_interval_ms: settings.flush_interval_ms,
@@ -81,11 +85,29 @@ impl Services {
         .context("failed to start the registry")?;
         self.registry_metrics = registry.metrics_addr();
         let token = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(async move {
+        self.registry = Some(tokio::spawn(async move {
             if let Err(e) = registry.run_until_stopped(token).await {
                 eprintln!("registry stopped with error: {e}");
             }
         }));
+        Ok(())
+    }
+
+    /// Stops the registry mid-work, as a killed process stops: no goodbye, no last flush.
+    pub async fn crash_registry(&mut self) {
+        if let Some(task) = self.registry.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn start_all(
+        &mut self,
+        backends: BackendConfig,
+        settings: RegistrySettings,
+        whole: bool,
+    ) -> anyhow::Result<()> {
+        self.start_registry().await?;
         if !whole {
             return Ok(());
         }
@@ -122,7 +144,7 @@ impl Services {
     /// Stops every service and waits for them (10 s each at most).
     pub async fn stop(self) {
         self.shutdown.cancel();
-        for task in self.tasks {
+        for task in self.tasks.into_iter().chain(self.registry) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     }
@@ -141,13 +163,13 @@ pub async fn counter(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
 /// whatever its outcome.
 pub async fn with_backends<T>(
     scenario: impl AsyncFnOnce(
-        &hodei_test_support::TestNats,
+        &mut hodei_test_support::TestNats,
         &hodei_test_support::TestDatabase,
     ) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let nats = hodei_test_support::TestNats::start().await?;
+    let mut nats = hodei_test_support::TestNats::start().await?;
     let database = hodei_test_support::TestDatabase::create().await?;
-    let result = scenario(&nats, &database).await;
+    let result = scenario(&mut nats, &database).await;
     let _ = database.cleanup().await;
     drop(nats);
     result
