@@ -540,6 +540,33 @@ impl Job {
         )
     }
 
+    /// Fails the job because the command assigning `attempt` could not be delivered to its
+    /// worker at all (the transport refused it, e.g. larger than the server allows): sending
+    /// it again cannot help, so no retry is spent on it.
+    pub fn fail_undeliverable(
+        &mut self,
+        attempt: AttemptNumber,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<JobEvent, DomainError> {
+        if self.state != JobState::Assigned {
+            return Err(self.illegal("fail as undeliverable"));
+        }
+        self.fence(attempt)?;
+        let worker_id = self.worker_of_current()?;
+        self.record(
+            now,
+            JobEventKind::Failed {
+                attempt: Some(attempt),
+                worker_id: Some(worker_id),
+                outcome: Some(AttemptOutcome::SpawnFailed {
+                    reason: reason.to_owned(),
+                }),
+                reason: reason.to_owned(),
+            },
+        )
+    }
+
     /// Applies an event to the state. Commands call this after checking; replay calls it
     /// directly, so it refuses events out of order or illegal for the state.
     pub fn apply(&mut self, event: &JobEvent) -> Result<(), DomainError> {
@@ -725,6 +752,28 @@ mod tests {
         .unwrap();
         assert_eq!(j.state(), JobState::Failed);
         assert_eq!(j.exit_code(), Some(3));
+    }
+
+    #[test]
+    fn an_undeliverable_assignment_fails_the_job_without_retry() {
+        let now = Utc::now();
+        let mut draft = crate::spec::JobSpecDraft::exec("big", &["true"]);
+        draft.max_attempts = 3;
+        let (mut j, _) = Job::submit(
+            JobId::new(),
+            TenantId::default(),
+            JobSpec::try_from(draft).unwrap(),
+            now,
+        );
+        j.assign(w("a"), now).unwrap();
+        let attempt = j.current_attempt();
+        let event = j
+            .fail_undeliverable(attempt, "assign command too large", now)
+            .unwrap();
+        assert_eq!(event.kind.name(), "failed");
+        assert_eq!(j.state(), JobState::Failed);
+        assert_eq!(j.reason(), Some("assign command too large"));
+        assert!(j.fail_undeliverable(attempt, "again", now).is_err());
     }
 
     #[test]

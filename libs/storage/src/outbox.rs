@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::future::try_join_all;
+use std::future::IntoFuture;
+
+use futures::future::join_all;
 use hodei_messaging::{Outgoing, TraceHeaders, trace};
 use hodei_resilience::{RetryPolicy, random_unit};
 use hodei_telemetry::Metrics;
@@ -55,6 +57,45 @@ pub async fn pending(pool: &PgPool) -> Result<i64, StorageError> {
         .await?)
 }
 
+/// A message the transport refused for good, moved out of the outbox by the relay, whose
+/// consequences are still to be handled.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// Up to `limit` dead letters not yet handled, oldest first.
+pub async fn dead_unhandled(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>, StorageError> {
+    let rows: Vec<(Uuid, String, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT id, subject, payload, reason FROM outbox_dead
+         WHERE handled_at IS NULL ORDER BY dead_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, subject, payload, reason)| DeadLetter {
+            id,
+            subject,
+            payload,
+            reason,
+        })
+        .collect())
+}
+
+/// Records that the consequences of dead letter `id` were handled.
+pub async fn mark_dead_handled(conn: &mut PgConnection, id: Uuid) -> Result<(), StorageError> {
+    sqlx::query("UPDATE outbox_dead SET handled_at = now() WHERE id = $1 AND handled_at IS NULL")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Why a relay batch failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -70,16 +111,48 @@ impl From<sqlx::Error> for RelayError {
     }
 }
 
-/// Publishes up to `limit` committed messages and deletes them once JetStream acknowledged
-/// every one. Returns how many were relayed. On any failure nothing is deleted, so the batch
-/// is published again later (and de-duplicated by the server). `service` names the relaying
-/// service on its spans.
+/// What one relay batch did.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// Messages JetStream acknowledged, deleted from the outbox.
+    pub published: usize,
+    /// Messages the transport refused for good, moved to `outbox_dead` with their reason.
+    pub dead_lettered: usize,
+    /// The failure that stopped the batch before its end (NATS away, an ack timed out): the
+    /// rows from there on stay in the outbox and are published again later.
+    pub stopped: Option<RelayError>,
+}
+
+/// A row on its way: published, its ack still to come.
+struct Sent {
+    position: i64,
+    subject: String,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+/// Whether JetStream refused a message for good: it is larger than the server's
+/// `max_payload` or than its stream allows. Publishing it again cannot succeed.
+fn refused_for_good(e: &jetstream::context::PublishError) -> bool {
+    use jetstream::context::PublishErrorKind;
+    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+        return true;
+    }
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+}
+
+/// Publishes up to `limit` committed messages in order and deletes those JetStream
+/// acknowledged. A message the transport refuses for good is moved to `outbox_dead` with its
+/// reason and the batch goes on: one poison row never holds up the rows behind it. Any other
+/// failure stops the batch there; what was not acknowledged stays and is published again later
+/// (and de-duplicated by the server). `service` names the relaying service on its spans.
 pub async fn relay_batch(
     pool: &PgPool,
     js: &jetstream::Context,
     limit: i64,
     service: &str,
-) -> Result<usize, RelayError> {
+) -> Result<Relayed, RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT position, id, subject, payload, headers FROM outbox
@@ -88,11 +161,12 @@ pub async fn relay_batch(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    let mut relayed = Relayed::default();
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(relayed);
     }
-    let mut positions = Vec::with_capacity(rows.len());
-    let mut acks = Vec::with_capacity(rows.len());
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut dead: Vec<(i64, String)> = Vec::new();
     for row in &rows {
         let position: i64 = row.try_get("position")?;
         let id: Uuid = row.try_get("id")?;
@@ -117,29 +191,71 @@ pub async fn relay_batch(
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .headers(headers);
-        let ack = js
+        match js
             .send_publish(subject.clone(), publish)
             .instrument(span)
             .await
-            .map_err(|e| RelayError::Publish {
-                subject: subject.clone(),
-                reason: e.to_string(),
-            })?;
-        positions.push(position);
-        acks.push(async move {
-            ack.await.map_err(|e| RelayError::Publish {
+        {
+            Ok(ack) => sent.push(Sent {
+                position,
                 subject,
-                reason: e.to_string(),
-            })
-        });
+                ack,
+            }),
+            Err(e) if refused_for_good(&e) => dead.push((position, e.to_string())),
+            Err(e) => {
+                relayed.stopped = Some(RelayError::Publish {
+                    subject,
+                    reason: e.to_string(),
+                });
+                break;
+            }
+        }
     }
-    try_join_all(acks).await?;
-    sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
+    let subjects_and_positions: Vec<(i64, String)> = sent
+        .iter()
+        .map(|s| (s.position, s.subject.clone()))
+        .collect();
+    let acks = join_all(sent.into_iter().map(|s| s.ack.into_future())).await;
+    let mut published = Vec::with_capacity(acks.len());
+    for ((position, subject), ack) in subjects_and_positions.into_iter().zip(acks) {
+        match ack {
+            Ok(_) => published.push(position),
+            Err(e) if refused_for_good(&e) => dead.push((position, e.to_string())),
+            Err(e) => {
+                if relayed.stopped.is_none() {
+                    relayed.stopped = Some(RelayError::Publish {
+                        subject,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    if !dead.is_empty() {
+        let (positions, reasons): (Vec<i64>, Vec<String>) = dead.into_iter().unzip();
+        let moved = sqlx::query(
+            "WITH dead AS (
+                 DELETE FROM outbox o USING unnest($1::bigint[], $2::text[]) AS d(position, reason)
+                 WHERE o.position = d.position
+                 RETURNING o.id, o.subject, o.payload, o.headers, o.created_at, d.reason
+             )
+             INSERT INTO outbox_dead (id, subject, payload, headers, created_at, reason)
+             SELECT id, subject, payload, headers, created_at, reason FROM dead
+             ON CONFLICT (id) DO NOTHING",
+        )
         .bind(&positions)
+        .bind(&reasons)
+        .execute(&mut *tx)
+        .await?;
+        relayed.dead_lettered = usize::try_from(moved.rows_affected()).unwrap_or(usize::MAX);
+    }
+    sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
+        .bind(&published)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(positions.len())
+    relayed.published = published.len();
+    Ok(relayed)
 }
 
 /// Runs the relay until `shutdown`: relays whenever `wake` is notified (after a local commit)
@@ -168,15 +284,31 @@ pub async fn run_relay(
             relay_batch(&pool, &js, 512, &service),
         )
         .await;
+        // A batch stopped midway counts as a failure, after what it did is counted.
+        let relayed = relayed.map(|result| {
+            result.and_then(|done| {
+                metrics.outbox_published.inc_by(done.published as u64);
+                if done.dead_lettered > 0 {
+                    metrics
+                        .outbox_dead_lettered
+                        .inc_by(done.dead_lettered as u64);
+                    tracing::warn!(
+                        count = done.dead_lettered,
+                        "outbox messages refused for good by nats, moved to outbox_dead"
+                    );
+                }
+                match done.stopped {
+                    Some(e) => Err(e),
+                    None => Ok(done.published + done.dead_lettered),
+                }
+            })
+        });
         match &relayed {
-            Ok(Ok(n)) => {
-                metrics.outbox_published.inc_by(*n as u64);
-            }
             Ok(Err(RelayError::Publish { .. })) => metrics.nats_error("publish"),
             Ok(Err(RelayError::Storage(_))) => {
                 metrics.postgres_errors.inc();
             }
-            Err(_) => {}
+            _ => {}
         }
         match relayed {
             Ok(Ok(n)) if n > 0 => {

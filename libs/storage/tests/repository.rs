@@ -196,7 +196,10 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
     assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
 
     assert_eq!(
-        outbox::relay_batch(&pool, &js, 100, "test").await.unwrap(),
+        outbox::relay_batch(&pool, &js, 100, "test")
+            .await
+            .unwrap()
+            .published,
         1
     );
     assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
@@ -217,11 +220,70 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
-        outbox::relay_batch(&pool, &js, 100, "test").await.unwrap(),
+        outbox::relay_batch(&pool, &js, 100, "test")
+            .await
+            .unwrap()
+            .published,
         1
     );
     let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_too_large_for_nats_is_dead_lettered_and_the_rows_behind_it_flow() {
+    let (db, pool) = database().await;
+    let nats = TestNats::start().await.unwrap();
+    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
+        .await
+        .unwrap();
+    streams::ensure_all(&js).await.unwrap();
+    let max_payload = client.server_info().max_payload;
+
+    let (before, first) = new_job(None);
+    let before_message = Outgoing::job_event(&first, "test").unwrap();
+    jobs::insert_submitted(
+        &pool,
+        &before,
+        &first,
+        std::slice::from_ref(&before_message),
+    )
+    .await
+    .unwrap();
+    // A row written before the edge checked sizes: larger than the server takes.
+    let mut poison = before_message.clone();
+    poison.id = uuid::Uuid::now_v7();
+    poison.payload = vec![b' '; max_payload + 1];
+    let (after, second) = new_job(None);
+    let after_message = Outgoing::job_event(&second, "test").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    outbox::append(&mut tx, std::slice::from_ref(&poison))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    jobs::insert_submitted(&pool, &after, &second, std::slice::from_ref(&after_message))
+        .await
+        .unwrap();
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 3);
+
+    let relayed = outbox::relay_batch(&pool, &js, 100, "test").await.unwrap();
+    assert_eq!((relayed.published, relayed.dead_lettered), (2, 1));
+    assert!(relayed.stopped.is_none(), "{:?}", relayed.stopped);
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
+    let dead: Vec<(uuid::Uuid, String, i64)> = sqlx::query_as(
+        "SELECT id, reason, length(payload)::bigint FROM outbox_dead WHERE handled_at IS NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, poison.id);
+    assert!(dead[0].1.contains("max payload"), "{}", dead[0].1);
+    assert_eq!(dead[0].2, i64::try_from(max_payload + 1).unwrap());
+    let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
     db.cleanup().await.unwrap();
 }
 

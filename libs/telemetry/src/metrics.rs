@@ -28,6 +28,7 @@
 //! | `hodei_outbox_pending` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_lag_seconds` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_published_total` | counter | api-gateway, scheduler, registry |
+//! | `hodei_outbox_dead_lettered_total` | counter | api-gateway, scheduler, registry |
 //! | `hodei_agent_running_attempts` | gauge | agent |
 //! | `hodei_agent_free_slots` | gauge | agent |
 //! | `hodei_agent_attempts_finished_total{outcome}` | counter | agent |
@@ -99,6 +100,7 @@ pub struct Metrics {
     pub outbox_pending: Gauge,
     pub outbox_lag: Gauge<f64, AtomicU64>,
     pub outbox_published: Counter,
+    pub outbox_dead_lettered: Counter,
     pub agent_running_attempts: Gauge,
     pub agent_free_slots: Gauge,
     agent_attempts_finished: Family<Label, Counter>,
@@ -135,6 +137,7 @@ impl Metrics {
             outbox_pending: Gauge::default(),
             outbox_lag: Gauge::default(),
             outbox_published: Counter::default(),
+            outbox_dead_lettered: Counter::default(),
             agent_running_attempts: Gauge::default(),
             agent_free_slots: Gauge::default(),
             agent_attempts_finished: Family::default(),
@@ -223,6 +226,11 @@ impl Metrics {
                 "outbox_published",
                 "Outbox messages this process published and JetStream acknowledged",
                 self.outbox_published.clone(),
+            );
+            r.register(
+                "outbox_dead_lettered",
+                "Outbox messages the transport refused for good (too large), moved to outbox_dead",
+                self.outbox_dead_lettered.clone(),
             );
         }
         if is(&[Reg]) {

@@ -36,6 +36,11 @@ pub fn domain(e: DomainError) -> Status {
     }
 }
 
+/// Input larger than the transport carries: `field` names what to shrink.
+pub fn too_large(field: &str, reason: &str) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
 /// A message that could not be encoded (a bug, not bad input).
 pub fn serialization(e: serde_json::Error) -> Status {
     Status::internal(format!("failed to encode a message: {e}"))

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
+use crate::limits::TransportLimits;
 use crate::watch::{self, STREAM_POLL};
 use crate::{SOURCE, errors};
 
@@ -123,6 +124,8 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).map_err(|e| errors::invalid(&e))?;
+        let limits = TransportLimits::new(self.backends.nats.max_payload());
+        limits.check_job("spec.", &spec)?;
         // Resubmissions of an accepted job are answered even when the queue is full.
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self
@@ -151,6 +154,7 @@ impl JobService for JobApi {
             })
             .map_err(errors::serialization)?,
         ];
+        limits.check_messages("spec", &messages)?;
         let (job, created) = match self
             .backends
             .db(|| jobs::insert_submitted(&self.backends.pool, &job, &event, &messages))

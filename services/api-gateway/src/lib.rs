@@ -7,6 +7,7 @@ mod admission;
 mod errors;
 mod grpc_trace;
 mod jobs;
+mod limits;
 mod pipelines;
 mod watch;
 mod workers;

@@ -3,7 +3,7 @@
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
-use hodei_messaging::artifacts;
+use hodei_messaging::{Outgoing, artifacts};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
 use hodei_storage::Backends;
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
 use crate::jobs::{page_size, page_token_after, parse_page_token, parse_states, parse_tenant};
+use crate::limits::TransportLimits;
 use crate::watch;
 use crate::{SOURCE, errors};
 
@@ -112,6 +113,12 @@ impl PipelineService for PipelineApi {
             return Err(refused);
         }
         let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, Utc::now());
+        let announced = Outgoing::pipeline_event(&event, SOURCE).map_err(errors::serialization)?;
+        TransportLimits::new(self.backends.nats.max_payload()).check_pipeline(
+            run.spec(),
+            run.id(),
+            std::slice::from_ref(&announced),
+        )?;
         let (run, created) = match self
             .backends
             .db(|| pipelines::insert_submitted(&self.backends.pool, run.clone(), &event, SOURCE))

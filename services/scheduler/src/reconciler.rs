@@ -31,6 +31,9 @@ pub(crate) async fn run(ctx: Context, overdue: Duration, shutdown: CancellationT
         if let Err(e) = sweep_workers(&ctx).await {
             tracing::warn!(error = %e, "reconciler sweep of jobs on workers failed");
         }
+        if let Err(e) = sweep_dead_letters(&ctx).await {
+            tracing::warn!(error = %e, "reconciler sweep of dead letters failed");
+        }
     }
 }
 
@@ -81,6 +84,64 @@ async fn sweep(
         }
         .instrument(step)
         .await?;
+    }
+    Ok(())
+}
+
+/// Handles what the relay could not publish at all: an assignment that can never reach its
+/// worker fails its job, with the reason (sending it again cannot succeed, so no retry is
+/// spent); a lost event needs nothing (the state of record has it). Each dead letter is
+/// marked handled in the same transaction.
+async fn sweep_dead_letters(ctx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let pool = &ctx.backends.pool;
+    let dead = ctx
+        .backends
+        .db(|| hodei_storage::outbox::dead_unhandled(pool, 100))
+        .await?;
+    for letter in dead {
+        let command = hodei_messaging::decode::<AgentCommand>(&letter.subject, &letter.payload);
+        let mut tx = pool.begin().await?;
+        let mut ended = None;
+        if let Ok(AgentCommand::Assign {
+            job_id, attempt, ..
+        }) = command
+            && let Some(mut job) = jobs::get(&mut *tx, job_id).await?
+        {
+            let version = job.version();
+            let worker = job.current_attempt_record().map(|a| a.worker_id.clone());
+            let reason = format!(
+                "its assignment could not be delivered to its worker: {}",
+                letter.reason
+            );
+            if let (Ok(event), Some(worker)) =
+                (job.fail_undeliverable(attempt, &reason, Utc::now()), worker)
+            {
+                let release = Some((&worker, AttemptId::new(job_id, attempt)));
+                jobs::commit_transition(
+                    &mut tx,
+                    &job,
+                    version,
+                    &event,
+                    release,
+                    Vec::new(),
+                    SOURCE,
+                )
+                .await?;
+                ended = Some((job_id, worker, reason));
+            }
+        }
+        hodei_storage::outbox::mark_dead_handled(&mut tx, letter.id).await?;
+        tx.commit().await?;
+        match ended {
+            Some((job_id, worker, reason)) => {
+                ctx.backends.metrics.job_finished(JobState::Failed.as_str());
+                ctx.backends.relay_wake.notify_one();
+                tracing::warn!(job_id = %job_id, worker_id = %worker, reason, "job failed: its assignment could not be delivered");
+            }
+            None => {
+                tracing::warn!(subject = %letter.subject, reason = %letter.reason, "dead letter needs nothing more: the state of record has it");
+            }
+        }
     }
     Ok(())
 }

@@ -588,6 +588,7 @@ fn consume_errors(draft: &PipelineSpecDraft, graph: &BTreeMap<&str, Vec<&str>>) 
 impl PipelineSpec {
     /// The concrete steps of run `run`, matrices expanded, in the order written.
     pub fn expand(&self, run: PipelineRunId) -> Vec<ExpandedStep> {
+        let secrets = self.pipeline_secrets();
         let names: BTreeMap<&str, Vec<String>> = self
             .steps
             .iter()
@@ -608,7 +609,9 @@ impl PipelineSpec {
                 .collect();
             for combo in combinations(&step.matrix) {
                 let name = expanded_name(&step.name, &combo);
-                let draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo), run);
+                let mut draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo), run);
+                // A pipeline-level value that any step calls secret is secret in every step.
+                draft.secret_env.extend(secrets.iter().cloned());
                 // Validation checked the first combination; the others differ only in the
                 // matrix values, which were checked too, so this cannot fail. A failure would
                 // still not panic: the step is dropped and the run reports it missing.
@@ -627,9 +630,27 @@ impl PipelineSpec {
         out
     }
 
-    /// The spec with every secret value of every step masked: what events and answers show.
+    /// The entries of the pipeline's own `env` that some step names in its `secret_env`:
+    /// secret wherever they appear.
+    pub fn pipeline_secrets(&self) -> BTreeSet<String> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.secret_env.iter())
+            .filter(|name| self.env.contains_key(*name))
+            .cloned()
+            .collect()
+    }
+
+    /// The spec with every secret value masked, in every step and in the pipeline's own `env`
+    /// (an entry any step calls secret): what events and answers show.
     pub fn redacted(&self) -> PipelineSpec {
+        let secrets = self.pipeline_secrets();
         let mut draft = self.0.clone();
+        for name in &secrets {
+            if let Some(value) = draft.env.get_mut(name) {
+                *value = crate::spec::SECRET_MASK.to_owned();
+            }
+        }
         for step in &mut draft.steps {
             for name in &step.secret_env {
                 if let Some(value) = step.env.get_mut(name) {
@@ -653,6 +674,28 @@ mod tests {
             fail_fast: false,
             idempotency_key: None,
             labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_pipeline_secret_named_by_one_step_is_masked_everywhere() {
+        let mut uses = StepDraft::exec("deploy", &["true"]);
+        uses.secret_env.insert("TOKEN".into());
+        let other = StepDraft::exec("notify", &["true"]);
+        let mut draft = pipeline(vec![uses, other]);
+        draft.env.insert("TOKEN".into(), "s3cr3t-value".into());
+        draft.env.insert("REGION".into(), "eu".into());
+        let spec = PipelineSpec::try_from(draft).unwrap();
+
+        let shown = serde_json::to_string(&spec.redacted()).unwrap();
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(shown.contains("eu"), "{shown}");
+        for step in spec.expand(PipelineRunId::new()) {
+            assert!(step.job.secret_env.contains("TOKEN"), "{}", step.name);
+            // The job runs with the real value and shows the mask.
+            assert_eq!(step.job.env["TOKEN"], "s3cr3t-value");
+            let shown = serde_json::to_string(&step.job.redacted()).unwrap();
+            assert!(!shown.contains("s3cr3t-value"), "{shown}");
         }
     }
 
