@@ -23,6 +23,7 @@
 //! | `hodei_liveness_partitions_total` | counter | registry |
 //! | `hodei_reports_refused_total{reason}` | counter | scheduler |
 //! | `hodei_agent_lease_expired_total` | counter | agent |
+//! | `hodei_messages_dead_lettered_total{kind}` | counter | scheduler, agent |
 //! | `hodei_nats_errors_total{operation}` | counter | every service |
 //! | `hodei_postgres_errors_total` | counter | api-gateway, scheduler, registry |
 //! | `hodei_outbox_pending` | gauge | api-gateway, scheduler, registry (read at scrape time) |
@@ -95,6 +96,7 @@ pub struct Metrics {
     pub liveness_partitions: Counter,
     reports_refused: Family<Label, Counter>,
     pub agent_lease_expired: Counter,
+    messages_dead_lettered: Family<Label, Counter>,
     nats_errors: Family<Label, Counter>,
     pub postgres_errors: Counter,
     pub outbox_pending: Gauge,
@@ -132,6 +134,7 @@ impl Metrics {
             liveness_partitions: Counter::default(),
             reports_refused: Family::default(),
             agent_lease_expired: Counter::default(),
+            messages_dead_lettered: Family::default(),
             nats_errors: Family::default(),
             postgres_errors: Counter::default(),
             outbox_pending: Gauge::default(),
@@ -273,8 +276,15 @@ impl Metrics {
         if is(&[Scheduler]) {
             r.register(
                 "reports_refused",
-                "Agent reports refused and dead-lettered, by reason (sender, malformed)",
+                "Agent reports refused and dead-lettered, by reason (sender, malformed, unrecordable)",
                 self.reports_refused.clone(),
+            );
+        }
+        if is(&[Scheduler, Agent]) {
+            r.register(
+                "messages_dead_lettered",
+                "Messages refused alone and dead-lettered, by kind (place, agent-command); reports are counted in reports_refused",
+                self.messages_dead_lettered.clone(),
             );
         }
         if is(&[Gateway, Scheduler, Reg, Agent]) {
@@ -356,6 +366,13 @@ impl Metrics {
     }
 
     /// Counts a report refused and dead-lettered, by reason.
+    /// A consumed message of `kind` that was refused alone and dead-lettered.
+    pub fn message_dead_lettered(&self, kind: &str) {
+        self.messages_dead_lettered
+            .get_or_create(&label("kind", kind))
+            .inc();
+    }
+
     pub fn report_refused(&self, reason: &str) {
         self.reports_refused
             .get_or_create(&label("reason", reason))

@@ -362,6 +362,7 @@ impl Agent {
         let command: AgentCommand = match decode(&message.subject, &message.payload) {
             Ok(command) => command,
             Err(e) => {
+                self.metrics.message_dead_lettered("agent-command");
                 hodei_messaging::settle::dead_letter(
                     &self.js,
                     &message,

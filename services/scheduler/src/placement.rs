@@ -116,7 +116,10 @@ pub(crate) async fn run(
             };
             match hodei_messaging::decode::<PlaceJob>(&message.subject, &message.payload) {
                 Ok(item) => decoded.push((item, message)),
-                Err(e) => dead_letter(&ctx.backends.js, &message, "place", &e.to_string()).await,
+                Err(e) => {
+                    ctx.backends.metrics.message_dead_lettered("place");
+                    dead_letter(&ctx.backends.js, &message, "place", &e.to_string()).await;
+                }
             }
         }
         decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));

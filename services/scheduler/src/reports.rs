@@ -114,6 +114,7 @@ async fn handle(ctx: &Context, message: &Message) {
         // PostgreSQL away: the report waits for it however long the outage lasts, backing
         // off; anything else is retried a few times, then dead-lettered.
         Err(e) if !e.is_unavailable() && settle::deliveries(message) >= streams::MAX_DELIVER => {
+            ctx.backends.metrics.report_refused("unrecordable");
             let reason = format!("failed to record report: {e}");
             return dead_letter(&ctx.backends.js, message, "report", &reason).await;
         }
