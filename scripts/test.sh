@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (cc, a nats-server
-# >= 2.10 for the test helpers, a private PostgreSQL cluster), then runs
-# `cargo nextest run` (or `cargo test` without nextest) and the doc tests.
+# >= 2.10 for the test helpers, a private PostgreSQL cluster), checks the
+# formatting and the clippy lints (-D warnings), then runs `cargo nextest run`
+# (or `cargo test` without nextest) and the doc tests.
 #
 # Environment:
 #   HODEI_KEEP_PG=1   leave the private PostgreSQL cluster running at exit
@@ -27,6 +28,10 @@ hodei_ensure_build_deps
 hodei_ensure_nats
 hodei_ensure_postgres
 export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT
+
+# The lints the workspace declares are enforced before any test runs.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then

@@ -123,6 +123,15 @@ s.close()' 2>/dev/null)" || port=""
 
 # Makes sure a C compiler (cc) and pkg-config are available.
 hodei_ensure_build_deps() {
+    # The lint tools the test command runs, from the toolchain's own components.
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            rustup component add rustfmt clippy || return 1
+        else
+            _hodei_err "cargo fmt or cargo clippy is missing and there is no rustup to add them"
+            return 1
+        fi
+    fi
     if command -v cc >/dev/null 2>&1 && command -v pkg-config >/dev/null 2>&1; then
         return 0
     fi

@@ -70,6 +70,30 @@ impl SchedulerConfig {
             ack_wait_ms: 30_000,
         }
     }
+
+    /// Checks every duration is in range, before anything uses it: a value past the range
+    /// would overflow the time arithmetic it goes into.
+    pub fn validate(&self) -> Result<(), SchedulerError> {
+        const DAY_MS: u64 = 86_400_000;
+        let ranges = [
+            ("worker_stale_ms", self.worker_stale_ms, DAY_MS),
+            ("placement_retry_ms", self.placement_retry_ms, DAY_MS),
+            ("reconcile_after_ms", self.reconcile_after_ms, DAY_MS),
+            ("start_timeout_ms", self.start_timeout_ms, DAY_MS),
+            ("timeout_grace_ms", self.timeout_grace_ms, DAY_MS),
+            ("queue_timeout_ms", self.queue_timeout_ms, 30 * DAY_MS),
+            ("ack_wait_ms", self.ack_wait_ms, DAY_MS),
+        ];
+        for (field, value, max) in ranges {
+            if value == 0 || value > max {
+                return Err(SchedulerError::InvalidConfig {
+                    field,
+                    reason: format!("must be 1 to {max} (milliseconds), not {value}"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why the scheduler failed.
@@ -81,6 +105,8 @@ pub enum SchedulerError {
     Messaging(#[from] hodei_messaging::MessagingError),
     #[error("failed to consume {what}: {reason}")]
     Consume { what: &'static str, reason: String },
+    #[error("invalid configuration: {field} {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
 }
 
 /// What the handlers share.
@@ -99,6 +125,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn build(config: SchedulerConfig) -> Result<Scheduler, SchedulerError> {
+        config.validate()?;
         let backends = Backends::connect(&config.backends, "hodei-scheduler").await?;
         // Waiting for a worker is normal for a placement, so its deliveries are not capped.
         let mut placer_config =
@@ -154,4 +181,33 @@ impl Scheduler {
 /// A number in `[0, 1)` for retry jitter.
 pub(crate) fn jitter() -> f64 {
     hodei_resilience::random_unit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig::new(BackendConfig::new(
+            "nats://127.0.0.1:4222".to_owned(),
+            "postgres://localhost/hodei".to_owned(),
+        ))
+    }
+
+    #[test]
+    fn the_defaults_are_in_range() {
+        config().validate().unwrap();
+    }
+
+    #[test]
+    fn out_of_range_durations_are_refused_naming_the_setting() {
+        let mut huge = config();
+        huge.worker_stale_ms = u64::MAX;
+        let err = huge.validate().unwrap_err().to_string();
+        assert!(err.contains("worker_stale_ms"), "{err}");
+        let mut zero = config();
+        zero.ack_wait_ms = 0;
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("ack_wait_ms"), "{err}");
+    }
 }
