@@ -84,6 +84,9 @@ pub struct Backends {
     metrics_addr: Option<SocketAddr>,
 }
 
+/// Tries in all of a unit of work that keeps losing optimistic-concurrency races.
+pub const CONFLICT_ATTEMPTS: u32 = 8;
+
 /// Longest a unit of PostgreSQL work may take before it counts as a failure.
 pub const DB_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -152,6 +155,24 @@ impl Backends {
             self.metrics.postgres_errors.inc();
         }
         result
+    }
+
+    /// Runs `op` through [`Backends::db`], again while it fails with a version conflict, at
+    /// most [`CONFLICT_ATTEMPTS`] times in all: another writer moved the row first, and the
+    /// next try re-reads it and decides again. When every try lost, the last conflict is the
+    /// answer.
+    pub async fn db_until_no_conflict<T, F, Fut>(&self, mut op: F) -> Result<T, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        let mut tries = 1;
+        loop {
+            match self.db(&mut op).await {
+                Err(e) if e.is_conflict() && tries < CONFLICT_ATTEMPTS => tries += 1,
+                result => return result,
+            }
+        }
     }
 
     /// Starts the outbox relay; it stops when `shutdown` is cancelled.

@@ -229,37 +229,29 @@ impl JobService for JobApi {
         } else {
             req.reason
         };
-        for _ in 0..8 {
-            let saved = self
-                .backends
-                .db(|| async {
-                    let mut tx = self.backends.pool.begin().await?;
-                    let done = jobs::request_cancel(&mut tx, id, &reason, SOURCE).await?;
-                    tx.commit().await?;
-                    Ok(done)
-                })
-                .await;
-            match saved {
-                Ok(None) => return Err(Status::not_found(format!("job {id} not found"))),
-                Ok(Some((job, event))) => {
-                    if let Some(event) = event {
-                        self.backends.relay_wake.notify_one();
-                        if job.state().is_terminal() {
-                            self.backends.metrics.job_finished(job.state().as_str());
-                        }
-                        tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
-                    }
-                    return Ok(Response::new(pb::CancelJobResponse {
-                        job: Some((&job).into()),
-                    }));
-                }
-                Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(errors::storage(e)),
+        let saved = self
+            .backends
+            .db_until_no_conflict(|| async {
+                let mut tx = self.backends.pool.begin().await?;
+                let done = jobs::request_cancel(&mut tx, id, &reason, SOURCE).await?;
+                tx.commit().await?;
+                Ok(done)
+            })
+            .await
+            .map_err(errors::storage)?;
+        let Some((job, event)) = saved else {
+            return Err(Status::not_found(format!("job {id} not found")));
+        };
+        if let Some(event) = event {
+            self.backends.relay_wake.notify_one();
+            if job.state().is_terminal() {
+                self.backends.metrics.job_finished(job.state().as_str());
             }
+            tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
         }
-        Err(Status::aborted(format!(
-            "job {id} kept changing, try again"
-        )))
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some((&job).into()),
+        }))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;

@@ -195,29 +195,19 @@ impl PipelineService for PipelineApi {
         } else {
             req.reason
         };
-        for _ in 0..8 {
-            let cancelled = self
-                .backends
-                .db(|| pipelines::cancel(&self.backends.pool, id, &reason, SOURCE))
-                .await;
-            match cancelled {
-                Ok(Some(run)) => {
-                    self.backends.relay_wake.notify_one();
-                    tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
-                    return Ok(Response::new(pb::CancelPipelineRunResponse {
-                        run: Some(self.to_wire(&run).await?),
-                    }));
-                }
-                Ok(None) => {
-                    return Err(Status::not_found(format!("pipeline run {id} not found")));
-                }
-                Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(errors::storage(e)),
-            }
-        }
-        Err(Status::aborted(format!(
-            "pipeline run {id} kept changing, try again"
-        )))
+        let cancelled = self
+            .backends
+            .db_until_no_conflict(|| pipelines::cancel(&self.backends.pool, id, &reason, SOURCE))
+            .await
+            .map_err(errors::storage)?;
+        let Some(run) = cancelled else {
+            return Err(Status::not_found(format!("pipeline run {id} not found")));
+        };
+        self.backends.relay_wake.notify_one();
+        tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
+        Ok(Response::new(pb::CancelPipelineRunResponse {
+            run: Some(self.to_wire(&run).await?),
+        }))
     }
 
     type WatchPipelineRunStream = ReceiverStream<Result<pb::PipelineEvent, Status>>;

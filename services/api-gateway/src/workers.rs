@@ -95,53 +95,44 @@ impl WorkerService for WorkerApi {
         } else {
             req.reason
         };
-        for _ in 0..8 {
-            let mut worker = self
-                .backends
-                .db(|| hodei_storage::workers::get(&self.backends.pool, &id))
-                .await
-                .map_err(errors::storage)?
-                .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
-            if worker.status() == WorkerStatus::Draining {
-                return Ok(Response::new(pb::DrainWorkerResponse {
-                    worker: Some((&worker).into()),
-                }));
-            }
-            let version = worker.version();
-            let event = worker
-                .drain(Utc::now())
-                .map_err(|e| Status::failed_precondition(e.to_string()))?;
-            let command = AgentCommand::Drain {
-                reason: reason.clone(),
-            };
-            let messages = [
-                Outgoing::worker_event(&event, SOURCE).map_err(errors::serialization)?,
-                Outgoing::agent_command(&id, &command).map_err(errors::serialization)?,
-            ];
-            let saved = self
-                .backends
-                .db(|| async {
-                    let mut tx = self.backends.pool.begin().await?;
-                    hodei_storage::workers::save_reservation(&mut tx, &worker, version).await?;
-                    hodei_storage::outbox::append(&mut tx, &messages).await?;
-                    tx.commit().await?;
-                    Ok(())
-                })
-                .await;
-            match saved {
-                Ok(()) => {
-                    self.backends.relay_wake.notify_one();
-                    tracing::info!(worker_id = %id, reason, "worker drain requested");
-                    return Ok(Response::new(pb::DrainWorkerResponse {
-                        worker: Some((&worker).into()),
-                    }));
+        // `None`: no such worker; `Some((worker, false))`: it was draining already.
+        let drained = self
+            .backends
+            .db_until_no_conflict(|| async {
+                let Some(mut worker) =
+                    hodei_storage::workers::get(&self.backends.pool, &id).await?
+                else {
+                    return Ok(None);
+                };
+                if worker.status() == WorkerStatus::Draining {
+                    return Ok(Some((worker, false)));
                 }
-                Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(errors::storage(e)),
-            }
+                let version = worker.version();
+                let event = worker.drain(Utc::now())?;
+                let command = AgentCommand::Drain {
+                    reason: reason.clone(),
+                };
+                let messages = [
+                    Outgoing::worker_event(&event, SOURCE)?,
+                    Outgoing::agent_command(&id, &command)?,
+                ];
+                let mut tx = self.backends.pool.begin().await?;
+                hodei_storage::workers::save_reservation(&mut tx, &worker, version).await?;
+                hodei_storage::outbox::append(&mut tx, &messages).await?;
+                tx.commit().await?;
+                Ok(Some((worker, true)))
+            })
+            .await
+            .map_err(errors::storage)?;
+        let Some((worker, requested)) = drained else {
+            return Err(Status::not_found(format!("worker {id} not found")));
+        };
+        if requested {
+            self.backends.relay_wake.notify_one();
+            tracing::info!(worker_id = %id, reason, "worker drain requested");
         }
-        Err(Status::aborted(format!(
-            "worker {id} kept changing, try again"
-        )))
+        Ok(Response::new(pb::DrainWorkerResponse {
+            worker: Some((&worker).into()),
+        }))
     }
 }

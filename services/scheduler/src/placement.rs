@@ -181,7 +181,15 @@ impl WorkerView {
 async fn handle(ctx: &Context, item: &PlaceJob, message: &Message, view: &mut WorkerView) {
     let retry = Duration::from_millis(ctx.config.placement_retry_ms);
     let started = std::time::Instant::now();
-    let placed = ctx.backends.db(|| place(ctx, item, view)).await;
+    // The view is the handler's own; the lock only lets each try borrow it.
+    let shared = tokio::sync::Mutex::new(&mut *view);
+    let placed = ctx
+        .backends
+        .db_until_no_conflict(|| async {
+            let mut view = shared.lock().await;
+            place(ctx, item, &mut view).await
+        })
+        .await;
     if placed.is_err() {
         view.forget();
     }
@@ -214,6 +222,8 @@ async fn handle(ctx: &Context, item: &PlaceJob, message: &Message, view: &mut Wo
     }
 }
 
+/// One try at placing the job. A conflict (the job or the worker moved meanwhile, or the
+/// view of the workers turned out stale) is tried again by the caller.
 async fn place(
     ctx: &Context,
     item: &PlaceJob,
@@ -223,55 +233,50 @@ async fn place(
     let stale_after = chrono::Duration::milliseconds(
         i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
     );
-    for _ in 0..8 {
-        let now = Utc::now();
-        let Some(mut job) = jobs::get(pool, item.job_id).await? else {
-            tracing::warn!(job_id = %item.job_id, "placement request for an unknown job dropped");
-            return Ok(Placement::Stale);
-        };
-        if job.state() != JobState::Queued || job.current_attempt() != item.attempt {
+    let now = Utc::now();
+    let Some(mut job) = jobs::get(pool, item.job_id).await? else {
+        tracing::warn!(job_id = %item.job_id, "placement request for an unknown job dropped");
+        return Ok(Placement::Stale);
+    };
+    if job.state() != JobState::Queued || job.current_attempt() != item.attempt {
+        return Ok(Placement::Stale);
+    }
+    if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
+        return Ok(Placement::NotYet(wait));
+    }
+    let (live, fresh) = view.get(pool, now - stale_after).await?;
+    let Some(worker) = best(live, &job).cloned() else {
+        if !fresh {
+            // Slots may have been freed since the view was read.
+            view.forget();
+            return Err(StorageError::Conflict {
+                what: format!("the worker view used to place job {}", item.job_id),
+            });
+        }
+        let reason = explain(live, &job);
+        let queue_timeout = chrono::Duration::milliseconds(
+            i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
+        );
+        if now - job.updated_at() > queue_timeout {
+            fail_unplaceable(ctx, &mut job, &reason).await?;
             return Ok(Placement::Stale);
         }
-        if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
-            return Ok(Placement::NotYet(wait));
+        tracing::debug!(job_id = %job.id(), reason, "no worker can take the job yet");
+        jobs::set_pending_reason(pool, job.id(), &reason).await?;
+        return Ok(Placement::NoWorker);
+    };
+    match assign(ctx, &mut job, worker).await {
+        Ok(worker) => {
+            view.saved(worker);
+            Ok(Placement::Placed)
         }
-        let (live, fresh) = view.get(pool, now - stale_after).await?;
-        let Some(worker) = best(live, &job).cloned() else {
-            if !fresh {
-                // Slots may have been freed since the view was read.
+        Err(e) => {
+            if e.is_conflict() {
                 view.forget();
-                continue;
             }
-            let reason = explain(live, &job);
-            let queue_timeout = chrono::Duration::milliseconds(
-                i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
-            );
-            if now - job.updated_at() > queue_timeout {
-                match fail_unplaceable(ctx, &mut job, &reason).await {
-                    Ok(()) => return Ok(Placement::Stale),
-                    Err(e) if e.is_conflict() => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            tracing::debug!(job_id = %job.id(), reason, "no worker can take the job yet");
-            jobs::set_pending_reason(pool, job.id(), &reason).await?;
-            return Ok(Placement::NoWorker);
-        };
-        match assign(ctx, &mut job, worker).await {
-            Ok(worker) => {
-                view.saved(worker);
-                return Ok(Placement::Placed);
-            }
-            Err(e) if e.is_conflict() => {
-                view.forget();
-                continue;
-            }
-            Err(e) => return Err(e),
+            Err(e)
         }
     }
-    Err(StorageError::Conflict {
-        what: format!("placement of job {}", item.job_id),
-    })
 }
 
 /// Fails a job that waited longer than the queue timeout, saying what did not match.

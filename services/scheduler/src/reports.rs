@@ -94,13 +94,10 @@ async fn handle(ctx: &Context, message: &Message) {
         );
         return dead_letter(&ctx.backends.js, message, "report", &reason).await;
     }
-    let mut result = ctx.backends.db(|| record(ctx, &report)).await;
-    for _ in 0..8 {
-        match &result {
-            Err(e) if e.is_conflict() => result = ctx.backends.db(|| record(ctx, &report)).await,
-            _ => break,
-        }
-    }
+    let result = ctx
+        .backends
+        .db_until_no_conflict(|| record(ctx, &report))
+        .await;
     let ack = match result {
         Ok(Outcome::Recorded) => AckKind::Ack,
         Ok(Outcome::Forged(why)) => {
