@@ -14,16 +14,51 @@ use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
 use hodei_storage::workers::{self, HeartbeatApplied, HeartbeatEffect};
 use hodei_storage::{Backends, StorageError, jobs};
 
-use crate::SOURCE;
+use futures::StreamExt;
+use hodei_messaging::trace;
+
 use crate::confirm::SeenAttempts;
 use crate::liveness::{self, StatusChange};
 use crate::observation::Observation;
+use crate::{QUEUE_GROUP, SERVICE, SOURCE};
+
+/// Most heartbeats buffered before a flush is forced.
+const MAX_BATCH: usize = 2000;
+
+/// Receives heartbeats until `shutdown` (or the subscription ends) and writes them every
+/// `flush_every`, or sooner once [`MAX_BATCH`] are buffered; then writes what is left.
+pub(crate) async fn run(
+    backends: &Backends,
+    heartbeats: &mut async_nats::Subscriber,
+    flush_every: Duration,
+    observation: &Observation,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    let mut buffer = Buffer::new();
+    let mut tick = tokio::time::interval(flush_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = heartbeats.next() => {
+                let Some(message) = message else { break };
+                let span = trace::process_heartbeat_span(SERVICE, &message.subject, QUEUE_GROUP, message.headers.as_ref());
+                span.in_scope(|| buffer.receive(backends, &message.subject, &message.payload));
+                if buffer.len() >= MAX_BATCH {
+                    buffer.flush(backends, observation).await;
+                }
+            }
+            _ = tick.tick() => buffer.flush(backends, observation).await,
+        }
+    }
+    buffer.flush(backends, observation).await;
+}
 
 /// How long before a kill order for a stale attempt is sent again if the agent still runs it.
 const STALE_RESEND: Duration = Duration::from_secs(5);
 
 /// Beats waiting for the next flush, with what the registry remembers between flushes.
-pub(crate) struct Buffer {
+struct Buffer {
     beats: HashMap<WorkerId, Heartbeat>,
     /// Kill orders sent for stale attempts, and when, so each is not sent with every beat.
     orders: HashMap<AttemptId, tokio::time::Instant>,

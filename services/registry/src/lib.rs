@@ -9,12 +9,10 @@ mod observation;
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use hodei_messaging::{subjects, trace};
+use hodei_messaging::subjects;
 use hodei_storage::{BackendConfig, Backends};
 use tokio_util::sync::CancellationToken;
 
-use crate::heartbeats::Buffer;
 use crate::liveness::Policy;
 use crate::observation::Observation;
 
@@ -23,7 +21,7 @@ pub const SOURCE: &str = "hodei/registry";
 /// This service's name on its spans and metrics.
 pub(crate) const SERVICE: &str = "registry";
 /// The queue group the registries share heartbeats in.
-const QUEUE_GROUP: &str = "hodei-registry";
+pub(crate) const QUEUE_GROUP: &str = "hodei-registry";
 
 /// Registry configuration.
 #[derive(clap::Parser, Debug, Clone)]
@@ -100,9 +98,6 @@ pub struct Registry {
     heartbeats: async_nats::Subscriber,
 }
 
-/// Most heartbeats buffered before a flush is forced.
-const MAX_BATCH: usize = 2000;
-
 impl Registry {
     pub async fn build(config: RegistryConfig) -> Result<Registry, RegistryError> {
         config.policy()?;
@@ -141,25 +136,14 @@ impl Registry {
             observation.clone(),
             shutdown.clone(),
         ));
-        let mut buffer = Buffer::new();
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(config.flush_interval_ms.max(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                message = heartbeats.next() => {
-                    let Some(message) = message else { break };
-                    let span = trace::process_heartbeat_span(SERVICE, &message.subject, QUEUE_GROUP, message.headers.as_ref());
-                    span.in_scope(|| buffer.receive(&backends, &message.subject, &message.payload));
-                    if buffer.len() >= MAX_BATCH {
-                        buffer.flush(&backends, &observation).await;
-                    }
-                }
-                _ = tick.tick() => buffer.flush(&backends, &observation).await,
-            }
-        }
-        buffer.flush(&backends, &observation).await;
+        heartbeats::run(
+            &backends,
+            &mut heartbeats,
+            Duration::from_millis(config.flush_interval_ms.max(1)),
+            &observation,
+            &shutdown,
+        )
+        .await;
         let _ = liveness.await;
         let _ = relay.await;
         if let Some(observability) = observability {
