@@ -71,7 +71,13 @@ impl From<pb::JobSpec> for JobSpecDraft {
 impl From<&JobSpec> for pb::JobSpec {
     /// The spec as the API shows it: secret values masked.
     fn from(s: &JobSpec) -> Self {
-        let s = &s.redacted();
+        draft_to_wire(&s.redacted())
+    }
+}
+
+/// A job spec's fields in wire form, as they are (no masking, no validation).
+pub(crate) fn draft_to_wire(s: &JobSpecDraft) -> pb::JobSpec {
+    {
         let command = match &s.command {
             Command::Exec { argv } => {
                 pb::job_spec::Command::Exec(pb::ExecCommand { argv: argv.clone() })

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{
-    AttemptRecord, FieldError, JobId, JobSpec, PipelineEvent, PipelineEventKind, PipelineRun,
-    PipelineSpec, PipelineSpecDraft, PipelineState, StepArtifacts, StepDraft, StepRun, StepState,
+    AttemptRecord, FieldError, JobId, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec,
+    PipelineSpecDraft, PipelineState, StepArtifacts, StepDraft, StepRun, StepState,
     ValidationErrors, When,
 };
 
@@ -98,16 +98,12 @@ fn when_to_wire(w: When) -> pb::When {
 
 impl From<&StepDraft> for pb::PipelineStep {
     fn from(s: &StepDraft) -> Self {
-        let draft = s.own_job();
-        // A step of a validated pipeline is a valid job spec; an unvalidated one is shown
-        // without its job rather than not at all.
-        let job = JobSpec::try_from(draft).ok().map(|job| {
-            let mut wire = pb::JobSpec::from(&job);
-            wire.name.clear();
-            // `From<&JobSpec>` masks secrets; the caller decides (see `pipeline_spec_to_wire`).
-            wire.env = job.env.clone().into_iter().collect();
-            wire
-        });
+        // The step's own fields as written (its `secret_env` may name the pipeline's env, so
+        // they need not be a valid job on their own); masking is the caller's (see
+        // `pipeline_spec_to_wire`).
+        let mut job = crate::convert::draft_to_wire(&s.own_job());
+        job.name.clear();
+        let job = Some(job);
         pb::PipelineStep {
             name: s.name.clone(),
             needs: s.needs.clone(),

@@ -258,6 +258,10 @@ async fn a_pipeline_secret_is_masked_in_every_answer_and_the_job_gets_it() {
     .unwrap();
     assert_eq!(done.state(), pb::PipelineState::Succeeded, "{done:?}");
     assert!(!format!("{done:?}").contains("s3cr3t-value"), "{done:?}");
+    // Each step is shown with its job, the one naming a pipeline secret too.
+    let spec = done.spec.as_ref().unwrap();
+    assert!(spec.steps.iter().all(|s| s.job.is_some()), "{spec:?}");
+    assert_eq!(spec.env["TOKEN"], "********");
     // Each step's job shows the mask; its output masks the value it printed.
     for step in &done.steps {
         let job = system
