@@ -98,4 +98,6 @@ pub enum DomainError {
         seq: u64,
         version: u64,
     },
+    #[error("an event of {event_of} cannot be applied to {target}")]
+    ForeignEvent { target: String, event_of: String },
 }

@@ -434,6 +434,12 @@ impl PipelineRun {
 
     /// Applies one event (already decided) to the run.
     pub fn apply(&mut self, event: &PipelineEvent) -> Result<(), DomainError> {
+        if event.run_id != self.id {
+            return Err(DomainError::ForeignEvent {
+                target: format!("pipeline run {}", self.id),
+                event_of: format!("pipeline run {}", event.run_id),
+            });
+        }
         if event.seq != self.version + 1 {
             return Err(DomainError::OutOfOrderEvent {
                 job_id: self.id.to_string(),
@@ -928,6 +934,23 @@ mod tests {
             ..bad
         };
         assert!(run.apply(&finish).is_err());
+        assert_eq!(run, before);
+    }
+
+    #[test]
+    fn an_event_of_another_run_is_refused() {
+        let (mut run, _, _) = start(diamond(), false);
+        let (other, _, _) = start(diamond(), false);
+        let before = run.clone();
+        let foreign = PipelineEvent {
+            event_id: Uuid::now_v7(),
+            run_id: other.id(),
+            seq: run.version() + 1,
+            at: Utc::now(),
+            kind: PipelineEventKind::StepStarted { step: "a".into() },
+        };
+        let err = run.apply(&foreign).unwrap_err();
+        assert!(matches!(err, DomainError::ForeignEvent { .. }), "{err}");
         assert_eq!(run, before);
     }
 }
