@@ -501,3 +501,12 @@ pub async fn current_attempts(
         })
         .collect()
 }
+
+/// How many jobs wait in the queue.
+pub async fn queued_count(pool: &PgPool) -> Result<i64, StorageError> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'queued'")
+            .fetch_one(pool)
+            .await?,
+    )
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use hodei_storage::{Backends, jobs};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -22,7 +22,7 @@ pub struct Admission {
 
 impl Admission {
     /// Starts refreshing the queue depth until `shutdown`.
-    pub fn start(pool: PgPool, limit: u64, shutdown: CancellationToken) -> Self {
+    pub fn start(backends: Backends, limit: u64, shutdown: CancellationToken) -> Self {
         let queued = Arc::new(AtomicU64::new(0));
         let depth = queued.clone();
         tokio::spawn(async move {
@@ -33,12 +33,7 @@ impl Admission {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM jobs WHERE state = 'queued'",
-                )
-                .fetch_one(&pool)
-                .await
-                {
+                match backends.db(|| jobs::queued_count(&backends.pool)).await {
                     Ok(n) => depth.store(u64::try_from(n).unwrap_or(0), Ordering::Relaxed),
                     Err(e) => tracing::warn!(error = %e, "failed to read the queue depth"),
                 }

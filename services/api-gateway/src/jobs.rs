@@ -270,15 +270,15 @@ impl JobService for JobApi {
             .subscribe(subjects::job_events_of(&id))
             .await
             .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
-        let pool = self.backends.pool.clone();
+        let backends = self.backends.clone();
         let mut state = JobState::Queued;
         let stream = watch::spawn(
             live,
             self.shutdown.clone(),
             req.from_seq,
             move |next| {
-                let pool = pool.clone();
-                async move { jobs::events(&pool, id, next).await }
+                let backends = backends.clone();
+                async move { backends.db(|| jobs::events(&backends.pool, id, next)).await }
             },
             move |event: &hodei_domain::JobEvent| {
                 let wire = hodei_proto::job_event_to_wire(event, state);
@@ -329,7 +329,7 @@ impl JobService for JobApi {
             .messages()
             .await
             .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
-        let pool = self.backends.pool.clone();
+        let backends = self.backends.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut sequence = 0u64;
@@ -391,7 +391,7 @@ impl JobService for JobApi {
                 }
                 // Following: stop once the job has ended and every line stored for it (all
                 // stored before the job's end was recorded) has been sent.
-                match jobs::get(&pool, id).await {
+                match backends.db(|| jobs::get(&backends.pool, id)).await {
                     Ok(Some(job)) if job.state().is_terminal() => {
                         let last = stream
                             .get_last_raw_message_by_subject(&subject)

@@ -128,7 +128,7 @@ impl Gateway {
         tracing::info!(addr = %self.addr, "grpc api listening");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
         let admission = admission::Admission::start(
-            self.backends.pool.clone(),
+            self.backends.clone(),
             self.config.max_queued_jobs,
             shutdown.clone(),
         );

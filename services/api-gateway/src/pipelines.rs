@@ -226,15 +226,19 @@ impl PipelineService for PipelineApi {
             .subscribe(hodei_messaging::subjects::pipeline_events_of(&id))
             .await
             .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
-        let pool = self.backends.pool.clone();
+        let backends = self.backends.clone();
         let mut state = PipelineState::Queued;
         let stream = watch::spawn(
             live,
             self.shutdown.clone(),
             req.from_seq,
             move |next| {
-                let pool = pool.clone();
-                async move { pipelines::events(&pool, id, next).await }
+                let backends = backends.clone();
+                async move {
+                    backends
+                        .db(|| pipelines::events(&backends.pool, id, next))
+                        .await
+                }
             },
             move |event: &hodei_domain::PipelineEvent| {
                 let wire = hodei_proto::pipeline_event_to_wire(event, state);

@@ -42,13 +42,17 @@ async fn sweep(
     overdue: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cutoff = Utc::now() - chrono::Duration::from_std(overdue)?;
-    let stuck = jobs::overdue_queued(&ctx.backends.pool, cutoff, 500).await?;
+    let pool = &ctx.backends.pool;
+    let stuck = ctx
+        .backends
+        .db(|| jobs::overdue_queued(pool, cutoff, 500))
+        .await?;
     if stuck.is_empty() {
         return Ok(());
     }
     let stream = ctx.backends.js.get_stream(streams::WORK).await?;
     let ids: Vec<_> = stuck.iter().map(|j| j.id()).collect();
-    let traces = jobs::trace_contexts(&ctx.backends.pool, &ids).await?;
+    let traces = ctx.backends.db(|| jobs::trace_contexts(pool, &ids)).await?;
     for job in stuck {
         let subject = subjects::place_job(&job.id());
         if stream
@@ -99,39 +103,7 @@ async fn sweep_dead_letters(ctx: &Context) -> Result<(), Box<dyn std::error::Err
         .db(|| hodei_storage::outbox::dead_unhandled(pool, 100))
         .await?;
     for letter in dead {
-        let command = hodei_messaging::decode::<AgentCommand>(&letter.subject, &letter.payload);
-        let mut tx = pool.begin().await?;
-        let mut ended = None;
-        if let Ok(AgentCommand::Assign {
-            job_id, attempt, ..
-        }) = command
-            && let Some(mut job) = jobs::get(&mut *tx, job_id).await?
-        {
-            let version = job.version();
-            let worker = job.current_attempt_record().map(|a| a.worker_id.clone());
-            let reason = format!(
-                "its assignment could not be delivered to its worker: {}",
-                letter.reason
-            );
-            if let (Ok(event), Some(worker)) =
-                (job.fail_undeliverable(attempt, &reason, Utc::now()), worker)
-            {
-                let release = Some((&worker, AttemptId::new(job_id, attempt)));
-                jobs::commit_transition(
-                    &mut tx,
-                    &job,
-                    version,
-                    &event,
-                    release,
-                    Vec::new(),
-                    SOURCE,
-                )
-                .await?;
-                ended = Some((job_id, worker, reason));
-            }
-        }
-        hodei_storage::outbox::mark_dead_handled(&mut tx, letter.id).await?;
-        tx.commit().await?;
+        let ended = ctx.backends.db(|| end_undeliverable(pool, &letter)).await?;
         match ended {
             Some((job_id, worker, reason)) => {
                 ctx.backends.metrics.job_finished(JobState::Failed.as_str());
@@ -146,15 +118,57 @@ async fn sweep_dead_letters(ctx: &Context) -> Result<(), Box<dyn std::error::Err
     Ok(())
 }
 
+/// In one transaction: fails the job whose assignment `letter` carried (if it still waits
+/// for that assignment) and marks the letter handled. Returns the job failed, its worker and
+/// the reason.
+async fn end_undeliverable(
+    pool: &sqlx::PgPool,
+    letter: &hodei_storage::outbox::DeadLetter,
+) -> Result<
+    Option<(hodei_domain::JobId, hodei_domain::WorkerId, String)>,
+    hodei_storage::StorageError,
+> {
+    let command = hodei_messaging::decode::<AgentCommand>(&letter.subject, &letter.payload);
+    let mut tx = pool.begin().await?;
+    let mut ended = None;
+    if let Ok(AgentCommand::Assign {
+        job_id, attempt, ..
+    }) = command
+        && let Some(mut job) = jobs::get(&mut *tx, job_id).await?
+    {
+        let version = job.version();
+        let worker = job.current_attempt_record().map(|a| a.worker_id.clone());
+        let reason = format!(
+            "its assignment could not be delivered to its worker: {}",
+            letter.reason
+        );
+        if let (Ok(event), Some(worker)) =
+            (job.fail_undeliverable(attempt, &reason, Utc::now()), worker)
+        {
+            let release = Some((&worker, AttemptId::new(job_id, attempt)));
+            jobs::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE)
+                .await?;
+            ended = Some((job_id, worker, reason));
+        }
+    }
+    hodei_storage::outbox::mark_dead_handled(&mut tx, letter.id).await?;
+    tx.commit().await?;
+    Ok(ended)
+}
+
 /// Ends attempts whose next step is overdue: never started (handed back as lost, without
 /// spending the job's retries) or running far past the job's timeout (timed out). The worker
 /// is told to kill the attempt in case it still runs it.
 async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start_within = Duration::from_millis(ctx.config.start_timeout_ms);
     let grace = Duration::from_millis(ctx.config.timeout_grace_ms);
-    let overdue = jobs::overdue_on_workers(&ctx.backends.pool, start_within, grace, 500).await?;
+    let pool = &ctx.backends.pool;
+    let overdue = ctx
+        .backends
+        .db(|| jobs::overdue_on_workers(pool, start_within, grace, 500))
+        .await?;
     let ids: Vec<_> = overdue.iter().map(|j| j.id()).collect();
-    let traces = jobs::trace_contexts(&ctx.backends.pool, &ids).await?;
+    let traces = ctx.backends.db(|| jobs::trace_contexts(pool, &ids)).await?;
     for mut job in overdue {
         let Some(record) = job.current_attempt_record().cloned() else {
             continue;
@@ -195,21 +209,27 @@ async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + 
             )
         })?;
         let attempt = AttemptId::new(job.id(), record.attempt);
-        let mut tx = ctx.backends.pool.begin().await?;
-        match jobs::commit_transition(
-            &mut tx,
-            &job,
-            version,
-            &event,
-            Some((&record.worker_id, attempt)),
-            vec![kill],
-            SOURCE,
-        )
-        .instrument(step.clone())
-        .await
-        {
-            Ok(()) => {
+        let committed = ctx
+            .backends
+            .db(|| async {
+                let mut tx = pool.begin().await?;
+                jobs::commit_transition(
+                    &mut tx,
+                    &job,
+                    version,
+                    &event,
+                    Some((&record.worker_id, attempt)),
+                    vec![kill],
+                    SOURCE,
+                )
+                .instrument(step.clone())
+                .await?;
                 tx.commit().await?;
+                Ok(())
+            })
+            .await;
+        match committed {
+            Ok(()) => {
                 ctx.backends.relay_wake.notify_one();
                 if job.state().is_terminal() {
                     ctx.backends.metrics.job_finished(job.state().as_str());
