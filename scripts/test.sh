@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (cc, a nats-server
 # >= 2.10 for the test helpers, a private PostgreSQL cluster), checks the
-# formatting and the clippy lints (-D warnings), then runs `cargo nextest run`
+# formatting and the clippy lints (-D warnings), builds the service binaries
+# that the system tests start as processes, then runs `cargo nextest run`
 # (or `cargo test` without nextest) and the doc tests.
 #
 # Environment:
@@ -32,6 +33,10 @@ export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_POR
 # The lints the workspace declares are enforced before any test runs.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+
+# The system tests run the services as separate processes from the workspace's binaries;
+# `cargo test` builds another package's binaries only as test harnesses.
+cargo build --workspace --bins
 
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then

@@ -17,8 +17,8 @@ const LOG_TAIL_BYTES: usize = 4000;
 
 /// Where the workspace's binaries are: next to the test executable's `deps/` folder.
 ///
-/// `cargo nextest run --workspace --all-targets` (the suite's command) builds them; a test
-/// run that built only one crate's tests may not have.
+/// `cargo test` and `cargo nextest` build another package's binaries only as test harnesses,
+/// so the suite's command (`scripts/test.sh`) runs `cargo build --workspace --bins` first.
 pub fn binary(name: &str) -> Result<PathBuf, StartError> {
     let exe = std::env::current_exe()
         .map_err(|e| StartError(format!("cannot find the test executable: {e}")))?;
@@ -31,8 +31,7 @@ pub fn binary(name: &str) -> Result<PathBuf, StartError> {
         Ok(path)
     } else {
         Err(StartError(format!(
-            "{} is not built: run `cargo build --workspace --bins` (the test suite's \
-             `cargo nextest run --workspace --all-targets` builds it)",
+            "{} is not built: run `cargo build --workspace --bins` first (`scripts/test.sh` does)",
             path.display()
         )))
     }
