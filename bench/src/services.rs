@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hodei_api_gateway::{Gateway, GatewayConfig};
 use hodei_registry::{Registry, RegistryConfig};
+use hodei_runtime::BackendConfig;
 use hodei_scheduler::{Scheduler, SchedulerConfig};
-use hodei_storage::BackendConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

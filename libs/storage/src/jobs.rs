@@ -12,49 +12,14 @@ use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 use crate::event_store::{self, EventTable, Stored};
+use crate::sql::like_prefix;
 
 const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
-
-/// What a submission did.
-#[derive(Debug)]
-pub enum Submitted {
-    /// The job was recorded.
-    Created(Job),
-    /// A job with the same idempotency key existed; it is returned unchanged.
-    Existing(Job),
-}
-
-/// Records a new job, its first event and `messages` in one transaction. With an idempotency
-/// key already used by the tenant, records nothing and returns the existing job. The trace
-/// context of the current span (the submission's) is stored with the job, for the steps
-/// later taken on it without a message to continue (see [`trace_contexts`]).
-pub async fn insert_submitted(
-    pool: &PgPool,
-    job: &Job,
-    event: &JobEvent,
-    messages: &[hodei_messaging::Outgoing],
-) -> Result<Submitted, StorageError> {
-    let mut tx = pool.begin().await?;
-    if !insert_job(&mut tx, job, event, None).await? {
-        tx.rollback().await?;
-        let spec = job.spec();
-        let key = spec.idempotency_key.as_deref().unwrap_or_default();
-        return match find_by_idempotency_key(pool, job.tenant(), key).await? {
-            Some(existing) => Ok(Submitted::Existing(existing)),
-            None => Err(StorageError::Conflict {
-                what: format!("job with idempotency key {key}"),
-            }),
-        };
-    }
-    crate::outbox::append(&mut tx, messages).await?;
-    tx.commit().await?;
-    Ok(Submitted::Created(job.clone()))
-}
 
 /// Inserts a new job and its first event inside the caller's transaction, linked to the
 /// pipeline run step `step` if given, with the current span's trace context. Returns false,
 /// inserting nothing, when the tenant already used the job's idempotency key.
-pub(crate) async fn insert_job(
+pub async fn insert(
     conn: &mut PgConnection,
     job: &Job,
     event: &JobEvent,
@@ -105,7 +70,7 @@ pub async fn find_by_idempotency_key(
     row.as_ref().map(decode).transpose()
 }
 
-/// The trace context stored with each of `ids` at submission (see [`insert_submitted`]);
+/// The trace context stored with each of `ids` at submission (see [`insert`]);
 /// jobs without one, or unknown, are absent from the answer.
 pub async fn trace_contexts(
     conn: impl sqlx::PgExecutor<'_>,
@@ -138,25 +103,10 @@ pub async fn get(conn: impl sqlx::PgExecutor<'_>, id: JobId) -> Result<Option<Jo
 }
 
 /// Saves a job changed by `events` (already applied to it) if it is still at
-/// `expected_version`; otherwise returns `Conflict` and changes nothing. When the job is a
-/// pipeline step and `events` start or end it, its run is moved on in the same transaction
-/// (see [`crate::pipelines`]).
+/// `expected_version`; otherwise returns `Conflict` and changes nothing. Returns the pipeline
+/// run the job is a step of, if any: moving that run is the caller's business (see
+/// [`crate::driver::save_job`]).
 pub async fn save(
-    conn: &mut PgConnection,
-    job: &Job,
-    expected_version: u64,
-    events: &[JobEvent],
-) -> Result<(), StorageError> {
-    let run = save_projection(conn, job, expected_version, events).await?;
-    if let Some(run) = run {
-        crate::pipelines::on_step_job(conn, run, job, events).await?;
-    }
-    Ok(())
-}
-
-/// [`save`] without moving the job's pipeline run: returns the run the job belongs to, if
-/// any, for the caller to move.
-pub(crate) async fn save_projection(
     conn: &mut PgConnection,
     job: &Job,
     expected_version: u64,
@@ -191,59 +141,6 @@ pub(crate) async fn save_projection(
     };
     append_events(conn, events).await?;
     Ok(run.map(PipelineRunId::from_uuid))
-}
-
-/// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends
-/// cancelled at once, a job on a worker gets `cancel_requested` and its agent a `cancel`
-/// command; a pipeline step's run moves on. Returns the job as it is now and the event
-/// recorded (none when a cancel was already on its way), or `None` for an unknown job. A job
-/// already ended is refused ([`StorageError::Refused`]).
-pub async fn request_cancel(
-    conn: &mut PgConnection,
-    id: JobId,
-    reason: &str,
-    source: &str,
-) -> Result<Option<(Job, Option<JobEvent>)>, StorageError> {
-    let Some((job, event, run)) = request_cancel_unmoved(conn, id, reason, source).await? else {
-        return Ok(None);
-    };
-    if let (Some(event), Some(run)) = (&event, run) {
-        crate::pipelines::on_step_job(conn, run, &job, std::slice::from_ref(event)).await?;
-    }
-    Ok(Some((job, event)))
-}
-
-/// [`request_cancel`] without moving the job's pipeline run; also returns the run, for the
-/// caller (the pipeline driver) to move.
-pub(crate) async fn request_cancel_unmoved(
-    conn: &mut PgConnection,
-    id: JobId,
-    reason: &str,
-    source: &str,
-) -> Result<Option<(Job, Option<JobEvent>, Option<PipelineRunId>)>, StorageError> {
-    use hodei_messaging::{AgentCommand, Outgoing};
-
-    let Some(mut job) = get(&mut *conn, id).await? else {
-        return Ok(None);
-    };
-    let version = job.version();
-    let Some(event) = job.request_cancel(reason, Utc::now())? else {
-        return Ok(Some((job, None, None)));
-    };
-    let mut messages = vec![Outgoing::job_event(&event, source)?];
-    if let (hodei_domain::JobEventKind::CancelRequested { .. }, Some(attempt)) =
-        (&event.kind, job.current_attempt_record())
-    {
-        let command = AgentCommand::Cancel {
-            job_id: id,
-            attempt: attempt.attempt,
-            reason: reason.to_owned(),
-        };
-        messages.push(Outgoing::agent_command(&attempt.worker_id, &command)?);
-    }
-    let run = save_projection(conn, &job, version, std::slice::from_ref(&event)).await?;
-    crate::outbox::append(conn, &messages).await?;
-    Ok(Some((job, Some(event), run)))
 }
 
 async fn append_events(conn: &mut PgConnection, events: &[JobEvent]) -> Result<(), StorageError> {
@@ -326,18 +223,6 @@ fn list_query(
         .push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(filter.limit));
     Ok(query)
-}
-
-/// A `LIKE` pattern matching strings that start with `prefix` (its `%`, `_` and `\\`
-/// escaped).
-pub(crate) fn like_prefix(prefix: &str) -> String {
-    format!(
-        "{}%",
-        prefix
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_")
-    )
 }
 
 /// Queued jobs whose next step is overdue: not placed `older_than` after they were queued.
@@ -423,44 +308,6 @@ pub async fn overdue_on_workers(
         .fetch_all(pool)
         .await?;
     rows.iter().map(decode).collect()
-}
-
-/// Records one transition of a job inside the caller's transaction: saves the job (at
-/// `expected_version`), queues its event for publishing (from `source`), asks for placement
-/// again if the job was requeued, and frees the slot `release` names on its worker if the
-/// worker still holds it. `extra` messages are queued too.
-pub async fn commit_transition(
-    conn: &mut PgConnection,
-    job: &Job,
-    expected_version: u64,
-    event: &JobEvent,
-    release: Option<(&hodei_domain::WorkerId, hodei_domain::AttemptId)>,
-    extra: Vec<hodei_messaging::Outgoing>,
-    source: &str,
-) -> Result<(), StorageError> {
-    use hodei_domain::JobEventKind;
-    use hodei_messaging::{Outgoing, PlaceJob};
-
-    save(conn, job, expected_version, std::slice::from_ref(event)).await?;
-    if let Some((worker_id, attempt)) = release
-        && let Some(mut worker) = crate::workers::get(&mut *conn, worker_id).await?
-    {
-        let version = worker.version();
-        if worker.release(&attempt).is_ok() {
-            crate::workers::save_reservation(conn, &worker, version).await?;
-        }
-    }
-    let mut messages = vec![Outgoing::job_event(event, source)?];
-    if let JobEventKind::Requeued { not_before, .. } = &event.kind {
-        messages.push(Outgoing::place_job(&PlaceJob {
-            job_id: job.id(),
-            attempt: job.current_attempt(),
-            priority: job.spec().priority,
-            not_before: Some(*not_before),
-        })?);
-    }
-    messages.extend(extra);
-    crate::outbox::append(conn, &messages).await
 }
 
 /// Where each of `ids` stands now: state, current attempt and the worker of that attempt.

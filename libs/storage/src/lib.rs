@@ -1,19 +1,22 @@
 //! PostgreSQL persistence: the job and pipeline run event stores and their projections,
-//! workers, and the transactional outbox with its relay to JetStream. PostgreSQL is the state
-//! of record; NATS only carries what was committed here.
+//! workers, and the transactional outbox. PostgreSQL is the state of record; NATS only carries
+//! what was committed here (the relay that publishes the outbox is in `hodei-runtime`).
+//!
+//! `jobs`, `pipelines`, `workers` and `outbox` are data access, each over its own tables and
+//! knowing nothing of the others; [`driver`] holds the units of work that change several of
+//! them in one transaction (and drives pipeline runs from their step jobs).
 
-pub mod backends;
+pub mod driver;
 pub mod error;
 mod event_store;
 pub mod jobs;
 pub mod outbox;
 pub mod pipelines;
-mod probes;
+mod sql;
 pub mod workers;
 
 use std::time::Duration;
 
-pub use backends::{BackendConfig, BackendError, Backends};
 pub use error::StorageError;
 pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -45,7 +48,7 @@ pub async fn connect(
 }
 
 /// The migrations in `migrations/`, built in.
-pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 /// Applies the migrations in `migrations/`. sqlx takes a PostgreSQL advisory lock, so services
 /// starting together apply them once.
@@ -54,4 +57,16 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
         .run(pool)
         .await
         .map_err(|e| StorageError::Migrate(e.to_string()))
+}
+
+/// How many migrations the database has applied, and how many are built in.
+pub async fn migrations_applied(pool: &PgPool) -> Result<(usize, usize), StorageError> {
+    let expected = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .count();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await?;
+    Ok((usize::try_from(applied).unwrap_or(0), expected))
 }

@@ -351,3 +351,12 @@ fn decode(row: &PgRow) -> Result<Worker, StorageError> {
             .map_err(|e| r.corrupt("lease_ms", e.to_string()))?,
     ))
 }
+
+/// How many workers are in each status that has any.
+pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(String, i64)>, StorageError> {
+    Ok(
+        sqlx::query_as("SELECT status, count(*) FROM workers GROUP BY status")
+            .fetch_all(pool)
+            .await?,
+    )
+}

@@ -1,20 +1,16 @@
-//! Repository tests against a real PostgreSQL database (a fresh one per test) and, for the
-//! outbox relay, a private nats-server.
+//! Repository tests against a real PostgreSQL database (a fresh one per test).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
-use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{
     AttemptId, AttemptNumber, AttemptOutcome, Job, JobId, JobSpec, JobState, Resources, TenantId,
     Worker,
 };
-use hodei_messaging::{Outgoing, streams};
-use hodei_storage::{StorageError, jobs, outbox, workers};
-use hodei_test_support::{TestDatabase, TestNats};
+use hodei_storage::{StorageError, driver, jobs, workers};
+use hodei_test_support::TestDatabase;
 
 async fn database() -> (TestDatabase, sqlx::PgPool) {
     let db = TestDatabase::create().await.unwrap();
@@ -42,10 +38,8 @@ fn new_job(key: Option<&str>) -> (Job, hodei_domain::JobEvent) {
 async fn a_job_survives_a_save_load_round_trip_with_its_history() {
     let (db, pool) = database().await;
     let (mut job, first) = new_job(None);
-    let created = jobs::insert_submitted(&pool, &job, &first, &[])
-        .await
-        .unwrap();
-    assert!(matches!(created, jobs::Submitted::Created(_)));
+    let created = driver::submit_job(&pool, &job, &first, &[]).await.unwrap();
+    assert!(matches!(created, driver::JobSubmitted::Created(_)));
     assert_eq!(jobs::get(&pool, job.id()).await.unwrap().unwrap(), job);
 
     let now = Utc::now().trunc_subsecs(6);
@@ -62,7 +56,7 @@ async fn a_job_survives_a_save_load_round_trip_with_its_history() {
         .unwrap(),
     );
     let mut tx = pool.begin().await.unwrap();
-    jobs::save(&mut tx, &job, v, &events).await.unwrap();
+    driver::save_job(&mut tx, &job, v, &events).await.unwrap();
     tx.commit().await.unwrap();
 
     let loaded = jobs::get(&pool, job.id()).await.unwrap().unwrap();
@@ -74,7 +68,7 @@ async fn a_job_survives_a_save_load_round_trip_with_its_history() {
 
     // A second writer at the old version loses.
     let mut tx = pool.begin().await.unwrap();
-    let err = jobs::save(&mut tx, &job, v, &[]).await.unwrap_err();
+    let err = driver::save_job(&mut tx, &job, v, &[]).await.unwrap_err();
     assert!(err.is_conflict(), "{err}");
     db.cleanup().await.unwrap();
 }
@@ -84,9 +78,9 @@ async fn idempotency_key_returns_the_first_job() {
     let (db, pool) = database().await;
     let (a, ea) = new_job(Some("key-1"));
     let (b, eb) = new_job(Some("key-1"));
-    jobs::insert_submitted(&pool, &a, &ea, &[]).await.unwrap();
-    match jobs::insert_submitted(&pool, &b, &eb, &[]).await.unwrap() {
-        jobs::Submitted::Existing(existing) => assert_eq!(existing.id(), a.id()),
+    driver::submit_job(&pool, &a, &ea, &[]).await.unwrap();
+    match driver::submit_job(&pool, &b, &eb, &[]).await.unwrap() {
+        driver::JobSubmitted::Existing(existing) => assert_eq!(existing.id(), a.id()),
         other => panic!("expected the existing job, got {other:?}"),
     }
     db.cleanup().await.unwrap();
@@ -143,9 +137,7 @@ async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
 async fn corrupt_rows_give_errors_naming_the_column() {
     let (db, pool) = database().await;
     let (job, first) = new_job(None);
-    jobs::insert_submitted(&pool, &job, &first, &[])
-        .await
-        .unwrap();
+    driver::submit_job(&pool, &job, &first, &[]).await.unwrap();
     sqlx::query("UPDATE jobs SET attempts = '{\"not\": \"a list\"}' WHERE id = $1")
         .bind(job.id().as_uuid())
         .execute(&pool)
@@ -175,115 +167,6 @@ async fn corrupt_rows_give_errors_naming_the_column() {
         .unwrap();
     let err = workers::get(&pool, w.id()).await.unwrap_err();
     assert!(err.to_string().contains("column held"), "{err}");
-    db.cleanup().await.unwrap();
-}
-
-#[tokio::test]
-async fn the_outbox_relay_publishes_committed_messages_once() {
-    let (db, pool) = database().await;
-    let nats = TestNats::start().await.unwrap();
-    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
-        .await
-        .unwrap();
-    streams::ensure_all(&js).await.unwrap();
-    let mut sub = client.subscribe("hodei.v1.evt.>").await.unwrap();
-
-    let (job, first) = new_job(None);
-    let message = Outgoing::job_event(&first, "test").unwrap();
-    jobs::insert_submitted(&pool, &job, &first, std::slice::from_ref(&message))
-        .await
-        .unwrap();
-    assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
-
-    assert_eq!(
-        outbox::relay_batch(&pool, &js, 100, "test")
-            .await
-            .unwrap()
-            .published,
-        1
-    );
-    assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
-    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(got.subject.as_str(), message.subject);
-    let envelope: hodei_messaging::Envelope = serde_json::from_slice(&got.payload).unwrap();
-    assert_eq!(envelope.id, first.event_id);
-    assert_eq!(envelope.job_event().unwrap(), first);
-
-    // A crash between publish and delete relays the row again: the server keeps one copy.
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-    outbox::append(&mut tx, std::slice::from_ref(&message))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(
-        outbox::relay_batch(&pool, &js, 100, "test")
-            .await
-            .unwrap()
-            .published,
-        1
-    );
-    let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 1);
-    db.cleanup().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_message_too_large_for_nats_is_dead_lettered_and_the_rows_behind_it_flow() {
-    let (db, pool) = database().await;
-    let nats = TestNats::start().await.unwrap();
-    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
-        .await
-        .unwrap();
-    streams::ensure_all(&js).await.unwrap();
-    let max_payload = client.server_info().max_payload;
-
-    let (before, first) = new_job(None);
-    let before_message = Outgoing::job_event(&first, "test").unwrap();
-    jobs::insert_submitted(
-        &pool,
-        &before,
-        &first,
-        std::slice::from_ref(&before_message),
-    )
-    .await
-    .unwrap();
-    // A row written before the edge checked sizes: larger than the server takes.
-    let mut poison = before_message.clone();
-    poison.id = uuid::Uuid::now_v7();
-    poison.payload = vec![b' '; max_payload + 1];
-    let (after, second) = new_job(None);
-    let after_message = Outgoing::job_event(&second, "test").unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-    outbox::append(&mut tx, std::slice::from_ref(&poison))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    jobs::insert_submitted(&pool, &after, &second, std::slice::from_ref(&after_message))
-        .await
-        .unwrap();
-    assert_eq!(outbox::pending(&pool).await.unwrap(), 3);
-
-    let relayed = outbox::relay_batch(&pool, &js, 100, "test").await.unwrap();
-    assert_eq!((relayed.published, relayed.dead_lettered), (2, 1));
-    assert!(relayed.stopped.is_none(), "{:?}", relayed.stopped);
-    assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
-    let dead: Vec<(uuid::Uuid, String, i64)> = sqlx::query_as(
-        "SELECT id, reason, length(payload)::bigint FROM outbox_dead WHERE handled_at IS NULL",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].0, poison.id);
-    assert!(dead[0].1.contains("max payload"), "{}", dead[0].1);
-    assert_eq!(dead[0].2, i64::try_from(max_payload + 1).unwrap());
-    let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 2);
     db.cleanup().await.unwrap();
 }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use hodei_storage::{Backends, jobs};
+use hodei_runtime::Backends;
+use hodei_storage::jobs;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 

@@ -8,8 +8,9 @@ use hodei_domain::{Job, JobId, JobSpec, JobState, TenantId};
 use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
-use hodei_storage::Backends;
-use hodei_storage::jobs::{self, JobFilter, Submitted};
+use hodei_runtime::Backends;
+use hodei_storage::driver::{self, JobSubmitted};
+use hodei_storage::jobs::{self, JobFilter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -157,18 +158,18 @@ impl JobService for JobApi {
         limits.check_messages("spec", &messages)?;
         let (job, created) = match self
             .backends
-            .db(|| jobs::insert_submitted(&self.backends.pool, &job, &event, &messages))
+            .db(|| driver::submit_job(&self.backends.pool, &job, &event, &messages))
             .await
             .map_err(errors::storage)?
         {
-            Submitted::Created(job) => {
+            JobSubmitted::Created(job) => {
                 self.backends.relay_wake.notify_one();
                 self.backends.metrics.jobs_submitted.inc();
                 tracing::Span::current().record("job_id", tracing::field::display(job.id()));
                 tracing::info!(job_id = %job.id(), name = %job.spec().name, "job submitted");
                 (job, true)
             }
-            Submitted::Existing(job) => {
+            JobSubmitted::Existing(job) => {
                 tracing::info!(job_id = %job.id(), "idempotent resubmission returned the existing job");
                 (job, false)
             }
@@ -233,7 +234,7 @@ impl JobService for JobApi {
             .backends
             .db_until_no_conflict(|| async {
                 let mut tx = self.backends.pool.begin().await?;
-                let done = jobs::request_cancel(&mut tx, id, &reason, SOURCE).await?;
+                let done = driver::cancel_job(&mut tx, id, &reason, SOURCE).await?;
                 tx.commit().await?;
                 Ok(done)
             })

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use hodei_proto::v1::job_service_server::JobServiceServer;
 use hodei_proto::v1::pipeline_service_server::PipelineServiceServer;
 use hodei_proto::v1::worker_service_server::WorkerServiceServer;
-use hodei_storage::{BackendConfig, Backends};
+use hodei_runtime::{BackendConfig, Backends};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,7 +54,7 @@ impl GatewayConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(transparent)]
-    Backend(#[from] hodei_storage::BackendError),
+    Backend(#[from] hodei_runtime::BackendError),
     #[error("failed to bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,

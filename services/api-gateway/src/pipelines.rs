@@ -6,8 +6,9 @@ use hodei_domain::{JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineStat
 use hodei_messaging::{Outgoing, artifacts};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
-use hodei_storage::Backends;
-use hodei_storage::pipelines::{self, RunFilter, Submitted};
+use hodei_runtime::Backends;
+use hodei_storage::driver::{self, RunSubmitted};
+use hodei_storage::pipelines::{self, RunFilter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -121,17 +122,17 @@ impl PipelineService for PipelineApi {
         )?;
         let (run, created) = match self
             .backends
-            .db(|| pipelines::insert_submitted(&self.backends.pool, run.clone(), &event, SOURCE))
+            .db(|| driver::submit_run(&self.backends.pool, run.clone(), &event, SOURCE))
             .await
             .map_err(errors::storage)?
         {
-            Submitted::Created(run) => {
+            RunSubmitted::Created(run) => {
                 self.backends.relay_wake.notify_one();
                 tracing::Span::current().record("run_id", tracing::field::display(run.id()));
                 tracing::info!(run_id = %run.id(), name = %run.spec().name, steps = run.steps().len(), "pipeline submitted");
                 (run, true)
             }
-            Submitted::Existing(run) => {
+            RunSubmitted::Existing(run) => {
                 tracing::info!(run_id = %run.id(), "idempotent resubmission returned the existing pipeline run");
                 (run, false)
             }
@@ -197,7 +198,7 @@ impl PipelineService for PipelineApi {
         };
         let cancelled = self
             .backends
-            .db_until_no_conflict(|| pipelines::cancel(&self.backends.pool, id, &reason, SOURCE))
+            .db_until_no_conflict(|| driver::cancel_run(&self.backends.pool, id, &reason, SOURCE))
             .await
             .map_err(errors::storage)?;
         let Some(run) = cancelled else {

@@ -5,7 +5,7 @@ use hodei_domain::{WorkerId, WorkerStatus};
 use hodei_messaging::{AgentCommand, Outgoing};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::worker_service_server::WorkerService;
-use hodei_storage::Backends;
+use hodei_runtime::Backends;
 use tonic::{Request, Response, Status};
 
 use crate::jobs::page_token_after;

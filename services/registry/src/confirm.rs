@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hodei_domain::AttemptId;
 use hodei_messaging::{Heartbeat, trace};
-use hodei_storage::{Backends, jobs};
+use hodei_runtime::Backends;
+use hodei_storage::jobs;
 use tokio::time::Instant;
 
 use crate::SERVICE;

@@ -11,8 +11,9 @@ use std::time::Duration;
 use chrono::Utc;
 use hodei_domain::{AttemptId, JobId, JobState, WorkerEvent, WorkerEventKind, WorkerId};
 use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
+use hodei_runtime::Backends;
 use hodei_storage::workers::{self, HeartbeatApplied, HeartbeatEffect};
-use hodei_storage::{Backends, StorageError, jobs};
+use hodei_storage::{StorageError, jobs};
 
 use futures::StreamExt;
 use hodei_messaging::trace;

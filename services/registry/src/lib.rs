@@ -10,7 +10,7 @@ mod observation;
 use std::time::Duration;
 
 use hodei_messaging::subjects;
-use hodei_storage::{BackendConfig, Backends};
+use hodei_runtime::{BackendConfig, Backends};
 use tokio_util::sync::CancellationToken;
 
 use crate::liveness::Policy;
@@ -56,7 +56,7 @@ pub struct RegistryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
-    Backend(#[from] hodei_storage::BackendError),
+    Backend(#[from] hodei_runtime::BackendError),
     #[error("failed to subscribe to heartbeats: {0}")]
     Subscribe(String),
     #[error("invalid configuration: {field} {reason}")]

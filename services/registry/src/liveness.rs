@@ -21,7 +21,8 @@ use hodei_domain::{
     WorkerStatus,
 };
 use hodei_messaging::{Outgoing, streams, subjects, trace};
-use hodei_storage::{Backends, StorageError, jobs, workers};
+use hodei_runtime::Backends;
+use hodei_storage::{StorageError, driver, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -357,7 +358,7 @@ pub(crate) async fn hand_back(
                 let step = tracing::info_span!("hand back lost attempt", hodei.service = SERVICE, job_id = %job.id(), worker_id = %worker.id());
                 trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
                 // The worker is saved above with its attempts released: nothing to free here.
-                jobs::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
+                driver::commit_transition(&mut tx, &job, job_version, &event, None, Vec::new(), SOURCE)
                     .instrument(step)
                     .await?;
             }

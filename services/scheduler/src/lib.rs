@@ -13,7 +13,7 @@ mod reports;
 use std::time::Duration;
 
 use hodei_messaging::streams;
-use hodei_storage::{BackendConfig, Backends};
+use hodei_runtime::{BackendConfig, Backends};
 use tokio_util::sync::CancellationToken;
 
 /// Source name in the envelopes of events this service records.
@@ -100,7 +100,7 @@ impl SchedulerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     #[error(transparent)]
-    Backend(#[from] hodei_storage::BackendError),
+    Backend(#[from] hodei_runtime::BackendError),
     #[error(transparent)]
     Messaging(#[from] hodei_messaging::MessagingError),
     #[error("failed to consume {what}: {reason}")]

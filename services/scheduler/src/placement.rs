@@ -14,7 +14,7 @@ use hodei_domain::worker::can_take;
 use hodei_domain::{AttemptId, Job, JobState, Worker};
 use hodei_messaging::settle::dead_letter;
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, trace};
-use hodei_storage::{StorageError, jobs, outbox, workers};
+use hodei_storage::{StorageError, driver, jobs, outbox, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -289,7 +289,7 @@ async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<
             what: e.to_string(),
         })?;
     let mut tx = ctx.backends.pool.begin().await?;
-    jobs::commit_transition(&mut tx, job, version, &event, None, Vec::new(), SOURCE).await?;
+    driver::commit_transition(&mut tx, job, version, &event, None, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
     ctx.backends.metrics.job_finished(job.state().as_str());
@@ -329,7 +329,7 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
     ];
     let mut tx = ctx.backends.pool.begin().await?;
     workers::save_reservation(&mut tx, &worker, worker_version).await?;
-    jobs::save(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;
+    driver::save_job(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;
     outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hodei_domain::{AttemptId, AttemptOutcome, JobState};
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, subjects, trace};
-use hodei_storage::jobs;
+use hodei_storage::{driver, jobs};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -146,7 +146,7 @@ async fn end_undeliverable(
             (job.fail_undeliverable(attempt, &reason, Utc::now()), worker)
         {
             let release = Some((&worker, AttemptId::new(job_id, attempt)));
-            jobs::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE)
+            driver::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE)
                 .await?;
             ended = Some((job_id, worker, reason));
         }
@@ -213,7 +213,7 @@ async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + 
             .backends
             .db(|| async {
                 let mut tx = pool.begin().await?;
-                jobs::commit_transition(
+                driver::commit_transition(
                     &mut tx,
                     &job,
                     version,

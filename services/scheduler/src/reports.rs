@@ -12,7 +12,7 @@ use futures::StreamExt;
 use hodei_domain::{AttemptId, DomainError};
 use hodei_messaging::settle::{self, dead_letter};
 use hodei_messaging::{AgentReport, ReportKind, streams, subjects, trace};
-use hodei_storage::{StorageError, jobs, workers};
+use hodei_storage::{StorageError, driver, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -181,7 +181,7 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
         )
     });
     let mut tx = pool.begin().await?;
-    jobs::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
+    driver::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
     crate::observe::recorded(ctx, &job, report, now);

@@ -147,7 +147,7 @@ async fn a_message_too_large_in_the_outbox_fails_its_job_and_blocks_nobody() {
         })
         .unwrap(),
     ];
-    hodei_storage::jobs::insert_submitted(&pool, &job, &event, &messages)
+    hodei_storage::driver::submit_job(&pool, &job, &event, &messages)
         .await
         .unwrap();
     // Jobs submitted right behind it run.

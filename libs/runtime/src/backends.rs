@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::StorageError;
+use hodei_storage::StorageError;
 
 /// Where the backends are. Flattened into each service's configuration.
 #[derive(clap::Args, Debug, Clone)]
@@ -101,8 +101,9 @@ impl Backends {
         let timeout = Duration::from_secs(config.connect_timeout_secs);
         let (nats, js) = hodei_messaging::connect(&config.nats_url, client_name, timeout).await?;
         streams::ensure_all(&js).await?;
-        let pool = crate::connect(&config.database_url, config.database_pool, timeout).await?;
-        crate::migrate(&pool).await?;
+        let pool =
+            hodei_storage::connect(&config.database_url, config.database_pool, timeout).await?;
+        hodei_storage::migrate(&pool).await?;
         let service = client_name.strip_prefix("hodei-").unwrap_or(client_name);
         let observability = match config.metrics_addr {
             Some(addr) => Some(ObservabilityServer::bind(addr).await?),
@@ -177,7 +178,7 @@ impl Backends {
 
     /// Starts the outbox relay; it stops when `shutdown` is cancelled.
     pub fn spawn_relay(&self, shutdown: CancellationToken) -> JoinHandle<()> {
-        tokio::spawn(crate::outbox::run_relay(
+        tokio::spawn(crate::relay::run_relay(
             self.pool.clone(),
             self.js.clone(),
             self.relay_wake.clone(),

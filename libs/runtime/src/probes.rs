@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use hodei_storage::{PgPool, StorageError, jobs, outbox, workers};
 use hodei_telemetry::http::BoxFuture;
 use hodei_telemetry::{Check, Metrics, Probes};
-use sqlx::PgPool;
 
 use crate::Backends;
 
@@ -32,7 +32,7 @@ impl BackendProbes {
 
     async fn query<T, F>(&self, what: &str, run: F) -> Option<T>
     where
-        F: Future<Output = Result<T, sqlx::Error>>,
+        F: Future<Output = Result<T, StorageError>>,
     {
         match tokio::time::timeout(QUERY_TIMEOUT, run).await {
             Ok(Ok(value)) => Some(value),
@@ -54,19 +54,12 @@ impl BackendProbes {
             async_nats::connection::State::Connected => Ok(()),
             state => Err(format!("not connected ({state})")),
         };
-        let expected = crate::MIGRATOR
-            .iter()
-            .filter(|m| m.migration_type.is_up_migration())
-            .count();
-        let applied = tokio::time::timeout(
-            QUERY_TIMEOUT,
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool),
-        )
-        .await;
+        let applied =
+            tokio::time::timeout(QUERY_TIMEOUT, hodei_storage::migrations_applied(&self.pool))
+                .await;
         let (postgres, migrations) = match applied {
-            Ok(Ok(n)) if usize::try_from(n).is_ok_and(|n| n >= expected) => (Ok(()), Ok(())),
-            Ok(Ok(n)) => (Ok(()), Err(format!("{n} of {expected} migrations applied"))),
+            Ok(Ok((n, expected))) if n >= expected => (Ok(()), Ok(())),
+            Ok(Ok((n, expected))) => (Ok(()), Err(format!("{n} of {expected} migrations applied"))),
             Ok(Err(e)) => (Err(e.to_string()), Err("unknown".to_owned())),
             Err(_) => (
                 Err(format!("no answer within {QUERY_TIMEOUT:?}")),
@@ -81,39 +74,20 @@ impl BackendProbes {
     }
 
     async fn refresh_gauges(&self) {
-        let outbox = self.query(
-            "outbox backlog",
-            sqlx::query_as::<_, (i64, f64)>(
-                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-                 FROM outbox",
-            )
-            .fetch_one(&self.pool),
-        );
-        if let Some((pending, lag)) = outbox.await {
+        let backlog = self.query("outbox backlog", outbox::backlog(&self.pool));
+        if let Some((pending, lag)) = backlog.await {
             self.metrics.outbox_pending.set(pending);
-            self.metrics.outbox_lag.set(lag.max(0.0));
+            self.metrics.outbox_lag.set(lag);
         }
         match self.metrics.service() {
             "scheduler" => {
-                let queued = self.query(
-                    "queue depth",
-                    sqlx::query_scalar::<_, i64>(
-                        "SELECT count(*) FROM jobs WHERE state = 'queued'",
-                    )
-                    .fetch_one(&self.pool),
-                );
+                let queued = self.query("queue depth", jobs::queued_count(&self.pool));
                 if let Some(queued) = queued.await {
                     self.metrics.jobs_queued.set(queued);
                 }
             }
             "registry" => {
-                let by_state = self.query(
-                    "workers by state",
-                    sqlx::query_as::<_, (String, i64)>(
-                        "SELECT status, count(*) FROM workers GROUP BY status",
-                    )
-                    .fetch_all(&self.pool),
-                );
+                let by_state = self.query("workers by state", workers::count_by_status(&self.pool));
                 if let Some(rows) = by_state.await {
                     for state in WORKER_STATES {
                         let count = rows.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);

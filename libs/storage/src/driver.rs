@@ -1,0 +1,353 @@
+//! The units of work that change more than one aggregate in one transaction, above the data
+//! access modules ([`crate::jobs`], [`crate::pipelines`], [`crate::workers`],
+//! [`crate::outbox`]), which know nothing of each other.
+//!
+//! It owns the driving of pipeline runs: a run moves in the transaction that moves one of its
+//! step jobs. [`save_job`] and [`cancel_job`] call [`on_step_job`] when a step's job starts or
+//! ends, which locks the run's row, lets the aggregate decide, creates the jobs of the steps it
+//! releases, cancels the ones it stops and saves the run, all before the job's own change
+//! commits. A step's end and its dependants' release are therefore one atomic change: no
+//! message can be lost between them, and a crash of any service leaves either both or neither.
+
+use std::collections::VecDeque;
+
+use chrono::Utc;
+use hodei_domain::{
+    AttemptId, Effects, Job, JobEvent, JobEventKind, JobId, JobSpec, PipelineEvent, PipelineRun,
+    PipelineRunId, WorkerId,
+};
+use hodei_messaging::{AgentCommand, Outgoing, PlaceJob};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::StorageError;
+use crate::{jobs, outbox, pipelines, workers};
+
+/// The source of what a step job's start or end makes the run do (the saver of the job does
+/// not say which service it is).
+const DRIVER: &str = "hodei/pipelines";
+
+/// What a job submission did.
+#[derive(Debug)]
+pub enum JobSubmitted {
+    /// The job was recorded.
+    Created(Job),
+    /// A job with the same idempotency key existed; it is returned unchanged.
+    Existing(Job),
+}
+
+/// Records a new job, its first event and `messages` in one transaction. With an idempotency
+/// key already used by the tenant, records nothing and returns the existing job. The trace
+/// context of the current span (the submission's) is stored with the job, for the steps
+/// later taken on it without a message to continue (see [`jobs::trace_contexts`]).
+pub async fn submit_job(
+    pool: &PgPool,
+    job: &Job,
+    event: &JobEvent,
+    messages: &[Outgoing],
+) -> Result<JobSubmitted, StorageError> {
+    let mut tx = pool.begin().await?;
+    if !jobs::insert(&mut tx, job, event, None).await? {
+        tx.rollback().await?;
+        let key = job.spec().idempotency_key.as_deref().unwrap_or_default();
+        return match jobs::find_by_idempotency_key(pool, job.tenant(), key).await? {
+            Some(existing) => Ok(JobSubmitted::Existing(existing)),
+            None => Err(StorageError::Conflict {
+                what: format!("job with idempotency key {key}"),
+            }),
+        };
+    }
+    outbox::append(&mut tx, messages).await?;
+    tx.commit().await?;
+    Ok(JobSubmitted::Created(job.clone()))
+}
+
+/// Saves a job changed by `events` (already applied to it) if it is still at
+/// `expected_version`; otherwise returns `Conflict` and changes nothing. When the job is a
+/// pipeline step and `events` start or end it, its run is moved on in the same transaction.
+pub async fn save_job(
+    conn: &mut PgConnection,
+    job: &Job,
+    expected_version: u64,
+    events: &[JobEvent],
+) -> Result<(), StorageError> {
+    if let Some(run) = jobs::save(conn, job, expected_version, events).await? {
+        on_step_job(conn, run, job, events).await?;
+    }
+    Ok(())
+}
+
+/// Records one transition of a job inside the caller's transaction: saves the job (at
+/// `expected_version`, moving its pipeline run), queues its event for publishing (from
+/// `source`), asks for placement again if the job was requeued, and frees the slot `release`
+/// names on its worker if the worker still holds it. `extra` messages are queued too.
+pub async fn commit_transition(
+    conn: &mut PgConnection,
+    job: &Job,
+    expected_version: u64,
+    event: &JobEvent,
+    release: Option<(&WorkerId, AttemptId)>,
+    extra: Vec<Outgoing>,
+    source: &str,
+) -> Result<(), StorageError> {
+    save_job(conn, job, expected_version, std::slice::from_ref(event)).await?;
+    if let Some((worker_id, attempt)) = release
+        && let Some(mut worker) = workers::get(&mut *conn, worker_id).await?
+    {
+        let version = worker.version();
+        if worker.release(&attempt).is_ok() {
+            workers::save_reservation(conn, &worker, version).await?;
+        }
+    }
+    let mut messages = vec![Outgoing::job_event(event, source)?];
+    if let JobEventKind::Requeued { not_before, .. } = &event.kind {
+        messages.push(Outgoing::place_job(&PlaceJob {
+            job_id: job.id(),
+            attempt: job.current_attempt(),
+            priority: job.spec().priority,
+            not_before: Some(*not_before),
+        })?);
+    }
+    messages.extend(extra);
+    outbox::append(conn, &messages).await
+}
+
+/// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends
+/// cancelled at once, a job on a worker gets `cancel_requested` and its agent a `cancel`
+/// command; a pipeline step's run moves on. Returns the job as it is now and the event
+/// recorded (none when a cancel was already on its way), or `None` for an unknown job. A job
+/// already ended is refused ([`StorageError::Refused`]).
+pub async fn cancel_job(
+    conn: &mut PgConnection,
+    id: JobId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<(Job, Option<JobEvent>)>, StorageError> {
+    let Some((job, event, run)) = cancel_job_unmoved(conn, id, reason, source).await? else {
+        return Ok(None);
+    };
+    if let (Some(event), Some(run)) = (&event, run) {
+        on_step_job(conn, run, &job, std::slice::from_ref(event)).await?;
+    }
+    Ok(Some((job, event)))
+}
+
+/// [`cancel_job`] without moving the job's pipeline run; also returns the run, for the caller
+/// (the run's own driving, which is already moving it) to move.
+async fn cancel_job_unmoved(
+    conn: &mut PgConnection,
+    id: JobId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<(Job, Option<JobEvent>, Option<PipelineRunId>)>, StorageError> {
+    let Some(mut job) = jobs::get(&mut *conn, id).await? else {
+        return Ok(None);
+    };
+    let version = job.version();
+    let Some(event) = job.request_cancel(reason, Utc::now())? else {
+        return Ok(Some((job, None, None)));
+    };
+    let mut messages = vec![Outgoing::job_event(&event, source)?];
+    if let (JobEventKind::CancelRequested { .. }, Some(attempt)) =
+        (&event.kind, job.current_attempt_record())
+    {
+        let command = AgentCommand::Cancel {
+            job_id: id,
+            attempt: attempt.attempt,
+            reason: reason.to_owned(),
+        };
+        messages.push(Outgoing::agent_command(&attempt.worker_id, &command)?);
+    }
+    let run = jobs::save(conn, &job, version, std::slice::from_ref(&event)).await?;
+    outbox::append(conn, &messages).await?;
+    Ok(Some((job, Some(event), run)))
+}
+
+/// What a run submission did.
+#[derive(Debug)]
+pub enum RunSubmitted {
+    /// The run was recorded and its first steps queued.
+    Created(PipelineRun),
+    /// A run with the same idempotency key existed; it is returned as it is now.
+    Existing(PipelineRun),
+}
+
+/// Records a new run, its first event and the jobs of the steps that need nothing, in one
+/// transaction. With an idempotency key the tenant already used, records nothing and returns
+/// the existing run.
+pub async fn submit_run(
+    pool: &PgPool,
+    mut run: PipelineRun,
+    event: &PipelineEvent,
+    source: &str,
+) -> Result<RunSubmitted, StorageError> {
+    let mut tx = pool.begin().await?;
+    if !pipelines::insert(&mut tx, &run).await? {
+        tx.rollback().await?;
+        let key = run.spec().idempotency_key.clone().unwrap_or_default();
+        return match pipelines::find_by_idempotency_key(pool, run.tenant(), &key).await? {
+            Some(existing) => Ok(RunSubmitted::Existing(existing)),
+            None => Err(StorageError::Conflict {
+                what: format!("pipeline run with idempotency key {key}"),
+            }),
+        };
+    }
+    pipelines::append_events(&mut tx, std::slice::from_ref(event)).await?;
+    let mut messages = vec![Outgoing::pipeline_event(event, source)?];
+    let version = run.version();
+    let effects = run.advance(Utc::now(), JobId::new)?;
+    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
+    save_run(&mut tx, &run, version, &messages).await?;
+    tx.commit().await?;
+    Ok(RunSubmitted::Created(run))
+}
+
+/// Cancels run `id`: steps not started are cancelled, the jobs of queued and running steps go
+/// through the job cancel path, `always` steps still run. Returns the run as it is now, or
+/// `None` if it does not exist.
+pub async fn cancel_run(
+    pool: &PgPool,
+    id: PipelineRunId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<PipelineRun>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let Some(mut run) = pipelines::lock(&mut tx, id).await? else {
+        return Ok(None);
+    };
+    let version = run.version();
+    let effects = run.cancel(reason, Utc::now())?;
+    if effects.events.is_empty() {
+        return Ok(Some(run));
+    }
+    let mut messages = Vec::new();
+    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
+    save_run(&mut tx, &run, version, &messages).await?;
+    tx.commit().await?;
+    Ok(Some(run))
+}
+
+/// Moves run `run_id` after its step job `job` changed by `events` (already saved): a start
+/// marks the step running, an end finishes the step and releases, skips or cancels what
+/// follows.
+async fn on_step_job(
+    conn: &mut PgConnection,
+    run_id: PipelineRunId,
+    job: &Job,
+    events: &[JobEvent],
+) -> Result<(), StorageError> {
+    let started = events
+        .iter()
+        .any(|e| matches!(e.kind, JobEventKind::Started { .. }));
+    let ended = events.iter().any(|e| e.kind.is_terminal());
+    if !started && !ended {
+        return Ok(());
+    }
+    let Some(mut run) = pipelines::lock(&mut *conn, run_id).await? else {
+        return Ok(());
+    };
+    let version = run.version();
+    let now = Utc::now();
+    let mut messages = Vec::new();
+    if started && let Some(event) = run.job_started(job.id(), now)? {
+        pipelines::append_events(conn, std::slice::from_ref(&event)).await?;
+        messages.push(Outgoing::pipeline_event(&event, DRIVER)?);
+    }
+    if ended {
+        let effects = run.job_ended(job.id(), job.state(), job_reason(job), now)?;
+        carry_out(conn, &mut run, effects, DRIVER, &mut messages).await?;
+    }
+    save_run(conn, &run, version, &messages).await
+}
+
+/// Records what the run decided: its events, the jobs of the steps it queued, the cancels of
+/// the jobs it stops. A cancelled job that ends at once (it was still queued) is fed back to
+/// the run until nothing more follows. What it records names `source` as its source.
+async fn carry_out(
+    conn: &mut PgConnection,
+    run: &mut PipelineRun,
+    effects: Effects,
+    source: &str,
+    messages: &mut Vec<Outgoing>,
+) -> Result<(), StorageError> {
+    // The steps' job specs, expanded once, when a step is to be queued.
+    let mut specs = None;
+    let mut pending = VecDeque::from([effects]);
+    while let Some(effects) = pending.pop_front() {
+        pipelines::append_events(conn, &effects.events).await?;
+        for event in &effects.events {
+            messages.push(Outgoing::pipeline_event(event, source)?);
+        }
+        for (step, job_id) in &effects.jobs_to_create {
+            let specs = specs.get_or_insert_with(|| run.job_specs());
+            let spec = specs
+                .remove(step)
+                .ok_or_else(|| hodei_domain::DomainError::UnknownStep { step: step.clone() })?;
+            create_step_job(conn, run, step, spec, *job_id, source).await?;
+        }
+        for job_id in &effects.jobs_to_cancel {
+            let reason = if run.cancel_requested() {
+                "pipeline run cancelled"
+            } else {
+                "fail-fast: another step failed"
+            };
+            let job = match cancel_job_unmoved(conn, *job_id, reason, source).await {
+                Ok(Some((job, _, _))) => job,
+                // Gone, or already ended (its end moves the run on its own).
+                Ok(None) | Err(StorageError::Refused(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if job.state().is_terminal() {
+                pending.push_back(run.job_ended(
+                    job.id(),
+                    job.state(),
+                    job_reason(&job),
+                    Utc::now(),
+                )?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the job of step `step`, linked to the run, and asks for its placement.
+async fn create_step_job(
+    conn: &mut PgConnection,
+    run: &PipelineRun,
+    step: &str,
+    spec: JobSpec,
+    job_id: JobId,
+    source: &str,
+) -> Result<(), StorageError> {
+    let (job, event) = Job::submit(job_id, run.tenant().clone(), spec, Utc::now());
+    jobs::insert(conn, &job, &event, Some((run.id(), step))).await?;
+    let messages = [
+        Outgoing::job_event(&event, source)?,
+        Outgoing::place_job(&PlaceJob {
+            job_id,
+            attempt: job.current_attempt(),
+            priority: job.spec().priority,
+            not_before: None,
+        })?,
+    ];
+    outbox::append(conn, &messages).await
+}
+
+/// Saves the run's projection (at `expected_version`) and queues `messages`.
+async fn save_run(
+    conn: &mut PgConnection,
+    run: &PipelineRun,
+    expected_version: u64,
+    messages: &[Outgoing],
+) -> Result<(), StorageError> {
+    pipelines::save(conn, run, expected_version).await?;
+    outbox::append(conn, messages).await
+}
+
+/// How a step's job ended, for the step's `reason`.
+fn job_reason(job: &Job) -> Option<String> {
+    job.reason().map(str::to_owned).or_else(|| {
+        job.current_attempt_record()
+            .and_then(|a| a.outcome.as_ref())
+            .map(ToString::to_string)
+    })
+}
