@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::errors::ApiError;
 use hodei_runtime::Backends;
 use hodei_storage::jobs;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 /// How often the queue depth is refreshed.
 const REFRESH: Duration = Duration::from_millis(250);
@@ -44,10 +44,10 @@ impl Admission {
     }
 
     /// Ok while the queue has room; RESOURCE_EXHAUSTED when it is full.
-    pub fn check(&self) -> Result<(), Status> {
+    pub fn check(&self) -> Result<(), ApiError> {
         let queued = self.queued.load(Ordering::Relaxed);
         if queued >= self.limit {
-            return Err(Status::resource_exhausted(format!(
+            return Err(ApiError::Exhausted(format!(
                 "queue is full: {queued} jobs queued (limit {}), retry later",
                 self.limit
             )));

@@ -1,20 +1,83 @@
-//! The one place errors become gRPC statuses.
+//! The one place errors become gRPC statuses. Handlers and their helpers fail with
+//! [`ApiError`] (the domain's, storage's and encoding errors convert into it with `From`), and
+//! [`ApiError`] becomes a [`Status`] in one `match`; [`IntoStatus`] converts a `Result` whose
+//! error converts into [`ApiError`] in one step.
 
-use hodei_domain::{DomainError, IdError, ValidationErrors};
+use hodei_domain::{DomainError, ValidationErrors};
 use hodei_storage::StorageError;
 use tonic::Status;
 
-/// Invalid input: every field with its reason.
-pub fn invalid(errors: &ValidationErrors) -> Status {
-    Status::invalid_argument(errors.to_string())
+/// Why a request failed, as the gateway answers it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field that is missing, malformed or too large for the transport.
+    #[error("{field}: {reason}")]
+    Field { field: String, reason: String },
+    /// A spec that failed validation: every field with its reason.
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    /// What the request names does not exist.
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// Admission control refused the submission: the queue is full.
+    #[error("{0}")]
+    Exhausted(String),
+    /// A NATS stream, subscription or the artifact store did not answer.
+    #[error("{what} unavailable: {reason}")]
+    Unavailable { what: &'static str, reason: String },
+    /// Stored bytes could not be read back.
+    #[error("{0}")]
+    DataLoss(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// A message that could not be encoded (a bug, not bad input).
+    #[error("failed to encode a message: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
-/// An unparseable id in request field `field`.
-pub fn invalid_id(field: &str, e: &IdError) -> Status {
-    Status::invalid_argument(format!("{field}: {e}"))
+impl ApiError {
+    /// Request field `field` is wrong for `reason`.
+    pub fn field(field: impl Into<String>, reason: impl ToString) -> Self {
+        ApiError::Field {
+            field: field.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// `what` (e.g. `job 0193…`) does not exist.
+    pub fn not_found(what: impl Into<String>) -> Self {
+        ApiError::NotFound { what: what.into() }
+    }
+
+    /// `what` (e.g. `log stream`) failed with `reason`.
+    pub fn unavailable(what: &'static str, reason: impl ToString) -> Self {
+        ApiError::Unavailable {
+            what,
+            reason: reason.to_string(),
+        }
+    }
 }
 
-pub fn storage(e: StorageError) -> Status {
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Field { .. } | ApiError::Invalid(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            ApiError::NotFound { .. } => Status::not_found(e.to_string()),
+            ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+            ApiError::Unavailable { .. } => Status::unavailable(e.to_string()),
+            ApiError::DataLoss(_) => Status::data_loss(e.to_string()),
+            ApiError::Storage(e) => storage(e),
+            ApiError::Domain(e) => domain(e),
+            ApiError::Encode(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn storage(e: StorageError) -> Status {
     if let StorageError::Refused(refused) = e {
         return domain(refused);
     }
@@ -29,19 +92,103 @@ pub fn storage(e: StorageError) -> Status {
     }
 }
 
-pub fn domain(e: DomainError) -> Status {
+fn domain(e: DomainError) -> Status {
     match e {
-        DomainError::Invalid(v) => invalid(&v),
+        DomainError::Invalid(v) => Status::invalid_argument(v.to_string()),
         other => Status::failed_precondition(other.to_string()),
     }
 }
 
-/// Input larger than the transport carries: `field` names what to shrink.
-pub fn too_large(field: &str, reason: &str) -> Status {
-    Status::invalid_argument(format!("{field}: {reason}"))
+/// Converts a `Result` whose error converts into [`ApiError`] into one with a [`Status`].
+pub trait IntoStatus<T> {
+    fn into_status(self) -> Result<T, Status>;
 }
 
-/// A message that could not be encoded (a bug, not bad input).
-pub fn serialization(e: serde_json::Error) -> Status {
-    Status::internal(format!("failed to encode a message: {e}"))
+impl<T, E: Into<ApiError>> IntoStatus<T> for Result<T, E> {
+    fn into_status(self) -> Result<T, Status> {
+        self.map_err(|e| Status::from(e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_error_maps_to_its_code_with_its_message() {
+        let cases: Vec<(ApiError, Code, &str)> = vec![
+            (
+                ApiError::field("job_id", "not a uuid"),
+                Code::InvalidArgument,
+                "job_id: not a uuid",
+            ),
+            (
+                ApiError::not_found("job 1"),
+                Code::NotFound,
+                "job 1 not found",
+            ),
+            (
+                ApiError::Exhausted("queue is full".into()),
+                Code::ResourceExhausted,
+                "queue is full",
+            ),
+            (
+                ApiError::unavailable("log stream", "timed out"),
+                Code::Unavailable,
+                "log stream unavailable: timed out",
+            ),
+            (
+                StorageError::Conflict {
+                    what: "job 1".into(),
+                }
+                .into(),
+                Code::Aborted,
+                "concurrent update of job 1",
+            ),
+            (
+                StorageError::Unavailable {
+                    reason: "circuit open".into(),
+                    retry_in: std::time::Duration::from_secs(1),
+                }
+                .into(),
+                Code::Unavailable,
+                "database unavailable: circuit open",
+            ),
+            (
+                DomainError::UnknownStep { step: "b".into() }.into(),
+                Code::FailedPrecondition,
+                "b",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(message), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_change_is_a_failed_precondition_and_invalid_input_an_invalid_argument() {
+        let refused = StorageError::Refused(DomainError::UnknownStep { step: "b".into() });
+        assert_eq!(
+            Status::from(ApiError::from(refused)).code(),
+            Code::FailedPrecondition
+        );
+        let errors = ValidationErrors(vec![hodei_domain::FieldError::new(
+            "spec.name",
+            "is required",
+        )]);
+        let invalid = StorageError::Refused(DomainError::Invalid(errors.clone()));
+        assert_eq!(
+            Status::from(ApiError::from(invalid)).code(),
+            Code::InvalidArgument
+        );
+        let status = Status::from(ApiError::from(errors));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("spec.name: is required"),
+            "{status:?}"
+        );
+    }
 }

@@ -4,7 +4,7 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{Job, JobId, JobSpec, JobState, TenantId};
+use hodei_domain::{Job, JobId, JobSpec, JobState};
 use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
@@ -16,13 +16,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::SOURCE;
 use crate::admission::Admission;
+use crate::errors::{ApiError, IntoStatus};
 use crate::limits::TransportLimits;
+use crate::request;
 use crate::watch::{self, STREAM_POLL};
-use crate::{SOURCE, errors};
-
-/// Largest page a list call returns.
-const MAX_PAGE: u32 = 1000;
 
 pub struct JobApi {
     backends: Backends,
@@ -43,73 +42,9 @@ impl JobApi {
         self.backends
             .db(|| jobs::get(&self.backends.pool, id))
             .await
-            .map_err(errors::storage)?
-            .ok_or_else(|| Status::not_found(format!("job {id} not found")))
+            .into_status()?
+            .ok_or_else(|| ApiError::not_found(format!("job {id}")).into())
     }
-}
-
-/// A requested page size: 0 means 100; more than 1000 is refused.
-pub fn page_size(requested: u32) -> Result<u32, Status> {
-    match requested {
-        0 => Ok(100),
-        n if n <= MAX_PAGE => Ok(n),
-        n => Err(Status::invalid_argument(format!(
-            "page_size: {n} is more than {MAX_PAGE}"
-        ))),
-    }
-}
-
-/// The wire state values of a list filter as domain states; an unknown value is refused,
-/// naming the `states` field and the kind of state (`job`, `pipeline`).
-pub fn parse_states<S>(
-    values: &[i32],
-    kind: &str,
-    from_wire: impl Fn(i32) -> Option<S>,
-) -> Result<Vec<S>, Status> {
-    values
-        .iter()
-        .map(|v| {
-            from_wire(*v).ok_or_else(|| {
-                Status::invalid_argument(format!("states: unknown {kind} state {v}"))
-            })
-        })
-        .collect()
-}
-
-/// A list request's `page_token`: none when empty, else parsed by `parse` (which names the
-/// field in its error).
-pub fn parse_page_token<T>(
-    token: &str,
-    parse: impl Fn(&str, &str) -> Result<T, Status>,
-) -> Result<Option<T>, Status> {
-    if token.is_empty() {
-        Ok(None)
-    } else {
-        parse("page_token", token).map(Some)
-    }
-}
-
-/// The token of the page after `page` (of at most `limit` items): the last item's id, or
-/// empty when the page was not full (it was the last).
-pub fn page_token_after<T>(page: &[T], limit: u32, id: impl Fn(&T) -> String) -> String {
-    if page.len() == limit as usize {
-        page.last().map(id).unwrap_or_default()
-    } else {
-        String::new()
-    }
-}
-
-/// The tenant of a request: empty means the default tenant.
-pub fn parse_tenant(value: &str) -> Result<TenantId, Status> {
-    if value.is_empty() {
-        Ok(TenantId::default())
-    } else {
-        value.parse().map_err(|e| errors::invalid_id("tenant", &e))
-    }
-}
-
-fn parse_job_id(field: &str, value: &str) -> Result<JobId, Status> {
-    value.parse().map_err(|e| errors::invalid_id(field, &e))
 }
 
 #[tonic::async_trait]
@@ -120,20 +55,18 @@ impl JobService for JobApi {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        let tenant = parse_tenant(&req.tenant)?;
-        let wire = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let spec = JobSpec::try_from(JobSpecDraft::from(wire)).map_err(|e| errors::invalid(&e))?;
+        let tenant = request::tenant(&req.tenant).into_status()?;
+        let wire = request::required("spec", req.spec).into_status()?;
+        let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
-        limits.check_job("spec.", &spec)?;
+        limits.check_job("spec.", &spec).into_status()?;
         // Resubmissions of an accepted job are answered even when the queue is full.
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self
                 .backends
                 .db(|| jobs::find_by_idempotency_key(&self.backends.pool, &tenant, key))
                 .await
-                .map_err(errors::storage)?
+                .into_status()?
         {
             return Ok(Response::new(pb::SubmitJobResponse {
                 job: Some((&existing).into()),
@@ -142,25 +75,25 @@ impl JobService for JobApi {
         }
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
-            return Err(refused);
+            return Err(refused.into());
         }
         let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
         let messages = [
-            Outgoing::job_event(&event, SOURCE).map_err(errors::serialization)?,
+            Outgoing::job_event(&event, SOURCE).into_status()?,
             Outgoing::place_job(&PlaceJob {
                 job_id: job.id(),
                 attempt: job.current_attempt(),
                 priority: job.spec().priority,
                 not_before: None,
             })
-            .map_err(errors::serialization)?,
+            .into_status()?,
         ];
-        limits.check_messages("spec", &messages)?;
+        limits.check_messages("spec", &messages).into_status()?;
         let (job, created) = match self
             .backends
             .db(|| driver::submit_job(&self.backends.pool, &job, &event, &messages))
             .await
-            .map_err(errors::storage)?
+            .into_status()?
         {
             JobSubmitted::Created(job) => {
                 self.backends.relay_wake.notify_one();
@@ -184,7 +117,7 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let id = parse_job_id("job_id", &request.into_inner().job_id)?;
+        let id: JobId = request::id("job_id", &request.into_inner().job_id).into_status()?;
         let job = self.load(id).await?;
         Ok(Response::new(pb::GetJobResponse {
             job: Some((&job).into()),
@@ -196,9 +129,15 @@ impl JobService for JobApi {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let req = request.into_inner();
-        let limit = page_size(req.page_size)?;
-        let states = parse_states(&req.states, "job", hodei_proto::state_from_wire)?;
-        let before = parse_page_token(&req.page_token, parse_job_id)?;
+        let limit = request::page_size(req.page_size).into_status()?;
+        let states = request::enum_values(
+            "states",
+            "job state",
+            &req.states,
+            hodei_proto::state_from_wire,
+        )
+        .into_status()?;
+        let before = request::page_token(&req.page_token).into_status()?;
         let filter = JobFilter {
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
@@ -210,8 +149,8 @@ impl JobService for JobApi {
             .backends
             .db(|| jobs::list(&self.backends.pool, &filter))
             .await
-            .map_err(errors::storage)?;
-        let next_page_token = page_token_after(&found, limit, |j| j.id().to_string());
+            .into_status()?;
+        let next_page_token = request::page_token_after(&found, limit, |j| j.id().to_string());
         Ok(Response::new(pb::ListJobsResponse {
             jobs: found.iter().map(Into::into).collect(),
             next_page_token,
@@ -224,12 +163,8 @@ impl JobService for JobApi {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let req = request.into_inner();
-        let id = parse_job_id("job_id", &req.job_id)?;
-        let reason = if req.reason.is_empty() {
-            "cancelled by request".to_owned()
-        } else {
-            req.reason
-        };
+        let id: JobId = request::id("job_id", &req.job_id).into_status()?;
+        let reason = request::reason_or(req.reason, "cancelled by request");
         let saved = self
             .backends
             .db_until_no_conflict(|| async {
@@ -239,9 +174,9 @@ impl JobService for JobApi {
                 Ok(done)
             })
             .await
-            .map_err(errors::storage)?;
+            .into_status()?;
         let Some((job, event)) = saved else {
-            return Err(Status::not_found(format!("job {id} not found")));
+            return Err(ApiError::not_found(format!("job {id}")).into());
         };
         if let Some(event) = event {
             self.backends.relay_wake.notify_one();
@@ -262,7 +197,7 @@ impl JobService for JobApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let req = request.into_inner();
-        let id = parse_job_id("job_id", &req.job_id)?;
+        let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(id).await?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
@@ -270,7 +205,7 @@ impl JobService for JobApi {
             .nats
             .subscribe(subjects::job_events_of(&id))
             .await
-            .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("event stream", e))?;
         let backends = self.backends.clone();
         let mut state = JobState::Queued;
         let stream = watch::spawn(
@@ -301,7 +236,7 @@ impl JobService for JobApi {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let req = request.into_inner();
-        let id = parse_job_id("job_id", &req.job_id)?;
+        let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(id).await?;
         let subject = subjects::log(&id);
         let stream = self
@@ -309,7 +244,7 @@ impl JobService for JobApi {
             .js
             .get_stream(streams::LOGS)
             .await
-            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("log stream", e))?;
         let has_logs = stream
             .get_last_raw_message_by_subject(&subject)
             .await
@@ -325,11 +260,11 @@ impl JobService for JobApi {
                 ..Default::default()
             })
             .await
-            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("log stream", e))?;
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| Status::unavailable(format!("log stream unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("log stream", e))?;
         let backends = self.backends.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -405,7 +340,7 @@ impl JobService for JobApi {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = tx.send(Err(errors::storage(e))).await;
+                        let _ = tx.send(Err(ApiError::from(e).into())).await;
                         return;
                     }
                 }

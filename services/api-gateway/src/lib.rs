@@ -9,6 +9,7 @@ mod grpc_trace;
 mod jobs;
 mod limits;
 mod pipelines;
+mod request;
 mod watch;
 mod workers;
 

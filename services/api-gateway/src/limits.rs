@@ -8,9 +8,8 @@ use hodei_domain::{
     AttemptNumber, Command, IncarnationId, JobId, JobSpec, PipelineRunId, PipelineSpec,
 };
 use hodei_messaging::{AgentCommand, Outgoing};
-use tonic::Status;
 
-use crate::errors;
+use crate::errors::ApiError;
 
 /// Room kept for what the relay adds to a message (its id and trace context headers) and for
 /// the protocol's own framing.
@@ -34,11 +33,11 @@ impl TransportLimits {
 
     /// Refuses `messages` (built for this submission) unless each fits; `field` names what
     /// they carry.
-    pub fn check_messages(self, field: &str, messages: &[Outgoing]) -> Result<(), Status> {
+    pub fn check_messages(self, field: &str, messages: &[Outgoing]) -> Result<(), ApiError> {
         match messages.iter().map(|m| m.payload.len()).max() {
-            Some(size) if size > self.max_body() => Err(errors::too_large(
+            Some(size) if size > self.max_body() => Err(ApiError::field(
                 field,
-                &format!(
+                format!(
                     "its messages would be {size} bytes, more than the {} bytes the NATS server \
                      accepts ({} max_payload less {HEADER_ROOM} for headers)",
                     self.max_body(),
@@ -52,7 +51,7 @@ impl TransportLimits {
     /// Refuses a job spec whose assignment to a worker (the largest message a job causes: its
     /// whole spec, secrets included) would not fit, naming the field that takes most room
     /// under `prefix` (`spec.` for a job).
-    pub fn check_job(self, prefix: &str, spec: &JobSpec) -> Result<(), Status> {
+    pub fn check_job(self, prefix: &str, spec: &JobSpec) -> Result<(), ApiError> {
         self.check_job_named(spec, |field| format!("{prefix}{field}"))
     }
 
@@ -63,7 +62,7 @@ impl TransportLimits {
         spec: &PipelineSpec,
         run: PipelineRunId,
         events: &[Outgoing],
-    ) -> Result<(), Status> {
+    ) -> Result<(), ApiError> {
         for step in spec.expand(run) {
             let own = spec.steps.iter().find(|s| s.name == step.base);
             self.check_job_named(&step.job, |field| {
@@ -89,15 +88,15 @@ impl TransportLimits {
         self,
         spec: &JobSpec,
         name: impl Fn(String) -> String,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ApiError> {
         let size = assign_size(spec);
         if size <= self.max_body() {
             return Ok(());
         }
         let (field, bytes) = largest_field(spec);
-        Err(errors::too_large(
-            &name(field),
-            &format!(
+        Err(ApiError::field(
+            name(field),
+            format!(
                 "this field takes {bytes} bytes and makes the job's assignment {size} bytes, \
                  more than the {} bytes the NATS server accepts ({} max_payload less \
                  {HEADER_ROOM} for headers)",
@@ -178,9 +177,11 @@ mod tests {
     #[test]
     fn a_job_too_large_is_refused_naming_its_largest_field() {
         let limits = TransportLimits::new(1 << 20);
-        let err = limits
-            .check_job("spec.", &job(&[("SMALL", 10), ("BIG", 1_200_000)]))
-            .unwrap_err();
+        let err = tonic::Status::from(
+            limits
+                .check_job("spec.", &job(&[("SMALL", 10), ("BIG", 1_200_000)]))
+                .unwrap_err(),
+        );
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(
             err.message().starts_with("spec.env[\"BIG\"]: "),

@@ -1,8 +1,10 @@
 //! `hodei.v1.PipelineService`: submit, get, list, cancel and watch pipeline runs.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::{JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
+use hodei_domain::{AttemptRecord, JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
 use hodei_messaging::{Outgoing, artifacts};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
@@ -14,11 +16,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::SOURCE;
 use crate::admission::Admission;
-use crate::jobs::{page_size, page_token_after, parse_page_token, parse_states, parse_tenant};
+use crate::errors::{ApiError, IntoStatus};
 use crate::limits::TransportLimits;
+use crate::request;
 use crate::watch;
-use crate::{SOURCE, errors};
 
 /// Bytes per chunk of an artifact download.
 const DOWNLOAD_CHUNK: usize = 64 * 1024;
@@ -42,8 +45,8 @@ impl PipelineApi {
         self.backends
             .db(|| pipelines::get(&self.backends.pool, id))
             .await
-            .map_err(errors::storage)?
-            .ok_or_else(|| Status::not_found(format!("pipeline run {id} not found")))
+            .into_status()?
+            .ok_or_else(|| ApiError::not_found(format!("pipeline run {id}")).into())
     }
 
     async fn artifact_store(
@@ -51,36 +54,38 @@ impl PipelineApi {
     ) -> Result<async_nats::jetstream::object_store::ObjectStore, Status> {
         artifacts::bucket(&self.backends.js)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))
+            .map_err(|e| ApiError::unavailable("artifact store", e).into())
     }
 
     /// The run on the wire, with its steps' attempts.
     async fn to_wire(&self, run: &PipelineRun) -> Result<pb::PipelineRun, Status> {
-        let mut wire = self.all_to_wire(std::slice::from_ref(run)).await?;
-        wire.pop()
-            .ok_or_else(|| Status::internal("no wire form for the run"))
+        let attempts = self.step_attempts(std::slice::from_ref(run)).await?;
+        Ok(hodei_proto::pipeline_run_to_wire(run, &attempts))
     }
 
     /// `runs` on the wire, with their steps' attempts read in one query.
     async fn all_to_wire(&self, runs: &[PipelineRun]) -> Result<Vec<pb::PipelineRun>, Status> {
-        let jobs: Vec<JobId> = runs
-            .iter()
-            .flat_map(|r| r.steps().iter().filter_map(|s| s.job_id))
-            .collect();
-        let attempts = self
-            .backends
-            .db(|| pipelines::step_attempts(&self.backends.pool, &jobs))
-            .await
-            .map_err(errors::storage)?;
+        let attempts = self.step_attempts(runs).await?;
         Ok(runs
             .iter()
             .map(|run| hodei_proto::pipeline_run_to_wire(run, &attempts))
             .collect())
     }
-}
 
-fn parse_run_id(field: &str, value: &str) -> Result<PipelineRunId, Status> {
-    value.parse().map_err(|e| errors::invalid_id(field, &e))
+    /// The attempts of the jobs of `runs`' steps, in one query.
+    async fn step_attempts(
+        &self,
+        runs: &[PipelineRun],
+    ) -> Result<HashMap<JobId, Vec<AttemptRecord>>, Status> {
+        let jobs: Vec<JobId> = runs
+            .iter()
+            .flat_map(|r| r.steps().iter().filter_map(|s| s.job_id))
+            .collect();
+        self.backends
+            .db(|| pipelines::step_attempts(&self.backends.pool, &jobs))
+            .await
+            .into_status()
+    }
 }
 
 #[tonic::async_trait]
@@ -91,18 +96,16 @@ impl PipelineService for PipelineApi {
         request: Request<pb::SubmitPipelineRequest>,
     ) -> Result<Response<pb::SubmitPipelineResponse>, Status> {
         let req = request.into_inner();
-        let tenant = parse_tenant(&req.tenant)?;
-        let wire = req
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
-        let draft = hodei_proto::pipeline_spec_from_wire(wire).map_err(|e| errors::invalid(&e))?;
-        let spec = PipelineSpec::try_from(draft).map_err(|e| errors::invalid(&e))?;
+        let tenant = request::tenant(&req.tenant).into_status()?;
+        let wire = request::required("spec", req.spec).into_status()?;
+        let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
+        let spec = PipelineSpec::try_from(draft).into_status()?;
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self
                 .backends
                 .db(|| pipelines::find_by_idempotency_key(&self.backends.pool, &tenant, key))
                 .await
-                .map_err(errors::storage)?
+                .into_status()?
         {
             return Ok(Response::new(pb::SubmitPipelineResponse {
                 run: Some(self.to_wire(&existing).await?),
@@ -111,20 +114,18 @@ impl PipelineService for PipelineApi {
         }
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
-            return Err(refused);
+            return Err(refused.into());
         }
         let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, Utc::now());
-        let announced = Outgoing::pipeline_event(&event, SOURCE).map_err(errors::serialization)?;
-        TransportLimits::new(self.backends.nats.max_payload()).check_pipeline(
-            run.spec(),
-            run.id(),
-            std::slice::from_ref(&announced),
-        )?;
+        let announced = Outgoing::pipeline_event(&event, SOURCE).into_status()?;
+        TransportLimits::new(self.backends.nats.max_payload())
+            .check_pipeline(run.spec(), run.id(), std::slice::from_ref(&announced))
+            .into_status()?;
         let (run, created) = match self
             .backends
             .db(|| driver::submit_run(&self.backends.pool, run.clone(), &event, SOURCE))
             .await
-            .map_err(errors::storage)?
+            .into_status()?
         {
             RunSubmitted::Created(run) => {
                 self.backends.relay_wake.notify_one();
@@ -147,7 +148,8 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::GetPipelineRunRequest>,
     ) -> Result<Response<pb::GetPipelineRunResponse>, Status> {
-        let id = parse_run_id("run_id", &request.into_inner().run_id)?;
+        let id: PipelineRunId =
+            request::id("run_id", &request.into_inner().run_id).into_status()?;
         let run = self.load(id).await?;
         Ok(Response::new(pb::GetPipelineRunResponse {
             run: Some(self.to_wire(&run).await?),
@@ -159,13 +161,15 @@ impl PipelineService for PipelineApi {
         request: Request<pb::ListPipelineRunsRequest>,
     ) -> Result<Response<pb::ListPipelineRunsResponse>, Status> {
         let req = request.into_inner();
-        let limit = page_size(req.page_size)?;
-        let states = parse_states(
+        let limit = request::page_size(req.page_size).into_status()?;
+        let states = request::enum_values(
+            "states",
+            "pipeline state",
             &req.states,
-            "pipeline",
             hodei_proto::pipeline_state_from_wire,
-        )?;
-        let before = parse_page_token(&req.page_token, parse_run_id)?;
+        )
+        .into_status()?;
+        let before = request::page_token(&req.page_token).into_status()?;
         let filter = RunFilter {
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
@@ -176,8 +180,8 @@ impl PipelineService for PipelineApi {
             .backends
             .db(|| pipelines::list(&self.backends.pool, &filter))
             .await
-            .map_err(errors::storage)?;
-        let next_page_token = page_token_after(&found, limit, |r| r.id().to_string());
+            .into_status()?;
+        let next_page_token = request::page_token_after(&found, limit, |r| r.id().to_string());
         Ok(Response::new(pb::ListPipelineRunsResponse {
             runs: self.all_to_wire(&found).await?,
             next_page_token,
@@ -190,19 +194,15 @@ impl PipelineService for PipelineApi {
         request: Request<pb::CancelPipelineRunRequest>,
     ) -> Result<Response<pb::CancelPipelineRunResponse>, Status> {
         let req = request.into_inner();
-        let id = parse_run_id("run_id", &req.run_id)?;
-        let reason = if req.reason.is_empty() {
-            "cancelled by request".to_owned()
-        } else {
-            req.reason
-        };
+        let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
+        let reason = request::reason_or(req.reason, "cancelled by request");
         let cancelled = self
             .backends
             .db_until_no_conflict(|| driver::cancel_run(&self.backends.pool, id, &reason, SOURCE))
             .await
-            .map_err(errors::storage)?;
+            .into_status()?;
         let Some(run) = cancelled else {
-            return Err(Status::not_found(format!("pipeline run {id} not found")));
+            return Err(ApiError::not_found(format!("pipeline run {id}")).into());
         };
         self.backends.relay_wake.notify_one();
         tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
@@ -218,7 +218,7 @@ impl PipelineService for PipelineApi {
         request: Request<pb::WatchPipelineRunRequest>,
     ) -> Result<Response<Self::WatchPipelineRunStream>, Status> {
         let req = request.into_inner();
-        let id = parse_run_id("run_id", &req.run_id)?;
+        let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         self.load(id).await?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
@@ -226,7 +226,7 @@ impl PipelineService for PipelineApi {
             .nats
             .subscribe(hodei_messaging::subjects::pipeline_events_of(&id))
             .await
-            .map_err(|e| Status::unavailable(format!("event stream unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("event stream", e))?;
         let backends = self.backends.clone();
         let mut state = PipelineState::Queued;
         let stream = watch::spawn(
@@ -258,7 +258,7 @@ impl PipelineService for PipelineApi {
         request: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
         let req = request.into_inner();
-        let id = parse_run_id("run_id", &req.run_id)?;
+        let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         self.load(id).await?;
         let store = self.artifact_store().await?;
         let prefix = if req.step.is_empty() {
@@ -269,11 +269,10 @@ impl PipelineService for PipelineApi {
         let mut list = store
             .list()
             .await
-            .map_err(|e| Status::unavailable(format!("artifact store unavailable: {e}")))?;
+            .map_err(|e| ApiError::unavailable("artifact store", e))?;
         let mut found = Vec::new();
         while let Some(info) = list.next().await {
-            let info =
-                info.map_err(|e| Status::unavailable(format!("artifact store unavailable: {e}")))?;
+            let info = info.map_err(|e| ApiError::unavailable("artifact store", e))?;
             if info.deleted || !info.name.starts_with(&prefix) {
                 continue;
             }
@@ -304,22 +303,20 @@ impl PipelineService for PipelineApi {
         request: Request<pb::DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let req = request.into_inner();
-        let id = parse_run_id("run_id", &req.run_id)?;
-        if req.step.is_empty() {
-            return Err(Status::invalid_argument("step: is required"));
-        }
+        let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
+        request::required_text("step", &req.step).into_status()?;
         let name = artifacts::object_name(&id, &req.step, &req.path);
         if artifacts::parse_object_name(&name).is_none() {
-            return Err(Status::invalid_argument(
-                "path: must be relative, without '..' or empty parts",
-            ));
+            return Err(
+                ApiError::field("path", "must be relative, without '..' or empty parts").into(),
+            );
         }
         let store = self.artifact_store().await?;
         let mut object = store.get(&name).await.map_err(|e| match e.kind() {
-            async_nats::jetstream::object_store::GetErrorKind::NotFound => Status::not_found(
-                format!("no artifact {} of step {} in run {id}", req.path, req.step),
+            async_nats::jetstream::object_store::GetErrorKind::NotFound => ApiError::not_found(
+                format!("artifact {} of step {} in run {id}", req.path, req.step),
             ),
-            _ => Status::unavailable(format!("artifact store unavailable: {e}")),
+            _ => ApiError::unavailable("artifact store", e),
         })?;
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(async move {
@@ -340,7 +337,10 @@ impl PipelineService for PipelineApi {
                     }
                     Err(e) => {
                         let _ = tx
-                            .send(Err(Status::data_loss(format!("artifact read failed: {e}"))))
+                            .send(Err(ApiError::DataLoss(format!(
+                                "artifact read failed: {e}"
+                            ))
+                            .into()))
                             .await;
                         return;
                     }

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::errors;
+use crate::errors::ApiError;
 
 /// How long a stream waits for news before reading PostgreSQL again.
 pub(crate) const STREAM_POLL: Duration = Duration::from_secs(1);
@@ -49,7 +49,7 @@ where
             let events = match read(next).await {
                 Ok(e) => e,
                 Err(e) => {
-                    let _ = tx.send(Err(errors::storage(e))).await;
+                    let _ = tx.send(Err(ApiError::from(e).into())).await;
                     return;
                 }
             };

@@ -8,8 +8,9 @@ use hodei_proto::v1::worker_service_server::WorkerService;
 use hodei_runtime::Backends;
 use tonic::{Request, Response, Status};
 
-use crate::jobs::page_token_after;
-use crate::{SOURCE, errors};
+use crate::SOURCE;
+use crate::errors::{ApiError, IntoStatus};
+use crate::request;
 
 pub struct WorkerApi {
     backends: Backends,
@@ -28,33 +29,23 @@ impl WorkerService for WorkerApi {
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let req = request.into_inner();
-        let limit = crate::jobs::page_size(req.page_size)?;
-        let statuses = req
-            .statuses
-            .iter()
-            .map(|s| {
-                hodei_proto::status_from_wire(*s).ok_or_else(|| {
-                    Status::invalid_argument(format!("statuses: unknown worker status {s}"))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let after: Option<WorkerId> = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(
-                req.page_token
-                    .parse()
-                    .map_err(|e| errors::invalid_id("page_token", &e))?,
-            )
-        };
+        let limit = request::page_size(req.page_size).into_status()?;
+        let statuses = request::enum_values(
+            "statuses",
+            "worker status",
+            &req.statuses,
+            hodei_proto::status_from_wire,
+        )
+        .into_status()?;
+        let after: Option<WorkerId> = request::page_token(&req.page_token).into_status()?;
         let found = self
             .backends
             .db(|| {
                 hodei_storage::workers::list(&self.backends.pool, &statuses, after.as_ref(), limit)
             })
             .await
-            .map_err(errors::storage)?;
-        let next_page_token = page_token_after(&found, limit, |w| w.id().to_string());
+            .into_status()?;
+        let next_page_token = request::page_token_after(&found, limit, |w| w.id().to_string());
         Ok(Response::new(pb::ListWorkersResponse {
             workers: found.iter().map(Into::into).collect(),
             next_page_token,
@@ -65,17 +56,14 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<pb::GetWorkerRequest>,
     ) -> Result<Response<pb::GetWorkerResponse>, Status> {
-        let id: WorkerId = request
-            .into_inner()
-            .worker_id
-            .parse()
-            .map_err(|e| errors::invalid_id("worker_id", &e))?;
+        let id: WorkerId =
+            request::id("worker_id", &request.into_inner().worker_id).into_status()?;
         let worker = self
             .backends
             .db(|| hodei_storage::workers::get(&self.backends.pool, &id))
             .await
-            .map_err(errors::storage)?
-            .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
+            .into_status()?
+            .ok_or_else(|| ApiError::not_found(format!("worker {id}")))?;
         Ok(Response::new(pb::GetWorkerResponse {
             worker: Some((&worker).into()),
         }))
@@ -86,15 +74,8 @@ impl WorkerService for WorkerApi {
         request: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
         let req = request.into_inner();
-        let id: WorkerId = req
-            .worker_id
-            .parse()
-            .map_err(|e| errors::invalid_id("worker_id", &e))?;
-        let reason = if req.reason.is_empty() {
-            "drained by request".to_owned()
-        } else {
-            req.reason
-        };
+        let id: WorkerId = request::id("worker_id", &req.worker_id).into_status()?;
+        let reason = request::reason_or(req.reason, "drained by request");
         // `None`: no such worker; `Some((worker, false))`: it was draining already.
         let drained = self
             .backends
@@ -123,9 +104,9 @@ impl WorkerService for WorkerApi {
                 Ok(Some((worker, true)))
             })
             .await
-            .map_err(errors::storage)?;
+            .into_status()?;
         let Some((worker, requested)) = drained else {
-            return Err(Status::not_found(format!("worker {id} not found")));
+            return Err(ApiError::not_found(format!("worker {id}")).into());
         };
         if requested {
             self.backends.relay_wake.notify_one();

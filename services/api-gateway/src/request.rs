@@ -1,0 +1,165 @@
+//! Request parsing: the fields every service's requests share (ids, tenant, paging, state
+//! filters, required messages, reasons), each refused with an error naming its field.
+
+use std::str::FromStr;
+
+use hodei_domain::{IdError, TenantId};
+
+use crate::errors::ApiError;
+
+/// Largest page a list call returns.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Page size when a list request gives none.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// An id (job, pipeline run, worker) in request field `field`.
+pub fn id<T>(field: &str, value: &str) -> Result<T, ApiError>
+where
+    T: FromStr<Err = IdError>,
+{
+    value.parse().map_err(|e| ApiError::field(field, e))
+}
+
+/// The tenant of a request: empty means the default tenant.
+pub fn tenant(value: &str) -> Result<TenantId, ApiError> {
+    if value.is_empty() {
+        Ok(TenantId::default())
+    } else {
+        id("tenant", value)
+    }
+}
+
+/// A message field the request must carry.
+pub fn required<T>(field: &str, value: Option<T>) -> Result<T, ApiError> {
+    value.ok_or_else(|| ApiError::field(field, "is required"))
+}
+
+/// A text field the request must carry, not empty.
+pub fn required_text<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    if value.is_empty() {
+        Err(ApiError::field(field, "is required"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// The reason a request gives, or `default` when it gives none.
+pub fn reason_or(value: String, default: &str) -> String {
+    if value.is_empty() {
+        default.to_owned()
+    } else {
+        value
+    }
+}
+
+/// A requested page size: 0 means [`DEFAULT_PAGE`]; more than [`MAX_PAGE`] is refused.
+pub fn page_size(requested: u32) -> Result<u32, ApiError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE),
+        n if n <= MAX_PAGE => Ok(n),
+        n => Err(ApiError::field(
+            "page_size",
+            format!("{n} is more than {MAX_PAGE}"),
+        )),
+    }
+}
+
+/// A list request's `page_token`: none when empty, else the id of the last item of the page
+/// before.
+pub fn page_token<T>(token: &str) -> Result<Option<T>, ApiError>
+where
+    T: FromStr<Err = IdError>,
+{
+    if token.is_empty() {
+        Ok(None)
+    } else {
+        id("page_token", token).map(Some)
+    }
+}
+
+/// The token of the page after `page` (of at most `limit` items): the last item's id, or
+/// empty when the page was not full (it was the last).
+pub fn page_token_after<T>(page: &[T], limit: u32, id: impl Fn(&T) -> String) -> String {
+    if page.len() == limit as usize {
+        page.last().map(id).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+/// The wire enum values of list filter `field` as domain values; an unknown value is refused,
+/// naming the field and what the value should have been (`job state`, `worker status`).
+pub fn enum_values<S>(
+    field: &str,
+    what: &str,
+    values: &[i32],
+    from_wire: impl Fn(i32) -> Option<S>,
+) -> Result<Vec<S>, ApiError> {
+    values
+        .iter()
+        .map(|v| from_wire(*v).ok_or_else(|| ApiError::field(field, format!("unknown {what} {v}"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hodei_domain::JobId;
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_size(MAX_PAGE).unwrap(), MAX_PAGE);
+        let err = page_size(MAX_PAGE + 1).unwrap_err().to_string();
+        assert_eq!(err, "page_size: 1001 is more than 1000");
+    }
+
+    #[test]
+    fn ids_tokens_and_required_fields_name_their_field() {
+        let err = id::<JobId>("job_id", "nope").unwrap_err().to_string();
+        assert!(err.starts_with("job_id: "), "{err}");
+        assert_eq!(page_token::<JobId>("").unwrap(), None);
+        let job = JobId::new();
+        assert_eq!(page_token::<JobId>(&job.to_string()).unwrap(), Some(job));
+        assert!(
+            page_token::<JobId>("x")
+                .unwrap_err()
+                .to_string()
+                .starts_with("page_token: ")
+        );
+        assert_eq!(
+            required::<u8>("spec", None).unwrap_err().to_string(),
+            "spec: is required"
+        );
+        assert_eq!(
+            required_text("step", "").unwrap_err().to_string(),
+            "step: is required"
+        );
+        assert_eq!(tenant("").unwrap(), TenantId::default());
+        assert!(
+            tenant("Bad Tenant!")
+                .unwrap_err()
+                .to_string()
+                .starts_with("tenant: ")
+        );
+        assert_eq!(reason_or(String::new(), "by request"), "by request");
+        assert_eq!(reason_or("mine".into(), "by request"), "mine");
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused_with_the_field() {
+        let states = enum_values("states", "job state", &[1, 2], |v| (v < 5).then_some(v));
+        assert_eq!(states.unwrap(), vec![1, 2]);
+        let err = enum_values("statuses", "worker status", &[9], |v| (v < 5).then_some(v))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "statuses: unknown worker status 9");
+    }
+
+    #[test]
+    fn the_next_page_token_is_the_last_id_of_a_full_page() {
+        assert_eq!(page_token_after(&[1, 2], 2, ToString::to_string), "2");
+        assert_eq!(page_token_after(&[1], 2, ToString::to_string), "");
+    }
+}
