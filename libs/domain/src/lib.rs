@@ -6,7 +6,6 @@
 //! persist and transport what this crate decides.
 
 pub mod error;
-pub mod events;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
@@ -15,15 +14,16 @@ pub mod specification;
 pub mod worker;
 
 pub use error::{DomainError, FieldError, ValidationErrors};
-pub use events::{JobEvent, JobEventKind, WorkerEvent, WorkerEventKind};
 pub use ids::{
     AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, TenantId, WorkerId,
 };
-pub use job::{AttemptOutcome, AttemptRecord, Job, JobState};
+pub use job::{AttemptOutcome, AttemptRecord, Job, JobEvent, JobEventKind, JobState};
 pub use pipeline::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
     PipelineState, StepArtifacts, StepDraft, StepRun, StepState, When,
 };
 pub use spec::{ArtifactPlan, Backoff, Command, JobSpec, Resources};
 pub use specification::Specification;
-pub use worker::{HeldAttempt, LeaseTerms, ResourceUsage, Worker, WorkerStatus};
+pub use worker::{
+    HeldAttempt, LeaseTerms, ResourceUsage, Worker, WorkerEvent, WorkerEventKind, WorkerStatus,
+};

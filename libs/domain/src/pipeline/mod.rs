@@ -1,9 +1,12 @@
 //! Pipelines: DAGs of jobs. [`spec`] is what a user writes (steps with `needs`, `when`,
-//! `matrix`) and its validation; [`run`] is one run of it, the `PipelineRun` aggregate whose
+//! `matrix`), checked by `validation`, its graph in `dag` and its matrices expanded by `matrix`; [`run`] is one run of it, the `PipelineRun` aggregate whose
 //! steps are ordinary jobs.
 
+mod dag;
+mod matrix;
 pub mod run;
 pub mod spec;
+mod validation;
 
 pub use run::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineState, StepRun, StepState,

@@ -1,7 +1,5 @@
 //! What a user asks a pipeline to do: [`PipelineSpec`], parsed once from a
-//! [`PipelineSpecDraft`]. Validation reports every error with its path
-//! (`steps.build.needs[1]`, `steps.test.timeout_secs`): duplicate names, unknown or cyclic
-//! `needs`, bad matrices and every invalid field of every step's job spec.
+//! [`PipelineSpecDraft`] (see [`super::validation`], which reports every error with its path).
 //!
 //! A validated spec is expanded into concrete steps ([`PipelineSpec::expand`]): a step with a
 //! `matrix` becomes one step per combination of its values, and a step that needs it needs
@@ -12,7 +10,8 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{FieldError, ValidationErrors};
+use super::matrix::{combinations, expanded_name, matrix_env};
+use crate::error::ValidationErrors;
 use crate::ids::PipelineRunId;
 use crate::spec::{ArtifactPlan, Backoff, Command, JobSpec, JobSpecDraft, Resources};
 
@@ -152,7 +151,7 @@ impl StepDraft {
     /// The job spec draft of one concrete step named `name`, with the pipeline's env under the
     /// step's own and `extra_env` (matrix values) over both, and the step's artifacts kept
     /// under run `run`.
-    fn job_draft(
+    pub(super) fn job_draft(
         &self,
         name: String,
         pipeline_env: &BTreeMap<String, String>,
@@ -251,338 +250,17 @@ pub struct ExpandedStep {
     pub job: JobSpec,
 }
 
-fn is_step_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-fn is_matrix_key(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.len() <= 64
-}
-
-/// Every combination of a matrix, in key order then value order.
-fn combinations(matrix: &BTreeMap<String, Vec<String>>) -> Vec<BTreeMap<String, String>> {
-    let mut out = vec![BTreeMap::new()];
-    for (key, values) in matrix {
-        out = out
-            .into_iter()
-            .flat_map(|combo| {
-                values.iter().map(move |v| {
-                    let mut c = combo.clone();
-                    c.insert(key.clone(), v.clone());
-                    c
-                })
-            })
-            .collect();
-    }
-    out
-}
-
-/// The first combination of a matrix (each key's first value), without expanding the rest.
-fn first_combination(matrix: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, String> {
-    matrix
-        .iter()
-        .filter_map(|(key, values)| Some((key.clone(), values.first()?.clone())))
-        .collect()
-}
-
-fn combination_count(matrix: &BTreeMap<String, Vec<String>>) -> usize {
-    matrix
-        .values()
-        .fold(1usize, |n, values| n.saturating_mul(values.len()))
-}
-
-/// `test[os=linux,version=1]`.
-fn expanded_name(base: &str, combo: &BTreeMap<String, String>) -> String {
-    if combo.is_empty() {
-        return base.to_owned();
-    }
-    let parts: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{base}[{}]", parts.join(","))
-}
-
-fn matrix_env(combo: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    combo
-        .iter()
-        .map(|(k, v)| (format!("MATRIX_{}", k.to_ascii_uppercase()), v.clone()))
-        .collect()
-}
-
-/// A cycle through `start`, as the list of steps on it, if there is one reachable from it.
-fn find_cycle(steps: &BTreeMap<&str, Vec<&str>>) -> Option<Vec<String>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Unseen,
-        OnPath,
-        Done,
-    }
-    let mut marks: BTreeMap<&str, Mark> = steps.keys().map(|k| (*k, Mark::Unseen)).collect();
-    for start in steps.keys() {
-        if marks.get(start) != Some(&Mark::Unseen) {
-            continue;
-        }
-        // Iterative depth-first search: (node, index of the next need to visit).
-        let mut path: Vec<(&str, usize)> = vec![(start, 0)];
-        marks.insert(start, Mark::OnPath);
-        while let Some((node, next)) = path.last().copied() {
-            let needs = steps.get(node).map(Vec::as_slice).unwrap_or_default();
-            match needs.get(next) {
-                Some(need) => {
-                    if let Some(top) = path.last_mut() {
-                        top.1 += 1;
-                    }
-                    match marks.get(need).copied() {
-                        Some(Mark::Unseen) => {
-                            marks.insert(need, Mark::OnPath);
-                            path.push((need, 0));
-                        }
-                        Some(Mark::OnPath) => {
-                            let from = path.iter().position(|(n, _)| n == need).unwrap_or(0);
-                            let mut cycle: Vec<String> =
-                                path[from..].iter().map(|(n, _)| (*n).to_owned()).collect();
-                            cycle.push((*need).to_owned());
-                            return Some(cycle);
-                        }
-                        // Done, or unknown (reported elsewhere).
-                        _ => {}
-                    }
-                }
-                None => {
-                    marks.insert(node, Mark::Done);
-                    path.pop();
-                }
-            }
-        }
-    }
-    None
-}
-
 impl TryFrom<PipelineSpecDraft> for PipelineSpec {
     type Error = ValidationErrors;
 
     fn try_from(draft: PipelineSpecDraft) -> Result<Self, Self::Error> {
-        let errors = validate(&draft);
+        let errors = super::validation::validate(&draft);
         if errors.is_empty() {
             Ok(PipelineSpec(draft))
         } else {
             Err(ValidationErrors(errors))
         }
     }
-}
-
-fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
-    let mut errors = Vec::new();
-    if draft.name.trim().is_empty()
-        || draft.name.len() > 128
-        || draft.name.contains(char::is_control)
-    {
-        errors.push(FieldError::new(
-            "name",
-            "must be 1 to 128 characters without control characters",
-        ));
-    }
-    if draft
-        .idempotency_key
-        .as_deref()
-        .is_some_and(|k| k.is_empty() || k.len() > 256 || k.contains(char::is_control))
-    {
-        errors.push(FieldError::new(
-            "idempotency_key",
-            "must be 1 to 256 characters without control characters when given",
-        ));
-    }
-    if draft.steps.is_empty() {
-        errors.push(FieldError::new("steps", "must have at least one step"));
-    }
-    if draft.steps.len() > MAX_STEPS {
-        errors.push(FieldError::new(
-            "steps",
-            format!("must have at most {MAX_STEPS} steps"),
-        ));
-    }
-    // Pipeline-level env and labels are checked as a job spec would check them.
-    let mut probe = JobSpecDraft::exec(draft.name.clone(), &["true"]);
-    probe.env = draft.env.clone();
-    probe.labels = draft.labels.clone();
-    if let Err(e) = JobSpec::try_from(probe) {
-        errors.extend(
-            e.0.into_iter()
-                .filter(|f| f.field.starts_with("env") || f.field.starts_with("labels")),
-        );
-    }
-
-    let mut first_index: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, step) in draft.steps.iter().enumerate() {
-        if !is_step_name(&step.name) {
-            errors.push(FieldError::new(
-                format!("steps[{i}].name"),
-                "must be 1 to 64 characters of [A-Za-z0-9_-]",
-            ));
-        }
-        if let Some(first) = first_index.get(step.name.as_str()) {
-            errors.push(FieldError::new(
-                format!("steps[{i}].name"),
-                format!("duplicate step name '{}' (also steps[{first}])", step.name),
-            ));
-        } else {
-            first_index.insert(&step.name, i);
-        }
-    }
-
-    let mut expanded = 0usize;
-    for step in &draft.steps {
-        let at = format!("steps.{}", step.name);
-        let mut seen = BTreeSet::new();
-        for (j, need) in step.needs.iter().enumerate() {
-            if need == &step.name {
-                errors.push(FieldError::new(
-                    format!("{at}.needs[{j}]"),
-                    "a step cannot need itself",
-                ));
-            } else if !first_index.contains_key(need.as_str()) {
-                errors.push(FieldError::new(
-                    format!("{at}.needs[{j}]"),
-                    format!("unknown step '{need}'"),
-                ));
-            }
-            if !seen.insert(need) {
-                errors.push(FieldError::new(
-                    format!("{at}.needs[{j}]"),
-                    format!("'{need}' is listed twice"),
-                ));
-            }
-        }
-        for (key, values) in &step.matrix {
-            if !is_matrix_key(key) {
-                errors.push(FieldError::new(
-                    format!("{at}.matrix.{key}"),
-                    "key must match [A-Za-z_][A-Za-z0-9_]*",
-                ));
-            }
-            if values.is_empty() {
-                errors.push(FieldError::new(
-                    format!("{at}.matrix.{key}"),
-                    "must list at least one value",
-                ));
-            }
-            let distinct: BTreeSet<&String> = values.iter().collect();
-            if distinct.len() != values.len() {
-                errors.push(FieldError::new(
-                    format!("{at}.matrix.{key}"),
-                    "values must be distinct",
-                ));
-            }
-            for (k, v) in values.iter().enumerate() {
-                if v.is_empty()
-                    || v.len() > 64
-                    || v.contains(char::is_control)
-                    || v.contains([',', '=', '[', ']'])
-                {
-                    errors.push(FieldError::new(
-                        format!("{at}.matrix.{key}[{k}]"),
-                        "must be 1 to 64 printable characters without , = [ ]",
-                    ));
-                }
-            }
-        }
-        let combos = combination_count(&step.matrix);
-        if combos > MAX_MATRIX_COMBINATIONS {
-            errors.push(FieldError::new(
-                format!("{at}.matrix"),
-                format!("expands to {combos} steps, at most {MAX_MATRIX_COMBINATIONS} allowed"),
-            ));
-        }
-        expanded = expanded.saturating_add(combos);
-        // The step's job spec, checked with every combination's env applied to the first.
-        // Counted above and taken without expanding: a matrix of a million combinations
-        // must cost nothing before it is refused.
-        let first_combo = first_combination(&step.matrix);
-        let job = step.job_draft(
-            expanded_name(&step.name, &first_combo),
-            &draft.env,
-            &matrix_env(&first_combo),
-            PipelineRunId::from_uuid(uuid::Uuid::nil()),
-        );
-        if let Err(e) = JobSpec::try_from(job) {
-            for f in e.0 {
-                // The job's name is the step's, reported under steps[i].name above.
-                if f.field != "name" {
-                    errors.push(FieldError::new(format!("{at}.{}", f.field), f.reason));
-                }
-            }
-        }
-    }
-    if expanded > MAX_EXPANDED_STEPS {
-        errors.push(FieldError::new(
-            "steps",
-            format!("expand to {expanded} steps, at most {MAX_EXPANDED_STEPS} allowed"),
-        ));
-    }
-
-    // A duplicate name (reported above) does not hide the first step's needs.
-    let mut graph: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for s in &draft.steps {
-        graph
-            .entry(s.name.as_str())
-            .or_insert_with(|| s.needs.iter().map(String::as_str).collect());
-    }
-    let cycle = find_cycle(&graph);
-    if cycle.is_none() {
-        errors.extend(consume_errors(draft, &graph));
-    }
-    if let Some(cycle) = cycle {
-        let first = cycle.first().cloned().unwrap_or_default();
-        errors.push(FieldError::new(
-            format!("steps.{first}.needs"),
-            format!("cycle: {}", cycle.join(" -> ")),
-        ));
-    }
-    errors
-}
-
-/// What is wrong with each step's `artifacts.consume` (in a graph without cycles).
-fn consume_errors(draft: &PipelineSpecDraft, graph: &BTreeMap<&str, Vec<&str>>) -> Vec<FieldError> {
-    let by_name: BTreeMap<&str, &StepDraft> =
-        draft.steps.iter().map(|s| (s.name.as_str(), s)).collect();
-    let mut errors = Vec::new();
-    for step in &draft.steps {
-        if step.artifacts.consume.is_empty() {
-            continue;
-        }
-        // Every step this one needs, directly or not.
-        let mut upstream = BTreeSet::new();
-        let mut todo: Vec<&str> = graph.get(step.name.as_str()).cloned().unwrap_or_default();
-        while let Some(n) = todo.pop() {
-            if upstream.insert(n) {
-                todo.extend(graph.get(n).cloned().unwrap_or_default());
-            }
-        }
-        for (j, from) in step.artifacts.consume.iter().enumerate() {
-            let field = format!("steps.{}.artifacts.consume[{j}]", step.name);
-            let reason = match by_name.get(from.as_str()) {
-                None => Some(format!("unknown step '{from}'")),
-                Some(_) if !upstream.contains(from.as_str()) => Some(format!(
-                    "'{from}' must be among the steps this one needs, so it has ended first"
-                )),
-                Some(p) if p.artifacts.produce.is_empty() => {
-                    Some(format!("'{from}' produces no artifacts"))
-                }
-                Some(p) if !p.matrix.is_empty() => Some(format!(
-                    "'{from}' has a matrix: consume one step, not a matrix of them"
-                )),
-                Some(_) => None,
-            };
-            if let Some(reason) = reason {
-                errors.push(FieldError::new(field, reason));
-            }
-        }
-    }
-    errors
 }
 
 impl PipelineSpec {

@@ -9,8 +9,11 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+mod events;
+
+pub use events::{WorkerEvent, WorkerEventKind};
+
 use crate::error::DomainError;
-use crate::events::{WorkerEvent, WorkerEventKind};
 use crate::ids::{AttemptId, IncarnationId, WorkerId};
 use crate::spec::{JobSpec, Resources};
 use crate::specification::{AllOf, Predicate, Specification};

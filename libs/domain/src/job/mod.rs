@@ -2,150 +2,25 @@
 //! legal, returns the event it produced and applies it; a refused command leaves the job as
 //! it was. Replaying a job's events rebuilds it exactly.
 
-use std::fmt;
-use std::str::FromStr;
+mod attempt;
+mod events;
+mod state;
+
+pub use attempt::{AttemptOutcome, AttemptRecord};
+pub use events::{JobEvent, JobEventKind};
+pub use state::JobState;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::DomainError;
-use crate::events::{JobEvent, JobEventKind};
 use crate::ids::{AttemptId, AttemptNumber, JobId, TenantId, WorkerId};
 use crate::spec::JobSpec;
 
 /// How many times a job may lose its worker (infrastructure failures, which do not spend the
 /// job's own retry budget) before it fails anyway.
 pub const MAX_LOST_ATTEMPTS: u32 = 5;
-
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Assigned,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-    TimedOut,
-}
-
-impl JobState {
-    pub const ALL: [JobState; 7] = [
-        JobState::Queued,
-        JobState::Assigned,
-        JobState::Running,
-        JobState::Succeeded,
-        JobState::Failed,
-        JobState::Cancelled,
-        JobState::TimedOut,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Assigned => "assigned",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-            JobState::TimedOut => "timed_out",
-        }
-    }
-
-    /// Terminal states are final: no command changes them.
-    pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
-        )
-    }
-}
-
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for JobState {
-    type Err = crate::ids::IdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| crate::ids::IdError {
-                kind: "job state",
-                value: s.to_owned(),
-                reason: "not one of queued, assigned, running, succeeded, failed, cancelled, timed_out",
-            })
-    }
-}
-
-/// How an attempt ended, as the agent (or the liveness checks) saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum AttemptOutcome {
-    /// The process exited with this code.
-    Exited { code: i32 },
-    /// The process was killed by this signal (not by us).
-    Signalled { signal: i32 },
-    /// The process ran past the job's timeout and was killed.
-    TimedOut,
-    /// The process was stopped because the job was cancelled.
-    Cancelled,
-    /// The process could not be started.
-    SpawnFailed { reason: String },
-    /// The worker running the attempt was lost (infrastructure failure).
-    Lost { reason: String },
-    /// The process exited 0 but the step's artifacts could not be kept.
-    ArtifactsFailed { reason: String },
-}
-
-impl AttemptOutcome {
-    pub fn exit_code(&self) -> Option<i32> {
-        match self {
-            AttemptOutcome::Exited { code } => Some(*code),
-            _ => None,
-        }
-    }
-
-    pub fn is_success(&self) -> bool {
-        matches!(self, AttemptOutcome::Exited { code: 0 })
-    }
-}
-
-impl fmt::Display for AttemptOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AttemptOutcome::Exited { code } => write!(f, "exited with code {code}"),
-            AttemptOutcome::Signalled { signal } => write!(f, "killed by signal {signal}"),
-            AttemptOutcome::TimedOut => f.write_str("timed out"),
-            AttemptOutcome::Cancelled => f.write_str("cancelled"),
-            AttemptOutcome::SpawnFailed { reason } => write!(f, "failed to start: {reason}"),
-            AttemptOutcome::Lost { reason } => write!(f, "worker lost: {reason}"),
-            AttemptOutcome::ArtifactsFailed { reason } => {
-                write!(f, "failed to keep artifacts: {reason}")
-            }
-        }
-    }
-}
-
-/// One attempt in a job's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    pub attempt: AttemptNumber,
-    pub worker_id: WorkerId,
-    pub assigned_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub outcome: Option<AttemptOutcome>,
-    /// The attempt's last lines of output, as its agent reported them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub output_tail: Vec<String>,
-}
 
 /// A job and everything that happened to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
