@@ -85,6 +85,9 @@ pub struct SystemOptions {
     pub max_queued_jobs: u64,
     pub queue_timeout_ms: u64,
     pub start_timeout_ms: u64,
+    /// How long past its own timeout a running job may stay without a report before the
+    /// reconciler ends it.
+    pub timeout_grace_ms: u64,
     /// How long agents let running attempts finish when draining.
     pub agent_drain_timeout_ms: u64,
     /// How many scheduler replicas to run.
@@ -104,6 +107,7 @@ impl Default for SystemOptions {
             max_queued_jobs: 100_000,
             queue_timeout_ms: 3_600_000,
             start_timeout_ms: 60_000,
+            timeout_grace_ms: 30_000,
             agent_drain_timeout_ms: 2_000,
             schedulers: 1,
             ack_wait_ms: 30_000,
@@ -162,6 +166,7 @@ impl TestSystem {
                 reconcile_after_ms: 3_000,
                 queue_timeout_ms: options.queue_timeout_ms,
                 start_timeout_ms: options.start_timeout_ms,
+                timeout_grace_ms: options.timeout_grace_ms,
                 ack_wait_ms: options.ack_wait_ms,
                 ..SchedulerConfig::new(backends.clone())
             })

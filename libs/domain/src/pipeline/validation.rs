@@ -232,3 +232,95 @@ fn consume_errors(draft: &PipelineSpecDraft, graph: &BTreeMap<&str, Vec<&str>>) 
     }
     errors
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::spec::{PipelineSpec, When};
+    use super::*;
+
+    fn pipeline(steps: Vec<StepDraft>) -> PipelineSpecDraft {
+        PipelineSpecDraft {
+            name: "ci".to_owned(),
+            env: BTreeMap::new(),
+            steps,
+            fail_fast: false,
+            idempotency_key: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// The fields `draft` is refused for, with their reasons.
+    fn refused(draft: PipelineSpecDraft) -> BTreeMap<String, String> {
+        PipelineSpec::try_from(draft)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|f| (f.field, f.reason))
+            .collect()
+    }
+
+    #[test]
+    fn the_pipeline_s_own_fields_are_checked() {
+        let mut draft = pipeline(vec![StepDraft::exec("a", &["true"])]);
+        draft.name = " ".to_owned();
+        draft.idempotency_key = Some(String::new());
+        draft.env.insert("BAD KEY".into(), "v".into());
+        draft.labels.insert(String::new(), "v".into());
+        let errors = refused(draft);
+        assert!(errors["name"].contains("1 to 128"), "{errors:?}");
+        assert!(errors["idempotency_key"].contains("1 to 256"), "{errors:?}");
+        assert!(errors.keys().any(|f| f.starts_with("env")), "{errors:?}");
+        assert!(errors.keys().any(|f| f.starts_with("labels")), "{errors:?}");
+
+        let too_many = (0..=MAX_STEPS)
+            .map(|i| StepDraft::exec(format!("s{i}"), &["true"]))
+            .collect();
+        assert!(refused(pipeline(too_many))["steps"].contains("at most"));
+    }
+
+    #[test]
+    fn needs_listed_twice_and_bad_matrix_values_are_refused_at_their_index() {
+        let mut matrixed = StepDraft::exec("test", &["true"]);
+        matrixed.matrix.insert(
+            "os".into(),
+            vec!["linux".into(), "a,b".into(), String::new()],
+        );
+        let twice = StepDraft::exec("b", &["true"]).needing(&["test", "test"]);
+        let errors = refused(pipeline(vec![matrixed, twice]));
+        assert!(
+            errors["steps.b.needs[1]"].contains("listed twice"),
+            "{errors:?}"
+        );
+        assert!(errors.contains_key("steps.test.matrix.os[1]"), "{errors:?}");
+        assert!(errors.contains_key("steps.test.matrix.os[2]"), "{errors:?}");
+        assert!(
+            !errors.contains_key("steps.test.matrix.os[0]"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn artifacts_come_only_from_a_single_producing_step() {
+        let mut silent = StepDraft::exec("silent", &["true"]);
+        silent.when = When::Always;
+        let mut matrixed = StepDraft::exec("many", &["true"]);
+        matrixed
+            .matrix
+            .insert("n".into(), vec!["1".into(), "2".into()]);
+        matrixed.artifacts.produce = vec!["out/".into()];
+        let mut consumer = StepDraft::exec("use", &["true"]).needing(&["silent", "many"]);
+        consumer.artifacts.consume = vec!["silent".into(), "many".into()];
+        let errors = refused(pipeline(vec![silent, matrixed, consumer]));
+        assert!(
+            errors["steps.use.artifacts.consume[0]"].contains("produces no artifacts"),
+            "{errors:?}"
+        );
+        assert!(
+            errors["steps.use.artifacts.consume[1]"].contains("has a matrix"),
+            "{errors:?}"
+        );
+        assert_eq!(When::Always.as_str(), "always");
+        assert_eq!(When::OnFailure.as_str(), "on_failure");
+        assert_eq!(When::OnSuccess.as_str(), "on_success");
+    }
+}

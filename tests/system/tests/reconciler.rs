@@ -1,0 +1,246 @@
+//! The scheduler's reconciler ends attempts whose next step is overdue, with a worker that
+//! beats but never acts (a test-driven worker on the real bus):
+//! - an attempt assigned but not started within the start timeout is handed back as lost,
+//!   without spending the job's retries, and its worker is told to kill it;
+//! - an attempt started but never reported past the job's timeout plus the grace ends the job
+//!   timed out, and its worker is told to kill it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use hodei_domain::{AttemptId, IncarnationId, JobId, Resources, WorkerId};
+use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, subjects};
+use hodei_proto::v1 as pb;
+use hodei_system_tests::{SystemOptions, TestSystem};
+use tokio_util::sync::CancellationToken;
+
+/// A worker that beats (listing `running`) and reads its commands, and does nothing else.
+struct MuteWorker {
+    id: WorkerId,
+    _client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    commands: async_nats::Subscriber,
+    running: std::sync::Arc<std::sync::Mutex<Vec<AttemptId>>>,
+    stop: CancellationToken,
+}
+
+impl MuteWorker {
+    async fn start(system: &TestSystem, id: &str) -> MuteWorker {
+        let id: WorkerId = id.parse().unwrap();
+        let (client, js) =
+            hodei_messaging::connect(&system.nats.url(), "mute", Duration::from_secs(10))
+                .await
+                .unwrap();
+        let commands = client
+            .subscribe(subjects::agent_commands(&id))
+            .await
+            .unwrap();
+        let running = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let incarnation = IncarnationId::new();
+        {
+            let (client, id, running, stop) =
+                (client.clone(), id.clone(), running.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let beat = Heartbeat {
+                        worker_id: id.clone(),
+                        incarnation,
+                        lease_ms: 60_000,
+                        kill_grace_ms: 1_000,
+                        labels: BTreeMap::new(),
+                        capacity: Resources::new(4000, 4096),
+                        max_concurrent_jobs: 2,
+                        usage: Default::default(),
+                        running: running.lock().unwrap().clone(),
+                        draining: false,
+                        leaving: false,
+                        sent_at: Utc::now(),
+                    };
+                    let payload = serde_json::to_vec(&beat).unwrap();
+                    let _ = client
+                        .publish(subjects::heartbeat(&id), payload.into())
+                        .await;
+                }
+            });
+        }
+        MuteWorker {
+            id,
+            _client: client,
+            js,
+            commands,
+            running,
+            stop,
+        }
+    }
+
+    /// The next command for this worker, within `within`.
+    async fn next_command(&mut self, within: Duration) -> AgentCommand {
+        let message = tokio::time::timeout(within, self.commands.next())
+            .await
+            .expect("a command in time")
+            .expect("the subscription is open");
+        serde_json::from_slice(&message.payload).unwrap()
+    }
+
+    /// Reports that the attempt started, as an agent would, and lists it in its beats.
+    async fn report_started(&self, job_id: JobId, attempt: hodei_domain::AttemptNumber) {
+        self.running
+            .lock()
+            .unwrap()
+            .push(AttemptId::new(job_id, attempt));
+        let report = AgentReport {
+            report_id: uuid::Uuid::now_v7(),
+            worker_id: self.id.clone(),
+            job_id,
+            attempt,
+            at: Utc::now(),
+            kind: ReportKind::Started { pid: 4242 },
+        };
+        self.js
+            .publish(
+                subjects::report(&self.id, &job_id),
+                serde_json::to_vec(&report).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for MuteWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn sleeper(name: &str, timeout_secs: u64) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_owned(),
+        command: Some(pb::job_spec::Command::Exec(pb::ExecCommand {
+            argv: vec!["sleep".into(), "600".into()],
+        })),
+        timeout_secs,
+        ..Default::default()
+    }
+}
+
+fn outcome(attempt: &pb::Attempt) -> Option<pb::attempt_outcome::Kind> {
+    attempt.outcome.as_ref().and_then(|o| o.kind.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry() {
+    let system = TestSystem::start_with(
+        &[],
+        SystemOptions {
+            start_timeout_ms: 1_000,
+            ..SystemOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut worker = MuteWorker::start(&system, "mute").await;
+    let job = system.submit(sleeper("never-started", 60)).await.unwrap();
+    let job_id: JobId = job.id.parse().unwrap();
+
+    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
+    else {
+        panic!("the first command is the assignment");
+    };
+    assert_eq!(attempt.get(), 1);
+    // Never started: the reconciler tells the worker to kill it and hands it back.
+    let cancel = worker.next_command(Duration::from_secs(30)).await;
+    match cancel {
+        AgentCommand::Cancel {
+            job_id: cancelled,
+            attempt,
+            reason,
+        } => {
+            assert_eq!((cancelled, attempt.get()), (job_id, 1));
+            assert!(reason.contains("not started on mute"), "{reason}");
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    // Placed again as attempt 2 although max_attempts is 1: a lost attempt spends no retry.
+    match worker.next_command(Duration::from_secs(30)).await {
+        AgentCommand::Assign { attempt, .. } => assert_eq!(attempt.get(), 2),
+        other => panic!("expected the second assignment, got {other:?}"),
+    }
+    let again = system
+        .jobs
+        .clone()
+        .get_job(pb::GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(again.attempts.len(), 2, "{again:?}");
+    match outcome(&again.attempts[0]) {
+        Some(pb::attempt_outcome::Kind::Lost(reason)) => {
+            assert!(reason.contains("not started"), "{reason}")
+        }
+        other => panic!("the first attempt ended lost, not {other:?}"),
+    }
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_started_attempt_silent_past_its_timeout_and_grace_times_the_job_out() {
+    let system = TestSystem::start_with(
+        &[],
+        SystemOptions {
+            timeout_grace_ms: 500,
+            ..SystemOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut worker = MuteWorker::start(&system, "silent").await;
+    let job = system.submit(sleeper("never-reported", 1)).await.unwrap();
+    let job_id: JobId = job.id.parse().unwrap();
+
+    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
+    else {
+        panic!("the first command is the assignment");
+    };
+    worker.report_started(job_id, attempt).await;
+    system
+        .wait_job(&job.id, "running", Duration::from_secs(30), |s| {
+            s == pb::JobState::Running
+        })
+        .await
+        .unwrap();
+    // Its own 1 s timeout and the 500 ms grace pass with no report: timed out, and killed.
+    let done = system
+        .wait_terminal(&job.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), pb::JobState::TimedOut, "{done:?}");
+    assert_eq!(done.attempts.len(), 1);
+    assert_eq!(
+        outcome(&done.attempts[0]),
+        Some(pb::attempt_outcome::Kind::TimedOut(true))
+    );
+    match worker.next_command(Duration::from_secs(30)).await {
+        AgentCommand::Cancel {
+            job_id: cancelled,
+            attempt: killed,
+            reason,
+        } => {
+            assert_eq!((cancelled, killed), (job_id, attempt));
+            assert!(reason.contains("timed out"), "{reason}");
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    system.stop().await;
+}
