@@ -22,7 +22,7 @@ pub use pipeline::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
     PipelineState, StepArtifacts, StepDraft, StepRun, StepState, When,
 };
-pub use spec::{ArtifactPlan, Backoff, Command, JobSpec, Resources};
+pub use spec::{ArtifactPlan, Backoff, Command, JobFields, JobSpec, Resources};
 pub use specification::Specification;
 pub use worker::{
     HeldAttempt, LeaseTerms, ResourceUsage, Worker, WorkerEvent, WorkerEventKind, WorkerStatus,

@@ -45,35 +45,22 @@ pub fn pipeline_spec_from_wire(w: pb::PipelineSpec) -> Result<PipelineSpecDraft,
                 When::OnSuccess
             }
         };
-        steps.push(StepDraft {
-            name: step.name,
-            needs: step.needs,
+        steps.push(StepDraft::from_job_fields(
+            step.name,
+            step.needs,
             when,
-            matrix: step
-                .matrix
+            step.matrix
                 .into_iter()
                 .map(|(k, v)| (k, v.values))
                 .collect(),
-            artifacts: step
-                .artifacts
+            step.artifacts
                 .map(|a| StepArtifacts {
                     produce: a.produce,
                     consume: a.consume,
                 })
                 .unwrap_or_default(),
-            command: job.command,
-            env: job.env,
-            secret_env: job.secret_env,
-            working_dir: job.working_dir,
-            timeout_secs: job.timeout_secs,
-            resources: job.resources,
-            required_labels: job.required_labels,
-            priority: job.priority,
-            max_attempts: job.max_attempts,
-            retry_backoff: job.retry_backoff,
-            labels: job.labels,
-            requeue_when_unreachable: job.requeue_when_unreachable,
-        });
+            job.into_job_fields(),
+        ));
     }
     if !errors.is_empty() {
         return Err(ValidationErrors(errors));

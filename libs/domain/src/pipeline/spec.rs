@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::matrix::{combinations, expanded_name, matrix_env};
 use crate::error::ValidationErrors;
 use crate::ids::PipelineRunId;
-use crate::spec::{ArtifactPlan, Backoff, Command, JobSpec, JobSpecDraft, Resources};
+use crate::spec::{ArtifactPlan, JobFields, JobSpec, JobSpecDraft, with_job_fields};
 
 /// Most steps a pipeline may declare.
 pub const MAX_STEPS: usize = 500;
@@ -45,14 +45,6 @@ impl When {
     }
 }
 
-fn default_timeout() -> u64 {
-    3600
-}
-
-fn default_attempts() -> u32 {
-    1
-}
-
 /// The files a step passes on and takes from earlier steps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,74 +64,40 @@ impl StepArtifacts {
     }
 }
 
-/// One step as written: a job spec (every field of [`JobSpecDraft`] but the name, which is the
-/// step's) plus its place in the graph.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepDraft {
-    /// Unique in the pipeline: `[A-Za-z0-9_-]`, 1 to 64 characters.
-    pub name: String,
-    /// Steps that must end before this one starts.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub needs: Vec<String>,
-    #[serde(default)]
-    pub when: When,
-    /// Parameters to expand this step by: one step per combination of values, each with
-    /// `MATRIX_<KEY>` (key upper-cased) set to its value in its env.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub matrix: BTreeMap<String, Vec<String>>,
-    #[serde(default, skip_serializing_if = "StepArtifacts::is_empty")]
-    pub artifacts: StepArtifacts,
-    pub command: Command,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub secret_env: BTreeSet<String>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-    #[serde(default)]
-    pub resources: Resources,
-    #[serde(default)]
-    pub required_labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub priority: i32,
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    #[serde(default)]
-    pub retry_backoff: Backoff,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// For idempotent work: when the worker goes silent, hand the attempt back at once
-    /// rather than after the worker's lease and kill grace. Two copies may then run at once.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub requeue_when_unreachable: bool,
+with_job_fields! {
+    /// One step as written: its place in the graph, then the fields of its job (every field of
+    /// [`JobSpecDraft`] but the name, which is the step's, and the idempotency key, which is
+    /// the pipeline's).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct StepDraft {
+        /// Unique in the pipeline: `[A-Za-z0-9_-]`, 1 to 64 characters.
+        pub name: String,
+        /// Steps that must end before this one starts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub needs: Vec<String>,
+        #[serde(default)]
+        pub when: When,
+        /// Parameters to expand this step by: one step per combination of values, each with
+        /// `MATRIX_<KEY>` (key upper-cased) set to its value in its env.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub matrix: BTreeMap<String, Vec<String>>,
+        #[serde(default, skip_serializing_if = "StepArtifacts::is_empty")]
+        pub artifacts: StepArtifacts,
+    }
 }
 
 impl StepDraft {
     /// A step that runs `argv`, with every other field at its default.
     pub fn exec(name: impl Into<String>, argv: &[&str]) -> Self {
-        let job = JobSpecDraft::exec("step", argv);
-        Self {
-            name: name.into(),
-            needs: Vec::new(),
-            when: When::default(),
-            matrix: BTreeMap::new(),
-            artifacts: StepArtifacts::default(),
-            command: job.command,
-            env: job.env,
-            secret_env: job.secret_env,
-            working_dir: job.working_dir,
-            timeout_secs: job.timeout_secs,
-            resources: job.resources,
-            required_labels: job.required_labels,
-            priority: job.priority,
-            max_attempts: job.max_attempts,
-            retry_backoff: job.retry_backoff,
-            labels: job.labels,
-            requeue_when_unreachable: job.requeue_when_unreachable,
-        }
+        Self::from_job_fields(
+            name.into(),
+            Vec::new(),
+            When::default(),
+            BTreeMap::new(),
+            StepArtifacts::default(),
+            JobFields::exec(argv),
+        )
     }
 
     /// This step `needs` the given steps.
@@ -178,23 +136,12 @@ impl StepDraft {
     /// The step's job fields as written, named after the step: without the pipeline's env,
     /// matrix values or artifacts.
     pub fn own_job(&self) -> JobSpecDraft {
-        JobSpecDraft {
-            name: self.name.clone(),
-            command: self.command.clone(),
-            env: self.env.clone(),
-            secret_env: self.secret_env.clone(),
-            working_dir: self.working_dir.clone(),
-            timeout_secs: self.timeout_secs,
-            resources: self.resources,
-            required_labels: self.required_labels.clone(),
-            priority: self.priority,
-            max_attempts: self.max_attempts,
-            retry_backoff: self.retry_backoff,
-            idempotency_key: None,
-            labels: self.labels.clone(),
-            requeue_when_unreachable: self.requeue_when_unreachable,
-            artifacts: None,
-        }
+        JobSpecDraft::from_job_fields(
+            self.name.clone(),
+            None,
+            None,
+            self.clone().into_job_fields(),
+        )
     }
 }
 
