@@ -10,7 +10,10 @@ use serde_json::json;
 use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
-use super::{DETACHED, INTERRUPT_REASON, print_json, print_json_line, print_log_line, print_text};
+use super::{
+    DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
+    print_log_line, print_text,
+};
 use crate::cli::{JobArgs, ListArgs, OutputFormat};
 use crate::client::Clients;
 use crate::progress::{StatusLine, waiting_text};
@@ -280,23 +283,16 @@ pub async fn cancel(
         .into_inner()
         .job
         .context("the server answered without the job")?;
-    match format {
-        OutputFormat::Human => print_text(&format!("{}\n", cancel_text(&job)))?,
-        OutputFormat::Json => print_json(&json::job(&job))?,
-    }
-    Ok(ExitCode::SUCCESS)
+    print_answer(format, &cancel_text(&job), || json::job(&job))
 }
 
 fn cancel_text(job: &pb::Job) -> String {
-    if wire::is_terminal(job.state) {
-        format!("job {} {}", job.id, wire::state_name(job.state))
-    } else {
-        format!(
-            "job {} cancel requested (still {})",
-            job.id,
-            wire::state_name(job.state)
-        )
-    }
+    super::cancel_text(
+        "job",
+        &job.id,
+        wire::is_terminal(job.state),
+        wire::state_name(job.state),
+    )
 }
 
 async fn submit_job(clients: &mut Clients, args: &JobArgs) -> anyhow::Result<pb::Job> {
@@ -312,12 +308,7 @@ async fn submit_job(clients: &mut Clients, args: &JobArgs) -> anyhow::Result<pb:
     let job = response
         .job
         .context("the server answered without the job")?;
-    if !response.created {
-        eprintln!(
-            "job {} was submitted earlier with this idempotency key; not submitted again",
-            job.id
-        );
-    }
+    note_resubmission("job", &job.id, response.created);
     Ok(job)
 }
 

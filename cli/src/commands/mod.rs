@@ -86,6 +86,39 @@ fn print_json(value: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a cancel did to a job or run (`kind`): `<kind> <id> <state>` once it ended, or that
+/// the cancel is on its way while it still runs.
+fn cancel_text(kind: &str, id: &str, ended: bool, state: &str) -> String {
+    if ended {
+        format!("{kind} {id} {state}")
+    } else {
+        format!("{kind} {id} cancel requested (still {state})")
+    }
+}
+
+/// Says on stderr when a submission returned what an earlier one with the same idempotency
+/// key created (`kind` `job` or `run`).
+fn note_resubmission(kind: &str, id: &str, created: bool) {
+    if !created {
+        eprintln!(
+            "{kind} {id} was submitted earlier with this idempotency key; not submitted again"
+        );
+    }
+}
+
+/// An answer in the chosen format: `text` and a newline, or `json` indented.
+fn print_answer(
+    format: OutputFormat,
+    text: &str,
+    json: impl FnOnce() -> Value,
+) -> anyhow::Result<ExitCode> {
+    match format {
+        OutputFormat::Human => print_text(&format!("{text}\n"))?,
+        OutputFormat::Json => print_json(&json())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// One JSON object per line, for streams.
 fn print_json_line(value: &Value) -> anyhow::Result<()> {
     print_text(&format!("{value}\n"))?;

@@ -11,7 +11,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
-use super::{DETACHED, INTERRUPT_REASON, print_json, print_json_line, print_text};
+use super::{
+    DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
+    print_text,
+};
 use crate::cli::{OutputFormat, PipelineFileArgs, PipelineListArgs};
 use crate::client::Clients;
 use crate::live::LiveView;
@@ -135,23 +138,16 @@ pub async fn cancel(
         .into_inner()
         .run
         .context("the server answered without the run")?;
-    match format {
-        OutputFormat::Human => print_text(&format!("{}\n", cancel_text(&run)))?,
-        OutputFormat::Json => print_json(&json::pipeline_run(&run))?,
-    }
-    Ok(ExitCode::SUCCESS)
+    print_answer(format, &cancel_text(&run), || json::pipeline_run(&run))
 }
 
 fn cancel_text(run: &pb::PipelineRun) -> String {
-    if wire::run_is_terminal(run.state) {
-        format!("run {} {}", run.id, wire::run_state_name(run.state))
-    } else {
-        format!(
-            "run {} cancel requested (still {})",
-            run.id,
-            wire::run_state_name(run.state)
-        )
-    }
+    super::cancel_text(
+        "run",
+        &run.id,
+        wire::run_is_terminal(run.state),
+        wire::run_state_name(run.state),
+    )
 }
 
 /// Follows `run` until it ends: its events wake the view up, and the run is read again to
@@ -304,12 +300,7 @@ async fn submit_run(
     let run = response
         .run
         .context("the server answered without the run")?;
-    if !response.created {
-        eprintln!(
-            "run {} was submitted earlier with this idempotency key; not submitted again",
-            run.id
-        );
-    }
+    note_resubmission("run", &run.id, response.created);
     Ok(run)
 }
 

@@ -16,6 +16,68 @@ pub struct IdError {
     pub reason: &'static str,
 }
 
+/// Declares a fieldless enum whose variants have stable names (on the wire, in PostgreSQL and
+/// in subjects), written once: the serde names, `ALL`, `as_str`, `Display` and `FromStr`,
+/// which refuses any other name with an [`IdError`] of kind `$kind` listing the valid ones.
+macro_rules! named_enum {
+    (
+        $(#[$attr:meta])*
+        pub enum $name:ident ($kind:literal) {
+            $(#[$first_attr:meta])* $first:ident = $first_name:literal
+            $(, $(#[$vattr:meta])* $variant:ident = $vname:literal)* $(,)?
+        }
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum $name {
+            $(#[$first_attr])*
+            #[serde(rename = $first_name)]
+            $first,
+            $(
+                $(#[$vattr])*
+                #[serde(rename = $vname)]
+                $variant,
+            )*
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$first_name $(, $vname)*].len()] =
+                [$name::$first $(, $name::$variant)*];
+
+            /// The value's stable name.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $name::$first => $first_name,
+                    $( $name::$variant => $vname, )*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::ids::IdError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $name::ALL
+                    .into_iter()
+                    .find(|value| value.as_str() == s)
+                    .ok_or_else(|| $crate::ids::IdError {
+                        kind: $kind,
+                        value: s.to_owned(),
+                        reason: concat!("not one of ", $first_name $(, ", ", $vname)*),
+                    })
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
@@ -259,6 +321,36 @@ string_serde!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every named enum: its serde name, `as_str`, `Display` and `FromStr` agree, and an
+    /// unknown name is refused listing the valid ones.
+    #[test]
+    fn named_enums_agree_on_their_names_everywhere() {
+        fn check<T>(all: &[T], kind: &str)
+        where
+            T: Copy
+                + PartialEq
+                + std::fmt::Debug
+                + std::fmt::Display
+                + std::str::FromStr<Err = IdError>
+                + serde::Serialize,
+        {
+            for value in all {
+                let name = value.to_string();
+                assert_eq!(serde_json::to_string(value).unwrap(), format!("\"{name}\""));
+                assert_eq!(name.parse::<T>().unwrap(), *value);
+            }
+            let err = "nope".parse::<T>().unwrap_err();
+            assert_eq!(err.kind, kind);
+            let names: Vec<String> = all.iter().map(ToString::to_string).collect();
+            assert_eq!(err.reason, format!("not one of {}", names.join(", ")));
+        }
+        check(&crate::JobState::ALL, "job state");
+        check(&crate::PipelineState::ALL, "pipeline state");
+        check(&crate::StepState::ALL, "step state");
+        check(&crate::WorkerStatus::ALL, "worker status");
+        assert_eq!(crate::JobState::TimedOut.as_str(), "timed_out");
+    }
 
     #[test]
     fn ids_round_trip_through_strings_and_json() {

@@ -90,6 +90,28 @@ pub(crate) struct RowReader<'r> {
 }
 
 impl<'r> RowReader<'r> {
+    /// A reader of `row` of `table`, and the row's `id`, which names the row in errors.
+    pub fn with_id<K>(
+        table: &'static str,
+        row: &'r sqlx::postgres::PgRow,
+    ) -> Result<(K, Self), StorageError>
+    where
+        K: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + ToString,
+    {
+        let id: K = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
+            table,
+            id: "?".to_owned(),
+            column: "id",
+            reason: e.to_string(),
+        })?;
+        let reader = RowReader {
+            table,
+            id: id.to_string(),
+            row,
+        };
+        Ok((id, reader))
+    }
+
     pub fn get<T>(&self, column: &'static str) -> Result<T, StorageError>
     where
         T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,

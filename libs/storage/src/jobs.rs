@@ -245,17 +245,7 @@ pub async fn overdue_queued(
 }
 
 fn decode(row: &PgRow) -> Result<Job, StorageError> {
-    let id: Uuid = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
-        table: "jobs",
-        id: "?".to_owned(),
-        column: "id",
-        reason: e.to_string(),
-    })?;
-    let r = RowReader {
-        table: "jobs",
-        id: id.to_string(),
-        row,
-    };
+    let (id, r) = RowReader::with_id::<Uuid>("jobs", row)?;
     Ok(Job::restore(
         JobId::from_uuid(id),
         r.parse("tenant")?,

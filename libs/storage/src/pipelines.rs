@@ -205,17 +205,7 @@ pub async fn step_attempts(
 }
 
 fn decode(row: &PgRow) -> Result<PipelineRun, StorageError> {
-    let id: Uuid = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
-        table: "pipeline_runs",
-        id: "?".to_owned(),
-        column: "id",
-        reason: e.to_string(),
-    })?;
-    let r = RowReader {
-        table: "pipeline_runs",
-        id: id.to_string(),
-        row,
-    };
+    let (id, r) = RowReader::with_id::<Uuid>("pipeline_runs", row)?;
     Ok(PipelineRun::restore(
         PipelineRunId::from_uuid(id),
         r.parse("tenant")?,

@@ -320,17 +320,7 @@ pub async fn live_count(pool: &PgPool) -> Result<i64, StorageError> {
 }
 
 fn decode(row: &PgRow) -> Result<Worker, StorageError> {
-    let id: String = sqlx::Row::try_get(row, "id").map_err(|e| StorageError::Corrupt {
-        table: "workers",
-        id: "?".to_owned(),
-        column: "id",
-        reason: e.to_string(),
-    })?;
-    let r = RowReader {
-        table: "workers",
-        id: id.clone(),
-        row,
-    };
+    let (_, r) = RowReader::with_id::<String>("workers", row)?;
     let worker_id: WorkerId = r.parse("id")?;
     let max: i32 = r.get("max_concurrent_jobs")?;
     Ok(Worker::restore(

@@ -7,48 +7,28 @@
 //! replaying a run's events rebuilds it exactly.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::DomainError;
-use crate::ids::{IdError, JobId, PipelineRunId, TenantId};
+use crate::ids::{JobId, PipelineRunId, TenantId, named_enum};
 use crate::job::JobState;
 use crate::pipeline::spec::{PipelineSpec, When};
 
-/// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PipelineState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
+named_enum! {
+    /// Where a run is in its life.
+    pub enum PipelineState("pipeline state") {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
 }
 
 impl PipelineState {
-    pub const ALL: [PipelineState; 5] = [
-        PipelineState::Queued,
-        PipelineState::Running,
-        PipelineState::Succeeded,
-        PipelineState::Failed,
-        PipelineState::Cancelled,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PipelineState::Queued => "queued",
-            PipelineState::Running => "running",
-            PipelineState::Succeeded => "succeeded",
-            PipelineState::Failed => "failed",
-            PipelineState::Cancelled => "cancelled",
-        }
-    }
-
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -57,67 +37,24 @@ impl PipelineState {
     }
 }
 
-impl fmt::Display for PipelineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// Where a step is.
+    pub enum StepState("step state") {
+        /// Some step it needs has not ended yet.
+        Waiting = "waiting",
+        /// Its job exists and waits for a worker.
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        /// Its job failed or timed out.
+        Failed = "failed",
+        /// Its `when` condition did not hold once its needs ended.
+        Skipped = "skipped",
+        Cancelled = "cancelled",
     }
-}
-
-impl FromStr for PipelineState {
-    type Err = IdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        PipelineState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| IdError {
-                kind: "pipeline state",
-                value: s.to_owned(),
-                reason: "not one of queued, running, succeeded, failed, cancelled",
-            })
-    }
-}
-
-/// Where a step is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepState {
-    /// Some step it needs has not ended yet.
-    Waiting,
-    /// Its job exists and waits for a worker.
-    Queued,
-    Running,
-    Succeeded,
-    /// Its job failed or timed out.
-    Failed,
-    /// Its `when` condition did not hold once its needs ended.
-    Skipped,
-    Cancelled,
 }
 
 impl StepState {
-    pub const ALL: [StepState; 7] = [
-        StepState::Waiting,
-        StepState::Queued,
-        StepState::Running,
-        StepState::Succeeded,
-        StepState::Failed,
-        StepState::Skipped,
-        StepState::Cancelled,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StepState::Waiting => "waiting",
-            StepState::Queued => "queued",
-            StepState::Running => "running",
-            StepState::Succeeded => "succeeded",
-            StepState::Failed => "failed",
-            StepState::Skipped => "skipped",
-            StepState::Cancelled => "cancelled",
-        }
-    }
-
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -133,12 +70,6 @@ impl StepState {
             JobState::Cancelled => Some(StepState::Cancelled),
             JobState::Queued | JobState::Assigned | JobState::Running => None,
         }
-    }
-}
-
-impl fmt::Display for StepState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

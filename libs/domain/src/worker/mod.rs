@@ -3,8 +3,6 @@
 //! never let a worker hold more than its slots or capacity allow.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,65 +12,26 @@ mod events;
 pub use events::{WorkerEvent, WorkerEventKind};
 
 use crate::error::DomainError;
-use crate::ids::{AttemptId, IncarnationId, WorkerId};
+use crate::ids::{AttemptId, IncarnationId, WorkerId, named_enum};
 use crate::spec::{JobSpec, Resources};
 use crate::specification::{AllOf, Predicate, Specification};
 
-/// Whether a worker takes work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerStatus {
-    /// Beating and taking work.
-    Ready,
-    /// Beating, finishing what it holds, taking nothing new.
-    Draining,
-    /// Silent for a few heartbeat intervals: it takes no new work, but the attempts it holds
-    /// stay its own until its lease and kill grace have passed (or its loss is confirmed).
-    Unreachable,
-    /// Its attempts were handed back: silent past its lease and kill grace, or confirmed gone.
-    Lost,
-    /// Said goodbye.
-    Offline,
-}
-
-impl WorkerStatus {
-    pub const ALL: [WorkerStatus; 5] = [
-        WorkerStatus::Ready,
-        WorkerStatus::Draining,
-        WorkerStatus::Unreachable,
-        WorkerStatus::Lost,
-        WorkerStatus::Offline,
-    ];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            WorkerStatus::Ready => "ready",
-            WorkerStatus::Draining => "draining",
-            WorkerStatus::Unreachable => "unreachable",
-            WorkerStatus::Lost => "lost",
-            WorkerStatus::Offline => "offline",
-        }
-    }
-}
-
-impl fmt::Display for WorkerStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for WorkerStatus {
-    type Err = crate::ids::IdError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        WorkerStatus::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| crate::ids::IdError {
-                kind: "worker status",
-                value: s.to_owned(),
-                reason: "not one of ready, draining, unreachable, lost, offline",
-            })
+named_enum! {
+    /// Whether a worker takes work.
+    pub enum WorkerStatus("worker status") {
+        /// Beating and taking work.
+        Ready = "ready",
+        /// Beating, finishing what it holds, taking nothing new.
+        Draining = "draining",
+        /// Silent for a few heartbeat intervals: it takes no new work, but the attempts it
+        /// holds stay its own until its lease and kill grace have passed (or its loss is
+        /// confirmed).
+        Unreachable = "unreachable",
+        /// Its attempts were handed back: silent past its lease and kill grace, or confirmed
+        /// gone.
+        Lost = "lost",
+        /// Said goodbye.
+        Offline = "offline",
     }
 }
 
