@@ -287,20 +287,22 @@ impl PipelineSpec {
     }
 }
 
+/// A pipeline named `ci` of `steps`, every other field at its default: for tests.
+#[cfg(test)]
+pub(super) fn pipeline(steps: Vec<StepDraft>) -> PipelineSpecDraft {
+    PipelineSpecDraft {
+        name: "ci".to_owned(),
+        env: BTreeMap::new(),
+        steps,
+        fail_fast: false,
+        idempotency_key: None,
+        labels: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pipeline(steps: Vec<StepDraft>) -> PipelineSpecDraft {
-        PipelineSpecDraft {
-            name: "ci".to_owned(),
-            env: BTreeMap::new(),
-            steps,
-            fail_fast: false,
-            idempotency_key: None,
-            labels: BTreeMap::new(),
-        }
-    }
 
     #[test]
     fn a_pipeline_secret_named_by_one_step_is_masked_everywhere() {

@@ -235,19 +235,8 @@ fn consume_errors(draft: &PipelineSpecDraft, graph: &BTreeMap<&str, Vec<&str>>) 
 
 #[cfg(test)]
 mod tests {
-    use super::super::spec::{PipelineSpec, When};
+    use super::super::spec::{PipelineSpec, When, pipeline};
     use super::*;
-
-    fn pipeline(steps: Vec<StepDraft>) -> PipelineSpecDraft {
-        PipelineSpecDraft {
-            name: "ci".to_owned(),
-            env: BTreeMap::new(),
-            steps,
-            fail_fast: false,
-            idempotency_key: None,
-            labels: BTreeMap::new(),
-        }
-    }
 
     /// The fields `draft` is refused for, with their reasons.
     fn refused(draft: PipelineSpecDraft) -> BTreeMap<String, String> {
