@@ -22,16 +22,70 @@ use crate::spec::JobSpec;
 /// job's own retry budget) before it fails anyway.
 pub const MAX_LOST_ATTEMPTS: u32 = 5;
 
+/// Where a job is, with what only that stage has.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+enum Stage {
+    /// Waiting for a worker; after a failed attempt, not before its retry backoff ends.
+    Queued { not_before: Option<DateTime<Utc>> },
+    /// Held by a worker, assigned or running; a cancel may be on its way to it.
+    OnWorker {
+        running: bool,
+        cancel_requested: bool,
+    },
+    /// Ended for good, in `state`; whether a cancel had been asked for.
+    Ended {
+        state: JobState,
+        cancel_requested: bool,
+    },
+}
+
+impl Stage {
+    fn state(self) -> JobState {
+        match self {
+            Stage::Queued { .. } => JobState::Queued,
+            Stage::OnWorker { running: false, .. } => JobState::Assigned,
+            Stage::OnWorker { running: true, .. } => JobState::Running,
+            Stage::Ended { state, .. } => state,
+        }
+    }
+
+    /// The stage a stored projection describes: `cancel_requested` counts only on a worker or
+    /// once ended, `not_before` only in the queue.
+    fn of(state: JobState, cancel_requested: bool, not_before: Option<DateTime<Utc>>) -> Stage {
+        match state {
+            JobState::Queued => Stage::Queued { not_before },
+            JobState::Assigned | JobState::Running => Stage::OnWorker {
+                running: state == JobState::Running,
+                cancel_requested,
+            },
+            state => Stage::Ended {
+                state,
+                cancel_requested,
+            },
+        }
+    }
+
+    fn cancel_requested(self) -> bool {
+        match self {
+            Stage::Queued { .. } => false,
+            Stage::OnWorker {
+                cancel_requested, ..
+            }
+            | Stage::Ended {
+                cancel_requested, ..
+            } => cancel_requested,
+        }
+    }
+}
+
 /// A job and everything that happened to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     id: JobId,
     tenant: TenantId,
     spec: JobSpec,
-    state: JobState,
+    stage: Stage,
     attempts: Vec<AttemptRecord>,
-    cancel_requested: bool,
-    not_before: Option<DateTime<Utc>>,
     reason: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -62,10 +116,8 @@ impl Job {
             id,
             tenant,
             spec,
-            state: JobState::Queued,
+            stage: Stage::Queued { not_before: None },
             attempts: Vec::new(),
-            cancel_requested: false,
-            not_before: None,
             reason: None,
             created_at: now,
             updated_at: now,
@@ -106,17 +158,22 @@ impl Job {
         &self.spec
     }
     pub fn state(&self) -> JobState {
-        self.state
+        self.stage.state()
     }
     pub fn attempts(&self) -> &[AttemptRecord] {
         &self.attempts
     }
+    /// Whether a cancel was asked for while the job was on a worker.
     pub fn cancel_requested(&self) -> bool {
-        self.cancel_requested
+        self.stage.cancel_requested()
     }
-    /// A requeued job is not placed before this time (retry backoff).
+    /// A requeued job is not placed before this time (retry backoff); none once it left the
+    /// queue.
     pub fn not_before(&self) -> Option<DateTime<Utc>> {
-        self.not_before
+        match self.stage {
+            Stage::Queued { not_before } => not_before,
+            _ => None,
+        }
     }
     /// Why the job ended as it did, or why it is waiting.
     pub fn reason(&self) -> Option<&str> {
@@ -188,10 +245,8 @@ impl Job {
             id,
             tenant,
             spec,
-            state,
+            stage: Stage::of(state, cancel_requested, not_before),
             attempts,
-            cancel_requested,
-            not_before,
             reason,
             created_at,
             updated_at,
@@ -202,7 +257,7 @@ impl Job {
     fn illegal(&self, action: &'static str) -> DomainError {
         DomainError::IllegalJobTransition {
             action,
-            state: self.state.to_string(),
+            state: self.state().to_string(),
         }
     }
 
@@ -245,7 +300,7 @@ impl Job {
         worker_id: WorkerId,
         now: DateTime<Utc>,
     ) -> Result<JobEvent, DomainError> {
-        if self.state != JobState::Queued {
+        if self.state() != JobState::Queued {
             return Err(self.illegal("assign"));
         }
         let attempt = self.current_attempt().next();
@@ -258,11 +313,11 @@ impl Job {
         attempt: AttemptNumber,
         now: DateTime<Utc>,
     ) -> Result<JobEvent, DomainError> {
-        if self.state.is_terminal() {
+        if self.state().is_terminal() {
             return Err(self.illegal("start"));
         }
         self.fence(attempt)?;
-        if self.state != JobState::Assigned {
+        if self.state() != JobState::Assigned {
             return Err(self.illegal("start"));
         }
         let worker_id = self.worker_of_current()?;
@@ -297,16 +352,16 @@ impl Job {
         now: DateTime<Utc>,
         jitter: f64,
     ) -> Result<JobEvent, DomainError> {
-        if self.state.is_terminal() {
+        if self.state().is_terminal() {
             return Err(self.illegal("finish"));
         }
         self.fence(attempt)?;
-        if !matches!(self.state, JobState::Assigned | JobState::Running) {
+        if !matches!(self.stage, Stage::OnWorker { .. }) {
             return Err(self.illegal("finish"));
         }
         let worker_id = self.worker_of_current()?;
         let worker = Some(worker_id.clone());
-        let kind = if self.cancel_requested || outcome == AttemptOutcome::Cancelled {
+        let kind = if self.cancel_requested() || outcome == AttemptOutcome::Cancelled {
             JobEventKind::Cancelled {
                 attempt: Some(attempt),
                 worker_id: worker,
@@ -371,8 +426,8 @@ impl Job {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<JobEvent>, DomainError> {
-        match self.state {
-            JobState::Queued => self
+        match self.stage {
+            Stage::Queued { .. } => self
                 .record(
                     now,
                     JobEventKind::Cancelled {
@@ -382,8 +437,11 @@ impl Job {
                     },
                 )
                 .map(Some),
-            JobState::Assigned | JobState::Running if self.cancel_requested => Ok(None),
-            JobState::Assigned | JobState::Running => self
+            Stage::OnWorker {
+                cancel_requested: true,
+                ..
+            } => Ok(None),
+            Stage::OnWorker { .. } => self
                 .record(
                     now,
                     JobEventKind::CancelRequested {
@@ -401,7 +459,7 @@ impl Job {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<JobEvent, DomainError> {
-        if self.state != JobState::Queued {
+        if self.state() != JobState::Queued {
             return Err(self.illegal("fail as unplaceable"));
         }
         self.record(
@@ -424,7 +482,7 @@ impl Job {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<JobEvent, DomainError> {
-        if self.state != JobState::Assigned {
+        if self.state() != JobState::Assigned {
             return Err(self.illegal("fail as undeliverable"));
         }
         self.fence(attempt)?;
@@ -452,15 +510,17 @@ impl Job {
                 version: self.version,
             });
         }
-        if self.state.is_terminal() {
+        if self.state().is_terminal() {
             return Err(self.illegal("apply an event to"));
         }
         let at = event.at;
         match &event.kind {
             JobEventKind::Submitted { .. } => return Err(self.illegal("submit")),
             JobEventKind::Assigned { attempt, worker_id } => {
-                self.state = JobState::Assigned;
-                self.not_before = None;
+                self.stage = Stage::OnWorker {
+                    running: false,
+                    cancel_requested: false,
+                };
                 self.reason = None;
                 self.attempts.push(AttemptRecord {
                     attempt: *attempt,
@@ -473,7 +533,10 @@ impl Job {
                 });
             }
             JobEventKind::Started { .. } => {
-                self.state = JobState::Running;
+                self.stage = Stage::OnWorker {
+                    running: true,
+                    cancel_requested: self.cancel_requested(),
+                };
                 if let Some(a) = self.attempts.last_mut() {
                     a.started_at = Some(at);
                 }
@@ -483,37 +546,46 @@ impl Job {
                 not_before,
                 ..
             } => {
-                self.state = JobState::Queued;
-                self.not_before = Some(*not_before);
+                self.stage = Stage::Queued {
+                    not_before: Some(*not_before),
+                };
                 self.reason = Some(format!("retrying: previous attempt {outcome}"));
                 self.close_attempt(at, Some(outcome.clone()), &event.output_tail);
             }
             JobEventKind::Succeeded { outcome, .. } | JobEventKind::TimedOut { outcome, .. } => {
-                self.state = if matches!(event.kind, JobEventKind::Succeeded { .. }) {
+                let state = if matches!(event.kind, JobEventKind::Succeeded { .. }) {
                     JobState::Succeeded
                 } else {
                     JobState::TimedOut
                 };
+                self.end(state);
                 self.close_attempt(at, Some(outcome.clone()), &event.output_tail);
             }
             JobEventKind::Failed {
                 outcome, reason, ..
             } => {
-                self.state = JobState::Failed;
+                self.end(JobState::Failed);
                 self.reason = Some(reason.clone());
                 if outcome.is_some() {
                     self.close_attempt(at, outcome.clone(), &event.output_tail);
                 }
             }
             JobEventKind::CancelRequested { reason } => {
-                self.cancel_requested = true;
+                if let Stage::OnWorker {
+                    cancel_requested, ..
+                } = &mut self.stage
+                {
+                    *cancel_requested = true;
+                }
                 self.reason = Some(reason.clone());
             }
             JobEventKind::Cancelled {
                 attempt, reason, ..
             } => {
-                self.state = JobState::Cancelled;
-                self.cancel_requested = true;
+                self.stage = Stage::Ended {
+                    state: JobState::Cancelled,
+                    cancel_requested: true,
+                };
                 self.reason = Some(reason.clone());
                 if attempt.is_some() {
                     self.close_attempt(at, Some(AttemptOutcome::Cancelled), &event.output_tail);
@@ -523,6 +595,14 @@ impl Job {
         self.version = event.seq;
         self.updated_at = at;
         Ok(())
+    }
+
+    /// Ends the job in `state`, keeping whether a cancel had been asked for.
+    fn end(&mut self, state: JobState) {
+        self.stage = Stage::Ended {
+            state,
+            cancel_requested: self.cancel_requested(),
+        };
     }
 
     fn close_attempt(
@@ -547,7 +627,7 @@ impl Job {
 
     /// Stores why a queued job is still waiting (not an event: it changes often).
     pub fn set_pending_reason(&mut self, reason: Option<String>) {
-        if self.state == JobState::Queued {
+        if let Stage::Queued { .. } = self.stage {
             self.reason = reason;
         }
     }
@@ -571,6 +651,90 @@ mod tests {
 
     fn w(name: &str) -> WorkerId {
         name.parse().unwrap()
+    }
+
+    /// What only one stage has stays with it: a retry's `not_before` only while queued, a
+    /// pending cancel only on a worker and, once it ended, whether one was asked for.
+    #[test]
+    fn each_stage_carries_only_its_own_data() {
+        let now = Utc::now();
+        let mut j = job(2);
+        j.assign(w("a"), now).unwrap();
+        j.finish(
+            AttemptNumber::new(1),
+            AttemptOutcome::Exited { code: 3 },
+            now,
+            0.5,
+        )
+        .unwrap();
+        assert_eq!(j.state(), JobState::Queued);
+        assert!(j.not_before().is_some());
+        j.assign(w("b"), now).unwrap();
+        assert_eq!(j.not_before(), None, "a job on a worker waits for nothing");
+        j.start(AttemptNumber::new(2), now).unwrap();
+        assert!(!j.cancel_requested());
+        j.request_cancel("stop", now).unwrap().unwrap();
+        assert!(j.cancel_requested());
+        assert_eq!(j.state(), JobState::Running);
+        assert_eq!(j.request_cancel("again", now).unwrap(), None);
+        j.finish(
+            AttemptNumber::new(2),
+            AttemptOutcome::Exited { code: 0 },
+            now,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(j.state(), JobState::Cancelled);
+        assert!(
+            j.cancel_requested(),
+            "an ended job keeps that a cancel was asked for"
+        );
+
+        // A queued job that is cancelled ends waiting for nothing.
+        let mut q = job(2);
+        q.assign(w("a"), now).unwrap();
+        q.finish(
+            AttemptNumber::new(1),
+            AttemptOutcome::Exited { code: 3 },
+            now,
+            0.5,
+        )
+        .unwrap();
+        q.request_cancel("stop", now).unwrap().unwrap();
+        assert_eq!((q.state(), q.not_before()), (JobState::Cancelled, None));
+
+        // A stored row is read back into the stage it describes; what another stage would
+        // hold is dropped.
+        let restored = Job::restore(
+            j.id(),
+            j.tenant().clone(),
+            j.spec().clone(),
+            JobState::Queued,
+            Vec::new(),
+            true,
+            Some(now),
+            None,
+            now,
+            now,
+            1,
+        );
+        assert!(!restored.cancel_requested());
+        assert_eq!(restored.not_before(), Some(now));
+        let ended = Job::restore(
+            j.id(),
+            j.tenant().clone(),
+            j.spec().clone(),
+            JobState::Failed,
+            Vec::new(),
+            true,
+            Some(now),
+            None,
+            now,
+            now,
+            1,
+        );
+        assert!(ended.cancel_requested());
+        assert_eq!(ended.not_before(), None);
     }
 
     #[test]
