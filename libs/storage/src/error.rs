@@ -126,8 +126,8 @@ impl<'r> RowReader<'r> {
         &self,
         column: &'static str,
     ) -> Result<T, StorageError> {
-        let value: serde_json::Value = self.get(column)?;
-        serde_json::from_value(value).map_err(|e| self.corrupt(column, e.to_string()))
+        // Straight from the column's bytes to `T`, without a `serde_json::Value` in between.
+        self.get::<sqlx::types::Json<T>>(column).map(|json| json.0)
     }
 
     pub fn parse<T: std::str::FromStr>(&self, column: &'static str) -> Result<T, StorageError>
