@@ -30,14 +30,21 @@ fn new_job() -> (Job, hodei_domain::JobEvent) {
     )
 }
 
-#[tokio::test]
-async fn the_outbox_relay_publishes_committed_messages_once() {
-    let (db, pool) = database().await;
+/// A private nats-server (kept running while the returned handle lives), a client and its
+/// JetStream context with Hodei's streams.
+async fn bus() -> (TestNats, async_nats::Client, async_nats::jetstream::Context) {
     let nats = TestNats::start().await.unwrap();
     let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
         .await
         .unwrap();
     streams::ensure_all(&js).await.unwrap();
+    (nats, client, js)
+}
+
+#[tokio::test]
+async fn the_outbox_relay_publishes_committed_messages_once() {
+    let (db, pool) = database().await;
+    let (_nats, client, js) = bus().await;
     let mut sub = client.subscribe("hodei.v1.evt.>").await.unwrap();
 
     let (job, first) = new_job();
@@ -86,11 +93,7 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
 #[tokio::test]
 async fn a_message_too_large_for_nats_is_dead_lettered_and_the_rows_behind_it_flow() {
     let (db, pool) = database().await;
-    let nats = TestNats::start().await.unwrap();
-    let (client, js) = hodei_messaging::connect(&nats.url(), "test", Duration::from_secs(10))
-        .await
-        .unwrap();
-    streams::ensure_all(&js).await.unwrap();
+    let (_nats, client, js) = bus().await;
     let max_payload = client.server_info().max_payload;
 
     let (before, first) = new_job();

@@ -326,6 +326,25 @@ impl TestSystem {
             .ok_or_else(|| tonic::Status::internal("SubmitJob answered without a job"))
     }
 
+    /// Submits pipeline `spec` and returns the accepted run; a refusal is the error.
+    pub async fn submit_pipeline(
+        &self,
+        spec: pb::PipelineSpec,
+    ) -> Result<pb::PipelineRun, tonic::Status> {
+        let response = self
+            .pipelines
+            .clone()
+            .submit_pipeline(pb::SubmitPipelineRequest {
+                spec: Some(spec),
+                tenant: String::new(),
+            })
+            .await?;
+        response
+            .into_inner()
+            .run
+            .ok_or_else(|| tonic::Status::internal("SubmitPipeline answered without a run"))
+    }
+
     /// Waits (up to `deadline`) until `/readyz` of every one of `services` (names as for
     /// [`TestSystem::metrics_addr`]) answers `status` (200 ready, 503 not).
     pub async fn wait_readiness(

@@ -53,21 +53,6 @@ fn pipeline(name: &str, steps: Vec<pb::PipelineStep>) -> pb::PipelineSpec {
     }
 }
 
-async fn submit(
-    system: &TestSystem,
-    spec: pb::PipelineSpec,
-) -> Result<pb::PipelineRun, tonic::Status> {
-    let response = system
-        .pipelines
-        .clone()
-        .submit_pipeline(pb::SubmitPipelineRequest {
-            spec: Some(spec),
-            tenant: String::new(),
-        })
-        .await?;
-    Ok(response.into_inner().run.unwrap())
-}
-
 async fn get(system: &TestSystem, id: &str) -> pb::PipelineRun {
     system
         .pipelines
@@ -167,9 +152,8 @@ async fn a_diamond_runs_in_order_with_its_branches_in_parallel_on_two_agents() {
             other = mark(other)
         )
     };
-    let run = submit(
-        &system,
-        pipeline(
+    let run = system
+        .submit_pipeline(pipeline(
             "diamond",
             vec![
                 step("a", &[], "echo a"),
@@ -177,10 +161,9 @@ async fn a_diamond_runs_in_order_with_its_branches_in_parallel_on_two_agents() {
                 step("c", &["a"], &branch("c", "b")),
                 step("d", &["b", "c"], "echo d"),
             ],
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(run.steps.len(), 4);
     let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
     assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
@@ -208,9 +191,8 @@ async fn a_diamond_runs_in_order_with_its_branches_in_parallel_on_two_agents() {
 async fn a_failure_skips_dependants_runs_always_steps_and_fail_fast_cancels_siblings() {
     let system = TestSystem::start(TWO_AGENTS).await.unwrap();
 
-    let failing = submit(
-        &system,
-        pipeline(
+    let failing = system
+        .submit_pipeline(pipeline(
             "failing",
             vec![
                 step("build", &[], "exit 3"),
@@ -224,10 +206,9 @@ async fn a_failure_skips_dependants_runs_always_steps_and_fail_fast_cancels_sibl
                     pb::When::OnFailure,
                 ),
             ],
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     let run = wait_run(&system, &failing.id, Duration::from_secs(60)).await;
     assert_eq!(run.state, pb::PipelineState::Failed as i32, "{run:#?}");
     let s = steps(&run);
@@ -256,7 +237,7 @@ async fn a_failure_skips_dependants_runs_always_steps_and_fail_fast_cancels_sibl
         ],
     );
     spec.fail_fast = true;
-    let fast = submit(&system, spec).await.unwrap();
+    let fast = system.submit_pipeline(spec).await.unwrap();
     wait_step(&system, &fast.id, "test", pb::StepState::Running).await;
     // The sibling is stopped through the cancel path (SIGTERM to its process group).
     let run = wait_run(&system, &fast.id, Duration::from_secs(30)).await;
@@ -292,19 +273,17 @@ async fn a_matrix_expands_into_jobs_with_their_values() {
         ),
     ]
     .into();
-    let run = submit(
-        &system,
-        pipeline(
+    let run = system
+        .submit_pipeline(pipeline(
             "matrix",
             vec![
                 step("build", &[], "true"),
                 test,
                 step("ship", &["test"], "true"),
             ],
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(run.steps.len(), 6);
     let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
     assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
@@ -334,9 +313,8 @@ async fn a_matrix_expands_into_jobs_with_their_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_stops_running_steps_cancels_waiting_ones_and_still_runs_always_steps() {
     let system = TestSystem::start(TWO_AGENTS).await.unwrap();
-    let run = submit(
-        &system,
-        pipeline(
+    let run = system
+        .submit_pipeline(pipeline(
             "cancelled",
             vec![
                 step("long", &[], "sleep 60"),
@@ -346,10 +324,9 @@ async fn cancel_stops_running_steps_cancels_waiting_ones_and_still_runs_always_s
                     pb::When::Always,
                 ),
             ],
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     wait_step(&system, &run.id, "long", pb::StepState::Running).await;
     system
         .pipelines
@@ -385,9 +362,8 @@ async fn invalid_pipelines_are_refused_with_paths_and_submissions_are_idempotent
     let system = TestSystem::start(&[]).await.unwrap();
     let mut bad_job = step("b", &["nope"], "true");
     bad_job.job.as_mut().unwrap().timeout_secs = 10_000_000;
-    let err = submit(
-        &system,
-        pipeline(
+    let err = system
+        .submit_pipeline(pipeline(
             "bad",
             vec![
                 step("a", &["c"], "true"),
@@ -395,10 +371,9 @@ async fn invalid_pipelines_are_refused_with_paths_and_submissions_are_idempotent
                 step("c", &["a"], "true"),
                 step("a", &[], "true"),
             ],
-        ),
-    )
-    .await
-    .unwrap_err();
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     for path in [
         "steps.b.needs[0]: unknown step 'nope'",
@@ -415,8 +390,8 @@ async fn invalid_pipelines_are_refused_with_paths_and_submissions_are_idempotent
 
     let mut spec = pipeline("once", vec![step("only", &[], "true")]);
     spec.idempotency_key = "pipeline-key-1".into();
-    let first = submit(&system, spec.clone()).await.unwrap();
-    let second = submit(&system, spec).await.unwrap();
+    let first = system.submit_pipeline(spec.clone()).await.unwrap();
+    let second = system.submit_pipeline(spec).await.unwrap();
     assert_eq!(first.id, second.id);
     let listed = system
         .pipelines
@@ -452,7 +427,10 @@ async fn a_run_survives_the_crash_of_the_scheduler_that_drives_it() {
             step(&format!("s{i}"), &refs, "sleep 0.3")
         })
         .collect();
-    let run = submit(&system, pipeline("chain", chain)).await.unwrap();
+    let run = system
+        .submit_pipeline(pipeline("chain", chain))
+        .await
+        .unwrap();
     wait_step(&system, &run.id, "s1", pb::StepState::Running).await;
     // Replica 0 dies mid-run, without a goodbye: whatever it held is redelivered to the other.
     system.crash_scheduler(0);
@@ -521,7 +499,8 @@ async fn an_artifact_made_on_one_agent_is_read_on_another_with_its_checksum() {
         produce: vec!["nothing/*".into()],
         consume: vec![],
     });
-    let run = submit(&system, pipeline("artifacts", vec![build, check, empty]))
+    let run = system
+        .submit_pipeline(pipeline("artifacts", vec![build, check, empty]))
         .await
         .unwrap();
     let run = wait_run(&system, &run.id, Duration::from_secs(90)).await;
@@ -651,7 +630,10 @@ async fn a_random_fifty_step_dag_completes_in_dependency_order() {
         .map(|s| (s.name.clone(), s.needs.clone()))
         .collect();
     let system = TestSystem::start(TWO_AGENTS).await.unwrap();
-    let run = submit(&system, pipeline("random-dag", dag)).await.unwrap();
+    let run = system
+        .submit_pipeline(pipeline("random-dag", dag))
+        .await
+        .unwrap();
     let run = wait_run(&system, &run.id, Duration::from_secs(120)).await;
     assert_eq!(run.state, pb::PipelineState::Succeeded as i32, "{run:#?}");
     let s = steps(&run);

@@ -42,21 +42,6 @@ fn step(name: &str, job: pb::JobSpec) -> pb::PipelineStep {
     }
 }
 
-async fn submit_pipeline(
-    system: &TestSystem,
-    spec: pb::PipelineSpec,
-) -> Result<pb::PipelineRun, tonic::Status> {
-    let response = system
-        .pipelines
-        .clone()
-        .submit_pipeline(pb::SubmitPipelineRequest {
-            spec: Some(spec),
-            tenant: String::new(),
-        })
-        .await?;
-    Ok(response.into_inner().run.unwrap())
-}
-
 /// Runs `true` and waits for it to succeed: the system still serves others.
 async fn others_still_flow(system: &TestSystem, name: &str) {
     let job = system.submit(exec(name, &["true"])).await.unwrap();
@@ -87,36 +72,32 @@ async fn a_spec_too_large_for_nats_is_refused_naming_its_field() {
     // In a pipeline: a step's own env, and the pipeline's env every step inherits.
     let mut heavy = exec("heavy", &["true"]);
     heavy.env.insert("BIG".into(), big.clone());
-    let refused = submit_pipeline(
-        &system,
-        pb::PipelineSpec {
+    let refused = system
+        .submit_pipeline(pb::PipelineSpec {
             name: "big-step".into(),
             steps: vec![
                 step("light", exec("light", &["true"])),
                 step("heavy", heavy),
             ],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(
         refused.message().starts_with("steps.heavy.env[\"BIG\"]: "),
         "{}",
         refused.message()
     );
-    let refused = submit_pipeline(
-        &system,
-        pb::PipelineSpec {
+    let refused = system
+        .submit_pipeline(pb::PipelineSpec {
             name: "big-env".into(),
             env: [("BIG".to_owned(), big)].into(),
             steps: vec![step("light", exec("light", &["true"]))],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert!(
         refused.message().starts_with("env[\"BIG\"]: "),
         "{}",
@@ -223,9 +204,8 @@ async fn a_pipeline_secret_is_masked_in_every_answer_and_the_job_gets_it() {
     deploy.secret_env.push("TOKEN".into());
     // The job gets the real value (12 characters), not the mask (8).
     let notify = exec("notify", &["sh", "-c", "test ${#TOKEN} -eq 12"]);
-    let run = submit_pipeline(
-        &system,
-        pb::PipelineSpec {
+    let run = system
+        .submit_pipeline(pb::PipelineSpec {
             name: "secrets".into(),
             env: [("TOKEN".to_owned(), "s3cr3t-value".to_owned())].into(),
             steps: vec![step("deploy", deploy), {
@@ -234,10 +214,9 @@ async fn a_pipeline_secret_is_masked_in_every_answer_and_the_job_gets_it() {
                 s
             }],
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert!(!format!("{run:?}").contains("s3cr3t-value"), "{run:?}");
     let done = wait_for("the run to end", DEADLINE, || {
         let mut client = system.pipelines.clone();

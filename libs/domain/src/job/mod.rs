@@ -705,34 +705,25 @@ mod tests {
 
         // A stored row is read back into the stage it describes; what another stage would
         // hold is dropped.
-        let restored = Job::restore(
-            j.id(),
-            j.tenant().clone(),
-            j.spec().clone(),
-            JobState::Queued,
-            Vec::new(),
-            true,
-            Some(now),
-            None,
-            now,
-            now,
-            1,
-        );
+        let restore = |state| {
+            Job::restore(
+                j.id(),
+                j.tenant().clone(),
+                j.spec().clone(),
+                state,
+                Vec::new(),
+                true,
+                Some(now),
+                None,
+                now,
+                now,
+                1,
+            )
+        };
+        let restored = restore(JobState::Queued);
         assert!(!restored.cancel_requested());
         assert_eq!(restored.not_before(), Some(now));
-        let ended = Job::restore(
-            j.id(),
-            j.tenant().clone(),
-            j.spec().clone(),
-            JobState::Failed,
-            Vec::new(),
-            true,
-            Some(now),
-            None,
-            now,
-            now,
-            1,
-        );
+        let ended = restore(JobState::Failed);
         assert!(ended.cancel_requested());
         assert_eq!(ended.not_before(), None);
     }

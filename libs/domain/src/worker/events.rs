@@ -32,7 +32,9 @@ pub enum WorkerEventKind {
     Returned,
     /// The worker stopped taking new work.
     Draining,
-    /// The worker fell silent: no new work for it; its attempts stay its own for now.
+    /// The worker fell silent: no new work for it. The attempts it holds stay its own until
+    /// its lease and kill grace have passed (then `Lost`), or until it beats again (then
+    /// `Returned`).
     Unreachable { silent_since: DateTime<Utc> },
     /// The worker's attempts were handed back: silent past its lease and kill grace.
     Lost { missed_since: DateTime<Utc> },
