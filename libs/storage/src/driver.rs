@@ -9,6 +9,7 @@
 //! commits. A step's end and its dependants' release are therefore one atomic change: no
 //! message can be lost between them, and a crash of any service leaves either both or neither.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use chrono::Utc;
@@ -18,6 +19,7 @@ use hodei_domain::{
 };
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob};
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument;
 
 use crate::error::StorageError;
 use crate::{jobs, outbox, pipelines, workers};
@@ -109,6 +111,95 @@ pub async fn commit_transition(
     }
     messages.extend(extra);
     outbox::append(conn, &messages).await
+}
+
+/// One job's change in a batch for [`commit_transitions`]: the job with `events` already
+/// applied, the version it was read at, `extra` messages to queue with its events, and the
+/// span of the work that changed it (the messages built here carry its trace context).
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub job: Job,
+    pub expected_version: u64,
+    pub events: Vec<JobEvent>,
+    pub extra: Vec<Outgoing>,
+    pub span: tracing::Span,
+}
+
+/// [`commit_transition`] for a batch, inside the caller's transaction, with set-based
+/// statements: saves every job at its expected version (moving the pipeline runs of steps
+/// that started or ended), frees the slots `releases` names on their workers if the workers
+/// still hold them, and queues every event (from `source`) and a placement request for each
+/// requeued job. `Conflict` if any job or worker moved meanwhile: the caller rolls back.
+pub async fn commit_transitions(
+    conn: &mut PgConnection,
+    transitions: &[Transition],
+    releases: &[(WorkerId, AttemptId)],
+    source: &str,
+) -> Result<(), StorageError> {
+    let changes: Vec<(&Job, u64)> = transitions
+        .iter()
+        .map(|t| (&t.job, t.expected_version))
+        .collect();
+    let events: Vec<&JobEvent> = transitions.iter().flat_map(|t| &t.events).collect();
+    let runs = jobs::save_many(conn, &changes, &events).await?;
+    for (job_id, run) in runs {
+        if let Some(t) = transitions.iter().find(|t| t.job.id() == job_id) {
+            on_step_job(conn, run, &t.job, &t.events)
+                .instrument(t.span.clone())
+                .await?;
+        }
+    }
+    release_slots(conn, releases).await?;
+    let mut messages: Vec<Cow<'_, Outgoing>> = Vec::with_capacity(events.len() * 2);
+    for t in transitions {
+        let _entered = t.span.enter();
+        for event in &t.events {
+            messages.push(Cow::Owned(Outgoing::job_event(event, source)?));
+            if let JobEventKind::Requeued { not_before, .. } = &event.kind {
+                messages.push(Cow::Owned(Outgoing::place_job(&PlaceJob {
+                    job_id: t.job.id(),
+                    attempt: t.job.current_attempt(),
+                    priority: t.job.spec().priority,
+                    not_before: Some(*not_before),
+                })?));
+            }
+        }
+        messages.extend(t.extra.iter().map(Cow::Borrowed));
+    }
+    outbox::append(conn, &messages).await
+}
+
+/// Frees each attempt's slot on its worker, if the worker still holds it: every worker is
+/// read and saved once.
+pub async fn release_slots(
+    conn: &mut PgConnection,
+    releases: &[(WorkerId, AttemptId)],
+) -> Result<(), StorageError> {
+    if releases.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<&WorkerId> = releases.iter().map(|(w, _)| w).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut found = workers::get_many(&mut *conn, &ids).await?;
+    let versions: Vec<(WorkerId, u64)> = found
+        .values()
+        .map(|w| (w.id().clone(), w.version()))
+        .collect();
+    let mut changed = std::collections::BTreeSet::new();
+    for (worker_id, attempt) in releases {
+        if let Some(worker) = found.get_mut(worker_id)
+            && worker.release(attempt).is_ok()
+        {
+            changed.insert(worker_id);
+        }
+    }
+    let saves: Vec<(&hodei_domain::Worker, u64)> = versions
+        .iter()
+        .filter(|(id, _)| changed.contains(id))
+        .filter_map(|(id, version)| found.get(id).map(|w| (w, *version)))
+        .collect();
+    workers::save_reservations(conn, &saves).await
 }
 
 /// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends

@@ -2,7 +2,7 @@
 //! (unique `(job_id, seq)`) and updates the projection `WHERE version = expected` in one
 //! transaction, so two writers racing on a job cannot both win.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use hodei_domain::{Job, JobEvent, JobId, JobState, PipelineRunId, TenantId};
@@ -51,7 +51,7 @@ pub async fn insert(
     if inserted.rows_affected() == 0 {
         return Ok(false);
     }
-    append_events(conn, std::slice::from_ref(event)).await?;
+    append_events(conn, std::iter::once(event)).await?;
     Ok(true)
 }
 
@@ -102,6 +102,106 @@ pub async fn get(conn: impl sqlx::PgExecutor<'_>, id: JobId) -> Result<Option<Jo
     row.as_ref().map(decode).transpose()
 }
 
+/// The jobs among `ids` that exist, by id: one statement for a batch.
+pub async fn get_many(
+    conn: impl sqlx::PgExecutor<'_>,
+    ids: &[JobId],
+) -> Result<HashMap<JobId, Job>, StorageError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&uuids)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| decode(row).map(|job| (job.id(), job)))
+        .collect()
+}
+
+/// [`save`] for many jobs in two statements: each job (with the version it was read at) is
+/// saved only if it is still at that version, and `events` (already applied to them) are
+/// appended. If any job moved meanwhile, returns `Conflict`: the caller's transaction must
+/// then be rolled back, as some jobs were saved. Returns the pipeline run of each saved job
+/// that is a step of one: moving those runs is the caller's business.
+pub async fn save_many(
+    conn: &mut PgConnection,
+    changes: &[(&Job, u64)],
+    events: &[&JobEvent],
+) -> Result<Vec<(JobId, PipelineRunId)>, StorageError> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = changes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut current = Vec::with_capacity(n);
+    let mut workers = Vec::with_capacity(n);
+    let mut cancels = Vec::with_capacity(n);
+    let mut not_befores = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    let mut exit_codes = Vec::with_capacity(n);
+    let mut updated = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    for (job, version) in changes {
+        ids.push(job.id().as_uuid());
+        expected.push(to_i64(*version));
+        states.push(job.state().as_str());
+        attempts.push(encode("job attempts", &job.attempts())?);
+        current.push(i64::from(job.current_attempt().get()));
+        workers.push(job.current_attempt_record().map(|a| a.worker_id.as_str()));
+        cancels.push(job.cancel_requested());
+        not_befores.push(job.not_before());
+        reasons.push(job.reason());
+        exit_codes.push(job.exit_code());
+        updated.push(job.updated_at());
+        versions.push(to_i64(job.version()));
+    }
+    let saved: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+        "UPDATE jobs j SET state = u.state, attempts = u.attempts, current_attempt = u.current_attempt,
+                worker_id = u.worker_id, cancel_requested = u.cancel_requested,
+                not_before = u.not_before, reason = u.reason, exit_code = u.exit_code,
+                updated_at = u.updated_at, version = u.version
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::bigint[], $6::text[],
+                     $7::bool[], $8::timestamptz[], $9::text[], $10::int[], $11::timestamptz[],
+                     $12::bigint[])
+              AS u(id, expected, state, attempts, current_attempt, worker_id, cancel_requested,
+                   not_before, reason, exit_code, updated_at, version)
+         WHERE j.id = u.id AND j.version = u.expected
+         RETURNING j.id, j.pipeline_run_id",
+    )
+    .bind(&ids)
+    .bind(&expected)
+    .bind(&states)
+    .bind(&attempts)
+    .bind(&current)
+    .bind(&workers)
+    .bind(&cancels)
+    .bind(&not_befores)
+    .bind(&reasons)
+    .bind(&exit_codes)
+    .bind(&updated)
+    .bind(&versions)
+    .fetch_all(&mut *conn)
+    .await?;
+    if saved.len() != n {
+        return Err(StorageError::Conflict {
+            what: format!("{} of {n} jobs saved together", n - saved.len()),
+        });
+    }
+    append_events(conn, events.iter().copied()).await?;
+    Ok(saved
+        .into_iter()
+        .filter_map(|(id, run)| {
+            run.map(|run| (JobId::from_uuid(id), PipelineRunId::from_uuid(run)))
+        })
+        .collect())
+}
+
 /// Saves a job changed by `events` (already applied to it) if it is still at
 /// `expected_version`; otherwise returns `Conflict` and changes nothing. Returns the pipeline
 /// run the job is a step of, if any: moving that run is the caller's business (see
@@ -139,12 +239,15 @@ pub async fn save(
             what: format!("job {} at version {expected_version}", job.id()),
         });
     };
-    append_events(conn, events).await?;
+    append_events(conn, events.iter()).await?;
     Ok(run.map(PipelineRunId::from_uuid))
 }
 
-async fn append_events(conn: &mut PgConnection, events: &[JobEvent]) -> Result<(), StorageError> {
-    let stored = events.iter().map(|e| Stored {
+async fn append_events<'e>(
+    conn: &mut PgConnection,
+    events: impl ExactSizeIterator<Item = &'e JobEvent>,
+) -> Result<(), StorageError> {
+    let stored = events.map(|e| Stored {
         aggregate: e.job_id.as_uuid(),
         seq: e.seq,
         event_id: e.event_id,

@@ -3,6 +3,8 @@
 //! span that queued them. The relay (`hodei_runtime::relay`) claims them, publishes them and
 //! deletes them, or moves those the transport refuses for good to `outbox_dead`.
 
+use std::borrow::Borrow;
+
 use hodei_messaging::{Outgoing, TraceHeaders};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -10,10 +12,14 @@ use uuid::Uuid;
 use crate::error::{StorageError, encode};
 
 /// Appends messages to the outbox inside the caller's transaction.
-pub async fn append(conn: &mut PgConnection, messages: &[Outgoing]) -> Result<(), StorageError> {
+pub async fn append<M: Borrow<Outgoing>>(
+    conn: &mut PgConnection,
+    messages: &[M],
+) -> Result<(), StorageError> {
     if messages.is_empty() {
         return Ok(());
     }
+    let messages: Vec<&Outgoing> = messages.iter().map(Borrow::borrow).collect();
     let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
     let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_slice()).collect();

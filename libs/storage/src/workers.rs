@@ -1,6 +1,8 @@
 //! Worker rows. The registry writes what heartbeats say (in batches); schedulers write
 //! reservations (`held`) only `WHERE version = expected`, so replicas never over-commit.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use hodei_domain::{IncarnationId, LeaseTerms, Resources, Worker, WorkerId, WorkerStatus};
 use hodei_messaging::Heartbeat;
@@ -113,6 +115,69 @@ pub async fn save_reservation(
     if updated.rows_affected() == 0 {
         return Err(StorageError::Conflict {
             what: format!("worker {} at version {expected_version}", w.id()),
+        });
+    }
+    Ok(())
+}
+
+/// The workers among `ids` that are known, by id: one statement for a batch.
+pub async fn get_many(
+    conn: impl sqlx::PgExecutor<'_>,
+    ids: &[&WorkerId],
+) -> Result<HashMap<WorkerId, Worker>, StorageError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let names: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1)");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&names)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| decode(row).map(|w| (w.id().clone(), w)))
+        .collect()
+}
+
+/// [`save_reservation`] for many workers in one statement, each at the version it was read
+/// at; `Conflict` if any moved (the caller's transaction must then be rolled back).
+pub async fn save_reservations(
+    conn: &mut PgConnection,
+    changes: &[(&Worker, u64)],
+) -> Result<(), StorageError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let n = changes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut expected = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    for (w, version) in changes {
+        ids.push(w.id().as_str());
+        expected.push(to_i64(*version));
+        held.push(encode("held attempts", &w.held())?);
+        statuses.push(w.status().as_str());
+        versions.push(to_i64(w.version()));
+    }
+    let updated = sqlx::query(
+        "UPDATE workers w SET held = u.held, status = u.status, version = u.version
+         FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::text[], $5::bigint[])
+              AS u(id, expected, held, status, version)
+         WHERE w.id = u.id AND w.version = u.expected",
+    )
+    .bind(&ids)
+    .bind(&expected)
+    .bind(&held)
+    .bind(&statuses)
+    .bind(&versions)
+    .execute(conn)
+    .await?;
+    let saved = usize::try_from(updated.rows_affected()).unwrap_or(usize::MAX);
+    if saved != n {
+        return Err(StorageError::Conflict {
+            what: format!("{} of {n} workers saved together", n.saturating_sub(saved)),
         });
     }
     Ok(())

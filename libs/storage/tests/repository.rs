@@ -263,3 +263,156 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
     pool.close().await;
     db.cleanup().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
+    let (db, pool) = database().await;
+    let now = Utc::now().trunc_subsecs(6);
+    let (mut worker, _) = Worker::register(
+        "w-batch".parse().unwrap(),
+        BTreeMap::new(),
+        Resources::new(4000, 8192),
+        4,
+        now,
+    );
+    let mut submitted = Vec::new();
+    for _ in 0..3 {
+        let (job, event) = new_job(None);
+        driver::submit_job(&pool, &job, &event, &[]).await.unwrap();
+        submitted.push(job);
+    }
+    let ids: Vec<JobId> = submitted.iter().map(Job::id).collect();
+    let mut loaded = jobs::get_many(&pool, &[ids[0], ids[1], ids[2], JobId::new()])
+        .await
+        .unwrap();
+    assert_eq!(loaded.len(), 3, "unknown ids are absent");
+    // Every job is assigned to the worker, which reserves a slot for each.
+    let mut transitions = Vec::new();
+    for id in &ids {
+        let mut job = loaded.remove(id).unwrap();
+        let version = job.version();
+        let event = job.assign(worker.id().clone(), now).unwrap();
+        worker
+            .reserve(
+                AttemptId::new(*id, job.current_attempt()),
+                Resources::default(),
+                now,
+            )
+            .unwrap();
+        transitions.push(driver::Transition {
+            job,
+            expected_version: version,
+            events: vec![event],
+            extra: Vec::new(),
+            span: tracing::Span::none(),
+        });
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    let (registered, _) = Worker::register(
+        "w-batch".parse().unwrap(),
+        BTreeMap::new(),
+        Resources::new(4000, 8192),
+        4,
+        now,
+    );
+    workers::upsert(&mut conn, &registered).await.unwrap();
+    drop(conn);
+    let mut tx = pool.begin().await.unwrap();
+    workers::save_reservations(&mut tx, &[(&worker, registered.version())])
+        .await
+        .unwrap();
+    driver::commit_transitions(&mut tx, &transitions, &[], "test")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for t in &transitions {
+        let saved = jobs::get(&pool, t.job.id()).await.unwrap().unwrap();
+        assert_eq!(saved, t.job);
+        assert_eq!(jobs::events(&pool, t.job.id(), 1).await.unwrap().len(), 2);
+    }
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 3, "one event per transition");
+
+    // Two start, and the third one's report comes against a stale version: nothing is saved.
+    let mut stale = Vec::new();
+    for (i, t) in transitions.iter().enumerate() {
+        let mut job = t.job.clone();
+        let version = if i == 2 {
+            t.expected_version
+        } else {
+            job.version()
+        };
+        let event = job.start(job.current_attempt(), now).unwrap();
+        stale.push(driver::Transition {
+            job,
+            expected_version: version,
+            events: vec![event],
+            extra: Vec::new(),
+            span: tracing::Span::none(),
+        });
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let err = driver::commit_transitions(&mut tx, &stale, &[], "test")
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    tx.rollback().await.unwrap();
+    for t in &transitions {
+        let job = jobs::get(&pool, t.job.id()).await.unwrap().unwrap();
+        assert_eq!(
+            job.state(),
+            JobState::Assigned,
+            "nothing of the batch stayed"
+        );
+    }
+
+    // Finishing frees each slot once, with one read and one save of the worker.
+    let mut finished = Vec::new();
+    let mut releases = Vec::new();
+    for t in &transitions {
+        let mut job = t.job.clone();
+        let version = job.version();
+        let attempt = job.current_attempt();
+        let mut events = vec![job.start(attempt, now).unwrap()];
+        events.push(
+            job.finish(attempt, AttemptOutcome::Exited { code: 0 }, now, 0.0)
+                .unwrap(),
+        );
+        releases.push((worker.id().clone(), AttemptId::new(job.id(), attempt)));
+        finished.push(driver::Transition {
+            job,
+            expected_version: version,
+            events,
+            extra: Vec::new(),
+            span: tracing::Span::none(),
+        });
+    }
+    // A slot the worker no longer holds is skipped.
+    releases.push((
+        worker.id().clone(),
+        AttemptId::new(JobId::new(), AttemptNumber::new(1)),
+    ));
+    let mut tx = pool.begin().await.unwrap();
+    driver::commit_transitions(&mut tx, &finished, &releases, "test")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let freed = workers::get(&pool, worker.id()).await.unwrap().unwrap();
+    assert!(freed.held().is_empty(), "{:?}", freed.held());
+    for t in &finished {
+        let job = jobs::get(&pool, t.job.id()).await.unwrap().unwrap();
+        assert_eq!(job.state(), JobState::Succeeded);
+    }
+    // A stale worker version in a batch of reservations is a conflict.
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        workers::save_reservations(&mut conn, &[(&freed, freed.version() - 1)])
+            .await
+            .unwrap_err()
+            .is_conflict()
+    );
+    db.cleanup().await.unwrap();
+}

@@ -11,9 +11,10 @@ use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::specification::Specification;
 use hodei_domain::worker::can_take;
-use hodei_domain::{AttemptId, Job, JobState, Worker};
+use hodei_domain::{AttemptId, Job, JobEvent, JobId, JobState, Worker, WorkerId};
 use hodei_messaging::settle::dead_letter;
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, trace};
+use hodei_storage::driver::Transition;
 use hodei_storage::{StorageError, driver, jobs, outbox, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -123,20 +124,147 @@ pub(crate) async fn run(
             }
         }
         decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));
+        let requests: Vec<Request> = decoded
+            .into_iter()
+            .map(|(item, message)| Request {
+                span: trace::process_span(
+                    SERVICE,
+                    &message.subject,
+                    streams::PLACER,
+                    message.headers.as_ref(),
+                ),
+                item,
+                message,
+            })
+            .collect();
         // One read of the live workers serves the whole batch (see `WorkerView`).
         let mut view = WorkerView::default();
-        for (item, message) in decoded {
-            let span = trace::process_span(
-                SERVICE,
-                &message.subject,
-                streams::PLACER,
-                message.headers.as_ref(),
-            );
-            handle(&ctx, &item, &message, &mut view)
-                .instrument(span)
+        let one_by_one = place_batch(&ctx, &requests, &mut view).await;
+        for request in one_by_one {
+            handle(&ctx, &request.item, &request.message, &mut view)
+                .instrument(request.span.clone())
                 .await;
         }
     }
+}
+
+/// A placement request with the span it is processed in.
+struct Request {
+    item: PlaceJob,
+    message: Message,
+    span: tracing::Span,
+}
+
+/// Places a batch of requests (in priority order) in one transaction: the jobs are read
+/// together, each goes to the best worker of the view (which keeps the reservations made so
+/// far), and every job, worker and message is written with set-based statements. Settles
+/// the requests it decided (placed, stale, not yet due) and returns the others for
+/// [`handle`]: those no worker of the view can take (a fresh read decides), and all of them
+/// when the batch could not be written as a whole (a job or worker moved, PostgreSQL away).
+async fn place_batch<'r>(
+    ctx: &Context,
+    requests: &'r [Request],
+    view: &mut WorkerView,
+) -> Vec<&'r Request> {
+    let started = std::time::Instant::now();
+    match decide_batch(ctx, requests, view).await {
+        Ok((decided, rest)) => {
+            for (request, placement) in decided {
+                settle(ctx, request, &Ok(placement), Some(started)).await;
+            }
+            rest
+        }
+        Err(e) => {
+            view.forget();
+            if requests.len() > 1 {
+                tracing::debug!(error = %e, count = requests.len(), "placement batch not written together, placing one by one");
+            }
+            requests.iter().collect()
+        }
+    }
+}
+
+/// The placements of a batch that were decided and written, and the requests left for
+/// [`handle`].
+type Decided<'r> = (Vec<(&'r Request, Placement)>, Vec<&'r Request>);
+
+async fn decide_batch<'r>(
+    ctx: &Context,
+    requests: &'r [Request],
+    view: &mut WorkerView,
+) -> Result<Decided<'r>, StorageError> {
+    let pool = &ctx.backends.pool;
+    let stale_after = chrono::Duration::milliseconds(
+        i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
+    );
+    let now = Utc::now();
+    let ids: Vec<JobId> = requests.iter().map(|r| r.item.job_id).collect();
+    let mut jobs = ctx.backends.db(|| jobs::get_many(pool, &ids)).await?;
+    let mut decided = Vec::with_capacity(requests.len());
+    let mut rest = Vec::new();
+    let mut transitions = Vec::new();
+    // The version each reserved worker was read at, in the order first reserved.
+    let mut reserved: Vec<(WorkerId, u64)> = Vec::new();
+    let mut waits = Vec::new();
+    for request in requests {
+        let item = &request.item;
+        let Some(mut job) = jobs.remove(&item.job_id) else {
+            tracing::warn!(parent: &request.span, job_id = %item.job_id, "placement request for an unknown job dropped");
+            decided.push((request, Placement::Stale));
+            continue;
+        };
+        if job.state() != JobState::Queued || job.current_attempt() != item.attempt {
+            decided.push((request, Placement::Stale));
+            continue;
+        }
+        if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
+            decided.push((request, Placement::NotYet(wait)));
+            continue;
+        }
+        let (live, _) = ctx
+            .backends
+            .db(|| view.get(pool, now - stale_after))
+            .await?;
+        let Some(worker_id) = best(live, &job).map(|w| w.id().clone()) else {
+            rest.push(request);
+            continue;
+        };
+        let Some(worker) = view.worker_mut(&worker_id) else {
+            rest.push(request);
+            continue;
+        };
+        if !reserved.iter().any(|(id, _)| id == &worker_id) {
+            reserved.push((worker_id.clone(), worker.version()));
+        }
+        let job_version = job.version();
+        let placeable_since = placeable_since(&job);
+        let _entered = request.span.enter();
+        let (event, command) = reserve(&mut job, worker, now)?;
+        transitions.push(Transition {
+            extra: vec![Outgoing::agent_command(worker.id(), &command)?],
+            job,
+            expected_version: job_version,
+            events: vec![event],
+            span: request.span.clone(),
+        });
+        waits.push(placeable_since);
+        decided.push((request, Placement::Placed));
+    }
+    if !transitions.is_empty() {
+        let saves: Vec<(&Worker, u64)> = reserved
+            .iter()
+            .filter_map(|(id, version)| view.worker(id).map(|w| (w, *version)))
+            .collect();
+        let mut tx = pool.begin().await?;
+        workers::save_reservations(&mut tx, &saves).await?;
+        driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
+        tx.commit().await?;
+        ctx.backends.relay_wake.notify_one();
+        for (t, since) in transitions.iter().zip(waits) {
+            observe_assigned(ctx, &t.job, since, now);
+        }
+    }
+    Ok((decided, rest))
 }
 
 /// The live workers as this scheduler last read them, kept current with its own
@@ -166,6 +294,14 @@ impl WorkerView {
         self.workers = None;
     }
 
+    fn worker(&self, id: &WorkerId) -> Option<&Worker> {
+        self.workers.as_ref()?.iter().find(|w| w.id() == id)
+    }
+
+    fn worker_mut(&mut self, id: &WorkerId) -> Option<&mut Worker> {
+        self.workers.as_mut()?.iter_mut().find(|w| w.id() == id)
+    }
+
     /// Replaces the view's copy of `worker` with the one just saved.
     fn saved(&mut self, worker: Worker) {
         if let Some(w) = self
@@ -179,7 +315,6 @@ impl WorkerView {
 }
 
 async fn handle(ctx: &Context, item: &PlaceJob, message: &Message, view: &mut WorkerView) {
-    let retry = Duration::from_millis(ctx.config.placement_retry_ms);
     let started = std::time::Instant::now();
     // The view is the handler's own; the lock only lets each try borrow it.
     let shared = tokio::sync::Mutex::new(&mut *view);
@@ -193,24 +328,51 @@ async fn handle(ctx: &Context, item: &PlaceJob, message: &Message, view: &mut Wo
     if placed.is_err() {
         view.forget();
     }
+    settle_request(ctx, item, message, &placed, Some(started)).await;
+}
+
+/// [`settle_request`] for a request of a batch.
+async fn settle(
+    ctx: &Context,
+    request: &Request,
+    placed: &Result<Placement, StorageError>,
+    started: Option<std::time::Instant>,
+) {
+    settle_request(ctx, &request.item, &request.message, placed, started)
+        .instrument(request.span.clone())
+        .await;
+}
+
+/// Counts what became of a placement request and acknowledges it, or asks for it again
+/// later.
+async fn settle_request(
+    ctx: &Context,
+    item: &PlaceJob,
+    message: &Message,
+    placed: &Result<Placement, StorageError>,
+    started: Option<std::time::Instant>,
+) {
+    let retry = Duration::from_millis(ctx.config.placement_retry_ms);
     let metrics = &ctx.backends.metrics;
-    metrics.placement(match &placed {
+    metrics.placement(match placed {
         Ok(Placement::Placed) => "placed",
         Ok(Placement::Stale) => "stale",
         Ok(Placement::NotYet(_)) => "not_yet",
         Ok(Placement::NoWorker) => "no_worker",
         Err(_) => "error",
     });
-    if matches!(placed, Ok(Placement::Placed)) {
+    if let (Ok(Placement::Placed), Some(started)) = (placed, started) {
         metrics
             .placement_duration
             .observe(started.elapsed().as_secs_f64());
     }
     let ack = match placed {
         Ok(Placement::Placed | Placement::Stale) => AckKind::Ack,
-        Ok(Placement::NotYet(delay)) => AckKind::Nak(Some(delay)),
+        Ok(Placement::NotYet(delay)) => AckKind::Nak(Some(*delay)),
         Ok(Placement::NoWorker) => AckKind::Nak(Some(retry)),
-        Err(StorageError::Unavailable { retry_in, .. }) => AckKind::Nak(Some(retry_in.max(retry))),
+        Err(StorageError::Unavailable { retry_in, .. }) => {
+            AckKind::Nak(Some((*retry_in).max(retry)))
+        }
         Err(e) => {
             tracing::warn!(job_id = %item.job_id, error = %e, "placement failed, will retry");
             AckKind::Nak(Some(retry))
@@ -297,14 +459,20 @@ async fn fail_unplaceable(ctx: &Context, job: &mut Job, reason: &str) -> Result<
     Ok(())
 }
 
-/// Assigns `job` to `worker` and returns the worker as saved, its slot reserved.
-async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Worker, StorageError> {
-    let now = Utc::now();
-    let (job_version, worker_version) = (job.version(), worker.version());
-    // Placeable since it was queued (or requeued), or since its retry backoff ended.
-    let placeable_since = job
-        .not_before()
-        .map_or(job.updated_at(), |t| t.max(job.updated_at()));
+/// When `job` became placeable: when it was queued (or requeued), or when its retry backoff
+/// ended.
+fn placeable_since(job: &Job) -> chrono::DateTime<Utc> {
+    job.not_before()
+        .map_or(job.updated_at(), |t| t.max(job.updated_at()))
+}
+
+/// Assigns `job` to `worker` in memory, reserving the slot: returns the job's event and the
+/// agent's command.
+fn reserve(
+    job: &mut Job,
+    worker: &mut Worker,
+    now: chrono::DateTime<Utc>,
+) -> Result<(JobEvent, AgentCommand), StorageError> {
     let event = job
         .assign(worker.id().clone(), now)
         .map_err(|e| StorageError::Conflict {
@@ -323,6 +491,33 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
         assigned_at: now,
         incarnation: worker.incarnation(),
     };
+    Ok((event, command))
+}
+
+/// Counts and logs an assignment that was committed.
+fn observe_assigned(
+    ctx: &Context,
+    job: &Job,
+    placeable_since: chrono::DateTime<Utc>,
+    now: chrono::DateTime<Utc>,
+) {
+    if let Ok(waited) = (now - placeable_since).to_std() {
+        ctx.backends
+            .metrics
+            .queue_wait
+            .observe(waited.as_secs_f64());
+    }
+    if let Some(attempt) = job.current_attempt_record() {
+        tracing::info!(job_id = %job.id(), attempt = %attempt.attempt, worker_id = %attempt.worker_id, "job assigned");
+    }
+}
+
+/// Assigns `job` to `worker` and returns the worker as saved, its slot reserved.
+async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Worker, StorageError> {
+    let now = Utc::now();
+    let (job_version, worker_version) = (job.version(), worker.version());
+    let since = placeable_since(job);
+    let (event, command) = reserve(job, &mut worker, now)?;
     let messages = [
         Outgoing::job_event(&event, SOURCE)?,
         Outgoing::agent_command(worker.id(), &command)?,
@@ -333,13 +528,7 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
     outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
-    if let Ok(waited) = (now - placeable_since).to_std() {
-        ctx.backends
-            .metrics
-            .queue_wait
-            .observe(waited.as_secs_f64());
-    }
-    tracing::info!(job_id = %job.id(), attempt = %attempt, worker_id = %worker.id(), "job assigned");
+    observe_assigned(ctx, job, since, now);
     Ok(worker)
 }
 

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use hodei_domain::{AttemptId, DomainError};
+use hodei_domain::{AttemptId, DomainError, Job, JobEvent, JobId};
 use hodei_messaging::settle::{self, dead_letter};
 use hodei_messaging::{AgentReport, ReportKind, streams, subjects, trace};
+use hodei_storage::driver::Transition;
 use hodei_storage::{StorageError, driver, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -23,42 +24,48 @@ const REPORT_RETRY: Duration = Duration::from_millis(250);
 /// Longest delay between two deliveries of a report that could not be recorded.
 const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Consumes reports until `shutdown`.
+/// Most reports recorded in one transaction.
+const REPORT_BATCH: usize = 256;
+
+/// Consumes reports until `shutdown`: each batch that is ready (up to [`REPORT_BATCH`]) is
+/// recorded in one transaction (group commit); a batch that cannot be recorded as a whole is
+/// recorded report by report, so one bad report fails alone.
 pub(crate) async fn run(
     ctx: Context,
     consumer: PullConsumer,
     shutdown: CancellationToken,
 ) -> Result<(), SchedulerError> {
-    let mut messages = consumer
+    let messages = consumer
         .messages()
         .await
         .map_err(|e| SchedulerError::Consume {
             what: "reports",
             reason: e.to_string(),
         })?;
+    let mut batches = messages.ready_chunks(REPORT_BATCH);
     loop {
-        let message = tokio::select! {
+        let batch = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            message = messages.next() => message,
+            batch = batches.next() => batch,
         };
-        let Some(message) = message else {
+        let Some(batch) = batch else {
             return Ok(());
         };
-        match message {
-            Ok(message) => {
-                let span = trace::process_span(
-                    SERVICE,
-                    &message.subject,
-                    streams::REPORTER,
-                    message.headers.as_ref(),
-                );
-                handle(&ctx, &message).instrument(span).await
-            }
-            Err(e) => {
-                ctx.backends.metrics.nats_error("consume");
-                tracing::warn!(error = %e, "failed to receive a report")
+        let mut checked = Vec::with_capacity(batch.len());
+        for message in batch {
+            match message {
+                Ok(message) => {
+                    if let Some(report) = check(&ctx, message).await {
+                        checked.push(report);
+                    }
+                }
+                Err(e) => {
+                    ctx.backends.metrics.nats_error("consume");
+                    tracing::warn!(error = %e, "failed to receive a report");
+                }
             }
         }
+        handle_batch(&ctx, checked).await;
     }
 }
 
@@ -70,12 +77,29 @@ enum Outcome {
     Forged(String),
 }
 
-async fn handle(ctx: &Context, message: &Message) {
+/// A report that decoded and whose subject names its sender, with the span it is processed in.
+struct Checked {
+    report: AgentReport,
+    message: Message,
+    span: tracing::Span,
+}
+
+/// Decodes a report and checks that its subject names its sender; dead-letters it if not.
+async fn check(ctx: &Context, message: Message) -> Option<Checked> {
+    let span = trace::process_span(
+        SERVICE,
+        &message.subject,
+        streams::REPORTER,
+        message.headers.as_ref(),
+    );
     let report = match hodei_messaging::decode::<AgentReport>(&message.subject, &message.payload) {
         Ok(r) => r,
         Err(e) => {
             ctx.backends.metrics.report_refused("malformed");
-            return dead_letter(&ctx.backends.js, message, "report", &e.to_string()).await;
+            dead_letter(&ctx.backends.js, &message, "report", &e.to_string())
+                .instrument(span)
+                .await;
+            return None;
         }
     };
     // The subject names the sender (a NATS credential can be bound to it): the payload must
@@ -92,12 +116,56 @@ async fn handle(ctx: &Context, message: &Message) {
             "report for job {} from worker {} arrived on subject {}, which names another sender or job",
             report.job_id, report.worker_id, message.subject
         );
-        return dead_letter(&ctx.backends.js, message, "report", &reason).await;
+        dead_letter(&ctx.backends.js, &message, "report", &reason)
+            .instrument(span)
+            .await;
+        return None;
     }
-    let result = ctx
+    Some(Checked {
+        report,
+        message,
+        span,
+    })
+}
+
+/// Records a batch in one transaction, or, if that fails, report by report.
+async fn handle_batch(ctx: &Context, batch: Vec<Checked>) {
+    if batch.is_empty() {
+        return;
+    }
+    let recorded = ctx
         .backends
-        .db_until_no_conflict(|| record(ctx, &report))
+        .db_until_no_conflict(|| record_batch(ctx, &batch))
         .await;
+    match recorded {
+        Ok(outcomes) => {
+            for (checked, outcome) in batch.iter().zip(outcomes) {
+                settle(ctx, checked, Ok(outcome))
+                    .instrument(checked.span.clone())
+                    .await;
+            }
+        }
+        Err(e) => {
+            if batch.len() > 1 {
+                tracing::debug!(error = %e, count = batch.len(), "report batch not recorded together, recording one by one");
+            }
+            for checked in &batch {
+                let result = ctx
+                    .backends
+                    .db_until_no_conflict(|| record(ctx, &checked.report))
+                    .instrument(checked.span.clone())
+                    .await;
+                settle(ctx, checked, result)
+                    .instrument(checked.span.clone())
+                    .await;
+            }
+        }
+    }
+}
+
+/// Acknowledges, retries later or dead-letters a report after recording it.
+async fn settle(ctx: &Context, checked: &Checked, result: Result<Outcome, StorageError>) {
+    let (report, message) = (&checked.report, &checked.message);
     let ack = match result {
         Ok(Outcome::Recorded) => AckKind::Ack,
         Ok(Outcome::Forged(why)) => {
@@ -128,20 +196,27 @@ async fn handle(ctx: &Context, message: &Message) {
     }
 }
 
-async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageError> {
-    let pool = &ctx.backends.pool;
-    let now = Utc::now();
-    let Some(mut job) = jobs::get(pool, report.job_id).await? else {
-        return Ok(Outcome::Ignored("unknown job".to_owned()));
-    };
-    // A report counts only from the worker that holds the attempt.
+/// What a report does to the job it is about.
+enum Applied {
+    /// The job moved: this event was applied to it.
+    Event(JobEvent),
+    /// Nothing changed; `release` when the report ends an attempt whose slot may still be held.
+    Ignored { why: String, release: bool },
+    /// The sender does not hold the attempt.
+    Forged(String),
+}
+
+/// Applies `report` to `job` in memory. A report counts only from the worker that holds the
+/// attempt; a report about an earlier attempt, or one that comes too late (started after
+/// finished, a repeat), changes nothing.
+fn apply(job: &mut Job, report: &AgentReport, now: DateTime<Utc>) -> Applied {
     let holder = job
         .attempts()
         .iter()
         .find(|a| a.attempt == report.attempt)
         .map(|a| &a.worker_id);
     if holder != Some(&report.worker_id) {
-        return Ok(Outcome::Forged(format!(
+        return Applied::Forged(format!(
             "worker {} reported on attempt {} of job {}, which {}",
             report.worker_id,
             report.attempt,
@@ -150,28 +225,125 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
                 Some(holder) => format!("worker {holder} holds"),
                 None => "was never assigned".to_owned(),
             }
-        )));
+        ));
     }
-    let version = job.version();
     let transition = match &report.kind {
         ReportKind::Started { .. } => job.start(report.attempt, now),
         ReportKind::Finished { outcome, tail } => {
             job.finish_with_output(report.attempt, outcome.clone(), tail.clone(), now, jitter())
         }
     };
-    let event = match transition {
-        Ok(e) => e,
-        Err(DomainError::StaleAttempt { got, current }) => {
-            return Ok(Outcome::Ignored(format!(
-                "stale attempt {got}, current is {current}"
-            )));
-        }
-        Err(e) => {
-            // Late or repeated report (e.g. started after finished): the job moved on.
-            if matches!(report.kind, ReportKind::Finished { .. }) {
+    match transition {
+        Ok(event) => Applied::Event(event),
+        Err(DomainError::StaleAttempt { got, current }) => Applied::Ignored {
+            why: format!("stale attempt {got}, current is {current}"),
+            release: false,
+        },
+        Err(e) => Applied::Ignored {
+            why: e.to_string(),
+            release: matches!(report.kind, ReportKind::Finished { .. }),
+        },
+    }
+}
+
+/// Records a batch of reports in one transaction: the jobs are read together, each job's
+/// reports are applied in the order they arrived (a `started` and a `finished` that arrive
+/// together make one save), and every job, freed slot and message is written with
+/// set-based statements. Returns each report's outcome, in order; `Conflict` if a job or a
+/// worker moved meanwhile (the caller tries the batch again).
+async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, StorageError> {
+    let pool = &ctx.backends.pool;
+    let now = Utc::now();
+    let mut ids: Vec<JobId> = batch.iter().map(|c| c.report.job_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut jobs = jobs::get_many(pool, &ids).await?;
+    // The jobs that moved, in the order their first report arrived: version read, events.
+    let mut moved: Vec<(JobId, u64, Vec<JobEvent>, tracing::Span)> = Vec::new();
+    let mut releases = Vec::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut counted = Vec::new();
+    for checked in batch {
+        let report = &checked.report;
+        let Some(job) = jobs.get_mut(&report.job_id) else {
+            outcomes.push(Outcome::Ignored("unknown job".to_owned()));
+            continue;
+        };
+        let version = job.version();
+        let outcome = match apply(job, report, now) {
+            Applied::Event(event) => {
+                match moved.iter_mut().find(|m| m.0 == report.job_id) {
+                    Some(m) => m.2.push(event),
+                    None => moved.push((report.job_id, version, vec![event], checked.span.clone())),
+                }
+                if matches!(report.kind, ReportKind::Finished { .. }) {
+                    releases.push((
+                        report.worker_id.clone(),
+                        AttemptId::new(report.job_id, report.attempt),
+                    ));
+                }
+                counted.push((report, job.created_at(), crate::observe::ended(job)));
+                Outcome::Recorded
+            }
+            Applied::Ignored { why, release } => {
+                if release {
+                    releases.push((
+                        report.worker_id.clone(),
+                        AttemptId::new(report.job_id, report.attempt),
+                    ));
+                }
+                Outcome::Ignored(why)
+            }
+            Applied::Forged(why) => Outcome::Forged(why),
+        };
+        outcomes.push(outcome);
+    }
+    // Each transition carries its job as it is after all its reports.
+    let changed: Vec<Transition> = moved
+        .into_iter()
+        .filter_map(|(id, expected_version, events, span)| {
+            jobs.remove(&id).map(|job| Transition {
+                job,
+                expected_version,
+                events,
+                extra: Vec::new(),
+                span,
+            })
+        })
+        .collect();
+    if !changed.is_empty() || !releases.is_empty() {
+        let mut tx = pool.begin().await?;
+        driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
+        tx.commit().await?;
+        ctx.backends.relay_wake.notify_one();
+    }
+    for (report, created_at, ended) in counted {
+        crate::observe::recorded(ctx, created_at, report, ended, now);
+    }
+    for t in &changed {
+        let _entered = t.span.enter();
+        tracing::info!(job_id = %t.job.id(), events = t.events.len(), state = %t.job.state(), "reports recorded");
+    }
+    Ok(outcomes)
+}
+
+/// Records one report in its own transaction: the path of a report whose batch could not be
+/// recorded as a whole.
+async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageError> {
+    let pool = &ctx.backends.pool;
+    let now = Utc::now();
+    let Some(mut job) = jobs::get(pool, report.job_id).await? else {
+        return Ok(Outcome::Ignored("unknown job".to_owned()));
+    };
+    let version = job.version();
+    let event = match apply(&mut job, report, now) {
+        Applied::Event(event) => event,
+        Applied::Forged(why) => return Ok(Outcome::Forged(why)),
+        Applied::Ignored { why, release } => {
+            if release {
                 release_slot(ctx, report).await?;
             }
-            return Ok(Outcome::Ignored(e.to_string()));
+            return Ok(Outcome::Ignored(why));
         }
     };
     let release = matches!(report.kind, ReportKind::Finished { .. }).then(|| {
@@ -184,7 +356,13 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
     driver::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
-    crate::observe::recorded(ctx, &job, report, now);
+    crate::observe::recorded(
+        ctx,
+        job.created_at(),
+        report,
+        crate::observe::ended(&job),
+        now,
+    );
     tracing::info!(job_id = %job.id(), attempt = %report.attempt, event = event.kind.name(), state = %job.state(), "report recorded");
     Ok(Outcome::Recorded)
 }
