@@ -63,6 +63,60 @@ pub async fn submit_job(
     Ok(JobSubmitted::Created(job.clone()))
 }
 
+/// A submission for [`submit_jobs`]: the job, its first event, the messages to queue with it
+/// and the trace context of the submission.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub job: Job,
+    pub event: JobEvent,
+    pub messages: Vec<Outgoing>,
+    pub trace: hodei_messaging::TraceHeaders,
+}
+
+/// [`submit_job`] for many jobs in one transaction (group commit): each job is recorded with
+/// its event and messages, unless its tenant already used its idempotency key. Answers in the
+/// order of `submissions`: `None` for a job recorded, the existing job for a resubmission.
+pub async fn submit_jobs(
+    pool: &PgPool,
+    submissions: &[Submission],
+) -> Result<Vec<Option<Job>>, StorageError> {
+    let new: Vec<jobs::NewJob<'_>> = submissions
+        .iter()
+        .map(|s| jobs::NewJob {
+            job: &s.job,
+            event: &s.event,
+            trace: &s.trace,
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    let inserted = jobs::insert_many(&mut tx, &new).await?;
+    let messages: Vec<&Outgoing> = submissions
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, inserted)| **inserted)
+        .flat_map(|(s, _)| &s.messages)
+        .collect();
+    outbox::append(&mut tx, &messages).await?;
+    tx.commit().await?;
+    let mut answers = Vec::with_capacity(submissions.len());
+    for (s, inserted) in submissions.iter().zip(inserted) {
+        if inserted {
+            answers.push(None);
+            continue;
+        }
+        let key = s.job.spec().idempotency_key.as_deref().unwrap_or_default();
+        match jobs::find_by_idempotency_key(pool, s.job.tenant(), key).await? {
+            Some(existing) => answers.push(Some(existing)),
+            None => {
+                return Err(StorageError::Conflict {
+                    what: format!("job with idempotency key {key}"),
+                });
+            }
+        }
+    }
+    Ok(answers)
+}
+
 /// Saves a job changed by `events` (already applied to it) if it is still at
 /// `expected_version`; otherwise returns `Conflict` and changes nothing. When the job is a
 /// pipeline step and `events` start or end it, its run is moved on in the same transaction.

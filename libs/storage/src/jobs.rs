@@ -55,6 +55,87 @@ pub async fn insert(
     Ok(true)
 }
 
+/// A new job for [`insert_many`], with the trace context of the submission that made it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub job: &'a Job,
+    pub event: &'a JobEvent,
+    pub trace: &'a hodei_messaging::TraceHeaders,
+}
+
+/// [`insert`] for many jobs (none a pipeline step) in two statements. Returns, for each job in
+/// order, whether it was inserted: false when its tenant already used its idempotency key
+/// (before, or earlier in the same batch).
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    new: &[NewJob<'_>],
+) -> Result<Vec<bool>, StorageError> {
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = new.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut specs = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut traces = Vec::with_capacity(n);
+    for NewJob { job, trace, .. } in new {
+        let spec = job.spec();
+        ids.push(job.id().as_uuid());
+        tenants.push(job.tenant().as_str());
+        names.push(spec.name.as_str());
+        states.push(job.state().as_str());
+        priorities.push(spec.priority);
+        specs.push(encode("job spec", spec)?);
+        labels.push(encode("job labels", &spec.labels)?);
+        keys.push(spec.idempotency_key.as_deref());
+        created.push(job.created_at());
+        versions.push(to_i64(job.version()));
+        traces.push(encode("trace context", trace)?);
+    }
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
+                           current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
+                           created_at, updated_at, version, trace_context, pipeline_run_id, pipeline_step)
+         SELECT u.id, u.tenant, u.name, u.state, u.priority, u.spec, u.labels, u.key, '[]', 0, NULL,
+                false, NULL, NULL, NULL, u.created_at, u.created_at, u.version, u.trace, NULL, NULL
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[],
+                     $7::jsonb[], $8::text[], $9::timestamptz[], $10::bigint[], $11::jsonb[])
+              AS u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)
+         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&names)
+    .bind(&states)
+    .bind(&priorities)
+    .bind(&specs)
+    .bind(&labels)
+    .bind(&keys)
+    .bind(&created)
+    .bind(&versions)
+    .bind(&traces)
+    .fetch_all(&mut *conn)
+    .await?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let flags: Vec<bool> = ids.iter().map(|id| inserted.contains(id)).collect();
+    let events = new
+        .iter()
+        .zip(&flags)
+        .filter(|(_, inserted)| **inserted)
+        .map(|(n, _)| n.event);
+    let events: Vec<&JobEvent> = events.collect();
+    append_events(conn, events.iter().copied()).await?;
+    Ok(flags)
+}
+
 /// The job a tenant submitted with `key`, if any.
 pub async fn find_by_idempotency_key(
     pool: &PgPool,
@@ -376,6 +457,28 @@ pub async fn set_pending_reason(
         .bind(reason)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// [`set_pending_reason`] for many jobs in one statement, inside the caller's transaction.
+pub async fn set_pending_reasons(
+    conn: &mut PgConnection,
+    reasons: &[(JobId, String)],
+) -> Result<(), StorageError> {
+    if reasons.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = reasons.iter().map(|(id, _)| id.as_uuid()).collect();
+    let texts: Vec<&str> = reasons.iter().map(|(_, r)| r.as_str()).collect();
+    sqlx::query(
+        "UPDATE jobs j SET reason = u.reason
+         FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+         WHERE j.id = u.id AND j.state = 'queued' AND j.reason IS DISTINCT FROM u.reason",
+    )
+    .bind(&ids)
+    .bind(&texts)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -60,6 +60,17 @@ impl ApiError {
     }
 }
 
+impl From<crate::submissions::SubmitError> for ApiError {
+    fn from(e: crate::submissions::SubmitError) -> Self {
+        match e {
+            crate::submissions::SubmitError::Storage(e) => ApiError::Storage(e),
+            stopped @ crate::submissions::SubmitError::Stopped => {
+                ApiError::unavailable("submissions", stopped)
+            }
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {

@@ -9,7 +9,7 @@ use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subj
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
 use hodei_runtime::Backends;
-use hodei_storage::driver::{self, JobSubmitted};
+use hodei_storage::driver::{self, JobSubmitted, Submission};
 use hodei_storage::jobs::{self, JobFilter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,19 +21,27 @@ use crate::admission::Admission;
 use crate::errors::{ApiError, IntoStatus};
 use crate::limits::TransportLimits;
 use crate::request;
+use crate::submissions::Submissions;
 use crate::watch::{self, STREAM_POLL};
 
 pub struct JobApi {
     backends: Backends,
     admission: Admission,
+    submissions: Submissions,
     shutdown: CancellationToken,
 }
 
 impl JobApi {
-    pub fn new(backends: Backends, admission: Admission, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        backends: Backends,
+        admission: Admission,
+        submissions: Submissions,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             backends,
             admission,
+            submissions,
             shutdown,
         }
     }
@@ -89,14 +97,20 @@ impl JobService for JobApi {
             .into_status()?,
         ];
         limits.check_messages("spec", &messages).into_status()?;
-        let (job, created) = match self
-            .backends
-            .db(|| driver::submit_job(&self.backends.pool, &job, &event, &messages))
+        let submission = Submission {
+            job,
+            event,
+            messages: messages.into(),
+            trace: hodei_messaging::trace::current(),
+        };
+        let submitted = self
+            .submissions
+            .submit(submission)
             .await
-            .into_status()?
-        {
+            .map_err(ApiError::from)
+            .into_status()?;
+        let (job, created) = match submitted {
             JobSubmitted::Created(job) => {
-                self.backends.relay_wake.notify_one();
                 self.backends.metrics.jobs_submitted.inc();
                 tracing::Span::current().record("job_id", tracing::field::display(job.id()));
                 tracing::info!(job_id = %job.id(), name = %job.spec().name, "job submitted");

@@ -10,6 +10,7 @@ mod jobs;
 mod limits;
 mod pipelines;
 mod request;
+mod submissions;
 mod watch;
 mod workers;
 
@@ -135,7 +136,12 @@ impl Gateway {
         );
         let pipeline_api =
             pipelines::PipelineApi::new(self.backends.clone(), admission.clone(), shutdown.clone());
-        let job_api = jobs::JobApi::new(self.backends.clone(), admission, shutdown.clone());
+        let job_api = jobs::JobApi::new(
+            self.backends.clone(),
+            admission,
+            submissions::Submissions::start(self.backends.clone()),
+            shutdown.clone(),
+        );
         let result = tonic::transport::Server::builder()
             .trace_fn(grpc_trace::server_span)
             .add_service(health)
