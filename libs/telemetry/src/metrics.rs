@@ -12,6 +12,7 @@
 //! | `hodei_jobs_queued` | gauge | scheduler (read from PostgreSQL at scrape time) |
 //! | `hodei_placements_total{result}` | counter | scheduler |
 //! | `hodei_placement_duration_seconds` | histogram | scheduler |
+//! | `hodei_placements_blocked` | gauge | scheduler |
 //! | `hodei_job_queue_wait_seconds` | histogram | scheduler |
 //! | `hodei_job_start_delay_seconds` | histogram | scheduler |
 //! | `hodei_heartbeats_received_total` | counter | registry |
@@ -85,6 +86,7 @@ pub struct Metrics {
     pub jobs_queued: Gauge,
     placements: Family<Label, Counter>,
     pub placement_duration: Histogram,
+    pub placements_blocked: Gauge,
     pub queue_wait: Histogram,
     pub start_delay: Histogram,
     pub heartbeats_received: Counter,
@@ -123,6 +125,7 @@ impl Metrics {
             jobs_queued: Gauge::default(),
             placements: Family::default(),
             placement_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            placements_blocked: Gauge::default(),
             queue_wait: seconds(),
             start_delay: seconds(),
             heartbeats_received: Counter::default(),
@@ -189,6 +192,11 @@ impl Metrics {
                 "Time to place one job: load it and the live workers, filter, rank, commit the assignment",
                 Unit::Seconds,
                 self.placement_duration.clone(),
+            );
+            r.register(
+                "placements_blocked",
+                "Placement requests this scheduler holds because no live worker can take them now",
+                self.placements_blocked.clone(),
             );
             r.register_with_unit(
                 "job_queue_wait",

@@ -114,6 +114,8 @@ pub enum SchedulerError {
 pub(crate) struct Context {
     pub backends: Backends,
     pub config: SchedulerConfig,
+    /// Notified when recorded reports free slots: blocked placements are tried again.
+    pub capacity: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// A built scheduler, connected, with its consumers created.
@@ -142,7 +144,11 @@ impl Scheduler {
         let placer = streams::consumer(&backends.js, streams::WORK, placer_config).await?;
         let reporter = streams::consumer(&backends.js, streams::REPORTS, reporter_config).await?;
         Ok(Scheduler {
-            ctx: Context { backends, config },
+            ctx: Context {
+                backends,
+                config,
+                capacity: std::sync::Arc::default(),
+            },
             placer,
             reporter,
         })

@@ -3,7 +3,7 @@
 //! the reservation and the assignment in one transaction guarded by both aggregates'
 //! versions.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
@@ -73,6 +73,7 @@ pub fn explain(workers: &[Worker], job: &Job) -> String {
 }
 
 /// What became of a placement request.
+#[derive(Debug, Clone, Copy)]
 enum Placement {
     Placed,
     /// The job moved on since the request was queued.
@@ -83,7 +84,13 @@ enum Placement {
     NoWorker,
 }
 
-/// Consumes placement requests until `shutdown`, taking each ready batch by priority.
+/// Consumes placement requests until `shutdown`. Each round takes the requests that are
+/// ready (up to 256) together with the blocked ones, by priority, and places them in one
+/// transaction. A request no live worker can take now is held in memory (blocked, its
+/// message kept in progress) rather than asked for again later: it is tried again as soon as
+/// a report frees a slot on this scheduler, and every `placement_retry_ms` for capacity that
+/// appears elsewhere (a new worker, another replica's reports). Nomad's blocked evaluations
+/// work the same way.
 pub(crate) async fn run(
     ctx: Context,
     consumer: PullConsumer,
@@ -97,49 +104,39 @@ pub(crate) async fn run(
             reason: e.to_string(),
         })?;
     let mut batches = messages.ready_chunks(256);
+    let mut blocked = Blocked::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let batch = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            batch = batches.next() => batch,
-        };
-        let Some(batch) = batch else {
-            return Ok(());
-        };
-        let mut decoded = Vec::with_capacity(batch.len());
-        for message in batch {
-            let message = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    ctx.backends.metrics.nats_error("consume");
-                    tracing::warn!(error = %e, "failed to receive a placement request");
-                    continue;
-                }
-            };
-            match hodei_messaging::decode::<PlaceJob>(&message.subject, &message.payload) {
-                Ok(item) => decoded.push((item, message)),
-                Err(e) => {
-                    ctx.backends.metrics.message_dead_lettered("place");
-                    dead_letter(&ctx.backends.js, &message, "place", &e.to_string()).await;
-                }
+        let (requests, all) = tokio::select! {
+            () = shutdown.cancelled() => {
+                blocked.release(&ctx).await;
+                return Ok(());
             }
-        }
-        decoded.sort_by_key(|(item, _)| std::cmp::Reverse(item.priority));
-        let requests: Vec<Request> = decoded
-            .into_iter()
-            .map(|(item, message)| Request {
-                span: trace::process_span(
-                    SERVICE,
-                    &message.subject,
-                    streams::PLACER,
-                    message.headers.as_ref(),
-                ),
-                item,
-                message,
-            })
-            .collect();
-        // One read of the live workers serves the whole batch (see `WorkerView`).
+            batch = batches.next() => {
+                let Some(batch) = batch else {
+                    blocked.release(&ctx).await;
+                    return Ok(());
+                };
+                (decode(&ctx, batch).await, false)
+            }
+            () = ctx.capacity.notified(), if !blocked.is_empty() => (Vec::new(), false),
+            _ = tick.tick(), if !blocked.is_empty() => {
+                blocked.keep_alive(&ctx).await;
+                (Vec::new(), true)
+            }
+        };
+        // One read of the live workers serves the whole round (see `WorkerView`).
         let mut view = WorkerView::default();
-        let one_by_one = place_batch(&ctx, &requests, &mut view).await;
+        let requests = match blocked.with(&ctx, requests, all, &mut view).await {
+            Ok(requests) => requests,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to read the live workers for placement");
+                continue;
+            }
+        };
+        let (waiting, one_by_one) = place_batch(&ctx, requests, &mut view).await;
+        blocked.hold(&ctx, waiting);
         for request in one_by_one {
             handle(&ctx, &request.item, &request.message, &mut view)
                 .instrument(request.span.clone())
@@ -148,89 +145,249 @@ pub(crate) async fn run(
     }
 }
 
+/// Decodes a batch of placement requests; dead-letters those that do not decode.
+async fn decode(
+    ctx: &Context,
+    batch: Vec<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>,
+) -> Vec<Request> {
+    let mut decoded = Vec::with_capacity(batch.len());
+    for message in batch {
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                ctx.backends.metrics.nats_error("consume");
+                tracing::warn!(error = %e, "failed to receive a placement request");
+                continue;
+            }
+        };
+        match hodei_messaging::decode::<PlaceJob>(&message.subject, &message.payload) {
+            Ok(item) => decoded.push(Request {
+                span: trace::process_span(
+                    SERVICE,
+                    &message.subject,
+                    streams::PLACER,
+                    message.headers.as_ref(),
+                ),
+                item,
+                message,
+                blocked: None,
+            }),
+            Err(e) => {
+                ctx.backends.metrics.message_dead_lettered("place");
+                dead_letter(&ctx.backends.js, &message, "place", &e.to_string()).await;
+            }
+        }
+    }
+    decoded
+}
+
 /// A placement request with the span it is processed in.
 struct Request {
     item: PlaceJob,
     message: Message,
     span: tracing::Span,
+    /// Since when it waits for a worker, and when its message was last kept in progress.
+    blocked: Option<(Instant, Instant)>,
 }
 
-/// Places a batch of requests (in priority order) in one transaction: the jobs are read
+/// Requests no live worker could take when they were last tried, oldest first.
+#[derive(Default)]
+struct Blocked {
+    requests: Vec<Request>,
+}
+
+impl Blocked {
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// The requests of a round: `new` ones and, by priority (then age), the blocked ones
+    /// that could be placed: all of them when `all`, otherwise no more than the view's free
+    /// slots (a placement takes at least one), so a freed slot does not re-read every
+    /// blocked job.
+    async fn with(
+        &mut self,
+        ctx: &Context,
+        new: Vec<Request>,
+        all: bool,
+        view: &mut WorkerView,
+    ) -> Result<Vec<Request>, StorageError> {
+        let mut round = Vec::with_capacity(new.len() + self.requests.len());
+        if !self.requests.is_empty() {
+            let take = if all {
+                self.requests.len()
+            } else {
+                let (live, _) = ctx
+                    .backends
+                    .db(|| view.get(&ctx.backends.pool, live_since(ctx)))
+                    .await?;
+                let free: usize = live
+                    .iter()
+                    .map(|w| usize::try_from(w.free_slots()).unwrap_or(usize::MAX))
+                    .sum();
+                free.min(self.requests.len())
+            };
+            // Highest priority first, the longest waiting first among equals (stable sort).
+            self.requests
+                .sort_by_key(|r| std::cmp::Reverse(r.item.priority));
+            round.extend(self.requests.drain(..take));
+        }
+        round.extend(new);
+        round.sort_by_key(|r| std::cmp::Reverse(r.item.priority));
+        Ok(round)
+    }
+
+    /// Holds requests that wait for a worker.
+    fn hold(&mut self, ctx: &Context, waiting: Vec<Request>) {
+        let now = Instant::now();
+        for mut request in waiting {
+            if request.blocked.is_none() {
+                ctx.backends.metrics.placement("no_worker");
+                request.blocked = Some((now, now));
+            }
+            self.requests.push(request);
+        }
+        ctx.backends
+            .metrics
+            .placements_blocked
+            .set(i64::try_from(self.requests.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Keeps the messages of long-blocked requests from being delivered again (to this or
+    /// another replica) while they are held: progress is sent every third of the ack wait.
+    async fn keep_alive(&mut self, ctx: &Context) {
+        let every = Duration::from_millis(ctx.config.ack_wait_ms / 3);
+        let now = Instant::now();
+        for request in &mut self.requests {
+            if let Some((_, progress)) = &mut request.blocked
+                && now.duration_since(*progress) >= every
+            {
+                if let Err(e) = request.message.ack_with(AckKind::Progress).await {
+                    ctx.backends.metrics.nats_error("ack");
+                    tracing::warn!(job_id = %request.item.job_id, error = %e, "failed to keep a blocked placement request");
+                }
+                *progress = now;
+            }
+        }
+    }
+
+    /// Hands every held request back to the stream at once (shutdown): another replica
+    /// takes them.
+    async fn release(&mut self, ctx: &Context) {
+        for request in self.requests.drain(..) {
+            if let Err(e) = request.message.ack_with(AckKind::Nak(None)).await {
+                ctx.backends.metrics.nats_error("ack");
+                tracing::warn!(job_id = %request.item.job_id, error = %e, "failed to hand back a blocked placement request");
+            }
+        }
+        ctx.backends.metrics.placements_blocked.set(0);
+    }
+}
+
+/// Workers that beat since this instant count as live.
+fn live_since(ctx: &Context) -> chrono::DateTime<Utc> {
+    Utc::now()
+        - chrono::Duration::milliseconds(
+            i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
+        )
+}
+
+/// Places a round of requests (in priority order) in one transaction: the jobs are read
 /// together, each goes to the best worker of the view (which keeps the reservations made so
 /// far), and every job, worker and message is written with set-based statements. Settles
-/// the requests it decided (placed, stale, not yet due) and returns the others for
-/// [`handle`]: those no worker of the view can take (a fresh read decides), and all of them
-/// when the batch could not be written as a whole (a job or worker moved, PostgreSQL away).
-async fn place_batch<'r>(
+/// the requests it decided (placed, stale, not yet due); returns those that wait for a worker
+/// (none in the view, read this round, can take them; each with its reason recorded on the
+/// job), and those left for [`handle`]: past their queue timeout, or all of them when the
+/// round could not be written as a whole (a job or worker moved, PostgreSQL away).
+async fn place_batch(
     ctx: &Context,
-    requests: &'r [Request],
+    requests: Vec<Request>,
     view: &mut WorkerView,
-) -> Vec<&'r Request> {
-    let started = std::time::Instant::now();
-    match decide_batch(ctx, requests, view).await {
-        Ok((decided, rest)) => {
-            for (request, placement) in decided {
-                settle(ctx, request, &Ok(placement), Some(started)).await;
+) -> (Vec<Request>, Vec<Request>) {
+    let started = Instant::now();
+    match decide_batch(ctx, &requests, view).await {
+        Ok(decided) => {
+            let mut outcome: Vec<Option<Decision>> = vec![None; requests.len()];
+            for (i, decision) in decided {
+                outcome[i] = Some(decision);
             }
-            rest
+            let (mut waiting, mut rest) = (Vec::new(), Vec::new());
+            for (request, decision) in requests.into_iter().zip(outcome) {
+                match decision {
+                    Some(Decision::Settled(placement)) => {
+                        settle(ctx, &request, &Ok(placement), Some(started)).await;
+                    }
+                    Some(Decision::Waits) => waiting.push(request),
+                    None => rest.push(request),
+                }
+            }
+            (waiting, rest)
         }
         Err(e) => {
             view.forget();
             if requests.len() > 1 {
                 tracing::debug!(error = %e, count = requests.len(), "placement batch not written together, placing one by one");
             }
-            requests.iter().collect()
+            (Vec::new(), requests)
         }
     }
 }
 
-/// The placements of a batch that were decided and written, and the requests left for
-/// [`handle`].
-type Decided<'r> = (Vec<(&'r Request, Placement)>, Vec<&'r Request>);
+/// What a round decided for one request.
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    /// Placed, stale or not yet due: settled now.
+    Settled(Placement),
+    /// No worker can take it now.
+    Waits,
+}
 
-async fn decide_batch<'r>(
+async fn decide_batch(
     ctx: &Context,
-    requests: &'r [Request],
+    requests: &[Request],
     view: &mut WorkerView,
-) -> Result<Decided<'r>, StorageError> {
+) -> Result<Vec<(usize, Decision)>, StorageError> {
     let pool = &ctx.backends.pool;
-    let stale_after = chrono::Duration::milliseconds(
-        i64::try_from(ctx.config.worker_stale_ms).unwrap_or(i64::MAX),
-    );
     let now = Utc::now();
+    let queue_timeout = chrono::Duration::milliseconds(
+        i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
+    );
     let ids: Vec<JobId> = requests.iter().map(|r| r.item.job_id).collect();
     let mut jobs = ctx.backends.db(|| jobs::get_many(pool, &ids)).await?;
     let mut decided = Vec::with_capacity(requests.len());
-    let mut rest = Vec::new();
     let mut transitions = Vec::new();
+    let mut reasons: Vec<(JobId, String)> = Vec::new();
     // The version each reserved worker was read at, in the order first reserved.
     let mut reserved: Vec<(WorkerId, u64)> = Vec::new();
     let mut waits = Vec::new();
-    for request in requests {
+    for (i, request) in requests.iter().enumerate() {
         let item = &request.item;
         let Some(mut job) = jobs.remove(&item.job_id) else {
             tracing::warn!(parent: &request.span, job_id = %item.job_id, "placement request for an unknown job dropped");
-            decided.push((request, Placement::Stale));
+            decided.push((i, Decision::Settled(Placement::Stale)));
             continue;
         };
         if job.state() != JobState::Queued || job.current_attempt() != item.attempt {
-            decided.push((request, Placement::Stale));
+            decided.push((i, Decision::Settled(Placement::Stale)));
             continue;
         }
         if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
-            decided.push((request, Placement::NotYet(wait)));
+            decided.push((i, Decision::Settled(Placement::NotYet(wait))));
             continue;
         }
-        let (live, _) = ctx
-            .backends
-            .db(|| view.get(pool, now - stale_after))
-            .await?;
+        let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
         let Some(worker_id) = best(live, &job).map(|w| w.id().clone()) else {
-            rest.push(request);
+            // Past its queue timeout, the one-by-one path fails it with the reason.
+            if now - job.updated_at() <= queue_timeout {
+                let reason = explain(live, &job);
+                if job.reason() != Some(reason.as_str()) {
+                    reasons.push((job.id(), reason));
+                }
+                decided.push((i, Decision::Waits));
+            }
             continue;
         };
         let Some(worker) = view.worker_mut(&worker_id) else {
-            rest.push(request);
             continue;
         };
         if !reserved.iter().any(|(id, _)| id == &worker_id) {
@@ -248,9 +405,9 @@ async fn decide_batch<'r>(
             span: request.span.clone(),
         });
         waits.push(placeable_since);
-        decided.push((request, Placement::Placed));
+        decided.push((i, Decision::Settled(Placement::Placed)));
     }
-    if !transitions.is_empty() {
+    if !transitions.is_empty() || !reasons.is_empty() {
         let saves: Vec<(&Worker, u64)> = reserved
             .iter()
             .filter_map(|(id, version)| view.worker(id).map(|w| (w, *version)))
@@ -258,13 +415,16 @@ async fn decide_batch<'r>(
         let mut tx = pool.begin().await?;
         workers::save_reservations(&mut tx, &saves).await?;
         driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
+        jobs::set_pending_reasons(&mut tx, &reasons).await?;
         tx.commit().await?;
-        ctx.backends.relay_wake.notify_one();
+        if !transitions.is_empty() {
+            ctx.backends.relay_wake.notify_one();
+        }
         for (t, since) in transitions.iter().zip(waits) {
             observe_assigned(ctx, &t.job, since, now);
         }
     }
-    Ok((decided, rest))
+    Ok(decided)
 }
 
 /// The live workers as this scheduler last read them, kept current with its own

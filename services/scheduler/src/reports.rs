@@ -316,6 +316,9 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
         tx.commit().await?;
         ctx.backends.relay_wake.notify_one();
+        if !releases.is_empty() {
+            ctx.capacity.notify_one();
+        }
     }
     for (report, created_at, ended) in counted {
         crate::observe::recorded(ctx, created_at, report, ended, now);
@@ -356,6 +359,9 @@ async fn record(ctx: &Context, report: &AgentReport) -> Result<Outcome, StorageE
     driver::commit_transition(&mut tx, &job, version, &event, release, Vec::new(), SOURCE).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
+    if release.is_some() {
+        ctx.capacity.notify_one();
+    }
     crate::observe::recorded(
         ctx,
         job.created_at(),
@@ -377,6 +383,7 @@ async fn release_slot(ctx: &Context, report: &AgentReport) -> Result<(), Storage
             .is_ok()
         {
             workers::save_reservation(&mut conn, &worker, version).await?;
+            ctx.capacity.notify_one();
         }
     }
     Ok(())
