@@ -161,6 +161,12 @@ pub async fn save_reservations(
         statuses.push(w.status().as_str());
         versions.push(to_i64(w.version()));
     }
+    // Locked in the order of their ids first (see `apply_heartbeats`): placements, reports
+    // and heartbeats write overlapping sets of workers at the same time.
+    sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
     let updated = sqlx::query(
         "UPDATE workers w SET held = u.held, status = u.status, version = u.version
          FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::text[], $5::bigint[])
@@ -237,7 +243,11 @@ pub async fn apply_heartbeats(
     let mut incarnations = Vec::new();
     let mut leases = Vec::new();
     let mut graces = Vec::new();
-    for (hb, at) in beats {
+    // Rows are upserted (and locked) in the order of their ids, the order every batch that
+    // writes several workers locks them in, so two such transactions never deadlock.
+    let mut sorted: Vec<&(Heartbeat, DateTime<Utc>)> = beats.iter().collect();
+    sorted.sort_by(|a, b| a.0.worker_id.cmp(&b.0.worker_id));
+    for (hb, at) in sorted {
         incarnations.push(hb.incarnation.as_uuid());
         leases.push(to_i64(hb.lease_ms));
         graces.push(to_i64(hb.kill_grace_ms));
