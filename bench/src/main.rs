@@ -125,6 +125,11 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let quick = cli.quick;
+    // The in-process services log to stderr only when asked (RUST_LOG), for profiling.
+    let _telemetry = match std::env::var_os("RUST_LOG") {
+        Some(_) => Some(hodei_telemetry::init("hodei-bench").context("failed to start logging")?),
+        None => None,
+    };
     let started_at = chrono::Utc::now();
     let machine = Machine::probe()
         .await

@@ -305,7 +305,17 @@ async fn place_batch(
     view: &mut WorkerView,
 ) -> (Vec<Request>, Vec<Request>) {
     let started = Instant::now();
-    match decide_batch(ctx, &requests, view).await {
+    // Recorded reports free slots all the time, so a round often finds a worker it reserved
+    // on moved: it is decided again against a fresh read before falling back.
+    let mut tries = 0;
+    let decided = loop {
+        tries += 1;
+        match decide_batch(ctx, &requests, view).await {
+            Err(e) if e.is_conflict() && tries < ROUND_TRIES => view.forget(),
+            decided => break decided,
+        }
+    };
+    match decided {
         Ok(decided) => {
             let mut outcome: Vec<Option<Decision>> = vec![None; requests.len()];
             for (i, decision) in decided {
@@ -332,6 +342,9 @@ async fn place_batch(
         }
     }
 }
+
+/// How many times a round is decided before its requests are placed one by one.
+const ROUND_TRIES: u32 = 4;
 
 /// What a round decided for one request.
 #[derive(Debug, Clone, Copy)]
