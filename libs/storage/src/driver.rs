@@ -183,13 +183,14 @@ pub struct Transition {
 /// statements: saves every job at its expected version (moving the pipeline runs of steps
 /// that started or ended), frees the slots `releases` names on their workers if the workers
 /// still hold them, and queues every event (from `source`) and a placement request for each
-/// requeued job. `Conflict` if any job or worker moved meanwhile: the caller rolls back.
+/// requeued job. Returns the workers saved with slots freed. `Conflict` if any job or worker
+/// moved meanwhile: the caller rolls back.
 pub async fn commit_transitions(
     conn: &mut PgConnection,
     transitions: &[Transition],
     releases: &[(WorkerId, AttemptId)],
     source: &str,
-) -> Result<(), StorageError> {
+) -> Result<Vec<hodei_domain::Worker>, StorageError> {
     let changes: Vec<(&Job, u64)> = transitions
         .iter()
         .map(|t| (&t.job, t.expected_version))
@@ -203,7 +204,7 @@ pub async fn commit_transitions(
                 .await?;
         }
     }
-    release_slots(conn, releases).await?;
+    let freed = release_slots(conn, releases).await?;
     let mut messages: Vec<Cow<'_, Outgoing>> = Vec::with_capacity(events.len() * 2);
     for t in transitions {
         let _entered = t.span.enter();
@@ -220,17 +221,18 @@ pub async fn commit_transitions(
         }
         messages.extend(t.extra.iter().map(Cow::Borrowed));
     }
-    outbox::append(conn, &messages).await
+    outbox::append(conn, &messages).await?;
+    Ok(freed)
 }
 
 /// Frees each attempt's slot on its worker, if the worker still holds it: every worker is
-/// read and saved once.
+/// read and saved once. Returns the workers saved.
 pub async fn release_slots(
     conn: &mut PgConnection,
     releases: &[(WorkerId, AttemptId)],
-) -> Result<(), StorageError> {
+) -> Result<Vec<hodei_domain::Worker>, StorageError> {
     if releases.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut ids: Vec<&WorkerId> = releases.iter().map(|(w, _)| w).collect();
     ids.sort_unstable();
@@ -253,7 +255,8 @@ pub async fn release_slots(
         .filter(|(id, _)| changed.contains(id))
         .filter_map(|(id, version)| found.get(id).map(|w| (w, *version)))
         .collect();
-    workers::save_reservations(conn, &saves).await
+    workers::save_reservations(conn, &saves).await?;
+    Ok(saves.into_iter().map(|(w, _)| w.clone()).collect())
 }
 
 /// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends

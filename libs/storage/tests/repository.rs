@@ -396,12 +396,17 @@ async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
         AttemptId::new(JobId::new(), AttemptNumber::new(1)),
     ));
     let mut tx = pool.begin().await.unwrap();
-    driver::commit_transitions(&mut tx, &finished, &releases, "test")
+    let saved = driver::commit_transitions(&mut tx, &finished, &releases, "test")
         .await
         .unwrap();
     tx.commit().await.unwrap();
     let freed = workers::get(&pool, worker.id()).await.unwrap().unwrap();
     assert!(freed.held().is_empty(), "{:?}", freed.held());
+    assert_eq!(
+        saved,
+        vec![freed.clone()],
+        "the worker is returned as saved"
+    );
     for t in &finished {
         let job = jobs::get(&pool, t.job.id()).await.unwrap().unwrap();
         assert_eq!(job.state(), JobState::Succeeded);

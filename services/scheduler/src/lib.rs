@@ -33,7 +33,8 @@ pub struct SchedulerConfig {
     /// A worker whose last heartbeat is older than this is not given new work, in milliseconds.
     #[arg(long, env = "HODEI_WORKER_STALE_MS", default_value_t = 3000)]
     pub worker_stale_ms: u64,
-    /// Delay before trying again to place a job no worker can take now, in milliseconds.
+    /// Interval at which every blocked placement request (no worker could take it) is tried
+    /// again, besides whenever a recorded report frees a slot, in milliseconds.
     #[arg(long, env = "HODEI_PLACEMENT_RETRY_MS", default_value_t = 500)]
     pub placement_retry_ms: u64,
     /// A queued job not placed for this long is re-driven by the reconciler, in milliseconds.
@@ -116,6 +117,8 @@ pub(crate) struct Context {
     pub config: SchedulerConfig,
     /// Notified when recorded reports free slots: blocked placements are tried again.
     pub capacity: std::sync::Arc<tokio::sync::Notify>,
+    /// The live workers as placement last read them, kept current by reports too.
+    pub view: std::sync::Arc<tokio::sync::Mutex<placement::WorkerView>>,
 }
 
 /// A built scheduler, connected, with its consumers created.
@@ -148,6 +151,7 @@ impl Scheduler {
                 backends,
                 config,
                 capacity: std::sync::Arc::default(),
+                view: std::sync::Arc::default(),
             },
             placer,
             reporter,

@@ -126,8 +126,10 @@ pub(crate) async fn run(
                 (Vec::new(), true)
             }
         };
-        // One read of the live workers serves the whole round (see `WorkerView`).
-        let mut view = WorkerView::default();
+        // The shared view of the live workers serves the whole round (see `WorkerView`);
+        // the periodic retry of every blocked request reads it afresh.
+        let mut view = ctx.view.lock().await;
+        view.expire(if all { Duration::ZERO } else { VIEW_MAX_AGE });
         let requests = match blocked.with(&ctx, requests, all, &mut view).await {
             Ok(requests) => requests,
             Err(e) => {
@@ -361,6 +363,10 @@ async fn decide_batch(
     view: &mut WorkerView,
 ) -> Result<Vec<(usize, Decision)>, StorageError> {
     let pool = &ctx.backends.pool;
+    // The workers are read before the clock: a slot this round takes was freed (and the
+    // freeing attempt's end stamped) before its `assigned_at`, so a worker's recorded
+    // attempts never overlap beyond its slots.
+    ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
     let now = Utc::now();
     let queue_timeout = chrono::Duration::milliseconds(
         i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
@@ -440,15 +446,21 @@ async fn decide_batch(
     Ok(decided)
 }
 
-/// The live workers as this scheduler last read them, kept current with its own
-/// reservations. Other writers (reports freeing slots, other replicas, heartbeats changing
-/// status) make it stale: a stale worker fails its reservation's version check, which drops
-/// the view, and a job that fits no worker in a view older than this placement is checked
-/// against a fresh read before it is told to wait. So the view saves reads, never decides.
+/// The live workers as this scheduler last read them, shared by its placement rounds and
+/// kept current with its own writes: the reservations it commits and the slots its recorded
+/// reports free. Other writers (other replicas, heartbeats changing a status) make it stale:
+/// a stale worker fails its reservation's version check, which drops the view. It is read
+/// again at least every [`VIEW_MAX_AGE`] and at each periodic retry of the blocked requests,
+/// so a worker that appeared is seen within that time. So the view saves reads, never
+/// decides.
 #[derive(Default)]
-struct WorkerView {
+pub(crate) struct WorkerView {
     workers: Option<Vec<Worker>>,
+    read_at: Option<Instant>,
 }
+
+/// Oldest a view may be at the start of a placement round.
+const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl WorkerView {
     async fn get(
@@ -459,12 +471,21 @@ impl WorkerView {
         let fresh = self.workers.is_none();
         if fresh {
             self.workers = Some(workers::placeable(pool, live_since).await?);
+            self.read_at = Some(Instant::now());
         }
         Ok((self.workers.as_deref().unwrap_or_default(), fresh))
     }
 
     fn forget(&mut self) {
         self.workers = None;
+        self.read_at = None;
+    }
+
+    /// Forgets the view if it is older than `max_age`.
+    fn expire(&mut self, max_age: Duration) {
+        if self.read_at.is_none_or(|at| at.elapsed() > max_age) {
+            self.forget();
+        }
     }
 
     fn worker(&self, id: &WorkerId) -> Option<&Worker> {
@@ -475,12 +496,13 @@ impl WorkerView {
         self.workers.as_mut()?.iter_mut().find(|w| w.id() == id)
     }
 
-    /// Replaces the view's copy of `worker` with the one just saved.
-    fn saved(&mut self, worker: Worker) {
+    /// Replaces the view's copy of `worker` with the one just saved, if it is newer.
+    pub(crate) fn saved(&mut self, worker: Worker) {
         if let Some(w) = self
             .workers
             .as_mut()
             .and_then(|ws| ws.iter_mut().find(|w| w.id() == worker.id()))
+            && worker.version() > w.version()
         {
             *w = worker;
         }

@@ -313,10 +313,15 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         .collect();
     if !changed.is_empty() || !releases.is_empty() {
         let mut tx = pool.begin().await?;
-        driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
+        let freed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
         tx.commit().await?;
         ctx.backends.relay_wake.notify_one();
-        if !releases.is_empty() {
+        if !freed.is_empty() {
+            let mut view = ctx.view.lock().await;
+            for worker in freed {
+                view.saved(worker);
+            }
+            drop(view);
             ctx.capacity.notify_one();
         }
     }
