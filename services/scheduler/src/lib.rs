@@ -117,8 +117,30 @@ pub(crate) struct Context {
     pub config: SchedulerConfig,
     /// Notified when recorded reports free slots: blocked placements are tried again.
     pub capacity: std::sync::Arc<tokio::sync::Notify>,
-    /// The live workers as placement last read them, kept current by reports too.
-    pub view: std::sync::Arc<tokio::sync::Mutex<placement::WorkerView>>,
+    /// Workers as saved by recorded reports that freed slots, for placement to bring its view
+    /// up to date with at the start of its next round (without waiting for the round).
+    pub freed: std::sync::Arc<std::sync::Mutex<Vec<hodei_domain::Worker>>>,
+}
+
+impl Context {
+    /// Hands the workers a report batch saved with slots freed to placement, and wakes it.
+    pub(crate) fn freed(&self, workers: Vec<hodei_domain::Worker>) {
+        self.freed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(workers);
+        self.capacity.notify_one();
+    }
+
+    /// The workers handed over by [`Context::freed`] since the last call.
+    pub(crate) fn take_freed(&self) -> Vec<hodei_domain::Worker> {
+        std::mem::take(
+            &mut *self
+                .freed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 /// A built scheduler, connected, with its consumers created.
@@ -151,7 +173,7 @@ impl Scheduler {
                 backends,
                 config,
                 capacity: std::sync::Arc::default(),
-                view: std::sync::Arc::default(),
+                freed: std::sync::Arc::default(),
             },
             placer,
             reporter,

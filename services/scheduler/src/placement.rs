@@ -105,6 +105,7 @@ pub(crate) async fn run(
         })?;
     let mut batches = messages.ready_chunks(256);
     let mut blocked = Blocked::default();
+    let mut view = WorkerView::default();
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -128,8 +129,10 @@ pub(crate) async fn run(
         };
         // The shared view of the live workers serves the whole round (see `WorkerView`);
         // the periodic retry of every blocked request reads it afresh.
-        let mut view = ctx.view.lock().await;
         view.expire(if all { Duration::ZERO } else { VIEW_MAX_AGE });
+        for worker in ctx.take_freed() {
+            view.saved(worker);
+        }
         let requests = match blocked.with(&ctx, requests, all, &mut view).await {
             Ok(requests) => requests,
             Err(e) => {
@@ -446,15 +449,15 @@ async fn decide_batch(
     Ok(decided)
 }
 
-/// The live workers as this scheduler last read them, shared by its placement rounds and
-/// kept current with its own writes: the reservations it commits and the slots its recorded
-/// reports free. Other writers (other replicas, heartbeats changing a status) make it stale:
+/// The live workers as this scheduler last read them, kept by its placement rounds and
+/// current with its own writes: the reservations it commits and the slots its recorded
+/// reports free (handed over through [`Context::freed`]). Other writers (other replicas, heartbeats changing a status) make it stale:
 /// a stale worker fails its reservation's version check, which drops the view. It is read
 /// again at least every [`VIEW_MAX_AGE`] and at each periodic retry of the blocked requests,
 /// so a worker that appeared is seen within that time. So the view saves reads, never
 /// decides.
 #[derive(Default)]
-pub(crate) struct WorkerView {
+struct WorkerView {
     workers: Option<Vec<Worker>>,
     read_at: Option<Instant>,
 }
@@ -497,7 +500,7 @@ impl WorkerView {
     }
 
     /// Replaces the view's copy of `worker` with the one just saved, if it is newer.
-    pub(crate) fn saved(&mut self, worker: Worker) {
+    fn saved(&mut self, worker: Worker) {
         if let Some(w) = self
             .workers
             .as_mut()

@@ -317,12 +317,7 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         tx.commit().await?;
         ctx.backends.relay_wake.notify_one();
         if !freed.is_empty() {
-            let mut view = ctx.view.lock().await;
-            for worker in freed {
-                view.saved(worker);
-            }
-            drop(view);
-            ctx.capacity.notify_one();
+            ctx.freed(freed);
         }
     }
     for (report, created_at, ended) in counted {
