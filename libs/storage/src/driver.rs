@@ -237,7 +237,9 @@ pub async fn release_slots(
     let mut ids: Vec<&WorkerId> = releases.iter().map(|(w, _)| w).collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut found = workers::get_many(&mut *conn, &ids).await?;
+    // Locked as read: a placement committing on one of them meanwhile waits instead of
+    // making this batch conflict.
+    let mut found = workers::lock_many(&mut *conn, &ids).await?;
     let versions: Vec<(WorkerId, u64)> = found
         .values()
         .map(|w| (w.id().clone(), w.version()))

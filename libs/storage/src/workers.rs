@@ -120,16 +120,18 @@ pub async fn save_reservation(
     Ok(())
 }
 
-/// The workers among `ids` that are known, by id: one statement for a batch.
-pub async fn get_many(
-    conn: impl sqlx::PgExecutor<'_>,
+/// The workers among `ids` that are known, by id, read in one statement inside the caller's
+/// transaction, each row locked until it ends, in the order of their ids (see [`apply_heartbeats`]): what is read cannot move before it is
+/// saved, so saving it cannot conflict.
+pub async fn lock_many(
+    conn: &mut PgConnection,
     ids: &[&WorkerId],
 ) -> Result<HashMap<WorkerId, Worker>, StorageError> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
     let names: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1)");
+    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&names)
         .fetch_all(conn)
