@@ -11,6 +11,7 @@ mod heartbeats;
 mod machine;
 mod procfs;
 mod queries;
+mod real_agents;
 mod reference;
 mod report;
 mod services;
@@ -117,6 +118,25 @@ enum Scenario {
         #[arg(long, env = "HODEI_AGENT_BIN")]
         agent_bin: Option<PathBuf>,
     },
+    /// Jobs running `true` submitted over grpc by concurrent clients to real agent
+    /// processes: jobs/s, submit→started/completed percentiles, the agents' rss.
+    RealAgents {
+        /// Jobs to run (default 2,000; 200 with --quick).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Concurrent grpc clients (default 16).
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Agent processes (default 4).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// Slots of each agent (default 16).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// The hodei-agent binary (default: next to this executable).
+        #[arg(long, env = "HODEI_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
+    },
     /// Every scenario above, one after the other, with their defaults.
     All,
 }
@@ -165,6 +185,13 @@ async fn main() -> anyhow::Result<()> {
             Scenario::EventBus { events: None },
             Scenario::Agent {
                 assignments: None,
+                agent_bin: None,
+            },
+            Scenario::RealAgents {
+                jobs: None,
+                clients: None,
+                agents: None,
+                slots: None,
                 agent_bin: None,
             },
         ],
@@ -235,6 +262,7 @@ impl Scenario {
             Scenario::FailureDetection { .. } => "failure-detection",
             Scenario::EventBus { .. } => "event-bus",
             Scenario::Agent { .. } => "agent",
+            Scenario::RealAgents { .. } => "real-agents",
             Scenario::All => "all",
         }
     }
@@ -323,6 +351,25 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
                 binary: agent_bin,
                 assignments: size(assignments, quick, 500, 20),
                 settle: Duration::from_secs(if quick { 1 } else { 3 }),
+            })
+            .await
+        }
+        Scenario::RealAgents {
+            jobs,
+            clients,
+            agents,
+            slots,
+            agent_bin,
+        } => {
+            real_agents::real_agents(real_agents::RealAgentsParams {
+                binary: agent_bin,
+                jobs: size(jobs, quick, 2_000, 200),
+                clients: size(clients, quick, 16, 16),
+                agents: size(agents, quick, 4, 4),
+                slots: size(slots, quick, 16, 16),
+                ready_within: Duration::from_secs(30),
+                timeout: Duration::from_secs(if quick { 60 } else { 300 }),
+                reference_messages: if quick { 5_000 } else { 50_000 },
             })
             .await
         }

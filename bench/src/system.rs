@@ -2,7 +2,10 @@
 //! registry in process (through `hodei-system-tests`, the wiring their binaries use), a private
 //! nats-server with file storage, a fresh PostgreSQL database, and simulated agents.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -82,7 +85,7 @@ impl Bench {
 }
 
 /// Polls `sql` (a count) until it reaches `wanted`; returns when it did, or fails at `within`.
-async fn wait_count(
+pub(crate) async fn wait_count(
     pool: &PgPool,
     sql: &'static str,
     wanted: i64,
@@ -114,7 +117,10 @@ fn noop_spec(i: usize) -> pb::JobSpec {
 
 /// Submits one job, retrying while the gateway answers RESOURCE_EXHAUSTED. Returns how many
 /// times it was refused.
-async fn submit(client: &mut JobServiceClient<Channel>, i: usize) -> anyhow::Result<u64> {
+pub(crate) async fn submit(
+    client: &mut JobServiceClient<Channel>,
+    i: usize,
+) -> anyhow::Result<u64> {
     let mut refused = 0;
     loop {
         let request = pb::SubmitJobRequest {
@@ -313,29 +319,12 @@ async fn latency_on(bench: &Bench, p: &LatencyParams) -> anyhow::Result<Outcome>
     if let Err(e) = &drained {
         out.note(format!("latency: not every job completed: {e:#}"));
     }
-    let rows: Vec<(DateTime<Utc>, serde_json::Value)> =
-        sqlx::query_as("SELECT created_at, attempts FROM jobs WHERE state = 'succeeded'")
-            .fetch_all(&bench.pool)
-            .await?;
-    let (mut assigned, mut started_h, mut completed) = (histogram()?, histogram()?, histogram()?);
-    let micros = |from: DateTime<Utc>, to: DateTime<Utc>| {
-        u64::try_from((to - from).num_microseconds().unwrap_or(0))
-            .unwrap_or(0)
-            .max(1)
-    };
-    for (created, attempts) in rows {
-        let attempts: Vec<AttemptRecord> = serde_json::from_value(attempts)?;
-        let Some(first) = attempts.first() else {
-            continue;
-        };
-        assigned.record(micros(created, first.assigned_at))?;
-        if let Some(at) = first.started_at {
-            started_h.record(micros(created, at))?;
-        }
-        if let Some(at) = first.finished_at {
-            completed.record(micros(created, at))?;
-        }
-    }
+    let FirstAttempts {
+        assigned,
+        started: started_h,
+        completed,
+        ..
+    } = FirstAttempts::read(&bench.pool).await?;
     out.figure(
         S,
         "jobs not completed by the deadline",
@@ -365,4 +354,58 @@ async fn latency_on(bench: &Bench, p: &LatencyParams) -> anyhow::Result<Outcome>
         Some("<= 50 ms at 1,000/s"),
     );
     Ok(out)
+}
+
+/// Times of each succeeded job's first attempt, from its `created_at`, in microseconds (as
+/// `latency` reads them), and how the first attempts were spread.
+pub(crate) struct FirstAttempts {
+    pub assigned: Histogram<u64>,
+    pub started: Histogram<u64>,
+    pub completed: Histogram<u64>,
+    /// Jobs with more than one attempt.
+    pub retried: u64,
+    /// First attempts by worker id.
+    pub per_worker: BTreeMap<String, u64>,
+}
+
+impl FirstAttempts {
+    pub(crate) async fn read(pool: &PgPool) -> anyhow::Result<FirstAttempts> {
+        let rows: Vec<(DateTime<Utc>, serde_json::Value)> =
+            sqlx::query_as("SELECT created_at, attempts FROM jobs WHERE state = 'succeeded'")
+                .fetch_all(pool)
+                .await?;
+        let mut first = FirstAttempts {
+            assigned: histogram()?,
+            started: histogram()?,
+            completed: histogram()?,
+            retried: 0,
+            per_worker: BTreeMap::new(),
+        };
+        let micros = |from: DateTime<Utc>, to: DateTime<Utc>| {
+            u64::try_from((to - from).num_microseconds().unwrap_or(0))
+                .unwrap_or(0)
+                .max(1)
+        };
+        for (created, attempts) in rows {
+            let attempts: Vec<AttemptRecord> = serde_json::from_value(attempts)?;
+            if attempts.len() > 1 {
+                first.retried += 1;
+            }
+            let Some(a) = attempts.first() else {
+                continue;
+            };
+            *first
+                .per_worker
+                .entry(a.worker_id.as_str().to_owned())
+                .or_default() += 1;
+            first.assigned.record(micros(created, a.assigned_at))?;
+            if let Some(at) = a.started_at {
+                first.started.record(micros(created, at))?;
+            }
+            if let Some(at) = a.finished_at {
+                first.completed.record(micros(created, at))?;
+            }
+        }
+        Ok(first)
+    }
 }
