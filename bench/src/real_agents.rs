@@ -13,11 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_system_tests::{HEARTBEAT_MS, SystemOptions, TestSystem};
 use sqlx::PgPool;
-use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::procfs::{self, GroupMeter, Pid};
 use crate::report::Outcome;
@@ -276,33 +273,11 @@ async fn measure(
         None,
     );
 
-    let mut clients = Vec::with_capacity(p.clients);
-    for _ in 0..p.clients.max(1) {
-        let channel = Channel::from_shared(format!("http://{}", system.grpc_addr))?
-            .connect()
-            .await
-            .context("failed to connect a grpc client")?;
-        clients.push(JobServiceClient::new(channel));
-    }
+    let clients = system::connect_clients(system.grpc_addr, p.clients).await?;
     let pids: Vec<u32> = agents.iter().map(|a| a.pid).collect();
     let cpu = GroupMeter::start(&pids);
     let started = Instant::now();
-    let mut submitters = JoinSet::new();
-    let n_clients = clients.len();
-    for (c, mut client) in clients.into_iter().enumerate() {
-        let jobs = p.jobs;
-        submitters.spawn(async move {
-            let mut refused = 0;
-            for i in (c..jobs).step_by(n_clients) {
-                refused += system::submit(&mut client, i).await?;
-            }
-            anyhow::Ok(refused)
-        });
-    }
-    let mut refused = 0;
-    while let Some(joined) = submitters.join_next().await {
-        refused += joined.context("a submitter panicked")??;
-    }
+    let refused = system::submit_all(clients, p.jobs).await?;
     let submitted = started.elapsed();
     let finished = system::wait_count(
         pool,
@@ -332,27 +307,7 @@ async fn measure(
             states.join(", ")
         );
     }
-    out.figure(
-        S,
-        "end-to-end jobs/s (submit to completed)",
-        rate,
-        "1/s",
-        Some(">= 1,500"),
-    );
-    out.figure(
-        S,
-        "submit phase jobs/s (accepted)",
-        p.jobs as f64 / submitted.as_secs_f64(),
-        "1/s",
-        None,
-    );
-    out.figure(
-        S,
-        "submissions refused (resource exhausted)",
-        refused as f64,
-        "count",
-        None,
-    );
+    system::rate_figures(&mut out, S, rate, ">= 1,500", p.jobs, submitted, refused);
     out.figure(
         S,
         "jobs failed (not succeeded)",

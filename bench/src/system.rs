@@ -115,12 +115,83 @@ fn noop_spec(i: usize) -> pb::JobSpec {
     }
 }
 
+/// `n` gRPC clients of the gateway at `addr`, one HTTP/2 channel each.
+pub(crate) async fn connect_clients(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<JobServiceClient<Channel>>> {
+    let mut clients = Vec::with_capacity(n.max(1));
+    for _ in 0..n.max(1) {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .context("failed to connect a grpc client")?;
+        clients.push(JobServiceClient::new(channel));
+    }
+    Ok(clients)
+}
+
+/// Submits `jobs` no-op jobs spread over `clients`, all at once; returns how many times the
+/// gateway refused one (each was submitted again).
+pub(crate) async fn submit_all(
+    clients: Vec<JobServiceClient<Channel>>,
+    jobs: usize,
+) -> anyhow::Result<u64> {
+    let mut submitters = JoinSet::new();
+    let n_clients = clients.len();
+    for (c, mut client) in clients.into_iter().enumerate() {
+        submitters.spawn(async move {
+            let mut refused = 0;
+            for i in (c..jobs).step_by(n_clients) {
+                refused += submit(&mut client, i).await?;
+            }
+            anyhow::Ok(refused)
+        });
+    }
+    let mut refused = 0;
+    while let Some(joined) = submitters.join_next().await {
+        refused += joined.context("a submitter panicked")??;
+    }
+    Ok(refused)
+}
+
+/// The rate figures every end-to-end scenario reports: jobs/s against `target`, the submit
+/// phase and the refusals.
+pub(crate) fn rate_figures(
+    out: &mut Outcome,
+    scenario: &'static str,
+    rate: f64,
+    target: &'static str,
+    jobs: usize,
+    submitted: Duration,
+    refused: u64,
+) {
+    out.figure(
+        scenario,
+        "end-to-end jobs/s (submit to completed)",
+        rate,
+        "1/s",
+        Some(target),
+    );
+    out.figure(
+        scenario,
+        "submit phase jobs/s (accepted)",
+        jobs as f64 / submitted.as_secs_f64(),
+        "1/s",
+        None,
+    );
+    out.figure(
+        scenario,
+        "submissions refused (resource exhausted)",
+        refused as f64,
+        "count",
+        None,
+    );
+}
+
 /// Submits one job, retrying while the gateway answers RESOURCE_EXHAUSTED. Returns how many
 /// times it was refused.
-pub(crate) async fn submit(
-    client: &mut JobServiceClient<Channel>,
-    i: usize,
-) -> anyhow::Result<u64> {
+async fn submit(client: &mut JobServiceClient<Channel>, i: usize) -> anyhow::Result<u64> {
     let mut refused = 0;
     loop {
         let request = pb::SubmitJobRequest {
@@ -166,31 +237,9 @@ pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
 async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Outcome> {
     const S: &str = "throughput";
     let mut out = Outcome::default();
-    let mut clients = Vec::with_capacity(p.clients);
-    for _ in 0..p.clients.max(1) {
-        let channel = Channel::from_shared(format!("http://{}", bench.system.grpc_addr))?
-            .connect()
-            .await
-            .context("failed to connect a grpc client")?;
-        clients.push(JobServiceClient::new(channel));
-    }
+    let clients = connect_clients(bench.system.grpc_addr, p.clients).await?;
     let started = Instant::now();
-    let mut submitters = JoinSet::new();
-    let n_clients = clients.len();
-    for (c, mut client) in clients.into_iter().enumerate() {
-        let jobs = p.jobs;
-        submitters.spawn(async move {
-            let mut refused = 0;
-            for i in (c..jobs).step_by(n_clients) {
-                refused += submit(&mut client, i).await?;
-            }
-            anyhow::Ok(refused)
-        });
-    }
-    let mut refused = 0;
-    while let Some(joined) = submitters.join_next().await {
-        refused += joined.context("a submitter panicked")??;
-    }
+    let refused = submit_all(clients, p.jobs).await?;
     let submitted = started.elapsed();
     let wanted = i64::try_from(p.jobs).unwrap_or(i64::MAX);
     let finished = wait_count(
@@ -203,27 +252,7 @@ async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Ou
     .context("jobs did not all complete in time")?;
     let elapsed = finished - started;
     let rate = p.jobs as f64 / elapsed.as_secs_f64();
-    out.figure(
-        S,
-        "end-to-end jobs/s (submit to completed)",
-        rate,
-        "1/s",
-        Some(">= 5,000"),
-    );
-    out.figure(
-        S,
-        "submit phase jobs/s (accepted)",
-        p.jobs as f64 / submitted.as_secs_f64(),
-        "1/s",
-        None,
-    );
-    out.figure(
-        S,
-        "submissions refused (resource exhausted)",
-        refused as f64,
-        "count",
-        None,
-    );
+    rate_figures(&mut out, S, rate, ">= 5,000", p.jobs, submitted, refused);
     let js =
         reference::jetstream_publishes(&bench.system.nats.url(), p.reference_messages, 512).await?;
     let pg = reference::postgres_inserts(&bench.pool, p.reference_messages).await?;

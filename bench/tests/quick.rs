@@ -107,7 +107,15 @@ fn every_scenario_runs_small() {
     if agent_bin.is_file() {
         let agent = run(&["agent", "--assignments", "5"]);
         assert!(figures_of(&agent, "agent") >= 9);
-        let real = run(&["real-agents", "--jobs", "40", "--agents", "2", "--slots", "4"]);
+        let real = run(&[
+            "real-agents",
+            "--jobs",
+            "40",
+            "--agents",
+            "2",
+            "--slots",
+            "4",
+        ]);
         assert!(figures_of(&real, "real-agents") >= 10);
     } else {
         let (output, _) = run_raw(&["agent", "--assignments", "5"]);
