@@ -1,6 +1,7 @@
 //! `queries`: a database with many jobs (loaded with batched inserts straight into `jobs`, a
-//! realistic spread of states), then ListJobs by state, a page of 100, through
-//! `hodei_storage::jobs::list` — the function the gateway calls — with the EXPLAIN plan.
+//! realistic spread of states), then ListJobs by state, pages of 100 walked with keyset tokens
+//! as deep as the data goes, through `hodei_storage::jobs::list` — the function the gateway
+//! calls — with p50/p99 per depth and the EXPLAIN plans of page 1 and the deepest page.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,15 @@ const QUERIED: [JobState; 4] = [
     JobState::Running,
     JobState::Failed,
     JobState::Succeeded,
+];
+
+/// The depth buckets pages are measured in: a name and the deepest page it holds.
+const DEPTHS: [(&str, usize); 5] = [
+    ("page 1", 1),
+    ("pages 2-10", 10),
+    ("pages 11-100", 100),
+    ("pages 101-1000", 1000),
+    ("pages over 1000", usize::MAX),
 ];
 
 /// Parameters of `queries`.
@@ -69,50 +79,94 @@ async fn run(pool: &PgPool, p: &QueriesParams) -> anyhow::Result<Outcome> {
             .join(", ")
     ));
 
-    let mut all = histogram()?;
+    // Each state's pages are walked as a client paginates ListJobs: page 1, then the page
+    // before the last id seen (the keyset token), as deep as the data goes; at the end the
+    // walk starts again from page 1 until `pages_per_state` pages were read.
+    let mut by_depth: Vec<(&str, usize, hdrhistogram::Histogram<u64>)> = DEPTHS
+        .iter()
+        .map(|(name, deepest)| histogram().map(|h| (*name, *deepest, h)))
+        .collect::<Result<_, _>>()?;
+    let mut deepest_page = 0usize;
+    let mut deep_cursor: Option<(JobState, JobId)> = None;
     for state in QUERIED {
         let mut h = histogram()?;
-        let filter = JobFilter {
+        let mut filter = JobFilter {
             states: vec![state],
             limit: 100,
             ..JobFilter::default()
         };
         // Warm the statement cache and the buffers once before measuring.
         jobs::list(pool, &filter).await?;
+        let mut depth = 0usize;
         for _ in 0..p.pages_per_state {
+            depth += 1;
             let t = Instant::now();
             let page = jobs::list(pool, &filter).await?;
             let took = duration_micros(t.elapsed());
-            anyhow::ensure!(!page.is_empty(), "no {} jobs listed", state.as_str());
+            anyhow::ensure!(
+                depth > 1 || !page.is_empty(),
+                "no {} jobs listed",
+                state.as_str()
+            );
             h.record(took)?;
-            all.record(took)?;
+            if let Some((_, _, bucket)) = by_depth
+                .iter_mut()
+                .find(|(_, deepest, _)| depth <= *deepest)
+            {
+                bucket.record(took)?;
+            }
+            if depth > deepest_page {
+                deepest_page = depth;
+                deep_cursor = filter.before.map(|id| (state, id));
+            }
+            filter.before = match page.last() {
+                Some(last) if page.len() == 100 => Some(last.id()),
+                // The end of this state's jobs: the next page is page 1 again.
+                _ => {
+                    depth = 0;
+                    None
+                }
+            };
         }
         out.figure(
             S,
-            format!("list by state={} page 100 p50", state.as_str()),
+            format!("list by state={} keyset walk p50", state.as_str()),
             h.value_at_quantile(0.5) as f64 / 1000.0,
             "ms",
             None,
         );
         out.figure(
             S,
-            format!("list by state={} page 100 p99", state.as_str()),
+            format!("list by state={} keyset walk p99", state.as_str()),
             h.value_at_quantile(0.99) as f64 / 1000.0,
             "ms",
             Some("<= 5 ms"),
         );
     }
-    out.percentiles(
-        S,
-        "list by state page 100, all states",
-        &all,
-        Some("<= 5 ms"),
-    );
+    let mut walked = Vec::new();
+    for (name, _, h) in &by_depth {
+        if h.is_empty() {
+            continue;
+        }
+        walked.push(format!("{name}: {}", h.len()));
+        out.percentiles(
+            S,
+            &format!("list page 100 at {name}, all states"),
+            h,
+            Some("<= 5 ms"),
+        );
+    }
     out.note(format!(
-        "queries: {} pages per state, sequential, one connection at a time from the pool",
-        p.pages_per_state
+        "queries: {} pages per state, sequential, walked with keyset tokens (before = the last \
+         id of the previous page) from page 1 as deep as each state goes, then from page 1 \
+         again; pages measured per depth: {}; deepest page {deepest_page}",
+        p.pages_per_state,
+        walked.join(", ")
     ));
-    out.note(explain(pool).await?);
+    if let Some((state, before)) = deep_cursor {
+        out.note(explain(pool, state, Some(before), deepest_page).await?);
+    }
+    out.note(explain(pool, JobState::Queued, None, 1).await?);
     out.note(
         "queries: full-text search does not exist in hodei yet (no api, no index): not measured",
     );
@@ -123,18 +177,26 @@ fn duration_micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-/// EXPLAIN ANALYZE of the statement `jobs::list` runs for one state, page of 100.
-async fn explain(pool: &PgPool) -> anyhow::Result<String> {
+/// EXPLAIN ANALYZE of the statement `jobs::list` runs for `state`, page of 100, before
+/// `before` (page `depth` of a walk).
+async fn explain(
+    pool: &PgPool,
+    state: JobState,
+    before: Option<JobId>,
+    depth: usize,
+) -> anyhow::Result<String> {
     let filter = JobFilter {
-        states: vec![JobState::Queued],
+        states: vec![state],
         limit: 100,
+        before,
         ..JobFilter::default()
     };
     let rows = jobs::explain_list(pool, &filter)
         .await
         .context("failed to explain the list query")?;
     Ok(format!(
-        "queries: EXPLAIN (ANALYZE, BUFFERS) of ListJobs state=queued page 100:\n    {}",
+        "queries: EXPLAIN (ANALYZE, BUFFERS) of ListJobs state={} page 100 at page {depth}:\n    {}",
+        state.as_str(),
         rows.join("\n    ")
     ))
 }
