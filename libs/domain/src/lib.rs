@@ -11,6 +11,7 @@ pub mod job;
 pub mod pipeline;
 pub mod spec;
 pub mod specification;
+pub mod time;
 pub mod worker;
 
 pub use error::{DomainError, FieldError, ValidationErrors};

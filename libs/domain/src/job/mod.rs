@@ -100,6 +100,7 @@ impl Job {
         spec: JobSpec,
         now: DateTime<Utc>,
     ) -> (Job, JobEvent) {
+        let now = crate::time::recorded(now);
         let event = JobEvent {
             event_id: Uuid::now_v7(),
             job_id: id,
@@ -286,7 +287,7 @@ impl Job {
             event_id: Uuid::now_v7(),
             job_id: self.id,
             seq: self.version + 1,
-            at: now,
+            at: crate::time::recorded(now),
             kind,
             output_tail,
         };
@@ -398,8 +399,9 @@ impl Job {
                 } else {
                     self.spec.retry_backoff.delay(spent, jitter)
                 };
-                let not_before =
-                    now + ChronoDuration::from_std(delay).unwrap_or(ChronoDuration::zero());
+                let not_before = crate::time::recorded(
+                    now + ChronoDuration::from_std(delay).unwrap_or(ChronoDuration::zero()),
+                );
                 JobEventKind::Requeued {
                     attempt,
                     worker_id,

@@ -206,6 +206,7 @@ impl PipelineRun {
                 reason: None,
             })
             .collect();
+        let now = crate::time::recorded(now);
         let event = PipelineEvent {
             event_id: Uuid::now_v7(),
             run_id: id,
@@ -340,7 +341,7 @@ impl PipelineRun {
             event_id: Uuid::now_v7(),
             run_id: self.id,
             seq: self.version + 1,
-            at: now,
+            at: crate::time::recorded(now),
             kind,
         };
         self.apply(&event)?;
