@@ -41,10 +41,16 @@ impl EventTable {
     fn select_sql(self) -> &'static str {
         match self {
             EventTable::Jobs => {
-                "SELECT seq, data FROM job_events WHERE job_id = $1 AND seq >= $2 ORDER BY seq"
+                "SELECT seq, data FROM job_events
+                 WHERE job_id = $1 AND seq >= $2 AND ($3::bigint IS NULL OR seq <= $3)
+                   AND ($4::timestamptz IS NULL OR at <= $4)
+                 ORDER BY seq LIMIT $5"
             }
             EventTable::Pipelines => {
-                "SELECT seq, data FROM pipeline_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq"
+                "SELECT seq, data FROM pipeline_events
+                 WHERE run_id = $1 AND seq >= $2 AND ($3::bigint IS NULL OR seq <= $3)
+                   AND ($4::timestamptz IS NULL OR at <= $4)
+                 ORDER BY seq LIMIT $5"
             }
         }
     }
@@ -114,16 +120,39 @@ pub(crate) async fn append<'e, E: Serialize + 'e>(
     Ok(())
 }
 
-/// The events of `aggregate` in `table` with `seq >= from_seq`, in order.
+/// Which part of one aggregate's history to read: the events from `from_seq` on, up to
+/// `to_seq` and recorded at or before `until` when given, at most `limit` of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventRange {
+    pub from_seq: u64,
+    pub to_seq: Option<u64>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+}
+
+impl EventRange {
+    /// Every event from `from_seq` on.
+    pub fn from(from_seq: u64) -> Self {
+        Self {
+            from_seq,
+            ..Self::default()
+        }
+    }
+}
+
+/// The events of `aggregate` in `table` within `range`, in order.
 pub(crate) async fn read<E: DeserializeOwned>(
     pool: &PgPool,
     table: EventTable,
     aggregate: Uuid,
-    from_seq: u64,
+    range: EventRange,
 ) -> Result<Vec<E>, StorageError> {
     let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(table.select_sql())
         .bind(aggregate)
-        .bind(to_i64(from_seq))
+        .bind(to_i64(range.from_seq))
+        .bind(range.to_seq.map(to_i64))
+        .bind(range.until)
+        .bind(range.limit.map(i64::from))
         .fetch_all(pool)
         .await?;
     rows.into_iter()

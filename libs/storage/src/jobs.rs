@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
-use crate::event_store::{self, EventTable, Stored};
+use crate::event_store::{self, EventRange, EventTable, Stored};
 use crate::sql::like_prefix;
 
 const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
@@ -51,6 +51,13 @@ pub async fn insert(
     if inserted.rows_affected() == 0 {
         return Ok(false);
     }
+    sqlx::query(
+        "INSERT INTO job_search (job_id, search)
+         SELECT id, hodei_job_search(name, labels, spec, NULL) FROM jobs WHERE id = $1",
+    )
+    .bind(job.id().as_uuid())
+    .execute(&mut *conn)
+    .await?;
     append_events(conn, std::iter::once(event)).await?;
     Ok(true)
 }
@@ -100,7 +107,8 @@ pub async fn insert_many(
         traces.push(encode("trace context", trace)?);
     }
     let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
+        "WITH inserted AS (
+         INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
                            current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
                            created_at, updated_at, version, trace_context, pipeline_run_id, pipeline_step)
          SELECT u.id, u.tenant, u.name, u.state, u.priority, u.spec, u.labels, u.key, '[]', 0, NULL,
@@ -109,7 +117,10 @@ pub async fn insert_many(
                      $7::jsonb[], $8::text[], $9::timestamptz[], $10::bigint[], $11::jsonb[])
               AS u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id",
+         RETURNING id, name, labels, spec)
+         INSERT INTO job_search (job_id, search)
+         SELECT id, hodei_job_search(name, labels, spec, NULL) FROM inserted
+         RETURNING job_id",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -274,6 +285,12 @@ pub async fn save_many(
             what: format!("{} of {n} jobs saved together", n - saved.len()),
         });
     }
+    let tails: Vec<Uuid> = events
+        .iter()
+        .filter(|e| !e.output_tail.is_empty())
+        .map(|e| e.job_id.as_uuid())
+        .collect();
+    refresh_search(conn, &tails).await?;
     append_events(conn, events.iter().copied()).await?;
     Ok(saved
         .into_iter()
@@ -320,8 +337,28 @@ pub async fn save(
             what: format!("job {} at version {expected_version}", job.id()),
         });
     };
+    if events.iter().any(|e| !e.output_tail.is_empty()) {
+        refresh_search(conn, &[job.id().as_uuid()]).await?;
+    }
     append_events(conn, events.iter()).await?;
     Ok(run.map(PipelineRunId::from_uuid))
+}
+
+/// Recomputes the search vector of `ids` from their saved rows: after an attempt ended with
+/// an output tail (the name, labels and command never change).
+async fn refresh_search(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), StorageError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE job_search s
+         SET search = hodei_job_search(j.name, j.labels, j.spec, j.attempts -> -1 -> 'output_tail')
+         FROM jobs j WHERE j.id = ANY($1) AND s.job_id = j.id",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn append_events<'e>(
@@ -345,7 +382,161 @@ pub async fn events(
     id: JobId,
     from_seq: u64,
 ) -> Result<Vec<JobEvent>, StorageError> {
-    event_store::read(pool, EventTable::Jobs, id.as_uuid(), from_seq).await
+    history(pool, id, EventRange::from(from_seq)).await
+}
+
+/// A job's events within `range`, in order.
+pub async fn history(
+    pool: &PgPool,
+    id: JobId,
+    range: EventRange,
+) -> Result<Vec<JobEvent>, StorageError> {
+    event_store::read(pool, EventTable::Jobs, id.as_uuid(), range).await
+}
+
+/// The events of each of `ids` recorded at or before `until`, in order, by job: to fold the
+/// jobs of a pipeline run's steps as they stood at a moment.
+pub async fn histories_until(
+    pool: &PgPool,
+    ids: &[JobId],
+    until: DateTime<Utc>,
+) -> Result<HashMap<JobId, Vec<JobEvent>>, StorageError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+    let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT job_id, seq, data FROM job_events WHERE job_id = ANY($1) AND at <= $2
+         ORDER BY job_id, seq",
+    )
+    .bind(&uuids)
+    .bind(until)
+    .fetch_all(pool)
+    .await?;
+    let mut out: HashMap<JobId, Vec<JobEvent>> = HashMap::new();
+    for (id, seq, data) in rows {
+        let event = decode_event(id, seq, data)?;
+        out.entry(JobId::from_uuid(id)).or_default().push(event);
+    }
+    Ok(out)
+}
+
+fn decode_event(job: Uuid, seq: i64, data: serde_json::Value) -> Result<JobEvent, StorageError> {
+    serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
+        table: "job_events",
+        id: format!("{job}/{seq}"),
+        column: "data",
+        reason: e.to_string(),
+    })
+}
+
+/// Filters for [`list_events`]: events recorded in `[from, to)`, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Any of these event types (`submitted`, `started`, …); empty for all.
+    pub types: Vec<String>,
+    pub tenant: Option<TenantId>,
+    /// Events of jobs carrying every one of these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Keyset cursor: only events after this one (its time and event id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u32,
+}
+
+/// One event of [`list_events`], with what the reader needs besides it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedEvent {
+    pub event: JobEvent,
+    pub tenant: TenantId,
+    /// For `cancel_requested`: whether the attempt it stops had started (the job's state is
+    /// then `running`, else `assigned`). False for other events.
+    pub attempt_started: bool,
+}
+
+/// Events across jobs matching `filter`, oldest first (by time, then event id).
+pub async fn list_events(
+    pool: &PgPool,
+    filter: &EventFilter,
+) -> Result<Vec<ListedEvent>, StorageError> {
+    let rows = list_events_query("", filter)?
+        .build()
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let (_, r) = RowReader::with_id::<Uuid>("job_events", row)?;
+            Ok(ListedEvent {
+                event: r.json("data")?,
+                tenant: r.parse("tenant")?,
+                attempt_started: r.get("attempt_started")?,
+            })
+        })
+        .collect()
+}
+
+/// The plan of [`list_events`] for `filter`, executed, one line per row.
+pub async fn explain_list_events(
+    pool: &PgPool,
+    filter: &EventFilter,
+) -> Result<Vec<String>, StorageError> {
+    let mut query = list_events_query("EXPLAIN (ANALYZE, BUFFERS) ", filter)?;
+    Ok(query.build_query_scalar().fetch_all(pool).await?)
+}
+
+fn list_events_query(
+    prefix: &str,
+    filter: &EventFilter,
+) -> Result<sqlx::QueryBuilder<sqlx::Postgres>, StorageError> {
+    let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "{prefix}SELECT e.job_id AS id, e.data, j.tenant,
+                COALESCE(e.type = 'cancel_requested' AND (
+                    SELECT p.type FROM job_events p
+                    WHERE p.job_id = e.job_id AND p.seq < e.seq AND p.type <> 'cancel_requested'
+                    ORDER BY p.seq DESC LIMIT 1) = 'started', false) AS attempt_started
+         FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE true"
+    ));
+    if let Some(from) = filter.from {
+        query.push(" AND e.at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.to {
+        query.push(" AND e.at < ").push_bind(to);
+    }
+    match filter.types.as_slice() {
+        [] => {}
+        [one] => {
+            query.push(" AND e.type = ").push_bind(one.clone());
+        }
+        many => {
+            query
+                .push(" AND e.type = ANY(")
+                .push_bind(many.to_vec())
+                .push(")");
+        }
+    }
+    if let Some(tenant) = &filter.tenant {
+        query
+            .push(" AND j.tenant = ")
+            .push_bind(tenant.as_str().to_owned());
+    }
+    if !filter.labels.is_empty() {
+        query
+            .push(" AND j.labels @> ")
+            .push_bind(encode("label filter", &filter.labels)?);
+    }
+    if let Some((at, event_id)) = filter.after {
+        query
+            .push(" AND (e.at, e.event_id) > (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(event_id)
+            .push(")");
+    }
+    query
+        .push(" ORDER BY e.at, e.event_id LIMIT ")
+        .push_bind(i64::from(filter.limit));
+    Ok(query)
 }
 
 /// Filters for [`list`].
@@ -354,6 +545,9 @@ pub struct JobFilter {
     pub states: Vec<JobState>,
     pub name_prefix: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Words to match against the job's name, labels, command and latest output tail, in
+    /// `websearch_to_tsquery` syntax: `a b` both, `"a b"` the phrase, `a or b`, `-a` not.
+    pub search: Option<String>,
     /// Keyset cursor: only jobs older than this one.
     pub before: Option<JobId>,
     pub limit: u32,
@@ -399,6 +593,12 @@ fn list_query(
         query
             .push(" AND labels @> ")
             .push_bind(encode("label filter", &filter.labels)?);
+    }
+    if let Some(words) = filter.search.as_deref().filter(|w| !w.trim().is_empty()) {
+        query
+            .push(" AND id IN (SELECT job_id FROM job_search WHERE search @@ websearch_to_tsquery('simple', ")
+            .push_bind(words.to_owned())
+            .push("))");
     }
     if let Some(before) = filter.before {
         query.push(" AND id < ").push_bind(before.as_uuid());

@@ -18,6 +18,7 @@ pub mod workers;
 use std::time::Duration;
 
 pub use error::StorageError;
+pub use event_store::EventRange;
 pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 

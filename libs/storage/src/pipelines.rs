@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
-use crate::event_store::{self, EventTable, Stored};
+use crate::event_store::{self, EventRange, EventTable, Stored};
 use crate::sql::like_prefix;
 
 const COLUMNS: &str = "id, tenant, state, spec, steps, cancel_requested, failing_fast, created_at, updated_at, version";
@@ -174,7 +174,16 @@ pub async fn events(
     id: PipelineRunId,
     from_seq: u64,
 ) -> Result<Vec<PipelineEvent>, StorageError> {
-    event_store::read(pool, EventTable::Pipelines, id.as_uuid(), from_seq).await
+    history(pool, id, EventRange::from(from_seq)).await
+}
+
+/// A run's events within `range`, in order.
+pub async fn history(
+    pool: &PgPool,
+    id: PipelineRunId,
+    range: EventRange,
+) -> Result<Vec<PipelineEvent>, StorageError> {
+    event_store::read(pool, EventTable::Pipelines, id.as_uuid(), range).await
 }
 
 /// The attempts of each of `ids` (the jobs of a run's steps), for showing a run.
