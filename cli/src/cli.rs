@@ -3,6 +3,7 @@
 //! Parsing only checks shapes (numbers, `K=V` pairs, known state names); turning job options
 //! into a `JobSpec` is `spec.rs`'s job.
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hodei_proto::v1 as pb;
 
@@ -81,12 +82,37 @@ Examples:
   generate-job | hodei run -f - --label team=ci")]
     Run(JobArgs),
 
-    /// Show one job: its state, outcome and attempts.
-    #[command(after_help = "Example:\n  hodei get 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
+    /// Show one job: its state, outcome and attempts; with --at, as it stood then.
+    #[command(after_help = "\
+Examples:
+  hodei get 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei get --at 3 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei get --at 2026-12-03T02:00:00Z 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
     Get {
         /// The job's id.
         id: String,
+        /// Show the job as it stood after this event (a sequence number, as `hodei history`
+        /// shows them) or at this RFC 3339 time, folded from its recorded events.
+        #[arg(long, value_name = "SEQ|TIME", value_parser = parse_moment)]
+        at: Option<Moment>,
     },
+
+    /// Show a job's recorded events, oldest first, with what each one recorded.
+    #[command(after_help = "\
+Examples:
+  hodei history 01J0Z3N1W8Q4K5T6Y7V8X9ABCD
+  hodei --output json history 01J0Z3N1W8Q4K5T6Y7V8X9ABCD")]
+    History {
+        /// The job's id.
+        id: String,
+    },
+
+    /// List events across jobs in a time range, oldest first.
+    #[command(after_help = "\
+Examples:
+  hodei events --since 2026-12-03T02:00:00Z --until 2026-12-03T02:05:00Z
+  hodei events --since 2026-12-03T00:00:00Z --type failed --type timed_out --label team=ci")]
+    Events(EventsArgs),
 
     /// List jobs, newest first.
     #[command(after_help = "\
@@ -214,10 +240,17 @@ Examples:
     Submit(PipelineFileArgs),
 
     /// Show one run: its state, then a table of its steps.
-    #[command(after_help = "Example:\n  hodei pipeline get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
+    #[command(after_help = "\
+Examples:
+  hodei pipeline get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
+  hodei pipeline get --at 2026-12-03T02:00:00Z 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
     Get {
         /// The run's id.
         id: String,
+        /// Show the run (and its steps' attempts) as it stood after this run event (a
+        /// sequence number) or at this RFC 3339 time, folded from the recorded events.
+        #[arg(long, value_name = "SEQ|TIME", value_parser = parse_moment)]
+        at: Option<Moment>,
     },
 
     /// List pipeline runs, newest first.
@@ -446,6 +479,11 @@ pub struct ListArgs {
     #[arg(long = "label", value_name = "k=v", value_parser = parse_key_value)]
     pub labels: Vec<(String, String)>,
 
+    /// Only jobs matching these words in their name, labels, command or latest output
+    /// tail: `a b` both, `"a b"` the phrase, `a or b` either, `-a` without.
+    #[arg(long, value_name = "WORDS")]
+    pub search: Option<String>,
+
     /// Jobs per page, 1 to 1000 [server default: 100].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: Option<u32>,
@@ -453,6 +491,46 @@ pub struct ListArgs {
     /// Where to continue, from the previous page's `next page` line.
     #[arg(long, value_name = "T")]
     pub page_token: Option<String>,
+}
+
+/// `hodei events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Events recorded at or after this RFC 3339 time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub since: Option<DateTime<Utc>>,
+
+    /// Events recorded before this RFC 3339 time.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+
+    /// Only events of this type (repeatable): submitted, assigned, started, requeued,
+    /// succeeded, failed, timed_out, cancel_requested, cancelled.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub types: Vec<String>,
+
+    /// Only this tenant's jobs.
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
+
+    /// Only jobs carrying this label (repeatable).
+    #[arg(long = "label", value_name = "k=v", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// Events per page, 1 to 1000 [server default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+
+    /// Where to continue, from the previous page's `next page` line.
+    #[arg(long, value_name = "T")]
+    pub page_token: Option<String>,
+}
+
+/// A moment of a job's or run's history: after its event `Seq`, or at `Time`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    Seq(u64),
+    Time(DateTime<Utc>),
 }
 
 /// A job state as typed on the command line.
@@ -530,6 +608,24 @@ impl From<WorkerStatusArg> for pb::WorkerStatus {
 
 /// Parses `KEY=VALUE`; the value may be empty or contain `=`, the key may not be empty.
 /// clap prefixes the error with the flag, as in "invalid value 'X' for '--env <K=V>'".
+/// A sequence number (digits) or an RFC 3339 time.
+fn parse_moment(s: &str) -> Result<Moment, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Moment::Seq)
+            .map_err(|e| format!("not a sequence number: {e}"));
+    }
+    parse_time(s).map(Moment::Time)
+}
+
+/// An RFC 3339 time, such as 2026-12-03T02:00:00Z.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 time such as 2026-12-03T02:00:00Z: {e}"))
+}
+
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some(("", _)) => Err("the key before '=' is empty".to_owned()),

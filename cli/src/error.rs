@@ -140,6 +140,7 @@ mod tests {
             .jobs
             .get_job(hodei_proto::v1::GetJobRequest {
                 job_id: "j1".into(),
+                as_of: None,
             })
             .await
             .unwrap_err();

@@ -97,6 +97,7 @@ pub fn job_event(e: &pb::JobEvent) -> Value {
         "worker_id": e.worker_id,
         "outcome": outcome(e.outcome.as_ref()),
         "reason": e.reason,
+        "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
     })
 }
 
@@ -365,9 +366,11 @@ mod tests {
                 kind: Some(Kind::Lost("no heartbeat".into())),
             }),
             reason: String::new(),
+            data: r#"{"type":"requeued","attempt":1}"#.into(),
         };
         let v = job_event(&e);
         assert_eq!(v["state"], "queued");
+        assert_eq!(v["data"]["attempt"], 1);
         assert_eq!(
             v["outcome"],
             json!({ "kind": "lost", "reason": "no heartbeat" })

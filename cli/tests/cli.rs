@@ -136,6 +136,55 @@ impl JobService for FakeJobs {
         Ok(Response::new(pb::CancelJobResponse { job: Some(job) }))
     }
 
+    /// Two pages of one event each, to show that `hodei history` follows page tokens.
+    async fn get_job_history(
+        &self,
+        request: Request<pb::GetJobHistoryRequest>,
+    ) -> Result<Response<pb::GetJobHistoryResponse>, Status> {
+        let request = request.into_inner();
+        self.job_for(&request.job_id)?;
+        let (event, next_page_token) = match request.page_token.as_str() {
+            "" => (
+                pb::JobEvent {
+                    job_id: JOB_ID.into(),
+                    seq: 1,
+                    r#type: "submitted".into(),
+                    state: pb::JobState::Queued.into(),
+                    data: r#"{"type":"submitted"}"#.into(),
+                    ..Default::default()
+                },
+                "1".to_owned(),
+            ),
+            _ => (
+                pb::JobEvent {
+                    job_id: JOB_ID.into(),
+                    seq: 2,
+                    r#type: "assigned".into(),
+                    state: pb::JobState::Assigned.into(),
+                    attempt: 1,
+                    worker_id: "w1".into(),
+                    data: r#"{"type":"assigned","attempt":1}"#.into(),
+                    ..Default::default()
+                },
+                String::new(),
+            ),
+        };
+        Ok(Response::new(pb::GetJobHistoryResponse {
+            events: vec![event],
+            next_page_token,
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        _request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        Ok(Response::new(pb::ListEventsResponse {
+            events: Vec::new(),
+            next_page_token: String::new(),
+        }))
+    }
+
     type WatchJobStream = BoxStream<pb::JobEvent>;
 
     async fn watch_job(
@@ -355,6 +404,34 @@ async fn logs_and_watch_stream_to_the_end() {
     let out = hodei(&server, &["watch", JOB_ID]).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(text(&out.stdout), "-  submitted         queued\n");
+}
+
+#[tokio::test]
+async fn history_follows_every_page_and_get_at_checks_its_moment() {
+    let server = format!(
+        "http://{}",
+        serve(FakeJobs::new(pb::JobState::Succeeded, Some(0), "")).await
+    );
+    let out = hodei(&server, &["history", JOB_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        text(&out.stdout),
+        "  1  -  submitted         queued\n  2  -  assigned          assigned   attempt 1  worker w1\n"
+    );
+    let out = hodei(&server, &["--output", "json", "history", JOB_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["data"]["attempt"], 1);
+
+    let out = hodei(&server, &["get", "--at", "yesterday", JOB_ID]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("RFC 3339"), "{out:?}");
+    let out = hodei(&server, &["get", "--at", "2026-12-03T02:00:00Z", JOB_ID]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 #[tokio::test]

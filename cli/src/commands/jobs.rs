@@ -14,7 +14,7 @@ use super::{
     DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
     print_log_line, print_text,
 };
-use crate::cli::{JobArgs, ListArgs, OutputFormat};
+use crate::cli::{EventsArgs, JobArgs, ListArgs, Moment, OutputFormat};
 use crate::client::Clients;
 use crate::progress::{StatusLine, waiting_text};
 use crate::style::Style;
@@ -178,9 +178,10 @@ async fn finished_job(clients: &mut Clients, id: &str) -> anyhow::Result<pb::Job
 pub async fn get(
     clients: &mut Clients,
     id: String,
+    at: Option<Moment>,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
-    let job = get_job(clients, &id).await?;
+    let job = get_job_at(clients, &id, at).await?;
     match format {
         OutputFormat::Human => print_text(&human::job_block(&job, Style::stdout()))?,
         OutputFormat::Json => print_json(&json::job(&job))?,
@@ -203,6 +204,7 @@ pub async fn list(
         labels: args.labels.into_iter().collect(),
         page_size: args.limit.unwrap_or(0),
         page_token: args.page_token.unwrap_or_default(),
+        query: args.search.unwrap_or_default(),
     };
     let page = clients.jobs.list_jobs(request).await?.into_inner();
     match format {
@@ -218,6 +220,79 @@ pub async fn list(
         }
         OutputFormat::Json => print_json(&json!({
             "jobs": page.jobs.iter().map(json::job).collect::<Vec<_>>(),
+            "next_page_token": page.next_page_token,
+        }))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hodei history`: every page of the job's events, oldest first.
+pub async fn history(
+    clients: &mut Clients,
+    id: String,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let mut page_token = String::new();
+    loop {
+        let page = clients
+            .jobs
+            .get_job_history(pb::GetJobHistoryRequest {
+                job_id: id.clone(),
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        for event in &page.events {
+            match format {
+                OutputFormat::Human => {
+                    print_text(&format!("{:>3}  {}\n", event.seq, human::event_line(event)))?
+                }
+                OutputFormat::Json => print_json_line(&json::job_event(event))?,
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// `hodei events`: one page of events across jobs.
+pub async fn events(
+    clients: &mut Clients,
+    args: EventsArgs,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let page = clients
+        .jobs
+        .list_events(pb::ListEventsRequest {
+            start_time: args.since.map(hodei_proto::timestamp),
+            end_time: args.until.map(hodei_proto::timestamp),
+            types: args.types,
+            tenant: args.tenant.unwrap_or_default(),
+            labels: args.labels.into_iter().collect(),
+            page_size: args.limit.unwrap_or(0),
+            page_token: args.page_token.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    match format {
+        OutputFormat::Human => {
+            let mut text = String::new();
+            for event in &page.events {
+                text.push_str(&format!("{}  {}\n", event.job_id, human::event_line(event)));
+            }
+            if !page.next_page_token.is_empty() {
+                text.push_str(&format!(
+                    "next page: --page-token {}\n",
+                    page.next_page_token
+                ));
+            }
+            print_text(&text)?;
+        }
+        OutputFormat::Json => print_json(&json!({
+            "events": page.events.iter().map(json::job_event).collect::<Vec<_>>(),
             "next_page_token": page.next_page_token,
         }))?,
     }
@@ -313,10 +388,22 @@ async fn submit_job(clients: &mut Clients, args: &JobArgs) -> anyhow::Result<pb:
 }
 
 async fn get_job(clients: &mut Clients, id: &str) -> anyhow::Result<pb::Job> {
+    get_job_at(clients, id, None).await
+}
+
+async fn get_job_at(
+    clients: &mut Clients,
+    id: &str,
+    at: Option<Moment>,
+) -> anyhow::Result<pb::Job> {
     clients
         .jobs
         .get_job(pb::GetJobRequest {
             job_id: id.to_owned(),
+            as_of: at.map(|at| match at {
+                Moment::Seq(seq) => pb::get_job_request::AsOf::AsOfSeq(seq),
+                Moment::Time(t) => pb::get_job_request::AsOf::AsOfTime(hodei_proto::timestamp(t)),
+            }),
         })
         .await?
         .into_inner()

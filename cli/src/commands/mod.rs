@@ -23,7 +23,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Submit(args) => jobs::submit(&mut clients, &args, format).await,
         Command::Run(args) => jobs::run(&mut clients, &args, format).await,
-        Command::Get { id } => jobs::get(&mut clients, id, format).await,
+        Command::Get { id, at } => jobs::get(&mut clients, id, at, format).await,
+        Command::History { id } => jobs::history(&mut clients, id, format).await,
+        Command::Events(args) => jobs::events(&mut clients, args, format).await,
         Command::List(args) => jobs::list(&mut clients, args, format).await,
         Command::Watch { id, from } => jobs::watch(&mut clients, id, from, format).await,
         Command::Logs { id, follow, from } => {
@@ -56,7 +58,7 @@ async fn pipeline(
     match command {
         PipelineCommand::Run(args) => pipelines::run(clients, &args, format).await,
         PipelineCommand::Submit(args) => pipelines::submit(clients, &args, format).await,
-        PipelineCommand::Get { id } => pipelines::get(clients, id, format).await,
+        PipelineCommand::Get { id, at } => pipelines::get(clients, id, at, format).await,
         PipelineCommand::List(args) => pipelines::list(clients, args, format).await,
         PipelineCommand::Watch { id } => pipelines::watch(clients, id, format).await,
         PipelineCommand::Cancel { id, reason } => {

@@ -15,7 +15,7 @@ use super::{
     DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
     print_text,
 };
-use crate::cli::{OutputFormat, PipelineFileArgs, PipelineListArgs};
+use crate::cli::{Moment, OutputFormat, PipelineFileArgs, PipelineListArgs};
 use crate::client::Clients;
 use crate::live::LiveView;
 use crate::style::Style;
@@ -74,9 +74,10 @@ pub async fn watch(
 pub async fn get(
     clients: &mut Clients,
     id: String,
+    at: Option<Moment>,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
-    let run = get_run(clients, &id).await?;
+    let run = get_run_at(clients, &id, at).await?;
     match format {
         OutputFormat::Human => {
             print_text(&human::run_block(&run, chrono::Utc::now(), Style::stdout()))?
@@ -305,10 +306,24 @@ async fn submit_run(
 }
 
 async fn get_run(clients: &mut Clients, id: &str) -> anyhow::Result<pb::PipelineRun> {
+    get_run_at(clients, id, None).await
+}
+
+async fn get_run_at(
+    clients: &mut Clients,
+    id: &str,
+    at: Option<Moment>,
+) -> anyhow::Result<pb::PipelineRun> {
     clients
         .pipelines
         .get_pipeline_run(pb::GetPipelineRunRequest {
             run_id: id.to_owned(),
+            as_of: at.map(|at| match at {
+                Moment::Seq(seq) => pb::get_pipeline_run_request::AsOf::AsOfSeq(seq),
+                Moment::Time(t) => {
+                    pb::get_pipeline_run_request::AsOf::AsOfTime(hodei_proto::timestamp(t))
+                }
+            }),
         })
         .await?
         .into_inner()

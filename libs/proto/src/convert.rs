@@ -204,6 +204,8 @@ pub fn job_event_to_wire(e: &JobEvent, current: JobState) -> pb::JobEvent {
         seq: e.seq,
         at: Some(timestamp(e.at)),
         r#type: e.kind.name().to_owned(),
+        // Serialising an event cannot fail: every map in it has string keys.
+        data: serde_json::to_string(e).unwrap_or_default(),
         ..Default::default()
     };
     let state = match &e.kind {

@@ -34,6 +34,7 @@ async fn get(system: &TestSystem, id: &str) -> Option<pb::Job> {
     client
         .get_job(pb::GetJobRequest {
             job_id: id.to_owned(),
+            as_of: None,
         })
         .await
         .ok()?

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::admission::Admission;
 use crate::errors::{ApiError, IntoStatus};
+use crate::history::{self, AsOf, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
 use crate::request;
 use crate::submissions::Submissions;
@@ -131,11 +132,41 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let id: JobId = request::id("job_id", &request.into_inner().job_id).into_status()?;
-        let job = self.load(id).await?;
+        let req = request.into_inner();
+        let id: JobId = request::id("job_id", &req.job_id).into_status()?;
+        let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
+        let mut job = self.load(id).await?;
+        if let Some(as_of) = as_of {
+            job = history::job_as_of(&self.backends, id, as_of)
+                .await
+                .into_status()?;
+        }
         Ok(Response::new(pb::GetJobResponse {
             job: Some((&job).into()),
         }))
+    }
+
+    async fn get_job_history(
+        &self,
+        request: Request<pb::GetJobHistoryRequest>,
+    ) -> Result<Response<pb::GetJobHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let id: JobId = request::id("job_id", &req.job_id).into_status()?;
+        self.load(id).await?;
+        history::job_history(&self.backends, id, req.page_size, &req.page_token)
+            .await
+            .into_status()
+            .map(Response::new)
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        history::list_events(&self.backends, request.into_inner())
+            .await
+            .into_status()
+            .map(Response::new)
     }
 
     async fn list_jobs(
@@ -152,10 +183,18 @@ impl JobService for JobApi {
         )
         .into_status()?;
         let before = request::page_token(&req.page_token).into_status()?;
+        if req.query.chars().count() > MAX_QUERY_CHARS {
+            return Err(ApiError::field(
+                "query",
+                format!("is longer than {MAX_QUERY_CHARS} characters"),
+            )
+            .into());
+        }
         let filter = JobFilter {
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
             labels: req.labels.into_iter().collect(),
+            search: Some(req.query).filter(|q| !q.trim().is_empty()),
             before,
             limit,
         };

@@ -6,6 +6,7 @@
 mod admission;
 mod errors;
 mod grpc_trace;
+mod history;
 mod jobs;
 mod limits;
 mod pipelines;

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::admission::Admission;
 use crate::errors::{ApiError, IntoStatus};
+use crate::history::{self, AsOf};
 use crate::limits::TransportLimits;
 use crate::request;
 use crate::watch;
@@ -148,11 +149,21 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::GetPipelineRunRequest>,
     ) -> Result<Response<pb::GetPipelineRunResponse>, Status> {
-        let id: PipelineRunId =
-            request::id("run_id", &request.into_inner().run_id).into_status()?;
+        let req = request.into_inner();
+        let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
+        let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
         let run = self.load(id).await?;
+        let wire = match as_of {
+            None => self.to_wire(&run).await?,
+            Some(as_of) => {
+                let (run, attempts) = history::run_as_of(&self.backends, id, as_of)
+                    .await
+                    .into_status()?;
+                hodei_proto::pipeline_run_to_wire(&run, &attempts)
+            }
+        };
         Ok(Response::new(pb::GetPipelineRunResponse {
-            run: Some(self.to_wire(&run).await?),
+            run: Some(wire),
         }))
     }
 

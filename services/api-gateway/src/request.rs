@@ -78,6 +78,17 @@ where
     }
 }
 
+/// A timestamp in request field `field`.
+pub fn timestamp(
+    field: &str,
+    value: &prost_types::Timestamp,
+) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    u32::try_from(value.nanos)
+        .ok()
+        .and_then(|nanos| chrono::DateTime::from_timestamp(value.seconds, nanos))
+        .ok_or_else(|| ApiError::field(field, "is not a valid time"))
+}
+
 /// The token of the page after `page` (of at most `limit` items): the last item's id, or
 /// empty when the page was not full (it was the last).
 pub fn page_token_after<T>(page: &[T], limit: u32, id: impl Fn(&T) -> String) -> String {

@@ -388,7 +388,10 @@ impl TestSystem {
             let pred = &pred;
             async move {
                 let job = client
-                    .get_job(pb::GetJobRequest { job_id: id })
+                    .get_job(pb::GetJobRequest {
+                        job_id: id,
+                        as_of: None,
+                    })
                     .await
                     .ok()?
                     .into_inner()

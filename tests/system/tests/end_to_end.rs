@@ -188,6 +188,7 @@ async fn bad_input_is_refused_and_submissions_are_idempotent() {
         .jobs
         .get_job(pb::GetJobRequest {
             job_id: "nope".into(),
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -201,6 +202,7 @@ async fn bad_input_is_refused_and_submissions_are_idempotent() {
         .jobs
         .get_job(pb::GetJobRequest {
             job_id: "0195a4c4-0000-7000-8000-000000000000".into(),
+            as_of: None,
         })
         .await
         .unwrap_err();

@@ -49,6 +49,7 @@ async fn get(system: &TestSystem, id: &str) -> pb::Job {
         .clone()
         .get_job(pb::GetJobRequest {
             job_id: id.to_owned(),
+            as_of: None,
         })
         .await
         .unwrap()

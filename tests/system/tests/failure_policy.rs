@@ -113,7 +113,10 @@ async fn an_unplaceable_job_says_why_and_fails_after_the_queue_timeout() {
         let id = id.clone();
         async move {
             let job = client
-                .get_job(pb::GetJobRequest { job_id: id })
+                .get_job(pb::GetJobRequest {
+                    job_id: id,
+                    as_of: None,
+                })
                 .await
                 .ok()?
                 .into_inner()

@@ -59,6 +59,7 @@ async fn get(system: &TestSystem, id: &str) -> pb::PipelineRun {
         .clone()
         .get_pipeline_run(pb::GetPipelineRunRequest {
             run_id: id.to_owned(),
+            as_of: None,
         })
         .await
         .unwrap()
@@ -92,7 +93,10 @@ async fn wait_run_until<T>(
         let pick = &pick;
         async move {
             let run = client
-                .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
+                .get_pipeline_run(pb::GetPipelineRunRequest {
+                    run_id: id,
+                    as_of: None,
+                })
                 .await
                 .ok()?
                 .into_inner()

@@ -223,7 +223,10 @@ async fn a_pipeline_secret_is_masked_in_every_answer_and_the_job_gets_it() {
         let id = run.id.clone();
         async move {
             let run = client
-                .get_pipeline_run(pb::GetPipelineRunRequest { run_id: id })
+                .get_pipeline_run(pb::GetPipelineRunRequest {
+                    run_id: id,
+                    as_of: None,
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -248,6 +251,7 @@ async fn a_pipeline_secret_is_masked_in_every_answer_and_the_job_gets_it() {
             .clone()
             .get_job(pb::GetJobRequest {
                 job_id: step.job_id.clone(),
+                as_of: None,
             })
             .await
             .unwrap()

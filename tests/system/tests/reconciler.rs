@@ -178,6 +178,7 @@ async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry(
         .clone()
         .get_job(pb::GetJobRequest {
             job_id: job.id.clone(),
+            as_of: None,
         })
         .await
         .unwrap()

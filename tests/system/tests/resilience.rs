@@ -469,6 +469,7 @@ async fn get_job(system: &TestSystem, id: &str) -> Option<pb::Job> {
         .clone()
         .get_job(pb::GetJobRequest {
             job_id: id.to_owned(),
+            as_of: None,
         })
         .await
         .ok()?

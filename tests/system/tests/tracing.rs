@@ -203,7 +203,10 @@ async fn one_job_is_one_trace_from_gateway_through_scheduler_to_agent() {
         let id = job.id.clone();
         async move {
             let job = client
-                .get_job(pb::GetJobRequest { job_id: id })
+                .get_job(pb::GetJobRequest {
+                    job_id: id,
+                    as_of: None,
+                })
                 .await
                 .ok()?
                 .into_inner()
