@@ -120,6 +120,56 @@ pub(crate) async fn append<'e, E: Serialize + 'e>(
     Ok(())
 }
 
+/// Every event of each of `aggregates` in `table` (those recorded at or before `until` when
+/// given), in order, by aggregate; aggregates without any are absent.
+pub(crate) async fn read_many<E: DeserializeOwned>(
+    conn: impl sqlx::PgExecutor<'_>,
+    table: EventTable,
+    aggregates: &[Uuid],
+    until: Option<DateTime<Utc>>,
+) -> Result<std::collections::HashMap<Uuid, Vec<E>>, StorageError> {
+    let mut out: std::collections::HashMap<Uuid, Vec<E>> = std::collections::HashMap::new();
+    if aggregates.is_empty() {
+        return Ok(out);
+    }
+    let sql = match table {
+        EventTable::Jobs => {
+            "SELECT job_id, seq, data FROM job_events
+             WHERE job_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
+             ORDER BY job_id, seq"
+        }
+        EventTable::Pipelines => {
+            "SELECT run_id, seq, data FROM pipeline_events
+             WHERE run_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
+             ORDER BY run_id, seq"
+        }
+    };
+    let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(sql)
+        .bind(aggregates)
+        .bind(until)
+        .fetch_all(conn)
+        .await?;
+    for (aggregate, seq, data) in rows {
+        let event = decode(table, aggregate, seq, data)?;
+        out.entry(aggregate).or_default().push(event);
+    }
+    Ok(out)
+}
+
+fn decode<E: DeserializeOwned>(
+    table: EventTable,
+    aggregate: Uuid,
+    seq: i64,
+    data: serde_json::Value,
+) -> Result<E, StorageError> {
+    serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
+        table: table.name(),
+        id: format!("{aggregate}/{seq}"),
+        column: "data",
+        reason: e.to_string(),
+    })
+}
+
 /// Which part of one aggregate's history to read: the events from `from_seq` on, up to
 /// `to_seq` and recorded at or before `until` when given, at most `limit` of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,13 +206,6 @@ pub(crate) async fn read<E: DeserializeOwned>(
         .fetch_all(pool)
         .await?;
     rows.into_iter()
-        .map(|(seq, data)| {
-            serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
-                table: table.name(),
-                id: format!("{aggregate}/{seq}"),
-                column: "data",
-                reason: e.to_string(),
-            })
-        })
+        .map(|(seq, data)| decode(table, aggregate, seq, data))
         .collect()
 }

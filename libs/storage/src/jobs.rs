@@ -394,40 +394,19 @@ pub async fn history(
     event_store::read(pool, EventTable::Jobs, id.as_uuid(), range).await
 }
 
-/// The events of each of `ids` recorded at or before `until`, in order, by job: to fold the
-/// jobs of a pipeline run's steps as they stood at a moment.
-pub async fn histories_until(
-    pool: &PgPool,
+/// The events of each of `ids` (all of them, or those recorded at or before `until`), in
+/// order, by job: to fold jobs, as they stand or as they stood at a moment.
+pub async fn histories(
+    conn: impl sqlx::PgExecutor<'_>,
     ids: &[JobId],
-    until: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
 ) -> Result<HashMap<JobId, Vec<JobEvent>>, StorageError> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
     let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
-    let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(
-        "SELECT job_id, seq, data FROM job_events WHERE job_id = ANY($1) AND at <= $2
-         ORDER BY job_id, seq",
-    )
-    .bind(&uuids)
-    .bind(until)
-    .fetch_all(pool)
-    .await?;
-    let mut out: HashMap<JobId, Vec<JobEvent>> = HashMap::new();
-    for (id, seq, data) in rows {
-        let event = decode_event(id, seq, data)?;
-        out.entry(JobId::from_uuid(id)).or_default().push(event);
-    }
-    Ok(out)
-}
-
-fn decode_event(job: Uuid, seq: i64, data: serde_json::Value) -> Result<JobEvent, StorageError> {
-    serde_json::from_value(data).map_err(|e| StorageError::Corrupt {
-        table: "job_events",
-        id: format!("{job}/{seq}"),
-        column: "data",
-        reason: e.to_string(),
-    })
+    let rows = event_store::read_many(conn, EventTable::Jobs, &uuids, until).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, events)| (JobId::from_uuid(id), events))
+        .collect())
 }
 
 /// Filters for [`list_events`]: events recorded in `[from, to)`, oldest first.
@@ -554,8 +533,11 @@ pub struct JobFilter {
 }
 
 /// Jobs matching `filter`, newest first.
-pub async fn list(pool: &PgPool, filter: &JobFilter) -> Result<Vec<Job>, StorageError> {
-    let rows = list_query("", filter)?.build().fetch_all(pool).await?;
+pub async fn list(
+    conn: impl sqlx::PgExecutor<'_>,
+    filter: &JobFilter,
+) -> Result<Vec<Job>, StorageError> {
+    let rows = list_query("", filter)?.build().fetch_all(conn).await?;
     rows.iter().map(decode).collect()
 }
 

@@ -50,6 +50,20 @@ pub async fn save(
     expected_version: u64,
 ) -> Result<(), StorageError> {
     if run.version() != expected_version {
+        overwrite(conn, run, expected_version).await?;
+    }
+    Ok(())
+}
+
+/// Writes the run's projection (state, steps, flags, `updated_at`, version) over the row if
+/// it is still at `expected_version`, even at the same version; otherwise returns `Conflict`.
+/// For repairing a projection from its events.
+pub async fn overwrite(
+    conn: &mut PgConnection,
+    run: &PipelineRun,
+    expected_version: u64,
+) -> Result<(), StorageError> {
+    {
         let updated = sqlx::query(
             "UPDATE pipeline_runs SET state = $3, steps = $4, cancel_requested = $5, failing_fast = $6,
                     updated_at = $7, version = $8
@@ -143,7 +157,10 @@ pub struct RunFilter {
 }
 
 /// Runs matching `filter`, newest first.
-pub async fn list(pool: &PgPool, filter: &RunFilter) -> Result<Vec<PipelineRun>, StorageError> {
+pub async fn list(
+    conn: impl sqlx::PgExecutor<'_>,
+    filter: &RunFilter,
+) -> Result<Vec<PipelineRun>, StorageError> {
     let states: Option<Vec<&str>> = (!filter.states.is_empty())
         .then(|| filter.states.iter().map(PipelineState::as_str).collect());
     let prefix = filter
@@ -163,7 +180,7 @@ pub async fn list(pool: &PgPool, filter: &RunFilter) -> Result<Vec<PipelineRun>,
         .bind(prefix)
         .bind(filter.before.map(|b| b.as_uuid()))
         .bind(i64::from(filter.limit))
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await?;
     rows.iter().map(decode).collect()
 }
@@ -175,6 +192,19 @@ pub async fn events(
     from_seq: u64,
 ) -> Result<Vec<PipelineEvent>, StorageError> {
     history(pool, id, EventRange::from(from_seq)).await
+}
+
+/// Every event of each of `runs`, in order, by run: to fold them.
+pub async fn histories(
+    conn: impl sqlx::PgExecutor<'_>,
+    runs: &[PipelineRunId],
+) -> Result<HashMap<PipelineRunId, Vec<PipelineEvent>>, StorageError> {
+    let uuids: Vec<Uuid> = runs.iter().map(PipelineRunId::as_uuid).collect();
+    let rows = event_store::read_many(conn, EventTable::Pipelines, &uuids, None).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, events)| (PipelineRunId::from_uuid(id), events))
+        .collect())
 }
 
 /// A run's events within `range`, in order.

@@ -114,7 +114,7 @@ pub async fn run_as_of(
     };
     let step_jobs: Vec<JobId> = run.steps().iter().filter_map(|s| s.job_id).collect();
     let histories = backends
-        .db(|| jobs::histories_until(&backends.pool, &step_jobs, moment))
+        .db(|| jobs::histories(&backends.pool, &step_jobs, Some(moment)))
         .await?;
     let mut attempts = HashMap::with_capacity(histories.len());
     for (job, events) in histories {
