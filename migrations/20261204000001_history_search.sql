@@ -7,13 +7,28 @@
 -- an entry to each of its indexes. Both writes happen in the transaction that changes the
 -- projection. Long texts are cut to 4 KiB so that no job can exceed a tsvector's 1 MiB limit
 -- and fail the batch it was submitted with.
+--
+-- Each text gives two kinds of lexemes: PostgreSQL's words (`build-api` gives `build-api`,
+-- `build` and `api`, with positions, for phrases) and every whole token between spaces and
+-- JSON punctuation (`repo-42`, `deployment.apps/web`), which PostgreSQL's parser would split
+-- into `repo` and `-42`. Searches look tokens up whole (see `hodei_storage::sql::tsquery`),
+-- so `repo-42` is one index lookup instead of a phrase rechecked against every `repo`.
+-- Tokens longer than 256 bytes are left out (a tsvector lexeme may not exceed 2 KiB).
+CREATE FUNCTION hodei_search_text(t text)
+RETURNS tsvector
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN to_tsvector('simple', t)
+    || array_to_tsvector(ARRAY(
+           SELECT DISTINCT w FROM regexp_split_to_table(lower(t), '[\s"{}\[\],:;()=<>|&!''`*]+') AS w
+           WHERE w <> '' AND octet_length(w) <= 256));
+
 CREATE FUNCTION hodei_job_search(name text, labels jsonb, spec jsonb, tail jsonb)
 RETURNS tsvector
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN setweight(to_tsvector('simple', name), 'A')
-    || setweight(to_tsvector('simple', left(labels::text, 4096)), 'B')
-    || to_tsvector('simple', left(coalesce(spec ->> 'command', ''), 4096))
-    || to_tsvector('simple', left(coalesce(tail::text, ''), 4096));
+RETURN setweight(hodei_search_text(name), 'A')
+    || setweight(hodei_search_text(left(labels::text, 4096)), 'B')
+    || hodei_search_text(left(coalesce(spec ->> 'command', ''), 4096))
+    || hodei_search_text(left(coalesce(tail::text, ''), 4096));
 
 CREATE TABLE job_search (
     job_id uuid PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,

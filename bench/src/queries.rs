@@ -1,17 +1,25 @@
-//! `queries`: a database with many jobs (loaded with batched inserts straight into `jobs`, a
-//! realistic spread of states), then ListJobs by state, pages of 100 walked with keyset tokens
-//! as deep as the data goes, through `hodei_storage::jobs::list` — the function the gateway
-//! calls — with p50/p99 per depth and the EXPLAIN plans of page 1 and the deepest page.
+//! `queries`: a database with many jobs (loaded with batched inserts, each job built by the
+//! domain's own commands, with its events and search vector), then the read models measured
+//! through `hodei_storage` — the functions the gateway calls — and through a real gateway
+//! over gRPC: ListJobs by state walked with keyset tokens as deep as the data goes (p50/p99
+//! per depth), full-text search, a job's history, a job as of a time, and events in a
+//! five-minute window, with the EXPLAIN plans of the deepest page and of searches.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::Utc;
+use hodei_api_gateway::{Gateway, GatewayConfig};
 use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{AttemptNumber, AttemptOutcome, AttemptRecord, JobId, JobSpec, JobState};
-use hodei_storage::jobs::{self, JobFilter};
-use hodei_test_support::TestDatabase;
+use hodei_domain::{AttemptOutcome, Job, JobEvent, JobId, JobSpec, JobState, TenantId};
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_runtime::BackendConfig;
+use hodei_storage::EventRange;
+use hodei_storage::jobs::{self, EventFilter, JobFilter};
+use hodei_test_support::{TestDatabase, TestNats};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::report::{Outcome, histogram};
 
@@ -44,13 +52,18 @@ pub struct QueriesParams {
 pub async fn queries(p: QueriesParams) -> anyhow::Result<Outcome> {
     let database = TestDatabase::create().await?;
     let pool = database.connect().await?;
-    let result = run(&pool, &p).await;
+    let result = run(&pool, &database, &p).await;
     pool.close().await;
     let _ = database.cleanup().await;
     result
 }
 
-async fn run(pool: &PgPool, p: &QueriesParams) -> anyhow::Result<Outcome> {
+/// Reads measured per read model, through storage and through gRPC.
+const READS: usize = 200;
+/// Jobs per search page.
+const SEARCH_PAGE: u32 = 50;
+
+async fn run(pool: &PgPool, database: &TestDatabase, p: &QueriesParams) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
     hodei_storage::migrate(pool)
         .await
@@ -58,7 +71,9 @@ async fn run(pool: &PgPool, p: &QueriesParams) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     load(pool, p.jobs).await?;
     let loaded = started.elapsed();
-    sqlx::query("ANALYZE jobs").execute(pool).await?;
+    sqlx::query("ANALYZE jobs, job_search, job_events")
+        .execute(pool)
+        .await?;
     out.figure(
         S,
         format!("load: {} jobs, rows/s (batched inserts)", p.jobs),
@@ -167,10 +182,263 @@ async fn run(pool: &PgPool, p: &QueriesParams) -> anyhow::Result<Outcome> {
         out.note(explain(pool, state, Some(before), deepest_page).await?);
     }
     out.note(explain(pool, JobState::Queued, None, 1).await?);
-    out.note(
-        "queries: full-text search does not exist in hodei yet (no api, no index): not measured",
-    );
+    read_models(pool, &mut out).await?;
+    over_grpc(pool, database, p, &mut out).await?;
     Ok(out)
+}
+
+/// `n` ids spread over the table (every `count / n`-th by id order).
+async fn sample_ids(
+    pool: &PgPool,
+    n: usize,
+) -> anyhow::Result<Vec<(JobId, chrono::DateTime<Utc>)>> {
+    let rows: Vec<(uuid::Uuid, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, created_at FROM (
+             SELECT id, created_at, row_number() OVER (ORDER BY id) AS r,
+                    count(*) OVER () AS total FROM jobs) t
+         WHERE r % GREATEST(total / $1, 1) = 0 LIMIT $1",
+    )
+    .bind(i64::try_from(n)?)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, at)| (JobId::from_uuid(id), at))
+        .collect())
+}
+
+/// What a search read asks for: words and states.
+fn searches(i: usize) -> [(&'static str, String, Vec<JobState>); 4] {
+    [
+        (
+            "rare word (1 job in 10,000)",
+            format!("artifact-{}", (i * 7919) % 10_000),
+            vec![],
+        ),
+        (
+            "middling word (1 in 500)",
+            format!("repo-{}", (i * 31) % 500),
+            vec![],
+        ),
+        ("common word (every job)", "make".to_owned(), vec![]),
+        (
+            "middling word and state=succeeded",
+            format!("repo-{}", (i * 17) % 500),
+            vec![JobState::Succeeded],
+        ),
+    ]
+}
+
+fn micros_since(t: Instant) -> u64 {
+    duration_micros(t.elapsed())
+}
+
+/// Search, history, as-of and events-in-a-window reads through `hodei_storage`.
+async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
+    let ids = sample_ids(pool, READS).await?;
+    let mut by_search: Vec<(&str, hdrhistogram::Histogram<u64>)> = Vec::new();
+    for i in 0..READS {
+        for (what, words, states) in searches(i) {
+            let filter = JobFilter {
+                states,
+                search: Some(words),
+                limit: SEARCH_PAGE,
+                ..JobFilter::default()
+            };
+            let t = Instant::now();
+            jobs::list(pool, &filter).await?;
+            let took = micros_since(t);
+            match by_search.iter_mut().find(|(w, _)| *w == what) {
+                Some((_, h)) => h.record(took)?,
+                None => {
+                    let mut h = histogram()?;
+                    h.record(took)?;
+                    by_search.push((what, h));
+                }
+            }
+        }
+    }
+    for (what, h) in &by_search {
+        out.percentiles(
+            S,
+            &format!("storage: search page {SEARCH_PAGE}, {what}"),
+            h,
+            Some("<= 20 ms"),
+        );
+    }
+    let (mut history, mut as_of, mut window) = (histogram()?, histogram()?, histogram()?);
+    let oldest: chrono::DateTime<Utc> = sqlx::query_scalar("SELECT min(at) FROM job_events")
+        .fetch_one(pool)
+        .await?;
+    let span = (Utc::now() - oldest).num_seconds().max(301);
+    for (i, (id, created)) in ids.iter().enumerate() {
+        let t = Instant::now();
+        let events = jobs::history(pool, *id, EventRange::from(1)).await?;
+        history.record(micros_since(t))?;
+        anyhow::ensure!(!events.is_empty(), "job {id} has no history");
+        let t = Instant::now();
+        let range = EventRange {
+            from_seq: 1,
+            until: Some(*created + chrono::Duration::milliseconds(15)),
+            ..EventRange::default()
+        };
+        let folded = Job::from_events(&jobs::history(pool, *id, range).await?)?;
+        as_of.record(micros_since(t))?;
+        anyhow::ensure!(folded.version() >= 1);
+        let from = oldest + chrono::Duration::seconds((i as i64 * 7919) % (span - 300));
+        let filter = EventFilter {
+            from: Some(from),
+            to: Some(from + chrono::Duration::seconds(300)),
+            limit: 100,
+            ..EventFilter::default()
+        };
+        let t = Instant::now();
+        jobs::list_events(pool, &filter).await?;
+        window.record(micros_since(t))?;
+    }
+    out.percentiles(
+        S,
+        "storage: a job's whole history",
+        &history,
+        Some("<= 10 ms"),
+    );
+    out.percentiles(
+        S,
+        "storage: a job as of a time (events read and folded)",
+        &as_of,
+        Some("<= 10 ms"),
+    );
+    out.percentiles(
+        S,
+        "storage: events in a 5-minute window, page 100",
+        &window,
+        None,
+    );
+    for (what, words) in [("a rare word", "artifact-4242"), ("a common word", "make")] {
+        let filter = JobFilter {
+            search: Some(words.to_owned()),
+            limit: SEARCH_PAGE,
+            ..JobFilter::default()
+        };
+        let plan = jobs::explain_list(pool, &filter)
+            .await
+            .context("failed to explain a search")?;
+        out.note(format!(
+            "queries: EXPLAIN (ANALYZE, BUFFERS) of a search page {SEARCH_PAGE} for {what} ('{words}'):\n    {}",
+            plan.join("\n    ")
+        ));
+    }
+    Ok(())
+}
+
+/// The same reads, and a keyset walk, through a real gateway over gRPC (its own private
+/// nats-server; no scheduler, so nothing moves the loaded jobs meanwhile).
+async fn over_grpc(
+    pool: &PgPool,
+    database: &TestDatabase,
+    p: &QueriesParams,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let nats = TestNats::start().await?;
+    let backends = BackendConfig::new(nats.url(), database.url());
+    let gateway = Gateway::build(GatewayConfig::new(backends, ([127, 0, 0, 1], 0).into()))
+        .await
+        .context("failed to start the gateway")?;
+    let addr = gateway.local_addr();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
+    let result = grpc_reads(pool, &format!("http://{addr}"), p, out).await;
+    shutdown.cancel();
+    let _ = serving.await;
+    result
+}
+
+async fn grpc_reads(
+    pool: &PgPool,
+    url: &str,
+    p: &QueriesParams,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let mut client = JobServiceClient::connect(url.to_owned()).await?;
+    // The keyset walk of `succeeded` jobs, as a client pages ListJobs.
+    let mut walk = histogram()?;
+    let mut token = String::new();
+    for _ in 0..p.pages_per_state {
+        let t = Instant::now();
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                states: vec![pb::JobState::Succeeded.into()],
+                page_size: 100,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        walk.record(micros_since(t))?;
+        token = page.next_page_token;
+    }
+    out.percentiles(
+        S,
+        &format!(
+            "grpc: ListJobs state=succeeded, {} pages of 100 walked",
+            p.pages_per_state
+        ),
+        &walk,
+        Some("<= 5 ms"),
+    );
+    let (mut rare, mut common) = (histogram()?, histogram()?);
+    for i in 0..READS {
+        for (h, words) in [
+            (&mut rare, format!("artifact-{}", (i * 7919) % 10_000)),
+            (&mut common, "make".to_owned()),
+        ] {
+            let t = Instant::now();
+            client
+                .list_jobs(pb::ListJobsRequest {
+                    query: words,
+                    page_size: SEARCH_PAGE,
+                    ..Default::default()
+                })
+                .await?;
+            h.record(micros_since(t))?;
+        }
+    }
+    out.percentiles(
+        S,
+        &format!("grpc: ListJobs query, page {SEARCH_PAGE}, a rare word"),
+        &rare,
+        Some("<= 20 ms"),
+    );
+    out.percentiles(
+        S,
+        &format!("grpc: ListJobs query, page {SEARCH_PAGE}, a common word"),
+        &common,
+        Some("<= 20 ms"),
+    );
+    let (mut history, mut as_of) = (histogram()?, histogram()?);
+    for (id, created) in sample_ids(pool, READS).await? {
+        let t = Instant::now();
+        client
+            .get_job_history(pb::GetJobHistoryRequest {
+                job_id: id.to_string(),
+                ..Default::default()
+            })
+            .await?;
+        history.record(micros_since(t))?;
+        let t = Instant::now();
+        client
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+                as_of: Some(pb::get_job_request::AsOf::AsOfTime(hodei_proto::timestamp(
+                    created + chrono::Duration::milliseconds(15),
+                ))),
+            })
+            .await?;
+        as_of.record(micros_since(t))?;
+    }
+    out.percentiles(S, "grpc: GetJobHistory", &history, Some("<= 10 ms"));
+    out.percentiles(S, "grpc: GetJob as_of_time", &as_of, Some("<= 10 ms"));
+    Ok(())
 }
 
 fn duration_micros(d: Duration) -> u64 {
@@ -215,103 +483,163 @@ fn state_of(i: usize) -> JobState {
     }
 }
 
-/// Inserts `count` jobs, `LOAD_BATCH` per `INSERT … SELECT FROM unnest`, with every column the
-/// gateway and scheduler write: a valid spec, an attempt record for jobs past `queued`.
+/// Job `i` as the live path would have recorded it: submitted at `created_at` and moved to
+/// `state` by the domain's own commands, with its events. Names, labels, commands and output
+/// tails vary so that search terms match few (`artifact-N`: 1 job in 10,000), some (`repo-N`:
+/// 1 in 500) or every job (`make`).
+fn job_of(i: usize, created_at: chrono::DateTime<Utc>) -> anyhow::Result<(Job, Vec<JobEvent>)> {
+    let target = format!("target-{}", i % 100);
+    let mut draft = JobSpecDraft::exec(format!("noop-{i}"), &["make", &target]);
+    draft
+        .labels
+        .insert("team".into(), format!("team-{}", i % 20));
+    draft
+        .labels
+        .insert("repo".into(), format!("repo-{}", i % 500));
+    let spec = JobSpec::try_from(draft).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
+    let (mut job, first) = Job::submit(JobId::new(), TenantId::default(), spec, created_at);
+    let mut events = vec![first];
+    let state = state_of(i);
+    let worker: hodei_domain::WorkerId = format!("worker-{:04}", i % 1000).parse()?;
+    let at = |ms: i64| created_at + chrono::Duration::milliseconds(ms);
+    if state == JobState::Cancelled {
+        events.extend(job.request_cancel("bench", at(5))?);
+    } else if state != JobState::Queued {
+        events.push(job.assign(worker, at(10))?);
+        if state != JobState::Assigned {
+            events.push(job.start(job.current_attempt(), at(20))?);
+        }
+        let outcome = match state {
+            JobState::Succeeded => Some(AttemptOutcome::Exited { code: 0 }),
+            JobState::Failed => Some(AttemptOutcome::Exited { code: 1 }),
+            JobState::TimedOut => Some(AttemptOutcome::TimedOut),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            let tail = vec![format!("artifact-{} built", i % 10_000), "done".to_owned()];
+            events.push(job.finish_with_output(
+                job.current_attempt(),
+                outcome,
+                tail,
+                at(900),
+                0.0,
+            )?);
+        }
+    }
+    Ok((job, events))
+}
+
+/// Inserts `count` jobs with their events and search vectors, `LOAD_BATCH` per statement
+/// (`INSERT … SELECT FROM unnest`), every column as the gateway and scheduler write it.
 async fn load(pool: &PgPool, count: usize) -> anyhow::Result<()> {
-    let spec = JobSpec::try_from(JobSpecDraft::exec("noop", &["true"]))
-        .map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
-    let spec = serde_json::to_value(&spec)?;
     let now = Utc::now();
     let mut done = 0;
     while done < count {
         let n = LOAD_BATCH.min(count - done);
-        let mut ids = Vec::with_capacity(n);
-        let mut names = Vec::with_capacity(n);
-        let mut states = Vec::with_capacity(n);
-        let mut specs = Vec::with_capacity(n);
-        let mut attempts = Vec::with_capacity(n);
-        let mut current = Vec::with_capacity(n);
-        let mut workers = Vec::with_capacity(n);
-        let mut exit_codes = Vec::with_capacity(n);
-        let mut created = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
+        let mut rows = Vec::with_capacity(n);
+        let mut events = Vec::with_capacity(n * 4);
         for i in done..done + n {
-            let id = JobId::new();
-            let state = state_of(i);
-            let name = format!("noop-{i}");
-            let mut job_spec = spec.clone();
-            job_spec["name"] = serde_json::Value::String(name.clone());
-            // Spread creation over the last ~12 days, oldest first, as ids are.
+            // Spread creation over the last ~12 days (at 1,000,000 jobs), oldest first.
             let created_at = now - chrono::Duration::seconds(i64::try_from(count - i)?);
-            let worker = format!("worker-{:04}", i % 1000);
-            let (record, exit_code, version) = match state {
-                JobState::Queued => (None, None, 1_i64),
-                JobState::Assigned | JobState::Running => (
-                    Some(AttemptRecord {
-                        attempt: AttemptNumber::new(1),
-                        worker_id: worker.parse()?,
-                        assigned_at: created_at,
-                        started_at: (state == JobState::Running).then_some(created_at),
-                        finished_at: None,
-                        outcome: None,
-                        output_tail: Vec::new(),
-                    }),
-                    None,
-                    3,
-                ),
-                _ => {
-                    let code = i32::from(state != JobState::Succeeded);
-                    (
-                        Some(AttemptRecord {
-                            attempt: AttemptNumber::new(1),
-                            worker_id: worker.parse()?,
-                            assigned_at: created_at,
-                            started_at: Some(created_at),
-                            finished_at: Some(created_at),
-                            outcome: Some(AttemptOutcome::Exited { code }),
-                            output_tail: Vec::new(),
-                        }),
-                        Some(code),
-                        4,
-                    )
-                }
-            };
-            ids.push(id.as_uuid());
-            names.push(name);
-            states.push(state.as_str());
-            specs.push(job_spec);
-            current.push(i32::from(record.is_some()));
-            workers.push(record.as_ref().map(|r| r.worker_id.to_string()));
-            attempts.push(serde_json::to_value(
-                record.into_iter().collect::<Vec<_>>(),
-            )?);
-            exit_codes.push(exit_code);
-            created.push(created_at);
-            versions.push(version);
+            let (job, history) = job_of(i, created_at)?;
+            rows.push(job);
+            events.extend(history);
         }
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|j| j.id().as_uuid()).collect();
+        let names: Vec<&str> = rows.iter().map(|j| j.spec().name.as_str()).collect();
+        let states: Vec<&str> = rows.iter().map(|j| j.state().as_str()).collect();
+        let specs = rows
+            .iter()
+            .map(|j| serde_json::to_value(j.spec()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let labels = rows
+            .iter()
+            .map(|j| serde_json::to_value(&j.spec().labels))
+            .collect::<Result<Vec<_>, _>>()?;
+        let attempts = rows
+            .iter()
+            .map(|j| serde_json::to_value(j.attempts()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let current: Vec<i32> = rows
+            .iter()
+            .map(|j| i32::try_from(j.current_attempt().get()).unwrap_or(i32::MAX))
+            .collect();
+        let workers: Vec<Option<String>> = rows
+            .iter()
+            .map(|j| j.current_attempt_record().map(|a| a.worker_id.to_string()))
+            .collect();
+        let cancels: Vec<bool> = rows.iter().map(Job::cancel_requested).collect();
+        let exit_codes: Vec<Option<i32>> = rows.iter().map(Job::exit_code).collect();
+        let created: Vec<_> = rows.iter().map(Job::created_at).collect();
+        let updated: Vec<_> = rows.iter().map(Job::updated_at).collect();
+        let versions: Vec<i64> = rows
+            .iter()
+            .map(|j| i64::try_from(j.version()).unwrap_or(i64::MAX))
+            .collect();
+        let mut tx = pool.begin().await?;
         sqlx::query(
             "INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key,
                                attempts, current_attempt, worker_id, cancel_requested, not_before,
                                reason, exit_code, created_at, updated_at, version)
-             SELECT id, 'default', name, state, 0, spec, '{}'::jsonb, NULL, attempts, current,
-                    worker, false, NULL, NULL, exit_code, created, created, version
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
-                         $6::int4[], $7::text[], $8::int4[], $9::timestamptz[], $10::int8[])
-                  AS t(id, name, state, spec, attempts, current, worker, exit_code, created, version)",
+             SELECT id, 'default', name, state, 0, spec, labels, NULL, attempts, current,
+                    worker, cancel, NULL, NULL, exit_code, created, updated, version
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::jsonb[],
+                         $7::int4[], $8::text[], $9::bool[], $10::int4[], $11::timestamptz[],
+                         $12::timestamptz[], $13::int8[])
+                  AS t(id, name, state, spec, labels, attempts, current, worker, cancel, exit_code,
+                       created, updated, version)",
         )
         .bind(&ids)
         .bind(&names)
         .bind(&states)
         .bind(&specs)
+        .bind(&labels)
         .bind(&attempts)
         .bind(&current)
         .bind(&workers)
+        .bind(&cancels)
         .bind(&exit_codes)
         .bind(&created)
+        .bind(&updated)
         .bind(&versions)
-        .execute(pool)
+        .execute(&mut *tx)
         .await
         .context("failed to load jobs")?;
+        sqlx::query(
+            "INSERT INTO job_search (job_id, search)
+             SELECT id, hodei_job_search(name, labels, spec, attempts -> -1 -> 'output_tail')
+             FROM jobs WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .context("failed to load search vectors")?;
+        let job_ids: Vec<uuid::Uuid> = events.iter().map(|e| e.job_id.as_uuid()).collect();
+        let seqs: Vec<i64> = events
+            .iter()
+            .map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX))
+            .collect();
+        let event_ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+        let ats: Vec<_> = events.iter().map(|e| e.at).collect();
+        let data = events
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO job_events (job_id, seq, event_id, type, at, data)
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])",
+        )
+        .bind(&job_ids)
+        .bind(&seqs)
+        .bind(&event_ids)
+        .bind(&kinds)
+        .bind(&ats)
+        .bind(&data)
+        .execute(&mut *tx)
+        .await
+        .context("failed to load events")?;
+        tx.commit().await?;
         done += n;
     }
     Ok(())

@@ -524,8 +524,8 @@ pub struct JobFilter {
     pub states: Vec<JobState>,
     pub name_prefix: Option<String>,
     pub labels: BTreeMap<String, String>,
-    /// Words to match against the job's name, labels, command and latest output tail, in
-    /// `websearch_to_tsquery` syntax: `a b` both, `"a b"` the phrase, `a or b`, `-a` not.
+    /// Words to match against the job's name, labels, command and latest output tail (see
+    /// [`crate::sql::tsquery`]): `a b` both, `"a b"` the phrase, `a or b`, `-a` not.
     pub search: Option<String>,
     /// Keyset cursor: only jobs older than this one.
     pub before: Option<JobId>,
@@ -577,10 +577,17 @@ fn list_query(
             .push_bind(encode("label filter", &filter.labels)?);
     }
     if let Some(words) = filter.search.as_deref().filter(|w| !w.trim().is_empty()) {
-        query
-            .push(" AND id IN (SELECT job_id FROM job_search WHERE search @@ websearch_to_tsquery('simple', ")
-            .push_bind(words.to_owned())
-            .push("))");
+        match crate::sql::tsquery(words) {
+            Some(tsquery) => {
+                query
+                    .push(" AND id IN (SELECT job_id FROM job_search WHERE search @@ ")
+                    .push_bind(tsquery)
+                    .push("::tsquery)");
+            }
+            None => {
+                query.push(" AND false");
+            }
+        }
     }
     if let Some(before) = filter.before {
         query.push(" AND id < ").push_bind(before.as_uuid());
