@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hodei_proto::v1 as pb;
-use serde_json::json;
 use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
 use super::{
     DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
-    print_log_line, print_text,
+    print_log_line, print_page, print_text,
 };
 use crate::cli::{EventsArgs, JobArgs, ListArgs, Moment, OutputFormat};
 use crate::client::Clients;
@@ -207,23 +206,13 @@ pub async fn list(
         query: args.search.unwrap_or_default(),
     };
     let page = clients.jobs.list_jobs(request).await?.into_inner();
-    match format {
-        OutputFormat::Human => {
-            let mut text = human::jobs_table(&page.jobs, chrono::Utc::now(), Style::stdout());
-            if !page.next_page_token.is_empty() {
-                text.push_str(&format!(
-                    "next page: --page-token {}\n",
-                    page.next_page_token
-                ));
-            }
-            print_text(&text)?;
-        }
-        OutputFormat::Json => print_json(&json!({
-            "jobs": page.jobs.iter().map(json::job).collect::<Vec<_>>(),
-            "next_page_token": page.next_page_token,
-        }))?,
-    }
-    Ok(ExitCode::SUCCESS)
+    print_page(
+        format,
+        "jobs",
+        || human::jobs_table(&page.jobs, chrono::Utc::now(), Style::stdout()),
+        || page.jobs.iter().map(json::job).collect(),
+        &page.next_page_token,
+    )
 }
 
 /// `hodei history`: every page of the job's events, oldest first.
@@ -277,26 +266,18 @@ pub async fn events(
         })
         .await?
         .into_inner();
-    match format {
-        OutputFormat::Human => {
-            let mut text = String::new();
-            for event in &page.events {
-                text.push_str(&format!("{}  {}\n", event.job_id, human::event_line(event)));
-            }
-            if !page.next_page_token.is_empty() {
-                text.push_str(&format!(
-                    "next page: --page-token {}\n",
-                    page.next_page_token
-                ));
-            }
-            print_text(&text)?;
-        }
-        OutputFormat::Json => print_json(&json!({
-            "events": page.events.iter().map(json::job_event).collect::<Vec<_>>(),
-            "next_page_token": page.next_page_token,
-        }))?,
-    }
-    Ok(ExitCode::SUCCESS)
+    print_page(
+        format,
+        "events",
+        || {
+            page.events
+                .iter()
+                .map(|event| format!("{}  {}\n", event.job_id, human::event_line(event)))
+                .collect()
+        },
+        || page.events.iter().map(json::job_event).collect(),
+        &page.next_page_token,
+    )
 }
 
 pub async fn watch(

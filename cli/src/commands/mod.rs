@@ -121,6 +121,33 @@ fn print_answer(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One page of a list: in human form `table` and, when more follow, the `next page:` line; in
+/// JSON form `{ <key>: items, "next_page_token": … }`.
+fn print_page(
+    format: OutputFormat,
+    key: &str,
+    table: impl FnOnce() -> String,
+    items: impl FnOnce() -> Vec<Value>,
+    next_page_token: &str,
+) -> anyhow::Result<ExitCode> {
+    match format {
+        OutputFormat::Human => {
+            let mut text = table();
+            if !next_page_token.is_empty() {
+                text.push_str(&format!("next page: --page-token {next_page_token}\n"));
+            }
+            print_text(&text)?;
+        }
+        OutputFormat::Json => {
+            let mut page = serde_json::Map::new();
+            page.insert(key.to_owned(), Value::Array(items()));
+            page.insert("next_page_token".to_owned(), Value::from(next_page_token));
+            print_json(&Value::Object(page))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// One JSON object per line, for streams.
 fn print_json_line(value: &Value) -> anyhow::Result<()> {
     print_text(&format!("{value}\n"))?;

@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hodei_proto::v1 as pb;
-use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::MissedTickBehavior;
 use tonic::Code;
 
 use super::{
     DETACHED, INTERRUPT_REASON, note_resubmission, print_answer, print_json, print_json_line,
-    print_text,
+    print_page, print_text,
 };
 use crate::cli::{Moment, OutputFormat, PipelineFileArgs, PipelineListArgs};
 use crate::client::Clients;
@@ -107,23 +106,13 @@ pub async fn list(
         .list_pipeline_runs(request)
         .await?
         .into_inner();
-    match format {
-        OutputFormat::Human => {
-            let mut text = human::runs_table(&page.runs, chrono::Utc::now(), Style::stdout());
-            if !page.next_page_token.is_empty() {
-                text.push_str(&format!(
-                    "next page: --page-token {}\n",
-                    page.next_page_token
-                ));
-            }
-            print_text(&text)?;
-        }
-        OutputFormat::Json => print_json(&json!({
-            "runs": page.runs.iter().map(json::pipeline_run).collect::<Vec<_>>(),
-            "next_page_token": page.next_page_token,
-        }))?,
-    }
-    Ok(ExitCode::SUCCESS)
+    print_page(
+        format,
+        "runs",
+        || human::runs_table(&page.runs, chrono::Utc::now(), Style::stdout()),
+        || page.runs.iter().map(json::pipeline_run).collect(),
+        &page.next_page_token,
+    )
 }
 
 pub async fn cancel(

@@ -63,27 +63,25 @@ pub async fn overwrite(
     run: &PipelineRun,
     expected_version: u64,
 ) -> Result<(), StorageError> {
-    {
-        let updated = sqlx::query(
-            "UPDATE pipeline_runs SET state = $3, steps = $4, cancel_requested = $5, failing_fast = $6,
+    let updated = sqlx::query(
+        "UPDATE pipeline_runs SET state = $3, steps = $4, cancel_requested = $5, failing_fast = $6,
                     updated_at = $7, version = $8
              WHERE id = $1 AND version = $2",
-        )
-        .bind(run.id().as_uuid())
-        .bind(to_i64(expected_version))
-        .bind(run.state().as_str())
-        .bind(encode("pipeline steps", &run.steps())?)
-        .bind(run.cancel_requested())
-        .bind(run.failing_fast())
-        .bind(run.updated_at())
-        .bind(to_i64(run.version()))
-        .execute(&mut *conn)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StorageError::Conflict {
-                what: format!("pipeline run {} at version {expected_version}", run.id()),
-            });
-        }
+    )
+    .bind(run.id().as_uuid())
+    .bind(to_i64(expected_version))
+    .bind(run.state().as_str())
+    .bind(encode("pipeline steps", &run.steps())?)
+    .bind(run.cancel_requested())
+    .bind(run.failing_fast())
+    .bind(run.updated_at())
+    .bind(to_i64(run.version()))
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(StorageError::Conflict {
+            what: format!("pipeline run {} at version {expected_version}", run.id()),
+        });
     }
     Ok(())
 }
