@@ -43,6 +43,7 @@ pub fn sample_job() -> pb::Job {
         updated_at: ts(1_700_000_005),
         version: 4,
         not_before: None,
+        archived_at: None,
     }
 }
 
@@ -132,5 +133,6 @@ pub fn sample_run() -> pb::PipelineRun {
         created_at: ts(1_700_000_000),
         updated_at: ts(1_700_000_005),
         version: 7,
+        archived_at: None,
     }
 }

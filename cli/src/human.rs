@@ -94,6 +94,12 @@ pub fn job_block(j: &pb::Job, style: Style) -> String {
             wire::rfc3339_secs(j.not_before.as_ref()),
         ]);
     }
+    if j.archived_at.is_some() {
+        t.row([
+            "archived:".to_owned(),
+            wire::rfc3339_secs(j.archived_at.as_ref()),
+        ]);
+    }
     let mut out = t.render();
     if j.attempts.is_empty() {
         out.push_str("attempts: none\n");
@@ -291,6 +297,12 @@ pub fn run_block(r: &pb::PipelineRun, now: DateTime<Utc>, style: Style) -> Strin
         "updated:".to_owned(),
         wire::rfc3339_secs(r.updated_at.as_ref()),
     ]);
+    if r.archived_at.is_some() {
+        t.row([
+            "archived:".to_owned(),
+            wire::rfc3339_secs(r.archived_at.as_ref()),
+        ]);
+    }
     let mut out = t.render();
     let mut steps = Table::with_header(&["STEP", "STATE", "DURATION", "JOB", "ATTEMPTS", "REASON"]);
     for step in &r.steps {

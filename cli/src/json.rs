@@ -26,6 +26,7 @@ pub fn job(j: &pb::Job) -> Value {
         "updated_at": wire::rfc3339(j.updated_at.as_ref()),
         "version": j.version,
         "not_before": wire::rfc3339(j.not_before.as_ref()),
+        "archived_at": wire::rfc3339(j.archived_at.as_ref()),
     })
 }
 
@@ -122,6 +123,7 @@ pub fn pipeline_run(r: &pb::PipelineRun) -> Value {
         "created_at": wire::rfc3339(r.created_at.as_ref()),
         "updated_at": wire::rfc3339(r.updated_at.as_ref()),
         "version": r.version,
+        "archived_at": wire::rfc3339(r.archived_at.as_ref()),
     })
 }
 
@@ -279,6 +281,7 @@ mod tests {
             "updated_at": "2023-11-14T22:13:25Z",
             "version": 4,
             "not_before": null,
+            "archived_at": null,
         });
         assert_eq!(job(&sample_job()), want);
     }

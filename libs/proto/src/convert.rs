@@ -192,6 +192,7 @@ impl From<&Job> for pb::Job {
             updated_at: Some(timestamp(j.updated_at())),
             version: j.version(),
             not_before: j.not_before().map(timestamp),
+            archived_at: None,
         }
     }
 }

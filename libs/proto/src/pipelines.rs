@@ -203,6 +203,7 @@ pub fn pipeline_run_to_wire(
         created_at: Some(timestamp(run.created_at())),
         updated_at: Some(timestamp(run.updated_at())),
         version: run.version(),
+        archived_at: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! knowing nothing of the others; [`driver`] holds the units of work that change several of
 //! them in one transaction (and drives pipeline runs from their step jobs).
 
+pub mod archive;
 pub mod driver;
 pub mod error;
 mod event_store;
@@ -18,7 +19,7 @@ pub mod workers;
 use std::time::Duration;
 
 pub use error::StorageError;
-pub use event_store::EventRange;
+pub use event_store::{EventRange, Tier};
 pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 

@@ -10,6 +10,8 @@
 //! | `hodei_jobs_started_total` | counter | scheduler |
 //! | `hodei_jobs_finished_total{outcome}` | counter | api-gateway, scheduler, registry (whichever records the end) |
 //! | `hodei_jobs_queued` | gauge | scheduler (read from PostgreSQL at scrape time) |
+//! | `hodei_retention_rows{table}` | gauge | scheduler (counted after each retention pass) |
+//! | `hodei_archived_total{kind}` | counter | scheduler |
 //! | `hodei_placements_total{result}` | counter | scheduler |
 //! | `hodei_placement_duration_seconds` | histogram | scheduler |
 //! | `hodei_placements_blocked` | gauge | scheduler |
@@ -84,6 +86,8 @@ pub struct Metrics {
     pub jobs_started: Counter,
     jobs_finished: Family<Label, Counter>,
     pub jobs_queued: Gauge,
+    retention_rows: Family<Label, Gauge>,
+    archived: Family<Label, Counter>,
     placements: Family<Label, Counter>,
     pub placement_duration: Histogram,
     pub placements_blocked: Gauge,
@@ -123,6 +127,8 @@ impl Metrics {
             jobs_started: Counter::default(),
             jobs_finished: Family::default(),
             jobs_queued: Gauge::default(),
+            retention_rows: Family::default(),
+            archived: Family::default(),
             placements: Family::default(),
             placement_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             placements_blocked: Gauge::default(),
@@ -181,6 +187,16 @@ impl Metrics {
                 "jobs_queued",
                 "Jobs waiting in the queue (state queued)",
                 self.jobs_queued.clone(),
+            );
+            r.register(
+                "retention_rows",
+                "Rows kept in the hot tables and moved to the archives, by table (jobs, pipeline_runs, jobs_archive, pipeline_runs_archive)",
+                self.retention_rows.clone(),
+            );
+            r.register(
+                "archived",
+                "Rows retention moved to the archive, by kind (job, pipeline_run, event)",
+                self.archived.clone(),
             );
             r.register(
                 "placements",
@@ -336,6 +352,18 @@ impl Metrics {
         self.jobs_finished
             .get_or_create(&label("outcome", outcome))
             .inc();
+    }
+
+    /// Sets how many rows `table` holds (`jobs`, `jobs_archive`, ...).
+    pub fn set_retention_rows(&self, table: &str, rows: i64) {
+        self.retention_rows
+            .get_or_create(&label("table", table))
+            .set(rows);
+    }
+
+    /// Counts `n` rows of `kind` (`job`, `pipeline_run`, `event`) moved to the archive.
+    pub fn archived(&self, kind: &str, n: u64) {
+        self.archived.get_or_create(&label("kind", kind)).inc_by(n);
     }
 
     /// Counts a handled placement request by result.

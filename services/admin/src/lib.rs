@@ -1,6 +1,7 @@
 //! `hodei-admin`: operators' commands that work on the state of record directly, beside the
 //! running services. `rebuild-projections` checks (and repairs) the `jobs` and
-//! `pipeline_runs` projections against the event store.
+//! `pipeline_runs` projections against the event store; `archive` runs a retention pass now
+//! (the schedulers run one every `HODEI_RETENTION_INTERVAL`).
 
 pub mod rebuild;
 
@@ -8,6 +9,7 @@ use std::fmt::Write as _;
 
 use clap::{Parser, Subcommand};
 
+use hodei_storage::archive::{self, Counts, Moved};
 pub use rebuild::{RebuildOptions, RebuildReport, rebuild_projections};
 
 /// Operators' commands on a Hodei Pipelines database.
@@ -45,6 +47,66 @@ Examples:
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch: u32,
     },
+    /// Move ended jobs and pipeline runs older than `--older-than` to the archive tables now,
+    /// a short transaction per batch, beside running schedulers (they share the work).
+    #[command(after_help = "\
+Examples:
+  hodei-admin archive --older-than 30d
+  hodei-admin archive --older-than 12h --batch 1000")]
+    Archive {
+        /// How long ago a job or run must have ended (`30d`, `12h`, `90s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Jobs, and pipeline runs, moved per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+    },
+}
+
+/// Moves every job and run that ended more than `older_than` ago to the archive, a batch per
+/// transaction, and returns what moved and the row counts after.
+pub async fn archive(
+    pool: &sqlx::PgPool,
+    older_than: std::time::Duration,
+    batch: u32,
+) -> Result<(Moved, Counts), AdminError> {
+    let cutoff = chrono::Duration::from_std(older_than)
+        .ok()
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+        .ok_or(AdminError::Age)?;
+    let mut total = Moved::default();
+    loop {
+        let moved = archive::archive_batch(pool, cutoff, batch).await?;
+        if moved == Moved::default() {
+            break;
+        }
+        total += moved;
+    }
+    Ok((total, archive::counts(pool).await?))
+}
+
+/// The archive report as people read it.
+pub fn archive_text(moved: &Moved, counts: &Counts) -> String {
+    format!(
+        "archived {} jobs, {} pipeline runs and {} events\n\
+         hot: {} jobs, {} pipeline runs; archive: {} jobs, {} pipeline runs\n",
+        moved.jobs,
+        moved.runs,
+        moved.events,
+        counts.jobs,
+        counts.pipeline_runs,
+        counts.jobs_archive,
+        counts.pipeline_runs_archive
+    )
+}
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Storage(#[from] hodei_storage::StorageError),
+    #[error("--older-than reaches before the earliest time this program can count from")]
+    Age,
 }
 
 /// The report as people read it: one line per differing field, then the totals.

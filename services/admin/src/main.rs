@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use hodei_admin::{AdminArgs, AdminCommand, RebuildOptions, rebuild_projections, report_text};
+use hodei_admin::{
+    AdminArgs, AdminCommand, RebuildOptions, archive, archive_text, rebuild_projections,
+    report_text,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
@@ -25,6 +28,13 @@ async fn main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(3)
             }
+        }
+        AdminCommand::Archive { older_than, batch } => {
+            let (moved, counts) = archive(&pool, older_than, batch)
+                .await
+                .context("archive failed")?;
+            print!("{}", archive_text(&moved, &counts));
+            ExitCode::SUCCESS
         }
     };
     pool.close().await;

@@ -3,6 +3,7 @@
 //! reasons, pipeline runs moved by their step jobs) always fold back to exactly the live
 //! projection; a row changed behind the event store's back is found, named by field, and
 //! repaired without losing its secrets; and the command line reports and exits as it says.
+//! `hodei-admin archive` moves ended jobs and runs with their secrets still masked.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -308,6 +309,70 @@ async fn the_command_reports_each_field_and_exits_3_while_differences_are_left()
     assert!(String::from_utf8_lossy(&out.stdout).contains("(repaired)"));
     let out = run(false);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn archive_moves_ended_jobs_and_runs_and_keeps_secrets_masked() {
+    let (db, pool) = database().await;
+    let job = submit_job(&pool, "secret-job", 1, true).await;
+    let mut tx = pool.begin().await.unwrap();
+    driver::cancel_job(&mut tx, job, "done", "test")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let run = submit_run(&pool, false).await;
+    let steps = step_jobs(&pool, run).await;
+    driver::cancel_run(&pool, run, "done", "test")
+        .await
+        .unwrap();
+    let live = submit_job(&pool, "still-queued", 1, false).await;
+
+    let archive = |older_than: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hodei-admin"))
+            .args(["archive", "--older-than", older_than, "--batch", "1"])
+            .env("HODEI_DATABASE_URL", db.url())
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    // Nothing ended an hour ago.
+    let out = archive("1h");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("archived 0 jobs, 0 pipeline runs"),
+        "{out:?}"
+    );
+    let out = archive("0s");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let moved_jobs = 1 + steps.len();
+    assert!(
+        stdout.starts_with(&format!("archived {moved_jobs} jobs, 1 pipeline runs and ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with(&format!(
+            "hot: 1 jobs, 0 pipeline runs; archive: {moved_jobs} jobs, 1 pipeline runs\n"
+        )),
+        "{stdout}"
+    );
+    assert!(jobs::get(&pool, live).await.unwrap().is_some());
+    // The secret job's archived history masks the value, as its events did.
+    let clear: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs_archive WHERE events::text LIKE '%hunter2%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(clear, 0);
+
+    let out = archive("soon");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--older-than"),
+        "{out:?}"
+    );
     pool.close().await;
     db.cleanup().await.unwrap();
 }

@@ -19,6 +19,10 @@ pub enum ApiError {
     /// What the request names does not exist.
     #[error("{what} not found")]
     NotFound { what: String },
+    /// What the request names was moved to the archive by retention: only its history is
+    /// left to read.
+    #[error("{what} was archived at {at}; GetJob, GetJobHistory and GetPipelineRun still read it")]
+    Archived { what: String, at: String },
     /// Admission control refused the submission: the queue is full.
     #[error("{0}")]
     Exhausted(String),
@@ -51,6 +55,14 @@ impl ApiError {
         ApiError::NotFound { what: what.into() }
     }
 
+    /// `what` (e.g. `job 0193…`) was archived `at`.
+    pub fn archived(what: impl Into<String>, at: chrono::DateTime<chrono::Utc>) -> Self {
+        ApiError::Archived {
+            what: what.into(),
+            at: at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }
+    }
+
     /// `what` (e.g. `log stream`) failed with `reason`.
     pub fn unavailable(what: &'static str, reason: impl ToString) -> Self {
         ApiError::Unavailable {
@@ -78,6 +90,7 @@ impl From<ApiError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
+            ApiError::Archived { .. } => Status::failed_precondition(e.to_string()),
             ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             ApiError::Unavailable { .. } => Status::unavailable(e.to_string()),
             ApiError::DataLoss(_) => Status::data_loss(e.to_string()),

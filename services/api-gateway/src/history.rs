@@ -5,12 +5,11 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{AttemptRecord, Job, JobId, JobState, PipelineRun, PipelineRunId};
+use hodei_domain::{AttemptRecord, Job, JobEvent, JobId, JobState, PipelineRun, PipelineRunId};
 use hodei_proto::v1 as pb;
 use hodei_runtime::Backends;
-use hodei_storage::EventRange;
 use hodei_storage::jobs::{self, EventFilter};
-use hodei_storage::pipelines;
+use hodei_storage::{EventRange, Tier, archive, pipelines};
 use uuid::Uuid;
 
 use crate::errors::ApiError;
@@ -80,42 +79,137 @@ impl TryFrom<pb::get_pipeline_run_request::AsOf> for AsOf {
     }
 }
 
-/// Job `id` as it stood at `as_of`, folded from its events. The caller has checked that the
-/// job exists.
-pub async fn job_as_of(backends: &Backends, id: JobId, as_of: AsOf) -> Result<Job, ApiError> {
-    let what = format!("job {id}");
-    let events = backends
-        .db(|| jobs::history(&backends.pool, id, as_of.range()))
-        .await?;
-    if events.is_empty() || matches!(as_of, AsOf::Seq(seq) if events.len() as u64 != seq) {
-        return Err(as_of.missing(&what, events.len()));
+/// Where a job or run named by a request is: in the hot tables (with its projection), or
+/// moved by retention to the archive at a time.
+pub enum Located<T> {
+    Hot(T),
+    Archived(DateTime<Utc>),
+}
+
+impl<T> Located<T> {
+    pub fn tier(&self) -> Tier {
+        match self {
+            Located::Hot(_) => Tier::Hot,
+            Located::Archived(_) => Tier::Archive,
+        }
     }
+
+    /// When it was archived, if it was.
+    pub fn archived_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Located::Hot(_) => None,
+            Located::Archived(at) => Some(*at),
+        }
+    }
+
+    /// The live aggregate; an archived one only has its history left.
+    pub fn live(self, what: &str) -> Result<T, ApiError> {
+        match self {
+            Located::Hot(found) => Ok(found),
+            Located::Archived(at) => Err(ApiError::archived(what, at)),
+        }
+    }
+}
+
+/// Job `id`: its projection, or when it was archived (NOT_FOUND if neither).
+pub async fn locate_job(backends: &Backends, id: JobId) -> Result<Located<Job>, ApiError> {
+    let pool = &backends.pool;
+    if let Some(job) = backends.db(|| jobs::get(pool, id)).await? {
+        return Ok(Located::Hot(job));
+    }
+    match backends.db(|| archive::job_archived_at(pool, id)).await? {
+        Some(at) => Ok(Located::Archived(at)),
+        None => Err(ApiError::not_found(format!("job {id}"))),
+    }
+}
+
+/// Run `id`: its projection, or when it was archived (NOT_FOUND if neither).
+pub async fn locate_run(
+    backends: &Backends,
+    id: PipelineRunId,
+) -> Result<Located<PipelineRun>, ApiError> {
+    let pool = &backends.pool;
+    if let Some(run) = backends.db(|| pipelines::get(pool, id)).await? {
+        return Ok(Located::Hot(run));
+    }
+    match backends.db(|| archive::run_archived_at(pool, id)).await? {
+        Some(at) => Ok(Located::Archived(at)),
+        None => Err(ApiError::not_found(format!("pipeline run {id}"))),
+    }
+}
+
+async fn job_events(
+    backends: &Backends,
+    tier: Tier,
+    id: JobId,
+    range: EventRange,
+) -> Result<Vec<JobEvent>, ApiError> {
+    let pool = &backends.pool;
+    Ok(match tier {
+        Tier::Hot => backends.db(|| jobs::history(pool, id, range)).await?,
+        Tier::Archive => {
+            backends
+                .db(|| archive::job_history(pool, id, range))
+                .await?
+        }
+    })
+}
+
+/// Job `id` folded from its events in `tier`: as it stood at `as_of`, or as it ended (for an
+/// archived job, which has no projection). The caller has located the job.
+pub async fn job_as_of(
+    backends: &Backends,
+    id: JobId,
+    tier: Tier,
+    as_of: Option<AsOf>,
+) -> Result<Job, ApiError> {
+    let what = format!("job {id}");
+    let range = as_of.map_or(EventRange::from(1), AsOf::range);
+    let events = job_events(backends, tier, id, range).await?;
+    check_recorded(as_of, &what, events.len())?;
     Job::from_events(&events).map_err(|e| unreadable(&what, e))
 }
 
-/// Run `id` as it stood at `as_of`, folded from its events, with its steps' jobs' attempts as
-/// they stood at the same moment (the time of the run's last event folded, for `Seq`).
+/// Run `id` folded from its events in `tier` (as it stood at `as_of`, or as it ended), with
+/// its steps' jobs' attempts as they stood at the same moment (the time of the run's last
+/// event folded, for `Seq`). The caller has located the run.
 pub async fn run_as_of(
     backends: &Backends,
     id: PipelineRunId,
-    as_of: AsOf,
+    tier: Tier,
+    as_of: Option<AsOf>,
 ) -> Result<(PipelineRun, HashMap<JobId, Vec<AttemptRecord>>), ApiError> {
     let what = format!("pipeline run {id}");
-    let events = backends
-        .db(|| pipelines::history(&backends.pool, id, as_of.range()))
-        .await?;
-    if events.is_empty() || matches!(as_of, AsOf::Seq(seq) if events.len() as u64 != seq) {
-        return Err(as_of.missing(&what, events.len()));
-    }
+    let range = as_of.map_or(EventRange::from(1), AsOf::range);
+    let pool = &backends.pool;
+    let events = match tier {
+        Tier::Hot => backends.db(|| pipelines::history(pool, id, range)).await?,
+        Tier::Archive => {
+            backends
+                .db(|| archive::run_history(pool, id, range))
+                .await?
+        }
+    };
+    check_recorded(as_of, &what, events.len())?;
     let run = PipelineRun::from_events(&events).map_err(|e| unreadable(&what, e))?;
     let moment = match as_of {
-        AsOf::Time(at) => at,
-        AsOf::Seq(_) => events.last().map_or(run.updated_at(), |e| e.at),
+        Some(AsOf::Time(at)) => Some(at),
+        Some(AsOf::Seq(_)) => Some(events.last().map_or(run.updated_at(), |e| e.at)),
+        None => None,
     };
     let step_jobs: Vec<JobId> = run.steps().iter().filter_map(|s| s.job_id).collect();
-    let histories = backends
-        .db(|| jobs::histories(&backends.pool, &step_jobs, Some(moment)))
-        .await?;
+    let histories = match tier {
+        Tier::Hot => {
+            backends
+                .db(|| jobs::histories(pool, &step_jobs, moment))
+                .await?
+        }
+        Tier::Archive => {
+            backends
+                .db(|| archive::job_histories(pool, &step_jobs, moment))
+                .await?
+        }
+    };
     let mut attempts = HashMap::with_capacity(histories.len());
     for (job, events) in histories {
         let folded = Job::from_events(&events).map_err(|e| unreadable(&format!("job {job}"), e))?;
@@ -124,11 +218,25 @@ pub async fn run_as_of(
     Ok((run, attempts))
 }
 
-/// A page of job `id`'s events after `page_token` (a sequence number), each with the job's
-/// state after it. The caller has checked that the job exists.
+/// Whether the `recorded` events read for `what` are the history `as_of` asked for.
+fn check_recorded(as_of: Option<AsOf>, what: &str, recorded: usize) -> Result<(), ApiError> {
+    match as_of {
+        Some(as_of)
+            if recorded == 0 || matches!(as_of, AsOf::Seq(seq) if recorded as u64 != seq) =>
+        {
+            Err(as_of.missing(what, recorded))
+        }
+        None if recorded == 0 => Err(ApiError::DataLoss(format!("{what} has no events"))),
+        _ => Ok(()),
+    }
+}
+
+/// A page of job `id`'s events in `tier` after `page_token` (a sequence number), each with
+/// the job's state after it. The caller has located the job.
 pub async fn job_history(
     backends: &Backends,
     id: JobId,
+    tier: Tier,
     page_size: u32,
     page_token: &str,
 ) -> Result<pb::GetJobHistoryResponse, ApiError> {
@@ -148,9 +256,7 @@ pub async fn job_history(
         to_seq: Some(after.saturating_add(u64::from(limit)).saturating_add(1)),
         ..EventRange::default()
     };
-    let events = backends
-        .db(|| jobs::history(&backends.pool, id, range))
-        .await?;
+    let events = job_events(backends, tier, id, range).await?;
     let mut state = JobState::Queued;
     let mut page = Vec::with_capacity(limit as usize);
     let mut more = false;

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::admission::Admission;
 use crate::errors::{ApiError, IntoStatus};
-use crate::history::{self, AsOf, MAX_QUERY_CHARS};
+use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
 use crate::request;
 use crate::submissions::Submissions;
@@ -47,12 +47,12 @@ impl JobApi {
         }
     }
 
+    /// Job `id` as it stands; an archived job is refused as such (only its history is left).
     async fn load(&self, id: JobId) -> Result<Job, Status> {
-        self.backends
-            .db(|| jobs::get(&self.backends.pool, id))
+        history::locate_job(&self.backends, id)
             .await
-            .into_status()?
-            .ok_or_else(|| ApiError::not_found(format!("job {id}")).into())
+            .and_then(|found| found.live(&format!("job {id}")))
+            .into_status()
     }
 }
 
@@ -135,15 +135,20 @@ impl JobService for JobApi {
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
-        let mut job = self.load(id).await?;
-        if let Some(as_of) = as_of {
-            job = history::job_as_of(&self.backends, id, as_of)
+        let found = history::locate_job(&self.backends, id)
+            .await
+            .into_status()?;
+        let tier = found.tier();
+        let archived_at = found.archived_at();
+        let job = match found {
+            Located::Hot(job) if as_of.is_none() => job,
+            _ => history::job_as_of(&self.backends, id, tier, as_of)
                 .await
-                .into_status()?;
-        }
-        Ok(Response::new(pb::GetJobResponse {
-            job: Some((&job).into()),
-        }))
+                .into_status()?,
+        };
+        let mut wire = pb::Job::from(&job);
+        wire.archived_at = archived_at.map(hodei_proto::timestamp);
+        Ok(Response::new(pb::GetJobResponse { job: Some(wire) }))
     }
 
     async fn get_job_history(
@@ -152,8 +157,11 @@ impl JobService for JobApi {
     ) -> Result<Response<pb::GetJobHistoryResponse>, Status> {
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        self.load(id).await?;
-        history::job_history(&self.backends, id, req.page_size, &req.page_token)
+        let tier = history::locate_job(&self.backends, id)
+            .await
+            .into_status()?
+            .tier();
+        history::job_history(&self.backends, id, tier, req.page_size, &req.page_token)
             .await
             .into_status()
             .map(Response::new)
@@ -229,7 +237,12 @@ impl JobService for JobApi {
             .await
             .into_status()?;
         let Some((job, event)) = saved else {
-            return Err(ApiError::not_found(format!("job {id}")).into());
+            // Not in the hot tables: archived (refused as such) or unknown.
+            return Err(self
+                .load(id)
+                .await
+                .err()
+                .unwrap_or_else(|| ApiError::not_found(format!("job {id}")).into()));
         };
         if let Some(event) = event {
             self.backends.relay_wake.notify_one();

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::admission::Admission;
 use crate::errors::{ApiError, IntoStatus};
-use crate::history::{self, AsOf};
+use crate::history::{self, AsOf, Located};
 use crate::limits::TransportLimits;
 use crate::request;
 use crate::watch;
@@ -42,12 +42,12 @@ impl PipelineApi {
         }
     }
 
+    /// Run `id` as it stands; an archived run is refused as such (only its history is left).
     async fn load(&self, id: PipelineRunId) -> Result<PipelineRun, Status> {
-        self.backends
-            .db(|| pipelines::get(&self.backends.pool, id))
+        history::locate_run(&self.backends, id)
             .await
-            .into_status()?
-            .ok_or_else(|| ApiError::not_found(format!("pipeline run {id}")).into())
+            .and_then(|found| found.live(&format!("pipeline run {id}")))
+            .into_status()
     }
 
     async fn artifact_store(
@@ -152,16 +152,20 @@ impl PipelineService for PipelineApi {
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
-        let run = self.load(id).await?;
-        let wire = match as_of {
-            None => self.to_wire(&run).await?,
-            Some(as_of) => {
-                let (run, attempts) = history::run_as_of(&self.backends, id, as_of)
+        let found = history::locate_run(&self.backends, id)
+            .await
+            .into_status()?;
+        let (tier, archived_at) = (found.tier(), found.archived_at());
+        let mut wire = match found {
+            Located::Hot(run) if as_of.is_none() => self.to_wire(&run).await?,
+            _ => {
+                let (run, attempts) = history::run_as_of(&self.backends, id, tier, as_of)
                     .await
                     .into_status()?;
                 hodei_proto::pipeline_run_to_wire(&run, &attempts)
             }
         };
+        wire.archived_at = archived_at.map(hodei_proto::timestamp);
         Ok(Response::new(pb::GetPipelineRunResponse {
             run: Some(wire),
         }))
@@ -213,7 +217,12 @@ impl PipelineService for PipelineApi {
             .await
             .into_status()?;
         let Some(run) = cancelled else {
-            return Err(ApiError::not_found(format!("pipeline run {id}")).into());
+            // Not in the hot tables: archived (refused as such) or unknown.
+            return Err(self
+                .load(id)
+                .await
+                .err()
+                .unwrap_or_else(|| ApiError::not_found(format!("pipeline run {id}")).into()));
         };
         self.backends.relay_wake.notify_one();
         tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");

@@ -9,6 +9,7 @@ mod observe;
 pub mod placement;
 mod reconciler;
 mod reports;
+mod retention;
 
 use std::time::Duration;
 
@@ -55,6 +56,16 @@ pub struct SchedulerConfig {
     /// replica (how fast a crashed replica's messages are taken over), in milliseconds.
     #[arg(long, env = "HODEI_ACK_WAIT_MS", default_value_t = 30_000)]
     pub ack_wait_ms: u64,
+    /// Ended jobs and pipeline runs are moved to the archive tables this long after they
+    /// ended (`30d`, `12h`, `90s`); `0s` keeps them all in the hot tables.
+    #[arg(long, env = "HODEI_RETENTION_AGE", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub retention_age: Duration,
+    /// How often retention looks for ended jobs and runs past their age.
+    #[arg(long, env = "HODEI_RETENTION_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
+    /// Jobs, and pipeline runs, moved to the archive per transaction.
+    #[arg(long, env = "HODEI_RETENTION_BATCH", default_value_t = 500)]
+    pub retention_batch: u32,
 }
 
 impl SchedulerConfig {
@@ -69,6 +80,9 @@ impl SchedulerConfig {
             timeout_grace_ms: 30_000,
             queue_timeout_ms: 3_600_000,
             ack_wait_ms: 30_000,
+            retention_age: Duration::from_secs(30 * 86_400),
+            retention_interval: Duration::from_secs(600),
+            retention_batch: 500,
         }
     }
 
@@ -92,6 +106,33 @@ impl SchedulerConfig {
                     reason: format!("must be 1 to {max} (milliseconds), not {value}"),
                 });
             }
+        }
+        const MAX_AGE: Duration = Duration::from_secs(100 * 365 * 86_400);
+        if self.retention_age > MAX_AGE {
+            return Err(SchedulerError::InvalidConfig {
+                field: "retention_age",
+                reason: format!(
+                    "must be at most 100 years, not {}",
+                    humantime::format_duration(self.retention_age)
+                ),
+            });
+        }
+        if self.retention_interval < Duration::from_millis(100)
+            || self.retention_interval > Duration::from_secs(86_400)
+        {
+            return Err(SchedulerError::InvalidConfig {
+                field: "retention_interval",
+                reason: format!(
+                    "must be 100ms to 1d, not {}",
+                    humantime::format_duration(self.retention_interval)
+                ),
+            });
+        }
+        if !(1..=10_000).contains(&self.retention_batch) {
+            return Err(SchedulerError::InvalidConfig {
+                field: "retention_batch",
+                reason: format!("must be 1 to 10000, not {}", self.retention_batch),
+            });
         }
         Ok(())
     }
@@ -197,11 +238,13 @@ impl Scheduler {
             Duration::from_millis(self.ctx.config.reconcile_after_ms),
             shutdown.clone(),
         ));
+        let retention = tokio::spawn(retention::run(self.ctx.clone(), shutdown.clone()));
         let placer = placement::run(self.ctx.clone(), self.placer, shutdown.clone());
         let reporter = reports::run(self.ctx.clone(), self.reporter, shutdown.clone());
         let (placed, reported) = tokio::join!(placer, reporter);
         shutdown.cancel();
         let _ = reconciler.await;
+        let _ = retention.await;
         let _ = relay.await;
         if let Some(observability) = observability {
             let _ = observability.await;

@@ -99,6 +99,10 @@ pub struct SystemOptions {
     /// How long agents run attempts on without NATS; a silent worker's attempts are handed
     /// back after this plus the kill grace (1 s).
     pub agent_lease_ms: u64,
+    /// Schedulers' retention: ended jobs and runs this old move to the archive.
+    pub retention_age: Duration,
+    /// How often the schedulers' retention looks.
+    pub retention_interval: Duration,
 }
 
 impl Default for SystemOptions {
@@ -114,7 +118,22 @@ impl Default for SystemOptions {
             // Generous: a loaded CI machine must not declare healthy agents lost.
             missed_beats: 25,
             agent_lease_ms: 2_000,
+            retention_age: Duration::from_secs(30 * 86_400),
+            retention_interval: Duration::from_secs(600),
         }
+    }
+}
+
+/// A job that runs `script` with `/bin/sh -c`, a 60 s timeout and defaults otherwise.
+pub fn shell_job(name: &str, script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        name: name.to_owned(),
+        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
+            interpreter: vec!["/bin/sh".into(), "-c".into()],
+            script: script.to_owned(),
+        })),
+        timeout_secs: 60,
+        ..Default::default()
     }
 }
 
@@ -168,6 +187,8 @@ impl TestSystem {
                 start_timeout_ms: options.start_timeout_ms,
                 timeout_grace_ms: options.timeout_grace_ms,
                 ack_wait_ms: options.ack_wait_ms,
+                retention_age: options.retention_age,
+                retention_interval: options.retention_interval,
                 ..SchedulerConfig::new(backends.clone())
             })
             .await
@@ -308,6 +329,34 @@ impl TestSystem {
             .iter()
             .find(|(name, _)| name == service)
             .map(|(_, addr)| *addr)
+    }
+
+    /// Job `id` as GetJob answers it now.
+    pub async fn get_job(&self, id: &str) -> Result<pb::Job, tonic::Status> {
+        self.jobs
+            .clone()
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_owned(),
+                as_of: None,
+            })
+            .await?
+            .into_inner()
+            .job
+            .ok_or_else(|| tonic::Status::internal("GetJob answered without a job"))
+    }
+
+    /// Pipeline run `id` as GetPipelineRun answers it now.
+    pub async fn get_run(&self, id: &str) -> Result<pb::PipelineRun, tonic::Status> {
+        self.pipelines
+            .clone()
+            .get_pipeline_run(pb::GetPipelineRunRequest {
+                run_id: id.to_owned(),
+                as_of: None,
+            })
+            .await?
+            .into_inner()
+            .run
+            .ok_or_else(|| tonic::Status::internal("GetPipelineRun answered without a run"))
     }
 
     /// Submits `spec` and returns the accepted job; a refusal is the error.
