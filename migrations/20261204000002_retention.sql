@@ -3,11 +3,12 @@
 -- tables, one short transaction per batch (see `hodei_storage::archive`).
 --
 -- An archived aggregate keeps its whole event history (the write model; every event already
--- has secret values masked, so nothing secret is archived) as one JSON array in seq order,
--- plus the columns an archived record is found and described by. Its projection is not kept:
--- it is folded from the events when the record is read, as `GetJob ... --at` folds any job.
--- Long values are compressed (lz4 where the server has it, PostgreSQL's pglz otherwise), and
--- a row is compressed from 128 bytes on instead of the default 2 KiB.
+-- has secret values masked, so nothing secret is archived) as one zstd-compressed JSON array
+-- in seq order, plus the columns an archived record is found and described by. Its projection
+-- is not kept: it is folded from the events when the record is read, as `GetJob --at` folds
+-- any job. The application compresses: PostgreSQL compresses only values of rows over 2 KiB,
+-- and most histories are shorter. The compressed bytes are stored as they are (`EXTERNAL`:
+-- no second compression attempt).
 CREATE TABLE jobs_archive (
     id              uuid PRIMARY KEY,
     tenant          text        NOT NULL,
@@ -18,8 +19,9 @@ CREATE TABLE jobs_archive (
     created_at      timestamptz NOT NULL,
     ended_at        timestamptz NOT NULL,
     archived_at     timestamptz NOT NULL,
-    events          jsonb       NOT NULL
-) WITH (toast_tuple_target = 128);
+    events          bytea       NOT NULL
+);
+ALTER TABLE jobs_archive ALTER COLUMN events SET STORAGE EXTERNAL;
 
 -- A run's step jobs, read with the run.
 CREATE INDEX jobs_archive_run ON jobs_archive (pipeline_run_id) WHERE pipeline_run_id IS NOT NULL;
@@ -32,14 +34,6 @@ CREATE TABLE pipeline_runs_archive (
     created_at  timestamptz NOT NULL,
     ended_at    timestamptz NOT NULL,
     archived_at timestamptz NOT NULL,
-    events      jsonb       NOT NULL
-) WITH (toast_tuple_target = 128);
-
-DO $$
-BEGIN
-    ALTER TABLE jobs_archive ALTER COLUMN events SET COMPRESSION lz4;
-    ALTER TABLE pipeline_runs_archive ALTER COLUMN events SET COMPRESSION lz4;
-EXCEPTION WHEN feature_not_supported THEN
-    RAISE NOTICE 'lz4 is not available: archives are compressed with pglz';
-END
-$$;
+    events      bytea       NOT NULL
+);
+ALTER TABLE pipeline_runs_archive ALTER COLUMN events SET STORAGE EXTERNAL;

@@ -237,6 +237,8 @@ fn micros_since(t: Instant) -> u64 {
 async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
     let ids = sample_ids(pool, READS).await?;
     let mut by_search: Vec<(&str, hdrhistogram::Histogram<u64>)> = Vec::new();
+    // The slowest search with a state filter, to EXPLAIN.
+    let mut slowest: Option<(u64, JobFilter)> = None;
     for i in 0..READS {
         for (what, words, states) in searches(i) {
             let filter = JobFilter {
@@ -248,6 +250,9 @@ async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
             let t = Instant::now();
             jobs::list(pool, &filter).await?;
             let took = micros_since(t);
+            if !filter.states.is_empty() && slowest.as_ref().is_none_or(|(t, _)| took > *t) {
+                slowest = Some((took, filter));
+            }
             match by_search.iter_mut().find(|(w, _)| *w == what) {
                 Some((_, h)) => h.record(took)?,
                 None => {
@@ -314,6 +319,19 @@ async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
         &window,
         None,
     );
+    if let Some((took, filter)) = slowest {
+        let plan = jobs::explain_list(pool, &filter)
+            .await
+            .context("failed to explain a search")?;
+        out.note(format!(
+            "queries: EXPLAIN (ANALYZE, BUFFERS) of the slowest search with a state ({:.1} ms when \
+             measured), '{}' state={}:\n    {}",
+            took as f64 / 1000.0,
+            filter.search.as_deref().unwrap_or_default(),
+            filter.states.first().map_or("", JobState::as_str),
+            plan.join("\n    ")
+        ));
+    }
     for (what, words) in [("a rare word", "artifact-4242"), ("a common word", "make")] {
         let filter = JobFilter {
             search: Some(words.to_owned()),
@@ -347,7 +365,11 @@ async fn over_grpc(
     let addr = gateway.local_addr();
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn(gateway.run_until_stopped(shutdown.clone()));
-    let result = grpc_reads(pool, &format!("http://{addr}"), p, out).await;
+    let url = format!("http://{addr}");
+    let mut result = grpc_reads(pool, &url, p, out).await;
+    if result.is_ok() {
+        result = retention(pool, &url, out).await;
+    }
     shutdown.cancel();
     let _ = serving.await;
     result
@@ -441,6 +463,109 @@ async fn grpc_reads(
     Ok(())
 }
 
+/// Batches of retention measured: each moves up to `RETENTION_BATCH` jobs.
+const RETENTION_BATCHES: usize = 40;
+const RETENTION_BATCH: u32 = 500;
+
+/// Retention on the loaded table: `RETENTION_BATCHES` batches of the oldest ended jobs moved
+/// to the archive (each its own transaction, timed: how long its rows stay locked), the space
+/// a job takes hot and archived, and an archived job read back by id through storage and
+/// through GetJob.
+async fn retention(pool: &PgPool, url: &str, out: &mut Outcome) -> anyhow::Result<()> {
+    let (hot_bytes, hot_jobs): (i64, i64) = sqlx::query_as(
+        "SELECT pg_total_relation_size('jobs') + pg_total_relation_size('job_events')
+                + pg_total_relation_size('job_search'), (SELECT count(*) FROM jobs)",
+    )
+    .fetch_one(pool)
+    .await?;
+    // Everything that ended before the newest job was created: the oldest go first.
+    let cutoff = Utc::now();
+    let mut batches = histogram()?;
+    let mut moved = hodei_storage::archive::Moved::default();
+    let started = Instant::now();
+    for _ in 0..RETENTION_BATCHES {
+        let t = Instant::now();
+        let batch = hodei_storage::archive::archive_batch(pool, cutoff, RETENTION_BATCH).await?;
+        batches.record(micros_since(t))?;
+        moved += batch;
+    }
+    let took = started.elapsed();
+    anyhow::ensure!(moved.jobs > 0, "retention moved nothing");
+    out.percentiles(
+        S,
+        &format!("retention: one batch of {RETENTION_BATCH} jobs moved (one transaction)"),
+        &batches,
+        None,
+    );
+    out.figure(
+        S,
+        "retention: jobs archived per second, one archiver",
+        moved.jobs as f64 / took.as_secs_f64(),
+        "jobs/s",
+        None,
+    );
+    let archive_bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('jobs_archive')")
+        .fetch_one(pool)
+        .await?;
+    let archived: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT id, octet_length(events) FROM jobs_archive ORDER BY id LIMIT $1",
+    )
+    .bind(i64::try_from(READS)?)
+    .fetch_all(pool)
+    .await?;
+    let (mut storage, mut grpc) = (histogram()?, histogram()?);
+    let mut client = JobServiceClient::connect(url.to_owned()).await?;
+    let (mut json_bytes, mut stored_bytes) = (0usize, 0usize);
+    for (id, stored) in &archived {
+        let id = JobId::from_uuid(*id);
+        let t = Instant::now();
+        anyhow::ensure!(jobs::get(pool, id).await?.is_none());
+        hodei_storage::archive::job_archived_at(pool, id)
+            .await?
+            .context("an archived job is not in the archive")?;
+        let events = hodei_storage::archive::job_history(pool, id, EventRange::from(1)).await?;
+        Job::from_events(&events)?;
+        storage.record(micros_since(t))?;
+        json_bytes += serde_json::to_vec(&events)?.len();
+        stored_bytes += usize::try_from(*stored)?;
+        let t = Instant::now();
+        let job = client
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+                as_of: None,
+            })
+            .await?
+            .into_inner()
+            .job
+            .context("GetJob answered without a job")?;
+        grpc.record(micros_since(t))?;
+        anyhow::ensure!(job.archived_at.is_some(), "job {id} is not said archived");
+    }
+    out.percentiles(
+        S,
+        "storage: an archived job by id (hot miss, archive, fold)",
+        &storage,
+        None,
+    );
+    out.percentiles(S, "grpc: GetJob of an archived job", &grpc, None);
+    let sampled = archived.len().max(1);
+    out.note(format!(
+        "queries: retention moved {} jobs and {} events in {RETENTION_BATCHES} batches; a job \
+         takes {} bytes hot (jobs, job_events, job_search and their indexes) and {} bytes in \
+         jobs_archive; over {} archived jobs its history is {} bytes of JSON and {} bytes \
+         stored (zstd, {:.1}x)",
+        moved.jobs,
+        moved.events,
+        hot_bytes / hot_jobs.max(1),
+        archive_bytes / i64::try_from(moved.jobs)?.max(1),
+        archived.len(),
+        json_bytes / sampled,
+        stored_bytes / sampled,
+        json_bytes as f64 / stored_bytes.max(1) as f64,
+    ));
+    Ok(())
+}
+
 fn duration_micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
@@ -497,7 +622,15 @@ fn job_of(i: usize, created_at: chrono::DateTime<Utc>) -> anyhow::Result<(Job, V
         .labels
         .insert("repo".into(), format!("repo-{}", i % 500));
     let spec = JobSpec::try_from(draft).map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
-    let (mut job, first) = Job::submit(JobId::new(), TenantId::default(), spec, created_at);
+    // The id of a job created at `created_at`, as `JobId::new()` would have made it then:
+    // ids are time-ordered, and retention walks them by creation time.
+    let micros = created_at.timestamp_micros();
+    let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        u64::try_from(micros / 1_000_000)?,
+        u32::try_from(micros % 1_000_000)? * 1000,
+    ));
+    let (mut job, first) = Job::submit(JobId::from_uuid(id), TenantId::default(), spec, created_at);
     let mut events = vec![first];
     let state = state_of(i);
     let worker: hodei_domain::WorkerId = format!("worker-{:04}", i % 1000).parse()?;

@@ -1,6 +1,6 @@
 //! Retention's data access: ended jobs and pipeline runs moved from the hot tables to
 //! `jobs_archive` and `pipeline_runs_archive` (each aggregate's whole event history as one
-//! compressed JSON array), and read back from there.
+//! zstd-compressed JSON array), and read back from there.
 //!
 //! A batch is locked with `FOR UPDATE SKIP LOCKED` and moved in the caller's transaction, so
 //! batches stay short, several archivers (one per scheduler replica) never take the same
@@ -10,11 +10,241 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use hodei_domain::{JobEvent, JobId, JobState, PipelineEvent, PipelineRunId, PipelineState};
+use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::error::StorageError;
-use crate::event_store::{self, EventRange, EventTable, Tier};
+use crate::event_store::EventRange;
+
+/// Where an aggregate's events are kept: the hot event tables, or the archive retention moved
+/// them to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Hot,
+    Archive,
+}
+
+/// zstd's default level: a history compresses about 3x in well under a millisecond.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The two archive tables and their statements.
+#[derive(Debug, Clone, Copy)]
+enum Archive {
+    Jobs,
+    Runs,
+}
+
+impl Archive {
+    fn name(self) -> &'static str {
+        match self {
+            Archive::Jobs => "jobs_archive",
+            Archive::Runs => "pipeline_runs_archive",
+        }
+    }
+
+    /// Each of `$1`'s aggregates' events as one JSON array text, in seq order.
+    fn histories_sql(self) -> &'static str {
+        match self {
+            Archive::Jobs => {
+                "SELECT j.id, coalesce((SELECT jsonb_agg(e.data ORDER BY e.seq)
+                                        FROM job_events e WHERE e.job_id = j.id), '[]')::text
+                 FROM jobs j WHERE j.id = ANY($1)"
+            }
+            Archive::Runs => {
+                "SELECT r.id, coalesce((SELECT jsonb_agg(e.data ORDER BY e.seq)
+                                        FROM pipeline_events e WHERE e.run_id = r.id), '[]')::text
+                 FROM pipeline_runs r WHERE r.id = ANY($1)"
+            }
+        }
+    }
+
+    /// Copies the rows `$1` with their compressed histories `$2` into the archive.
+    fn insert_sql(self) -> &'static str {
+        match self {
+            Archive::Jobs => {
+                "INSERT INTO jobs_archive (id, tenant, name, state, labels, pipeline_run_id,
+                                           created_at, ended_at, archived_at, events)
+                 SELECT j.id, j.tenant, j.name, j.state, j.labels, j.pipeline_run_id,
+                        j.created_at, j.updated_at, now(), h.events
+                 FROM jobs j JOIN unnest($1::uuid[], $2::bytea[]) AS h(id, events) ON h.id = j.id"
+            }
+            Archive::Runs => {
+                "INSERT INTO pipeline_runs_archive (id, tenant, name, state, created_at, ended_at,
+                                                    archived_at, events)
+                 SELECT r.id, r.tenant, r.name, r.state, r.created_at, r.updated_at, now(), h.events
+                 FROM pipeline_runs r JOIN unnest($1::uuid[], $2::bytea[]) AS h(id, events)
+                      ON h.id = r.id"
+            }
+        }
+    }
+
+    fn delete_sql(self) -> [&'static str; 2] {
+        match self {
+            Archive::Jobs => [
+                "DELETE FROM job_events WHERE job_id = ANY($1)",
+                "DELETE FROM jobs WHERE id = ANY($1)",
+            ],
+            Archive::Runs => [
+                "DELETE FROM pipeline_events WHERE run_id = ANY($1)",
+                "DELETE FROM pipeline_runs WHERE id = ANY($1)",
+            ],
+        }
+    }
+
+    fn select_one_sql(self) -> &'static str {
+        match self {
+            Archive::Jobs => "SELECT events FROM jobs_archive WHERE id = $1",
+            Archive::Runs => "SELECT events FROM pipeline_runs_archive WHERE id = $1",
+        }
+    }
+
+    fn select_many_sql(self) -> &'static str {
+        match self {
+            Archive::Jobs => "SELECT id, events FROM jobs_archive WHERE id = ANY($1)",
+            Archive::Runs => "SELECT id, events FROM pipeline_runs_archive WHERE id = ANY($1)",
+        }
+    }
+
+    /// Moves the locked aggregates `ids` with their events to the archive: returns how many
+    /// aggregates and events left the hot tables (their search rows go with them).
+    async fn move_in(
+        self,
+        conn: &mut PgConnection,
+        ids: &[Uuid],
+    ) -> Result<(u64, u64), StorageError> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let histories: Vec<(Uuid, String)> = sqlx::query_as(self.histories_sql())
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut packed_ids = Vec::with_capacity(histories.len());
+        let mut packed = Vec::with_capacity(histories.len());
+        for (id, json) in histories {
+            let bytes = zstd::bulk::compress(json.as_bytes(), ZSTD_LEVEL).map_err(|e| {
+                StorageError::Encode {
+                    what: "archived history",
+                    reason: e.to_string(),
+                }
+            })?;
+            packed_ids.push(id);
+            packed.push(bytes);
+        }
+        sqlx::query(self.insert_sql())
+            .bind(&packed_ids)
+            .bind(&packed)
+            .execute(&mut *conn)
+            .await?;
+        let [events_sql, rows_sql] = self.delete_sql();
+        let events = sqlx::query(events_sql)
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        let rows = sqlx::query(rows_sql)
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        Ok((rows, events))
+    }
+
+    /// The archived events of `id` within `range`; empty when it is not archived.
+    async fn history<E: DeserializeOwned + Recorded>(
+        self,
+        conn: impl sqlx::PgExecutor<'_>,
+        id: Uuid,
+        range: EventRange,
+    ) -> Result<Vec<E>, StorageError> {
+        let packed: Option<Vec<u8>> = sqlx::query_scalar(self.select_one_sql())
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+        let Some(packed) = packed else {
+            return Ok(Vec::new());
+        };
+        let limit = range.limit.map_or(usize::MAX, |l| l as usize);
+        Ok(self
+            .unpack::<E>(id, &packed)?
+            .into_iter()
+            .filter(|e| within(e, &range))
+            .take(limit)
+            .collect())
+    }
+
+    /// The archived events of each of `ids` (those recorded at or before `until` when given).
+    async fn histories<E: DeserializeOwned + Recorded>(
+        self,
+        conn: impl sqlx::PgExecutor<'_>,
+        ids: &[Uuid],
+        until: Option<DateTime<Utc>>,
+    ) -> Result<HashMap<Uuid, Vec<E>>, StorageError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(self.select_many_sql())
+            .bind(ids)
+            .fetch_all(conn)
+            .await?;
+        let range = EventRange {
+            from_seq: 0,
+            until,
+            ..EventRange::default()
+        };
+        rows.into_iter()
+            .map(|(id, packed)| {
+                let events = self.unpack::<E>(id, &packed)?;
+                Ok((
+                    id,
+                    events.into_iter().filter(|e| within(e, &range)).collect(),
+                ))
+            })
+            .collect()
+    }
+
+    fn unpack<E: DeserializeOwned>(self, id: Uuid, packed: &[u8]) -> Result<Vec<E>, StorageError> {
+        let corrupt = |reason: String| StorageError::Corrupt {
+            table: self.name(),
+            id: id.to_string(),
+            column: "events",
+            reason,
+        };
+        let json = zstd::stream::decode_all(packed).map_err(|e| corrupt(e.to_string()))?;
+        serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
+    }
+}
+
+/// What a range of an archived history is chosen by.
+trait Recorded {
+    fn seq(&self) -> u64;
+    fn at(&self) -> DateTime<Utc>;
+}
+
+impl Recorded for JobEvent {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn at(&self) -> DateTime<Utc> {
+        self.at
+    }
+}
+
+impl Recorded for PipelineEvent {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn at(&self) -> DateTime<Utc> {
+        self.at
+    }
+}
+
+fn within(event: &impl Recorded, range: &EventRange) -> bool {
+    event.seq() >= range.from_seq
+        && range.to_seq.is_none_or(|last| event.seq() <= last)
+        && range.until.is_none_or(|until| event.at() <= until)
+}
 
 /// What one batch moved to the archive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,7 +330,12 @@ pub async fn archive_jobs(
     .bind(i64::from(limit))
     .fetch_all(&mut *conn)
     .await?;
-    move_jobs(conn, &ids).await
+    let (jobs, events) = Archive::Jobs.move_in(conn, &ids).await?;
+    Ok(Moved {
+        jobs,
+        runs: 0,
+        events,
+    })
 }
 
 /// Moves up to `limit` pipeline runs that ended before `cutoff` and whose step jobs have all
@@ -134,68 +369,12 @@ pub async fn archive_runs(
     .bind(&runs)
     .fetch_all(&mut *conn)
     .await?;
-    let mut moved = move_jobs(conn, &steps).await?;
-    sqlx::query(
-        "INSERT INTO pipeline_runs_archive
-             (id, tenant, name, state, created_at, ended_at, archived_at, events)
-         SELECT r.id, r.tenant, r.name, r.state, r.created_at, r.updated_at, now(),
-                coalesce((SELECT jsonb_agg(e.data ORDER BY e.seq)
-                          FROM pipeline_events e WHERE e.run_id = r.id), '[]')
-         FROM pipeline_runs r WHERE r.id = ANY($1)",
-    )
-    .bind(&runs)
-    .execute(&mut *conn)
-    .await?;
-    let events = sqlx::query("DELETE FROM pipeline_events WHERE run_id = ANY($1)")
-        .bind(&runs)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    let deleted = sqlx::query("DELETE FROM pipeline_runs WHERE id = ANY($1)")
-        .bind(&runs)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    moved += Moved {
-        jobs: 0,
-        runs: deleted,
-        events,
-    };
-    Ok(moved)
-}
-
-/// Copies the locked jobs `ids` and their events to the archive, then deletes them (their
-/// search rows go with them).
-async fn move_jobs(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Moved, StorageError> {
-    if ids.is_empty() {
-        return Ok(Moved::default());
-    }
-    sqlx::query(
-        "INSERT INTO jobs_archive
-             (id, tenant, name, state, labels, pipeline_run_id, created_at, ended_at, archived_at, events)
-         SELECT j.id, j.tenant, j.name, j.state, j.labels, j.pipeline_run_id, j.created_at,
-                j.updated_at, now(),
-                coalesce((SELECT jsonb_agg(e.data ORDER BY e.seq)
-                          FROM job_events e WHERE e.job_id = j.id), '[]')
-         FROM jobs j WHERE j.id = ANY($1)",
-    )
-    .bind(ids)
-    .execute(&mut *conn)
-    .await?;
-    let events = sqlx::query("DELETE FROM job_events WHERE job_id = ANY($1)")
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    let jobs = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let (jobs, job_events) = Archive::Jobs.move_in(conn, &steps).await?;
+    let (runs, run_events) = Archive::Runs.move_in(conn, &runs).await?;
     Ok(Moved {
         jobs,
-        runs: 0,
-        events,
+        runs,
+        events: job_events + run_events,
     })
 }
 
@@ -250,7 +429,7 @@ pub async fn job_history(
     id: JobId,
     range: EventRange,
 ) -> Result<Vec<JobEvent>, StorageError> {
-    event_store::read(conn, EventTable::Jobs, Tier::Archive, id.as_uuid(), range).await
+    Archive::Jobs.history(conn, id.as_uuid(), range).await
 }
 
 /// The archived events of each of `ids` (all, or those recorded at or before `until`), by job.
@@ -260,7 +439,7 @@ pub async fn job_histories(
     until: Option<DateTime<Utc>>,
 ) -> Result<HashMap<JobId, Vec<JobEvent>>, StorageError> {
     let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
-    let rows = event_store::read_many(conn, EventTable::Jobs, Tier::Archive, &uuids, until).await?;
+    let rows = Archive::Jobs.histories(conn, &uuids, until).await?;
     Ok(rows
         .into_iter()
         .map(|(id, events)| (JobId::from_uuid(id), events))
@@ -273,12 +452,5 @@ pub async fn run_history(
     id: PipelineRunId,
     range: EventRange,
 ) -> Result<Vec<PipelineEvent>, StorageError> {
-    event_store::read(
-        conn,
-        EventTable::Pipelines,
-        Tier::Archive,
-        id.as_uuid(),
-        range,
-    )
-    .await
+    Archive::Runs.history(conn, id.as_uuid(), range).await
 }

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{StorageError, encode, to_i64};
@@ -38,76 +38,22 @@ impl EventTable {
         }
     }
 
-    /// The events of one aggregate within a range: `$1` aggregate, `$2` first seq, `$3` last
-    /// seq or NULL, `$4` latest time or NULL, `$5` limit or NULL.
-    fn select_sql(self, tier: Tier) -> &'static str {
-        match (self, tier) {
-            (EventTable::Jobs, Tier::Hot) => {
+    fn select_sql(self) -> &'static str {
+        match self {
+            EventTable::Jobs => {
                 "SELECT seq, data FROM job_events
                  WHERE job_id = $1 AND seq >= $2 AND ($3::bigint IS NULL OR seq <= $3)
                    AND ($4::timestamptz IS NULL OR at <= $4)
                  ORDER BY seq LIMIT $5"
             }
-            (EventTable::Pipelines, Tier::Hot) => {
+            EventTable::Pipelines => {
                 "SELECT seq, data FROM pipeline_events
                  WHERE run_id = $1 AND seq >= $2 AND ($3::bigint IS NULL OR seq <= $3)
                    AND ($4::timestamptz IS NULL OR at <= $4)
                  ORDER BY seq LIMIT $5"
             }
-            (EventTable::Jobs, Tier::Archive) => {
-                "SELECT (e.data ->> 'seq')::bigint AS seq, e.data
-                 FROM jobs_archive a CROSS JOIN LATERAL jsonb_array_elements(a.events) AS e(data)
-                 WHERE a.id = $1 AND (e.data ->> 'seq')::bigint >= $2
-                   AND ($3::bigint IS NULL OR (e.data ->> 'seq')::bigint <= $3)
-                   AND ($4::timestamptz IS NULL OR (e.data ->> 'at')::timestamptz <= $4)
-                 ORDER BY 1 LIMIT $5"
-            }
-            (EventTable::Pipelines, Tier::Archive) => {
-                "SELECT (e.data ->> 'seq')::bigint AS seq, e.data
-                 FROM pipeline_runs_archive a CROSS JOIN LATERAL jsonb_array_elements(a.events) AS e(data)
-                 WHERE a.id = $1 AND (e.data ->> 'seq')::bigint >= $2
-                   AND ($3::bigint IS NULL OR (e.data ->> 'seq')::bigint <= $3)
-                   AND ($4::timestamptz IS NULL OR (e.data ->> 'at')::timestamptz <= $4)
-                 ORDER BY 1 LIMIT $5"
-            }
         }
     }
-
-    /// Every event of many aggregates: `$1` the aggregates, `$2` latest time or NULL.
-    fn select_many_sql(self, tier: Tier) -> &'static str {
-        match (self, tier) {
-            (EventTable::Jobs, Tier::Hot) => {
-                "SELECT job_id, seq, data FROM job_events
-                 WHERE job_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
-                 ORDER BY job_id, seq"
-            }
-            (EventTable::Pipelines, Tier::Hot) => {
-                "SELECT run_id, seq, data FROM pipeline_events
-                 WHERE run_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
-                 ORDER BY run_id, seq"
-            }
-            (EventTable::Jobs, Tier::Archive) => {
-                "SELECT a.id, (e.data ->> 'seq')::bigint AS seq, e.data
-                 FROM jobs_archive a CROSS JOIN LATERAL jsonb_array_elements(a.events) AS e(data)
-                 WHERE a.id = ANY($1) AND ($2::timestamptz IS NULL OR (e.data ->> 'at')::timestamptz <= $2)
-                 ORDER BY 1, 2"
-            }
-            (EventTable::Pipelines, Tier::Archive) => {
-                "SELECT a.id, (e.data ->> 'seq')::bigint AS seq, e.data
-                 FROM pipeline_runs_archive a CROSS JOIN LATERAL jsonb_array_elements(a.events) AS e(data)
-                 WHERE a.id = ANY($1) AND ($2::timestamptz IS NULL OR (e.data ->> 'at')::timestamptz <= $2)
-                 ORDER BY 1, 2"
-            }
-        }
-    }
-}
-
-/// Where an aggregate's events are kept: the hot event tables, or the archive its events were
-/// moved to by retention (one JSON array per aggregate, see `crate::archive`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Hot,
-    Archive,
 }
 
 /// What the event table keeps of one event besides the event itself.
@@ -179,7 +125,6 @@ pub(crate) async fn append<'e, E: Serialize + 'e>(
 pub(crate) async fn read_many<E: DeserializeOwned>(
     conn: impl sqlx::PgExecutor<'_>,
     table: EventTable,
-    tier: Tier,
     aggregates: &[Uuid],
     until: Option<DateTime<Utc>>,
 ) -> Result<std::collections::HashMap<Uuid, Vec<E>>, StorageError> {
@@ -187,7 +132,18 @@ pub(crate) async fn read_many<E: DeserializeOwned>(
     if aggregates.is_empty() {
         return Ok(out);
     }
-    let sql = table.select_many_sql(tier);
+    let sql = match table {
+        EventTable::Jobs => {
+            "SELECT job_id, seq, data FROM job_events
+             WHERE job_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
+             ORDER BY job_id, seq"
+        }
+        EventTable::Pipelines => {
+            "SELECT run_id, seq, data FROM pipeline_events
+             WHERE run_id = ANY($1) AND ($2::timestamptz IS NULL OR at <= $2)
+             ORDER BY run_id, seq"
+        }
+    };
     let rows: Vec<(Uuid, i64, serde_json::Value)> = sqlx::query_as(sql)
         .bind(aggregates)
         .bind(until)
@@ -236,19 +192,18 @@ impl EventRange {
 
 /// The events of `aggregate` in `table` within `range`, in order.
 pub(crate) async fn read<E: DeserializeOwned>(
-    conn: impl sqlx::PgExecutor<'_>,
+    pool: &PgPool,
     table: EventTable,
-    tier: Tier,
     aggregate: Uuid,
     range: EventRange,
 ) -> Result<Vec<E>, StorageError> {
-    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(table.select_sql(tier))
+    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(table.select_sql())
         .bind(aggregate)
         .bind(to_i64(range.from_seq))
         .bind(range.to_seq.map(to_i64))
         .bind(range.until)
         .bind(range.limit.map(i64::from))
-        .fetch_all(conn)
+        .fetch_all(pool)
         .await?;
     rows.into_iter()
         .map(|(seq, data)| decode(table, aggregate, seq, data))

@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
-use crate::event_store::{self, EventRange, EventTable, Stored, Tier};
+use crate::event_store::{self, EventRange, EventTable, Stored};
 use crate::sql::like_prefix;
 
 const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
@@ -391,7 +391,7 @@ pub async fn history(
     id: JobId,
     range: EventRange,
 ) -> Result<Vec<JobEvent>, StorageError> {
-    event_store::read(pool, EventTable::Jobs, Tier::Hot, id.as_uuid(), range).await
+    event_store::read(pool, EventTable::Jobs, id.as_uuid(), range).await
 }
 
 /// The events of each of `ids` (all of them, or those recorded at or before `until`), in
@@ -402,7 +402,7 @@ pub async fn histories(
     until: Option<DateTime<Utc>>,
 ) -> Result<HashMap<JobId, Vec<JobEvent>>, StorageError> {
     let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
-    let rows = event_store::read_many(conn, EventTable::Jobs, Tier::Hot, &uuids, until).await?;
+    let rows = event_store::read_many(conn, EventTable::Jobs, &uuids, until).await?;
     Ok(rows
         .into_iter()
         .map(|(id, events)| (JobId::from_uuid(id), events))

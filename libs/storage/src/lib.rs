@@ -18,8 +18,9 @@ pub mod workers;
 
 use std::time::Duration;
 
+pub use archive::Tier;
 pub use error::StorageError;
-pub use event_store::{EventRange, Tier};
+pub use event_store::EventRange;
 pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
-use crate::event_store::{self, EventRange, EventTable, Stored, Tier};
+use crate::event_store::{self, EventRange, EventTable, Stored};
 use crate::sql::like_prefix;
 
 const COLUMNS: &str = "id, tenant, state, spec, steps, cancel_requested, failing_fast, created_at, updated_at, version";
@@ -198,7 +198,7 @@ pub async fn histories(
     runs: &[PipelineRunId],
 ) -> Result<HashMap<PipelineRunId, Vec<PipelineEvent>>, StorageError> {
     let uuids: Vec<Uuid> = runs.iter().map(PipelineRunId::as_uuid).collect();
-    let rows = event_store::read_many(conn, EventTable::Pipelines, Tier::Hot, &uuids, None).await?;
+    let rows = event_store::read_many(conn, EventTable::Pipelines, &uuids, None).await?;
     Ok(rows
         .into_iter()
         .map(|(id, events)| (PipelineRunId::from_uuid(id), events))
@@ -211,7 +211,7 @@ pub async fn history(
     id: PipelineRunId,
     range: EventRange,
 ) -> Result<Vec<PipelineEvent>, StorageError> {
-    event_store::read(pool, EventTable::Pipelines, Tier::Hot, id.as_uuid(), range).await
+    event_store::read(pool, EventTable::Pipelines, id.as_uuid(), range).await
 }
 
 /// The attempts of each of `ids` (the jobs of a run's steps), for showing a run.
