@@ -507,12 +507,11 @@ async fn retention(pool: &PgPool, url: &str, out: &mut Outcome) -> anyhow::Resul
     let archive_bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('jobs_archive')")
         .fetch_one(pool)
         .await?;
-    let archived: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
-        "SELECT id, octet_length(events) FROM jobs_archive ORDER BY id LIMIT $1",
-    )
-    .bind(i64::try_from(READS)?)
-    .fetch_all(pool)
-    .await?;
+    let archived: Vec<(uuid::Uuid, i32)> =
+        sqlx::query_as("SELECT id, octet_length(events) FROM jobs_archive ORDER BY id LIMIT $1")
+            .bind(i64::try_from(READS)?)
+            .fetch_all(pool)
+            .await?;
     let (mut storage, mut grpc) = (histogram()?, histogram()?);
     let mut client = JobServiceClient::connect(url.to_owned()).await?;
     let (mut json_bytes, mut stored_bytes) = (0usize, 0usize);

@@ -423,3 +423,78 @@ async fn events_across_jobs_walk_in_time_order_under_each_filter() {
     assert!(empty.is_empty());
     db.cleanup().await.unwrap();
 }
+
+#[tokio::test]
+async fn common_and_rare_words_page_the_same_whichever_way_they_are_read() {
+    let (db, pool) = database().await;
+    // 6,000 jobs carry `common-word` (more than the 5,000 matches read from the index first);
+    // every 1,000th also carries `rare-word`.
+    let built: Vec<(Job, hodei_domain::JobEvent)> = (0..6_000)
+        .map(|i| {
+            let rare = if i % 1_000 == 0 { "rare-word" } else { "plain" };
+            job("default", &format!("bulk-{i}"), &["common-word", rare], &[])
+        })
+        .collect();
+    let trace = BTreeMap::new();
+    for chunk in built.chunks(1_000) {
+        let rows: Vec<jobs::NewJob> = chunk
+            .iter()
+            .map(|(job, event)| jobs::NewJob {
+                job,
+                event,
+                trace: &trace,
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        jobs::insert_many(&mut tx, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    sqlx::query("ANALYZE job_search")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let all: Vec<&Job> = built.iter().map(|(j, _)| j).collect();
+    let rare: Vec<&Job> = all.iter().step_by(1_000).copied().collect();
+
+    // The rare word is read from the index first (the matches as an array), the common one
+    // by the planner's walk; both page the same way.
+    let plan = |words: &str| {
+        let pool = pool.clone();
+        let words = words.to_owned();
+        async move {
+            jobs::explain_list(
+                &pool,
+                &JobFilter {
+                    search: Some(words),
+                    limit: 100,
+                    ..JobFilter::default()
+                },
+            )
+            .await
+            .unwrap()
+            .join("\n")
+        }
+    };
+    let rare_plan = plan("rare-word").await;
+    assert!(rare_plan.contains("InitPlan"), "{rare_plan}");
+    let common_plan = plan("common-word").await;
+    assert!(!common_plan.contains("InitPlan"), "{common_plan}");
+    assert_eq!(
+        search(&pool, "rare-word", vec![], 2).await,
+        newest_first(&rare)
+    );
+    assert_eq!(
+        search(&pool, "common-word", vec![], 500).await,
+        newest_first(&all)
+    );
+    assert_eq!(
+        search(&pool, "common-word rare-word", vec![JobState::Queued], 4).await,
+        newest_first(&rare)
+    );
+    assert!(
+        search(&pool, "rare-word", vec![JobState::Succeeded], 10)
+            .await
+            .is_empty()
+    );
+    db.cleanup().await.unwrap();
+}
