@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hodei_proto::v1 as pb;
+use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, TestSystem};
 use hodei_test_support::wait_for;
 
@@ -21,18 +22,6 @@ const AGENTS: &[AgentSpec] = &[
         slots: 2,
     },
 ];
-
-fn script(name: &str, script: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.to_owned(),
-        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
-            interpreter: vec!["/bin/sh".into(), "-c".into()],
-            script: script.to_owned(),
-        })),
-        timeout_secs: 60,
-        ..Default::default()
-    }
-}
 
 async fn submit(system: &mut TestSystem, spec: pb::JobSpec) -> pb::Job {
     system.submit(spec).await.unwrap()

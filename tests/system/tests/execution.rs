@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hodei_proto::v1 as pb;
+use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
 
@@ -15,18 +16,6 @@ use hodei_test_support::wait_for;
 const DEADLINE: Duration = Duration::from_secs(30);
 /// The kill grace test systems give agents.
 const KILL_GRACE: Duration = Duration::from_secs(1);
-
-fn script(name: &str, script: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.to_owned(),
-        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
-            interpreter: vec!["/bin/sh".into(), "-c".into()],
-            script: script.to_owned(),
-        })),
-        timeout_secs: 60,
-        ..Default::default()
-    }
-}
 
 /// A job that waits until the file `gate` exists, then prints `released`.
 fn gated(name: &str, gate: &Path) -> pb::JobSpec {

@@ -6,20 +6,9 @@
 use std::time::Duration;
 
 use hodei_proto::v1 as pb;
+use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
-
-fn script(name: &str, script: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.to_owned(),
-        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
-            interpreter: vec!["/bin/sh".into(), "-c".into()],
-            script: script.to_owned(),
-        })),
-        timeout_secs: 60,
-        ..Default::default()
-    }
-}
 
 async fn wait_state(system: &TestSystem, id: &str, state: pb::JobState) -> pb::Job {
     system

@@ -10,6 +10,7 @@ use chrono::Utc;
 use hodei_domain::{AttemptNumber, AttemptOutcome, IncarnationId, JobId, Resources, WorkerId};
 use hodei_messaging::{AgentReport, Heartbeat, ReportKind, streams, subjects};
 use hodei_proto::v1 as pb;
+use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, TestSystem};
 use hodei_test_support::{http_get, metric_sample, wait_for};
 
@@ -18,18 +19,6 @@ const AGENTS: &[AgentSpec] = &[AgentSpec {
     labels: "",
     slots: 2,
 }];
-
-fn script(name: &str, script: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.to_owned(),
-        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
-            interpreter: vec!["/bin/sh".into(), "-c".into()],
-            script: script.to_owned(),
-        })),
-        timeout_secs: 60,
-        ..Default::default()
-    }
-}
 
 async fn metric(system: &TestSystem, service: &str, series: &str) -> f64 {
     let addr = system.metrics_addr(service).unwrap();

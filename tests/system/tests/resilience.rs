@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, HEARTBEAT_MS, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
 use sqlx::AssertSqlSafe;
@@ -23,18 +24,6 @@ use tonic::transport::Channel;
 const TERMINAL_STATES: [&str; 4] = ["succeeded", "failed", "timed_out", "cancelled"];
 /// [`TERMINAL_STATES`] as an SQL list.
 const TERMINAL: &str = "'succeeded', 'failed', 'timed_out', 'cancelled'";
-
-fn script(name: &str, script: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        name: name.to_owned(),
-        command: Some(pb::job_spec::Command::Script(pb::ScriptCommand {
-            interpreter: vec!["/bin/sh".into(), "-c".into()],
-            script: script.to_owned(),
-        })),
-        timeout_secs: 60,
-        ..Default::default()
-    }
-}
 
 /// Agents `agent-0` .. `agent-9` (AgentSpec ids are `&'static str`).
 const AGENT_IDS: [&str; 10] = [
