@@ -294,6 +294,14 @@ fn first_id_at(at: DateTime<Utc>) -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
 }
 
+/// The moment `age` ago: what ended before it is old enough to archive. `None` when that
+/// moment is before the earliest time chrono holds.
+pub fn cutoff(age: std::time::Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| Utc::now().checked_sub_signed(age))
+}
+
 /// One batch of retention in its own transaction: up to `limit` pipeline runs (with their step
 /// jobs) and up to `limit` other jobs that ended before `cutoff` moved to the archive. Nothing
 /// left to move when it returns [`Moved::default`].

@@ -70,10 +70,7 @@ pub async fn archive(
     older_than: std::time::Duration,
     batch: u32,
 ) -> Result<(Moved, Counts), AdminError> {
-    let cutoff = chrono::Duration::from_std(older_than)
-        .ok()
-        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
-        .ok_or(AdminError::Age)?;
+    let cutoff = archive::cutoff(older_than).ok_or(AdminError::Age)?;
     let mut total = Moved::default();
     loop {
         let moved = archive::archive_batch(pool, cutoff, batch).await?;

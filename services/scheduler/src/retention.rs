@@ -4,7 +4,6 @@
 //! `SKIP LOCKED`, so replicas share the work instead of repeating it. After each pass the
 //! row counts of the hot and archive tables are exported as `hodei_retention_rows`.
 
-use chrono::Utc;
 use hodei_storage::StorageError;
 use hodei_storage::archive::{self, Moved};
 use tokio_util::sync::CancellationToken;
@@ -47,10 +46,7 @@ async fn pass(
     shutdown: &CancellationToken,
 ) -> Result<Moved, StorageError> {
     // The configuration caps the age at 100 years, so the cutoff is a time chrono holds.
-    let Some(cutoff) = chrono::Duration::from_std(age)
-        .ok()
-        .and_then(|age| Utc::now().checked_sub_signed(age))
-    else {
+    let Some(cutoff) = archive::cutoff(age) else {
         return Ok(Moved::default());
     };
     let pool = &ctx.backends.pool;
