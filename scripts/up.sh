@@ -3,7 +3,9 @@
 #   a private nats-server (2.10+, JetStream, store in .hodei/nats), a private PostgreSQL
 #   cluster, the api-gateway, scheduler, registry and two agents (agent-gpu with gpu=true,
 #   agent-cpu without), then submits demo jobs and a demo pipeline with the `hodei` CLI and
-#   prints what happened.
+#   prints what happened. Security is on: the API is served over TLS with certificates of a
+#   local CA (.hodei/tls, made once by `hodei-admin tls init`), and the demo calls it with an
+#   admin token made by `hodei-admin token create` (kept in .hodei/token, readable by you only).
 #
 # On a terminal the system stays up until Ctrl-C (use `target/debug/hodei --help` meanwhile);
 # otherwise, or with HODEI_DEMO_EXIT=1, everything is stopped once the demo ends.
@@ -49,8 +51,15 @@ if (echo >"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null; then
 fi
 export HODEI_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export HODEI_DATABASE_URL
-export HODEI_SERVER="http://127.0.0.1:$GRPC_PORT"
+export HODEI_SERVER="https://127.0.0.1:$GRPC_PORT"
 export HODEI_HEARTBEAT_INTERVAL_MS=500
+
+TLS="$ROOT/.hodei/tls"
+if [ ! -f "$TLS/ca.pem" ]; then
+    echo "==> making a local CA and the gateway's certificate in $TLS"
+    "$BIN/hodei-admin" tls init --dir "$TLS" --name localhost --name 127.0.0.1 >/dev/null
+fi
+export HODEI_CA="$TLS/ca.pem"
 
 start() {
     local name="$1"
@@ -64,11 +73,17 @@ mkdir -p "$ROOT/.hodei/nats"
 start nats "$HODEI_NATS_SERVER" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$ROOT/.hodei/nats"
 
 echo "==> starting api-gateway ($HODEI_SERVER), scheduler, registry and two agents"
-HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" start api-gateway "$BIN/hodei-api-gateway"
+HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" HODEI_TLS_CERT="$TLS/server.pem" HODEI_TLS_KEY="$TLS/server-key.pem" \
+    start api-gateway "$BIN/hodei-api-gateway"
 start scheduler "$BIN/hodei-scheduler"
 start registry "$BIN/hodei-registry"
 HODEI_WORKER_ID=agent-gpu HODEI_AGENT_LABELS="gpu=true,os=linux" start agent-gpu "$BIN/hodei-agent"
 HODEI_WORKER_ID=agent-cpu HODEI_AGENT_LABELS="os=linux" start agent-cpu "$BIN/hodei-agent"
+
+echo "==> making the demo's admin token (.hodei/token)"
+HODEI_TOKEN="$("$BIN/hodei-admin" token create --name "demo $(date -u +%FT%TZ)" --role admin 2>/dev/null)"
+export HODEI_TOKEN
+(umask 077 && printf '%s\n' "$HODEI_TOKEN" >"$ROOT/.hodei/token")
 
 HODEI="$BIN/hodei"
 deadline=$((SECONDS + 60))
@@ -116,10 +131,23 @@ echo
 echo "==> all jobs"
 "$HODEI" list
 
+echo
+echo "==> demo 6: tenants and roles: a viewer of team-b sees none of default's jobs and may not cancel"
+viewer="$("$HODEI" token create --name demo-viewer --tenant team-b --role viewer --expires-in 1h 2>/dev/null)"
+HODEI_TOKEN="$viewer" "$HODEI" whoami
+echo "its job list:"
+HODEI_TOKEN="$viewer" "$HODEI" list
+rc=0
+HODEI_TOKEN="$viewer" "$HODEI" cancel "$waiting" || rc=$?
+echo "hodei cancel exited with $rc"
+echo "the audit log, newest first:"
+"$HODEI" audit --limit 8
+
 if [ -t 0 ] && [ "${HODEI_DEMO_EXIT:-0}" != 1 ]; then
     echo
     echo "hodei is up: HODEI_SERVER=$HODEI_SERVER, NATS at $HODEI_NATS_URL; try"
-    echo "  HODEI_SERVER=$HODEI_SERVER $HODEI run -- uname -a"
+    echo "  export HODEI_SERVER=$HODEI_SERVER HODEI_CA=$HODEI_CA HODEI_TOKEN=\$(cat .hodei/token)"
+    echo "  $HODEI run -- uname -a"
     echo "Ctrl-C stops everything."
     wait
 fi

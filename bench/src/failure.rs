@@ -15,10 +15,8 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use hodei_domain::{AttemptOutcome, AttemptRecord, JobId};
 use hodei_proto::v1 as pb;
-use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_test_support::{TestDatabase, TestNats};
 use sqlx::PgPool;
-use tonic::transport::Channel;
 
 use crate::fleet::{self, Fleet, FleetConfig};
 use crate::report::{Outcome, histogram};
@@ -192,11 +190,7 @@ async fn measure(
     // Jobs for the silenced workers to hold: one per silenced worker at most.
     let silenced_count = (p.agents / 100).max(2).min(p.agents);
     let grpc = services.grpc_addr.context("the gateway did not start")?;
-    let channel = Channel::from_shared(format!("http://{grpc}"))?
-        .connect()
-        .await
-        .context("failed to connect to the gateway")?;
-    let mut client = JobServiceClient::new(channel);
+    let mut client = crate::system::admin_client(pool, &format!("http://{grpc}")).await?;
     for i in 0..silenced_count {
         client
             .submit_job(pb::SubmitJobRequest {

@@ -13,7 +13,6 @@ use hodei_api_gateway::{Gateway, GatewayConfig};
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{AttemptOutcome, Job, JobEvent, JobId, JobSpec, JobState, TenantId};
 use hodei_proto::v1 as pb;
-use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_runtime::BackendConfig;
 use hodei_storage::EventRange;
 use hodei_storage::jobs::{self, EventFilter, JobFilter};
@@ -106,6 +105,7 @@ async fn run(pool: &PgPool, database: &TestDatabase, p: &QueriesParams) -> anyho
     for state in QUERIED {
         let mut h = histogram()?;
         let mut filter = JobFilter {
+            tenant: None,
             states: vec![state],
             limit: 100,
             ..JobFilter::default()
@@ -242,6 +242,7 @@ async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
     for i in 0..READS {
         for (what, words, states) in searches(i) {
             let filter = JobFilter {
+                tenant: None,
                 states,
                 search: Some(words),
                 limit: SEARCH_PAGE,
@@ -334,6 +335,7 @@ async fn read_models(pool: &PgPool, out: &mut Outcome) -> anyhow::Result<()> {
     }
     for (what, words) in [("a rare word", "artifact-4242"), ("a common word", "make")] {
         let filter = JobFilter {
+            tenant: None,
             search: Some(words.to_owned()),
             limit: SEARCH_PAGE,
             ..JobFilter::default()
@@ -381,7 +383,7 @@ async fn grpc_reads(
     p: &QueriesParams,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
-    let mut client = JobServiceClient::connect(url.to_owned()).await?;
+    let mut client = crate::system::admin_client(pool, url).await?;
     // The keyset walk of `succeeded` jobs, as a client pages ListJobs.
     let mut walk = histogram()?;
     let mut token = String::new();
@@ -513,7 +515,7 @@ async fn retention(pool: &PgPool, url: &str, out: &mut Outcome) -> anyhow::Resul
             .fetch_all(pool)
             .await?;
     let (mut storage, mut grpc) = (histogram()?, histogram()?);
-    let mut client = JobServiceClient::connect(url.to_owned()).await?;
+    let mut client = crate::system::admin_client(pool, url).await?;
     let (mut json_bytes, mut stored_bytes) = (0usize, 0usize);
     for (id, stored) in &archived {
         let id = JobId::from_uuid(*id);
@@ -578,6 +580,7 @@ async fn explain(
     depth: usize,
 ) -> anyhow::Result<String> {
     let filter = JobFilter {
+        tenant: None,
         states: vec![state],
         limit: 100,
         before,

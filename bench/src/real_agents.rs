@@ -273,7 +273,7 @@ async fn measure(
         None,
     );
 
-    let clients = system::connect_clients(system.grpc_addr, p.clients).await?;
+    let clients = system::connect_clients(system.grpc_addr, &system.admin_token, p.clients).await?;
     let pids: Vec<u32> = agents.iter().map(|a| a.pid).collect();
     let cpu = GroupMeter::start(&pids);
     let started = Instant::now();

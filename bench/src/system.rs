@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use hodei_domain::AttemptRecord;
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_proto::{AuthChannel, Bearer};
 use hodei_system_tests::{SystemOptions, TestSystem};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -118,23 +119,43 @@ fn noop_spec(i: usize) -> pb::JobSpec {
 /// `n` gRPC clients of the gateway at `addr`, one HTTP/2 channel each.
 pub(crate) async fn connect_clients(
     addr: std::net::SocketAddr,
+    token: &str,
     n: usize,
-) -> anyhow::Result<Vec<JobServiceClient<Channel>>> {
+) -> anyhow::Result<Vec<JobServiceClient<AuthChannel>>> {
+    let bearer = Bearer::new(Some(token))?;
     let mut clients = Vec::with_capacity(n.max(1));
     for _ in 0..n.max(1) {
         let channel = Channel::from_shared(format!("http://{addr}"))?
             .connect()
             .await
             .context("failed to connect a grpc client")?;
-        clients.push(JobServiceClient::new(channel));
+        clients.push(JobServiceClient::new(bearer.clone().on(channel)));
     }
     Ok(clients)
+}
+
+/// A client of the gateway at `url` with a new admin token, stored in the database behind
+/// `pool`: for scenarios that run their own gateway.
+pub(crate) async fn admin_client(
+    pool: &sqlx::PgPool,
+    url: &str,
+) -> anyhow::Result<JobServiceClient<AuthChannel>> {
+    let token = hodei_system_tests::issue_token(pool, "default", hodei_domain::Role::Admin)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to issue a token: {e}"))?;
+    let channel = Channel::from_shared(url.to_owned())?
+        .connect()
+        .await
+        .context("failed to connect to the gateway")?;
+    Ok(JobServiceClient::new(
+        Bearer::new(Some(&token))?.on(channel),
+    ))
 }
 
 /// Submits `jobs` no-op jobs spread over `clients`, all at once; returns how many times the
 /// gateway refused one (each was submitted again).
 pub(crate) async fn submit_all(
-    clients: Vec<JobServiceClient<Channel>>,
+    clients: Vec<JobServiceClient<AuthChannel>>,
     jobs: usize,
 ) -> anyhow::Result<u64> {
     let mut submitters = JoinSet::new();
@@ -191,7 +212,7 @@ pub(crate) fn rate_figures(
 
 /// Submits one job, retrying while the gateway answers RESOURCE_EXHAUSTED. Returns how many
 /// times it was refused.
-async fn submit(client: &mut JobServiceClient<Channel>, i: usize) -> anyhow::Result<u64> {
+async fn submit(client: &mut JobServiceClient<AuthChannel>, i: usize) -> anyhow::Result<u64> {
     let mut refused = 0;
     loop {
         let request = pb::SubmitJobRequest {
@@ -237,7 +258,8 @@ pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
 async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Outcome> {
     const S: &str = "throughput";
     let mut out = Outcome::default();
-    let clients = connect_clients(bench.system.grpc_addr, p.clients).await?;
+    let clients =
+        connect_clients(bench.system.grpc_addr, &bench.system.admin_token, p.clients).await?;
     let started = Instant::now();
     let refused = submit_all(clients, p.jobs).await?;
     let submitted = started.elapsed();

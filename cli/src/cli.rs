@@ -32,6 +32,26 @@ pub struct Cli {
           value_name = "URL", help_heading = GLOBAL)]
     pub server: String,
 
+    /// The API token (`hodei_…`) or OIDC access token every call carries.
+    #[arg(long, global = true, env = "HODEI_TOKEN", hide_env_values = true,
+          value_name = "TOKEN", help_heading = GLOBAL)]
+    pub token: Option<String>,
+
+    /// The CA certificate (PEM) that signed the server's certificate, for https:// servers
+    /// that a system trust store does not know (such as the CA `scripts/up.sh` makes).
+    #[arg(long, global = true, env = "HODEI_CA", value_name = "FILE", help_heading = GLOBAL)]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM), for servers that require mutual TLS; with --tls-key.
+    #[arg(long, global = true, env = "HODEI_TLS_CLIENT_CERT", value_name = "FILE",
+          requires = "tls_key", help_heading = GLOBAL)]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "HODEI_TLS_CLIENT_KEY", value_name = "FILE",
+          requires = "tls_cert", help_heading = GLOBAL)]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// How to print results: `human` (tables and plain text) or `json`.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human,
           value_name = "FORMAT", help_heading = GLOBAL)]
@@ -39,6 +59,37 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The token commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret (shown this once; only its hash is stored).
+    Create {
+        /// What the token is for, shown in listings.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The tenant the token acts for.
+        #[arg(long, value_name = "T", default_value = "default")]
+        tenant: String,
+        /// viewer, submitter, operator or admin.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// How long until it expires (`90d`, `12h`); never when not given.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// List tokens (never their secrets), newest first.
+    List {
+        /// Only this tenant's tokens.
+        #[arg(long, value_name = "T")]
+        tenant: Option<String>,
+    },
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        /// The token's id (as `hodei token list` shows it).
+        id: String,
+    },
 }
 
 /// How results are printed.
@@ -189,6 +240,37 @@ Examples:
         reason: String,
     },
 
+    /// Show who the server takes the token for: subject, tenant and role.
+    #[command(name = "whoami")]
+    WhoAmI,
+
+    /// Create, list and revoke API tokens (admins).
+    #[command(subcommand, alias = "tokens")]
+    #[command(after_help = "\
+Examples:
+  hodei token create --name ci-bot --tenant team-a --role submitter --expires-in 90d
+  hodei token list --tenant team-a
+  hodei token revoke 0193a7c2-5d1e-7f00-8a11-2b3c4d5e6f70")]
+    Token(TokenCommand),
+
+    /// Show the audit log: every mutating call, who made it and how it ended (admins).
+    #[command(after_help = "\
+Examples:
+  hodei audit
+  hodei audit --tenant team-a --limit 20
+  hodei --output json audit")]
+    Audit {
+        /// Only this tenant's entries.
+        #[arg(long, value_name = "T")]
+        tenant: Option<String>,
+        /// Entries per page (at most 1000).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// The page after the one that printed this token.
+        #[arg(long, value_name = "TOKEN")]
+        page_token: Option<String>,
+    },
+
     /// Run pipelines (DAGs of jobs) and look at their runs.
     #[command(subcommand, alias = "pipelines")]
     #[command(after_help = "\
@@ -320,6 +402,10 @@ pub struct PipelineListArgs {
     /// Where to continue, from the previous page's `next page` line.
     #[arg(long, value_name = "T")]
     pub page_token: Option<String>,
+
+    /// Only this tenant's runs [default: the token's tenant; every tenant for an admin].
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
 }
 
 /// `hodei artifacts ...`.
@@ -483,6 +569,10 @@ pub struct ListArgs {
     /// tail: `a b` both, `"a b"` the phrase, `a or b` either, `-a` without.
     #[arg(long, value_name = "WORDS")]
     pub search: Option<String>,
+
+    /// Only this tenant's jobs [default: the token's tenant; every tenant for an admin].
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
 
     /// Jobs per page, 1 to 1000 [server default: 100].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]

@@ -44,6 +44,11 @@ pub fn message(err: &anyhow::Error, server: &str) -> String {
     let line = match err.downcast_ref::<Status>() {
         Some(status) => match connect_failure(status) {
             Some(reason) => format!("cannot reach hodei at {server}: {reason}"),
+            None if status.code() == Code::Unauthenticated => format!(
+                "{}: {} (pass a token with --token or HODEI_TOKEN)",
+                code_name(status.code()),
+                status.message()
+            ),
             None => format!("{}: {}", code_name(status.code()), status.message()),
         },
         None => format!("{err:#}"),
@@ -135,7 +140,11 @@ mod tests {
     async fn an_unreachable_server_says_so() {
         // Port 1 on localhost: nothing listens there, the connection is refused at once.
         let server = "http://127.0.0.1:1";
-        let mut clients = crate::client::Clients::connect_lazy(server).unwrap();
+        let mut clients = crate::client::Clients::connect_lazy(&crate::client::Connection {
+            server,
+            ..Default::default()
+        })
+        .unwrap();
         let status = clients
             .jobs
             .get_job(hodei_proto::v1::GetJobRequest {

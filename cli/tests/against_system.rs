@@ -4,12 +4,28 @@
 
 use hodei_system_tests::{AgentSpec, TestSystem};
 
-async fn hodei(server: &str, args: &[&str]) -> std::process::Output {
+/// The system's gateway and the admin token the CLI calls it with.
+struct Target {
+    url: String,
+    token: String,
+}
+
+impl Target {
+    fn of(system: &TestSystem) -> Target {
+        Target {
+            url: format!("http://{}", system.grpc_addr),
+            token: system.admin_token.clone(),
+        }
+    }
+}
+
+async fn hodei(server: &Target, args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei"))
         .arg("--server")
-        .arg(server)
+        .arg(&server.url)
         .args(args)
         .env_remove("HODEI_SERVER")
+        .env("HODEI_TOKEN", &server.token)
         .output()
         .await
         .unwrap()
@@ -24,7 +40,7 @@ async fn run_streams_the_output_and_exits_with_the_jobs_code() {
     }])
     .await
     .unwrap();
-    let server = format!("http://{}", system.grpc_addr);
+    let server = Target::of(&system);
 
     let out = hodei(
         &server,
@@ -140,7 +156,7 @@ async fn pipeline_run_follows_the_run_and_exits_by_its_outcome() {
     }])
     .await
     .unwrap();
-    let server = format!("http://{}", system.grpc_addr);
+    let server = Target::of(&system);
     let dir = tempfile::tempdir().unwrap();
 
     let failing = dir.path().join("failing.yaml");
@@ -213,5 +229,107 @@ async fn pipeline_run_follows_the_run_and_exits_by_its_outcome() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("state:     failed"), "{shown}");
 
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_made_with_the_cli_open_the_api_over_tls_and_the_audit_log_shows_their_use() {
+    let system = TestSystem::start_with(
+        &[],
+        hodei_system_tests::SystemOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ca = system.tls_dir().unwrap().join("ca.pem");
+    let cli = |token: &str, args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei"));
+        command
+            .arg("--server")
+            .arg(format!("https://127.0.0.1:{}", system.grpc_addr.port()))
+            .arg("--ca")
+            .arg(&ca)
+            .args(args)
+            .env_remove("HODEI_SERVER")
+            .env("HODEI_TOKEN", token);
+        async move { command.output().await.unwrap() }
+    };
+    let out = cli(
+        &system.admin_token,
+        &[
+            "token",
+            "create",
+            "--name",
+            "bot",
+            "--tenant",
+            "team-a",
+            "--role",
+            "submitter",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(secret.starts_with("hodei_"), "{secret}");
+
+    let out = cli(&secret, &["--output", "json", "whoami"]).await;
+    let me: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (me["tenant"].as_str(), me["role"].as_str()),
+        (Some("team-a"), Some("submitter"))
+    );
+    let out = cli(&secret, &["submit", "--name", "from-bot", "--", "true"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    // A bot may not read the audit log; an admin may, and sees the bot's submission.
+    let out = cli(&secret, &["audit"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission_denied"));
+    let out = cli(&system.admin_token, &["--output", "json", "audit"]).await;
+    let audit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let submitted = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "SubmitJob")
+        .unwrap();
+    assert_eq!(submitted["target"], format!("job {job}"));
+    assert_eq!(submitted["tenant"], "team-a");
+
+    // Revoked: refused, with a hint of why.
+    let out = cli(
+        &system.admin_token,
+        &["--output", "json", "token", "list", "--tenant", "team-a"],
+    )
+    .await;
+    let tokens: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
+    let out = cli(&system.admin_token, &["token", "revoke", &id]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&secret, &["whoami"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unauthenticated") && err.contains("revoked"),
+        "{err}"
+    );
+    // No token at all.
+    let out = cli("", &["list"]).await;
+    assert_eq!(out.status.code(), Some(2));
     system.stop().await;
 }

@@ -204,6 +204,7 @@ pub async fn list(
         page_size: args.limit.unwrap_or(0),
         page_token: args.page_token.unwrap_or_default(),
         query: args.search.unwrap_or_default(),
+        tenant: args.tenant.unwrap_or_default(),
     };
     let page = clients.jobs.list_jobs(request).await?.into_inner();
     print_page(

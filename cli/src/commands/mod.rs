@@ -1,5 +1,6 @@
 //! One function per command: call the API, print the answer, choose the exit code.
 
+mod access;
 mod artifacts;
 mod jobs;
 mod pipelines;
@@ -12,13 +13,18 @@ use hodei_proto::v1 as pb;
 use serde_json::Value;
 
 use crate::cli::{ArtifactsCommand, Cli, Command, OutputFormat, PipelineCommand};
-use crate::client::Clients;
+use crate::client::{Clients, Connection};
 use crate::json;
 use crate::style::{Paint, Style};
 
 /// Runs the parsed command line against the server it names.
 pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut clients = Clients::connect_lazy(&cli.server)?;
+    let mut clients = Clients::connect_lazy(&Connection {
+        server: &cli.server,
+        token: cli.token.as_deref().filter(|t| !t.is_empty()),
+        ca: cli.ca.as_deref(),
+        client_cert: cli.tls_cert.as_deref().zip(cli.tls_key.as_deref()),
+    })?;
     let format = cli.output;
     match cli.command {
         Command::Submit(args) => jobs::submit(&mut clients, &args, format).await,
@@ -36,6 +42,13 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker { id } => workers::get(&mut clients, id, format).await,
         Command::Drain { id, reason } => workers::drain(&mut clients, id, reason, format).await,
         Command::Pipeline(command) => pipeline(&mut clients, command, format).await,
+        Command::WhoAmI => access::whoami(&mut clients, format).await,
+        Command::Token(command) => access::token(&mut clients, command, format).await,
+        Command::Audit {
+            tenant,
+            limit,
+            page_token,
+        } => access::audit(&mut clients, tenant, limit, page_token, format).await,
         Command::Artifacts(command) => match command {
             ArtifactsCommand::Ls { run_id, step } => {
                 artifacts::ls(&mut clients, run_id, step, format).await

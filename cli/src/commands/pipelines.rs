@@ -100,6 +100,7 @@ pub async fn list(
         name_prefix: args.name_prefix.unwrap_or_default(),
         page_size: args.limit.unwrap_or(0),
         page_token: args.page_token.unwrap_or_default(),
+        tenant: args.tenant.unwrap_or_default(),
     };
     let page = clients
         .pipelines

@@ -142,6 +142,12 @@ uuid_id!(
     IncarnationId,
     "incarnation id"
 );
+uuid_id!(
+    /// Identifies an API token (not its secret): listed, shown in the audit log and revoked
+    /// by this id.
+    TokenId,
+    "token id"
+);
 
 /// Validates a name-like id: used in NATS subject tokens, so no dots, wildcards or spaces.
 fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
@@ -313,6 +319,7 @@ string_serde!(
     JobId,
     PipelineRunId,
     IncarnationId,
+    TokenId,
     WorkerId,
     TenantId,
     AttemptId
@@ -349,6 +356,8 @@ mod tests {
         check(&crate::PipelineState::ALL, "pipeline state");
         check(&crate::StepState::ALL, "step state");
         check(&crate::WorkerStatus::ALL, "worker status");
+        check(&crate::Role::ALL, "role");
+        check(&crate::Action::ALL, "action");
         assert_eq!(crate::JobState::TimedOut.as_str(), "timed_out");
     }
 

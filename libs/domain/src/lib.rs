@@ -5,6 +5,7 @@
 //! Nothing here performs I/O: no tokio, no database, no NATS. Adapters at the edge
 //! persist and transport what this crate decides.
 
+pub mod access;
 pub mod error;
 pub mod ids;
 pub mod job;
@@ -14,9 +15,11 @@ pub mod specification;
 pub mod time;
 pub mod worker;
 
+pub use access::{AccessError, Action, Principal, Role};
 pub use error::{DomainError, FieldError, ValidationErrors};
 pub use ids::{
-    AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, TenantId, WorkerId,
+    AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, TenantId, TokenId,
+    WorkerId,
 };
 pub use job::{AttemptOutcome, AttemptRecord, Job, JobEvent, JobEventKind, JobState};
 pub use pipeline::{

@@ -7,9 +7,11 @@ pub mod v1 {
     tonic::include_proto!("hodei.v1");
 }
 
+pub mod bearer;
 mod convert;
 mod pipelines;
 
+pub use bearer::{AuthChannel, Bearer};
 pub use convert::{job_event_to_wire, state_from_wire, status_from_wire, timestamp};
 pub use pipelines::{
     pipeline_event_to_wire, pipeline_run_to_wire, pipeline_spec_from_wire, pipeline_spec_to_wire,

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{JobEvent, JobId, JobState, PipelineEvent, PipelineRunId, PipelineState};
+use hodei_domain::{
+    JobEvent, JobId, JobState, PipelineEvent, PipelineRunId, PipelineState, TenantId,
+};
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -35,7 +37,43 @@ enum Archive {
     Runs,
 }
 
+/// An archived job or run: when it was archived and whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archived {
+    pub at: DateTime<Utc>,
+    pub tenant: TenantId,
+}
+
 impl Archive {
+    /// When `id` was archived, and its tenant.
+    async fn archived(
+        self,
+        conn: impl sqlx::PgExecutor<'_>,
+        id: Uuid,
+    ) -> Result<Option<Archived>, StorageError> {
+        let sql = format!(
+            "SELECT archived_at, tenant FROM {} WHERE id = $1",
+            self.name()
+        );
+        let row: Option<(DateTime<Utc>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+        row.map(|(at, tenant)| {
+            let tenant =
+                tenant
+                    .parse()
+                    .map_err(|e: hodei_domain::IdError| StorageError::Corrupt {
+                        table: self.name(),
+                        id: id.to_string(),
+                        column: "tenant",
+                        reason: e.to_string(),
+                    })?;
+            Ok(Archived { at, tenant })
+        })
+        .transpose()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Archive::Jobs => "jobs_archive",
@@ -405,30 +443,20 @@ pub async fn counts(conn: impl sqlx::PgExecutor<'_>) -> Result<Counts, StorageEr
     })
 }
 
-/// When job `id` was archived; `None` if it is not in the archive.
+/// When job `id` was archived, and its tenant; `None` if it is not in the archive.
 pub async fn job_archived_at(
     conn: impl sqlx::PgExecutor<'_>,
     id: JobId,
-) -> Result<Option<DateTime<Utc>>, StorageError> {
-    Ok(
-        sqlx::query_scalar("SELECT archived_at FROM jobs_archive WHERE id = $1")
-            .bind(id.as_uuid())
-            .fetch_optional(conn)
-            .await?,
-    )
+) -> Result<Option<Archived>, StorageError> {
+    Archive::Jobs.archived(conn, id.as_uuid()).await
 }
 
-/// When pipeline run `id` was archived; `None` if it is not in the archive.
+/// When pipeline run `id` was archived, and its tenant; `None` if it is not in the archive.
 pub async fn run_archived_at(
     conn: impl sqlx::PgExecutor<'_>,
     id: PipelineRunId,
-) -> Result<Option<DateTime<Utc>>, StorageError> {
-    Ok(
-        sqlx::query_scalar("SELECT archived_at FROM pipeline_runs_archive WHERE id = $1")
-            .bind(id.as_uuid())
-            .fetch_optional(conn)
-            .await?,
-    )
+) -> Result<Option<Archived>, StorageError> {
+    Archive::Runs.archived(conn, id.as_uuid()).await
 }
 
 /// An archived job's events within `range`, in order (empty if it is not archived).

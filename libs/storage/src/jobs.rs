@@ -521,6 +521,8 @@ fn list_events_query(
 /// Filters for [`list`].
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
+    /// Only this tenant's jobs; none: every tenant's.
+    pub tenant: Option<TenantId>,
     pub states: Vec<JobState>,
     pub name_prefix: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -616,6 +618,11 @@ fn list_query(
     let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
         "{prefix}SELECT {COLUMNS} FROM jobs WHERE true"
     ));
+    if let Some(tenant) = &filter.tenant {
+        query
+            .push(" AND tenant = ")
+            .push_bind(tenant.as_str().to_owned());
+    }
     match filter.states.as_slice() {
         [] => {}
         [one] => {

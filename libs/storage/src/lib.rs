@@ -6,6 +6,7 @@
 //! knowing nothing of the others; [`driver`] holds the units of work that change several of
 //! them in one transaction (and drives pipeline runs from their step jobs).
 
+pub mod access;
 pub mod archive;
 pub mod driver;
 pub mod error;

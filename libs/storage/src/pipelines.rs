@@ -147,6 +147,8 @@ pub async fn find_by_idempotency_key(
 /// Filters for [`list`].
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
+    /// Only this tenant's runs; none: every tenant's.
+    pub tenant: Option<TenantId>,
     pub states: Vec<PipelineState>,
     pub name_prefix: Option<String>,
     /// Keyset cursor: only runs older than this one.
@@ -171,6 +173,7 @@ pub async fn list(
          WHERE ($1::text[] IS NULL OR state = ANY($1))
            AND ($2::text IS NULL OR name LIKE $2)
            AND ($3::uuid IS NULL OR id < $3)
+           AND ($5::text IS NULL OR tenant = $5)
          ORDER BY id DESC LIMIT $4"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -178,6 +181,7 @@ pub async fn list(
         .bind(prefix)
         .bind(filter.before.map(|b| b.as_uuid()))
         .bind(i64::from(filter.limit))
+        .bind(filter.tenant.as_ref().map(TenantId::as_str))
         .fetch_all(conn)
         .await?;
     rows.iter().map(decode).collect()

@@ -83,6 +83,7 @@ async fn run_to_end(pool: &sqlx::PgPool, job: &mut Job, tail: &[&str], batched: 
 
 async fn search(pool: &sqlx::PgPool, words: &str, states: Vec<JobState>, limit: u32) -> Vec<JobId> {
     let mut filter = JobFilter {
+        tenant: None,
         states,
         search: Some(words.to_owned()),
         limit,
@@ -465,6 +466,7 @@ async fn common_and_rare_words_page_the_same_whichever_way_they_are_read() {
             jobs::explain_list(
                 &pool,
                 &JobFilter {
+                    tenant: None,
                     search: Some(words),
                     limit: 100,
                     ..JobFilter::default()

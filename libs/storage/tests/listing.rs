@@ -92,6 +92,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let pages = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             limit: 6,
             ..JobFilter::default()
         },
@@ -106,6 +107,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let by_state = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             states: vec![JobState::Cancelled],
             limit: 2,
             ..JobFilter::default()
@@ -117,6 +119,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let both_states = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             states: vec![JobState::Cancelled, JobState::Queued],
             limit: 100,
             ..JobFilter::default()
@@ -128,6 +131,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let by_prefix = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             name_prefix: Some("test_".into()),
             limit: 3,
             ..JobFilter::default()
@@ -139,6 +143,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let by_label = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             labels: BTreeMap::from([("team".to_owned(), "b".to_owned())]),
             limit: 5,
             ..JobFilter::default()
@@ -152,6 +157,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let combined = all_pages(
         &pool,
         JobFilter {
+            tenant: None,
             states: vec![JobState::Queued],
             name_prefix: Some("build-".into()),
             labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
@@ -172,6 +178,7 @@ async fn job_pages_walk_every_job_once_newest_first_under_each_filter() {
     let none = jobs::list(
         &pool,
         &JobFilter {
+            tenant: None,
             before: Some(oldest),
             limit: 10,
             ..JobFilter::default()
@@ -218,6 +225,7 @@ async fn run_pages_follow_the_cursor_and_filter_by_state_and_name() {
 
     let mut seen = Vec::new();
     let mut filter = RunFilter {
+        tenant: None,
         limit: 2,
         ..RunFilter::default()
     };
@@ -246,6 +254,7 @@ async fn run_pages_follow_the_cursor_and_filter_by_state_and_name() {
     };
     assert_eq!(
         list(RunFilter {
+            tenant: None,
             states: vec![PipelineState::Cancelled],
             limit: 10,
             ..RunFilter::default()
@@ -255,6 +264,7 @@ async fn run_pages_follow_the_cursor_and_filter_by_state_and_name() {
     );
     assert_eq!(
         list(RunFilter {
+            tenant: None,
             name_prefix: Some("release_".into()),
             limit: 10,
             ..RunFilter::default()

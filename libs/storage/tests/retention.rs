@@ -97,6 +97,7 @@ async fn archive_all(pool: &sqlx::PgPool, cutoff: chrono::DateTime<Utc>) -> Move
 
 fn search(words: &str) -> JobFilter {
     JobFilter {
+        tenant: None,
         search: Some(words.to_owned()),
         limit: 100,
         ..JobFilter::default()

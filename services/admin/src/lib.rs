@@ -1,7 +1,9 @@
 //! `hodei-admin`: operators' commands that work on the state of record directly, beside the
 //! running services. `rebuild-projections` checks (and repairs) the `jobs` and
 //! `pipeline_runs` projections against the event store; `archive` runs a retention pass now
-//! (the schedulers run one every `HODEI_RETENTION_INTERVAL`).
+//! (the schedulers run one every `HODEI_RETENTION_INTERVAL`); `token` creates and revokes API
+//! tokens (the first admin token of a deployment comes from here); `tls init` makes a local
+//! CA with the gateway's certificate.
 
 pub mod rebuild;
 
@@ -9,6 +11,8 @@ use std::fmt::Write as _;
 
 use clap::{Parser, Subcommand};
 
+use hodei_domain::{Role, TenantId, TokenId};
+use hodei_storage::access::{self, TokenRecord};
 use hodei_storage::archive::{self, Counts, Moved};
 pub use rebuild::{RebuildOptions, RebuildReport, rebuild_projections};
 
@@ -61,6 +65,146 @@ Examples:
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch: u32,
     },
+    /// Create and revoke API tokens directly in the database: how the first admin token of a
+    /// deployment is made (later ones can come from `hodei token create`).
+    #[command(subcommand)]
+    #[command(after_help = "\
+Examples:
+  hodei-admin token create --name bootstrap --role admin
+  hodei-admin token create --name ci --tenant team-a --role submitter --expires-in 90d
+  hodei-admin token revoke 0193a7c2-5d1e-7f00-8a11-2b3c4d5e6f70")]
+    Token(TokenCommand),
+    /// Certificates for TLS without a PKI of your own.
+    #[command(subcommand)]
+    #[command(after_help = "\
+Example:
+  hodei-admin tls init --dir .hodei/tls --name localhost --name 127.0.0.1 --name hodei.internal")]
+    Tls(TlsCommand),
+}
+
+/// The token commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret on stdout (shown this once; only its hash is
+    /// stored).
+    Create {
+        /// What the token is for, shown in listings.
+        #[arg(long)]
+        name: String,
+        /// The tenant the token acts for.
+        #[arg(long, default_value = "default")]
+        tenant: TenantId,
+        /// viewer, submitter, operator or admin.
+        #[arg(long)]
+        role: Role,
+        /// How long until it expires (`90d`, `12h`); never when not given.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// Revoke a token by id: gateways refuse it within their token cache's lifetime (5 s).
+    Revoke {
+        /// The token's id.
+        id: TokenId,
+    },
+}
+
+/// The TLS commands.
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a local CA and, signed by it, a server certificate for the gateway and a client
+    /// certificate (for gateways that require mutual TLS). Writes `ca.pem`, `server.pem`,
+    /// `server-key.pem`, `client.pem` and `client-key.pem` into `--dir` (keys readable by
+    /// their owner only); refuses to overwrite a CA already there.
+    Init {
+        /// Where to write the files.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Names the server certificate is valid for (DNS names or IP addresses).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+    },
+}
+
+/// Stores a new token of `tenant` with `role`, made by `created_by`, expiring after
+/// `expires_in` if given. Returns it with its secret, which nothing else keeps.
+pub async fn create_token(
+    pool: &sqlx::PgPool,
+    name: &str,
+    tenant: TenantId,
+    role: Role,
+    expires_in: Option<std::time::Duration>,
+    created_by: &str,
+) -> Result<(TokenRecord, String), AdminError> {
+    let now = chrono::Utc::now();
+    let expires_at = expires_in
+        .map(|d| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or(AdminError::Age)
+        })
+        .transpose()?;
+    let minted = hodei_auth::token::mint()?;
+    let record = TokenRecord {
+        id: TokenId::new(),
+        name: name.to_owned(),
+        tenant,
+        role,
+        created_by: created_by.to_owned(),
+        created_at: now,
+        expires_at,
+        revoked_at: None,
+    };
+    access::insert_token(pool, &record, &minted.hash).await?;
+    Ok((record, minted.secret))
+}
+
+/// Revokes token `id`; false when there is no such token.
+pub async fn revoke_token(pool: &sqlx::PgPool, id: TokenId) -> Result<bool, AdminError> {
+    Ok(access::revoke_token(pool, id, chrono::Utc::now())
+        .await?
+        .is_some())
+}
+
+/// Writes a new local CA, a server certificate for `names` and a client certificate into
+/// `dir`. Returns the paths written.
+pub fn tls_init(
+    dir: &std::path::Path,
+    names: &[String],
+) -> Result<Vec<std::path::PathBuf>, AdminError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let ca_path = dir.join("ca.pem");
+    if ca_path.exists() {
+        return Err(AdminError::Exists(ca_path));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| AdminError::Io(dir.to_owned(), e))?;
+    let ca = hodei_auth::pki::LocalCa::new("hodei local ca")?;
+    let server = ca.server(names)?;
+    let client = ca.client("hodei client")?;
+    let files = [
+        ("ca.pem", ca.cert_pem(), 0o644),
+        ("server.pem", server.cert_pem, 0o644),
+        ("server-key.pem", server.key_pem, 0o600),
+        ("client.pem", client.cert_pem, 0o644),
+        ("client-key.pem", client.key_pem, 0o600),
+    ];
+    let mut written = Vec::new();
+    for (name, pem, mode) in files {
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| AdminError::Io(path.clone(), e))?;
+        file.write_all(pem.as_bytes())
+            .map_err(|e| AdminError::Io(path.clone(), e))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 /// Moves every job and run that ended more than `older_than` ago to the archive, a batch per
@@ -102,8 +246,14 @@ pub fn archive_text(moved: &Moved, counts: &Counts) -> String {
 pub enum AdminError {
     #[error(transparent)]
     Storage(#[from] hodei_storage::StorageError),
-    #[error("--older-than reaches before the earliest time this program can count from")]
+    #[error("the duration reaches past the times this program can count")]
     Age,
+    #[error(transparent)]
+    Auth(#[from] hodei_auth::AuthError),
+    #[error("{0} exists already; remove it to make a new CA")]
+    Exists(std::path::PathBuf),
+    #[error("failed to write {0}: {1}")]
+    Io(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// The report as people read it: one line per differing field, then the totals.

@@ -6,13 +6,20 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hodei_admin::{
-    AdminArgs, AdminCommand, RebuildOptions, archive, archive_text, rebuild_projections,
-    report_text,
+    AdminArgs, AdminCommand, RebuildOptions, TlsCommand, TokenCommand, archive, archive_text,
+    create_token, rebuild_projections, report_text, revoke_token, tls_init,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let args = AdminArgs::parse();
+    // Certificates need no database.
+    if let AdminCommand::Tls(TlsCommand::Init { dir, names }) = &args.command {
+        for path in tls_init(dir, names).context("tls init failed")? {
+            println!("wrote {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let telemetry = hodei_telemetry::init("admin").context("failed to initialise telemetry")?;
     let pool = hodei_storage::connect(&args.database_url, 4, Duration::from_secs(10))
         .await
@@ -36,6 +43,41 @@ async fn main() -> anyhow::Result<ExitCode> {
             print!("{}", archive_text(&moved, &counts));
             ExitCode::SUCCESS
         }
+        AdminCommand::Token(TokenCommand::Create {
+            name,
+            tenant,
+            role,
+            expires_in,
+        }) => {
+            // A fresh database gets its tables first: the bootstrap token may come before
+            // any service has started.
+            hodei_storage::migrate(&pool)
+                .await
+                .context("failed to apply migrations")?;
+            let (token, secret) =
+                create_token(&pool, &name, tenant, role, expires_in, "hodei-admin")
+                    .await
+                    .context("token create failed")?;
+            eprintln!(
+                "token {} ({} of {}): the secret below is shown only now",
+                token.id, token.role, token.tenant
+            );
+            println!("{secret}");
+            ExitCode::SUCCESS
+        }
+        AdminCommand::Token(TokenCommand::Revoke { id }) => {
+            if revoke_token(&pool, id)
+                .await
+                .context("token revoke failed")?
+            {
+                println!("token {id} revoked");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: token {id} not found");
+                ExitCode::from(2)
+            }
+        }
+        AdminCommand::Tls(TlsCommand::Init { .. }) => ExitCode::SUCCESS,
     };
     pool.close().await;
     telemetry.shutdown().await;

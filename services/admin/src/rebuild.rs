@@ -167,6 +167,7 @@ impl Projection for Jobs {
         jobs::list(
             conn,
             &JobFilter {
+                tenant: None,
                 before,
                 limit,
                 ..JobFilter::default()
@@ -251,6 +252,7 @@ impl Projection for Runs {
         limit: u32,
     ) -> Result<Vec<PipelineRun>, StorageError> {
         let filter = RunFilter {
+            tenant: None,
             states: Vec::new(),
             name_prefix: None,
             before,

@@ -3,7 +3,7 @@
 //! [`ApiError`] becomes a [`Status`] in one `match`; [`IntoStatus`] converts a `Result` whose
 //! error converts into [`ApiError`] in one step.
 
-use hodei_domain::{DomainError, ValidationErrors};
+use hodei_domain::{AccessError, DomainError, ValidationErrors};
 use hodei_storage::StorageError;
 use tonic::Status;
 
@@ -23,6 +23,13 @@ pub enum ApiError {
     /// left to read.
     #[error("{what} was archived at {at}; GetJob, GetJobHistory and GetPipelineRun still read it")]
     Archived { what: String, at: String },
+    /// The call carries no credentials, or ones that are malformed, unknown, expired or
+    /// revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow the call, or the tenant it names.
+    #[error(transparent)]
+    Denied(#[from] AccessError),
     /// Admission control refused the submission: the queue is full.
     #[error("{0}")]
     Exhausted(String),
@@ -92,6 +99,8 @@ impl From<ApiError> for Status {
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
             ApiError::Archived { .. } => Status::failed_precondition(e.to_string()),
             ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+            ApiError::Denied(_) => Status::permission_denied(e.to_string()),
             ApiError::Unavailable { .. } => Status::unavailable(e.to_string()),
             ApiError::DataLoss(_) => Status::data_loss(e.to_string()),
             ApiError::Storage(e) => storage(e),
@@ -151,6 +160,21 @@ mod tests {
                 ApiError::not_found("job 1"),
                 Code::NotFound,
                 "job 1 not found",
+            ),
+            (
+                ApiError::Unauthenticated("unknown token".into()),
+                Code::Unauthenticated,
+                "unknown token",
+            ),
+            (
+                AccessError::Denied {
+                    role: hodei_domain::Role::Viewer,
+                    action: hodei_domain::Action::Cancel,
+                    needs: hodei_domain::Role::Submitter,
+                }
+                .into(),
+                Code::PermissionDenied,
+                "role viewer may not cancel",
             ),
             (
                 ApiError::Exhausted("queue is full".into()),

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{AttemptRecord, Job, JobEvent, JobId, JobState, PipelineRun, PipelineRunId};
+use hodei_domain::{
+    AttemptRecord, Job, JobEvent, JobId, JobState, PipelineRun, PipelineRunId, Principal, TenantId,
+};
 use hodei_proto::v1 as pb;
 use hodei_runtime::Backends;
 use hodei_storage::jobs::{self, EventFilter};
@@ -111,30 +113,56 @@ impl<T> Located<T> {
     }
 }
 
-/// Job `id`: its projection, or when it was archived (NOT_FOUND if neither).
-pub async fn locate_job(backends: &Backends, id: JobId) -> Result<Located<Job>, ApiError> {
+/// Job `id` as `who` may see it: its projection, or when it was archived (NOT_FOUND if
+/// neither, or if it belongs to a tenant `who` does not see).
+pub async fn locate_job(
+    backends: &Backends,
+    who: &Principal,
+    id: JobId,
+) -> Result<Located<Job>, ApiError> {
     let pool = &backends.pool;
+    let what = || format!("job {id}");
     if let Some(job) = backends.db(|| jobs::get(pool, id)).await? {
-        return Ok(Located::Hot(job));
+        return visible(who, job.tenant(), what).map(|()| Located::Hot(job));
     }
     match backends.db(|| archive::job_archived_at(pool, id)).await? {
-        Some(at) => Ok(Located::Archived(at)),
-        None => Err(ApiError::not_found(format!("job {id}"))),
+        Some(archived) => {
+            visible(who, &archived.tenant, what).map(|()| Located::Archived(archived.at))
+        }
+        None => Err(ApiError::not_found(what())),
     }
 }
 
-/// Run `id`: its projection, or when it was archived (NOT_FOUND if neither).
+/// Run `id` as `who` may see it: its projection, or when it was archived (NOT_FOUND if
+/// neither, or if it belongs to a tenant `who` does not see).
 pub async fn locate_run(
     backends: &Backends,
+    who: &Principal,
     id: PipelineRunId,
 ) -> Result<Located<PipelineRun>, ApiError> {
     let pool = &backends.pool;
+    let what = || format!("pipeline run {id}");
     if let Some(run) = backends.db(|| pipelines::get(pool, id)).await? {
-        return Ok(Located::Hot(run));
+        return visible(who, run.tenant(), what).map(|()| Located::Hot(run));
     }
     match backends.db(|| archive::run_archived_at(pool, id)).await? {
-        Some(at) => Ok(Located::Archived(at)),
-        None => Err(ApiError::not_found(format!("pipeline run {id}"))),
+        Some(archived) => {
+            visible(who, &archived.tenant, what).map(|()| Located::Archived(archived.at))
+        }
+        None => Err(ApiError::not_found(what())),
+    }
+}
+
+/// Another tenant's object is answered as if it did not exist: its existence is not told.
+fn visible(
+    who: &Principal,
+    tenant: &TenantId,
+    what: impl FnOnce() -> String,
+) -> Result<(), ApiError> {
+    if who.sees(tenant) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(what()))
     }
 }
 
@@ -285,6 +313,7 @@ pub async fn job_history(
 /// A page of events across jobs, oldest first.
 pub async fn list_events(
     backends: &Backends,
+    who: &Principal,
     req: pb::ListEventsRequest,
 ) -> Result<pb::ListEventsResponse, ApiError> {
     let limit = request::page_size(req.page_size)?;
@@ -314,10 +343,7 @@ pub async fn list_events(
             ));
         }
     }
-    let tenant = Some(req.tenant.as_str())
-        .filter(|t| !t.is_empty())
-        .map(request::tenant)
-        .transpose()?;
+    let tenant = who.listing_scope(request::optional_tenant(&req.tenant)?)?;
     let filter = EventFilter {
         from,
         to,

@@ -4,7 +4,7 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{Job, JobId, JobSpec, JobState};
+use hodei_domain::{Action, Job, JobId, JobSpec, JobState, Principal};
 use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::SOURCE;
+use crate::access::{self, Auditor};
 use crate::admission::Admission;
+use crate::auth::caller;
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
@@ -29,6 +31,7 @@ pub struct JobApi {
     backends: Backends,
     admission: Admission,
     submissions: Submissions,
+    audit: Auditor,
     shutdown: CancellationToken,
 }
 
@@ -37,34 +40,38 @@ impl JobApi {
         backends: Backends,
         admission: Admission,
         submissions: Submissions,
+        audit: Auditor,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             backends,
             admission,
             submissions,
+            audit,
             shutdown,
         }
     }
 
-    /// Job `id` as it stands; an archived job is refused as such (only its history is left).
-    async fn load(&self, id: JobId) -> Result<Job, Status> {
-        history::locate_job(&self.backends, id)
+    /// Job `id` as it stands, if `who` may see it; an archived job is refused as such (only
+    /// its history is left).
+    async fn load(&self, who: &Principal, id: JobId) -> Result<Job, Status> {
+        history::locate_job(&self.backends, who, id)
             .await
             .and_then(|found| found.live(&format!("job {id}")))
             .into_status()
     }
-}
 
-#[tonic::async_trait]
-impl JobService for JobApi {
-    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", job_id))]
-    async fn submit_job(
+    async fn submit(
         &self,
-        request: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = request::tenant(&req.tenant).into_status()?;
+        who: &Principal,
+        req: pb::SubmitJobRequest,
+    ) -> Result<pb::SubmitJobResponse, Status> {
+        who.authorize(Action::Submit)
+            .map_err(ApiError::from)
+            .into_status()?;
+        let tenant = request::optional_tenant(&req.tenant)
+            .and_then(|named| Ok(who.acting_for(named)?))
+            .into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
@@ -77,10 +84,10 @@ impl JobService for JobApi {
                 .await
                 .into_status()?
         {
-            return Ok(Response::new(pb::SubmitJobResponse {
+            return Ok(pb::SubmitJobResponse {
                 job: Some((&existing).into()),
                 created: false,
-            }));
+            });
         }
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
@@ -114,7 +121,7 @@ impl JobService for JobApi {
             JobSubmitted::Created(job) => {
                 self.backends.metrics.jobs_submitted.inc();
                 tracing::Span::current().record("job_id", tracing::field::display(job.id()));
-                tracing::info!(job_id = %job.id(), name = %job.spec().name, "job submitted");
+                tracing::info!(job_id = %job.id(), name = %job.spec().name, by = %who.subject, "job submitted");
                 (job, true)
             }
             JobSubmitted::Existing(job) => {
@@ -122,20 +129,83 @@ impl JobService for JobApi {
                 (job, false)
             }
         };
-        Ok(Response::new(pb::SubmitJobResponse {
+        Ok(pb::SubmitJobResponse {
             job: Some((&job).into()),
             created,
-        }))
+        })
+    }
+
+    async fn cancel(
+        &self,
+        who: &Principal,
+        id: JobId,
+        reason: String,
+    ) -> Result<pb::CancelJobResponse, Status> {
+        who.authorize(Action::Cancel)
+            .map_err(ApiError::from)
+            .into_status()?;
+        // Another tenant's job is not found, before anything is changed.
+        self.load(who, id).await?;
+        let saved = self
+            .backends
+            .db_until_no_conflict(|| async {
+                let mut tx = self.backends.pool.begin().await?;
+                let done = driver::cancel_job(&mut tx, id, &reason, SOURCE).await?;
+                tx.commit().await?;
+                Ok(done)
+            })
+            .await
+            .into_status()?;
+        let Some((job, event)) = saved else {
+            // Not in the hot tables: archived (refused as such) or unknown.
+            return Err(self
+                .load(who, id)
+                .await
+                .err()
+                .unwrap_or_else(|| ApiError::not_found(format!("job {id}")).into()));
+        };
+        if let Some(event) = event {
+            self.backends.relay_wake.notify_one();
+            if job.state().is_terminal() {
+                self.backends.metrics.job_finished(job.state().as_str());
+            }
+            tracing::info!(job_id = %id, event = event.kind.name(), by = %who.subject, "job cancel recorded");
+        }
+        Ok(pb::CancelJobResponse {
+            job: Some((&job).into()),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", job_id))]
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        let req = request.into_inner();
+        let tenant = access::named_tenant(&who, &req.tenant);
+        let result = self.submit(&who, req).await;
+        let target = match &result {
+            Ok(pb::SubmitJobResponse { job: Some(job), .. }) => format!("job {}", job.id),
+            _ => "job".to_owned(),
+        };
+        self.audit
+            .answer(&who, &tenant, "SubmitJob", &target, result)
+            .await
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
-        let found = history::locate_job(&self.backends, id)
+        let found = history::locate_job(&self.backends, &who, id)
             .await
             .into_status()?;
         let tier = found.tier();
@@ -155,9 +225,10 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::GetJobHistoryRequest>,
     ) -> Result<Response<pb::GetJobHistoryResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        let tier = history::locate_job(&self.backends, id)
+        let tier = history::locate_job(&self.backends, &who, id)
             .await
             .into_status()?
             .tier();
@@ -171,7 +242,8 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        history::list_events(&self.backends, request.into_inner())
+        let who = caller(&request).into_status()?;
+        history::list_events(&self.backends, &who, request.into_inner())
             .await
             .into_status()
             .map(Response::new)
@@ -181,7 +253,11 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
+        let tenant = request::optional_tenant(&req.tenant)
+            .and_then(|named| Ok(who.listing_scope(named)?))
+            .into_status()?;
         let limit = request::page_size(req.page_size).into_status()?;
         let states = request::enum_values(
             "states",
@@ -199,6 +275,7 @@ impl JobService for JobApi {
             .into());
         }
         let filter = JobFilter {
+            tenant,
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
             labels: req.labels.into_iter().collect(),
@@ -223,37 +300,20 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         let reason = request::reason_or(req.reason, "cancelled by request");
-        let saved = self
-            .backends
-            .db_until_no_conflict(|| async {
-                let mut tx = self.backends.pool.begin().await?;
-                let done = driver::cancel_job(&mut tx, id, &reason, SOURCE).await?;
-                tx.commit().await?;
-                Ok(done)
-            })
-            .await
-            .into_status()?;
-        let Some((job, event)) = saved else {
-            // Not in the hot tables: archived (refused as such) or unknown.
-            return Err(self
-                .load(id)
-                .await
-                .err()
-                .unwrap_or_else(|| ApiError::not_found(format!("job {id}")).into()));
-        };
-        if let Some(event) = event {
-            self.backends.relay_wake.notify_one();
-            if job.state().is_terminal() {
-                self.backends.metrics.job_finished(job.state().as_str());
+        let result = self.cancel(&who, id, reason).await;
+        let tenant = match &result {
+            Ok(pb::CancelJobResponse { job: Some(job) }) => {
+                job.tenant.parse().unwrap_or_else(|_| who.tenant.clone())
             }
-            tracing::info!(job_id = %id, event = event.kind.name(), "job cancel recorded");
-        }
-        Ok(Response::new(pb::CancelJobResponse {
-            job: Some((&job).into()),
-        }))
+            _ => who.tenant.clone(),
+        };
+        self.audit
+            .answer(&who, &tenant, "CancelJob", &format!("job {id}"), result)
+            .await
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -262,9 +322,10 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        self.load(id).await?;
+        self.load(&who, id).await?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
             .backends
@@ -301,9 +362,10 @@ impl JobService for JobApi {
         &self,
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        self.load(id).await?;
+        self.load(&who, id).await?;
         let subject = subjects::log(&id);
         let stream = self
             .backends

@@ -3,7 +3,9 @@
 //! records submissions and cancellations (aggregate + events + outbox rows in one
 //! transaction), answers queries from PostgreSQL and streams events and logs.
 
+mod access;
 mod admission;
+mod auth;
 mod errors;
 mod grpc_trace;
 mod history;
@@ -16,13 +18,19 @@ mod watch;
 mod workers;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
+use hodei_proto::v1::access_service_server::AccessServiceServer;
 use hodei_proto::v1::job_service_server::JobServiceServer;
 use hodei_proto::v1::pipeline_service_server::PipelineServiceServer;
 use hodei_proto::v1::worker_service_server::WorkerServiceServer;
 use hodei_runtime::{BackendConfig, Backends};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+pub use auth::TOKEN_CACHE_TTL;
 
 /// Source name in the envelopes of events this service records.
 pub const SOURCE: &str = "hodei/api-gateway";
@@ -40,6 +48,89 @@ pub struct GatewayConfig {
     /// RESOURCE_EXHAUSTED until the queue drains.
     #[arg(long, env = "HODEI_MAX_QUEUED_JOBS", default_value_t = 100_000)]
     pub max_queued_jobs: u64,
+    #[command(flatten)]
+    pub tls: TlsConfig,
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+}
+
+/// TLS for the gRPC API. Without a certificate the API is served in plain text (for a
+/// gateway behind a TLS-terminating proxy, or tests); `scripts/up.sh` always sets one.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    #[arg(long, env = "HODEI_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "HODEI_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "HODEI_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// OIDC access tokens: accepted when an issuer and its JWKS file are set.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OidcArgs {
+    /// The `iss` accepted tokens carry.
+    #[arg(long, env = "HODEI_OIDC_ISSUER", requires = "oidc_jwks")]
+    pub oidc_issuer: Option<String>,
+    /// The issuer's JWKS, as a file (re-read when a token names a key it lacks).
+    #[arg(long, env = "HODEI_OIDC_JWKS", requires = "oidc_issuer")]
+    pub oidc_jwks: Option<PathBuf>,
+    /// The `aud` accepted tokens must name; unset: not checked.
+    #[arg(long, env = "HODEI_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// The claim that holds the tenant.
+    #[arg(long, env = "HODEI_OIDC_TENANT_CLAIM", default_value = "hodei_tenant")]
+    pub oidc_tenant_claim: String,
+    /// The claim that holds the role (viewer, submitter, operator or admin).
+    #[arg(long, env = "HODEI_OIDC_ROLE_CLAIM", default_value = "hodei_role")]
+    pub oidc_role_claim: String,
+}
+
+impl Default for OidcArgs {
+    fn default() -> Self {
+        Self {
+            oidc_issuer: None,
+            oidc_jwks: None,
+            oidc_audience: None,
+            oidc_tenant_claim: "hodei_tenant".into(),
+            oidc_role_claim: "hodei_role".into(),
+        }
+    }
+}
+
+impl OidcArgs {
+    fn config(&self) -> Option<auth::OidcConfig> {
+        let (issuer, jwks) = (self.oidc_issuer.clone()?, self.oidc_jwks.clone()?);
+        Some(auth::OidcConfig {
+            settings: hodei_auth::JwtSettings {
+                issuer,
+                audience: self.oidc_audience.clone(),
+                tenant_claim: self.oidc_tenant_claim.clone(),
+                role_claim: self.oidc_role_claim.clone(),
+            },
+            jwks_path: jwks,
+        })
+    }
+}
+
+impl TlsConfig {
+    fn server_config(&self) -> Result<Option<ServerTlsConfig>, GatewayError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| GatewayError::Tls(format!("{}: {e}", path.display())))
+        };
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &self.tls_client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(Some(config))
+    }
 }
 
 impl GatewayConfig {
@@ -49,6 +140,8 @@ impl GatewayConfig {
             backends,
             grpc_addr,
             max_queued_jobs: 100_000,
+            tls: TlsConfig::default(),
+            oidc: OidcArgs::default(),
         }
     }
 }
@@ -64,6 +157,10 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to set up tls: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Jwks(#[from] auth::JwksError),
     #[error("failed to build the reflection service: {0}")]
     Reflection(String),
     #[error("grpc server failed: {0}")]
@@ -74,13 +171,20 @@ pub enum GatewayError {
 pub struct Gateway {
     config: GatewayConfig,
     backends: Backends,
+    auth: Arc<auth::Authenticator>,
+    tls: Option<ServerTlsConfig>,
     listener: TcpListener,
     addr: SocketAddr,
 }
 
 impl Gateway {
     pub async fn build(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        let tls = config.tls.server_config()?;
         let backends = Backends::connect(&config.backends, "hodei-api-gateway").await?;
+        let auth = Arc::new(auth::Authenticator::new(
+            backends.clone(),
+            config.oidc.config(),
+        )?);
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -94,6 +198,8 @@ impl Gateway {
         Ok(Gateway {
             config,
             backends,
+            auth,
+            tls,
             listener,
             addr,
         })
@@ -123,12 +229,15 @@ impl Gateway {
         health_reporter
             .set_serving::<PipelineServiceServer<pipelines::PipelineApi>>()
             .await;
+        health_reporter
+            .set_serving::<AccessServiceServer<access::AccessApi>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hodei_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| GatewayError::Reflection(e.to_string()))?;
-        tracing::info!(addr = %self.addr, "grpc api listening");
+        tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "grpc api listening");
         // Nagle off on every accepted connection: a response goes out as several small writes
         // (headers, data, trailers), and with Nagle on the last one waits for the client's
         // delayed ACK, adding ~40 ms to a unary call on loopback. (`Server::tcp_nodelay`
@@ -142,23 +251,40 @@ impl Gateway {
             self.config.max_queued_jobs,
             shutdown.clone(),
         );
-        let pipeline_api =
-            pipelines::PipelineApi::new(self.backends.clone(), admission.clone(), shutdown.clone());
+        let audit = access::Auditor::start(self.backends.clone());
+        let pipeline_api = pipelines::PipelineApi::new(
+            self.backends.clone(),
+            admission.clone(),
+            audit.clone(),
+            shutdown.clone(),
+        );
         let job_api = jobs::JobApi::new(
             self.backends.clone(),
             admission,
             submissions::Submissions::start(self.backends.clone()),
+            audit.clone(),
             shutdown.clone(),
         );
-        let result = tonic::transport::Server::builder()
+        let access_api =
+            access::AccessApi::new(self.backends.clone(), Arc::clone(&self.auth), audit.clone());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| GatewayError::Tls(e.to_string()))?;
+        }
+        let result = server
             .trace_fn(grpc_trace::server_span)
+            .layer(auth::AuthLayer::new(Arc::clone(&self.auth)))
             .add_service(health)
             .add_service(reflection)
             .add_service(JobServiceServer::new(job_api))
             .add_service(PipelineServiceServer::new(pipeline_api))
             .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
                 self.backends.clone(),
+                audit,
             )))
+            .add_service(AccessServiceServer::new(access_api))
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::{AttemptRecord, JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState};
+use hodei_domain::{
+    Action, AttemptRecord, JobId, PipelineRun, PipelineRunId, PipelineSpec, PipelineState,
+    Principal,
+};
 use hodei_messaging::{Outgoing, artifacts};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
@@ -17,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::SOURCE;
+use crate::access::{self, Auditor};
 use crate::admission::Admission;
+use crate::auth::caller;
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located};
 use crate::limits::TransportLimits;
@@ -30,21 +35,29 @@ const DOWNLOAD_CHUNK: usize = 64 * 1024;
 pub struct PipelineApi {
     backends: Backends,
     admission: Admission,
+    audit: Auditor,
     shutdown: CancellationToken,
 }
 
 impl PipelineApi {
-    pub fn new(backends: Backends, admission: Admission, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        backends: Backends,
+        admission: Admission,
+        audit: Auditor,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             backends,
             admission,
+            audit,
             shutdown,
         }
     }
 
-    /// Run `id` as it stands; an archived run is refused as such (only its history is left).
-    async fn load(&self, id: PipelineRunId) -> Result<PipelineRun, Status> {
-        history::locate_run(&self.backends, id)
+    /// Run `id` as it stands, if `who` may see it; an archived run is refused as such (only
+    /// its history is left).
+    async fn load(&self, who: &Principal, id: PipelineRunId) -> Result<PipelineRun, Status> {
+        history::locate_run(&self.backends, who, id)
             .await
             .and_then(|found| found.live(&format!("pipeline run {id}")))
             .into_status()
@@ -87,17 +100,18 @@ impl PipelineApi {
             .await
             .into_status()
     }
-}
 
-#[tonic::async_trait]
-impl PipelineService for PipelineApi {
-    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", run_id))]
-    async fn submit_pipeline(
+    async fn submit(
         &self,
-        request: Request<pb::SubmitPipelineRequest>,
-    ) -> Result<Response<pb::SubmitPipelineResponse>, Status> {
-        let req = request.into_inner();
-        let tenant = request::tenant(&req.tenant).into_status()?;
+        who: &Principal,
+        req: pb::SubmitPipelineRequest,
+    ) -> Result<pb::SubmitPipelineResponse, Status> {
+        who.authorize(Action::Submit)
+            .map_err(ApiError::from)
+            .into_status()?;
+        let tenant = request::optional_tenant(&req.tenant)
+            .and_then(|named| Ok(who.acting_for(named)?))
+            .into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
         let spec = PipelineSpec::try_from(draft).into_status()?;
@@ -108,10 +122,10 @@ impl PipelineService for PipelineApi {
                 .await
                 .into_status()?
         {
-            return Ok(Response::new(pb::SubmitPipelineResponse {
+            return Ok(pb::SubmitPipelineResponse {
                 run: Some(self.to_wire(&existing).await?),
                 created: false,
-            }));
+            });
         }
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
@@ -139,20 +153,75 @@ impl PipelineService for PipelineApi {
                 (run, false)
             }
         };
-        Ok(Response::new(pb::SubmitPipelineResponse {
+        Ok(pb::SubmitPipelineResponse {
             run: Some(self.to_wire(&run).await?),
             created,
-        }))
+        })
+    }
+
+    async fn cancel(
+        &self,
+        who: &Principal,
+        id: PipelineRunId,
+        reason: String,
+    ) -> Result<pb::CancelPipelineRunResponse, Status> {
+        who.authorize(Action::Cancel)
+            .map_err(ApiError::from)
+            .into_status()?;
+        // Another tenant's run is not found, before anything is changed.
+        self.load(who, id).await?;
+        let cancelled = self
+            .backends
+            .db_until_no_conflict(|| driver::cancel_run(&self.backends.pool, id, &reason, SOURCE))
+            .await
+            .into_status()?;
+        let Some(run) = cancelled else {
+            // Not in the hot tables: archived (refused as such) or unknown.
+            return Err(self
+                .load(who, id)
+                .await
+                .err()
+                .unwrap_or_else(|| ApiError::not_found(format!("pipeline run {id}")).into()));
+        };
+        self.backends.relay_wake.notify_one();
+        tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
+        Ok(pb::CancelPipelineRunResponse {
+            run: Some(self.to_wire(&run).await?),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl PipelineService for PipelineApi {
+    #[tracing::instrument(skip_all, fields(hodei.service = "api-gateway", run_id))]
+    async fn submit_pipeline(
+        &self,
+        request: Request<pb::SubmitPipelineRequest>,
+    ) -> Result<Response<pb::SubmitPipelineResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        let req = request.into_inner();
+        let tenant = access::named_tenant(&who, &req.tenant);
+        let result = self.submit(&who, req).await;
+        let target = match &result {
+            Ok(pb::SubmitPipelineResponse { run: Some(run), .. }) => {
+                format!("pipeline run {}", run.id)
+            }
+            _ => "pipeline run".to_owned(),
+        };
+        self.audit
+            .answer(&who, &tenant, "SubmitPipeline", &target, result)
+            .await
     }
 
     async fn get_pipeline_run(
         &self,
         request: Request<pb::GetPipelineRunRequest>,
     ) -> Result<Response<pb::GetPipelineRunResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         let as_of = req.as_of.map(AsOf::try_from).transpose().into_status()?;
-        let found = history::locate_run(&self.backends, id)
+        let found = history::locate_run(&self.backends, &who, id)
             .await
             .into_status()?;
         let (tier, archived_at) = (found.tier(), found.archived_at());
@@ -175,7 +244,11 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::ListPipelineRunsRequest>,
     ) -> Result<Response<pb::ListPipelineRunsResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
+        let tenant = request::optional_tenant(&req.tenant)
+            .and_then(|named| Ok(who.listing_scope(named)?))
+            .into_status()?;
         let limit = request::page_size(req.page_size).into_status()?;
         let states = request::enum_values(
             "states",
@@ -186,6 +259,7 @@ impl PipelineService for PipelineApi {
         .into_status()?;
         let before = request::page_token(&req.page_token).into_status()?;
         let filter = RunFilter {
+            tenant,
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
             before,
@@ -208,27 +282,26 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::CancelPipelineRunRequest>,
     ) -> Result<Response<pb::CancelPipelineRunResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         let reason = request::reason_or(req.reason, "cancelled by request");
-        let cancelled = self
-            .backends
-            .db_until_no_conflict(|| driver::cancel_run(&self.backends.pool, id, &reason, SOURCE))
-            .await
-            .into_status()?;
-        let Some(run) = cancelled else {
-            // Not in the hot tables: archived (refused as such) or unknown.
-            return Err(self
-                .load(id)
-                .await
-                .err()
-                .unwrap_or_else(|| ApiError::not_found(format!("pipeline run {id}")).into()));
+        let result = self.cancel(&who, id, reason).await;
+        let tenant = match &result {
+            Ok(pb::CancelPipelineRunResponse { run: Some(run) }) => {
+                run.tenant.parse().unwrap_or_else(|_| who.tenant.clone())
+            }
+            _ => who.tenant.clone(),
         };
-        self.backends.relay_wake.notify_one();
-        tracing::info!(run_id = %id, state = %run.state(), "pipeline cancel recorded");
-        Ok(Response::new(pb::CancelPipelineRunResponse {
-            run: Some(self.to_wire(&run).await?),
-        }))
+        self.audit
+            .answer(
+                &who,
+                &tenant,
+                "CancelPipelineRun",
+                &format!("pipeline run {id}"),
+                result,
+            )
+            .await
     }
 
     type WatchPipelineRunStream = ReceiverStream<Result<pb::PipelineEvent, Status>>;
@@ -237,9 +310,10 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::WatchPipelineRunRequest>,
     ) -> Result<Response<Self::WatchPipelineRunStream>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
-        self.load(id).await?;
+        self.load(&who, id).await?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
             .backends
@@ -277,9 +351,10 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
-        self.load(id).await?;
+        self.load(&who, id).await?;
         let store = self.artifact_store().await?;
         let prefix = if req.step.is_empty() {
             artifacts::run_prefix(&id)
@@ -322,9 +397,11 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         request::required_text("step", &req.step).into_status()?;
+        self.load(&who, id).await?;
         let name = artifacts::object_name(&id, &req.step, &req.path);
         if artifacts::parse_object_name(&name).is_none() {
             return Err(

@@ -30,6 +30,12 @@ pub fn tenant(value: &str) -> Result<TenantId, ApiError> {
     }
 }
 
+/// A tenant a request may name: none when empty (the caller's own, or for a listing by an
+/// admin, every tenant).
+pub fn optional_tenant(value: &str) -> Result<Option<TenantId>, ApiError> {
+    (!value.is_empty()).then(|| id("tenant", value)).transpose()
+}
+
 /// A message field the request must carry.
 pub fn required<T>(field: &str, value: Option<T>) -> Result<T, ApiError> {
     value.ok_or_else(|| ApiError::field(field, "is required"))

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use hodei_agent::{Agent, AgentConfig};
 use hodei_api_gateway::{Gateway, GatewayConfig};
+use hodei_domain::{Role, TenantId};
 use hodei_proto::v1 as pb;
+use hodei_proto::v1::access_service_client::AccessServiceClient;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
+use hodei_proto::{AuthChannel, Bearer};
 use hodei_registry::{Registry, RegistryConfig};
 use hodei_runtime::BackendConfig;
 use hodei_scheduler::{Scheduler, SchedulerConfig};
@@ -55,13 +58,92 @@ pub struct AgentSpec {
     pub slots: u32,
 }
 
+/// Stores a new API token of `tenant` with `role` straight in the database behind `pool` (as
+/// `hodei-admin token create` does) and returns its secret.
+pub async fn issue_token(
+    pool: &hodei_storage::PgPool,
+    tenant: &str,
+    role: Role,
+) -> Result<String, StartError> {
+    let tenant: TenantId = tenant
+        .parse()
+        .map_err(|e: hodei_domain::IdError| StartError(e.to_string()))?;
+    let name = format!("test {role} of {tenant}");
+    hodei_admin::create_token(pool, &name, tenant, role, None, "tests")
+        .await
+        .map(|(_, secret)| secret)
+        .map_err(|e| StartError(e.to_string()))
+}
+
+/// An endpoint of the gateway at `addr`: `https://` (verified as `localhost`) trusting the CA in `tls_dir` (and
+/// presenting its client certificate when `mutual`) when given, else plain `http://`.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    tls_dir: Option<&std::path::Path>,
+    mutual: bool,
+) -> Result<tonic::transport::Endpoint, StartError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let error = |e: &dyn std::fmt::Display| StartError(format!("grpc client: {e}"));
+    let Some(dir) = tls_dir else {
+        return Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| e.connect_timeout(Duration::from_secs(5)))
+            .map_err(|e| error(&e));
+    };
+    let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| error(&e));
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .domain_name("localhost");
+    if mutual {
+        tls = tls.identity(Identity::from_pem(
+            read("client.pem")?,
+            read("client-key.pem")?,
+        ));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| error(&e))?
+        .connect_timeout(Duration::from_secs(5))
+        .tls_config(tls)
+        .map_err(|e| error(&e))
+}
+
+/// The gRPC clients of one gateway, every call carrying one token (or none).
+#[derive(Clone)]
+pub struct Clients {
+    pub jobs: JobServiceClient<AuthChannel>,
+    pub pipelines: PipelineServiceClient<AuthChannel>,
+    pub workers: WorkerServiceClient<AuthChannel>,
+    pub access: AccessServiceClient<AuthChannel>,
+}
+
+impl Clients {
+    /// Clients over `channel` whose calls carry `token`.
+    pub fn new(channel: Channel, token: Option<&str>) -> Result<Clients, StartError> {
+        let bearer = Bearer::new(token).map_err(|e| StartError(e.to_string()))?;
+        let channel = bearer.on(channel);
+        Ok(Clients {
+            jobs: JobServiceClient::new(channel.clone()),
+            pipelines: PipelineServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel.clone()),
+            access: AccessServiceClient::new(channel),
+        })
+    }
+}
+
 /// A running system. Dropping it without `stop` leaves the tasks to die with the runtime.
 pub struct TestSystem {
     pub nats: TestNats,
     pub database: TestDatabase,
-    pub jobs: JobServiceClient<Channel>,
-    pub pipelines: PipelineServiceClient<Channel>,
-    pub workers: WorkerServiceClient<Channel>,
+    /// Clients with an admin token of tenant `default`.
+    pub jobs: JobServiceClient<AuthChannel>,
+    pub pipelines: PipelineServiceClient<AuthChannel>,
+    pub workers: WorkerServiceClient<AuthChannel>,
+    pub access: AccessServiceClient<AuthChannel>,
+    /// The admin token the clients above carry.
+    pub admin_token: String,
+    /// The channel to the gateway, for clients with other tokens.
+    pub channel: Channel,
+    /// With `SystemOptions::tls`: `ca.pem`, `server.pem`, `client.pem` and their keys.
+    tls_dir: Option<tempfile::TempDir>,
     pub grpc_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -103,6 +185,13 @@ pub struct SystemOptions {
     pub retention_age: Duration,
     /// How often the schedulers' retention looks.
     pub retention_interval: Duration,
+    /// Serve the API over TLS with certificates of a CA made for the system (see
+    /// [`TestSystem::tls_dir`]); the clients trust that CA.
+    pub tls: bool,
+    /// With `tls`: require client certificates signed by that CA; the clients present one.
+    pub mutual_tls: bool,
+    /// Accept OIDC access tokens.
+    pub oidc: Option<hodei_api_gateway::OidcArgs>,
 }
 
 impl Default for SystemOptions {
@@ -120,6 +209,9 @@ impl Default for SystemOptions {
             agent_lease_ms: 2_000,
             retention_age: Duration::from_secs(30 * 86_400),
             retention_interval: Duration::from_secs(600),
+            tls: false,
+            mutual_tls: false,
+            oidc: None,
         }
     }
 }
@@ -138,6 +230,28 @@ pub fn shell_job(name: &str, script: &str) -> pb::JobSpec {
 }
 
 impl TestSystem {
+    /// A new token of `tenant` with `role`.
+    pub async fn token(&self, tenant: &str, role: Role) -> Result<String, StartError> {
+        let pool = self
+            .database
+            .connect()
+            .await
+            .map_err(|e| StartError(e.to_string()))?;
+        let token = issue_token(&pool, tenant, role).await;
+        pool.close().await;
+        token
+    }
+
+    /// Where the system's CA and certificates are, when it serves TLS.
+    pub fn tls_dir(&self) -> Option<&std::path::Path> {
+        self.tls_dir.as_ref().map(|d| d.path())
+    }
+
+    /// Clients whose calls carry `token` (none: no credentials).
+    pub fn clients(&self, token: Option<&str>) -> Result<Clients, StartError> {
+        Clients::new(self.channel.clone(), token)
+    }
+
     /// Starts every service and the given agents.
     pub async fn start(agents: &[AgentSpec]) -> Result<TestSystem, StartError> {
         Self::start_with(agents, SystemOptions::default()).await
@@ -158,8 +272,26 @@ impl TestSystem {
         let mut tasks = Vec::new();
         let mut metrics_addrs = Vec::new();
 
+        let tls_dir = if options.tls {
+            let dir = tempfile::tempdir().map_err(|e| fail("tls")(e.to_string()))?;
+            hodei_admin::tls_init(dir.path(), &["localhost".into(), "127.0.0.1".into()])
+                .map_err(|e| fail("tls")(e.to_string()))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let tls = match &tls_dir {
+            Some(dir) => hodei_api_gateway::TlsConfig {
+                tls_cert: Some(dir.path().join("server.pem")),
+                tls_key: Some(dir.path().join("server-key.pem")),
+                tls_client_ca: options.mutual_tls.then(|| dir.path().join("ca.pem")),
+            },
+            None => hodei_api_gateway::TlsConfig::default(),
+        };
         let gateway = Gateway::build(GatewayConfig {
             max_queued_jobs: options.max_queued_jobs,
+            tls,
+            oidc: options.oidc.clone().unwrap_or_default(),
             ..GatewayConfig::new(backends.clone(), ([127, 0, 0, 1], 0).into())
         })
         .await
@@ -225,18 +357,31 @@ impl TestSystem {
         }));
 
         let work_root = tempfile::tempdir().map_err(|e| fail("agents")(e.to_string()))?;
-        let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-            .map_err(|e| fail("grpc client")(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
+        let channel = endpoint(
+            grpc_addr,
+            tls_dir.as_ref().map(|d| d.path()),
+            options.mutual_tls,
+        )?
+        .connect()
+        .await
+        .map_err(|e| fail("grpc client")(e.to_string()))?;
+        let pool = database
             .connect()
             .await
-            .map_err(|e| fail("grpc client")(e.to_string()))?;
+            .map_err(|e| fail("test database pool")(e.to_string()))?;
+        let admin_token = issue_token(&pool, "default", Role::Admin).await?;
+        pool.close().await;
+        let clients = Clients::new(channel.clone(), Some(&admin_token))?;
         let mut system = TestSystem {
             nats,
             database,
-            jobs: JobServiceClient::new(channel.clone()),
-            pipelines: PipelineServiceClient::new(channel.clone()),
-            workers: WorkerServiceClient::new(channel),
+            jobs: clients.jobs,
+            pipelines: clients.pipelines,
+            workers: clients.workers,
+            access: clients.access,
+            admin_token,
+            channel,
+            tls_dir,
             grpc_addr,
             shutdown,
             tasks,

@@ -83,7 +83,7 @@ struct Cluster {
     scheduler: ServiceProcess,
     registry: ServiceProcess,
     agents: Vec<ServiceProcess>,
-    jobs: JobServiceClient<Channel>,
+    jobs: JobServiceClient<hodei_proto::AuthChannel>,
     pool: PgPool,
 }
 
@@ -213,7 +213,15 @@ impl Cluster {
             scheduler,
             registry,
             agents,
-            jobs: JobServiceClient::new(channel),
+            jobs: JobServiceClient::new(
+                hodei_proto::Bearer::new(Some(
+                    &hodei_system_tests::issue_token(&pool, "default", hodei_domain::Role::Admin)
+                        .await
+                        .unwrap(),
+                ))
+                .unwrap()
+                .on(channel),
+            ),
             pool,
         };
         cluster

@@ -18,7 +18,6 @@ use hodei_system_tests::{AgentSpec, HEARTBEAT_MS, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tonic::transport::Channel;
 
 /// The job states (and event types) that end a job.
 const TERMINAL_STATES: [&str; 4] = ["succeeded", "failed", "timed_out", "cancelled"];
@@ -47,7 +46,7 @@ fn agents(count: usize, slots: u32) -> Vec<AgentSpec> {
 /// how many submissions were refused with UNAVAILABLE when `unavailable_ok` (any other error
 /// fails the test).
 async fn submit_all(
-    client: JobServiceClient<Channel>,
+    client: JobServiceClient<hodei_proto::AuthChannel>,
     specs: Vec<pb::JobSpec>,
     tasks: usize,
     unavailable_ok: bool,

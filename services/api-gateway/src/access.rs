@@ -1,0 +1,328 @@
+//! `hodei.v1.AccessService` (who am I, tokens, the audit log) and the audit trail every
+//! mutating call leaves: who made it, for which tenant, on what, and how it ended.
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use hodei_auth::token;
+use hodei_domain::{Action, Principal, Role, TenantId, TokenId};
+use hodei_proto::v1 as pb;
+use hodei_proto::v1::access_service_server::AccessService;
+use hodei_runtime::Backends;
+use hodei_storage::access::{self, AuditEntry, TokenRecord};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Authenticator, caller};
+use crate::errors::{ApiError, IntoStatus};
+use crate::request;
+
+/// Longest token name.
+const MAX_TOKEN_NAME: usize = 200;
+
+/// Most audit entries written in one statement.
+const AUDIT_BATCH: usize = 512;
+
+/// The audit trail. Calls hand their entries to one writer, which records every entry waiting
+/// at that moment in one statement, and are answered once theirs is committed: group commit,
+/// as for submissions, so auditing costs no transaction per call.
+#[derive(Clone)]
+pub struct Auditor {
+    queue: mpsc::Sender<(AuditEntry, oneshot::Sender<()>)>,
+}
+
+impl Auditor {
+    /// Starts the writer; it stops once every handle is gone.
+    pub fn start(backends: Backends) -> Self {
+        let (queue, mut waiting) = mpsc::channel::<(AuditEntry, oneshot::Sender<()>)>(4096);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(AUDIT_BATCH);
+            while waiting.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
+                let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<()>>) =
+                    batch.drain(..).unzip();
+                let pool = &backends.pool;
+                if let Err(e) = backends.db(|| access::record_audit(pool, &entries)).await {
+                    // The calls already had their effect: they are answered, and the loss is
+                    // loud in the log with every entry's who and what.
+                    for entry in &entries {
+                        tracing::error!(error = %e, action = %entry.action, target = %entry.target, subject = %entry.subject, "audit entry not recorded");
+                    }
+                }
+                for ack in done {
+                    let _ = ack.send(());
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Records the call like [`Auditor::record`] and answers it with `result`.
+    pub async fn answer<T>(
+        &self,
+        who: &Principal,
+        tenant: &TenantId,
+        action: &str,
+        target: &str,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        self.record(who, tenant, action, target, &result).await;
+        result.map(Response::new)
+    }
+
+    /// Records a call `who` made for `tenant`: `action` (the RPC) on `target`, ending in
+    /// `result`. Returns once the entry is committed (or its loss logged).
+    pub async fn record<T>(
+        &self,
+        who: &Principal,
+        tenant: &TenantId,
+        action: &str,
+        target: &str,
+        result: &Result<T, Status>,
+    ) {
+        let (outcome, detail) = match result {
+            Ok(_) => ("ok".to_owned(), String::new()),
+            Err(status) => (format!("{:?}", status.code()), status.message().to_owned()),
+        };
+        let entry = AuditEntry {
+            at: Utc::now(),
+            subject: who.subject.clone(),
+            tenant: tenant.clone(),
+            role: who.role,
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome,
+            detail,
+        };
+        let (ack, acked) = oneshot::channel();
+        if self.queue.send((entry, ack)).await.is_err() {
+            tracing::error!(action, target, subject = %who.subject, "audit writer stopped; entry not recorded");
+            return;
+        }
+        let _ = acked.await;
+    }
+}
+
+/// The tenant a request's `tenant` field has the call act for, as the audit log records it
+/// (the caller's own when it names none or names one that is not a tenant id).
+pub fn named_tenant(who: &Principal, field: &str) -> TenantId {
+    request::optional_tenant(field)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| who.tenant.clone())
+}
+
+fn token_to_wire(t: &TokenRecord) -> pb::ApiToken {
+    pb::ApiToken {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        tenant: t.tenant.to_string(),
+        role: t.role.to_string(),
+        created_by: t.created_by.clone(),
+        created_at: Some(hodei_proto::timestamp(t.created_at)),
+        expires_at: t.expires_at.map(hodei_proto::timestamp),
+        revoked_at: t.revoked_at.map(hodei_proto::timestamp),
+    }
+}
+
+pub struct AccessApi {
+    backends: Backends,
+    auth: Arc<Authenticator>,
+    audit: Auditor,
+}
+
+impl AccessApi {
+    pub fn new(backends: Backends, auth: Arc<Authenticator>, audit: Auditor) -> Self {
+        Self {
+            backends,
+            auth,
+            audit,
+        }
+    }
+
+    async fn create_token(
+        &self,
+        who: &Principal,
+        req: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, ApiError> {
+        who.authorize(Action::Administer)?;
+        let name = request::required_text("name", &req.name)?;
+        if name.chars().count() > MAX_TOKEN_NAME {
+            return Err(ApiError::field(
+                "name",
+                format!("is longer than {MAX_TOKEN_NAME} characters"),
+            ));
+        }
+        let tenant = request::tenant(&req.tenant)?;
+        let role: Role = request::required_text("role", &req.role)?
+            .parse()
+            .map_err(|e| ApiError::field("role", e))?;
+        let now = Utc::now();
+        let expires_at = match req.expires_in_seconds {
+            0 => None,
+            s => Some(
+                i64::try_from(s)
+                    .ok()
+                    .and_then(Duration::try_seconds)
+                    .and_then(|d| now.checked_add_signed(d))
+                    .ok_or_else(|| ApiError::field("expires_in_seconds", "is too large"))?,
+            ),
+        };
+        let minted = token::mint().map_err(|e| ApiError::unavailable("random source", e))?;
+        let record = TokenRecord {
+            id: TokenId::new(),
+            name: name.to_owned(),
+            tenant,
+            role,
+            created_by: who.subject.clone(),
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        };
+        let pool = &self.backends.pool;
+        self.backends
+            .db(|| access::insert_token(pool, &record, &minted.hash))
+            .await?;
+        tracing::info!(token_id = %record.id, tenant = %record.tenant, role = %record.role, by = %who.subject, "token created");
+        Ok(pb::CreateTokenResponse {
+            token: Some(token_to_wire(&record)),
+            secret: minted.secret,
+        })
+    }
+
+    async fn revoke_token(
+        &self,
+        who: &Principal,
+        id: TokenId,
+    ) -> Result<pb::RevokeTokenResponse, ApiError> {
+        who.authorize(Action::Administer)?;
+        let pool = &self.backends.pool;
+        let revoked = self
+            .backends
+            .db(|| access::revoke_token(pool, id, Utc::now()))
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("token {id}")))?;
+        self.auth.forget_tokens();
+        tracing::info!(token_id = %id, by = %who.subject, "token revoked");
+        Ok(pb::RevokeTokenResponse {
+            token: Some(token_to_wire(&revoked)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AccessService for AccessApi {
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            subject: who.subject,
+            tenant: who.tenant.to_string(),
+            role: who.role.to_string(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        let req = request.into_inner();
+        let tenant = named_tenant(&who, &req.tenant);
+        let result = self.create_token(&who, req).await.into_status();
+        let target = match &result {
+            Ok(created) => created
+                .token
+                .as_ref()
+                .map(|t| format!("token {} ({})", t.id, t.role))
+                .unwrap_or_default(),
+            Err(_) => "token".to_owned(),
+        };
+        self.audit
+            .answer(&who, &tenant, "CreateToken", &target, result)
+            .await
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        who.authorize(Action::Administer)
+            .map_err(ApiError::from)
+            .into_status()?;
+        let tenant = request::optional_tenant(&request.get_ref().tenant).into_status()?;
+        let pool = &self.backends.pool;
+        let tokens = self
+            .backends
+            .db(|| access::list_tokens(pool, tenant.as_ref()))
+            .await
+            .into_status()?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(token_to_wire).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        let id: TokenId = request::id("token_id", &request.get_ref().token_id).into_status()?;
+        let result = self.revoke_token(&who, id).await.into_status();
+        let tenant = match &result {
+            Ok(revoked) => revoked
+                .token
+                .as_ref()
+                .and_then(|t| t.tenant.parse().ok())
+                .unwrap_or_else(|| who.tenant.clone()),
+            Err(_) => who.tenant.clone(),
+        };
+        self.audit
+            .answer(&who, &tenant, "RevokeToken", &format!("token {id}"), result)
+            .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        who.authorize(Action::Administer)
+            .map_err(ApiError::from)
+            .into_status()?;
+        let req = request.into_inner();
+        let tenant = request::optional_tenant(&req.tenant).into_status()?;
+        let limit = request::page_size(req.page_size).into_status()?;
+        let before = (!req.page_token.is_empty())
+            .then(|| req.page_token.parse::<u64>())
+            .transpose()
+            .map_err(|_| ApiError::field("page_token", "is not a page token of this call"))
+            .into_status()?;
+        let pool = &self.backends.pool;
+        let found = self
+            .backends
+            .db(|| access::audit_log(pool, tenant.as_ref(), before, limit))
+            .await
+            .into_status()?;
+        let next_page_token = request::page_token_after(&found, limit, |r| r.id.to_string());
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: found
+                .into_iter()
+                .map(|r| pb::AuditEvent {
+                    id: r.id,
+                    at: Some(hodei_proto::timestamp(r.entry.at)),
+                    subject: r.entry.subject,
+                    tenant: r.entry.tenant.to_string(),
+                    role: r.entry.role.to_string(),
+                    action: r.entry.action,
+                    target: r.entry.target,
+                    outcome: r.entry.outcome,
+                    detail: r.entry.detail,
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+}
