@@ -85,7 +85,8 @@ pub enum TokenCommand {
         #[arg(long, value_name = "T")]
         tenant: Option<String>,
     },
-    /// Revoke a token: it stops working at once.
+    /// Revoke a token: the gateway that answers refuses it at once, other gateways within
+    /// their token cache's lifetime (5 s).
     Revoke {
         /// The token's id (as `hodei token list` shows it).
         id: String,

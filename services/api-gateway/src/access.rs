@@ -229,7 +229,8 @@ impl AccessService for AccessApi {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
-        let tenant = named_tenant(&who, &req.tenant);
+        // The token's tenant (empty means `default`, as for the token itself).
+        let tenant = request::tenant(&req.tenant).unwrap_or_else(|_| who.tenant.clone());
         let result = self.create_token(&who, req).await.into_status();
         let target = match &result {
             Ok(created) => created

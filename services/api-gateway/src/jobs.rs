@@ -1,6 +1,8 @@
 //! `hodei.v1.JobService`: submit, get, list, cancel, watch and logs.
 
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use std::sync::Arc;
+
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
@@ -23,6 +25,7 @@ use crate::auth::caller;
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
+use crate::quotas::{Permitted, Quotas};
 use crate::request;
 use crate::submissions::Submissions;
 use crate::watch::{self, STREAM_POLL};
@@ -32,6 +35,7 @@ pub struct JobApi {
     admission: Admission,
     submissions: Submissions,
     audit: Auditor,
+    quotas: Arc<Quotas>,
     shutdown: CancellationToken,
 }
 
@@ -41,6 +45,7 @@ impl JobApi {
         admission: Admission,
         submissions: Submissions,
         audit: Auditor,
+        quotas: Arc<Quotas>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -48,6 +53,7 @@ impl JobApi {
             admission,
             submissions,
             audit,
+            quotas,
             shutdown,
         }
     }
@@ -89,6 +95,7 @@ impl JobApi {
                 created: false,
             });
         }
+        self.quotas.submit(&tenant).into_status()?;
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
             return Err(refused.into());
@@ -316,7 +323,7 @@ impl JobService for JobApi {
             .await
     }
 
-    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+    type WatchJobStream = Permitted<ReceiverStream<Result<pb::JobEvent, Status>>>;
 
     async fn watch_job(
         &self,
@@ -326,6 +333,7 @@ impl JobService for JobApi {
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(&who, id).await?;
+        let permit = self.quotas.open_stream(&who.tenant).into_status()?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
             .backends
@@ -353,10 +361,10 @@ impl JobService for JobApi {
                 }
             },
         );
-        Ok(Response::new(stream))
+        Ok(Response::new(Permitted::new(stream, permit)))
     }
 
-    type StreamLogsStream = ReceiverStream<Result<pb::LogLine, Status>>;
+    type StreamLogsStream = Permitted<ReceiverStream<Result<pb::LogLine, Status>>>;
 
     async fn stream_logs(
         &self,
@@ -366,6 +374,7 @@ impl JobService for JobApi {
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(&who, id).await?;
+        let permit = self.quotas.open_stream(&who.tenant).into_status()?;
         let subject = subjects::log(&id);
         let stream = self
             .backends
@@ -379,7 +388,10 @@ impl JobService for JobApi {
             .is_ok();
         let (tx, rx) = mpsc::channel(256);
         if !has_logs && !req.follow {
-            return Ok(Response::new(ReceiverStream::new(rx)));
+            return Ok(Response::new(Permitted::new(
+                ReceiverStream::new(rx),
+                permit,
+            )));
         }
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -474,6 +486,9 @@ impl JobService for JobApi {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Permitted::new(
+            ReceiverStream::new(rx),
+            permit,
+        )))
     }
 }

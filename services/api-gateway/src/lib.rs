@@ -12,12 +12,14 @@ mod history;
 mod jobs;
 mod limits;
 mod pipelines;
+mod quotas;
 mod request;
 mod submissions;
 mod watch;
 mod workers;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -31,6 +33,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 pub use auth::TOKEN_CACHE_TTL;
+
+/// How often the server pings an HTTP/2 connection that carries nothing, and how long it waits
+/// for the answer before closing it: a client that went away releases its streams (and its
+/// tenant's stream quota) within their sum.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Source name in the envelopes of events this service records.
 pub const SOURCE: &str = "hodei/api-gateway";
@@ -48,6 +56,18 @@ pub struct GatewayConfig {
     /// RESOURCE_EXHAUSTED until the queue drains.
     #[arg(long, env = "HODEI_MAX_QUEUED_JOBS", default_value_t = 100_000)]
     pub max_queued_jobs: u64,
+    /// Jobs (and pipeline runs) one tenant may submit a second, sustained.
+    #[arg(long, env = "HODEI_TENANT_SUBMIT_RATE", default_value_t = NonZeroU32::new(5_000).unwrap_or(NonZeroU32::MIN))]
+    pub tenant_submit_rate: NonZeroU32,
+    /// How many submissions above that rate a tenant may make at once.
+    #[arg(long, env = "HODEI_TENANT_SUBMIT_BURST", default_value_t = NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN))]
+    pub tenant_submit_burst: NonZeroU32,
+    /// Streams (watches, log follows, artifact downloads) one tenant may hold open at once.
+    #[arg(long, env = "HODEI_TENANT_MAX_STREAMS", default_value_t = 1_000)]
+    pub tenant_max_streams: u32,
+    /// Concurrent calls one HTTP/2 connection may carry (further ones wait for a free one).
+    #[arg(long, env = "HODEI_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
     #[command(flatten)]
     pub tls: TlsConfig,
     #[command(flatten)]
@@ -140,6 +160,10 @@ impl GatewayConfig {
             backends,
             grpc_addr,
             max_queued_jobs: 100_000,
+            tenant_submit_rate: NonZeroU32::new(5_000).unwrap_or(NonZeroU32::MIN),
+            tenant_submit_burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
+            tenant_max_streams: 1_000,
+            max_streams_per_connection: 256,
             tls: TlsConfig::default(),
             oidc: OidcArgs::default(),
         }
@@ -252,10 +276,16 @@ impl Gateway {
             shutdown.clone(),
         );
         let audit = access::Auditor::start(self.backends.clone());
+        let quotas = quotas::Quotas::new(
+            self.config.tenant_submit_rate,
+            self.config.tenant_submit_burst,
+            self.config.tenant_max_streams,
+        );
         let pipeline_api = pipelines::PipelineApi::new(
             self.backends.clone(),
             admission.clone(),
             audit.clone(),
+            Arc::clone(&quotas),
             shutdown.clone(),
         );
         let job_api = jobs::JobApi::new(
@@ -263,6 +293,7 @@ impl Gateway {
             admission,
             submissions::Submissions::start(self.backends.clone()),
             audit.clone(),
+            quotas,
             shutdown.clone(),
         );
         let access_api =
@@ -274,6 +305,9 @@ impl Gateway {
                 .map_err(|e| GatewayError::Tls(e.to_string()))?;
         }
         let result = server
+            .max_concurrent_streams(Some(self.config.max_streams_per_connection))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .trace_fn(grpc_trace::server_span)
             .layer(auth::AuthLayer::new(Arc::clone(&self.auth)))
             .add_service(health)

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::{
@@ -26,6 +28,7 @@ use crate::auth::caller;
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located};
 use crate::limits::TransportLimits;
+use crate::quotas::{Permitted, Quotas};
 use crate::request;
 use crate::watch;
 
@@ -36,6 +39,7 @@ pub struct PipelineApi {
     backends: Backends,
     admission: Admission,
     audit: Auditor,
+    quotas: Arc<Quotas>,
     shutdown: CancellationToken,
 }
 
@@ -44,12 +48,14 @@ impl PipelineApi {
         backends: Backends,
         admission: Admission,
         audit: Auditor,
+        quotas: Arc<Quotas>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             backends,
             admission,
             audit,
+            quotas,
             shutdown,
         }
     }
@@ -127,6 +133,7 @@ impl PipelineApi {
                 created: false,
             });
         }
+        self.quotas.submit(&tenant).into_status()?;
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
             return Err(refused.into());
@@ -304,7 +311,7 @@ impl PipelineService for PipelineApi {
             .await
     }
 
-    type WatchPipelineRunStream = ReceiverStream<Result<pb::PipelineEvent, Status>>;
+    type WatchPipelineRunStream = Permitted<ReceiverStream<Result<pb::PipelineEvent, Status>>>;
 
     async fn watch_pipeline_run(
         &self,
@@ -314,6 +321,7 @@ impl PipelineService for PipelineApi {
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         self.load(&who, id).await?;
+        let permit = self.quotas.open_stream(&who.tenant).into_status()?;
         // Subscribe before reading history so nothing falls between the two.
         let live = self
             .backends
@@ -345,7 +353,7 @@ impl PipelineService for PipelineApi {
                 }
             },
         );
-        Ok(Response::new(stream))
+        Ok(Response::new(Permitted::new(stream, permit)))
     }
     async fn list_artifacts(
         &self,
@@ -391,7 +399,7 @@ impl PipelineService for PipelineApi {
         }))
     }
 
-    type DownloadArtifactStream = ReceiverStream<Result<pb::ArtifactChunk, Status>>;
+    type DownloadArtifactStream = Permitted<ReceiverStream<Result<pb::ArtifactChunk, Status>>>;
 
     async fn download_artifact(
         &self,
@@ -402,6 +410,7 @@ impl PipelineService for PipelineApi {
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         request::required_text("step", &req.step).into_status()?;
         self.load(&who, id).await?;
+        let permit = self.quotas.open_stream(&who.tenant).into_status()?;
         let name = artifacts::object_name(&id, &req.step, &req.path);
         if artifacts::parse_object_name(&name).is_none() {
             return Err(
@@ -444,6 +453,9 @@ impl PipelineService for PipelineApi {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Permitted::new(
+            ReceiverStream::new(rx),
+            permit,
+        )))
     }
 }

@@ -192,6 +192,10 @@ pub struct SystemOptions {
     pub mutual_tls: bool,
     /// Accept OIDC access tokens.
     pub oidc: Option<hodei_api_gateway::OidcArgs>,
+    /// The gateway's per-tenant submission rate and burst, and open streams.
+    pub tenant_submit_rate: u32,
+    pub tenant_submit_burst: u32,
+    pub tenant_max_streams: u32,
 }
 
 impl Default for SystemOptions {
@@ -212,6 +216,9 @@ impl Default for SystemOptions {
             tls: false,
             mutual_tls: false,
             oidc: None,
+            tenant_submit_rate: 100_000,
+            tenant_submit_burst: 100_000,
+            tenant_max_streams: 10_000,
         }
     }
 }
@@ -292,6 +299,11 @@ impl TestSystem {
             max_queued_jobs: options.max_queued_jobs,
             tls,
             oidc: options.oidc.clone().unwrap_or_default(),
+            tenant_submit_rate: std::num::NonZeroU32::new(options.tenant_submit_rate)
+                .ok_or_else(|| StartError("tenant_submit_rate must be 1 or more".into()))?,
+            tenant_submit_burst: std::num::NonZeroU32::new(options.tenant_submit_burst)
+                .ok_or_else(|| StartError("tenant_submit_burst must be 1 or more".into()))?,
+            tenant_max_streams: options.tenant_max_streams,
             ..GatewayConfig::new(backends.clone(), ([127, 0, 0, 1], 0).into())
         })
         .await

@@ -810,3 +810,78 @@ async fn the_api_is_served_over_tls_and_can_require_client_certificates() {
     assert!(who_am_i(&no_cert).await.is_err());
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
+    let system = TestSystem::start_with(
+        &[],
+        SystemOptions {
+            tenant_submit_rate: 1,
+            tenant_submit_burst: 3,
+            tenant_max_streams: 2,
+            ..SystemOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let a = system
+        .clients(Some(
+            &system.token("team-a", Role::Submitter).await.unwrap(),
+        ))
+        .unwrap();
+    let b = system
+        .clients(Some(
+            &system.token("team-b", Role::Submitter).await.unwrap(),
+        ))
+        .unwrap();
+    // The burst goes through; then, submitting faster than 1 a second, A is refused (a slow
+    // machine may earn A a token or two on the way, hence the loop).
+    let mut ids = Vec::new();
+    let status = loop {
+        match submit(&a, shell_job(&format!("a-{}", ids.len()), "true")).await {
+            Ok(job) => ids.push(job.job.unwrap().id),
+            Err(status) => break status,
+        }
+        assert!(ids.len() < 20, "never refused");
+    };
+    assert!(ids.len() >= 3, "refused within the burst: {status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .contains("tenant team-a submits more than 1 a second (bursts of 3)"),
+        "{status:?}"
+    );
+    submit(&b, shell_job("b-0", "true")).await.unwrap();
+
+    // No agent: the jobs stay queued and their watches open.
+    let watch = |clients: &Clients, id: &str| {
+        let mut jobs = clients.jobs.clone();
+        let id = id.to_owned();
+        async move {
+            jobs.watch_job(pb::WatchJobRequest {
+                job_id: id,
+                from_seq: 0,
+            })
+            .await
+        }
+    };
+    let first = watch(&a, &ids[0]).await.unwrap();
+    let _second = watch(&a, &ids[1]).await.unwrap();
+    let status = watch(&a, &ids[2]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("2 streams open (limit 2)"),
+        "{status:?}"
+    );
+    let b_jobs = list_jobs(&b, "").await.unwrap();
+    let _b_watch = watch(&b, &b_jobs[0].id).await.unwrap();
+    // A stream the client drops gives its place back.
+    drop(first);
+    wait_for("a freed stream to be reusable", DEADLINE, || async {
+        watch(&a, &ids[2]).await.ok()
+    })
+    .await
+    .unwrap();
+    system.stop().await;
+}

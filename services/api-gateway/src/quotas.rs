@@ -1,0 +1,152 @@
+//! Abuse limits per tenant, so one tenant's client cannot take the gateway from the others:
+//! a submission rate (a token bucket per tenant: jobs, and pipeline runs, a second with a
+//! burst) and a cap on the streams (watches, log follows, artifact downloads) a tenant holds
+//! open at once. Both answer RESOURCE_EXHAUSTED, naming the limit. (Per connection, HTTP/2
+//! caps concurrent streams and keepalive pings drop peers that went away; see `lib.rs`.)
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use hodei_domain::TenantId;
+
+use crate::errors::ApiError;
+
+/// The limits, shared by every call.
+pub struct Quotas {
+    submissions: DefaultKeyedRateLimiter<TenantId>,
+    rate: NonZeroU32,
+    burst: NonZeroU32,
+    streams: Mutex<HashMap<TenantId, u32>>,
+    max_streams: u32,
+}
+
+impl Quotas {
+    /// `rate` submissions a second per tenant with bursts of `burst`; at most `max_streams`
+    /// streams open per tenant.
+    pub fn new(rate: NonZeroU32, burst: NonZeroU32, max_streams: u32) -> Arc<Self> {
+        Arc::new(Self {
+            submissions: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            rate,
+            burst,
+            streams: Mutex::new(HashMap::new()),
+            max_streams,
+        })
+    }
+
+    /// Takes one submission from `tenant`'s bucket, or says when the next one is allowed.
+    pub fn submit(&self, tenant: &TenantId) -> Result<(), ApiError> {
+        self.submissions.check_key(tenant).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ApiError::Exhausted(format!(
+                "tenant {tenant} submits more than {} a second (bursts of {}); retry in {} ms",
+                self.rate,
+                self.burst,
+                wait.as_millis().max(1)
+            ))
+        })
+    }
+
+    /// Opens one of `tenant`'s streams; it is closed when the permit is dropped.
+    pub fn open_stream(self: &Arc<Self>, tenant: &TenantId) -> Result<StreamPermit, ApiError> {
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| ApiError::unavailable("stream quota", "lock poisoned"))?;
+        let open = streams.entry(tenant.clone()).or_insert(0);
+        if *open >= self.max_streams {
+            return Err(ApiError::Exhausted(format!(
+                "tenant {tenant} has {open} streams open (limit {}); close one first",
+                self.max_streams
+            )));
+        }
+        *open += 1;
+        Ok(StreamPermit {
+            quotas: Arc::clone(self),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+/// One open stream of a tenant's.
+pub struct StreamPermit {
+    quotas: Arc<Quotas>,
+    tenant: TenantId,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        if let Ok(mut streams) = self.quotas.streams.lock()
+            && let Some(open) = streams.get_mut(&self.tenant)
+        {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                streams.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A response stream that holds its tenant's permit until the client is done with it.
+pub struct Permitted<S> {
+    inner: S,
+    _permit: StreamPermit,
+}
+
+impl<S> Permitted<S> {
+    pub fn new(inner: S, permit: StreamPermit) -> Self {
+        Self {
+            inner,
+            _permit: permit,
+        }
+    }
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for Permitted<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(v: u32) -> NonZeroU32 {
+        NonZeroU32::new(v).unwrap()
+    }
+
+    #[test]
+    fn a_tenant_over_its_rate_is_refused_without_touching_another() {
+        let quotas = Quotas::new(n(1), n(3), 10);
+        let (a, b): (TenantId, TenantId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        for _ in 0..3 {
+            quotas.submit(&a).unwrap();
+        }
+        let refused = quotas.submit(&a).unwrap_err().to_string();
+        assert!(
+            refused.contains("tenant a submits more than 1 a second (bursts of 3)"),
+            "{refused}"
+        );
+        quotas.submit(&b).unwrap();
+    }
+
+    #[test]
+    fn streams_are_counted_until_their_permits_drop() {
+        let quotas = Quotas::new(n(1), n(1), 2);
+        let a: TenantId = "a".parse().unwrap();
+        let first = quotas.open_stream(&a).unwrap();
+        let _second = quotas.open_stream(&a).unwrap();
+        let refused = quotas.open_stream(&a).err().unwrap().to_string();
+        assert!(refused.contains("2 streams open (limit 2)"), "{refused}");
+        quotas.open_stream(&"b".parse().unwrap()).unwrap();
+        drop(first);
+        quotas.open_stream(&a).unwrap();
+    }
+}
