@@ -77,8 +77,16 @@ HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" HODEI_TLS_CERT="$TLS/server.pem" HODEI_TL
     start api-gateway "$BIN/hodei-api-gateway"
 start scheduler "$BIN/hodei-scheduler"
 start registry "$BIN/hodei-registry"
-HODEI_WORKER_ID=agent-gpu HODEI_AGENT_LABELS="gpu=true,os=linux" start agent-gpu "$BIN/hodei-agent"
-HODEI_WORKER_ID=agent-cpu HODEI_AGENT_LABELS="os=linux" start agent-cpu "$BIN/hodei-agent"
+# As root, each agent runs every job as a uid of its own range (disjoint per agent on a host),
+# so jobs cannot read the agent or each other; otherwise jobs run as your user.
+GPU_JOBS="" CPU_JOBS=""
+if [ "$(id -u)" = 0 ]; then
+    GPU_JOBS=61184-61215 CPU_JOBS=61216-61247
+fi
+HODEI_WORKER_ID=agent-gpu HODEI_AGENT_LABELS="gpu=true,os=linux" HODEI_JOB_USER="$GPU_JOBS" \
+    start agent-gpu "$BIN/hodei-agent"
+HODEI_WORKER_ID=agent-cpu HODEI_AGENT_LABELS="os=linux" HODEI_JOB_USER="$CPU_JOBS" \
+    start agent-cpu "$BIN/hodei-agent"
 
 echo "==> making the demo's admin token (.hodei/token)"
 HODEI_TOKEN="$("$BIN/hodei-admin" token create --name "demo $(date -u +%FT%TZ)" --role admin 2>/dev/null)"

@@ -54,6 +54,7 @@ pub struct Agent {
     incarnation: IncarnationId,
     records: Records,
     setpriv: std::path::PathBuf,
+    prlimit: std::path::PathBuf,
     client: async_nats::Client,
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
@@ -90,11 +91,27 @@ impl Agent {
             path: settings.work_dir.clone(),
             source,
         })?;
+        if settings.job_user.is_some() {
+            crate::identity::close_work_dir(&settings.work_dir, records.dir()).map_err(
+                |source| AgentError::WorkDir {
+                    path: settings.work_dir.clone(),
+                    source,
+                },
+            )?;
+        } else if crate::identity::is_root() {
+            tracing::warn!(
+                "jobs run as root: set HODEI_JOB_USER to run them as an unprivileged user"
+            );
+        }
         // Every job starts through it so that it dies with the agent (util-linux, on every
         // Debian system).
         let setpriv = which::which("setpriv").map_err(|_| AgentError::InvalidConfig {
             field: "PATH",
             reason: "setpriv (util-linux) not found: jobs could outlive the agent",
+        })?;
+        let prlimit = which::which("prlimit").map_err(|_| AgentError::InvalidConfig {
+            field: "PATH",
+            reason: "prlimit (util-linux) not found: jobs could not be given resource limits",
         })?;
         let id = &settings.worker_id;
         let (client, js) = connect(
@@ -125,6 +142,7 @@ impl Agent {
             incarnation: IncarnationId::new(),
             records,
             setpriv,
+            prlimit,
             client,
             js,
             artifacts,
@@ -195,6 +213,13 @@ impl Agent {
             artifact_max_bytes: self.settings.artifact_max_bytes,
             records: self.records.clone(),
             setpriv: self.setpriv.clone(),
+            prlimit: self.prlimit.clone(),
+            job_limits: self.settings.job_limits,
+            job_users: self
+                .settings
+                .job_user
+                .clone()
+                .map(crate::identity::JobUsers::new),
         });
         // Before the first beat: a report the previous incarnation could not send must be
         // stored before the registry, seeing the new incarnation, hands its attempts back.

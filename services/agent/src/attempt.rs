@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::artifacts;
 use crate::group::ProcessGroup;
+use crate::identity::{Identity, JobUsers};
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
@@ -69,6 +70,11 @@ pub(crate) struct AttemptContext {
     pub records: Records,
     /// `setpriv`, which starts every job with the parent-death signal set.
     pub setpriv: PathBuf,
+    /// Who jobs run as, when not as the agent's user.
+    pub job_users: Option<Arc<JobUsers>>,
+    /// `prlimit`, which sets the job's resource limits before it starts.
+    pub prlimit: PathBuf,
+    pub job_limits: crate::config::JobLimits,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -131,7 +137,10 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     let masker = Arc::new(Masker::for_spec(&spec));
     let report_id = Uuid::now_v7();
     let mut pgid = None;
-    let (mut outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace).await {
+    // Held until the workspace is gone: a range's uid is not handed to another attempt while
+    // this one's files or processes may remain.
+    let mut identity = None;
+    let (mut outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace, &mut identity).await {
         Ok(child) => {
             let record = Record {
                 attempt: id,
@@ -201,6 +210,7 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             warn!(job_id = %id.job_id, attempt = %id.attempt, workspace = %workspace.display(), error = %e, "failed to remove workspace");
         }
     }
+    drop(identity);
 }
 
 /// Creates a fresh workspace and starts the job's process in it. The environment is only:
@@ -212,6 +222,7 @@ async fn spawn(
     id: AttemptId,
     spec: &JobSpec,
     workspace: &Path,
+    identity: &mut Option<Identity>,
 ) -> Result<Child, String> {
     let io_err = |what: &str, path: &Path, e: io::Error| format!("{what} {}: {e}", path.display());
     match tokio::fs::remove_dir_all(workspace).await {
@@ -251,8 +262,25 @@ async fn spawn(
     let resolved = which::which_in(program, search_path, &cwd)
         .map_err(|e| format!("failed to start {program}: {e}"))?;
     let mut command = Command::new(&ctx.setpriv);
+    if let Some(users) = &ctx.job_users {
+        let who = users
+            .take()
+            .ok_or_else(|| "every job uid of HODEI_JOB_USER is in use".to_owned())?;
+        who.own(workspace).map_err(|e| {
+            io_err(
+                "failed to hand the workspace to the job's user",
+                workspace,
+                e,
+            )
+        })?;
+        command.args(who.setpriv_args());
+        *identity = Some(who);
+    }
     command
         .args(["--pdeathsig", "KILL", "--"])
+        .arg(&ctx.prlimit)
+        .args(ctx.job_limits.prlimit_args())
+        .arg("--")
         .arg(&resolved)
         .args(args)
         .env_clear();

@@ -11,6 +11,7 @@ use hodei_domain::{Resources, WorkerId};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
 use crate::error::AgentError;
+use crate::identity::{JobUser, JobUserError, is_root};
 
 /// Longest worker id the domain accepts.
 const MAX_WORKER_ID_LEN: usize = 64;
@@ -65,6 +66,20 @@ pub struct AgentConfig {
     /// Most bytes of artifacts one pipeline step may keep; a step producing more fails.
     #[arg(long, env = "HODEI_ARTIFACT_MAX_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub artifact_max_bytes: u64,
+    /// Who jobs run as, for an agent running as root: a user name or uid (every job runs as
+    /// it), or a uid range such as `61184-61439` (each running attempt gets a uid of its own,
+    /// so concurrent jobs cannot read each other's workspaces; needs at least as many uids
+    /// as slots; agents on one host need ranges that do not overlap). Unset or empty: jobs
+    /// run as the agent's own user.
+    #[arg(long, env = "HODEI_JOB_USER")]
+    pub job_user: Option<String>,
+    /// Most processes a job's user may have at once (RLIMIT_NPROC): with a uid range, a fork
+    /// bomb stops at its own attempt's limit. Not enforced for jobs running as root.
+    #[arg(long, env = "HODEI_JOB_MAX_PROCESSES", default_value_t = 4096)]
+    pub job_max_processes: u32,
+    /// Most files a job's process may hold open (RLIMIT_NOFILE).
+    #[arg(long, env = "HODEI_JOB_MAX_OPEN_FILES", default_value_t = 65_536)]
+    pub job_max_open_files: u32,
 }
 
 /// The configuration checked and completed: what the agent runs with.
@@ -83,6 +98,42 @@ pub(crate) struct Settings {
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub artifact_max_bytes: u64,
+    pub job_user: Option<JobUser>,
+    pub job_limits: JobLimits,
+}
+
+/// The resource limits every job starts with (core dumps are always off: they would write
+/// the job's memory, secrets included, to disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    pub max_processes: u32,
+    pub max_open_files: u32,
+}
+
+impl JobLimits {
+    /// The limits asked for, lowered to the agent's own hard limits: a job cannot be given
+    /// more than the agent has (raising a hard limit takes CAP_SYS_RESOURCE).
+    pub fn within_own(max_processes: u32, max_open_files: u32) -> JobLimits {
+        use nix::sys::resource::{Resource, getrlimit};
+        let hard = |resource, asked: u32| {
+            getrlimit(resource).map_or(asked, |(_, hard)| {
+                u32::try_from(hard.min(u64::from(asked))).unwrap_or(asked)
+            })
+        };
+        JobLimits {
+            max_processes: hard(Resource::RLIMIT_NPROC, max_processes.max(1)),
+            max_open_files: hard(Resource::RLIMIT_NOFILE, max_open_files.max(16)),
+        }
+    }
+
+    /// The `prlimit` options that set them (soft and hard).
+    pub fn prlimit_args(&self) -> [String; 3] {
+        [
+            format!("--nproc={}", self.max_processes),
+            format!("--nofile={}", self.max_open_files),
+            "--core=0".to_owned(),
+        ]
+    }
 }
 
 impl Settings {
@@ -106,6 +157,19 @@ impl Settings {
                     "lease must be 1 ms to 1 day, kill grace at most 1 day",
                 )
             })?;
+        let job_user = config
+            .job_user
+            .as_deref()
+            .filter(|value| !value.is_empty())
+            .map(|value| {
+                let user = JobUser::parse(value, config.max_concurrent_jobs)?;
+                if is_root() {
+                    Ok(user)
+                } else {
+                    Err(JobUserError::NotRoot)
+                }
+            })
+            .transpose()?;
         let capacity = host_capacity(config.cpu_millis, config.memory_mb);
         let work_dir = config
             .work_dir
@@ -123,6 +187,8 @@ impl Settings {
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             metrics_addr: config.metrics_addr,
             artifact_max_bytes: config.artifact_max_bytes,
+            job_user,
+            job_limits: JobLimits::within_own(config.job_max_processes, config.job_max_open_files),
         })
     }
 }

@@ -20,6 +20,9 @@ pub enum AgentError {
         field: &'static str,
         reason: &'static str,
     },
+    /// `HODEI_JOB_USER` names no usable identity.
+    #[error("invalid job_user: {0}")]
+    JobUser(#[from] crate::identity::JobUserError),
     /// The folder holding the workspaces cannot be created.
     #[error("failed to create the work folder {}: {source}", path.display())]
     WorkDir {

@@ -24,6 +24,7 @@ mod config;
 mod error;
 mod group;
 mod heartbeat;
+mod identity;
 mod lease;
 mod mask;
 mod observe;

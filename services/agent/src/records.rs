@@ -57,6 +57,11 @@ impl Records {
         Ok(Records { dir })
     }
 
+    /// The folder the records are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, attempt: &AttemptId) -> PathBuf {
         self.dir
             .join(format!("{}-{}.json", attempt.job_id, attempt.attempt))

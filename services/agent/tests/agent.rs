@@ -97,6 +97,20 @@ impl Harness {
 
     /// Like [`Harness::start_as`], with a lease of `lease_ms` on the agent's work.
     async fn start_leased(drain_timeout_ms: u64, as_binary: bool, lease_ms: u64) -> Harness {
+        Harness::start_full(drain_timeout_ms, as_binary, lease_ms, None).await
+    }
+
+    /// An in-process agent whose jobs run as `job_user` (`HODEI_JOB_USER`).
+    async fn start_isolated(job_user: &str) -> Harness {
+        Harness::start_full(1_000, false, 15_000, Some(job_user.to_owned())).await
+    }
+
+    async fn start_full(
+        drain_timeout_ms: u64,
+        as_binary: bool,
+        lease_ms: u64,
+        job_user: Option<String>,
+    ) -> Harness {
         let nats = TestNats::start().await.expect("nats-server starts");
         let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
         let work_dir = tempfile::tempdir().unwrap();
@@ -128,6 +142,9 @@ impl Harness {
             drain_timeout_ms,
             metrics_addr: None,
             artifact_max_bytes: 1024 * 1024,
+            job_user,
+            job_max_processes: 4096,
+            job_max_open_files: 65_536,
         };
         let (agent, process) = if as_binary {
             let process = spawn_binary(&config);
@@ -455,6 +472,80 @@ async fn jobs_run_in_a_fresh_workspace_with_their_environment() {
     })
     .await
     .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_run_as_their_own_user_and_cannot_read_the_agent_or_each_other() {
+    if !nix::unistd::geteuid().is_root() {
+        // Switching users takes root; CI runs the suite as root.
+        eprintln!("skipped: needs root to run jobs as other users");
+        return;
+    }
+    let mut h = Harness::start_isolated("61184-61199").await;
+    // A runs on, holding a file in its workspace; B and C try to read it and the agent.
+    let gate = h.work_dir.path().join("gate");
+    let a = h
+        .assign(spec(sh(
+            "holder",
+            &format!(
+                "echo s3cret > mine.txt; id -u; ls -ld .; awk '/Max processes/ {{print $3}}' /proc/self/limits; \
+                 ulimit -n; ulimit -c; \
+                 while [ ! -e {} ]; do sleep 0.05; done",
+                gate.display()
+            ),
+        )))
+        .await;
+    h.started(a).await;
+    let theirs = h.workspace(a).join("mine.txt");
+    wait_for("A's file", DEADLINE, || async {
+        theirs.exists().then_some(())
+    })
+    .await
+    .unwrap();
+    let b = h
+        .assign(spec(sh(
+            "snoop",
+            &format!(
+                "id -u; cat {} && echo READ-OTHER; cat /proc/{}/environ && echo READ-AGENT; \
+                 ls {} && echo LISTED-WORK; exit 0",
+                theirs.display(),
+                std::process::id(),
+                h.work_dir.path().display()
+            ),
+        )))
+        .await;
+    let (outcome, _) = h.finished(b).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let lines: Vec<String> = h.log_lines(b).await.into_iter().map(|l| l.text).collect();
+    let text = lines.join("\n");
+    for forbidden in ["s3cret", "READ-OTHER", "READ-AGENT", "LISTED-WORK", "CARGO"] {
+        assert!(!text.contains(forbidden), "{forbidden} in {text}");
+    }
+    assert!(text.contains("Permission denied"), "{text}");
+    std::fs::write(&gate, "").unwrap();
+    let (outcome, _) = h.finished(a).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let a_lines: Vec<String> = h.log_lines(a).await.into_iter().map(|l| l.text).collect();
+    let (a_uid, b_uid) = (a_lines[0].clone(), lines[0].clone());
+    assert_ne!(a_uid, b_uid, "each attempt has a uid of its own");
+    for uid in [&a_uid, &b_uid] {
+        let uid: u32 = uid.parse().unwrap();
+        assert!((61184..=61199).contains(&uid), "{uid}");
+    }
+    assert!(a_lines[1].starts_with("drwx------"), "{}", a_lines[1]);
+    // As configured, or the agent's own hard limits where those are lower.
+    let own = |r| nix::sys::resource::getrlimit(r).unwrap().1;
+    let expected = [
+        own(nix::sys::resource::Resource::RLIMIT_NPROC)
+            .min(4096)
+            .to_string(),
+        own(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .min(65_536)
+            .to_string(),
+        "0".to_owned(),
+    ];
+    assert_eq!(a_lines[2..5], expected, "resource limits");
     h.stop().await;
 }
 
@@ -951,6 +1042,9 @@ async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_i
         drain_timeout_ms: 60_000,
         metrics_addr: None,
         artifact_max_bytes: 1024 * 1024,
+        job_user: None,
+        job_max_processes: 4096,
+        job_max_open_files: 65_536,
     };
     h.process = Some(spawn_binary(&config));
     let (outcome, _) = h.finished(id).await;

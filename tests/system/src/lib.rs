@@ -431,6 +431,9 @@ impl TestSystem {
             drain_timeout_ms: self.options.agent_drain_timeout_ms,
             metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
             artifact_max_bytes: 64 * 1024 * 1024,
+            job_user: None,
+            job_max_processes: 4096,
+            job_max_open_files: 65_536,
         })
         .await
         .map_err(|e| fail("agent")(e.to_string()))?;
