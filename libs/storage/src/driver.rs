@@ -71,6 +71,9 @@ pub struct Submission {
     pub event: JobEvent,
     pub messages: Vec<Outgoing>,
     pub trace: hodei_messaging::TraceHeaders,
+    /// The audit log's entry for the submission, recorded with the job (not for a
+    /// resubmission that finds the job its idempotency key made).
+    pub audit: Option<crate::access::AuditEntry>,
 }
 
 /// [`submit_job`] for many jobs in one transaction (group commit): each job is recorded with
@@ -97,6 +100,15 @@ pub async fn submit_jobs(
         .flat_map(|(s, _)| &s.messages)
         .collect();
     outbox::append(&mut tx, &messages).await?;
+    let audit: Vec<crate::access::AuditEntry> = submissions
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, inserted)| **inserted)
+        .filter_map(|(s, _)| s.audit.clone())
+        .collect();
+    if !audit.is_empty() {
+        crate::access::record_audit(&mut *tx, &audit).await?;
+    }
     tx.commit().await?;
     let mut answers = Vec::with_capacity(submissions.len());
     for (s, inserted) in submissions.iter().zip(inserted) {

@@ -79,26 +79,38 @@ impl Auditor {
         target: &str,
         result: &Result<T, Status>,
     ) {
-        let (outcome, detail) = match result {
-            Ok(_) => ("ok".to_owned(), String::new()),
-            Err(status) => (format!("{:?}", status.code()), status.message().to_owned()),
-        };
-        let entry = AuditEntry {
-            at: Utc::now(),
-            subject: who.subject.clone(),
-            tenant: tenant.clone(),
-            role: who.role,
-            action: action.to_owned(),
-            target: target.to_owned(),
-            outcome,
-            detail,
-        };
+        let entry = entry(who, tenant, action, target, result);
         let (ack, acked) = oneshot::channel();
         if self.queue.send((entry, ack)).await.is_err() {
             tracing::error!(action, target, subject = %who.subject, "audit writer stopped; entry not recorded");
             return;
         }
         let _ = acked.await;
+    }
+}
+
+/// The audit log's entry for a call `who` made for `tenant`: `action` on `target`, ending in
+/// `result`.
+pub fn entry<T>(
+    who: &Principal,
+    tenant: &TenantId,
+    action: &str,
+    target: &str,
+    result: &Result<T, Status>,
+) -> AuditEntry {
+    let (outcome, detail) = match result {
+        Ok(_) => ("ok".to_owned(), String::new()),
+        Err(status) => (format!("{:?}", status.code()), status.message().to_owned()),
+    };
+    AuditEntry {
+        at: Utc::now(),
+        subject: who.subject.clone(),
+        tenant: tenant.clone(),
+        role: who.role,
+        action: action.to_owned(),
+        target: target.to_owned(),
+        outcome,
+        detail,
     }
 }
 

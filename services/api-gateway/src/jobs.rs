@@ -30,6 +30,9 @@ use crate::request;
 use crate::submissions::Submissions;
 use crate::watch::{self, STREAM_POLL};
 
+/// The audit log's name of a submission.
+const SUBMIT_JOB: &str = "SubmitJob";
+
 pub struct JobApi {
     backends: Backends,
     admission: Admission,
@@ -67,11 +70,13 @@ impl JobApi {
             .into_status()
     }
 
+    /// Submits the job; true with the answer when the job was created, its audit entry
+    /// recorded in the same transaction.
     async fn submit(
         &self,
         who: &Principal,
         req: pb::SubmitJobRequest,
-    ) -> Result<pb::SubmitJobResponse, Status> {
+    ) -> Result<(pb::SubmitJobResponse, bool), Status> {
         who.authorize(Action::Submit)
             .map_err(ApiError::from)
             .into_status()?;
@@ -90,10 +95,13 @@ impl JobApi {
                 .await
                 .into_status()?
         {
-            return Ok(pb::SubmitJobResponse {
-                job: Some((&existing).into()),
-                created: false,
-            });
+            return Ok((
+                pb::SubmitJobResponse {
+                    job: Some((&existing).into()),
+                    created: false,
+                },
+                false,
+            ));
         }
         self.quotas.submit(&tenant).into_status()?;
         if let Err(refused) = self.admission.check() {
@@ -112,11 +120,19 @@ impl JobApi {
             .into_status()?,
         ];
         limits.check_messages("spec", &messages).into_status()?;
+        let audit = access::entry(
+            who,
+            job.tenant(),
+            SUBMIT_JOB,
+            &format!("job {}", job.id()),
+            &Ok::<(), Status>(()),
+        );
         let submission = Submission {
             job,
             event,
             messages: messages.into(),
             trace: hodei_messaging::trace::current(),
+            audit: Some(audit),
         };
         let submitted = self
             .submissions
@@ -136,10 +152,13 @@ impl JobApi {
                 (job, false)
             }
         };
-        Ok(pb::SubmitJobResponse {
-            job: Some((&job).into()),
+        Ok((
+            pb::SubmitJobResponse {
+                job: Some((&job).into()),
+                created,
+            },
             created,
-        })
+        ))
     }
 
     async fn cancel(
@@ -194,13 +213,18 @@ impl JobService for JobApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let tenant = access::named_tenant(&who, &req.tenant);
-        let result = self.submit(&who, req).await;
+        let result = match self.submit(&who, req).await {
+            // Created: its audit entry was committed with it.
+            Ok((answer, true)) => return Ok(Response::new(answer)),
+            Ok((answer, false)) => Ok(answer),
+            Err(status) => Err(status),
+        };
         let target = match &result {
             Ok(pb::SubmitJobResponse { job: Some(job), .. }) => format!("job {}", job.id),
             _ => "job".to_owned(),
         };
         self.audit
-            .answer(&who, &tenant, "SubmitJob", &target, result)
+            .answer(&who, &tenant, SUBMIT_JOB, &target, result)
             .await
     }
 
