@@ -1,7 +1,9 @@
 //! Credentials: the opaque API tokens Hodei mints (only their hashes are stored), OIDC/JWT
 //! access tokens verified against an issuer's JWKS, and (feature `pki`) a local certificate
-//! authority for TLS. Both kinds of token resolve to a [`hodei_domain::Principal`].
+//! authority for TLS. Both kinds of token, and client certificates, resolve to a
+//! [`hodei_domain::Principal`].
 
+pub mod cert;
 pub mod jwt;
 #[cfg(feature = "pki")]
 pub mod pki;

@@ -112,9 +112,9 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum TlsCommand {
     /// Make a local CA and, signed by it, a server certificate for the gateway and a client
-    /// certificate (for gateways that require mutual TLS). Writes `ca.pem`, `server.pem`,
-    /// `server-key.pem`, `client.pem` and `client-key.pem` into `--dir` (keys readable by
-    /// their owner only); refuses to overwrite a CA already there.
+    /// certificate (for gateways that require mutual TLS). Writes `ca.pem`, `ca-key.pem`,
+    /// `server.pem`, `server-key.pem`, `client.pem` and `client-key.pem` into `--dir` (keys
+    /// readable by their owner only); refuses to overwrite a CA already there.
     Init {
         /// Where to write the files.
         #[arg(long)]
@@ -122,6 +122,23 @@ pub enum TlsCommand {
         /// Names the server certificate is valid for (DNS names or IP addresses).
         #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
         names: Vec<String>,
+    },
+    /// Issue, with the CA in `--dir`, a client certificate that is also a credential: behind a
+    /// gateway requiring client certificates, a call without a token is made by `--name` of
+    /// `--tenant` with `--role`. Writes `<name>.pem` and `<name>-key.pem` into `--dir`.
+    Client {
+        /// Where the CA is, and where to write the certificate.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Who the certificate is (its common name; letters, digits, '-', '_' and '.').
+        #[arg(long)]
+        name: String,
+        /// The tenant it acts for (its organization).
+        #[arg(long, default_value = "default")]
+        tenant: TenantId,
+        /// viewer, submitter, operator or admin (its organizational unit).
+        #[arg(long)]
+        role: Role,
     },
 }
 
@@ -172,9 +189,6 @@ pub fn tls_init(
     dir: &std::path::Path,
     names: &[String],
 ) -> Result<Vec<std::path::PathBuf>, AdminError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-
     let ca_path = dir.join("ca.pem");
     if ca_path.exists() {
         return Err(AdminError::Exists(ca_path));
@@ -185,19 +199,62 @@ pub fn tls_init(
     let client = ca.client("hodei client")?;
     let files = [
         ("ca.pem", ca.cert_pem(), 0o644),
+        ("ca-key.pem", ca.key_pem(), 0o600),
         ("server.pem", server.cert_pem, 0o644),
         ("server-key.pem", server.key_pem, 0o600),
         ("client.pem", client.cert_pem, 0o644),
         ("client-key.pem", client.key_pem, 0o600),
     ];
+    write_files(dir, &files)
+}
+
+/// Issues, with the CA written in `dir`, a client certificate naming `name` of `tenant` with
+/// `role`. Returns the paths written.
+pub fn tls_client(
+    dir: &std::path::Path,
+    name: &str,
+    tenant: &TenantId,
+    role: Role,
+) -> Result<Vec<std::path::PathBuf>, AdminError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        return Err(AdminError::Name(name.to_owned()));
+    }
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|e| AdminError::Io(path, e))
+    };
+    let ca = hodei_auth::pki::LocalCa::load(&read("ca.pem")?, &read("ca-key.pem")?)?;
+    let issued = ca.principal_client(name, tenant, role)?;
+    write_files(
+        dir,
+        &[
+            (&format!("{name}.pem"), issued.cert_pem, 0o644),
+            (&format!("{name}-key.pem"), issued.key_pem, 0o600),
+        ],
+    )
+}
+
+/// Writes each `(file, contents, mode)` into `dir`.
+fn write_files<S: AsRef<str>>(
+    dir: &std::path::Path,
+    files: &[(S, String, u32)],
+) -> Result<Vec<std::path::PathBuf>, AdminError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
     let mut written = Vec::new();
     for (name, pem, mode) in files {
-        let path = dir.join(name);
+        let path = dir.join(name.as_ref());
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(mode)
+            .mode(*mode)
             .open(&path)
             .map_err(|e| AdminError::Io(path.clone(), e))?;
         file.write_all(pem.as_bytes())
@@ -252,7 +309,9 @@ pub enum AdminError {
     Auth(#[from] hodei_auth::AuthError),
     #[error("{0} exists already; remove it to make a new CA")]
     Exists(std::path::PathBuf),
-    #[error("failed to write {0}: {1}")]
+    #[error("{0:?} is not a certificate name (letters, digits, '-', '_' and '.')")]
+    Name(String),
+    #[error("failed to read or write {0}: {1}")]
     Io(std::path::PathBuf, #[source] std::io::Error),
 }
 

@@ -7,15 +7,24 @@ use anyhow::Context;
 use clap::Parser;
 use hodei_admin::{
     AdminArgs, AdminCommand, RebuildOptions, TlsCommand, TokenCommand, archive, archive_text,
-    create_token, rebuild_projections, report_text, revoke_token, tls_init,
+    create_token, rebuild_projections, report_text, revoke_token, tls_client, tls_init,
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let args = AdminArgs::parse();
     // Certificates need no database.
-    if let AdminCommand::Tls(TlsCommand::Init { dir, names }) = &args.command {
-        for path in tls_init(dir, names).context("tls init failed")? {
+    if let AdminCommand::Tls(command) = &args.command {
+        let written = match command {
+            TlsCommand::Init { dir, names } => tls_init(dir, names).context("tls init failed")?,
+            TlsCommand::Client {
+                dir,
+                name,
+                tenant,
+                role,
+            } => tls_client(dir, name, tenant, *role).context("tls client failed")?,
+        };
+        for path in written {
             println!("wrote {}", path.display());
         }
         return Ok(ExitCode::SUCCESS);
@@ -77,7 +86,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             }
         }
-        AdminCommand::Tls(TlsCommand::Init { .. }) => ExitCode::SUCCESS,
+        AdminCommand::Tls(_) => ExitCode::SUCCESS,
     };
     pool.close().await;
     telemetry.shutdown().await;

@@ -1,5 +1,7 @@
 //! Authentication: every call but health and reflection carries `authorization: Bearer …`,
-//! an opaque Hodei token or an OIDC/JWT access token. [`AuthLayer`] resolves it to a
+//! an opaque Hodei token or an OIDC/JWT access token, or, behind a gateway that requires
+//! client certificates, a certificate that names its principal (`hodei_auth::cert`).
+//! [`AuthLayer`] resolves it to a
 //! [`Principal`] before the call reaches its service, answering UNAUTHENTICATED (or
 //! UNAVAILABLE when the token store cannot be read) itself, and hands the principal to the
 //! handler in the request's extensions, where [`caller`] finds it.
@@ -141,12 +143,24 @@ impl Authenticator {
         })
     }
 
-    /// The principal behind a request's `authorization` header.
-    pub async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, ApiError> {
+    /// The principal behind a request: its `authorization` header, else the client
+    /// certificate (DER) the TLS handshake verified (only a gateway that requires client
+    /// certificates has one).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<http::HeaderValue>,
+        certificate: Option<Vec<u8>>,
+    ) -> Result<Principal, ApiError> {
         let unauthenticated = |why: &str| ApiError::Unauthenticated(why.to_owned());
-        let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
-            unauthenticated("missing credentials: send authorization: Bearer <token>")
-        })?;
+        let Some(value) = authorization else {
+            return match certificate {
+                Some(der) => hodei_auth::cert::principal(&der)
+                    .map_err(|e| ApiError::Unauthenticated(e.to_string())),
+                None => Err(unauthenticated(
+                    "missing credentials: send authorization: Bearer <token>",
+                )),
+            };
+        };
         let credential = value
             .to_str()
             .ok()
@@ -223,6 +237,16 @@ impl Authenticator {
     }
 }
 
+/// The leaf certificate (DER) the client presented in the TLS handshake, if any.
+fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let info = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    certs.first().map(|c| c.as_ref().to_vec())
+}
+
 /// The principal [`AuthLayer`] put on a request.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Principal, ApiError> {
     request
@@ -289,7 +313,12 @@ where
             if OPEN_SERVICES.iter().any(|open| path.starts_with(open)) {
                 return inner.call(request).await;
             }
-            match auth.authenticate(request.headers()).await {
+            let authorization = request.headers().get(http::header::AUTHORIZATION).cloned();
+            let certificate = authorization
+                .is_none()
+                .then(|| client_certificate(&request))
+                .flatten();
+            match auth.authenticate(authorization, certificate).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     inner.call(request).await

@@ -808,6 +808,42 @@ async fn the_api_is_served_over_tls_and_can_require_client_certificates() {
     let no_cert = hodei_system_tests::endpoint(system.grpc_addr, system.tls_dir(), false).unwrap();
     let no_cert = Clients::new(no_cert.connect_lazy(), Some(&system.admin_token)).unwrap();
     assert!(who_am_i(&no_cert).await.is_err());
+
+    // A certificate that names a tenant and a role is a credential of its own: no token.
+    let dir = system.tls_dir().unwrap();
+    let team_a: hodei_domain::TenantId = "team-a".parse().unwrap();
+    hodei_admin::tls_client(dir, "ci-bot", &team_a, Role::Submitter).unwrap();
+    let with = |cert: &str, key: &str| {
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+            .domain_name("localhost")
+            .identity(tonic::transport::Identity::from_pem(read(cert), read(key)));
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", system.grpc_addr))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap();
+        Clients::new(endpoint.connect_lazy(), None).unwrap()
+    };
+    let bot = with("ci-bot.pem", "ci-bot-key.pem");
+    let me = who_am_i(&bot).await.unwrap();
+    assert_eq!(
+        (me.subject.as_str(), me.tenant.as_str(), me.role.as_str()),
+        ("cert:ci-bot", "team-a", "submitter")
+    );
+    let job = submit(&bot, shell_job("by-cert", "true"))
+        .await
+        .unwrap()
+        .job
+        .unwrap();
+    assert_eq!(job.tenant, "team-a");
+    // The shared client certificate names nobody: without a token it is refused.
+    let status = who_am_i(&with("client.pem", "client-key.pem"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("tenant (O)"), "{status:?}");
     system.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! History and search through the real gRPC API: real services, a private nats-server, a
 //! fresh database and real processes on one agent. A job's history page by page, the job and
 //! a pipeline run as they stood at an earlier event or time, events across jobs by time, type
-//! and labels, and ListJobs' `query` finding a word the job printed.
+//! and labels, and ListJobs' `query` finding a word the job printed (and another tenant's
+//! search, history and events not reaching it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -193,6 +194,42 @@ async fn history_as_of_events_and_search_through_the_api() {
         .into_inner()
         .jobs;
     assert!(found.is_empty());
+    // Another tenant's search does not reach this job (the system's clients are an admin's
+    // of tenant `default`); its history and events are not found either.
+    let other = system
+        .clients(Some(
+            &system
+                .token("team-other", hodei_domain::Role::Viewer)
+                .await
+                .unwrap(),
+        ))
+        .unwrap();
+    let mut other_jobs = other.jobs.clone();
+    let found = other_jobs
+        .list_jobs(search("unicorn-marker-42"))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(found.is_empty(), "{found:?}");
+    let history = other_jobs
+        .get_job_history(pb::GetJobHistoryRequest {
+            job_id: job.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(history.code(), Code::NotFound);
+    let theirs = other_jobs
+        .list_events(pb::ListEventsRequest {
+            labels: [("suite".to_owned(), "history".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(theirs.is_empty(), "{theirs:?}");
     let long = jobs.list_jobs(search(&"a".repeat(513))).await.unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument);
     assert!(long.message().starts_with("query: "), "{long:?}");
