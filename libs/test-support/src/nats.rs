@@ -122,8 +122,17 @@ impl TestNats {
         let log_err = log
             .try_clone()
             .map_err(TestSupportError::io("duplicating the nats log handle"))?;
+        // JetStream's storage limit is set, not derived from the disk's free space (75 % of it
+        // by default): a busy CI disk would otherwise refuse streams that reserve their size
+        // up front (the 10 GiB artifact bucket), and tests store little.
+        let config = self.dir.path().join("nats-server.conf");
+        std::fs::write(&config, "jetstream { max_file_store: 1TB }\n").map_err(
+            TestSupportError::io(format!("writing {}", config.display())),
+        )?;
         let port = self.port.to_string();
         let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(&config)
             .arg("--addr")
             .arg("127.0.0.1")
             .arg("--port")
