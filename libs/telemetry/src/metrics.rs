@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `hodei_jobs_submitted_total` | counter | api-gateway |
 //! | `hodei_submissions_refused_total` | counter | api-gateway (admission control) |
+//! | `hodei_grpc_refused_total{code}` | counter | api-gateway: calls answered `unauthenticated`, `permission_denied` or `resource_exhausted` |
 //! | `hodei_jobs_started_total` | counter | scheduler |
 //! | `hodei_jobs_finished_total{outcome}` | counter | api-gateway, scheduler, registry (whichever records the end) |
 //! | `hodei_jobs_queued` | gauge | scheduler (read from PostgreSQL at scrape time) |
@@ -83,6 +84,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     pub jobs_submitted: Counter,
     pub submissions_refused: Counter,
+    grpc_refused: Family<Label, Counter>,
     pub jobs_started: Counter,
     jobs_finished: Family<Label, Counter>,
     pub jobs_queued: Gauge,
@@ -124,6 +126,7 @@ impl Metrics {
             registry: Arc::new(Registry::default()),
             jobs_submitted: Counter::default(),
             submissions_refused: Counter::default(),
+            grpc_refused: Family::default(),
             jobs_started: Counter::default(),
             jobs_finished: Family::default(),
             jobs_queued: Gauge::default(),
@@ -170,6 +173,11 @@ impl Metrics {
                 "jobs_submitted",
                 "Jobs accepted by SubmitJob (idempotent resubmissions not counted)",
                 self.jobs_submitted.clone(),
+            );
+            r.register(
+                "grpc_refused",
+                "gRPC calls refused for who made them: unauthenticated, permission_denied (role or tenant) or resource_exhausted (a limit)",
+                self.grpc_refused.clone(),
             );
             r.register(
                 "submissions_refused",
@@ -385,6 +393,12 @@ impl Metrics {
         self.nats_errors
             .get_or_create(&label("operation", operation))
             .inc();
+    }
+
+    /// Counts a gRPC call refused for its caller, by the code's name (`unauthenticated`,
+    /// `permission_denied`, `resource_exhausted`).
+    pub fn grpc_refused(&self, code: &str) {
+        self.grpc_refused.get_or_create(&label("code", code)).inc();
     }
 
     /// Counts a heartbeat refused before storage, by the field that failed validation.

@@ -237,6 +237,16 @@ impl Authenticator {
     }
 }
 
+/// The metric's name of a code that refuses the caller, if it is one.
+fn refusal_name(code: tonic::Code) -> Option<&'static str> {
+    match code {
+        tonic::Code::Unauthenticated => Some("unauthenticated"),
+        tonic::Code::PermissionDenied => Some("permission_denied"),
+        tonic::Code::ResourceExhausted => Some("resource_exhausted"),
+        _ => None,
+    }
+}
+
 /// The leaf certificate (DER) the client presented in the TLS handshake, if any.
 fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -321,11 +331,27 @@ where
             match auth.authenticate(authorization, certificate).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
-                    inner.call(request).await
+                    let response = inner.call(request).await?;
+                    // A refusal is answered before any message: its code is in the headers.
+                    if let Some(code) = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map(tonic::Code::from_i32)
+                        .and_then(refusal_name)
+                    {
+                        auth.backends.metrics.grpc_refused(code);
+                    }
+                    Ok(response)
                 }
                 Err(e) => {
                     tracing::info!(path = %request.uri().path(), error = %e, "call refused");
-                    Ok(Status::from(e).into_http())
+                    let status = Status::from(e);
+                    if let Some(code) = refusal_name(status.code()) {
+                        auth.backends.metrics.grpc_refused(code);
+                    }
+                    Ok(status.into_http())
                 }
             }
         })

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use hodei_domain::Role;
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{AgentSpec, Clients, SystemOptions, TestSystem, shell_job};
-use hodei_test_support::wait_for;
+use hodei_test_support::{http_get, metric_sample, wait_for};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tonic::Code;
 
@@ -48,6 +48,17 @@ async fn list_jobs(clients: &Clients, tenant: &str) -> Result<Vec<pb::Job>, toni
         })
         .await
         .map(|r| r.into_inner().jobs)
+}
+
+/// The gateway's count of calls refused with `code`.
+async fn refused(system: &TestSystem, code: &str) -> f64 {
+    let addr = system.metrics_addr("api-gateway").unwrap();
+    let metrics = http_get(addr, "/metrics").await.unwrap().body;
+    metric_sample(
+        &metrics,
+        &format!("hodei_grpc_refused_total{{code=\"{code}\"}}"),
+    )
+    .unwrap_or(0.0)
 }
 
 async fn submit(
@@ -107,6 +118,9 @@ async fn missing_bad_revoked_and_expired_credentials_are_unauthenticated() {
     let status = anonymous.access.clone().who_am_i(basic).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("Bearer"), "{status:?}");
+
+    // Every refusal is counted.
+    assert!(refused(&system, "unauthenticated").await >= 8.0);
 
     // A token made through the API works until it is revoked, then at once no longer.
     let created = system
@@ -545,6 +559,7 @@ async fn tenants_see_only_their_own_and_roles_limit_what_they_do_and_the_audit_l
     };
     assert_eq!(code(drain(&a).await), Code::PermissionDenied);
     drain(&b).await.unwrap();
+    assert!(refused(&system, "permission_denied").await >= 4.0);
     let tokens = b
         .access
         .clone()
@@ -910,6 +925,7 @@ async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
         status.message().contains("2 streams open (limit 2)"),
         "{status:?}"
     );
+    assert!(refused(&system, "resource_exhausted").await >= 2.0);
     let b_jobs = list_jobs(&b, "").await.unwrap();
     let _b_watch = watch(&b, &b_jobs[0].id).await.unwrap();
     // A stream the client drops gives its place back.
