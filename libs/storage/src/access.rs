@@ -23,6 +23,28 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
+    /// A new token of `tenant` with `role`, made by `created_by` at `created_at`, not
+    /// revoked.
+    pub fn new(
+        name: &str,
+        tenant: TenantId,
+        role: Role,
+        created_by: &str,
+        created_at: DateTime<Utc>,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> TokenRecord {
+        TokenRecord {
+            id: TokenId::new(),
+            name: name.to_owned(),
+            tenant,
+            role,
+            created_by: created_by.to_owned(),
+            created_at,
+            expires_at,
+            revoked_at: None,
+        }
+    }
+
     /// Whether the token still opens the API at `now`: not revoked, not expired.
     pub fn is_valid_at(&self, now: DateTime<Utc>) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|at| now < at)

@@ -162,16 +162,7 @@ pub async fn create_token(
         })
         .transpose()?;
     let minted = hodei_auth::token::mint()?;
-    let record = TokenRecord {
-        id: TokenId::new(),
-        name: name.to_owned(),
-        tenant,
-        role,
-        created_by: created_by.to_owned(),
-        created_at: now,
-        expires_at,
-        revoked_at: None,
-    };
+    let record = TokenRecord::new(name, tenant, role, created_by, now, expires_at);
     access::insert_token(pool, &record, &minted.hash).await?;
     Ok((record, minted.secret))
 }

@@ -71,7 +71,7 @@ impl Auditor {
 
     /// Records a call `who` made for `tenant`: `action` (the RPC) on `target`, ending in
     /// `result`. Returns once the entry is committed (or its loss logged).
-    pub async fn record<T>(
+    async fn record<T>(
         &self,
         who: &Principal,
         tenant: &TenantId,
@@ -180,16 +180,7 @@ impl AccessApi {
             ),
         };
         let minted = token::mint().map_err(|e| ApiError::unavailable("random source", e))?;
-        let record = TokenRecord {
-            id: TokenId::new(),
-            name: name.to_owned(),
-            tenant,
-            role,
-            created_by: who.subject.clone(),
-            created_at: now,
-            expires_at,
-            revoked_at: None,
-        };
+        let record = TokenRecord::new(name, tenant, role, &who.subject, now, expires_at);
         let pool = &self.backends.pool;
         self.backends
             .db(|| access::insert_token(pool, &record, &minted.hash))
