@@ -100,6 +100,9 @@ async fn run(
         hodei_messaging::connect(&nats.url(), "hodei-bench-agent", Duration::from_secs(10))
             .await
             .context("failed to connect to nats")?;
+    // What the control plane does before any agent starts.
+    hodei_messaging::streams::ensure_all(&js).await?;
+    hodei_messaging::artifacts::bucket(&js).await?;
     let worker: WorkerId = WORKER
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid worker id: {e}"))?;

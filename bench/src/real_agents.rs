@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use hodei_messaging::permissions::NatsRole;
 use hodei_system_tests::{HEARTBEAT_MS, SystemOptions, TestSystem};
 use sqlx::PgPool;
 
@@ -53,11 +54,11 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
         max_queued_jobs: 10_000_000,
         ..SystemOptions::default()
     };
-    let system = TestSystem::start_with(&[], options)
+    let mut system = TestSystem::start_with(&[], options)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let result = match tempfile::tempdir().context("failed to create the agents' folder") {
-        Ok(dir) => run(&system, &binary, dir.path(), &p).await,
+        Ok(dir) => run(&mut system, &binary, dir.path(), &p).await,
         Err(e) => Err(e),
     };
     system.stop().await;
@@ -88,11 +89,11 @@ struct RealAgent {
 }
 
 impl RealAgent {
-    /// Starts agent `id` against `nats_url`, its work dir and log in `dir`. It is killed when
-    /// dropped.
+    /// Starts agent `id` with `nats` (its NATS url and credential, as environment), its work
+    /// dir and log in `dir`. It is killed when dropped.
     fn spawn(
         binary: &Path,
-        nats_url: &str,
+        nats: Vec<(String, String)>,
         dir: &Path,
         id: String,
         slots: u32,
@@ -104,8 +105,7 @@ impl RealAgent {
         let cpu_millis = u64::from(slots).saturating_mul(1000);
         let memory_mb = u64::from(slots).saturating_mul(256);
         let child = tokio::process::Command::new(binary)
-            .arg("--nats-url")
-            .arg(nats_url)
+            .envs(nats)
             .args(["--worker-id", &id, "--labels", "os=linux"])
             .args(["--heartbeat-interval-ms", &HEARTBEAT_MS.to_string()])
             .args(["--max-concurrent-jobs", &slots.to_string()])
@@ -187,7 +187,7 @@ fn level(line: &str) -> Option<&'static str> {
 }
 
 async fn run(
-    system: &TestSystem,
+    system: &mut TestSystem,
     binary: &Path,
     dir: &Path,
     p: &RealAgentsParams,
@@ -199,17 +199,21 @@ async fn run(
 }
 
 async fn run_with(
-    system: &TestSystem,
+    system: &mut TestSystem,
     pool: &PgPool,
     binary: &Path,
     dir: &Path,
     p: &RealAgentsParams,
 ) -> anyhow::Result<Outcome> {
-    let nats_url = system.nats.url();
     let mut agents = Vec::with_capacity(p.agents);
     for i in 0..p.agents {
         let id = format!("bench-agent-{i}");
-        agents.push(RealAgent::spawn(binary, &nats_url, dir, id, p.slots)?);
+        let worker = NatsRole::Agent(id.parse().context("a bench agent id")?);
+        let nats = system
+            .nats_env(&worker)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        agents.push(RealAgent::spawn(binary, nats, dir, id, p.slots)?);
     }
     let result = measure(system, pool, &agents, p).await;
     for a in &mut agents {
@@ -229,7 +233,15 @@ async fn run_with(
     for f in findings {
         out.note(f);
     }
-    let js = reference::jetstream_publishes(&nats_url, p.reference_messages, 512).await?;
+    let js = reference::jetstream_publishes(
+        &system.nats.url(),
+        &system
+            .admin_nats_auth()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        p.reference_messages,
+        512,
+    )
+    .await?;
     out.figure(
         S,
         "reference: jetstream persisted publishes/s (512 B)",

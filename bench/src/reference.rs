@@ -16,11 +16,20 @@ const PG_BATCH: usize = 1_000;
 
 /// Publishes `count` messages of `size` bytes to a file-storage stream of its own, awaiting
 /// the acknowledgements `JS_BATCH` at a time. Returns messages per second.
-pub async fn jetstream_publishes(nats_url: &str, count: usize, size: usize) -> anyhow::Result<f64> {
-    let (_client, js) =
-        hodei_messaging::connect(nats_url, "hodei-bench-reference", Duration::from_secs(10))
-            .await
-            .context("failed to connect for the jetstream reference")?;
+pub async fn jetstream_publishes(
+    nats_url: &str,
+    auth: &hodei_messaging::NatsAuth,
+    count: usize,
+    size: usize,
+) -> anyhow::Result<f64> {
+    let (_client, js) = hodei_messaging::connect_with(
+        nats_url,
+        "hodei-bench-reference",
+        Duration::from_secs(10),
+        auth,
+    )
+    .await
+    .context("failed to connect for the jetstream reference")?;
     js.create_stream(Config {
         name: "BENCH_REFERENCE".to_owned(),
         subjects: vec!["bench.reference.>".to_owned()],

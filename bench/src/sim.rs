@@ -39,11 +39,19 @@ pub struct SimConfig {
 impl SimAgents {
     /// Starts the heartbeats and the command consumer, and returns once every agent has beaten
     /// once.
-    pub async fn start(nats_url: &str, config: SimConfig) -> anyhow::Result<SimAgents> {
-        let (client, js) =
-            hodei_messaging::connect(nats_url, "hodei-bench-agents", Duration::from_secs(10))
-                .await
-                .context("failed to connect the simulated agents")?;
+    pub async fn start(
+        nats_url: &str,
+        auth: &hodei_messaging::NatsAuth,
+        config: SimConfig,
+    ) -> anyhow::Result<SimAgents> {
+        let (client, js) = hodei_messaging::connect_with(
+            nats_url,
+            "hodei-bench-agents",
+            Duration::from_secs(10),
+            auth,
+        )
+        .await
+        .context("failed to connect the simulated agents")?;
         let ids = (0..config.agents)
             .map(|i| format!("sim-{i:05}").parse::<WorkerId>())
             .collect::<Result<Vec<_>, _>>()

@@ -42,8 +42,13 @@ impl Bench {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let pool = system.database.connect().await?;
+        // One connection speaks for every simulated agent: only the admin credential may.
+        let auth = system
+            .admin_nats_auth()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let agents_started = SimAgents::start(
             &system.nats.url(),
+            &auth,
             SimConfig {
                 agents,
                 slots: 4,
@@ -275,8 +280,16 @@ async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Ou
     let elapsed = finished - started;
     let rate = p.jobs as f64 / elapsed.as_secs_f64();
     rate_figures(&mut out, S, rate, ">= 5,000", p.jobs, submitted, refused);
-    let js =
-        reference::jetstream_publishes(&bench.system.nats.url(), p.reference_messages, 512).await?;
+    let js = reference::jetstream_publishes(
+        &bench.system.nats.url(),
+        &bench
+            .system
+            .admin_nats_auth()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        p.reference_messages,
+        512,
+    )
+    .await?;
     let pg = reference::postgres_inserts(&bench.pool, p.reference_messages).await?;
     out.figure(
         S,

@@ -44,6 +44,23 @@ pub fn parse_object_name(name: &str) -> Option<(PipelineRunId, &str, &str)> {
     (safe && !step.is_empty()).then_some((run, step, path))
 }
 
+/// The stream that holds the artifact bucket.
+pub fn stream_name() -> String {
+    format!("OBJ_{BUCKET}")
+}
+
+/// Gets the artifact bucket, which must exist (for processes that may not create it).
+pub async fn existing_bucket(
+    js: &jetstream::Context,
+) -> Result<object_store::ObjectStore, MessagingError> {
+    js.get_object_store(BUCKET)
+        .await
+        .map_err(|e| MessagingError::Setup {
+            what: format!("object store {BUCKET}"),
+            reason: e.to_string(),
+        })
+}
+
 /// Gets the artifact bucket, creating it if it does not exist.
 pub async fn bucket(js: &jetstream::Context) -> Result<object_store::ObjectStore, MessagingError> {
     if let Ok(store) = js.get_object_store(BUCKET).await {

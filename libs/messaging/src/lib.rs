@@ -6,12 +6,13 @@ pub mod artifacts;
 pub mod connect;
 pub mod envelope;
 pub mod payloads;
+pub mod permissions;
 pub mod settle;
 pub mod streams;
 pub mod subjects;
 pub mod trace;
 
-pub use connect::{MessagingError, connect};
+pub use connect::{MessagingError, NatsAuth, NatsCredentialArgs, connect, connect_with};
 pub use envelope::Envelope;
 pub use payloads::{
     AgentCommand, AgentReport, Heartbeat, HeartbeatRefused, LogBatch, LogEntry, LogStreamKind,

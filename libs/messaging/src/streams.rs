@@ -74,6 +74,35 @@ pub async fn ensure_all(js: &jetstream::Context) -> Result<(), MessagingError> {
     Ok(())
 }
 
+/// Waits until every stream in `names` exists, for up to `timeout`: for a process that may
+/// only use streams (an agent), not create them. Fails naming the first stream still missing.
+pub async fn wait_for(
+    js: &jetstream::Context,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<(), MessagingError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for name in names {
+        loop {
+            let reason = match js.get_stream(*name).await {
+                Ok(_) => break,
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MessagingError::Setup {
+                    what: format!("stream {name}"),
+                    reason: format!(
+                        "{reason}: it is created by the scheduler, the registry or the gateway; \
+                         start one of them first"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
 /// A durable pull consumer with explicit acks, the shared ack wait and delivery limit.
 pub fn durable(name: &str, filter_subject: String) -> pull::Config {
     pull::Config {

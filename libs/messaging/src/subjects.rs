@@ -101,8 +101,20 @@ pub fn all_heartbeats() -> String {
     format!("{PREFIX}.hb.*")
 }
 
-/// `hodei.v1.log.<job_id>`: a job's output, in batches of lines.
-pub fn log(job_id: &JobId) -> String {
+/// `hodei.v1.log.<worker_id>.<job_id>`: a job's output, in batches of lines, from the worker
+/// running it. The subject names the sender, so a credential can be bound to it.
+pub fn log(worker_id: &WorkerId, job_id: &JobId) -> String {
+    format!("{PREFIX}.log.{worker_id}.{job_id}")
+}
+
+/// `hodei.v1.log.*.<job_id>`: a job's output from whichever workers ran it.
+pub fn logs_of(job_id: &JobId) -> String {
+    format!("{PREFIX}.log.*.{job_id}")
+}
+
+/// `hodei.v1.log.<job_id>`: a job's output as agents named it before the subject named the
+/// worker; read alongside [`logs_of`] until those messages age out of the log stream.
+pub fn legacy_logs_of(job_id: &JobId) -> String {
     format!("{PREFIX}.log.{job_id}")
 }
 
@@ -124,8 +136,8 @@ pub fn template(subject: &str) -> String {
     if let Some(token) = id_at.and_then(|i| tokens.get_mut(i)) {
         *token = "*";
     }
-    // A report names its worker and its job.
-    if tokens.get(2) == Some(&"report")
+    // A report and a log batch name their worker and their job.
+    if matches!(tokens.get(2), Some(&"report") | Some(&"log"))
         && let Some(token) = tokens.get_mut(4)
     {
         *token = "*";

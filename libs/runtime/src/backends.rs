@@ -24,6 +24,8 @@ pub struct BackendConfig {
     /// NATS server URL (2.10 or newer, JetStream enabled).
     #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    #[command(flatten)]
+    pub nats_auth: hodei_messaging::NatsCredentialArgs,
     /// PostgreSQL URL of the Hodei database.
     #[arg(
         long,
@@ -48,6 +50,7 @@ impl BackendConfig {
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_auth: Default::default(),
             database_url: database_url.into(),
             database_pool: 10,
             connect_timeout_secs: 30,
@@ -99,8 +102,12 @@ impl Backends {
         client_name: &str,
     ) -> Result<Backends, BackendError> {
         let timeout = Duration::from_secs(config.connect_timeout_secs);
-        let (nats, js) = hodei_messaging::connect(&config.nats_url, client_name, timeout).await?;
+        let auth = config.nats_auth.load()?;
+        let (nats, js) =
+            hodei_messaging::connect_with(&config.nats_url, client_name, timeout, &auth).await?;
         streams::ensure_all(&js).await?;
+        // Agents may use the artifact bucket, not create it.
+        hodei_messaging::artifacts::bucket(&js).await?;
         let pool =
             hodei_storage::connect(&config.database_url, config.database_pool, timeout).await?;
         hodei_storage::migrate(&pool).await?;

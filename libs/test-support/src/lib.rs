@@ -44,6 +44,6 @@ mod wait;
 pub use database::TestDatabase;
 pub use error::TestSupportError;
 pub use http::{HttpResponse, http_get, metric_sample};
-pub use nats::TestNats;
+pub use nats::{NatsSecurity, TestNats};
 pub use proxy::TcpProxy;
 pub use wait::{free_port, wait_for};

@@ -37,12 +37,35 @@ pub struct TestNats {
     child: Option<Child>,
     /// Holds `store/` (the JetStream store) and `nats-server.log`.
     dir: TempDir,
+    /// Authorization (and TLS) settings, if the server is secured.
+    security: Option<NatsSecurity>,
+}
+
+/// What secures a test server: a configuration fragment (an `authorization` block, maybe a
+/// `tls` block) and the credential the readiness probe connects with.
+#[derive(Debug, Clone)]
+pub struct NatsSecurity {
+    /// nats-server configuration appended to the test server's own.
+    pub config: String,
+    /// A user nkey seed the fragment admits, with access to JetStream.
+    pub probe_seed: String,
+    /// The CA of the server certificate named in `config`, when it has a `tls` block.
+    pub ca: Option<PathBuf>,
 }
 
 impl TestNats {
     /// Starts a server and waits (up to 10 s) until it accepts connections and
     /// JetStream answers.
     pub async fn start() -> Result<TestNats, TestSupportError> {
+        Self::start_inner(None).await
+    }
+
+    /// Starts a server that admits only the credentials `security` names.
+    pub async fn start_secured(security: NatsSecurity) -> Result<TestNats, TestSupportError> {
+        Self::start_inner(Some(security)).await
+    }
+
+    async fn start_inner(security: Option<NatsSecurity>) -> Result<TestNats, TestSupportError> {
         let binary = find_binary()?;
         check_version(&binary).await?;
         let dir = tempfile::Builder::new()
@@ -54,6 +77,7 @@ impl TestNats {
             port: 0,
             child: None,
             dir,
+            security,
         };
         let mut attempt = 1;
         loop {
@@ -92,6 +116,59 @@ impl TestNats {
         }
     }
 
+    /// Replaces the security fragment of the configuration and has the running server reload
+    /// it (`--signal reload`). The reload is applied asynchronously: wait on its effect.
+    pub async fn reload(&mut self, config: String) -> Result<(), TestSupportError> {
+        if let Some(security) = self.security.as_mut() {
+            security.config = config;
+        }
+        self.write_config()?;
+        let pid =
+            self.child
+                .as_ref()
+                .and_then(Child::id)
+                .ok_or_else(|| TestSupportError::Timeout {
+                    what: "a running nats-server to reload".to_owned(),
+                })?;
+        let status = Command::new(&self.binary)
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .map_err(TestSupportError::io("signalling nats-server to reload"))?;
+        if !status.success() {
+            return Err(TestSupportError::NatsExited {
+                port: self.port,
+                status: format!("reload signal failed: {status}"),
+                log: self.log_tail(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes `nats-server.conf`: JetStream's storage limit is set, not derived from the
+    /// disk's free space (75 % of it by default), as a busy CI disk would otherwise refuse
+    /// streams that reserve their size up front (the 10 GiB artifact bucket), and tests store
+    /// little; then the security fragment, if any.
+    fn write_config(&self) -> Result<PathBuf, TestSupportError> {
+        let path = self.dir.path().join("nats-server.conf");
+        // Everything is in the file, nothing in flags: a reload re-reads the file alone and
+        // refuses to run with settings that flags had given.
+        let mut config = format!(
+            "host: \"127.0.0.1\"\nport: {port}\nserver_name: \"hodei-test-{port}\"\n\
+             jetstream {{ store_dir: {store}, max_file_store: 1TB }}\n",
+            port = self.port,
+            store = quoted(&self.store_dir().to_string_lossy()),
+        );
+        if let Some(security) = &self.security {
+            config.push_str(&security.config);
+        }
+        std::fs::write(&path, config)
+            .map_err(TestSupportError::io(format!("writing {}", path.display())))?;
+        Ok(path)
+    }
+
     /// Starts the server again on the same port with the same store (stopping
     /// it first if it runs) and waits until it is ready.
     pub async fn restart(&mut self) -> Result<(), TestSupportError> {
@@ -122,26 +199,10 @@ impl TestNats {
         let log_err = log
             .try_clone()
             .map_err(TestSupportError::io("duplicating the nats log handle"))?;
-        // JetStream's storage limit is set, not derived from the disk's free space (75 % of it
-        // by default): a busy CI disk would otherwise refuse streams that reserve their size
-        // up front (the 10 GiB artifact bucket), and tests store little.
-        let config = self.dir.path().join("nats-server.conf");
-        std::fs::write(&config, "jetstream { max_file_store: 1TB }\n").map_err(
-            TestSupportError::io(format!("writing {}", config.display())),
-        )?;
-        let port = self.port.to_string();
+        let config = self.write_config()?;
         let child = Command::new(&self.binary)
             .arg("--config")
             .arg(&config)
-            .arg("--addr")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg(&port)
-            .arg("--jetstream")
-            .arg("--store_dir")
-            .arg(self.store_dir())
-            .arg("--server_name")
-            .arg(format!("hodei-test-{port}"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -178,7 +239,7 @@ impl TestNats {
                     });
                 }
             }
-            if jetstream_ready(&url).await {
+            if jetstream_ready(&url, self.security.as_ref()).await {
                 return Ok(());
             }
             let now = Instant::now();
@@ -196,7 +257,7 @@ impl TestNats {
     }
 
     /// The last bytes of the server log, for error messages.
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         match std::fs::read(self.log_path()) {
             Ok(bytes) => {
                 let start = bytes.len().saturating_sub(LOG_TAIL_BYTES);
@@ -211,6 +272,12 @@ impl TestNats {
 
 impl Drop for TestNats {
     fn drop(&mut self) {
+        // What the server refused, for the test's output (shown when it fails).
+        if let Ok(log) = std::fs::read_to_string(self.log_path()) {
+            for line in log.lines().filter(|l| l.contains("Violation")).take(20) {
+                eprintln!("nats-server {}: {line}", self.port);
+            }
+        }
         if let Some(child) = self.child.as_mut() {
             // SIGKILL, then reap it so it is gone before the store folder is
             // removed. Killing takes milliseconds; give up after a second.
@@ -224,14 +291,31 @@ impl Drop for TestNats {
     }
 }
 
+/// `text` as a double-quoted nats-server configuration string.
+fn quoted(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
 /// One readiness probe: connect, ask JetStream for the account info.
-async fn jetstream_ready(url: &str) -> bool {
+async fn jetstream_ready(url: &str, security: Option<&NatsSecurity>) -> bool {
     let probe = async {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(PROBE_TIMEOUT)
-            .connect(url)
-            .await
-            .ok()?;
+        let mut options = async_nats::ConnectOptions::new().connection_timeout(PROBE_TIMEOUT);
+        if let Some(security) = security {
+            options = options.nkey(security.probe_seed.clone());
+            if let Some(ca) = &security.ca {
+                options = options.require_tls(true).add_root_certificates(ca.clone());
+            }
+        }
+        let client = options.connect(url).await.ok()?;
         let jetstream = async_nats::jetstream::new(client);
         jetstream.query_account().await.ok()
     };

@@ -5,6 +5,7 @@
 //! tokens (the first admin token of a deployment comes from here); `tls init` makes a local
 //! CA with the gateway's certificate.
 
+pub mod nats;
 pub mod rebuild;
 
 use std::fmt::Write as _;
@@ -80,6 +81,51 @@ Examples:
 Example:
   hodei-admin tls init --dir .hodei/tls --name localhost --name 127.0.0.1 --name hodei.internal")]
     Tls(TlsCommand),
+    /// NATS credentials: an nkey per service and per agent, and the nats-server
+    /// `authorization` block (`auth.conf`) that gives each only the subjects it needs.
+    #[command(subcommand)]
+    #[command(after_help = "\
+Examples:
+  hodei-admin nats init --dir .hodei/nats --tls-cert .hodei/tls/server.pem --tls-key .hodei/tls/server-key.pem
+  hodei-admin nats agent-add --dir .hodei/nats --id worker-1
+  hodei-admin nats agent-revoke --dir .hodei/nats --id worker-1 && nats-server --signal reload=PID")]
+    Nats(NatsCommand),
+}
+
+/// The NATS credential commands. None needs the database; after `agent-add` or
+/// `agent-revoke`, reload nats-server (`nats-server --signal reload=<pid>`) to apply.
+#[derive(Debug, Subcommand)]
+pub enum NatsCommand {
+    /// Make a credential for each service (keeping those already in `--dir`) and write
+    /// `auth.conf` for nats-server to include.
+    Init {
+        /// Where the credentials live.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The NATS server's certificate (PEM): clients must then connect with TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The NATS server certificate's key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
+    },
+    /// Enrol an agent: a new key that may act only as worker `--id` (any earlier key of that
+    /// worker stops working). Prints the seed file to hand to the agent.
+    AgentAdd {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The worker id the agent runs with (`HODEI_WORKER_ID`).
+        #[arg(long)]
+        id: hodei_domain::WorkerId,
+    },
+    /// Revoke an agent's key: after the reload, nats-server refuses it and drops its
+    /// connection. Exits 1 if the agent had no key.
+    AgentRevoke {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        id: hodei_domain::WorkerId,
+    },
 }
 
 /// The token commands.
@@ -304,6 +350,10 @@ pub enum AdminError {
     Name(String),
     #[error("failed to read or write {0}: {1}")]
     Io(std::path::PathBuf, #[source] std::io::Error),
+    #[error("{0} is not a credentials file hodei-admin wrote: {1}")]
+    Format(std::path::PathBuf, #[source] serde_json::Error),
+    #[error("failed to make a key: {0}")]
+    Key(String),
 }
 
 /// The report as people read it: one line per differing field, then the totals.

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hodei_admin::{
-    AdminArgs, AdminCommand, RebuildOptions, TlsCommand, TokenCommand, archive, archive_text,
-    create_token, rebuild_projections, report_text, revoke_token, tls_client, tls_init,
+    AdminArgs, AdminCommand, NatsCommand, RebuildOptions, TlsCommand, TokenCommand, archive,
+    archive_text, create_token, rebuild_projections, report_text, revoke_token, tls_client,
+    tls_init,
 };
 
 #[tokio::main]
@@ -28,6 +29,9 @@ async fn main() -> anyhow::Result<ExitCode> {
             println!("wrote {}", path.display());
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if let AdminCommand::Nats(command) = &args.command {
+        return nats(command);
     }
     let telemetry = hodei_telemetry::init("admin").context("failed to initialise telemetry")?;
     let pool = hodei_storage::connect(&args.database_url, 4, Duration::from_secs(10))
@@ -86,9 +90,43 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             }
         }
-        AdminCommand::Tls(_) => ExitCode::SUCCESS,
+        AdminCommand::Tls(_) | AdminCommand::Nats(_) => ExitCode::SUCCESS,
     };
     pool.close().await;
     telemetry.shutdown().await;
     Ok(code)
+}
+
+/// Runs a NATS credential command, which needs no database.
+fn nats(command: &NatsCommand) -> anyhow::Result<ExitCode> {
+    use hodei_admin::nats::NatsCredentials;
+    match command {
+        NatsCommand::Init {
+            dir,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert.clone().zip(tls_key.clone());
+            let credentials = NatsCredentials::init(dir, tls).context("nats init failed")?;
+            println!("wrote {}", credentials.auth_file().display());
+        }
+        NatsCommand::AgentAdd { dir, id } => {
+            let mut credentials = NatsCredentials::open(dir).context("nats agent-add failed")?;
+            let seed = credentials.add_agent(id).context("nats agent-add failed")?;
+            println!("{}", seed.display());
+            eprintln!("reload nats-server to apply: nats-server --signal reload=<pid>");
+        }
+        NatsCommand::AgentRevoke { dir, id } => {
+            let mut credentials = NatsCredentials::open(dir).context("nats agent-revoke failed")?;
+            if !credentials
+                .revoke_agent(id)
+                .context("nats agent-revoke failed")?
+            {
+                eprintln!("agent {id} has no nats key");
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("revoked; reload nats-server to apply: nats-server --signal reload=<pid>");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -16,7 +16,9 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
 use futures::StreamExt;
 use hodei_domain::{AttemptId, IncarnationId, WorkerId};
-use hodei_messaging::{AgentCommand, MessagingError, connect, decode, streams, subjects, trace};
+use hodei_messaging::{
+    AgentCommand, MessagingError, artifacts, connect_with, decode, permissions, streams, trace,
+};
 use hodei_telemetry::{Metrics, ObservabilityServer};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -114,15 +116,28 @@ impl Agent {
             reason: "prlimit (util-linux) not found: jobs could not be given resource limits",
         })?;
         let id = &settings.worker_id;
-        let (client, js) = connect(
+        let (client, js) = connect_with(
             &settings.nats_url,
-            &format!("hodei-agent-{id}"),
+            &permissions::agent_client_name(id),
+            CONNECT_TIMEOUT,
+            &settings.nats_auth,
+        )
+        .await?;
+        // The control plane creates the streams; an agent's credential may only use them.
+        streams::wait_for(
+            &js,
+            &[
+                streams::AGENT,
+                streams::REPORTS,
+                streams::LOGS,
+                &artifacts::stream_name(),
+            ],
             CONNECT_TIMEOUT,
         )
         .await?;
-        streams::ensure_all(&js).await?;
-        let artifacts = hodei_messaging::artifacts::bucket(&js).await?;
-        let consumer = streams::consumer(&js, streams::AGENT, consumer_config(id)).await?;
+        let artifacts = artifacts::existing_bucket(&js).await?;
+        let consumer =
+            streams::consumer(&js, streams::AGENT, permissions::agent_consumer(id)).await?;
         let observability = match settings.metrics_addr {
             Some(addr) => Some(ObservabilityServer::bind(addr).await?),
             None => None,
@@ -337,7 +352,7 @@ impl Agent {
                         let span = trace::process_span(
                             SERVICE,
                             &message.subject,
-                            &format!("agent-{}", self.settings.worker_id),
+                            &permissions::agent_consumer_name(&self.settings.worker_id),
                             message.headers.as_ref(),
                         );
                         if let Some(reason) = self.handle(message, ctx, running, attempts).instrument(span).await {
@@ -366,11 +381,14 @@ impl Agent {
     /// A fresh message stream from this agent's consumer, getting (or creating again) the
     /// consumer first so a deleted consumer comes back.
     async fn pull(&mut self) -> Result<MessageStream, AgentError> {
-        let config = consumer_config(&self.settings.worker_id);
+        let config = permissions::agent_consumer(&self.settings.worker_id);
         self.consumer = streams::consumer(&self.js, streams::AGENT, config).await?;
         self.consumer.messages().await.map_err(|e| {
             AgentError::Messaging(MessagingError::Setup {
-                what: format!("pulling from consumer agent-{}", self.settings.worker_id),
+                what: format!(
+                    "pulling from consumer {}",
+                    permissions::agent_consumer_name(&self.settings.worker_id)
+                ),
                 reason: e.to_string(),
             })
         })
@@ -544,14 +562,6 @@ async fn recover(ctx: &AttemptContext) {
     if tokio::time::timeout(RECOVERY_TIMEOUT, all).await.is_err() {
         warn!(worker_id = %ctx.worker_id, "reports of the previous incarnation not stored in time, the registry hands those attempts back");
     }
-}
-
-/// This agent's durable consumer on its command subject.
-fn consumer_config(worker_id: &WorkerId) -> jetstream::consumer::pull::Config {
-    streams::durable(
-        &format!("agent-{worker_id}"),
-        subjects::agent_commands(worker_id),
-    )
 }
 
 /// Waits up to `within` for every attempt to end; returns whether they all did.

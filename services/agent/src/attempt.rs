@@ -163,6 +163,7 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             LogShipper::new(
                 ctx.js.clone(),
                 ctx.metrics.clone(),
+                &ctx.worker_id,
                 id,
                 ctx.stops.give_up.clone(),
             )
@@ -353,6 +354,7 @@ async fn supervise(
         LogShipper::new(
             ctx.js.clone(),
             ctx.metrics.clone(),
+            &ctx.worker_id,
             id,
             ctx.stops.give_up.clone(),
         )

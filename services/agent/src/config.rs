@@ -25,6 +25,8 @@ pub struct AgentConfig {
     /// NATS server to connect to.
     #[arg(long, env = "HODEI_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    #[command(flatten)]
+    pub nats_auth: hodei_messaging::NatsCredentialArgs,
     /// This worker's id (ASCII letters, digits, '-' and '_'); defaults to the hostname with
     /// every other character replaced by '-'.
     #[arg(long, env = "HODEI_WORKER_ID")]
@@ -86,6 +88,7 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub nats_url: String,
+    pub nats_auth: hodei_messaging::NatsAuth,
     pub worker_id: WorkerId,
     pub labels: BTreeMap<String, String>,
     pub max_concurrent_jobs: u32,
@@ -176,6 +179,7 @@ impl Settings {
             .unwrap_or_else(|| std::env::temp_dir().join(format!("hodei-agent-{worker_id}")));
         Ok(Settings {
             nats_url: config.nats_url,
+            nats_auth: config.nats_auth.load()?,
             worker_id,
             labels,
             max_concurrent_jobs: config.max_concurrent_jobs,

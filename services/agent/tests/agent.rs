@@ -117,6 +117,9 @@ impl Harness {
         let (client, js) = hodei_messaging::connect(&nats.url(), "agent-test", DEADLINE)
             .await
             .unwrap();
+        // What the control plane does before any agent starts.
+        hodei_messaging::streams::ensure_all(&js).await.unwrap();
+        hodei_messaging::artifacts::bucket(&js).await.unwrap();
 
         let beats = client
             .subscribe(subjects::heartbeat(&worker_id))
@@ -130,6 +133,7 @@ impl Harness {
 
         let config = AgentConfig {
             nats_url: nats.url(),
+            nats_auth: Default::default(),
             worker_id: Some(worker_id.to_string()),
             labels: "gpu=true, os=linux".to_owned(),
             max_concurrent_jobs: 3,
@@ -1030,6 +1034,7 @@ async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_i
     // The next incarnation sweeps what is left and reports the attempt lost.
     let config = AgentConfig {
         nats_url: h.nats.url(),
+        nats_auth: Default::default(),
         worker_id: Some(h.worker_id.to_string()),
         labels: String::new(),
         max_concurrent_jobs: 3,

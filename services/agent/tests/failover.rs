@@ -6,15 +6,24 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use hodei_messaging::permissions::NatsRole;
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
 
-fn spawn_agent(system: &TestSystem, id: &str, work: &std::path::Path) -> tokio::process::Child {
+async fn spawn_agent(
+    system: &mut TestSystem,
+    id: &str,
+    work: &std::path::Path,
+) -> tokio::process::Child {
+    let nats = system
+        .nats_env(&NatsRole::Agent(id.parse().unwrap()))
+        .await
+        .unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HODEI_NATS_URL", &system.backends().nats_url)
+        .envs(nats)
         .env("HODEI_WORKER_ID", id)
         .env("HODEI_AGENT_LABELS", "pool=failover")
         .env("HODEI_MAX_CONCURRENT_JOBS", "2")
@@ -54,11 +63,11 @@ async fn a_killed_agent_s_job_is_rescheduled_and_succeeds() {
     let mut agents = vec![
         (
             "failover-a",
-            spawn_agent(&system, "failover-a", work.path()),
+            spawn_agent(&mut system, "failover-a", work.path()).await,
         ),
         (
             "failover-b",
-            spawn_agent(&system, "failover-b", work.path()),
+            spawn_agent(&mut system, "failover-b", work.path()).await,
         ),
     ];
     let mut workers = system.workers.clone();

@@ -399,17 +399,14 @@ impl JobService for JobApi {
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(&who, id).await?;
         let permit = self.quotas.open_stream(&who.tenant).into_status()?;
-        let subject = subjects::log(&id);
+        let subjects = [subjects::logs_of(&id), subjects::legacy_logs_of(&id)];
         let stream = self
             .backends
             .js
             .get_stream(streams::LOGS)
             .await
             .map_err(|e| ApiError::unavailable("log stream", e))?;
-        let has_logs = stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-            .is_ok();
+        let has_logs = last_log_sequence(&stream, &subjects).await.is_some();
         let (tx, rx) = mpsc::channel(256);
         if !has_logs && !req.follow {
             return Ok(Response::new(Permitted::new(
@@ -419,7 +416,7 @@ impl JobService for JobApi {
         }
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: subject.clone(),
+                filter_subjects: subjects.to_vec(),
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()
             })
@@ -493,11 +490,7 @@ impl JobService for JobApi {
                 // stored before the job's end was recorded) has been sent.
                 match backends.db(|| jobs::get(&backends.pool, id)).await {
                     Ok(Some(job)) if job.state().is_terminal() => {
-                        let last = stream
-                            .get_last_raw_message_by_subject(&subject)
-                            .await
-                            .map(|m| m.sequence)
-                            .unwrap_or(0);
+                        let last = last_log_sequence(&stream, &subjects).await.unwrap_or(0);
                         if last <= last_seen {
                             return;
                         }
@@ -515,4 +508,18 @@ impl JobService for JobApi {
             permit,
         )))
     }
+}
+
+/// The stream sequence of the newest log batch on any of `subjects`; `None` if there is none.
+async fn last_log_sequence(
+    stream: &async_nats::jetstream::stream::Stream,
+    subjects: &[String],
+) -> Option<u64> {
+    let mut last = None;
+    for subject in subjects {
+        if let Ok(message) = stream.get_last_raw_message_by_subject(subject).await {
+            last = last.max(Some(message.sequence));
+        }
+    }
+    last
 }

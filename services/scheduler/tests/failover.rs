@@ -7,18 +7,20 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use hodei_domain::AttemptRecord;
+use hodei_messaging::permissions::NatsRole;
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{AgentSpec, SystemOptions, TestSystem};
 use hodei_test_support::{free_port, http_get, metric_sample, wait_for};
 
 const JOBS: usize = 300;
 
-fn spawn_scheduler(system: &TestSystem, metrics_port: u16) -> tokio::process::Child {
+async fn spawn_scheduler(system: &mut TestSystem, metrics_port: u16) -> tokio::process::Child {
+    let nats = system.nats_env(&NatsRole::Scheduler).await.unwrap();
     let backends = system.backends();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-scheduler"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HODEI_NATS_URL", &backends.nats_url)
+        .envs(nats)
         .env("HODEI_DATABASE_URL", &backends.database_url)
         .env("HODEI_ACK_WAIT_MS", "2000")
         .env("HODEI_PLACEMENT_RETRY_MS", "100")
@@ -47,9 +49,9 @@ async fn a_killed_scheduler_process_loses_nothing_and_runs_nothing_twice() {
             slots: 4,
         })
         .collect();
-    let system = TestSystem::start_with(&agents, options).await.unwrap();
+    let mut system = TestSystem::start_with(&agents, options).await.unwrap();
     let port = free_port().unwrap();
-    let mut victim = spawn_scheduler(&system, port);
+    let mut victim = spawn_scheduler(&mut system, port).await;
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     wait_for(
         "the scheduler process to be ready",

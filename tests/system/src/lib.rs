@@ -6,9 +6,12 @@ pub mod processes;
 
 use std::time::Duration;
 
+use hodei_admin::nats::NatsCredentials;
 use hodei_agent::{Agent, AgentConfig};
 use hodei_api_gateway::{Gateway, GatewayConfig};
-use hodei_domain::{Role, TenantId};
+use hodei_domain::{Role, TenantId, WorkerId};
+use hodei_messaging::permissions::NatsRole;
+use hodei_messaging::{NatsAuth, NatsCredentialArgs};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::access_service_client::AccessServiceClient;
 use hodei_proto::v1::job_service_client::JobServiceClient;
@@ -18,7 +21,9 @@ use hodei_proto::{AuthChannel, Bearer};
 use hodei_registry::{Registry, RegistryConfig};
 use hodei_runtime::BackendConfig;
 use hodei_scheduler::{Scheduler, SchedulerConfig};
-use hodei_test_support::{TestDatabase, TestNats, TestSupportError, http_get, wait_for};
+use hodei_test_support::{
+    NatsSecurity, TestDatabase, TestNats, TestSupportError, http_get, wait_for,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -49,6 +54,20 @@ impl From<TestSupportError> for StartError {
 
 fn fail(what: &str) -> impl Fn(String) -> StartError + '_ {
     move |e| StartError(format!("failed to start {what}: {e}"))
+}
+
+fn worker_id(id: &str) -> Result<WorkerId, StartError> {
+    id.parse()
+        .map_err(|e| StartError(format!("{id:?} is not a worker id: {e}")))
+}
+
+fn read_seed(credentials: &NatsCredentials, role: &NatsRole) -> Result<String, StartError> {
+    let path = credentials
+        .service_seed_file(role)
+        .ok_or_else(|| StartError(format!("no nats credential for {role}")))?;
+    std::fs::read_to_string(&path)
+        .map(|seed| seed.trim().to_owned())
+        .map_err(|e| fail("nats credentials")(format!("{}: {e}", path.display())))
 }
 
 /// An agent to start: its id and labels (`k=v,k=v`).
@@ -144,6 +163,9 @@ pub struct TestSystem {
     pub channel: Channel,
     /// With `SystemOptions::tls`: `ca.pem`, `server.pem`, `client.pem` and their keys.
     tls_dir: Option<tempfile::TempDir>,
+    /// Every service's and agent's NATS credential, and the server's authorization block.
+    nats_credentials: NatsCredentials,
+    _nats_dir: tempfile::TempDir,
     pub grpc_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -269,16 +291,6 @@ impl TestSystem {
         agents: &[AgentSpec],
         options: SystemOptions,
     ) -> Result<TestSystem, StartError> {
-        let nats = TestNats::start().await?;
-        let database = TestDatabase::create().await?;
-        let backends = BackendConfig {
-            metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
-            ..BackendConfig::new(nats.url(), database.url())
-        };
-        let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        let mut metrics_addrs = Vec::new();
-
         let tls_dir = if options.tls {
             let dir = tempfile::tempdir().map_err(|e| fail("tls")(e.to_string()))?;
             hodei_admin::tls_init(dir.path(), &["localhost".into(), "127.0.0.1".into()])
@@ -287,6 +299,46 @@ impl TestSystem {
         } else {
             None
         };
+        // NATS admits only the services' and agents' own credentials; with `tls`, over TLS
+        // with the same CA.
+        let nats_dir = tempfile::tempdir().map_err(|e| fail("nats credentials")(e.to_string()))?;
+        let mut nats_credentials = NatsCredentials::init(
+            nats_dir.path(),
+            tls_dir
+                .as_ref()
+                .map(|d| (d.path().join("server.pem"), d.path().join("server-key.pem"))),
+        )
+        .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        for spec in agents {
+            let id = worker_id(spec.id)?;
+            nats_credentials
+                .add_agent(&id)
+                .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        }
+        let nats_ca = tls_dir.as_ref().map(|d| d.path().join("ca.pem"));
+        let admin_seed = read_seed(&nats_credentials, &NatsRole::Admin)?;
+        let nats = TestNats::start_secured(NatsSecurity {
+            config: nats_credentials.server_config(),
+            probe_seed: admin_seed,
+            ca: nats_ca.clone(),
+        })
+        .await?;
+        let database = TestDatabase::create().await?;
+        let backends = BackendConfig {
+            metrics_addr: Some(LOCALHOST_ANY_PORT.into()),
+            ..BackendConfig::new(nats.url(), database.url())
+        };
+        let as_service = |role: NatsRole| BackendConfig {
+            nats_auth: NatsCredentialArgs {
+                nats_nkey_file: nats_credentials.service_seed_file(&role),
+                nats_ca: nats_ca.clone(),
+            },
+            ..backends.clone()
+        };
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut metrics_addrs = Vec::new();
+
         let tls = match &tls_dir {
             Some(dir) => hodei_api_gateway::TlsConfig {
                 tls_cert: Some(dir.path().join("server.pem")),
@@ -304,7 +356,7 @@ impl TestSystem {
             tenant_submit_burst: std::num::NonZeroU32::new(options.tenant_submit_burst)
                 .ok_or_else(|| StartError("tenant_submit_burst must be 1 or more".into()))?,
             tenant_max_streams: options.tenant_max_streams,
-            ..GatewayConfig::new(backends.clone(), ([127, 0, 0, 1], 0).into())
+            ..GatewayConfig::new(as_service(NatsRole::Gateway), ([127, 0, 0, 1], 0).into())
         })
         .await
         .map_err(|e| fail("gateway")(e.to_string()))?;
@@ -333,7 +385,7 @@ impl TestSystem {
                 ack_wait_ms: options.ack_wait_ms,
                 retention_age: options.retention_age,
                 retention_interval: options.retention_interval,
-                ..SchedulerConfig::new(backends.clone())
+                ..SchedulerConfig::new(as_service(NatsRole::Scheduler))
             })
             .await
             .map_err(|e| fail("scheduler")(e.to_string()))?;
@@ -351,7 +403,7 @@ impl TestSystem {
         }
 
         let registry = Registry::build(RegistryConfig {
-            backends: backends.clone(),
+            backends: as_service(NatsRole::Registry),
             heartbeat_interval_ms: HEARTBEAT_MS,
             missed_beats: options.missed_beats,
             flush_interval_ms: 20,
@@ -394,6 +446,8 @@ impl TestSystem {
             admin_token,
             channel,
             tls_dir,
+            nats_credentials,
+            _nats_dir: nats_dir,
             grpc_addr,
             shutdown,
             tasks,
@@ -417,8 +471,14 @@ impl TestSystem {
         spec: &AgentSpec,
         heartbeat_ms: u64,
     ) -> Result<(), StartError> {
+        let id = worker_id(spec.id)?;
+        let nats_auth = NatsCredentialArgs {
+            nats_nkey_file: Some(self.enrol_agent(&id).await?),
+            nats_ca: self.nats_ca(),
+        };
         let agent = Agent::build(AgentConfig {
             nats_url: self.nats.url(),
+            nats_auth,
             worker_id: Some(spec.id.to_owned()),
             labels: spec.labels.to_owned(),
             max_concurrent_jobs: spec.slots,
@@ -450,6 +510,138 @@ impl TestSystem {
         });
         self.agent_tasks.push((spec.id.to_owned(), task));
         Ok(())
+    }
+
+    /// The NATS credential of agent `id` (its seed file), enrolling it first if it has none:
+    /// the server reloads its authorization and the new key is waited for.
+    pub async fn enrol_agent(&mut self, id: &WorkerId) -> Result<std::path::PathBuf, StartError> {
+        let path = self.nats_credentials.agent_seed_file(id);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let path = self
+            .nats_credentials
+            .add_agent(id)
+            .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        self.nats
+            .reload(self.nats_credentials.server_config())
+            .await?;
+        let auth = NatsAuth::load(Some(&path), self.nats_ca().as_deref())
+            .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        let url = self.nats.url();
+        let name = hodei_messaging::permissions::agent_client_name(id);
+        wait_for(
+            "nats-server to admit the new agent key",
+            Duration::from_secs(10),
+            || {
+                let (url, name, auth) = (url.clone(), name.clone(), auth.clone());
+                async move {
+                    hodei_messaging::connect_with(&url, &name, Duration::from_millis(500), &auth)
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await
+        .map_err(|e| StartError(format!("{e} (nats-server log: {})", self.nats.log_tail())))?;
+        Ok(path)
+    }
+
+    /// Revokes agent `id`'s NATS key and has the server reload: its connections are dropped
+    /// and it can no longer connect.
+    pub async fn revoke_agent(&mut self, id: &WorkerId) -> Result<bool, StartError> {
+        let revoked = self
+            .nats_credentials
+            .revoke_agent(id)
+            .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        self.nats
+            .reload(self.nats_credentials.server_config())
+            .await?;
+        Ok(revoked)
+    }
+
+    /// The seed file of `role`'s NATS credential, enrolling an agent first.
+    async fn seed_file(&mut self, role: &NatsRole) -> Result<std::path::PathBuf, StartError> {
+        match role {
+            NatsRole::Agent(id) => self.enrol_agent(id).await,
+            service => self
+                .nats_credentials
+                .service_seed_file(service)
+                .ok_or_else(|| StartError(format!("no nats credential for {service}"))),
+        }
+    }
+
+    /// The environment a service or agent process needs to reach this system's NATS as
+    /// `role` (`HODEI_NATS_URL`, `HODEI_NATS_NKEY_FILE`, and `HODEI_NATS_CA` with TLS).
+    pub async fn nats_env(&mut self, role: &NatsRole) -> Result<Vec<(String, String)>, StartError> {
+        let seed = self.seed_file(role).await?;
+        let mut env = vec![
+            ("HODEI_NATS_URL".to_owned(), self.nats.url()),
+            (
+                "HODEI_NATS_NKEY_FILE".to_owned(),
+                seed.to_string_lossy().into_owned(),
+            ),
+        ];
+        if let Some(ca) = self.nats_ca() {
+            env.push((
+                "HODEI_NATS_CA".to_owned(),
+                ca.to_string_lossy().into_owned(),
+            ));
+        }
+        Ok(env)
+    }
+
+    /// A NATS connection with `role`'s credential (enrolling an agent first), named as that
+    /// role's processes name theirs.
+    pub async fn nats_client(
+        &mut self,
+        role: &NatsRole,
+    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), StartError> {
+        let seed = self.seed_file(role).await?;
+        self.connect_nats(&seed, &role.client_name()).await
+    }
+
+    /// A NATS connection with the `admin` credential, which may publish and subscribe to
+    /// anything: for tests that inject messages no service or agent may send.
+    pub async fn admin_nats(
+        &self,
+    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), StartError> {
+        let auth = self.admin_nats_auth()?;
+        hodei_messaging::connect_with(
+            &self.nats.url(),
+            &NatsRole::Admin.client_name(),
+            Duration::from_secs(10),
+            &auth,
+        )
+        .await
+        .map_err(|e| fail("nats client")(e.to_string()))
+    }
+
+    /// The `admin` NATS credential, for tools that connect themselves (benchmarks).
+    pub fn admin_nats_auth(&self) -> Result<NatsAuth, StartError> {
+        let seed = self
+            .nats_credentials
+            .service_seed_file(&NatsRole::Admin)
+            .ok_or_else(|| StartError("no nats credential for admin".into()))?;
+        NatsAuth::load(Some(&seed), self.nats_ca().as_deref())
+            .map_err(|e| fail("nats client")(e.to_string()))
+    }
+
+    async fn connect_nats(
+        &self,
+        seed: &std::path::Path,
+        name: &str,
+    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), StartError> {
+        let auth = NatsAuth::load(Some(seed), self.nats_ca().as_deref())
+            .map_err(|e| fail("nats client")(e.to_string()))?;
+        hodei_messaging::connect_with(&self.nats.url(), name, Duration::from_secs(10), &auth)
+            .await
+            .map_err(|e| fail("nats client")(e.to_string()))
+    }
+
+    /// The CA of the NATS server's certificate, when the system runs with TLS.
+    pub fn nats_ca(&self) -> Option<std::path::PathBuf> {
+        self.tls_dir.as_ref().map(|d| d.path().join("ca.pem"))
     }
 
     /// Crashes scheduler replica `index`: its task is aborted mid-work, with no graceful

@@ -303,7 +303,7 @@ async fn a_drained_worker_finishes_its_jobs_takes_no_more_and_stops() {
     wait_running(&system, &running).await;
 
     // The agent's own heartbeats tell when it drains.
-    let client = async_nats::connect(system.nats.url()).await.unwrap();
+    let (client, _) = system.admin_nats().await.unwrap();
     let mut beats = client
         .subscribe(format!("hodei.v1.hb.{AGENT}"))
         .await

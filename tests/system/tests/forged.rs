@@ -48,10 +48,9 @@ async fn a_forged_report_is_dead_lettered_and_the_job_keeps_its_true_outcome() {
         .await
         .unwrap();
     let job_id: JobId = job.id.parse().unwrap();
-    let (client, js) =
-        hodei_messaging::connect(&system.nats.url(), "forger", Duration::from_secs(10))
-            .await
-            .unwrap();
+    // As admin, whom nats-server lets publish anything: the scheduler's own check is what
+    // refuses these (nats_access.rs shows the server refusing agents and services).
+    let (client, js) = system.admin_nats().await.unwrap();
     let forged = |worker: &str| AgentReport {
         report_id: uuid::Uuid::now_v7(),
         worker_id: worker.parse().unwrap(),
@@ -116,9 +115,7 @@ async fn a_forged_report_is_dead_lettered_and_the_job_keeps_its_true_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn out_of_range_heartbeats_are_refused_alone_and_real_workers_stay_ready() {
     let system = TestSystem::start(AGENTS).await.unwrap();
-    let (client, _) = hodei_messaging::connect(&system.nats.url(), "odd", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (client, _) = system.admin_nats().await.unwrap();
     let odd: WorkerId = "odd-worker".parse().unwrap();
     let beat = Heartbeat {
         worker_id: odd.clone(),

@@ -30,10 +30,8 @@ struct MuteWorker {
 impl MuteWorker {
     async fn start(system: &TestSystem, id: &str) -> MuteWorker {
         let id: WorkerId = id.parse().unwrap();
-        let (client, js) =
-            hodei_messaging::connect(&system.nats.url(), "mute", Duration::from_secs(10))
-                .await
-                .unwrap();
+        // A test double subscribing to an agent's command subject directly: only admin may.
+        let (client, js) = system.admin_nats().await.unwrap();
         let commands = client
             .subscribe(subjects::agent_commands(&id))
             .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
-use hodei_domain::AttemptId;
+use hodei_domain::{AttemptId, WorkerId};
 use hodei_messaging::{LogBatch, LogEntry, subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
@@ -68,13 +68,14 @@ impl LogShipper {
     pub fn new(
         js: jetstream::Context,
         metrics: hodei_telemetry::Metrics,
+        worker_id: &WorkerId,
         attempt: AttemptId,
         give_up: CancellationToken,
     ) -> Self {
         Self {
             js,
             metrics,
-            subject: subjects::log(&attempt.job_id),
+            subject: subjects::log(worker_id, &attempt.job_id),
             attempt,
             run_id: Uuid::now_v7(),
             batches: 0,
