@@ -264,6 +264,7 @@ async fn beat(
                 running: held.get(&i).cloned().unwrap_or_default(),
                 draining: false,
                 leaving: false,
+                seal_key: None,
                 sent_at: now,
             };
             let Ok(payload) = serde_json::to_vec(&beat) else {

@@ -143,6 +143,7 @@ impl Beats {
                 running,
                 draining: false,
                 leaving: false,
+                seal_key: None,
                 sent_at: now,
             };
             let Ok(payload) = serde_json::to_vec(&beat) else {

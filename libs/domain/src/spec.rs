@@ -336,13 +336,33 @@ impl JobSpec {
     /// The spec with every secret value replaced by [`SECRET_MASK`]: what events, API answers
     /// and logs show.
     pub fn redacted(&self) -> JobSpec {
+        let masked =
+            self.map_secrets(|_| Ok::<_, std::convert::Infallible>(SECRET_MASK.to_owned()));
+        match masked {
+            Ok(spec) => spec,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Whether some env entry is secret.
+    pub fn has_secrets(&self) -> bool {
+        self.secret_env
+            .iter()
+            .any(|name| self.env.contains_key(name))
+    }
+
+    /// The spec with each secret value replaced by `f(value)`: masked, sealed or opened.
+    pub fn map_secrets<E>(
+        &self,
+        mut f: impl FnMut(&str) -> Result<String, E>,
+    ) -> Result<JobSpec, E> {
         let mut draft = self.0.clone();
         for name in &draft.secret_env {
             if let Some(value) = draft.env.get_mut(name) {
-                *value = SECRET_MASK.to_owned();
+                *value = f(value)?;
             }
         }
-        JobSpec(draft)
+        Ok(JobSpec(draft))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod envelope;
 pub mod payloads;
 pub mod permissions;
+pub mod seal;
 pub mod settle;
 pub mod streams;
 pub mod subjects;

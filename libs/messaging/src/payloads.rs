@@ -100,6 +100,10 @@ pub struct Heartbeat {
     /// The agent's last beat before it exits: the worker goes offline (not lost).
     #[serde(default)]
     pub leaving: bool,
+    /// This agent incarnation's public key (`X…`, see [`crate::seal`]): the scheduler seals
+    /// the secret values of the jobs it assigns here to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal_key: Option<String>,
     pub sent_at: DateTime<Utc>,
 }
 
@@ -162,6 +166,11 @@ impl Heartbeat {
         }
         if let Err(e) = hodei_domain::LeaseTerms::new(self.lease_ms, self.kill_grace_ms) {
             return refuse("lease_ms", e.to_string());
+        }
+        if let Some(key) = &self.seal_key
+            && let Err(e) = crate::seal::SealingKey::parse(key)
+        {
+            return refuse("seal_key", e.to_string());
         }
         if self.running.len() > Self::MAX_RUNNING {
             return refuse(
@@ -306,6 +315,7 @@ mod tests {
             running: Vec::new(),
             draining: false,
             leaving: false,
+            seal_key: None,
             sent_at: Utc::now(),
         }
     }

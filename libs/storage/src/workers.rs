@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 
-const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms";
+const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms, seal_key";
 
 /// One worker, if known.
 pub async fn get(
@@ -69,12 +69,13 @@ pub async fn placeable(
 pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageError> {
     sqlx::query(
         "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage,
-                              registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                              registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms,
+                              seal_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (id) DO UPDATE SET labels = $2, cpu_millis = $3, memory_mb = $4,
              max_concurrent_jobs = $5, status = $6, held = $7, usage = $8, registered_at = $9,
              last_heartbeat_at = $10, version = $11, incarnation = $12, lease_ms = $13,
-             kill_grace_ms = $14",
+             kill_grace_ms = $14, seal_key = $15",
     )
     .bind(w.id().as_str())
     .bind(encode("worker labels", w.labels())?)
@@ -90,6 +91,7 @@ pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageEr
     .bind(w.incarnation().map(|i| i.as_uuid()))
     .bind(to_i64(w.lease().lease_ms))
     .bind(to_i64(w.lease().kill_grace_ms))
+    .bind(w.seal_key())
     .execute(conn)
     .await?;
     Ok(())
@@ -245,6 +247,7 @@ pub async fn apply_heartbeats(
     let mut incarnations = Vec::new();
     let mut leases = Vec::new();
     let mut graces = Vec::new();
+    let mut seal_keys = Vec::new();
     // Rows are upserted (and locked) in the order of their ids, the order every batch that
     // writes several workers locks them in, so two such transactions never deadlock.
     let mut sorted: Vec<&(Heartbeat, DateTime<Utc>)> = beats.iter().collect();
@@ -253,6 +256,7 @@ pub async fn apply_heartbeats(
         incarnations.push(hb.incarnation.as_uuid());
         leases.push(to_i64(hb.lease_ms));
         graces.push(to_i64(hb.kill_grace_ms));
+        seal_keys.push(hb.seal_key.as_deref());
         held_back.push(hold_back.contains(&hb.worker_id));
         ids.push(hb.worker_id.as_str());
         labels.push(encode("worker labels", &hb.labels)?);
@@ -269,9 +273,9 @@ pub async fn apply_heartbeats(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
                                   $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[],
-                                  $11::uuid[], $12::bigint[], $13::bigint[])
+                                  $11::uuid[], $12::bigint[], $13::bigint[], $14::text[])
                  AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving,
-                      incarnation, lease_ms, kill_grace_ms)
+                      incarnation, lease_ms, kill_grace_ms, seal_key)
          ),
          -- The statement's snapshot: the status before this upsert. (With FOR UPDATE this CTE
          -- would skip the rows the upsert below changes, and every beat would look like a
@@ -282,16 +286,16 @@ pub async fn apply_heartbeats(
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
                                        usage, registered_at, last_heartbeat_at, version, incarnation,
-                                       lease_ms, kill_grace_ms)
+                                       lease_ms, kill_grace_ms, seal_key)
              SELECT id, labels, cpu, mem, maxc,
                     CASE WHEN leaving THEN 'offline' WHEN draining THEN 'draining'
                          WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
-                    usage, seen, seen, 0, incarnation, lease_ms, kill_grace_ms FROM input
+                    usage, seen, seen, 0, incarnation, lease_ms, kill_grace_ms, seal_key FROM input
              ON CONFLICT (id) DO UPDATE SET
                  labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
                  max_concurrent_jobs = excluded.max_concurrent_jobs, usage = excluded.usage,
                  incarnation = excluded.incarnation, lease_ms = excluded.lease_ms,
-                 kill_grace_ms = excluded.kill_grace_ms,
+                 kill_grace_ms = excluded.kill_grace_ms, seal_key = excluded.seal_key,
                  last_heartbeat_at = greatest(w.last_heartbeat_at, excluded.last_heartbeat_at),
                  status = CASE
                      WHEN excluded.status = 'offline' AND w.status <> 'offline' THEN 'offline'
@@ -323,6 +327,7 @@ pub async fn apply_heartbeats(
     .bind(&incarnations)
     .bind(&leases)
     .bind(&graces)
+    .bind(&seal_keys)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
@@ -416,7 +421,8 @@ fn decode(row: &PgRow) -> Result<Worker, StorageError> {
             .map(IncarnationId::from_uuid),
         LeaseTerms::new(r.unsigned("lease_ms")?, r.unsigned("kill_grace_ms")?)
             .map_err(|e| r.corrupt("lease_ms", e.to_string()))?,
-    ))
+    )
+    .with_seal_key(r.get("seal_key")?))
 }
 
 /// How many workers are in each status that has any.

@@ -201,6 +201,7 @@ fn beat_of(
         running: Vec::new(),
         draining,
         leaving,
+        seal_key: None,
         sent_at: now,
     };
     (hb, now)

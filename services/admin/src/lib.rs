@@ -90,6 +90,46 @@ Examples:
   hodei-admin nats agent-add --dir .hodei/nats --id worker-1
   hodei-admin nats agent-revoke --dir .hodei/nats --id worker-1 && nats-server --signal reload=PID")]
     Nats(NatsCommand),
+    /// The control plane's secrets key: the gateway seals secret env values to its public
+    /// half (`HODEI_SECRETS_PUBLIC_KEY`), the schedulers open them with it
+    /// (`HODEI_SECRETS_KEY_FILE`) to seal them again for the assigned agent.
+    #[command(subcommand)]
+    #[command(after_help = "\
+Example:
+  HODEI_SECRETS_PUBLIC_KEY=$(hodei-admin secrets init --file .hodei/secrets.xk)")]
+    Secrets(SecretsCommand),
+}
+
+/// The secrets key commands.
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Write a new key's seed into `--file` (readable by its owner only), or keep the one
+    /// there, and print its public key.
+    Init {
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+}
+
+/// The public half of the secrets key in `file`, making the key first if there is none.
+pub fn secrets_init(file: &std::path::Path) -> Result<String, AdminError> {
+    use hodei_messaging::seal::OpeningKey;
+    let key = match OpeningKey::load(file) {
+        Ok(key) => key,
+        Err(_) if !file.exists() => {
+            let key = OpeningKey::generate();
+            let seed = key.seed().map_err(|e| AdminError::Key(e.to_string()))?;
+            let dir = file.parent().unwrap_or(std::path::Path::new("."));
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            write_files(dir, &[(name, format!("{seed}\n"), 0o600)])?;
+            key
+        }
+        Err(e) => return Err(AdminError::Key(e.to_string())),
+    };
+    Ok(key.sealing_key().public_key())
 }
 
 /// The NATS credential commands. None needs the database; after `agent-add` or

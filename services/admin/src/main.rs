@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hodei_admin::{
-    AdminArgs, AdminCommand, NatsCommand, RebuildOptions, TlsCommand, TokenCommand, archive,
-    archive_text, create_token, rebuild_projections, report_text, revoke_token, tls_client,
-    tls_init,
+    AdminArgs, AdminCommand, NatsCommand, RebuildOptions, SecretsCommand, TlsCommand, TokenCommand,
+    archive, archive_text, create_token, rebuild_projections, report_text, revoke_token,
+    tls_client, tls_init,
 };
 
 #[tokio::main]
@@ -32,6 +32,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     if let AdminCommand::Nats(command) = &args.command {
         return nats(command);
+    }
+    if let AdminCommand::Secrets(SecretsCommand::Init { file }) = &args.command {
+        println!(
+            "{}",
+            hodei_admin::secrets_init(file).context("secrets init failed")?
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let telemetry = hodei_telemetry::init("admin").context("failed to initialise telemetry")?;
     let pool = hodei_storage::connect(&args.database_url, 4, Duration::from_secs(10))
@@ -90,7 +97,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             }
         }
-        AdminCommand::Tls(_) | AdminCommand::Nats(_) => ExitCode::SUCCESS,
+        AdminCommand::Tls(_) | AdminCommand::Nats(_) | AdminCommand::Secrets(_) => {
+            ExitCode::SUCCESS
+        }
     };
     pool.close().await;
     telemetry.shutdown().await;

@@ -16,6 +16,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
 use futures::StreamExt;
 use hodei_domain::{AttemptId, IncarnationId, WorkerId};
+use hodei_messaging::seal::OpeningKey;
 use hodei_messaging::{
     AgentCommand, MessagingError, artifacts, connect_with, decode, permissions, streams, trace,
 };
@@ -61,6 +62,8 @@ pub struct Agent {
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
     consumer: PullConsumer,
+    /// Opens the secret values sealed to this incarnation.
+    seal: OpeningKey,
     force_stop: CancellationToken,
     metrics: Metrics,
     observability: Option<ObservabilityServer>,
@@ -155,6 +158,9 @@ impl Agent {
         Ok(Agent {
             settings,
             incarnation: IncarnationId::new(),
+            // A new key per incarnation, only ever in memory: what the previous process could
+            // open dies with it.
+            seal: OpeningKey::generate(),
             records,
             setpriv,
             prlimit,
@@ -230,6 +236,7 @@ impl Agent {
             setpriv: self.setpriv.clone(),
             prlimit: self.prlimit.clone(),
             job_limits: self.settings.job_limits,
+            seal: self.seal.clone(),
             job_users: self
                 .settings
                 .job_user
@@ -263,6 +270,7 @@ impl Agent {
                 Arc::clone(&draining),
             )
             .with_metrics(self.metrics.clone())
+            .with_seal_key(self.seal.sealing_key().public_key())
             .run(
                 self.settings.heartbeat_interval,
                 Arc::clone(&beat_now),

@@ -75,6 +75,8 @@ pub(crate) struct AttemptContext {
     /// `prlimit`, which sets the job's resource limits before it starts.
     pub prlimit: PathBuf,
     pub job_limits: crate::config::JobLimits,
+    /// Opens the secret values sealed to this agent incarnation.
+    pub seal: hodei_messaging::seal::OpeningKey,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -134,13 +136,30 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         stoppers,
     } = assignment;
     let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
+    // Secret values arrive sealed to this incarnation; they are opened only here, for the
+    // process's environment and for masking its output.
+    let opened = spec.map_secrets(|value| {
+        if hodei_messaging::seal::is_sealed(value) {
+            ctx.seal.open(value)
+        } else {
+            Ok(value.to_owned())
+        }
+    });
+    let (spec, opened) = match opened {
+        Ok(open) => (Box::new(open), Ok(())),
+        Err(e) => (spec, Err(e)),
+    };
     let masker = Arc::new(Masker::for_spec(&spec));
     let report_id = Uuid::now_v7();
     let mut pgid = None;
     // Held until the workspace is gone: a range's uid is not handed to another attempt while
     // this one's files or processes may remain.
     let mut identity = None;
-    let (mut outcome, tail, acked) = match spawn(&ctx, id, &spec, &workspace, &mut identity).await {
+    let started = match opened {
+        Ok(()) => spawn(&ctx, id, &spec, &workspace, &mut identity).await,
+        Err(e) => Err(format!("secret_env: {e}")),
+    };
+    let (mut outcome, tail, acked) = match started {
         Ok(child) => {
             let record = Record {
                 attempt: id,

@@ -43,6 +43,8 @@ pub(crate) struct Heartbeater {
     draining: Arc<AtomicBool>,
     /// Where failed publishes are counted, if anywhere.
     metrics: Option<hodei_telemetry::Metrics>,
+    /// This incarnation's public sealing key, announced with every beat.
+    seal_key: Option<String>,
 }
 
 impl Heartbeater {
@@ -83,12 +85,19 @@ impl Heartbeater {
             running,
             draining,
             metrics: None,
+            seal_key: None,
         }
     }
 
     /// Counts failed publishes in `metrics` (`hodei_nats_errors_total{operation="heartbeat"}`).
     pub fn with_metrics(mut self, metrics: hodei_telemetry::Metrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Announces `seal_key` (this incarnation's public key) with every beat.
+    pub fn with_seal_key(mut self, seal_key: String) -> Self {
+        self.seal_key = Some(seal_key);
         self
     }
 
@@ -142,6 +151,7 @@ impl Heartbeater {
             running: self.running.list(),
             draining: self.draining.load(Ordering::SeqCst),
             leaving,
+            seal_key: self.seal_key.clone(),
             sent_at: Utc::now(),
         };
         let payload = match serde_json::to_vec(&heartbeat) {

@@ -23,6 +23,9 @@ pub enum ApiError {
     /// left to read.
     #[error("{what} was archived at {at}; GetJob, GetJobHistory and GetPipelineRun still read it")]
     Archived { what: String, at: String },
+    /// The gateway is not set up for what the request needs (a secret without a sealing key).
+    #[error("{0}")]
+    Unsupported(String),
     /// The call carries no credentials, or ones that are malformed, unknown, expired or
     /// revoked.
     #[error("{0}")]
@@ -97,7 +100,9 @@ impl From<ApiError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
-            ApiError::Archived { .. } => Status::failed_precondition(e.to_string()),
+            ApiError::Archived { .. } | ApiError::Unsupported(_) => {
+                Status::failed_precondition(e.to_string())
+            }
             ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
             ApiError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             ApiError::Denied(_) => Status::permission_denied(e.to_string()),

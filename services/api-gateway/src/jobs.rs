@@ -27,6 +27,7 @@ use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
 use crate::quotas::{Permitted, Quotas};
 use crate::request;
+use crate::secrets::Secrets;
 use crate::submissions::Submissions;
 use crate::watch::{self, STREAM_POLL};
 
@@ -35,6 +36,7 @@ const SUBMIT_JOB: &str = "SubmitJob";
 
 pub struct JobApi {
     backends: Backends,
+    secrets: Secrets,
     admission: Admission,
     submissions: Submissions,
     audit: Auditor,
@@ -45,6 +47,7 @@ pub struct JobApi {
 impl JobApi {
     pub fn new(
         backends: Backends,
+        secrets: Secrets,
         admission: Admission,
         submissions: Submissions,
         audit: Auditor,
@@ -53,6 +56,7 @@ impl JobApi {
     ) -> Self {
         Self {
             backends,
+            secrets,
             admission,
             submissions,
             audit,
@@ -85,6 +89,7 @@ impl JobApi {
             .into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
+        let spec = self.secrets.seal_job(&spec).into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
         limits.check_job("spec.", &spec).into_status()?;
         // Resubmissions of an accepted job are answered even when the queue is full.

@@ -14,6 +14,7 @@ mod limits;
 mod pipelines;
 mod quotas;
 mod request;
+mod secrets;
 mod submissions;
 mod watch;
 mod workers;
@@ -68,6 +69,11 @@ pub struct GatewayConfig {
     /// Concurrent calls one HTTP/2 connection may carry (further ones wait for a free one).
     #[arg(long, env = "HODEI_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
     pub max_streams_per_connection: u32,
+    /// The control plane's public secrets key (`X…`, from `hodei-admin secrets init`):
+    /// secret env values are sealed to it before they are stored. Without it, specs with
+    /// `secret_env` are refused.
+    #[arg(long, env = "HODEI_SECRETS_PUBLIC_KEY")]
+    pub secrets_public_key: Option<String>,
     #[command(flatten)]
     pub tls: TlsConfig,
     #[command(flatten)]
@@ -164,6 +170,7 @@ impl GatewayConfig {
             tenant_submit_burst: NonZeroU32::new(10_000).unwrap_or(NonZeroU32::MIN),
             tenant_max_streams: 1_000,
             max_streams_per_connection: 256,
+            secrets_public_key: None,
             tls: TlsConfig::default(),
             oidc: OidcArgs::default(),
         }
@@ -183,6 +190,8 @@ pub enum GatewayError {
     },
     #[error("failed to set up tls: {0}")]
     Tls(String),
+    #[error("HODEI_SECRETS_PUBLIC_KEY: {0}")]
+    SecretsKey(#[from] hodei_messaging::seal::SealError),
     #[error(transparent)]
     Jwks(#[from] auth::JwksError),
     #[error("failed to build the reflection service: {0}")]
@@ -196,6 +205,7 @@ pub struct Gateway {
     config: GatewayConfig,
     backends: Backends,
     auth: Arc<auth::Authenticator>,
+    secrets: secrets::Secrets,
     tls: Option<ServerTlsConfig>,
     listener: TcpListener,
     addr: SocketAddr,
@@ -204,6 +214,13 @@ pub struct Gateway {
 impl Gateway {
     pub async fn build(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         let tls = config.tls.server_config()?;
+        let secrets = secrets::Secrets::new(
+            config
+                .secrets_public_key
+                .as_deref()
+                .map(hodei_messaging::seal::SealingKey::parse)
+                .transpose()?,
+        );
         let backends = Backends::connect(&config.backends, "hodei-api-gateway").await?;
         let auth = Arc::new(auth::Authenticator::new(
             backends.clone(),
@@ -223,6 +240,7 @@ impl Gateway {
             config,
             backends,
             auth,
+            secrets,
             tls,
             listener,
             addr,
@@ -283,6 +301,7 @@ impl Gateway {
         );
         let pipeline_api = pipelines::PipelineApi::new(
             self.backends.clone(),
+            self.secrets.clone(),
             admission.clone(),
             audit.clone(),
             Arc::clone(&quotas),
@@ -290,6 +309,7 @@ impl Gateway {
         );
         let job_api = jobs::JobApi::new(
             self.backends.clone(),
+            self.secrets.clone(),
             admission,
             submissions::Submissions::start(self.backends.clone()),
             audit.clone(),

@@ -30,6 +30,7 @@ use crate::history::{self, AsOf, Located};
 use crate::limits::TransportLimits;
 use crate::quotas::{Permitted, Quotas};
 use crate::request;
+use crate::secrets::Secrets;
 use crate::watch;
 
 /// Bytes per chunk of an artifact download.
@@ -37,6 +38,7 @@ const DOWNLOAD_CHUNK: usize = 64 * 1024;
 
 pub struct PipelineApi {
     backends: Backends,
+    secrets: Secrets,
     admission: Admission,
     audit: Auditor,
     quotas: Arc<Quotas>,
@@ -46,6 +48,7 @@ pub struct PipelineApi {
 impl PipelineApi {
     pub fn new(
         backends: Backends,
+        secrets: Secrets,
         admission: Admission,
         audit: Auditor,
         quotas: Arc<Quotas>,
@@ -53,6 +56,7 @@ impl PipelineApi {
     ) -> Self {
         Self {
             backends,
+            secrets,
             admission,
             audit,
             quotas,
@@ -121,6 +125,7 @@ impl PipelineApi {
         let wire = request::required("spec", req.spec).into_status()?;
         let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
         let spec = PipelineSpec::try_from(draft).into_status()?;
+        let spec = self.secrets.seal_pipeline(&spec).into_status()?;
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self
                 .backends

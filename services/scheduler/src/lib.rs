@@ -66,6 +66,11 @@ pub struct SchedulerConfig {
     /// Jobs, and pipeline runs, moved to the archive per transaction.
     #[arg(long, env = "HODEI_RETENTION_BATCH", default_value_t = 500)]
     pub retention_batch: u32,
+    /// File whose first line is the control plane's secrets key (an xkey seed, `SX…`, from
+    /// `hodei-admin secrets init`): it opens the secret values the gateway sealed, to seal
+    /// them again for the assigned agent. Without it, jobs with `secret_env` fail.
+    #[arg(long, env = "HODEI_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
 }
 
 impl SchedulerConfig {
@@ -83,6 +88,7 @@ impl SchedulerConfig {
             retention_age: Duration::from_secs(30 * 86_400),
             retention_interval: Duration::from_secs(600),
             retention_batch: 500,
+            secrets_key_file: None,
         }
     }
 
@@ -149,6 +155,8 @@ pub enum SchedulerError {
     Consume { what: &'static str, reason: String },
     #[error("invalid configuration: {field} {reason}")]
     InvalidConfig { field: &'static str, reason: String },
+    #[error("secrets key: {0}")]
+    SecretsKey(#[from] hodei_messaging::seal::SealError),
 }
 
 /// What the handlers share.
@@ -161,6 +169,8 @@ pub(crate) struct Context {
     /// Workers as saved by recorded reports that freed slots, for placement to bring its view
     /// up to date with at the start of its next round (without waiting for the round).
     pub freed: std::sync::Arc<std::sync::Mutex<Vec<hodei_domain::Worker>>>,
+    /// Opens the secret values sealed to the control plane.
+    pub secrets: Option<hodei_messaging::seal::OpeningKey>,
 }
 
 impl Context {
@@ -194,6 +204,16 @@ pub struct Scheduler {
 impl Scheduler {
     pub async fn build(config: SchedulerConfig) -> Result<Scheduler, SchedulerError> {
         config.validate()?;
+        let secrets = config
+            .secrets_key_file
+            .as_deref()
+            .map(hodei_messaging::seal::OpeningKey::load)
+            .transpose()?;
+        if secrets.is_none() {
+            tracing::warn!(
+                "no HODEI_SECRETS_KEY_FILE: jobs with secret_env will fail at placement"
+            );
+        }
         let backends = Backends::connect(&config.backends, "hodei-scheduler").await?;
         // Waiting for a worker is normal for a placement, so its deliveries are not capped.
         let mut placer_config =
@@ -215,6 +235,7 @@ impl Scheduler {
                 config,
                 capacity: std::sync::Arc::default(),
                 freed: std::sync::Arc::default(),
+                secrets,
             },
             placer,
             reporter,

@@ -10,8 +10,9 @@ use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::specification::Specification;
-use hodei_domain::worker::can_take;
-use hodei_domain::{AttemptId, Job, JobEvent, JobId, JobState, Worker, WorkerId};
+use hodei_domain::worker::can_take_job;
+use hodei_domain::{AttemptId, Job, JobEvent, JobId, JobSpec, JobState, Worker, WorkerId};
+use hodei_messaging::seal::{OpeningKey, SealError, SealingKey, is_sealed};
 use hodei_messaging::settle::dead_letter;
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, trace};
 use hodei_storage::driver::Transition;
@@ -33,7 +34,7 @@ fn preference(w: &Worker) -> (u32, u64, std::cmp::Reverse<&str>) {
 
 /// Workers that can take `job`, best first.
 pub fn rank<'a>(workers: &'a [Worker], job: &Job) -> Vec<&'a Worker> {
-    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    let spec = can_take_job(job.spec());
     let mut fit: Vec<(_, &Worker)> = workers
         .iter()
         .filter(|w| spec.is_satisfied_by(w))
@@ -45,7 +46,7 @@ pub fn rank<'a>(workers: &'a [Worker], job: &Job) -> Vec<&'a Worker> {
 
 /// The worker [`rank`] puts first, found in one pass: what a placement needs.
 pub fn best<'a>(workers: &'a [Worker], job: &Job) -> Option<&'a Worker> {
-    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    let spec = can_take_job(job.spec());
     workers
         .iter()
         .filter(|w| spec.is_satisfied_by(w))
@@ -57,7 +58,7 @@ pub fn explain(workers: &[Worker], job: &Job) -> String {
     if workers.is_empty() {
         return "no live workers".to_owned();
     }
-    let spec = can_take(&job.spec().required_labels, job.spec().resources);
+    let spec = can_take_job(job.spec());
     let parts: Vec<String> = workers
         .iter()
         .take(10)
@@ -418,16 +419,25 @@ async fn decide_batch(
         let job_version = job.version();
         let placeable_since = placeable_since(&job);
         let _entered = request.span.enter();
-        let (event, command) = reserve(&mut job, worker, now)?;
+        let (event, command) = reserve(&mut job, worker, now, ctx.secrets.as_ref())?;
+        let placed = command.is_some();
+        let extra = match command {
+            Some(command) => vec![Outgoing::agent_command(worker.id(), &command)?],
+            None => Vec::new(),
+        };
         transitions.push(Transition {
-            extra: vec![Outgoing::agent_command(worker.id(), &command)?],
+            extra,
             job,
             expected_version: job_version,
             events: vec![event],
             span: request.span.clone(),
         });
-        waits.push(placeable_since);
-        decided.push((i, Decision::Settled(Placement::Placed)));
+        if placed {
+            waits.push(placeable_since);
+            decided.push((i, Decision::Settled(Placement::Placed)));
+        } else {
+            decided.push((i, Decision::Settled(Placement::Stale)));
+        }
     }
     if !transitions.is_empty() || !reasons.is_empty() {
         let saves: Vec<(&Worker, u64)> = reserved
@@ -442,8 +452,13 @@ async fn decide_batch(
         if !transitions.is_empty() {
             ctx.backends.relay_wake.notify_one();
         }
-        for (t, since) in transitions.iter().zip(waits) {
+        let (assigned, failed): (Vec<&Transition>, Vec<&Transition>) =
+            transitions.iter().partition(|t| !t.extra.is_empty());
+        for (t, since) in assigned.into_iter().zip(waits) {
             observe_assigned(ctx, &t.job, since, now);
+        }
+        for t in failed {
+            ctx.backends.metrics.job_finished(t.job.state().as_str());
         }
     }
     Ok(decided)
@@ -665,12 +680,28 @@ fn placeable_since(job: &Job) -> chrono::DateTime<Utc> {
 }
 
 /// Assigns `job` to `worker` in memory, reserving the slot: returns the job's event and the
-/// agent's command.
+/// agent's command, its secret values sealed to the worker's agent. A job whose secret values
+/// cannot be opened with `secrets` (no key, another key, altered) can run nowhere: it fails
+/// instead, and there is no command.
 fn reserve(
     job: &mut Job,
     worker: &mut Worker,
     now: chrono::DateTime<Utc>,
-) -> Result<(JobEvent, AgentCommand), StorageError> {
+    secrets: Option<&OpeningKey>,
+) -> Result<(JobEvent, Option<AgentCommand>), StorageError> {
+    let spec = match seal_for(job.spec(), secrets, worker.seal_key()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let why = format!("secret_env cannot be handed to a worker: {e}");
+            tracing::warn!(job_id = %job.id(), reason = %why, "job failed");
+            let event = job
+                .fail_unplaceable(&why, now)
+                .map_err(|e| StorageError::Conflict {
+                    what: e.to_string(),
+                })?;
+            return Ok((event, None));
+        }
+    };
     let event = job
         .assign(worker.id().clone(), now)
         .map_err(|e| StorageError::Conflict {
@@ -685,11 +716,38 @@ fn reserve(
     let command = AgentCommand::Assign {
         job_id: job.id(),
         attempt,
-        spec: Box::new(job.spec().clone()),
+        spec: Box::new(spec),
         assigned_at: now,
         incarnation: worker.incarnation(),
     };
-    Ok((event, command))
+    Ok((event, Some(command)))
+}
+
+/// `spec` with its secret values sealed to `agent_key`: each is opened with the control
+/// plane's key first (a value stored in clear, before sealing existed, is sealed as it is).
+fn seal_for(
+    spec: &JobSpec,
+    secrets: Option<&OpeningKey>,
+    agent_key: Option<&str>,
+) -> Result<JobSpec, SealError> {
+    if !spec.has_secrets() {
+        return Ok(spec.clone());
+    }
+    let agent = SealingKey::parse(
+        agent_key.ok_or_else(|| SealError::Key("the worker announced no sealing key".into()))?,
+    )?;
+    spec.map_secrets(|value| {
+        let plain = if is_sealed(value) {
+            secrets
+                .ok_or_else(|| {
+                    SealError::Key("this scheduler has no HODEI_SECRETS_KEY_FILE".into())
+                })?
+                .open(value)?
+        } else {
+            value.to_owned()
+        };
+        agent.seal(&plain)
+    })
 }
 
 /// Counts and logs an assignment that was committed.
@@ -715,18 +773,22 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
     let now = Utc::now();
     let (job_version, worker_version) = (job.version(), worker.version());
     let since = placeable_since(job);
-    let (event, command) = reserve(job, &mut worker, now)?;
-    let messages = [
-        Outgoing::job_event(&event, SOURCE)?,
-        Outgoing::agent_command(worker.id(), &command)?,
-    ];
+    let (event, command) = reserve(job, &mut worker, now, ctx.secrets.as_ref())?;
+    let mut messages = vec![Outgoing::job_event(&event, SOURCE)?];
+    if let Some(command) = &command {
+        messages.push(Outgoing::agent_command(worker.id(), command)?);
+    }
     let mut tx = ctx.backends.pool.begin().await?;
     workers::save_reservation(&mut tx, &worker, worker_version).await?;
     driver::save_job(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;
     outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
-    observe_assigned(ctx, job, since, now);
+    if command.is_some() {
+        observe_assigned(ctx, job, since, now);
+    } else {
+        ctx.backends.metrics.job_finished(job.state().as_str());
+    }
     Ok(worker)
 }
 

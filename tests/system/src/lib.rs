@@ -316,6 +316,10 @@ impl TestSystem {
                 .map_err(|e| fail("nats credentials")(e.to_string()))?;
         }
         let nats_ca = tls_dir.as_ref().map(|d| d.path().join("ca.pem"));
+        // The control plane's secrets key: the gateway seals to it, the schedulers open.
+        let secrets_key = nats_dir.path().join("secrets.xk");
+        let secrets_public = hodei_admin::secrets_init(&secrets_key)
+            .map_err(|e| fail("secrets key")(e.to_string()))?;
         let admin_seed = read_seed(&nats_credentials, &NatsRole::Admin)?;
         let nats = TestNats::start_secured(NatsSecurity {
             config: nats_credentials.server_config(),
@@ -356,6 +360,7 @@ impl TestSystem {
             tenant_submit_burst: std::num::NonZeroU32::new(options.tenant_submit_burst)
                 .ok_or_else(|| StartError("tenant_submit_burst must be 1 or more".into()))?,
             tenant_max_streams: options.tenant_max_streams,
+            secrets_public_key: Some(secrets_public),
             ..GatewayConfig::new(as_service(NatsRole::Gateway), ([127, 0, 0, 1], 0).into())
         })
         .await
@@ -385,6 +390,7 @@ impl TestSystem {
                 ack_wait_ms: options.ack_wait_ms,
                 retention_age: options.retention_age,
                 retention_interval: options.retention_interval,
+                secrets_key_file: Some(secrets_key.clone()),
                 ..SchedulerConfig::new(as_service(NatsRole::Scheduler))
             })
             .await

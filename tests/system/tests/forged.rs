@@ -129,6 +129,7 @@ async fn out_of_range_heartbeats_are_refused_alone_and_real_workers_stay_ready()
         running: Vec::new(),
         draining: false,
         leaving: false,
+        seal_key: None,
         sent_at: Utc::now(),
     };
     let payload = serde_json::to_vec(&beat).unwrap();

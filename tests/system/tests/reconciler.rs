@@ -58,6 +58,7 @@ impl MuteWorker {
                         running: running.lock().unwrap().clone(),
                         draining: false,
                         leaving: false,
+                        seal_key: None,
                         sent_at: Utc::now(),
                     };
                     let payload = serde_json::to_vec(&beat).unwrap();

@@ -269,21 +269,45 @@ impl PipelineSpec {
     /// The spec with every secret value masked, in every step and in the pipeline's own `env`
     /// (an entry any step calls secret): what events and answers show.
     pub fn redacted(&self) -> PipelineSpec {
+        let masked = self.map_secrets(|_| {
+            Ok::<_, std::convert::Infallible>(crate::spec::SECRET_MASK.to_owned())
+        });
+        match masked {
+            Ok(spec) => spec,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Whether some env entry, of a step or of the pipeline, is secret.
+    pub fn has_secrets(&self) -> bool {
+        !self.pipeline_secrets().is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|s| s.secret_env.iter().any(|name| s.env.contains_key(name)))
+    }
+
+    /// The spec with each secret value, in every step and in the pipeline's own `env`,
+    /// replaced by `f(value)`: masked or sealed.
+    pub fn map_secrets<E>(
+        &self,
+        mut f: impl FnMut(&str) -> Result<String, E>,
+    ) -> Result<PipelineSpec, E> {
         let secrets = self.pipeline_secrets();
         let mut draft = self.0.clone();
         for name in &secrets {
             if let Some(value) = draft.env.get_mut(name) {
-                *value = crate::spec::SECRET_MASK.to_owned();
+                *value = f(value)?;
             }
         }
         for step in &mut draft.steps {
             for name in &step.secret_env {
                 if let Some(value) = step.env.get_mut(name) {
-                    *value = crate::spec::SECRET_MASK.to_owned();
+                    *value = f(value)?;
                 }
             }
         }
-        PipelineSpec(draft)
+        Ok(PipelineSpec(draft))
     }
 }
 

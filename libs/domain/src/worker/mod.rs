@@ -132,6 +132,10 @@ pub struct Worker {
     version: u64,
     incarnation: Option<IncarnationId>,
     lease: LeaseTerms,
+    /// The public key its current agent incarnation announced: secret values are sealed to
+    /// it at assignment. None for an agent that announced none (it gets no job with secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal_key: Option<String>,
 }
 
 impl Worker {
@@ -165,6 +169,7 @@ impl Worker {
             version: 0,
             incarnation: None,
             lease: LeaseTerms::DEFAULT,
+            seal_key: None,
         };
         (worker, event)
     }
@@ -198,6 +203,7 @@ impl Worker {
             version,
             incarnation,
             lease,
+            seal_key: None,
         }
     }
 
@@ -240,6 +246,15 @@ impl Worker {
     pub fn with_agent(mut self, incarnation: IncarnationId, lease: LeaseTerms) -> Self {
         self.incarnation = Some(incarnation);
         self.lease = lease;
+        self
+    }
+    /// The public key secret values are sealed to for its current agent incarnation.
+    pub fn seal_key(&self) -> Option<&str> {
+        self.seal_key.as_deref()
+    }
+    /// Sets the public key its agent announced.
+    pub fn with_seal_key(mut self, seal_key: Option<String>) -> Self {
+        self.seal_key = seal_key;
         self
     }
     /// Reservation version, for optimistic concurrency between scheduler replicas.
@@ -511,6 +526,19 @@ pub fn can_take(required_labels: &BTreeMap<String, String>, resources: Resources
         )));
     }
     AllOf(rules)
+}
+
+/// What a worker must offer to take a job with `spec`: [`can_take`] its labels and
+/// resources, and for a job with secrets, an agent that announced a sealing key.
+pub fn can_take_job(spec: &JobSpec) -> AllOf<Worker> {
+    let mut all = can_take(&spec.required_labels, spec.resources);
+    if spec.has_secrets() {
+        all.0.push(Box::new(Predicate::new(
+            "an agent that announces a sealing key (for secret_env)",
+            |w: &Worker| w.seal_key.is_some(),
+        )));
+    }
+    all
 }
 
 #[cfg(test)]
