@@ -6,6 +6,9 @@
 #   prints what happened. Security is on: the API is served over TLS with certificates of a
 #   local CA (.hodei/tls, made once by `hodei-admin tls init`), and the demo calls it with an
 #   admin token made by `hodei-admin token create` (kept in .hodei/token, readable by you only).
+#   NATS takes TLS with the same CA and admits only the nkeys of `hodei-admin nats`
+#   (.hodei/nats-auth): one per service and per agent, each allowed only its own subjects.
+#   Secret env values are sealed with the key of `hodei-admin secrets init` (.hodei/secrets.xk).
 #
 # On a terminal the system stays up until Ctrl-C (use `target/debug/hodei --help` meanwhile);
 # otherwise, or with HODEI_DEMO_EXIT=1, everything is stopped once the demo ends.
@@ -61,6 +64,24 @@ if [ ! -f "$TLS/ca.pem" ]; then
 fi
 export HODEI_CA="$TLS/ca.pem"
 
+# NATS credentials: the services' keys are made once; each agent is enrolled afresh (a new
+# key, its old one revoked) before the server reads the authorization block.
+NATS_AUTH="$ROOT/.hodei/nats-auth"
+"$BIN/hodei-admin" nats init --dir "$NATS_AUTH" \
+    --tls-cert "$TLS/server.pem" --tls-key "$TLS/server-key.pem" >/dev/null
+GPU_NKEY="$("$BIN/hodei-admin" nats agent-add --dir "$NATS_AUTH" --id agent-gpu 2>/dev/null)"
+CPU_NKEY="$("$BIN/hodei-admin" nats agent-add --dir "$NATS_AUTH" --id agent-cpu 2>/dev/null)"
+cat >"$NATS_AUTH/nats.conf" <<CONF
+host: "127.0.0.1"
+port: $NATS_PORT
+jetstream { store_dir: "$ROOT/.hodei/nats" }
+pid_file: "$RUN/nats.pid"
+include auth.conf
+CONF
+export HODEI_NATS_CA="$TLS/ca.pem"
+# The control plane's secrets key: the gateway seals to its public half, schedulers open.
+SECRETS_PUBLIC_KEY="$("$BIN/hodei-admin" secrets init --file "$ROOT/.hodei/secrets.xk")"
+
 start() {
     local name="$1"
     shift
@@ -70,13 +91,15 @@ start() {
 
 echo "==> starting nats-server on port $NATS_PORT"
 mkdir -p "$ROOT/.hodei/nats"
-start nats "$HODEI_NATS_SERVER" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$ROOT/.hodei/nats"
+start nats "$HODEI_NATS_SERVER" --config "$NATS_AUTH/nats.conf"
 
 echo "==> starting api-gateway ($HODEI_SERVER), scheduler, registry and two agents"
 HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" HODEI_TLS_CERT="$TLS/server.pem" HODEI_TLS_KEY="$TLS/server-key.pem" \
+    HODEI_NATS_NKEY_FILE="$NATS_AUTH/api-gateway.nk" HODEI_SECRETS_PUBLIC_KEY="$SECRETS_PUBLIC_KEY" \
     start api-gateway "$BIN/hodei-api-gateway"
-start scheduler "$BIN/hodei-scheduler"
-start registry "$BIN/hodei-registry"
+HODEI_NATS_NKEY_FILE="$NATS_AUTH/scheduler.nk" HODEI_SECRETS_KEY_FILE="$ROOT/.hodei/secrets.xk" \
+    start scheduler "$BIN/hodei-scheduler"
+HODEI_NATS_NKEY_FILE="$NATS_AUTH/registry.nk" start registry "$BIN/hodei-registry"
 # As root, each agent runs every job as a uid of its own range (disjoint per agent on a host),
 # so jobs cannot read the agent or each other; otherwise jobs run as your user.
 GPU_JOBS="" CPU_JOBS=""
@@ -84,9 +107,9 @@ if [ "$(id -u)" = 0 ]; then
     GPU_JOBS=61184-61215 CPU_JOBS=61216-61247
 fi
 HODEI_WORKER_ID=agent-gpu HODEI_AGENT_LABELS="gpu=true,os=linux" HODEI_JOB_USER="$GPU_JOBS" \
-    start agent-gpu "$BIN/hodei-agent"
+    HODEI_NATS_NKEY_FILE="$GPU_NKEY" start agent-gpu "$BIN/hodei-agent"
 HODEI_WORKER_ID=agent-cpu HODEI_AGENT_LABELS="os=linux" HODEI_JOB_USER="$CPU_JOBS" \
-    start agent-cpu "$BIN/hodei-agent"
+    HODEI_NATS_NKEY_FILE="$CPU_NKEY" start agent-cpu "$BIN/hodei-agent"
 
 echo "==> making the demo's admin token (.hodei/token)"
 HODEI_TOKEN="$("$BIN/hodei-admin" token create --name "demo $(date -u +%FT%TZ)" --role admin 2>/dev/null)"
@@ -114,6 +137,9 @@ echo "==> demo 2: a job that needs gpu=true runs on agent-gpu"
 "$HODEI" run --name demo-gpu --require gpu=true -- sh -c 'echo "running on $HODEI_WORKER_ID"'
 
 echo
+echo "==> demo 2b: a secret reaches the job sealed, and is masked in its output"
+"$HODEI" run -f "$ROOT/examples/jobs/secret.yaml"
+
 echo "==> demo 3: a failing job: its exit code comes back"
 rc=0
 "$HODEI" run --name demo-fail -- sh -c 'echo "about to fail" >&2; exit 3' || rc=$?
