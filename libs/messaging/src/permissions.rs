@@ -129,15 +129,13 @@ fn agent_permissions(id: &WorkerId, inbox: String) -> Permissions {
             ),
             format!("$JS.API.CONSUMER.MSG.NEXT.{agent}.{consumer}"),
             format!("$JS.ACK.{agent}.{consumer}.>"),
-            // The artifact bucket: writing objects, and reading them (ordered consumers).
+            // The artifact bucket: writing objects, and reading them with direct gets. No
+            // consumer: its creator picks the subject the server delivers stored bytes to,
+            // which nats-server does not check against the creator's permissions.
             format!("$JS.API.STREAM.INFO.{objects}"),
             format!("$JS.API.STREAM.MSG.GET.{objects}"),
+            format!("$JS.API.DIRECT.GET.{objects}"),
             format!("$JS.API.DIRECT.GET.{objects}.>"),
-            format!("$JS.API.CONSUMER.CREATE.{objects}"),
-            format!("$JS.API.CONSUMER.CREATE.{objects}.>"),
-            format!("$JS.API.CONSUMER.INFO.{objects}.>"),
-            format!("$JS.API.CONSUMER.DELETE.{objects}.>"),
-            format!("$JS.FC.{objects}.>"),
             format!("$O.{}.>", artifacts::BUCKET),
         ],
         subscribe: vec![inbox],
@@ -208,6 +206,15 @@ mod tests {
                 .contains(&"$JS.API.CONSUMER.MSG.NEXT.HODEI_AGENT.agent-w-1".to_owned())
         );
         assert!(!p.publish.iter().any(|s| s.contains("agent.*")));
+        // No consumer but its own command consumer: a consumer's creator picks where the
+        // server delivers, unchecked.
+        assert_eq!(
+            p.publish
+                .iter()
+                .filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE."))
+                .count(),
+            1
+        );
         assert_eq!(p.subscribe, vec!["_INBOX_hodei-agent-w-1.>".to_owned()]);
         for service in [NatsRole::Scheduler, NatsRole::Registry, NatsRole::Gateway] {
             let p = service.permissions();

@@ -49,6 +49,8 @@ pub enum TestSupportError {
     },
 
     /// An HTTP request to a service's metrics and health server failed.
+    #[error("nats-server: {0}")]
+    NatsMisuse(String),
     #[error("http GET {url} failed: {reason}")]
     Http {
         /// The URL requested.

@@ -119,9 +119,12 @@ impl TestNats {
     /// Replaces the security fragment of the configuration and has the running server reload
     /// it (`--signal reload`). The reload is applied asynchronously: wait on its effect.
     pub async fn reload(&mut self, config: String) -> Result<(), TestSupportError> {
-        if let Some(security) = self.security.as_mut() {
-            security.config = config;
-        }
+        let Some(security) = self.security.as_mut() else {
+            return Err(TestSupportError::NatsMisuse(
+                "reload needs a server started with start_secured".to_owned(),
+            ));
+        };
+        security.config = config;
         self.write_config()?;
         let pid =
             self.child

@@ -62,6 +62,7 @@ pub struct Agent {
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
     consumer: PullConsumer,
+    artifact_reader: artifacts::DirectReader,
     /// Opens the secret values sealed to this incarnation.
     seal: OpeningKey,
     force_stop: CancellationToken,
@@ -139,6 +140,7 @@ impl Agent {
         )
         .await?;
         let artifacts = artifacts::existing_bucket(&js).await?;
+        let artifact_reader = artifacts::DirectReader::open(&js).await?;
         let consumer =
             streams::consumer(&js, streams::AGENT, permissions::agent_consumer(id)).await?;
         let observability = match settings.metrics_addr {
@@ -167,6 +169,7 @@ impl Agent {
             client,
             js,
             artifacts,
+            artifact_reader,
             consumer,
             force_stop: CancellationToken::new(),
             metrics: Metrics::new(SERVICE),
@@ -231,6 +234,7 @@ impl Agent {
             stops: stops.clone(),
             metrics: self.metrics.clone(),
             artifacts: self.artifacts.clone(),
+            artifact_reader: self.artifact_reader.clone(),
             artifact_max_bytes: self.settings.artifact_max_bytes,
             records: self.records.clone(),
             setpriv: self.setpriv.clone(),

@@ -65,6 +65,8 @@ pub(crate) struct AttemptContext {
     pub metrics: hodei_telemetry::Metrics,
     /// Where pipeline steps' artifacts are kept.
     pub artifacts: async_nats::jetstream::object_store::ObjectStore,
+    /// Reads the artifacts of the steps a step consumes (direct gets, no consumer).
+    pub artifact_reader: hodei_messaging::artifacts::DirectReader,
     pub artifact_max_bytes: u64,
     /// Where attempts are recorded for the next incarnation.
     pub records: Records,
@@ -254,7 +256,7 @@ async fn spawn(
         .await
         .map_err(|e| io_err("failed to create workspace", workspace, e))?;
     if let Some(plan) = &spec.artifacts {
-        artifacts::fetch(&ctx.artifacts, plan, workspace)
+        artifacts::fetch(&ctx.artifact_reader, plan, workspace)
             .await
             .map_err(|reason| format!("failed to fetch artifacts: {reason}"))?;
     }

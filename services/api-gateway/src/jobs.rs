@@ -402,7 +402,7 @@ impl JobService for JobApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        self.load(&who, id).await?;
+        let mut job = self.load(&who, id).await?;
         let permit = self.quotas.open_stream(&who.tenant).into_status()?;
         let subjects = [subjects::logs_of(&id), subjects::legacy_logs_of(&id)];
         let stream = self
@@ -450,6 +450,17 @@ impl JobService for JobApi {
                         }
                         let pending = message.info().map(|i| i.pending).unwrap_or(1);
                         match serde_json::from_slice::<LogBatch>(&message.payload) {
+                            Ok(batch)
+                                if !sent_by_runner(
+                                    &backends,
+                                    &mut job,
+                                    &message.subject,
+                                    &batch,
+                                )
+                                .await =>
+                            {
+                                tracing::warn!(job_id = %id, subject = %message.subject, attempt = %batch.attempt, "log batch from a worker that did not run its attempt skipped");
+                            }
                             Ok(batch) => {
                                 for line in batch.lines {
                                     sequence += 1;
@@ -513,6 +524,35 @@ impl JobService for JobApi {
             permit,
         )))
     }
+}
+
+/// Whether the worker `subject` names (`hodei.v1.log.<worker>.<job>`) ran the attempt `batch`
+/// is of, by `job`'s attempts, read again when it does not know the attempt yet. A batch on a
+/// legacy subject names no worker and is taken.
+async fn sent_by_runner(
+    backends: &Backends,
+    job: &mut Job,
+    subject: &str,
+    batch: &LogBatch,
+) -> bool {
+    let Some(sender) =
+        subjects::token_after(subject, 3).filter(|_| subject.split('.').count() == 5)
+    else {
+        return true;
+    };
+    let runner = |job: &Job| {
+        job.attempts()
+            .iter()
+            .find(|a| a.attempt == batch.attempt)
+            .map(|a| a.worker_id.as_str() == sender)
+    };
+    if let Some(ran) = runner(job) {
+        return ran;
+    }
+    if let Ok(Some(fresh)) = backends.db(|| jobs::get(&backends.pool, job.id())).await {
+        *job = fresh;
+    }
+    runner(job).unwrap_or(false)
 }
 
 /// The stream sequence of the newest log batch on any of `subjects`; `None` if there is none.

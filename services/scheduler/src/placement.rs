@@ -413,14 +413,16 @@ async fn decide_batch(
         let Some(worker) = view.worker_mut(&worker_id) else {
             continue;
         };
-        if !reserved.iter().any(|(id, _)| id == &worker_id) {
-            reserved.push((worker_id.clone(), worker.version()));
-        }
+        let read_version = worker.version();
         let job_version = job.version();
         let placeable_since = placeable_since(&job);
         let _entered = request.span.enter();
         let (event, command) = reserve(&mut job, worker, now, ctx.secrets.as_ref())?;
         let placed = command.is_some();
+        // Only a worker given an attempt is saved (and locked) with the batch.
+        if placed && !reserved.iter().any(|(id, _)| id == &worker_id) {
+            reserved.push((worker_id.clone(), read_version));
+        }
         let extra = match command {
             Some(command) => vec![Outgoing::agent_command(worker.id(), &command)?],
             None => Vec::new(),
@@ -641,10 +643,12 @@ async fn place(
         return Ok(Placement::NoWorker);
     };
     match assign(ctx, &mut job, worker).await {
-        Ok(worker) => {
+        Ok(Some(worker)) => {
             view.saved(worker);
             Ok(Placement::Placed)
         }
+        // The job failed instead (its secrets cannot be handed to any worker).
+        Ok(None) => Ok(Placement::Stale),
         Err(e) => {
             if e.is_conflict() {
                 view.forget();
@@ -768,8 +772,13 @@ fn observe_assigned(
     }
 }
 
-/// Assigns `job` to `worker` and returns the worker as saved, its slot reserved.
-async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Worker, StorageError> {
+/// Assigns `job` to `worker` and returns the worker as saved, its slot reserved; `None` when
+/// the job failed instead (see [`reserve`]).
+async fn assign(
+    ctx: &Context,
+    job: &mut Job,
+    mut worker: Worker,
+) -> Result<Option<Worker>, StorageError> {
     let now = Utc::now();
     let (job_version, worker_version) = (job.version(), worker.version());
     let since = placeable_since(job);
@@ -779,17 +788,20 @@ async fn assign(ctx: &Context, job: &mut Job, mut worker: Worker) -> Result<Work
         messages.push(Outgoing::agent_command(worker.id(), command)?);
     }
     let mut tx = ctx.backends.pool.begin().await?;
-    workers::save_reservation(&mut tx, &worker, worker_version).await?;
+    if command.is_some() {
+        workers::save_reservation(&mut tx, &worker, worker_version).await?;
+    }
     driver::save_job(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;
     outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
     ctx.backends.relay_wake.notify_one();
     if command.is_some() {
         observe_assigned(ctx, job, since, now);
+        Ok(Some(worker))
     } else {
         ctx.backends.metrics.job_finished(job.state().as_str());
+        Ok(None)
     }
-    Ok(worker)
 }
 
 #[cfg(test)]

@@ -117,6 +117,13 @@ async fn the_server_lets_each_credential_speak_only_for_itself() {
     }
     let next = format!("$JS.API.CONSUMER.MSG.NEXT.{}.agent-{b}", streams::AGENT);
     agent_a.publish_refused(&next).await;
+    // Nor create a consumer on the artifact bucket: its creator would pick where the server
+    // delivers stored bytes (a heartbeat or report subject of another worker).
+    let objects = format!(
+        "$JS.API.CONSUMER.CREATE.{}",
+        hodei_messaging::artifacts::stream_name()
+    );
+    agent_a.publish_refused(&objects).await;
     let _sub = agent_a
         .client
         .subscribe(subjects::agent_commands(&b))
