@@ -1,6 +1,7 @@
 //! Forged and odd messages on the bus harm nobody but their sender: a report from a worker
 //! that does not hold the attempt is dead-lettered without touching the job, and a stream of
-//! out-of-range heartbeats is refused beat by beat while real workers stay ready and jobs flow.
+//! out-of-range heartbeats is refused beat by beat while real workers stay ready and jobs flow,
+//! and a log batch from a worker that did not run its attempt is not shown.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -185,5 +186,73 @@ async fn out_of_range_heartbeats_are_refused_alone_and_real_workers_stay_ready()
     assert_eq!(list[0].status(), pb::WorkerStatus::Ready);
     stop.cancel();
     beating.await.unwrap();
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_batch_from_a_worker_that_did_not_run_the_attempt_is_not_shown() {
+    let system = TestSystem::start(AGENTS).await.unwrap();
+    let job = system
+        .submit(script("honest-logs", "echo honest line"))
+        .await
+        .unwrap();
+    let done = system
+        .wait_terminal(&job.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    let job_id: JobId = job.id.parse().unwrap();
+    // As admin (no agent's key may publish this): a batch for attempt 1 under another
+    // worker's name, and one under the runner's name for an attempt it never had.
+    let (_, js) = system.admin_nats().await.unwrap();
+    let forged = |attempt: u32, text: &str| {
+        serde_json::to_vec(&hodei_messaging::LogBatch {
+            job_id,
+            attempt: AttemptNumber::new(attempt),
+            lines: vec![hodei_messaging::LogEntry {
+                seq: 1,
+                stream: hodei_messaging::LogStreamKind::Stdout,
+                text: text.to_owned(),
+                at: Utc::now(),
+            }],
+            eof: true,
+        })
+        .unwrap()
+    };
+    let impostor: WorkerId = "impostor".parse().unwrap();
+    let honest: WorkerId = "honest".parse().unwrap();
+    for (subject, payload) in [
+        (
+            subjects::log(&impostor, &job_id),
+            forged(1, "forged by another"),
+        ),
+        (subjects::log(&honest, &job_id), forged(7, "forged attempt")),
+    ] {
+        js.publish(subject, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut stream = system
+        .jobs
+        .clone()
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job.id.clone(),
+            from_sequence: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut texts = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        texts.push(line.text);
+    }
+    assert_eq!(texts, vec!["honest line".to_owned()]);
     system.stop().await;
 }
