@@ -116,13 +116,9 @@ impl OpeningKey {
         self.0.seed().map_err(|e| SealError::Key(e.to_string()))
     }
 
-    /// The public half, that values are sealed to.
-    pub fn sealing_key(&self) -> SealingKey {
-        match XKey::from_public_key(&self.0.public_key()) {
-            Ok(public) => SealingKey(Arc::new(public)),
-            // A key's own public form always parses; keep the private key if it did not.
-            Err(_) => SealingKey(Arc::clone(&self.0)),
-        }
+    /// The public half (`X…`), that values are sealed to ([`SealingKey::parse`]).
+    pub fn public_key(&self) -> String {
+        self.0.public_key()
     }
 
     /// The value `sealed` holds.
@@ -153,10 +149,11 @@ mod tests {
     fn only_the_key_sealed_to_opens_and_each_seal_differs() {
         let control = OpeningKey::generate();
         let agent = OpeningKey::generate();
-        let sealed = control.sealing_key().seal("hunter2").unwrap();
+        let to_control = SealingKey::parse(&control.public_key()).unwrap();
+        let sealed = to_control.seal("hunter2").unwrap();
         assert!(is_sealed(&sealed));
         assert!(!sealed.contains("hunter2"));
-        assert_ne!(sealed, control.sealing_key().seal("hunter2").unwrap());
+        assert_ne!(sealed, to_control.seal("hunter2").unwrap());
         assert_eq!(control.open(&sealed).unwrap(), "hunter2");
         assert!(matches!(agent.open(&sealed), Err(SealError::Open(_))));
         assert_eq!(agent.open("hunter2"), Err(SealError::NotSealed));
@@ -164,7 +161,7 @@ mod tests {
         tampered.pop();
         tampered.push(if sealed.ends_with('A') { 'B' } else { 'A' });
         assert!(control.open(&tampered).is_err());
-        let public = SealingKey::parse(&agent.sealing_key().public_key()).unwrap();
+        let public = SealingKey::parse(&agent.public_key()).unwrap();
         let again = OpeningKey::from_seed(&agent.seed().unwrap()).unwrap();
         assert_eq!(again.open(&public.seal("").unwrap()).unwrap(), "");
     }

@@ -162,7 +162,8 @@ impl TestNats {
             "host: \"127.0.0.1\"\nport: {port}\nserver_name: \"hodei-test-{port}\"\n\
              jetstream {{ store_dir: {store}, max_file_store: 1TB }}\n",
             port = self.port,
-            store = quoted(&self.store_dir().to_string_lossy()),
+            // A JSON string is a nats-server configuration string.
+            store = serde_json::Value::from(self.store_dir().to_string_lossy()),
         );
         if let Some(security) = &self.security {
             config.push_str(&security.config);
@@ -292,20 +293,6 @@ impl Drop for TestNats {
             }
         }
     }
-}
-
-/// `text` as a double-quoted nats-server configuration string.
-fn quoted(text: &str) -> String {
-    let mut quoted = String::with_capacity(text.len() + 2);
-    quoted.push('"');
-    for c in text.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
-        }
-        quoted.push(c);
-    }
-    quoted.push('"');
-    quoted
 }
 
 /// One readiness probe: connect, ask JetStream for the account info.

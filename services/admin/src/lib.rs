@@ -119,17 +119,12 @@ pub fn secrets_init(file: &std::path::Path) -> Result<String, AdminError> {
         Err(_) if !file.exists() => {
             let key = OpeningKey::generate();
             let seed = key.seed().map_err(|e| AdminError::Key(e.to_string()))?;
-            let dir = file.parent().unwrap_or(std::path::Path::new("."));
-            let name = file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            write_files(dir, &[(name, format!("{seed}\n"), 0o600)])?;
+            write_file(file, &format!("{seed}\n"), 0o600)?;
             key
         }
         Err(e) => return Err(AdminError::Key(e.to_string())),
     };
-    Ok(key.sealing_key().public_key())
+    Ok(key.public_key())
 }
 
 /// The NATS credential commands. None needs the database; after `agent-add` or
@@ -321,24 +316,37 @@ fn write_files<S: AsRef<str>>(
     dir: &std::path::Path,
     files: &[(S, String, u32)],
 ) -> Result<Vec<std::path::PathBuf>, AdminError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-
     let mut written = Vec::new();
-    for (name, pem, mode) in files {
+    for (name, contents, mode) in files {
         let path = dir.join(name.as_ref());
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(*mode)
-            .open(&path)
-            .map_err(|e| AdminError::Io(path.clone(), e))?;
-        file.write_all(pem.as_bytes())
-            .map_err(|e| AdminError::Io(path.clone(), e))?;
+        write_file(&path, contents, *mode)?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// Writes `contents` to `path` with `mode`, through a temporary file and a rename, so a reader
+/// sees the old file or the new one, never half of one.
+pub(crate) fn write_file(
+    path: &std::path::Path,
+    contents: &str,
+    mode: u32,
+) -> Result<(), AdminError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| AdminError::Io(tmp.clone(), e))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| AdminError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| AdminError::Io(path.to_owned(), e))
 }
 
 /// Moves every job and run that ended more than `older_than` ago to the archive, a batch per

@@ -14,7 +14,7 @@ use hodei_domain::WorkerId;
 use hodei_messaging::permissions::{NatsRole, NatsUser, server_config};
 use serde::{Deserialize, Serialize};
 
-use crate::AdminError;
+use crate::{AdminError, write_file};
 
 const USERS: &str = "users.json";
 const AUTH: &str = "auth.conf";
@@ -187,8 +187,8 @@ impl NatsCredentials {
     fn save(&self) -> Result<(), AdminError> {
         let users = serde_json::to_string_pretty(&self.users)
             .map_err(|e| AdminError::Format(self.dir.join(USERS), e))?;
-        write_atomically(&self.dir.join(USERS), &users, 0o600)?;
-        write_atomically(&self.auth_file(), &self.server_config(), 0o600)
+        write_file(&self.dir.join(USERS), &users, 0o600)?;
+        write_file(&self.auth_file(), &self.server_config(), 0o600)
     }
 }
 
@@ -204,28 +204,8 @@ fn kind(role: &NatsRole) -> String {
 fn write_seed(path: &Path) -> Result<String, AdminError> {
     let key = nkeys::KeyPair::new_user();
     let seed = key.seed().map_err(|e| AdminError::Key(e.to_string()))?;
-    write_atomically(path, &format!("{seed}\n"), 0o600)?;
+    write_file(path, &format!("{seed}\n"), 0o600)?;
     Ok(key.public_key())
-}
-
-/// Writes `contents` to `path` through a temporary file and a rename, so a reader sees the
-/// old file or the new one, never half of one.
-fn write_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), AdminError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| AdminError::Io(tmp.clone(), e))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| AdminError::Io(tmp.clone(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| AdminError::Io(path.to_owned(), e))
 }
 
 #[cfg(test)]

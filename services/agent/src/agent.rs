@@ -274,7 +274,7 @@ impl Agent {
                 Arc::clone(&draining),
             )
             .with_metrics(self.metrics.clone())
-            .with_seal_key(self.seal.sealing_key().public_key())
+            .with_seal_key(self.seal.public_key())
             .run(
                 self.settings.heartbeat_interval,
                 Arc::clone(&beat_now),

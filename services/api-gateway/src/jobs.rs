@@ -89,7 +89,7 @@ impl JobApi {
             .into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
-        let spec = self.secrets.seal_job(&spec).into_status()?;
+        let spec = self.secrets.seal_job(spec).into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
         limits.check_job("spec.", &spec).into_status()?;
         // Resubmissions of an accepted job are answered even when the queue is full.

@@ -125,7 +125,7 @@ impl PipelineApi {
         let wire = request::required("spec", req.spec).into_status()?;
         let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
         let spec = PipelineSpec::try_from(draft).into_status()?;
-        let spec = self.secrets.seal_pipeline(&spec).into_status()?;
+        let spec = self.secrets.seal_pipeline(spec).into_status()?;
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self
                 .backends

@@ -19,18 +19,18 @@ impl Secrets {
     }
 
     /// `spec` with its secret values sealed.
-    pub fn seal_job(&self, spec: &JobSpec) -> Result<JobSpec, ApiError> {
+    pub fn seal_job(&self, spec: JobSpec) -> Result<JobSpec, ApiError> {
         if !spec.has_secrets() {
-            return Ok(spec.clone());
+            return Ok(spec);
         }
         let key = self.key()?;
         spec.map_secrets(|value| key.seal(value)).map_err(sealing)
     }
 
     /// `spec` with its secret values (of every step and of the pipeline) sealed.
-    pub fn seal_pipeline(&self, spec: &PipelineSpec) -> Result<PipelineSpec, ApiError> {
+    pub fn seal_pipeline(&self, spec: PipelineSpec) -> Result<PipelineSpec, ApiError> {
         if !spec.has_secrets() {
-            return Ok(spec.clone());
+            return Ok(spec);
         }
         let key = self.key()?;
         spec.map_secrets(|value| key.seal(value)).map_err(sealing)

@@ -532,8 +532,7 @@ impl TestSystem {
         self.nats
             .reload(self.nats_credentials.server_config())
             .await?;
-        let auth = NatsAuth::load(Some(&path), self.nats_ca().as_deref())
-            .map_err(|e| fail("nats credentials")(e.to_string()))?;
+        let auth = self.nats_auth(&path)?;
         let url = self.nats.url();
         let name = hodei_messaging::permissions::agent_client_name(id);
         wait_for(
@@ -570,10 +569,7 @@ impl TestSystem {
     async fn seed_file(&mut self, role: &NatsRole) -> Result<std::path::PathBuf, StartError> {
         match role {
             NatsRole::Agent(id) => self.enrol_agent(id).await,
-            service => self
-                .nats_credentials
-                .service_seed_file(service)
-                .ok_or_else(|| StartError(format!("no nats credential for {service}"))),
+            service => self.service_seed(service),
         }
     }
 
@@ -597,16 +593,6 @@ impl TestSystem {
         Ok(env)
     }
 
-    /// A NATS connection with `role`'s credential (enrolling an agent first), named as that
-    /// role's processes name theirs.
-    pub async fn nats_client(
-        &mut self,
-        role: &NatsRole,
-    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), StartError> {
-        let seed = self.seed_file(role).await?;
-        self.connect_nats(&seed, &role.client_name()).await
-    }
-
     /// A NATS connection with the `admin` credential, which may publish and subscribe to
     /// anything: for tests that inject messages no service or agent may send.
     pub async fn admin_nats(
@@ -625,24 +611,20 @@ impl TestSystem {
 
     /// The `admin` NATS credential, for tools that connect themselves (benchmarks).
     pub fn admin_nats_auth(&self) -> Result<NatsAuth, StartError> {
-        let seed = self
-            .nats_credentials
-            .service_seed_file(&NatsRole::Admin)
-            .ok_or_else(|| StartError("no nats credential for admin".into()))?;
-        NatsAuth::load(Some(&seed), self.nats_ca().as_deref())
-            .map_err(|e| fail("nats client")(e.to_string()))
+        self.nats_auth(&self.service_seed(&NatsRole::Admin)?)
     }
 
-    async fn connect_nats(
-        &self,
-        seed: &std::path::Path,
-        name: &str,
-    ) -> Result<(async_nats::Client, async_nats::jetstream::Context), StartError> {
-        let auth = NatsAuth::load(Some(seed), self.nats_ca().as_deref())
-            .map_err(|e| fail("nats client")(e.to_string()))?;
-        hodei_messaging::connect_with(&self.nats.url(), name, Duration::from_secs(10), &auth)
-            .await
-            .map_err(|e| fail("nats client")(e.to_string()))
+    /// The credential whose seed is in `seed`, with the CA of this system's NATS.
+    fn nats_auth(&self, seed: &std::path::Path) -> Result<NatsAuth, StartError> {
+        NatsAuth::load(Some(seed), self.nats_ca().as_deref())
+            .map_err(|e| fail("nats credentials")(e.to_string()))
+    }
+
+    /// The seed file of a service's (or admin's) NATS credential.
+    fn service_seed(&self, role: &NatsRole) -> Result<std::path::PathBuf, StartError> {
+        self.nats_credentials
+            .service_seed_file(role)
+            .ok_or_else(|| StartError(format!("no nats credential for {role}")))
     }
 
     /// The CA of the NATS server's certificate, when the system runs with TLS.
