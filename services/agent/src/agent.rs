@@ -28,6 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::attempt::{self, Assignment, AttemptContext, Stops};
+use crate::cgroup::JobCgroups;
 use crate::config::{AgentConfig, Settings};
 use crate::error::AgentError;
 use crate::heartbeat::Heartbeater;
@@ -58,6 +59,9 @@ pub struct Agent {
     records: Records,
     setpriv: std::path::PathBuf,
     prlimit: std::path::PathBuf,
+    /// Where jobs get cgroups of their own, when the host allows.
+    cgroups: Option<JobCgroups>,
+    sh: std::path::PathBuf,
     client: async_nats::Client,
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
@@ -119,6 +123,15 @@ impl Agent {
             field: "PATH",
             reason: "prlimit (util-linux) not found: jobs could not be given resource limits",
         })?;
+        let cgroups =
+            JobCgroups::for_agent(settings.job_cgroups, &settings.worker_id, settings.capacity)?;
+        let sh = match &cgroups {
+            Some(_) => which::which("sh").map_err(|_| AgentError::InvalidConfig {
+                field: "PATH",
+                reason: "sh not found: jobs could not be held until they are in their cgroups",
+            })?,
+            None => std::path::PathBuf::new(),
+        };
         let id = &settings.worker_id;
         let (client, js) = connect_with(
             &settings.nats_url,
@@ -166,6 +179,8 @@ impl Agent {
             records,
             setpriv,
             prlimit,
+            cgroups,
+            sh,
             client,
             js,
             artifacts,
@@ -240,6 +255,8 @@ impl Agent {
             setpriv: self.setpriv.clone(),
             prlimit: self.prlimit.clone(),
             job_limits: self.settings.job_limits,
+            cgroups: self.cgroups.clone(),
+            sh: self.sh.clone(),
             seal: self.seal.clone(),
             job_users: self
                 .settings
@@ -313,6 +330,9 @@ impl Agent {
         stop_serving.cancel();
         if let Some(observability) = observability {
             let _ = observability.await;
+        }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove();
         }
         info!(worker_id = %worker_id, "agent stopped");
         Ok(())

@@ -33,7 +33,8 @@ use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
 use crate::artifacts;
-use crate::group::ProcessGroup;
+use crate::cgroup::{JobCgroup, JobCgroups};
+use crate::group::JobProcesses;
 use crate::identity::{Identity, JobUsers};
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
@@ -77,6 +78,10 @@ pub(crate) struct AttemptContext {
     /// `prlimit`, which sets the job's resource limits before it starts.
     pub prlimit: PathBuf,
     pub job_limits: crate::config::JobLimits,
+    /// Where jobs get cgroups of their own, if the host allows.
+    pub cgroups: Option<JobCgroups>,
+    /// `sh`, which holds a job until it is in its cgroup (only with cgroups).
+    pub sh: PathBuf,
     /// Opens the secret values sealed to this agent incarnation.
     pub seal: hodei_messaging::seal::OpeningKey,
 }
@@ -157,11 +162,12 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     // Held until the workspace is gone: a range's uid is not handed to another attempt while
     // this one's files or processes may remain.
     let mut identity = None;
+    let mut cgroup = None;
     let started = match opened {
-        Ok(()) => spawn(&ctx, id, &spec, &workspace, &mut identity).await,
+        Ok(()) => spawn(&ctx, id, &spec, &workspace, &mut identity, &mut cgroup).await,
         Err(e) => Err(format!("secret_env: {e}")),
     };
-    let (mut outcome, tail, acked) = match started {
+    let (mut outcome, mut tail, acked) = match started {
         Ok(child) => {
             let record = Record {
                 attempt: id,
@@ -175,7 +181,11 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             };
             ctx.records.write(&record);
             pgid = Some(record.pgid);
-            supervise(&ctx, id, &spec, child, &command, &stoppers, masker, record).await
+            let processes = JobProcesses::new(child.id().unwrap_or_default(), cgroup.clone());
+            supervise(
+                &ctx, id, &spec, child, processes, &command, &stoppers, masker, record,
+            )
+            .await
         }
         Err(reason) => {
             // The reason names the program, which may hold a secret value.
@@ -193,6 +203,9 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
+    if let Some(cgroup) = cgroup.take() {
+        tail.extend(release_cgroup(id, &cgroup));
+    }
     if outcome.is_success()
         && let Some(plan) = &spec.artifacts
         && let Err(reason) =
@@ -245,6 +258,7 @@ async fn spawn(
     spec: &JobSpec,
     workspace: &Path,
     identity: &mut Option<Identity>,
+    cgroup: &mut Option<JobCgroup>,
 ) -> Result<Child, String> {
     let io_err = |what: &str, path: &Path, e: io::Error| format!("{what} {}: {e}", path.display());
     match tokio::fs::remove_dir_all(workspace).await {
@@ -283,7 +297,27 @@ async fn spawn(
         .or_else(|| ctx.path.clone());
     let resolved = which::which_in(program, search_path, &cwd)
         .map_err(|e| format!("failed to start {program}: {e}"))?;
-    let mut command = Command::new(&ctx.setpriv);
+    if let Some(cgroups) = &ctx.cgroups {
+        let made = cgroups
+            .create(id, &spec.resources, ctx.job_limits.max_processes)
+            .map_err(|e| format!("failed to make the job's cgroup: {e}"))?;
+        *cgroup = Some(made);
+    }
+    let mut command = match cgroup {
+        // Waits for the agent to place it in its cgroup, then becomes the job's chain.
+        Some(_) => {
+            let mut sh = Command::new(&ctx.sh);
+            sh.args(["-c", JOIN_THEN_EXEC, "hodei-job"])
+                .arg(&ctx.setpriv)
+                .stdin(Stdio::piped());
+            sh
+        }
+        None => {
+            let mut setpriv = Command::new(&ctx.setpriv);
+            setpriv.stdin(Stdio::null());
+            setpriv
+        }
+    };
     if let Some(users) = &ctx.job_users {
         let who = users
             .take()
@@ -317,17 +351,71 @@ async fn spawn(
         .env("HODEI_WORKER_ID", ctx.worker_id.as_str())
         .env("HODEI_WORKSPACE", workspace)
         .current_dir(&cwd)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    command.spawn().map_err(|e| {
+    let mut child = command.spawn().map_err(|e| {
         format!(
             "failed to start {program} (through {}): {e}",
             ctx.setpriv.display()
         )
-    })
+    })?;
+    if let Some(cgroup) = cgroup
+        && let Err(e) = place(&mut child, cgroup).await
+    {
+        // Nothing of the job ran: `sh` was still waiting.
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(e);
+    }
+    Ok(child)
+}
+
+/// What `sh` runs ahead of a job that gets a cgroup: it waits for a line on its standard input
+/// (sent once the agent has written its pid into the cgroup), then becomes the job's chain,
+/// whose standard input is empty. Should the agent die first, `read` meets the end of its
+/// input and nothing runs.
+const JOIN_THEN_EXEC: &str = r#"read -r _ && exec "$@" </dev/null"#;
+
+/// Puts the just-started `sh` of a job into its cgroup, then lets it go on.
+async fn place(child: &mut Child, cgroup: &JobCgroup) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let pid = child
+        .id()
+        .ok_or_else(|| "the job's process ended before it was placed in its cgroup".to_owned())?;
+    cgroup
+        .join(pid)
+        .map_err(|e| format!("failed to place the job in its cgroup: {e}"))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| "the job's standard input is missing".to_owned())?;
+    stdin
+        .write_all(b"\n")
+        .await
+        .map_err(|e| format!("failed to release the job after placing it in its cgroup: {e}"))
+}
+
+/// Removes an ended job's cgroup, killing whatever is still in it; returns the line to add to
+/// the output's tail when the kernel killed a process of the job at its memory limit.
+fn release_cgroup(id: AttemptId, cgroup: &JobCgroup) -> Option<String> {
+    let oom_kills = cgroup.oom_kills();
+    let note = (oom_kills > 0).then(|| {
+        let limit_mb = cgroup.memory_limit().unwrap_or_default() / (1024 * 1024);
+        warn!(job_id = %id.job_id, attempt = %id.attempt, oom_kills, limit_mb, "job reached its memory limit");
+        format!(
+            "hodei-agent: the job reached its memory limit of {limit_mb} MiB and the kernel killed {oom_kills} of its processes"
+        )
+    });
+    let killed = cgroup.kill_all();
+    if killed > 0 {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, killed, "processes left in the job's cgroup killed");
+    }
+    if let Err(e) = cgroup.remove() {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to remove the job's cgroup");
+    }
+    note
 }
 
 /// Watches a started process to its end while reporting `Started`; returns the outcome, the
@@ -338,6 +426,7 @@ async fn supervise(
     id: AttemptId,
     spec: &JobSpec,
     mut child: Child,
+    processes: JobProcesses,
     command: &jetstream::Message,
     stoppers: &Stoppers,
     masker: Arc<Masker>,
@@ -345,7 +434,6 @@ async fn supervise(
 ) -> (AttemptOutcome, Vec<String>, bool) {
     let deadline = Instant::now() + spec.timeout();
     let pid = child.id().unwrap_or_default();
-    let group = ProcessGroup::led_by(pid);
     tracing::Span::current().record("process.pid", pid);
     info!(job_id = %id.job_id, attempt = %id.attempt, pid, "process started");
 
@@ -394,7 +482,7 @@ async fn supervise(
         stored
     };
     let watch = async {
-        let end = wait_or_stop(ctx, id, &mut child, group, deadline, stoppers).await;
+        let end = wait_or_stop(ctx, id, &mut child, &processes, deadline, stoppers).await;
         // Recorded at once: an agent killed from here on still has its next incarnation
         // report how the process ended, instead of running the job again.
         record.outcome = Some(outcome(&end));
@@ -402,7 +490,7 @@ async fn supervise(
         // The shipper sends its last batch once the pipes are closed too.
         let _ = exited_tx.send(());
         let stopped = matches!(end, End::Stopped(_));
-        close_output(ctx, id, group, readers, deadline, stoppers, stopped).await;
+        close_output(ctx, id, &processes, readers, deadline, stoppers, stopped).await;
         end
     };
     let (acked, end) = tokio::join!(announce, watch);
@@ -413,13 +501,13 @@ async fn supervise(
     (outcome(&end), tail, acked)
 }
 
-/// Waits for the process to exit, or stops it (SIGTERM, grace, SIGKILL to its group) at the
-/// deadline, on cancel, or when the agent gives up draining.
+/// Waits for the process to exit, or stops it (SIGTERM, grace, SIGKILL to its group and
+/// cgroup) at the deadline, on cancel, or when the agent gives up draining.
 async fn wait_or_stop(
     ctx: &AttemptContext,
     id: AttemptId,
     child: &mut Child,
-    group: Option<ProcessGroup>,
+    processes: &JobProcesses,
     deadline: Instant,
     stoppers: &Stoppers,
 ) -> End {
@@ -431,20 +519,17 @@ async fn wait_or_stop(
         _ = ctx.stops.lost.cancelled() => StopReason::Lost,
     };
     info!(job_id = %id.job_id, attempt = %id.attempt, reason = reason.as_str(), grace_ms = %ctx.kill_grace.as_millis(), "stopping process group");
-    let status = match group {
-        Some(group) => {
-            group
-                .terminate(ctx.kill_grace, AFTER_KILL_WAIT, child.wait())
-                .await
+    let status = if processes.is_tracked() {
+        processes
+            .terminate(ctx.kill_grace, AFTER_KILL_WAIT, child.wait())
+            .await
+    } else {
+        if let Err(e) = child.start_kill() {
+            warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to kill process");
         }
-        None => {
-            if let Err(e) = child.start_kill() {
-                warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to kill process");
-            }
-            tokio::time::timeout(AFTER_KILL_WAIT, child.wait())
-                .await
-                .ok()
-        }
+        tokio::time::timeout(AFTER_KILL_WAIT, child.wait())
+            .await
+            .ok()
     };
     match status {
         Some(Ok(status)) => {
@@ -460,25 +545,23 @@ async fn wait_or_stop(
     End::Stopped(reason)
 }
 
-/// Once the leader has exited: stops whatever the job left running in its group (SIGTERM,
-/// grace, SIGKILL), then waits for the output pipes to close. Output held open by a process
-/// outside the group is cut at the deadline or on cancel (or, for a stopped job, after the
+/// Once the leader has exited: stops whatever the job left running in its group and cgroup
+/// (SIGTERM, grace, SIGKILL), then waits for the output pipes to close. Output held open by a
+/// process outside both is cut at the deadline or on cancel (or, for a stopped job, after the
 /// grace period).
 async fn close_output(
     ctx: &AttemptContext,
     id: AttemptId,
-    group: Option<ProcessGroup>,
+    processes: &JobProcesses,
     readers: Vec<JoinHandle<()>>,
     deadline: Instant,
     stoppers: &Stoppers,
     stopped: bool,
 ) {
-    if let Some(group) = group
-        && group.signal(Signal::SIGTERM)
-    {
-        info!(job_id = %id.job_id, attempt = %id.attempt, pgid = group.id(), "stopping processes the job left running");
-        if !group.wait_empty(ctx.kill_grace).await {
-            group.signal(Signal::SIGKILL);
+    if processes.signal(Signal::SIGTERM) {
+        info!(job_id = %id.job_id, attempt = %id.attempt, pgid = ?processes.pgid(), "stopping processes the job left running");
+        if !processes.wait_empty(ctx.kill_grace).await {
+            processes.kill();
         }
     }
     let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();

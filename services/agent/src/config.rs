@@ -10,6 +10,7 @@ use std::time::Duration;
 use hodei_domain::{Resources, WorkerId};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
+use crate::cgroup::CgroupMode;
 use crate::error::AgentError;
 use crate::identity::{JobUser, JobUserError, is_root};
 
@@ -82,6 +83,13 @@ pub struct AgentConfig {
     /// Most files a job's process may hold open (RLIMIT_NOFILE).
     #[arg(long, env = "HODEI_JOB_MAX_OPEN_FILES", default_value_t = 65_536)]
     pub job_max_open_files: u32,
+    /// Whether each job runs in a cgroup of its own, limited to its requested memory (else the
+    /// memory this agent offers), its requested CPU and HODEI_JOB_MAX_PROCESSES processes, and
+    /// whose every process dies when the job is stopped: `auto` where the host lets the agent
+    /// make cgroups (as root, or in a delegated cgroup), `required` (refuse to start without),
+    /// or `off`.
+    #[arg(long, env = "HODEI_JOB_CGROUPS", value_enum, default_value_t = CgroupMode::Auto)]
+    pub job_cgroups: CgroupMode,
 }
 
 /// The configuration checked and completed: what the agent runs with.
@@ -103,6 +111,7 @@ pub(crate) struct Settings {
     pub artifact_max_bytes: u64,
     pub job_user: Option<JobUser>,
     pub job_limits: JobLimits,
+    pub job_cgroups: CgroupMode,
 }
 
 /// The resource limits every job starts with (core dumps are always off: they would write
@@ -193,6 +202,7 @@ impl Settings {
             artifact_max_bytes: config.artifact_max_bytes,
             job_user,
             job_limits: JobLimits::within_own(config.job_max_processes, config.job_max_open_files),
+            job_cgroups: config.job_cgroups,
         })
     }
 }

@@ -23,6 +23,9 @@ pub enum AgentError {
     /// `HODEI_JOB_USER` names no usable identity.
     #[error("invalid job_user: {0}")]
     JobUser(#[from] crate::identity::JobUserError),
+    /// `HODEI_JOB_CGROUPS=required`, and jobs cannot have cgroups here.
+    #[error("job_cgroups: {0}")]
+    Cgroups(#[from] crate::cgroup::CgroupError),
     /// The folder holding the workspaces cannot be created.
     #[error("failed to create the work folder {}: {source}", path.display())]
     WorkDir {

@@ -1,6 +1,7 @@
-//! Signalling a job's process group. Every job is started as the leader of its own group, so
-//! signalling the group reaches everything the job started (unless a process left the group
-//! on purpose, with `setsid`).
+//! Signalling a job's processes. Every job is started as the leader of its own group, so
+//! signalling the group reaches everything the job started, unless a process left the group
+//! on purpose (`setsid`). Where the job also has a cgroup ([`crate::cgroup`]), signals reach
+//! every process in it as well, so such a process is stopped too.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,6 +10,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tracing::{debug, warn};
+
+use crate::cgroup::JobCgroup;
 
 /// How often [`ProcessGroup::wait_empty`] looks whether the group is empty.
 const EMPTY_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -65,9 +68,77 @@ impl ProcessGroup {
         }
         true
     }
+}
 
-    /// Stops the group: SIGTERM, up to `grace` for `done` to complete, then SIGKILL and up to
-    /// `after_kill` more. Returns `done`'s output, or `None` if it did not complete in time.
+/// Everything a job started: its process group and, where the host allows, its cgroup (which
+/// also holds the processes that left the group).
+#[derive(Debug, Clone)]
+pub(crate) struct JobProcesses {
+    group: Option<ProcessGroup>,
+    cgroup: Option<JobCgroup>,
+}
+
+impl JobProcesses {
+    /// The processes of the job whose first process is `pid`.
+    pub fn new(pid: u32, cgroup: Option<JobCgroup>) -> Self {
+        Self {
+            group: ProcessGroup::led_by(pid),
+            cgroup,
+        }
+    }
+
+    /// Whether there is anything to signal by group or cgroup (else only the child itself).
+    pub fn is_tracked(&self) -> bool {
+        self.group.is_some() || self.cgroup.is_some()
+    }
+
+    /// The process group's id, for logs.
+    pub fn pgid(&self) -> Option<i32> {
+        self.group.map(|group| group.id())
+    }
+
+    /// Sends `signal` to the group and to everything in the cgroup. Returns whether any
+    /// process was left to signal.
+    pub fn signal(&self, signal: Signal) -> bool {
+        let in_group = self.group.is_some_and(|group| group.signal(signal));
+        let in_cgroup = self
+            .cgroup
+            .as_ref()
+            .is_some_and(|cgroup| cgroup.signal(signal));
+        in_group || in_cgroup
+    }
+
+    /// SIGKILL to the group, and to every process of the cgroup (forks included).
+    pub fn kill(&self) {
+        if let Some(group) = self.group {
+            group.signal(Signal::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
+    }
+
+    /// Waits up to `within` for no process to be left; returns whether none is.
+    pub async fn wait_empty(&self, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        if let Some(group) = self.group
+            && !group.wait_empty(within).await
+        {
+            return false;
+        }
+        match &self.cgroup {
+            Some(cgroup) => {
+                cgroup
+                    .wait_empty(until.saturating_duration_since(tokio::time::Instant::now()))
+                    .await
+            }
+            None => true,
+        }
+    }
+
+    /// Stops the job: SIGTERM, up to `grace` for `done` to complete, then SIGKILL (to the
+    /// whole cgroup, where there is one) and up to `after_kill` more. Returns `done`'s output,
+    /// or `None` if it did not complete in time.
     pub async fn terminate<F: Future>(
         &self,
         grace: Duration,
@@ -80,7 +151,7 @@ impl ProcessGroup {
         {
             return Some(output);
         }
-        self.signal(Signal::SIGKILL);
+        self.kill();
         tokio::time::timeout(after_kill, &mut done).await.ok()
     }
 }
@@ -114,8 +185,8 @@ mod tests {
         // Signal only once the trap is in place.
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         assert_eq!(stdout.next_line().await.unwrap().as_deref(), Some("ready"));
-        let group = ProcessGroup::led_by(child.id().unwrap()).unwrap();
-        let status = group
+        let processes = JobProcesses::new(child.id().unwrap(), None);
+        let status = processes
             .terminate(
                 Duration::from_millis(200),
                 Duration::from_secs(10),

@@ -20,6 +20,7 @@
 mod agent;
 mod artifacts;
 mod attempt;
+mod cgroup;
 mod config;
 mod error;
 mod group;
@@ -35,6 +36,7 @@ mod running;
 
 pub use agent::Agent;
 pub use attempt::{LEASE_REASON, LOST_REASON};
+pub use cgroup::CgroupMode;
 pub use config::AgentConfig;
 pub use error::AgentError;
 pub use records::RESTARTED_REASON;

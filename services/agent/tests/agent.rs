@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_agent::{Agent, AgentConfig, AgentError, LEASE_REASON, LOST_REASON, RESTARTED_REASON};
+use hodei_agent::{
+    Agent, AgentConfig, AgentError, CgroupMode, LEASE_REASON, LOST_REASON, RESTARTED_REASON,
+};
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{AttemptId, AttemptNumber, AttemptOutcome, JobId, JobSpec, WorkerId};
 use hodei_messaging::{
@@ -97,19 +99,33 @@ impl Harness {
 
     /// Like [`Harness::start_as`], with a lease of `lease_ms` on the agent's work.
     async fn start_leased(drain_timeout_ms: u64, as_binary: bool, lease_ms: u64) -> Harness {
-        Harness::start_full(drain_timeout_ms, as_binary, lease_ms, None).await
+        Harness::start_full(drain_timeout_ms, as_binary, lease_ms, |_| {}).await
     }
 
     /// An in-process agent whose jobs run as `job_user` (`HODEI_JOB_USER`).
     async fn start_isolated(job_user: &str) -> Harness {
-        Harness::start_full(1_000, false, 15_000, Some(job_user.to_owned())).await
+        let job_user = job_user.to_owned();
+        Harness::start_full(1_000, false, 15_000, |config| {
+            config.job_user = Some(job_user);
+        })
+        .await
+    }
+
+    /// An in-process agent that must give every job a cgroup, with a pid limit of
+    /// `job_max_processes`.
+    async fn start_cgrouped(job_max_processes: u32) -> Harness {
+        Harness::start_full(1_000, false, 15_000, |config| {
+            config.job_cgroups = CgroupMode::Required;
+            config.job_max_processes = job_max_processes;
+        })
+        .await
     }
 
     async fn start_full(
         drain_timeout_ms: u64,
         as_binary: bool,
         lease_ms: u64,
-        job_user: Option<String>,
+        configure: impl FnOnce(&mut AgentConfig),
     ) -> Harness {
         let nats = TestNats::start().await.expect("nats-server starts");
         let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
@@ -131,7 +147,7 @@ impl Harness {
                 decode::<Heartbeat>(&m.subject, &m.payload).ok()
             })));
 
-        let config = AgentConfig {
+        let mut config = AgentConfig {
             nats_url: nats.url(),
             nats_auth: Default::default(),
             worker_id: Some(worker_id.to_string()),
@@ -146,10 +162,12 @@ impl Harness {
             drain_timeout_ms,
             metrics_addr: None,
             artifact_max_bytes: 1024 * 1024,
-            job_user,
+            job_user: None,
             job_max_processes: 4096,
             job_max_open_files: 65_536,
+            job_cgroups: CgroupMode::Auto,
         };
+        configure(&mut config);
         let (agent, process) = if as_binary {
             let process = spawn_binary(&config);
             // Its first heartbeat comes once it has set up the streams.
@@ -817,8 +835,151 @@ async fn processes_left_running_are_stopped_when_the_job_exits() {
     h.stop().await;
 }
 
+/// The file `name` of the cgroup that process `pid` is in, in whichever hierarchy (v1 or v2,
+/// mounted at their usual places) has it.
+fn cgroup_file(pid: u32, name: &str) -> Option<String> {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = path.trim_start_matches('/');
+        let roots: Vec<String> = if controllers.is_empty() {
+            vec![
+                "/sys/fs/cgroup".to_owned(),
+                "/sys/fs/cgroup/unified".to_owned(),
+            ]
+        } else {
+            controllers
+                .split(',')
+                .map(|c| format!("/sys/fs/cgroup/{c}"))
+                .chain([format!("/sys/fs/cgroup/{controllers}")])
+                .collect()
+        };
+        roots.iter().find_map(|root| {
+            std::fs::read_to_string(std::path::Path::new(root).join(path).join(name))
+                .ok()
+                .map(|text| text.trim().to_owned())
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
+    let mut h = Harness::start_cgrouped(64).await;
+    let gate = h.work_dir.path().join("cgroup-gate");
+    let mut job = gated_draft("limited", &gate, "running", "done");
+    job.resources = hodei_domain::Resources::new(500, 64);
+    let id = h.assign(spec(job)).await;
+    let pid = h.started(id).await;
+    let memory = cgroup_file(pid, "memory.max")
+        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
+        .expect("the job's cgroup has a memory limit");
+    assert_eq!(memory, (64 * 1024 * 1024).to_string());
+    let cpu = match cgroup_file(pid, "cpu.max") {
+        Some(max) => max,
+        None => format!(
+            "{} {}",
+            cgroup_file(pid, "cpu.cfs_quota_us").expect("a cpu quota"),
+            cgroup_file(pid, "cpu.cfs_period_us").expect("a cpu period")
+        ),
+    };
+    assert_eq!(cpu, "50000 100000", "half a core");
+    assert_eq!(cgroup_file(pid, "pids.max").as_deref(), Some("64"));
+    let procs = cgroup_file(pid, "cgroup.procs").expect("the job's cgroup lists it");
+    assert!(
+        procs.split_whitespace().any(|p| p == pid.to_string()),
+        "{procs}"
+    );
+    std::fs::write(&gate, b"").unwrap();
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_over_its_memory_limit_is_killed_and_its_tail_says_why() {
+    let mut h = Harness::start_cgrouped(64).await;
+    // `tail -c` keeps the last 200 MB of its input in memory: far past 32 MiB.
+    let mut draft = sh(
+        "hungry",
+        "echo eating; head -c 300000000 /dev/zero | tail -c 200000000 >/dev/null",
+    );
+    draft.resources = hodei_domain::Resources::new(0, 32);
+    let id = h.assign(spec(draft)).await;
+    let (outcome, tail) = h.finished(id).await;
+    assert!(!outcome.is_success(), "{outcome}");
+    let note = tail.last().expect("a tail");
+    assert!(
+        note.contains("memory limit of 32 MiB") && note.contains("killed"),
+        "{tail:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_stop_kills_the_processes_that_left_the_jobs_process_group() {
+    let mut h = Harness::start_cgrouped(64).await;
+    // `setsid` makes the background sleep the leader of a session and group of its own: no
+    // signal to the job's group reaches it, its cgroup does.
+    let cancelled = h
+        .assign(spec(sh(
+            "escapes",
+            "setsid sleep 300 & echo escapee $!; sleep 300",
+        )))
+        .await;
+    let escapee = printed_pid(&h, cancelled, "escapee").await;
+    h.cancel(cancelled).await;
+    let (outcome, _) = h.finished(cancelled).await;
+    assert_eq!(outcome, AttemptOutcome::Cancelled);
+    wait_for(
+        "the cancelled job's escapee to be gone",
+        DEADLINE,
+        || async { process_gone(escapee).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    let exited = h
+        .assign(spec(sh(
+            "escapes-and-exits",
+            "setsid sleep 300 & echo $!; exit 0",
+        )))
+        .await;
+    let (outcome, tail) = h.finished(exited).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+    let escapee: u32 = tail.first().expect("a pid").parse().unwrap();
+    wait_for(
+        "the finished job's escapee to be gone",
+        DEADLINE,
+        || async { process_gone(escapee).then_some(()) },
+    )
+    .await
+    .unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_its_jobs_pid_limit() {
+    let mut h = Harness::start_cgrouped(16).await;
+    let id = h
+        .assign(spec(sh(
+            "forks",
+            "i=0; while [ $i -lt 100 ]; do sleep 300 & i=$((i+1)); done; echo all-started",
+        )))
+        .await;
+    let (outcome, tail) = h.finished(id).await;
+    assert!(!outcome.is_success(), "{outcome}: {tail:?}");
+    assert!(!tail.iter().any(|line| line == "all-started"), "{tail:?}");
+    h.stop().await;
+}
+
 /// A job that prints `before`, waits until the file `gate` exists, then prints `after`.
 fn gated(name: &str, gate: &std::path::Path, before: &str, after: &str) -> JobSpec {
+    spec(gated_draft(name, gate, before, after))
+}
+
+/// The draft of [`gated`].
+fn gated_draft(name: &str, gate: &std::path::Path, before: &str, after: &str) -> JobSpecDraft {
     let mut draft = sh(
         name,
         &format!(
@@ -828,7 +989,7 @@ fn gated(name: &str, gate: &std::path::Path, before: &str, after: &str) -> JobSp
     draft
         .env
         .insert("GATE".to_owned(), gate.display().to_string());
-    spec(draft)
+    draft
 }
 
 #[tokio::test]
@@ -1050,6 +1211,7 @@ async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_i
         job_user: None,
         job_max_processes: 4096,
         job_max_open_files: 65_536,
+        job_cgroups: hodei_agent::CgroupMode::Auto,
     };
     h.process = Some(spawn_binary(&config));
     let (outcome, _) = h.finished(id).await;

@@ -500,6 +500,7 @@ impl TestSystem {
             job_user: None,
             job_max_processes: 4096,
             job_max_open_files: 65_536,
+            job_cgroups: hodei_agent::CgroupMode::Auto,
         })
         .await
         .map_err(|e| fail("agent")(e.to_string()))?;
