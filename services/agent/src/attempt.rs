@@ -203,8 +203,8 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
-    if let Some(cgroup) = cgroup.take() {
-        tail.extend(release_cgroup(id, &cgroup));
+    if let (Some(cgroup), Some(cgroups)) = (cgroup.take(), &ctx.cgroups) {
+        tail.extend(give_back_cgroup(id, cgroups, cgroup).await);
     }
     if outcome.is_success()
         && let Some(plan) = &spec.artifacts
@@ -299,7 +299,8 @@ async fn spawn(
         .map_err(|e| format!("failed to start {program}: {e}"))?;
     if let Some(cgroups) = &ctx.cgroups {
         let made = cgroups
-            .create(id, &spec.resources, ctx.job_limits.max_processes)
+            .take(spec.resources, ctx.job_limits.max_processes)
+            .await
             .map_err(|e| format!("failed to make the job's cgroup: {e}"))?;
         *cgroup = Some(made);
     }
@@ -386,6 +387,7 @@ async fn place(child: &mut Child, cgroup: &JobCgroup) -> Result<(), String> {
         .ok_or_else(|| "the job's process ended before it was placed in its cgroup".to_owned())?;
     cgroup
         .join(pid)
+        .await
         .map_err(|e| format!("failed to place the job in its cgroup: {e}"))?;
     let mut stdin = child
         .stdin
@@ -397,25 +399,28 @@ async fn place(child: &mut Child, cgroup: &JobCgroup) -> Result<(), String> {
         .map_err(|e| format!("failed to release the job after placing it in its cgroup: {e}"))
 }
 
-/// Removes an ended job's cgroup, killing whatever is still in it; returns the line to add to
-/// the output's tail when the kernel killed a process of the job at its memory limit.
-fn release_cgroup(id: AttemptId, cgroup: &JobCgroup) -> Option<String> {
-    let oom_kills = cgroup.oom_kills();
-    let note = (oom_kills > 0).then(|| {
-        let limit_mb = cgroup.memory_limit().unwrap_or_default() / (1024 * 1024);
+/// Empties an ended job's cgroup for the next job; returns the line to add to the output's tail
+/// when the kernel killed a process of the job at its memory limit.
+async fn give_back_cgroup(
+    id: AttemptId,
+    cgroups: &JobCgroups,
+    cgroup: JobCgroup,
+) -> Option<String> {
+    let released = cgroups.give_back(cgroup).await;
+    if released.killed > 0 {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, killed = released.killed, "processes left in the job's cgroup killed");
+    }
+    if let Err(e) = &released.kept {
+        warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to remove the job's cgroup");
+    }
+    let oom_kills = released.oom_kills;
+    (oom_kills > 0).then(|| {
+        let limit_mb = released.memory_limit / (1024 * 1024);
         warn!(job_id = %id.job_id, attempt = %id.attempt, oom_kills, limit_mb, "job reached its memory limit");
         format!(
             "hodei-agent: the job reached its memory limit of {limit_mb} MiB and the kernel killed {oom_kills} of its processes"
         )
-    });
-    let killed = cgroup.kill_all();
-    if killed > 0 {
-        warn!(job_id = %id.job_id, attempt = %id.attempt, killed, "processes left in the job's cgroup killed");
-    }
-    if let Err(e) = cgroup.remove() {
-        warn!(job_id = %id.job_id, attempt = %id.attempt, error = %e, "failed to remove the job's cgroup");
-    }
-    note
+    })
 }
 
 /// Watches a started process to its end while reporting `Started`; returns the outcome, the
@@ -561,7 +566,7 @@ async fn close_output(
     if processes.signal(Signal::SIGTERM) {
         info!(job_id = %id.job_id, attempt = %id.attempt, pgid = ?processes.pgid(), "stopping processes the job left running");
         if !processes.wait_empty(ctx.kill_grace).await {
-            processes.kill();
+            processes.kill().await;
         }
     }
     let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();

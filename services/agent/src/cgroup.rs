@@ -12,18 +12,26 @@
 //!   hierarchies, and of freezer where it is mounted (a stop freezes the job before killing it,
 //!   so nothing forks past the kill).
 //!
+//! The cgroups are kept for reuse: a job's cgroup, emptied at its end, takes the next job with
+//! that job's limits, so the steady state makes and removes none (each costs the kernel, and a
+//! 2-core host running short jobs felt it). A new incarnation of the agent removes them all.
+//!
 //! A job joins its cgroup before it runs anything: it is started as `sh`, which waits on its
 //! standard input while the agent writes its pid into the cgroup, then execs the job's chain
 //! (`setpriv`, `prlimit`, the command).
 //!
-//! Cgroups are small files in a pseudo file system: the calls here do not block on a disk.
+//! Cgroups are files in a pseudo file system, but moving a process into one may wait for an
+//! RCU grace period (about 10 ms here on cgroup v1): the calls made per job run on tokio's
+//! blocking pool, never on the agent's runtime threads.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hodei_domain::{AttemptId, Resources, WorkerId};
+use hodei_domain::{Resources, WorkerId};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{debug, info, warn};
@@ -55,6 +63,18 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// The blocking task doing the work failed.
+    #[error("cgroup task failed: {0}")]
+    Task(String),
+}
+
+/// Runs `work` on tokio's blocking pool.
+async fn unblocked<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CgroupError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CgroupError::Task(e.to_string()))
 }
 
 /// The CFS period a job's CPU quota is expressed in (100 ms, the kernel's default).
@@ -100,28 +120,30 @@ impl Limits {
         (millis.saturating_mul(CFS_PERIOD_US) / 1000).max(MIN_CFS_QUOTA_US)
     }
 
-    /// The files to write, in order, for each version.
+    /// The files to write, in order, for each version (into a cgroup that may hold the limits
+    /// of an earlier job).
     fn files(&self, v2: bool) -> Vec<(&'static str, String)> {
-        let mut files = Vec::with_capacity(4);
+        let mut files = Vec::with_capacity(6);
         if v2 {
             files.push(("memory.max", self.memory_bytes.to_string()));
             // Optional: absent where the kernel has no swap accounting.
             files.push(("memory.swap.max", "0".to_owned()));
-            if let Some(millis) = self.cpu_millis {
-                files.push((
-                    "cpu.max",
-                    format!("{} {CFS_PERIOD_US}", Self::cfs_quota_us(millis)),
-                ));
-            }
+            let quota = self
+                .cpu_millis
+                .map_or_else(|| "max".to_owned(), |m| Self::cfs_quota_us(m).to_string());
+            files.push(("cpu.max", format!("{quota} {CFS_PERIOD_US}")));
         } else {
+            // The memory limit may not be above memory+swap's: lift that one first, then set
+            // both (optional: absent where the kernel has no swap accounting), so that no
+            // swapping happens past the limit.
+            files.push(("memory.memsw.limit_in_bytes", "-1".to_owned()));
             files.push(("memory.limit_in_bytes", self.memory_bytes.to_string()));
-            // Optional, and after the memory limit (it may not be below it): no swapping
-            // past the limit.
             files.push(("memory.memsw.limit_in_bytes", self.memory_bytes.to_string()));
-            if let Some(millis) = self.cpu_millis {
-                files.push(("cpu.cfs_period_us", CFS_PERIOD_US.to_string()));
-                files.push(("cpu.cfs_quota_us", Self::cfs_quota_us(millis).to_string()));
-            }
+            files.push(("cpu.cfs_period_us", CFS_PERIOD_US.to_string()));
+            let quota = self
+                .cpu_millis
+                .map_or_else(|| "-1".to_owned(), |m| Self::cfs_quota_us(m).to_string());
+            files.push(("cpu.cfs_quota_us", quota));
         }
         files.push(("pids.max", self.max_processes.to_string()));
         files
@@ -145,11 +167,14 @@ enum Layout {
     },
 }
 
-/// The folder under which this agent makes its jobs' cgroups, and what they get by default.
+/// The folder under which this agent makes its jobs' cgroups, what they get by default, and the
+/// emptied cgroups waiting for their next job.
 #[derive(Debug, Clone)]
 pub(crate) struct JobCgroups {
     layout: Layout,
     offered: Resources,
+    free: Arc<Mutex<Vec<JobCgroup>>>,
+    made: Arc<AtomicU64>,
 }
 
 impl JobCgroups {
@@ -167,7 +192,12 @@ impl JobCgroups {
         }
         match Self::detect(worker) {
             Ok(layout) => {
-                let cgroups = JobCgroups { layout, offered };
+                let cgroups = JobCgroups {
+                    layout,
+                    offered,
+                    free: Arc::default(),
+                    made: Arc::default(),
+                };
                 cgroups.sweep();
                 info!(base = %cgroups.base().display(), v2 = cgroups.is_v2(), "jobs run in cgroups of their own");
                 Ok(Some(cgroups))
@@ -229,17 +259,13 @@ impl JobCgroups {
         Ok(layout)
     }
 
-    /// The cgroup of attempt `id` (which may not exist).
-    pub fn of(&self, id: AttemptId) -> JobCgroup {
-        self.named(&format!("{}-{}", id.job_id, id.attempt))
-    }
-
     fn named(&self, name: &str) -> JobCgroup {
         match &self.layout {
             Layout::V2 { base } => JobCgroup {
                 v2: true,
                 dirs: vec![base.join(name)],
                 freezer: None,
+                oom_kills_before: 0,
             },
             Layout::V1 {
                 memory,
@@ -255,30 +281,84 @@ impl JobCgroups {
                     v2: false,
                     dirs,
                     freezer,
+                    oom_kills_before: 0,
                 }
             }
         }
     }
 
-    /// Makes the cgroup of attempt `id` with its limits (after killing and removing whatever
-    /// an earlier run of the same attempt left there).
-    pub fn create(
+    /// An empty cgroup for a job that requested `requested`, with its limits: a free one, else
+    /// a new one.
+    pub async fn take(
         &self,
-        id: AttemptId,
+        requested: Resources,
+        max_processes: u32,
+    ) -> Result<JobCgroup, CgroupError> {
+        let cgroups = self.clone();
+        unblocked(move || cgroups.take_now(&requested, max_processes)).await?
+    }
+
+    fn take_now(
+        &self,
         requested: &Resources,
         max_processes: u32,
     ) -> Result<JobCgroup, CgroupError> {
-        let cgroup = self.of(id);
-        cgroup.kill_all();
-        cgroup.remove()?;
+        let free = self.free.lock().ok().and_then(|mut free| free.pop());
+        let mut cgroup = match free {
+            Some(cgroup) => cgroup,
+            None => {
+                let n = self.made.fetch_add(1, Ordering::Relaxed);
+                let cgroup = self.named(&format!("job-{n}"));
+                for dir in &cgroup.dirs {
+                    create_dir(dir)?;
+                }
+                cgroup
+            }
+        };
         let limits = Limits::for_job(requested, &self.offered, max_processes);
-        let made = cgroup.make(&limits);
-        if made.is_err()
-            && let Err(e) = cgroup.remove()
-        {
-            warn!(error = %e, "failed to remove a job cgroup left half made");
+        if let Err(e) = cgroup.limit(&limits) {
+            if let Err(e) = cgroup.remove() {
+                warn!(error = %e, "failed to remove a job cgroup whose limits could not be set");
+            }
+            return Err(e);
         }
-        made.map(|()| cgroup)
+        cgroup.oom_kills_before = cgroup.oom_kills();
+        Ok(cgroup)
+    }
+
+    /// Once its job has ended: kills whatever is left in `cgroup`, and keeps it for the next
+    /// job (or removes it, if something would not die).
+    pub async fn give_back(&self, cgroup: JobCgroup) -> Released {
+        let cgroups = self.clone();
+        unblocked(move || {
+            let oom_kills = cgroup.oom_kills().saturating_sub(cgroup.oom_kills_before);
+            let memory_limit = cgroup.memory_limit().unwrap_or_default();
+            let killed = cgroup.kill_all();
+            let kept = if cgroup.is_empty() {
+                match cgroups.free.lock() {
+                    Ok(mut free) => {
+                        free.push(cgroup);
+                        Ok(())
+                    }
+                    Err(_) => cgroup.remove(),
+                }
+            } else {
+                cgroup.remove()
+            };
+            Released {
+                oom_kills,
+                memory_limit,
+                killed,
+                kept,
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Released {
+            oom_kills: 0,
+            memory_limit: 0,
+            killed: 0,
+            kept: Err(e),
+        })
     }
 
     /// Kills and removes every job cgroup left under this agent's folders (by an earlier
@@ -309,8 +389,18 @@ impl JobCgroups {
         }
     }
 
-    /// Removes this agent's folders, if no job cgroup is left in them.
+    /// Removes the free cgroups and this agent's folders, if no job cgroup is left in them.
     pub fn remove(&self) {
+        let free = self
+            .free
+            .lock()
+            .map(|mut free| std::mem::take(&mut *free))
+            .unwrap_or_default();
+        for cgroup in free {
+            if let Err(e) = cgroup.remove() {
+                debug!(error = %e, "free job cgroup not removed");
+            }
+        }
         let dirs = layout_dirs(&self.layout);
         for dir in dirs {
             match fs::remove_dir(&dir) {
@@ -440,13 +530,12 @@ pub(crate) struct JobCgroup {
     /// The first lists the job's processes.
     dirs: Vec<PathBuf>,
     freezer: Option<PathBuf>,
+    /// The kernel's count of processes killed at the memory limit when the job took it.
+    oom_kills_before: u64,
 }
 
 impl JobCgroup {
-    fn make(&self, limits: &Limits) -> Result<(), CgroupError> {
-        for dir in &self.dirs {
-            create_dir(dir)?;
-        }
+    fn limit(&self, limits: &Limits) -> Result<(), CgroupError> {
         for (file, value) in limits.files(self.v2) {
             let Some(path) = self
                 .dirs
@@ -473,7 +562,12 @@ impl JobCgroup {
     }
 
     /// Moves process `pid` into the cgroup (in every hierarchy).
-    pub fn join(&self, pid: u32) -> Result<(), CgroupError> {
+    pub async fn join(&self, pid: u32) -> Result<(), CgroupError> {
+        let cgroup = self.clone();
+        unblocked(move || cgroup.join_now(pid)).await?
+    }
+
+    fn join_now(&self, pid: u32) -> Result<(), CgroupError> {
         for dir in &self.dirs {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
@@ -526,7 +620,21 @@ impl JobCgroup {
     /// SIGKILLs every process in it, including those forked while this runs; returns how many
     /// were signalled. v2 has the kernel do it (`cgroup.kill`); v1 freezes the cgroup first,
     /// where the freezer is mounted.
-    pub fn kill_all(&self) -> usize {
+    pub async fn kill(&self) -> usize {
+        let cgroup = self.clone();
+        unblocked(move || cgroup.kill_all())
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "failed to kill a job cgroup");
+                0
+            })
+    }
+
+    fn kill_all(&self) -> usize {
+        // The usual case, a job whose processes all ended: nothing to freeze or kill.
+        if self.is_empty() {
+            return 0;
+        }
         if self.v2 {
             let file = self.procs_dir().join("cgroup.kill");
             if file.exists() {
@@ -541,14 +649,8 @@ impl JobCgroup {
         for _ in 0..KILL_ROUNDS {
             let frozen = self.freeze(true);
             let pids = self.pids();
-            if pids.is_empty() {
-                if frozen {
-                    self.freeze(false);
-                }
-                break;
-            }
-            for pid in pids {
-                if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            for pid in &pids {
+                if kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
                     killed += 1;
                 }
             }
@@ -556,7 +658,7 @@ impl JobCgroup {
             if frozen {
                 self.freeze(false);
             }
-            if self.is_empty() {
+            if pids.is_empty() || self.is_empty() {
                 break;
             }
             std::thread::yield_now();
@@ -590,7 +692,7 @@ impl JobCgroup {
     }
 
     /// How many processes the kernel killed in it for going over its memory limit.
-    pub fn oom_kills(&self) -> u64 {
+    fn oom_kills(&self) -> u64 {
         let file = if self.v2 {
             "memory.events"
         } else {
@@ -610,7 +712,7 @@ impl JobCgroup {
     }
 
     /// Its memory limit in bytes, as set.
-    pub fn memory_limit(&self) -> Option<u64> {
+    fn memory_limit(&self) -> Option<u64> {
         let file = if self.v2 {
             "memory.max"
         } else {
@@ -623,7 +725,7 @@ impl JobCgroup {
     }
 
     /// Removes it (every process must be gone); a cgroup that does not exist is fine.
-    pub fn remove(&self) -> Result<(), CgroupError> {
+    fn remove(&self) -> Result<(), CgroupError> {
         for dir in &self.dirs {
             match fs::remove_dir(dir) {
                 Ok(()) => {}
@@ -633,6 +735,19 @@ impl JobCgroup {
         }
         Ok(())
     }
+}
+
+/// What [`JobCgroups::give_back`] found and did.
+#[derive(Debug)]
+pub(crate) struct Released {
+    /// Processes the kernel killed at the memory limit.
+    pub oom_kills: u64,
+    /// The memory limit in bytes.
+    pub memory_limit: u64,
+    /// Processes still there, killed.
+    pub killed: usize,
+    /// Kept for the next job, or removed.
+    pub kept: Result<(), CgroupError>,
 }
 
 #[cfg(test)]
@@ -671,12 +786,27 @@ mod tests {
         assert_eq!(
             limits.files(false),
             vec![
+                ("memory.memsw.limit_in_bytes", "-1".to_owned()),
                 ("memory.limit_in_bytes", "67108864".to_owned()),
                 ("memory.memsw.limit_in_bytes", "67108864".to_owned()),
                 ("cpu.cfs_period_us", "100000".to_owned()),
                 ("cpu.cfs_quota_us", "25000".to_owned()),
                 ("pids.max", "10".to_owned()),
             ]
+        );
+        let uncapped = Limits {
+            cpu_millis: None,
+            ..limits
+        };
+        assert!(
+            uncapped
+                .files(true)
+                .contains(&("cpu.max", "max 100000".to_owned()))
+        );
+        assert!(
+            uncapped
+                .files(false)
+                .contains(&("cpu.cfs_quota_us", "-1".to_owned()))
         );
         // A sliver of a core still gets the smallest quota the kernel takes.
         assert_eq!(Limits::cfs_quota_us(1), MIN_CFS_QUOTA_US);

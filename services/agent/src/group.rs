@@ -109,12 +109,12 @@ impl JobProcesses {
     }
 
     /// SIGKILL to the group, and to every process of the cgroup (forks included).
-    pub fn kill(&self) {
+    pub async fn kill(&self) {
         if let Some(group) = self.group {
             group.signal(Signal::SIGKILL);
         }
         if let Some(cgroup) = &self.cgroup {
-            cgroup.kill_all();
+            cgroup.kill().await;
         }
     }
 
@@ -151,7 +151,7 @@ impl JobProcesses {
         {
             return Some(output);
         }
-        self.kill();
+        self.kill().await;
         tokio::time::timeout(after_kill, &mut done).await.ok()
     }
 }

@@ -893,6 +893,23 @@ async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     std::fs::write(&gate, b"").unwrap();
     let (outcome, _) = h.finished(id).await;
     assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+
+    // The next job reuses the emptied cgroup with its own limits: none requested, so the
+    // memory the agent offers (1,024 MiB) and no CPU quota.
+    let gate = h.work_dir.path().join("cgroup-gate-2");
+    let id = h.assign(gated("unlimited", &gate, "running", "done")).await;
+    let pid = h.started(id).await;
+    let memory = cgroup_file(pid, "memory.max")
+        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
+        .expect("the job's cgroup has a memory limit");
+    assert_eq!(memory, (1024 * 1024 * 1024).to_string());
+    let quota = cgroup_file(pid, "cpu.max")
+        .or_else(|| cgroup_file(pid, "cpu.cfs_quota_us"))
+        .expect("a cpu quota");
+    assert!(quota == "-1" || quota.starts_with("max"), "{quota}");
+    std::fs::write(&gate, b"").unwrap();
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
     h.stop().await;
 }
 
