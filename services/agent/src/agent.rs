@@ -123,8 +123,12 @@ impl Agent {
             field: "PATH",
             reason: "prlimit (util-linux) not found: jobs could not be given resource limits",
         })?;
-        let cgroups =
-            JobCgroups::for_agent(settings.job_cgroups, &settings.worker_id, settings.capacity)?;
+        let cgroups = JobCgroups::for_agent(
+            settings.job_cgroups,
+            &settings.worker_id,
+            &settings.work_dir,
+            settings.capacity,
+        )?;
         let sh = match &cgroups {
             Some(_) => which::which("sh").map_err(|_| AgentError::InvalidConfig {
                 field: "PATH",

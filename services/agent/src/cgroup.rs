@@ -4,11 +4,12 @@
 //! so a process that left the job's process group (`setsid`) dies with it too.
 //!
 //! Both hierarchies are supported:
-//! - **cgroup v2**: jobs' cgroups go under `<agent's cgroup>/hodei-<worker>/`. The kernel hands
-//!   controllers down only from a cgroup holding no process, so when its own cgroup refuses,
-//!   the agent moves the processes of that cgroup into the leaf `<agent's cgroup>/hodei-agents`
-//!   first (the usual arrangement for a delegated cgroup: systemd `Delegate=yes`, a container).
-//! - **cgroup v1**: under `<agent's cgroup>/hodei-<worker>/` of each of the memory, cpu and pids
+//! - **cgroup v2**: jobs' cgroups go under `<agent's cgroup>/<agent folder>/` (see
+//!   [`folder_name`]). The kernel hands controllers down only from a cgroup holding no process,
+//!   so when its own cgroup refuses, the agent moves the processes of that cgroup into the leaf
+//!   `<agent's cgroup>/hodei-agents` first (the usual arrangement for a delegated cgroup:
+//!   systemd `Delegate=yes`, a container).
+//! - **cgroup v1**: under `<agent's cgroup>/<agent folder>/` of each of the memory, cpu and pids
 //!   hierarchies, and of freezer where it is mounted (a stop freezes the job before killing it,
 //!   so nothing forks past the kill).
 //!
@@ -184,13 +185,14 @@ impl JobCgroups {
     pub fn for_agent(
         mode: CgroupMode,
         worker: &WorkerId,
+        work_dir: &Path,
         offered: Resources,
     ) -> Result<Option<JobCgroups>, CgroupError> {
         if mode == CgroupMode::Off {
             info!("job cgroups off: rlimits alone limit jobs");
             return Ok(None);
         }
-        match Self::detect(worker) {
+        match Self::detect(&folder_name(worker, work_dir)) {
             Ok(layout) => {
                 let cgroups = JobCgroups {
                     layout,
@@ -222,7 +224,7 @@ impl JobCgroups {
         }
     }
 
-    fn detect(worker: &WorkerId) -> Result<Layout, CgroupError> {
+    fn detect(name: &str) -> Result<Layout, CgroupError> {
         let me = procfs::process::Process::myself()
             .map_err(|e| CgroupError::Unavailable(format!("failed to read /proc/self: {e}")))?;
         let mounts: Vec<_> = me
@@ -233,11 +235,10 @@ impl JobCgroups {
         let groups = me.cgroups().map_err(|e| {
             CgroupError::Unavailable(format!("failed to read /proc/self/cgroup: {e}"))
         })?;
-        let name = format!("hodei-{worker}");
         if let Some(own) = own_dir(&mounts, &groups, None)
             && offers(&own, &CONTROLLERS)
         {
-            return prepare_v2(&own, &name).map(|base| Layout::V2 { base });
+            return prepare_v2(&own, name).map(|base| Layout::V2 { base });
         }
         let dir = |controller| own_dir(&mounts, &groups, Some(controller));
         let (Some(memory), Some(cpu), Some(pids)) = (dir("memory"), dir("cpu"), dir("pids")) else {
@@ -248,10 +249,10 @@ impl JobCgroups {
             ));
         };
         let layout = Layout::V1 {
-            memory: memory.join(&name),
-            cpu: cpu.join(&name),
-            pids: pids.join(&name),
-            freezer: dir("freezer").map(|dir| dir.join(&name)),
+            memory: memory.join(name),
+            cpu: cpu.join(name),
+            pids: pids.join(name),
+            freezer: dir("freezer").map(|dir| dir.join(name)),
         };
         for base in layout_dirs(&layout) {
             create_dir(&base)?;
@@ -412,6 +413,25 @@ impl JobCgroups {
             }
         }
     }
+}
+
+/// The folder of an agent's job cgroups: `hodei-<worker>-<digest of its work folder>`. The
+/// work folder tells agents apart as their attempt records do: a restart with the same one
+/// finds what its previous incarnation left, and agents with the same worker id but their own
+/// work folders (test systems on one host) do not meet.
+fn folder_name(worker: &WorkerId, work_dir: &Path) -> String {
+    let work_dir = fs::canonicalize(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        work_dir.as_os_str().as_encoded_bytes(),
+    );
+    let short: String = digest
+        .as_ref()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("hodei-{worker}-{short}")
 }
 
 fn layout_dirs(layout: &Layout) -> Vec<PathBuf> {
@@ -753,6 +773,18 @@ pub(crate) struct Released {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_are_told_apart_by_worker_and_work_folder() {
+        let worker: WorkerId = "w-1".parse().unwrap();
+        let a = folder_name(&worker, Path::new("/nonexistent/a"));
+        assert_eq!(a, folder_name(&worker, Path::new("/nonexistent/a")));
+        assert_ne!(a, folder_name(&worker, Path::new("/nonexistent/b")));
+        assert!(
+            a.starts_with("hodei-w-1-") && a.len() == "hodei-w-1-".len() + 12,
+            "{a}"
+        );
+    }
 
     #[test]
     fn limits_follow_the_request_and_fall_back_to_what_the_agent_offers() {
