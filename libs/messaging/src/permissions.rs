@@ -52,28 +52,94 @@ impl NatsRole {
             },
             NatsRole::Agent(id) => agent_permissions(id, inbox),
             NatsRole::Scheduler | NatsRole::Registry | NatsRole::Gateway => {
-                let mut publish = vec![
-                    format!("{PREFIX}.evt.>"),
-                    format!("{PREFIX}.work.>"),
-                    format!("{PREFIX}.agent.*.cmd"),
-                    format!("{PREFIX}.dlq.>"),
-                    "$JS.API.>".to_owned(),
-                    "$JS.ACK.>".to_owned(),
-                    "$JS.FC.>".to_owned(),
-                ];
-                let mut subscribe = vec![inbox];
-                match self {
-                    NatsRole::Registry => subscribe.push(format!("{PREFIX}.hb.*")),
-                    NatsRole::Gateway => {
-                        subscribe.push(format!("{PREFIX}.evt.>"));
-                        publish.push(format!("$O.{}.>", artifacts::BUCKET));
-                    }
-                    _ => publish.push(format!("$O.{}.>", artifacts::BUCKET)),
-                }
-                Permissions { publish, subscribe }
+                service_permissions(self, inbox)
             }
         }
     }
+}
+
+/// A service's permissions. Every service may publish what any outbox relay publishes (events,
+/// placement requests, agents' commands, dead letters: the relay of each service publishes rows
+/// that any of them wrote), and on JetStream only what it does itself: create, update and read
+/// Hodei's streams (every service ensures them at start), read stored messages by subject, and
+/// use its own consumers. It may not delete or purge a stream, touch any other stream, or use
+/// the server's and account's administrative API.
+fn service_permissions(role: &NatsRole, inbox: String) -> Permissions {
+    let objects = artifacts::stream_name();
+    let mut publish = vec![
+        format!("{PREFIX}.evt.>"),
+        format!("{PREFIX}.work.>"),
+        format!("{PREFIX}.agent.*.cmd"),
+        format!("{PREFIX}.dlq.>"),
+        "$JS.API.INFO".to_owned(),
+    ];
+    for stream in [
+        streams::EVENTS,
+        streams::WORK,
+        streams::AGENT,
+        streams::REPORTS,
+        streams::LOGS,
+        streams::DLQ,
+        objects.as_str(),
+    ] {
+        publish.extend([
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            format!("$JS.API.STREAM.UPDATE.{stream}"),
+            format!("$JS.API.STREAM.MSG.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}.>"),
+        ]);
+    }
+    let mut subscribe = vec![inbox];
+    match role {
+        NatsRole::Scheduler => {
+            for (stream, consumer) in [
+                (streams::WORK, streams::PLACER),
+                (streams::REPORTS, streams::REPORTER),
+            ] {
+                publish.extend(durable_consumer(stream, consumer));
+            }
+        }
+        NatsRole::Registry => subscribe.push(format!("{PREFIX}.hb.*")),
+        NatsRole::Gateway => {
+            subscribe.push(format!("{PREFIX}.evt.>"));
+            // Log follows and artifact listings and downloads: ordered consumers of its own
+            // naming (a creator picks the subject a consumer delivers to, which nats-server
+            // does not check: see docs/SECURITY.md).
+            for stream in [streams::LOGS, objects.as_str()] {
+                publish.extend(ephemeral_consumers(stream));
+            }
+        }
+        NatsRole::Admin | NatsRole::Agent(_) => {}
+    }
+    Permissions { publish, subscribe }
+}
+
+/// The subjects that create, read from and acknowledge the durable consumer `consumer` of
+/// `stream`.
+fn durable_consumer(stream: &str, consumer: &str) -> [String; 6] {
+    [
+        format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+        format!("$JS.ACK.{stream}.{consumer}.>"),
+    ]
+}
+
+/// The subjects that create, use and delete short-lived consumers of `stream`.
+fn ephemeral_consumers(stream: &str) -> [String; 7] {
+    [
+        format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+        format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
+        format!("$JS.ACK.{stream}.>"),
+        format!("$JS.FC.{stream}.>"),
+    ]
 }
 
 impl fmt::Display for NatsRole {
@@ -94,6 +160,12 @@ pub fn agent_client_name(id: &WorkerId) -> String {
 /// acks, pulled messages) arrive under it, and only it may subscribe there.
 pub fn inbox_prefix(client_name: &str) -> String {
     format!("_INBOX_{client_name}")
+}
+
+/// The dead-letter kind of the commands agent `id` could not decode: its dead letters go to
+/// `hodei.v1.dlq.agent-command.<id>`.
+pub fn agent_dead_letter_kind(id: &WorkerId) -> String {
+    format!("agent-command.{id}")
 }
 
 /// The name of agent `id`'s durable consumer on its command subject.
@@ -118,6 +190,7 @@ fn agent_permissions(id: &WorkerId, inbox: String) -> Permissions {
             format!("{PREFIX}.hb.{id}"),
             format!("{PREFIX}.report.{id}.*"),
             format!("{PREFIX}.log.{id}.*"),
+            crate::subjects::dead_letter(&agent_dead_letter_kind(id)),
             "$JS.API.INFO".to_owned(),
             format!("$JS.API.STREAM.INFO.{agent}"),
             format!("$JS.API.STREAM.INFO.{}", streams::REPORTS),
@@ -203,6 +276,10 @@ mod tests {
         assert!(p.publish.contains(&"hodei.v1.log.w-1.*".to_owned()));
         assert!(
             p.publish
+                .contains(&"hodei.v1.dlq.agent-command.w-1".to_owned())
+        );
+        assert!(
+            p.publish
                 .contains(&"$JS.API.CONSUMER.MSG.NEXT.HODEI_AGENT.agent-w-1".to_owned())
         );
         assert!(!p.publish.iter().any(|s| s.contains("agent.*")));
@@ -225,6 +302,31 @@ mod tests {
                 "{service} may not speak for agents"
             );
         }
+        for service in [NatsRole::Scheduler, NatsRole::Registry, NatsRole::Gateway] {
+            let p = service.permissions();
+            assert!(
+                !p.publish.iter().any(|s| s == "$JS.API.>"
+                    || s.contains("STREAM.DELETE")
+                    || s.contains("STREAM.PURGE")
+                    || s.starts_with("$O.")),
+                "{service} may not delete, purge or write objects: {:?}",
+                p.publish
+            );
+        }
+        let scheduler = NatsRole::Scheduler.permissions();
+        assert!(
+            scheduler
+                .publish
+                .contains(&"$JS.API.CONSUMER.MSG.NEXT.HODEI_WORK.scheduler-placer".to_owned())
+        );
+        assert!(
+            !NatsRole::Registry
+                .permissions()
+                .publish
+                .iter()
+                .any(|s| s.starts_with("$JS.API.CONSUMER.")),
+            "the registry uses no consumer"
+        );
         let config = server_config(
             &[NatsUser {
                 nkey: "UABC".into(),

@@ -12,6 +12,9 @@ use tokio::time::Instant;
 use crate::TestSupportError;
 use crate::wait::{POLL_INTERVAL, free_port};
 
+/// Longest wait for nats-server to take a new configuration.
+const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Environment variable naming the nats-server binary to use.
 const NATS_SERVER_ENV: &str = "HODEI_NATS_SERVER";
 /// Oldest supported nats-server (major, minor).
@@ -126,6 +129,7 @@ impl TestNats {
         };
         security.config = config;
         self.write_config()?;
+        let reloads_before = self.reloads();
         let pid =
             self.child
                 .as_ref()
@@ -147,7 +151,21 @@ impl TestNats {
                 log: self.log_tail(),
             });
         }
-        Ok(())
+        // The signal only asks: wait until the server says it took the new configuration, so
+        // that a credential enrolled (or revoked) by this reload is known when this returns.
+        crate::wait_for(
+            "nats-server to reload its configuration",
+            RELOAD_DEADLINE,
+            || async { (self.reloads() > reloads_before).then_some(()) },
+        )
+        .await
+    }
+
+    /// How many times the server has logged that it reloaded its configuration.
+    fn reloads(&self) -> usize {
+        std::fs::read_to_string(self.log_path())
+            .map(|log| log.matches("Reloaded server configuration").count())
+            .unwrap_or(0)
     }
 
     /// Writes `nats-server.conf`: JetStream's storage limit is set, not derived from the

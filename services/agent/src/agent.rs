@@ -442,10 +442,11 @@ impl Agent {
             Ok(command) => command,
             Err(e) => {
                 self.metrics.message_dead_lettered("agent-command");
+                // Under the agent's own name: the only dead letters its credential may write.
                 hodei_messaging::settle::dead_letter(
                     &self.js,
                     &message,
-                    "agent-command",
+                    &permissions::agent_dead_letter_kind(&self.settings.worker_id),
                     &e.to_string(),
                 )
                 .await;

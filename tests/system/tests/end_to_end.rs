@@ -249,7 +249,12 @@ async fn bad_input_is_refused_and_submissions_are_idempotent() {
             async move {
                 let mut dlq = js.get_stream("HODEI_DLQ").await.ok()?;
                 let count = dlq.info().await.ok()?.state.messages;
-                (count >= 2).then_some(())
+                // The agent's own, under its name (its credential may write no other).
+                let agents = dlq
+                    .get_last_raw_message_by_subject("hodei.v1.dlq.agent-command.agent-cpu")
+                    .await
+                    .ok()?;
+                (count >= 3 && agents.payload.as_ref() == b"{not json").then_some(())
             }
         },
     )
