@@ -151,6 +151,16 @@ async fn the_server_lets_each_credential_speak_only_for_itself() {
         ] {
             watched.publish_refused(&subject).await;
         }
+        // Nor delete or purge a stream, touch another one, or use the server's admin API.
+        for subject in [
+            format!("$JS.API.STREAM.DELETE.{}", streams::WORK),
+            format!("$JS.API.STREAM.PURGE.{}", streams::EVENTS),
+            "$JS.API.STREAM.CREATE.SOMEONE_ELSES".to_owned(),
+            "$JS.API.SERVER.REMOVE".to_owned(),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{}.agent-{a}", streams::AGENT),
+        ] {
+            watched.publish_refused(&subject).await;
+        }
     }
 
     // Nothing forged reached the reports or the logs.
