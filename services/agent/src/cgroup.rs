@@ -88,6 +88,11 @@ const V2_AGENT_LEAF: &str = "hodei-agents";
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 /// How often [`JobCgroup::wait_empty`] looks.
 const EMPTY_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long killed processes get to leave their cgroup before it is removed instead of reused.
+const EMPTY_AFTER_KILL: Duration = Duration::from_secs(2);
+/// Most memory still charged to an emptied cgroup (page cache, tmpfs) for it to take another
+/// job: past it, the next job gets a fresh cgroup rather than its predecessor's charges.
+const REUSE_MAX_CHARGED: u64 = 16 * 1024 * 1024;
 /// Rounds of [`JobCgroup::kill_all`] before it gives up on processes that keep appearing.
 const KILL_ROUNDS: usize = 20;
 
@@ -192,15 +197,22 @@ impl JobCgroups {
             info!("job cgroups off: rlimits alone limit jobs");
             return Ok(None);
         }
-        match Self::detect(&folder_name(worker, work_dir)) {
-            Ok(layout) => {
-                let cgroups = JobCgroups {
-                    layout,
-                    offered,
-                    free: Arc::default(),
-                    made: Arc::default(),
-                };
-                cgroups.sweep();
+        let usable = Self::detect(&folder_name(worker, work_dir)).and_then(|layout| {
+            let cgroups = JobCgroups {
+                layout,
+                offered,
+                free: Arc::default(),
+                made: Arc::default(),
+            };
+            cgroups.sweep();
+            // One cgroup made and limited as a job's would be (a CPU quota included), so a
+            // host that cannot is found now rather than at every job.
+            let probe = cgroups.take_now(&Resources::new(1000, 0), 1)?;
+            cgroups.keep(probe)?;
+            Ok(cgroups)
+        });
+        match usable {
+            Ok(cgroups) => {
                 info!(base = %cgroups.base().display(), v2 = cgroups.is_v2(), "jobs run in cgroups of their own");
                 Ok(Some(cgroups))
             }
@@ -304,19 +316,20 @@ impl JobCgroups {
         requested: &Resources,
         max_processes: u32,
     ) -> Result<JobCgroup, CgroupError> {
-        let free = self.free.lock().ok().and_then(|mut free| free.pop());
-        let mut cgroup = match free {
-            Some(cgroup) => cgroup,
-            None => {
-                let n = self.made.fetch_add(1, Ordering::Relaxed);
-                let cgroup = self.named(&format!("job-{n}"));
-                for dir in &cgroup.dirs {
-                    create_dir(dir)?;
-                }
-                cgroup
-            }
-        };
         let limits = Limits::for_job(requested, &self.offered, max_processes);
+        let free = self.free.lock().ok().and_then(|mut free| free.pop());
+        if let Some(mut cgroup) = free {
+            // A reused cgroup may refuse a lower memory limit (charges of its last job that
+            // cannot be reclaimed): a new one then.
+            if cgroup.limit(&limits).is_ok() && cgroup.is_empty() {
+                cgroup.oom_kills_before = cgroup.oom_kills();
+                return Ok(cgroup);
+            }
+            if let Err(e) = cgroup.remove() {
+                warn!(error = %e, "failed to remove a free job cgroup that could not be reused");
+            }
+        }
+        let mut cgroup = self.make_new()?;
         if let Err(e) = cgroup.limit(&limits) {
             if let Err(e) = cgroup.remove() {
                 warn!(error = %e, "failed to remove a job cgroup whose limits could not be set");
@@ -327,6 +340,51 @@ impl JobCgroups {
         Ok(cgroup)
     }
 
+    /// A cgroup that did not exist: a name already taken (a folder the sweep could not
+    /// remove, with something still in it) is skipped.
+    fn make_new(&self) -> Result<JobCgroup, CgroupError> {
+        const TRIES: usize = 64;
+        let mut last = None;
+        for _ in 0..TRIES {
+            let n = self.made.fetch_add(1, Ordering::Relaxed);
+            let cgroup = self.named(&format!("job-{n}"));
+            let Some((first, rest)) = cgroup.dirs.split_first() else {
+                break;
+            };
+            match fs::create_dir(first) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    last = Some(io_error("create", first, e));
+                    continue;
+                }
+                Err(e) => return Err(io_error("create", first, e)),
+            }
+            for dir in rest {
+                if let Err(e) = create_dir(dir) {
+                    let _ = cgroup.remove();
+                    return Err(e);
+                }
+            }
+            return Ok(cgroup);
+        }
+        Err(last.unwrap_or_else(|| {
+            CgroupError::Unavailable("no free name for a job cgroup".to_owned())
+        }))
+    }
+
+    /// Puts an empty cgroup with little memory still charged to it back in the pool; removes
+    /// any other.
+    fn keep(&self, cgroup: JobCgroup) -> Result<(), CgroupError> {
+        if cgroup.is_empty()
+            && cgroup.memory_charged() <= REUSE_MAX_CHARGED
+            && let Ok(mut free) = self.free.lock()
+        {
+            free.push(cgroup);
+            return Ok(());
+        }
+        cgroup.remove()
+    }
+
     /// Once its job has ended: kills whatever is left in `cgroup`, and keeps it for the next
     /// job (or removes it, if something would not die).
     pub async fn give_back(&self, cgroup: JobCgroup) -> Released {
@@ -335,17 +393,9 @@ impl JobCgroups {
             let oom_kills = cgroup.oom_kills().saturating_sub(cgroup.oom_kills_before);
             let memory_limit = cgroup.memory_limit().unwrap_or_default();
             let killed = cgroup.kill_all();
-            let kept = if cgroup.is_empty() {
-                match cgroups.free.lock() {
-                    Ok(mut free) => {
-                        free.push(cgroup);
-                        Ok(())
-                    }
-                    Err(_) => cgroup.remove(),
-                }
-            } else {
-                cgroup.remove()
-            };
+            // Killed processes leave the cgroup a moment after the signal.
+            cgroup.wait_empty_blocking(EMPTY_AFTER_KILL);
+            let kept = cgroups.keep(cgroup);
             Released {
                 oom_kills,
                 memory_limit,
@@ -493,6 +543,12 @@ fn offers(dir: &Path, controllers: &[&str]) -> bool {
 /// Hands the controllers down from `own` to `own/<name>` and from there to the jobs' cgroups;
 /// returns `own/<name>`.
 fn prepare_v2(own: &Path, name: &str) -> Result<PathBuf, CgroupError> {
+    // An agent started from the leaf an earlier agent moved into works from its parent, so
+    // that it finds what that agent left (and leaves no nested leaves).
+    let own = match own.parent() {
+        Some(parent) if own.ends_with(V2_AGENT_LEAF) => parent,
+        _ => own,
+    };
     let enable = CONTROLLERS.map(|c| format!("+{c}")).join(" ");
     if let Err(e) = fs::write(own.join("cgroup.subtree_control"), &enable) {
         // EBUSY: processes live in `own` itself. They move to a leaf of their own.
@@ -665,13 +721,13 @@ impl JobCgroup {
                 return count;
             }
         }
-        let mut killed = 0;
+        let mut killed = std::collections::HashSet::new();
         for _ in 0..KILL_ROUNDS {
             let frozen = self.freeze(true);
             let pids = self.pids();
             for pid in &pids {
                 if kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
-                    killed += 1;
+                    killed.insert(*pid);
                 }
             }
             // A frozen process dies of SIGKILL once thawed.
@@ -683,7 +739,33 @@ impl JobCgroup {
             }
             std::thread::yield_now();
         }
-        killed
+        killed.len()
+    }
+
+    /// [`JobCgroup::wait_empty`] for the blocking pool.
+    fn wait_empty_blocking(&self, within: Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        while !self.is_empty() {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Bytes of memory charged to it now.
+    fn memory_charged(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
+        self.dirs
+            .iter()
+            .find_map(|dir| fs::read_to_string(dir.join(file)).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Freezes (or thaws) the cgroup, where a v1 freezer is mounted; returns whether it did.
