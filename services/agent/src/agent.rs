@@ -61,7 +61,6 @@ pub struct Agent {
     prlimit: std::path::PathBuf,
     /// Where jobs get cgroups of their own, when the host allows.
     cgroups: Option<JobCgroups>,
-    sh: std::path::PathBuf,
     client: async_nats::Client,
     js: jetstream::Context,
     artifacts: async_nats::jetstream::object_store::ObjectStore,
@@ -129,13 +128,6 @@ impl Agent {
             &settings.work_dir,
             settings.capacity,
         )?;
-        let sh = match &cgroups {
-            Some(_) => which::which("sh").map_err(|_| AgentError::InvalidConfig {
-                field: "PATH",
-                reason: "sh not found: jobs could not be held until they are in their cgroups",
-            })?,
-            None => std::path::PathBuf::new(),
-        };
         let id = &settings.worker_id;
         let (client, js) = connect_with(
             &settings.nats_url,
@@ -184,7 +176,6 @@ impl Agent {
             setpriv,
             prlimit,
             cgroups,
-            sh,
             client,
             js,
             artifacts,
@@ -260,7 +251,6 @@ impl Agent {
             prlimit: self.prlimit.clone(),
             job_limits: self.settings.job_limits,
             cgroups: self.cgroups.clone(),
-            sh: self.sh.clone(),
             seal: self.seal.clone(),
             job_users: self
                 .settings

@@ -80,8 +80,6 @@ pub(crate) struct AttemptContext {
     pub job_limits: crate::config::JobLimits,
     /// Where jobs get cgroups of their own, if the host allows.
     pub cgroups: Option<JobCgroups>,
-    /// `sh`, which holds a job until it is in its cgroup (only with cgroups).
-    pub sh: PathBuf,
     /// Opens the secret values sealed to this agent incarnation.
     pub seal: hodei_messaging::seal::OpeningKey,
 }
@@ -297,17 +295,15 @@ async fn spawn(
         .or_else(|| ctx.path.clone());
     let resolved = which::which_in(program, search_path, &cwd)
         .map_err(|e| format!("failed to start {program}: {e}"))?;
-    if let Some(cgroups) = &ctx.cgroups {
-        let made = cgroups
-            .take(spec.resources, ctx.job_limits.max_processes)
-            .await
-            .map_err(|e| format!("failed to make the job's cgroup: {e}"))?;
-        *cgroup = Some(made);
-    }
-    let mut command = match cgroup {
-        // Waits for the agent to place it in its cgroup, then becomes the job's chain.
-        Some(_) => {
-            let mut sh = Command::new(&ctx.sh);
+    let mut command = match &ctx.cgroups {
+        // Held until the agent has placed it in its cgroup, then becomes the job's chain.
+        Some(cgroups) => {
+            let made = cgroups
+                .take(spec.resources, ctx.job_limits.max_processes)
+                .await
+                .map_err(|e| format!("failed to make the job's cgroup: {e}"))?;
+            *cgroup = Some(made);
+            let mut sh = Command::new(cgroups.holder());
             sh.args(["-c", JOIN_THEN_EXEC, "hodei-job"])
                 .arg(&ctx.setpriv)
                 .stdin(Stdio::piped());

@@ -64,6 +64,9 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// There is no `sh` to hold a job until it is in its cgroup.
+    #[error("sh not found on PATH: jobs could not be held until they are in their cgroups")]
+    NoHolder,
     /// The blocking task doing the work failed.
     #[error("cgroup task failed: {0}")]
     Task(String),
@@ -178,6 +181,8 @@ enum Layout {
 #[derive(Debug, Clone)]
 pub(crate) struct JobCgroups {
     layout: Layout,
+    /// `sh`, which holds a job until it is in its cgroup.
+    holder: PathBuf,
     offered: Resources,
     free: Arc<Mutex<Vec<JobCgroup>>>,
     made: Arc<AtomicU64>,
@@ -200,6 +205,7 @@ impl JobCgroups {
         let usable = Self::detect(&folder_name(worker, work_dir)).and_then(|layout| {
             let cgroups = JobCgroups {
                 layout,
+                holder: which::which("sh").map_err(|_| CgroupError::NoHolder)?,
                 offered,
                 free: Arc::default(),
                 made: Arc::default(),
@@ -216,12 +222,20 @@ impl JobCgroups {
                 info!(base = %cgroups.base().display(), v2 = cgroups.is_v2(), "jobs run in cgroups of their own");
                 Ok(Some(cgroups))
             }
+            // The host can give jobs cgroups, but they could not be held until in them: the
+            // agent refuses to start rather than run them outside.
+            Err(e @ CgroupError::NoHolder) => Err(e),
             Err(e) if mode == CgroupMode::Auto => {
                 warn!(error = %e, "jobs run without cgroups: rlimits alone limit them, and a process that leaves a job's process group survives its stop (set HODEI_JOB_CGROUPS=required to refuse this)");
                 Ok(None)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The `sh` that holds each job until it is in its cgroup.
+    pub fn holder(&self) -> &Path {
+        &self.holder
     }
 
     fn is_v2(&self) -> bool {
@@ -318,26 +332,24 @@ impl JobCgroups {
     ) -> Result<JobCgroup, CgroupError> {
         let limits = Limits::for_job(requested, &self.offered, max_processes);
         let free = self.free.lock().ok().and_then(|mut free| free.pop());
-        if let Some(mut cgroup) = free {
+        if let Some(cgroup) = free {
             // A reused cgroup may refuse a lower memory limit (charges of its last job that
             // cannot be reclaimed): a new one then.
-            if cgroup.limit(&limits).is_ok() && cgroup.is_empty() {
-                cgroup.oom_kills_before = cgroup.oom_kills();
-                return Ok(cgroup);
-            }
-            if let Err(e) = cgroup.remove() {
-                warn!(error = %e, "failed to remove a free job cgroup that could not be reused");
+            match cgroup.ready(&limits) {
+                Ok(cgroup) => return Ok(cgroup),
+                Err((cgroup, _)) => {
+                    if let Err(e) = cgroup.remove() {
+                        warn!(error = %e, "failed to remove a free job cgroup that could not be reused");
+                    }
+                }
             }
         }
-        let mut cgroup = self.make_new()?;
-        if let Err(e) = cgroup.limit(&limits) {
+        self.make_new()?.ready(&limits).map_err(|(cgroup, e)| {
             if let Err(e) = cgroup.remove() {
                 warn!(error = %e, "failed to remove a job cgroup whose limits could not be set");
             }
-            return Err(e);
-        }
-        cgroup.oom_kills_before = cgroup.oom_kills();
-        Ok(cgroup)
+            e
+        })
     }
 
     /// A cgroup that did not exist: a name already taken (a folder the sweep could not
@@ -611,6 +623,16 @@ pub(crate) struct JobCgroup {
 }
 
 impl JobCgroup {
+    /// Sets `limits` and notes the out-of-memory count the job starts from; gives the cgroup
+    /// back with the error if a limit cannot be set.
+    fn ready(mut self, limits: &Limits) -> Result<JobCgroup, (JobCgroup, CgroupError)> {
+        if let Err(e) = self.limit(limits) {
+            return Err((self, e));
+        }
+        self.oom_kills_before = self.oom_kills();
+        Ok(self)
+    }
+
     fn limit(&self, limits: &Limits) -> Result<(), CgroupError> {
         for (file, value) in limits.files(self.v2) {
             let Some(path) = self
@@ -756,16 +778,17 @@ impl JobCgroup {
 
     /// Bytes of memory charged to it now.
     fn memory_charged(&self) -> u64 {
-        let file = if self.v2 {
-            "memory.current"
-        } else {
-            "memory.usage_in_bytes"
-        };
+        self.read_first("memory.current", "memory.usage_in_bytes")
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The file named `v2` (or `v1`, on cgroup v1) of the first of its folders that has it.
+    fn read_first(&self, v2: &str, v1: &str) -> Option<String> {
+        let file = if self.v2 { v2 } else { v1 };
         self.dirs
             .iter()
             .find_map(|dir| fs::read_to_string(dir.join(file)).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(0)
     }
 
     /// Freezes (or thaws) the cgroup, where a v1 freezer is mounted; returns whether it did.
@@ -795,15 +818,7 @@ impl JobCgroup {
 
     /// How many processes the kernel killed in it for going over its memory limit.
     fn oom_kills(&self) -> u64 {
-        let file = if self.v2 {
-            "memory.events"
-        } else {
-            "memory.oom_control"
-        };
-        self.dirs
-            .iter()
-            .map(|dir| dir.join(file))
-            .find_map(|path| fs::read_to_string(path).ok())
+        self.read_first("memory.events", "memory.oom_control")
             .and_then(|text| {
                 text.lines().find_map(|line| {
                     line.strip_prefix("oom_kill ")
@@ -815,14 +830,7 @@ impl JobCgroup {
 
     /// Its memory limit in bytes, as set.
     fn memory_limit(&self) -> Option<u64> {
-        let file = if self.v2 {
-            "memory.max"
-        } else {
-            "memory.limit_in_bytes"
-        };
-        self.dirs
-            .iter()
-            .find_map(|dir| fs::read_to_string(dir.join(file)).ok())
+        self.read_first("memory.max", "memory.limit_in_bytes")
             .and_then(|text| text.trim().parse().ok())
     }
 
