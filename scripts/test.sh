@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (cc, a nats-server
-# >= 2.10 for the test helpers, a private PostgreSQL cluster), checks the
+# >= 2.10 for the test helpers, a private PostgreSQL cluster, grpcurl and
+# Python's grpcio-reflection for the reflection test), checks the
 # formatting and the clippy lints (-D warnings), builds the service binaries
 # that the system tests start as processes, then runs `cargo nextest run`
 # (or `cargo test` without nextest) and the doc tests.
@@ -28,7 +29,9 @@ trap stop_pg EXIT
 hodei_ensure_build_deps
 hodei_ensure_nats
 hodei_ensure_postgres
+hodei_ensure_grpc_clients
 export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT
+export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH
 
 # The lints the workspace declares are enforced before any test runs.
 cargo fmt --all -- --check

