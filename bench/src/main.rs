@@ -76,6 +76,10 @@ enum Scenario {
         /// Pages measured per state (default 500; 50 with --quick).
         #[arg(long)]
         pages: Option<usize>,
+        /// Leave the loaded database in place at the end and print its URL, to study plans
+        /// with psql (drop it by hand afterwards).
+        #[arg(long)]
+        keep_database: bool,
     },
     /// Simulated agents beating against one real registry: heartbeats/s sent, received and
     /// persisted, with this process's cpu and rss.
@@ -171,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Queries {
                 jobs: None,
                 pages: None,
+                keep_database: false,
             },
             Scenario::Heartbeats {
                 agents: None,
@@ -302,10 +307,15 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
             })
             .await
         }
-        Scenario::Queries { jobs, pages } => {
+        Scenario::Queries {
+            jobs,
+            pages,
+            keep_database,
+        } => {
             queries::queries(queries::QueriesParams {
                 jobs: size(jobs, quick, 1_000_000, 20_000),
                 pages_per_state: size(pages, quick, 500, 50),
+                keep_database,
             })
             .await
         }

@@ -52,8 +52,8 @@ pub async fn insert(
         return Ok(false);
     }
     sqlx::query(
-        "INSERT INTO job_search (job_id, search)
-         SELECT id, hodei_job_search(name, labels, spec, NULL) FROM jobs WHERE id = $1",
+        "INSERT INTO job_search (job_id, state, search)
+         SELECT id, state, hodei_job_search(name, labels, spec, NULL) FROM jobs WHERE id = $1",
     )
     .bind(job.id().as_uuid())
     .execute(&mut *conn)
@@ -117,9 +117,9 @@ pub async fn insert_many(
                      $7::jsonb[], $8::text[], $9::timestamptz[], $10::bigint[], $11::jsonb[])
               AS u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id, name, labels, spec)
-         INSERT INTO job_search (job_id, search)
-         SELECT id, hodei_job_search(name, labels, spec, NULL) FROM inserted
+         RETURNING id, state, name, labels, spec)
+         INSERT INTO job_search (job_id, state, search)
+         SELECT id, state, hodei_job_search(name, labels, spec, NULL) FROM inserted
          RETURNING job_id",
     )
     .bind(&ids)
@@ -253,8 +253,10 @@ pub async fn save_many(
         updated.push(job.updated_at());
         versions.push(to_i64(job.version()));
     }
+    // The search row's copy of the state moves in the same statement (see `list`).
     let saved: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
-        "UPDATE jobs j SET state = u.state, attempts = u.attempts, current_attempt = u.current_attempt,
+        "WITH saved AS (
+         UPDATE jobs j SET state = u.state, attempts = u.attempts, current_attempt = u.current_attempt,
                 worker_id = u.worker_id, cancel_requested = u.cancel_requested,
                 not_before = u.not_before, reason = u.reason, exit_code = u.exit_code,
                 updated_at = u.updated_at, version = u.version
@@ -264,7 +266,11 @@ pub async fn save_many(
               AS u(id, expected, state, attempts, current_attempt, worker_id, cancel_requested,
                    not_before, reason, exit_code, updated_at, version)
          WHERE j.id = u.id AND j.version = u.expected
-         RETURNING j.id, j.pipeline_run_id",
+         RETURNING j.id, j.state, j.pipeline_run_id),
+         searched AS (
+         UPDATE job_search s SET state = saved.state FROM saved
+         WHERE s.job_id = saved.id AND s.state <> saved.state)
+         SELECT id, pipeline_run_id FROM saved",
     )
     .bind(&ids)
     .bind(&expected)
@@ -311,12 +317,18 @@ pub async fn save(
     events: &[JobEvent],
 ) -> Result<Option<PipelineRunId>, StorageError> {
     let current = job.current_attempt_record();
+    // The search row's copy of the state moves in the same statement (see `list`).
     let updated: Option<(Option<Uuid>,)> = sqlx::query_as(
-        "UPDATE jobs SET state = $3, attempts = $4, current_attempt = $5, worker_id = $6,
+        "WITH saved AS (
+         UPDATE jobs SET state = $3, attempts = $4, current_attempt = $5, worker_id = $6,
                 cancel_requested = $7, not_before = $8, reason = $9, exit_code = $10,
                 updated_at = $11, version = $12
          WHERE id = $1 AND version = $2
-         RETURNING pipeline_run_id",
+         RETURNING id, state, pipeline_run_id),
+         searched AS (
+         UPDATE job_search s SET state = saved.state FROM saved
+         WHERE s.job_id = saved.id AND s.state <> saved.state)
+         SELECT pipeline_run_id FROM saved",
     )
     .bind(job.id().as_uuid())
     .bind(to_i64(expected_version))
@@ -623,16 +635,7 @@ fn list_query(
             .push(" AND tenant = ")
             .push_bind(tenant.as_str().to_owned());
     }
-    match filter.states.as_slice() {
-        [] => {}
-        [one] => {
-            query.push(" AND state = ").push_bind(one.as_str());
-        }
-        many => {
-            let states: Vec<&str> = many.iter().map(JobState::as_str).collect();
-            query.push(" AND state = ANY(").push_bind(states).push(")");
-        }
-    }
+    push_states(&mut query, &filter.states);
     if let Some(name) = filter.name_prefix.as_deref().filter(|p| !p.is_empty()) {
         query.push(" AND name LIKE ").push_bind(like_prefix(name));
     }
@@ -647,12 +650,16 @@ fn list_query(
             query.push(" AND false");
         }
         // The matches as an array computed once (an InitPlan): the jobs are then fetched by
-        // primary key, whatever order the planner would have liked to walk them in.
+        // primary key, whatever order the planner would have liked to walk them in. Matches
+        // in other states are dropped by the search rows' copy of the state, read in the same
+        // heap visit that gives their ids.
         SearchPlan::IndexFirst(tsquery) => {
             query
                 .push(" AND id = ANY(ARRAY(SELECT job_id FROM job_search WHERE search @@ ")
                 .push_bind(tsquery.clone())
-                .push("::tsquery))");
+                .push("::tsquery");
+            push_states(&mut query, &filter.states);
+            query.push("))");
         }
         SearchPlan::Planner(tsquery) => {
             query
@@ -668,6 +675,21 @@ fn list_query(
         .push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(filter.limit));
     Ok(query)
+}
+
+/// ` AND state = …` for `states`, if any (a single state as `=`, so the planner can walk
+/// `jobs_state_id`).
+fn push_states(query: &mut sqlx::QueryBuilder<sqlx::Postgres>, states: &[JobState]) {
+    match states {
+        [] => {}
+        [one] => {
+            query.push(" AND state = ").push_bind(one.as_str());
+        }
+        many => {
+            let states: Vec<&str> = many.iter().map(JobState::as_str).collect();
+            query.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+    }
 }
 
 /// Queued jobs whose next step is overdue: not placed `older_than` after they were queued.

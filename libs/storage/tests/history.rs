@@ -500,3 +500,86 @@ async fn common_and_rare_words_page_the_same_whichever_way_they_are_read() {
     );
     db.cleanup().await.unwrap();
 }
+
+/// A search with a state drops matches in other states by the search rows' own copy of the
+/// state, which every save (single and batched) moves with the job: a job is found under the
+/// state it is in now, never under one it left.
+#[tokio::test]
+async fn a_search_with_a_state_follows_each_job_through_single_and_batched_saves() {
+    let (db, pool) = database().await;
+    let mut moved = Vec::new();
+    for i in 0..4 {
+        moved.push(
+            submit(
+                &pool,
+                "default",
+                &format!("follow-{i}"),
+                &["follow-word"],
+                &[],
+            )
+            .await,
+        );
+    }
+    let waiting = submit(&pool, "default", "follow-waiting", &["follow-word"], &[]).await;
+    sqlx::query("ANALYZE job_search")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let queued: Vec<&Job> = moved.iter().chain([&waiting]).collect();
+    assert_eq!(
+        search(&pool, "follow-word", vec![JobState::Queued], 2).await,
+        newest_first(&queued)
+    );
+    for (i, job) in moved.iter_mut().enumerate() {
+        run_to_end(&pool, job, &["follow-tail"], i % 2 == 0).await;
+    }
+    let plan = jobs::explain_list(
+        &pool,
+        &JobFilter {
+            tenant: None,
+            states: vec![JobState::Succeeded],
+            search: Some("follow-word".to_owned()),
+            limit: 10,
+            ..JobFilter::default()
+        },
+    )
+    .await
+    .unwrap()
+    .join("\n");
+    // The InitPlan (the matches' ids) reads `job_search` and checks the state there.
+    let init_plan = plan
+        .split_once("InitPlan")
+        .and_then(|(_, rest)| rest.split(" on jobs ").next())
+        .unwrap_or_default();
+    assert!(
+        init_plan.contains("on job_search") && init_plan.contains("state = 'succeeded'"),
+        "the state is checked on the search rows: {plan}"
+    );
+    let ended: Vec<&Job> = moved.iter().collect();
+    assert_eq!(
+        search(&pool, "follow-word", vec![JobState::Succeeded], 3).await,
+        newest_first(&ended)
+    );
+    assert_eq!(
+        search(&pool, "follow-word", vec![JobState::Queued], 3).await,
+        vec![waiting.id()]
+    );
+    assert_eq!(
+        search(
+            &pool,
+            "follow-tail",
+            vec![JobState::Queued, JobState::Succeeded],
+            3
+        )
+        .await,
+        newest_first(&ended)
+    );
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM job_search s JOIN jobs j ON j.id = s.job_id WHERE s.state <> j.state",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0);
+    db.cleanup().await.unwrap();
+}
