@@ -2,9 +2,12 @@
 # Runs the whole test suite: installs what the tests need (cc, a nats-server
 # >= 2.10 for the test helpers, a private PostgreSQL cluster, grpcurl and
 # Python's grpcio-reflection for the reflection test), checks the
-# formatting and the clippy lints (-D warnings), builds the service binaries
-# that the system tests start as processes, then runs `cargo nextest run`
-# (or `cargo test` without nextest) and the doc tests.
+# formatting, the clippy lints (-D warnings) and the Kubernetes manifests
+# (scripts/check-k8s.sh), builds the service binaries that the system tests
+# start as processes, runs `cargo nextest run` (or `cargo test` without
+# nextest) and the doc tests, then, where Docker answers, the compose test
+# (scripts/test-compose.sh: images built offline, the stack scaled, a
+# scheduler and an agent killed).
 #
 # Environment:
 #   HODEI_KEEP_PG=1   leave the private PostgreSQL cluster running at exit
@@ -36,6 +39,8 @@ export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH
 # The lints the workspace declares are enforced before any test runs.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The Kubernetes manifests: rendered, checked against the API schemas and cross-referenced.
+scripts/check-k8s.sh
 
 # The system tests run the services as separate processes from the workspace's binaries;
 # `cargo test` builds another package's binaries only as test harnesses.
@@ -51,5 +56,16 @@ doc_rc=0
 cargo test --workspace --doc || doc_rc=$?
 if [ "$rc" -eq 0 ]; then
     rc="$doc_rc"
+fi
+# The compose stack, scaled, with a scheduler and an agent killed (scripts/test-compose.sh),
+# wherever Docker answers; its images are built from the debug binaries built above.
+if docker info >/dev/null 2>&1; then
+    compose_rc=0
+    scripts/test-compose.sh || compose_rc=$?
+    if [ "$rc" -eq 0 ]; then
+        rc="$compose_rc"
+    fi
+else
+    echo "hodei: docker does not answer here: the compose test did not run" >&2
 fi
 exit "$rc"
