@@ -58,7 +58,7 @@ if [ "$rc" -eq 0 ]; then
     rc="$doc_rc"
 fi
 # The compose stack, scaled, with a scheduler and an agent killed (scripts/test-compose.sh),
-# wherever Docker answers; its images are built from the debug binaries built above.
+# wherever Docker answers; it builds its own images (static debug binaries in target/images).
 if docker info >/dev/null 2>&1; then
     compose_rc=0
     scripts/test-compose.sh || compose_rc=$?
