@@ -31,15 +31,19 @@ HODEI_DEBIAN_SUITE="bookworm"
 # The first Debian archive URI of this machine's apt sources whose URI does ($1 = 1) or does
 # not ($1 = 0) contain "security".
 _hodei_apt_mirror() {
-    local security="$1"
-    cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null |
-        awk -v sec="$security" '
+    local security="$1" file text=""
+    for file in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list; do
+        if [ -f "$file" ]; then
+            text+="$(cat "$file")"$'\n'
+        fi
+    done
+    awk -v sec="$security" '
             /^URIs:/ { uri = $2 }
             /^deb / { uri = ($2 ~ /^\[/) ? $3 : $2 }
             uri != "" {
                 if ((uri ~ /security/) == (sec == 1)) { print uri; exit }
                 uri = ""
-            }'
+            }' <<<"$text"
 }
 HODEI_DEBIAN_MIRROR="${HODEI_DEBIAN_MIRROR:-$(_hodei_apt_mirror 0)}"
 HODEI_DEBIAN_SECURITY_MIRROR="${HODEI_DEBIAN_SECURITY_MIRROR:-$(_hodei_apt_mirror 1)}"
