@@ -27,24 +27,8 @@ jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs=
 importlib-resources==7.1.0 packaging==26.4 typing-extensions==4.16.0"
 
 _hodei_ensure_k8s_tools_locked() {
-    local dir="$HODEI_ROOT/.hodei/tools/k8s" tmp stamp
-    # Compiled wheels (rpds-py) belong to one Python version: a new python3 reinstalls.
-    stamp="$(python3 -c 'import sys; print("python%d.%d" % sys.version_info[:2])') $HODEI_K8S_REQUIREMENTS"
-    if [ "$(cat "$dir/.installed" 2>/dev/null)" != "$stamp" ]; then
-        _hodei_ensure_pip || return 1
-        tmp="$dir.tmp.$$"
-        rm -rf "$tmp"
-        # shellcheck disable=SC2086 # the list of pinned requirements
-        if ! _hodei_quiet env PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-            python3 -m pip install --no-input --target "$tmp" $HODEI_K8S_REQUIREMENTS; then
-            rm -rf "$tmp"
-            _hodei_err "could not install $HODEI_K8S_REQUIREMENTS from PyPI"
-            return 1
-        fi
-        echo "$stamp" >"$tmp/.installed"
-        rm -rf "$dir"
-        mv "$tmp" "$dir" || return 1
-    fi
+    # shellcheck disable=SC2086 # the list of pinned requirements
+    _hodei_pip_tools "$HODEI_ROOT/.hodei/tools/k8s" $HODEI_K8S_REQUIREMENTS
 }
 
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -213,8 +213,11 @@ async fn prewarm(pool: &PgPool) -> anyhow::Result<String> {
         .await
         .context("failed to create the pg_prewarm extension")?;
     let started = Instant::now();
-    let (relations, blocks): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT count(*), sum(pg_prewarm(c.oid, 'read'))::int8
+    // The size in bytes from the server's own block size, and shared_buffers, in one read.
+    let (relations, bytes, shared_buffers): (i64, Option<i64>, String) = sqlx::query_as(
+        "SELECT count(*),
+                (sum(pg_prewarm(c.oid, 'read')) * current_setting('block_size')::int8)::int8,
+                current_setting('shared_buffers')
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'i')",
     )
@@ -224,17 +227,10 @@ async fn prewarm(pool: &PgPool) -> anyhow::Result<String> {
     Ok(format!(
         "queries: before the reads, {relations} tables and indexes ({} MiB) were read into the \
          OS page cache with pg_prewarm('read') in {:.1} s: the figures are those of a database \
-         whose working set is in memory (shared_buffers stays at {})",
-        blocks.unwrap_or(0) * 8 / 1024,
+         whose working set is in memory (shared_buffers stays at {shared_buffers})",
+        bytes.unwrap_or(0) / (1024 * 1024),
         started.elapsed().as_secs_f64(),
-        shared_buffers(pool).await?
     ))
-}
-
-async fn shared_buffers(pool: &PgPool) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar("SHOW shared_buffers")
-        .fetch_one(pool)
-        .await?)
 }
 
 /// `n` ids spread over the table (every `count / n`-th by id order).

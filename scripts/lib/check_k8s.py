@@ -337,7 +337,9 @@ class Renderer:
     ) -> None:
         unknown = set(spec) - GENERATOR_FIELDS
         if unknown:
-            raise CheckError(f"{folder}: generator fields {sorted(unknown)} not implemented")
+            raise CheckError(
+                f"{folder}: the built-in renderer does not implement generator fields {sorted(unknown)}"
+            )
         opts = {**options, **(spec.get("options") or {})}
         if set(opts) - OPTION_FIELDS:
             raise CheckError(f"{folder}: generator options {sorted(set(opts) - OPTION_FIELDS)}")
@@ -392,7 +394,8 @@ class Renderer:
     def _patch(self, folder: Path, entry: Obj, objects: list[Obj]) -> list[Obj]:
         if set(entry) - {"path", "patch"}:
             raise CheckError(
-                f"{folder}: patch fields {sorted(set(entry) - {'path', 'patch'})} not implemented"
+                f"{folder}: the built-in renderer does not implement patch fields "
+                f"{sorted(set(entry) - {'path', 'patch'})}"
             )
         text = (folder / entry["path"]).read_text() if "path" in entry else entry["patch"]
         docs = [d for d in yaml.safe_load_all(text) if d]
@@ -591,6 +594,9 @@ class Render:
     objects: list[Obj]
     complete: bool
     renderer: str = ""
+
+    def of_kind(self, kind: str) -> list[Obj]:
+        return [obj for obj in self.objects if obj.get("kind") == kind]
 
     def find(self, kind: str, name: str, namespace: str | None) -> Obj | None:
         for obj in self.objects:
@@ -825,9 +831,7 @@ def check_service(render: Render, ctx: Context) -> Iterator[str]:
 
 @check("hpa")
 def check_hpa(render: Render, ctx: Context) -> Iterator[str]:
-    for hpa in render.objects:
-        if hpa.get("kind") != "HorizontalPodAutoscaler":
-            continue
+    for hpa in render.of_kind("HorizontalPodAutoscaler"):
         ref = hpa["spec"]["scaleTargetRef"]
         target = render.find(ref["kind"], ref["name"], hpa["metadata"].get("namespace"))
         if target is None or target.get("apiVersion") != ref.get("apiVersion"):
@@ -853,9 +857,7 @@ def check_hpa(render: Render, ctx: Context) -> Iterator[str]:
 
 @check("pdb")
 def check_pdb(render: Render, ctx: Context) -> Iterator[str]:
-    for pdb in render.objects:
-        if pdb.get("kind") != "PodDisruptionBudget":
-            continue
+    for pdb in render.of_kind("PodDisruptionBudget"):
         selector = pdb["spec"].get("selector")
         pods = render.pods_selected(
             lambda labels: selector_matches(selector, labels), pdb["metadata"].get("namespace")
@@ -1032,9 +1034,7 @@ def worker_ids(render: Render, w: Obj, env: dict[str, EnvValue]) -> list[str]:
 
 def max_replicas(render: Render, w: Obj) -> int:
     """The most pods a workload runs: its HPA's maxReplicas, else its replicas (default 1)."""
-    for hpa in render.objects:
-        if hpa.get("kind") != "HorizontalPodAutoscaler":
-            continue
+    for hpa in render.of_kind("HorizontalPodAutoscaler"):
         ref = hpa["spec"]["scaleTargetRef"]
         if ref["kind"] == w["kind"] and ref["name"] == w["metadata"]["name"]:
             return int(hpa["spec"]["maxReplicas"])
@@ -1303,9 +1303,7 @@ def check_pg_connections(render: Render, ctx: Context) -> Iterator[str]:
 
 @check("netpol")
 def check_netpol(render: Render, ctx: Context) -> Iterator[str]:
-    for np in render.objects:
-        if np.get("kind") != "NetworkPolicy":
-            continue
+    for np in render.of_kind("NetworkPolicy"):
         namespace = np["metadata"].get("namespace")
         pod_selector = np["spec"].get("podSelector")
         targets = render.pods_selected(
@@ -1345,8 +1343,8 @@ def run_checks(render: Render, ctx: Context) -> list[Finding]:
     return findings
 
 
-def placeholder_tree(k8s: Path, workdir: Path) -> Path:
-    """A copy of deploy/k8s whose Secret files are placeholders: the check never reads real
+def stand_in_secrets_tree(k8s: Path, workdir: Path) -> Path:
+    """A copy of deploy/k8s whose Secret files are stand-ins: the check never reads real
     keys, and works before make-secrets.sh has run."""
     copy_root = workdir / "k8s"
     shutil.copytree(k8s, copy_root, ignore=shutil.ignore_patterns("files"))
@@ -1359,7 +1357,7 @@ def placeholder_tree(k8s: Path, workdir: Path) -> Path:
                 target = kust_file.parent / path
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(f"placeholder for {spec['name']}/{key}\n")
+                    target.write_text(f"stand-in for {spec['name']}/{key}\n")
     return copy_root
 
 
@@ -1705,7 +1703,7 @@ def main() -> int:
         ctx = Context(source, source.agent_timings())
         kustomize = None if args.builtin else find_kustomize()
         with tempfile.TemporaryDirectory(prefix="hodei-k8s-") as work:
-            tree = placeholder_tree(root / "deploy/k8s", Path(work))
+            tree = stand_in_secrets_tree(root / "deploy/k8s", Path(work))
             renders, render_problems = render_all(tree, kustomize)
     except (CheckError, OSError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         print(f"k8s: {e}", file=sys.stderr)

