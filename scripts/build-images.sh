@@ -106,14 +106,16 @@ CARGO_TARGET_DIR="$TARGET_DIR" RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --quiet "${profile_args[@]}" --target "$TRIPLE" "${package_args[@]}" --bins
 
 # A dynamically linked binary would not even start in a scratch image: refuse it here.
+# (Here-strings, not pipes into grep -q: under pipefail a writer cut off by grep's early
+# exit would fail the test.)
 for bin in "${BINARIES[@]}"; do
-    if ! file -b "$BIN_DIR/$bin" | grep -Eq 'static(-pie)? linked' ||
-        ldd "$BIN_DIR/$bin" 2>&1 | grep -q '=>'; then
+    if ! grep -Eq 'static(-pie)? linked' <<<"$(file -b "$BIN_DIR/$bin")" ||
+        grep -q '=>' <<<"$(ldd "$BIN_DIR/$bin" 2>&1)"; then
         _hodei_err "$BIN_DIR/$bin is not statically linked: $(file -b "$BIN_DIR/$bin")"
         exit 1
     fi
 done
-if ! file -b "$HODEI_NATS_SERVER" | grep -q 'statically linked'; then
+if ! grep -q 'statically linked' <<<"$(file -b "$HODEI_NATS_SERVER")"; then
     _hodei_err "$HODEI_NATS_SERVER is not statically linked: $(file -b "$HODEI_NATS_SERVER")"
     exit 1
 fi

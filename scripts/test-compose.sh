@@ -46,6 +46,7 @@ PROJECT="hodei-test-$$-$RANDOM"
 STARTED=$SECONDS
 PASSED=0
 FAILED=0
+FAILURES=()
 
 say() {
     printf 'compose: [%3ds] %s\n' "$((SECONDS - STARTED))" "$*" >&2
@@ -59,6 +60,7 @@ check() {
         say "ok: $what"
     else
         FAILED=$((FAILED + 1))
+        FAILURES+=("$what")
         say "FAILED: $what"
     fi
 }
@@ -99,6 +101,7 @@ teardown() {
     local rc=$?
     if [ "$rc" -ne 0 ]; then
         FAILED=$((FAILED + 1))
+        FAILURES+=("the test stopped early (exit $rc)")
         say "FAILED: the test stopped early (exit $rc)"
     fi
     if [ "$FAILED" -ne 0 ]; then
@@ -111,6 +114,11 @@ teardown() {
             say "could not take the stack down: ${compose[*]} down -v"
         rm -rf "$WORK"
     fi
+    # Again after the logs, so that the end of a long output still names what failed.
+    local failure
+    for failure in "${FAILURES[@]}"; do
+        say "FAILED: $failure"
+    done
     say "$PASSED passed, $FAILED failed ($((SECONDS - STARTED)) s)"
     echo "compose: $PASSED passed, $FAILED failed"
     if [ "$rc" -eq 0 ] && [ "$FAILED" -ne 0 ]; then
@@ -337,7 +345,9 @@ check "the jobs ran on all 6 agents" spread_over_agents
 schedulers_share() {
     local id placing=0
     for id in $(containers scheduler); do
-        if docker logs "$id" 2>&1 | grep -q ' job assigned '; then
+        # Not `| grep -q`: under pipefail, docker logs killed by SIGPIPE at grep's first
+        # match would fail the pipeline.
+        if grep -q ' job assigned ' <<<"$(docker logs "$id" 2>&1)"; then
             placing=$((placing + 1))
         fi
     done

@@ -354,7 +354,7 @@ _hodei_pg_running() {
     [ -f "$data/postmaster.pid" ] || return 1
     pid="$(head -n 1 "$data/postmaster.pid" 2>/dev/null)" || pid=""
     if [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] &&
-        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q postgres; then
+        grep -q postgres <<<"$(tr '\0' ' ' <"/proc/$pid/cmdline")"; then
         _hodei_as_pg "$bindir/pg_ctl" status -D "$data" >/dev/null 2>&1
         return
     fi
