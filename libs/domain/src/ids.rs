@@ -143,6 +143,11 @@ uuid_id!(
     "incarnation id"
 );
 uuid_id!(
+    /// Identifies a schedule; a UUIDv7.
+    ScheduleId,
+    "schedule id"
+);
+uuid_id!(
     /// Identifies an API token (not its secret): listed, shown in the audit log and revoked
     /// by this id.
     TokenId,
@@ -150,7 +155,7 @@ uuid_id!(
 );
 
 /// Validates a name-like id: used in NATS subject tokens, so no dots, wildcards or spaces.
-fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
+pub(crate) fn parse_name(kind: &'static str, s: &str) -> Result<String, IdError> {
     let err = |reason| IdError {
         kind,
         value: s.to_owned(),
@@ -318,6 +323,7 @@ macro_rules! string_serde {
 string_serde!(
     JobId,
     PipelineRunId,
+    ScheduleId,
     IncarnationId,
     TokenId,
     WorkerId,

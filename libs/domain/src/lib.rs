@@ -10,6 +10,7 @@ pub mod error;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
+pub mod schedule;
 pub mod spec;
 pub mod specification;
 pub mod time;
@@ -18,13 +19,17 @@ pub mod worker;
 pub use access::{AccessError, Action, Principal, Role};
 pub use error::{DomainError, FieldError, ValidationErrors};
 pub use ids::{
-    AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, TenantId, TokenId,
-    WorkerId,
+    AttemptId, AttemptNumber, IdError, IncarnationId, JobId, PipelineRunId, ScheduleId, TenantId,
+    TokenId, WorkerId,
 };
 pub use job::{AttemptOutcome, AttemptRecord, Job, JobEvent, JobEventKind, JobState};
 pub use pipeline::{
     Effects, PipelineEvent, PipelineEventKind, PipelineRun, PipelineSpec, PipelineSpecDraft,
     PipelineState, StepArtifacts, StepDraft, StepRun, StepState, When,
+};
+pub use schedule::{
+    Cadence, Firing, OverlapPolicy, Round, Schedule, ScheduleEvent, ScheduleEventKind,
+    ScheduleSpec, ScheduleTarget, TickOutcome, TickRecord,
 };
 pub use spec::{ArtifactPlan, Backoff, Command, JobFields, JobSpec, Resources};
 pub use specification::Specification;

@@ -13,12 +13,13 @@ pub struct Envelope {
     pub specversion: String,
     /// The event id; also the JetStream de-duplication id.
     pub id: Uuid,
-    /// `hodei.job.<event>`, `hodei.worker.<event>` or `hodei.pipeline.<event>`.
+    /// `hodei.job.<event>`, `hodei.worker.<event>`, `hodei.pipeline.<event>` or
+    /// `hodei.schedule.<event>`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The service that recorded the event, e.g. `hodei/scheduler`.
     pub source: String,
-    /// The aggregate the event is about (job, worker or pipeline run id).
+    /// The aggregate the event is about (job, worker, pipeline run or schedule id).
     pub subject: String,
     pub time: DateTime<Utc>,
     pub datacontenttype: String,
@@ -75,6 +76,20 @@ impl Envelope {
             format!("hodei.pipeline.{}", event.kind.name()),
             source,
             event.run_id.to_string(),
+            event.at,
+            serde_json::to_value(event)?,
+        ))
+    }
+
+    pub fn for_schedule(
+        event: &hodei_domain::ScheduleEvent,
+        source: &str,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(
+            event.event_id,
+            format!("hodei.schedule.{}", event.kind.name()),
+            source,
+            event.schedule_id.to_string(),
             event.at,
             serde_json::to_value(event)?,
         ))

@@ -267,6 +267,19 @@ impl Outgoing {
         })
     }
 
+    /// A schedule's event, in its envelope, on `hodei.v1.evt.schedule.<id>.<event>`.
+    pub fn schedule_event(
+        event: &hodei_domain::ScheduleEvent,
+        source: &str,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: event.event_id,
+            subject: subjects::schedule_event(&event.schedule_id, event.kind.name()),
+            payload: serde_json::to_vec(&Envelope::for_schedule(event, source)?)?,
+            headers: trace::current(),
+        })
+    }
+
     /// A worker event, in its envelope, on `hodei.v1.evt.worker.<id>.<event>`.
     pub fn worker_event(event: &WorkerEvent, source: &str) -> Result<Self, serde_json::Error> {
         Ok(Self {

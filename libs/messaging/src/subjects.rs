@@ -1,7 +1,7 @@
 //! Every NATS subject and header name Hodei uses, built here and nowhere else. All subjects
 //! live under the versioned prefix `hodei.v1`.
 
-use hodei_domain::{JobId, PipelineRunId, WorkerId};
+use hodei_domain::{JobId, PipelineRunId, ScheduleId, WorkerId};
 
 /// The versioned root of every subject.
 pub const PREFIX: &str = "hodei.v1";
@@ -40,6 +40,12 @@ pub fn pipeline_event(run_id: &PipelineRunId, event: &str) -> String {
 /// `hodei.v1.evt.pipeline.<run_id>.>`: every event of one pipeline run.
 pub fn pipeline_events_of(run_id: &PipelineRunId) -> String {
     format!("{PREFIX}.evt.pipeline.{run_id}.>")
+}
+
+/// `hodei.v1.evt.schedule.<schedule_id>.<event>`: a schedule's event (created, paused, resumed,
+/// deleted, fired, skipped, missed).
+pub fn schedule_event(schedule_id: &ScheduleId, event: &str) -> String {
+    format!("{PREFIX}.evt.schedule.{schedule_id}.{event}")
 }
 
 /// `hodei.v1.evt.>`: every domain event.

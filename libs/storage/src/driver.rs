@@ -22,7 +22,7 @@ use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 
 use crate::error::StorageError;
-use crate::{jobs, outbox, pipelines, workers};
+use crate::{jobs, outbox, pipelines, schedules, workers};
 
 /// The source of what a step job's start or end makes the run do (the saver of the job does
 /// not say which service it is).
@@ -338,29 +338,60 @@ pub enum RunSubmitted {
 /// the existing run.
 pub async fn submit_run(
     pool: &PgPool,
-    mut run: PipelineRun,
+    run: PipelineRun,
     event: &PipelineEvent,
     source: &str,
 ) -> Result<RunSubmitted, StorageError> {
     let mut tx = pool.begin().await?;
-    if !pipelines::insert(&mut tx, &run).await? {
+    let key = run.spec().idempotency_key.clone().unwrap_or_default();
+    let tenant = run.tenant().clone();
+    let Some(run) = start_run(&mut tx, run, event, source).await? else {
         tx.rollback().await?;
-        let key = run.spec().idempotency_key.clone().unwrap_or_default();
-        return match pipelines::find_by_idempotency_key(pool, run.tenant(), &key).await? {
+        return match pipelines::find_by_idempotency_key(pool, &tenant, &key).await? {
             Some(existing) => Ok(RunSubmitted::Existing(existing)),
             None => Err(StorageError::Conflict {
                 what: format!("pipeline run with idempotency key {key}"),
             }),
         };
+    };
+    tx.commit().await?;
+    Ok(RunSubmitted::Created(run))
+}
+
+/// [`submit_run`] inside the caller's transaction: records the run, its first event and the
+/// jobs of the steps that need nothing. `None`, recording nothing, when the tenant already
+/// used the run's idempotency key.
+pub async fn start_run(
+    conn: &mut PgConnection,
+    mut run: PipelineRun,
+    event: &PipelineEvent,
+    source: &str,
+) -> Result<Option<PipelineRun>, StorageError> {
+    if !pipelines::insert(conn, &run).await? {
+        return Ok(None);
     }
-    pipelines::append_events(&mut tx, std::slice::from_ref(event)).await?;
+    pipelines::append_events(conn, std::slice::from_ref(event)).await?;
     let mut messages = vec![Outgoing::pipeline_event(event, source)?];
     let version = run.version();
     let effects = run.advance(Utc::now(), JobId::new)?;
-    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
-    save_run(&mut tx, &run, version, &messages).await?;
-    tx.commit().await?;
-    Ok(RunSubmitted::Created(run))
+    carry_out(conn, &mut run, effects, source, &mut messages).await?;
+    save_run(conn, &run, version, &messages).await?;
+    Ok(Some(run))
+}
+
+/// Records a new job, its first event and `messages` inside the caller's transaction. False,
+/// recording nothing, when its tenant already used its idempotency key.
+pub async fn start_job(
+    conn: &mut PgConnection,
+    job: &Job,
+    event: &JobEvent,
+    messages: &[Outgoing],
+) -> Result<bool, StorageError> {
+    if !jobs::insert(conn, job, event, None).await? {
+        return Ok(false);
+    }
+    outbox::append(conn, messages).await?;
+    Ok(true)
 }
 
 /// Cancels run `id`: steps not started are cancelled, the jobs of queued and running steps go
@@ -373,7 +404,19 @@ pub async fn cancel_run(
     source: &str,
 ) -> Result<Option<PipelineRun>, StorageError> {
     let mut tx = pool.begin().await?;
-    let Some(mut run) = pipelines::lock(&mut tx, id).await? else {
+    let run = cancel_run_in(&mut tx, id, reason, source).await?;
+    tx.commit().await?;
+    Ok(run)
+}
+
+/// [`cancel_run`] inside the caller's transaction.
+pub async fn cancel_run_in(
+    conn: &mut PgConnection,
+    id: PipelineRunId,
+    reason: &str,
+    source: &str,
+) -> Result<Option<PipelineRun>, StorageError> {
+    let Some(mut run) = pipelines::lock(conn, id).await? else {
         return Ok(None);
     };
     let version = run.version();
@@ -382,9 +425,8 @@ pub async fn cancel_run(
         return Ok(Some(run));
     }
     let mut messages = Vec::new();
-    carry_out(&mut tx, &mut run, effects, source, &mut messages).await?;
-    save_run(&mut tx, &run, version, &messages).await?;
-    tx.commit().await?;
+    carry_out(conn, &mut run, effects, source, &mut messages).await?;
+    save_run(conn, &run, version, &messages).await?;
     Ok(Some(run))
 }
 
@@ -512,4 +554,254 @@ fn job_reason(job: &Job) -> Option<String> {
             .and_then(|a| a.outcome.as_ref())
             .map(ToString::to_string)
     })
+}
+
+/// What handling a due schedule, or a trigger, did.
+#[derive(Debug, Clone)]
+pub struct ScheduleHandled {
+    pub schedule: hodei_domain::Schedule,
+    pub events: Vec<hodei_domain::ScheduleEvent>,
+}
+
+/// Fires what is due of up to `limit` schedules at `now`, each schedule as a whole (its ticks,
+/// the jobs and runs they start, what the overlap policy cancels, its next tick) in its own
+/// savepoint of one transaction. Schedules another replica holds are passed over; a tick is
+/// recorded (primary key `(schedule, tick)`) in the transaction that starts its job, so it
+/// fires once whatever the replicas do. A schedule that cannot be handled is logged and left
+/// for the next round; the others go on. `jitter` gives numbers in `[0, 1)`.
+pub async fn fire_due_schedules(
+    pool: &PgPool,
+    now: chrono::DateTime<Utc>,
+    limit: i64,
+    source: &str,
+    jitter: &mut (dyn FnMut() -> f64 + Send),
+) -> Result<Vec<ScheduleHandled>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let due = schedules::claim_due(&mut tx, now, limit).await?;
+    let mut handled = Vec::with_capacity(due.len());
+    for mut schedule in due {
+        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+        match fire_schedule(&mut savepoint, &mut schedule, now, source, jitter()).await {
+            Ok(events) => {
+                savepoint.commit().await?;
+                handled.push(ScheduleHandled { schedule, events });
+            }
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => {
+                savepoint.rollback().await?;
+                tracing::warn!(schedule_id = %schedule.id(), error = %e, "schedule not handled, left for the next round");
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(handled)
+}
+
+/// One due schedule: records its missed ticks, fires the others and moves it on.
+async fn fire_schedule(
+    conn: &mut PgConnection,
+    schedule: &mut hodei_domain::Schedule,
+    now: chrono::DateTime<Utc>,
+    source: &str,
+    jitter_unit: f64,
+) -> Result<Vec<hodei_domain::ScheduleEvent>, StorageError> {
+    use hodei_domain::{ScheduleEvent, ScheduleEventKind, TickOutcome, TickRecord};
+    let version = schedule.version();
+    let cadence = schedule
+        .cadence()
+        .map_err(hodei_domain::DomainError::from)?;
+    let round = schedule.round(&cadence, now);
+    let mut events = Vec::new();
+    if let Some(missed) = round.missed {
+        let detail = format!(
+            "{}{} ticks from {} to {} were older than the catch-up window of {} ms",
+            missed.count,
+            if missed.more { " or more" } else { "" },
+            missed.first.to_rfc3339(),
+            missed.last.to_rfc3339(),
+            schedule.spec().catch_up_window_ms
+        );
+        let record = TickRecord {
+            tick: missed.last,
+            outcome: TickOutcome::Missed,
+            handled_at: now,
+            job_id: None,
+            run_id: None,
+            detail,
+        };
+        schedules::record_tick(conn, schedule.id(), &record).await?;
+        events.push(ScheduleEvent::new(
+            schedule.id(),
+            now,
+            ScheduleEventKind::Missed(missed),
+        ));
+    }
+    for tick in round.fire {
+        if let Some(event) = fire_tick(conn, schedule, tick, false, now, source).await? {
+            events.push(event);
+        }
+    }
+    schedule.advance(round.next_tick, now, jitter_unit);
+    schedules::save(conn, schedule, version).await?;
+    schedules::prune_ticks(conn, schedule.id(), schedule.spec().history_limit).await?;
+    let messages = events
+        .iter()
+        .map(|e| Outgoing::schedule_event(e, source))
+        .collect::<Result<Vec<_>, _>>()?;
+    outbox::append(conn, &messages).await?;
+    Ok(events)
+}
+
+/// Fires schedule `id` now, by hand, as its overlap policy allows. `None` for an unknown
+/// schedule.
+pub async fn trigger_schedule(
+    pool: &PgPool,
+    id: hodei_domain::ScheduleId,
+    source: &str,
+) -> Result<Option<ScheduleHandled>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let Some(schedule) = schedules::lock(&mut tx, id).await? else {
+        return Ok(None);
+    };
+    let now = Utc::now();
+    let events: Vec<_> = fire_tick(&mut tx, &schedule, now, true, now, source)
+        .await?
+        .into_iter()
+        .collect();
+    let messages = events
+        .iter()
+        .map(|e| Outgoing::schedule_event(e, source))
+        .collect::<Result<Vec<_>, _>>()?;
+    outbox::append(&mut tx, &messages).await?;
+    schedules::prune_ticks(&mut tx, schedule.id(), schedule.spec().history_limit).await?;
+    tx.commit().await?;
+    Ok(Some(ScheduleHandled { schedule, events }))
+}
+
+/// Fires one tick: as the overlap policy says when an earlier job or run has not ended, then
+/// starts the template's job or run keyed by the tick. `None` when the tick was handled
+/// before (nothing is started again).
+async fn fire_tick(
+    conn: &mut PgConnection,
+    schedule: &hodei_domain::Schedule,
+    tick: chrono::DateTime<Utc>,
+    manual: bool,
+    now: chrono::DateTime<Utc>,
+    source: &str,
+) -> Result<Option<hodei_domain::ScheduleEvent>, StorageError> {
+    use hodei_domain::{
+        Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, TickOutcome,
+        TickRecord,
+    };
+    let unfinished = match schedule.spec().overlap {
+        OverlapPolicy::Allow => Vec::new(),
+        OverlapPolicy::Skip | OverlapPolicy::CancelPrevious => {
+            schedules::unfinished(conn, schedule.id()).await?
+        }
+    };
+    let mut cancelled = Vec::new();
+    if !unfinished.is_empty() {
+        let going: Vec<String> = unfinished.iter().map(ToString::to_string).collect();
+        match schedule.spec().overlap {
+            OverlapPolicy::Allow => {}
+            OverlapPolicy::Skip => {
+                let reason = format!("{} has not ended (overlap policy skip)", going.join(", "));
+                let record = TickRecord {
+                    tick,
+                    outcome: TickOutcome::Skipped,
+                    handled_at: now,
+                    job_id: None,
+                    run_id: None,
+                    detail: reason.clone(),
+                };
+                if !schedules::record_tick(conn, schedule.id(), &record).await? {
+                    return Ok(None);
+                }
+                return Ok(Some(ScheduleEvent::new(
+                    schedule.id(),
+                    now,
+                    ScheduleEventKind::Skipped { tick, reason },
+                )));
+            }
+            OverlapPolicy::CancelPrevious => {
+                let reason = format!(
+                    "replaced by the tick of {} of schedule {}",
+                    tick.to_rfc3339(),
+                    schedule.spec().name
+                );
+                for started in unfinished {
+                    match started {
+                        schedules::Started::Job(id) => {
+                            cancel_job(conn, id, &reason, source).await?;
+                        }
+                        schedules::Started::Run(id) => {
+                            cancel_run_in(conn, id, &reason, source).await?;
+                        }
+                    }
+                }
+                cancelled = going;
+            }
+        }
+    }
+    let outcome = if manual {
+        TickOutcome::Triggered
+    } else {
+        TickOutcome::Fired
+    };
+    let record = |job_id, run_id| TickRecord {
+        tick,
+        outcome,
+        handled_at: now,
+        job_id,
+        run_id,
+        detail: String::new(),
+    };
+    let tenant = schedule.tenant().clone();
+    let (job_id, run_id) = match schedule.firing(tick)? {
+        Firing::Job(spec) => {
+            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
+            if !schedules::record_tick(conn, schedule.id(), &record(Some(job.id()), None)).await? {
+                return Ok(None);
+            }
+            let messages = [
+                Outgoing::job_event(&event, source)?,
+                Outgoing::place_job(&PlaceJob {
+                    job_id: job.id(),
+                    attempt: job.current_attempt(),
+                    priority: job.spec().priority,
+                    not_before: None,
+                })?,
+            ];
+            if !start_job(conn, &job, &event, &messages).await? {
+                return Err(StorageError::Conflict {
+                    what: format!("job of tick {tick} of schedule {}", schedule.id()),
+                });
+            }
+            (Some(job.id()), None)
+        }
+        Firing::Pipeline(spec) => {
+            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
+            let id = run.id();
+            if !schedules::record_tick(conn, schedule.id(), &record(None, Some(id))).await? {
+                return Ok(None);
+            }
+            if start_run(conn, run, &event, source).await?.is_none() {
+                return Err(StorageError::Conflict {
+                    what: format!("pipeline run of tick {tick} of schedule {}", schedule.id()),
+                });
+            }
+            (None, Some(id))
+        }
+    };
+    Ok(Some(ScheduleEvent::new(
+        schedule.id(),
+        now,
+        ScheduleEventKind::Fired {
+            tick,
+            manual,
+            job_id,
+            run_id,
+            cancelled,
+        },
+    )))
 }

@@ -2,7 +2,7 @@
 //! workers, and the transactional outbox. PostgreSQL is the state of record; NATS only carries
 //! what was committed here (the relay that publishes the outbox is in `hodei-runtime`).
 //!
-//! `jobs`, `pipelines`, `workers` and `outbox` are data access, each over its own tables and
+//! `jobs`, `pipelines`, `schedules`, `workers` and `outbox` are data access, each over its own tables and
 //! knowing nothing of the others; [`driver`] holds the units of work that change several of
 //! them in one transaction (and drives pipeline runs from their step jobs).
 
@@ -14,6 +14,7 @@ mod event_store;
 pub mod jobs;
 pub mod outbox;
 pub mod pipelines;
+pub mod schedules;
 mod sql;
 pub mod workers;
 

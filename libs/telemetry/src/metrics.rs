@@ -14,6 +14,7 @@
 //! | `hodei_retention_rows{table}` | gauge | scheduler (counted after each retention pass) |
 //! | `hodei_archived_total{kind}` | counter | scheduler |
 //! | `hodei_placements_total{result}` | counter | scheduler |
+//! | `hodei_schedule_ticks_total{outcome}` | counter | scheduler (fired, skipped, missed) |
 //! | `hodei_placement_duration_seconds` | histogram | scheduler |
 //! | `hodei_placements_blocked` | gauge | scheduler |
 //! | `hodei_job_queue_wait_seconds` | histogram | scheduler |
@@ -91,6 +92,7 @@ pub struct Metrics {
     retention_rows: Family<Label, Gauge>,
     archived: Family<Label, Counter>,
     placements: Family<Label, Counter>,
+    schedule_ticks: Family<Label, Counter>,
     pub placement_duration: Histogram,
     pub placements_blocked: Gauge,
     pub queue_wait: Histogram,
@@ -133,6 +135,7 @@ impl Metrics {
             retention_rows: Family::default(),
             archived: Family::default(),
             placements: Family::default(),
+            schedule_ticks: Family::default(),
             placement_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             placements_blocked: Gauge::default(),
             queue_wait: seconds(),
@@ -186,6 +189,11 @@ impl Metrics {
             );
         }
         if is(&[Scheduler]) {
+            r.register(
+                "schedule_ticks",
+                "Schedule ticks handled, by outcome (fired, skipped by the overlap policy, missed: older than the catch-up window)",
+                self.schedule_ticks.clone(),
+            );
             r.register(
                 "jobs_started",
                 "Attempts whose process started, as reported by agents",
@@ -372,6 +380,13 @@ impl Metrics {
     /// Counts `n` rows of `kind` (`job`, `pipeline_run`, `event`) moved to the archive.
     pub fn archived(&self, kind: &str, n: u64) {
         self.archived.get_or_create(&label("kind", kind)).inc_by(n);
+    }
+
+    /// Counts `n` schedule ticks handled with `outcome` (`fired`, `skipped`, `missed`).
+    pub fn schedule_ticks(&self, outcome: &str, n: u64) {
+        self.schedule_ticks
+            .get_or_create(&label("outcome", outcome))
+            .inc_by(n);
     }
 
     /// Counts a handled placement request by result.

@@ -16,6 +16,9 @@ pub enum ApiError {
     /// A spec that failed validation: every field with its reason.
     #[error(transparent)]
     Invalid(#[from] ValidationErrors),
+    /// What the request creates exists already (a schedule's name in its tenant).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// What the request names does not exist.
     #[error("{what} not found")]
     NotFound { what: String },
@@ -100,6 +103,7 @@ impl From<ApiError> for Status {
                 Status::invalid_argument(e.to_string())
             }
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
+            ApiError::AlreadyExists(_) => Status::already_exists(e.to_string()),
             ApiError::Archived { .. } | ApiError::Unsupported(_) => {
                 Status::failed_precondition(e.to_string())
             }

@@ -14,6 +14,7 @@ mod limits;
 mod pipelines;
 mod quotas;
 mod request;
+mod schedules;
 mod secrets;
 mod submissions;
 mod watch;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use hodei_proto::v1::access_service_server::AccessServiceServer;
 use hodei_proto::v1::job_service_server::JobServiceServer;
 use hodei_proto::v1::pipeline_service_server::PipelineServiceServer;
+use hodei_proto::v1::schedule_service_server::ScheduleServiceServer;
 use hodei_proto::v1::worker_service_server::WorkerServiceServer;
 use hodei_runtime::{BackendConfig, Backends};
 use tokio::net::TcpListener;
@@ -274,6 +276,9 @@ impl Gateway {
         health_reporter
             .set_serving::<AccessServiceServer<access::AccessApi>>()
             .await;
+        health_reporter
+            .set_serving::<ScheduleServiceServer<schedules::ScheduleApi>>()
+            .await;
         // Both reflection versions: grpcurl before 1.9, grpcio-reflection clients and many
         // other stock tools ask `v1alpha` only, newer ones try `v1` first.
         let reflection = reflection_builder()
@@ -310,6 +315,12 @@ impl Gateway {
             Arc::clone(&quotas),
             shutdown.clone(),
         );
+        let schedule_api = schedules::ScheduleApi::new(
+            self.backends.clone(),
+            self.secrets.clone(),
+            audit.clone(),
+            Arc::clone(&quotas),
+        );
         let job_api = jobs::JobApi::new(
             self.backends.clone(),
             self.secrets.clone(),
@@ -338,6 +349,7 @@ impl Gateway {
             .add_service(reflection_v1alpha)
             .add_service(JobServiceServer::new(job_api))
             .add_service(PipelineServiceServer::new(pipeline_api))
+            .add_service(ScheduleServiceServer::new(schedule_api))
             .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
                 self.backends.clone(),
                 audit,

@@ -1,6 +1,7 @@
 //! The scheduler: places queued jobs on workers whose labels, slots and free resources fit,
 //! records each assignment (its attempt number is the fencing token) and sends it to the
-//! agent; records what agents report; re-drives jobs whose placement is overdue.
+//! agent; records what agents report; re-drives jobs whose placement is overdue; fires the
+//! ticks of schedules.
 //!
 //! Several replicas may run at once: they share durable consumers, and every write is
 //! guarded by optimistic concurrency on the job and the worker.
@@ -10,6 +11,7 @@ pub mod placement;
 mod reconciler;
 mod reports;
 mod retention;
+mod schedules;
 
 use std::time::Duration;
 
@@ -66,6 +68,9 @@ pub struct SchedulerConfig {
     /// Jobs, and pipeline runs, moved to the archive per transaction.
     #[arg(long, env = "HODEI_RETENTION_BATCH", default_value_t = 500)]
     pub retention_batch: u32,
+    /// How often each replica looks for schedules whose next tick is due, in milliseconds.
+    #[arg(long, env = "HODEI_SCHEDULE_POLL_MS", default_value_t = 1000)]
+    pub schedule_poll_ms: u64,
     /// File whose first line is the control plane's secrets key (an xkey seed, `SX…`, from
     /// `hodei-admin secrets init`): it opens the secret values the gateway sealed, to seal
     /// them again for the assigned agent. Without it, jobs with `secret_env` fail.
@@ -88,6 +93,7 @@ impl SchedulerConfig {
             retention_age: Duration::from_secs(30 * 86_400),
             retention_interval: Duration::from_secs(600),
             retention_batch: 500,
+            schedule_poll_ms: 1000,
             secrets_key_file: None,
         }
     }
@@ -104,6 +110,7 @@ impl SchedulerConfig {
             ("timeout_grace_ms", self.timeout_grace_ms, DAY_MS),
             ("queue_timeout_ms", self.queue_timeout_ms, 30 * DAY_MS),
             ("ack_wait_ms", self.ack_wait_ms, DAY_MS),
+            ("schedule_poll_ms", self.schedule_poll_ms, 60_000),
         ];
         for (field, value, max) in ranges {
             if value == 0 || value > max {
@@ -260,12 +267,14 @@ impl Scheduler {
             shutdown.clone(),
         ));
         let retention = tokio::spawn(retention::run(self.ctx.clone(), shutdown.clone()));
+        let schedules = tokio::spawn(schedules::run(self.ctx.clone(), shutdown.clone()));
         let placer = placement::run(self.ctx.clone(), self.placer, shutdown.clone());
         let reporter = reports::run(self.ctx.clone(), self.reporter, shutdown.clone());
         let (placed, reported) = tokio::join!(placer, reporter);
         shutdown.cancel();
         let _ = reconciler.await;
         let _ = retention.await;
+        let _ = schedules.await;
         let _ = relay.await;
         if let Some(observability) = observability {
             let _ = observability.await;

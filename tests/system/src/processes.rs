@@ -7,13 +7,28 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use hodei_test_support::{http_get, wait_for};
+use hodei_test_support::{free_port, http_get, wait_for};
 use tokio::process::{Child, Command};
 
 use crate::StartError;
 
 /// How much of a service's log goes into messages.
 const LOG_TAIL_BYTES: usize = 4000;
+
+/// A free port on the loopback interface, for a service's listener.
+pub fn loopback_port() -> Result<SocketAddr, StartError> {
+    free_port()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .map_err(|e| StartError(format!("no free port: {e}")))
+}
+
+/// Environment pairs as a service process takes them.
+pub fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
 
 /// Where the workspace's binaries are: next to the test executable's `deps/` folder.
 ///

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
-use hodei_system_tests::processes::ServiceProcess;
-use hodei_test_support::{TcpProxy, TestDatabase, TestNats, free_port, wait_for};
+use hodei_system_tests::processes::{self, ServiceProcess, vars};
+use hodei_test_support::{TcpProxy, TestDatabase, TestNats, wait_for};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tonic::transport::Channel;
 
@@ -88,14 +88,7 @@ struct Cluster {
 }
 
 fn loopback_port() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()))
-}
-
-fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.clone()))
-        .collect()
+    processes::loopback_port().unwrap()
 }
 
 impl Cluster {

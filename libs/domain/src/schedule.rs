@@ -1,0 +1,713 @@
+//! Schedules: a job or pipeline template started on a cron expression in a time zone.
+//!
+//! A [`Schedule`] knows its next tick. A scheduler replica that finds it due asks it for a
+//! [`Round`]: the ticks to fire now (those inside the catch-up window, oldest first, a bounded
+//! number per round) and the ticks missed (older than the window, skipped with one event
+//! saying how many). Firing a tick, the decision the overlap policy makes and moving the
+//! schedule on are recorded in one transaction by the adapter, which is what makes a tick
+//! fire once across replicas and restarts; this module only decides.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{DomainError, FieldError, ValidationErrors};
+use crate::ids::{JobId, PipelineRunId, ScheduleId, TenantId, named_enum};
+use crate::pipeline::{PipelineSpec, PipelineSpecDraft};
+use crate::spec::{JobSpec, JobSpecDraft};
+
+/// Most ticks one round fires; the rest fire in the next rounds.
+pub const MAX_FIRES_PER_ROUND: usize = 100;
+/// The shortest catch-up window: a tick is always handled a little after its time (the
+/// replicas look for due schedules every second), and that must not count as missing it.
+pub const MIN_CATCH_UP_WINDOW_MS: u64 = 1_000;
+/// The longest catch-up window.
+pub const MAX_CATCH_UP_WINDOW_MS: u64 = 7 * 86_400_000;
+/// The longest jitter.
+pub const MAX_JITTER_MS: u64 = 3_600_000;
+/// The most ticks a schedule's history keeps.
+pub const MAX_HISTORY_LIMIT: u32 = 1_000;
+/// Missed ticks counted one by one before the rest are jumped over.
+const MAX_MISSED_COUNTED: u64 = 10_000;
+
+named_enum! {
+    /// What a tick does while the schedule's previous job or run is still going, as the
+    /// Kubernetes CronJob's concurrencyPolicy.
+    pub enum OverlapPolicy ("overlap policy") {
+        /// Start it anyway.
+        Allow = "allow",
+        /// Skip this tick, with an event saying which run was still going.
+        Skip = "skip",
+        /// Cancel the previous ones, then start this one.
+        CancelPrevious = "cancel_previous",
+    }
+}
+
+named_enum! {
+    /// What became of one tick.
+    pub enum TickOutcome ("tick outcome") {
+        /// It started a job or a run.
+        Fired = "fired",
+        /// A trigger by hand started a job or a run.
+        Triggered = "triggered",
+        /// The overlap policy skipped it.
+        Skipped = "skipped",
+        /// It was older than the catch-up window (one record for a run of them, at the last).
+        Missed = "missed",
+    }
+}
+
+/// One tick in a schedule's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TickRecord {
+    pub tick: DateTime<Utc>,
+    pub outcome: TickOutcome,
+    pub handled_at: DateTime<Utc>,
+    pub job_id: Option<JobId>,
+    pub run_id: Option<PipelineRunId>,
+    pub detail: String,
+}
+
+/// What a schedule starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScheduleTarget {
+    Job { spec: Box<JobSpec> },
+    Pipeline { spec: PipelineSpec },
+}
+
+/// A schedule's settings, as given by its creator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    /// Unique within the tenant; ascii letters, digits, `-` and `_`, at most 64.
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first;
+    /// `@hourly`, `@daily` and the like; `L`, `W` and `#` as Vixie and Quartz cron read them.
+    pub cron: String,
+    /// An IANA time zone (`Europe/Madrid`); the cron expression is read in it, so a daily
+    /// tick stays at its wall-clock time across daylight saving changes.
+    pub time_zone: String,
+    pub target: ScheduleTarget,
+    pub overlap: OverlapPolicy,
+    /// Ticks missed by at most this (the schedulers were down) still fire, once each; older
+    /// ones are skipped, with an event.
+    pub catch_up_window_ms: u64,
+    /// Each tick fires up to this much after its time, at random, so that many schedules on
+    /// the same expression do not all start at once.
+    pub jitter_ms: u64,
+    /// The newest ticks kept in the schedule's history (those whose job or run has not ended
+    /// are kept besides).
+    pub history_limit: u32,
+}
+
+/// A parsed cron expression and its time zone.
+#[derive(Debug, Clone)]
+pub struct Cadence {
+    cron: croner::Cron,
+    zone: Tz,
+}
+
+impl Cadence {
+    /// Parses `expression` in `time_zone`.
+    pub fn parse(expression: &str, time_zone: &str) -> Result<Self, ValidationErrors> {
+        let mut errors = Vec::new();
+        let cron = croner::Cron::from_str(expression)
+            .map_err(|e| errors.push(FieldError::new("cron", format!("{expression:?}: {e}"))))
+            .ok();
+        let zone = Tz::from_str(time_zone)
+            .map_err(|_| {
+                errors.push(FieldError::new(
+                    "time_zone",
+                    format!(
+                        "{time_zone:?} is not an IANA time zone (such as UTC or Europe/Madrid)"
+                    ),
+                ))
+            })
+            .ok();
+        match (cron, zone) {
+            (Some(cron), Some(zone)) => Ok(Self { cron, zone }),
+            _ => Err(ValidationErrors(errors)),
+        }
+    }
+
+    /// The first tick strictly after `t`, or `None` when the expression has no more.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&t.with_timezone(&self.zone), false)
+            .ok()
+            .map(|tick| tick.with_timezone(&Utc))
+    }
+}
+
+impl ScheduleSpec {
+    /// Checks every field (all errors at once) and returns the parsed cadence.
+    pub fn validate(&self) -> Result<Cadence, ValidationErrors> {
+        let mut errors = Vec::new();
+        if let Err(e) = crate::ids::parse_name("schedule name", &self.name) {
+            errors.push(FieldError::new("name", e.reason));
+        }
+        if !(MIN_CATCH_UP_WINDOW_MS..=MAX_CATCH_UP_WINDOW_MS).contains(&self.catch_up_window_ms) {
+            errors.push(FieldError::new(
+                "catch_up_window_ms",
+                format!(
+                    "must be {MIN_CATCH_UP_WINDOW_MS} to {MAX_CATCH_UP_WINDOW_MS} (1 second to 7 days)"
+                ),
+            ));
+        }
+        if self.jitter_ms > MAX_JITTER_MS {
+            errors.push(FieldError::new(
+                "jitter_ms",
+                format!("must be at most {MAX_JITTER_MS} (1 hour)"),
+            ));
+        }
+        if !(1..=MAX_HISTORY_LIMIT).contains(&self.history_limit) {
+            errors.push(FieldError::new(
+                "history_limit",
+                format!("must be 1 to {MAX_HISTORY_LIMIT}"),
+            ));
+        }
+        let keyed = match &self.target {
+            ScheduleTarget::Job { spec } => spec.idempotency_key.is_some(),
+            ScheduleTarget::Pipeline { spec } => spec.idempotency_key.is_some(),
+        };
+        if keyed {
+            errors.push(FieldError::new(
+                "target.idempotency_key",
+                "must be empty: each tick's job or run gets the key schedule-<id>-<tick>",
+            ));
+        }
+        let cadence = Cadence::parse(&self.cron, &self.time_zone);
+        match cadence {
+            Ok(cadence) if errors.is_empty() => Ok(cadence),
+            Ok(_) => Err(ValidationErrors(errors)),
+            Err(ValidationErrors(more)) => {
+                errors.extend(more);
+                Err(ValidationErrors(errors))
+            }
+        }
+    }
+}
+
+/// One firing of a schedule's target: the tick's job spec or pipeline spec, keyed by the tick.
+#[derive(Debug, Clone)]
+pub enum Firing {
+    Job(Box<JobSpec>),
+    Pipeline(PipelineSpec),
+}
+
+/// The ticks a due schedule fires now, and those it skips as too old.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Round {
+    /// Oldest first.
+    pub fire: Vec<DateTime<Utc>>,
+    pub missed: Option<Missed>,
+    /// The first tick not handled by this round (`None`: the expression has no more).
+    pub next_tick: Option<DateTime<Utc>>,
+}
+
+/// Ticks older than the catch-up window, skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missed {
+    /// How many (at least this many when `more` is set).
+    pub count: u64,
+    pub more: bool,
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+}
+
+/// A schedule and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    id: ScheduleId,
+    tenant: TenantId,
+    spec: ScheduleSpec,
+    paused: bool,
+    /// The next tick to handle; `None` when the expression has no more.
+    next_tick: Option<DateTime<Utc>>,
+    /// When the next tick fires: its time plus its jitter.
+    fire_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: u64,
+}
+
+/// Something that happened to a schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleEvent {
+    pub event_id: Uuid,
+    pub schedule_id: ScheduleId,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub kind: ScheduleEventKind,
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScheduleEventKind {
+    Created {
+        name: String,
+        cron: String,
+        time_zone: String,
+        next_tick: Option<DateTime<Utc>>,
+    },
+    Paused,
+    Resumed {
+        next_tick: Option<DateTime<Utc>>,
+    },
+    Deleted,
+    /// A tick (or a trigger, `manual`) started a job or a run, after cancelling `cancelled`.
+    Fired {
+        tick: DateTime<Utc>,
+        manual: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job_id: Option<JobId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        run_id: Option<PipelineRunId>,
+        #[serde(skip_serializing_if = "Vec::is_empty", default)]
+        cancelled: Vec<String>,
+    },
+    /// A tick did not fire: its previous job or run was still going (`skip` policy).
+    Skipped {
+        tick: DateTime<Utc>,
+        reason: String,
+    },
+    /// Ticks older than the catch-up window did not fire.
+    Missed(Missed),
+}
+
+impl ScheduleEventKind {
+    /// The event's name, in subjects.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "created",
+            Self::Paused => "paused",
+            Self::Resumed { .. } => "resumed",
+            Self::Deleted => "deleted",
+            Self::Fired { .. } => "fired",
+            Self::Skipped { .. } => "skipped",
+            Self::Missed(_) => "missed",
+        }
+    }
+}
+
+impl ScheduleEvent {
+    pub fn new(schedule_id: ScheduleId, at: DateTime<Utc>, kind: ScheduleEventKind) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            schedule_id,
+            at,
+            kind,
+        }
+    }
+}
+
+/// A delay in `[0, jitter_ms)` from a number in `[0, 1)`.
+fn jitter(jitter_ms: u64, unit: f64) -> Duration {
+    let ms = (jitter_ms as f64 * unit.clamp(0.0, 1.0)) as i64;
+    Duration::milliseconds(ms.clamp(0, jitter_ms as i64))
+}
+
+impl Schedule {
+    /// A new schedule whose first tick is the first after `now`; paused if `paused`.
+    /// `jitter_unit` is a number in `[0, 1)` that places the first tick's jitter.
+    pub fn create(
+        id: ScheduleId,
+        tenant: TenantId,
+        spec: ScheduleSpec,
+        cadence: &Cadence,
+        paused: bool,
+        now: DateTime<Utc>,
+        jitter_unit: f64,
+    ) -> (Self, ScheduleEvent) {
+        let next_tick = cadence.next_after(now);
+        let fire_at = next_tick.map(|t| t + jitter(spec.jitter_ms, jitter_unit));
+        let event = ScheduleEvent::new(
+            id,
+            now,
+            ScheduleEventKind::Created {
+                name: spec.name.clone(),
+                cron: spec.cron.clone(),
+                time_zone: spec.time_zone.clone(),
+                next_tick,
+            },
+        );
+        let schedule = Self {
+            id,
+            tenant,
+            spec,
+            paused,
+            next_tick,
+            fire_at,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        };
+        (schedule, event)
+    }
+
+    /// A schedule as stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        id: ScheduleId,
+        tenant: TenantId,
+        spec: ScheduleSpec,
+        paused: bool,
+        next_tick: Option<DateTime<Utc>>,
+        fire_at: Option<DateTime<Utc>>,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        version: u64,
+    ) -> Self {
+        Self {
+            id,
+            tenant,
+            spec,
+            paused,
+            next_tick,
+            fire_at,
+            created_at,
+            updated_at,
+            version,
+        }
+    }
+
+    pub fn id(&self) -> ScheduleId {
+        self.id
+    }
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+    pub fn spec(&self) -> &ScheduleSpec {
+        &self.spec
+    }
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+    pub fn next_tick(&self) -> Option<DateTime<Utc>> {
+        self.next_tick
+    }
+    pub fn fire_at(&self) -> Option<DateTime<Utc>> {
+        self.fire_at
+    }
+    pub fn created_at(&self) -> DateTime<Utc> {
+        self.created_at
+    }
+    pub fn updated_at(&self) -> DateTime<Utc> {
+        self.updated_at
+    }
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The cadence of the stored expression (checked when the schedule was created).
+    pub fn cadence(&self) -> Result<Cadence, ValidationErrors> {
+        Cadence::parse(&self.spec.cron, &self.spec.time_zone)
+    }
+
+    /// Pauses it: no tick fires until it is resumed. `None` when it was paused already.
+    pub fn pause(&mut self, now: DateTime<Utc>) -> Option<ScheduleEvent> {
+        if self.paused {
+            return None;
+        }
+        self.paused = true;
+        self.touch(now);
+        Some(ScheduleEvent::new(self.id, now, ScheduleEventKind::Paused))
+    }
+
+    /// Resumes it from the first tick after `now`: ticks that fell while it was paused never
+    /// fire. `None` when it was not paused.
+    pub fn resume(
+        &mut self,
+        cadence: &Cadence,
+        now: DateTime<Utc>,
+        jitter_unit: f64,
+    ) -> Option<ScheduleEvent> {
+        if !self.paused {
+            return None;
+        }
+        self.paused = false;
+        self.set_next(cadence.next_after(now), jitter_unit);
+        self.touch(now);
+        Some(ScheduleEvent::new(
+            self.id,
+            now,
+            ScheduleEventKind::Resumed {
+                next_tick: self.next_tick,
+            },
+        ))
+    }
+
+    /// Whether a tick is due at `now`.
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        !self.paused && self.fire_at.is_some_and(|at| at <= now)
+    }
+
+    /// The ticks to handle at `now`: every tick from the next one up to `now`; those older
+    /// than the catch-up window are missed, the others fire (at most
+    /// [`MAX_FIRES_PER_ROUND`]; the rest are left for the next round).
+    pub fn round(&self, cadence: &Cadence, now: DateTime<Utc>) -> Round {
+        let mut round = Round {
+            fire: Vec::new(),
+            missed: None,
+            next_tick: self.next_tick,
+        };
+        if !self.is_due(now) {
+            return round;
+        }
+        let window = Duration::milliseconds(self.spec.catch_up_window_ms as i64);
+        let oldest_fired = now - window;
+        let mut tick = self.next_tick;
+        while let Some(t) = tick {
+            if t > now || round.fire.len() >= MAX_FIRES_PER_ROUND {
+                break;
+            }
+            if t < oldest_fired {
+                let missed = round.missed.get_or_insert(Missed {
+                    count: 0,
+                    more: false,
+                    first: t,
+                    last: t,
+                });
+                missed.count += 1;
+                missed.last = t;
+                if missed.count >= MAX_MISSED_COUNTED {
+                    // Jump: the first tick inside the window (or after now).
+                    missed.more = true;
+                    let before_window = oldest_fired - Duration::milliseconds(1);
+                    tick = cadence.next_after(before_window.max(t));
+                    continue;
+                }
+            } else {
+                round.fire.push(t);
+            }
+            tick = cadence.next_after(t);
+        }
+        round.next_tick = tick;
+        round
+    }
+
+    /// Moves the schedule past a round: its next tick is `next_tick`, firing after a new
+    /// jitter placed by `jitter_unit`.
+    pub fn advance(
+        &mut self,
+        next_tick: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        jitter_unit: f64,
+    ) {
+        self.set_next(next_tick, jitter_unit);
+        self.touch(now);
+    }
+
+    fn set_next(&mut self, next_tick: Option<DateTime<Utc>>, jitter_unit: f64) {
+        self.next_tick = next_tick;
+        self.fire_at = next_tick.map(|t| t + jitter(self.spec.jitter_ms, jitter_unit));
+    }
+
+    fn touch(&mut self, now: DateTime<Utc>) {
+        self.updated_at = now;
+        self.version += 1;
+    }
+
+    /// The idempotency key of the job or run that `tick` starts.
+    pub fn tick_key(&self, tick: DateTime<Utc>) -> String {
+        format!("schedule-{}-{}", self.id, tick.timestamp_micros())
+    }
+
+    /// The spec of the job or run that `tick` starts: the template, keyed by the tick.
+    pub fn firing(&self, tick: DateTime<Utc>) -> Result<Firing, DomainError> {
+        let key = Some(self.tick_key(tick));
+        Ok(match &self.spec.target {
+            ScheduleTarget::Job { spec } => {
+                let mut draft = JobSpecDraft::from(JobSpec::clone(spec));
+                draft.idempotency_key = key;
+                Firing::Job(Box::new(JobSpec::try_from(draft)?))
+            }
+            ScheduleTarget::Pipeline { spec } => {
+                let mut draft = PipelineSpecDraft::from(spec.clone());
+                draft.idempotency_key = key;
+                Firing::Pipeline(PipelineSpec::try_from(draft)?)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn spec(cron: &str, zone: &str) -> ScheduleSpec {
+        ScheduleSpec {
+            name: "nightly".to_owned(),
+            cron: cron.to_owned(),
+            time_zone: zone.to_owned(),
+            target: ScheduleTarget::Job {
+                spec: Box::new(JobSpec::try_from(JobSpecDraft::exec("backup", &["true"])).unwrap()),
+            },
+            overlap: OverlapPolicy::Allow,
+            catch_up_window_ms: 1_000,
+            jitter_ms: 0,
+            history_limit: 10,
+        }
+    }
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    #[test]
+    fn a_bad_expression_and_zone_are_both_named() {
+        let errors = spec("61 * * * *", "Mars/Olympus").validate().unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["cron", "time_zone"], "{errors}");
+    }
+
+    #[test]
+    fn a_template_with_its_own_idempotency_key_is_refused() {
+        let mut draft = JobSpecDraft::exec("backup", &["true"]);
+        draft.idempotency_key = Some("mine".to_owned());
+        let mut s = spec("0 3 * * *", "UTC");
+        s.target = ScheduleTarget::Job {
+            spec: Box::new(JobSpec::try_from(draft).unwrap()),
+        };
+        let errors = s.validate().unwrap_err();
+        assert_eq!(errors.0[0].field, "target.idempotency_key");
+    }
+
+    #[test]
+    fn a_daily_tick_keeps_its_wall_clock_time_across_daylight_saving() {
+        let cadence = spec("0 3 * * *", "Europe/Madrid").validate().unwrap();
+        // CET (UTC+1) before 2026-03-29, CEST (UTC+2) after.
+        let before = cadence.next_after(utc(2026, 3, 27, 12, 0, 0)).unwrap();
+        assert_eq!(before, utc(2026, 3, 28, 2, 0, 0));
+        let after = cadence.next_after(utc(2026, 3, 29, 12, 0, 0)).unwrap();
+        assert_eq!(after, utc(2026, 3, 30, 1, 0, 0));
+    }
+
+    #[test]
+    fn a_round_fires_the_ticks_inside_the_window_and_counts_the_older_ones_missed() {
+        let mut s = spec("0 * * * *", "UTC");
+        s.catch_up_window_ms = 3 * 3_600_000;
+        let cadence = s.validate().unwrap();
+        let (schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            utc(2026, 1, 1, 0, 30, 0),
+            0.0,
+        );
+        assert_eq!(schedule.next_tick(), Some(utc(2026, 1, 1, 1, 0, 0)));
+        // Down from 00:30 to 05:10 with 3 h of catch-up: 01:00 and 02:00 are too old; 03:00,
+        // 04:00 and 05:00 fire.
+        let round = schedule.round(&cadence, utc(2026, 1, 1, 5, 10, 0));
+        assert_eq!(
+            round.fire,
+            [
+                utc(2026, 1, 1, 3, 0, 0),
+                utc(2026, 1, 1, 4, 0, 0),
+                utc(2026, 1, 1, 5, 0, 0)
+            ]
+        );
+        let missed = round.missed.unwrap();
+        assert_eq!((missed.count, missed.more), (2, false));
+        assert_eq!(missed.first, utc(2026, 1, 1, 1, 0, 0));
+        assert_eq!(missed.last, utc(2026, 1, 1, 2, 0, 0));
+        assert_eq!(round.next_tick, Some(utc(2026, 1, 1, 6, 0, 0)));
+    }
+
+    #[test]
+    fn a_long_outage_on_a_fast_expression_is_jumped_over_not_walked() {
+        let s = spec("* * * * * *", "UTC");
+        let cadence = s.validate().unwrap();
+        let start = utc(2026, 1, 1, 0, 0, 0);
+        let (schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            start,
+            0.0,
+        );
+        let now = start + Duration::days(3);
+        let round = schedule.round(&cadence, now);
+        let missed = round.missed.unwrap();
+        assert!(missed.more);
+        assert_eq!(missed.count, MAX_MISSED_COUNTED);
+        // With a one-second window only the last second's ticks still fire.
+        assert!(round.fire.len() <= 2, "{:?}", round.fire);
+        assert!(round.next_tick.unwrap() > now);
+    }
+
+    #[test]
+    fn a_paused_schedule_is_never_due_and_resumes_from_now() {
+        let s = spec("*/10 * * * * *", "UTC");
+        let cadence = s.validate().unwrap();
+        let start = utc(2026, 1, 1, 0, 0, 0);
+        let (mut schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            start,
+            0.0,
+        );
+        assert!(schedule.pause(start).is_some());
+        assert!(schedule.pause(start).is_none());
+        let later = start + Duration::minutes(5);
+        assert!(!schedule.is_due(later));
+        assert!(schedule.round(&cadence, later).fire.is_empty());
+        schedule.resume(&cadence, later, 0.0).unwrap();
+        assert_eq!(schedule.next_tick(), Some(later + Duration::seconds(10)));
+    }
+
+    #[test]
+    fn jitter_delays_the_firing_not_the_tick() {
+        let mut s = spec("0 * * * *", "UTC");
+        s.jitter_ms = 60_000;
+        let cadence = s.validate().unwrap();
+        let (schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            utc(2026, 1, 1, 0, 30, 0),
+            0.5,
+        );
+        assert_eq!(schedule.next_tick(), Some(utc(2026, 1, 1, 1, 0, 0)));
+        assert_eq!(schedule.fire_at(), Some(utc(2026, 1, 1, 1, 0, 30)));
+        assert!(!schedule.is_due(utc(2026, 1, 1, 1, 0, 10)));
+    }
+
+    #[test]
+    fn each_tick_gets_its_own_idempotency_key() {
+        let s = spec("0 * * * *", "UTC");
+        let cadence = s.validate().unwrap();
+        let (schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            utc(2026, 1, 1, 0, 0, 0),
+            0.0,
+        );
+        let Firing::Job(one) = schedule.firing(utc(2026, 1, 1, 1, 0, 0)).unwrap() else {
+            panic!("a job template fires jobs");
+        };
+        let Firing::Job(two) = schedule.firing(utc(2026, 1, 1, 2, 0, 0)).unwrap() else {
+            panic!("a job template fires jobs");
+        };
+        assert_ne!(one.idempotency_key, two.idempotency_key);
+        assert_eq!(one.name, "backup");
+    }
+}

@@ -1,0 +1,93 @@
+//! Fires the ticks of due schedules: every `schedule_poll_ms`, a replica claims the schedules
+//! whose next tick is due (those another replica holds are passed over) and, per schedule in
+//! one transaction, records each tick with the job or run it starts and moves the schedule
+//! on (`hodei_storage::driver::fire_due_schedules`). A tick is therefore fired once whatever
+//! the number of replicas, their crashes and restarts; ticks that fell while no replica ran
+//! fire on the next poll if they are inside the schedule's catch-up window.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use hodei_domain::ScheduleEventKind;
+use hodei_storage::driver;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Context, SOURCE};
+
+/// Schedules claimed per transaction.
+const BATCH: i64 = 64;
+
+pub(crate) async fn run(ctx: Context, shutdown: CancellationToken) {
+    let mut poll = tokio::time::interval(Duration::from_millis(ctx.config.schedule_poll_ms));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = poll.tick() => {}
+        }
+        // Until fewer than a batch were due: a backlog is worked off without waiting.
+        loop {
+            let mut jitter = crate::jitter;
+            let fired = ctx
+                .backends
+                .db(|| {
+                    driver::fire_due_schedules(
+                        &ctx.backends.pool,
+                        Utc::now(),
+                        BATCH,
+                        SOURCE,
+                        &mut jitter,
+                    )
+                })
+                .await;
+            let handled = match fired {
+                Ok(handled) => handled,
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to fire due schedules, trying again at the next poll");
+                    break;
+                }
+            };
+            if handled.iter().any(|h| !h.events.is_empty()) {
+                ctx.backends.relay_wake.notify_one();
+            }
+            for h in &handled {
+                for event in &h.events {
+                    log(h.schedule.id(), &h.schedule.spec().name, &event.kind);
+                    let metrics = &ctx.backends.metrics;
+                    match &event.kind {
+                        ScheduleEventKind::Fired { .. } => metrics.schedule_ticks("fired", 1),
+                        ScheduleEventKind::Skipped { .. } => metrics.schedule_ticks("skipped", 1),
+                        ScheduleEventKind::Missed(missed) => {
+                            metrics.schedule_ticks("missed", missed.count);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if (handled.len() as i64) < BATCH {
+                break;
+            }
+        }
+    }
+}
+
+fn log(id: hodei_domain::ScheduleId, name: &str, kind: &ScheduleEventKind) {
+    match kind {
+        ScheduleEventKind::Fired {
+            tick,
+            job_id,
+            run_id,
+            cancelled,
+            ..
+        } => {
+            tracing::info!(schedule_id = %id, name, tick = %tick.to_rfc3339(), job_id = ?job_id.map(|j| j.to_string()), run_id = ?run_id.map(|r| r.to_string()), cancelled = cancelled.len(), "schedule fired");
+        }
+        ScheduleEventKind::Skipped { tick, reason } => {
+            tracing::info!(schedule_id = %id, name, tick = %tick.to_rfc3339(), reason, "schedule tick skipped");
+        }
+        ScheduleEventKind::Missed(missed) => {
+            tracing::warn!(schedule_id = %id, name, count = missed.count, first = %missed.first.to_rfc3339(), last = %missed.last.to_rfc3339(), "schedule ticks missed, older than the catch-up window");
+        }
+        _ => {}
+    }
+}
