@@ -133,10 +133,13 @@ impl Cadence {
         }
     }
 
-    /// The first tick strictly after `t`, or `None` when the expression has no more.
+    /// The first tick strictly after `t`, or `None` when the expression has no more. Ticks
+    /// fall on whole seconds (the search keeps the fraction of a second it starts from, so
+    /// it starts from `t`'s whole second).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let whole = DateTime::from_timestamp(t.timestamp(), 0)?;
         self.cron
-            .find_next_occurrence(&t.with_timezone(&self.zone), false)
+            .find_next_occurrence(&whole.with_timezone(&self.zone), false)
             .ok()
             .map(|tick| tick.with_timezone(&Utc))
     }
@@ -577,6 +580,16 @@ mod tests {
         };
         let errors = s.validate().unwrap_err();
         assert_eq!(errors.0[0].field, "target.idempotency_key");
+    }
+
+    #[test]
+    fn ticks_fall_on_whole_seconds() {
+        let cadence = spec("* * * * * *", "UTC").validate().unwrap();
+        let t = utc(2026, 1, 1, 0, 0, 0) + Duration::milliseconds(1_250);
+        assert_eq!(cadence.next_after(t), Some(utc(2026, 1, 1, 0, 0, 2)));
+        let cadence = spec("*/5 * * * *", "UTC").validate().unwrap();
+        let t = utc(2026, 1, 1, 0, 4, 59) + Duration::milliseconds(999);
+        assert_eq!(cadence.next_after(t), Some(utc(2026, 1, 1, 0, 5, 0)));
     }
 
     #[test]
