@@ -281,6 +281,17 @@ Examples:
   hodei pipeline get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f")]
     Pipeline(PipelineCommand),
 
+    /// Start jobs or pipelines on a cron expression; each tick fires once.
+    #[command(subcommand, alias = "schedules")]
+    #[command(after_help = "\
+Examples:
+  hodei schedule create nightly-backup --cron '0 3 * * *' --tz Europe/Madrid -- ./backup.sh
+  hodei schedule create-pipeline nightly --cron '@daily' -f examples/pipelines/build-test-deploy.yaml
+  hodei schedule list
+  hodei schedule get nightly-backup
+  hodei schedule trigger nightly-backup")]
+    Schedule(ScheduleCommand),
+
     /// List and download the files the steps of a pipeline run produced.
     #[command(subcommand, alias = "artifact")]
     #[command(after_help = "\
@@ -288,6 +299,106 @@ Examples:
   hodei artifacts ls 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
   hodei artifacts get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.txt")]
     Artifacts(ArtifactsCommand),
+}
+
+/// `hodei schedule ...`. (Parsed once per process: the size of its largest variant, which
+/// carries every job option, costs nothing.)
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
+pub enum ScheduleCommand {
+    /// Create a schedule that starts a job (a command after `--`, `--script` or `-f FILE`,
+    /// with every option of `hodei submit`).
+    Create {
+        #[command(flatten)]
+        schedule: ScheduleArgs,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Create a schedule that starts a pipeline run (the file `hodei pipeline run` reads).
+    CreatePipeline {
+        #[command(flatten)]
+        schedule: ScheduleArgs,
+        #[command(flatten)]
+        pipeline: PipelineFileArgs,
+    },
+    /// List schedules.
+    List {
+        /// Schedules per page, 1 to 1000 [server default: 100].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: Option<u32>,
+        /// Where to continue, from the previous page's `next page` line.
+        #[arg(long, value_name = "T")]
+        page_token: Option<String>,
+        /// Only this tenant's [default: the token's tenant; every tenant for an admin].
+        #[arg(long, value_name = "T")]
+        tenant: Option<String>,
+    },
+    /// Show a schedule and its newest ticks: what each fired, skipped or missed.
+    Get(ScheduleRef),
+    /// Stop firing until resumed.
+    Pause(ScheduleRef),
+    /// Fire again from the first tick after now (ticks while paused never fire).
+    Resume(ScheduleRef),
+    /// Delete a schedule and its history (what it started is left as it is).
+    Delete(ScheduleRef),
+    /// Fire now, as the overlap policy allows; prints the job or run it started.
+    Trigger(ScheduleRef),
+}
+
+/// A schedule named on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleRef {
+    /// The schedule's name (in the tenant) or id.
+    #[arg(value_name = "SCHEDULE")]
+    pub schedule: String,
+    /// The tenant whose schedule of that name [default: the token's].
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
+}
+
+/// What overlapping ticks do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OverlapArg {
+    /// Skip a tick while the previous job or run has not ended.
+    Skip,
+    /// Start it anyway.
+    Allow,
+    /// Cancel the previous ones, then start it.
+    CancelPrevious,
+}
+
+/// A schedule's own settings.
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleArgs {
+    /// The schedule's name, unique in its tenant: letters, digits, '-' and '_'.
+    #[arg(value_name = "SCHEDULE")]
+    pub schedule: String,
+    /// Cron expression: five fields (minute hour day-of-month month day-of-week), six with
+    /// seconds first, or @hourly, @daily, @weekly, @monthly, @yearly.
+    #[arg(long, value_name = "EXPR")]
+    pub cron: String,
+    /// IANA time zone the expression is read in [server default: UTC].
+    #[arg(long = "tz", value_name = "ZONE")]
+    pub time_zone: Option<String>,
+    /// What a tick does while the previous job or run has not ended [server default: skip].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub overlap: Option<OverlapArg>,
+    /// Ticks missed by at most this much (no scheduler ran) fire when one is back (`90s`,
+    /// `1h`) [server default: 1m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub catch_up: Option<std::time::Duration>,
+    /// Fire each tick up to this much after its time, at random (`30s`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub jitter: Option<std::time::Duration>,
+    /// Ticks kept in the history [server default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub history: Option<u32>,
+    /// Create it paused.
+    #[arg(long)]
+    pub paused: bool,
+    /// The tenant it belongs to [default: the token's].
+    #[arg(long = "schedule-tenant", value_name = "T")]
+    pub tenant: Option<String>,
 }
 
 /// `hodei pipeline ...`.

@@ -8,6 +8,7 @@ use anyhow::Context;
 use hodei_proto::v1::access_service_client::AccessServiceClient;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
+use hodei_proto::v1::schedule_service_client::ScheduleServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_proto::{AuthChannel, Bearer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -25,11 +26,12 @@ pub struct Connection<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
 }
 
-/// Clients of the job, pipeline, worker and access services.
+/// Clients of the job, pipeline, schedule, worker and access services.
 #[derive(Debug, Clone)]
 pub struct Clients {
     pub jobs: JobServiceClient<AuthChannel>,
     pub pipelines: PipelineServiceClient<AuthChannel>,
+    pub schedules: ScheduleServiceClient<AuthChannel>,
     pub workers: WorkerServiceClient<AuthChannel>,
     pub access: AccessServiceClient<AuthChannel>,
 }
@@ -65,6 +67,7 @@ impl Clients {
         Ok(Clients {
             jobs: JobServiceClient::new(channel.clone()),
             pipelines: PipelineServiceClient::new(channel.clone()),
+            schedules: ScheduleServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel),
         })

@@ -333,3 +333,132 @@ async fn tokens_made_with_the_cli_open_the_api_over_tls_and_the_audit_log_shows_
     assert_eq!(out.status.code(), Some(2));
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedules_are_created_triggered_paused_listed_and_deleted_from_the_cli() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "cli-schedule-agent",
+        labels: "",
+        slots: 2,
+    }])
+    .await
+    .unwrap();
+    let server = Target::of(&system);
+
+    let out = hodei(
+        &server,
+        &[
+            "schedule",
+            "create",
+            "nightly-echo",
+            "--cron",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Madrid",
+            "--catch-up",
+            "10m",
+            "--paused",
+            "--",
+            "echo",
+            "scheduled",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("next tick"),
+        "{out:?}"
+    );
+    let out = hodei(
+        &server,
+        &[
+            "schedule",
+            "create-pipeline",
+            "nightly-build",
+            "--cron",
+            "@daily",
+            "--overlap",
+            "cancel-previous",
+            "-f",
+            &format!(
+                "{}/../examples/pipelines/build-test-deploy.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = hodei(
+        &server,
+        &[
+            "schedule",
+            "create",
+            "bad",
+            "--cron",
+            "61 * * * *",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.cron"),
+        "{out:?}"
+    );
+
+    let out = hodei(&server, &["schedule", "trigger", "nightly-echo"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let job_id = stdout.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(stdout.contains("started job"), "{stdout}");
+    system
+        .wait_terminal(&job_id, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let out = hodei(&server, &["logs", &job_id]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "scheduled\n");
+
+    let out = hodei(&server, &["schedule", "get", "nightly-echo"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.contains("Europe/Madrid"), "{stdout}");
+    assert!(stdout.contains("triggered"), "{stdout}");
+    assert!(stdout.contains(&job_id), "{stdout}");
+    assert!(stdout.contains("600000 ms"), "{stdout}");
+
+    let out = hodei(&server, &["schedule", "list"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains("nightly-echo") && stdout.contains("paused"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("nightly-build") && stdout.contains("cancel_previous"),
+        "{stdout}"
+    );
+
+    let out = hodei(&server, &["schedule", "resume", "nightly-echo"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resumed"),
+        "{out:?}"
+    );
+    let out = hodei(&server, &["schedule", "pause", "nightly-echo"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("paused"),
+        "{out:?}"
+    );
+    let out = hodei(
+        &server,
+        &["--output", "json", "schedule", "get", "nightly-build"],
+    )
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["pipeline"]["name"], "build-test-deploy");
+    assert_eq!(json["overlap"], "cancel_previous");
+
+    let out = hodei(&server, &["schedule", "delete", "nightly-echo"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = hodei(&server, &["schedule", "get", "nightly-echo"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    system.stop().await;
+}

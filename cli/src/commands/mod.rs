@@ -4,6 +4,7 @@ mod access;
 mod artifacts;
 mod jobs;
 mod pipelines;
+mod schedules;
 mod workers;
 
 use std::io::{self, Write};
@@ -42,6 +43,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker { id } => workers::get(&mut clients, id, format).await,
         Command::Drain { id, reason } => workers::drain(&mut clients, id, reason, format).await,
         Command::Pipeline(command) => pipeline(&mut clients, command, format).await,
+        Command::Schedule(command) => schedules::execute(&mut clients, command, format).await,
         Command::WhoAmI => access::whoami(&mut clients, format).await,
         Command::Token(command) => access::token(&mut clients, command, format).await,
         Command::Audit {
