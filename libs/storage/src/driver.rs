@@ -730,13 +730,18 @@ async fn fire_tick(
                     schedule.spec().name
                 );
                 for started in unfinished {
-                    match started {
+                    let cancelled = match started {
                         schedules::Started::Job(id) => {
-                            cancel_job(conn, id, &reason, source).await?;
+                            cancel_job(conn, id, &reason, source).await.map(|_| ())
                         }
                         schedules::Started::Run(id) => {
-                            cancel_run_in(conn, id, &reason, source).await?;
+                            cancel_run_in(conn, id, &reason, source).await.map(|_| ())
                         }
+                    };
+                    match cancelled {
+                        // It ended since it was read: nothing left to cancel.
+                        Ok(()) | Err(StorageError::Refused(_)) => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 cancelled = going;
