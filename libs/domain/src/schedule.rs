@@ -19,6 +19,15 @@ use crate::ids::{JobId, PipelineRunId, ScheduleId, TenantId, named_enum};
 use crate::pipeline::{PipelineSpec, PipelineSpecDraft};
 use crate::spec::{JobSpec, JobSpecDraft};
 
+/// The start of the idempotency key of every job and run a tick starts; clients' own keys
+/// may not start with it.
+pub const TICK_KEY_PREFIX: &str = "schedule-";
+
+/// Whether a client may use `key` as its own idempotency key (it is not a tick's).
+pub fn is_client_key(key: &str) -> bool {
+    !key.starts_with(TICK_KEY_PREFIX)
+}
+
 /// Most ticks one round fires; the rest fire in the next rounds.
 pub const MAX_FIRES_PER_ROUND: usize = 100;
 /// The shortest catch-up window: a tick is always handled a little after its time (the
@@ -136,12 +145,28 @@ impl Cadence {
     /// The first tick strictly after `t`, or `None` when the expression has no more. Ticks
     /// fall on whole seconds (the search keeps the fraction of a second it starts from, so
     /// it starts from `t`'s whole second).
+    ///
+    /// When clocks go back, an hour of wall-clock times happens twice; the search gives the
+    /// first instance of such a time, which lies before `t` when `t` is in the second pass.
+    /// The second instance is taken then, so the answer is always after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let whole = DateTime::from_timestamp(t.timestamp(), 0)?;
-        self.cron
-            .find_next_occurrence(&whole.with_timezone(&self.zone), false)
-            .ok()
-            .map(|tick| tick.with_timezone(&Utc))
+        use chrono::TimeZone;
+        let mut from = DateTime::from_timestamp(t.timestamp(), 0)?.with_timezone(&self.zone);
+        for _ in 0..4 {
+            let found = self.cron.find_next_occurrence(&from, false).ok()?;
+            if found.with_timezone(&Utc) > t {
+                return Some(found.with_timezone(&Utc));
+            }
+            let later = self
+                .zone
+                .from_local_datetime(&found.naive_local())
+                .latest()?;
+            if later.with_timezone(&Utc) > t {
+                return Some(later.with_timezone(&Utc));
+            }
+            from = later;
+        }
+        None
     }
 }
 
@@ -151,6 +176,11 @@ impl ScheduleSpec {
         let mut errors = Vec::new();
         if let Err(e) = crate::ids::parse_name("schedule name", &self.name) {
             errors.push(FieldError::new("name", e.reason));
+        } else if Uuid::parse_str(&self.name).is_ok() {
+            errors.push(FieldError::new(
+                "name",
+                "must not be a uuid: schedules are named by id or by name",
+            ));
         }
         if !(MIN_CATCH_UP_WINDOW_MS..=MAX_CATCH_UP_WINDOW_MS).contains(&self.catch_up_window_ms) {
             errors.push(FieldError::new(
@@ -452,7 +482,11 @@ impl Schedule {
     /// The ticks to handle at `now`: every tick from the next one up to `now`; those older
     /// than the catch-up window are missed, the others fire (at most
     /// [`MAX_FIRES_PER_ROUND`]; the rest are left for the next round).
-    pub fn round(&self, cadence: &Cadence, now: DateTime<Utc>) -> Round {
+    ///
+    /// A tick counts as missed only when it is older than the window plus the schedule's
+    /// jitter (its firing may have been put off that much on purpose) plus `grace` (how late
+    /// the caller may look: its polling interval).
+    pub fn round(&self, cadence: &Cadence, now: DateTime<Utc>, grace: Duration) -> Round {
         let mut round = Round {
             fire: Vec::new(),
             missed: None,
@@ -461,7 +495,9 @@ impl Schedule {
         if !self.is_due(now) {
             return round;
         }
-        let window = Duration::milliseconds(self.spec.catch_up_window_ms as i64);
+        let window = Duration::milliseconds(self.spec.catch_up_window_ms as i64)
+            + Duration::milliseconds(self.spec.jitter_ms as i64)
+            + grace;
         let oldest_fired = now - window;
         let mut tick = self.next_tick;
         while let Some(t) = tick {
@@ -481,13 +517,15 @@ impl Schedule {
                     // Jump: the first tick inside the window (or after now).
                     missed.more = true;
                     let before_window = oldest_fired - Duration::milliseconds(1);
-                    tick = cadence.next_after(before_window.max(t));
+                    tick = cadence
+                        .next_after(before_window.max(t))
+                        .filter(|next| *next > t);
                     continue;
                 }
             } else {
                 round.fire.push(t);
             }
-            tick = cadence.next_after(t);
+            tick = cadence.next_after(t).filter(|next| *next > t);
         }
         round.next_tick = tick;
         round
@@ -517,7 +555,7 @@ impl Schedule {
 
     /// The idempotency key of the job or run that `tick` starts.
     pub fn tick_key(&self, tick: DateTime<Utc>) -> String {
-        format!("schedule-{}-{}", self.id, tick.timestamp_micros())
+        format!("{TICK_KEY_PREFIX}{}-{}", self.id, tick.timestamp_micros())
     }
 
     /// The spec of the job or run that `tick` starts: the template, keyed by the tick.
@@ -593,6 +631,56 @@ mod tests {
     }
 
     #[test]
+    fn when_clocks_go_back_the_next_tick_is_never_before_now() {
+        // Europe/Madrid, 2026-10-25: 03:00 CEST (01:00 UTC) becomes 02:00 CET; 02:00–03:00
+        // local happens twice, from 00:00 to 02:00 UTC.
+        let cadence = spec("*/15 * * * *", "Europe/Madrid").validate().unwrap();
+        let mut t = utc(2026, 10, 24, 23, 50, 0);
+        let mut ticks = Vec::new();
+        while t < utc(2026, 10, 25, 3, 0, 0) {
+            t = cadence.next_after(t).unwrap();
+            ticks.push(t);
+        }
+        assert!(ticks.windows(2).all(|w| w[1] > w[0]), "{ticks:?}");
+        // From inside the second pass, the next tick is after it.
+        let second_pass = utc(2026, 10, 25, 1, 20, 0);
+        let next = cadence.next_after(second_pass).unwrap();
+        assert_eq!(next, utc(2026, 10, 25, 1, 30, 0));
+        let daily = spec("30 2 * * *", "Europe/Madrid").validate().unwrap();
+        let next = daily.next_after(utc(2026, 10, 25, 1, 10, 0)).unwrap();
+        assert!(next > utc(2026, 10, 25, 1, 10, 0), "{next}");
+    }
+
+    #[test]
+    fn jitter_and_grace_do_not_make_a_tick_missed() {
+        let mut s = spec("0 * * * *", "UTC");
+        s.catch_up_window_ms = 1_000;
+        s.jitter_ms = 120_000;
+        let cadence = s.validate().unwrap();
+        let (schedule, _) = Schedule::create(
+            ScheduleId::new(),
+            TenantId::default(),
+            s,
+            &cadence,
+            false,
+            utc(2026, 1, 1, 0, 30, 0),
+            0.99,
+        );
+        // Fired 119 s late by its jitter, looked at 1.5 s after that.
+        let now = utc(2026, 1, 1, 1, 1, 59) + Duration::milliseconds(1_500);
+        let round = schedule.round(&cadence, now, Duration::seconds(1));
+        assert_eq!(round.fire, [utc(2026, 1, 1, 1, 0, 0)]);
+        assert!(round.missed.is_none());
+    }
+
+    #[test]
+    fn a_uuid_is_not_a_name() {
+        let mut s = spec("0 * * * *", "UTC");
+        s.name = uuid::Uuid::now_v7().to_string();
+        assert_eq!(s.validate().unwrap_err().0[0].field, "name");
+    }
+
+    #[test]
     fn a_daily_tick_keeps_its_wall_clock_time_across_daylight_saving() {
         let cadence = spec("0 3 * * *", "Europe/Madrid").validate().unwrap();
         // CET (UTC+1) before 2026-03-29, CEST (UTC+2) after.
@@ -619,7 +707,7 @@ mod tests {
         assert_eq!(schedule.next_tick(), Some(utc(2026, 1, 1, 1, 0, 0)));
         // Down from 00:30 to 05:10 with 3 h of catch-up: 01:00 and 02:00 are too old; 03:00,
         // 04:00 and 05:00 fire.
-        let round = schedule.round(&cadence, utc(2026, 1, 1, 5, 10, 0));
+        let round = schedule.round(&cadence, utc(2026, 1, 1, 5, 10, 0), Duration::zero());
         assert_eq!(
             round.fire,
             [
@@ -650,12 +738,12 @@ mod tests {
             0.0,
         );
         let now = start + Duration::days(3);
-        let round = schedule.round(&cadence, now);
+        let round = schedule.round(&cadence, now, Duration::zero());
         let missed = round.missed.unwrap();
         assert!(missed.more);
         assert_eq!(missed.count, MAX_MISSED_COUNTED);
         // With a one-second window only the last second's ticks still fire.
-        assert!(round.fire.len() <= 2, "{:?}", round.fire);
+        assert_eq!(round.fire, [now - Duration::seconds(1), now]);
         assert!(round.next_tick.unwrap() > now);
     }
 
@@ -677,7 +765,12 @@ mod tests {
         assert!(schedule.pause(start).is_none());
         let later = start + Duration::minutes(5);
         assert!(!schedule.is_due(later));
-        assert!(schedule.round(&cadence, later).fire.is_empty());
+        assert!(
+            schedule
+                .round(&cadence, later, Duration::zero())
+                .fire
+                .is_empty()
+        );
         schedule.resume(&cadence, later, 0.0).unwrap();
         assert_eq!(schedule.next_tick(), Some(later + Duration::seconds(10)));
     }

@@ -561,40 +561,62 @@ fn job_reason(job: &Job) -> Option<String> {
 pub struct ScheduleHandled {
     pub schedule: hodei_domain::Schedule,
     pub events: Vec<hodei_domain::ScheduleEvent>,
+    /// Why the schedule could not be handled (it was put off by [`RETRY_FAILED`]).
+    pub failed: Option<String>,
 }
 
-/// Fires what is due of up to `limit` schedules at `now`, each schedule as a whole (its ticks,
-/// the jobs and runs they start, what the overlap policy cancels, its next tick) in its own
-/// savepoint of one transaction. Schedules another replica holds are passed over; a tick is
-/// recorded (primary key `(schedule, tick)`) in the transaction that starts its job, so it
-/// fires once whatever the replicas do. A schedule that cannot be handled is logged and left
-/// for the next round; the others go on. `jitter` gives numbers in `[0, 1)`.
-pub async fn fire_due_schedules(
+/// How long a schedule that could not be handled (for a reason other than PostgreSQL being
+/// away or a concurrent change) is put off, so it does not stand first in line at every poll.
+pub const RETRY_FAILED: chrono::Duration = chrono::Duration::seconds(60);
+
+/// Fires what is due of the soonest due schedule no other replica holds, in one transaction:
+/// its ticks, the jobs and runs they start, what the overlap policy cancels, its next tick.
+/// `None` when no schedule is due. A tick is recorded (primary key `(schedule, tick)`) in the
+/// transaction that starts its job, so it fires once whatever the replicas do. `grace` is how
+/// late the caller may look (its polling interval); `jitter_unit` is a number in `[0, 1)`.
+pub async fn fire_due_schedule(
     pool: &PgPool,
     now: chrono::DateTime<Utc>,
-    limit: i64,
+    grace: chrono::Duration,
     source: &str,
-    jitter: &mut (dyn FnMut() -> f64 + Send),
-) -> Result<Vec<ScheduleHandled>, StorageError> {
+    jitter_unit: f64,
+) -> Result<Option<ScheduleHandled>, StorageError> {
     let mut tx = pool.begin().await?;
-    let due = schedules::claim_due(&mut tx, now, limit).await?;
-    let mut handled = Vec::with_capacity(due.len());
-    for mut schedule in due {
-        let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
-        match fire_schedule(&mut savepoint, &mut schedule, now, source, jitter()).await {
-            Ok(events) => {
-                savepoint.commit().await?;
-                handled.push(ScheduleHandled { schedule, events });
-            }
-            Err(e) if e.is_unavailable() => return Err(e),
-            Err(e) => {
-                savepoint.rollback().await?;
-                tracing::warn!(schedule_id = %schedule.id(), error = %e, "schedule not handled, left for the next round");
-            }
+    let Some(mut schedule) = schedules::claim_due(&mut tx, now, 1).await?.pop() else {
+        return Ok(None);
+    };
+    let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+    match fire_schedule(
+        &mut savepoint,
+        &mut schedule,
+        now,
+        grace,
+        source,
+        jitter_unit,
+    )
+    .await
+    {
+        Ok(events) => {
+            savepoint.commit().await?;
+            tx.commit().await?;
+            Ok(Some(ScheduleHandled {
+                schedule,
+                events,
+                failed: None,
+            }))
+        }
+        Err(e) if e.is_unavailable() || e.is_conflict() => Err(e),
+        Err(e) => {
+            savepoint.rollback().await?;
+            schedules::postpone(&mut tx, schedule.id(), now + RETRY_FAILED).await?;
+            tx.commit().await?;
+            Ok(Some(ScheduleHandled {
+                schedule,
+                events: Vec::new(),
+                failed: Some(e.to_string()),
+            }))
         }
     }
-    tx.commit().await?;
-    Ok(handled)
 }
 
 /// One due schedule: records its missed ticks, fires the others and moves it on.
@@ -602,15 +624,16 @@ async fn fire_schedule(
     conn: &mut PgConnection,
     schedule: &mut hodei_domain::Schedule,
     now: chrono::DateTime<Utc>,
+    grace: chrono::Duration,
     source: &str,
     jitter_unit: f64,
 ) -> Result<Vec<hodei_domain::ScheduleEvent>, StorageError> {
-    use hodei_domain::{ScheduleEvent, ScheduleEventKind, TickOutcome, TickRecord};
+    use hodei_domain::{OverlapPolicy, ScheduleEvent, ScheduleEventKind, TickOutcome, TickRecord};
     let version = schedule.version();
     let cadence = schedule
         .cadence()
         .map_err(hodei_domain::DomainError::from)?;
-    let round = schedule.round(&cadence, now);
+    let mut round = schedule.round(&cadence, now, grace);
     let mut events = Vec::new();
     if let Some(missed) = round.missed {
         let detail = format!(
@@ -629,12 +652,39 @@ async fn fire_schedule(
             run_id: None,
             detail,
         };
-        schedules::record_tick(conn, schedule.id(), &record).await?;
-        events.push(ScheduleEvent::new(
-            schedule.id(),
-            now,
-            ScheduleEventKind::Missed(missed),
-        ));
+        if schedules::record_tick(conn, schedule.id(), &record).await? {
+            events.push(ScheduleEvent::new(
+                schedule.id(),
+                now,
+                ScheduleEventKind::Missed(missed),
+            ));
+        }
+    }
+    // Catching up with cancel_previous, each tick would cancel the one before it: only the
+    // newest starts, the others are recorded skipped.
+    if schedule.spec().overlap == OverlapPolicy::CancelPrevious && round.fire.len() > 1 {
+        let newest = round.fire.split_off(round.fire.len() - 1);
+        for tick in std::mem::replace(&mut round.fire, newest) {
+            let reason = format!(
+                "replaced by the later tick {} of the same catch-up (overlap policy cancel_previous)",
+                round.fire[0].to_rfc3339()
+            );
+            let record = TickRecord {
+                tick,
+                outcome: TickOutcome::Skipped,
+                handled_at: now,
+                job_id: None,
+                run_id: None,
+                detail: reason.clone(),
+            };
+            if schedules::record_tick(conn, schedule.id(), &record).await? {
+                events.push(ScheduleEvent::new(
+                    schedule.id(),
+                    now,
+                    ScheduleEventKind::Skipped { tick, reason },
+                ));
+            }
+        }
     }
     for tick in round.fire {
         if let Some(event) = fire_tick(conn, schedule, tick, false, now, source).await? {
@@ -675,12 +725,16 @@ pub async fn trigger_schedule(
     outbox::append(&mut tx, &messages).await?;
     schedules::prune_ticks(&mut tx, schedule.id(), schedule.spec().history_limit).await?;
     tx.commit().await?;
-    Ok(Some(ScheduleHandled { schedule, events }))
+    Ok(Some(ScheduleHandled {
+        schedule,
+        events,
+        failed: None,
+    }))
 }
 
-/// Fires one tick: as the overlap policy says when an earlier job or run has not ended, then
-/// starts the template's job or run keyed by the tick. `None` when the tick was handled
-/// before (nothing is started again).
+/// Fires one tick: records it, then, when an earlier job or run has not ended, does what the
+/// overlap policy says (skip this tick, or cancel them), then starts the template's job or
+/// run keyed by the tick. `None` when the tick was handled before (nothing is done again).
 async fn fire_tick(
     conn: &mut PgConnection,
     schedule: &hodei_domain::Schedule,
@@ -699,75 +753,88 @@ async fn fire_tick(
             schedules::unfinished(conn, schedule.id()).await?
         }
     };
-    let mut cancelled = Vec::new();
-    if !unfinished.is_empty() {
+    if schedule.spec().overlap == OverlapPolicy::Skip && !unfinished.is_empty() {
         let going: Vec<String> = unfinished.iter().map(ToString::to_string).collect();
-        match schedule.spec().overlap {
-            OverlapPolicy::Allow => {}
-            OverlapPolicy::Skip => {
-                let reason = format!("{} has not ended (overlap policy skip)", going.join(", "));
-                let record = TickRecord {
-                    tick,
-                    outcome: TickOutcome::Skipped,
-                    handled_at: now,
-                    job_id: None,
-                    run_id: None,
-                    detail: reason.clone(),
-                };
-                if !schedules::record_tick(conn, schedule.id(), &record).await? {
-                    return Ok(None);
-                }
-                return Ok(Some(ScheduleEvent::new(
-                    schedule.id(),
-                    now,
-                    ScheduleEventKind::Skipped { tick, reason },
-                )));
-            }
-            OverlapPolicy::CancelPrevious => {
-                let reason = format!(
-                    "replaced by the tick of {} of schedule {}",
-                    tick.to_rfc3339(),
-                    schedule.spec().name
-                );
-                for started in unfinished {
-                    let cancelled = match started {
-                        schedules::Started::Job(id) => {
-                            cancel_job(conn, id, &reason, source).await.map(|_| ())
-                        }
-                        schedules::Started::Run(id) => {
-                            cancel_run_in(conn, id, &reason, source).await.map(|_| ())
-                        }
-                    };
-                    match cancelled {
-                        // It ended since it was read: nothing left to cancel.
-                        Ok(()) | Err(StorageError::Refused(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                cancelled = going;
-            }
+        let reason = format!("{} has not ended (overlap policy skip)", going.join(", "));
+        let record = TickRecord {
+            tick,
+            outcome: TickOutcome::Skipped,
+            handled_at: now,
+            job_id: None,
+            run_id: None,
+            detail: reason.clone(),
+        };
+        if !schedules::record_tick(conn, schedule.id(), &record).await? {
+            return Ok(None);
         }
+        return Ok(Some(ScheduleEvent::new(
+            schedule.id(),
+            now,
+            ScheduleEventKind::Skipped { tick, reason },
+        )));
     }
-    let outcome = if manual {
-        TickOutcome::Triggered
-    } else {
-        TickOutcome::Fired
+    /// What the tick starts.
+    enum Start {
+        Job(Box<Job>, JobEvent),
+        Run(Box<PipelineRun>, PipelineEvent),
+    }
+    let tenant = schedule.tenant().clone();
+    let start = match schedule.firing(tick)? {
+        Firing::Job(spec) => {
+            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
+            Start::Job(Box::new(job), event)
+        }
+        Firing::Pipeline(spec) => {
+            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
+            Start::Run(Box::new(run), event)
+        }
     };
-    let record = |job_id, run_id| TickRecord {
+    let (job_id, run_id) = match &start {
+        Start::Job(job, _) => (Some(job.id()), None),
+        Start::Run(run, _) => (None, Some(run.id())),
+    };
+    // Recorded first: a tick handled before cancels nothing and starts nothing.
+    let record = TickRecord {
         tick,
-        outcome,
+        outcome: if manual {
+            TickOutcome::Triggered
+        } else {
+            TickOutcome::Fired
+        },
         handled_at: now,
         job_id,
         run_id,
         detail: String::new(),
     };
-    let tenant = schedule.tenant().clone();
-    let (job_id, run_id) = match schedule.firing(tick)? {
-        Firing::Job(spec) => {
-            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
-            if !schedules::record_tick(conn, schedule.id(), &record(Some(job.id()), None)).await? {
-                return Ok(None);
+    if !schedules::record_tick(conn, schedule.id(), &record).await? {
+        return Ok(None);
+    }
+    let mut cancelled = Vec::new();
+    if schedule.spec().overlap == OverlapPolicy::CancelPrevious {
+        let reason = format!(
+            "replaced by the tick of {} of schedule {}",
+            tick.to_rfc3339(),
+            schedule.spec().name
+        );
+        for started in unfinished {
+            let done = match &started {
+                schedules::Started::Job(id) => cancel_job(conn, *id, &reason, source)
+                    .await
+                    .map(|done| done.and_then(|(_, event)| event).is_some()),
+                schedules::Started::Run(id) => cancel_run_in(conn, *id, &reason, source)
+                    .await
+                    .map(|run| run.is_some()),
+            };
+            match done {
+                Ok(true) => cancelled.push(started.to_string()),
+                // It ended since it was read, or a cancel was on its way already.
+                Ok(false) | Err(StorageError::Refused(_)) => {}
+                Err(e) => return Err(e),
             }
+        }
+    }
+    match start {
+        Start::Job(job, event) => {
             let messages = [
                 Outgoing::job_event(&event, source)?,
                 Outgoing::place_job(&PlaceJob {
@@ -782,22 +849,15 @@ async fn fire_tick(
                     what: format!("job of tick {tick} of schedule {}", schedule.id()),
                 });
             }
-            (Some(job.id()), None)
         }
-        Firing::Pipeline(spec) => {
-            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
-            let id = run.id();
-            if !schedules::record_tick(conn, schedule.id(), &record(None, Some(id))).await? {
-                return Ok(None);
-            }
-            if start_run(conn, run, &event, source).await?.is_none() {
+        Start::Run(run, event) => {
+            if start_run(conn, *run, &event, source).await?.is_none() {
                 return Err(StorageError::Conflict {
                     what: format!("pipeline run of tick {tick} of schedule {}", schedule.id()),
                 });
             }
-            (None, Some(id))
         }
-    };
+    }
     Ok(Some(ScheduleEvent::new(
         schedule.id(),
         now,

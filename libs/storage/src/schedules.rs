@@ -134,13 +134,19 @@ pub async fn claim_due(
     rows.iter().map(decode).collect()
 }
 
-/// When the soonest active schedule fires, if any.
-pub async fn next_fire_at(pool: &PgPool) -> Result<Option<DateTime<Utc>>, StorageError> {
-    Ok(sqlx::query_scalar(
-        "SELECT min(fire_at) FROM schedules WHERE NOT paused AND fire_at IS NOT NULL",
-    )
-    .fetch_one(pool)
-    .await?)
+/// Puts off schedule `id`'s next firing to `until` (it could not be handled), without
+/// moving its next tick.
+pub async fn postpone(
+    conn: &mut PgConnection,
+    id: ScheduleId,
+    until: DateTime<Utc>,
+) -> Result<(), StorageError> {
+    sqlx::query("UPDATE schedules SET fire_at = $2 WHERE id = $1")
+        .bind(id.as_uuid())
+        .bind(until)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// A page of schedules by id, of one tenant or of all, after `after`.

@@ -114,6 +114,12 @@ impl ScheduleApi {
             Utc::now(),
             hodei_resilience::random_unit(),
         );
+        if schedule.next_tick().is_none() {
+            return Err(ApiError::field(
+                "spec.cron",
+                format!("{:?} has no tick after now", schedule.spec().cron),
+            ));
+        }
         let message = Outgoing::schedule_event(&event, SOURCE)?;
         let created = self
             .backends
@@ -180,9 +186,16 @@ impl ScheduleApi {
         saved.ok_or_else(|| ApiError::not_found(format!("schedule {named}")))
     }
 
-    async fn delete(&self, who: &Principal, named: &str, tenant: &str) -> Result<(), ApiError> {
+    /// Deletes it; answers the tenant it belonged to.
+    async fn delete(
+        &self,
+        who: &Principal,
+        named: &str,
+        tenant: &str,
+    ) -> Result<hodei_domain::TenantId, ApiError> {
         who.authorize(Action::Submit)?;
-        let id = self.find(who, named, tenant).await?.id();
+        let found = self.find(who, named, tenant).await?;
+        let id = found.id();
         let event = ScheduleEvent::new(id, Utc::now(), ScheduleEventKind::Deleted);
         let message = Outgoing::schedule_event(&event, SOURCE)?;
         let deleted = self
@@ -202,7 +215,7 @@ impl ScheduleApi {
         }
         self.backends.relay_wake.notify_one();
         tracing::info!(schedule_id = %id, by = %who.subject, "schedule deleted");
-        Ok(())
+        Ok(found.tenant().clone())
     }
 
     async fn trigger(
@@ -368,7 +381,9 @@ impl ScheduleService for ScheduleApi {
         let tenant = access::named_tenant(&who, &req.tenant);
         let result = self
             .switch(&who, &req.schedule, &req.tenant, Switch::Pause)
-            .await
+            .await;
+        let tenant = result.as_ref().map_or(tenant, |s| s.tenant().clone());
+        let result = result
             .map(|s| pb::PauseScheduleResponse {
                 schedule: Some((&s).into()),
             })
@@ -389,7 +404,9 @@ impl ScheduleService for ScheduleApi {
         let tenant = access::named_tenant(&who, &req.tenant);
         let result = self
             .switch(&who, &req.schedule, &req.tenant, Switch::Resume)
-            .await
+            .await;
+        let tenant = result.as_ref().map_or(tenant, |s| s.tenant().clone());
+        let result = result
             .map(|s| pb::ResumeScheduleResponse {
                 schedule: Some((&s).into()),
             })
@@ -408,11 +425,9 @@ impl ScheduleService for ScheduleApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let tenant = access::named_tenant(&who, &req.tenant);
-        let result = self
-            .delete(&who, &req.schedule, &req.tenant)
-            .await
-            .map(|()| pb::DeleteScheduleResponse {})
-            .into_status();
+        let result = self.delete(&who, &req.schedule, &req.tenant).await;
+        let tenant = result.as_ref().map_or(tenant, Clone::clone);
+        let result = result.map(|_| pb::DeleteScheduleResponse {}).into_status();
         let target = format!("schedule {}", req.schedule);
         self.audit
             .answer(&who, &tenant, "DeleteSchedule", &target, result)
@@ -427,10 +442,14 @@ impl ScheduleService for ScheduleApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let tenant = access::named_tenant(&who, &req.tenant);
-        let result = self
-            .trigger(&who, &req.schedule, &req.tenant)
-            .await
-            .into_status();
+        let result = self.trigger(&who, &req.schedule, &req.tenant).await;
+        let tenant = match &result {
+            Ok(pb::TriggerScheduleResponse {
+                schedule: Some(s), ..
+            }) => request::tenant(&s.tenant).unwrap_or(tenant),
+            _ => tenant,
+        };
+        let result = result.into_status();
         let target = format!("schedule {}", req.schedule);
         self.audit
             .answer(&who, &tenant, "TriggerSchedule", &target, result)

@@ -1,7 +1,7 @@
 //! Fires the ticks of due schedules: every `schedule_poll_ms`, a replica claims the schedules
-//! whose next tick is due (those another replica holds are passed over) and, per schedule in
-//! one transaction, records each tick with the job or run it starts and moves the schedule
-//! on (`hodei_storage::driver::fire_due_schedules`). A tick is therefore fired once whatever
+//! whose next tick is due, one at a time (those another replica holds are passed over) and,
+//! per schedule in one transaction, records each tick with the job or run it starts and moves
+//! the schedule on (`hodei_storage::driver::fire_due_schedule`). A tick is therefore fired once whatever
 //! the number of replicas, their crashes and restarts; ticks that fell while no replica ran
 //! fire on the next poll if they are inside the schedule's catch-up window.
 
@@ -14,58 +14,63 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Context, SOURCE};
 
-/// Schedules claimed per transaction.
-const BATCH: i64 = 64;
+/// Most schedules handled in one poll (one transaction each); the rest wait for the next.
+const PER_POLL: usize = 256;
 
 pub(crate) async fn run(ctx: Context, shutdown: CancellationToken) {
-    let mut poll = tokio::time::interval(Duration::from_millis(ctx.config.schedule_poll_ms));
+    let poll_every = Duration::from_millis(ctx.config.schedule_poll_ms);
+    // A tick is looked at up to a poll late (and a poll may itself run late): that much
+    // lateness never counts against a schedule's catch-up window.
+    let grace = chrono::Duration::milliseconds(2 * ctx.config.schedule_poll_ms as i64);
+    let mut poll = tokio::time::interval(poll_every);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = poll.tick() => {}
         }
-        // Until fewer than a batch were due: a backlog is worked off without waiting.
-        loop {
-            let mut jitter = crate::jitter;
+        for _ in 0..PER_POLL {
             let fired = ctx
                 .backends
                 .db(|| {
-                    driver::fire_due_schedules(
+                    driver::fire_due_schedule(
                         &ctx.backends.pool,
                         Utc::now(),
-                        BATCH,
+                        grace,
                         SOURCE,
-                        &mut jitter,
+                        crate::jitter(),
                     )
                 })
                 .await;
             let handled = match fired {
-                Ok(handled) => handled,
+                Ok(Some(handled)) => handled,
+                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "failed to fire due schedules, trying again at the next poll");
                     break;
                 }
             };
-            if handled.iter().any(|h| !h.events.is_empty()) {
+            if let Some(why) = &handled.failed {
+                tracing::warn!(schedule_id = %handled.schedule.id(), name = %handled.schedule.spec().name, error = %why, retry_in_s = driver::RETRY_FAILED.num_seconds(), "schedule could not be handled, put off");
+            }
+            if !handled.events.is_empty() {
                 ctx.backends.relay_wake.notify_one();
             }
-            for h in &handled {
-                for event in &h.events {
-                    log(h.schedule.id(), &h.schedule.spec().name, &event.kind);
-                    let metrics = &ctx.backends.metrics;
-                    match &event.kind {
-                        ScheduleEventKind::Fired { .. } => metrics.schedule_ticks("fired", 1),
-                        ScheduleEventKind::Skipped { .. } => metrics.schedule_ticks("skipped", 1),
-                        ScheduleEventKind::Missed(missed) => {
-                            metrics.schedule_ticks("missed", missed.count);
-                        }
-                        _ => {}
+            for event in &handled.events {
+                log(
+                    handled.schedule.id(),
+                    &handled.schedule.spec().name,
+                    &event.kind,
+                );
+                let metrics = &ctx.backends.metrics;
+                match &event.kind {
+                    ScheduleEventKind::Fired { .. } => metrics.schedule_ticks("fired", 1),
+                    ScheduleEventKind::Skipped { .. } => metrics.schedule_ticks("skipped", 1),
+                    ScheduleEventKind::Missed(missed) => {
+                        metrics.schedule_ticks("missed", missed.count);
                     }
+                    _ => {}
                 }
-            }
-            if (handled.len() as i64) < BATCH {
-                break;
             }
         }
     }

@@ -56,6 +56,8 @@ fn schedule_spec(name: &str, cron: &str, job: pb::JobSpec) -> pb::ScheduleSpec {
         cron: cron.to_owned(),
         target: Some(pb::schedule_spec::Target::Job(job)),
         overlap: pb::OverlapPolicy::Allow.into(),
+        // Enough that no tick of a test is pruned, however slow the machine.
+        history_limit: 1000,
         ..Default::default()
     }
 }
@@ -653,8 +655,10 @@ async fn each_overlap_policy_does_what_it_says() {
         })
         .await
         .unwrap();
+        // A running job gets `cancel_requested` with the reason, a queued one ends
+        // `cancelled` with it at once.
         let why: String = sqlx::query_scalar(
-            "SELECT data::text FROM job_events WHERE job_id = $1::uuid AND type = 'cancel_requested'",
+            "SELECT string_agg(data::text, ' ') FROM job_events WHERE job_id = $1::uuid",
         )
         .bind(&job.id)
         .fetch_one(pool)
@@ -754,6 +758,26 @@ async fn the_schedule_api_names_fields_triggers_pauses_and_runs_pipelines() {
         "{}",
         err.message()
     );
+
+    // Keys that start like a tick's are the schedules' own.
+    let mut stolen = shell_job("x", "true");
+    stolen.idempotency_key = format!("schedule-{}-0", uuid::Uuid::now_v7());
+    let err = system.submit(stolen).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.idempotency_key"),
+        "{}",
+        err.message()
+    );
+    // An expression with no tick to come is refused.
+    let err = schedules
+        .create_schedule(pb::CreateScheduleRequest {
+            spec: Some(schedule_spec("never", "0 0 30 2 *", shell_job("x", "true"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("spec.cron"), "{}", err.message());
 
     // A paused daily pipeline schedule, in a time zone, triggered by hand.
     let pipeline = pb::PipelineSpec {
