@@ -45,34 +45,8 @@ pub async fn execute(
                 .context("the server answered without the schedule")?;
             print_answer(format, &block(&found), || schedule_json(&found))
         }
-        ScheduleCommand::Pause(named) => {
-            let ScheduleRef { schedule, tenant } = named;
-            let paused = clients
-                .schedules
-                .pause_schedule(pb::PauseScheduleRequest {
-                    schedule,
-                    tenant: tenant.unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .schedule
-                .context("the server answered without the schedule")?;
-            switched(format, &paused)
-        }
-        ScheduleCommand::Resume(named) => {
-            let ScheduleRef { schedule, tenant } = named;
-            let resumed = clients
-                .schedules
-                .resume_schedule(pb::ResumeScheduleRequest {
-                    schedule,
-                    tenant: tenant.unwrap_or_default(),
-                })
-                .await?
-                .into_inner()
-                .schedule
-                .context("the server answered without the schedule")?;
-            switched(format, &resumed)
-        }
+        ScheduleCommand::Pause(named) => switch(clients, named, true, format).await,
+        ScheduleCommand::Resume(named) => switch(clients, named, false, format).await,
         ScheduleCommand::Delete(named) => {
             let ScheduleRef { schedule, tenant } = named;
             clients
@@ -185,7 +159,31 @@ async fn list(
     )
 }
 
-fn switched(format: OutputFormat, s: &pb::Schedule) -> anyhow::Result<ExitCode> {
+/// Pauses (`pause`) or resumes the schedule, and says what it is now.
+async fn switch(
+    clients: &mut Clients,
+    named: ScheduleRef,
+    pause: bool,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let ScheduleRef { schedule, tenant } = named;
+    let tenant = tenant.unwrap_or_default();
+    let answered = if pause {
+        clients
+            .schedules
+            .pause_schedule(pb::PauseScheduleRequest { schedule, tenant })
+            .await?
+            .into_inner()
+            .schedule
+    } else {
+        clients
+            .schedules
+            .resume_schedule(pb::ResumeScheduleRequest { schedule, tenant })
+            .await?
+            .into_inner()
+            .schedule
+    };
+    let s = answered.context("the server answered without the schedule")?;
     let name = s.spec.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
     let text = if s.paused {
         format!("schedule {name} paused")
@@ -195,7 +193,7 @@ fn switched(format: OutputFormat, s: &pb::Schedule) -> anyhow::Result<ExitCode> 
             wire::rfc3339_secs(s.next_tick.as_ref())
         )
     };
-    print_answer(format, &text, || schedule_json(s))
+    print_answer(format, &text, || schedule_json(&s))
 }
 
 fn overlap_name(value: i32) -> &'static str {

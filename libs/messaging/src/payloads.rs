@@ -290,6 +290,23 @@ impl Outgoing {
         })
     }
 
+    /// What a new job announces: its first event and the request to place its first attempt.
+    pub fn job_submitted(
+        job: &hodei_domain::Job,
+        event: &JobEvent,
+        source: &str,
+    ) -> Result<[Self; 2], serde_json::Error> {
+        Ok([
+            Self::job_event(event, source)?,
+            Self::place_job(&PlaceJob {
+                job_id: job.id(),
+                attempt: job.current_attempt(),
+                priority: job.spec().priority,
+                not_before: None,
+            })?,
+        ])
+    }
+
     /// A work item asking a scheduler to place the job.
     pub fn place_job(item: &PlaceJob) -> Result<Self, serde_json::Error> {
         Ok(Self {

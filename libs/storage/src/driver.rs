@@ -48,7 +48,7 @@ pub async fn submit_job(
     messages: &[Outgoing],
 ) -> Result<JobSubmitted, StorageError> {
     let mut tx = pool.begin().await?;
-    if !jobs::insert(&mut tx, job, event, None).await? {
+    if !start_job(&mut tx, job, event, messages).await? {
         tx.rollback().await?;
         let key = job.spec().idempotency_key.as_deref().unwrap_or_default();
         return match jobs::find_by_idempotency_key(pool, job.tenant(), key).await? {
@@ -58,7 +58,6 @@ pub async fn submit_job(
             }),
         };
     }
-    outbox::append(&mut tx, messages).await?;
     tx.commit().await?;
     Ok(JobSubmitted::Created(job.clone()))
 }
@@ -524,16 +523,7 @@ async fn create_step_job(
 ) -> Result<(), StorageError> {
     let (job, event) = Job::submit(job_id, run.tenant().clone(), spec, Utc::now());
     jobs::insert(conn, &job, &event, Some((run.id(), step))).await?;
-    let messages = [
-        Outgoing::job_event(&event, source)?,
-        Outgoing::place_job(&PlaceJob {
-            job_id,
-            attempt: job.current_attempt(),
-            priority: job.spec().priority,
-            not_before: None,
-        })?,
-    ];
-    outbox::append(conn, &messages).await
+    outbox::append(conn, &Outgoing::job_submitted(&job, &event, source)?).await
 }
 
 /// Saves the run's projection (at `expected_version`) and queues `messages`.
@@ -835,15 +825,7 @@ async fn fire_tick(
     }
     match start {
         Start::Job(job, event) => {
-            let messages = [
-                Outgoing::job_event(&event, source)?,
-                Outgoing::place_job(&PlaceJob {
-                    job_id: job.id(),
-                    attempt: job.current_attempt(),
-                    priority: job.spec().priority,
-                    not_before: None,
-                })?,
-            ];
+            let messages = Outgoing::job_submitted(&job, &event, source)?;
             if !start_job(conn, &job, &event, &messages).await? {
                 return Err(StorageError::Conflict {
                     what: format!("job of tick {tick} of schedule {}", schedule.id()),

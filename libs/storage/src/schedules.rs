@@ -9,6 +9,11 @@ use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 
+/// The job and run states that have not ended, as SQL lists (the overlap policy's "still
+/// going").
+const JOB_GOING: &str = "('queued', 'assigned', 'running')";
+const RUN_GOING: &str = "('queued', 'running')";
+
 const COLUMNS: &str =
     "id, tenant, spec, paused, next_tick, fire_at, created_at, updated_at, version";
 
@@ -215,17 +220,18 @@ pub async fn unfinished(
     conn: &mut PgConnection,
     id: ScheduleId,
 ) -> Result<Vec<Started>, StorageError> {
-    let rows: Vec<(Option<Uuid>, Option<Uuid>)> = sqlx::query_as(
+    let sql = format!(
         "SELECT t.job_id, t.run_id FROM schedule_ticks t
-         LEFT JOIN jobs j ON j.id = t.job_id AND j.state IN ('queued', 'assigned', 'running')
-         LEFT JOIN pipeline_runs r ON r.id = t.run_id AND r.state IN ('queued', 'running')
+         LEFT JOIN jobs j ON j.id = t.job_id AND j.state IN {JOB_GOING}
+         LEFT JOIN pipeline_runs r ON r.id = t.run_id AND r.state IN {RUN_GOING}
          WHERE t.schedule_id = $1 AND (t.job_id IS NOT NULL OR t.run_id IS NOT NULL)
            AND (j.id IS NOT NULL OR r.id IS NOT NULL)
-         ORDER BY t.tick",
-    )
-    .bind(id.as_uuid())
-    .fetch_all(&mut *conn)
-    .await?;
+         ORDER BY t.tick"
+    );
+    let rows: Vec<(Option<Uuid>, Option<Uuid>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_uuid())
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows
         .into_iter()
         .filter_map(|row| match row {
@@ -243,20 +249,20 @@ pub async fn prune_ticks(
     id: ScheduleId,
     keep: u32,
 ) -> Result<u64, StorageError> {
-    let pruned = sqlx::query(
+    let sql = format!(
         "DELETE FROM schedule_ticks t
          WHERE t.schedule_id = $1
            AND t.tick < (SELECT tick FROM schedule_ticks WHERE schedule_id = $1
                          ORDER BY tick DESC OFFSET $2 - 1 LIMIT 1)
-           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id
-                           AND j.state IN ('queued', 'assigned', 'running'))
+           AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id AND j.state IN {JOB_GOING})
            AND NOT EXISTS (SELECT 1 FROM pipeline_runs r WHERE r.id = t.run_id
-                           AND r.state IN ('queued', 'running'))",
-    )
-    .bind(id.as_uuid())
-    .bind(i64::from(keep.max(1)))
-    .execute(&mut *conn)
-    .await?;
+                           AND r.state IN {RUN_GOING})"
+    );
+    let pruned = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_uuid())
+        .bind(i64::from(keep.max(1)))
+        .execute(&mut *conn)
+        .await?;
     Ok(pruned.rows_affected())
 }
 

@@ -7,7 +7,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{Action, Job, JobId, JobSpec, JobState, Principal};
-use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, PlaceJob, streams, subjects};
+use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
 use hodei_runtime::Backends;
@@ -125,16 +125,7 @@ impl JobApi {
             return Err(refused.into());
         }
         let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
-        let messages = [
-            Outgoing::job_event(&event, SOURCE).into_status()?,
-            Outgoing::place_job(&PlaceJob {
-                job_id: job.id(),
-                attempt: job.current_attempt(),
-                priority: job.spec().priority,
-                not_before: None,
-            })
-            .into_status()?,
-        ];
+        let messages = Outgoing::job_submitted(&job, &event, SOURCE).into_status()?;
         limits.check_messages("spec", &messages).into_status()?;
         let audit = access::entry(
             who,
