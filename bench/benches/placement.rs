@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the scheduler core alone: `placement::rank` (filter with the job's
 //! specification, then order) against 10,000 workers — one placement decision per iteration,
-//! so elements/s is decisions/s — and the `can_take` specification, built and evaluated.
+//! so elements/s is decisions/s — the `can_take` specification, built and evaluated, and a
+//! placement round with fair share on: 100 tenants with weights, their queues' heads ordered
+//! by `FairQueue`, each decision checking the tenant's quotas, picking the best of 10,000
+//! workers and charging the tenant.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -10,8 +13,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::worker::can_take;
 use hodei_domain::{
-    AttemptId, AttemptNumber, Job, JobId, JobSpec, Resources, Specification, TenantId, Worker,
-    WorkerId,
+    AttemptId, AttemptNumber, Capacity, FairQueue, Job, JobId, JobSpec, Resources, Shares,
+    Specification, TenantId, TenantPolicy, Usage, Worker, WorkerId,
 };
 use hodei_scheduler::placement;
 
@@ -86,5 +89,125 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+const TENANTS: usize = 100;
+/// Jobs at the head of each tenant's queue in a round (the scheduler reads 16).
+const HEADS: usize = 16;
+/// Decisions timed per iteration: one placement round.
+const ROUND: usize = 256;
+
+/// 100 tenants with weights 1 to 4 (every tenth with quotas), each using some of the fleet,
+/// and the heads of their queues: 16 jobs each over three priorities.
+fn fair_share_setup(workers: &[Worker], job: &Job) -> (Shares, Vec<(i32, TenantId, JobId, Job)>) {
+    let capacity = workers.iter().fold(Capacity::default(), |mut c, w| {
+        c.slots += u64::from(w.max_concurrent_jobs());
+        c.cpu_millis += w.capacity().cpu_millis;
+        c.memory_mb += w.capacity().memory_mb;
+        c
+    });
+    let mut shares = Shares {
+        capacity,
+        ..Shares::default()
+    };
+    let mut candidates = Vec::with_capacity(TENANTS * HEADS);
+    for t in 0..TENANTS {
+        let Ok(tenant) = format!("tenant-{t:03}").parse::<TenantId>() else {
+            continue;
+        };
+        let weight = u32::try_from(t % 4 + 1).unwrap_or(1);
+        shares.policies.insert(
+            tenant.clone(),
+            TenantPolicy {
+                weight,
+                max_running_jobs: (t % 10 == 0).then_some(1_000_000),
+                ..TenantPolicy::default()
+            },
+        );
+        let running = u64::try_from(t * 37 % 200).unwrap_or(0);
+        shares.usage.insert(
+            tenant.clone(),
+            Usage {
+                running_jobs: running,
+                cpu_millis: running * 500,
+                memory_mb: running * 256,
+            },
+        );
+        for h in 0..HEADS {
+            let priority = i32::try_from(h % 3).unwrap_or(0);
+            let job = Job::submit(JobId::new(), tenant.clone(), job.spec().clone(), Utc::now()).0;
+            candidates.push((priority, tenant.clone(), job.id(), job));
+        }
+    }
+    (shares, candidates)
+}
+
+fn fair_share(c: &mut Criterion) {
+    let workers = workers();
+    let Some(job) = job() else {
+        eprintln!("could not build the benchmark job");
+        return;
+    };
+    let (shares, candidates) = fair_share_setup(&workers, &job);
+    let mut group = c.benchmark_group("fair_share");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(ROUND as u64));
+    // What a round decides per job with fair share on: the next job by priority and weighted
+    // share, its tenant's quotas, the best of 10,000 workers, the reservation and the charge.
+    group.bench_function("round_10k_workers_100_tenants", |b| {
+        b.iter_batched(
+            || {
+                (
+                    workers.clone(),
+                    shares.clone(),
+                    FairQueue::new(candidates.iter().cloned()),
+                )
+            },
+            |(mut workers, mut shares, mut queue)| {
+                let now = Utc::now();
+                let mut placed = 0;
+                for _ in 0..ROUND {
+                    let Some((tenant, job)) = queue.next(&shares) else {
+                        break;
+                    };
+                    if shares.hold(&tenant, &job.spec().resources).is_some() {
+                        continue;
+                    }
+                    let Some(i) = placement::best(&workers, &job)
+                        .and_then(|w| workers.iter().position(|x| x.id() == w.id()))
+                    else {
+                        continue;
+                    };
+                    let attempt = AttemptId::new(job.id(), AttemptNumber::new(1));
+                    if workers[i]
+                        .reserve(attempt, job.spec().resources, now)
+                        .is_ok()
+                    {
+                        shares.charge(&tenant, &job.spec().resources);
+                        placed += 1;
+                    }
+                }
+                black_box(placed)
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
+    // The fair ordering alone: 1,600 candidates of 100 tenants ordered, one charge each.
+    group.throughput(Throughput::Elements((TENANTS * HEADS) as u64));
+    group.bench_function("order_1600_heads_100_tenants", |b| {
+        b.iter_batched(
+            || (shares.clone(), FairQueue::new(candidates.iter().cloned())),
+            |(mut shares, mut queue)| {
+                let mut n = 0;
+                while let Some((tenant, job)) = queue.next(&shares) {
+                    shares.charge(&tenant, &job.spec().resources);
+                    n += 1;
+                }
+                black_box(n)
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, fair_share);
 criterion_main!(benches);

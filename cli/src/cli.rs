@@ -292,6 +292,17 @@ Examples:
   hodei schedule trigger nightly-backup")]
     Schedule(ScheduleCommand),
 
+    /// Tenants' weights and quotas (setting them takes an admin), and each tenant's share of
+    /// the fleet.
+    #[command(subcommand, alias = "tenants")]
+    #[command(after_help = "\
+Examples:
+  hodei tenant list
+  hodei tenant get team-a
+  hodei tenant set team-a --weight 3 --max-running-jobs 50 --max-queued-jobs 10000
+  hodei tenant reset team-a")]
+    Tenant(TenantCommand),
+
     /// List and download the files the steps of a pipeline run produced.
     #[command(subcommand, alias = "artifact")]
     #[command(after_help = "\
@@ -299,6 +310,44 @@ Examples:
   hodei artifacts ls 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f
   hodei artifacts get 0190f0e2-7c1a-7b3e-9d4f-2a6b8c0d1e2f build dist/app.txt")]
     Artifacts(ArtifactsCommand),
+}
+
+/// `hodei tenant ...`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Every tenant with a policy, queued jobs or jobs on workers: its weight, quotas, usage,
+    /// share of the fleet and what its weight entitles it to (yours only, unless admin).
+    List,
+    /// One tenant [default: the token's].
+    Get {
+        #[arg(value_name = "TENANT")]
+        tenant: Option<String>,
+    },
+    /// Set a tenant's policy, replacing the one it had: a quota not given is lifted.
+    Set {
+        #[arg(value_name = "TENANT")]
+        tenant: String,
+        /// Its share of contended capacity relative to the other tenants' weights.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        weight: u32,
+        /// Most jobs queued at once; a submission past it is refused.
+        #[arg(long, value_name = "N")]
+        max_queued_jobs: Option<u64>,
+        /// Most jobs on workers at once; past it, its jobs wait in the queue.
+        #[arg(long, value_name = "N")]
+        max_running_jobs: Option<u64>,
+        /// Most CPU (thousandths of a core) its jobs on workers may request together.
+        #[arg(long, value_name = "N")]
+        max_cpu_millis: Option<u64>,
+        /// Most memory (MiB) its jobs on workers may request together.
+        #[arg(long, value_name = "N")]
+        max_memory_mb: Option<u64>,
+    },
+    /// Remove a tenant's policy: weight 1, no quota.
+    Reset {
+        #[arg(value_name = "TENANT")]
+        tenant: String,
+    },
 }
 
 /// `hodei schedule ...`. (Parsed once per process: the size of its largest variant, which
@@ -616,6 +665,11 @@ pub struct JobArgs {
     /// than after the worker's lease; two copies may then run at the same time.
     #[arg(long)]
     pub requeue_when_unreachable: bool,
+
+    /// A waiting job of a higher priority may stop this one to take its place; it is then
+    /// queued again without spending a retry.
+    #[arg(long)]
+    pub preemptible: bool,
 
     /// Higher runs first, from -1000 to 1000.
     #[arg(long, value_name = "N", allow_negative_numbers = true,

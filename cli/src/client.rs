@@ -9,6 +9,7 @@ use hodei_proto::v1::access_service_client::AccessServiceClient;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
 use hodei_proto::v1::schedule_service_client::ScheduleServiceClient;
+use hodei_proto::v1::tenant_service_client::TenantServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_proto::{AuthChannel, Bearer};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -26,12 +27,13 @@ pub struct Connection<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
 }
 
-/// Clients of the job, pipeline, schedule, worker and access services.
+/// Clients of the job, pipeline, schedule, tenant, worker and access services.
 #[derive(Debug, Clone)]
 pub struct Clients {
     pub jobs: JobServiceClient<AuthChannel>,
     pub pipelines: PipelineServiceClient<AuthChannel>,
     pub schedules: ScheduleServiceClient<AuthChannel>,
+    pub tenants: TenantServiceClient<AuthChannel>,
     pub workers: WorkerServiceClient<AuthChannel>,
     pub access: AccessServiceClient<AuthChannel>,
 }
@@ -68,6 +70,7 @@ impl Clients {
             jobs: JobServiceClient::new(channel.clone()),
             pipelines: PipelineServiceClient::new(channel.clone()),
             schedules: ScheduleServiceClient::new(channel.clone()),
+            tenants: TenantServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel.clone()),
             access: AccessServiceClient::new(channel),
         })

@@ -217,6 +217,41 @@ pub fn workers_table(workers: &[pb::Worker], now: DateTime<Utc>) -> String {
     t.render()
 }
 
+/// `hodei tenant list` and `hodei tenant get`: one line per tenant.
+pub fn tenants_table(tenants: &[pb::Tenant]) -> String {
+    let mut t = Table::with_header(&[
+        "TENANT", "WEIGHT", "QUEUED", "RUNNING", "CPU", "MEM", "SHARE", "ENTITLED", "QUOTAS",
+    ]);
+    for tenant in tenants {
+        let policy = tenant.policy.unwrap_or_default();
+        let quotas: Vec<String> = [
+            ("queued", policy.max_queued_jobs),
+            ("running", policy.max_running_jobs),
+            ("cpu", policy.max_cpu_millis),
+            ("mem", policy.max_memory_mb),
+        ]
+        .into_iter()
+        .filter_map(|(name, limit)| limit.map(|l| format!("{name}<={l}")))
+        .collect();
+        t.row([
+            tenant.tenant.clone(),
+            policy.weight.max(1).to_string(),
+            tenant.queued_jobs.to_string(),
+            tenant.running_jobs.to_string(),
+            format!("{}m", tenant.cpu_millis_in_use),
+            format!("{} MiB", tenant.memory_mb_in_use),
+            format!("{:.1}%", tenant.share * 100.0),
+            format!("{:.1}%", tenant.entitled_share * 100.0),
+            if quotas.is_empty() {
+                "-".to_owned()
+            } else {
+                quotas.join(" ")
+            },
+        ]);
+    }
+    t.render()
+}
+
 /// `hodei worker`: the worker, then the attempts it holds.
 pub fn worker_block(w: &pb::Worker, now: DateTime<Utc>) -> String {
     let mut t = Table::new();

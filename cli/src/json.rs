@@ -84,6 +84,7 @@ pub fn outcome(o: Option<&pb::AttemptOutcome>) -> Value {
         Kind::SpawnFailed(reason) => json!({ "kind": "spawn_failed", "reason": reason }),
         Kind::Lost(reason) => json!({ "kind": "lost", "reason": reason }),
         Kind::ArtifactsFailed(reason) => json!({ "kind": "artifacts_failed", "reason": reason }),
+        Kind::Preempted(by) => json!({ "kind": "preempted", "by": by }),
     }
 }
 
@@ -192,6 +193,25 @@ pub fn artifact(a: &pb::Artifact) -> Value {
         "size": a.size,
         "digest": a.digest,
         "modified": wire::rfc3339(a.modified.as_ref()),
+    })
+}
+
+pub fn tenant(t: &pb::Tenant) -> Value {
+    let policy = t.policy.unwrap_or_default();
+    json!({
+        "tenant": t.tenant,
+        "weight": policy.weight.max(1),
+        "max_queued_jobs": policy.max_queued_jobs,
+        "max_running_jobs": policy.max_running_jobs,
+        "max_cpu_millis": policy.max_cpu_millis,
+        "max_memory_mb": policy.max_memory_mb,
+        "policy_updated_at": wire::rfc3339(t.policy_updated_at.as_ref()),
+        "queued_jobs": t.queued_jobs,
+        "running_jobs": t.running_jobs,
+        "cpu_millis_in_use": t.cpu_millis_in_use,
+        "memory_mb_in_use": t.memory_mb_in_use,
+        "share": t.share,
+        "entitled_share": t.entitled_share,
     })
 }
 

@@ -114,6 +114,9 @@ impl JobArgs {
         if self.requeue_when_unreachable {
             draft.requeue_when_unreachable = true;
         }
+        if self.preemptible {
+            draft.preemptible = true;
+        }
         if let Some(cpu) = self.cpu {
             draft.resources.cpu_millis = cpu;
         }
@@ -165,6 +168,7 @@ impl JobArgs {
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
             labels: to_map(&self.labels),
             requeue_when_unreachable: self.requeue_when_unreachable,
+            preemptible: self.preemptible,
         })
     }
 

@@ -105,6 +105,7 @@ pub fn outcome_text(outcome: Option<&pb::AttemptOutcome>) -> Option<String> {
         Kind::SpawnFailed(reason) => format!("failed to start: {reason}"),
         Kind::Lost(reason) => format!("worker lost: {reason}"),
         Kind::ArtifactsFailed(reason) => format!("failed to keep artifacts: {reason}"),
+        Kind::Preempted(by) => format!("preempted by job {by}"),
     })
 }
 

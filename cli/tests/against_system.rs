@@ -462,3 +462,59 @@ async fn schedules_are_created_triggered_paused_listed_and_deleted_from_the_cli(
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenant_policies_are_set_shown_and_reset_from_the_cli() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "cli-tenant-agent",
+        labels: "",
+        slots: 1,
+    }])
+    .await
+    .unwrap();
+    let server = Target::of(&system);
+    let out = hodei(
+        &server,
+        &[
+            "tenant",
+            "set",
+            "team-a",
+            "--weight",
+            "3",
+            "--max-running-jobs",
+            "5",
+            "--max-queued-jobs",
+            "100",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.contains("team-a"), "{stdout}");
+    assert!(stdout.contains("queued<=100 running<=5"), "{stdout}");
+
+    let out = hodei(&server, &["--output", "json", "tenant", "list"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let team = listed["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "team-a")
+        .unwrap();
+    assert_eq!(team["weight"], 3);
+    assert_eq!(team["max_running_jobs"], 5);
+    assert_eq!(team["entitled_share"], 1.0);
+
+    let out = hodei(&server, &["tenant", "set", "team-a", "--weight", "0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = hodei(&server, &["tenant", "reset", "team-a"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = hodei(&server, &["tenant", "reset", "team-a"]).await;
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{out:?}"
+    );
+    system.stop().await;
+}

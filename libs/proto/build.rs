@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "hodei/v1/pipelines.proto",
         "hodei/v1/access.proto",
         "hodei/v1/schedules.proto",
+        "hodei/v1/tenants.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

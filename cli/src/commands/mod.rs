@@ -5,6 +5,7 @@ mod artifacts;
 mod jobs;
 mod pipelines;
 mod schedules;
+mod tenants;
 mod workers;
 
 use std::io::{self, Write};
@@ -44,6 +45,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drain { id, reason } => workers::drain(&mut clients, id, reason, format).await,
         Command::Pipeline(command) => pipeline(&mut clients, command, format).await,
         Command::Schedule(command) => schedules::execute(&mut clients, command, format).await,
+        Command::Tenant(command) => tenants::execute(&mut clients, command, format).await,
         Command::WhoAmI => access::whoami(&mut clients, format).await,
         Command::Token(command) => access::token(&mut clients, command, format).await,
         Command::Audit {

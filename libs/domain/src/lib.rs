@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod schedule;
 pub mod spec;
 pub mod specification;
+pub mod tenancy;
 pub mod time;
 pub mod worker;
 
@@ -33,6 +34,9 @@ pub use schedule::{
 };
 pub use spec::{ArtifactPlan, Backoff, Command, JobFields, JobSpec, Resources};
 pub use specification::Specification;
+pub use tenancy::{
+    Capacity, FairQueue, Quota, QuotaHold, Shares, TenantPolicy, TenantShare, Usage,
+};
 pub use worker::{
     HeldAttempt, LeaseTerms, ResourceUsage, Worker, WorkerEvent, WorkerEventKind, WorkerStatus,
 };

@@ -196,6 +196,10 @@ macro_rules! with_job_fields {
                 /// run at once.
                 #[serde(default, skip_serializing_if = "std::ops::Not::not")]
                 requeue_when_unreachable: bool,
+                /// A waiting job of a higher priority may stop this one's attempt to take its
+                /// place; the job is then queued again without spending a retry.
+                #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+                preemptible: bool,
             ]
             $($definition)*
         }
@@ -228,6 +232,7 @@ impl JobFields {
             retry_backoff: Backoff::default(),
             labels: BTreeMap::new(),
             requeue_when_unreachable: false,
+            preemptible: false,
         }
     }
 }

@@ -63,6 +63,7 @@ impl From<pb::JobSpec> for JobSpecDraft {
             idempotency_key: Some(w.idempotency_key).filter(|s| !s.is_empty()),
             labels: w.labels.into_iter().collect(),
             requeue_when_unreachable: w.requeue_when_unreachable,
+            preemptible: w.preemptible,
             artifacts: None,
         }
     }
@@ -108,6 +109,7 @@ pub(crate) fn draft_to_wire(s: &JobSpecDraft) -> pb::JobSpec {
             idempotency_key: s.idempotency_key.clone().unwrap_or_default(),
             labels: s.labels.clone().into_iter().collect(),
             requeue_when_unreachable: s.requeue_when_unreachable,
+            preemptible: s.preemptible,
         }
     }
 }
@@ -158,6 +160,7 @@ impl From<&AttemptOutcome> for pb::AttemptOutcome {
             AttemptOutcome::SpawnFailed { reason } => Kind::SpawnFailed(reason.clone()),
             AttemptOutcome::Lost { reason } => Kind::Lost(reason.clone()),
             AttemptOutcome::ArtifactsFailed { reason } => Kind::ArtifactsFailed(reason.clone()),
+            AttemptOutcome::Preempted { by } => Kind::Preempted(by.to_string()),
         };
         pb::AttemptOutcome { kind: Some(kind) }
     }
@@ -266,7 +269,8 @@ pub fn job_event_to_wire(e: &JobEvent, current: JobState) -> pb::JobEvent {
             out.reason = reason.clone();
             JobState::Failed
         }
-        JobEventKind::CancelRequested { reason } => {
+        JobEventKind::CancelRequested { reason }
+        | JobEventKind::PreemptRequested { reason, .. } => {
             out.reason = reason.clone();
             current
         }

@@ -35,6 +35,19 @@ pub enum JobSubmitted {
     Created(Job),
     /// A job with the same idempotency key existed; it is returned unchanged.
     Existing(Job),
+    /// Nothing was recorded: the tenant is at a queue quota (the reason names it).
+    OverQuota(String),
+}
+
+/// What [`submit_jobs`] did with one submission.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    /// The job was recorded.
+    New,
+    /// Its tenant had used its idempotency key: the job already recorded.
+    Existing(Box<Job>),
+    /// Not recorded: its tenant is at its queue quota; the reason names the quota.
+    OverQuota(String),
 }
 
 /// Records a new job, its first event and `messages` in one transaction. With an idempotency
@@ -76,22 +89,30 @@ pub struct Submission {
 }
 
 /// [`submit_job`] for many jobs in one transaction (group commit): each job is recorded with
-/// its event and messages, unless its tenant already used its idempotency key. Answers in the
-/// order of `submissions`: `None` for a job recorded, the existing job for a resubmission.
+/// its event and messages, unless its tenant already used its idempotency key or is at its
+/// queue quota (`max_queued_jobs`, counted in the transaction with the tenant's policy locked,
+/// so concurrent submissions cannot pass it together). Answers in the order of `submissions`.
 pub async fn submit_jobs(
     pool: &PgPool,
     submissions: &[Submission],
-) -> Result<Vec<Option<Job>>, StorageError> {
+) -> Result<Vec<Recorded>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let refused = queue_quota_holds(&mut tx, submissions).await?;
     let new: Vec<jobs::NewJob<'_>> = submissions
         .iter()
-        .map(|s| jobs::NewJob {
+        .zip(&refused)
+        .filter(|(_, refused)| refused.is_none())
+        .map(|(s, _)| jobs::NewJob {
             job: &s.job,
             event: &s.event,
             trace: &s.trace,
         })
         .collect();
-    let mut tx = pool.begin().await?;
-    let inserted = jobs::insert_many(&mut tx, &new).await?;
+    let mut inserted_new = jobs::insert_many(&mut tx, &new).await?.into_iter();
+    let inserted: Vec<bool> = refused
+        .iter()
+        .map(|r| r.is_none() && inserted_new.next().unwrap_or(false))
+        .collect();
     let messages: Vec<&Outgoing> = submissions
         .iter()
         .zip(&inserted)
@@ -110,22 +131,62 @@ pub async fn submit_jobs(
     }
     tx.commit().await?;
     let mut answers = Vec::with_capacity(submissions.len());
-    for (s, inserted) in submissions.iter().zip(inserted) {
+    for ((s, inserted), refused) in submissions.iter().zip(inserted).zip(refused) {
         if inserted {
-            answers.push(None);
+            answers.push(Recorded::New);
             continue;
         }
-        let key = s.job.spec().idempotency_key.as_deref().unwrap_or_default();
-        match jobs::find_by_idempotency_key(pool, s.job.tenant(), key).await? {
-            Some(existing) => answers.push(Some(existing)),
-            None => {
+        let key = s.job.spec().idempotency_key.as_deref();
+        let existing = match key {
+            Some(key) => jobs::find_by_idempotency_key(pool, s.job.tenant(), key).await?,
+            None => None,
+        };
+        match (existing, refused) {
+            (Some(existing), _) => answers.push(Recorded::Existing(Box::new(existing))),
+            (None, Some(reason)) => answers.push(Recorded::OverQuota(reason)),
+            (None, None) => {
                 return Err(StorageError::Conflict {
-                    what: format!("job with idempotency key {key}"),
+                    what: format!("job with idempotency key {}", key.unwrap_or_default()),
                 });
             }
         }
     }
     Ok(answers)
+}
+
+/// For each submission, the reason it is refused when its tenant is at its queue quota: the
+/// tenants' policies are locked and their queued jobs counted, each submission counted as it
+/// is let in.
+async fn queue_quota_holds(
+    tx: &mut PgConnection,
+    submissions: &[Submission],
+) -> Result<Vec<Option<String>>, StorageError> {
+    let mut tenants: Vec<&hodei_domain::TenantId> =
+        submissions.iter().map(|s| s.job.tenant()).collect();
+    tenants.sort();
+    tenants.dedup();
+    let policies =
+        crate::tenants::lock_policies(tx, &tenants, crate::tenants::Limits::Queued).await?;
+    if policies.is_empty() {
+        return Ok(vec![None; submissions.len()]);
+    }
+    let limited: Vec<&hodei_domain::TenantId> = policies.keys().collect();
+    let mut queued = crate::tenants::queued(&mut *tx, Some(&limited)).await?;
+    Ok(submissions
+        .iter()
+        .map(|s| {
+            let tenant = s.job.tenant();
+            let policy = policies.get(tenant)?;
+            let count = queued.entry(tenant.clone()).or_default();
+            match policy.queue_hold(*count) {
+                Some(hold) => Some(hold.reason(tenant)),
+                None => {
+                    *count += 1;
+                    None
+                }
+            }
+        })
+        .collect())
 }
 
 /// Saves a job changed by `events` (already applied to it) if it is still at

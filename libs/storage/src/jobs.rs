@@ -14,7 +14,7 @@ use crate::error::{RowReader, StorageError, encode, to_i64};
 use crate::event_store::{self, EventRange, EventTable, Stored};
 use crate::sql::like_prefix;
 
-const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, not_before, reason, created_at, updated_at, version";
+const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, preempted_by, not_before, reason, created_at, updated_at, version";
 
 /// Inserts a new job and its first event inside the caller's transaction, linked to the
 /// pipeline run step `step` if given, with the current span's trace context. Returns false,
@@ -234,6 +234,7 @@ pub async fn save_many(
     let mut current = Vec::with_capacity(n);
     let mut workers = Vec::with_capacity(n);
     let mut cancels = Vec::with_capacity(n);
+    let mut preemptions = Vec::with_capacity(n);
     let mut not_befores = Vec::with_capacity(n);
     let mut reasons = Vec::with_capacity(n);
     let mut exit_codes = Vec::with_capacity(n);
@@ -247,6 +248,7 @@ pub async fn save_many(
         current.push(i64::from(job.current_attempt().get()));
         workers.push(job.current_attempt_record().map(|a| a.worker_id.as_str()));
         cancels.push(job.cancel_requested());
+        preemptions.push(job.preempted_by().map(|id| id.as_uuid()));
         not_befores.push(job.not_before());
         reasons.push(job.reason());
         exit_codes.push(job.exit_code());
@@ -259,12 +261,12 @@ pub async fn save_many(
          UPDATE jobs j SET state = u.state, attempts = u.attempts, current_attempt = u.current_attempt,
                 worker_id = u.worker_id, cancel_requested = u.cancel_requested,
                 not_before = u.not_before, reason = u.reason, exit_code = u.exit_code,
-                updated_at = u.updated_at, version = u.version
+                updated_at = u.updated_at, version = u.version, preempted_by = u.preempted_by
          FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::bigint[], $6::text[],
                      $7::bool[], $8::timestamptz[], $9::text[], $10::int[], $11::timestamptz[],
-                     $12::bigint[])
+                     $12::bigint[], $13::uuid[])
               AS u(id, expected, state, attempts, current_attempt, worker_id, cancel_requested,
-                   not_before, reason, exit_code, updated_at, version)
+                   not_before, reason, exit_code, updated_at, version, preempted_by)
          WHERE j.id = u.id AND j.version = u.expected
          RETURNING j.id, j.state, j.pipeline_run_id),
          searched AS (
@@ -284,6 +286,7 @@ pub async fn save_many(
     .bind(&exit_codes)
     .bind(&updated)
     .bind(&versions)
+    .bind(&preemptions)
     .fetch_all(&mut *conn)
     .await?;
     if saved.len() != n {
@@ -322,7 +325,7 @@ pub async fn save(
         "WITH saved AS (
          UPDATE jobs SET state = $3, attempts = $4, current_attempt = $5, worker_id = $6,
                 cancel_requested = $7, not_before = $8, reason = $9, exit_code = $10,
-                updated_at = $11, version = $12
+                updated_at = $11, version = $12, preempted_by = $13
          WHERE id = $1 AND version = $2
          RETURNING id, state, pipeline_run_id),
          searched AS (
@@ -342,6 +345,7 @@ pub async fn save(
     .bind(job.exit_code())
     .bind(job.updated_at())
     .bind(to_i64(job.version()))
+    .bind(job.preempted_by().map(|id| id.as_uuid()))
     .fetch_optional(&mut *conn)
     .await?;
     let Some((run,)) = updated else {
@@ -711,6 +715,59 @@ pub async fn overdue_queued(
     rows.iter().map(decode).collect()
 }
 
+/// Running jobs that may be preempted for a job of priority `above`: marked preemptible, of a
+/// lower priority, not being cancelled or preempted already (an attempt not started yet is
+/// left alone: its agent may not have it, and would ignore the stop); the lowest priority first,
+/// the youngest first among equals. At most `limit`.
+pub async fn preemptible_on_workers(
+    conn: impl sqlx::PgExecutor<'_>,
+    above: i32,
+    limit: i64,
+) -> Result<Vec<Job>, StorageError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM jobs
+         WHERE state = 'running' AND priority < $1 AND NOT cancel_requested
+           AND preempted_by IS NULL AND (spec->>'preemptible')::boolean IS TRUE
+         ORDER BY priority, id DESC LIMIT $2"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(above)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// The head of each tenant's queue: its `per_tenant` placeable queued jobs (backoff over by
+/// `now`) of the highest priority, oldest first. One index walk per tenant with queued jobs
+/// (`jobs_queued_by_tenant`, the tenants found by skipping through it), so the queue's length
+/// does not matter.
+pub async fn queued_heads(
+    conn: impl sqlx::PgExecutor<'_>,
+    per_tenant: i64,
+    now: DateTime<Utc>,
+) -> Result<Vec<Job>, StorageError> {
+    let sql = format!(
+        "WITH RECURSIVE t(tenant) AS (
+             (SELECT tenant FROM jobs WHERE state = 'queued' ORDER BY tenant LIMIT 1)
+             UNION ALL
+             SELECT (SELECT j.tenant FROM jobs j WHERE j.state = 'queued' AND j.tenant > t.tenant
+                     ORDER BY j.tenant LIMIT 1)
+             FROM t WHERE t.tenant IS NOT NULL)
+         SELECT h.* FROM t CROSS JOIN LATERAL (
+             SELECT {COLUMNS} FROM jobs
+             WHERE state = 'queued' AND tenant = t.tenant AND (not_before IS NULL OR not_before <= $1)
+             ORDER BY priority DESC, id LIMIT $2) h
+         WHERE t.tenant IS NOT NULL"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now)
+        .bind(per_tenant)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
 fn decode(row: &PgRow) -> Result<Job, StorageError> {
     let (id, r) = RowReader::with_id::<Uuid>("jobs", row)?;
     Ok(Job::restore(
@@ -725,7 +782,8 @@ fn decode(row: &PgRow) -> Result<Job, StorageError> {
         r.get("created_at")?,
         r.get("updated_at")?,
         r.unsigned("version")?,
-    ))
+    )
+    .with_pending_preemption(r.get::<Option<Uuid>>("preempted_by")?.map(JobId::from_uuid)))
 }
 
 /// Records why a queued job is still waiting (not an event: it changes often). Does nothing

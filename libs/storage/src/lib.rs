@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod pipelines;
 pub mod schedules;
 mod sql;
+pub mod tenants;
 pub mod workers;
 
 use std::time::Duration;

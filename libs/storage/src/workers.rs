@@ -64,6 +64,24 @@ pub async fn placeable(
     rows.iter().map(decode).collect()
 }
 
+/// What the ready workers offer in all: the denominator of the tenants' shares.
+pub async fn capacity(
+    conn: impl sqlx::PgExecutor<'_>,
+) -> Result<hodei_domain::Capacity, StorageError> {
+    let (slots, cpu, memory): (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT sum(max_concurrent_jobs)::bigint, sum(cpu_millis)::bigint, sum(memory_mb)::bigint
+         FROM workers WHERE status = 'ready'",
+    )
+    .fetch_one(conn)
+    .await?;
+    let unsigned = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+    Ok(hodei_domain::Capacity {
+        slots: unsigned(slots),
+        cpu_millis: unsigned(cpu),
+        memory_mb: unsigned(memory),
+    })
+}
+
 /// Inserts a worker, or overwrites every column of an existing one: for registration and
 /// tests. Live updates use [`save_reservation`] and [`apply_heartbeats`].
 pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageError> {

@@ -17,6 +17,9 @@
 //! | `hodei_schedule_ticks_total{outcome}` | counter | scheduler (fired, skipped, missed) |
 //! | `hodei_placement_duration_seconds` | histogram | scheduler |
 //! | `hodei_placements_blocked` | gauge | scheduler |
+//! | `hodei_tenant_share{tenant}` | gauge | scheduler: each tenant's dominant share of the live fleet (0 to 1), as its last placement round saw it |
+//! | `hodei_tenant_entitled_share{tenant}` | gauge | scheduler: the share its weight entitles it to among the tenants competing |
+//! | `hodei_tenant_running_jobs{tenant}` | gauge | scheduler: the tenant's jobs on workers |
 //! | `hodei_job_queue_wait_seconds` | histogram | scheduler |
 //! | `hodei_job_start_delay_seconds` | histogram | scheduler |
 //! | `hodei_heartbeats_received_total` | counter | registry |
@@ -95,6 +98,9 @@ pub struct Metrics {
     schedule_ticks: Family<Label, Counter>,
     pub placement_duration: Histogram,
     pub placements_blocked: Gauge,
+    tenant_share: Family<Label, Gauge<f64, AtomicU64>>,
+    tenant_entitled: Family<Label, Gauge<f64, AtomicU64>>,
+    tenant_running: Family<Label, Gauge>,
     pub queue_wait: Histogram,
     pub start_delay: Histogram,
     pub heartbeats_received: Counter,
@@ -138,6 +144,9 @@ impl Metrics {
             schedule_ticks: Family::default(),
             placement_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             placements_blocked: Gauge::default(),
+            tenant_share: Family::default(),
+            tenant_entitled: Family::default(),
+            tenant_running: Family::default(),
             queue_wait: seconds(),
             start_delay: seconds(),
             heartbeats_received: Counter::default(),
@@ -224,6 +233,21 @@ impl Metrics {
                 "Time to place one job: load it and the live workers, filter, rank, commit the assignment",
                 Unit::Seconds,
                 self.placement_duration.clone(),
+            );
+            r.register(
+                "tenant_share",
+                "Each tenant's dominant share of the live fleet (its largest fraction of slots, CPU and memory), 0 to 1",
+                self.tenant_share.clone(),
+            );
+            r.register(
+                "tenant_entitled_share",
+                "The share of contended capacity each tenant's weight entitles it to among the tenants competing, 0 to 1",
+                self.tenant_entitled.clone(),
+            );
+            r.register(
+                "tenant_running_jobs",
+                "Each tenant's jobs on workers (assigned or running)",
+                self.tenant_running.clone(),
             );
             r.register(
                 "placements_blocked",
@@ -371,6 +395,14 @@ impl Metrics {
     }
 
     /// Sets how many rows `table` holds (`jobs`, `jobs_archive`, ...).
+    /// Records one tenant's line of the scheduler's view of the shares.
+    pub fn set_tenant_share(&self, tenant: &str, share: f64, entitled: f64, running: i64) {
+        let key = label("tenant", tenant);
+        self.tenant_share.get_or_create(&key).set(share);
+        self.tenant_entitled.get_or_create(&key).set(entitled);
+        self.tenant_running.get_or_create(&key).set(running);
+    }
+
     pub fn set_retention_rows(&self, table: &str, rows: i64) {
         self.retention_rows
             .get_or_create(&label("table", table))

@@ -48,5 +48,6 @@ pub(crate) fn outcome_label(outcome: &AttemptOutcome) -> &'static str {
         AttemptOutcome::SpawnFailed { .. } => "spawn_failed",
         AttemptOutcome::ArtifactsFailed { .. } => "artifacts_failed",
         AttemptOutcome::Lost { .. } => "lost",
+        AttemptOutcome::Preempted { .. } => "preempted",
     }
 }

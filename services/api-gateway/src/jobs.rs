@@ -158,6 +158,9 @@ impl JobApi {
                 tracing::info!(job_id = %job.id(), "idempotent resubmission returned the existing job");
                 (job, false)
             }
+            JobSubmitted::OverQuota(reason) => {
+                return Err(ApiError::Exhausted(reason)).into_status();
+            }
         };
         Ok((
             pb::SubmitJobResponse {

@@ -1,5 +1,6 @@
 //! The API gateway: the gRPC front door (`hodei.v1.JobService`, `PipelineService`,
-//! `WorkerService`, standard health and server reflection). It validates input at the edge,
+//! `WorkerService`, `ScheduleService`, `TenantService`, `AccessService`, standard health and
+//! server reflection). It validates input at the edge,
 //! records submissions and cancellations (aggregate + events + outbox rows in one
 //! transaction), answers queries from PostgreSQL and streams events and logs.
 
@@ -17,6 +18,7 @@ mod request;
 mod schedules;
 mod secrets;
 mod submissions;
+mod tenants;
 mod watch;
 mod workers;
 
@@ -29,6 +31,7 @@ use hodei_proto::v1::access_service_server::AccessServiceServer;
 use hodei_proto::v1::job_service_server::JobServiceServer;
 use hodei_proto::v1::pipeline_service_server::PipelineServiceServer;
 use hodei_proto::v1::schedule_service_server::ScheduleServiceServer;
+use hodei_proto::v1::tenant_service_server::TenantServiceServer;
 use hodei_proto::v1::worker_service_server::WorkerServiceServer;
 use hodei_runtime::{BackendConfig, Backends};
 use tokio::net::TcpListener;
@@ -279,6 +282,9 @@ impl Gateway {
         health_reporter
             .set_serving::<ScheduleServiceServer<schedules::ScheduleApi>>()
             .await;
+        health_reporter
+            .set_serving::<TenantServiceServer<tenants::TenantApi>>()
+            .await;
         // Both reflection versions: grpcurl before 1.9, grpcio-reflection clients and many
         // other stock tools ask `v1alpha` only, newer ones try `v1` first.
         let reflection = reflection_builder()
@@ -350,6 +356,10 @@ impl Gateway {
             .add_service(JobServiceServer::new(job_api))
             .add_service(PipelineServiceServer::new(pipeline_api))
             .add_service(ScheduleServiceServer::new(schedule_api))
+            .add_service(TenantServiceServer::new(tenants::TenantApi::new(
+                self.backends.clone(),
+                audit.clone(),
+            )))
             .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
                 self.backends.clone(),
                 audit,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hodei_runtime::Backends;
 use hodei_storage::StorageError;
-use hodei_storage::driver::{self, JobSubmitted, Submission};
+use hodei_storage::driver::{self, JobSubmitted, Recorded, Submission};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Most submissions recorded in one transaction.
@@ -111,7 +111,11 @@ async fn record(backends: &Backends, batch: Vec<Waiting>) {
                 let result = backends
                     .db(|| driver::submit_jobs(&backends.pool, one))
                     .await
-                    .map(|mut r| r.pop().flatten());
+                    .and_then(|mut r| {
+                        r.pop().ok_or_else(|| StorageError::Conflict {
+                            what: "a submission recorded without an answer".to_owned(),
+                        })
+                    });
                 if result.is_ok() {
                     backends.relay_wake.notify_one();
                 }
@@ -121,10 +125,11 @@ async fn record(backends: &Backends, batch: Vec<Waiting>) {
     }
 }
 
-/// The answer to `submission`, given what recording it found (`Some` existing job).
-fn answered(submission: Submission, existing: Option<hodei_domain::Job>) -> JobSubmitted {
-    match existing {
-        None => JobSubmitted::Created(submission.job),
-        Some(existing) => JobSubmitted::Existing(existing),
+/// The answer to `submission`, given what recording it did.
+fn answered(submission: Submission, recorded: Recorded) -> JobSubmitted {
+    match recorded {
+        Recorded::New => JobSubmitted::Created(submission.job),
+        Recorded::Existing(existing) => JobSubmitted::Existing(*existing),
+        Recorded::OverQuota(reason) => JobSubmitted::OverQuota(reason),
     }
 }

@@ -11,12 +11,15 @@ use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::specification::Specification;
 use hodei_domain::worker::can_take_job;
-use hodei_domain::{AttemptId, Job, JobEvent, JobId, JobSpec, JobState, Worker, WorkerId};
+use hodei_domain::{
+    AttemptId, Capacity, FairQueue, Job, JobEvent, JobId, JobSpec, JobState, Resources, Shares,
+    TenantId, Worker, WorkerId,
+};
 use hodei_messaging::seal::{OpeningKey, SealError, SealingKey, is_sealed};
 use hodei_messaging::settle::dead_letter;
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, trace};
 use hodei_storage::driver::Transition;
-use hodei_storage::{StorageError, driver, jobs, outbox, workers};
+use hodei_storage::{StorageError, driver, jobs, outbox, tenants, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -107,6 +110,7 @@ pub(crate) async fn run(
     let mut batches = messages.ready_chunks(256);
     let mut blocked = Blocked::default();
     let mut view = WorkerView::default();
+    let mut preempting = Preempting::default();
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -141,7 +145,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let (waiting, one_by_one) = place_batch(&ctx, requests, &mut view).await;
+        let (waiting, one_by_one) = place_batch(&ctx, requests, &mut view, &mut preempting).await;
         blocked.hold(&ctx, waiting);
         for request in one_by_one {
             handle(&ctx, &request.item, &request.message, &mut view)
@@ -227,11 +231,7 @@ impl Blocked {
                     .backends
                     .db(|| view.get(&ctx.backends.pool, live_since(ctx)))
                     .await?;
-                let free: usize = live
-                    .iter()
-                    .map(|w| usize::try_from(w.free_slots()).unwrap_or(usize::MAX))
-                    .sum();
-                free.min(self.requests.len())
+                free_slots(live).min(self.requests.len())
             };
             // Highest priority first, the longest waiting first among equals (stable sort).
             self.requests
@@ -309,6 +309,7 @@ async fn place_batch(
     ctx: &Context,
     requests: Vec<Request>,
     view: &mut WorkerView,
+    preempting: &mut Preempting,
 ) -> (Vec<Request>, Vec<Request>) {
     let started = Instant::now();
     // Recorded reports free slots all the time, so a round often finds a worker it reserved
@@ -316,7 +317,7 @@ async fn place_batch(
     let mut tries = 0;
     let decided = loop {
         tries += 1;
-        match decide_batch(ctx, &requests, view).await {
+        match decide_batch(ctx, &requests, view, preempting).await {
             Err(e) if e.is_conflict() && tries < ROUND_TRIES => view.forget(),
             decided => break decided,
         }
@@ -361,31 +362,51 @@ enum Decision {
     Waits,
 }
 
+/// Jobs read from the head of each tenant's queue in a round with free slots.
+const HEADS_PER_TENANT: usize = 16;
+
+/// A job a round may place: from one of its requests (its index), or from the head of its
+/// tenant's queue, whose request another replica holds or has not reached this one yet.
+struct Candidate {
+    request: Option<usize>,
+    job: Job,
+}
+
 async fn decide_batch(
     ctx: &Context,
     requests: &[Request],
     view: &mut WorkerView,
+    preempting: &mut Preempting,
 ) -> Result<Vec<(usize, Decision)>, StorageError> {
     let pool = &ctx.backends.pool;
     // The workers are read before the clock: a slot this round takes was freed (and the
     // freeing attempt's end stamped) before its `assigned_at`, so a worker's recorded
     // attempts never overlap beyond its slots.
-    ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+    let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+    let free = free_slots(live);
     let now = Utc::now();
     let queue_timeout = chrono::Duration::milliseconds(
         i64::try_from(ctx.config.queue_timeout_ms).unwrap_or(i64::MAX),
     );
     let ids: Vec<JobId> = requests.iter().map(|r| r.item.job_id).collect();
     let mut jobs = ctx.backends.db(|| jobs::get_many(pool, &ids)).await?;
+    // Global priority: with a slot free, the head of every tenant's queue joins the round, so
+    // the highest-priority job anywhere in the queue is considered first, whichever replica
+    // holds its request and however many requests are ahead of it.
+    let heads = if free > 0 {
+        let per_tenant = i64::try_from(free.min(HEADS_PER_TENANT)).unwrap_or(1);
+        ctx.backends
+            .db(|| jobs::queued_heads(pool, per_tenant, now))
+            .await?
+    } else {
+        Vec::new()
+    };
+    let (mut shares, fresh) = ctx.backends.db(|| view.shares(pool)).await?;
     let mut decided = Vec::with_capacity(requests.len());
-    let mut transitions = Vec::new();
-    let mut reasons: Vec<(JobId, String)> = Vec::new();
-    // The version each reserved worker was read at, in the order first reserved.
-    let mut reserved: Vec<(WorkerId, u64)> = Vec::new();
-    let mut waits = Vec::new();
+    let mut candidates = Vec::with_capacity(requests.len() + heads.len());
     for (i, request) in requests.iter().enumerate() {
         let item = &request.item;
-        let Some(mut job) = jobs.remove(&item.job_id) else {
+        let Some(job) = jobs.remove(&item.job_id) else {
             tracing::warn!(parent: &request.span, job_id = %item.job_id, "placement request for an unknown job dropped");
             decided.push((i, Decision::Settled(Placement::Stale)));
             continue;
@@ -398,15 +419,67 @@ async fn decide_batch(
             decided.push((i, Decision::Settled(Placement::NotYet(wait))));
             continue;
         }
+        candidates.push(Candidate {
+            request: Some(i),
+            job,
+        });
+    }
+    let in_round: std::collections::HashSet<JobId> = ids.iter().copied().collect();
+    for job in heads {
+        if !in_round.contains(&job.id()) {
+            candidates.push(Candidate { request: None, job });
+        }
+    }
+    if fresh {
+        let queued: Vec<TenantId> = candidates.iter().map(|c| c.job.tenant().clone()).collect();
+        for line in shares.view(&queued) {
+            ctx.backends.metrics.set_tenant_share(
+                line.tenant.as_str(),
+                line.share,
+                line.entitled,
+                i64::try_from(line.usage.running_jobs).unwrap_or(i64::MAX),
+            );
+        }
+    }
+    let mut queue = FairQueue::new(
+        candidates
+            .into_iter()
+            .map(|c| (c.job.spec().priority, c.job.tenant().clone(), c.job.id(), c)),
+    );
+    let mut transitions = Vec::new();
+    let mut reasons: Vec<(JobId, String)> = Vec::new();
+    // The version each reserved worker was read at, in the order first reserved.
+    let mut reserved: Vec<(WorkerId, u64)> = Vec::new();
+    // Each assignment's transition and when its job became placeable.
+    let mut waits: Vec<(usize, chrono::DateTime<Utc>)> = Vec::new();
+    let mut charged: Vec<(TenantId, Resources)> = Vec::new();
+    // This scheduler's requests that no worker can take now: candidates for preemption.
+    let mut unplaced: Vec<Job> = Vec::new();
+    while let Some((tenant, Candidate { request, mut job })) = queue.next(&shares) {
+        let span = request.map_or_else(tracing::Span::current, |i| requests[i].span.clone());
+        if let Some(hold) = shares.hold(&tenant, &job.spec().resources) {
+            let reason = hold.reason(&tenant);
+            if job.reason() != Some(reason.as_str()) {
+                reasons.push((job.id(), reason));
+            }
+            if let Some(i) = request {
+                decided.push((i, Decision::Waits));
+            }
+            continue;
+        }
         let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
         let Some(worker_id) = best(live, &job).map(|w| w.id().clone()) else {
-            // Past its queue timeout, the one-by-one path fails it with the reason.
-            if now - job.updated_at() <= queue_timeout {
+            // Past its queue timeout, the one-by-one path fails it with the reason; a job
+            // from the head of the queue is left to whoever holds its request.
+            if let Some(i) = request
+                && now - job.updated_at() <= queue_timeout
+            {
                 let reason = explain(live, &job);
                 if job.reason() != Some(reason.as_str()) {
                     reasons.push((job.id(), reason));
                 }
                 decided.push((i, Decision::Waits));
+                unplaced.push(job);
             }
             continue;
         };
@@ -416,7 +489,7 @@ async fn decide_batch(
         let read_version = worker.version();
         let job_version = job.version();
         let placeable_since = placeable_since(&job);
-        let _entered = request.span.enter();
+        let _entered = span.enter();
         let (event, command) = reserve(&mut job, worker, now, ctx.secrets.as_ref())?;
         let placed = command.is_some();
         // Only a worker given an attempt is saved (and locked) with the batch.
@@ -427,19 +500,34 @@ async fn decide_batch(
             Some(command) => vec![Outgoing::agent_command(worker.id(), &command)?],
             None => Vec::new(),
         };
+        if placed {
+            shares.charge(&tenant, &job.spec().resources);
+            charged.push((tenant, job.spec().resources));
+            waits.push((transitions.len(), placeable_since));
+        }
         transitions.push(Transition {
             extra,
             job,
             expected_version: job_version,
             events: vec![event],
-            span: request.span.clone(),
+            span: span.clone(),
         });
-        if placed {
-            waits.push(placeable_since);
-            decided.push((i, Decision::Settled(Placement::Placed)));
-        } else {
-            decided.push((i, Decision::Settled(Placement::Stale)));
+        match (request, placed) {
+            (Some(i), true) => decided.push((i, Decision::Settled(Placement::Placed))),
+            (Some(i), false) => decided.push((i, Decision::Settled(Placement::Stale))),
+            (None, true) => ctx.backends.metrics.placement("placed"),
+            (None, false) => {}
         }
+    }
+    view.keep_shares(shares);
+    let ended = transitions.len();
+    if !unplaced.is_empty() {
+        let preemptions = preempt(ctx, &unplaced, view, preempting, now).await?;
+        for (job, reason) in preemptions.waiting {
+            reasons.retain(|(id, _)| *id != job);
+            reasons.push((job, reason));
+        }
+        transitions.extend(preemptions.transitions);
     }
     if !transitions.is_empty() || !reasons.is_empty() {
         let saves: Vec<(&Worker, u64)> = reserved
@@ -447,6 +535,7 @@ async fn decide_batch(
             .filter_map(|(id, version)| view.worker(id).map(|w| (w, *version)))
             .collect();
         let mut tx = pool.begin().await?;
+        verify_quotas(&mut tx, &charged).await?;
         workers::save_reservations(&mut tx, &saves).await?;
         driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
         jobs::set_pending_reasons(&mut tx, &reasons).await?;
@@ -454,16 +543,209 @@ async fn decide_batch(
         if !transitions.is_empty() {
             ctx.backends.relay_wake.notify_one();
         }
-        let (assigned, failed): (Vec<&Transition>, Vec<&Transition>) =
-            transitions.iter().partition(|t| !t.extra.is_empty());
-        for (t, since) in assigned.into_iter().zip(waits) {
-            observe_assigned(ctx, &t.job, since, now);
+        for (i, since) in &waits {
+            observe_assigned(ctx, &transitions[*i].job, *since, now);
         }
-        for t in failed {
-            ctx.backends.metrics.job_finished(t.job.state().as_str());
+        for t in &transitions[..ended] {
+            if t.job.state().is_terminal() {
+                ctx.backends.metrics.job_finished(t.job.state().as_str());
+            }
+        }
+        for t in &transitions[ended..] {
+            ctx.backends.metrics.placement("preempted");
+            tracing::info!(job_id = %t.job.id(), by = ?t.job.preempted_by(), "job preempted");
         }
     }
     Ok(decided)
+}
+
+/// Waiting jobs for which preemptions were asked, and since when: a job is not preempted for
+/// again until its victims have had [`PREEMPTION_PATIENCE`] to stop.
+type Preempting = std::collections::HashMap<JobId, Instant>;
+
+/// How long the victims of a preemption have to stop (their agent's kill grace and report)
+/// before more are chosen for the same waiting job.
+const PREEMPTION_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Preemptible jobs read per round in which some job of this scheduler found no worker.
+const VICTIMS_READ: i64 = 1000;
+
+/// What a round's preemptions change: the victims' transitions (their agents are told to stop
+/// them), and the reason each waiting job they make room for shows.
+#[derive(Default)]
+struct Preemptions {
+    transitions: Vec<Transition>,
+    waiting: Vec<(JobId, String)>,
+}
+
+/// For each job of `unplaced` (highest priority first) that no worker can take now, looks for
+/// the worker where stopping the fewest preemptible jobs of a lower priority (the lowest
+/// priorities, then the youngest) would make room, and asks for those preemptions. The room
+/// is taken when the victims' attempts end and free their slots: the waiting job, of a higher
+/// priority, then comes first. Kubernetes' scheduler preempts the same way (victims of the
+/// lowest priority on the node needing the fewest).
+async fn preempt(
+    ctx: &Context,
+    unplaced: &[Job],
+    view: &mut WorkerView,
+    preempting: &mut Preempting,
+    now: chrono::DateTime<Utc>,
+) -> Result<Preemptions, StorageError> {
+    preempting.retain(|_, since| since.elapsed() < PREEMPTION_PATIENCE);
+    let mut waiting: Vec<&Job> = unplaced
+        .iter()
+        .filter(|j| !preempting.contains_key(&j.id()))
+        .collect();
+    waiting.sort_by_key(|j| (std::cmp::Reverse(j.spec().priority), j.id()));
+    let Some(top) = waiting.first().map(|j| j.spec().priority) else {
+        return Ok(Preemptions::default());
+    };
+    let pool = &ctx.backends.pool;
+    let mut victims = ctx
+        .backends
+        .db(|| jobs::preemptible_on_workers(pool, top, VICTIMS_READ))
+        .await?;
+    let mut done = Preemptions::default();
+    if victims.is_empty() {
+        return Ok(done);
+    }
+    let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+    for job in waiting {
+        let Some((worker_id, chosen)) = room_for(live, &victims, job) else {
+            continue;
+        };
+        let mut taken: Vec<Job> = Vec::with_capacity(chosen.len());
+        for id in &chosen {
+            if let Some(i) = victims.iter().position(|v| v.id() == *id) {
+                taken.push(victims.swap_remove(i));
+            }
+        }
+        for mut victim in taken {
+            let version = victim.version();
+            let Some(attempt) = victim.current_attempt_record().map(|a| a.attempt) else {
+                continue;
+            };
+            let event =
+                victim
+                    .request_preemption(job.id(), now)
+                    .map_err(|e| StorageError::Conflict {
+                        what: e.to_string(),
+                    })?;
+            let command = AgentCommand::Cancel {
+                job_id: victim.id(),
+                attempt,
+                reason: format!("preempted by job {} of a higher priority", job.id()),
+            };
+            done.transitions.push(Transition {
+                extra: vec![Outgoing::agent_command(&worker_id, &command)?],
+                job: victim,
+                expected_version: version,
+                events: vec![event],
+                span: tracing::Span::current(),
+            });
+        }
+        preempting.insert(job.id(), Instant::now());
+        done.waiting.push((
+            job.id(),
+            format!(
+                "waiting for {} preempted job(s) to stop on worker {worker_id}",
+                chosen.len()
+            ),
+        ));
+    }
+    Ok(done)
+}
+
+/// The worker of `live` where stopping the fewest of `victims` (each of a lower priority than
+/// `job`) lets `job` fit, and those victims; among equals, the one whose victims have the
+/// lowest priority.
+fn room_for(live: &[Worker], victims: &[Job], job: &Job) -> Option<(WorkerId, Vec<JobId>)> {
+    let spec = can_take_job(job.spec());
+    let mut best: Option<(usize, i32, WorkerId, Vec<JobId>)> = None;
+    for worker in live {
+        // Victims on this worker, lowest priority (then youngest) first, as read.
+        let here: Vec<&Job> = victims
+            .iter()
+            .filter(|v| v.spec().priority < job.spec().priority)
+            .filter(|v| {
+                v.current_attempt_record()
+                    .is_some_and(|a| &a.worker_id == worker.id())
+            })
+            .collect();
+        if here.is_empty() {
+            continue;
+        }
+        let mut freed = worker.clone();
+        let mut chosen = Vec::new();
+        let mut highest = i32::MIN;
+        for victim in here {
+            let Some(attempt) = victim.current_attempt_id() else {
+                continue;
+            };
+            if freed.release(&attempt).is_err() {
+                continue;
+            }
+            chosen.push(victim.id());
+            highest = highest.max(victim.spec().priority);
+            if spec.is_satisfied_by(&freed) {
+                break;
+            }
+        }
+        if !spec.is_satisfied_by(&freed) {
+            continue;
+        }
+        let better = best
+            .as_ref()
+            .is_none_or(|(count, prio, _, _)| (chosen.len(), highest) < (*count, *prio));
+        if better {
+            best = Some((chosen.len(), highest, worker.id().clone(), chosen));
+        }
+    }
+    best.map(|(_, _, worker, chosen)| (worker, chosen))
+}
+
+/// The free slots of `workers` in all.
+fn free_slots(workers: &[Worker]) -> usize {
+    workers
+        .iter()
+        .map(|w| usize::try_from(w.free_slots()).unwrap_or(usize::MAX))
+        .sum()
+}
+
+/// Checks, inside the transaction that records them, that the jobs `placed` (each with its
+/// tenant and request) keep every tenant within its running quotas, counted afresh: the
+/// tenants' policies are locked first, so two schedulers placing for one tenant at once are
+/// counted one after the other. A tenant past a quota is a `Conflict`: the round is decided
+/// again on a fresh read.
+async fn verify_quotas(
+    tx: &mut sqlx::PgConnection,
+    placed: &[(TenantId, Resources)],
+) -> Result<(), StorageError> {
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let mut tenants: Vec<&TenantId> = placed.iter().map(|(t, _)| t).collect();
+    tenants.sort();
+    tenants.dedup();
+    let policies = tenants::lock_policies(tx, &tenants, tenants::Limits::Running).await?;
+    if policies.is_empty() {
+        return Ok(());
+    }
+    let limited: Vec<&TenantId> = policies.keys().collect();
+    let mut usage = tenants::usage(&mut *tx, Some(&limited)).await?;
+    for (tenant, resources) in placed {
+        let Some(policy) = policies.get(tenant) else {
+            continue;
+        };
+        let used = usage.entry(tenant.clone()).or_default();
+        if let Some(hold) = policy.running_hold(used, resources) {
+            return Err(StorageError::Conflict {
+                what: hold.reason(tenant),
+            });
+        }
+        used.add(resources);
+    }
+    Ok(())
 }
 
 /// The live workers as this scheduler last read them, kept by its placement rounds and
@@ -477,6 +759,9 @@ async fn decide_batch(
 struct WorkerView {
     workers: Option<Vec<Worker>>,
     read_at: Option<Instant>,
+    /// The tenants' policies and usage, read with the workers and charged with this
+    /// scheduler's placements since; `None` while a round holds them, or once forgotten.
+    shares: Option<Shares>,
 }
 
 /// Oldest a view may be at the start of a placement round.
@@ -499,6 +784,41 @@ impl WorkerView {
     fn forget(&mut self) {
         self.workers = None;
         self.read_at = None;
+        self.shares = None;
+    }
+
+    /// The tenants' shares against the live workers, and whether they were just read: taken
+    /// out of the view (see [`WorkerView::keep_shares`]), or read afresh.
+    async fn shares(&mut self, pool: &sqlx::PgPool) -> Result<(Shares, bool), StorageError> {
+        if let Some(shares) = self.shares.take() {
+            return Ok((shares, false));
+        }
+        let capacity = self.workers.as_deref().unwrap_or_default().iter().fold(
+            Capacity::default(),
+            |mut c, w| {
+                c.slots += u64::from(w.max_concurrent_jobs());
+                c.cpu_millis += w.capacity().cpu_millis;
+                c.memory_mb += w.capacity().memory_mb;
+                c
+            },
+        );
+        let policies = tenants::policies(pool).await?;
+        let usage = tenants::usage(pool, None).await?;
+        Ok((
+            Shares {
+                capacity,
+                policies,
+                usage,
+            },
+            true,
+        ))
+    }
+
+    /// Keeps `shares` (charged with a round's placements) for the next round.
+    fn keep_shares(&mut self, shares: Shares) {
+        if self.workers.is_some() {
+            self.shares = Some(shares);
+        }
     }
 
     /// Forgets the view if it is older than `max_age`.
@@ -621,7 +941,16 @@ async fn place(
     if let Some(wait) = job.not_before().and_then(|t| (t - now).to_std().ok()) {
         return Ok(Placement::NotYet(wait));
     }
-    let (live, fresh) = view.get(pool, now - stale_after).await?;
+    // Whether the workers were read just now, for this try (see below).
+    let (_, fresh) = view.get(pool, now - stale_after).await?;
+    let (shares, _) = view.shares(pool).await?;
+    let hold = shares.hold(job.tenant(), &job.spec().resources);
+    view.keep_shares(shares);
+    if let Some(hold) = hold {
+        jobs::set_pending_reason(pool, job.id(), &hold.reason(job.tenant())).await?;
+        return Ok(Placement::NoWorker);
+    }
+    let (live, _) = view.get(pool, now - stale_after).await?;
     let Some(worker) = best(live, &job).cloned() else {
         if !fresh {
             // Slots may have been freed since the view was read.
@@ -789,6 +1118,7 @@ async fn assign(
     }
     let mut tx = ctx.backends.pool.begin().await?;
     if command.is_some() {
+        verify_quotas(&mut tx, &[(job.tenant().clone(), job.spec().resources)]).await?;
         workers::save_reservation(&mut tx, &worker, worker_version).await?;
     }
     driver::save_job(&mut tx, job, job_version, std::slice::from_ref(&event)).await?;

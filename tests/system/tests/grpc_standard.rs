@@ -15,10 +15,11 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-const HODEI_SERVICES: [&str; 4] = [
+const HODEI_SERVICES: [&str; 5] = [
     "hodei.v1.JobService",
     "hodei.v1.PipelineService",
     "hodei.v1.ScheduleService",
+    "hodei.v1.TenantService",
     "hodei.v1.WorkerService",
 ];
 

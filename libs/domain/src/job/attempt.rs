@@ -5,7 +5,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{AttemptNumber, WorkerId};
+use crate::ids::{AttemptNumber, JobId, WorkerId};
 
 /// How an attempt ended, as the agent (or the liveness checks) saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +25,9 @@ pub enum AttemptOutcome {
     Lost { reason: String },
     /// The process exited 0 but the step's artifacts could not be kept.
     ArtifactsFailed { reason: String },
+    /// Stopped so that job `by`, of a higher priority, could have its place; the job was
+    /// queued again without spending a retry.
+    Preempted { by: JobId },
 }
 
 impl AttemptOutcome {
@@ -52,6 +55,7 @@ impl fmt::Display for AttemptOutcome {
             AttemptOutcome::ArtifactsFailed { reason } => {
                 write!(f, "failed to keep artifacts: {reason}")
             }
+            AttemptOutcome::Preempted { by } => write!(f, "preempted by job {by}"),
         }
     }
 }

@@ -70,6 +70,9 @@ pub enum JobEventKind {
     },
     /// Somebody asked to cancel a job that is on a worker; the worker is told to stop it.
     CancelRequested { reason: String },
+    /// The scheduler is stopping this preemptible job's attempt for waiting job `by`, of a
+    /// higher priority; the worker is told to stop it.
+    PreemptRequested { by: JobId, reason: String },
     /// The job was cancelled.
     Cancelled {
         attempt: Option<AttemptNumber>,
@@ -90,6 +93,7 @@ impl JobEventKind {
             JobEventKind::Failed { .. } => "failed",
             JobEventKind::TimedOut { .. } => "timed_out",
             JobEventKind::CancelRequested { .. } => "cancel_requested",
+            JobEventKind::PreemptRequested { .. } => "preempt_requested",
             JobEventKind::Cancelled { .. } => "cancelled",
         }
     }

@@ -27,10 +27,12 @@ pub const MAX_LOST_ATTEMPTS: u32 = 5;
 enum Stage {
     /// Waiting for a worker; after a failed attempt, not before its retry backoff ends.
     Queued { not_before: Option<DateTime<Utc>> },
-    /// Held by a worker, assigned or running; a cancel may be on its way to it.
+    /// Held by a worker, assigned or running; a cancel, or a preemption for a waiting job of
+    /// a higher priority, may be on its way to it.
     OnWorker {
         running: bool,
         cancel_requested: bool,
+        preempted_by: Option<JobId>,
     },
     /// Ended for good, in `state`; whether a cancel had been asked for.
     Ended {
@@ -57,6 +59,7 @@ impl Stage {
             JobState::Assigned | JobState::Running => Stage::OnWorker {
                 running: state == JobState::Running,
                 cancel_requested,
+                preempted_by: None,
             },
             state => Stage::Ended {
                 state,
@@ -168,6 +171,14 @@ impl Job {
     pub fn cancel_requested(&self) -> bool {
         self.stage.cancel_requested()
     }
+
+    /// The waiting job this one's attempt is being stopped for, while it is on a worker.
+    pub fn preempted_by(&self) -> Option<JobId> {
+        match self.stage {
+            Stage::OnWorker { preempted_by, .. } => preempted_by,
+            _ => None,
+        }
+    }
     /// A requeued job is not placed before this time (retry backoff); none once it left the
     /// queue.
     pub fn not_before(&self) -> Option<DateTime<Utc>> {
@@ -212,11 +223,12 @@ impl Job {
 
     /// Attempts that counted against the job's retry budget (not worker losses).
     fn spent_attempts(&self) -> u32 {
-        count(
-            self.attempts
-                .iter()
-                .filter(|a| !matches!(a.outcome, Some(AttemptOutcome::Lost { .. }))),
-        )
+        count(self.attempts.iter().filter(|a| {
+            !matches!(
+                a.outcome,
+                Some(AttemptOutcome::Lost { .. } | AttemptOutcome::Preempted { .. })
+            )
+        }))
     }
 
     fn lost_attempts(&self) -> u32 {
@@ -253,6 +265,15 @@ impl Job {
             updated_at,
             version,
         }
+    }
+
+    /// [`Job::restore`]d with the pending preemption its projection stores (counts only on a
+    /// worker).
+    pub fn with_pending_preemption(mut self, by: Option<JobId>) -> Job {
+        if let Stage::OnWorker { preempted_by, .. } = &mut self.stage {
+            *preempted_by = by;
+        }
+        self
     }
 
     fn illegal(&self, action: &'static str) -> DomainError {
@@ -362,7 +383,18 @@ impl Job {
         }
         let worker_id = self.worker_of_current()?;
         let worker = Some(worker_id.clone());
-        let kind = if self.cancel_requested() || outcome == AttemptOutcome::Cancelled {
+        let preempted = self
+            .preempted_by()
+            .filter(|_| !outcome.is_success() && !matches!(outcome, AttemptOutcome::Lost { .. }));
+        let kind = if let (Some(by), false) = (preempted, self.cancel_requested()) {
+            // Stopped for a job of a higher priority: queued again at once, no retry spent.
+            JobEventKind::Requeued {
+                attempt,
+                worker_id,
+                outcome: AttemptOutcome::Preempted { by },
+                not_before: crate::time::recorded(now),
+            }
+        } else if self.cancel_requested() || outcome == AttemptOutcome::Cancelled {
             JobEventKind::Cancelled {
                 attempt: Some(attempt),
                 worker_id: worker,
@@ -455,6 +487,35 @@ impl Job {
         }
     }
 
+    /// Asks to stop this job's attempt so that waiting job `by`, of a higher priority, can have
+    /// its place. Only a job marked preemptible, on a worker, not being cancelled or preempted
+    /// already. Its worker is told to stop it; when the attempt ends, the job is queued again
+    /// at once with the outcome `preempted`, spending no retry.
+    pub fn request_preemption(
+        &mut self,
+        by: JobId,
+        now: DateTime<Utc>,
+    ) -> Result<JobEvent, DomainError> {
+        let stoppable = matches!(
+            self.stage,
+            Stage::OnWorker {
+                cancel_requested: false,
+                preempted_by: None,
+                ..
+            }
+        );
+        if !self.spec.preemptible || !stoppable {
+            return Err(self.illegal("preempt"));
+        }
+        self.record(
+            now,
+            JobEventKind::PreemptRequested {
+                by,
+                reason: format!("preempted by job {by} of a higher priority"),
+            },
+        )
+    }
+
     /// Fails a queued job that no worker can take (queue timeout), saying why.
     pub fn fail_unplaceable(
         &mut self,
@@ -522,6 +583,7 @@ impl Job {
                 self.stage = Stage::OnWorker {
                     running: false,
                     cancel_requested: false,
+                    preempted_by: None,
                 };
                 self.reason = None;
                 self.attempts.push(AttemptRecord {
@@ -538,6 +600,7 @@ impl Job {
                 self.stage = Stage::OnWorker {
                     running: true,
                     cancel_requested: self.cancel_requested(),
+                    preempted_by: self.preempted_by(),
                 };
                 if let Some(a) = self.attempts.last_mut() {
                     a.started_at = Some(at);
@@ -571,6 +634,12 @@ impl Job {
                 if outcome.is_some() {
                     self.close_attempt(at, outcome.clone(), &event.output_tail);
                 }
+            }
+            JobEventKind::PreemptRequested { by, reason } => {
+                if let Stage::OnWorker { preempted_by, .. } = &mut self.stage {
+                    *preempted_by = Some(*by);
+                }
+                self.reason = Some(reason.clone());
             }
             JobEventKind::CancelRequested { reason } => {
                 if let Stage::OnWorker {
@@ -653,6 +722,69 @@ mod tests {
 
     fn w(name: &str) -> WorkerId {
         name.parse().unwrap()
+    }
+
+    /// A preemptible job stopped for another is queued again at once, spending no retry; a
+    /// job not marked preemptible, or already being cancelled, cannot be preempted.
+    #[test]
+    fn a_preempted_attempt_is_requeued_without_spending_a_retry() {
+        let now = Utc::now();
+        let by = JobId::new();
+        let mut plain = job(1);
+        plain.assign(w("a"), now).unwrap();
+        plain.start(AttemptNumber::new(1), now).unwrap();
+        assert!(plain.request_preemption(by, now).is_err());
+
+        let mut d = JobSpecDraft::exec("t", &["true"]);
+        d.preemptible = true;
+        let mut j = Job::submit(
+            JobId::new(),
+            TenantId::default(),
+            JobSpec::try_from(d).unwrap(),
+            now,
+        )
+        .0;
+        assert!(j.request_preemption(by, now).is_err(), "not on a worker");
+        j.assign(w("a"), now).unwrap();
+        j.start(AttemptNumber::new(1), now).unwrap();
+        j.request_preemption(by, now).unwrap();
+        assert_eq!(j.preempted_by(), Some(by));
+        assert!(j.request_preemption(by, now).is_err(), "once only");
+        let event = j
+            .finish(AttemptNumber::new(1), AttemptOutcome::Cancelled, now, 0.5)
+            .unwrap();
+        assert!(
+            matches!(
+                event.kind,
+                JobEventKind::Requeued {
+                    outcome: AttemptOutcome::Preempted { by: b },
+                    not_before,
+                    ..
+                } if b == by && not_before <= crate::time::recorded(now)
+            ),
+            "{event:?}"
+        );
+        assert_eq!((j.state(), j.preempted_by()), (JobState::Queued, None));
+        // With one attempt allowed, it was queued again all the same, and runs to its end.
+        j.assign(w("b"), now).unwrap();
+        j.start(AttemptNumber::new(2), now).unwrap();
+        j.finish(
+            AttemptNumber::new(2),
+            AttemptOutcome::Exited { code: 0 },
+            now,
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(j.state(), JobState::Succeeded);
+        // A cancel asked while a preemption is pending ends the job.
+        let mut cancelled = Job::submit(JobId::new(), TenantId::default(), j.spec().clone(), now).0;
+        cancelled.assign(w("a"), now).unwrap();
+        cancelled.request_preemption(by, now).unwrap();
+        cancelled.request_cancel("stop", now).unwrap();
+        cancelled
+            .finish(AttemptNumber::new(1), AttemptOutcome::Cancelled, now, 0.0)
+            .unwrap();
+        assert_eq!(cancelled.state(), JobState::Cancelled, "a cancel wins");
     }
 
     /// What only one stage has stays with it: a retry's `not_before` only while queued, a
