@@ -17,3 +17,5 @@ CREATE INDEX jobs_queued_by_tenant ON jobs (tenant, priority DESC, id) WHERE sta
 -- While a preemptible job's attempt is being stopped for a waiting job of a higher priority:
 -- that job. Cleared when the attempt ends (the job is queued again).
 ALTER TABLE jobs ADD COLUMN preempted_by uuid;
+-- Whether a preemption is already under way for a waiting job (any scheduler replica asks).
+CREATE INDEX jobs_preempted_by ON jobs (preempted_by) WHERE preempted_by IS NOT NULL;

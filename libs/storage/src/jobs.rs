@@ -486,9 +486,10 @@ fn list_events_query(
 ) -> Result<sqlx::QueryBuilder<sqlx::Postgres>, StorageError> {
     let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
         "{prefix}SELECT e.job_id AS id, e.data, j.tenant,
-                COALESCE(e.type = 'cancel_requested' AND (
+                COALESCE(e.type IN ('cancel_requested', 'preempt_requested') AND (
                     SELECT p.type FROM job_events p
-                    WHERE p.job_id = e.job_id AND p.seq < e.seq AND p.type <> 'cancel_requested'
+                    WHERE p.job_id = e.job_id AND p.seq < e.seq
+                      AND p.type NOT IN ('cancel_requested', 'preempt_requested')
                     ORDER BY p.seq DESC LIMIT 1) = 'started', false) AS attempt_started
          FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE true"
     ));
@@ -713,6 +714,23 @@ pub async fn overdue_queued(
         .fetch_all(pool)
         .await?;
     rows.iter().map(decode).collect()
+}
+
+/// Those of `waiting` for which a preemption is under way: some job on a worker is being
+/// stopped for them.
+pub async fn preempting_for(
+    conn: impl sqlx::PgExecutor<'_>,
+    waiting: &[JobId],
+) -> Result<std::collections::HashSet<JobId>, StorageError> {
+    let ids: Vec<Uuid> = waiting.iter().map(JobId::as_uuid).collect();
+    let found: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT preempted_by FROM jobs
+         WHERE preempted_by = ANY($1) AND state IN ('assigned', 'running')",
+    )
+    .bind(&ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(found.into_iter().map(JobId::from_uuid).collect())
 }
 
 /// Running jobs that may be preempted for a job of priority `above`: marked preemptible, of a

@@ -203,6 +203,12 @@ impl Projection for Jobs {
         );
         diff(
             &mut fields,
+            "preempted_by",
+            &row.preempted_by(),
+            &rebuilt.preempted_by(),
+        );
+        diff(
+            &mut fields,
             "not_before",
             &row.not_before(),
             &rebuilt.not_before(),

@@ -377,7 +377,7 @@ pub async fn list_events(
 }
 
 /// The names a job event's `type` takes.
-const EVENT_TYPES: [&str; 9] = [
+const EVENT_TYPES: [&str; 10] = [
     "submitted",
     "assigned",
     "started",
@@ -386,6 +386,7 @@ const EVENT_TYPES: [&str; 9] = [
     "failed",
     "timed_out",
     "cancel_requested",
+    "preempt_requested",
     "cancelled",
 ];
 

@@ -110,7 +110,6 @@ pub(crate) async fn run(
     let mut batches = messages.ready_chunks(256);
     let mut blocked = Blocked::default();
     let mut view = WorkerView::default();
-    let mut preempting = Preempting::default();
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -145,7 +144,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let (waiting, one_by_one) = place_batch(&ctx, requests, &mut view, &mut preempting).await;
+        let (waiting, one_by_one) = place_batch(&ctx, requests, &mut view).await;
         blocked.hold(&ctx, waiting);
         for request in one_by_one {
             handle(&ctx, &request.item, &request.message, &mut view)
@@ -309,7 +308,6 @@ async fn place_batch(
     ctx: &Context,
     requests: Vec<Request>,
     view: &mut WorkerView,
-    preempting: &mut Preempting,
 ) -> (Vec<Request>, Vec<Request>) {
     let started = Instant::now();
     // Recorded reports free slots all the time, so a round often finds a worker it reserved
@@ -317,7 +315,7 @@ async fn place_batch(
     let mut tries = 0;
     let decided = loop {
         tries += 1;
-        match decide_batch(ctx, &requests, view, preempting).await {
+        match decide_batch(ctx, &requests, view).await {
             Err(e) if e.is_conflict() && tries < ROUND_TRIES => view.forget(),
             decided => break decided,
         }
@@ -376,13 +374,13 @@ async fn decide_batch(
     ctx: &Context,
     requests: &[Request],
     view: &mut WorkerView,
-    preempting: &mut Preempting,
 ) -> Result<Vec<(usize, Decision)>, StorageError> {
+    let round_started = Instant::now();
     let pool = &ctx.backends.pool;
     // The workers are read before the clock: a slot this round takes was freed (and the
     // freeing attempt's end stamped) before its `assigned_at`, so a worker's recorded
     // attempts never overlap beyond its slots.
-    let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+    let (live, view_fresh) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
     let free = free_slots(live);
     let now = Utc::now();
     let queue_timeout = chrono::Duration::milliseconds(
@@ -424,9 +422,20 @@ async fn decide_batch(
             job,
         });
     }
+    // A head joins when this round's own jobs would not decide its place the same way: it
+    // has a higher priority than all of them, its tenant has none of them, or they cannot
+    // fill the free slots. (Otherwise every busy replica would add the same heads and lose
+    // rounds to each other's conflicts.)
     let in_round: std::collections::HashSet<JobId> = ids.iter().copied().collect();
+    let own_top = candidates.iter().map(|c| c.job.spec().priority).max();
+    let own_tenants: std::collections::HashSet<TenantId> =
+        candidates.iter().map(|c| c.job.tenant().clone()).collect();
+    let room = candidates.len() < free;
     for job in heads {
-        if !in_round.contains(&job.id()) {
+        let joins = room
+            || own_top.is_none_or(|top| job.spec().priority > top)
+            || !own_tenants.contains(job.tenant());
+        if joins && !in_round.contains(&job.id()) {
             candidates.push(Candidate { request: None, job });
         }
     }
@@ -455,6 +464,9 @@ async fn decide_batch(
     let mut charged: Vec<(TenantId, Resources)> = Vec::new();
     // This scheduler's requests that no worker can take now: candidates for preemption.
     let mut unplaced: Vec<Job> = Vec::new();
+    // Jobs placed from the head of their tenant's queue (their requests are settled by whoever
+    // holds them, as stale): counted here once committed.
+    let mut bare_placed = 0;
     while let Some((tenant, Candidate { request, mut job })) = queue.next(&shares) {
         let span = request.map_or_else(tracing::Span::current, |i| requests[i].span.clone());
         if let Some(hold) = shares.hold(&tenant, &job.spec().resources) {
@@ -515,20 +527,18 @@ async fn decide_batch(
         match (request, placed) {
             (Some(i), true) => decided.push((i, Decision::Settled(Placement::Placed))),
             (Some(i), false) => decided.push((i, Decision::Settled(Placement::Stale))),
-            (None, true) => ctx.backends.metrics.placement("placed"),
+            (None, true) => bare_placed += 1,
             (None, false) => {}
         }
     }
     view.keep_shares(shares);
-    let ended = transitions.len();
-    if !unplaced.is_empty() {
-        let preemptions = preempt(ctx, &unplaced, view, preempting, now).await?;
-        for (job, reason) in preemptions.waiting {
-            reasons.retain(|(id, _)| *id != job);
-            reasons.push((job, reason));
-        }
-        transitions.extend(preemptions.transitions);
-    }
+    // Preemptions are decided on workers read for this round only (a view kept from earlier
+    // rounds may miss slots other replicas freed), after its own placements.
+    let preemptions = if view_fresh && !unplaced.is_empty() {
+        preempt(ctx, &unplaced, view, now).await?
+    } else {
+        Preemptions::default()
+    };
     if !transitions.is_empty() || !reasons.is_empty() {
         let saves: Vec<(&Worker, u64)> = reserved
             .iter()
@@ -546,26 +556,50 @@ async fn decide_batch(
         for (i, since) in &waits {
             observe_assigned(ctx, &transitions[*i].job, *since, now);
         }
-        for t in &transitions[..ended] {
+        for t in &transitions {
             if t.job.state().is_terminal() {
                 ctx.backends.metrics.job_finished(t.job.state().as_str());
             }
         }
-        for t in &transitions[ended..] {
-            ctx.backends.metrics.placement("preempted");
-            tracing::info!(job_id = %t.job.id(), by = ?t.job.preempted_by(), "job preempted");
+        for _ in 0..bare_placed {
+            ctx.backends.metrics.placement("placed");
+            ctx.backends
+                .metrics
+                .placement_duration
+                .observe(round_started.elapsed().as_secs_f64());
         }
+    }
+    if !preemptions.transitions.is_empty() {
+        record_preemptions(ctx, preemptions).await;
     }
     Ok(decided)
 }
 
-/// Waiting jobs for which preemptions were asked, and since when: a job is not preempted for
-/// again until its victims have had [`PREEMPTION_PATIENCE`] to stop.
-type Preempting = std::collections::HashMap<JobId, Instant>;
-
-/// How long the victims of a preemption have to stop (their agent's kill grace and report)
-/// before more are chosen for the same waiting job.
-const PREEMPTION_PATIENCE: Duration = Duration::from_secs(30);
+/// Records a round's preemptions in a transaction of their own, after the round's: it locks
+/// running jobs, which the reports' batches lock before workers, while a round locks workers
+/// first. One that cannot be recorded (a victim moved) is left to a later round.
+async fn record_preemptions(ctx: &Context, preemptions: Preemptions) {
+    let recorded = async {
+        let mut tx = ctx.backends.pool.begin().await?;
+        driver::commit_transitions(&mut tx, &preemptions.transitions, &[], SOURCE).await?;
+        jobs::set_pending_reasons(&mut tx, &preemptions.waiting).await?;
+        tx.commit().await?;
+        Ok::<(), StorageError>(())
+    }
+    .await;
+    match recorded {
+        Ok(()) => {
+            ctx.backends.relay_wake.notify_one();
+            for t in &preemptions.transitions {
+                ctx.backends.metrics.placement("preempted");
+                tracing::info!(job_id = %t.job.id(), by = ?t.job.preempted_by(), "job preempted");
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, count = preemptions.transitions.len(), "preemptions not recorded, a later round decides again");
+        }
+    }
+}
 
 /// Preemptible jobs read per round in which some job of this scheduler found no worker.
 const VICTIMS_READ: i64 = 1000;
@@ -588,19 +622,21 @@ async fn preempt(
     ctx: &Context,
     unplaced: &[Job],
     view: &mut WorkerView,
-    preempting: &mut Preempting,
     now: chrono::DateTime<Utc>,
 ) -> Result<Preemptions, StorageError> {
-    preempting.retain(|_, since| since.elapsed() < PREEMPTION_PATIENCE);
+    let pool = &ctx.backends.pool;
+    // A job some running job is already being stopped for waits for that one (whichever
+    // replica asked): it is not preempted for again until those victims have ended.
+    let ids: Vec<JobId> = unplaced.iter().map(Job::id).collect();
+    let under_way = ctx.backends.db(|| jobs::preempting_for(pool, &ids)).await?;
     let mut waiting: Vec<&Job> = unplaced
         .iter()
-        .filter(|j| !preempting.contains_key(&j.id()))
+        .filter(|j| !under_way.contains(&j.id()))
         .collect();
     waiting.sort_by_key(|j| (std::cmp::Reverse(j.spec().priority), j.id()));
     let Some(top) = waiting.first().map(|j| j.spec().priority) else {
         return Ok(Preemptions::default());
     };
-    let pool = &ctx.backends.pool;
     let mut victims = ctx
         .backends
         .db(|| jobs::preemptible_on_workers(pool, top, VICTIMS_READ))
@@ -614,12 +650,10 @@ async fn preempt(
         let Some((worker_id, chosen)) = room_for(live, &victims, job) else {
             continue;
         };
-        let mut taken: Vec<Job> = Vec::with_capacity(chosen.len());
-        for id in &chosen {
-            if let Some(i) = victims.iter().position(|v| v.id() == *id) {
-                taken.push(victims.swap_remove(i));
-            }
-        }
+        // Taken out of the list in its order (lowest priority, then youngest, first).
+        let (taken, rest): (Vec<Job>, Vec<Job>) =
+            victims.into_iter().partition(|v| chosen.contains(&v.id()));
+        victims = rest;
         for mut victim in taken {
             let version = victim.version();
             let Some(attempt) = victim.current_attempt_record().map(|a| a.attempt) else {
@@ -644,7 +678,6 @@ async fn preempt(
                 span: tracing::Span::current(),
             });
         }
-        preempting.insert(job.id(), Instant::now());
         done.waiting.push((
             job.id(),
             format!(

@@ -383,9 +383,14 @@ impl Job {
         }
         let worker_id = self.worker_of_current()?;
         let worker = Some(worker_id.clone());
-        let preempted = self
-            .preempted_by()
-            .filter(|_| !outcome.is_success() && !matches!(outcome, AttemptOutcome::Lost { .. }));
+        // Only an attempt stopped by a signal counts as preempted; one that ended otherwise
+        // meanwhile (succeeded, failed, timed out, lost its worker) ends as it did.
+        let preempted = self.preempted_by().filter(|_| {
+            matches!(
+                outcome,
+                AttemptOutcome::Cancelled | AttemptOutcome::Signalled { .. }
+            )
+        });
         let kind = if let (Some(by), false) = (preempted, self.cancel_requested()) {
             // Stopped for a job of a higher priority: queued again at once, no retry spent.
             JobEventKind::Requeued {
