@@ -621,9 +621,16 @@ async fn each_overlap_policy_does_what_it_says() {
     let allower = ticks(pool, "allower").await;
     assert!(allower.iter().all(|t| t.outcome == "fired"), "{allower:?}");
     // cancel_previous: every tick fired; each job but the newest was cancelled by the next.
+    // (A poll that comes late finds two ticks due at once, on a loaded machine: the older is
+    // then recorded replaced by the newer, as the catch-up of `cancel_previous` does.)
     let replacer = ticks(pool, "replacer").await;
     assert!(
-        replacer.iter().all(|t| t.outcome == "fired"),
+        replacer.iter().all(|t| t.outcome == "fired"
+            || (t.outcome == "skipped" && t.detail.contains("replaced by the later tick"))),
+        "{replacer:?}"
+    );
+    assert!(
+        replacer.iter().filter(|t| t.outcome == "fired").count() >= 3,
         "{replacer:?}"
     );
     let mut jobs = JobServiceClient::new(
