@@ -1,9 +1,10 @@
 //! Criterion benchmarks of the scheduler core alone: `placement::rank` (filter with the job's
 //! specification, then order) against 10,000 workers — one placement decision per iteration,
-//! so elements/s is decisions/s — the `can_take` specification, built and evaluated, and a
-//! placement round with fair share on: 100 tenants with weights, their queues' heads ordered
-//! by `FairQueue`, each decision checking the tenant's quotas, picking the best of 10,000
-//! workers and charging the tenant.
+//! so elements/s is decisions/s — the same decision through the scheduler's `WorkerIndex`,
+//! the `can_take` specification, built and evaluated, and a placement round with fair share
+//! on: 100 tenants with weights, their queues' heads ordered by `FairQueue`, each decision
+//! checking the tenant's quotas, picking the best of 10,000 workers through the index and
+//! charging the tenant.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -17,6 +18,7 @@ use hodei_domain::{
     Specification, TenantId, TenantPolicy, Usage, Worker, WorkerId,
 };
 use hodei_scheduler::placement;
+use hodei_scheduler::worker_index::WorkerIndex;
 
 const WORKERS: usize = 10_000;
 
@@ -63,9 +65,15 @@ fn bench(c: &mut Criterion) {
     group.bench_function("rank_10k_workers", |b| {
         b.iter(|| black_box(placement::rank(black_box(&workers), black_box(&job))).len());
     });
-    // What a placement runs: the best worker in one pass.
+    // The best worker in one pass over all of them.
     group.bench_function("best_of_10k_workers", |b| {
         b.iter(|| black_box(placement::best(black_box(&workers), black_box(&job))).is_some());
+    });
+    // What a placement runs: the best worker through the scheduler's index (label sets, then
+    // preference order).
+    let index = WorkerIndex::new(workers.clone());
+    group.bench_function("indexed_best_of_10k_workers", |b| {
+        b.iter(|| black_box(black_box(&index).best(black_box(&job))).is_some());
     });
     group.finish();
 
@@ -151,17 +159,18 @@ fn fair_share(c: &mut Criterion) {
     group.sample_size(20);
     group.throughput(Throughput::Elements(ROUND as u64));
     // What a round decides per job with fair share on: the next job by priority and weighted
-    // share, its tenant's quotas, the best of 10,000 workers, the reservation and the charge.
+    // share, its tenant's quotas, the best of 10,000 workers (through the scheduler's index),
+    // the reservation and the charge.
     group.bench_function("round_10k_workers_100_tenants", |b| {
         b.iter_batched(
             || {
                 (
-                    workers.clone(),
+                    WorkerIndex::new(workers.clone()),
                     shares.clone(),
                     FairQueue::new(candidates.iter().cloned()),
                 )
             },
-            |(mut workers, mut shares, mut queue)| {
+            |(mut index, mut shares, mut queue)| {
                 let now = Utc::now();
                 let mut placed = 0;
                 for _ in 0..ROUND {
@@ -171,17 +180,40 @@ fn fair_share(c: &mut Criterion) {
                     if shares.hold(&tenant, &job.spec().resources).is_some() {
                         continue;
                     }
-                    let Some(i) = placement::best(&workers, &job)
-                        .and_then(|w| workers.iter().position(|x| x.id() == w.id()))
-                    else {
+                    let Some(id) = index.best(&job).map(|w| w.id().clone()) else {
                         continue;
                     };
                     let attempt = AttemptId::new(job.id(), AttemptNumber::new(1));
-                    if workers[i]
-                        .reserve(attempt, job.spec().resources, now)
-                        .is_ok()
-                    {
+                    let reserved = index.update(&id, |w| {
+                        w.reserve(attempt, job.spec().resources, now).is_ok()
+                    });
+                    if reserved == Some(true) {
                         shares.charge(&tenant, &job.spec().resources);
+                        placed += 1;
+                    }
+                }
+                black_box(placed)
+            },
+            criterion::BatchSize::LargeInput,
+        );
+    });
+    // The same round without the policy: 256 jobs of one tenant, each the best of 10,000
+    // workers through the index and its reservation there.
+    group.bench_function("round_10k_workers_no_policy", |b| {
+        b.iter_batched(
+            || WorkerIndex::new(workers.clone()),
+            |mut index| {
+                let now = Utc::now();
+                let mut placed = 0;
+                for _ in 0..ROUND {
+                    let Some(id) = index.best(&job).map(|w| w.id().clone()) else {
+                        continue;
+                    };
+                    let attempt = AttemptId::new(job.id(), AttemptNumber::new(1));
+                    if index.update(&id, |w| {
+                        w.reserve(attempt, job.spec().resources, now).is_ok()
+                    }) == Some(true)
+                    {
                         placed += 1;
                     }
                 }

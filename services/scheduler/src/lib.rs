@@ -12,6 +12,7 @@ mod reconciler;
 mod reports;
 mod retention;
 mod schedules;
+pub mod worker_index;
 
 use std::time::Duration;
 

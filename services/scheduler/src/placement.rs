@@ -23,6 +23,7 @@ use hodei_storage::{StorageError, driver, jobs, outbox, tenants, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::worker_index::WorkerIndex;
 use crate::{Context, SERVICE, SOURCE, SchedulerError};
 
 /// How good a home `w` is for a job (greater is better): most free slots, then most free
@@ -479,8 +480,10 @@ async fn decide_batch(
             }
             continue;
         }
-        let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
-        let Some(worker_id) = best(live, &job).map(|w| w.id().clone()) else {
+        ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+        let Some(worker_id) = view.best(&job).map(|w| w.id().clone()) else {
+            // The view was read above: this takes no query.
+            let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
             // Past its queue timeout, the one-by-one path fails it with the reason; a job
             // from the head of the queue is left to whoever holds its request.
             if let Some(i) = request
@@ -495,21 +498,23 @@ async fn decide_batch(
             }
             continue;
         };
-        let Some(worker) = view.worker_mut(&worker_id) else {
-            continue;
-        };
-        let read_version = worker.version();
         let job_version = job.version();
         let placeable_since = placeable_since(&job);
         let _entered = span.enter();
-        let (event, command) = reserve(&mut job, worker, now, ctx.secrets.as_ref())?;
+        let Some(reserved_on) = view.update_worker(&worker_id, |worker| {
+            let read_version = worker.version();
+            reserve(&mut job, worker, now, ctx.secrets.as_ref()).map(|r| (r, read_version))
+        }) else {
+            continue;
+        };
+        let ((event, command), read_version) = reserved_on?;
         let placed = command.is_some();
         // Only a worker given an attempt is saved (and locked) with the batch.
         if placed && !reserved.iter().any(|(id, _)| id == &worker_id) {
             reserved.push((worker_id.clone(), read_version));
         }
         let extra = match command {
-            Some(command) => vec![Outgoing::agent_command(worker.id(), &command)?],
+            Some(command) => vec![Outgoing::agent_command(&worker_id, &command)?],
             None => Vec::new(),
         };
         if placed {
@@ -790,7 +795,7 @@ async fn verify_quotas(
 /// decides.
 #[derive(Default)]
 struct WorkerView {
-    workers: Option<Vec<Worker>>,
+    workers: Option<WorkerIndex>,
     read_at: Option<Instant>,
     /// The tenants' policies and usage, read with the workers and charged with this
     /// scheduler's placements since; `None` while a round holds them, or once forgotten.
@@ -808,10 +813,24 @@ impl WorkerView {
     ) -> Result<(&[Worker], bool), StorageError> {
         let fresh = self.workers.is_none();
         if fresh {
-            self.workers = Some(workers::placeable(pool, live_since).await?);
+            self.workers = Some(WorkerIndex::new(
+                workers::placeable(pool, live_since).await?,
+            ));
             self.read_at = Some(Instant::now());
         }
-        Ok((self.workers.as_deref().unwrap_or_default(), fresh))
+        Ok((
+            self.workers
+                .as_ref()
+                .map(WorkerIndex::workers)
+                .unwrap_or_default(),
+            fresh,
+        ))
+    }
+
+    /// The worker of the view that can take `job` and comes first in preference (see
+    /// [`best`]), found through the index.
+    fn best(&self, job: &Job) -> Option<&Worker> {
+        self.workers.as_ref()?.best(job)
     }
 
     fn forget(&mut self) {
@@ -826,15 +845,18 @@ impl WorkerView {
         if let Some(shares) = self.shares.take() {
             return Ok((shares, false));
         }
-        let capacity = self.workers.as_deref().unwrap_or_default().iter().fold(
-            Capacity::default(),
-            |mut c, w| {
+        let capacity = self
+            .workers
+            .as_ref()
+            .map(WorkerIndex::workers)
+            .unwrap_or_default()
+            .iter()
+            .fold(Capacity::default(), |mut c, w| {
                 c.slots += u64::from(w.max_concurrent_jobs());
                 c.cpu_millis += w.capacity().cpu_millis;
                 c.memory_mb += w.capacity().memory_mb;
                 c
-            },
-        );
+            });
         let policies = tenants::policies(pool).await?;
         let usage = tenants::usage(pool, None).await?;
         Ok((
@@ -862,23 +884,26 @@ impl WorkerView {
     }
 
     fn worker(&self, id: &WorkerId) -> Option<&Worker> {
-        self.workers.as_ref()?.iter().find(|w| w.id() == id)
+        self.workers.as_ref()?.get(id)
     }
 
-    fn worker_mut(&mut self, id: &WorkerId) -> Option<&mut Worker> {
-        self.workers.as_mut()?.iter_mut().find(|w| w.id() == id)
+    /// Changes the view's copy of worker `id` with `change` (keeping the index in order).
+    fn update_worker<R>(
+        &mut self,
+        id: &WorkerId,
+        change: impl FnOnce(&mut Worker) -> R,
+    ) -> Option<R> {
+        self.workers.as_mut()?.update(id, change)
     }
 
     /// Replaces the view's copy of `worker` with the one just saved, if it is newer.
     fn saved(&mut self, worker: Worker) {
-        if let Some(w) = self
-            .workers
-            .as_mut()
-            .and_then(|ws| ws.iter_mut().find(|w| w.id() == worker.id()))
-            && worker.version() > w.version()
-        {
-            *w = worker;
-        }
+        let id = worker.id().clone();
+        self.update_worker(&id, |w| {
+            if worker.version() > w.version() {
+                *w = worker;
+            }
+        });
     }
 }
 
@@ -983,8 +1008,8 @@ async fn place(
         jobs::set_pending_reason(pool, job.id(), &hold.reason(job.tenant())).await?;
         return Ok(Placement::NoWorker);
     }
-    let (live, _) = view.get(pool, now - stale_after).await?;
-    let Some(worker) = best(live, &job).cloned() else {
+    let Some(worker) = view.best(&job).cloned() else {
+        let (live, _) = view.get(pool, now - stale_after).await?;
         if !fresh {
             // Slots may have been freed since the view was read.
             view.forget();
