@@ -192,7 +192,8 @@ fn fair_share(c: &mut Criterion) {
                         placed += 1;
                     }
                 }
-                black_box(placed)
+                // Returned, so that dropping the fleet is not timed.
+                (black_box(placed), index, shares, queue)
             },
             criterion::BatchSize::LargeInput,
         );
@@ -217,7 +218,7 @@ fn fair_share(c: &mut Criterion) {
                         placed += 1;
                     }
                 }
-                black_box(placed)
+                (black_box(placed), index)
             },
             criterion::BatchSize::LargeInput,
         );
@@ -233,7 +234,7 @@ fn fair_share(c: &mut Criterion) {
                     shares.charge(&tenant, &job.spec().resources);
                     n += 1;
                 }
-                black_box(n)
+                (black_box(n), shares, queue)
             },
             criterion::BatchSize::LargeInput,
         );
