@@ -106,14 +106,8 @@ const ROUND: usize = 256;
 /// 100 tenants with weights 1 to 4 (every tenth with quotas), each using some of the fleet,
 /// and the heads of their queues: 16 jobs each over three priorities.
 fn fair_share_setup(workers: &[Worker], job: &Job) -> (Shares, Vec<(i32, TenantId, JobId, Job)>) {
-    let capacity = workers.iter().fold(Capacity::default(), |mut c, w| {
-        c.slots += u64::from(w.max_concurrent_jobs());
-        c.cpu_millis += w.capacity().cpu_millis;
-        c.memory_mb += w.capacity().memory_mb;
-        c
-    });
     let mut shares = Shares {
-        capacity,
+        capacity: Capacity::of(workers),
         ..Shares::default()
     };
     let mut candidates = Vec::with_capacity(TENANTS * HEADS);

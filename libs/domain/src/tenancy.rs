@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{FieldError, ValidationErrors};
 use crate::ids::{JobId, TenantId};
 use crate::spec::Resources;
+use crate::worker::Worker;
 
 /// The largest weight a tenant may have.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -194,6 +195,16 @@ pub struct Capacity {
 }
 
 impl Capacity {
+    /// What `workers` offer together.
+    pub fn of<'a>(workers: impl IntoIterator<Item = &'a Worker>) -> Capacity {
+        workers.into_iter().fold(Capacity::default(), |mut c, w| {
+            c.slots += u64::from(w.max_concurrent_jobs());
+            c.cpu_millis += w.capacity().cpu_millis;
+            c.memory_mb += w.capacity().memory_mb;
+            c
+        })
+    }
+
     /// `usage`'s dominant share: its largest fraction of the slots, CPU and memory.
     pub fn dominant_share(&self, usage: &Usage) -> f64 {
         let fraction = |used: u64, total: u64| {
@@ -353,19 +364,6 @@ impl<T> FairQueue<T> {
         }
         Some((tenant, item))
     }
-
-    /// Drops the rest of `tenant`'s candidates at every priority (a quota holds them all),
-    /// returning them.
-    pub fn take_tenant(&mut self, tenant: &TenantId) -> Vec<T> {
-        let mut taken = Vec::new();
-        self.levels.retain(|_, tenants| {
-            if let Some(jobs) = tenants.remove(tenant) {
-                taken.extend(jobs.into_iter().map(|(_, item)| item));
-            }
-            !tenants.is_empty()
-        });
-        taken
-    }
 }
 
 #[cfg(test)]
@@ -441,7 +439,7 @@ mod tests {
             (0, tenant("idle"), JobId::new(), "idle"),
         ]);
         assert_eq!(queue.next(&s).unwrap().1, "idle");
-        assert_eq!(queue.take_tenant(&tenant("busy")), vec!["busy"]);
+        assert_eq!(queue.next(&s).unwrap().1, "busy");
         assert!(queue.next(&s).is_none());
     }
 

@@ -75,21 +75,6 @@ pub async fn delete_policy(
     Ok(done.rows_affected() == 1)
 }
 
-/// `tenant`'s policy and when it was set, if it has one.
-pub async fn policy(
-    conn: impl sqlx::PgExecutor<'_>,
-    tenant: &TenantId,
-) -> Result<Option<(TenantPolicy, DateTime<Utc>)>, StorageError> {
-    let sql = format!("SELECT {COLUMNS} FROM tenant_policies WHERE tenant = $1");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(tenant.as_str())
-        .fetch_optional(conn)
-        .await?;
-    row.as_ref()
-        .map(|row| decode(row).map(|(_, p, at)| (p, at)))
-        .transpose()
-}
-
 /// Every policy set, with when it was set.
 pub async fn list_policies(
     conn: impl sqlx::PgExecutor<'_>,
@@ -208,8 +193,18 @@ pub async fn queued(
     .bind(names)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(tenant, n)| Some((tenant.parse().ok()?, u64::try_from(n).unwrap_or(0))))
-        .collect())
+    rows.into_iter()
+        .map(|(tenant, n)| Ok((job_tenant(tenant)?, u64::try_from(n).unwrap_or(0))))
+        .collect()
+}
+
+/// A tenant as `jobs.tenant` holds it.
+fn job_tenant(name: String) -> Result<TenantId, StorageError> {
+    name.parse()
+        .map_err(|e: hodei_domain::IdError| StorageError::Corrupt {
+            table: "jobs",
+            id: name.clone(),
+            column: "tenant",
+            reason: e.to_string(),
+        })
 }

@@ -89,17 +89,7 @@ impl JobApi {
             .into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
-        if !spec
-            .idempotency_key
-            .as_deref()
-            .is_none_or(hodei_domain::schedule::is_client_key)
-        {
-            return Err(ApiError::field(
-                "spec.idempotency_key",
-                "must not start with `schedule-`: those are the keys of scheduled jobs",
-            )
-            .into());
-        }
+        request::client_idempotency_key(spec.idempotency_key.as_deref(), "jobs").into_status()?;
         let spec = self.secrets.seal_job(spec).into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
         limits.check_job("spec.", &spec).into_status()?;

@@ -125,17 +125,7 @@ impl PipelineApi {
         let wire = request::required("spec", req.spec).into_status()?;
         let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
         let spec = PipelineSpec::try_from(draft).into_status()?;
-        if !spec
-            .idempotency_key
-            .as_deref()
-            .is_none_or(hodei_domain::schedule::is_client_key)
-        {
-            return Err(ApiError::field(
-                "spec.idempotency_key",
-                "must not start with `schedule-`: those are the keys of scheduled runs",
-            )
-            .into());
-        }
+        request::client_idempotency_key(spec.idempotency_key.as_deref(), "runs").into_status()?;
         let spec = self.secrets.seal_pipeline(spec).into_status()?;
         if let Some(key) = spec.idempotency_key.as_deref()
             && let Some(existing) = self

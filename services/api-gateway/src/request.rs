@@ -42,6 +42,19 @@ pub fn required<T>(field: &str, value: Option<T>) -> Result<T, ApiError> {
 }
 
 /// A text field the request must carry, not empty.
+/// Refuses a client's idempotency key that takes the form reserved for scheduled jobs and runs
+/// (`schedule-…`), naming `spec.idempotency_key`; `what` says what those keys belong to.
+pub fn client_idempotency_key(key: Option<&str>, what: &str) -> Result<(), ApiError> {
+    if key.is_none_or(hodei_domain::schedule::is_client_key) {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            "spec.idempotency_key",
+            format!("must not start with `schedule-`: those are the keys of scheduled {what}"),
+        ))
+    }
+}
+
 pub fn required_text<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
     if value.is_empty() {
         Err(ApiError::field(field, "is required"))

@@ -845,18 +845,12 @@ impl WorkerView {
         if let Some(shares) = self.shares.take() {
             return Ok((shares, false));
         }
-        let capacity = self
-            .workers
-            .as_ref()
-            .map(WorkerIndex::workers)
-            .unwrap_or_default()
-            .iter()
-            .fold(Capacity::default(), |mut c, w| {
-                c.slots += u64::from(w.max_concurrent_jobs());
-                c.cpu_millis += w.capacity().cpu_millis;
-                c.memory_mb += w.capacity().memory_mb;
-                c
-            });
+        let capacity = Capacity::of(
+            self.workers
+                .as_ref()
+                .map(WorkerIndex::workers)
+                .unwrap_or_default(),
+        );
         let policies = tenants::policies(pool).await?;
         let usage = tenants::usage(pool, None).await?;
         Ok((
