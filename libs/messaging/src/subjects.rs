@@ -53,6 +53,16 @@ pub fn all_events() -> String {
     format!("{PREFIX}.evt.>")
 }
 
+/// What a domain event's subject (`hodei.v1.evt.<kind>.<id>.<event>`) is about: its kind
+/// (`job`, `worker`, `pipeline`, `schedule`) and the aggregate's id.
+pub fn event_aggregate(subject: &str) -> Option<(&str, &str)> {
+    let mut tokens = subject
+        .strip_prefix(PREFIX)?
+        .strip_prefix(".evt.")?
+        .split('.');
+    Some((tokens.next()?, tokens.next()?))
+}
+
 /// `hodei.v1.work.place.<job_id>`: a job that needs placing (work queue).
 pub fn place_job(job_id: &JobId) -> String {
     format!("{PREFIX}.work.place.{job_id}")
@@ -169,6 +179,12 @@ mod tests {
             format!("hodei.v1.evt.job.{job}.assigned")
         );
         assert_eq!(agent_commands(&worker), "hodei.v1.agent.w-1.cmd");
+        let job_id = job.to_string();
+        assert_eq!(
+            event_aggregate(&job_event(&job, "assigned")),
+            Some(("job", job_id.as_str()))
+        );
+        assert_eq!(event_aggregate(&place_job(&job)), None);
         assert_eq!(token_after(&heartbeat(&worker), 3), Some("w-1"));
         assert_eq!(
             template(&job_event(&job, "assigned")),

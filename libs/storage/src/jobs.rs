@@ -912,3 +912,54 @@ pub async fn queued_count(pool: &PgPool) -> Result<i64, StorageError> {
             .await?,
     )
 }
+
+/// How many jobs stand in each state, of one tenant or of every tenant; states with none are
+/// left out.
+pub async fn count_by_state(
+    pool: &PgPool,
+    tenant: Option<&TenantId>,
+) -> Result<Vec<(JobState, i64)>, StorageError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM jobs WHERE ($1::text IS NULL OR tenant = $1) GROUP BY state",
+    )
+    .bind(tenant.map(TenantId::as_str))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(state, count)| {
+            let parsed =
+                state
+                    .parse()
+                    .map_err(|e: hodei_domain::IdError| StorageError::Corrupt {
+                        table: "jobs",
+                        id: format!("state {state}"),
+                        column: "state",
+                        reason: e.to_string(),
+                    })?;
+            Ok((parsed, count))
+        })
+        .collect()
+}
+
+/// How many jobs ended (succeeded, failed, timed out or were cancelled) in each minute since
+/// `since`, of one tenant or of every tenant, oldest minute first; minutes with none are left
+/// out. Read from the job events by their time.
+pub async fn ended_per_minute(
+    pool: &PgPool,
+    tenant: Option<&TenantId>,
+    since: DateTime<Utc>,
+) -> Result<Vec<(DateTime<Utc>, i64)>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT date_trunc('minute', e.at) AS minute, count(*) \
+         FROM job_events e \
+         WHERE e.at >= $1 \
+           AND e.type IN ('succeeded', 'failed', 'timed_out', 'cancelled') \
+           AND ($2::text IS NULL OR EXISTS \
+                (SELECT 1 FROM jobs j WHERE j.id = e.job_id AND j.tenant = $2)) \
+         GROUP BY minute ORDER BY minute",
+    )
+    .bind(since)
+    .bind(tenant.map(TenantId::as_str))
+    .fetch_all(pool)
+    .await?)
+}

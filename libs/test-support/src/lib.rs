@@ -43,7 +43,7 @@ mod wait;
 
 pub use database::TestDatabase;
 pub use error::TestSupportError;
-pub use http::{HttpResponse, http_get, metric_sample};
+pub use http::{HttpResponse, http_get, http_request, metric_sample};
 pub use nats::{NatsSecurity, TestNats};
 pub use proxy::TcpProxy;
 pub use wait::{free_port, wait_for};
