@@ -7,6 +7,7 @@
 mod access;
 mod admission;
 mod auth;
+mod console;
 mod errors;
 mod grpc_trace;
 mod history;
@@ -79,6 +80,10 @@ pub struct GatewayConfig {
     /// `secret_env` are refused.
     #[arg(long, env = "HODEI_SECRETS_PUBLIC_KEY")]
     pub secrets_public_key: Option<String>,
+    /// Address of the web console (HTTP, or HTTPS with the gRPC API's certificate); unset:
+    /// no console. Port 0 picks a free port.
+    #[arg(long, env = "HODEI_CONSOLE_ADDR")]
+    pub console_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub tls: TlsConfig,
     #[command(flatten)]
@@ -176,6 +181,7 @@ impl GatewayConfig {
             tenant_max_streams: 1_000,
             max_streams_per_connection: 256,
             secrets_public_key: None,
+            console_addr: None,
             tls: TlsConfig::default(),
             oidc: OidcArgs::default(),
         }
@@ -203,6 +209,8 @@ pub enum GatewayError {
     Reflection(String),
     #[error("grpc server failed: {0}")]
     Serve(String),
+    #[error(transparent)]
+    Console(#[from] console::ConsoleError),
 }
 
 /// A built gateway: connected and listening, not yet serving.
@@ -214,6 +222,7 @@ pub struct Gateway {
     tls: Option<ServerTlsConfig>,
     listener: TcpListener,
     addr: SocketAddr,
+    console: Option<console::ConsoleServer>,
 }
 
 impl Gateway {
@@ -241,6 +250,19 @@ impl Gateway {
             addr: config.grpc_addr,
             source,
         })?;
+        let console = match config.console_addr {
+            Some(console_addr) => {
+                let files = match (&config.tls.tls_cert, &config.tls.tls_key) {
+                    (Some(cert), Some(key)) => Some(console::ConsoleTls {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }),
+                    _ => None,
+                };
+                Some(console::ConsoleServer::bind(console_addr, files.as_ref()).await?)
+            }
+            None => None,
+        };
         Ok(Gateway {
             config,
             backends,
@@ -249,12 +271,20 @@ impl Gateway {
             tls,
             listener,
             addr,
+            console,
         })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the web console, if configured.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console
+            .as_ref()
+            .map(console::ConsoleServer::local_addr)
     }
 
     /// The address of the `/metrics`, `/healthz` and `/readyz` server, if configured.
@@ -313,29 +343,47 @@ impl Gateway {
             self.config.tenant_submit_burst,
             self.config.tenant_max_streams,
         );
-        let pipeline_api = pipelines::PipelineApi::new(
+        let pipeline_api = Arc::new(pipelines::PipelineApi::new(
             self.backends.clone(),
             self.secrets.clone(),
             admission.clone(),
             audit.clone(),
             Arc::clone(&quotas),
             shutdown.clone(),
-        );
+        ));
         let schedule_api = schedules::ScheduleApi::new(
             self.backends.clone(),
             self.secrets.clone(),
             audit.clone(),
             Arc::clone(&quotas),
         );
-        let job_api = jobs::JobApi::new(
+        let job_api = Arc::new(jobs::JobApi::new(
             self.backends.clone(),
             self.secrets.clone(),
             admission,
             submissions::Submissions::start(self.backends.clone()),
             audit.clone(),
-            quotas,
+            Arc::clone(&quotas),
             shutdown.clone(),
-        );
+        ));
+        let worker_api = Arc::new(workers::WorkerApi::new(
+            self.backends.clone(),
+            audit.clone(),
+        ));
+        let console = self.console.map(|server| {
+            let services = console::Services {
+                jobs: Arc::clone(&job_api),
+                pipelines: Arc::clone(&pipeline_api),
+                workers: Arc::clone(&worker_api),
+                quotas: Arc::clone(&quotas),
+            };
+            tokio::spawn(server.serve(
+                services,
+                Arc::clone(&self.auth),
+                self.backends.clone(),
+                shutdown.clone(),
+            ))
+        });
         let access_api =
             access::AccessApi::new(self.backends.clone(), Arc::clone(&self.auth), audit.clone());
         let mut server = tonic::transport::Server::builder();
@@ -353,22 +401,22 @@ impl Gateway {
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
-            .add_service(JobServiceServer::new(job_api))
-            .add_service(PipelineServiceServer::new(pipeline_api))
+            .add_service(JobServiceServer::from_arc(job_api))
+            .add_service(PipelineServiceServer::from_arc(pipeline_api))
             .add_service(ScheduleServiceServer::new(schedule_api))
             .add_service(TenantServiceServer::new(tenants::TenantApi::new(
                 self.backends.clone(),
                 audit.clone(),
             )))
-            .add_service(WorkerServiceServer::new(workers::WorkerApi::new(
-                self.backends.clone(),
-                audit,
-            )))
+            .add_service(WorkerServiceServer::from_arc(worker_api))
             .add_service(AccessServiceServer::new(access_api))
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));
         shutdown.cancel();
+        if let Some(console) = console {
+            let _ = console.await;
+        }
         let _ = relay.await;
         if let Some(observability) = observability {
             let _ = observability.await;

@@ -1,0 +1,248 @@
+//! Signing in: the caller's token lives in an HTTP-only, same-site cookie (or comes as
+//! `authorization: Bearer …`, for scripts) and is checked by the gRPC API's own authenticator
+//! on every request. Forms that change something carry a token derived from the credential,
+//! and are refused when the browser says they come from another origin.
+
+use axum::Form;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use hodei_domain::Principal;
+use maud::html;
+use serde::Deserialize;
+
+use super::Console;
+use super::views::{self, Failure};
+
+/// The cookie that holds the caller's token.
+const COOKIE: &str = "hodei_console";
+
+/// Header a page's script sets when it asks for a live region's fragment only.
+pub(super) const FRAGMENT_HEADER: &str = "x-hodei-fragment";
+
+/// A signed-in caller.
+pub(crate) struct Caller {
+    pub principal: Principal,
+    /// The anti-forgery token forms must carry.
+    pub csrf: String,
+    /// The request asks for a live region's fragment, not the whole page.
+    pub fragment: bool,
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// The anti-forgery token of a credential: a digest no page can turn back into it.
+fn csrf_of(credential: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("hodei-console-csrf\0{credential}").as_bytes(),
+    );
+    digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl FromRequestParts<Console> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, console: &Console) -> Result<Self, Failure> {
+        let fragment = parts.headers.contains_key(FRAGMENT_HEADER);
+        let (authorization, credential) = match parts.headers.get(header::AUTHORIZATION) {
+            Some(value) => {
+                let credential = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.split_once(' ').map(|(_, c)| c.trim().to_owned()))
+                    .unwrap_or_default();
+                (Some(value.clone()), credential)
+            }
+            None => match cookie_token(&parts.headers) {
+                Some(token) => (
+                    HeaderValue::from_str(&format!("Bearer {token}")).ok(),
+                    token,
+                ),
+                None => (None, String::new()),
+            },
+        };
+        let next = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let Some(authorization) = authorization else {
+            return Err(Failure::SignIn { next, why: None });
+        };
+        match console.auth.authenticate(Some(authorization), None).await {
+            Ok(principal) => Ok(Caller {
+                principal,
+                csrf: csrf_of(&credential),
+                fragment,
+            }),
+            Err(crate::errors::ApiError::Unauthenticated(why)) => Err(Failure::SignIn {
+                next,
+                why: Some(why),
+            }),
+            Err(e) => Err(Failure::from(tonic::Status::from(e))),
+        }
+    }
+}
+
+/// A form that changes something: its anti-forgery token.
+#[derive(Deserialize)]
+pub(super) struct Guarded {
+    #[serde(default)]
+    pub csrf: String,
+}
+
+impl Caller {
+    /// Refuses a state-changing form that lacks this caller's anti-forgery token or that the
+    /// browser says was sent from another origin.
+    pub fn check_form(&self, headers: &HeaderMap, form: &Guarded) -> Result<(), Failure> {
+        if form.csrf != self.csrf {
+            return Err(Failure::Forbidden(
+                "the form's anti-forgery token does not match your session: reload the page".into(),
+            ));
+        }
+        if let (Some(origin), Some(host)) = (
+            headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+            headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+        ) {
+            let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+            if origin != "null" && origin_host != host {
+                return Err(Failure::Forbidden(format!(
+                    "a form from {origin} may not act on this console"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub(super) struct Next {
+    #[serde(default)]
+    next: Option<String>,
+}
+
+/// Where to go after signing in: a path on this console only.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        _ => "/".into(),
+    }
+}
+
+pub(super) async fn login_page(Query(next): Query<Next>) -> Response {
+    sign_in_form(&safe_next(next.next.as_deref()), None, StatusCode::OK)
+}
+
+fn sign_in_form(next: &str, error: Option<&str>, status: StatusCode) -> Response {
+    let body = html! {
+        section.signin aria-labelledby="signin-title" {
+            h1 #signin-title { "Sign in to Hodei" }
+            p { "Paste an API token (" code { "hodei token create" } " or "
+                code { "hodei-admin token create" } ") or an OIDC access token. It is kept in a
+                cookie this browser sends only to this console." }
+            @if let Some(error) = error {
+                p.error role="alert" { (error) }
+            }
+            form method="post" action="/login" {
+                input type="hidden" name="next" value=(next);
+                label for="token" { "Token" }
+                textarea #token name="token" rows="3" required autocomplete="off"
+                    spellcheck="false" autofocus {}
+                button type="submit" { "Sign in" }
+            }
+        }
+    };
+    (status, views::bare_page("Sign in", body)).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct Login {
+    token: String,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+pub(super) async fn login(State(console): State<Console>, Form(login): Form<Login>) -> Response {
+    let next = safe_next(login.next.as_deref());
+    let token = login.token.trim();
+    let header = HeaderValue::from_str(&format!("Bearer {token}"));
+    let refused = |why: String| sign_in_form(&next, Some(&why), StatusCode::UNAUTHORIZED);
+    let Ok(header) = header else {
+        return refused("the token has characters no token has".into());
+    };
+    if token.is_empty() || token.contains(';') || token.contains(char::is_whitespace) {
+        return refused("the token has characters no token has".into());
+    }
+    match console.auth.authenticate(Some(header), None).await {
+        Ok(principal) => {
+            tracing::info!(subject = %principal.subject, tenant = %principal.tenant, "console sign-in");
+            let secure = if console.secure { "; Secure" } else { "" };
+            let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
+            ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
+        }
+        Err(crate::errors::ApiError::Unauthenticated(why)) => refused(why),
+        Err(e) => Failure::from(tonic::Status::from(e)).into_response(),
+    }
+}
+
+pub(super) async fn logout(
+    State(console): State<Console>,
+    caller: Caller,
+    headers: HeaderMap,
+    Form(form): Form<Guarded>,
+) -> Response {
+    if let Err(e) = caller.check_form(&headers, &form) {
+        return e.into_response();
+    }
+    let secure = if console.secure { "; Secure" } else { "" };
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; hodei_console=hodei_abc; b=2"),
+        );
+        assert_eq!(cookie_token(&headers).as_deref(), Some("hodei_abc"));
+        headers.insert(header::COOKIE, HeaderValue::from_static("hodei_console="));
+        assert_eq!(cookie_token(&headers), None);
+    }
+
+    #[test]
+    fn only_local_paths_are_followed_after_sign_in() {
+        assert_eq!(safe_next(Some("/jobs?state=queued")), "/jobs?state=queued");
+        assert_eq!(safe_next(Some("//evil.example/")), "/");
+        assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        assert_eq!(safe_next(Some("/\\evil")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn the_anti_forgery_token_depends_on_the_credential() {
+        assert_eq!(csrf_of("a"), csrf_of("a"));
+        assert_ne!(csrf_of("a"), csrf_of("b"));
+        assert_eq!(csrf_of("a").len(), 32);
+    }
+}
