@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what the tests need (cc, a nats-server
 # >= 2.10 for the test helpers, a private PostgreSQL cluster, grpcurl and
-# Python's grpcio-reflection for the reflection test), checks the
+# Python's grpcio-reflection for the reflection test, Chromium for the web
+# console's browser test), checks the
 # formatting, the clippy lints (-D warnings) and the Kubernetes manifests
 # (scripts/check-k8s.sh), builds the service binaries that the system tests
 # start as processes, runs `cargo nextest run` (or `cargo test` without
@@ -33,6 +34,8 @@ hodei_ensure_build_deps
 hodei_ensure_nats
 hodei_ensure_postgres
 hodei_ensure_grpc_clients
+hodei_ensure_chromium
+export HODEI_CHROMIUM
 export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT
 export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH
 

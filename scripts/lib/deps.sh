@@ -286,6 +286,28 @@ hodei_ensure_grpc_clients() {
 }
 
 # ---------------------------------------------------------------------------
+# Chromium (headless, for the web console's browser tests)
+# ---------------------------------------------------------------------------
+
+# Makes sure a Chromium is installed (Debian's `chromium`, with a font for its
+# text) and exports HODEI_CHROMIUM, its path. A HODEI_CHROMIUM that is already
+# set and executable is kept.
+hodei_ensure_chromium() {
+    if [ -n "${HODEI_CHROMIUM:-}" ] && [ -x "$HODEI_CHROMIUM" ]; then
+        export HODEI_CHROMIUM
+        return 0
+    fi
+    if ! command -v chromium >/dev/null 2>&1 || [ ! -d /usr/share/fonts/truetype/dejavu ]; then
+        _hodei_apt_install chromium fonts-dejavu-core || return 1
+    fi
+    HODEI_CHROMIUM="$(command -v chromium)" || {
+        _hodei_err "chromium installed but not on PATH"
+        return 1
+    }
+    export HODEI_CHROMIUM
+}
+
+# ---------------------------------------------------------------------------
 # PostgreSQL (private cluster)
 # ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 //! PostgreSQL database, and the gateway, scheduler, registry and agents started through the
 //! same `build` + `run_until_stopped` wiring their binaries use.
 
+pub mod browser;
 pub mod processes;
 
 use std::time::Duration;
@@ -181,6 +182,8 @@ pub struct TestSystem {
     /// Each service's `/metrics`, `/healthz`, `/readyz` address, by name (`api-gateway`,
     /// `scheduler` (and `scheduler-1`, … for more replicas), `registry`, agents by id).
     metrics_addrs: Vec<(String, std::net::SocketAddr)>,
+    /// The web console's address, with `SystemOptions::console`.
+    console_addr: Option<std::net::SocketAddr>,
 }
 
 /// Settings a test may change; the rest are fixed for test systems.
@@ -218,6 +221,8 @@ pub struct SystemOptions {
     pub tenant_submit_rate: u32,
     pub tenant_submit_burst: u32,
     pub tenant_max_streams: u32,
+    /// Serve the web console on a free port (see [`TestSystem::console_url`]).
+    pub console: bool,
 }
 
 impl Default for SystemOptions {
@@ -241,6 +246,7 @@ impl Default for SystemOptions {
             tenant_submit_rate: 100_000,
             tenant_submit_burst: 100_000,
             tenant_max_streams: 10_000,
+            console: false,
         }
     }
 }
@@ -272,6 +278,17 @@ impl TestSystem {
     }
 
     /// Where the system's CA and certificates are, when it serves TLS.
+    /// The web console's base URL (`http://…` or, with `tls`, `https://…`), with
+    /// `SystemOptions::console`.
+    pub fn console_url(&self) -> Option<String> {
+        let scheme = if self.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.console_addr.map(|a| format!("{scheme}://{a}"))
+    }
+
     pub fn tls_dir(&self) -> Option<&std::path::Path> {
         self.tls_dir.as_ref().map(|d| d.path())
     }
@@ -361,11 +378,13 @@ impl TestSystem {
                 .ok_or_else(|| StartError("tenant_submit_burst must be 1 or more".into()))?,
             tenant_max_streams: options.tenant_max_streams,
             secrets_public_key: Some(secrets_public),
+            console_addr: options.console.then(|| ([127, 0, 0, 1], 0).into()),
             ..GatewayConfig::new(as_service(NatsRole::Gateway), ([127, 0, 0, 1], 0).into())
         })
         .await
         .map_err(|e| fail("gateway")(e.to_string()))?;
         let grpc_addr = gateway.local_addr();
+        let console_addr = gateway.console_addr();
         metrics_addrs.extend(
             gateway
                 .metrics_addr()
@@ -464,6 +483,7 @@ impl TestSystem {
             agents_stopped: Vec::new(),
             work_root,
             metrics_addrs,
+            console_addr,
         };
         for spec in agents {
             system.add_agent(spec, HEARTBEAT_MS).await?;
