@@ -35,9 +35,8 @@ hodei_ensure_nats
 hodei_ensure_postgres
 hodei_ensure_grpc_clients
 hodei_ensure_chromium
-export HODEI_CHROMIUM
 export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT
-export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH
+export HODEI_GRPCURL HODEI_GRPC_PYTHONPATH HODEI_CHROMIUM
 
 # The lints the workspace declares are enforced before any test runs.
 cargo fmt --all -- --check

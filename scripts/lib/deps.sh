@@ -6,6 +6,7 @@
 #   source scripts/lib/deps.sh
 #   hodei_ensure_build_deps   # cc and pkg-config
 #   hodei_ensure_nats         # exports HODEI_NATS_SERVER (nats-server >= 2.10)
+#   hodei_ensure_chromium     # exports HODEI_CHROMIUM (headless browser tests)
 #   hodei_ensure_postgres     # private cluster; exports HODEI_PG_PORT,
 #                             # HODEI_TEST_DATABASE_URL, HODEI_DATABASE_URL
 #   hodei_stop_postgres

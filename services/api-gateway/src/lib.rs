@@ -414,8 +414,10 @@ impl Gateway {
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));
         shutdown.cancel();
-        if let Some(console) = console {
-            let _ = console.await;
+        if let Some(console) = console
+            && let Err(e) = console.await
+        {
+            tracing::error!(error = %e, "web console task failed");
         }
         let _ = relay.await;
         if let Some(observability) = observability {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -23,6 +23,12 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often [`Page::wait_for`] evaluates its condition.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How long dropping a [`Browser`] waits for Chromium to exit before removing its profile.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The event the reader broadcasts once the browser's pipe has closed.
+const CLOSED_EVENT: &str = "Hodei.browserClosed";
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
 
@@ -48,6 +54,8 @@ struct Connection {
     pending: Pending,
     events: broadcast::Sender<Value>,
     next_id: AtomicU64,
+    /// Set by the reader when the browser's pipe closes.
+    closed: Arc<AtomicBool>,
     log: PathBuf,
 }
 
@@ -66,6 +74,14 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
             pending.insert(id, tx);
+        }
+        // The reader marks the connection closed before it drops the waiters: a command
+        // registered after that sees the mark.
+        if self.closed.load(Ordering::SeqCst) {
+            if let Ok(mut pending) = self.pending.lock() {
+                pending.remove(&id);
+            }
+            return Err(self.failed(method, "the browser went away"));
         }
         let mut bytes = message.to_string().into_bytes();
         bytes.push(0);
@@ -103,8 +119,31 @@ impl Connection {
 /// A headless Chromium, killed when dropped.
 pub struct Browser {
     connection: Arc<Connection>,
-    _child: Child,
-    _profile: tempfile::TempDir,
+    child: Child,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    /// Kills Chromium and waits (briefly) for it to exit, so that its profile folder can be
+    /// removed: removed while Chromium still writes to it, the folder would stay behind.
+    fn drop(&mut self) {
+        if self.child.start_kill().is_err() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + EXIT_WAIT;
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Its helper processes may still finish writing for a moment.
+        for _ in 0..20 {
+            match std::fs::remove_dir_all(self.profile.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => break,
+            }
+        }
+    }
 }
 
 impl Browser {
@@ -146,12 +185,14 @@ impl Browser {
             return Err(StartError("chromium's pipes were not set up".into()));
         };
         let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
         let (events, _) = broadcast::channel(1024);
         let connection = Arc::new(Connection {
             stdin: Mutex::new(stdin),
             pending: Arc::clone(&pending),
             events: events.clone(),
             next_id: AtomicU64::new(1),
+            closed: Arc::clone(&closed),
             log,
         });
         tokio::spawn(async move {
@@ -182,15 +223,18 @@ impl Browser {
                     let _ = events.send(message);
                 }
             }
-            // The browser is gone: every waiting command fails now, not at its timeout.
+            // The browser is gone: every waiting command fails now, not at its timeout,
+            // and so does every wait for an event.
+            closed.store(true, Ordering::SeqCst);
             if let Ok(mut pending) = pending.lock() {
                 pending.clear();
             }
+            let _ = events.send(json!({ "method": CLOSED_EVENT }));
         });
         Ok(Browser {
             connection,
-            _child: child,
-            _profile: profile,
+            child,
+            profile,
         })
     }
 
@@ -243,6 +287,10 @@ impl Page {
         if let Some(error) = navigated.get("errorText").and_then(Value::as_str) {
             return Err(StartError(format!("navigating to {url}: {error}")));
         }
+        // A navigation within the document (a new #fragment) loads nothing.
+        if navigated.get("loaderId").is_none() {
+            return Ok(());
+        }
         let loaded = async {
             loop {
                 match events.recv().await {
@@ -251,6 +299,11 @@ impl Page {
                             && event["sessionId"] == self.session.as_str() =>
                     {
                         return Ok(());
+                    }
+                    Ok(event) if event["method"] == CLOSED_EVENT => {
+                        return Err(self
+                            .connection
+                            .failed(&format!("loading {url}"), "the browser went away"));
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {

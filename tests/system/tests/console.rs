@@ -116,13 +116,17 @@ async fn the_console_follows_jobs_logs_pipelines_and_workers_live() {
     ))
     .await
     .unwrap();
-    page.wait_for(
-        "location.pathname === '/jobs'",
-        "the jobs page after sign-in",
-        WAIT,
-    )
-    .await
-    .unwrap();
+    if let Err(e) = page
+        .wait_for(
+            "location.pathname === '/jobs'",
+            "the jobs page after sign-in",
+            WAIT,
+        )
+        .await
+    {
+        let body = page.eval("document.body.innerText").await.unwrap();
+        panic!("{e}: the page says {body}");
+    }
     wait_live(&page).await;
 
     // 1. A submitted job appears in the list without a reload.

@@ -108,8 +108,14 @@ async fn the_console_asks_for_a_token_and_follows_the_api_s_roles_and_tenants() 
     let refused = post(console, "/login", "", &[], "token=hodei_nosuchtoken").await;
     assert_eq!(refused.status, 401);
     assert!(refused.body.contains("unknown token"), "{}", refused.body);
-    // A sign-in may only lead back into the console.
+    // Nor may another site sign a browser in, to its own tenant say.
     let admin = system.admin_token.clone();
+    for header in [("sec-fetch-site", "cross-site"), ("origin", "null")] {
+        let forged = post(console, "/login", "", &[header], &format!("token={admin}")).await;
+        assert_eq!(forged.status, 403, "{header:?}");
+        assert!(forged.header("set-cookie").is_none());
+    }
+    // A sign-in may only lead back into the console.
     let elsewhere = post(
         console,
         "/login",
@@ -132,6 +138,7 @@ async fn the_console_asks_for_a_token_and_follows_the_api_s_roles_and_tenants() 
     assert!(list.body.contains(&job.id), "the admin sees the job");
     let page = get(console, &format!("/jobs/{}", job.id), &admin_cookie).await;
     assert_eq!(page.status, 200);
+    assert_eq!(page.header("cache-control"), Some("no-store"));
     assert!(page.body.contains("API_KEY="), "the secret's name is shown");
     assert!(
         !page.body.contains("s3cr3t-value"),

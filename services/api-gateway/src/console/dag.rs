@@ -176,9 +176,12 @@ pub(super) fn render(nodes: &[Node<'_>]) -> Markup {
         + MARGIN;
     let edges: Vec<(String, i32)> = groups
         .iter()
-        .flat_map(|to| {
+        .enumerate()
+        .flat_map(|(at, to)| {
+            // A combination that needs a sibling of its own matrix draws no arrow to itself.
             to.needs
                 .iter()
+                .filter(move |&&from| from != at)
                 .filter_map(|&from| groups.get(from).map(|from| edge(from, to, &bottoms)))
         })
         .collect();
@@ -190,7 +193,7 @@ pub(super) fn render(nodes: &[Node<'_>]) -> Markup {
         .unwrap_or(0)
         + MARGIN;
     html! {
-        svg.dag xmlns="http://www.w3.org/2000/svg" role="img"
+        svg.dag xmlns="http://www.w3.org/2000/svg" role="group"
             aria-label="The run's steps as a graph; the table below lists them too"
             width=(width) height=(height) viewBox=(format!("0 0 {width} {height}")) {
             defs {
@@ -209,7 +212,7 @@ pub(super) fn render(nodes: &[Node<'_>]) -> Markup {
                         rect.frame x=(group.x) y=(group.y) width=(BOX_W + 2 * GROUP_PAD)
                             height=(group.height) rx="8" {}
                         text.frame-title x=(group.x + GROUP_PAD) y=(group.y + 16) {
-                            (fit(group.base, 26)) " · matrix of " (group.members.len())
+                            (fit(group.base, 16)) " · matrix of " (group.members.len())
                         }
                     }
                 }

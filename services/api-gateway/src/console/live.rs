@@ -136,11 +136,11 @@ fn changes(
 }
 
 fn permit(console: &Console, caller: &Caller) -> Result<StreamPermit, Failure> {
-    console
+    caller.principal.authorize(hodei_domain::Action::Read)?;
+    Ok(console
         .services
         .quotas
-        .open_stream(&caller.principal.tenant)
-        .map_err(|e| Failure::from(tonic::Status::from(e)))
+        .open_stream(&caller.principal.tenant)?)
 }
 
 pub(super) async fn jobs_feed(

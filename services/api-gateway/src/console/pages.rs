@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::Form;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -203,13 +203,11 @@ async fn overview_figures(
     let counts = console
         .backends
         .db(|| jobs::count_by_state(pool, scope.as_ref()))
-        .await
-        .map_err(|e| Failure::from(tonic::Status::from(crate::errors::ApiError::from(e))))?;
+        .await?;
     let ended = console
         .backends
         .db(|| jobs::ended_per_minute(pool, scope.as_ref(), since))
-        .await
-        .map_err(|e| Failure::from(tonic::Status::from(crate::errors::ApiError::from(e))))?;
+        .await?;
     let figures = Arc::new(Overview {
         counts,
         ended,
@@ -265,11 +263,8 @@ pub(super) async fn overview(
     caller: Caller,
 ) -> Result<Response, Failure> {
     let who = &caller.principal;
-    who.authorize(Action::Read)
-        .map_err(|e| Failure::Forbidden(e.to_string()))?;
-    let scope = who
-        .listing_scope(None)
-        .map_err(|e| Failure::Forbidden(e.to_string()))?;
+    who.authorize(Action::Read)?;
+    let scope = who.listing_scope(None)?;
     let figures = overview_figures(&console, scope.clone()).await?;
     let fleet = console
         .services
@@ -344,7 +339,7 @@ pub(super) async fn overview(
             @if lost.is_empty() {
                 p.none data-lost-workers="0" { "None." }
             } @else {
-                div.table-wrap {
+                div.table-wrap tabindex="0" {
                     table data-lost-workers=(lost.len()) {
                         thead { tr { th scope="col" { "Worker" } th scope="col" { "Status" } th scope="col" { "Last beat" } th scope="col" { "Attempts held" } } }
                         tbody {
@@ -417,7 +412,7 @@ pub(super) async fn jobs(
         @if found.jobs.is_empty() {
             p.none data-empty { "No job matches." }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" {
                 table.jobs {
                     caption.visually-hidden { "Jobs, newest first" }
                     thead { tr {
@@ -539,7 +534,7 @@ fn attempts_table(attempts: &[pb::Attempt]) -> Markup {
         @if attempts.is_empty() {
             p.none { "No attempt yet." }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" {
                 table.attempts {
                     thead { tr {
                         th scope="col" { "#" } th scope="col" { "Worker" } th scope="col" { "Assigned" }
@@ -567,7 +562,7 @@ fn attempts_table(attempts: &[pb::Attempt]) -> Markup {
 
 fn events_table(events: &[pb::JobEvent]) -> Markup {
     html! {
-        div.table-wrap {
+        div.table-wrap tabindex="0" {
             table.events {
                 thead { tr {
                     th scope="col" { "#" } th scope="col" { "At" } th scope="col" { "Event" }
@@ -648,8 +643,11 @@ pub(super) async fn job(
         h2 { "Attempts" }
         (attempts_table(&job.attempts))
         details.events open[history.events.len() <= 20] {
-            summary { h2 { "Events (" (history.events.len()) ")" } }
+            summary { "Events (" (history.events.len()) @if !history.next_page_token.is_empty() { "+" } ")" }
             (events_table(&history.events))
+            @if !history.next_page_token.is_empty() {
+                p.muted { "The first 1,000 events; " code { "hodei history " (job.id) } " lists them all." }
+            }
         }
     };
     let title = if spec.name.is_empty() {
@@ -684,10 +682,9 @@ pub(super) async fn cancel_job(
     State(console): State<Console>,
     caller: Caller,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Form(form): Form<Guarded>,
 ) -> Result<Response, Failure> {
-    caller.check_form(&headers, &form)?;
+    caller.check_form(&form)?;
     console
         .services
         .jobs
@@ -746,7 +743,7 @@ pub(super) async fn runs(
         @if found.runs.is_empty() {
             p.none data-empty { "No pipeline run matches." }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" {
                 table.runs {
                     thead { tr {
                         th scope="col" { "Run" } th scope="col" { "State" } th scope="col" { "Steps" }
@@ -873,7 +870,7 @@ pub(super) async fn run(
         }
         div.dag-wrap { (dag::render(&nodes)) }
         h2 { "Steps" }
-        div.table-wrap {
+        div.table-wrap tabindex="0" {
             table.steps {
                 thead { tr {
                     th scope="col" { "Step" } th scope="col" { "State" } th scope="col" { "Needs" }
@@ -899,7 +896,7 @@ pub(super) async fn run(
         @if artifacts.is_empty() {
             p.none { @if ended { "None." } @else { "None yet." } }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" {
                 table.artifacts {
                     thead { tr { th scope="col" { "Step" } th scope="col" { "File" } th scope="col" { "Size" } th scope="col" { "Digest" } } }
                     tbody {
@@ -937,10 +934,9 @@ pub(super) async fn cancel_run(
     State(console): State<Console>,
     caller: Caller,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Form(form): Form<Guarded>,
 ) -> Result<Response, Failure> {
-    caller.check_form(&headers, &form)?;
+    caller.check_form(&form)?;
     console
         .services
         .pipelines
@@ -973,23 +969,35 @@ pub(super) async fn download_artifact(
         ))
         .await?
         .into_inner();
-    let file = path
-        .rsplit('/')
-        .next()
-        .unwrap_or("artifact")
-        .replace(['"', '\\'], "_");
+    let disposition = attachment(path.rsplit('/').next().unwrap_or("artifact"));
     let body = Body::from_stream(stream.map(|chunk| chunk.map(|c| c.data)));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{file}\""),
-            ),
+            (header::CONTENT_DISPOSITION, disposition),
         ],
         body,
     )
         .into_response())
+}
+
+/// `Content-Disposition` of a download named `file`: an ASCII stand-in for old clients, the
+/// name itself UTF-8 and percent-encoded (RFC 6266).
+fn attachment(file: &str) -> String {
+    let plain: String = file
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "attachment; filename=\"{plain}\"; filename*=UTF-8''{}",
+        encode_query(file).replace('/', "%2F")
+    )
 }
 
 // ----- workers -----
@@ -1029,11 +1037,11 @@ pub(super) async fn workers(
         @if found.workers.is_empty() {
             p.none data-empty { "No worker matches." }
         } @else {
-            div.table-wrap {
+            div.table-wrap tabindex="0" {
                 table.workers {
                     thead { tr {
                         th scope="col" { "Worker" } th scope="col" { "Status" } th scope="col" { "Labels" }
-                        th scope="col" { "Slots" } th scope="col" { "CPU" } th scope="col" { "Memory" }
+                        th scope="col" { "Slots" } th scope="col" title="The host's, 100% for each busy core" { "Host CPU" } th scope="col" { "Host memory" }
                         th scope="col" { "Last beat" } th scope="col" { "Attempts held" }
                         @if drain { th scope="col" { span.visually-hidden { "Actions" } } }
                     } }
@@ -1052,7 +1060,7 @@ pub(super) async fn workers(
                                     meter min="0" max=(slots) value=(used) aria-label={ (used) " of " (slots) " slots in use" } {}
                                     " " (used) " used, " (slots.saturating_sub(used)) " free"
                                 }
-                                td { (format!("{:.0}", usage.cpu_percent)) "% of " (format!("{:.1}", capacity.cpu_millis as f64 / 1000.0)) " cores" br; span.muted { "load " (format!("{:.2}", usage.load_1m)) } }
+                                td { (format!("{:.0}%", usage.cpu_percent)) br; span.muted { "load " (format!("{:.2}", usage.load_1m)) ", offers " (format!("{:.1}", capacity.cpu_millis as f64 / 1000.0)) " cores" } }
                                 td { (usage.memory_used_mb) " of " (usage.memory_total_mb) " MiB" }
                                 td { (ago(w.last_heartbeat_at.as_ref())) }
                                 td {
@@ -1104,10 +1112,9 @@ pub(super) async fn drain_worker(
     State(console): State<Console>,
     caller: Caller,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Form(form): Form<Guarded>,
 ) -> Result<Response, Failure> {
-    caller.check_form(&headers, &form)?;
+    caller.check_form(&form)?;
     console
         .services
         .workers
@@ -1151,6 +1158,15 @@ mod tests {
             "?a=x%20y"
         );
         assert_eq!(query_string(&[("a", None)]), "");
+    }
+
+    #[test]
+    fn download_names_survive_any_characters() {
+        assert_eq!(
+            attachment("r\u{e9}sum\u{e9} \"1\".pdf"),
+            "attachment; filename=\"r_sum_ _1_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.pdf"
+        );
+        assert!(axum::http::HeaderValue::from_str(&attachment("a\u{e9}\n")).is_ok());
     }
 
     #[test]

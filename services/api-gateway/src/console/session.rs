@@ -6,7 +6,7 @@
 use axum::Form;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use hodei_domain::Principal;
 use maud::html;
@@ -28,6 +28,28 @@ pub(crate) struct Caller {
     pub csrf: String,
     /// The request asks for a live region's fragment, not the whole page.
     pub fragment: bool,
+    /// Why the browser says the request comes from another site, if it does.
+    foreign: Option<String>,
+}
+
+/// Why the browser says a request comes from another site: `Sec-Fetch-Site` other than
+/// `same-origin` or `none` (typed in), or an `Origin` that is not this console's host (the
+/// `Host` header, or the URI's authority over HTTP/2). `None` when it says nothing of it.
+fn foreign_origin(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && site != "same-origin"
+        && site != "none"
+    {
+        return Some(format!("a {site} request"));
+    }
+    let origin = text(header::ORIGIN)?;
+    let host = text(header::HOST).or_else(|| uri.authority().map(|a| a.as_str()));
+    let origin_host = origin.split_once("://").map(|(_, h)| h);
+    match (origin_host, host) {
+        (Some(from), Some(host)) if from == host => None,
+        _ => Some(format!("a request from {origin}")),
+    }
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -89,12 +111,13 @@ impl FromRequestParts<Console> for Caller {
                 principal,
                 csrf: csrf_of(&credential),
                 fragment,
+                foreign: foreign_origin(&parts.headers, &parts.uri),
             }),
             Err(crate::errors::ApiError::Unauthenticated(why)) => Err(Failure::SignIn {
                 next,
                 why: Some(why),
             }),
-            Err(e) => Err(Failure::from(tonic::Status::from(e))),
+            Err(e) => Err(Failure::from(e)),
         }
     }
 }
@@ -109,24 +132,18 @@ pub(super) struct Guarded {
 impl Caller {
     /// Refuses a state-changing form that lacks this caller's anti-forgery token or that the
     /// browser says was sent from another origin.
-    pub fn check_form(&self, headers: &HeaderMap, form: &Guarded) -> Result<(), Failure> {
+    pub fn check_form(&self, form: &Guarded) -> Result<(), Failure> {
         if form.csrf != self.csrf {
             return Err(Failure::Forbidden(
                 "the form's anti-forgery token does not match your session: reload the page".into(),
             ));
         }
-        if let (Some(origin), Some(host)) = (
-            headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-            headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-        ) {
-            let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
-            if origin != "null" && origin_host != host {
-                return Err(Failure::Forbidden(format!(
-                    "a form from {origin} may not act on this console"
-                )));
-            }
+        match &self.foreign {
+            Some(why) => Err(Failure::Forbidden(format!(
+                "{why} may not act on this console"
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -136,13 +153,23 @@ pub(super) struct Next {
     next: Option<String>,
 }
 
-/// Where to go after signing in: a path on this console only.
+/// Where to go after signing in: a path on this console only (printable ASCII, so nothing a
+/// browser strips can turn it into `//elsewhere`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.into(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n.into()
+        }
         _ => "/".into(),
     }
 }
+
+/// Cookies past about 4 KB are dropped by browsers: a longer credential could never sign in.
+const MAX_CREDENTIAL: usize = 3_800;
 
 pub(super) async fn login_page(Query(next): Query<Next>) -> Response {
     sign_in_form(&safe_next(next.next.as_deref()), None, StatusCode::OK)
@@ -177,7 +204,16 @@ pub(super) struct Login {
     next: Option<String>,
 }
 
-pub(super) async fn login(State(console): State<Console>, Form(login): Form<Login>) -> Response {
+pub(super) async fn login(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    uri: Uri,
+    Form(login): Form<Login>,
+) -> Response {
+    if let Some(why) = foreign_origin(&headers, &uri) {
+        return Failure::Forbidden(format!("{why} may not sign in to this console"))
+            .into_response();
+    }
     let next = safe_next(login.next.as_deref());
     let token = login.token.trim();
     let header = HeaderValue::from_str(&format!("Bearer {token}"));
@@ -188,6 +224,13 @@ pub(super) async fn login(State(console): State<Console>, Form(login): Form<Logi
     if token.is_empty() || token.contains(';') || token.contains(char::is_whitespace) {
         return refused("the token has characters no token has".into());
     }
+    if token.len() > MAX_CREDENTIAL {
+        return refused(format!(
+            "the token is {} bytes long; the console keeps at most {MAX_CREDENTIAL} in its cookie: \
+             use a hodei API token",
+            token.len()
+        ));
+    }
     match console.auth.authenticate(Some(header), None).await {
         Ok(principal) => {
             tracing::info!(subject = %principal.subject, tenant = %principal.tenant, "console sign-in");
@@ -195,18 +238,20 @@ pub(super) async fn login(State(console): State<Console>, Form(login): Form<Logi
             let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
             ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
         }
-        Err(crate::errors::ApiError::Unauthenticated(why)) => refused(why),
-        Err(e) => Failure::from(tonic::Status::from(e)).into_response(),
+        Err(crate::errors::ApiError::Unauthenticated(why)) => {
+            tracing::info!(error = %why, "console sign-in refused");
+            refused(why)
+        }
+        Err(e) => Failure::from(e).into_response(),
     }
 }
 
 pub(super) async fn logout(
     State(console): State<Console>,
     caller: Caller,
-    headers: HeaderMap,
     Form(form): Form<Guarded>,
 ) -> Response {
-    if let Err(e) = caller.check_form(&headers, &form) {
+    if let Err(e) = caller.check_form(&form) {
         return e.into_response();
     }
     let secure = if console.secure { "; Secure" } else { "" };
@@ -236,7 +281,36 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil")), "/");
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/caf\u{e9}")), "/");
         assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn requests_from_another_site_are_told_apart() {
+        let uri: Uri = "https://console.example:8080/jobs".parse().unwrap();
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in pairs {
+                map.insert(*k, HeaderValue::from_static(v));
+            }
+            map
+        };
+        let local: Uri = "/jobs".parse().unwrap();
+        assert_eq!(foreign_origin(&headers(&[]), &local), None);
+        let same = headers(&[("origin", "http://h:1"), ("host", "h:1")]);
+        assert_eq!(foreign_origin(&same, &local), None);
+        // HTTP/2 sends no Host: the URI's authority stands in.
+        let h2 = headers(&[("origin", "https://console.example:8080")]);
+        assert_eq!(foreign_origin(&h2, &uri), None);
+        let other = headers(&[("origin", "https://evil.example"), ("host", "h:1")]);
+        assert!(foreign_origin(&other, &local).is_some());
+        let null = headers(&[("origin", "null"), ("host", "h:1")]);
+        assert!(foreign_origin(&null, &local).is_some());
+        let cross = headers(&[("sec-fetch-site", "cross-site")]);
+        assert!(foreign_origin(&cross, &local).is_some());
+        let typed = headers(&[("sec-fetch-site", "none")]);
+        assert_eq!(foreign_origin(&typed, &local), None);
     }
 
     #[test]

@@ -252,6 +252,24 @@ impl From<tonic::Status> for Failure {
     }
 }
 
+impl From<crate::errors::ApiError> for Failure {
+    fn from(e: crate::errors::ApiError) -> Self {
+        Failure::from(tonic::Status::from(e))
+    }
+}
+
+impl From<hodei_domain::AccessError> for Failure {
+    fn from(e: hodei_domain::AccessError) -> Self {
+        Failure::Forbidden(e.to_string())
+    }
+}
+
+impl From<hodei_storage::StorageError> for Failure {
+    fn from(e: hodei_storage::StorageError) -> Self {
+        Failure::from(crate::errors::ApiError::from(e))
+    }
+}
+
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let (status, message) = match self {
@@ -328,8 +346,15 @@ pub(super) async fn security_headers(mut response: Response) -> Response {
     );
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Pages hold a tenant's data and the form token: never kept by the browser or a proxy.
+    // The assets say their own.
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    // A page and its live region's fragment share a URL.
+    headers.insert(header::VARY, HeaderValue::from_static("x-hodei-fragment"));
     response
 }
