@@ -71,6 +71,9 @@ fi
 if ! command -v python3 >/dev/null 2>&1; then
     _hodei_apt_install python3
 fi
+if ! command -v curl >/dev/null 2>&1; then
+    _hodei_apt_install curl ca-certificates
+fi
 
 say "building the images ($PROFILE, tag $HODEI_IMAGE_TAG)"
 scripts/build-images.sh --profile "$PROFILE"
@@ -88,8 +91,8 @@ services:
     volumes:
       - $LEDGER:/ledger
 EOF
-# The gateway on a free port of the host's loopback.
-export HODEI_GRPC_PUBLISH=127.0.0.1:
+# The gateway and its web console on free ports of the host's loopback.
+export HODEI_GRPC_PUBLISH=127.0.0.1: HODEI_CONSOLE_PUBLISH=127.0.0.1:
 compose=(docker-compose --project-name "$PROJECT" --file "$ROOT/compose/docker-compose.yml" --file "$WORK/ledger.yml")
 
 dump_logs() {
@@ -191,6 +194,14 @@ counts_ok() {
 check "3 schedulers, 2 registries and 6 agents run" counts_ok
 check "every service's health check passes (/healthz and /readyz)" wait_until 120 "healthy containers" all_healthy
 check "6 agents are ready workers" wait_until 60 "6 ready workers" ready_workers 6
+console_lists_workers() {
+    local url page
+    url="https://127.0.0.1:$("${compose[@]}" port api-gateway 8080 | cut -d: -f2)"
+    page="$(curl --silent --show-error --fail --cacert "$HODEI_CA" \
+        --header "authorization: Bearer $HODEI_TOKEN" "$url/workers")" || return 1
+    [ "$(grep -o 'data-worker="agent-[0-9]*"' <<<"$page" | sort -u | wc -l)" -eq 6 ]
+}
+check "the web console answers over TLS and lists the 6 workers" console_lists_workers
 
 # The worker id each agent container took: its log's first line says.
 declare -A CONTAINER_OF=()

@@ -6,6 +6,8 @@
 #   prints what happened. Security is on: the API is served over TLS with certificates of a
 #   local CA (.hodei/tls, made once by `hodei-admin tls init`), and the demo calls it with an
 #   admin token made by `hodei-admin token create` (kept in .hodei/token, readable by you only).
+#   The gateway also serves the web console over HTTPS on 127.0.0.1:8080 (HODEI_CONSOLE_PORT,
+#   or a free port when 8080 is taken); the script prints its URL.
 #   NATS takes TLS with the same CA and admits only the nkeys of `hodei-admin nats`
 #   (.hodei/nats-auth): one per service and per agent, each allowed only its own subjects.
 #   Secret env values are sealed with the key of `hodei-admin secrets init` (.hodei/secrets.xk).
@@ -52,6 +54,11 @@ GRPC_PORT="${HODEI_GRPC_PORT:-50051}"
 if (echo >"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null; then
     GRPC_PORT="$(_hodei_free_port)"
 fi
+CONSOLE_PORT="${HODEI_CONSOLE_PORT:-8080}"
+if (echo >"/dev/tcp/127.0.0.1/$CONSOLE_PORT") 2>/dev/null; then
+    CONSOLE_PORT="$(_hodei_free_port)"
+fi
+CONSOLE_URL="https://127.0.0.1:$CONSOLE_PORT/"
 export HODEI_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export HODEI_DATABASE_URL
 export HODEI_SERVER="https://127.0.0.1:$GRPC_PORT"
@@ -94,7 +101,7 @@ mkdir -p "$ROOT/.hodei/nats"
 start nats "$HODEI_NATS_SERVER" --config "$NATS_AUTH/nats.conf"
 
 echo "==> starting api-gateway ($HODEI_SERVER), scheduler, registry and two agents"
-HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" HODEI_TLS_CERT="$TLS/server.pem" HODEI_TLS_KEY="$TLS/server-key.pem" \
+HODEI_GRPC_ADDR="127.0.0.1:$GRPC_PORT" HODEI_CONSOLE_ADDR="127.0.0.1:$CONSOLE_PORT" HODEI_TLS_CERT="$TLS/server.pem" HODEI_TLS_KEY="$TLS/server-key.pem" \
     HODEI_NATS_NKEY_FILE="$NATS_AUTH/api-gateway.nk" HODEI_SECRETS_PUBLIC_KEY="$SECRETS_PUBLIC_KEY" \
     start api-gateway "$BIN/hodei-api-gateway"
 HODEI_NATS_NKEY_FILE="$NATS_AUTH/scheduler.nk" HODEI_SECRETS_KEY_FILE="$ROOT/.hodei/secrets.xk" \
@@ -127,6 +134,8 @@ until [ "$("$HODEI" workers --output json 2>/dev/null | grep -c '"status": *"rea
     sleep 0.2
 done
 "$HODEI" workers
+echo "web console: $CONSOLE_URL (sign in with the token in .hodei/token; the certificate is"
+echo "signed by the local CA .hodei/tls/ca.pem: let your browser trust it, or accept the warning)"
 
 echo
 echo "==> demo 1: hodei run streams a job's output live and exits with its code"
@@ -182,6 +191,7 @@ if [ -t 0 ] && [ "${HODEI_DEMO_EXIT:-0}" != 1 ]; then
     echo "hodei is up: HODEI_SERVER=$HODEI_SERVER, NATS at $HODEI_NATS_URL; try"
     echo "  export HODEI_SERVER=$HODEI_SERVER HODEI_CA=$HODEI_CA HODEI_TOKEN=\$(cat .hodei/token)"
     echo "  $HODEI run -- uname -a"
+    echo "and open the web console at $CONSOLE_URL (sign in with the token in .hodei/token)"
     echo "Ctrl-C stops everything."
     wait
 fi

@@ -27,7 +27,7 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=60s --retries=3 \
 FROM service AS api-gateway
 COPY bin/hodei-api-gateway /usr/local/bin/
 ENV HODEI_GRPC_ADDR=0.0.0.0:50051
-EXPOSE 50051
+EXPOSE 50051 8080
 ENTRYPOINT ["/usr/local/bin/hodei-api-gateway"]
 
 FROM service AS scheduler
