@@ -33,8 +33,9 @@ pub struct AgentParams {
     pub settle: Duration,
 }
 
-/// The agent binary: the one given, else `hodei-agent` in this executable's folder (or the one
-/// above, when this runs from `deps/`).
+/// The agent binary: the one given, else the `agent` profile's build beside a release build
+/// (`target/agent/hodei-agent`, as release images ship it), else `hodei-agent` in this
+/// executable's folder (or the one above, when this runs from `deps/`).
 pub fn locate(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         anyhow::ensure!(
@@ -55,6 +56,16 @@ pub fn locate(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     {
         candidates.push(up.join(BINARY));
     }
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent()
+    } else {
+        Some(dir.as_path())
+    };
+    if let Some(release) = profile_dir.filter(|d| d.ends_with("release"))
+        && let Some(target) = release.parent()
+    {
+        candidates.insert(0, target.join("agent").join(BINARY));
+    }
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {
         return Ok(found.clone());
     }
@@ -62,8 +73,8 @@ pub fn locate(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     anyhow::bail!(
         "no {BINARY} binary at {}: build it first with `cargo build -p hodei-agent{}` (or give \
          its path with --agent-bin)",
-        candidates[0].display(),
-        if release { " --release" } else { "" }
+        dir.join(BINARY).display(),
+        if release { " --profile agent" } else { "" }
     )
 }
 
