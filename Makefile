@@ -13,6 +13,7 @@ test:
 
 bench:
 	cargo build --release -p hodei-bench -p hodei-agent
+	cargo build --profile agent -p hodei-agent
 	bash -c 'source scripts/lib/deps.sh && hodei_ensure_nats && hodei_ensure_postgres && export HODEI_NATS_SERVER HODEI_TEST_DATABASE_URL HODEI_DATABASE_URL HODEI_PG_PORT && target/release/hodei-bench all'
 
 up:
