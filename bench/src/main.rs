@@ -141,6 +141,22 @@ enum Scenario {
         #[arg(long, env = "HODEI_AGENT_BIN")]
         agent_bin: Option<PathBuf>,
     },
+    /// More than the system completes, offered open loop with the admission limit set:
+    /// refusals (RESOURCE_EXHAUSTED), this process's memory over time, every accepted job run.
+    Overload {
+        /// Jobs per second offered (default 3,200, twice `throughput`'s; 800 with --quick).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Seconds of load (default 30; 5 with --quick).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Simulated agents (default 1,000; 100 with --quick).
+        #[arg(long)]
+        agents: Option<usize>,
+        /// The gateway's HODEI_MAX_QUEUED_JOBS (default 20,000; 1,000 with --quick).
+        #[arg(long)]
+        max_queued: Option<u64>,
+    },
     /// Every scenario above, one after the other, with their defaults.
     All,
 }
@@ -198,6 +214,12 @@ async fn main() -> anyhow::Result<()> {
                 agents: None,
                 slots: None,
                 agent_bin: None,
+            },
+            Scenario::Overload {
+                rate: None,
+                seconds: None,
+                agents: None,
+                max_queued: None,
             },
         ],
         one => vec![one],
@@ -268,6 +290,7 @@ impl Scenario {
             Scenario::EventBus { .. } => "event-bus",
             Scenario::Agent { .. } => "agent",
             Scenario::RealAgents { .. } => "real-agents",
+            Scenario::Overload { .. } => "overload",
             Scenario::All => "all",
         }
     }
@@ -291,6 +314,21 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
                 agents: size(agents, quick, 1_000, 100),
                 timeout: Duration::from_secs(if quick { 60 } else { 900 }),
                 reference_messages: if quick { 5_000 } else { 50_000 },
+            })
+            .await
+        }
+        Scenario::Overload {
+            rate,
+            seconds,
+            agents,
+            max_queued,
+        } => {
+            system::overload(system::OverloadParams {
+                rate: size(rate, quick, 3_200, 800),
+                duration: Duration::from_secs(size(seconds, quick, 30, 5)),
+                agents: size(agents, quick, 1_000, 100),
+                max_queued_jobs: size(max_queued, quick, 20_000, 1_000),
+                timeout: Duration::from_secs(if quick { 60 } else { 600 }),
             })
             .await
         }

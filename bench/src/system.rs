@@ -32,10 +32,13 @@ struct Bench {
     pool: PgPool,
 }
 
+/// Admission limit of the scenarios that must never be refused.
+const NO_ADMISSION_LIMIT: u64 = 10_000_000;
+
 impl Bench {
-    async fn start(agents: usize) -> anyhow::Result<Bench> {
+    async fn start(agents: usize, max_queued_jobs: u64) -> anyhow::Result<Bench> {
         let options = SystemOptions {
-            max_queued_jobs: 10_000_000,
+            max_queued_jobs,
             ..SystemOptions::default()
         };
         let system = TestSystem::start_with(&[], options)
@@ -247,7 +250,7 @@ pub struct ThroughputParams {
 /// N no-op jobs over gRPC by concurrent clients; jobs/s from first submit to last completion,
 /// then the reference rates on the same servers.
 pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
-    let bench = Bench::start(p.agents).await?;
+    let bench = Bench::start(p.agents, NO_ADMISSION_LIMIT).await?;
     let result = throughput_on(&bench, &p).await;
     bench.stop().await;
     let mut out = result?;
@@ -333,7 +336,7 @@ pub struct LatencyParams {
 /// A fixed offered rate for a fixed time (open loop: each submission is its own task), then
 /// submit→assigned/started/completed from each job's first attempt.
 pub async fn latency(p: LatencyParams) -> anyhow::Result<Outcome> {
-    let bench = Bench::start(p.agents).await?;
+    let bench = Bench::start(p.agents, NO_ADMISSION_LIMIT).await?;
     let result = latency_on(&bench, &p).await;
     bench.stop().await;
     let mut out = result?;
@@ -472,4 +475,259 @@ impl FirstAttempts {
         }
         Ok(first)
     }
+}
+
+/// Parameters of `overload`.
+pub struct OverloadParams {
+    pub rate: u32,
+    pub duration: Duration,
+    pub agents: usize,
+    pub max_queued_jobs: u64,
+    pub timeout: Duration,
+}
+
+/// Submissions in flight at once, at most: past it the harness offers less rather than pile
+/// up waiting tasks of its own (their memory would count as the services').
+const OVERLOAD_IN_FLIGHT: usize = 4_096;
+
+/// How often the overload scenario reads its process's memory and the queue.
+const OVERLOAD_SAMPLE: Duration = Duration::from_millis(250);
+
+/// A rate above what the system completes, offered open loop for a while with the gateway's
+/// admission limit set: what is refused (RESOURCE_EXHAUSTED), whether the process's memory
+/// stays bounded, and whether every accepted job still runs.
+pub async fn overload(p: OverloadParams) -> anyhow::Result<Outcome> {
+    let bench = Bench::start(p.agents, p.max_queued_jobs).await?;
+    let result = overload_on(&bench, &p).await;
+    bench.stop().await;
+    let mut out = result?;
+    out.note(format!(
+        "overload: {} jobs/s offered for {:?} (open loop, one attempt each, at most \
+         {OVERLOAD_IN_FLIGHT} in flight), HODEI_MAX_QUEUED_JOBS {}, {} simulated agents x 4 \
+         slots; the services, the simulated agents and the load share this process, so its \
+         rss is an upper bound of the services'; memory read every {OVERLOAD_SAMPLE:?}",
+        p.rate, p.duration, p.max_queued_jobs, p.agents
+    ));
+    Ok(out)
+}
+
+/// What the offered submissions got.
+#[derive(Default)]
+struct Answers {
+    accepted: u64,
+    refused: u64,
+    failed: u64,
+    first_failure: Option<String>,
+    /// When the first refusal came, from the start of the load.
+    first_refusal: Option<Duration>,
+}
+
+async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcome> {
+    use std::sync::{Arc, Mutex};
+
+    use crate::procfs::{self, Pid};
+
+    const S: &str = "overload";
+    let mut out = Outcome::default();
+    let before = procfs::memory(Pid::Current)?;
+    let answers = Arc::new(Mutex::new(Answers::default()));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(OVERLOAD_IN_FLIGHT));
+    let period = Duration::from_secs_f64(1.0 / f64::from(p.rate.max(1)));
+    let total = (f64::from(p.rate) * p.duration.as_secs_f64()).round() as usize;
+    // The sampler: (seconds since the start, rss MiB) until told to stop.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(OVERLOAD_SAMPLE);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return samples,
+                    _ = tick.tick() => {}
+                }
+                if let Ok(m) = procfs::memory(Pid::Current) {
+                    samples.push((started.elapsed().as_secs_f64(), m.rss_mib()));
+                }
+            }
+        })
+    };
+    let client = bench.system.jobs.clone();
+    let mut tick = tokio::time::interval(period);
+    let mut submissions = JoinSet::new();
+    let mut not_offered = 0u64;
+    let mut rtt_refused = histogram()?;
+    let started = Instant::now();
+    for i in 0..total {
+        tick.tick().await;
+        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+            not_offered += 1;
+            continue;
+        };
+        let mut client = client.clone();
+        let answers = Arc::clone(&answers);
+        submissions.spawn(async move {
+            let _permit = permit;
+            let t = Instant::now();
+            let since_start = t - started;
+            let request = pb::SubmitJobRequest {
+                spec: Some(noop_spec(i)),
+                tenant: String::new(),
+            };
+            let result = client.submit_job(request).await;
+            let took = t.elapsed();
+            let mut a = answers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match result {
+                Ok(_) => a.accepted += 1,
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    a.refused += 1;
+                    a.first_refusal.get_or_insert(since_start);
+                    return Some(took);
+                }
+                Err(status) => {
+                    a.failed += 1;
+                    a.first_failure.get_or_insert_with(|| status.to_string());
+                }
+            }
+            None
+        });
+        while let Some(joined) = submissions.try_join_next() {
+            if let Some(took) = joined.context("a submission panicked")? {
+                rtt_refused.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
+            }
+        }
+    }
+    let offered_for = started.elapsed();
+    while let Some(joined) = submissions.join_next().await {
+        if let Some(took) = joined.context("a submission panicked")? {
+            rtt_refused.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1))?;
+        }
+    }
+    let queued_at_end: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'queued'")
+        .fetch_one(&bench.pool)
+        .await?;
+    let (accepted, refused, failed, first_failure, first_refusal) = {
+        let a = answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (
+            a.accepted,
+            a.refused,
+            a.failed,
+            a.first_failure.clone(),
+            a.first_refusal,
+        )
+    };
+    // Nothing accepted is lost: every accepted job runs once the load stops.
+    let drained = wait_count(
+        &bench.pool,
+        "SELECT count(*) FROM jobs WHERE state = 'succeeded'",
+        i64::try_from(accepted).unwrap_or(i64::MAX),
+        p.timeout,
+    )
+    .await;
+    let drained_after = started.elapsed();
+    sampling.cancel();
+    let samples = sampler.await.context("the memory sampler panicked")?;
+    let load_end = offered_for.as_secs_f64();
+    let during = |from: f64, to: f64| {
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|(_, m)| *m)
+            .fold(f64::NAN, f64::max)
+    };
+    let offered = total as f64 / load_end;
+    out.figure(S, "offered rate", offered, "1/s", None);
+    out.figure(
+        S,
+        "accepted/s while offered",
+        accepted as f64 / load_end,
+        "1/s",
+        None,
+    );
+    out.figure(S, "submissions accepted", accepted as f64, "count", None);
+    out.figure(
+        S,
+        "submissions refused (resource exhausted)",
+        refused as f64,
+        "count",
+        Some("callers get RESOURCE_EXHAUSTED"),
+    );
+    out.figure(
+        S,
+        "submissions failed otherwise",
+        failed as f64,
+        "count",
+        None,
+    );
+    out.figure(
+        S,
+        "not offered (harness in-flight cap)",
+        not_offered as f64,
+        "count",
+        None,
+    );
+    out.percentiles(S, "refusal round trip", &rtt_refused, None);
+    out.figure(
+        S,
+        "queued jobs when the load stopped",
+        queued_at_end as f64,
+        "count",
+        None,
+    );
+    out.figure(S, "rss before the load", before.rss_mib(), "MiB", None);
+    // Once the queue is full the system is at its steady state: admission refuses what it
+    // cannot hold. Bounded memory means the second half of that state needs no more than
+    // the first.
+    let full = first_refusal.map_or(load_end, |d| d.as_secs_f64());
+    let middle = full + (load_end - full) / 2.0;
+    out.figure(S, "first refusal, seconds into the load", full, "s", None);
+    out.figure(
+        S,
+        "peak rss, filling the queue",
+        during(0.0, full),
+        "MiB",
+        None,
+    );
+    out.figure(
+        S,
+        "peak rss, queue full, first half",
+        during(full, middle),
+        "MiB",
+        None,
+    );
+    out.figure(
+        S,
+        "peak rss, queue full, second half",
+        during(middle, load_end),
+        "MiB",
+        Some("bounded"),
+    );
+    out.figure(
+        S,
+        "peak rss, draining",
+        during(load_end, f64::MAX),
+        "MiB",
+        None,
+    );
+    match drained {
+        Ok(_) => out.figure(
+            S,
+            "every accepted job succeeded, seconds after the first submission",
+            drained_after.as_secs_f64(),
+            "s",
+            None,
+        ),
+        Err(e) => out.note(format!(
+            "overload: accepted jobs did not all succeed: {e:#}"
+        )),
+    }
+    if let Some(first) = first_failure {
+        out.note(format!("overload: first other failure: {first}"));
+    }
+    Ok(out)
 }
