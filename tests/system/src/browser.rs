@@ -21,9 +21,6 @@ use crate::StartError;
 /// Longest a DevTools command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often [`Page::wait_for`] evaluates its condition.
-const POLL: Duration = Duration::from_millis(100);
-
 /// How long dropping a [`Browser`] waits for Chromium to exit before removing its profile.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -346,21 +343,28 @@ impl Page {
         what: &str,
         timeout: Duration,
     ) -> Result<Value, StartError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last;
-        loop {
-            match self.eval(js).await {
-                Ok(value) if truthy(&value) => return Ok(value),
-                Ok(value) => last = value,
-                Err(e) => last = Value::String(e.0),
+        let last = std::sync::Mutex::new(Value::Null);
+        let found = hodei_test_support::wait_for(what, timeout, || async {
+            let value = match self.eval(js).await {
+                Ok(value) if truthy(&value) => return Some(value),
+                Ok(value) => value,
+                Err(e) => Value::String(e.0),
+            };
+            if let Ok(mut slot) = last.lock() {
+                *slot = value;
             }
-            if tokio::time::Instant::now() >= deadline {
+            None
+        })
+        .await;
+        match found {
+            Ok(value) => Ok(value),
+            Err(_) => {
                 let location = self.eval("location.href").await.unwrap_or(Value::Null);
-                return Err(StartError(format!(
+                let last = last.lock().map(|v| v.clone()).unwrap_or(Value::Null);
+                Err(StartError(format!(
                     "timed out after {timeout:?} waiting for {what} (at {location}); last value {last}"
-                )));
+                )))
             }
-            tokio::time::sleep(POLL).await;
         }
     }
 

@@ -247,12 +247,7 @@ pub(super) async fn job_events(
     Ok(forward(
         console.shutdown.clone(),
         stream,
-        |e: pb::JobEvent| {
-            Event::default()
-                .event("change")
-                .id(e.seq.to_string())
-                .data(e.r#type)
-        },
+        |e: pb::JobEvent| changed(e.seq, e.r#type),
     ))
 }
 
@@ -279,13 +274,16 @@ pub(super) async fn run_events(
     Ok(forward(
         console.shutdown.clone(),
         stream,
-        |e: pb::PipelineEvent| {
-            Event::default()
-                .event("change")
-                .id(e.seq.to_string())
-                .data(e.r#type)
-        },
+        |e: pb::PipelineEvent| changed(e.seq, e.r#type),
     ))
+}
+
+/// A `change` that names the event it came from: its id is where a reconnect resumes.
+fn changed(seq: u64, kind: String) -> Event {
+    Event::default()
+        .event("change")
+        .id(seq.to_string())
+        .data(kind)
 }
 
 /// One log line as the page's script reads it.

@@ -29,79 +29,66 @@ const SECTIONS: [(Section, &str, &str); 4] = [
     (Section::Workers, "/workers", "Workers"),
 ];
 
-fn head(title: &str) -> Markup {
-    html! {
-        head {
-            meta charset="utf-8";
-            meta name="viewport" content="width=device-width, initial-scale=1";
-            meta name="color-scheme" content="light dark";
-            title { (title) " · Hodei" }
-            link rel="stylesheet" href="/assets/console.css";
-            script src="/assets/console.js" defer {}
+/// The document every page is: its head (the bundled assets), a header holding `top`, and
+/// `body` as the main content.
+fn document(title: &str, top: Markup, body: Markup) -> Html<String> {
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    meta name="color-scheme" content="light dark";
+                    title { (title) " · Hodei" }
+                    link rel="stylesheet" href="/assets/console.css";
+                    script src="/assets/console.js" defer {}
+                }
+                body {
+                    a.skip href="#main" { "Skip to content" }
+                    header.top { (top) }
+                    main #main tabindex="-1" { (body) }
+                }
+            }
         }
-    }
+        .into_string(),
+    )
 }
 
 /// A whole page for a signed-in caller.
 pub(super) fn page(caller: &Caller, section: Section, title: &str, body: Markup) -> Html<String> {
     let who = &caller.principal;
-    Html(
-        html! {
-            (DOCTYPE)
-            html lang="en" {
-                (head(title))
-                body {
-                    a.skip href="#main" { "Skip to content" }
-                    header.top {
-                        a.brand href="/" aria-label="Hodei overview" { "Hodei" }
-                        nav aria-label="Main" {
-                            ul {
-                                @for (s, href, name) in SECTIONS {
-                                    li {
-                                        @if s == section {
-                                            a href=(href) aria-current="page" { (name) }
-                                        } @else {
-                                            a href=(href) { (name) }
-                                        }
-                                    }
-                                }
-                            }
+    let top = html! {
+        a.brand href="/" aria-label="Hodei overview" { "Hodei" }
+        nav aria-label="Main" {
+            ul {
+                @for (s, href, name) in SECTIONS {
+                    li {
+                        @if s == section {
+                            a href=(href) aria-current="page" { (name) }
+                        } @else {
+                            a href=(href) { (name) }
                         }
-                        div.who {
-                            span title=(who.subject) {
-                                (who.tenant) " · " (who.role)
-                            }
-                            form method="post" action="/logout" {
-                                input type="hidden" name="csrf" value=(caller.csrf);
-                                button.link type="submit" { "Sign out" }
-                            }
-                        }
-                    }
-                    main #main tabindex="-1" {
-                        (body)
                     }
                 }
             }
         }
-        .into_string(),
-    )
+        div.who {
+            span title=(who.subject) {
+                (who.tenant) " · " (who.role)
+            }
+            form method="post" action="/logout" {
+                input type="hidden" name="csrf" value=(caller.csrf);
+                button.link type="submit" { "Sign out" }
+            }
+        }
+    };
+    document(title, top, body)
 }
 
 /// A page without navigation: sign-in and errors before sign-in.
 pub(super) fn bare_page(title: &str, body: Markup) -> Html<String> {
-    Html(
-        html! {
-            (DOCTYPE)
-            html lang="en" {
-                (head(title))
-                body {
-                    header.top { a.brand href="/" { "Hodei" } }
-                    main #main { (body) }
-                }
-            }
-        }
-        .into_string(),
-    )
+    document(title, html! { a.brand href="/" { "Hodei" } }, body)
 }
 
 /// A region that reloads itself from `fragment` whenever the server-sent events feed `feed`
