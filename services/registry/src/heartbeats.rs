@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hodei_domain::{AttemptId, JobId, JobState, WorkerEvent, WorkerEventKind, WorkerId};
 use hodei_messaging::{AgentCommand, Heartbeat, Outgoing, subjects};
 use hodei_runtime::Backends;
@@ -60,7 +60,9 @@ const STALE_RESEND: Duration = Duration::from_secs(5);
 
 /// Beats waiting for the next flush, with what the registry remembers between flushes.
 struct Buffer {
-    beats: HashMap<WorkerId, Heartbeat>,
+    /// The newest beat of each worker, with when it was received: what `last_heartbeat_at`
+    /// records, so a worker's silence is measured from its beat, not from the flush.
+    beats: HashMap<WorkerId, (Heartbeat, DateTime<Utc>)>,
     /// Kill orders sent for stale attempts, and when, so each is not sent with every beat.
     orders: HashMap<AttemptId, tokio::time::Instant>,
     seen: SeenAttempts,
@@ -101,24 +103,24 @@ impl Buffer {
             tracing::warn!(subject, worker_id = %hb.worker_id, error = %e, "heartbeat refused");
             return;
         }
-        self.beats.insert(hb.worker_id.clone(), hb);
+        self.beats.insert(hb.worker_id.clone(), (hb, Utc::now()));
     }
 
     /// Writes the buffered beats; see the module doc.
     pub async fn flush(&mut self, backends: &Backends, observation: &Observation) {
+        // Every beat received before this instant is in this flush (or an earlier one).
+        let through = Utc::now();
         if self.beats.is_empty() {
-            observation.flushed();
+            observation.flushed(through);
             return;
         }
-        let now = Utc::now();
-        let beats: Vec<(Heartbeat, chrono::DateTime<Utc>)> =
-            self.beats.drain().map(|(_, hb)| (hb, now)).collect();
+        let beats: Vec<(Heartbeat, DateTime<Utc>)> = self.beats.drain().map(|(_, b)| b).collect();
         let sent_before = tokio::time::Instant::now() - STALE_RESEND;
         self.orders.retain(|_, sent| *sent > sent_before);
         let mut restarted = Vec::new();
         match write(backends, &beats, &self.orders).await {
             Ok(written) => {
-                observation.flushed();
+                observation.flushed(through);
                 self.written(backends, written, &mut restarted);
             }
             Err(e) if e.is_unavailable() => {
@@ -142,7 +144,7 @@ impl Buffer {
                 if unavailable {
                     observation.flush_failed();
                 } else {
-                    observation.flushed();
+                    observation.flushed(through);
                 }
             }
         }
@@ -182,7 +184,7 @@ struct Written {
 /// attempt or another worker): the attempt number is the fencing token.
 async fn stale_attempts(
     conn: &mut sqlx::PgConnection,
-    beats: &[(Heartbeat, chrono::DateTime<Utc>)],
+    beats: &[(Heartbeat, DateTime<Utc>)],
 ) -> Result<Vec<(WorkerId, AttemptId)>, StorageError> {
     let ids: Vec<JobId> = beats
         .iter()
@@ -212,7 +214,7 @@ async fn stale_attempts(
 /// lost (takes no work) until it has killed them.
 async fn write(
     backends: &Backends,
-    beats: &[(Heartbeat, chrono::DateTime<Utc>)],
+    beats: &[(Heartbeat, DateTime<Utc>)],
     orders: &HashMap<AttemptId, tokio::time::Instant>,
 ) -> Result<Written, StorageError> {
     backends

@@ -15,10 +15,10 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hodei_domain::{
     AttemptOutcome, HeldAttempt, IncarnationId, JobEventKind, Worker, WorkerEvent, WorkerEventKind,
-    WorkerStatus,
+    WorkerId, WorkerStatus,
 };
 use hodei_messaging::{Outgoing, streams, subjects, trace};
 use hodei_runtime::Backends;
@@ -52,14 +52,20 @@ impl Policy {
     }
 }
 
-/// Checks for silent workers every half interval until `shutdown`.
+/// How often the sweep looks for silent workers: a fifth of the heartbeat interval, so a
+/// worker is marked within a fifth of an interval of its silence passing the limit.
+fn sweep_period(interval: Duration) -> Duration {
+    (interval / 5).max(Duration::from_millis(10))
+}
+
+/// Checks for silent workers every fifth of an interval until `shutdown`.
 pub(crate) async fn run(
     backends: Backends,
     policy: Policy,
     observation: Observation,
     shutdown: CancellationToken,
 ) {
-    let period = (policy.interval / 2).max(Duration::from_millis(10));
+    let period = sweep_period(policy.interval);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_tick = tokio::time::Instant::now();
@@ -90,22 +96,34 @@ async fn sweep(
     let now = Utc::now();
     let since = observation.since();
     let silence = chrono::Duration::from_std(policy.silence()).unwrap_or(chrono::Duration::MAX);
-    // Detection: no new work for a worker silent for `missed_beats` intervals, observed.
-    if now - since > silence {
+    // Detection: no new work for a worker silent for `missed_beats` intervals, observed. Silence
+    // is measured up to the last written beats, so a beat still being written never counts
+    // as missing.
+    let heard = observation.heard_through();
+    if heard - since > silence {
         let silent = backends
-            .db(|| workers::silent(&backends.pool, now - silence))
+            .db(|| workers::silent(&backends.pool, heard - silence))
             .await?;
-        for worker in silent {
-            let id = worker.id().clone();
-            match backends.db(|| mark_unreachable(backends, worker)).await {
-                Ok(()) => {
-                    backends.metrics.workers_unreachable.inc();
-                    tracing::warn!(worker_id = %id, "worker silent, no new work for it");
-                    backends.relay_wake.notify_one();
+        if !silent.is_empty() {
+            let ids: Vec<WorkerId> = silent.iter().map(|w| w.id().clone()).collect();
+            match backends
+                .db(|| mark_unreachable(backends, &ids, heard - silence))
+                .await
+            {
+                Ok(marked) => {
+                    for id in &marked {
+                        tracing::warn!(worker_id = %id, "worker silent, no new work for it");
+                    }
+                    if !marked.is_empty() {
+                        backends
+                            .metrics
+                            .workers_unreachable
+                            .inc_by(marked.len() as u64);
+                        backends.relay_wake.notify_one();
+                    }
                 }
-                Err(e) if e.is_conflict() => {}
                 Err(e) => {
-                    tracing::warn!(worker_id = %id, error = %e, "failed to mark worker unreachable")
+                    tracing::warn!(workers = ids.len(), error = %e, "failed to mark silent workers unreachable")
                 }
             }
         }
@@ -220,19 +238,36 @@ async fn sweep(
     Ok(())
 }
 
-/// Marks `worker` unreachable if nobody changed it meanwhile, with its event.
-async fn mark_unreachable(backends: &Backends, mut worker: Worker) -> Result<(), StorageError> {
-    let version = worker.version();
-    let event = worker
-        .mark_unreachable(Utc::now())
-        .map_err(|e| StorageError::Conflict {
-            what: e.to_string(),
-        })?;
+/// Marks unreachable, with their events and in one transaction, those of `ids` that are
+/// still ready or draining and silent since before `silent_before` once locked (a beat may
+/// have come meanwhile). Returns the workers marked.
+async fn mark_unreachable(
+    backends: &Backends,
+    ids: &[WorkerId],
+    silent_before: DateTime<Utc>,
+) -> Result<Vec<WorkerId>, StorageError> {
     let mut tx = backends.pool.begin().await?;
-    workers::save_reservation(&mut tx, &worker, version).await?;
-    hodei_storage::outbox::append(&mut tx, &[Outgoing::worker_event(&event, SOURCE)?]).await?;
+    let locked = workers::lock_many(&mut tx, &ids.iter().collect::<Vec<_>>()).await?;
+    let now = Utc::now();
+    let mut marked = Vec::new();
+    let mut messages = Vec::new();
+    for mut worker in locked.into_values() {
+        if worker.last_heartbeat_at() >= silent_before {
+            continue;
+        }
+        let version = worker.version();
+        // A worker that changed status meanwhile (lost, offline) is left alone.
+        let Ok(event) = worker.mark_unreachable(now) else {
+            continue;
+        };
+        messages.push(Outgoing::worker_event(&event, SOURCE)?);
+        marked.push((worker, version));
+    }
+    let changes: Vec<(&Worker, u64)> = marked.iter().map(|(w, v)| (w, *v)).collect();
+    workers::save_reservations(&mut tx, &changes).await?;
+    hodei_storage::outbox::append(&mut tx, &messages).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(marked.into_iter().map(|(w, _)| w.id().clone()).collect())
 }
 
 /// What handing back does to the worker's status.

@@ -29,18 +29,23 @@ struct State {
     writes_failing: bool,
     /// When buffered heartbeats were last written (or there were none to write).
     last_flush: Instant,
+    /// Every beat received before this instant is written: silence is measured up to here,
+    /// never over beats still on their way to the database.
+    heard_through: DateTime<Utc>,
 }
 
 impl Observation {
     /// Starts observing now (the registry's own start counts as a restart of the clock).
     pub fn start(nats: &async_nats::Client, metrics: Metrics) -> Self {
         metrics.liveness_reset("start");
+        let now = Utc::now();
         Self {
             state: Arc::new(Mutex::new(State {
-                since: Utc::now(),
+                since: now,
                 nats_connects: nats.statistics().connects.load(Ordering::Relaxed),
                 writes_failing: false,
                 last_flush: Instant::now(),
+                heard_through: now,
             })),
             metrics,
         }
@@ -55,6 +60,11 @@ impl Observation {
         self.lock().since
     }
 
+    /// Every beat received before this is in `workers`.
+    pub fn heard_through(&self) -> DateTime<Utc> {
+        self.lock().heard_through
+    }
+
     fn reset(&self, state: &mut State, cause: &'static str) {
         let now = Utc::now();
         if now > state.since {
@@ -67,11 +77,15 @@ impl Observation {
         );
     }
 
-    /// A batch of heartbeats was written (or there was none): the registry hears its fleet.
-    /// The first success after failures restarts the clock, since the failed beats were lost.
-    pub fn flushed(&self) {
+    /// A batch of heartbeats was written (or there was none), holding every beat received
+    /// before `through`: the registry hears its fleet. The first success after failures
+    /// restarts the clock, since the failed beats were lost.
+    pub fn flushed(&self, through: DateTime<Utc>) {
         let mut state = self.lock();
         state.last_flush = Instant::now();
+        if through > state.heard_through {
+            state.heard_through = through;
+        }
         if state.writes_failing {
             state.writes_failing = false;
             self.reset(&mut state, "postgres");
