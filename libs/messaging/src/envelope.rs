@@ -1,5 +1,11 @@
 //! The CloudEvents-style JSON envelope around every domain event on `hodei.v1.evt.>`, so a
 //! person watching with a NATS subscriber reads what happened, to what, when and from where.
+//!
+//! An event is serialised straight from the domain type into its envelope (`Envelope<&E>`),
+//! with no `serde_json::Value` in between; a reader decodes `Envelope` (any data) or
+//! `Envelope<E>` (typed).
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use hodei_domain::{JobEvent, PipelineEvent, WorkerEvent};
@@ -7,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// A domain event as published.
+/// A domain event as published, its data of type `D`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
-    pub specversion: String,
+pub struct Envelope<D = Value> {
+    pub specversion: Cow<'static, str>,
     /// The event id; also the JetStream de-duplication id.
     pub id: Uuid,
     /// `hodei.job.<event>`, `hodei.worker.<event>`, `hodei.pipeline.<event>` or
@@ -22,81 +28,88 @@ pub struct Envelope {
     /// The aggregate the event is about (job, worker, pipeline run or schedule id).
     pub subject: String,
     pub time: DateTime<Utc>,
-    pub datacontenttype: String,
+    pub datacontenttype: Cow<'static, str>,
     /// The domain event itself.
-    pub data: Value,
+    pub data: D,
 }
 
-impl Envelope {
+impl<D> Envelope<D> {
     fn new(
         id: Uuid,
         event_type: String,
         source: &str,
         subject: String,
         time: DateTime<Utc>,
-        data: Value,
+        data: D,
     ) -> Self {
         Self {
-            specversion: "1.0".to_owned(),
+            specversion: Cow::Borrowed("1.0"),
             id,
             event_type,
             source: source.to_owned(),
             subject,
             time,
-            datacontenttype: "application/json".to_owned(),
+            datacontenttype: Cow::Borrowed("application/json"),
             data,
         }
     }
+}
 
-    pub fn for_job(event: &JobEvent, source: &str) -> Result<Self, serde_json::Error> {
-        Ok(Self::new(
+impl<'a> Envelope<&'a JobEvent> {
+    pub fn for_job(event: &'a JobEvent, source: &str) -> Self {
+        Self::new(
             event.event_id,
             format!("hodei.job.{}", event.kind.name()),
             source,
             event.job_id.to_string(),
             event.at,
-            serde_json::to_value(event)?,
-        ))
+            event,
+        )
     }
+}
 
-    pub fn for_worker(event: &WorkerEvent, source: &str) -> Result<Self, serde_json::Error> {
-        Ok(Self::new(
+impl<'a> Envelope<&'a WorkerEvent> {
+    pub fn for_worker(event: &'a WorkerEvent, source: &str) -> Self {
+        Self::new(
             event.event_id,
             format!("hodei.worker.{}", event.kind.name()),
             source,
             event.worker_id.to_string(),
             event.at,
-            serde_json::to_value(event)?,
-        ))
+            event,
+        )
     }
+}
 
-    pub fn for_pipeline(event: &PipelineEvent, source: &str) -> Result<Self, serde_json::Error> {
-        Ok(Self::new(
+impl<'a> Envelope<&'a PipelineEvent> {
+    pub fn for_pipeline(event: &'a PipelineEvent, source: &str) -> Self {
+        Self::new(
             event.event_id,
             format!("hodei.pipeline.{}", event.kind.name()),
             source,
             event.run_id.to_string(),
             event.at,
-            serde_json::to_value(event)?,
-        ))
+            event,
+        )
     }
+}
 
-    pub fn for_schedule(
-        event: &hodei_domain::ScheduleEvent,
-        source: &str,
-    ) -> Result<Self, serde_json::Error> {
-        Ok(Self::new(
+impl<'a> Envelope<&'a hodei_domain::ScheduleEvent> {
+    pub fn for_schedule(event: &'a hodei_domain::ScheduleEvent, source: &str) -> Self {
+        Self::new(
             event.event_id,
             format!("hodei.schedule.{}", event.kind.name()),
             source,
             event.schedule_id.to_string(),
             event.at,
-            serde_json::to_value(event)?,
-        ))
+            event,
+        )
     }
+}
 
+impl Envelope {
     /// The job event inside, if this envelope carries one.
     pub fn job_event(&self) -> Result<JobEvent, serde_json::Error> {
-        serde_json::from_value(self.data.clone())
+        JobEvent::deserialize(&self.data)
     }
 }

@@ -233,6 +233,14 @@ pub struct LogBatch {
     pub eof: bool,
 }
 
+/// An event's envelope as JSON, written into a buffer sized for a typical envelope (about
+/// 0.5 KB) so that it is not grown several times on the way.
+fn envelope_json<D: Serialize>(envelope: &Envelope<D>) -> Result<Vec<u8>, serde_json::Error> {
+    let mut json = Vec::with_capacity(768);
+    serde_json::to_writer(&mut json, envelope)?;
+    Ok(json)
+}
+
 /// A message ready for the outbox: subject, JSON payload, the de-duplication id and the trace
 /// context of the span it was created in (so its consumer continues that trace).
 #[derive(Debug, Clone, PartialEq)]
@@ -249,7 +257,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::job_event(&event.job_id, event.kind.name()),
-            payload: serde_json::to_vec(&Envelope::for_job(event, source)?)?,
+            payload: envelope_json(&Envelope::for_job(event, source))?,
             headers: trace::current(),
         })
     }
@@ -262,7 +270,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::pipeline_event(&event.run_id, event.kind.name()),
-            payload: serde_json::to_vec(&Envelope::for_pipeline(event, source)?)?,
+            payload: envelope_json(&Envelope::for_pipeline(event, source))?,
             headers: trace::current(),
         })
     }
@@ -275,7 +283,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::schedule_event(&event.schedule_id, event.kind.name()),
-            payload: serde_json::to_vec(&Envelope::for_schedule(event, source)?)?,
+            payload: envelope_json(&Envelope::for_schedule(event, source))?,
             headers: trace::current(),
         })
     }
@@ -285,7 +293,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::worker_event(&event.worker_id, event.kind.name()),
-            payload: serde_json::to_vec(&Envelope::for_worker(event, source)?)?,
+            payload: envelope_json(&Envelope::for_worker(event, source))?,
             headers: trace::current(),
         })
     }
