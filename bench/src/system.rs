@@ -714,6 +714,16 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
         "MiB",
         None,
     );
+    // Minute by minute of the full queue: whether the growth levels off.
+    let minutes: Vec<String> = (0..)
+        .map(|m| full + 60.0 * f64::from(m))
+        .take_while(|start| *start < load_end)
+        .map(|start| format!("{:.1}", during(start, (start + 60.0).min(load_end))))
+        .collect();
+    out.note(format!(
+        "overload: peak rss in each minute of the full queue (MiB): {}",
+        minutes.join(", ")
+    ));
     match drained {
         Ok(_) => out.figure(
             S,
