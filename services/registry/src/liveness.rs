@@ -101,32 +101,7 @@ async fn sweep(
     // as missing.
     let heard = observation.heard_through();
     if heard - since > silence {
-        let silent = backends
-            .db(|| workers::silent(&backends.pool, heard - silence))
-            .await?;
-        if !silent.is_empty() {
-            let ids: Vec<WorkerId> = silent.iter().map(|w| w.id().clone()).collect();
-            match backends
-                .db(|| mark_unreachable(backends, &ids, heard - silence))
-                .await
-            {
-                Ok(marked) => {
-                    for id in &marked {
-                        tracing::warn!(worker_id = %id, "worker silent, no new work for it");
-                    }
-                    if !marked.is_empty() {
-                        backends
-                            .metrics
-                            .workers_unreachable
-                            .inc_by(marked.len() as u64);
-                        backends.relay_wake.notify_one();
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(workers = ids.len(), error = %e, "failed to mark silent workers unreachable")
-                }
-            }
-        }
+        detect(backends, heard - silence).await?;
     }
 
     let candidates = backends
@@ -233,6 +208,37 @@ async fn sweep(
                 tracing::debug!(worker_id = %id, "worker changed while handing back its attempts, next sweep decides")
             }
             Err(e) => tracing::warn!(worker_id = %id, error = %e, "failed to hand back attempts"),
+        }
+    }
+    Ok(())
+}
+
+/// Marks unreachable the ready or draining workers silent since before `silent_before`.
+async fn detect(backends: &Backends, silent_before: DateTime<Utc>) -> Result<(), StorageError> {
+    let silent = backends
+        .db(|| workers::silent(&backends.pool, silent_before))
+        .await?;
+    if silent.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<WorkerId> = silent.iter().map(|w| w.id().clone()).collect();
+    match backends
+        .db(|| mark_unreachable(backends, &ids, silent_before))
+        .await
+    {
+        Ok(marked) if !marked.is_empty() => {
+            for id in &marked {
+                tracing::warn!(worker_id = %id, "worker silent, no new work for it");
+            }
+            backends
+                .metrics
+                .workers_unreachable
+                .inc_by(marked.len() as u64);
+            backends.relay_wake.notify_one();
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(workers = ids.len(), error = %e, "failed to mark silent workers unreachable")
         }
     }
     Ok(())
