@@ -76,8 +76,13 @@ pub struct Backends {
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub pool: PgPool,
-    /// Notify after committing outbox rows so the relay publishes them at once.
+    /// Notify after committing outbox rows so the relay claims and publishes them at once.
     pub relay_wake: Arc<Notify>,
+    /// Hand the messages just committed to the outbox to the relay, to be published from
+    /// memory (the hot paths' alternative to `relay_wake`).
+    pub relay: crate::relay::Handoff,
+    /// The relay's end of `relay`, until [`Backends::spawn_relay`] takes it.
+    handed_over: Arc<Mutex<Option<crate::relay::HandedOver>>>,
     /// The circuit breaker every PostgreSQL call of this process goes through.
     pub db_breaker: CircuitBreaker,
     /// This service's metrics.
@@ -116,11 +121,15 @@ impl Backends {
             Some(addr) => Some(ObservabilityServer::bind(addr).await?),
             None => None,
         };
+        let relay_wake = Arc::new(Notify::new());
+        let (relay, handed_over) = crate::relay::handoff(relay_wake.clone());
         Ok(Backends {
             nats,
             js,
             pool,
-            relay_wake: Arc::new(Notify::new()),
+            relay_wake,
+            relay,
+            handed_over: Arc::new(Mutex::new(Some(handed_over))),
             db_breaker: CircuitBreaker::new("postgres", BreakerConfig::default()),
             metrics: Metrics::new(service),
             metrics_addr: observability.as_ref().map(ObservabilityServer::local_addr),
@@ -183,12 +192,19 @@ impl Backends {
         }
     }
 
-    /// Starts the outbox relay; it stops when `shutdown` is cancelled.
+    /// Starts the outbox relay; it stops when `shutdown` is cancelled. Only the first call
+    /// relays what is handed over; a second one only claims.
     pub fn spawn_relay(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        let handed = self
+            .handed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| crate::relay::handoff(self.relay_wake.clone()).1);
         tokio::spawn(crate::relay::run_relay(
             self.pool.clone(),
             self.js.clone(),
-            self.relay_wake.clone(),
+            handed,
             Duration::from_millis(200),
             self.metrics.clone(),
             shutdown,

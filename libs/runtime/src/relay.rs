@@ -1,26 +1,48 @@
 //! The outbox relay: publishes the messages committed to the outbox to JetStream with
 //! `Nats-Msg-Id` set to their id (so a message published twice after a crash is stored once),
-//! then deletes them. Several relays may run at once: each claims rows with
-//! `FOR UPDATE SKIP LOCKED`.
+//! then deletes them.
+//!
+//! It has two paths. The direct one: the process that committed messages hands them over
+//! ([`Handoff::hand_over`]) and they are published from memory at once, their acks awaited
+//! and their rows deleted in bulk behind them, without reading them back. The claiming one
+//! reads what is left: rows another process committed and did not publish (it crashed, or
+//! NATS was away), rows whose direct publication failed, and the rows of the writes that
+//! only wake the relay. It claims them with `FOR UPDATE SKIP LOCKED`, so several relays may
+//! run at once, and leaves alone the rows its own process is publishing now; when it looks
+//! on its periodic poll rather than after a wake-up, it takes only rows older than
+//! [`HANDOFF_GRACE`], which other processes are done publishing themselves.
 //!
 //! Each message is published inside a `send <subject>` span that is a child of the trace
 //! context stored with its row, and carries the send span's context in its
 //! `traceparent`/`tracestate` headers.
 
+use std::collections::HashSet;
 use std::future::IntoFuture;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::future::join_all;
-use hodei_messaging::trace;
+use hodei_messaging::{Outgoing, TraceHeaders, trace};
 use hodei_resilience::{RetryPolicy, random_unit};
 use hodei_storage::{StorageError, outbox};
 use hodei_telemetry::Metrics;
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
+
+/// How old a row must be before the periodic poll claims it: rows younger than this are
+/// being published by the process that committed them.
+pub const HANDOFF_GRACE: Duration = Duration::from_secs(1);
+/// Most messages one batch of either path publishes.
+const BATCH: usize = 512;
+/// Batches of committed messages that may wait for the direct path; past this, a commit only
+/// wakes the claiming path.
+const HANDOFF_QUEUE: usize = 1024;
+/// Published messages whose acks may wait to be settled; past this, the direct path waits.
+const SETTLE_QUEUE: usize = 4096;
 
 /// Why a relay batch failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +71,7 @@ pub struct Relayed {
     pub stopped: Option<RelayError>,
 }
 
-/// A row on its way: published, its ack still to come.
+/// A claimed row on its way: published, its ack still to come.
 struct Sent {
     position: i64,
     subject: String,
@@ -68,19 +90,63 @@ fn refused_for_good(e: &jetstream::context::PublishError) -> bool {
         .is_some_and(|js| js.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
+/// Publishes one message with `Nats-Msg-Id` = `id`, inside a `send <subject>` span that is a
+/// child of the trace context `stored` with it; returns the future of its ack.
+async fn send(
+    js: &jetstream::Context,
+    service: &str,
+    id: Uuid,
+    subject: String,
+    payload: Vec<u8>,
+    stored: &TraceHeaders,
+) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+    let id = id.to_string();
+    let span = trace::send_span(service, &subject, &id);
+    trace::set_parent(&span, stored);
+    let mut headers = trace::nats_headers(&span, &id);
+    if headers
+        .get(hodei_messaging::subjects::HEADER_TRACEPARENT)
+        .is_none()
+    {
+        // This process does not trace: pass the stored context on unchanged.
+        trace::to_nats(stored, &mut headers);
+    }
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(payload.into())
+        .headers(headers);
+    js.send_publish(subject, publish).instrument(span).await
+}
+
 /// Publishes up to `limit` committed messages in order and deletes those JetStream
-/// acknowledged. A message the transport refuses for good is moved to `outbox_dead` with its
-/// reason and the batch goes on: one poison row never holds up the rows behind it. Any other
-/// failure stops the batch there; what was not acknowledged stays and is published again later
-/// (and de-duplicated by the server). `service` names the relaying service on its spans.
+/// acknowledged; see [`relay_claimed`].
 pub async fn relay_batch(
     pool: &PgPool,
     js: &jetstream::Context,
     limit: i64,
     service: &str,
 ) -> Result<Relayed, RelayError> {
+    let which = outbox::Claim {
+        limit,
+        older_than: None,
+        except: &[],
+    };
+    relay_claimed(pool, js, which, service).await
+}
+
+/// Claims the committed messages `which` names, publishes them in order and deletes those
+/// JetStream acknowledged. A message the transport refuses for good is moved to
+/// `outbox_dead` with its reason and the batch goes on: one poison row never holds up the
+/// rows behind it. Any other failure stops the batch there; what was not acknowledged stays
+/// and is published again later (and de-duplicated by the server). `service` names the
+/// relaying service on its spans.
+pub async fn relay_claimed(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    which: outbox::Claim<'_>,
+    service: &str,
+) -> Result<Relayed, RelayError> {
     let mut tx = pool.begin().await?;
-    let rows = outbox::claim(&mut tx, limit).await?;
+    let rows = outbox::claim(&mut tx, which).await?;
     let mut relayed = Relayed::default();
     if rows.is_empty() {
         return Ok(relayed);
@@ -88,24 +154,15 @@ pub async fn relay_batch(
     let mut sent = Vec::with_capacity(rows.len());
     let mut dead: Vec<(i64, String)> = Vec::new();
     for row in rows {
-        let id = row.id.to_string();
-        let span = trace::send_span(service, &row.subject, &id);
-        trace::set_parent(&span, &row.trace);
-        let mut headers = trace::nats_headers(&span, &id);
-        if headers
-            .get(hodei_messaging::subjects::HEADER_TRACEPARENT)
-            .is_none()
-        {
-            // This process does not trace: pass the stored context on unchanged.
-            trace::to_nats(&row.trace, &mut headers);
-        }
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(row.payload.into())
-            .headers(headers);
-        match js
-            .send_publish(row.subject.clone(), publish)
-            .instrument(span)
-            .await
+        match send(
+            js,
+            service,
+            row.id,
+            row.subject.clone(),
+            row.payload,
+            &row.trace,
+        )
+        .await
         {
             Ok(ack) => sent.push(Sent {
                 position: row.position,
@@ -150,13 +207,262 @@ pub async fn relay_batch(
     Ok(relayed)
 }
 
-/// Runs the relay until `shutdown`: relays whenever `wake` is notified (after a local commit)
-/// and at least every `poll` (for rows committed by other processes). Failures (NATS or
-/// PostgreSQL down) back off exponentially with jitter, up to 5 s, and never lose a row.
-/// Published messages and failures are counted in `metrics`.
+/// Ids of the messages the direct path is publishing now, which this process's claims leave
+/// alone.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<HashSet<Uuid>>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, ids: impl IntoIterator<Item = Uuid>) {
+        self.lock().extend(ids);
+    }
+
+    fn remove(&self, ids: impl IntoIterator<Item = Uuid>) {
+        let mut held = self.lock();
+        for id in ids {
+            held.remove(&id);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<Uuid> {
+        self.lock().iter().copied().collect()
+    }
+}
+
+/// Where a process hands the messages it has just committed to its relay, to be published
+/// at once from memory. Cloned freely.
+#[derive(Clone)]
+pub struct Handoff {
+    queue: mpsc::Sender<Vec<Outgoing>>,
+    in_flight: InFlight,
+    wake: Arc<Notify>,
+}
+
+/// The relay's end of a [`Handoff`], taken by [`run_relay`].
+pub struct HandedOver {
+    queue: mpsc::Receiver<Vec<Outgoing>>,
+    in_flight: InFlight,
+    wake: Arc<Notify>,
+}
+
+/// A handoff and the relay's end of it; `wake` is what the writes that do not hand their
+/// messages over notify.
+pub fn handoff(wake: Arc<Notify>) -> (Handoff, HandedOver) {
+    let (queue, received) = mpsc::channel(HANDOFF_QUEUE);
+    let in_flight = InFlight::default();
+    (
+        Handoff {
+            queue,
+            in_flight: in_flight.clone(),
+            wake: wake.clone(),
+        },
+        HandedOver {
+            queue: received,
+            in_flight,
+            wake,
+        },
+    )
+}
+
+impl Handoff {
+    /// Hands over `messages`, committed to the outbox by this process, to be published now.
+    /// Call it only after the commit. When the relay is behind (or not running), their rows
+    /// are left to the claiming path, which is woken.
+    pub fn hand_over(&self, messages: Vec<Outgoing>) {
+        if messages.is_empty() {
+            return;
+        }
+        self.in_flight.add(messages.iter().map(|m| m.id));
+        if let Err(refused) = self.queue.try_send(messages) {
+            let messages = match refused {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            self.in_flight.remove(messages.iter().map(|m| m.id));
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// A handed-over message on its way: published, its ack still to come.
+struct InTransit {
+    id: Uuid,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+/// The direct path's publishing half: publishes handed-over messages in the order they were
+/// handed over, as soon as they are, and passes their acks on to [`settle`]. A message that
+/// cannot be published goes back to the claiming path, with the rest of its batch.
+async fn publish_handed(
+    js: jetstream::Context,
+    mut handed: mpsc::Receiver<Vec<Outgoing>>,
+    settling: mpsc::Sender<InTransit>,
+    in_flight: InFlight,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let service = metrics.service().to_owned();
+    loop {
+        let mut batch = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = handed.recv() => match received {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        while batch.len() < BATCH {
+            match handed.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let mut messages = batch.into_iter();
+        let mut returned = Vec::new();
+        for message in messages.by_ref() {
+            let id = message.id;
+            match send(
+                &js,
+                &service,
+                id,
+                message.subject,
+                message.payload,
+                &message.headers,
+            )
+            .await
+            {
+                Ok(ack) => {
+                    if settling.send(InTransit { id, ack }).await.is_err() {
+                        returned.push(id);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    metrics.nats_error("publish");
+                    tracing::warn!(error = %e, "handed-over outbox message not published, left to the claiming relay");
+                    returned.push(id);
+                    break;
+                }
+            }
+        }
+        returned.extend(messages.map(|m| m.id));
+        if !returned.is_empty() {
+            in_flight.remove(returned);
+            wake.notify_one();
+        }
+    }
+}
+
+/// The direct path's settling half: awaits the acks of what [`publish_handed`] sent, in
+/// batches of whatever has arrived, and deletes the acknowledged rows with one statement per
+/// batch. A message whose ack fails, or whose row cannot be deleted, goes back to the
+/// claiming path (which publishes it again; the server keeps one copy).
+async fn settle(
+    pool: PgPool,
+    mut settling: mpsc::Receiver<InTransit>,
+    in_flight: InFlight,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = settling.recv() => match received {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match settling.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<Uuid> = batch.iter().map(|t| t.id).collect();
+        let acks = join_all(batch.into_iter().map(|t| t.ack.into_future())).await;
+        let mut acked = Vec::with_capacity(ids.len());
+        let mut failed = Vec::new();
+        for (id, ack) in ids.into_iter().zip(acks) {
+            match ack {
+                Ok(_) => acked.push(id),
+                Err(e) => {
+                    if failed.is_empty() {
+                        metrics.nats_error("publish");
+                        tracing::warn!(error = %e, "handed-over outbox message not acknowledged, left to the claiming relay");
+                    }
+                    failed.push(id);
+                }
+            }
+        }
+        match outbox::delete_ids(&pool, &acked).await {
+            Ok(_) => {
+                metrics.outbox_published.inc_by(acked.len() as u64);
+            }
+            Err(e) => {
+                metrics.postgres_errors.inc();
+                tracing::warn!(error = %e, count = acked.len(), "published outbox messages not deleted, left to the claiming relay");
+                failed.extend_from_slice(&acked);
+            }
+        }
+        in_flight.remove(acked);
+        if !failed.is_empty() {
+            in_flight.remove(failed);
+            wake.notify_one();
+        }
+    }
+}
+
+/// Runs the relay until `shutdown`: the direct path for what `handed` receives, and the
+/// claiming path whenever its wake-up is notified and at least every `poll` (then for rows
+/// older than [`HANDOFF_GRACE`] only). Failures (NATS or PostgreSQL down) back off
+/// exponentially with jitter, up to 5 s, and never lose a row. Published messages and
+/// failures are counted in `metrics`.
 pub async fn run_relay(
     pool: PgPool,
     js: jetstream::Context,
+    handed: HandedOver,
+    poll: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let HandedOver {
+        queue,
+        in_flight,
+        wake,
+    } = handed;
+    let (settling, to_settle) = mpsc::channel(SETTLE_QUEUE);
+    let publishing = tokio::spawn(publish_handed(
+        js.clone(),
+        queue,
+        settling,
+        in_flight.clone(),
+        wake.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let settling = tokio::spawn(settle(
+        pool.clone(),
+        to_settle,
+        in_flight.clone(),
+        wake.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    claim_loop(pool, js, in_flight, wake, poll, metrics, shutdown).await;
+    let _ = publishing.await;
+    let _ = settling.await;
+}
+
+/// The claiming path of [`run_relay`].
+async fn claim_loop(
+    pool: PgPool,
+    js: jetstream::Context,
+    in_flight: InFlight,
     wake: Arc<Notify>,
     poll: Duration,
     metrics: Metrics,
@@ -170,10 +476,18 @@ pub async fn run_relay(
         attempt_timeout: Duration::from_secs(30),
     };
     let mut failures = 0u32;
+    // The first look takes every row: what an earlier run of this process left.
+    let mut older_than = None;
     loop {
+        let except = in_flight.snapshot();
+        let which = outbox::Claim {
+            limit: BATCH as i64,
+            older_than,
+            except: &except,
+        };
         let relayed = tokio::time::timeout(
             backoff.attempt_timeout,
-            relay_batch(&pool, &js, 512, &service),
+            relay_claimed(&pool, &js, which, &service),
         )
         .await;
         // A batch stopped midway counts as a failure, after what it did is counted.
@@ -210,11 +524,11 @@ pub async fn run_relay(
             }
             Ok(Ok(_)) => {
                 failures = 0;
-                tokio::select! {
+                older_than = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = wake.notified() => {}
-                    () = tokio::time::sleep(poll) => {}
-                }
+                    () = wake.notified() => None,
+                    () = tokio::time::sleep(poll) => Some(HANDOFF_GRACE),
+                };
             }
             result => {
                 failures = failures.saturating_add(1);
@@ -233,6 +547,7 @@ pub async fn run_relay(
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
+                older_than = None;
             }
         }
     }

@@ -141,3 +141,183 @@ async fn a_message_too_large_for_nats_is_dead_lettered_and_the_rows_behind_it_fl
     assert_eq!(stream.info().await.unwrap().state.messages, 2);
     db.cleanup().await.unwrap();
 }
+
+/// A relay with a handoff, polling only once an hour: what it publishes after its first
+/// claim came through the handoff or a wake-up.
+fn start_relay(
+    pool: &sqlx::PgPool,
+    js: &async_nats::jetstream::Context,
+) -> (
+    relay::Handoff,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (handoff, handed) = relay::handoff(wake);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(relay::run_relay(
+        pool.clone(),
+        js.clone(),
+        handed,
+        Duration::from_secs(3600),
+        hodei_telemetry::Metrics::new("test"),
+        shutdown.clone(),
+    ));
+    (handoff, shutdown, running)
+}
+
+/// Waits until the outbox is empty.
+async fn outbox_emptied(pool: &sqlx::PgPool, what: &str, deadline: Duration) {
+    hodei_test_support::wait_for(what, deadline, || {
+        let pool = pool.clone();
+        async move { (outbox::pending(&pool).await.ok()? == 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// Stops the relay of [`start_relay`] and returns how many events the stream stores.
+async fn stop_relay(
+    js: &async_nats::jetstream::Context,
+    shutdown: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+) -> u64 {
+    let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    shutdown.cancel();
+    running.await.unwrap();
+    stored
+}
+
+/// Commits one job's submitted event and returns its message.
+async fn committed_event(pool: &sqlx::PgPool) -> Outgoing {
+    let (job, event) = new_job();
+    let message = Outgoing::job_event(&event, "test").unwrap();
+    driver::submit_job(pool, &job, &event, std::slice::from_ref(&message))
+        .await
+        .unwrap();
+    message
+}
+
+#[tokio::test]
+async fn handed_over_messages_are_published_from_memory_and_their_rows_deleted() {
+    let (db, pool) = database().await;
+    let (_nats, client, js) = bus().await;
+    let mut sub = client.subscribe("hodei.v1.evt.>").await.unwrap();
+    let message = committed_event(&pool).await;
+
+    // The claiming path leaves alone the rows its process is publishing, and on its periodic
+    // poll the rows younger than the grace, which their committing process publishes.
+    let except = [message.id];
+    let mine = outbox::Claim {
+        limit: 100,
+        older_than: None,
+        except: &except,
+    };
+    let young = outbox::Claim {
+        limit: 100,
+        older_than: Some(relay::HANDOFF_GRACE),
+        except: &[],
+    };
+    for which in [mine, young] {
+        let relayed = relay::relay_claimed(&pool, &js, which, "test")
+            .await
+            .unwrap();
+        assert_eq!(relayed.published, 0, "{which:?}");
+    }
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
+
+    // The handoff publishes it with no wake-up and no claim, then deletes its row.
+    let (handoff, shutdown, running) = start_relay(&pool, &js);
+    // The first claim of a starting relay takes what is left at once: wait until it looked.
+    outbox_emptied(&pool, "the relay's first claim", Duration::from_secs(10)).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.subject.as_str(), message.subject);
+
+    let handed_message = committed_event(&pool).await;
+    handoff.hand_over(vec![handed_message.clone()]);
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.subject.as_str(), handed_message.subject);
+    assert_eq!(
+        got.headers
+            .as_ref()
+            .and_then(|h| h.get(hodei_messaging::subjects::HEADER_MSG_ID))
+            .map(|v| v.as_str().to_owned()),
+        Some(handed_message.id.to_string())
+    );
+    outbox_emptied(
+        &pool,
+        "the handed-over row deleted",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(stop_relay(&js, shutdown, running).await, 2);
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_handed_over_while_nats_is_away_is_published_once_it_is_back() {
+    let (db, pool) = database().await;
+    let (mut nats, _client, js) = bus().await;
+    let (handoff, shutdown, running) = start_relay(&pool, &js);
+
+    // NATS is away when the message is handed over: its row stays.
+    nats.stop().await;
+    let message = committed_event(&pool).await;
+    handoff.hand_over(vec![message.clone()]);
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
+
+    // Once NATS is back it is published (by the direct path once the client reconnects, or
+    // by the claiming path after a failed ack) and its row deleted.
+    nats.restart().await.unwrap();
+    outbox_emptied(
+        &pool,
+        "the row published after all",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(stop_relay(&js, shutdown, running).await, 1, "stored once");
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_handed_over_message_refused_for_good_goes_back_to_the_claiming_relay() {
+    let (db, pool) = database().await;
+    let (_nats, client, js) = bus().await;
+    let max_payload = client.server_info().max_payload;
+    // A row the relay's first claim (which takes what is left at start) publishes: once it is
+    // gone, only the handoff and what it gives back to the claiming path publish anything.
+    let sentinel = committed_event(&pool).await;
+    let (handoff, shutdown, running) = start_relay(&pool, &js);
+    outbox_emptied(&pool, "the relay's first claim", Duration::from_secs(10)).await;
+
+    // A row larger than the server takes, handed over with a good one behind it: the client
+    // refuses the first, both go back to the claiming path (woken at once, no poll needed),
+    // which dead-letters the first and publishes the second.
+    let good = committed_event(&pool).await;
+    let mut poison = good.clone();
+    poison.id = uuid::Uuid::now_v7();
+    poison.payload = vec![b' '; max_payload + 1];
+    let mut conn = pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    outbox::append(&mut tx, std::slice::from_ref(&poison))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    handoff.hand_over(vec![poison.clone(), good.clone()]);
+    outbox_emptied(&pool, "the outbox emptied", Duration::from_secs(30)).await;
+    let dead: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox_dead")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, vec![poison.id]);
+    let stored = stop_relay(&js, shutdown, running).await;
+    assert_eq!(stored, 2, "the sentinel {} and the good one", sentinel.id);
+    db.cleanup().await.unwrap();
+}

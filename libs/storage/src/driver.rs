@@ -255,20 +255,21 @@ pub struct Transition {
 /// statements: saves every job at its expected version (moving the pipeline runs of steps
 /// that started or ended), frees the slots `releases` names on their workers if the workers
 /// still hold them, and queues every event (from `source`) and a placement request for each
-/// requeued job. Returns the workers saved with slots freed. `Conflict` if any job or worker
-/// moved meanwhile: the caller rolls back.
+/// requeued job. Returns what it wrote. `Conflict` if any job or worker moved meanwhile: the
+/// caller rolls back.
 pub async fn commit_transitions(
     conn: &mut PgConnection,
     transitions: &[Transition],
     releases: &[(WorkerId, AttemptId)],
     source: &str,
-) -> Result<Vec<hodei_domain::Worker>, StorageError> {
+) -> Result<Committed, StorageError> {
     let changes: Vec<(&Job, u64)> = transitions
         .iter()
         .map(|t| (&t.job, t.expected_version))
         .collect();
     let events: Vec<&JobEvent> = transitions.iter().flat_map(|t| &t.events).collect();
     let runs = jobs::save_many(conn, &changes, &events).await?;
+    let more = !runs.is_empty();
     for (job_id, run) in runs {
         if let Some(t) = transitions.iter().find(|t| t.job.id() == job_id) {
             on_step_job(conn, run, &t.job, &t.events)
@@ -294,7 +295,23 @@ pub async fn commit_transitions(
         messages.extend(t.extra.iter().map(Cow::Borrowed));
     }
     outbox::append(conn, &messages).await?;
-    Ok(freed)
+    Ok(Committed {
+        freed,
+        messages: messages.into_iter().map(Cow::into_owned).collect(),
+        more,
+    })
+}
+
+/// What [`commit_transitions`] wrote.
+#[derive(Debug)]
+pub struct Committed {
+    /// The workers saved with slots freed.
+    pub freed: Vec<hodei_domain::Worker>,
+    /// The messages it queued in the outbox: hand them to the relay once committed.
+    pub messages: Vec<Outgoing>,
+    /// Whether it also queued messages that `messages` does not hold (pipeline runs moved):
+    /// wake the relay for those.
+    pub more: bool,
 }
 
 /// Frees each attempt's slot on its worker, if the worker still holds it: every worker is

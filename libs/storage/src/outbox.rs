@@ -98,14 +98,33 @@ pub struct Pending {
     pub trace: TraceHeaders,
 }
 
-/// Up to `limit` waiting messages in commit order, locked until the end of the caller's
+/// Which waiting messages a relay may claim.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// Most messages to claim.
+    pub limit: i64,
+    /// Only messages committed at least this long ago (their committing process publishes
+    /// the newer ones itself), or any age.
+    pub older_than: Option<std::time::Duration>,
+    /// Messages this process is publishing now, left alone.
+    pub except: &'a [Uuid],
+}
+
+/// Waiting messages in commit order, as `which` says, locked until the end of the caller's
 /// transaction; rows another relay holds are skipped (`FOR UPDATE SKIP LOCKED`).
-pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<Pending>, StorageError> {
+pub async fn claim(
+    conn: &mut PgConnection,
+    which: Claim<'_>,
+) -> Result<Vec<Pending>, StorageError> {
     let rows = sqlx::query(
         "SELECT position, id, subject, payload, headers FROM outbox
+         WHERE ($2::float8 IS NULL OR created_at < now() - make_interval(secs => $2))
+           AND NOT (id = ANY($3))
          ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
-    .bind(limit)
+    .bind(which.limit)
+    .bind(which.older_than.map(|age| age.as_secs_f64()))
+    .bind(which.except)
     .fetch_all(conn)
     .await?;
     rows.iter()
@@ -134,6 +153,19 @@ pub async fn delete(conn: &mut PgConnection, positions: &[i64]) -> Result<(), St
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Deletes the messages with these ids (published by the process that committed them);
+/// returns how many were still there.
+pub async fn delete_ids(pool: &PgPool, ids: &[Uuid]) -> Result<u64, StorageError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let deleted = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected())
 }
 
 /// Moves the messages at the given positions to `outbox_dead`, each with the reason the

@@ -401,10 +401,16 @@ async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    assert_eq!(
+        saved.messages.len(),
+        finished.iter().map(|t| t.events.len()).sum::<usize>(),
+        "one message per event is returned to hand to the relay"
+    );
+    assert!(!saved.more);
     let freed = workers::get(&pool, worker.id()).await.unwrap().unwrap();
     assert!(freed.held().is_empty(), "{:?}", freed.held());
     assert_eq!(
-        saved,
+        saved.freed,
         vec![freed.clone()],
         "the worker is returned as saved"
     );

@@ -92,7 +92,14 @@ async fn record(backends: &Backends, batch: Vec<Waiting>) {
         .await;
     match recorded {
         Ok(results) => {
-            backends.relay_wake.notify_one();
+            let mut submissions = submissions;
+            let committed = submissions
+                .iter_mut()
+                .zip(&results)
+                .filter(|(_, result)| matches!(result, Recorded::New))
+                .flat_map(|(submission, _)| std::mem::take(&mut submission.messages))
+                .collect();
+            backends.relay.hand_over(committed);
             for ((submission, answer), result) in submissions.into_iter().zip(answers).zip(results)
             {
                 // A caller that went away still had its job recorded.

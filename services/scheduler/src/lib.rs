@@ -182,6 +182,19 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// Hands what a [`hodei_storage::driver::commit_transitions`] queued to the relay, once
+    /// its transaction committed, and returns the workers it freed slots on.
+    pub(crate) fn committed(
+        &self,
+        committed: hodei_storage::driver::Committed,
+    ) -> Vec<hodei_domain::Worker> {
+        self.backends.relay.hand_over(committed.messages);
+        if committed.more {
+            self.backends.relay_wake.notify_one();
+        }
+        committed.freed
+    }
+
     /// Hands the workers a report batch saved with slots freed to placement, and wakes it.
     pub(crate) fn freed(&self, workers: Vec<hodei_domain::Worker>) {
         self.freed

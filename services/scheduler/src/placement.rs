@@ -552,12 +552,10 @@ async fn decide_batch(
         let mut tx = pool.begin().await?;
         verify_quotas(&mut tx, &charged).await?;
         workers::save_reservations(&mut tx, &saves).await?;
-        driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
+        let committed = driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
         jobs::set_pending_reasons(&mut tx, &reasons).await?;
         tx.commit().await?;
-        if !transitions.is_empty() {
-            ctx.backends.relay_wake.notify_one();
-        }
+        ctx.committed(committed);
         for (i, since) in &waits {
             observe_assigned(ctx, &transitions[*i].job, *since, now);
         }
@@ -586,15 +584,16 @@ async fn decide_batch(
 async fn record_preemptions(ctx: &Context, preemptions: Preemptions) {
     let recorded = async {
         let mut tx = ctx.backends.pool.begin().await?;
-        driver::commit_transitions(&mut tx, &preemptions.transitions, &[], SOURCE).await?;
+        let committed =
+            driver::commit_transitions(&mut tx, &preemptions.transitions, &[], SOURCE).await?;
         jobs::set_pending_reasons(&mut tx, &preemptions.waiting).await?;
         tx.commit().await?;
-        Ok::<(), StorageError>(())
+        Ok::<_, StorageError>(committed)
     }
     .await;
     match recorded {
-        Ok(()) => {
-            ctx.backends.relay_wake.notify_one();
+        Ok(committed) => {
+            ctx.committed(committed);
             for t in &preemptions.transitions {
                 ctx.backends.metrics.placement("preempted");
                 tracing::info!(job_id = %t.job.id(), by = ?t.job.preempted_by(), "job preempted");

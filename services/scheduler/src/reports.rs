@@ -313,9 +313,9 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         .collect();
     if !changed.is_empty() || !releases.is_empty() {
         let mut tx = pool.begin().await?;
-        let freed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
+        let committed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
         tx.commit().await?;
-        ctx.backends.relay_wake.notify_one();
+        let freed = ctx.committed(committed);
         if !freed.is_empty() {
             ctx.freed(freed);
         }
