@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,9 +39,9 @@ use uuid::Uuid;
 pub const HANDOFF_GRACE: Duration = Duration::from_secs(1);
 /// Most messages one batch of either path publishes.
 const BATCH: usize = 512;
-/// Batches of committed messages that may wait for the direct path; past this, a commit only
-/// wakes the claiming path.
-const HANDOFF_QUEUE: usize = 1024;
+/// Committed messages that may wait for the direct path (a few MiB); past this, a commit only
+/// wakes the claiming path, so a stalled NATS connection never holds more than this in memory.
+const HANDOFF_QUEUE: usize = 8192;
 /// Published messages whose acks may wait to be settled; past this, the direct path waits.
 const SETTLE_QUEUE: usize = 4096;
 
@@ -237,14 +238,17 @@ impl InFlight {
 /// at once from memory. Cloned freely.
 #[derive(Clone)]
 pub struct Handoff {
-    queue: mpsc::Sender<Vec<Outgoing>>,
+    queue: mpsc::UnboundedSender<Vec<Outgoing>>,
+    /// Messages in `queue`, bounded by [`HANDOFF_QUEUE`].
+    queued: Arc<AtomicUsize>,
     in_flight: InFlight,
     wake: Arc<Notify>,
 }
 
 /// The relay's end of a [`Handoff`], taken by [`run_relay`].
 pub struct HandedOver {
-    queue: mpsc::Receiver<Vec<Outgoing>>,
+    queue: mpsc::UnboundedReceiver<Vec<Outgoing>>,
+    queued: Arc<AtomicUsize>,
     in_flight: InFlight,
     wake: Arc<Notify>,
 }
@@ -252,16 +256,19 @@ pub struct HandedOver {
 /// A handoff and the relay's end of it; `wake` is what the writes that do not hand their
 /// messages over notify.
 pub fn handoff(wake: Arc<Notify>) -> (Handoff, HandedOver) {
-    let (queue, received) = mpsc::channel(HANDOFF_QUEUE);
+    let (queue, received) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     let in_flight = InFlight::default();
     (
         Handoff {
             queue,
+            queued: queued.clone(),
             in_flight: in_flight.clone(),
             wake: wake.clone(),
         },
         HandedOver {
             queue: received,
+            queued,
             in_flight,
             wake,
         },
@@ -273,15 +280,19 @@ impl Handoff {
     /// Call it only after the commit. When the relay is behind (or not running), their rows
     /// are left to the claiming path, which is woken.
     pub fn hand_over(&self, messages: Vec<Outgoing>) {
-        if messages.is_empty() {
+        let n = messages.len();
+        if n == 0 {
+            return;
+        }
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > HANDOFF_QUEUE {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.wake.notify_one();
             return;
         }
         self.in_flight.add(messages.iter().map(|m| m.id));
-        if let Err(refused) = self.queue.try_send(messages) {
-            let messages = match refused {
-                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
-            };
-            self.in_flight.remove(messages.iter().map(|m| m.id));
+        if let Err(closed) = self.queue.send(messages) {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.in_flight.remove(closed.0.iter().map(|m| m.id));
             self.wake.notify_one();
         }
     }
@@ -298,13 +309,17 @@ struct InTransit {
 /// cannot be published goes back to the claiming path, with the rest of its batch.
 async fn publish_handed(
     js: jetstream::Context,
-    mut handed: mpsc::Receiver<Vec<Outgoing>>,
+    handed: HandedOver,
     settling: mpsc::Sender<InTransit>,
-    in_flight: InFlight,
-    wake: Arc<Notify>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let HandedOver {
+        queue: mut handed,
+        queued,
+        in_flight,
+        wake,
+    } = handed;
     let service = metrics.service().to_owned();
     loop {
         let mut batch = tokio::select! {
@@ -320,6 +335,7 @@ async fn publish_handed(
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let mut messages = batch.into_iter();
         let mut returned = Vec::new();
         for message in messages.by_ref() {
@@ -430,18 +446,13 @@ pub async fn run_relay(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let HandedOver {
-        queue,
-        in_flight,
-        wake,
-    } = handed;
+    let in_flight = handed.in_flight.clone();
+    let wake = handed.wake.clone();
     let (settling, to_settle) = mpsc::channel(SETTLE_QUEUE);
     let publishing = tokio::spawn(publish_handed(
         js.clone(),
-        queue,
+        handed,
         settling,
-        in_flight.clone(),
-        wake.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -550,5 +561,51 @@ async fn claim_loop(
                 older_than = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn message() -> Outgoing {
+        Outgoing {
+            id: Uuid::now_v7(),
+            subject: "hodei.v1.evt.test".to_owned(),
+            payload: b"{}".to_vec(),
+            headers: TraceHeaders::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_handoff_leaves_the_messages_to_the_claiming_path_and_wakes_it() {
+        let wake = Arc::new(Notify::new());
+        let (handoff, mut handed) = handoff(wake.clone());
+        let first: Vec<Outgoing> = (0..HANDOFF_QUEUE - 1).map(|_| message()).collect();
+        handoff.hand_over(first);
+        assert_eq!(handed.in_flight.lock().len(), HANDOFF_QUEUE - 1);
+
+        // Two more would pass the bound: refused whole, not in flight, and the claiming
+        // path woken for them.
+        let over = vec![message(), message()];
+        let over_ids: Vec<Uuid> = over.iter().map(|m| m.id).collect();
+        handoff.hand_over(over);
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("the claiming path is woken");
+        let held = handed.in_flight.snapshot();
+        assert!(over_ids.iter().all(|id| !held.contains(id)));
+        assert_eq!(handed.queued.load(Ordering::Relaxed), HANDOFF_QUEUE - 1);
+        assert_eq!(handed.queue.try_recv().unwrap().len(), HANDOFF_QUEUE - 1);
+        assert!(
+            handed.queue.try_recv().is_err(),
+            "only the first batch queued"
+        );
+
+        // One that fits is queued.
+        handoff.hand_over(vec![message()]);
+        assert_eq!(handed.queue.try_recv().unwrap().len(), 1);
     }
 }
