@@ -402,16 +402,16 @@ async fn settle(
         let ids: Vec<Uuid> = batch.iter().map(|t| t.id).collect();
         let acks = join_all(batch.into_iter().map(|t| t.ack.into_future())).await;
         let mut acked = Vec::with_capacity(ids.len());
-        let mut failed = Vec::new();
-        for (id, ack) in ids.into_iter().zip(acks) {
+        let mut failed = false;
+        for (&id, ack) in ids.iter().zip(acks) {
             match ack {
                 Ok(_) => acked.push(id),
                 Err(e) => {
-                    if failed.is_empty() {
+                    if !failed {
                         metrics.nats_error("publish");
                         tracing::warn!(error = %e, "handed-over outbox message not acknowledged, left to the claiming relay");
                     }
-                    failed.push(id);
+                    failed = true;
                 }
             }
         }
@@ -422,12 +422,12 @@ async fn settle(
             Err(e) => {
                 metrics.postgres_errors.inc();
                 tracing::warn!(error = %e, count = acked.len(), "published outbox messages not deleted, left to the claiming relay");
-                failed.extend_from_slice(&acked);
+                failed = true;
             }
         }
-        in_flight.remove(acked);
-        if !failed.is_empty() {
-            in_flight.remove(failed);
+        // Settled either way: deleted, or back to the claiming path for whatever is left.
+        in_flight.remove(ids);
+        if failed {
             wake.notify_one();
         }
     }

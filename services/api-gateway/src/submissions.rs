@@ -85,14 +85,13 @@ async fn write(backends: Backends, waiting: Arc<Mutex<mpsc::Receiver<Waiting>>>)
 }
 
 async fn record(backends: &Backends, batch: Vec<Waiting>) {
-    let (submissions, answers): (Vec<Submission>, Vec<oneshot::Sender<Answer>>) =
+    let (mut submissions, answers): (Vec<Submission>, Vec<oneshot::Sender<Answer>>) =
         batch.into_iter().map(|w| (w.submission, w.answer)).unzip();
     let recorded = backends
         .db(|| driver::submit_jobs(&backends.pool, &submissions))
         .await;
     match recorded {
         Ok(results) => {
-            let mut submissions = submissions;
             let committed = submissions
                 .iter_mut()
                 .zip(&results)
