@@ -393,15 +393,15 @@ pub async fn silent(
 
 /// Workers that may have attempts to hand back: unreachable ones, lost or offline ones that
 /// still hold attempts (a goodbye, or a loss whose hand-back was deferred), and any that holds
-/// attempts placed with another incarnation of its agent than its current one.
+/// attempts placed with another incarnation of its agent than its current one. Found through
+/// the partial index `workers_to_hand_back`: the incarnation test is stored at each write.
 pub async fn holding_unreachable_or_gone(pool: &PgPool) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM workers w
-         WHERE status = 'unreachable'
-            OR (status IN ('lost', 'offline') AND held <> '[]'::jsonb)
-            OR (held <> '[]'::jsonb AND EXISTS (
-                    SELECT 1 FROM jsonb_array_elements(w.held) h
-                    WHERE (h->>'incarnation') IS DISTINCT FROM w.incarnation::text))"
+        "SELECT {COLUMNS} FROM workers
+         WHERE (status IN ('unreachable', 'lost', 'offline') OR holds_other_incarnation)
+           AND (status = 'unreachable'
+                OR (status IN ('lost', 'offline') AND held <> '[]'::jsonb)
+                OR holds_other_incarnation)"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .fetch_all(pool)
