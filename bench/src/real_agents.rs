@@ -67,7 +67,7 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
         "real-agents: {} jobs running `true` (exec, default resources: none requested), {} grpc \
          clients (one http/2 channel each), {} {} processes x {} slots (heartbeat every \
          {HEARTBEAT_MS} ms, each its own work dir, default logging to a file) against the \
-         system of `throughput`; completion counted in postgres every 20 ms; latencies from \
+         system of `throughput`; completion counted in postgres (every 20 ms near the end); latencies from \
          each job's created_at (gateway) to its first attempt's started_at/finished_at; agent \
          rss read once every job had ended; the jetstream reference ran after the agents were \
          killed",
