@@ -92,6 +92,11 @@ pub enum DomainError {
     AlreadyHeld { worker_id: String, attempt: String },
     #[error("worker {worker_id} does not hold attempt {attempt}")]
     NotHeld { worker_id: String, attempt: String },
+    #[error("worker {worker_id} changed beyond freed slots since it was read: {why}")]
+    WorkerMoved {
+        worker_id: String,
+        why: &'static str,
+    },
     #[error("event {seq} does not follow version {version} of job {job_id}")]
     OutOfOrderEvent {
         job_id: String,

@@ -350,6 +350,48 @@ pub async fn release_slots(
     Ok(saves.into_iter().map(|(w, _)| w.clone()).collect())
 }
 
+/// Saves, inside the caller's transaction, the workers a placement round reserved slots on:
+/// each given as the round's copy, the version the copy was read at, and the attempts the
+/// round reserved on it. The workers are locked; one still at the version read is saved as
+/// the round left it. One that moved meanwhile only by freeing slots (a report recorded
+/// between the round's read and its commit, as happens all the time on a small fleet) gets
+/// the round's reservations made again on it as it stands (see
+/// [`hodei_domain::Worker::rebased_on`]) instead of failing the round. Returns the workers
+/// saved. `Conflict` if any moved otherwise: the caller rolls back.
+pub async fn reserve_slots(
+    conn: &mut PgConnection,
+    reserved: &[(&hodei_domain::Worker, u64, &[AttemptId])],
+) -> Result<Vec<hodei_domain::Worker>, StorageError> {
+    if reserved.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<&WorkerId> = reserved.iter().map(|(w, _, _)| w.id()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let current = workers::lock_many(&mut *conn, &ids).await?;
+    let mut saves = Vec::with_capacity(reserved.len());
+    for (copy, read_version, added) in reserved {
+        let Some(now) = current.get(copy.id()) else {
+            return Err(StorageError::Conflict {
+                what: format!("worker {} is gone", copy.id()),
+            });
+        };
+        if now.version() == *read_version {
+            saves.push(((*copy).clone(), *read_version));
+        } else {
+            let rebased = copy
+                .rebased_on(now, added)
+                .map_err(|e| StorageError::Conflict {
+                    what: e.to_string(),
+                })?;
+            saves.push((rebased, now.version()));
+        }
+    }
+    let refs: Vec<(&hodei_domain::Worker, u64)> = saves.iter().map(|(w, v)| (w, *v)).collect();
+    workers::save_reservations(conn, &refs).await?;
+    Ok(saves.into_iter().map(|(w, _)| w).collect())
+}
+
 /// Asks for job `id` to be cancelled inside the caller's transaction: a queued job ends
 /// cancelled at once, a job on a worker gets `cancel_requested` and its agent a `cancel`
 /// command; a pipeline step's run moves on. Returns the job as it is now and the event

@@ -458,8 +458,9 @@ async fn decide_batch(
     );
     let mut transitions = Vec::new();
     let mut reasons: Vec<(JobId, String)> = Vec::new();
-    // The version each reserved worker was read at, in the order first reserved.
-    let mut reserved: Vec<(WorkerId, u64)> = Vec::new();
+    // Each reserved worker, the version it was read at and the attempts reserved on it, in
+    // the order first reserved.
+    let mut reserved: Vec<(WorkerId, u64, Vec<AttemptId>)> = Vec::new();
     // Each assignment's transition and when its job became placeable.
     let mut waits: Vec<(usize, chrono::DateTime<Utc>)> = Vec::new();
     let mut charged: Vec<(TenantId, Resources)> = Vec::new();
@@ -510,8 +511,12 @@ async fn decide_batch(
         let ((event, command), read_version) = reserved_on?;
         let placed = command.is_some();
         // Only a worker given an attempt is saved (and locked) with the batch.
-        if placed && !reserved.iter().any(|(id, _)| id == &worker_id) {
-            reserved.push((worker_id.clone(), read_version));
+        if placed {
+            let attempt = AttemptId::new(job.id(), job.current_attempt());
+            match reserved.iter_mut().find(|(id, _, _)| id == &worker_id) {
+                Some((_, _, added)) => added.push(attempt),
+                None => reserved.push((worker_id.clone(), read_version, vec![attempt])),
+            }
         }
         let extra = match command {
             Some(command) => vec![Outgoing::agent_command(&worker_id, &command)?],
@@ -545,17 +550,23 @@ async fn decide_batch(
         Preemptions::default()
     };
     if !transitions.is_empty() || !reasons.is_empty() {
-        let saves: Vec<(&Worker, u64)> = reserved
+        let saves: Vec<(&Worker, u64, &[AttemptId])> = reserved
             .iter()
-            .filter_map(|(id, version)| view.worker(id).map(|w| (w, *version)))
+            .filter_map(|(id, version, added)| {
+                view.worker(id).map(|w| (w, *version, added.as_slice()))
+            })
             .collect();
         let mut tx = pool.begin().await?;
         verify_quotas(&mut tx, &charged).await?;
-        workers::save_reservations(&mut tx, &saves).await?;
+        let saved = driver::reserve_slots(&mut tx, &saves).await?;
         let committed = driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
         jobs::set_pending_reasons(&mut tx, &reasons).await?;
         tx.commit().await?;
         ctx.committed(committed);
+        // Those rebased on slots freed meanwhile are newer than the view's copies.
+        for worker in saved {
+            view.saved(worker);
+        }
         for (i, since) in &waits {
             observe_assigned(ctx, &transitions[*i].job, *since, now);
         }
@@ -787,8 +798,11 @@ async fn verify_quotas(
 
 /// The live workers as this scheduler last read them, kept by its placement rounds and
 /// current with its own writes: the reservations it commits and the slots its recorded
-/// reports free (handed over through [`Context::freed`]). Other writers (other replicas, heartbeats changing a status) make it stale:
-/// a stale worker fails its reservation's version check, which drops the view. It is read
+/// reports free (handed over through [`Context::freed`]). Other writers make it stale. A
+/// worker that only freed slots meanwhile (a report recorded between a round's read and its
+/// commit) has the round's reservations made again on it as it stands (see
+/// [`driver::reserve_slots`]); one changed otherwise (another replica's reservation, a
+/// heartbeat changing its status) fails the round, which drops the view. It is read
 /// again at least every [`VIEW_MAX_AGE`] and at each periodic retry of the blocked requests,
 /// so a worker that appeared is seen within that time. So the view saves reads, never
 /// decides.

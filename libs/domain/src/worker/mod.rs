@@ -375,6 +375,40 @@ impl Worker {
         Ok(())
     }
 
+    /// The reservations of `added` (attempts this copy of the worker holds since it was read)
+    /// made again on `current`, the worker as it stands now, which may have moved since the
+    /// read. Allowed only if it moved by freeing slots: `current` holds nothing this copy does
+    /// not, and has the same agent (incarnation and sealing key), so every command built for
+    /// this copy still fits it and the reservations fit in the room they were made in. Each is
+    /// then reserved again as [`Worker::reserve`] does (refused unless `current` is ready).
+    pub fn rebased_on(&self, current: &Worker, added: &[AttemptId]) -> Result<Worker, DomainError> {
+        let moved = |why| DomainError::WorkerMoved {
+            worker_id: self.id.to_string(),
+            why,
+        };
+        if current.id != self.id {
+            return Err(moved("another worker"));
+        }
+        if current.incarnation != self.incarnation {
+            return Err(moved("its agent restarted"));
+        }
+        if current.seal_key != self.seal_key {
+            return Err(moved("its sealing key changed"));
+        }
+        if current.held.iter().any(|h| !self.holds(&h.attempt)) {
+            return Err(moved("it holds an attempt reserved elsewhere"));
+        }
+        let mut rebased = current.clone();
+        for attempt in added {
+            let held = &self.held[self.position_of(attempt)?];
+            rebased.reserve(held.attempt, held.resources, held.since)?;
+            if let Some(last) = rebased.held.last_mut() {
+                last.requeue_when_unreachable = held.requeue_when_unreachable;
+            }
+        }
+        Ok(rebased)
+    }
+
     /// The attempts whose jobs asked to be handed back as soon as the worker is unreachable.
     pub fn attempts_to_requeue_when_unreachable(&self) -> Vec<HeldAttempt> {
         self.held
@@ -386,16 +420,20 @@ impl Worker {
 
     /// Releases the slot of `attempt`.
     pub fn release(&mut self, attempt: &AttemptId) -> Result<HeldAttempt, DomainError> {
-        let index = self
-            .held
+        let index = self.position_of(attempt)?;
+        self.version += 1;
+        Ok(self.held.remove(index))
+    }
+
+    /// Where `attempt` is among the held ones; `NotHeld` if it is not.
+    fn position_of(&self, attempt: &AttemptId) -> Result<usize, DomainError> {
+        self.held
             .iter()
             .position(|h| &h.attempt == attempt)
             .ok_or_else(|| DomainError::NotHeld {
                 worker_id: self.id.to_string(),
                 attempt: attempt.to_string(),
-            })?;
-        self.version += 1;
-        Ok(self.held.remove(index))
+            })
     }
 
     /// Stops taking new work.
@@ -560,6 +598,50 @@ mod tests {
 
     fn attempt() -> AttemptId {
         AttemptId::new(JobId::new(), AttemptNumber::new(1))
+    }
+
+    #[test]
+    fn reservations_are_rebased_only_on_a_worker_that_freed_slots() {
+        let now = Utc::now();
+        let (freed, kept) = (attempt(), attempt());
+        let mut read = worker(3);
+        read.reserve(freed, Resources::new(500, 0), now).unwrap();
+        read.reserve(kept, Resources::new(500, 0), now).unwrap();
+        // The round reserves one more on its copy; meanwhile a report frees `freed`.
+        let mut copy = read.clone();
+        let added = attempt();
+        copy.reserve(added, Resources::new(500, 0), now).unwrap();
+        let mut current = read.clone();
+        current.release(&freed).unwrap();
+
+        let rebased = copy.rebased_on(&current, &[added]).unwrap();
+        let held: Vec<AttemptId> = rebased.held().iter().map(|h| h.attempt).collect();
+        assert_eq!(held, vec![kept, added]);
+        assert_eq!(rebased.version(), current.version() + 1);
+
+        // Not on a worker that took an attempt this copy never saw.
+        let mut elsewhere = current.clone();
+        elsewhere
+            .reserve(attempt(), Resources::default(), now)
+            .unwrap();
+        assert!(matches!(
+            copy.rebased_on(&elsewhere, &[added]),
+            Err(DomainError::WorkerMoved { .. })
+        ));
+        // Nor on a restarted agent, nor on a worker that stopped taking work.
+        let restarted = current
+            .clone()
+            .with_agent(IncarnationId::new(), LeaseTerms::default());
+        assert!(matches!(
+            copy.rebased_on(&restarted, &[added]),
+            Err(DomainError::WorkerMoved { .. })
+        ));
+        let mut draining = current.clone();
+        draining.drain(now).unwrap();
+        assert!(matches!(
+            copy.rebased_on(&draining, &[added]),
+            Err(DomainError::IllegalWorkerTransition { .. })
+        ));
     }
 
     #[test]
