@@ -75,7 +75,7 @@ pub(crate) struct AttemptContext {
     pub setpriv: PathBuf,
     /// Who jobs run as, when not as the agent's user.
     pub job_users: Option<Arc<JobUsers>>,
-    /// `prlimit`, which sets the job's resource limits before it starts.
+    /// `prlimit`, which sets the resource limits of a job not held at its start for a cgroup.
     pub prlimit: PathBuf,
     pub job_limits: crate::config::JobLimits,
     /// Where jobs get cgroups of their own, if the host allows.
@@ -295,7 +295,9 @@ async fn spawn(
         .or_else(|| ctx.path.clone());
     let resolved = which::which_in(program, search_path, &cwd)
         .map_err(|e| format!("failed to start {program}: {e}"))?;
-    let mut command = match &ctx.cgroups {
+    // A job held at its start (to be placed in its cgroup) is given its limits then, by the
+    // agent; otherwise `prlimit` sets them in its chain.
+    let (mut command, chain_sets_limits) = match &ctx.cgroups {
         // Held until the agent has placed it in its cgroup, then becomes the job's chain.
         Some(cgroups) => {
             let made = cgroups
@@ -307,12 +309,12 @@ async fn spawn(
             sh.args(["-c", JOIN_THEN_EXEC, "hodei-job"])
                 .arg(&ctx.setpriv)
                 .stdin(Stdio::piped());
-            sh
+            (sh, false)
         }
         None => {
             let mut setpriv = Command::new(&ctx.setpriv);
             setpriv.stdin(Stdio::null());
-            setpriv
+            (setpriv, true)
         }
     };
     if let Some(users) = &ctx.job_users {
@@ -329,14 +331,14 @@ async fn spawn(
         command.args(who.setpriv_args());
         *identity = Some(who);
     }
-    command
-        .args(["--pdeathsig", "KILL", "--"])
-        .arg(&ctx.prlimit)
-        .args(ctx.job_limits.prlimit_args())
-        .arg("--")
-        .arg(&resolved)
-        .args(args)
-        .env_clear();
+    command.args(["--pdeathsig", "KILL", "--"]);
+    if chain_sets_limits {
+        command
+            .arg(&ctx.prlimit)
+            .args(ctx.job_limits.prlimit_args())
+            .arg("--");
+    }
+    command.arg(&resolved).args(args).env_clear();
     if let Some(path) = &ctx.path {
         command.env("PATH", path);
     }
@@ -359,7 +361,7 @@ async fn spawn(
         )
     })?;
     if let Some(cgroup) = cgroup
-        && let Err(e) = place(&mut child, cgroup).await
+        && let Err(e) = place(&mut child, cgroup, &ctx.job_limits).await
     {
         // Nothing of the job ran: `sh` was still waiting.
         let _ = child.start_kill();
@@ -375,8 +377,13 @@ async fn spawn(
 /// input and nothing runs.
 const JOIN_THEN_EXEC: &str = r#"read -r _ && exec "$@" </dev/null"#;
 
-/// Puts the just-started `sh` of a job into its cgroup, then lets it go on.
-async fn place(child: &mut Child, cgroup: &JobCgroup) -> Result<(), String> {
+/// Puts the just-started `sh` of a job into its cgroup and gives it the job's limits, then lets
+/// it go on.
+async fn place(
+    child: &mut Child,
+    cgroup: &JobCgroup,
+    limits: &crate::config::JobLimits,
+) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
     let pid = child
         .id()
@@ -385,6 +392,9 @@ async fn place(child: &mut Child, cgroup: &JobCgroup) -> Result<(), String> {
         .join(pid)
         .await
         .map_err(|e| format!("failed to place the job in its cgroup: {e}"))?;
+    limits
+        .apply_to(pid)
+        .map_err(|e| format!("failed to set the job's limits: {e}"))?;
     let mut stdin = child
         .stdin
         .take()

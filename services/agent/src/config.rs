@@ -138,6 +138,28 @@ impl JobLimits {
         }
     }
 
+    /// Sets them (soft and hard) on process `pid`, which the job's chain then inherits: for a
+    /// job held before its program starts (see `attempt::place`), this spares running `prlimit`.
+    pub fn apply_to(&self, pid: u32) -> std::io::Result<()> {
+        use rustix::process::{Pid, Resource, Rlimit, prlimit};
+        let pid = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| std::io::Error::other(format!("{pid} is not a process id")))?;
+        for (resource, value) in [
+            (Resource::Nproc, u64::from(self.max_processes)),
+            (Resource::Nofile, u64::from(self.max_open_files)),
+            (Resource::Core, 0),
+        ] {
+            let both = Rlimit {
+                current: Some(value),
+                maximum: Some(value),
+            };
+            prlimit(Some(pid), resource, both)?;
+        }
+        Ok(())
+    }
+
     /// The `prlimit` options that set them (soft and hard).
     pub fn prlimit_args(&self) -> [String; 3] {
         [

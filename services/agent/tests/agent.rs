@@ -571,6 +571,40 @@ async fn jobs_run_as_their_own_user_and_cannot_read_the_agent_or_each_other() {
     h.stop().await;
 }
 
+/// The limits reach the job whichever sets them: the agent, on a job held for its cgroup, or
+/// `prlimit` in the chain of one without.
+#[tokio::test]
+async fn resource_limits_reach_the_job_with_and_without_a_cgroup() {
+    let own = |r| nix::sys::resource::getrlimit(r).unwrap().1;
+    let nproc = own(nix::sys::resource::Resource::RLIMIT_NPROC).min(777);
+    let nofile = own(nix::sys::resource::Resource::RLIMIT_NOFILE).min(333);
+    for mode in [CgroupMode::Auto, CgroupMode::Off] {
+        let mut h = Harness::start_full(1_000, false, 15_000, |config| {
+            config.job_cgroups = mode;
+            config.job_max_processes = 777;
+            config.job_max_open_files = 333;
+        })
+        .await;
+        let id = h
+            .assign(spec(sh(
+                "limits",
+                "awk '/Max processes/ {print $3; print $4}' /proc/self/limits; \
+                 ulimit -Sn; ulimit -Hn; ulimit -c",
+            )))
+            .await;
+        let (outcome, _) = h.finished(id).await;
+        assert_eq!(outcome, AttemptOutcome::Exited { code: 0 }, "{mode:?}");
+        let lines: Vec<String> = h.log_lines(id).await.into_iter().map(|l| l.text).collect();
+        let expected: Vec<String> = [nproc, nproc, nofile, nofile]
+            .iter()
+            .map(u64::to_string)
+            .chain(["0".to_owned()])
+            .collect();
+        assert_eq!(lines, expected, "{mode:?}");
+        h.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_command_that_cannot_start_is_reported() {
     let mut h = Harness::start().await;
