@@ -346,7 +346,7 @@ pub async fn release_slots(
         .filter(|(id, _)| changed.contains(id))
         .filter_map(|(id, version)| found.get(id).map(|w| (w, *version)))
         .collect();
-    workers::save_reservations(conn, &saves).await?;
+    workers::save_locked_reservations(conn, &saves).await?;
     Ok(saves.into_iter().map(|(w, _)| w.clone()).collect())
 }
 
@@ -388,7 +388,7 @@ pub async fn reserve_slots(
         }
     }
     let refs: Vec<(&hodei_domain::Worker, u64)> = saves.iter().map(|(w, v)| (w, *v)).collect();
-    workers::save_reservations(conn, &refs).await?;
+    workers::save_locked_reservations(conn, &refs).await?;
     Ok(saves.into_iter().map(|(w, _)| w).collect())
 }
 

@@ -170,6 +170,25 @@ pub async fn save_reservations(
     if changes.is_empty() {
         return Ok(());
     }
+    let ids: Vec<&str> = changes.iter().map(|(w, _)| w.id().as_str()).collect();
+    // Locked in the order of their ids first (see `apply_heartbeats`): placements, reports
+    // and heartbeats write overlapping sets of workers at the same time.
+    sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+    save_locked_reservations(conn, changes).await
+}
+
+/// [`save_reservations`] for workers the caller's transaction has already locked (with
+/// [`lock_many`]): the same update, without locking them again.
+pub async fn save_locked_reservations(
+    conn: &mut PgConnection,
+    changes: &[(&Worker, u64)],
+) -> Result<(), StorageError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
     let n = changes.len();
     let mut ids = Vec::with_capacity(n);
     let mut expected = Vec::with_capacity(n);
@@ -183,12 +202,6 @@ pub async fn save_reservations(
         statuses.push(w.status().as_str());
         versions.push(to_i64(w.version()));
     }
-    // Locked in the order of their ids first (see `apply_heartbeats`): placements, reports
-    // and heartbeats write overlapping sets of workers at the same time.
-    sqlx::query("SELECT 1 FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&ids)
-        .execute(&mut *conn)
-        .await?;
     let updated = sqlx::query(
         "UPDATE workers w SET held = u.held, status = u.status, version = u.version
          FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::text[], $5::bigint[])
