@@ -138,6 +138,10 @@ enum Scenario {
         /// Slots of each agent (default 16).
         #[arg(long)]
         slots: Option<u32>,
+        /// The folder the agents' work folders are made in (default: the system's temporary
+        /// folder), to compare file systems: each job makes and removes files there.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
         /// The hodei-agent binary (default: next to this executable).
         #[arg(long, env = "HODEI_AGENT_BIN")]
         agent_bin: Option<PathBuf>,
@@ -214,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
                 clients: None,
                 agents: None,
                 slots: None,
+                work_dir: None,
                 agent_bin: None,
             },
             Scenario::Overload {
@@ -408,10 +413,12 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
             clients,
             agents,
             slots,
+            work_dir,
             agent_bin,
         } => {
             real_agents::real_agents(real_agents::RealAgentsParams {
                 binary: agent_bin,
+                work_dir,
                 jobs: size(jobs, quick, 2_000, 200),
                 clients: size(clients, quick, 16, 16),
                 agents: size(agents, quick, 4, 4),

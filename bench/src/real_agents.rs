@@ -31,6 +31,8 @@ const LOG_EXAMPLES: usize = 3;
 /// Parameters of `real-agents`.
 pub struct RealAgentsParams {
     pub binary: Option<PathBuf>,
+    /// Where the agents' work folders are made (default: the temporary folder).
+    pub work_dir: Option<PathBuf>,
     pub jobs: usize,
     pub clients: usize,
     pub agents: usize,
@@ -57,7 +59,11 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
     let mut system = TestSystem::start_with(&[], options)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let result = match tempfile::tempdir().context("failed to create the agents' folder") {
+    let folder = match &p.work_dir {
+        Some(parent) => tempfile::tempdir_in(parent),
+        None => tempfile::tempdir(),
+    };
+    let result = match folder.context("failed to create the agents' folder") {
         Ok(dir) => run(&mut system, &binary, dir.path(), &p).await,
         Err(e) => Err(e),
     };
@@ -66,7 +72,7 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
     out.note(format!(
         "real-agents: {} jobs running `true` (exec, default resources: none requested), {} grpc \
          clients (one http/2 channel each), {} {} processes x {} slots (heartbeat every \
-         {HEARTBEAT_MS} ms, each its own work dir, default logging to a file) against the \
+         {HEARTBEAT_MS} ms, each its own work dir in {}, default logging to a file) against the \
          system of `throughput`; completion counted in postgres (every 20 ms near the end); latencies from \
          each job's created_at (gateway) to its first attempt's started_at/finished_at; agent \
          rss read once every job had ended; the jetstream reference ran after the agents were \
@@ -75,7 +81,11 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
         p.clients,
         p.agents,
         binary.display(),
-        p.slots
+        p.slots,
+        p.work_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir)
+            .display()
     ));
     Ok(out)
 }
