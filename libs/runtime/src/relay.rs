@@ -129,6 +129,7 @@ pub async fn relay_batch(
     let which = outbox::Claim {
         limit,
         older_than: None,
+        direct_older_than: HANDOFF_GRACE,
         except: &[],
     };
     relay_claimed(pool, js, which, service).await
@@ -494,6 +495,7 @@ async fn claim_loop(
         let which = outbox::Claim {
             limit: BATCH as i64,
             older_than,
+            direct_older_than: HANDOFF_GRACE,
             except: &except,
         };
         let relayed = tokio::time::timeout(

@@ -212,11 +212,13 @@ async fn handed_over_messages_are_published_from_memory_and_their_rows_deleted()
     let mine = outbox::Claim {
         limit: 100,
         older_than: None,
+        direct_older_than: relay::HANDOFF_GRACE,
         except: &except,
     };
     let young = outbox::Claim {
         limit: 100,
         older_than: Some(relay::HANDOFF_GRACE),
+        direct_older_than: relay::HANDOFF_GRACE,
         except: &[],
     };
     for which in [mine, young] {
@@ -319,5 +321,53 @@ async fn a_handed_over_message_refused_for_good_goes_back_to_the_claiming_relay(
     assert_eq!(dead, vec![poison.id]);
     let stored = stop_relay(&js, shutdown, running).await;
     assert_eq!(stored, 2, "the sentinel {} and the good one", sentinel.id);
+    db.cleanup().await.unwrap();
+}
+
+/// A row the committing process hands to its own relay is left alone by any other relay's
+/// claim while it is young, even a claim that takes every age: only the committing process
+/// publishes it, so a plain subscriber never sees it twice.
+#[tokio::test]
+async fn young_handed_over_rows_are_left_to_their_committing_process() {
+    let (db, pool) = database().await;
+    let (_nats, client, js) = bus().await;
+    let mut sub = client.subscribe("hodei.v1.evt.>").await.unwrap();
+    let (_, event) = new_job();
+    let message = Outgoing::job_event(&event, "test").unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::append_direct(&mut tx, std::slice::from_ref(&message))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // Another process woken for rows of its own: takes every age, knows nothing in flight.
+    let other = outbox::Claim {
+        limit: 100,
+        older_than: None,
+        direct_older_than: relay::HANDOFF_GRACE,
+        except: &[],
+    };
+    let relayed = relay::relay_claimed(&pool, &js, other, "test")
+        .await
+        .unwrap();
+    assert_eq!(relayed.published, 0);
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 1);
+
+    // Past the grace (here none) the row is anyone's: its process may be gone.
+    let late = outbox::Claim {
+        direct_older_than: Duration::ZERO,
+        ..other
+    };
+    let relayed = relay::relay_claimed(&pool, &js, late, "test")
+        .await
+        .unwrap();
+    assert_eq!(relayed.published, 1);
+    let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.subject.as_str(), message.subject);
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
+    pool.close().await;
     db.cleanup().await.unwrap();
 }

@@ -119,7 +119,8 @@ pub async fn submit_jobs(
         .filter(|(_, inserted)| **inserted)
         .flat_map(|(s, _)| &s.messages)
         .collect();
-    outbox::append(&mut tx, &messages).await?;
+    // The caller hands the new jobs' messages to its relay once this commits.
+    outbox::append_direct(&mut tx, &messages).await?;
     let audit: Vec<crate::access::AuditEntry> = submissions
         .iter()
         .zip(&inserted)
@@ -294,7 +295,8 @@ pub async fn commit_transitions(
         }
         messages.extend(t.extra.iter().map(Cow::Borrowed));
     }
-    outbox::append(conn, &messages).await?;
+    // Handed to the caller's relay once committed (see `Committed::messages`).
+    outbox::append_direct(conn, &messages).await?;
     Ok(Committed {
         freed,
         messages: messages.into_iter().map(Cow::into_owned).collect(),

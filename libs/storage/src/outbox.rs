@@ -11,10 +11,29 @@ use uuid::Uuid;
 
 use crate::error::{StorageError, encode};
 
-/// Appends messages to the outbox inside the caller's transaction.
+/// Appends messages to the outbox inside the caller's transaction; any relay publishes them
+/// once woken.
 pub async fn append<M: Borrow<Outgoing>>(
     conn: &mut PgConnection,
     messages: &[M],
+) -> Result<(), StorageError> {
+    insert(conn, messages, false).await
+}
+
+/// [`append`] for messages the caller hands to its own relay once committed, which publishes
+/// them from memory: other claims leave them alone while they are younger than
+/// [`Claim::direct_older_than`].
+pub async fn append_direct<M: Borrow<Outgoing>>(
+    conn: &mut PgConnection,
+    messages: &[M],
+) -> Result<(), StorageError> {
+    insert(conn, messages, true).await
+}
+
+async fn insert<M: Borrow<Outgoing>>(
+    conn: &mut PgConnection,
+    messages: &[M],
+    direct: bool,
 ) -> Result<(), StorageError> {
     if messages.is_empty() {
         return Ok(());
@@ -28,13 +47,14 @@ pub async fn append<M: Borrow<Outgoing>>(
         .map(|m| encode("outbox headers", &m.headers))
         .collect::<Result<Vec<_>, _>>()?;
     sqlx::query(
-        "INSERT INTO outbox (id, subject, payload, headers)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::jsonb[])",
+        "INSERT INTO outbox (id, subject, payload, headers, direct)
+         SELECT *, $5 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::jsonb[])",
     )
     .bind(&ids)
     .bind(&subjects)
     .bind(&payloads)
     .bind(&headers)
+    .bind(direct)
     .execute(conn)
     .await?;
     Ok(())
@@ -106,6 +126,10 @@ pub struct Claim<'a> {
     /// Only messages committed at least this long ago (their committing process publishes
     /// the newer ones itself), or any age.
     pub older_than: Option<std::time::Duration>,
+    /// Messages appended with [`append_direct`] only once at least this old (or as
+    /// `older_than` says, if that is older): until then their committing process is
+    /// publishing them, whichever process claims.
+    pub direct_older_than: std::time::Duration,
     /// Messages this process is publishing now, left alone.
     pub except: &'a [Uuid],
 }
@@ -119,12 +143,14 @@ pub async fn claim(
     let rows = sqlx::query(
         "SELECT position, id, subject, payload, headers FROM outbox
          WHERE ($2::float8 IS NULL OR created_at < now() - make_interval(secs => $2))
+           AND (NOT direct OR created_at < now() - make_interval(secs => $4))
            AND NOT (id = ANY($3))
          ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(which.limit)
     .bind(which.older_than.map(|age| age.as_secs_f64()))
     .bind(which.except)
+    .bind(which.direct_older_than.as_secs_f64())
     .fetch_all(conn)
     .await?;
     rows.iter()

@@ -112,7 +112,7 @@ async fn record(backends: &Backends, batch: Vec<Waiting>) {
         }
         Err(e) => {
             tracing::debug!(error = %e, count = submissions.len(), "submission batch not recorded together, recording one by one");
-            for (submission, answer) in submissions.into_iter().zip(answers) {
+            for (mut submission, answer) in submissions.into_iter().zip(answers) {
                 let one = std::slice::from_ref(&submission);
                 let result = backends
                     .db(|| driver::submit_jobs(&backends.pool, one))
@@ -122,8 +122,10 @@ async fn record(backends: &Backends, batch: Vec<Waiting>) {
                             what: "a submission recorded without an answer".to_owned(),
                         })
                     });
-                if result.is_ok() {
-                    backends.relay_wake.notify_one();
+                if matches!(result, Ok(Recorded::New)) {
+                    backends
+                        .relay
+                        .hand_over(std::mem::take(&mut submission.messages));
                 }
                 let _ = answer.send(result.map(|r| answered(submission, r)));
             }
