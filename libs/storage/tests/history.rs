@@ -229,6 +229,62 @@ async fn search_matches_name_labels_command_and_the_latest_output_tail() {
     db.cleanup().await.unwrap();
 }
 
+/// Texts of at most 256 bytes are split without a subquery, longer ones with the one that
+/// leaves out tokens over 256 bytes: both give whole tokens, each once. (PostgreSQL's own
+/// parser splits the long token at its carets.)
+#[tokio::test]
+async fn whole_tokens_are_found_in_short_and_long_texts() {
+    let (db, pool) = database().await;
+    let short = submit(
+        &pool,
+        "default",
+        "short",
+        &["deploy", "repo-42", "repo-42"],
+        &[],
+    )
+    .await;
+    let filler = "word ".repeat(60);
+    let overlong = format!("x{}", "^y".repeat(200));
+    let long = submit(
+        &pool,
+        "default",
+        "long",
+        &[
+            "sh",
+            "-c",
+            &format!("{filler} deployment.apps/web {overlong} REPO-42"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        search(&pool, "repo-42", vec![], 10).await,
+        newest_first(&[&short, &long])
+    );
+    assert_eq!(
+        search(&pool, "deployment.apps/web", vec![], 10).await,
+        vec![long.id()]
+    );
+    let (tokens,): (Vec<String>,) =
+        sqlx::query_as("SELECT tsvector_to_array(search) FROM job_search WHERE job_id = $1")
+            .bind(long.id().as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        tokens
+            .iter()
+            .filter(|t| *t == "deployment.apps/web")
+            .count(),
+        1
+    );
+    assert!(
+        !tokens.contains(&overlong),
+        "a token over 256 bytes was indexed whole"
+    );
+    db.cleanup().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_history_reads_by_sequence_number_time_and_page() {
     let (db, pool) = database().await;
