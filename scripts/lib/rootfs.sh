@@ -50,7 +50,7 @@ HODEI_DEBIAN_SECURITY_MIRROR="${HODEI_DEBIAN_SECURITY_MIRROR:-$(_hodei_apt_mirro
 # The uid and gid every image runs as (the Kubernetes manifests in deploy/k8s assume it).
 HODEI_IMAGE_UID=10001
 
-# Packages on top of minbase (which has sh, coreutils and util-linux: setpriv, prlimit, flock).
+# Packages on top of minbase (which has sh, coreutils and util-linux).
 # base: the agent's jobs and the admin tools; tini reaps what jobs orphan, ca-certificates
 # lets jobs and the CLI reach TLS servers.
 _HODEI_ROOTFS_PACKAGES_base="ca-certificates tini"

@@ -57,8 +57,6 @@ pub struct Agent {
     /// New at every start: the registry tells this process from earlier ones by it.
     incarnation: IncarnationId,
     records: Records,
-    setpriv: std::path::PathBuf,
-    prlimit: std::path::PathBuf,
     /// Where jobs get cgroups of their own, when the host allows.
     cgroups: Option<JobCgroups>,
     client: async_nats::Client,
@@ -112,16 +110,6 @@ impl Agent {
                 "jobs run as root: set HODEI_JOB_USER to run them as an unprivileged user"
             );
         }
-        // Every job starts through it so that it dies with the agent (util-linux, on every
-        // Debian system).
-        let setpriv = which::which("setpriv").map_err(|_| AgentError::InvalidConfig {
-            field: "PATH",
-            reason: "setpriv (util-linux) not found: jobs could outlive the agent",
-        })?;
-        let prlimit = which::which("prlimit").map_err(|_| AgentError::InvalidConfig {
-            field: "PATH",
-            reason: "prlimit (util-linux) not found: jobs could not be given resource limits",
-        })?;
         let cgroups = JobCgroups::for_agent(
             settings.job_cgroups,
             &settings.worker_id,
@@ -173,8 +161,6 @@ impl Agent {
             // open dies with it.
             seal: OpeningKey::generate(),
             records,
-            setpriv,
-            prlimit,
             cgroups,
             client,
             js,
@@ -247,8 +233,6 @@ impl Agent {
             artifact_reader: self.artifact_reader.clone(),
             artifact_max_bytes: self.settings.artifact_max_bytes,
             records: self.records.clone(),
-            setpriv: self.setpriv.clone(),
-            prlimit: self.prlimit.clone(),
             job_limits: self.settings.job_limits,
             cgroups: self.cgroups.clone(),
             seal: self.seal.clone(),

@@ -7,8 +7,8 @@
 //! The command that assigned the attempt is acknowledged once `Started` is stored (or, if that
 //! never happened, once `Finished` is): until then it would be redelivered.
 //!
-//! The process is started through `setpriv --pdeathsig KILL`, so it dies with the agent, and
-//! recorded in the work folder ([`crate::records`]) from its start until its `Finished` report
+//! The process is started with its parent-death signal set ([`crate::launch`]), so it dies
+//! with the agent, and recorded in the work folder ([`crate::records`]) from its start until its `Finished` report
 //! is stored, so the next incarnation can sweep and report what this one left.
 
 use std::ffi::OsString;
@@ -36,6 +36,7 @@ use crate::artifacts;
 use crate::cgroup::{JobCgroup, JobCgroups};
 use crate::group::JobProcesses;
 use crate::identity::{Identity, JobUsers};
+use crate::launch::{self, JobStart};
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
@@ -71,12 +72,8 @@ pub(crate) struct AttemptContext {
     pub artifact_max_bytes: u64,
     /// Where attempts are recorded for the next incarnation.
     pub records: Records,
-    /// `setpriv`, which starts every job with the parent-death signal set.
-    pub setpriv: PathBuf,
     /// Who jobs run as, when not as the agent's user.
     pub job_users: Option<Arc<JobUsers>>,
-    /// `prlimit`, which sets the resource limits of a job not held at its start for a cgroup.
-    pub prlimit: PathBuf,
     pub job_limits: crate::config::JobLimits,
     /// Where jobs get cgroups of their own, if the host allows.
     pub cgroups: Option<JobCgroups>,
@@ -287,7 +284,7 @@ async fn spawn(
         .split_first()
         .ok_or_else(|| "the command is empty".to_owned())?;
     // Found as the job's own PATH would find it, so a missing program fails the start here
-    // rather than inside `setpriv`.
+    // with its name, rather than as a bare error of the exec.
     let search_path = spec
         .env
         .get("PATH")
@@ -295,50 +292,38 @@ async fn spawn(
         .or_else(|| ctx.path.clone());
     let resolved = which::which_in(program, search_path, &cwd)
         .map_err(|e| format!("failed to start {program}: {e}"))?;
-    // A job held at its start (to be placed in its cgroup) is given its limits then, by the
-    // agent; otherwise `prlimit` sets them in its chain.
-    let (mut command, chain_sets_limits) = match &ctx.cgroups {
-        // Held until the agent has placed it in its cgroup, then becomes the job's chain.
+    let cgroup_procs = match &ctx.cgroups {
         Some(cgroups) => {
             let made = cgroups
                 .take(spec.resources, ctx.job_limits.max_processes)
                 .await
                 .map_err(|e| format!("failed to make the job's cgroup: {e}"))?;
+            let procs = made.procs_files();
             *cgroup = Some(made);
-            let mut sh = Command::new(cgroups.holder());
-            sh.args(["-c", JOIN_THEN_EXEC, "hodei-job"])
-                .arg(&ctx.setpriv)
-                .stdin(Stdio::piped());
-            (sh, false)
+            procs.map_err(|e| format!("failed to open the job's cgroup: {e}"))?
         }
-        None => {
-            let mut setpriv = Command::new(&ctx.setpriv);
-            setpriv.stdin(Stdio::null());
-            (setpriv, true)
-        }
+        None => Vec::new(),
     };
-    if let Some(users) = &ctx.job_users {
-        let who = users
-            .take()
-            .ok_or_else(|| "every job uid of HODEI_JOB_USER is in use".to_owned())?;
-        who.own(workspace).map_err(|e| {
-            io_err(
-                "failed to hand the workspace to the job's user",
-                workspace,
-                e,
-            )
-        })?;
-        command.args(who.setpriv_args());
-        *identity = Some(who);
-    }
-    command.args(["--pdeathsig", "KILL", "--"]);
-    if chain_sets_limits {
-        command
-            .arg(&ctx.prlimit)
-            .args(ctx.job_limits.prlimit_args())
-            .arg("--");
-    }
-    command.arg(&resolved).args(args).env_clear();
+    let user = match &ctx.job_users {
+        Some(users) => {
+            let who = users
+                .take()
+                .ok_or_else(|| "every job uid of HODEI_JOB_USER is in use".to_owned())?;
+            who.own(workspace).map_err(|e| {
+                io_err(
+                    "failed to hand the workspace to the job's user",
+                    workspace,
+                    e,
+                )
+            })?;
+            let ids = who.ids();
+            *identity = Some(who);
+            Some(ids)
+        }
+        None => None,
+    };
+    let mut command = Command::new(&resolved);
+    command.args(args).env_clear();
     if let Some(path) = &ctx.path {
         command.env("PATH", path);
     }
@@ -350,59 +335,22 @@ async fn spawn(
         .env("HODEI_WORKER_ID", ctx.worker_id.as_str())
         .env("HODEI_WORKSPACE", workspace)
         .current_dir(&cwd)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = command.spawn().map_err(|e| {
-        format!(
-            "failed to start {program} (through {}): {e}",
-            ctx.setpriv.display()
-        )
-    })?;
-    if let Some(cgroup) = cgroup
-        && let Err(e) = place(&mut child, cgroup, &ctx.job_limits).await
-    {
-        // Nothing of the job ran: `sh` was still waiting.
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-        return Err(e);
-    }
-    Ok(child)
-}
-
-/// What `sh` runs ahead of a job that gets a cgroup: it waits for a line on its standard input
-/// (sent once the agent has written its pid into the cgroup), then becomes the job's chain,
-/// whose standard input is empty. Should the agent die first, `read` meets the end of its
-/// input and nothing runs.
-const JOIN_THEN_EXEC: &str = r#"read -r _ && exec "$@" </dev/null"#;
-
-/// Puts the just-started `sh` of a job into its cgroup and gives it the job's limits, then lets
-/// it go on.
-async fn place(
-    child: &mut Child,
-    cgroup: &JobCgroup,
-    limits: &crate::config::JobLimits,
-) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let pid = child
-        .id()
-        .ok_or_else(|| "the job's process ended before it was placed in its cgroup".to_owned())?;
-    cgroup
-        .join(pid)
+    launch::prepare(
+        &mut command,
+        JobStart {
+            cgroup_procs,
+            limits: ctx.job_limits,
+            user,
+        },
+    );
+    launch::spawn(command)
         .await
-        .map_err(|e| format!("failed to place the job in its cgroup: {e}"))?;
-    limits
-        .apply_to(pid)
-        .map_err(|e| format!("failed to set the job's limits: {e}"))?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| "the job's standard input is missing".to_owned())?;
-    stdin
-        .write_all(b"\n")
-        .await
-        .map_err(|e| format!("failed to release the job after placing it in its cgroup: {e}"))
+        .map_err(|e| format!("failed to start {program}: {e}"))
 }
 
 /// Empties an ended job's cgroup for the next job; returns the line to add to the output's tail

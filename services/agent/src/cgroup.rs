@@ -17,16 +17,17 @@
 //! that job's limits, so the steady state makes and removes none (each costs the kernel, and a
 //! 2-core host running short jobs felt it). A new incarnation of the agent removes them all.
 //!
-//! A job joins its cgroup before it runs anything: it is started as `sh`, which waits on its
-//! standard input while the agent writes its pid into the cgroup, then execs the job's chain
-//! (`setpriv`, `prlimit`, the command).
+//! A job joins its cgroup before it runs anything: between its fork and its exec, its process
+//! writes itself into the `cgroup.procs` files the agent opened for it ([`crate::launch`]).
 //!
 //! Cgroups are files in a pseudo file system, but moving a process into one may wait for an
 //! RCU grace period (about 10 ms here on cgroup v1): the calls made per job run on tokio's
-//! blocking pool, never on the agent's runtime threads.
+//! blocking pool (and the move on the launcher's thread), never on the agent's runtime
+//! threads.
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,9 +65,6 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
-    /// There is no `sh` to hold a job until it is in its cgroup.
-    #[error("sh not found on PATH: jobs could not be held until they are in their cgroups")]
-    NoHolder,
     /// The blocking task doing the work failed.
     #[error("cgroup task failed: {0}")]
     Task(String),
@@ -181,8 +179,6 @@ enum Layout {
 #[derive(Debug, Clone)]
 pub(crate) struct JobCgroups {
     layout: Layout,
-    /// `sh`, which holds a job until it is in its cgroup.
-    holder: PathBuf,
     offered: Resources,
     free: Arc<Mutex<Vec<JobCgroup>>>,
     made: Arc<AtomicU64>,
@@ -205,7 +201,6 @@ impl JobCgroups {
         let usable = Self::detect(&folder_name(worker, work_dir)).and_then(|layout| {
             let cgroups = JobCgroups {
                 layout,
-                holder: which::which("sh").map_err(|_| CgroupError::NoHolder)?,
                 offered,
                 free: Arc::default(),
                 made: Arc::default(),
@@ -222,20 +217,12 @@ impl JobCgroups {
                 info!(base = %cgroups.base().display(), v2 = cgroups.is_v2(), "jobs run in cgroups of their own");
                 Ok(Some(cgroups))
             }
-            // The host can give jobs cgroups, but they could not be held until in them: the
-            // agent refuses to start rather than run them outside.
-            Err(e @ CgroupError::NoHolder) => Err(e),
             Err(e) if mode == CgroupMode::Auto => {
                 warn!(error = %e, "jobs run without cgroups: rlimits alone limit them, and a process that leaves a job's process group survives its stop (set HODEI_JOB_CGROUPS=required to refuse this)");
                 Ok(None)
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// The `sh` that holds each job until it is in its cgroup.
-    pub fn holder(&self) -> &Path {
-        &self.holder
     }
 
     fn is_v2(&self) -> bool {
@@ -659,17 +646,20 @@ impl JobCgroup {
         self.dirs.first().map_or(Path::new("/nonexistent"), |d| d)
     }
 
-    /// Moves process `pid` into the cgroup (in every hierarchy).
-    pub async fn join(&self, pid: u32) -> Result<(), CgroupError> {
-        let cgroup = self.clone();
-        unblocked(move || cgroup.join_now(pid)).await?
-    }
-
-    fn join_now(&self, pid: u32) -> Result<(), CgroupError> {
-        for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
+    /// The cgroup's `cgroup.procs` in every hierarchy, opened for writing (and closed on exec):
+    /// a process that writes `0` to each moves itself into the cgroup.
+    pub fn procs_files(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|e| io_error("open", &path, e))
+            })
+            .collect()
     }
 
     /// The processes in the cgroup (none when it does not exist).

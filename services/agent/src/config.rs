@@ -138,40 +138,14 @@ impl JobLimits {
         }
     }
 
-    /// Every limit a job gets: its resource, its `prlimit` option and its value. Both ways of
-    /// setting them ([`JobLimits::apply_to`], [`JobLimits::prlimit_args`]) read this list, so
-    /// jobs with and without a cgroup get the same limits.
-    fn each(&self) -> [(rustix::process::Resource, &'static str, u64); 3] {
+    /// Every limit a job gets (soft and hard): its resource and its value.
+    pub(crate) fn each(&self) -> [(rustix::process::Resource, u64); 3] {
         use rustix::process::Resource;
         [
-            (Resource::Nproc, "nproc", u64::from(self.max_processes)),
-            (Resource::Nofile, "nofile", u64::from(self.max_open_files)),
-            (Resource::Core, "core", 0),
+            (Resource::Nproc, u64::from(self.max_processes)),
+            (Resource::Nofile, u64::from(self.max_open_files)),
+            (Resource::Core, 0),
         ]
-    }
-
-    /// Sets them (soft and hard) on process `pid`, which the job's chain then inherits: for a
-    /// job held before its program starts (see `attempt::place`), this spares running `prlimit`.
-    pub fn apply_to(&self, pid: u32) -> std::io::Result<()> {
-        use rustix::process::{Pid, Rlimit, prlimit};
-        let pid = i32::try_from(pid)
-            .ok()
-            .and_then(Pid::from_raw)
-            .ok_or_else(|| std::io::Error::other(format!("{pid} is not a process id")))?;
-        for (resource, _, value) in self.each() {
-            let both = Rlimit {
-                current: Some(value),
-                maximum: Some(value),
-            };
-            prlimit(Some(pid), resource, both)?;
-        }
-        Ok(())
-    }
-
-    /// The `prlimit` options that set them (soft and hard).
-    pub fn prlimit_args(&self) -> [String; 3] {
-        self.each()
-            .map(|(_, option, value)| format!("--{option}={value}"))
     }
 }
 

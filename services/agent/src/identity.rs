@@ -140,14 +140,9 @@ impl Identity {
         std::fs::set_permissions(workspace, std::fs::Permissions::from_mode(0o700))
     }
 
-    /// The `setpriv` options that start the job as this identity.
-    pub fn setpriv_args(&self) -> [String; 4] {
-        [
-            format!("--reuid={}", self.uid),
-            format!("--regid={}", self.gid),
-            "--clear-groups".to_owned(),
-            "--no-new-privs".to_owned(),
-        ]
+    /// The uid and gid the job runs as.
+    pub fn ids(&self) -> (u32, u32) {
+        (self.uid, self.gid)
     }
 }
 

@@ -26,6 +26,7 @@ mod error;
 mod group;
 mod heartbeat;
 mod identity;
+mod launch;
 mod lease;
 mod mask;
 mod observe;

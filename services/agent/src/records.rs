@@ -2,8 +2,8 @@
 //! `<work dir>/.attempts/`, written when the process starts (its process group) and again the
 //! moment it ends (its outcome), removed once the `Finished` report is stored.
 //!
-//! Every job's process-group leader dies with its agent (`PR_SET_PDEATHSIG`, set by
-//! `setpriv` before the job's program is executed). At start, the agent [`recover`]s what the
+//! Every job's process-group leader dies with its agent (`PR_SET_PDEATHSIG`, set before the
+//! job's program is executed: see [`crate::launch`]). At start, the agent [`recover`]s what the
 //! previous incarnation left: it kills whatever is left of those process groups (only
 //! processes whose environment names that very attempt, so a reused group id is never hit),
 //! and reports each attempt: with the outcome recorded when the process had ended, otherwise

@@ -512,7 +512,8 @@ async fn jobs_run_as_their_own_user_and_cannot_read_the_agent_or_each_other() {
             "holder",
             &format!(
                 "echo s3cret > mine.txt; id -u; ls -ld .; awk '/Max processes/ {{print $3}}' /proc/self/limits; \
-                 ulimit -n; ulimit -c; \
+                 ulimit -n; ulimit -c; id -g; \
+                 awk '/^(Uid|Groups|NoNewPrivs):/ {{$1 = $1; print}}' /proc/self/status; \
                  while [ ! -e {} ]; do sleep 0.05; done",
                 gate.display()
             ),
@@ -568,11 +569,19 @@ async fn jobs_run_as_their_own_user_and_cannot_read_the_agent_or_each_other() {
         "0".to_owned(),
     ];
     assert_eq!(a_lines[2..5], expected, "resource limits");
+    // Its gid is its uid's number, real, effective and saved ids are all the job's, it has no
+    // supplementary groups, and a setuid program cannot give it privileges back.
+    assert_eq!(a_lines[5], a_uid, "gid");
+    let status = [
+        format!("Uid: {a_uid} {a_uid} {a_uid} {a_uid}"),
+        "Groups:".to_owned(),
+        "NoNewPrivs: 1".to_owned(),
+    ];
+    assert_eq!(a_lines[6..9], status, "credentials");
     h.stop().await;
 }
 
-/// The limits reach the job whichever sets them: the agent, on a job held for its cgroup, or
-/// `prlimit` in the chain of one without.
+/// The limits reach the job with and without a cgroup.
 #[tokio::test]
 async fn resource_limits_reach_the_job_with_and_without_a_cgroup() {
     let own = |r| nix::sys::resource::getrlimit(r).unwrap().1;
