@@ -92,6 +92,19 @@ pub struct AgentConfig {
     pub job_cgroups: CgroupMode,
 }
 
+impl AgentConfig {
+    /// Most threads of the runtime's blocking pool (workspaces made and removed, attempt
+    /// records, cgroups): a quarter of the slots, at least 4. The pool is otherwise unbounded,
+    /// and each of its threads is a stack and a malloc arena more that every job's fork copies
+    /// and the agent then faults back in: at 16 slots the pool grew to about 25 threads, and
+    /// bounding it to 4 gave 8-10 % more jobs/s with real agents (BENCHMARKS.md).
+    pub fn blocking_threads(&self) -> usize {
+        usize::try_from(self.max_concurrent_jobs / 4)
+            .unwrap_or(usize::MAX)
+            .max(4)
+    }
+}
+
 /// The configuration checked and completed: what the agent runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {

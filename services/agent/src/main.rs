@@ -11,9 +11,17 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = AgentConfig::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(config.blocking_threads())
+        .build()
+        .context("failed to start the runtime")?
+        .block_on(run(config))
+}
+
+async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let telemetry = hodei_telemetry::init("agent").context("failed to initialise telemetry")?;
     // Listening from the start: a signal while connecting is kept and acted on once running.
     let signals = StopSignals::listen().context("failed to listen for sigint and sigterm")?;
