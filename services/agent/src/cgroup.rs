@@ -280,6 +280,7 @@ impl JobCgroups {
                 dirs: vec![base.join(name)],
                 freezer: None,
                 oom_kills_before: 0,
+                limits: None,
             },
             Layout::V1 {
                 memory,
@@ -296,6 +297,7 @@ impl JobCgroups {
                     dirs,
                     freezer,
                     oom_kills_before: 0,
+                    limits: None,
                 }
             }
         }
@@ -607,14 +609,23 @@ pub(crate) struct JobCgroup {
     freezer: Option<PathBuf>,
     /// The kernel's count of processes killed at the memory limit when the job took it.
     oom_kills_before: u64,
+    /// The limits last written, by this agent, into the cgroup's files (which only root can
+    /// write: a job running as a user of its own cannot change them).
+    limits: Option<Limits>,
 }
 
 impl JobCgroup {
-    /// Sets `limits` and notes the out-of-memory count the job starts from; gives the cgroup
-    /// back with the error if a limit cannot be set.
+    /// Sets `limits` (unless the cgroup's last job had the same) and notes the out-of-memory
+    /// count the job starts from; gives the cgroup back with the error if a limit cannot be
+    /// set. Writing a CPU quota makes the kernel update the cgroup's bandwidth on every CPU,
+    /// which showed in the agent's profile when every job rewrote the same limits.
     fn ready(mut self, limits: &Limits) -> Result<JobCgroup, (JobCgroup, CgroupError)> {
-        if let Err(e) = self.limit(limits) {
-            return Err((self, e));
+        if self.limits.as_ref() != Some(limits) {
+            self.limits = None;
+            if let Err(e) = self.limit(limits) {
+                return Err((self, e));
+            }
+            self.limits = Some(*limits);
         }
         self.oom_kills_before = self.oom_kills();
         Ok(self)

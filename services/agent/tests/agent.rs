@@ -953,6 +953,25 @@ async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     std::fs::write(&gate, b"").unwrap();
     let (outcome, _) = h.finished(id).await;
     assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
+
+    // And the next one gets the first job's limits back (the agent skips writing limits only
+    // when they equal those the cgroup already has).
+    let gate = h.work_dir.path().join("cgroup-gate-3");
+    let mut job = gated_draft("limited-again", &gate, "running", "done");
+    job.resources = hodei_domain::Resources::new(500, 64);
+    let id = h.assign(spec(job)).await;
+    let pid = h.started(id).await;
+    let memory = cgroup_file(pid, "memory.max")
+        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
+        .expect("the job's cgroup has a memory limit");
+    assert_eq!(memory, (64 * 1024 * 1024).to_string());
+    let quota = cgroup_file(pid, "cpu.max")
+        .or_else(|| cgroup_file(pid, "cpu.cfs_quota_us"))
+        .expect("a cpu quota");
+    assert!(quota.starts_with("50000"), "{quota}");
+    std::fs::write(&gate, b"").unwrap();
+    let (outcome, _) = h.finished(id).await;
+    assert_eq!(outcome, AttemptOutcome::Exited { code: 0 });
     h.stop().await;
 }
 
