@@ -321,24 +321,28 @@ impl JobCgroups {
     ) -> Result<JobCgroup, CgroupError> {
         let limits = Limits::for_job(requested, &self.offered, max_processes);
         let free = self.free.lock().ok().and_then(|mut free| free.pop());
-        if let Some(cgroup) = free {
+        if let Some(mut cgroup) = free {
             // A reused cgroup may refuse a lower memory limit (charges of its last job that
             // cannot be reclaimed): a new one then.
             match cgroup.ready(&limits) {
-                Ok(cgroup) => return Ok(cgroup),
-                Err((cgroup, _)) => {
+                Ok(()) => return Ok(cgroup),
+                Err(_) => {
                     if let Err(e) = cgroup.remove() {
                         warn!(error = %e, "failed to remove a free job cgroup that could not be reused");
                     }
                 }
             }
         }
-        self.make_new()?.ready(&limits).map_err(|(cgroup, e)| {
-            if let Err(e) = cgroup.remove() {
-                warn!(error = %e, "failed to remove a job cgroup whose limits could not be set");
+        let mut cgroup = self.make_new()?;
+        match cgroup.ready(&limits) {
+            Ok(()) => Ok(cgroup),
+            Err(e) => {
+                if let Err(e) = cgroup.remove() {
+                    warn!(error = %e, "failed to remove a job cgroup whose limits could not be set");
+                }
+                Err(e)
             }
-            e
-        })
+        }
     }
 
     /// A cgroup that did not exist: a name already taken (a folder the sweep could not
@@ -616,19 +620,16 @@ pub(crate) struct JobCgroup {
 
 impl JobCgroup {
     /// Sets `limits` (unless the cgroup's last job had the same) and notes the out-of-memory
-    /// count the job starts from; gives the cgroup back with the error if a limit cannot be
-    /// set. Writing a CPU quota makes the kernel update the cgroup's bandwidth on every CPU,
+    /// count the job starts from. Writing a CPU quota makes the kernel update the cgroup's bandwidth on every CPU,
     /// which showed in the agent's profile when every job rewrote the same limits.
-    fn ready(mut self, limits: &Limits) -> Result<JobCgroup, (JobCgroup, CgroupError)> {
+    fn ready(&mut self, limits: &Limits) -> Result<(), CgroupError> {
         if self.limits.as_ref() != Some(limits) {
             self.limits = None;
-            if let Err(e) = self.limit(limits) {
-                return Err((self, e));
-            }
+            self.limit(limits)?;
             self.limits = Some(*limits);
         }
         self.oom_kills_before = self.oom_kills();
-        Ok(self)
+        Ok(())
     }
 
     fn limit(&self, limits: &Limits) -> Result<(), CgroupError> {
