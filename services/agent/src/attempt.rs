@@ -340,15 +340,12 @@ async fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    launch::prepare(
-        &mut command,
-        JobStart {
-            cgroup_procs,
-            limits: ctx.job_limits,
-            user,
-        },
-    );
-    launch::spawn(command)
+    let start = JobStart {
+        cgroup_procs,
+        limits: ctx.job_limits,
+        user,
+    };
+    launch::start(command, start)
         .await
         .map_err(|e| format!("failed to start {program}: {e}"))
 }

@@ -94,14 +94,16 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Most threads of the runtime's blocking pool (workspaces made and removed, attempt
-    /// records, cgroups): a quarter of the slots, at least 4. The pool is otherwise unbounded,
-    /// and each of its threads is a stack and a malloc arena more that every job's fork copies
-    /// and the agent then faults back in: at 16 slots the pool grew to about 25 threads, and
-    /// bounding it to 4 gave 8-10 % more jobs/s with real agents (BENCHMARKS.md).
+    /// records, cgroups, name look-ups): half the slots, at least 8. The pool is otherwise
+    /// unbounded, and each of its threads is a stack and a malloc arena more that every job's
+    /// fork copies and the agent then faults back in: at 16 slots the pool grew to about 25
+    /// threads. Bounded to 4, real agents ran 8-10 % more jobs/s, and bounded to 8 about 4 %
+    /// fewer than that (BENCHMARKS.md); 8 leaves room for a few slow workspace removals before
+    /// a job's stop or a NATS reconnection waits behind them.
     pub fn blocking_threads(&self) -> usize {
-        usize::try_from(self.max_concurrent_jobs / 4)
+        usize::try_from(self.max_concurrent_jobs / 2)
             .unwrap_or(usize::MAX)
-            .max(4)
+            .max(8)
     }
 }
 

@@ -30,6 +30,9 @@ pub enum JobUserError {
     Malformed(String),
     #[error("jobs may not run as root (uid 0)")]
     Root,
+    /// The kernel reads id 4294967295 (-1) as "leave unchanged": the job would keep root.
+    #[error("uid or gid 4294967295 cannot be given to jobs: the kernel reads it as no change")]
+    NoChange,
     #[error("the range {first}-{last} has fewer uids than the agent's {slots} slots")]
     TooSmall { first: u32, last: u32, slots: u32 },
     #[error("running jobs as another user needs the agent to run as root")]
@@ -70,6 +73,13 @@ impl JobUser {
         };
         if root {
             return Err(JobUserError::Root);
+        }
+        let no_change = match user {
+            JobUser::Fixed { uid, gid } => uid == u32::MAX || gid == u32::MAX,
+            JobUser::Range { last, .. } => last == u32::MAX,
+        };
+        if no_change {
+            return Err(JobUserError::NoChange);
         }
         Ok(user)
     }
@@ -180,6 +190,11 @@ mod tests {
             })
         );
         assert_eq!(JobUser::parse("0", 1), Err(JobUserError::Root));
+        assert_eq!(JobUser::parse("4294967295", 1), Err(JobUserError::NoChange));
+        assert_eq!(
+            JobUser::parse("61184-4294967295", 1),
+            Err(JobUserError::NoChange)
+        );
         assert_eq!(JobUser::parse("root", 1), Err(JobUserError::Root));
         assert_eq!(JobUser::parse("0-10", 1), Err(JobUserError::Root));
         assert!(matches!(
