@@ -8,8 +8,9 @@
 //! never happened, once `Finished` is): until then it would be redelivered.
 //!
 //! The process is started with its parent-death signal set ([`crate::launch`]), so it dies
-//! with the agent, and recorded in the work folder ([`crate::records`]) from its start until its `Finished` report
-//! is stored, so the next incarnation can sweep and report what this one left.
+//! with the agent, and recorded in the work folder ([`crate::records`]) from its start until
+//! its `Finished` report is stored, so the next incarnation can sweep and report what this one
+//! left.
 
 use std::ffi::OsString;
 use std::io;

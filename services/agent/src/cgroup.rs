@@ -620,8 +620,9 @@ pub(crate) struct JobCgroup {
 
 impl JobCgroup {
     /// Sets `limits` (unless the cgroup's last job had the same) and notes the out-of-memory
-    /// count the job starts from. Writing a CPU quota makes the kernel update the cgroup's bandwidth on every CPU,
-    /// which showed in the agent's profile when every job rewrote the same limits.
+    /// count the job starts from. Writing a CPU quota makes the kernel update the cgroup's
+    /// bandwidth on every CPU, which showed in the agent's profile when every job rewrote the
+    /// same limits.
     fn ready(&mut self, limits: &Limits) -> Result<(), CgroupError> {
         if self.limits.as_ref() != Some(limits) {
             self.limits = None;
