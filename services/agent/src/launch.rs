@@ -81,10 +81,8 @@ async fn launch(command: Command, pid_read: &OwnedFd, timeout: Duration) -> io::
         runtime: tokio::runtime::Handle::current(),
         reply,
     };
-    launcher()?
-        .send(request)
-        .map_err(|_| io::Error::other("the launcher threads have ended"))?;
-    let ended = || io::Error::other("the launcher thread has ended");
+    let ended = || io::Error::other("the launcher threads have ended");
+    launcher()?.send(request).map_err(|_| ended())?;
     if let Ok(result) = tokio::time::timeout(timeout, &mut started).await {
         return result.map_err(|_| ended())?;
     }

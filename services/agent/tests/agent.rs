@@ -906,6 +906,20 @@ fn cgroup_file(pid: u32, name: &str) -> Option<String> {
     })
 }
 
+/// The memory limit of `pid`'s cgroup (v2, else v1).
+fn memory_limit(pid: u32) -> String {
+    cgroup_file(pid, "memory.max")
+        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
+        .expect("the job's cgroup has a memory limit")
+}
+
+/// The CPU quota of `pid`'s cgroup: `cpu.max` (v2), else `cpu.cfs_quota_us` (v1).
+fn cpu_quota(pid: u32) -> String {
+    cgroup_file(pid, "cpu.max")
+        .or_else(|| cgroup_file(pid, "cpu.cfs_quota_us"))
+        .expect("a cpu quota")
+}
+
 #[tokio::test]
 async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     let mut h = Harness::start_cgrouped(64).await;
@@ -914,9 +928,7 @@ async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     job.resources = hodei_domain::Resources::new(500, 64);
     let id = h.assign(spec(job)).await;
     let pid = h.started(id).await;
-    let memory = cgroup_file(pid, "memory.max")
-        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
-        .expect("the job's cgroup has a memory limit");
+    let memory = memory_limit(pid);
     assert_eq!(memory, (64 * 1024 * 1024).to_string());
     let cpu = match cgroup_file(pid, "cpu.max") {
         Some(max) => max,
@@ -942,13 +954,9 @@ async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     let gate = h.work_dir.path().join("cgroup-gate-2");
     let id = h.assign(gated("unlimited", &gate, "running", "done")).await;
     let pid = h.started(id).await;
-    let memory = cgroup_file(pid, "memory.max")
-        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
-        .expect("the job's cgroup has a memory limit");
+    let memory = memory_limit(pid);
     assert_eq!(memory, (1024 * 1024 * 1024).to_string());
-    let quota = cgroup_file(pid, "cpu.max")
-        .or_else(|| cgroup_file(pid, "cpu.cfs_quota_us"))
-        .expect("a cpu quota");
+    let quota = cpu_quota(pid);
     assert!(quota == "-1" || quota.starts_with("max"), "{quota}");
     std::fs::write(&gate, b"").unwrap();
     let (outcome, _) = h.finished(id).await;
@@ -961,13 +969,9 @@ async fn a_job_runs_in_a_cgroup_limited_to_what_it_requested() {
     job.resources = hodei_domain::Resources::new(500, 64);
     let id = h.assign(spec(job)).await;
     let pid = h.started(id).await;
-    let memory = cgroup_file(pid, "memory.max")
-        .or_else(|| cgroup_file(pid, "memory.limit_in_bytes"))
-        .expect("the job's cgroup has a memory limit");
+    let memory = memory_limit(pid);
     assert_eq!(memory, (64 * 1024 * 1024).to_string());
-    let quota = cgroup_file(pid, "cpu.max")
-        .or_else(|| cgroup_file(pid, "cpu.cfs_quota_us"))
-        .expect("a cpu quota");
+    let quota = cpu_quota(pid);
     assert!(quota.starts_with("50000"), "{quota}");
     std::fs::write(&gate, b"").unwrap();
     let (outcome, _) = h.finished(id).await;
