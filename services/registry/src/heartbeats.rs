@@ -1,8 +1,8 @@
 //! Heartbeats into worker rows: received beats are checked one by one (numbers in range,
-//! subject naming the worker), buffered (newest per worker) and written in one transaction per
-//! flush with the worker events they cause. A batch that fails for any reason but PostgreSQL
-//! being away is written again beat by beat, so one beat that cannot be applied is refused
-//! alone. A worker whose agent comes back as a new incarnation gets the attempts of the
+//! subject naming the worker), buffered (newest per worker) and written at each flush in
+//! transactions of at most [`WRITE_CHUNK`] beats with the worker events they cause. A chunk
+//! that fails for any reason but PostgreSQL being away is written again beat by beat, so one
+//! beat that cannot be applied is refused alone. A worker whose agent comes back as a new incarnation gets the attempts of the
 //! previous one handed back at once.
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +25,12 @@ use crate::{QUEUE_GROUP, SERVICE, SOURCE};
 
 /// Most heartbeats buffered before a flush is forced.
 const MAX_BATCH: usize = 2000;
+
+/// Most beats written in one transaction. A transaction holds the row locks of its workers
+/// until it commits, and the scheduler's placements and recorded reports wait for those locks:
+/// a whole fleet's beats in one transaction (1,000 workers, ~20 ms) would hold up every
+/// placement for that long, a chunk only for a few milliseconds.
+const WRITE_CHUNK: usize = 128;
 
 /// Receives heartbeats until `shutdown` (or the subscription ends) and writes them every
 /// `flush_every`, or sooner once [`MAX_BATCH`] are buffered; then writes what is left.
@@ -118,35 +124,35 @@ impl Buffer {
         let sent_before = tokio::time::Instant::now() - STALE_RESEND;
         self.orders.retain(|_, sent| *sent > sent_before);
         let mut restarted = Vec::new();
-        match write(backends, &beats, &self.orders).await {
-            Ok(written) => {
-                observation.flushed(through);
-                self.written(backends, written, &mut restarted);
-            }
-            Err(e) if e.is_unavailable() => {
-                // The beats are lost: nobody's silence may count until writes succeed again.
-                observation.flush_failed();
-                tracing::warn!(count = beats.len(), error = %e, "failed to write heartbeats");
-            }
-            Err(e) => {
-                tracing::warn!(count = beats.len(), error = %e, "failed to write a batch of heartbeats, writing them one by one");
-                let mut unavailable = false;
-                for beat in &beats {
-                    match write(backends, std::slice::from_ref(beat), &self.orders).await {
-                        Ok(written) => self.written(backends, written, &mut restarted),
-                        Err(e) if e.is_unavailable() => unavailable = true,
-                        Err(e) => {
-                            backends.metrics.heartbeat_refused("storage");
-                            tracing::warn!(worker_id = %beat.0.worker_id, error = %e, "heartbeat could not be written, refused");
+        let mut unavailable = false;
+        for chunk in beats.chunks(WRITE_CHUNK) {
+            match write(backends, chunk, &self.orders).await {
+                Ok(written) => self.written(backends, written, &mut restarted),
+                Err(e) if e.is_unavailable() => {
+                    // The beats are lost: nobody's silence may count until writes succeed
+                    // again.
+                    unavailable = true;
+                    tracing::warn!(count = chunk.len(), error = %e, "failed to write heartbeats");
+                }
+                Err(e) => {
+                    tracing::warn!(count = chunk.len(), error = %e, "failed to write a batch of heartbeats, writing them one by one");
+                    for beat in chunk {
+                        match write(backends, std::slice::from_ref(beat), &self.orders).await {
+                            Ok(written) => self.written(backends, written, &mut restarted),
+                            Err(e) if e.is_unavailable() => unavailable = true,
+                            Err(e) => {
+                                backends.metrics.heartbeat_refused("storage");
+                                tracing::warn!(worker_id = %beat.0.worker_id, error = %e, "heartbeat could not be written, refused");
+                            }
                         }
                     }
                 }
-                if unavailable {
-                    observation.flush_failed();
-                } else {
-                    observation.flushed(through);
-                }
             }
+        }
+        if unavailable {
+            observation.flush_failed();
+        } else {
+            observation.flushed(through);
         }
         for (worker_id, incarnation) in restarted {
             hand_back_previous_incarnation(backends, &worker_id, incarnation).await;
@@ -240,21 +246,23 @@ async fn write(
                 ordered.push(attempt);
             }
             let mut restarted = Vec::new();
+            let by_worker: HashMap<&WorkerId, &Heartbeat> =
+                beats.iter().map(|(hb, _)| (&hb.worker_id, hb)).collect();
             for HeartbeatApplied {
                 worker_id,
                 effect,
                 replaced_incarnation,
             } in applied
             {
-                let beat = beats.iter().find(|(hb, _)| hb.worker_id == worker_id);
-                if let (Some(previous), Some((hb, _))) = (replaced_incarnation, beat) {
+                let beat = by_worker.get(&worker_id).copied();
+                if let (Some(previous), Some(hb)) = (replaced_incarnation, beat) {
                     tracing::info!(worker_id = %worker_id, incarnation = %hb.incarnation, previous = ?previous.map(|p| p.to_string()), "worker restarted as a new agent incarnation");
                     restarted.push((worker_id.clone(), hb.incarnation));
                 }
                 let kind = match effect {
                     HeartbeatEffect::Refreshed => continue,
                     HeartbeatEffect::Registered => {
-                        let Some((hb, _)) = beat else {
+                        let Some(hb) = beat else {
                             continue;
                         };
                         tracing::info!(worker_id = %worker_id, labels = ?hb.labels, "worker registered");

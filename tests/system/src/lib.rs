@@ -251,6 +251,27 @@ impl Default for SystemOptions {
     }
 }
 
+/// A beat of worker `id` as an agent of a new incarnation sends it, with nothing running: a
+/// 15 s lease, 10 s kill grace, no labels, 1 CPU, 1,000 MB and 2 slots. Tests change what they
+/// need.
+pub fn heartbeat(id: &WorkerId) -> hodei_messaging::Heartbeat {
+    hodei_messaging::Heartbeat {
+        worker_id: id.clone(),
+        incarnation: hodei_domain::IncarnationId::new(),
+        lease_ms: 15_000,
+        kill_grace_ms: 10_000,
+        labels: std::collections::BTreeMap::new(),
+        capacity: hodei_domain::Resources::new(1000, 1000),
+        max_concurrent_jobs: 2,
+        usage: Default::default(),
+        running: Vec::new(),
+        draining: false,
+        leaving: false,
+        seal_key: None,
+        sent_at: chrono::Utc::now(),
+    }
+}
+
 /// A job that runs `script` with `/bin/sh -c`, a 60 s timeout and defaults otherwise.
 pub fn shell_job(name: &str, script: &str) -> pb::JobSpec {
     pb::JobSpec {

@@ -4,15 +4,14 @@
 //! and a log batch from a worker that did not run its attempt is not shown.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use hodei_domain::{AttemptNumber, AttemptOutcome, IncarnationId, JobId, Resources, WorkerId};
+use hodei_domain::{AttemptNumber, AttemptOutcome, JobId, WorkerId};
 use hodei_messaging::{AgentReport, Heartbeat, ReportKind, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_system_tests::shell_job as script;
-use hodei_system_tests::{AgentSpec, TestSystem};
+use hodei_system_tests::{AgentSpec, TestSystem, heartbeat};
 use hodei_test_support::{http_get, metric_sample, wait_for};
 
 const AGENTS: &[AgentSpec] = &[AgentSpec {
@@ -119,19 +118,8 @@ async fn out_of_range_heartbeats_are_refused_alone_and_real_workers_stay_ready()
     let (client, _) = system.admin_nats().await.unwrap();
     let odd: WorkerId = "odd-worker".parse().unwrap();
     let beat = Heartbeat {
-        worker_id: odd.clone(),
-        incarnation: IncarnationId::new(),
-        lease_ms: 15_000,
-        kill_grace_ms: 10_000,
-        labels: BTreeMap::new(),
-        capacity: Resources::new(1000, 1000),
         max_concurrent_jobs: u32::MAX,
-        usage: Default::default(),
-        running: Vec::new(),
-        draining: false,
-        leaving: false,
-        seal_key: None,
-        sent_at: Utc::now(),
+        ..heartbeat(&odd)
     };
     let payload = serde_json::to_vec(&beat).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();

@@ -6,7 +6,6 @@
 //!   timed out, and its worker is told to kill it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -14,7 +13,7 @@ use futures::StreamExt;
 use hodei_domain::{AttemptId, IncarnationId, JobId, Resources, WorkerId};
 use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, subjects};
 use hodei_proto::v1 as pb;
-use hodei_system_tests::{SystemOptions, TestSystem};
+use hodei_system_tests::{SystemOptions, TestSystem, heartbeat};
 use tokio_util::sync::CancellationToken;
 
 /// A worker that beats (listing `running`) and reads its commands, and does nothing else.
@@ -47,19 +46,12 @@ impl MuteWorker {
                 while !stop.is_cancelled() {
                     tick.tick().await;
                     let beat = Heartbeat {
-                        worker_id: id.clone(),
                         incarnation,
                         lease_ms: 60_000,
                         kill_grace_ms: 1_000,
-                        labels: BTreeMap::new(),
                         capacity: Resources::new(4000, 4096),
-                        max_concurrent_jobs: 2,
-                        usage: Default::default(),
                         running: running.lock().unwrap().clone(),
-                        draining: false,
-                        leaving: false,
-                        seal_key: None,
-                        sent_at: Utc::now(),
+                        ..heartbeat(&id)
                     };
                     let payload = serde_json::to_vec(&beat).unwrap();
                     let _ = client
