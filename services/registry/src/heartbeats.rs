@@ -1,6 +1,7 @@
 //! Heartbeats into worker rows: received beats are checked one by one (numbers in range,
 //! subject naming the worker), buffered (newest per worker) and written at each flush in
-//! transactions of at most [`WRITE_CHUNK`] beats with the worker events they cause. A chunk
+//! transactions of at most [`WRITE_CHUNK`] beats ([`WRITERS`] at once) with the worker events
+//! they cause. A chunk
 //! that fails for any reason but PostgreSQL being away is written again beat by beat, so one
 //! beat that cannot be applied is refused alone. A worker whose agent comes back as a new incarnation gets the attempts of the
 //! previous one handed back at once.
@@ -31,6 +32,10 @@ const MAX_BATCH: usize = 2000;
 /// a whole fleet's beats in one transaction (1,000 workers, ~20 ms) would hold up every
 /// placement for that long, a chunk only for a few milliseconds.
 const WRITE_CHUNK: usize = 128;
+
+/// Chunks of one flush written at once, each on its own connection: one after the other, each
+/// chunk's commit would wait for the previous one and a busy fleet's flushes would fall behind.
+const WRITERS: usize = 4;
 
 /// Receives heartbeats until `shutdown` (or the subscription ends) and writes them every
 /// `flush_every`, or sooner once [`MAX_BATCH`] are buffered; then writes what is left.
@@ -125,8 +130,19 @@ impl Buffer {
         self.orders.retain(|_, sent| *sent > sent_before);
         let mut restarted = Vec::new();
         let mut unavailable = false;
-        for chunk in beats.chunks(WRITE_CHUNK) {
-            match write(backends, chunk, &self.orders).await {
+        let orders = &self.orders;
+        // Chunks hold different workers (one beat per worker), so they never wait for each
+        // other's locks.
+        let writes: Vec<_> = beats
+            .chunks(WRITE_CHUNK)
+            .map(|chunk| write_chunk(backends, chunk, orders))
+            .collect();
+        let results: Vec<_> = futures::stream::iter(writes)
+            .buffer_unordered(WRITERS)
+            .collect()
+            .await;
+        for (chunk, result) in results {
+            match result {
                 Ok(written) => self.written(backends, written, &mut restarted),
                 Err(e) if e.is_unavailable() => {
                     // The beats are lost: nobody's silence may count until writes succeed
@@ -213,6 +229,18 @@ async fn stale_attempts(
         }
     }
     Ok(stale)
+}
+
+/// [`write`], returning the chunk with what became of it.
+async fn write_chunk<'a>(
+    backends: &Backends,
+    chunk: &'a [(Heartbeat, DateTime<Utc>)],
+    orders: &HashMap<AttemptId, tokio::time::Instant>,
+) -> (
+    &'a [(Heartbeat, DateTime<Utc>)],
+    Result<Written, StorageError>,
+) {
+    (chunk, write(backends, chunk, orders).await)
 }
 
 /// Writes `beats` in one transaction with the worker events they cause, and orders agents to
