@@ -111,6 +111,7 @@ pub(crate) async fn run(
     let mut batches = messages.ready_chunks(256);
     let mut blocked = Blocked::default();
     let mut view = WorkerView::default();
+    let mut refresh = Refresh::default();
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -133,8 +134,13 @@ pub(crate) async fn run(
             }
         };
         // The shared view of the live workers serves the whole round (see `WorkerView`);
-        // the periodic retry of every blocked request reads it afresh.
-        view.expire(if all { Duration::ZERO } else { VIEW_MAX_AGE });
+        // the periodic retry of every blocked request reads it afresh. Otherwise an old view
+        // is read again in the background and the rounds go on with it meanwhile.
+        if all {
+            view.forget();
+        } else {
+            refresh.tend(&ctx, &mut view).await;
+        }
         for worker in ctx.take_freed() {
             view.saved(worker);
         }
@@ -803,9 +809,9 @@ async fn verify_quotas(
 /// commit) has the round's reservations made again on it as it stands (see
 /// [`driver::reserve_slots`]); one changed otherwise (another replica's reservation, a
 /// heartbeat changing its status) fails the round, which drops the view. It is read
-/// again at least every [`VIEW_MAX_AGE`] and at each periodic retry of the blocked requests,
-/// so a worker that appeared is seen within that time. So the view saves reads, never
-/// decides.
+/// again in the background once it is [`VIEW_MAX_AGE`] old (see [`Refresh`]), and at each
+/// periodic retry of the blocked requests, so a worker that appeared is seen within that
+/// time. So the view saves reads, never decides.
 #[derive(Default)]
 struct WorkerView {
     workers: Option<WorkerIndex>,
@@ -883,11 +889,41 @@ impl WorkerView {
         }
     }
 
-    /// Forgets the view if it is older than `max_age`.
-    fn expire(&mut self, max_age: Duration) {
-        if self.read_at.is_none_or(|at| at.elapsed() > max_age) {
-            self.forget();
+    /// How long ago the view was read; `None` when there is none.
+    fn age(&self) -> Option<Duration> {
+        self.workers.as_ref()?;
+        self.read_at.map(|at| at.elapsed())
+    }
+
+    /// Takes a read made while the rounds went on: its workers, but each worker this view
+    /// holds at a newer version (saved by a round or a recorded report since the read began)
+    /// as this view holds it, and its tenants' shares, against the merged workers. Placements
+    /// committed between the read and now are missing from those shares until the next read;
+    /// the running quotas are checked in each round's own transaction anyway. Nothing is
+    /// taken into a forgotten view (the next round reads it afresh) nor into one read since.
+    fn merge(&mut self, read: ViewRead) {
+        let Some(current) = &self.workers else {
+            return;
+        };
+        // A view read since (after a failed round) is newer in every way.
+        if self.read_at.is_some_and(|at| at > read.started) {
+            return;
         }
+        let mut workers = read.workers;
+        for mine in current.workers() {
+            workers.update(mine.id(), |theirs| {
+                if mine.version() > theirs.version() {
+                    *theirs = mine.clone();
+                }
+            });
+        }
+        self.shares = Some(Shares {
+            capacity: Capacity::of(workers.workers()),
+            policies: read.policies,
+            usage: read.usage,
+        });
+        self.workers = Some(workers);
+        self.read_at = Some(read.started);
     }
 
     fn worker(&self, id: &WorkerId) -> Option<&Worker> {
@@ -911,6 +947,66 @@ impl WorkerView {
                 *w = worker;
             }
         });
+    }
+}
+
+/// The live workers and the tenants' policies and usage, read apart from the rounds.
+struct ViewRead {
+    /// When the read began: it holds every write committed before then.
+    started: Instant,
+    workers: WorkerIndex,
+    policies: std::collections::HashMap<TenantId, hodei_domain::TenantPolicy>,
+    usage: std::collections::HashMap<TenantId, hodei_domain::Usage>,
+}
+
+impl ViewRead {
+    async fn read(
+        pool: sqlx::PgPool,
+        live_since: chrono::DateTime<Utc>,
+    ) -> Result<ViewRead, StorageError> {
+        let started = Instant::now();
+        let workers = WorkerIndex::new(workers::placeable(&pool, live_since).await?);
+        let policies = tenants::policies(&pool).await?;
+        let usage = tenants::usage(&pool, None).await?;
+        Ok(ViewRead {
+            started,
+            workers,
+            policies,
+            usage,
+        })
+    }
+}
+
+/// Reads the view again in the background once it is [`VIEW_MAX_AGE`] old: reading 1,000
+/// workers and the tenants' usage takes 10-20 ms, which every round waiting on it would add
+/// to its jobs' placement. A view twice that old (its read failed or hangs) is forgotten, so
+/// the next round reads it itself.
+#[derive(Default)]
+struct Refresh {
+    reading: Option<tokio::task::JoinHandle<Result<ViewRead, StorageError>>>,
+}
+
+impl Refresh {
+    async fn tend(&mut self, ctx: &Context, view: &mut WorkerView) {
+        if let Some(reading) = self.reading.take_if(|r| r.is_finished()) {
+            match reading.await {
+                Ok(Ok(read)) => view.merge(read),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "failed to read the live workers for placement")
+                }
+                Err(e) => tracing::warn!(error = %e, "the read of the live workers failed"),
+            }
+        }
+        let Some(age) = view.age() else {
+            return;
+        };
+        if age > 2 * VIEW_MAX_AGE {
+            view.forget();
+        } else if age > VIEW_MAX_AGE && self.reading.is_none() {
+            let pool = ctx.backends.pool.clone();
+            let live_since = live_since(ctx);
+            self.reading = Some(tokio::spawn(ViewRead::read(pool, live_since)));
+        }
     }
 }
 
@@ -1279,5 +1375,54 @@ mod tests {
         let reason = explain(&workers, &job(&[("gpu", "true")]));
         assert!(reason.contains("c: needs label gpu=true"), "{reason}");
         assert_eq!(explain(&[], &job(&[])), "no live workers");
+    }
+
+    fn read_of(workers: Vec<Worker>, started: Instant) -> ViewRead {
+        ViewRead {
+            started,
+            workers: WorkerIndex::new(workers),
+            policies: Default::default(),
+            usage: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_background_read_keeps_what_the_view_saved_since_and_brings_new_workers() {
+        let before = Instant::now();
+        let mut reserved = worker("a", &[], 2);
+        let attempt = AttemptId::new(JobId::new(), hodei_domain::AttemptNumber::new(1));
+        reserved
+            .reserve(attempt, Resources::default(), Utc::now())
+            .unwrap();
+        let mut view = WorkerView {
+            workers: Some(WorkerIndex::new(vec![
+                reserved.clone(),
+                worker("gone", &[], 2),
+            ])),
+            read_at: Some(before),
+            shares: None,
+        };
+        // Read before the reservation was committed, after `gone` stopped beating and `b`
+        // registered.
+        let started = Instant::now();
+        view.merge(read_of(
+            vec![worker("a", &[], 2), worker("b", &[], 3)],
+            started,
+        ));
+        let a = view.worker(&"a".parse().unwrap()).unwrap();
+        assert_eq!(a.version(), reserved.version());
+        assert!(a.holds(&attempt));
+        assert!(view.worker(&"b".parse().unwrap()).is_some());
+        assert!(view.worker(&"gone".parse().unwrap()).is_none());
+        assert_eq!(view.read_at, Some(started));
+        let shares = view.shares.as_ref().unwrap();
+        assert_eq!(shares.capacity.slots, 5);
+
+        // A read older than the view is dropped; a forgotten view takes none.
+        view.merge(read_of(Vec::new(), before));
+        assert!(view.worker(&"b".parse().unwrap()).is_some());
+        view.forget();
+        view.merge(read_of(vec![worker("c", &[], 1)], Instant::now()));
+        assert!(view.workers.is_none());
     }
 }
