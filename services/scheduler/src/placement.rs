@@ -819,6 +819,9 @@ struct WorkerView {
     /// The tenants' policies and usage, read with the workers and charged with this
     /// scheduler's placements since; `None` while a round holds them, or once forgotten.
     shares: Option<Shares>,
+    /// Whether `shares` came from a background read no round has taken yet (the rounds
+    /// publish the tenants' shares of each fresh read).
+    shares_read: bool,
 }
 
 /// Oldest a view may be at the start of a placement round.
@@ -856,13 +859,14 @@ impl WorkerView {
         self.workers = None;
         self.read_at = None;
         self.shares = None;
+        self.shares_read = false;
     }
 
     /// The tenants' shares against the live workers, and whether they were just read: taken
     /// out of the view (see [`WorkerView::keep_shares`]), or read afresh.
     async fn shares(&mut self, pool: &sqlx::PgPool) -> Result<(Shares, bool), StorageError> {
         if let Some(shares) = self.shares.take() {
-            return Ok((shares, false));
+            return Ok((shares, std::mem::take(&mut self.shares_read)));
         }
         let capacity = Capacity::of(
             self.workers
@@ -922,6 +926,7 @@ impl WorkerView {
             policies: read.policies,
             usage: read.usage,
         });
+        self.shares_read = true;
         self.workers = Some(workers);
         self.read_at = Some(read.started);
     }
@@ -1401,6 +1406,7 @@ mod tests {
             ])),
             read_at: Some(before),
             shares: None,
+            shares_read: false,
         };
         // Read before the reservation was committed, after `gone` stopped beating and `b`
         // registered.
@@ -1417,6 +1423,7 @@ mod tests {
         assert_eq!(view.read_at, Some(started));
         let shares = view.shares.as_ref().unwrap();
         assert_eq!(shares.capacity.slots, 5);
+        assert!(view.shares_read);
 
         // A read older than the view is dropped; a forgotten view takes none.
         view.merge(read_of(Vec::new(), before));
