@@ -1,12 +1,13 @@
 //! Heartbeats into worker rows: received beats are checked one by one (numbers in range,
 //! subject naming the worker), buffered (newest per worker) and written at each flush in
-//! transactions of at most [`WRITE_CHUNK`] beats ([`WRITERS`] at once) with the worker events
-//! they cause. A chunk
-//! that fails for any reason but PostgreSQL being away is written again beat by beat, so one
-//! beat that cannot be applied is refused alone. A worker whose agent comes back as a new incarnation gets the attempts of the
-//! previous one handed back at once.
+//! transactions of at most [`WRITE_CHUNK`] beats (the first alone, then [`WRITERS`] at once)
+//! with the worker events they cause. A chunk that fails for any reason but PostgreSQL being
+//! away is written again beat by beat, so one beat that cannot be applied is refused alone. A
+//! worker whose agent comes back as a new incarnation gets the attempts of the previous one
+//! handed back at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -131,17 +132,32 @@ impl Buffer {
         let mut restarted = Vec::new();
         let mut unavailable = false;
         let orders = &self.orders;
-        // Chunks hold different workers (one beat per worker), so they never wait for each
-        // other's locks.
-        let writes: Vec<_> = beats
-            .chunks(WRITE_CHUNK)
-            .map(|chunk| write_chunk(backends, chunk, orders))
+        let away = AtomicBool::new(false);
+        // The first chunk is written alone: it finds out whether PostgreSQL is there (after an
+        // outage it is the circuit breaker's one trial call), so an outage counts once per
+        // flush against the breaker, as a flush written whole did. The rest hold different
+        // workers (one beat per worker), so they never wait for each other's locks; none
+        // starts once one found PostgreSQL away.
+        let mut chunks = beats.chunks(WRITE_CHUNK);
+        let mut results = Vec::with_capacity(beats.len().div_ceil(WRITE_CHUNK));
+        if let Some(first) = chunks.next() {
+            results.push(write_chunk(backends, first, orders, &away).await);
+        }
+        let writes: Vec<_> = chunks
+            .map(|chunk| write_chunk(backends, chunk, orders, &away))
             .collect();
-        let results: Vec<_> = futures::stream::iter(writes)
-            .buffer_unordered(WRITERS)
-            .collect()
-            .await;
+        results.extend(
+            futures::stream::iter(writes)
+                .buffer_unordered(WRITERS)
+                .collect::<Vec<_>>()
+                .await,
+        );
         for (chunk, result) in results {
+            let Some(result) = result else {
+                // Not tried: PostgreSQL was found away by another chunk.
+                unavailable = true;
+                continue;
+            };
             match result {
                 Ok(written) => self.written(backends, written, &mut restarted),
                 Err(e) if e.is_unavailable() => {
@@ -155,7 +171,11 @@ impl Buffer {
                     for beat in chunk {
                         match write(backends, std::slice::from_ref(beat), &self.orders).await {
                             Ok(written) => self.written(backends, written, &mut restarted),
-                            Err(e) if e.is_unavailable() => unavailable = true,
+                            Err(e) if e.is_unavailable() => {
+                                // The rest would find it away too.
+                                unavailable = true;
+                                break;
+                            }
                             Err(e) => {
                                 backends.metrics.heartbeat_refused("storage");
                                 tracing::warn!(worker_id = %beat.0.worker_id, error = %e, "heartbeat could not be written, refused");
@@ -231,16 +251,25 @@ async fn stale_attempts(
     Ok(stale)
 }
 
-/// [`write`], returning the chunk with what became of it.
+/// [`write`], returning the chunk with what became of it: `None` when it was not tried,
+/// because another chunk of the flush found PostgreSQL away (`away`).
 async fn write_chunk<'a>(
     backends: &Backends,
     chunk: &'a [(Heartbeat, DateTime<Utc>)],
     orders: &HashMap<AttemptId, tokio::time::Instant>,
+    away: &AtomicBool,
 ) -> (
     &'a [(Heartbeat, DateTime<Utc>)],
-    Result<Written, StorageError>,
+    Option<Result<Written, StorageError>>,
 ) {
-    (chunk, write(backends, chunk, orders).await)
+    if away.load(Ordering::Relaxed) {
+        return (chunk, None);
+    }
+    let result = write(backends, chunk, orders).await;
+    if result.as_ref().is_err_and(StorageError::is_unavailable) {
+        away.store(true, Ordering::Relaxed);
+    }
+    (chunk, Some(result))
 }
 
 /// Writes `beats` in one transaction with the worker events they cause, and orders agents to

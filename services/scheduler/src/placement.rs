@@ -809,9 +809,9 @@ async fn verify_quotas(
 /// commit) has the round's reservations made again on it as it stands (see
 /// [`driver::reserve_slots`]); one changed otherwise (another replica's reservation, a
 /// heartbeat changing its status) fails the round, which drops the view. It is read
-/// again in the background once it is [`VIEW_MAX_AGE`] old (see [`Refresh`]), and at each
-/// periodic retry of the blocked requests, so a worker that appeared is seen within that
-/// time. So the view saves reads, never decides.
+/// again in the background once it is half [`VIEW_MAX_AGE`] old (see [`Refresh`]), at the
+/// next round once older than that, and at each periodic retry of the blocked requests, so a
+/// worker that appeared is seen within that time. So the view saves reads, never decides.
 #[derive(Default)]
 struct WorkerView {
     workers: Option<WorkerIndex>,
@@ -901,9 +901,10 @@ impl WorkerView {
 
     /// Takes a read made while the rounds went on: its workers, but each worker this view
     /// holds at a newer version (saved by a round or a recorded report since the read began)
-    /// as this view holds it, and its tenants' shares, against the merged workers. Placements
-    /// committed between the read and now are missing from those shares until the next read;
-    /// the running quotas are checked in each round's own transaction anyway. Nothing is
+    /// as this view holds it, and its tenants' shares, against the merged workers. This
+    /// scheduler's placements committed after the read of the usage are missing from those
+    /// shares until the next read; the running quotas are checked in each round's own
+    /// transaction anyway. Nothing is
     /// taken into a forgotten view (the next round reads it afresh) nor into one read since.
     fn merge(&mut self, read: ViewRead) {
         let Some(current) = &self.workers else {
@@ -966,13 +967,15 @@ struct ViewRead {
 
 impl ViewRead {
     async fn read(
-        pool: sqlx::PgPool,
+        backends: hodei_runtime::Backends,
         live_since: chrono::DateTime<Utc>,
     ) -> Result<ViewRead, StorageError> {
         let started = Instant::now();
-        let workers = WorkerIndex::new(workers::placeable(&pool, live_since).await?);
-        let policies = tenants::policies(&pool).await?;
-        let usage = tenants::usage(&pool, None).await?;
+        let pool = &backends.pool;
+        let workers = backends.db(|| workers::placeable(pool, live_since)).await?;
+        let workers = WorkerIndex::new(workers);
+        let policies = backends.db(|| tenants::policies(pool)).await?;
+        let usage = backends.db(|| tenants::usage(pool, None)).await?;
         Ok(ViewRead {
             started,
             workers,
@@ -982,13 +985,21 @@ impl ViewRead {
     }
 }
 
-/// Reads the view again in the background once it is [`VIEW_MAX_AGE`] old: reading 1,000
-/// workers and the tenants' usage takes 10-20 ms, which every round waiting on it would add
-/// to its jobs' placement. A view twice that old (its read failed or hangs) is forgotten, so
-/// the next round reads it itself.
+/// Reads the view again in the background once it is half [`VIEW_MAX_AGE`] old: reading
+/// 1,000 workers and the tenants' usage takes 10-20 ms, which every round waiting on it would
+/// add to its jobs' placement. A view older than [`VIEW_MAX_AGE`] (rounds far apart, or its
+/// read failed or hangs) is forgotten, with its read, so the next round reads it itself.
 #[derive(Default)]
 struct Refresh {
     reading: Option<tokio::task::JoinHandle<Result<ViewRead, StorageError>>>,
+}
+
+impl Drop for Refresh {
+    fn drop(&mut self) {
+        if let Some(reading) = &self.reading {
+            reading.abort();
+        }
+    }
 }
 
 impl Refresh {
@@ -1005,12 +1016,15 @@ impl Refresh {
         let Some(age) = view.age() else {
             return;
         };
-        if age > 2 * VIEW_MAX_AGE {
+        if age > VIEW_MAX_AGE {
             view.forget();
-        } else if age > VIEW_MAX_AGE && self.reading.is_none() {
-            let pool = ctx.backends.pool.clone();
+            if let Some(reading) = self.reading.take() {
+                reading.abort();
+            }
+        } else if age > VIEW_MAX_AGE / 2 && self.reading.is_none() {
+            let backends = ctx.backends.clone();
             let live_since = live_since(ctx);
-            self.reading = Some(tokio::spawn(ViewRead::read(pool, live_since)));
+            self.reading = Some(tokio::spawn(ViewRead::read(backends, live_since)));
         }
     }
 }
@@ -1393,7 +1407,9 @@ mod tests {
 
     #[test]
     fn a_background_read_keeps_what_the_view_saved_since_and_brings_new_workers() {
-        let before = Instant::now();
+        let before = Instant::now()
+            .checked_sub(Duration::from_millis(5))
+            .unwrap();
         let mut reserved = worker("a", &[], 2);
         let attempt = AttemptId::new(JobId::new(), hodei_domain::AttemptNumber::new(1));
         reserved

@@ -19,7 +19,8 @@ const AGENTS: &[AgentSpec] = &[AgentSpec {
     slots: 1,
 }];
 
-/// Simulated workers beating at once: more than two of the registry's write chunks.
+/// Simulated workers beating at once: more than two of the registry's write chunks (when the
+/// beats fall into one flush, as they usually do: they are published within milliseconds).
 const FLEET: usize = 300;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
