@@ -904,8 +904,8 @@ impl WorkerView {
     /// as this view holds it, and its tenants' shares, against the merged workers. This
     /// scheduler's placements committed after the read of the usage are missing from those
     /// shares until the next read; the running quotas are checked in each round's own
-    /// transaction anyway. Nothing is
-    /// taken into a forgotten view (the next round reads it afresh) nor into one read since.
+    /// transaction anyway. Nothing is taken into a forgotten view (the next round reads it
+    /// afresh) nor into one read since.
     fn merge(&mut self, read: ViewRead) {
         let Some(current) = &self.workers else {
             return;
