@@ -249,6 +249,12 @@ pub struct Outgoing {
     pub subject: String,
     pub payload: Vec<u8>,
     pub headers: TraceHeaders,
+    /// Delivered twice, the message would act twice (an assignment would run its attempt
+    /// again): it is never published later than [`crate::streams::AT_MOST_ONCE_WITHIN`] after
+    /// its commit, while JetStream still drops a second copy by its id. Past that it is
+    /// dropped unpublished, and what waited for it recovers otherwise (an attempt never
+    /// started is handed back by its start timeout).
+    pub at_most_once: bool,
 }
 
 impl Outgoing {
@@ -259,6 +265,7 @@ impl Outgoing {
             subject: subjects::job_event(&event.job_id, event.kind.name()),
             payload: envelope_json(&Envelope::for_job(event, source))?,
             headers: trace::current(),
+            at_most_once: false,
         })
     }
 
@@ -272,6 +279,7 @@ impl Outgoing {
             subject: subjects::pipeline_event(&event.run_id, event.kind.name()),
             payload: envelope_json(&Envelope::for_pipeline(event, source))?,
             headers: trace::current(),
+            at_most_once: false,
         })
     }
 
@@ -285,6 +293,7 @@ impl Outgoing {
             subject: subjects::schedule_event(&event.schedule_id, event.kind.name()),
             payload: envelope_json(&Envelope::for_schedule(event, source))?,
             headers: trace::current(),
+            at_most_once: false,
         })
     }
 
@@ -295,6 +304,7 @@ impl Outgoing {
             subject: subjects::worker_event(&event.worker_id, event.kind.name()),
             payload: envelope_json(&Envelope::for_worker(event, source))?,
             headers: trace::current(),
+            at_most_once: false,
         })
     }
 
@@ -322,6 +332,7 @@ impl Outgoing {
             subject: subjects::place_job(&item.job_id),
             payload: serde_json::to_vec(item)?,
             headers: trace::current(),
+            at_most_once: false,
         })
     }
 
@@ -332,6 +343,7 @@ impl Outgoing {
             subject: subjects::agent_commands(worker),
             payload: serde_json::to_vec(cmd)?,
             headers: trace::current(),
+            at_most_once: matches!(cmd, AgentCommand::Assign { .. }),
         })
     }
 }

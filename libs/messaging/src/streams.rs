@@ -35,6 +35,14 @@ pub const MAX_DELIVER: i64 = 10;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// How long every stream remembers a message id, dropping a second message with that id
+/// (`Nats-Msg-Id`): what makes a publication retried after a lost ack or a crash stored once.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The latest a message that must not be delivered twice is published after its commit
+/// (half the duplicate window: the time between the commit and its first publication, and
+/// the publication itself, stay well inside the window in which a second copy is dropped).
+pub const AT_MOST_ONCE_WITHIN: Duration = Duration::from_secs(DUPLICATE_WINDOW.as_secs() / 2);
+
 fn stream(name: &str, subjects: &str, retention: RetentionPolicy, max_age: Duration) -> Config {
     Config {
         name: name.to_owned(),
@@ -43,7 +51,7 @@ fn stream(name: &str, subjects: &str, retention: RetentionPolicy, max_age: Durat
         storage: StorageType::File,
         max_age,
         discard: DiscardPolicy::Old,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: DUPLICATE_WINDOW,
         ..Default::default()
     }
 }

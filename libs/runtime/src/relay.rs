@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::future::join_all;
-use hodei_messaging::{Outgoing, TraceHeaders, trace};
+use hodei_messaging::{Outgoing, TraceHeaders, streams, trace};
 use hodei_resilience::{RetryPolicy, random_unit};
 use hodei_storage::{StorageError, outbox};
 use hodei_telemetry::Metrics;
@@ -67,6 +67,10 @@ pub struct Relayed {
     pub published: usize,
     /// Messages the transport refused for good, moved to `outbox_dead` with their reason.
     pub dead_lettered: usize,
+    /// Messages that must not be delivered twice, found older than the time they may be
+    /// published in (a relay's delete after their publication was lost, or NATS was away):
+    /// deleted unpublished, as JetStream may no longer drop a second copy.
+    pub expired: usize,
     /// The failure that stopped the batch before its end (NATS away, an ack timed out): the
     /// rows from there on stay in the outbox and are published again later.
     pub stopped: Option<RelayError>,
@@ -131,6 +135,7 @@ pub async fn relay_batch(
         older_than: None,
         direct_older_than: HANDOFF_GRACE,
         except: &[],
+        at_most_once_within: streams::AT_MOST_ONCE_WITHIN,
     };
     relay_claimed(pool, js, which, service).await
 }
@@ -155,7 +160,13 @@ pub async fn relay_claimed(
     }
     let mut sent = Vec::with_capacity(rows.len());
     let mut dead: Vec<(i64, String)> = Vec::new();
+    let mut expired = Vec::new();
     for row in rows {
+        if row.expired {
+            tracing::warn!(id = %row.id, subject = %row.subject, "outbox message that must not be delivered twice is too old to publish, deleted unpublished");
+            expired.push(row.position);
+            continue;
+        }
         match send(
             js,
             service,
@@ -204,8 +215,10 @@ pub async fn relay_claimed(
     let moved = outbox::move_to_dead(&mut tx, dead).await?;
     relayed.dead_lettered = usize::try_from(moved).unwrap_or(usize::MAX);
     outbox::delete(&mut tx, &published).await?;
+    outbox::delete(&mut tx, &expired).await?;
     tx.commit().await?;
     relayed.published = published.len();
+    relayed.expired = expired.len();
     Ok(relayed)
 }
 
@@ -497,6 +510,7 @@ async fn claim_loop(
             older_than,
             direct_older_than: HANDOFF_GRACE,
             except: &except,
+            at_most_once_within: streams::AT_MOST_ONCE_WITHIN,
         };
         let relayed = tokio::time::timeout(
             backoff.attempt_timeout,
@@ -507,6 +521,9 @@ async fn claim_loop(
         let relayed = relayed.map(|result| {
             result.and_then(|done| {
                 metrics.outbox_published.inc_by(done.published as u64);
+                if done.expired > 0 {
+                    metrics.outbox_expired.inc_by(done.expired as u64);
+                }
                 if done.dead_lettered > 0 {
                     metrics
                         .outbox_dead_lettered
@@ -518,7 +535,7 @@ async fn claim_loop(
                 }
                 match done.stopped {
                     Some(e) => Err(e),
-                    None => Ok(done.published + done.dead_lettered),
+                    None => Ok(done.published + done.dead_lettered + done.expired),
                 }
             })
         });
@@ -578,6 +595,7 @@ mod tests {
             subject: "hodei.v1.evt.test".to_owned(),
             payload: b"{}".to_vec(),
             headers: TraceHeaders::new(),
+            at_most_once: false,
         }
     }
 

@@ -8,7 +8,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{Job, JobId, JobSpec, TenantId};
-use hodei_messaging::{Outgoing, streams};
+use hodei_messaging::{AgentCommand, Outgoing, streams};
 use hodei_runtime::relay;
 use hodei_storage::{driver, outbox};
 use hodei_test_support::{TestDatabase, TestNats};
@@ -87,6 +87,94 @@ async fn the_outbox_relay_publishes_committed_messages_once() {
     );
     let mut stream = js.get_stream(streams::EVENTS).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    db.cleanup().await.unwrap();
+}
+
+/// An assignment of `job` to worker `w-1`, and a cancel of the same attempt.
+fn commands(job: &Job) -> (Outgoing, Outgoing) {
+    let worker: hodei_domain::WorkerId = "w-1".parse().unwrap();
+    let assign = AgentCommand::Assign {
+        job_id: job.id(),
+        attempt: job.current_attempt(),
+        spec: Box::new(job.spec().clone()),
+        assigned_at: Utc::now(),
+        incarnation: None,
+    };
+    let cancel = AgentCommand::Cancel {
+        job_id: job.id(),
+        attempt: job.current_attempt(),
+        reason: "test".to_owned(),
+    };
+    (
+        Outgoing::agent_command(&worker, &assign).unwrap(),
+        Outgoing::agent_command(&worker, &cancel).unwrap(),
+    )
+}
+
+/// Commits `messages` to the outbox in one transaction.
+async fn append(pool: &sqlx::PgPool, messages: &[Outgoing]) {
+    let mut tx = pool.begin().await.unwrap();
+    outbox::append(&mut tx, messages).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_assignment_whose_delete_was_lost_is_never_published_again_past_half_the_duplicate_window()
+ {
+    let (db, pool) = database().await;
+    let (_nats, _client, js) = bus().await;
+    let (job, _) = new_job();
+    let (assign, cancel) = commands(&job);
+    assert!(
+        assign.at_most_once,
+        "an assignment must not be delivered twice"
+    );
+    assert!(!cancel.at_most_once, "a cancel may be: it is idempotent");
+    let stored = || async {
+        let mut stream = js.get_stream(streams::AGENT).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+
+    append(&pool, std::slice::from_ref(&assign)).await;
+    assert_eq!(
+        relay::relay_batch(&pool, &js, 100, "test")
+            .await
+            .unwrap()
+            .published,
+        1
+    );
+    assert_eq!(stored().await, 1);
+
+    // The relay's delete was lost (PostgreSQL went away after the publication): the row is
+    // back. While it is young, publishing it again is harmless: the server keeps one copy.
+    append(&pool, std::slice::from_ref(&assign)).await;
+    let relayed = relay::relay_batch(&pool, &js, 100, "test").await.unwrap();
+    assert_eq!((relayed.published, relayed.expired), (1, 0));
+    assert_eq!(stored().await, 1);
+
+    // Older than half the duplicate window (PostgreSQL stayed away that long), the server
+    // may no longer recognise it: it is deleted unpublished. A cancel as old is still
+    // published: delivered twice, it does nothing more.
+    append(&pool, &[assign.clone(), cancel.clone()]).await;
+    let age = streams::AT_MOST_ONCE_WITHIN.as_secs_f64() + 1.0;
+    sqlx::query("UPDATE outbox SET created_at = now() - make_interval(secs => $1)")
+        .bind(age)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let relayed = relay::relay_batch(&pool, &js, 100, "test").await.unwrap();
+    assert_eq!((relayed.published, relayed.expired), (1, 1));
+    assert!(relayed.stopped.is_none(), "{:?}", relayed.stopped);
+    assert_eq!(outbox::pending(&pool).await.unwrap(), 0);
+    assert_eq!(stored().await, 2, "the assignment once and the cancel");
+    let stream = js.get_stream(streams::AGENT).await.unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject(&assign.subject)
+        .await
+        .unwrap();
+    let last: AgentCommand = serde_json::from_slice(&last.payload).unwrap();
+    assert!(matches!(last, AgentCommand::Cancel { .. }), "{last:?}");
+    pool.close().await;
     db.cleanup().await.unwrap();
 }
 
@@ -213,12 +301,14 @@ async fn handed_over_messages_are_published_from_memory_and_their_rows_deleted()
         limit: 100,
         older_than: None,
         direct_older_than: relay::HANDOFF_GRACE,
+        at_most_once_within: streams::AT_MOST_ONCE_WITHIN,
         except: &except,
     };
     let young = outbox::Claim {
         limit: 100,
         older_than: Some(relay::HANDOFF_GRACE),
         direct_older_than: relay::HANDOFF_GRACE,
+        at_most_once_within: streams::AT_MOST_ONCE_WITHIN,
         except: &[],
     };
     for which in [mine, young] {
@@ -345,6 +435,7 @@ async fn young_handed_over_rows_are_left_to_their_committing_process() {
         limit: 100,
         older_than: None,
         direct_older_than: relay::HANDOFF_GRACE,
+        at_most_once_within: streams::AT_MOST_ONCE_WITHIN,
         except: &[],
     };
     let relayed = relay::relay_claimed(&pool, &js, other, "test")

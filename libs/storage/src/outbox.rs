@@ -46,14 +46,17 @@ async fn insert<M: Borrow<Outgoing>>(
         .iter()
         .map(|m| encode("outbox headers", &m.headers))
         .collect::<Result<Vec<_>, _>>()?;
+    let at_most_once: Vec<bool> = messages.iter().map(|m| m.at_most_once).collect();
     sqlx::query(
-        "INSERT INTO outbox (id, subject, payload, headers, direct)
-         SELECT *, $5 FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::jsonb[])",
+        "INSERT INTO outbox (id, subject, payload, headers, at_most_once, direct)
+         SELECT *, $6
+         FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::jsonb[], $5::bool[])",
     )
     .bind(&ids)
     .bind(&subjects)
     .bind(&payloads)
     .bind(&headers)
+    .bind(&at_most_once)
     .bind(direct)
     .execute(conn)
     .await?;
@@ -116,6 +119,9 @@ pub struct Pending {
     pub payload: Vec<u8>,
     /// The trace context of the span that queued it (empty when it does not decode).
     pub trace: TraceHeaders,
+    /// A message that must not be delivered twice, committed longer ago than
+    /// [`Claim::at_most_once_within`]: it must not be published any more.
+    pub expired: bool,
 }
 
 /// Which waiting messages a relay may claim.
@@ -132,6 +138,9 @@ pub struct Claim<'a> {
     pub direct_older_than: std::time::Duration,
     /// Messages this process is publishing now, left alone.
     pub except: &'a [Uuid],
+    /// How long after its commit a message that must not be delivered twice may still be
+    /// published: older ones are claimed marked [`Pending::expired`].
+    pub at_most_once_within: std::time::Duration,
 }
 
 /// Waiting messages in commit order, as `which` says, locked until the end of the caller's
@@ -141,7 +150,9 @@ pub async fn claim(
     which: Claim<'_>,
 ) -> Result<Vec<Pending>, StorageError> {
     let rows = sqlx::query(
-        "SELECT position, id, subject, payload, headers FROM outbox
+        "SELECT position, id, subject, payload, headers,
+                at_most_once AND created_at < now() - make_interval(secs => $5) AS expired
+         FROM outbox
          WHERE ($2::float8 IS NULL OR created_at < now() - make_interval(secs => $2))
            AND (NOT direct OR created_at < now() - make_interval(secs => $4))
            AND NOT (id = ANY($3))
@@ -151,6 +162,7 @@ pub async fn claim(
     .bind(which.older_than.map(|age| age.as_secs_f64()))
     .bind(which.except)
     .bind(which.direct_older_than.as_secs_f64())
+    .bind(which.at_most_once_within.as_secs_f64())
     .fetch_all(conn)
     .await?;
     rows.iter()
@@ -164,6 +176,7 @@ pub async fn claim(
                     .try_get::<sqlx::types::Json<TraceHeaders>, _>("headers")
                     .map(|json| json.0)
                     .unwrap_or_default(),
+                expired: row.try_get("expired")?,
             })
         })
         .collect()

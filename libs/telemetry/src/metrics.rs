@@ -38,6 +38,7 @@
 //! | `hodei_outbox_lag_seconds` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_published_total` | counter | api-gateway, scheduler, registry |
 //! | `hodei_outbox_dead_lettered_total` | counter | api-gateway, scheduler, registry |
+//! | `hodei_outbox_expired_total` | counter | api-gateway, scheduler, registry |
 //! | `hodei_agent_running_attempts` | gauge | agent |
 //! | `hodei_agent_free_slots` | gauge | agent |
 //! | `hodei_agent_attempts_finished_total{outcome}` | counter | agent |
@@ -119,6 +120,7 @@ pub struct Metrics {
     pub outbox_lag: Gauge<f64, AtomicU64>,
     pub outbox_published: Counter,
     pub outbox_dead_lettered: Counter,
+    pub outbox_expired: Counter,
     pub agent_running_attempts: Gauge,
     pub agent_free_slots: Gauge,
     agent_attempts_finished: Family<Label, Counter>,
@@ -165,6 +167,7 @@ impl Metrics {
             outbox_lag: Gauge::default(),
             outbox_published: Counter::default(),
             outbox_dead_lettered: Counter::default(),
+            outbox_expired: Counter::default(),
             agent_running_attempts: Gauge::default(),
             agent_free_slots: Gauge::default(),
             agent_attempts_finished: Family::default(),
@@ -298,6 +301,11 @@ impl Metrics {
                 "outbox_dead_lettered",
                 "Outbox messages the transport refused for good (too large), moved to outbox_dead",
                 self.outbox_dead_lettered.clone(),
+            );
+            r.register(
+                "outbox_expired",
+                "Outbox messages that must not be delivered twice (assignments), found too old to publish (past half the duplicate window) and deleted unpublished",
+                self.outbox_expired.clone(),
             );
         }
         if is(&[Reg]) {

@@ -433,7 +433,7 @@ impl Agent {
                 attempt,
                 spec,
                 incarnation,
-                ..
+                assigned_at,
             } => {
                 let id = AttemptId::new(job_id, attempt);
                 if let Some(placed_with) = incarnation
@@ -442,6 +442,18 @@ impl Agent {
                     // Placed with an earlier process of this worker: the registry hands it
                     // back, and running it here could overlap with its next attempt.
                     info!(job_id = %job_id, attempt = %attempt, placed_with = %placed_with, incarnation = %self.incarnation, "assignment for a previous incarnation, ignoring it");
+                    ack(&message).await;
+                    return None;
+                }
+                if let Ok(info) = message.info()
+                    && let Some(late) =
+                        stored_late(assigned_at, info.published.unix_timestamp_nanos())
+                {
+                    // Stored too long after the assignment was made for the server to have
+                    // dropped it as a second copy: running it could run the attempt again.
+                    // If it is the only copy, the attempt was never started and its start
+                    // timeout hands it back.
+                    warn!(job_id = %job_id, attempt = %attempt, late_ms = late.as_millis() as u64, "assignment stored too long after it was made, not running it");
                     ack(&message).await;
                     return None;
                 }
@@ -607,8 +619,50 @@ async fn pause(
     }
 }
 
+/// How long after `assigned_at` an assignment was stored in its stream (at `stored_unix_nanos`,
+/// the server's clock), if later than [`streams::AT_MOST_ONCE_WITHIN`]. Relays publish an
+/// assignment only within that time of its commit, so every copy stored in it falls within
+/// the duplicate window of the first, and the server keeps one. A copy stored later can only
+/// come from a publication held up elsewhere (a client that buffered it while disconnected):
+/// the first copy may be out of the server's memory by then.
+fn stored_late(
+    assigned_at: chrono::DateTime<chrono::Utc>,
+    stored_unix_nanos: i128,
+) -> Option<Duration> {
+    let assigned = i128::from(assigned_at.timestamp_nanos_opt()?);
+    let after = u64::try_from(stored_unix_nanos.checked_sub(assigned)?).ok()?;
+    let after = Duration::from_nanos(after);
+    (after > streams::AT_MOST_ONCE_WITHIN).then_some(after)
+}
+
 async fn ack(message: &jetstream::Message) {
     if let Err(e) = message.ack().await {
         warn!(subject = %message.subject, error = %e, "failed to acknowledge command");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn nanos(at: chrono::DateTime<chrono::Utc>) -> i128 {
+        i128::from(at.timestamp_nanos_opt().unwrap())
+    }
+
+    #[test]
+    fn an_assignment_is_refused_only_when_stored_past_the_at_most_once_bound() {
+        let assigned = chrono::Utc::now();
+        let within = chrono::Duration::from_std(streams::AT_MOST_ONCE_WITHIN).unwrap();
+        assert_eq!(stored_late(assigned, nanos(assigned)), None);
+        assert_eq!(stored_late(assigned, nanos(assigned + within)), None);
+        // Stored before it was made: the clocks differ a little; nothing to refuse.
+        assert_eq!(stored_late(assigned, nanos(assigned - within * 2)), None);
+        let late = within + chrono::Duration::milliseconds(1);
+        assert_eq!(
+            stored_late(assigned, nanos(assigned + late)),
+            Some(late.to_std().unwrap())
+        );
     }
 }

@@ -738,6 +738,38 @@ async fn an_assignment_of_a_running_attempt_is_ignored() {
 }
 
 #[tokio::test]
+async fn an_assignment_stored_long_after_it_was_made_is_not_run() {
+    let mut h = Harness::start().await;
+    let ledger = tempfile::tempdir().unwrap();
+    let ran = ledger.path().join("ran");
+    // A copy a relay could only have stored that late if it held it up (a NATS client that
+    // buffered it while disconnected): the first copy may have run already.
+    let late = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+    let made = Utc::now()
+        - chrono::Duration::from_std(streams::AT_MOST_ONCE_WITHIN).unwrap()
+        - chrono::Duration::seconds(1);
+    h.send(&AgentCommand::Assign {
+        job_id: late.job_id,
+        attempt: late.attempt,
+        spec: Box::new(spec(sh("late", &format!("echo ran >> {}", ran.display())))),
+        assigned_at: made,
+        incarnation: None,
+    })
+    .await;
+    // Commands are taken in order: once the next one has run, the late one was handled.
+    let next = h.assign(spec(sh("next", "echo next"))).await;
+    assert_eq!(h.finished(next).await.0, AttemptOutcome::Exited { code: 0 });
+    wait_for("both commands to be acknowledged", DEADLINE, || async {
+        (h.commands_pending().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(!ran.exists(), "the late assignment ran");
+    assert!(h.reports_of(late).is_empty(), "{:?}", h.reports_of(late));
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_commands_are_dropped_and_the_agent_goes_on() {
     let mut h = Harness::start().await;
     h.publish_command_bytes(b"{not json".to_vec()).await;
