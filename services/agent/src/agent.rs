@@ -462,7 +462,7 @@ impl Agent {
                     ack(&message).await;
                     return None;
                 };
-                let count = running.len();
+                let count = running.slots_held();
                 if count > self.settings.max_concurrent_jobs as usize {
                     warn!(job_id = %job_id, attempt = %attempt, running = count, max_concurrent_jobs = self.settings.max_concurrent_jobs, "more attempts assigned than slots, running it anyway");
                 }
@@ -472,6 +472,7 @@ impl Agent {
                     spec,
                     command: message,
                     stoppers,
+                    running: running.clone(),
                 };
                 let ctx = Arc::clone(ctx);
                 let running = running.clone();

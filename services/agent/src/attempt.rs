@@ -42,7 +42,7 @@ use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
 use crate::records::{Record, Records};
-use crate::running::Stoppers;
+use crate::running::{Running, Stoppers};
 
 /// The reason given for an attempt still running when the agent's drain timed out: it is
 /// reported `Lost` with it.
@@ -99,6 +99,8 @@ pub(crate) struct Assignment {
     pub command: jetstream::Message,
     /// What stops it: a `Cancel` command, or the agent's lease expiring.
     pub stoppers: Stoppers,
+    /// The agent's running attempts, told when this one's end is reported.
+    pub running: Running,
 }
 
 /// Why the agent stopped a process.
@@ -137,6 +139,7 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         spec,
         command,
         stoppers,
+        running,
     } = assignment;
     let workspace = ctx.work_dir.join(format!("{}-{}", id.job_id, id.attempt));
     // Secret values arrive sealed to this incarnation; they are opened only here, for the
@@ -228,6 +231,10 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         });
     }
     let finished = ReportKind::Finished { outcome, tail };
+    // The scheduler frees the slot once it stores the report and may assign it at once,
+    // before this task sees the report's ack: from here on (the report, the workspace's
+    // removal) the attempt no longer counts against the agent's slots.
+    running.release_slot(&id);
     if report(&ctx, id, report_id, finished, &ctx.stops.give_up).await {
         ctx.records.remove(&id);
         if !acked {

@@ -19,12 +19,22 @@ pub(crate) struct Stoppers {
     pub lose: CancellationToken,
 }
 
+/// One running attempt.
+#[derive(Debug)]
+struct Entry {
+    stoppers: Stoppers,
+    /// Until its `Finished` report is sent: once the report is stored the scheduler counts
+    /// its slot as free and may assign it again, while the attempt still waits for the
+    /// report's ack and cleans up (its workspace).
+    holds_slot: bool,
+}
+
 /// The running attempts; cheap to clone, every clone sees the same set.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Running(Arc<Mutex<HashMap<AttemptId, Stoppers>>>);
+pub(crate) struct Running(Arc<Mutex<HashMap<AttemptId, Entry>>>);
 
 impl Running {
-    fn lock(&self) -> MutexGuard<'_, HashMap<AttemptId, Stoppers>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<AttemptId, Entry>> {
         // Nothing panics while holding the lock, and the map stays consistent if it did.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -36,8 +46,27 @@ impl Running {
             return None;
         }
         let stoppers = Stoppers::default();
-        map.insert(attempt, stoppers.clone());
+        map.insert(
+            attempt,
+            Entry {
+                stoppers: stoppers.clone(),
+                holds_slot: true,
+            },
+        );
         Some(stoppers)
+    }
+
+    /// `attempt`'s end is being reported: it no longer holds one of the agent's slots,
+    /// though it runs (reports, cleans up) until [`Running::finish`].
+    pub fn release_slot(&self, attempt: &AttemptId) {
+        if let Some(entry) = self.lock().get_mut(attempt) {
+            entry.holds_slot = false;
+        }
+    }
+
+    /// How many attempts hold a slot: running, their end not yet being reported.
+    pub fn slots_held(&self) -> usize {
+        self.lock().values().filter(|e| e.holds_slot).count()
     }
 
     /// Removes `attempt` once it is over.
@@ -48,8 +77,8 @@ impl Running {
     /// Cancels `attempt`; returns whether it was running.
     pub fn cancel(&self, attempt: &AttemptId) -> bool {
         match self.lock().get(attempt) {
-            Some(stoppers) => {
-                stoppers.cancel.cancel();
+            Some(entry) => {
+                entry.stoppers.cancel.cancel();
                 true
             }
             None => false,
@@ -59,8 +88,8 @@ impl Running {
     /// Cancels every running attempt; returns how many there were.
     pub fn cancel_all(&self) -> usize {
         let map = self.lock();
-        for stoppers in map.values() {
-            stoppers.cancel.cancel();
+        for entry in map.values() {
+            entry.stoppers.cancel.cancel();
         }
         map.len()
     }
@@ -68,8 +97,8 @@ impl Running {
     /// Stops every running attempt as lost (the lease expired); returns how many there were.
     pub fn lose_all(&self) -> usize {
         let map = self.lock();
-        for stoppers in map.values() {
-            stoppers.lose.cancel();
+        for entry in map.values() {
+            entry.stoppers.lose.cancel();
         }
         map.len()
     }
@@ -113,5 +142,23 @@ mod tests {
         let c = running.start(a).unwrap();
         assert_eq!(running.cancel_all(), 2);
         assert!(c.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn a_reported_attempt_gives_its_slot_back_before_it_is_done() {
+        let running = Running::default();
+        let a = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+        let b = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+        running.start(a).unwrap();
+        running.start(b).unwrap();
+        assert_eq!(running.slots_held(), 2);
+        running.release_slot(&a);
+        assert_eq!((running.slots_held(), running.len()), (1, 2));
+        // Still running (cleaning up): listed, cancellable, not started twice.
+        assert_eq!(running.list().len(), 2);
+        assert!(running.start(a).is_none());
+        assert!(running.cancel(&a));
+        running.finish(&a);
+        assert_eq!((running.slots_held(), running.len()), (1, 1));
     }
 }
