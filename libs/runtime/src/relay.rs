@@ -12,6 +12,11 @@
 //! on its periodic poll rather than after a wake-up, it takes only rows older than
 //! [`HANDOFF_GRACE`], which other processes are done publishing themselves.
 //!
+//! A message that must not be delivered twice (an agent's assignment) is published only
+//! while the stream's duplicate window still covers its first copy: a claimed row of that
+//! kind older than [`streams::AT_MOST_ONCE_WITHIN`] is deleted unpublished, and a handed-over
+//! one that waited in memory longer than [`HANDOFF_GRACE`] goes back to the claiming path.
+//!
 //! Each message is published inside a `send <subject>` span that is a child of the trace
 //! context stored with its row, and carries the send span's context in its
 //! `traceparent`/`tracestate` headers.
@@ -20,7 +25,7 @@ use std::collections::HashSet;
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::future::join_all;
@@ -143,7 +148,8 @@ pub async fn relay_batch(
 /// Claims the committed messages `which` names, publishes them in order and deletes those
 /// JetStream acknowledged. A message the transport refuses for good is moved to
 /// `outbox_dead` with its reason and the batch goes on: one poison row never holds up the
-/// rows behind it. Any other failure stops the batch there; what was not acknowledged stays
+/// rows behind it. A row that must not be delivered twice, claimed past the time it may be
+/// published in ([`outbox::Pending::expired`]), is deleted unpublished. Any other failure stops the batch there; what was not acknowledged stays
 /// and is published again later (and de-duplicated by the server). `service` names the
 /// relaying service on its spans.
 pub async fn relay_claimed(
@@ -252,7 +258,7 @@ impl InFlight {
 /// at once from memory. Cloned freely.
 #[derive(Clone)]
 pub struct Handoff {
-    queue: mpsc::UnboundedSender<Vec<Outgoing>>,
+    queue: mpsc::UnboundedSender<(Instant, Vec<Outgoing>)>,
     /// Messages in `queue`, bounded by [`HANDOFF_QUEUE`].
     queued: Arc<AtomicUsize>,
     in_flight: InFlight,
@@ -261,7 +267,7 @@ pub struct Handoff {
 
 /// The relay's end of a [`Handoff`], taken by [`run_relay`].
 pub struct HandedOver {
-    queue: mpsc::UnboundedReceiver<Vec<Outgoing>>,
+    queue: mpsc::UnboundedReceiver<(Instant, Vec<Outgoing>)>,
     queued: Arc<AtomicUsize>,
     in_flight: InFlight,
     wake: Arc<Notify>,
@@ -304,9 +310,9 @@ impl Handoff {
             return;
         }
         self.in_flight.add(messages.iter().map(|m| m.id));
-        if let Err(closed) = self.queue.send(messages) {
+        if let Err(closed) = self.queue.send((Instant::now(), messages)) {
             self.queued.fetch_sub(n, Ordering::Relaxed);
-            self.in_flight.remove(closed.0.iter().map(|m| m.id));
+            self.in_flight.remove(closed.0.1.iter().map(|m| m.id));
             self.wake.notify_one();
         }
     }
@@ -336,24 +342,31 @@ async fn publish_handed(
     } = handed;
     let service = metrics.service().to_owned();
     loop {
-        let mut batch = tokio::select! {
+        let (at, first) = tokio::select! {
             () = shutdown.cancelled() => return,
             received = handed.recv() => match received {
                 Some(batch) => batch,
                 None => return,
             },
         };
+        let mut batch: Vec<(Instant, Outgoing)> = first.into_iter().map(|m| (at, m)).collect();
         while batch.len() < BATCH {
             match handed.try_recv() {
-                Ok(more) => batch.extend(more),
+                Ok((at, more)) => batch.extend(more.into_iter().map(|m| (at, m))),
                 Err(_) => break,
             }
         }
         queued.fetch_sub(batch.len(), Ordering::Relaxed);
         let mut messages = batch.into_iter();
         let mut returned = Vec::new();
-        for message in messages.by_ref() {
+        for (at, message) in messages.by_ref() {
             let id = message.id;
+            if message.at_most_once && at.elapsed() > HANDOFF_GRACE {
+                // Any relay may have claimed and published its row by now; the claiming
+                // path publishes it once, or deletes it when too old.
+                returned.push(id);
+                continue;
+            }
             match send(
                 &js,
                 &service,
@@ -378,7 +391,7 @@ async fn publish_handed(
                 }
             }
         }
-        returned.extend(messages.map(|m| m.id));
+        returned.extend(messages.map(|(_, m)| m.id));
         if !returned.is_empty() {
             in_flight.remove(returned);
             wake.notify_one();
@@ -450,8 +463,9 @@ async fn settle(
 /// Runs the relay until `shutdown`: the direct path for what `handed` receives, and the
 /// claiming path whenever its wake-up is notified and at least every `poll` (then for rows
 /// older than [`HANDOFF_GRACE`] only). Failures (NATS or PostgreSQL down) back off
-/// exponentially with jitter, up to 5 s, and never lose a row. Published messages and
-/// failures are counted in `metrics`.
+/// exponentially with jitter, up to 5 s, and never lose a row (but an assignment past the
+/// time it may be published in, deleted unpublished on purpose: see the module). Published
+/// messages and failures are counted in `metrics`.
 pub async fn run_relay(
     pool: PgPool,
     js: jetstream::Context,
@@ -618,7 +632,7 @@ mod tests {
         let held = handed.in_flight.snapshot();
         assert!(over_ids.iter().all(|id| !held.contains(id)));
         assert_eq!(handed.queued.load(Ordering::Relaxed), HANDOFF_QUEUE - 1);
-        assert_eq!(handed.queue.try_recv().unwrap().len(), HANDOFF_QUEUE - 1);
+        assert_eq!(handed.queue.try_recv().unwrap().1.len(), HANDOFF_QUEUE - 1);
         assert!(
             handed.queue.try_recv().is_err(),
             "only the first batch queued"
@@ -626,6 +640,6 @@ mod tests {
 
         // One that fits is queued.
         handoff.hand_over(vec![message()]);
-        assert_eq!(handed.queue.try_recv().unwrap().len(), 1);
+        assert_eq!(handed.queue.try_recv().unwrap().1.len(), 1);
     }
 }

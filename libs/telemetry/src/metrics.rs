@@ -31,6 +31,7 @@
 //! | `hodei_liveness_partitions_total` | counter | registry |
 //! | `hodei_reports_refused_total{reason}` | counter | scheduler |
 //! | `hodei_agent_lease_expired_total` | counter | agent |
+//! | `hodei_agent_assignments_refused_total` | counter | agent |
 //! | `hodei_messages_dead_lettered_total{kind}` | counter | scheduler, agent |
 //! | `hodei_nats_errors_total{operation}` | counter | every service |
 //! | `hodei_postgres_errors_total` | counter | api-gateway, scheduler, registry |
@@ -113,6 +114,7 @@ pub struct Metrics {
     pub liveness_partitions: Counter,
     reports_refused: Family<Label, Counter>,
     pub agent_lease_expired: Counter,
+    pub agent_assignments_refused: Counter,
     messages_dead_lettered: Family<Label, Counter>,
     nats_errors: Family<Label, Counter>,
     pub postgres_errors: Counter,
@@ -160,6 +162,7 @@ impl Metrics {
             liveness_partitions: Counter::default(),
             reports_refused: Family::default(),
             agent_lease_expired: Counter::default(),
+            agent_assignments_refused: Counter::default(),
             messages_dead_lettered: Family::default(),
             nats_errors: Family::default(),
             postgres_errors: Counter::default(),
@@ -386,6 +389,11 @@ impl Metrics {
                 "agent_lease_expired",
                 "Times this agent stopped its attempts itself after losing NATS for longer than its lease",
                 self.agent_lease_expired.clone(),
+            );
+            r.register(
+                "agent_assignments_refused",
+                "Assignments not run because they were stored in their stream too long after they were made (more than 60 s): they may be a second copy",
+                self.agent_assignments_refused.clone(),
             );
         }
     }

@@ -445,15 +445,20 @@ impl Agent {
                     ack(&message).await;
                     return None;
                 }
-                if let Ok(info) = message.info()
-                    && let Some(late) =
-                        stored_late(assigned_at, info.published.unix_timestamp_nanos())
-                {
-                    // Stored too long after the assignment was made for the server to have
-                    // dropped it as a second copy: running it could run the attempt again.
-                    // If it is the only copy, the attempt was never started and its start
-                    // timeout hands it back.
-                    warn!(job_id = %job_id, attempt = %attempt, late_ms = late.as_millis() as u64, "assignment stored too long after it was made, not running it");
+                // Stored too long after the assignment was made for the server to have
+                // dropped it as a second copy: running it could run the attempt again. If it
+                // is the only copy, the attempt was never started and its start timeout hands
+                // it back. A command whose stored time cannot be read is refused too.
+                let late = match message.info() {
+                    Ok(info) => stored_late(assigned_at, info.published.unix_timestamp_nanos()),
+                    Err(e) => {
+                        warn!(job_id = %job_id, attempt = %attempt, error = %e, "assignment without a readable stored time");
+                        Some(Duration::MAX)
+                    }
+                };
+                if let Some(late) = late {
+                    self.metrics.agent_assignments_refused.inc();
+                    warn!(job_id = %job_id, attempt = %attempt, late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX), "assignment stored too long after it was made, not running it");
                     ack(&message).await;
                     return None;
                 }
@@ -621,16 +626,21 @@ async fn pause(
 }
 
 /// How long after `assigned_at` an assignment was stored in its stream (at `stored_unix_nanos`,
-/// the server's clock), if later than [`streams::AT_MOST_ONCE_WITHIN`]. Relays publish an
-/// assignment only within that time of its commit, so every copy stored in it falls within
-/// the duplicate window of the first, and the server keeps one. A copy stored later can only
-/// come from a publication held up elsewhere (a client that buffered it while disconnected):
-/// the first copy may be out of the server's memory by then.
+/// the server's clock), if later than [`streams::AT_MOST_ONCE_WITHIN`]. Every copy stored
+/// within that time of `assigned_at` is within the duplicate window of the first, so the
+/// server kept only one of them; a copy stored later (a relay's publication held up, a
+/// client that buffered it while disconnected, a row republished after its delete was lost)
+/// may be a second one, the first out of the server's memory by then. Relays already avoid
+/// publishing such rows; this check is what the guarantee rests on. An `assigned_at` out of the
+/// range of nanoseconds counts as late.
 fn stored_late(
     assigned_at: chrono::DateTime<chrono::Utc>,
     stored_unix_nanos: i128,
 ) -> Option<Duration> {
-    let assigned = i128::from(assigned_at.timestamp_nanos_opt()?);
+    let Some(assigned) = assigned_at.timestamp_nanos_opt() else {
+        return Some(Duration::MAX);
+    };
+    let assigned = i128::from(assigned);
     let after = u64::try_from(stored_unix_nanos.checked_sub(assigned)?).ok()?;
     let after = Duration::from_nanos(after);
     (after > streams::AT_MOST_ONCE_WITHIN).then_some(after)
