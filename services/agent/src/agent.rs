@@ -463,7 +463,7 @@ impl Agent {
                     return None;
                 }
                 let Some(stoppers) = running.start(id) else {
-                    info!(job_id = %job_id, attempt = %attempt, "attempt already running, ignoring the assignment");
+                    info!(job_id = %job_id, attempt = %attempt, "attempt running or ended here lately, ignoring the assignment");
                     ack(&message).await;
                     return None;
                 };

@@ -2,12 +2,15 @@
 //! `Cancel` command: the attempt ends cancelled) and `lose` (the agent's lease expired: the
 //! attempt ends lost). Shared by the command loop (which adds and cancels), the attempts
 //! (which remove themselves when done), the lease watch (which loses them all) and the
-//! heartbeats (which list them).
+//! heartbeats (which list them). An attempt that ended is remembered for as long as its
+//! assignment could still be redelivered, so that it never runs twice here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use hodei_domain::AttemptId;
+use hodei_messaging::streams::{ACK_WAIT, MAX_DELIVER};
 use tokio_util::sync::CancellationToken;
 
 /// What stops one attempt.
@@ -29,20 +32,62 @@ struct Entry {
     holds_slot: bool,
 }
 
+/// How long an ended attempt is remembered: an assignment whose ack was lost is delivered
+/// again every [`ACK_WAIT`], up to [`MAX_DELIVER`] times; and a minute more.
+const REMEMBER_ENDED: Duration =
+    Duration::from_secs(ACK_WAIT.as_secs() * MAX_DELIVER.unsigned_abs() + 60);
+
+/// The attempts running, and those that ended lately.
+#[derive(Debug, Default)]
+struct Attempts {
+    running: HashMap<AttemptId, Entry>,
+    ended: HashSet<AttemptId>,
+    /// `ended`, oldest first, with when each ended.
+    ended_at: VecDeque<(Instant, AttemptId)>,
+}
+
+impl std::ops::Deref for Attempts {
+    type Target = HashMap<AttemptId, Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.running
+    }
+}
+
+impl std::ops::DerefMut for Attempts {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.running
+    }
+}
+
+impl Attempts {
+    /// Forgets the attempts that ended before `now - REMEMBER_ENDED`.
+    fn forget_ended(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.ended_at.front() {
+            if now.duration_since(at) < REMEMBER_ENDED {
+                break;
+            }
+            self.ended_at.pop_front();
+            self.ended.remove(&id);
+        }
+    }
+}
+
 /// The running attempts; cheap to clone, every clone sees the same set.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Running(Arc<Mutex<HashMap<AttemptId, Entry>>>);
+pub(crate) struct Running(Arc<Mutex<Attempts>>);
 
 impl Running {
-    fn lock(&self) -> MutexGuard<'_, HashMap<AttemptId, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Attempts> {
         // Nothing panics while holding the lock, and the map stays consistent if it did.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds `attempt` and returns what stops it; `None` if it is already running.
+    /// Adds `attempt` and returns what stops it; `None` if it is already running, or ran
+    /// here lately (its assignment delivered again).
     pub fn start(&self, attempt: AttemptId) -> Option<Stoppers> {
         let mut map = self.lock();
-        if map.contains_key(&attempt) {
+        map.forget_ended(Instant::now());
+        if map.contains_key(&attempt) || map.ended.contains(&attempt) {
             return None;
         }
         let stoppers = Stoppers::default();
@@ -69,9 +114,17 @@ impl Running {
         self.lock().values().filter(|e| e.holds_slot).count()
     }
 
-    /// Removes `attempt` once it is over.
+    /// Removes `attempt` once it is over, remembering that it ran.
     pub fn finish(&self, attempt: &AttemptId) {
-        self.lock().remove(attempt);
+        self.finish_at(attempt, Instant::now());
+    }
+
+    fn finish_at(&self, attempt: &AttemptId, now: Instant) {
+        let mut map = self.lock();
+        if map.remove(attempt).is_some() && map.ended.insert(*attempt) {
+            map.ended_at.push_back((now, *attempt));
+        }
+        map.forget_ended(now);
     }
 
     /// Cancels `attempt`; returns whether it was running.
@@ -139,9 +192,32 @@ mod tests {
         assert_eq!(running.len(), 1);
         assert_eq!(running.lose_all(), 1);
         assert!(other.lose.is_cancelled() && !other.cancel.is_cancelled());
-        let c = running.start(a).unwrap();
+        assert!(running.start(a).is_none(), "ran here lately");
+        let c = running
+            .start(AttemptId::new(a.job_id, AttemptNumber::new(3)))
+            .unwrap();
         assert_eq!(running.cancel_all(), 2);
         assert!(c.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn an_ended_attempt_is_refused_until_its_assignment_can_no_longer_be_redelivered() {
+        let running = Running::default();
+        let a = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+        let b = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+        let t0 = Instant::now();
+        running.start(a).unwrap();
+        running.finish_at(&a, t0);
+        running.start(b).unwrap();
+        running.finish_at(&b, t0 + REMEMBER_ENDED / 2);
+        assert!(running.start(a).is_none());
+        running.lock().forget_ended(t0 + REMEMBER_ENDED);
+        assert!(
+            running.start(b).is_none(),
+            "b ended later: still remembered"
+        );
+        assert!(running.start(a).is_some(), "a is forgotten");
+        assert!(REMEMBER_ENDED >= ACK_WAIT * 10);
     }
 
     #[test]

@@ -255,6 +255,21 @@ impl Harness {
         id
     }
 
+    /// Returns once every command sent so far was handled: commands are taken in order, so
+    /// once a next job has run and nothing waits, those before it were handled.
+    async fn handled_before_the_next(&mut self) {
+        let next = self.assign(spec(sh("next", "echo next"))).await;
+        assert_eq!(
+            self.finished(next).await.0,
+            AttemptOutcome::Exited { code: 0 }
+        );
+        wait_for("every command to be acknowledged", DEADLINE, || async {
+            (self.commands_pending().await == 0).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
     async fn assign_attempt(&self, id: AttemptId, spec: JobSpec) {
         self.send(&AgentCommand::Assign {
             job_id: id.job_id,
@@ -273,6 +288,14 @@ impl Harness {
             reason: "test".to_owned(),
         })
         .await;
+    }
+
+    /// How many `Started` reports `id` sent.
+    fn started_reports(&self, id: AttemptId) -> usize {
+        self.reports_of(id)
+            .iter()
+            .filter(|r| matches!(r.kind, ReportKind::Started { .. }))
+            .count()
     }
 
     fn reports_of(&self, id: AttemptId) -> Vec<AgentReport> {
@@ -728,12 +751,23 @@ async fn an_assignment_of_a_running_attempt_is_ignored() {
     .unwrap();
     h.cancel(id).await;
     assert_eq!(h.finished(id).await.0, AttemptOutcome::Cancelled);
-    let started = h
-        .reports_of(id)
-        .iter()
-        .filter(|r| matches!(r.kind, ReportKind::Started { .. }))
-        .count();
-    assert_eq!(started, 1);
+    assert_eq!(h.started_reports(id), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_assignment_delivered_again_after_its_attempt_ended_is_not_run_again() {
+    let mut h = Harness::start().await;
+    let ledger = tempfile::tempdir().unwrap();
+    let ran = ledger.path().join("ran");
+    let job = spec(sh("once", &format!("echo ran >> {}", ran.display())));
+    let id = h.assign(job.clone()).await;
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Exited { code: 0 });
+    // As when the command's ack was lost: the same assignment comes again.
+    h.assign_attempt(id, job).await;
+    h.handled_before_the_next().await;
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "ran\n");
+    assert_eq!(h.started_reports(id), 1);
     h.stop().await;
 }
 
@@ -756,14 +790,7 @@ async fn an_assignment_stored_long_after_it_was_made_is_not_run() {
         incarnation: None,
     })
     .await;
-    // Commands are taken in order: once the next one has run, the late one was handled.
-    let next = h.assign(spec(sh("next", "echo next"))).await;
-    assert_eq!(h.finished(next).await.0, AttemptOutcome::Exited { code: 0 });
-    wait_for("both commands to be acknowledged", DEADLINE, || async {
-        (h.commands_pending().await == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    h.handled_before_the_next().await;
     assert!(!ran.exists(), "the late assignment ran");
     assert!(h.reports_of(late).is_empty(), "{:?}", h.reports_of(late));
     h.stop().await;
