@@ -426,6 +426,7 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
                 ready_within: Duration::from_secs(30),
                 timeout: Duration::from_secs(if quick { 60 } else { 300 }),
                 reference_messages: if quick { 5_000 } else { 50_000 },
+                reference_processes: if quick { 500 } else { 5_000 },
             })
             .await
         }

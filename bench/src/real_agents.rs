@@ -43,6 +43,8 @@ pub struct RealAgentsParams {
     /// How long the jobs get to end once submitted.
     pub timeout: Duration,
     pub reference_messages: usize,
+    /// `true` processes started for the process-start reference.
+    pub reference_processes: usize,
 }
 
 /// Starts the system and the agents, runs the jobs, stops everything.
@@ -75,8 +77,9 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
          {HEARTBEAT_MS} ms, each its own work dir in {}, default logging to a file) against the \
          system of `throughput`; completion counted in postgres (every 20 ms near the end); latencies from \
          each job's created_at (gateway) to its first attempt's started_at/finished_at; agent \
-         rss read once every job had ended; the jetstream reference ran after the agents were \
-         killed",
+         rss read once every job had ended; the jetstream and process-start references ran \
+         after the agents were killed, the latter starting `true` from one thread per core, \
+         each waiting for its process to exit",
         p.jobs,
         p.clients,
         p.agents,
@@ -263,6 +266,23 @@ async fn run_with(
         S,
         "ratio: jobs/s to jetstream publishes/s",
         rate / js,
+        "x",
+        None,
+    );
+    // The program each job runs, started with nothing around it: the most jobs a second
+    // this machine could run even if orchestrating them cost nothing.
+    let (starts, threads) = reference::process_starts("true", p.reference_processes).await?;
+    out.figure(
+        S,
+        format!("reference: `true` started and reaped/s ({threads} at once)"),
+        starts,
+        "1/s",
+        None,
+    );
+    out.figure(
+        S,
+        "ratio: jobs/s to `true` started and reaped/s",
+        rate / starts,
         "x",
         None,
     );

@@ -1,6 +1,7 @@
 //! Reference rates measured in the same run as the system figures, on the same servers:
-//! raw JetStream persisted publishes (file storage, acknowledgements awaited in batches) and
-//! PostgreSQL batched inserts (`INSERT … SELECT FROM unnest`). The system's figures are read
+//! raw JetStream persisted publishes (file storage, acknowledgements awaited in batches),
+//! PostgreSQL batched inserts (`INSERT … SELECT FROM unnest`) and, for real agents, how fast
+//! this machine starts and reaps a program with nothing around it. The system's figures are read
 //! as ratios against them, which survives a noisy, shared machine better than absolutes.
 
 use std::time::{Duration, Instant};
@@ -106,4 +107,44 @@ pub async fn postgres_inserts(pool: &PgPool, count: usize) -> anyhow::Result<f64
         .await
         .context("failed to drop the reference table")?;
     Ok(rate)
+}
+
+/// Starts `program` `count` times, from as many threads as the machine has cores, each
+/// waiting for its process to exit before starting the next (std's spawn: `posix_spawn`
+/// where it can, the cheapest way to start a program). Returns processes per second and
+/// the number of threads.
+pub async fn process_starts(program: &str, count: usize) -> anyhow::Result<(f64, usize)> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let program = &program;
+                    let mine = count / threads + usize::from(t < count % threads);
+                    scope.spawn(move || -> anyhow::Result<()> {
+                        for _ in 0..mine {
+                            let status = std::process::Command::new(program)
+                                .stdin(std::process::Stdio::null())
+                                .stdout(std::process::Stdio::null())
+                                .stderr(std::process::Stdio::null())
+                                .status()
+                                .with_context(|| format!("failed to start {program}"))?;
+                            anyhow::ensure!(status.success(), "{program} ended with {status}");
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for run in runs {
+                run.join()
+                    .map_err(|_| anyhow::anyhow!("a process-start thread panicked"))??;
+            }
+            Ok::<(), anyhow::Error>(())
+        })?;
+        Ok((count as f64 / started.elapsed().as_secs_f64(), threads))
+    })
+    .await
+    .context("the process-start reference task failed")?
 }
