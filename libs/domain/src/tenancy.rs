@@ -184,13 +184,6 @@ impl Usage {
         self.cpu_millis = self.cpu_millis.saturating_add(resources.cpu_millis);
         self.memory_mb = self.memory_mb.saturating_add(resources.memory_mb);
     }
-
-    /// Counts one job requesting `resources` fewer (never below zero).
-    pub fn remove(&mut self, resources: &Resources) {
-        self.running_jobs = self.running_jobs.saturating_sub(1);
-        self.cpu_millis = self.cpu_millis.saturating_sub(resources.cpu_millis);
-        self.memory_mb = self.memory_mb.saturating_sub(resources.memory_mb);
-    }
 }
 
 /// What the fleet offers in all, the denominator of the shares.
@@ -273,13 +266,6 @@ impl Shares {
     /// Counts a job placed for `tenant`.
     pub fn charge(&mut self, tenant: &TenantId, resources: &Resources) {
         self.usage.entry(tenant.clone()).or_default().add(resources);
-    }
-
-    /// Counts a job of `tenant` that left its worker.
-    pub fn discharge(&mut self, tenant: &TenantId, resources: &Resources) {
-        if let Some(usage) = self.usage.get_mut(tenant) {
-            usage.remove(resources);
-        }
     }
 
     /// Each tenant that uses capacity or is named in `also` (say, tenants with queued jobs),
@@ -455,29 +441,6 @@ mod tests {
         assert_eq!(queue.next(&s).unwrap().1, "idle");
         assert_eq!(queue.next(&s).unwrap().1, "busy");
         assert!(queue.next(&s).is_none());
-    }
-
-    #[test]
-    fn a_job_that_left_its_worker_is_no_longer_counted() {
-        let mut s = shares(10);
-        let big = Resources::new(500, 256);
-        s.charge(&tenant("t"), &big);
-        s.charge(&tenant("t"), &Resources::default());
-        s.discharge(&tenant("t"), &big);
-        assert_eq!(
-            s.usage(&tenant("t")),
-            Usage {
-                running_jobs: 1,
-                cpu_millis: 0,
-                memory_mb: 0
-            }
-        );
-        // Never below zero, and a tenant with nothing counted stays so.
-        s.discharge(&tenant("t"), &big);
-        s.discharge(&tenant("t"), &big);
-        assert_eq!(s.usage(&tenant("t")), Usage::default());
-        s.discharge(&tenant("other"), &big);
-        assert_eq!(s.usage(&tenant("other")), Usage::default());
     }
 
     #[test]

@@ -174,10 +174,9 @@ pub(crate) struct Context {
     pub config: SchedulerConfig,
     /// Notified when recorded reports free slots: blocked placements are tried again.
     pub capacity: std::sync::Arc<tokio::sync::Notify>,
-    /// Workers as saved by recorded reports that freed slots, and the jobs those reports took
-    /// off their workers, for placement to bring its view up to date with at the start of its
-    /// next round (without waiting for the round).
-    pub freed: std::sync::Arc<std::sync::Mutex<Freed>>,
+    /// Workers as saved by recorded reports that freed slots, for placement to bring its view
+    /// up to date with at the start of its next round (without waiting for the round).
+    pub freed: std::sync::Arc<std::sync::Mutex<Vec<hodei_domain::Worker>>>,
     /// Opens the secret values sealed to the control plane.
     pub secrets: Option<hodei_messaging::seal::OpeningKey>,
 }
@@ -196,21 +195,17 @@ impl Context {
         committed.freed
     }
 
-    /// Hands the workers a report batch saved with slots freed, and the jobs it took off
-    /// their workers, to placement, and wakes it.
-    pub(crate) fn freed(&self, workers: Vec<hodei_domain::Worker>, ends: Vec<JobEnd>) {
-        let mut freed = self
-            .freed
+    /// Hands the workers a report batch saved with slots freed to placement, and wakes it.
+    pub(crate) fn freed(&self, workers: Vec<hodei_domain::Worker>) {
+        self.freed
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        freed.workers.extend(workers);
-        freed.ends.extend(ends);
-        drop(freed);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(workers);
         self.capacity.notify_one();
     }
 
-    /// What was handed over by [`Context::freed`] since the last call.
-    pub(crate) fn take_freed(&self) -> Freed {
+    /// The workers handed over by [`Context::freed`] since the last call.
+    pub(crate) fn take_freed(&self) -> Vec<hodei_domain::Worker> {
         std::mem::take(
             &mut *self
                 .freed
@@ -218,26 +213,6 @@ impl Context {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
     }
-}
-
-/// What recorded reports freed, for placement (see [`Context::freed`]).
-#[derive(Debug, Default)]
-pub(crate) struct Freed {
-    /// The workers as saved with their slots freed.
-    pub workers: Vec<hodei_domain::Worker>,
-    /// The jobs taken off their workers.
-    pub ends: Vec<JobEnd>,
-}
-
-/// A job that this scheduler's recorded reports took off its worker (it no longer counts in
-/// its tenant's usage), with when that was committed.
-#[derive(Debug, Clone)]
-pub(crate) struct JobEnd {
-    pub tenant: hodei_domain::TenantId,
-    pub resources: hodei_domain::Resources,
-    /// Taken just after the commit returned: a read of the usage that began in between
-    /// discharges the job twice, one job too few until the next read.
-    pub at: std::time::Instant,
 }
 
 /// A built scheduler, connected, with its consumers created.

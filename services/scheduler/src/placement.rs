@@ -3,7 +3,6 @@
 //! the reservation and the assignment in one transaction guarded by both aggregates'
 //! versions.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -25,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::worker_index::WorkerIndex;
-use crate::{Context, JobEnd, SERVICE, SOURCE, SchedulerError};
+use crate::{Context, SERVICE, SOURCE, SchedulerError};
 
 /// How good a home `w` is for a job (greater is better): most free slots, then most free
 /// CPU, then the smallest id, so equal workers are picked in a stable order (spread).
@@ -142,11 +141,9 @@ pub(crate) async fn run(
         } else {
             refresh.tend(&ctx, &mut view).await;
         }
-        let freed = ctx.take_freed();
-        for worker in freed.workers {
+        for worker in ctx.take_freed() {
             view.saved(worker);
         }
-        view.ended(freed.ends);
         let requests = match blocked.with(&ctx, requests, all, &mut view).await {
             Ok(requests) => requests,
             Err(e) => {
@@ -825,19 +822,10 @@ struct WorkerView {
     /// Whether `shares` came from a background read no round has taken yet (the rounds
     /// publish the tenants' shares of each fresh read).
     shares_read: bool,
-    /// When the query of the usage in `shares` began: the jobs this scheduler's reports took
-    /// off their workers since are discharged from it.
-    usage_from: Option<Instant>,
-    /// The jobs this scheduler's reports took off their workers lately, for the reads that
-    /// began before they did (see [`WorkerView::ended`]).
-    ends: VecDeque<JobEnd>,
 }
 
 /// Oldest a view may be at the start of a placement round.
 const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
-/// How long the ends are kept for the reads to come: no read older than [`VIEW_MAX_AGE`] is
-/// taken into the view.
-const ENDS_KEPT: Duration = Duration::from_secs(2);
 
 impl WorkerView {
     async fn get(
@@ -872,36 +860,6 @@ impl WorkerView {
         self.read_at = None;
         self.shares = None;
         self.shares_read = false;
-        self.usage_from = None;
-    }
-
-    /// Takes the jobs this scheduler's reports took off their workers out of the view's
-    /// tenant usage at once, rather than at the next read: a slot's next owner is decided on
-    /// who holds the fleet now. Each end is discharged from the usage if that usage was read
-    /// before the end was committed, and again from any read taken later that began before
-    /// it (a read that began after it does not count the job).
-    fn ended(&mut self, ends: Vec<JobEnd>) {
-        let now = Instant::now();
-        while self
-            .ends
-            .front()
-            .is_some_and(|end| now.saturating_duration_since(end.at) > ENDS_KEPT)
-        {
-            self.ends.pop_front();
-        }
-        if let (Some(shares), Some(from)) = (&mut self.shares, self.usage_from) {
-            for end in ends.iter().filter(|end| end.at > from) {
-                shares.discharge(&end.tenant, &end.resources);
-            }
-        }
-        self.ends.extend(ends);
-    }
-
-    /// Discharges from `shares` the ends committed after `from`, when its usage was read.
-    fn discharge_since(&self, shares: &mut Shares, from: Instant) {
-        for end in self.ends.iter().filter(|end| end.at > from) {
-            shares.discharge(&end.tenant, &end.resources);
-        }
     }
 
     /// The tenants' shares against the live workers, and whether they were just read: taken
@@ -917,16 +875,15 @@ impl WorkerView {
                 .unwrap_or_default(),
         );
         let policies = tenants::policies(pool).await?;
-        let from = Instant::now();
         let usage = tenants::usage(pool, None).await?;
-        let mut shares = Shares {
-            capacity,
-            policies,
-            usage,
-        };
-        self.discharge_since(&mut shares, from);
-        self.usage_from = Some(from);
-        Ok((shares, true))
+        Ok((
+            Shares {
+                capacity,
+                policies,
+                usage,
+            },
+            true,
+        ))
     }
 
     /// Keeps `shares` (charged with a round's placements) for the next round.
@@ -965,14 +922,11 @@ impl WorkerView {
                 }
             });
         }
-        let mut shares = Shares {
+        self.shares = Some(Shares {
             capacity: Capacity::of(workers.workers()),
             policies: read.policies,
             usage: read.usage,
-        };
-        self.discharge_since(&mut shares, read.usage_started);
-        self.shares = Some(shares);
-        self.usage_from = Some(read.usage_started);
+        });
         self.shares_read = true;
         self.workers = Some(workers);
         self.read_at = Some(read.started);
@@ -1008,8 +962,6 @@ struct ViewRead {
     started: Instant,
     workers: WorkerIndex,
     policies: std::collections::HashMap<TenantId, hodei_domain::TenantPolicy>,
-    /// When the query of `usage` began.
-    usage_started: Instant,
     usage: std::collections::HashMap<TenantId, hodei_domain::Usage>,
 }
 
@@ -1023,13 +975,11 @@ impl ViewRead {
         let workers = backends.db(|| workers::placeable(pool, live_since)).await?;
         let workers = WorkerIndex::new(workers);
         let policies = backends.db(|| tenants::policies(pool)).await?;
-        let usage_started = Instant::now();
         let usage = backends.db(|| tenants::usage(pool, None)).await?;
         Ok(ViewRead {
             started,
             workers,
             policies,
-            usage_started,
             usage,
         })
     }
@@ -1451,7 +1401,6 @@ mod tests {
             started,
             workers: WorkerIndex::new(workers),
             policies: Default::default(),
-            usage_started: started,
             usage: Default::default(),
         }
     }
@@ -1474,8 +1423,6 @@ mod tests {
             read_at: Some(before),
             shares: None,
             shares_read: false,
-            usage_from: None,
-            ends: VecDeque::new(),
         };
         // Read before the reservation was committed, after `gone` stopped beating and `b`
         // registered.
@@ -1500,46 +1447,5 @@ mod tests {
         view.forget();
         view.merge(read_of(vec![worker("c", &[], 1)], Instant::now()));
         assert!(view.workers.is_none());
-    }
-
-    #[test]
-    fn the_jobs_reports_took_off_their_workers_leave_the_usage_at_once_and_after_each_read() {
-        let tenant: TenantId = "t".parse().unwrap();
-        let running = |n: u64| hodei_domain::Usage {
-            running_jobs: n,
-            cpu_millis: 0,
-            memory_mb: 0,
-        };
-        let end = |at: Instant| JobEnd {
-            tenant: tenant.clone(),
-            resources: Resources::default(),
-            at,
-        };
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let read = |usage_started: Instant, n: u64| {
-            let mut read = read_of(vec![worker("a", &[], 4)], usage_started);
-            read.usage = [(tenant.clone(), running(n))].into();
-            read
-        };
-        let mut view = WorkerView {
-            workers: Some(WorkerIndex::new(vec![worker("a", &[], 4)])),
-            read_at: Some(t0),
-            ..WorkerView::default()
-        };
-        view.merge(read(at(10), 3));
-        // Ended after the usage was read: it leaves the count at once.
-        view.ended(vec![end(at(20))]);
-        assert_eq!(view.shares.as_ref().unwrap().usage(&tenant), running(2));
-        // Ended before: the read did not count it any more.
-        view.ended(vec![end(at(5))]);
-        assert_eq!(view.shares.as_ref().unwrap().usage(&tenant), running(2));
-        // A read whose usage query began between the ends still counts the later one (3 on
-        // workers then): it leaves that read's count too.
-        view.merge(read(at(15), 3));
-        assert_eq!(view.shares.as_ref().unwrap().usage(&tenant), running(2));
-        // One that began after both counts neither.
-        view.merge(read(at(30), 2));
-        assert_eq!(view.shares.as_ref().unwrap().usage(&tenant), running(2));
     }
 }

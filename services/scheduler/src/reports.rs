@@ -17,7 +17,7 @@ use hodei_storage::{StorageError, driver, jobs, workers};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Context, JobEnd, SERVICE, SOURCE, SchedulerError, jitter};
+use crate::{Context, SERVICE, SOURCE, SchedulerError, jitter};
 
 /// First delay before a report that could not be recorded is delivered again.
 const REPORT_RETRY: Duration = Duration::from_millis(250);
@@ -258,9 +258,8 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
     ids.sort_unstable();
     ids.dedup();
     let mut jobs = jobs::get_many(pool, &ids).await?;
-    // The jobs that moved, in the order their first report arrived: version read, events,
-    // and whether the job was on its worker before (counted in its tenant's usage).
-    let mut moved: Vec<(JobId, u64, Vec<JobEvent>, tracing::Span, bool)> = Vec::new();
+    // The jobs that moved, in the order their first report arrived: version read, events.
+    let mut moved: Vec<(JobId, u64, Vec<JobEvent>, tracing::Span)> = Vec::new();
     let mut releases = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut counted = Vec::new();
@@ -271,18 +270,11 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
             continue;
         };
         let version = job.version();
-        let held = job.state().is_on_worker();
         let outcome = match apply(job, report, now) {
             Applied::Event(event) => {
                 match moved.iter_mut().find(|m| m.0 == report.job_id) {
                     Some(m) => m.2.push(event),
-                    None => moved.push((
-                        report.job_id,
-                        version,
-                        vec![event],
-                        checked.span.clone(),
-                        held,
-                    )),
+                    None => moved.push((report.job_id, version, vec![event], checked.span.clone())),
                 }
                 if matches!(report.kind, ReportKind::Finished { .. }) {
                     releases.push((
@@ -307,15 +299,10 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         outcomes.push(outcome);
     }
     // Each transition carries its job as it is after all its reports.
-    let mut left = Vec::new();
     let changed: Vec<Transition> = moved
         .into_iter()
-        .filter_map(|(id, expected_version, events, span, held)| {
-            let job = jobs.remove(&id)?;
-            if held && !job.state().is_on_worker() {
-                left.push((job.tenant().clone(), job.spec().resources));
-            }
-            Some(Transition {
+        .filter_map(|(id, expected_version, events, span)| {
+            jobs.remove(&id).map(|job| Transition {
                 job,
                 expected_version,
                 events,
@@ -328,18 +315,9 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         let mut tx = pool.begin().await?;
         let committed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
         tx.commit().await?;
-        let at = std::time::Instant::now();
         let freed = ctx.committed(committed);
-        let ends: Vec<JobEnd> = left
-            .into_iter()
-            .map(|(tenant, resources)| JobEnd {
-                tenant,
-                resources,
-                at,
-            })
-            .collect();
-        if !freed.is_empty() || !ends.is_empty() {
-            ctx.freed(freed, ends);
+        if !freed.is_empty() {
+            ctx.freed(freed);
         }
     }
     for (report, created_at, ended) in counted {

@@ -16,12 +16,6 @@ named_enum! {
 }
 
 impl JobState {
-    /// A job on a worker (assigned or running) holds a slot there and counts in its tenant's
-    /// usage.
-    pub fn is_on_worker(&self) -> bool {
-        matches!(self, JobState::Assigned | JobState::Running)
-    }
-
     /// Terminal states are final: no command changes them.
     pub fn is_terminal(&self) -> bool {
         matches!(
