@@ -763,6 +763,12 @@ async fn an_assignment_delivered_again_after_its_attempt_ended_is_not_run_again(
     let job = spec(sh("once", &format!("echo ran >> {}", ran.display())));
     let id = h.assign(job.clone()).await;
     assert_eq!(h.finished(id).await.0, AttemptOutcome::Exited { code: 0 });
+    // Over, not only reported: no longer listed as running.
+    let reported = Utc::now();
+    h.heartbeat("a beat listing nothing running", |hb| {
+        hb.running.is_empty() && hb.sent_at > reported
+    })
+    .await;
     // As when the command's ack was lost: the same assignment comes again.
     h.assign_attempt(id, job).await;
     h.handled_before_the_next().await;
