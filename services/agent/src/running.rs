@@ -46,19 +46,6 @@ struct Attempts {
     ended_at: VecDeque<(Instant, AttemptId)>,
 }
 
-impl std::ops::Deref for Attempts {
-    type Target = HashMap<AttemptId, Entry>;
-    fn deref(&self) -> &Self::Target {
-        &self.running
-    }
-}
-
-impl std::ops::DerefMut for Attempts {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.running
-    }
-}
-
 impl Attempts {
     /// Forgets the attempts that ended before `now - REMEMBER_ENDED`.
     fn forget_ended(&mut self, now: Instant) {
@@ -87,11 +74,11 @@ impl Running {
     pub fn start(&self, attempt: AttemptId) -> Option<Stoppers> {
         let mut map = self.lock();
         map.forget_ended(Instant::now());
-        if map.contains_key(&attempt) || map.ended.contains(&attempt) {
+        if map.running.contains_key(&attempt) || map.ended.contains(&attempt) {
             return None;
         }
         let stoppers = Stoppers::default();
-        map.insert(
+        map.running.insert(
             attempt,
             Entry {
                 stoppers: stoppers.clone(),
@@ -104,14 +91,18 @@ impl Running {
     /// `attempt`'s end is being reported: it no longer holds one of the agent's slots,
     /// though it runs (reports, cleans up) until [`Running::finish`].
     pub fn release_slot(&self, attempt: &AttemptId) {
-        if let Some(entry) = self.lock().get_mut(attempt) {
+        if let Some(entry) = self.lock().running.get_mut(attempt) {
             entry.holds_slot = false;
         }
     }
 
     /// How many attempts hold a slot: running, their end not yet being reported.
     pub fn slots_held(&self) -> usize {
-        self.lock().values().filter(|e| e.holds_slot).count()
+        self.lock()
+            .running
+            .values()
+            .filter(|e| e.holds_slot)
+            .count()
     }
 
     /// Removes `attempt` once it is over, remembering that it ran.
@@ -121,7 +112,7 @@ impl Running {
 
     fn finish_at(&self, attempt: &AttemptId, now: Instant) {
         let mut map = self.lock();
-        if map.remove(attempt).is_some() && map.ended.insert(*attempt) {
+        if map.running.remove(attempt).is_some() && map.ended.insert(*attempt) {
             map.ended_at.push_back((now, *attempt));
         }
         map.forget_ended(now);
@@ -129,7 +120,7 @@ impl Running {
 
     /// Cancels `attempt`; returns whether it was running.
     pub fn cancel(&self, attempt: &AttemptId) -> bool {
-        match self.lock().get(attempt) {
+        match self.lock().running.get(attempt) {
             Some(entry) => {
                 entry.stoppers.cancel.cancel();
                 true
@@ -141,31 +132,31 @@ impl Running {
     /// Cancels every running attempt; returns how many there were.
     pub fn cancel_all(&self) -> usize {
         let map = self.lock();
-        for entry in map.values() {
+        for entry in map.running.values() {
             entry.stoppers.cancel.cancel();
         }
-        map.len()
+        map.running.len()
     }
 
     /// Stops every running attempt as lost (the lease expired); returns how many there were.
     pub fn lose_all(&self) -> usize {
         let map = self.lock();
-        for entry in map.values() {
+        for entry in map.running.values() {
             entry.stoppers.lose.cancel();
         }
-        map.len()
+        map.running.len()
     }
 
     /// The running attempts, sorted.
     pub fn list(&self) -> Vec<AttemptId> {
-        let mut list: Vec<AttemptId> = self.lock().keys().copied().collect();
+        let mut list: Vec<AttemptId> = self.lock().running.keys().copied().collect();
         list.sort();
         list
     }
 
     /// How many attempts are running.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().running.len()
     }
 }
 
