@@ -272,6 +272,7 @@ pub struct Schedule {
 pub struct ScheduleEvent {
     pub event_id: Uuid,
     pub schedule_id: ScheduleId,
+    #[serde(with = "crate::time::rfc3339")]
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: ScheduleEventKind,

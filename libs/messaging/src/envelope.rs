@@ -27,6 +27,7 @@ pub struct Envelope<D = Value> {
     pub source: String,
     /// The aggregate the event is about (job, worker, pipeline run or schedule id).
     pub subject: String,
+    #[serde(with = "hodei_domain::time::rfc3339")]
     pub time: DateTime<Utc>,
     pub datacontenttype: Cow<'static, str>,
     /// The domain event itself.

@@ -23,6 +23,7 @@ pub struct PlaceJob {
     pub attempt: AttemptNumber,
     /// The job's priority, so a scheduler can take the most urgent of a batch first.
     pub priority: i32,
+    #[serde(default, with = "hodei_domain::time::rfc3339::option")]
     pub not_before: Option<DateTime<Utc>>,
 }
 
@@ -35,6 +36,7 @@ pub enum AgentCommand {
         job_id: JobId,
         attempt: AttemptNumber,
         spec: Box<JobSpec>,
+        #[serde(with = "hodei_domain::time::rfc3339")]
         assigned_at: DateTime<Utc>,
         /// The agent incarnation the attempt was placed with: another incarnation of the
         /// same worker (the agent restarted meanwhile) must not run it, since the registry
@@ -62,6 +64,7 @@ pub struct AgentReport {
     pub worker_id: WorkerId,
     pub job_id: JobId,
     pub attempt: AttemptNumber,
+    #[serde(with = "hodei_domain::time::rfc3339")]
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: ReportKind,
@@ -104,6 +107,7 @@ pub struct Heartbeat {
     /// the secret values of the jobs it assigns here to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seal_key: Option<String>,
+    #[serde(with = "hodei_domain::time::rfc3339")]
     pub sent_at: DateTime<Utc>,
 }
 
@@ -221,6 +225,7 @@ pub struct LogEntry {
     pub seq: u64,
     pub stream: LogStreamKind,
     pub text: String,
+    #[serde(with = "hodei_domain::time::rfc3339")]
     pub at: DateTime<Utc>,
 }
 

@@ -65,8 +65,11 @@ impl fmt::Display for AttemptOutcome {
 pub struct AttemptRecord {
     pub attempt: AttemptNumber,
     pub worker_id: WorkerId,
+    #[serde(with = "crate::time::rfc3339")]
     pub assigned_at: DateTime<Utc>,
+    #[serde(default, with = "crate::time::rfc3339::option")]
     pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, with = "crate::time::rfc3339::option")]
     pub finished_at: Option<DateTime<Utc>>,
     pub outcome: Option<AttemptOutcome>,
     /// The attempt's last lines of output, as its agent reported them.

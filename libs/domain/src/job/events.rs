@@ -15,6 +15,7 @@ pub struct JobEvent {
     pub event_id: Uuid,
     pub job_id: JobId,
     pub seq: u64,
+    #[serde(with = "crate::time::rfc3339")]
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: JobEventKind,
@@ -47,6 +48,7 @@ pub enum JobEventKind {
         attempt: AttemptNumber,
         worker_id: WorkerId,
         outcome: AttemptOutcome,
+        #[serde(with = "crate::time::rfc3339")]
         not_before: DateTime<Utc>,
     },
     /// The job ended successfully.

@@ -96,6 +96,7 @@ pub struct PipelineEvent {
     pub event_id: Uuid,
     pub run_id: PipelineRunId,
     pub seq: u64,
+    #[serde(with = "crate::time::rfc3339")]
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: PipelineEventKind,

@@ -13,6 +13,7 @@ use crate::spec::Resources;
 pub struct WorkerEvent {
     pub event_id: Uuid,
     pub worker_id: WorkerId,
+    #[serde(with = "crate::time::rfc3339")]
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub kind: WorkerEventKind,
@@ -35,9 +36,15 @@ pub enum WorkerEventKind {
     /// The worker fell silent: no new work for it. The attempts it holds stay its own until
     /// its lease and kill grace have passed (then `Lost`), or until it beats again (then
     /// `Returned`).
-    Unreachable { silent_since: DateTime<Utc> },
+    Unreachable {
+        #[serde(with = "crate::time::rfc3339")]
+        silent_since: DateTime<Utc>,
+    },
     /// The worker's attempts were handed back: silent past its lease and kill grace.
-    Lost { missed_since: DateTime<Utc> },
+    Lost {
+        #[serde(with = "crate::time::rfc3339")]
+        missed_since: DateTime<Utc>,
+    },
     /// The worker came back as a new agent incarnation: the attempts of the previous one
     /// were handed back at once.
     Restarted {
