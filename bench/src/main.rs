@@ -9,6 +9,7 @@ mod failure;
 mod fleet;
 mod heartbeats;
 mod machine;
+mod processes;
 mod procfs;
 mod queries;
 mod real_agents;
@@ -161,6 +162,11 @@ enum Scenario {
         /// The gateway's HODEI_MAX_QUEUED_JOBS (default 20,000; 1,000 with --quick).
         #[arg(long)]
         max_queued: Option<u64>,
+        /// Run the gateway, the scheduler and the registry as separate processes, from the
+        /// release binaries next to this one (`cargo build --release --bins`), and read each
+        /// one's memory apart.
+        #[arg(long)]
+        processes: bool,
     },
     /// Every scenario above, one after the other, with their defaults.
     All,
@@ -226,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds: None,
                 agents: None,
                 max_queued: None,
+                processes: false,
             },
         ],
         one => vec![one],
@@ -328,6 +335,7 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
             seconds,
             agents,
             max_queued,
+            processes,
         } => {
             system::overload(system::OverloadParams {
                 rate: size(rate, quick, 3_200, 800),
@@ -335,6 +343,7 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
                 agents: size(agents, quick, 1_000, 100),
                 max_queued_jobs: size(max_queued, quick, 20_000, 1_000),
                 timeout: Duration::from_secs(if quick { 60 } else { 600 }),
+                processes,
             })
             .await
         }

@@ -501,6 +501,8 @@ pub struct OverloadParams {
     pub agents: usize,
     pub max_queued_jobs: u64,
     pub timeout: Duration,
+    /// The services as separate processes (each one's memory read apart), not in this one.
+    pub processes: bool,
 }
 
 /// Submissions in flight at once, at most: past it the harness offers less rather than pile
@@ -514,18 +516,79 @@ const OVERLOAD_SAMPLE: Duration = Duration::from_millis(250);
 /// admission limit set: what is refused (RESOURCE_EXHAUSTED), whether the process's memory
 /// stays bounded, and whether every accepted job still runs.
 pub async fn overload(p: OverloadParams) -> anyhow::Result<Outcome> {
-    let bench = Bench::start(p.agents, p.max_queued_jobs).await?;
-    let result = overload_on(&bench, &p).await;
-    bench.stop().await;
-    let mut out = result?;
+    use crate::procfs::Pid;
+
+    let mut out = if p.processes {
+        overload_processes(&p).await?
+    } else {
+        let bench = Bench::start(p.agents, p.max_queued_jobs).await?;
+        let watched = [(String::new(), Pid::Current)];
+        let result = overload_on(&bench.system.jobs, &bench.pool, &watched, &p).await;
+        bench.stop().await;
+        result?
+    };
+    let place = if p.processes {
+        "the gateway, the scheduler and the registry run as separate processes (release \
+         binaries next to this one), each one's rss read apart; the simulated agents and the \
+         load run in this process (`harness`)"
+    } else {
+        "the services, the simulated agents and the load share this process, so its rss is an \
+         upper bound of the services'"
+    };
     out.note(format!(
         "overload: {} jobs/s offered for {:?} (open loop, one attempt each, at most \
          {OVERLOAD_IN_FLIGHT} in flight), HODEI_MAX_QUEUED_JOBS {}, {} simulated agents x 4 \
-         slots; the services, the simulated agents and the load share this process, so its \
-         rss is an upper bound of the services'; memory read every {OVERLOAD_SAMPLE:?}",
+         slots; {place}; memory read every {OVERLOAD_SAMPLE:?}",
         p.rate, p.duration, p.max_queued_jobs, p.agents
     ));
     Ok(out)
+}
+
+/// `overload` with the services as separate processes.
+async fn overload_processes(p: &OverloadParams) -> anyhow::Result<Outcome> {
+    use crate::processes::ServiceProcesses;
+    use crate::procfs::Pid;
+
+    let services = ServiceProcesses::start(p.max_queued_jobs).await?;
+    let result = async {
+        let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
+        let sim = SimAgents::start(
+            &services.nats.url(),
+            &no_credential,
+            SimConfig {
+                agents: p.agents,
+                slots: 4,
+                heartbeat_ms: SIM_HEARTBEAT_MS,
+            },
+        )
+        .await?;
+        let pool = services.pool().await?;
+        let mut watched: Vec<(String, Pid)> = services
+            .pids()
+            .into_iter()
+            .map(|(name, pid)| (name, Pid::Other(pid)))
+            .collect();
+        watched.push(("harness".to_owned(), Pid::Current));
+        let result = async {
+            wait_count(
+                &pool,
+                "SELECT count(*) FROM workers WHERE status = 'ready'",
+                i64::try_from(p.agents).unwrap_or(i64::MAX),
+                Duration::from_secs(30),
+            )
+            .await
+            .context("simulated agents were not all registered")?;
+            overload_on(&services.jobs, &pool, &watched, p).await
+        }
+        .await;
+        sim.stop().await;
+        pool.close().await;
+        result
+    }
+    .await;
+    let logs = services.dir.path().display().to_string();
+    services.stop().await;
+    result.with_context(|| format!("the services' logs were in {logs}"))
 }
 
 /// What the offered submissions got.
@@ -539,22 +602,35 @@ struct Answers {
     first_refusal: Option<Duration>,
 }
 
-async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcome> {
+/// Offers the load to `client`, reads the memory of each process in `watched` (by name; one
+/// unnamed process: the figures carry no name) and checks on `pool` that every accepted job
+/// ran.
+async fn overload_on(
+    client: &JobServiceClient<AuthChannel>,
+    pool: &PgPool,
+    watched: &[(String, crate::procfs::Pid)],
+    p: &OverloadParams,
+) -> anyhow::Result<Outcome> {
     use std::sync::{Arc, Mutex};
 
-    use crate::procfs::{self, Pid};
+    use crate::procfs;
 
     const S: &str = "overload";
     let mut out = Outcome::default();
-    let before = procfs::memory(Pid::Current)?;
+    let before = watched
+        .iter()
+        .map(|(_, pid)| procfs::memory(*pid).map(|m| m.rss_mib()))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     let answers = Arc::new(Mutex::new(Answers::default()));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(OVERLOAD_IN_FLIGHT));
     let period = Duration::from_secs_f64(1.0 / f64::from(p.rate.max(1)));
     let total = (f64::from(p.rate) * p.duration.as_secs_f64()).round() as usize;
-    // The sampler: (seconds since the start, rss MiB) until told to stop.
+    // The sampler: (seconds since the start, each watched process's rss MiB) until told to
+    // stop; a process that cannot be read (it died) reads as NaN.
     let sampling = tokio_util::sync::CancellationToken::new();
     let sampler = {
         let stop = sampling.clone();
+        let pids: Vec<procfs::Pid> = watched.iter().map(|(_, pid)| *pid).collect();
         tokio::spawn(async move {
             let started = Instant::now();
             let mut samples = Vec::new();
@@ -564,13 +640,14 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
                     () = stop.cancelled() => return samples,
                     _ = tick.tick() => {}
                 }
-                if let Ok(m) = procfs::memory(Pid::Current) {
-                    samples.push((started.elapsed().as_secs_f64(), m.rss_mib()));
-                }
+                let rss: Vec<f64> = pids
+                    .iter()
+                    .map(|pid| procfs::memory(*pid).map_or(f64::NAN, |m| m.rss_mib()))
+                    .collect();
+                samples.push((started.elapsed().as_secs_f64(), rss));
             }
         })
     };
-    let client = bench.system.jobs.clone();
     let mut tick = tokio::time::interval(period);
     let mut submissions = JoinSet::new();
     let mut not_offered = 0u64;
@@ -624,7 +701,7 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
         }
     }
     let queued_at_end: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'queued'")
-        .fetch_one(&bench.pool)
+        .fetch_one(pool)
         .await?;
     let (accepted, refused, failed, first_failure, first_refusal) = {
         let a = answers
@@ -640,7 +717,7 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
     };
     // Nothing accepted is lost: every accepted job runs once the load stops.
     let drained = wait_count(
-        &bench.pool,
+        pool,
         "SELECT count(*) FROM jobs WHERE state = 'succeeded'",
         i64::try_from(accepted).unwrap_or(i64::MAX),
         p.timeout,
@@ -650,11 +727,12 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
     sampling.cancel();
     let samples = sampler.await.context("the memory sampler panicked")?;
     let load_end = offered_for.as_secs_f64();
-    let during = |from: f64, to: f64| {
+    // The peak rss of the `i`th watched process between two times.
+    let during = |i: usize, from: f64, to: f64| {
         samples
             .iter()
             .filter(|(t, _)| *t >= from && *t <= to)
-            .map(|(_, m)| *m)
+            .filter_map(|(_, m)| m.get(i).copied())
             .fold(f64::NAN, f64::max)
     };
     let offered = total as f64 / load_end;
@@ -696,51 +774,44 @@ async fn overload_on(bench: &Bench, p: &OverloadParams) -> anyhow::Result<Outcom
         "count",
         None,
     );
-    out.figure(S, "rss before the load", before.rss_mib(), "MiB", None);
     // Once the queue is full the system is at its steady state: admission refuses what it
     // cannot hold. Bounded memory means the second half of that state needs no more than
     // the first.
     let full = first_refusal.map_or(load_end, |d| d.as_secs_f64());
     let middle = full + (load_end - full) / 2.0;
     out.figure(S, "first refusal, seconds into the load", full, "s", None);
-    out.figure(
-        S,
-        "peak rss, filling the queue",
-        during(0.0, full),
-        "MiB",
-        None,
-    );
-    out.figure(
-        S,
-        "peak rss, queue full, first half",
-        during(full, middle),
-        "MiB",
-        None,
-    );
-    out.figure(
-        S,
-        "peak rss, queue full, second half",
-        during(middle, load_end),
-        "MiB",
-        Some("bounded"),
-    );
-    out.figure(
-        S,
-        "peak rss, draining",
-        during(load_end, f64::MAX),
-        "MiB",
-        None,
-    );
-    // Minute by minute of the full queue: whether the growth levels off.
-    let minutes: Vec<String> = (0..)
-        .map(|m| full + 60.0 * f64::from(m))
-        .take_while(|start| *start < load_end)
-        .map(|start| format!("{:.1}", during(start, (start + 60.0).min(load_end))))
-        .collect();
-    out.note(format!(
-        "overload: peak rss in each minute of the full queue (MiB): {}",
-        minutes.join(", ")
-    ));
+    for (i, (name, _)) in watched.iter().enumerate() {
+        let named = |what: &str| {
+            if name.is_empty() {
+                what.to_owned()
+            } else {
+                format!("{name}: {what}")
+            }
+        };
+        let bound = (name != "harness").then_some("bounded");
+        let before = before.get(i).copied().unwrap_or(f64::NAN);
+        out.figure(S, named("rss before the load"), before, "MiB", None);
+        let phases = [
+            ("peak rss, filling the queue", 0.0, full, None),
+            ("peak rss, queue full, first half", full, middle, None),
+            ("peak rss, queue full, second half", middle, load_end, bound),
+            ("peak rss, draining", load_end, f64::MAX, None),
+        ];
+        for (what, from, to, target) in phases {
+            out.figure(S, named(what), during(i, from, to), "MiB", target);
+        }
+        // Minute by minute of the full queue: whether the growth levels off.
+        let minutes: Vec<String> = (0..)
+            .map(|m| full + 60.0 * f64::from(m))
+            .take_while(|start| *start < load_end)
+            .map(|start| format!("{:.1}", during(i, start, (start + 60.0).min(load_end))))
+            .collect();
+        out.note(format!(
+            "overload: {}: {}",
+            named("peak rss in each minute of the full queue (MiB)"),
+            minutes.join(", ")
+        ));
+    }
     match drained {
         Ok(_) => out.figure(
             S,

@@ -100,9 +100,33 @@ fn every_scenario_runs_small() {
     let events = run(&["event-bus", "--events", "20000"]);
     assert!(figures_of(&events, "event-bus") >= 7);
 
+    let overload = run(&["overload", "--seconds", "2", "--agents", "20"]);
+    assert!(figures_of(&overload, "overload") >= 16);
+
+    // With `--processes` the services run from the binaries next to hodei-bench, which
+    // `cargo build --workspace --bins` (the suite's command) builds.
+    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_hodei-bench"));
+    if bench.with_file_name("hodei-api-gateway").is_file() {
+        let apart = run(&[
+            "overload",
+            "--processes",
+            "--seconds",
+            "2",
+            "--agents",
+            "20",
+        ]);
+        let figures = apart["outcome"]["figures"].as_array().unwrap();
+        for service in ["api-gateway", "scheduler", "registry", "harness"] {
+            let named = format!("{service}: rss before the load");
+            assert!(
+                figures.iter().any(|f| f["metric"] == named.as_str()),
+                "no {named:?} in {figures:?}"
+            );
+        }
+    }
+
     // The agent scenario runs the hodei-agent binary next to hodei-bench; `cargo test -p
     // hodei-bench` alone does not build it, and then the harness must say how to.
-    let bench = std::path::Path::new(env!("CARGO_BIN_EXE_hodei-bench"));
     let agent_bin = bench.with_file_name("hodei-agent");
     if agent_bin.is_file() {
         let agent = run(&["agent", "--assignments", "5"]);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use hodei_test_support::{free_port, http_get, wait_for};
+use hodei_test_support::{TestDatabase, TestNats, free_port, http_get, wait_for};
 use tokio::process::{Child, Command};
 
 use crate::StartError;
@@ -30,26 +30,47 @@ pub fn vars(pairs: &[(&str, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Where the workspace's binaries are: next to the test executable's `deps/` folder.
+/// A service's environment: `nats` and `database` as its backends, logging at `log`, and
+/// `extra` on top.
+pub fn backend_vars(
+    nats: &TestNats,
+    database: &TestDatabase,
+    log: &str,
+    extra: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let mut env = vars(&[
+        ("HODEI_NATS_URL", nats.url()),
+        ("HODEI_DATABASE_URL", database.url()),
+        ("HODEI_LOG", log.to_owned()),
+    ]);
+    env.extend(vars(extra));
+    env
+}
+
+/// Where the workspace's binaries are: next to the running executable (a bench binary in
+/// `target/release/`), or next to its `deps/` folder (a test executable).
 ///
 /// `cargo test` and `cargo nextest` build another package's binaries only as test harnesses,
 /// so the suite's command (`scripts/test.sh`) runs `cargo build --workspace --bins` first.
 pub fn binary(name: &str) -> Result<PathBuf, StartError> {
     let exe = std::env::current_exe()
-        .map_err(|e| StartError(format!("cannot find the test executable: {e}")))?;
-    let profile_dir = exe
+        .map_err(|e| StartError(format!("cannot find the running executable: {e}")))?;
+    let dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or_else(|| StartError(format!("{} has no profile folder", exe.display())))?;
-    let path = profile_dir.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(StartError(format!(
-            "{} is not built: run `cargo build --workspace --bins` first (`scripts/test.sh` does)",
-            path.display()
-        )))
+        .ok_or_else(|| StartError(format!("{} has no folder", exe.display())))?;
+    let candidates = [Some(dir), dir.parent()];
+    if let Some(path) = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+    {
+        return Ok(path);
     }
+    Err(StartError(format!(
+        "{name} is not built next to {}: run `cargo build --workspace --bins` (with          `--release` for benches) first (`scripts/test.sh` does)",
+        exe.display()
+    )))
 }
 
 /// One service process: its binary, its environment, a log file that survives restarts and

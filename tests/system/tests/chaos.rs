@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
-use hodei_system_tests::processes::{self, ServiceProcess, vars};
+use hodei_system_tests::processes::{self, ServiceProcess, backend_vars, vars};
 use hodei_test_support::{TcpProxy, TestDatabase, TestNats, wait_for};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tonic::transport::Channel;
@@ -106,15 +106,7 @@ impl Cluster {
         let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], nats.port())))
             .await
             .unwrap();
-        let backends = |extra: &[(&str, String)]| {
-            let mut env = vars(&[
-                ("HODEI_NATS_URL", nats.url()),
-                ("HODEI_DATABASE_URL", database.url()),
-                ("HODEI_LOG", "warn".to_owned()),
-            ]);
-            env.extend(vars(extra));
-            env
-        };
+        let backends = |extra: &[(&str, String)]| backend_vars(&nats, &database, "warn", extra);
 
         let grpc = loopback_port();
         let mut gateway = ServiceProcess::start(

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::schedule_service_client::ScheduleServiceClient;
-use hodei_system_tests::processes::{self, ServiceProcess, vars};
+use hodei_system_tests::processes::{self, ServiceProcess, backend_vars, vars};
 use hodei_system_tests::{AgentSpec, TestSystem, shell_job};
 use hodei_test_support::{TestDatabase, TestNats, wait_for};
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -176,15 +176,7 @@ impl Cluster {
             .unwrap();
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs).unwrap();
-        let backends = |extra: &[(&str, String)]| {
-            let mut env = vars(&[
-                ("HODEI_NATS_URL", nats.url()),
-                ("HODEI_DATABASE_URL", database.url()),
-                ("HODEI_LOG", "info".to_owned()),
-            ]);
-            env.extend(vars(extra));
-            env
-        };
+        let backends = |extra: &[(&str, String)]| backend_vars(&nats, &database, "info", extra);
         let grpc = loopback_port();
         let mut gateway = ServiceProcess::start(
             "api-gateway",

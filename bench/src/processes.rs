@@ -1,0 +1,125 @@
+//! The gateway, the scheduler and the registry as separate operating-system processes, started
+//! from the binaries built next to this one (`cargo build --release --bins`), as an operator
+//! runs them: each has its own memory, so a scenario reads each service's RSS apart from the
+//! harness's. Settings follow the in-process test system's where a scenario's figures depend
+//! on them (staleness, placement retry, reconcile, heartbeat flush).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hodei_domain::Role;
+use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_proto::{AuthChannel, Bearer};
+use hodei_system_tests::processes::{ServiceProcess, backend_vars, loopback_port};
+use hodei_system_tests::{HEARTBEAT_MS, issue_token};
+use hodei_test_support::{TestDatabase, TestNats};
+use sqlx::PgPool;
+use tonic::transport::Channel;
+
+/// How long a service may take to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// The three services as processes, on a private nats-server and a fresh database.
+pub struct ServiceProcesses {
+    pub nats: TestNats,
+    pub database: TestDatabase,
+    /// The gateway, the scheduler and the registry, in that order.
+    pub services: Vec<ServiceProcess>,
+    /// A client of the gateway with an admin token of tenant `default`.
+    pub jobs: JobServiceClient<AuthChannel>,
+    /// Where the services' logs are.
+    pub dir: tempfile::TempDir,
+}
+
+impl ServiceProcesses {
+    /// Starts the services, the gateway with `max_queued_jobs` as its admission limit, and
+    /// waits until each is ready.
+    pub async fn start(max_queued_jobs: u64) -> anyhow::Result<ServiceProcesses> {
+        let nats = TestNats::start()
+            .await
+            .context("failed to start nats-server")?;
+        let database = TestDatabase::create()
+            .await
+            .context("failed to create the database")?;
+        let dir = tempfile::Builder::new()
+            .prefix("hodei-bench-services-")
+            .tempdir()
+            .context("failed to make a folder for the services' logs")?;
+        let backends = |extra: &[(&str, String)]| backend_vars(&nats, &database, "warn", extra);
+        let grpc = loopback_port()?;
+        let mut gateway = ServiceProcess::start(
+            "api-gateway",
+            "hodei-api-gateway",
+            backends(&[
+                ("HODEI_GRPC_ADDR", grpc.to_string()),
+                ("HODEI_MAX_QUEUED_JOBS", max_queued_jobs.to_string()),
+                ("HODEI_TENANT_SUBMIT_RATE", "100000".to_owned()),
+                ("HODEI_TENANT_SUBMIT_BURST", "100000".to_owned()),
+            ]),
+            loopback_port()?,
+            dir.path(),
+        )?;
+        // The gateway applies the migrations: the others start once it is ready.
+        gateway.wait_readiness(200, READY_WITHIN).await?;
+        let scheduler = ServiceProcess::start(
+            "scheduler",
+            "hodei-scheduler",
+            backends(&[
+                ("HODEI_WORKER_STALE_MS", (HEARTBEAT_MS * 25).to_string()),
+                ("HODEI_PLACEMENT_RETRY_MS", "100".to_owned()),
+                ("HODEI_RECONCILE_AFTER_MS", "3000".to_owned()),
+            ]),
+            loopback_port()?,
+            dir.path(),
+        )?;
+        let registry = ServiceProcess::start(
+            "registry",
+            "hodei-registry",
+            backends(&[
+                ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
+                ("HODEI_MISSED_BEATS", "25".to_owned()),
+                ("HODEI_HEARTBEAT_FLUSH_MS", "20".to_owned()),
+            ]),
+            loopback_port()?,
+            dir.path(),
+        )?;
+        let mut services = vec![gateway, scheduler, registry];
+        for service in services.iter_mut().skip(1) {
+            service.wait_readiness(200, READY_WITHIN).await?;
+        }
+        let pool = database.connect().await?;
+        let token = issue_token(&pool, "default", Role::Admin).await;
+        pool.close().await;
+        let bearer = Bearer::new(Some(&token?))?;
+        let channel = Channel::from_shared(format!("http://{grpc}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(ServiceProcesses {
+            nats,
+            database,
+            services,
+            jobs: JobServiceClient::new(bearer.on(channel)),
+            dir,
+        })
+    }
+
+    /// A pool on the services' database.
+    pub async fn pool(&self) -> anyhow::Result<PgPool> {
+        Ok(self.database.connect().await?)
+    }
+
+    /// Each running service's name and process id.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.name().to_owned(), s.pid()?)))
+            .collect()
+    }
+
+    /// Kills the services and reaps them.
+    pub async fn stop(mut self) {
+        for service in &mut self.services {
+            service.kill().await;
+        }
+    }
+}
