@@ -182,9 +182,18 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let started_at = chrono::Utc::now();
-    let machine = Machine::probe()
+    let mut machine = Machine::probe()
         .await
         .context("failed to describe the machine")?;
+    if let Scenario::Overload {
+        processes: true, ..
+    } = cli.scenario
+    {
+        machine.services = "the gateway, the scheduler and the registry as separate processes \
+                            (release binaries); the simulated agents and the load in this \
+                            process"
+            .to_owned();
+    }
     eprintln!("{}", machine.describe());
     let mut outcome = Outcome::default();
     let scenarios = match cli.scenario {
