@@ -190,8 +190,8 @@ async fn main() -> anyhow::Result<()> {
     } = cli.scenario
     {
         machine.services = "the gateway, the scheduler and the registry as separate processes \
-                            (release binaries); the simulated agents and the load in this \
-                            process"
+                            (the binaries next to hodei-bench); the simulated agents and the \
+                            load in this process"
             .to_owned();
     }
     eprintln!("{}", machine.describe());

@@ -27,13 +27,14 @@ pub struct ServiceProcesses {
     pub services: Vec<ServiceProcess>,
     /// A client of the gateway with an admin token of tenant `default`.
     pub jobs: JobServiceClient<AuthChannel>,
-    /// Where the services' logs are.
-    pub dir: tempfile::TempDir,
+    /// The folder of the services' logs, removed when this is dropped.
+    _logs: tempfile::TempDir,
 }
 
 impl ServiceProcesses {
     /// Starts the services, the gateway with `max_queued_jobs` as its admission limit, and
-    /// waits until each is ready.
+    /// waits until each is ready. On failure nothing is left behind: the database is dropped
+    /// and the processes started are killed.
     pub async fn start(max_queued_jobs: u64) -> anyhow::Result<ServiceProcesses> {
         let nats = TestNats::start()
             .await
@@ -41,66 +42,19 @@ impl ServiceProcesses {
         let database = TestDatabase::create()
             .await
             .context("failed to create the database")?;
-        let dir = tempfile::Builder::new()
-            .prefix("hodei-bench-services-")
-            .tempdir()
-            .context("failed to make a folder for the services' logs")?;
-        let backends = |extra: &[(&str, String)]| backend_vars(&nats, &database, "warn", extra);
-        let grpc = loopback_port()?;
-        let mut gateway = ServiceProcess::start(
-            "api-gateway",
-            "hodei-api-gateway",
-            backends(&[
-                ("HODEI_GRPC_ADDR", grpc.to_string()),
-                ("HODEI_MAX_QUEUED_JOBS", max_queued_jobs.to_string()),
-                ("HODEI_TENANT_SUBMIT_RATE", "100000".to_owned()),
-                ("HODEI_TENANT_SUBMIT_BURST", "100000".to_owned()),
-            ]),
-            loopback_port()?,
-            dir.path(),
-        )?;
-        // The gateway applies the migrations: the others start once it is ready.
-        gateway.wait_readiness(200, READY_WITHIN).await?;
-        let scheduler = ServiceProcess::start(
-            "scheduler",
-            "hodei-scheduler",
-            backends(&[
-                ("HODEI_WORKER_STALE_MS", (HEARTBEAT_MS * 25).to_string()),
-                ("HODEI_PLACEMENT_RETRY_MS", "100".to_owned()),
-                ("HODEI_RECONCILE_AFTER_MS", "3000".to_owned()),
-            ]),
-            loopback_port()?,
-            dir.path(),
-        )?;
-        let registry = ServiceProcess::start(
-            "registry",
-            "hodei-registry",
-            backends(&[
-                ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
-                ("HODEI_MISSED_BEATS", "25".to_owned()),
-                ("HODEI_HEARTBEAT_FLUSH_MS", "20".to_owned()),
-            ]),
-            loopback_port()?,
-            dir.path(),
-        )?;
-        let mut services = vec![gateway, scheduler, registry];
-        for service in services.iter_mut().skip(1) {
-            service.wait_readiness(200, READY_WITHIN).await?;
+        match launch(&nats, &database, max_queued_jobs).await {
+            Ok((services, jobs, logs)) => Ok(ServiceProcesses {
+                nats,
+                database,
+                services,
+                jobs,
+                _logs: logs,
+            }),
+            Err(e) => {
+                let _ = database.cleanup().await;
+                Err(e)
+            }
         }
-        let pool = database.connect().await?;
-        let token = issue_token(&pool, "default", Role::Admin).await;
-        pool.close().await;
-        let bearer = Bearer::new(Some(&token?))?;
-        let channel = Channel::from_shared(format!("http://{grpc}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(ServiceProcesses {
-            nats,
-            database,
-            services,
-            jobs: JobServiceClient::new(bearer.on(channel)),
-            dir,
-        })
     }
 
     /// A pool on the services' database.
@@ -116,10 +70,88 @@ impl ServiceProcesses {
             .collect()
     }
 
-    /// Kills the services and reaps them.
+    /// The end of each service's log, for an error.
+    pub fn log_tails(&self) -> String {
+        self.services
+            .iter()
+            .map(|s| format!("{}:\n{}", s.name(), s.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Kills the services, reaps them and drops their database.
     pub async fn stop(mut self) {
         for service in &mut self.services {
             service.kill().await;
         }
+        if let Err(e) = self.database.cleanup().await {
+            eprintln!("could not drop the services' database: {e}");
+        }
     }
+}
+
+/// Starts the services on `nats` and `database`; see [`ServiceProcesses::start`].
+async fn launch(
+    nats: &TestNats,
+    database: &TestDatabase,
+    max_queued_jobs: u64,
+) -> anyhow::Result<(
+    Vec<ServiceProcess>,
+    JobServiceClient<AuthChannel>,
+    tempfile::TempDir,
+)> {
+    let dir = tempfile::Builder::new()
+        .prefix("hodei-bench-services-")
+        .tempdir()
+        .context("failed to make a folder for the services' logs")?;
+    let backends = |extra: &[(&str, String)]| backend_vars(nats, database, "warn", extra);
+    let grpc = loopback_port()?;
+    let mut gateway = ServiceProcess::start(
+        "api-gateway",
+        "hodei-api-gateway",
+        backends(&[
+            ("HODEI_GRPC_ADDR", grpc.to_string()),
+            ("HODEI_MAX_QUEUED_JOBS", max_queued_jobs.to_string()),
+            ("HODEI_TENANT_SUBMIT_RATE", "100000".to_owned()),
+            ("HODEI_TENANT_SUBMIT_BURST", "100000".to_owned()),
+        ]),
+        loopback_port()?,
+        dir.path(),
+    )?;
+    // The gateway applies the migrations: the others start once it is ready.
+    gateway.wait_readiness(200, READY_WITHIN).await?;
+    let scheduler = ServiceProcess::start(
+        "scheduler",
+        "hodei-scheduler",
+        backends(&[
+            ("HODEI_WORKER_STALE_MS", (HEARTBEAT_MS * 25).to_string()),
+            ("HODEI_PLACEMENT_RETRY_MS", "100".to_owned()),
+            ("HODEI_RECONCILE_AFTER_MS", "3000".to_owned()),
+        ]),
+        loopback_port()?,
+        dir.path(),
+    )?;
+    let registry = ServiceProcess::start(
+        "registry",
+        "hodei-registry",
+        backends(&[
+            ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
+            ("HODEI_MISSED_BEATS", "25".to_owned()),
+            ("HODEI_HEARTBEAT_FLUSH_MS", "20".to_owned()),
+        ]),
+        loopback_port()?,
+        dir.path(),
+    )?;
+    let mut services = vec![gateway, scheduler, registry];
+    for service in services.iter_mut().skip(1) {
+        service.wait_readiness(200, READY_WITHIN).await?;
+    }
+    let pool = database.connect().await?;
+    let token = issue_token(&pool, "default", Role::Admin).await;
+    pool.close().await;
+    let bearer = Bearer::new(Some(&token?))?;
+    let channel = Channel::from_shared(format!("http://{grpc}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok((services, JobServiceClient::new(bearer.on(channel)), dir))
 }

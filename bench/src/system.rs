@@ -550,23 +550,33 @@ async fn overload_processes(p: &OverloadParams) -> anyhow::Result<Outcome> {
     use crate::procfs::Pid;
 
     let services = ServiceProcesses::start(p.max_queued_jobs).await?;
+    let pids = services.pids();
     let result = async {
-        let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
-        let sim = SimAgents::start(
-            &services.nats.url(),
-            &no_credential,
-            SimConfig {
-                agents: p.agents,
-                slots: 4,
-                heartbeat_ms: SIM_HEARTBEAT_MS,
-            },
-        )
-        .await?;
         let pool = services.pool().await?;
-        let mut watched: Vec<(String, Pid)> = services
-            .pids()
-            .into_iter()
-            .map(|(name, pid)| (name, Pid::Other(pid)))
+        let started = async {
+            let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
+            SimAgents::start(
+                &services.nats.url(),
+                &no_credential,
+                SimConfig {
+                    agents: p.agents,
+                    slots: 4,
+                    heartbeat_ms: SIM_HEARTBEAT_MS,
+                },
+            )
+            .await
+        }
+        .await;
+        let sim = match started {
+            Ok(sim) => sim,
+            Err(e) => {
+                pool.close().await;
+                return Err(e);
+            }
+        };
+        let mut watched: Vec<(String, Pid)> = pids
+            .iter()
+            .map(|(name, pid)| (name.clone(), Pid::Other(*pid)))
             .collect();
         watched.push(("harness".to_owned(), Pid::Current));
         let result = async {
@@ -586,9 +596,30 @@ async fn overload_processes(p: &OverloadParams) -> anyhow::Result<Outcome> {
         result
     }
     .await;
-    let logs = services.dir.path().display().to_string();
+    // A service that died during the run would leave its figures cut short, silently.
+    let died: Vec<&str> = pids
+        .iter()
+        .filter(|(_, pid)| crate::procfs::memory(Pid::Other(*pid)).is_err())
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let result = match result {
+        Ok(out) if died.is_empty() => Ok(out),
+        Ok(mut out) => {
+            out.note(format!(
+                "overload: {} exited during the run; the memory figures of a process end when \
+                 it did. The ends of the services' logs:\n{}",
+                died.join(", "),
+                services.log_tails()
+            ));
+            Ok(out)
+        }
+        Err(e) => Err(e.context(format!(
+            "the ends of the services' logs:\n{}",
+            services.log_tails()
+        ))),
+    };
     services.stop().await;
-    result.with_context(|| format!("the services' logs were in {logs}"))
+    result
 }
 
 /// What the offered submissions got.

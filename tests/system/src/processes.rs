@@ -68,7 +68,8 @@ pub fn binary(name: &str) -> Result<PathBuf, StartError> {
         return Ok(path);
     }
     Err(StartError(format!(
-        "{name} is not built next to {}: run `cargo build --workspace --bins` (with          `--release` for benches) first (`scripts/test.sh` does)",
+        "{name} is not built next to {}: run `cargo build --workspace --bins` (with \
+         `--release` for benches) first (`scripts/test.sh` does)",
         exe.display()
     )))
 }
