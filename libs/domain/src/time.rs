@@ -30,14 +30,23 @@ pub mod rfc3339 {
     /// The same for an optional time (`null` when absent).
     pub mod option {
         use chrono::{DateTime, Utc};
-        use serde::{Deserialize, Deserializer, Serializer};
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        /// A present time, serialised the fast way.
+        struct Whole<'a>(&'a DateTime<Utc>);
+
+        impl Serialize for Whole<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                super::serialize(self.0, s)
+            }
+        }
 
         pub fn serialize<S: Serializer>(
             t: &Option<DateTime<Utc>>,
             s: S,
         ) -> Result<S::Ok, S::Error> {
             match t {
-                Some(t) => super::serialize(t, s),
+                Some(t) => s.serialize_some(&Whole(t)),
                 None => s.serialize_none(),
             }
         }
