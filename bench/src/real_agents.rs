@@ -218,7 +218,10 @@ async fn run_with(
     dir: &Path,
     p: &RealAgentsParams,
 ) -> anyhow::Result<Outcome> {
-    let mut agents = Vec::with_capacity(p.agents);
+    // Every agent is enrolled before any starts: each enrolment reloads the nats-server's
+    // authorization, and an agent connecting during a reload was refused once
+    // ("authorization violation" in its log) before it retried.
+    let mut enrolled = Vec::with_capacity(p.agents);
     for i in 0..p.agents {
         let id = format!("bench-agent-{i}");
         let worker = NatsRole::Agent(id.parse().context("a bench agent id")?);
@@ -226,6 +229,10 @@ async fn run_with(
             .nats_env(&worker)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        enrolled.push((id, nats));
+    }
+    let mut agents = Vec::with_capacity(p.agents);
+    for (id, nats) in enrolled {
         agents.push(RealAgent::spawn(binary, nats, dir, id, p.slots)?);
     }
     let result = measure(system, pool, &agents, p).await;
