@@ -1,9 +1,10 @@
 //! `hodei.v1.AccessService` (who am I, tokens, the audit log) and the audit trail every
 //! mutating call leaves: who made it, for which tenant, on what, and how it ended.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use hodei_auth::token;
 use hodei_domain::{Action, Principal, Role, TenantId, TokenId};
 use hodei_proto::v1 as pb;
@@ -11,7 +12,7 @@ use hodei_proto::v1::access_service_server::AccessService;
 use hodei_runtime::Backends;
 use hodei_storage::access::{self, AuditEntry, TokenRecord};
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::auth::{Authenticator, caller};
 use crate::errors::{ApiError, IntoStatus};
@@ -23,37 +24,58 @@ const MAX_TOKEN_NAME: usize = 200;
 /// Most audit entries written in one statement.
 const AUDIT_BATCH: usize = 512;
 
+/// How long refusals for load are counted before their entry is written.
+const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The audit trail. Calls hand their entries to one writer, which records every entry waiting
 /// at that moment in one statement, and are answered once theirs is committed: group commit,
 /// as for submissions, so auditing costs no transaction per call.
+///
+/// Refusals for load (RESOURCE_EXHAUSTED: the queue is full, the tenant submits too fast) are
+/// the exception. Shedding load must stay cheap, and such a call
+/// had no effect, so it is answered at once, and the writer records the refusals of each
+/// caller, tenant, action and target once a second as one entry that says how many there
+/// were.
 #[derive(Clone)]
 pub struct Auditor {
     queue: mpsc::Sender<(AuditEntry, oneshot::Sender<()>)>,
+    refusals: Arc<Mutex<Refusals>>,
 }
 
 impl Auditor {
-    /// Starts the writer; it stops once every handle is gone.
+    /// Starts the writer; it stops once every handle is gone, writing the refusals it was
+    /// still counting.
     pub fn start(backends: Backends) -> Self {
         let (queue, mut waiting) = mpsc::channel::<(AuditEntry, oneshot::Sender<()>)>(4096);
+        let refusals = Arc::new(Mutex::new(Refusals::default()));
+        let counted = Arc::clone(&refusals);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(AUDIT_BATCH);
-            while waiting.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
-                let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<()>>) =
-                    batch.drain(..).unzip();
-                let pool = &backends.pool;
-                if let Err(e) = backends.db(|| access::record_audit(pool, &entries)).await {
-                    // The calls already had their effect: they are answered, and the loss is
-                    // loud in the log with every entry's who and what.
-                    for entry in &entries {
-                        tracing::error!(error = %e, action = %entry.action, target = %entry.target, subject = %entry.subject, "audit entry not recorded");
+            let mut tick = tokio::time::interval(REFUSALS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    received = waiting.recv_many(&mut batch, AUDIT_BATCH) => {
+                        if received == 0 {
+                            let entries = take(&counted);
+                            write(&backends, &entries).await;
+                            return;
+                        }
+                        let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<()>>) =
+                            batch.drain(..).unzip();
+                        write(&backends, &entries).await;
+                        for ack in done {
+                            let _ = ack.send(());
+                        }
                     }
-                }
-                for ack in done {
-                    let _ = ack.send(());
+                    _ = tick.tick() => {
+                        let entries = take(&counted);
+                        write(&backends, &entries).await;
+                    }
                 }
             }
         });
-        Self { queue }
+        Self { queue, refusals }
     }
 
     /// Records the call like [`Auditor::record`] and answers it with `result`.
@@ -65,7 +87,16 @@ impl Auditor {
         target: &str,
         result: Result<T, Status>,
     ) -> Result<Response<T>, Status> {
-        self.record(who, tenant, action, target, &result).await;
+        match &result {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                let entry = entry(who, tenant, action, target, &result);
+                self.refusals
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .count(entry);
+            }
+            _ => self.record(who, tenant, action, target, &result).await,
+        }
         result.map(Response::new)
     }
 
@@ -86,6 +117,95 @@ impl Auditor {
             return;
         }
         let _ = acked.await;
+    }
+}
+
+/// Appends `entries` to the audit log. The calls already had their effect: a failure is
+/// loud in the log with every entry's who and what, and fails nothing.
+async fn write(backends: &Backends, entries: &[AuditEntry]) {
+    if entries.is_empty() {
+        return;
+    }
+    let pool = &backends.pool;
+    if let Err(e) = backends.db(|| access::record_audit(pool, entries)).await {
+        for entry in entries {
+            tracing::error!(error = %e, action = %entry.action, target = %entry.target, subject = %entry.subject, "audit entry not recorded");
+        }
+    }
+}
+
+/// The refusals counted so far, as entries; the count starts again.
+fn take(refusals: &Mutex<Refusals>) -> Vec<AuditEntry> {
+    refusals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+}
+
+/// Refusals for load since the last write, by who, for which tenant, which action on what.
+#[derive(Debug, Default)]
+struct Refusals(HashMap<(String, TenantId, Role, String, String), Counted>);
+
+/// Refusals of one caller, tenant, action and target.
+#[derive(Debug)]
+struct Counted {
+    /// The first one's entry.
+    first: AuditEntry,
+    count: u64,
+    last_at: DateTime<Utc>,
+    last_detail: String,
+}
+
+impl Refusals {
+    fn count(&mut self, entry: AuditEntry) {
+        let key = (
+            entry.subject.clone(),
+            entry.tenant.clone(),
+            entry.role,
+            entry.action.clone(),
+            entry.target.clone(),
+        );
+        match self.0.get_mut(&key) {
+            Some(counted) => {
+                counted.count += 1;
+                counted.last_at = entry.at;
+                counted.last_detail = entry.detail;
+            }
+            None => {
+                let counted = Counted {
+                    last_at: entry.at,
+                    last_detail: entry.detail.clone(),
+                    first: entry,
+                    count: 1,
+                };
+                self.0.insert(key, counted);
+            }
+        }
+    }
+
+    /// One entry per caller, tenant, action and target: at the first refusal, saying how many
+    /// there were until when and what the last one said (a single refusal reads as any other
+    /// refused call).
+    fn take(&mut self) -> Vec<AuditEntry> {
+        self.0
+            .drain()
+            .map(|(_, c)| {
+                let mut entry = c.first;
+                if c.count > 1 {
+                    entry.detail = format!(
+                        "{} calls refused from {} to {}; the last: {}",
+                        c.count,
+                        entry
+                            .at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        c.last_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        c.last_detail
+                    );
+                }
+                entry
+            })
+            .collect()
     }
 }
 
@@ -328,5 +448,45 @@ impl AccessService for AccessApi {
                 .collect(),
             next_page_token,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(subject: &str, second: i64, detail: &str) -> AuditEntry {
+        AuditEntry {
+            at: DateTime::from_timestamp(1_796_340_955 + second, 0).unwrap(),
+            subject: subject.to_owned(),
+            tenant: TenantId::default(),
+            role: Role::Submitter,
+            action: "SubmitJob".to_owned(),
+            target: "job".to_owned(),
+            outcome: "ResourceExhausted".to_owned(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// Refusals for load become one entry per caller and what it did, saying how many; a
+    /// single one reads as it was.
+    #[test]
+    fn refusals_are_counted_into_one_entry_per_caller() {
+        let mut refusals = Refusals::default();
+        refusals.count(refusal("token:a", 0, "queue full (3 queued)"));
+        refusals.count(refusal("token:b", 1, "over its rate"));
+        refusals.count(refusal("token:a", 1, "queue full (4 queued)"));
+        refusals.count(refusal("token:a", 2, "queue full (5 queued)"));
+        let mut entries = refusals.take();
+        entries.sort_by(|x, y| x.subject.cmp(&y.subject));
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].at, refusal("", 0, "").at);
+        assert_eq!(
+            entries[0].detail,
+            "3 calls refused from 2026-12-03T23:35:55.000Z to 2026-12-03T23:35:57.000Z; the \
+             last: queue full (5 queued)"
+        );
+        assert_eq!(entries[1].detail, "over its rate");
+        assert!(refusals.take().is_empty());
     }
 }

@@ -903,6 +903,48 @@ async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
             .contains("tenant team-a submits more than 1 a second (bursts of 3)"),
         "{status:?}"
     );
+    // More refusals in a row: answered at once, and audited together, one entry per caller
+    // and second saying how many.
+    let mut refusals = 1;
+    for n in 0..5 {
+        if submit(&a, shell_job(&format!("again-{n}"), "true"))
+            .await
+            .is_err()
+        {
+            refusals += 1;
+        }
+    }
+    let a_subject = who_am_i(&a).await.unwrap().subject;
+    wait_for("the refusals in the audit log", DEADLINE, || {
+        let mut access = system.access.clone();
+        let a_subject = a_subject.clone();
+        async move {
+            let events = access
+                .list_audit_events(pb::ListAuditEventsRequest {
+                    tenant: "team-a".into(),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .events;
+            let counted: u64 = events
+                .iter()
+                .filter(|e| {
+                    e.action == "SubmitJob"
+                        && e.outcome == "ResourceExhausted"
+                        && e.subject == a_subject
+                })
+                .map(|e| match e.detail.split_once(" calls refused from ") {
+                    Some((n, _)) => n.parse().unwrap(),
+                    None => 1,
+                })
+                .sum();
+            (counted == refusals).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     submit(&b, shell_job("b-0", "true")).await.unwrap();
 
     // No agent: the jobs stay queued and their watches open.
