@@ -31,11 +31,12 @@ const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// at that moment in one statement, and are answered once theirs is committed: group commit,
 /// as for submissions, so auditing costs no transaction per call.
 ///
-/// Refusals for load (RESOURCE_EXHAUSTED: the queue is full, the tenant submits too fast) are
-/// the exception. Shedding load must stay cheap, and such a call
-/// had no effect, so it is answered at once, and the writer records the refusals of each
-/// caller, tenant, action and target once a second as one entry that says how many there
-/// were.
+/// Refusals for load (RESOURCE_EXHAUSTED: the queue is full, the tenant's queue quota is
+/// reached, the tenant calls faster than its rate) are the exception. Shedding load must stay
+/// cheap, and such a call had no effect, so it is answered at once, and the writer records
+/// the refusals of each caller, role, tenant, action and target once a second as one entry
+/// that says how many there were. Those counted when the gateway stops are lost: nothing
+/// waits for the writer.
 #[derive(Clone)]
 pub struct Auditor {
     queue: mpsc::Sender<(AuditEntry, oneshot::Sender<()>)>,
