@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hodei_domain::Role;
+use hodei_proto::AuthChannel;
 use hodei_proto::v1::job_service_client::JobServiceClient;
-use hodei_proto::{AuthChannel, Bearer};
 use hodei_system_tests::processes::{ServiceProcess, backend_vars, loopback_port};
-use hodei_system_tests::{HEARTBEAT_MS, issue_token};
+use hodei_system_tests::{Clients, HEARTBEAT_MS, SystemOptions, endpoint, issue_token};
 use hodei_test_support::{TestDatabase, TestNats};
 use sqlx::PgPool;
-use tonic::transport::Channel;
 
 /// How long a service may take to become ready.
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -105,6 +104,8 @@ async fn launch(
         .tempdir()
         .context("failed to make a folder for the services' logs")?;
     let backends = |extra: &[(&str, String)]| backend_vars(nats, database, "warn", extra);
+    // The in-process test system's settings, where the figures depend on them.
+    let options = SystemOptions::default();
     let grpc = loopback_port()?;
     let mut gateway = ServiceProcess::start(
         "api-gateway",
@@ -112,8 +113,14 @@ async fn launch(
         backends(&[
             ("HODEI_GRPC_ADDR", grpc.to_string()),
             ("HODEI_MAX_QUEUED_JOBS", max_queued_jobs.to_string()),
-            ("HODEI_TENANT_SUBMIT_RATE", "100000".to_owned()),
-            ("HODEI_TENANT_SUBMIT_BURST", "100000".to_owned()),
+            (
+                "HODEI_TENANT_SUBMIT_RATE",
+                options.tenant_submit_rate.to_string(),
+            ),
+            (
+                "HODEI_TENANT_SUBMIT_BURST",
+                options.tenant_submit_burst.to_string(),
+            ),
         ]),
         loopback_port()?,
         dir.path(),
@@ -136,7 +143,7 @@ async fn launch(
         "hodei-registry",
         backends(&[
             ("HODEI_HEARTBEAT_INTERVAL_MS", HEARTBEAT_MS.to_string()),
-            ("HODEI_MISSED_BEATS", "25".to_owned()),
+            ("HODEI_MISSED_BEATS", options.missed_beats.to_string()),
             ("HODEI_HEARTBEAT_FLUSH_MS", "20".to_owned()),
         ]),
         loopback_port()?,
@@ -149,9 +156,7 @@ async fn launch(
     let pool = database.connect().await?;
     let token = issue_token(&pool, "default", Role::Admin).await;
     pool.close().await;
-    let bearer = Bearer::new(Some(&token?))?;
-    let channel = Channel::from_shared(format!("http://{grpc}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok((services, JobServiceClient::new(bearer.on(channel)), dir))
+    let channel = endpoint(grpc, None, false)?.connect_lazy();
+    let clients = Clients::new(channel, Some(&token?))?;
+    Ok((services, clients.jobs, dir))
 }

@@ -551,34 +551,26 @@ async fn overload_processes(p: &OverloadParams) -> anyhow::Result<Outcome> {
 
     let services = ServiceProcesses::start(p.max_queued_jobs).await?;
     let pids = services.pids();
+    let mut watched: Vec<(String, Pid)> = pids
+        .iter()
+        .map(|(name, pid)| (name.clone(), Pid::Other(*pid)))
+        .collect();
+    watched.push(("harness".to_owned(), Pid::Current));
     let result = async {
+        let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
         let pool = services.pool().await?;
-        let started = async {
-            let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
-            SimAgents::start(
-                &services.nats.url(),
-                &no_credential,
-                SimConfig {
-                    agents: p.agents,
-                    slots: 4,
-                    heartbeat_ms: SIM_HEARTBEAT_MS,
-                },
-            )
-            .await
-        }
-        .await;
-        let sim = match started {
+        let config = SimConfig {
+            agents: p.agents,
+            slots: 4,
+            heartbeat_ms: SIM_HEARTBEAT_MS,
+        };
+        let sim = match SimAgents::start(&services.nats.url(), &no_credential, config).await {
             Ok(sim) => sim,
             Err(e) => {
                 pool.close().await;
                 return Err(e);
             }
         };
-        let mut watched: Vec<(String, Pid)> = pids
-            .iter()
-            .map(|(name, pid)| (name.clone(), Pid::Other(*pid)))
-            .collect();
-        watched.push(("harness".to_owned(), Pid::Current));
         let result = async {
             wait_count(
                 &pool,

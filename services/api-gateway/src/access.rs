@@ -2,6 +2,7 @@
 //! mutating call leaves: who made it, for which tenant, on what, and how it ended.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Duration, Utc};
@@ -166,20 +167,20 @@ impl Refusals {
             entry.action.clone(),
             entry.target.clone(),
         );
-        match self.0.get_mut(&key) {
-            Some(counted) => {
+        match self.0.entry(key) {
+            Entry::Occupied(mut seen) => {
+                let counted = seen.get_mut();
                 counted.count += 1;
                 counted.last_at = entry.at;
                 counted.last_detail = entry.detail;
             }
-            None => {
-                let counted = Counted {
+            Entry::Vacant(new) => {
+                new.insert(Counted {
                     last_at: entry.at,
                     last_detail: entry.detail.clone(),
                     first: entry,
                     count: 1,
-                };
-                self.0.insert(key, counted);
+                });
             }
         }
     }
