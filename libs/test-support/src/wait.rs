@@ -46,17 +46,61 @@ where
     }
 }
 
-/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago, chosen at random outside the
+/// kernel's range of ephemeral ports.
 ///
-/// The port is not reserved: another process may take it before the caller
-/// binds it, so callers that start servers should retry on a bind failure.
+/// The port is not reserved: another test may take it before the caller binds it, so callers
+/// that start servers should retry on a bind failure. Outside the ephemeral range, at least no
+/// outgoing connection (the suite makes thousands, to PostgreSQL and NATS) gets the port as its
+/// local one, which a port from `bind(0)` allows between this call and the server's bind, or
+/// while a server that keeps its port across a restart is down.
 pub fn free_port() -> Result<u16, TestSupportError> {
+    let (ephemeral_low, ephemeral_high) = ephemeral_ports();
+    let below = ephemeral_low.saturating_sub(FIRST_PORT);
+    let above = u16::MAX.saturating_sub(ephemeral_high);
+    let candidates = u32::from(below) + u32::from(above);
+    if candidates > 0 {
+        for _ in 0..PORT_TRIES {
+            let pick = uuid::Uuid::new_v4().as_u128() % u128::from(candidates);
+            let port = if pick < u128::from(below) {
+                u128::from(FIRST_PORT) + pick
+            } else {
+                u128::from(ephemeral_high) + 1 + pick - u128::from(below)
+            };
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(TestSupportError::io("binding a free port on 127.0.0.1"))?;
     let addr = listener
         .local_addr()
         .map_err(TestSupportError::io("reading the address of a bound port"))?;
     Ok(addr.port())
+}
+
+/// The lowest port [`free_port`] picks: above the ports that well-known services register.
+const FIRST_PORT: u16 = 10_000;
+
+/// How many random ports [`free_port`] tries before it asks the kernel for one.
+const PORT_TRIES: usize = 64;
+
+/// The kernel's range of ephemeral ports (Linux's default where it cannot be read).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| {
+            let mut ends = range.split_whitespace().map(str::parse::<u16>);
+            match (ends.next(), ends.next()) {
+                (Some(Ok(low)), Some(Ok(high))) if low <= high => Some((low, high)),
+                _ => None,
+            }
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 #[cfg(test)]
@@ -111,6 +155,11 @@ mod tests {
     fn free_port_gives_a_bindable_port() -> Result<(), Box<dyn std::error::Error>> {
         let port = free_port()?;
         assert_ne!(port, 0);
+        let (low, high) = ephemeral_ports();
+        assert!(
+            !(low..=high).contains(&port),
+            "{port} is in the ephemeral range {low}-{high}"
+        );
         let _listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
         Ok(())
     }

@@ -131,6 +131,9 @@ impl ServiceProcess {
         let child = Command::new(&self.binary)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("HODEI_METRICS_ADDR", self.metrics_addr.to_string())
+            // The error a service exits with ends its log, not under anyhow's backtrace of it
+            // (panics keep theirs, with `RUST_BACKTRACE`).
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -164,23 +167,33 @@ impl ServiceProcess {
         deadline: Duration,
     ) -> Result<(), StartError> {
         let addr = self.metrics_addr;
-        let waited = wait_for(
-            &format!("{} /readyz to answer {status}", self.name),
-            deadline,
-            || async move {
-                let response = http_get(addr, "/readyz").await.ok()?;
-                (response.status == status).then_some(())
+        let what = format!("{} /readyz to answer {status}", self.name);
+        let ready = wait_for(&what, deadline, || async move {
+            let response = http_get(addr, "/readyz").await.ok()?;
+            (response.status == status).then_some(())
+        });
+        // A process that exits (a port taken, a backend refused) ends the wait at once; its
+        // status is read below.
+        let waited = match self.child.as_mut() {
+            Some(child) => tokio::select! {
+                waited = ready => waited,
+                _ = child.wait() => Ok(()),
             },
-        )
-        .await;
+            None => ready.await,
+        };
         let exited = match self.child.as_mut().map(Child::try_wait) {
             Some(Ok(Some(exit))) => Some(exit.to_string()),
             _ => None,
         };
         match (waited, exited) {
             (Ok(()), None) => Ok(()),
-            (Ok(()), Some(exit)) | (Err(_), Some(exit)) => Err(StartError(format!(
+            (Ok(()), Some(exit)) => Err(StartError(format!(
                 "{} exited ({exit}); its log ends with:\n{}",
+                self.name,
+                self.log_tail()
+            ))),
+            (Err(e), Some(exit)) => Err(StartError(format!(
+                "{e}, and {} exited ({exit}); its log ends with:\n{}",
                 self.name,
                 self.log_tail()
             ))),
@@ -201,5 +214,50 @@ impl ServiceProcess {
             }
             Err(e) => format!("<could not read {}: {e}>", self.log.display()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_service_that_exits_while_starting_is_reported_at_once_with_its_error() {
+        let nats = TestNats::start().await.unwrap();
+        let database = TestDatabase::create().await.unwrap();
+        let taken = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let env = backend_vars(
+            &nats,
+            &database,
+            "info",
+            &[("HODEI_GRPC_ADDR", taken.local_addr().unwrap().to_string())],
+        );
+        let mut gateway = ServiceProcess::start(
+            "api-gateway",
+            "hodei-api-gateway",
+            env,
+            loopback_port().unwrap(),
+            logs.path(),
+        )
+        .unwrap();
+        // Were the wait to outlast the process, it would end only at this deadline, as a timeout.
+        let error = gateway
+            .wait_readiness(200, Duration::from_secs(300))
+            .await
+            .unwrap_err()
+            .0;
+        assert!(
+            error.starts_with("api-gateway exited"),
+            "the exit ends the wait, not the deadline: {error}"
+        );
+        assert!(
+            error.contains("Address already in use"),
+            "the log's tail holds the error: {error}"
+        );
+        assert!(
+            !error.contains("backtrace"),
+            "no backtrace buries the error: {error}"
+        );
     }
 }
