@@ -28,6 +28,9 @@ const AUDIT_BATCH: usize = 512;
 /// How long refusals for load are counted before their entry is written.
 const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a stopping gateway waits for the audit writer's last entries.
+const AUDIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The audit trail. Calls hand their entries to one writer, which records every entry waiting
 /// at that moment in one statement, and are answered once theirs is committed: group commit,
 /// as for submissions, so auditing costs no transaction per call.
@@ -36,22 +39,44 @@ const REFUSALS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// reached, the tenant calls faster than its rate) are the exception. Shedding load must stay
 /// cheap, and such a call had no effect, so it is answered at once, and the writer records
 /// the refusals of each caller, role, tenant, action and target once a second as one entry
-/// that says how many there were. Those counted when the gateway stops are lost: nothing
-/// waits for the writer.
+/// that says how many there were. A graceful stop writes those still counted
+/// ([`AuditWriter::stop`]); a crash loses up to a second of them.
 #[derive(Clone)]
 pub struct Auditor {
     queue: mpsc::Sender<(AuditEntry, oneshot::Sender<()>)>,
     refusals: Arc<Mutex<Refusals>>,
 }
 
+/// The task that writes the audit trail, until [`AuditWriter::stop`].
+pub struct AuditWriter {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AuditWriter {
+    /// Writes the entries waiting and the refusals still counted, and stops the writer; gives
+    /// up after [`AUDIT_FLUSH`] (PostgreSQL away), saying so in the log. Entries handed over
+    /// afterwards are not recorded, and logged as lost.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(AUDIT_FLUSH, self.task).await.is_err() {
+            tracing::error!(
+                waited_ms = AUDIT_FLUSH.as_millis() as u64,
+                "audit writer did not finish writing before the stop; its last entries are lost"
+            );
+        }
+    }
+}
+
 impl Auditor {
-    /// Starts the writer; it stops once every handle is gone, writing the refusals it was
-    /// still counting.
-    pub fn start(backends: Backends) -> Self {
+    /// Starts the writer; it runs until [`AuditWriter::stop`] (or once every [`Auditor`] is
+    /// gone), and then writes what it holds.
+    pub fn start(backends: Backends) -> (Self, AuditWriter) {
         let (queue, mut waiting) = mpsc::channel::<(AuditEntry, oneshot::Sender<()>)>(4096);
+        let (stop, mut stopped) = oneshot::channel::<()>();
         let refusals = Arc::new(Mutex::new(Refusals::default()));
         let counted = Arc::clone(&refusals);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(AUDIT_BATCH);
             let mut tick = tokio::time::interval(REFUSALS_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -59,25 +84,27 @@ impl Auditor {
                 tokio::select! {
                     received = waiting.recv_many(&mut batch, AUDIT_BATCH) => {
                         if received == 0 {
-                            let entries = take(&counted);
-                            write(&backends, &entries).await;
-                            return;
+                            break;
                         }
-                        let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<()>>) =
-                            batch.drain(..).unzip();
-                        write(&backends, &entries).await;
-                        for ack in done {
-                            let _ = ack.send(());
-                        }
+                        write_acked(&backends, &mut batch).await;
                     }
                     _ = tick.tick() => {
                         let entries = take(&counted);
                         write(&backends, &entries).await;
                     }
+                    _ = &mut stopped => {
+                        waiting.close();
+                        while waiting.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
+                            write_acked(&backends, &mut batch).await;
+                        }
+                        break;
+                    }
                 }
             }
+            let entries = take(&counted);
+            write(&backends, &entries).await;
         });
-        Self { queue, refusals }
+        (Self { queue, refusals }, AuditWriter { stop, task })
     }
 
     /// Records the call like [`Auditor::record`] and answers it with `result`.
@@ -133,6 +160,15 @@ async fn write(backends: &Backends, entries: &[AuditEntry]) {
         for entry in entries {
             tracing::error!(error = %e, action = %entry.action, target = %entry.target, subject = %entry.subject, "audit entry not recorded");
         }
+    }
+}
+
+/// Writes the entries of `batch` (emptying it) and tells each caller that its entry is done.
+async fn write_acked(backends: &Backends, batch: &mut Vec<(AuditEntry, oneshot::Sender<()>)>) {
+    let (entries, done): (Vec<AuditEntry>, Vec<oneshot::Sender<()>>) = batch.drain(..).unzip();
+    write(backends, &entries).await;
+    for ack in done {
+        let _ = ack.send(());
     }
 }
 

@@ -337,7 +337,7 @@ impl Gateway {
             self.config.max_queued_jobs,
             shutdown.clone(),
         );
-        let audit = access::Auditor::start(self.backends.clone());
+        let (audit, audit_writer) = access::Auditor::start(self.backends.clone());
         let quotas = quotas::Quotas::new(
             self.config.tenant_submit_rate,
             self.config.tenant_submit_burst,
@@ -419,6 +419,9 @@ impl Gateway {
         {
             tracing::error!(error = %e, "web console task failed");
         }
+        // Every call has been answered: the audit trail's last entries, and the refusals
+        // still counted, go in before the gateway stops.
+        audit_writer.stop().await;
         let _ = relay.await;
         if let Some(observability) = observability {
             let _ = observability.await;

@@ -153,6 +153,32 @@ impl ServiceProcess {
         }
     }
 
+    /// Stops the process as an operator or an orchestrator does: SIGTERM, then SIGKILL if it
+    /// still runs after `grace`. Returns how it exited.
+    pub async fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus, StartError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(StartError(format!("{} is not running", self.name)));
+        };
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(nix::unistd::Pid::from_raw)
+            .ok_or_else(|| StartError(format!("{} has already exited", self.name)))?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| StartError(format!("could not signal {}: {e}", self.name)))?;
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(exited) => exited.map_err(|e| StartError(format!("waiting for {}: {e}", self.name))),
+            Err(_) => {
+                let _ = child.kill().await;
+                Err(StartError(format!(
+                    "{} did not stop within {grace:?} of SIGTERM; killed. Its log ends with:\n{}",
+                    self.name,
+                    self.log_tail()
+                )))
+            }
+        }
+    }
+
     /// Starts the process again with the same settings (killing it first if it runs).
     pub async fn restart(&mut self) -> Result<(), StartError> {
         self.kill().await;

@@ -10,8 +10,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use hodei_domain::Role;
 use hodei_proto::v1 as pb;
-use hodei_system_tests::{AgentSpec, Clients, SystemOptions, TestSystem, shell_job};
-use hodei_test_support::{http_get, metric_sample, wait_for};
+use hodei_system_tests::processes::{self, ServiceProcess};
+use hodei_system_tests::{
+    AgentSpec, Clients, SystemOptions, TestSystem, endpoint, issue_token, shell_job,
+};
+use hodei_test_support::{TestDatabase, TestNats, http_get, metric_sample, wait_for};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tonic::Code;
 
@@ -860,6 +863,71 @@ async fn the_api_is_served_over_tls_and_can_require_client_certificates() {
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("tenant (O)"), "{status:?}");
     system.stop().await;
+}
+
+/// The gateway as an operating-system process, stopped with SIGTERM: in process, the test's
+/// runtime would keep the audit writer alive after the gateway's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_for_load_still_counted_when_the_gateway_stops_are_written() {
+    let nats = TestNats::start().await.unwrap();
+    let database = TestDatabase::create().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let grpc = processes::loopback_port().unwrap();
+    let env = processes::backend_vars(
+        &nats,
+        &database,
+        "info",
+        &[
+            ("HODEI_GRPC_ADDR", grpc.to_string()),
+            ("HODEI_TENANT_SUBMIT_RATE", "1".to_owned()),
+            ("HODEI_TENANT_SUBMIT_BURST", "1".to_owned()),
+        ],
+    );
+    let mut gateway = ServiceProcess::start(
+        "api-gateway",
+        "hodei-api-gateway",
+        env,
+        processes::loopback_port().unwrap(),
+        logs.path(),
+    )
+    .unwrap();
+    gateway.wait_readiness(200, DEADLINE).await.unwrap();
+    let pool = database.connect().await.unwrap();
+    let token = issue_token(&pool, "team-a", Role::Submitter).await.unwrap();
+    let a = Clients::new(
+        endpoint(grpc, None, false).unwrap().connect_lazy(),
+        Some(&token),
+    )
+    .unwrap();
+    let mut refusals = 0;
+    for n in 0..20 {
+        match submit(&a, shell_job(&format!("a-{n}"), "true")).await {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::ResourceExhausted => refusals += 1,
+            Err(status) => panic!("a submission failed otherwise: {status:?}"),
+        }
+    }
+    assert!(refusals > 0, "never refused");
+    // Stopped at once: the refusals of the last second are still being counted.
+    let exit = gateway.stop(DEADLINE).await.unwrap();
+    assert!(exit.success(), "{exit}: {}", gateway.log_tail());
+    let details: Vec<String> = sqlx::query_scalar(
+        "SELECT detail FROM audit_log \
+         WHERE tenant = 'team-a' AND action = 'SubmitJob' AND outcome = 'ResourceExhausted'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let counted: u64 = details
+        .iter()
+        .map(|detail| match detail.split_once(" calls refused from ") {
+            Some((n, _)) => n.parse().unwrap(),
+            None => 1,
+        })
+        .sum();
+    assert_eq!(counted, refusals, "{details:?}");
+    database.cleanup().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
