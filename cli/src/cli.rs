@@ -289,7 +289,7 @@ Examples:
   hodei schedule create-pipeline nightly --cron '@daily' -f examples/pipelines/build-test-deploy.yaml
   hodei schedule list
   hodei schedule get nightly-backup
-  hodei schedule trigger nightly-backup")]
+  hodei schedule trigger nightly-backup --idempotency-key backup-2026-12-06")]
     Schedule(ScheduleCommand),
 
     /// Tenants' weights and quotas (setting them takes an admin), and each tenant's share of
@@ -391,7 +391,18 @@ pub enum ScheduleCommand {
     /// Delete a schedule and its history (what it started is left as it is).
     Delete(ScheduleRef),
     /// Fire now, as the overlap policy allows; prints the job or run it started.
-    Trigger(ScheduleRef),
+    Trigger(TriggerArgs),
+}
+
+/// `hodei schedule trigger`.
+#[derive(Debug, Clone, Args)]
+pub struct TriggerArgs {
+    #[command(flatten)]
+    pub schedule: ScheduleRef,
+    /// A key that makes a retry safe: a trigger with the key of one still in the schedule's
+    /// history prints that one's tick and starts nothing.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 }
 
 /// A schedule named on the command line.

@@ -418,6 +418,29 @@ async fn schedules_are_created_triggered_paused_listed_and_deleted_from_the_cli(
         .unwrap();
     let out = hodei(&server, &["logs", &job_id]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "scheduled\n");
+    // A retried trigger with its idempotency key prints the first one's job, starting none.
+    let keyed = [
+        "schedule",
+        "trigger",
+        "nightly-echo",
+        "--idempotency-key",
+        "run-1",
+    ];
+    let first = hodei(&server, &keyed).await;
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let again = hodei(&server, &keyed).await;
+    assert_eq!(again.stdout, first.stdout, "{again:?}");
+    let keyed_job = String::from_utf8_lossy(&first.stdout)
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(keyed_job, job_id);
+    system
+        .wait_terminal(&keyed_job, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
 
     let out = hodei(&server, &["schedule", "get", "nightly-echo"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

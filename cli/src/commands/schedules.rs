@@ -62,13 +62,14 @@ pub async fn execute(
                 || json!({ "deleted": schedule }),
             )
         }
-        ScheduleCommand::Trigger(named) => {
-            let ScheduleRef { schedule, tenant } = named;
+        ScheduleCommand::Trigger(trigger) => {
+            let ScheduleRef { schedule, tenant } = trigger.schedule;
             let answer = clients
                 .schedules
                 .trigger_schedule(pb::TriggerScheduleRequest {
                     schedule: schedule.clone(),
                     tenant: tenant.unwrap_or_default(),
+                    idempotency_key: trigger.idempotency_key.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

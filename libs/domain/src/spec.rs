@@ -390,6 +390,11 @@ impl Rule {
     }
 }
 
+/// Whether `key` is a valid idempotency key: 1 to 256 characters without control characters.
+pub fn is_idempotency_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 256 && is_printable(key)
+}
+
 fn is_printable(s: &str) -> bool {
     !s.chars().any(char::is_control)
 }
@@ -459,11 +464,7 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
         Rule::new(
             "idempotency_key",
             "must be 1 to 256 characters without control characters when given",
-            |d| {
-                d.idempotency_key
-                    .as_deref()
-                    .is_none_or(|k| !k.is_empty() && k.len() <= 256 && is_printable(k))
-            },
+            |d| d.idempotency_key.as_deref().is_none_or(is_idempotency_key),
         ),
         Rule::new(
             "working_dir",

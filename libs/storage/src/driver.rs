@@ -677,6 +677,18 @@ pub struct ScheduleHandled {
     pub failed: Option<String>,
 }
 
+/// What a trigger by hand did.
+#[derive(Debug, Clone)]
+pub enum Triggered {
+    /// It fired (or was skipped by the overlap policy) now.
+    Now(ScheduleHandled),
+    /// A trigger with the same idempotency key did, earlier: its tick, and nothing done again.
+    Again {
+        schedule: hodei_domain::Schedule,
+        tick: hodei_domain::TickRecord,
+    },
+}
+
 /// How long a schedule that could not be handled (for a reason other than PostgreSQL being
 /// away or a concurrent change) is put off, so it does not stand first in line at every poll.
 pub const RETRY_FAILED: chrono::Duration = chrono::Duration::seconds(60);
@@ -764,7 +776,7 @@ async fn fire_schedule(
             run_id: None,
             detail,
         };
-        if schedules::record_tick(conn, schedule.id(), &record).await? {
+        if schedules::record_tick(conn, schedule.id(), &record, None).await? {
             events.push(ScheduleEvent::new(
                 schedule.id(),
                 now,
@@ -789,7 +801,7 @@ async fn fire_schedule(
                 run_id: None,
                 detail: reason.clone(),
             };
-            if schedules::record_tick(conn, schedule.id(), &record).await? {
+            if schedules::record_tick(conn, schedule.id(), &record, None).await? {
                 events.push(ScheduleEvent::new(
                     schedule.id(),
                     now,
@@ -799,7 +811,7 @@ async fn fire_schedule(
         }
     }
     for tick in round.fire {
-        if let Some(event) = fire_tick(conn, schedule, tick, false, now, source).await? {
+        if let Some(event) = fire_tick(conn, schedule, tick, None, now, source).await? {
             events.push(event);
         }
     }
@@ -814,19 +826,29 @@ async fn fire_schedule(
     Ok(events)
 }
 
-/// Fires schedule `id` now, by hand, as its overlap policy allows. `None` for an unknown
-/// schedule.
+/// Fires schedule `id` now, by hand, as its overlap policy allows; a trigger with the
+/// idempotency `key` of one still in the schedule's history does nothing and answers that
+/// one's tick. `None` for an unknown schedule.
 pub async fn trigger_schedule(
     pool: &PgPool,
     id: hodei_domain::ScheduleId,
+    key: Option<&str>,
     source: &str,
-) -> Result<Option<ScheduleHandled>, StorageError> {
+) -> Result<Option<Triggered>, StorageError> {
     let mut tx = pool.begin().await?;
     let Some(schedule) = schedules::lock(&mut tx, id).await? else {
         return Ok(None);
     };
-    let now = Utc::now();
-    let events: Vec<_> = fire_tick(&mut tx, &schedule, now, true, now, source)
+    // Under the schedule's lock: a trigger with the same key waits, then finds this one's tick.
+    if let Some(key) = key
+        && let Some(tick) = schedules::tick_by_key(&mut tx, id, key).await?
+    {
+        tx.commit().await?;
+        return Ok(Some(Triggered::Again { schedule, tick }));
+    }
+    // As stored: the tick answered now equals the one a retry reads back.
+    let now = hodei_domain::time::recorded(Utc::now());
+    let events: Vec<_> = fire_tick(&mut tx, &schedule, now, Some(key), now, source)
         .await?
         .into_iter()
         .collect();
@@ -837,24 +859,27 @@ pub async fn trigger_schedule(
     outbox::append(&mut tx, &messages).await?;
     schedules::prune_ticks(&mut tx, schedule.id(), schedule.spec().history_limit).await?;
     tx.commit().await?;
-    Ok(Some(ScheduleHandled {
+    Ok(Some(Triggered::Now(ScheduleHandled {
         schedule,
         events,
         failed: None,
-    }))
+    })))
 }
 
 /// Fires one tick: records it, then, when an earlier job or run has not ended, does what the
 /// overlap policy says (skip this tick, or cancel them), then starts the template's job or
 /// run keyed by the tick. `None` when the tick was handled before (nothing is done again).
+/// `trigger` is set for a trigger by hand: `Some` of its idempotency key, if it has one.
 async fn fire_tick(
     conn: &mut PgConnection,
     schedule: &hodei_domain::Schedule,
     tick: chrono::DateTime<Utc>,
-    manual: bool,
+    trigger: Option<Option<&str>>,
     now: chrono::DateTime<Utc>,
     source: &str,
 ) -> Result<Option<hodei_domain::ScheduleEvent>, StorageError> {
+    let manual = trigger.is_some();
+    let key = trigger.flatten();
     use hodei_domain::{
         Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, TickOutcome,
         TickRecord,
@@ -876,7 +901,7 @@ async fn fire_tick(
             run_id: None,
             detail: reason.clone(),
         };
-        if !schedules::record_tick(conn, schedule.id(), &record).await? {
+        if !schedules::record_tick(conn, schedule.id(), &record, key).await? {
             return Ok(None);
         }
         return Ok(Some(ScheduleEvent::new(
@@ -918,7 +943,7 @@ async fn fire_tick(
         run_id,
         detail: String::new(),
     };
-    if !schedules::record_tick(conn, schedule.id(), &record).await? {
+    if !schedules::record_tick(conn, schedule.id(), &record, key).await? {
         return Ok(None);
     }
     let mut cancelled = Vec::new();

@@ -175,16 +175,19 @@ pub async fn list(
     rows.iter().map(decode).collect()
 }
 
-/// Records a tick of schedule `id`. Returns false, recording nothing, when the tick was
-/// recorded before: it must not start anything again.
+/// Records a tick of schedule `id`, with the idempotency key of the trigger that made it, if
+/// any. Returns false, recording nothing, when the tick was recorded before: it must not
+/// start anything again.
 pub async fn record_tick(
     conn: &mut PgConnection,
     id: ScheduleId,
     tick: &TickRecord,
+    key: Option<&str>,
 ) -> Result<bool, StorageError> {
     let inserted = sqlx::query(
-        "INSERT INTO schedule_ticks (schedule_id, tick, outcome, handled_at, job_id, run_id, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO schedule_ticks
+             (schedule_id, tick, outcome, handled_at, job_id, run_id, detail, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (schedule_id, tick) DO NOTHING",
     )
     .bind(id.as_uuid())
@@ -194,6 +197,7 @@ pub async fn record_tick(
     .bind(tick.job_id.map(|j| j.as_uuid()))
     .bind(tick.run_id.map(|r| r.as_uuid()))
     .bind(&tick.detail)
+    .bind(key)
     .execute(&mut *conn)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -280,25 +284,43 @@ pub async fn ticks(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let r = RowReader {
-                table: "schedule_ticks",
-                id: id.to_string(),
-                row,
-            };
-            Ok(TickRecord {
-                tick: r.get("tick")?,
-                outcome: r.parse("outcome")?,
-                handled_at: r.get("handled_at")?,
-                job_id: r.get::<Option<Uuid>>("job_id")?.map(JobId::from_uuid),
-                run_id: r
-                    .get::<Option<Uuid>>("run_id")?
-                    .map(PipelineRunId::from_uuid),
-                detail: r.get("detail")?,
-            })
-        })
-        .collect()
+    rows.iter().map(|row| decode_tick(id, row)).collect()
+}
+
+/// The tick of schedule `id` that a trigger with idempotency key `key` recorded, if the
+/// history still holds it.
+pub async fn tick_by_key(
+    conn: &mut PgConnection,
+    id: ScheduleId,
+    key: &str,
+) -> Result<Option<TickRecord>, StorageError> {
+    let row = sqlx::query(
+        "SELECT tick, outcome, handled_at, job_id, run_id, detail FROM schedule_ticks
+         WHERE schedule_id = $1 AND idempotency_key = $2",
+    )
+    .bind(id.as_uuid())
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|row| decode_tick(id, &row)).transpose()
+}
+
+fn decode_tick(id: ScheduleId, row: &PgRow) -> Result<TickRecord, StorageError> {
+    let r = RowReader {
+        table: "schedule_ticks",
+        id: id.to_string(),
+        row,
+    };
+    Ok(TickRecord {
+        tick: r.get("tick")?,
+        outcome: r.parse("outcome")?,
+        handled_at: r.get("handled_at")?,
+        job_id: r.get::<Option<Uuid>>("job_id")?.map(JobId::from_uuid),
+        run_id: r
+            .get::<Option<Uuid>>("run_id")?
+            .map(PipelineRunId::from_uuid),
+        detail: r.get("detail")?,
+    })
 }
 
 fn decode(row: &PgRow) -> Result<Schedule, StorageError> {

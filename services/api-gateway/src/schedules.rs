@@ -12,6 +12,7 @@ use hodei_messaging::Outgoing;
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::schedule_service_server::ScheduleService;
 use hodei_runtime::Backends;
+use hodei_storage::driver::Triggered;
 use hodei_storage::{StorageError, driver, outbox, schedules};
 use tonic::{Request, Response, Status};
 
@@ -223,24 +224,41 @@ impl ScheduleApi {
         who: &Principal,
         named: &str,
         tenant: &str,
+        key: &str,
     ) -> Result<pb::TriggerScheduleResponse, ApiError> {
         who.authorize(Action::Submit)?;
+        let key = (!key.is_empty()).then_some(key);
+        if key.is_some_and(|k| !hodei_domain::spec::is_idempotency_key(k)) {
+            return Err(ApiError::field(
+                "idempotency_key",
+                "must be 1 to 256 characters without control characters when given",
+            ));
+        }
         let found = self.find(who, named, tenant).await?;
         self.quotas.submit(found.tenant())?;
-        let handled = self
+        let triggered = self
             .backends
-            .db(|| driver::trigger_schedule(&self.backends.pool, found.id(), SOURCE))
+            .db(|| driver::trigger_schedule(&self.backends.pool, found.id(), key, SOURCE))
             .await?
             .ok_or_else(|| ApiError::not_found(format!("schedule {named}")))?;
-        self.backends.relay_wake.notify_one();
-        let tick = handled.events.iter().find_map(tick_of).ok_or_else(|| {
-            ApiError::Storage(StorageError::Conflict {
-                what: format!("trigger of schedule {named}"),
-            })
-        })?;
-        tracing::info!(schedule_id = %found.id(), outcome = %tick.outcome, by = %who.subject, "schedule triggered");
+        let (schedule, tick) = match triggered {
+            Triggered::Now(handled) => {
+                self.backends.relay_wake.notify_one();
+                let tick = handled.events.iter().find_map(tick_of).ok_or_else(|| {
+                    ApiError::Storage(StorageError::Conflict {
+                        what: format!("trigger of schedule {named}"),
+                    })
+                })?;
+                tracing::info!(schedule_id = %found.id(), outcome = %tick.outcome, by = %who.subject, "schedule triggered");
+                (handled.schedule, tick)
+            }
+            Triggered::Again { schedule, tick } => {
+                tracing::info!(schedule_id = %found.id(), tick = %tick.tick, by = %who.subject, "schedule trigger repeated with the same idempotency key; nothing done");
+                (schedule, tick)
+            }
+        };
         Ok(pb::TriggerScheduleResponse {
-            schedule: Some((&handled.schedule).into()),
+            schedule: Some((&schedule).into()),
             tick: Some((&tick).into()),
         })
     }
@@ -442,7 +460,9 @@ impl ScheduleService for ScheduleApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let tenant = access::named_tenant(&who, &req.tenant);
-        let result = self.trigger(&who, &req.schedule, &req.tenant).await;
+        let result = self
+            .trigger(&who, &req.schedule, &req.tenant, &req.idempotency_key)
+            .await;
         let tenant = match &result {
             Ok(pb::TriggerScheduleResponse {
                 schedule: Some(s), ..

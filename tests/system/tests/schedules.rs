@@ -975,3 +975,77 @@ async fn the_schedule_api_names_fields_triggers_pauses_and_runs_pipelines() {
     assert_eq!(kept, [fired[3].clone(), fired[2].clone()], "newest first");
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trigger_retried_with_its_idempotency_key_fires_once() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "trigger-agent",
+        labels: "",
+        slots: 4,
+    }])
+    .await
+    .unwrap();
+    let (schedules, _) = clients(&system);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger_path = dir.path().join("ledger");
+    create(
+        &mut schedules.clone(),
+        schedule_spec(
+            "by-hand",
+            "@yearly",
+            ledger_job("by-hand", &ledger_path, 0.0),
+        ),
+    )
+    .await;
+    let trigger = |key: String| {
+        let mut schedules = schedules.clone();
+        async move {
+            schedules
+                .trigger_schedule(pb::TriggerScheduleRequest {
+                    schedule: "by-hand".to_owned(),
+                    idempotency_key: key,
+                    ..Default::default()
+                })
+                .await
+                .map(|answer| answer.into_inner().tick.unwrap())
+        }
+    };
+    let err = trigger("k".repeat(257)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("idempotency_key"),
+        "{}",
+        err.message()
+    );
+
+    // Concurrent copies of one trigger (a client retrying while its first call is on its way)
+    // and a retry after: one tick, one job.
+    let copies = futures::future::join_all((0..4).map(|_| trigger("backup-1".to_owned()))).await;
+    let mut ticks: Vec<pb::ScheduleTick> = copies.into_iter().map(Result::unwrap).collect();
+    ticks.push(trigger("backup-1".to_owned()).await.unwrap());
+    let first = ticks[0].clone();
+    assert_eq!(first.outcome, "triggered");
+    assert!(!first.job_id.is_empty());
+    assert!(ticks.iter().all(|t| *t == first), "{ticks:?}");
+    // Another key fires again.
+    let second = trigger("backup-2".to_owned()).await.unwrap();
+    assert_ne!(second.job_id, first.job_id);
+    for id in [&first.job_id, &second.job_id] {
+        let job = system.wait_terminal(id, DEADLINE).await.unwrap();
+        assert_eq!(job.state(), pb::JobState::Succeeded, "{job:?}");
+    }
+    let triggered: Vec<String> = get(&mut schedules.clone(), "by-hand")
+        .await
+        .recent_ticks
+        .into_iter()
+        .map(|t| t.job_id)
+        .collect();
+    assert_eq!(triggered, [second.job_id.clone(), first.job_id.clone()]);
+    let runs = ledger(&ledger_path);
+    assert_eq!(
+        runs,
+        BTreeMap::from([(first.job_id, 1), (second.job_id, 1)]),
+        "each trigger's job ran once, and nothing else ran"
+    );
+    system.stop().await;
+}
