@@ -55,17 +55,15 @@ where
 /// local one, which a port from `bind(0)` allows between this call and the server's bind, or
 /// while a server that keeps its port across a restart is down.
 pub fn free_port() -> Result<u16, TestSupportError> {
-    let (ephemeral_low, ephemeral_high) = ephemeral_ports();
-    let below = ephemeral_low.saturating_sub(FIRST_PORT);
-    let above = u16::MAX.saturating_sub(ephemeral_high);
-    let candidates = u32::from(below) + u32::from(above);
-    if candidates > 0 {
+    let (below, above) = candidate_ports();
+    let (below_count, above_count) = (below.len() as u128, above.len() as u128);
+    if below_count + above_count > 0 {
         for _ in 0..PORT_TRIES {
-            let pick = uuid::Uuid::new_v4().as_u128() % u128::from(candidates);
-            let port = if pick < u128::from(below) {
-                u128::from(FIRST_PORT) + pick
+            let pick = uuid::Uuid::new_v4().as_u128() % (below_count + above_count);
+            let port = if pick < below_count {
+                u128::from(below.start) + pick
             } else {
-                u128::from(ephemeral_high) + 1 + pick - u128::from(below)
+                u128::from(above.start) + pick - below_count
             };
             let Ok(port) = u16::try_from(port) else {
                 continue;
@@ -88,6 +86,16 @@ const FIRST_PORT: u16 = 10_000;
 
 /// How many random ports [`free_port`] tries before it asks the kernel for one.
 const PORT_TRIES: usize = 64;
+
+/// The ports [`free_port`] picks from: from [`FIRST_PORT`] up to the kernel's ephemeral range,
+/// and from its end up; either may be empty.
+fn candidate_ports() -> (std::ops::Range<u32>, std::ops::Range<u32>) {
+    let (low, high) = ephemeral_ports();
+    let first = u32::from(FIRST_PORT);
+    let below = first..u32::from(low).max(first);
+    let above = (u32::from(high) + 1).max(first)..u32::from(u16::MAX) + 1;
+    (below, above)
+}
 
 /// The kernel's range of ephemeral ports (Linux's default where it cannot be read).
 fn ephemeral_ports() -> (u16, u16) {
@@ -155,11 +163,14 @@ mod tests {
     fn free_port_gives_a_bindable_port() -> Result<(), Box<dyn std::error::Error>> {
         let port = free_port()?;
         assert_ne!(port, 0);
-        let (low, high) = ephemeral_ports();
-        assert!(
-            !(low..=high).contains(&port),
-            "{port} is in the ephemeral range {low}-{high}"
-        );
+        let (below, above) = candidate_ports();
+        if !below.is_empty() || !above.is_empty() {
+            let (low, high) = ephemeral_ports();
+            assert!(
+                below.contains(&u32::from(port)) || above.contains(&u32::from(port)),
+                "{port} is not above {FIRST_PORT} and outside the ephemeral range {low}-{high}"
+            );
+        }
         let _listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
         Ok(())
     }

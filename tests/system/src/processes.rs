@@ -203,7 +203,12 @@ impl ServiceProcess {
         let waited = match self.child.as_mut() {
             Some(child) => tokio::select! {
                 waited = ready => waited,
-                _ = child.wait() => Ok(()),
+                exited = child.wait() => exited
+                    .map(|_| ())
+                    .map_err(|e| hodei_test_support::TestSupportError::Io {
+                        context: format!("waiting for {} to exit", self.name),
+                        source: e,
+                    }),
             },
             None => ready.await,
         };
@@ -273,6 +278,7 @@ mod tests {
             .await
             .unwrap_err()
             .0;
+        database.cleanup().await.unwrap();
         assert!(
             error.starts_with("api-gateway exited"),
             "the exit ends the wait, not the deadline: {error}"
