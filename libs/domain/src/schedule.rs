@@ -80,6 +80,16 @@ pub struct TickRecord {
     pub detail: String,
 }
 
+/// A fired tick's `detail`: what it cancelled first (overlap policy `cancel_previous`), or
+/// nothing.
+pub fn cancelled_detail(cancelled: &[String]) -> String {
+    if cancelled.is_empty() {
+        String::new()
+    } else {
+        format!("cancelled {}", cancelled.join(", "))
+    }
+}
+
 /// What a schedule starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

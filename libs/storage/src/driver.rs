@@ -969,6 +969,10 @@ async fn fire_tick(
                 Err(e) => return Err(e),
             }
         }
+        if !cancelled.is_empty() {
+            let detail = hodei_domain::schedule::cancelled_detail(&cancelled);
+            schedules::set_tick_detail(conn, schedule.id(), tick, &detail).await?;
+        }
     }
     match start {
         Start::Job(job, event) => {

@@ -203,6 +203,22 @@ pub async fn record_tick(
     Ok(inserted.rows_affected() == 1)
 }
 
+/// Sets the `detail` of a tick recorded in this transaction (what firing it cancelled).
+pub async fn set_tick_detail(
+    conn: &mut PgConnection,
+    id: ScheduleId,
+    tick: DateTime<Utc>,
+    detail: &str,
+) -> Result<(), StorageError> {
+    sqlx::query("UPDATE schedule_ticks SET detail = $3 WHERE schedule_id = $1 AND tick = $2")
+        .bind(id.as_uuid())
+        .bind(tick)
+        .bind(detail)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// What a schedule started that has not ended yet: its job or run, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Started {

@@ -283,11 +283,7 @@ fn tick_of(event: &ScheduleEvent) -> Option<TickRecord> {
             handled_at: event.at,
             job_id: *job_id,
             run_id: *run_id,
-            detail: if cancelled.is_empty() {
-                String::new()
-            } else {
-                format!("cancelled {}", cancelled.join(", "))
-            },
+            detail: hodei_domain::schedule::cancelled_detail(cancelled),
         }),
         ScheduleEventKind::Skipped { tick, reason } => Some(TickRecord {
             tick: *tick,

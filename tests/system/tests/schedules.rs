@@ -634,6 +634,14 @@ async fn each_overlap_policy_does_what_it_says() {
         .iter()
         .filter_map(|t| t.job_id.clone())
         .collect();
+    // The history says what a firing cancelled, as its event and the trigger's answer do.
+    assert!(
+        replacer.iter().any(|t| t.outcome == "fired"
+            && replaced
+                .iter()
+                .any(|job| t.detail == format!("cancelled job {job}"))),
+        "{replacer:?}"
+    );
     for id in &replaced {
         let id = id.clone();
         let job = wait_for("a replaced job to end", DEADLINE, || {
