@@ -390,6 +390,10 @@ impl Rule {
     }
 }
 
+/// What makes an idempotency key valid, as error messages say it.
+pub const IDEMPOTENCY_KEY_RULE: &str =
+    "must be 1 to 256 characters without control characters when given";
+
 /// Whether `key` is a valid idempotency key: 1 to 256 characters without control characters.
 pub fn is_idempotency_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= 256 && is_printable(key)
@@ -461,11 +465,9 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
                     && d.retry_backoff.max_ms <= 86_400_000
             },
         ),
-        Rule::new(
-            "idempotency_key",
-            "must be 1 to 256 characters without control characters when given",
-            |d| d.idempotency_key.as_deref().is_none_or(is_idempotency_key),
-        ),
+        Rule::new("idempotency_key", IDEMPOTENCY_KEY_RULE, |d| {
+            d.idempotency_key.as_deref().is_none_or(is_idempotency_key)
+        }),
         Rule::new(
             "working_dir",
             "must be a relative path inside the job's workspace (no '..', not absolute)",

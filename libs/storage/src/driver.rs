@@ -811,7 +811,8 @@ async fn fire_schedule(
         }
     }
     for tick in round.fire {
-        if let Some(event) = fire_tick(conn, schedule, tick, None, now, source).await? {
+        if let Some(event) = fire_tick(conn, schedule, tick, FiredBy::Schedule, now, source).await?
+        {
             events.push(event);
         }
     }
@@ -848,7 +849,7 @@ pub async fn trigger_schedule(
     }
     // As stored: the tick answered now equals the one a retry reads back.
     let now = hodei_domain::time::recorded(Utc::now());
-    let events: Vec<_> = fire_tick(&mut tx, &schedule, now, Some(key), now, source)
+    let events: Vec<_> = fire_tick(&mut tx, &schedule, now, FiredBy::Hand { key }, now, source)
         .await?
         .into_iter()
         .collect();
@@ -866,20 +867,28 @@ pub async fn trigger_schedule(
     })))
 }
 
+/// Who fires a tick: the schedule's own time, or a trigger by hand with its idempotency key.
+#[derive(Debug, Clone, Copy)]
+enum FiredBy<'a> {
+    Schedule,
+    Hand { key: Option<&'a str> },
+}
+
 /// Fires one tick: records it, then, when an earlier job or run has not ended, does what the
 /// overlap policy says (skip this tick, or cancel them), then starts the template's job or
 /// run keyed by the tick. `None` when the tick was handled before (nothing is done again).
-/// `trigger` is set for a trigger by hand: `Some` of its idempotency key, if it has one.
 async fn fire_tick(
     conn: &mut PgConnection,
     schedule: &hodei_domain::Schedule,
     tick: chrono::DateTime<Utc>,
-    trigger: Option<Option<&str>>,
+    by: FiredBy<'_>,
     now: chrono::DateTime<Utc>,
     source: &str,
 ) -> Result<Option<hodei_domain::ScheduleEvent>, StorageError> {
-    let manual = trigger.is_some();
-    let key = trigger.flatten();
+    let (manual, key) = match by {
+        FiredBy::Schedule => (false, None),
+        FiredBy::Hand { key } => (true, key),
+    };
     use hodei_domain::{
         Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, TickOutcome,
         TickRecord,

@@ -231,7 +231,7 @@ impl ScheduleApi {
         if key.is_some_and(|k| !hodei_domain::spec::is_idempotency_key(k)) {
             return Err(ApiError::field(
                 "idempotency_key",
-                "must be 1 to 256 characters without control characters when given",
+                hodei_domain::spec::IDEMPOTENCY_KEY_RULE,
             ));
         }
         let found = self.find(who, named, tenant).await?;

@@ -865,6 +865,28 @@ async fn the_api_is_served_over_tls_and_can_require_client_certificates() {
     system.stop().await;
 }
 
+/// Submits `n` jobs named `<prefix>-<i>` one after the other; how many were refused for load.
+/// Any other failure fails the test.
+async fn submit_counting_refusals(clients: &Clients, prefix: &str, n: usize) -> u64 {
+    let mut refusals = 0;
+    for i in 0..n {
+        match submit(clients, shell_job(&format!("{prefix}-{i}"), "true")).await {
+            Ok(_) => {}
+            Err(status) if status.code() == Code::ResourceExhausted => refusals += 1,
+            Err(status) => panic!("a submission failed otherwise: {status:?}"),
+        }
+    }
+    refusals
+}
+
+/// How many refused calls an audit entry stands for: counted ones say how many.
+fn refused_calls(detail: &str) -> u64 {
+    match detail.split_once(" calls refused from ") {
+        Some((n, _)) => n.parse().unwrap(),
+        None => 1,
+    }
+}
+
 /// The gateway as an operating-system process, stopped with SIGTERM: in process, the test's
 /// runtime would keep the audit writer alive after the gateway's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -899,14 +921,7 @@ async fn refusals_for_load_still_counted_when_the_gateway_stops_are_written() {
         Some(&token),
     )
     .unwrap();
-    let mut refusals = 0;
-    for n in 0..20 {
-        match submit(&a, shell_job(&format!("a-{n}"), "true")).await {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::ResourceExhausted => refusals += 1,
-            Err(status) => panic!("a submission failed otherwise: {status:?}"),
-        }
-    }
+    let refusals = submit_counting_refusals(&a, "a", 20).await;
     assert!(refusals > 0, "never refused");
     // Stopped at once: the refusals of the last second are still being counted.
     let exit = gateway.stop(DEADLINE).await.unwrap();
@@ -919,13 +934,7 @@ async fn refusals_for_load_still_counted_when_the_gateway_stops_are_written() {
     .await
     .unwrap();
     pool.close().await;
-    let counted: u64 = details
-        .iter()
-        .map(|detail| match detail.split_once(" calls refused from ") {
-            Some((n, _)) => n.parse().unwrap(),
-            None => 1,
-        })
-        .sum();
+    let counted: u64 = details.iter().map(|detail| refused_calls(detail)).sum();
     assert_eq!(counted, refusals, "{details:?}");
     database.cleanup().await.unwrap();
 }
@@ -973,14 +982,7 @@ async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
     );
     // More refusals in a row: answered at once, and audited together, one entry per caller
     // and second saying how many.
-    let mut refusals = 1;
-    for n in 0..5 {
-        match submit(&a, shell_job(&format!("again-{n}"), "true")).await {
-            Ok(_) => {}
-            Err(status) if status.code() == Code::ResourceExhausted => refusals += 1,
-            Err(status) => panic!("a submission failed otherwise: {status:?}"),
-        }
-    }
+    let refusals = 1 + submit_counting_refusals(&a, "again", 5).await;
     let a_subject = who_am_i(&a).await.unwrap().subject;
     wait_for("the refusals in the audit log", DEADLINE, || {
         let mut access = system.access.clone();
@@ -1002,10 +1004,7 @@ async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
                         && e.outcome == "ResourceExhausted"
                         && e.subject == a_subject
                 })
-                .map(|e| match e.detail.split_once(" calls refused from ") {
-                    Some((n, _)) => n.parse().unwrap(),
-                    None => 1,
-                })
+                .map(|e| refused_calls(&e.detail))
                 .sum();
             (counted == refusals).then_some(())
         }
