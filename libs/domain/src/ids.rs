@@ -111,6 +111,12 @@ macro_rules! uuid_id {
             }
         }
 
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.0.as_hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            }
+        }
+
         impl FromStr for $name {
             type Err = IdError;
 
@@ -191,6 +197,12 @@ macro_rules! name_id {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
             }
         }
 
@@ -303,14 +315,17 @@ impl FromStr for AttemptId {
     }
 }
 
-macro_rules! string_serde {
-    ($($name:ident),*) => {$(
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        }
+impl Serialize for AttemptId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
 
+/// Every id deserialises from its text. (Each serialises as its text too: the UUIDs and names
+/// hand theirs to the serializer whole, since `collect_str` would go through the formatting
+/// machinery and a JSON writer escapes each piece it is given.)
+macro_rules! string_deserialize {
+    ($($name:ident),*) => {$(
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
@@ -320,7 +335,7 @@ macro_rules! string_serde {
     )*};
 }
 
-string_serde!(
+string_deserialize!(
     JobId,
     PipelineRunId,
     ScheduleId,
@@ -377,6 +392,29 @@ mod tests {
         assert_eq!(serde_json::from_str::<AttemptId>(&json).unwrap(), attempt);
         let w: WorkerId = "agent-1".parse().unwrap();
         assert_eq!(serde_json::to_string(&w).unwrap(), "\"agent-1\"");
+    }
+
+    /// Every id serialises as its `Display` text, which is what it deserialises from.
+    #[test]
+    fn ids_serialise_as_their_text() {
+        fn check<
+            T: Serialize + for<'de> Deserialize<'de> + fmt::Display + PartialEq + fmt::Debug,
+        >(
+            id: T,
+        ) {
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(json, format!("\"{id}\""));
+            assert_eq!(serde_json::from_str::<T>(&json).unwrap(), id);
+        }
+        let job = JobId::new();
+        check(job);
+        check(PipelineRunId::new());
+        check(ScheduleId::new());
+        check(IncarnationId::new());
+        check(TokenId::new());
+        check("agent-1".parse::<WorkerId>().unwrap());
+        check(TenantId::default());
+        check(AttemptId::new(job, AttemptNumber::new(3)));
     }
 
     #[test]
