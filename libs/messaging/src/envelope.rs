@@ -1,22 +1,28 @@
 //! The CloudEvents-style JSON envelope around every domain event on `hodei.v1.evt.>`, so a
 //! person watching with a NATS subscriber reads what happened, to what, when and from where.
 //!
-//! An event is serialised straight from the domain type into its envelope (`Envelope<&E>`),
-//! with no `serde_json::Value` in between; a reader decodes `Envelope` (any data) or
-//! `Envelope<E>` (typed).
-
-use std::borrow::Cow;
+//! An event is serialised straight from the domain type into its envelope
+//! (`OutgoingEnvelope`), with no `serde_json::Value` in between; a reader decodes `Envelope`
+//! (any data) or `Envelope<E>` (typed).
 
 use chrono::{DateTime, Utc};
-use hodei_domain::{JobEvent, PipelineEvent, WorkerEvent};
-use serde::{Deserialize, Serialize};
+use hodei_domain::{
+    JobEvent, JobId, PipelineEvent, PipelineRunId, ScheduleEvent, ScheduleId, WorkerEvent, WorkerId,
+};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// A domain event as published, its data of type `D`.
+/// The CloudEvents version every envelope carries.
+const SPECVERSION: &str = "1.0";
+/// The content type of every envelope's data.
+const DATACONTENTTYPE: &str = "application/json";
+
+/// A domain event as read, its data of type `D` (an event is written through
+/// [`OutgoingEnvelope`], into the same JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<D = Value> {
-    pub specversion: Cow<'static, str>,
+    pub specversion: String,
     /// The event id; also the JetStream de-duplication id.
     pub id: Uuid,
     /// `hodei.job.<event>`, `hodei.worker.<event>`, `hodei.pipeline.<event>` or
@@ -29,80 +35,116 @@ pub struct Envelope<D = Value> {
     pub subject: String,
     #[serde(with = "hodei_domain::time::rfc3339")]
     pub time: DateTime<Utc>,
-    pub datacontenttype: Cow<'static, str>,
+    pub datacontenttype: String,
     /// The domain event itself.
     pub data: D,
 }
 
-impl<D> Envelope<D> {
+/// An event's envelope as it is published: the JSON of [`Envelope`], written from parts
+/// borrowed from the event and the caller, so that serialising it allocates nothing but its
+/// output (the type, `hodei.<family>.<event>`, and the subject's id are written straight into
+/// it).
+#[derive(Debug, Serialize)]
+pub struct OutgoingEnvelope<'a, S, D> {
+    specversion: &'static str,
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: EventType,
+    source: &'a str,
+    subject: &'a S,
+    #[serde(with = "hodei_domain::time::rfc3339")]
+    time: DateTime<Utc>,
+    datacontenttype: &'static str,
+    data: &'a D,
+}
+
+/// An envelope's `type`: `hodei.<family>.<event>`.
+#[derive(Debug, Clone, Copy)]
+struct EventType {
+    family: &'static str,
+    name: &'static str,
+}
+
+impl EventType {
+    fn new(family: &'static str, name: &'static str) -> Self {
+        Self { family, name }
+    }
+}
+
+impl Serialize for EventType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("hodei.{}.{}", self.family, self.name))
+    }
+}
+
+impl<'a, S, D> OutgoingEnvelope<'a, S, D> {
     fn new(
-        id: Uuid,
-        event_type: String,
-        source: &str,
-        subject: String,
-        time: DateTime<Utc>,
-        data: D,
+        event: (Uuid, DateTime<Utc>),
+        event_type: EventType,
+        source: &'a str,
+        subject: &'a S,
+        data: &'a D,
     ) -> Self {
         Self {
-            specversion: Cow::Borrowed("1.0"),
-            id,
+            specversion: SPECVERSION,
+            id: event.0,
             event_type,
-            source: source.to_owned(),
+            source,
             subject,
-            time,
-            datacontenttype: Cow::Borrowed("application/json"),
+            time: event.1,
+            datacontenttype: DATACONTENTTYPE,
             data,
         }
     }
 }
 
-impl<'a> Envelope<&'a JobEvent> {
-    pub fn for_job(event: &'a JobEvent, source: &str) -> Self {
+impl<'a> OutgoingEnvelope<'a, JobId, JobEvent> {
+    pub fn job(event: &'a JobEvent, source: &'a str) -> Self {
+        let event_type = EventType::new("job", event.kind.name());
         Self::new(
-            event.event_id,
-            format!("hodei.job.{}", event.kind.name()),
+            (event.event_id, event.at),
+            event_type,
             source,
-            event.job_id.to_string(),
-            event.at,
+            &event.job_id,
             event,
         )
     }
 }
 
-impl<'a> Envelope<&'a WorkerEvent> {
-    pub fn for_worker(event: &'a WorkerEvent, source: &str) -> Self {
+impl<'a> OutgoingEnvelope<'a, WorkerId, WorkerEvent> {
+    pub fn worker(event: &'a WorkerEvent, source: &'a str) -> Self {
+        let event_type = EventType::new("worker", event.kind.name());
         Self::new(
-            event.event_id,
-            format!("hodei.worker.{}", event.kind.name()),
+            (event.event_id, event.at),
+            event_type,
             source,
-            event.worker_id.to_string(),
-            event.at,
+            &event.worker_id,
             event,
         )
     }
 }
 
-impl<'a> Envelope<&'a PipelineEvent> {
-    pub fn for_pipeline(event: &'a PipelineEvent, source: &str) -> Self {
+impl<'a> OutgoingEnvelope<'a, PipelineRunId, PipelineEvent> {
+    pub fn pipeline(event: &'a PipelineEvent, source: &'a str) -> Self {
+        let event_type = EventType::new("pipeline", event.kind.name());
         Self::new(
-            event.event_id,
-            format!("hodei.pipeline.{}", event.kind.name()),
+            (event.event_id, event.at),
+            event_type,
             source,
-            event.run_id.to_string(),
-            event.at,
+            &event.run_id,
             event,
         )
     }
 }
 
-impl<'a> Envelope<&'a hodei_domain::ScheduleEvent> {
-    pub fn for_schedule(event: &'a hodei_domain::ScheduleEvent, source: &str) -> Self {
+impl<'a> OutgoingEnvelope<'a, ScheduleId, ScheduleEvent> {
+    pub fn schedule(event: &'a ScheduleEvent, source: &'a str) -> Self {
+        let event_type = EventType::new("schedule", event.kind.name());
         Self::new(
-            event.event_id,
-            format!("hodei.schedule.{}", event.kind.name()),
+            (event.event_id, event.at),
+            event_type,
             source,
-            event.schedule_id.to_string(),
-            event.at,
+            &event.schedule_id,
             event,
         )
     }
@@ -112,5 +154,114 @@ impl Envelope {
     /// The job event inside, if this envelope carries one.
     pub fn job_event(&self) -> Result<JobEvent, serde_json::Error> {
         JobEvent::deserialize(&self.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use hodei_domain::spec::JobSpecDraft;
+    use hodei_domain::{
+        AttemptNumber, Job, JobSpec, PipelineEventKind, ScheduleEventKind, TenantId,
+        WorkerEventKind,
+    };
+
+    use super::*;
+
+    const SOURCE: &str = "hodei/scheduler";
+
+    /// What the envelope's JSON was before it was written from borrowed parts: `Envelope`
+    /// with its fields owned.
+    fn owned<D>(
+        id: Uuid,
+        event_type: String,
+        subject: String,
+        time: DateTime<Utc>,
+        data: D,
+    ) -> Envelope<D> {
+        Envelope {
+            specversion: "1.0".to_owned(),
+            id,
+            event_type,
+            source: SOURCE.to_owned(),
+            subject,
+            time,
+            datacontenttype: "application/json".to_owned(),
+            data,
+        }
+    }
+
+    /// Every family's outgoing envelope writes the very JSON of an `Envelope` built from owned
+    /// parts, and reads back as the event.
+    #[test]
+    fn outgoing_envelopes_write_the_envelope_json() {
+        let spec = JobSpec::try_from(JobSpecDraft::exec("build", &["make", "test"])).unwrap();
+        let now = Utc::now();
+        let (mut job, submitted) = Job::submit(JobId::new(), TenantId::default(), spec, now);
+        let worker: WorkerId = "worker-1".parse().unwrap();
+        let assigned = job.assign(worker.clone(), now).unwrap();
+        let started = job.start(AttemptNumber::new(1), now).unwrap();
+        for event in [submitted, assigned, started] {
+            let fast = serde_json::to_string(&OutgoingEnvelope::job(&event, SOURCE)).unwrap();
+            let type_ = format!("hodei.job.{}", event.kind.name());
+            let reference = owned(
+                event.event_id,
+                type_,
+                event.job_id.to_string(),
+                event.at,
+                &event,
+            );
+            assert_eq!(fast, serde_json::to_string(&reference).unwrap());
+            let read: Envelope = serde_json::from_str(&fast).unwrap();
+            assert_eq!(read.job_event().unwrap(), event);
+        }
+
+        let event = WorkerEvent {
+            event_id: Uuid::now_v7(),
+            worker_id: worker,
+            at: now,
+            kind: WorkerEventKind::Returned,
+        };
+        let fast = serde_json::to_string(&OutgoingEnvelope::worker(&event, SOURCE)).unwrap();
+        let type_ = "hodei.worker.returned".to_owned();
+        let reference = owned(
+            event.event_id,
+            type_,
+            event.worker_id.to_string(),
+            now,
+            &event,
+        );
+        assert_eq!(fast, serde_json::to_string(&reference).unwrap());
+
+        let event = PipelineEvent {
+            event_id: Uuid::now_v7(),
+            run_id: PipelineRunId::new(),
+            seq: 2,
+            at: now,
+            kind: PipelineEventKind::StepStarted {
+                step: "build".to_owned(),
+            },
+        };
+        let fast = serde_json::to_string(&OutgoingEnvelope::pipeline(&event, SOURCE)).unwrap();
+        let type_ = "hodei.pipeline.step_started".to_owned();
+        let reference = owned(event.event_id, type_, event.run_id.to_string(), now, &event);
+        assert_eq!(fast, serde_json::to_string(&reference).unwrap());
+
+        let event = ScheduleEvent {
+            event_id: Uuid::now_v7(),
+            schedule_id: ScheduleId::new(),
+            at: now,
+            kind: ScheduleEventKind::Paused,
+        };
+        let fast = serde_json::to_string(&OutgoingEnvelope::schedule(&event, SOURCE)).unwrap();
+        let type_ = "hodei.schedule.paused".to_owned();
+        let reference = owned(
+            event.event_id,
+            type_,
+            event.schedule_id.to_string(),
+            now,
+            &event,
+        );
+        assert_eq!(fast, serde_json::to_string(&reference).unwrap());
     }
 }

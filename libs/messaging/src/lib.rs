@@ -14,7 +14,7 @@ pub mod subjects;
 pub mod trace;
 
 pub use connect::{MessagingError, NatsAuth, NatsCredentialArgs, connect, connect_with};
-pub use envelope::Envelope;
+pub use envelope::{Envelope, OutgoingEnvelope};
 pub use payloads::{
     AgentCommand, AgentReport, Heartbeat, HeartbeatRefused, LogBatch, LogEntry, LogStreamKind,
     Outgoing, PlaceJob, ReportKind,

@@ -11,7 +11,7 @@ use hodei_domain::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::envelope::Envelope;
+use crate::envelope::OutgoingEnvelope;
 use crate::subjects;
 use crate::trace::{self, TraceHeaders};
 
@@ -240,7 +240,7 @@ pub struct LogBatch {
 
 /// An event's envelope as JSON, written into a buffer sized for a typical envelope (about
 /// 0.5 KB) so that it is not grown several times on the way.
-fn envelope_json<D: Serialize>(envelope: &Envelope<D>) -> Result<Vec<u8>, serde_json::Error> {
+fn envelope_json(envelope: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
     let mut json = Vec::with_capacity(768);
     serde_json::to_writer(&mut json, envelope)?;
     Ok(json)
@@ -268,7 +268,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::job_event(&event.job_id, event.kind.name()),
-            payload: envelope_json(&Envelope::for_job(event, source))?,
+            payload: envelope_json(&OutgoingEnvelope::job(event, source))?,
             headers: trace::current(),
             at_most_once: false,
         })
@@ -282,7 +282,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::pipeline_event(&event.run_id, event.kind.name()),
-            payload: envelope_json(&Envelope::for_pipeline(event, source))?,
+            payload: envelope_json(&OutgoingEnvelope::pipeline(event, source))?,
             headers: trace::current(),
             at_most_once: false,
         })
@@ -296,7 +296,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::schedule_event(&event.schedule_id, event.kind.name()),
-            payload: envelope_json(&Envelope::for_schedule(event, source))?,
+            payload: envelope_json(&OutgoingEnvelope::schedule(event, source))?,
             headers: trace::current(),
             at_most_once: false,
         })
@@ -307,7 +307,7 @@ impl Outgoing {
         Ok(Self {
             id: event.event_id,
             subject: subjects::worker_event(&event.worker_id, event.kind.name()),
-            payload: envelope_json(&Envelope::for_worker(event, source))?,
+            payload: envelope_json(&OutgoingEnvelope::worker(event, source))?,
             headers: trace::current(),
             at_most_once: false,
         })

@@ -2,6 +2,7 @@
 //! live under the versioned prefix `hodei.v1`.
 
 use hodei_domain::{JobId, PipelineRunId, ScheduleId, WorkerId};
+use uuid::Uuid;
 
 /// The versioned root of every subject.
 pub const PREFIX: &str = "hodei.v1";
@@ -19,7 +20,8 @@ pub const HEADER_DLQ_REASON: &str = "Hodei-Dlq-Reason";
 
 /// `hodei.v1.evt.job.<job_id>.<event>`: a job's domain event.
 pub fn job_event(job_id: &JobId, event: &str) -> String {
-    format!("{PREFIX}.evt.job.{job_id}.{event}")
+    let mut buf = Uuid::encode_buffer();
+    event_subject("job", uuid_text(job_id.as_uuid(), &mut buf), event)
 }
 
 /// `hodei.v1.evt.job.<job_id>.>`: every event of one job.
@@ -29,12 +31,13 @@ pub fn job_events_of(job_id: &JobId) -> String {
 
 /// `hodei.v1.evt.worker.<worker_id>.<event>`: a worker's domain event.
 pub fn worker_event(worker_id: &WorkerId, event: &str) -> String {
-    format!("{PREFIX}.evt.worker.{worker_id}.{event}")
+    event_subject("worker", worker_id.as_str(), event)
 }
 
 /// `hodei.v1.evt.pipeline.<run_id>.<event>`: a pipeline run's domain event.
 pub fn pipeline_event(run_id: &PipelineRunId, event: &str) -> String {
-    format!("{PREFIX}.evt.pipeline.{run_id}.{event}")
+    let mut buf = Uuid::encode_buffer();
+    event_subject("pipeline", uuid_text(run_id.as_uuid(), &mut buf), event)
 }
 
 /// `hodei.v1.evt.pipeline.<run_id>.>`: every event of one pipeline run.
@@ -45,7 +48,23 @@ pub fn pipeline_events_of(run_id: &PipelineRunId) -> String {
 /// `hodei.v1.evt.schedule.<schedule_id>.<event>`: a schedule's event (created, paused, resumed,
 /// deleted, fired, skipped, missed).
 pub fn schedule_event(schedule_id: &ScheduleId, event: &str) -> String {
-    format!("{PREFIX}.evt.schedule.{schedule_id}.{event}")
+    let mut buf = Uuid::encode_buffer();
+    event_subject(
+        "schedule",
+        uuid_text(schedule_id.as_uuid(), &mut buf),
+        event,
+    )
+}
+
+/// `hodei.v1.evt.<family>.<id>.<event>`, in one allocation of its length: an event's subject
+/// is built for every event published, and `format!` would grow its string on the way.
+fn event_subject(family: &str, id: &str, event: &str) -> String {
+    [PREFIX, ".evt.", family, ".", id, ".", event].concat()
+}
+
+/// A UUID's hyphenated text, written into `buf`.
+fn uuid_text(id: Uuid, buf: &mut [u8]) -> &str {
+    id.as_hyphenated().encode_lower(buf)
 }
 
 /// `hodei.v1.evt.>`: every domain event.
@@ -177,6 +196,20 @@ mod tests {
         assert_eq!(
             job_event(&job, "assigned"),
             format!("hodei.v1.evt.job.{job}.assigned")
+        );
+        assert_eq!(
+            worker_event(&worker, "lost"),
+            "hodei.v1.evt.worker.w-1.lost"
+        );
+        let run = PipelineRunId::new();
+        assert_eq!(
+            pipeline_event(&run, "finished"),
+            format!("hodei.v1.evt.pipeline.{run}.finished")
+        );
+        let schedule = ScheduleId::new();
+        assert_eq!(
+            schedule_event(&schedule, "fired"),
+            format!("hodei.v1.evt.schedule.{schedule}.fired")
         );
         assert_eq!(agent_commands(&worker), "hodei.v1.agent.w-1.cmd");
         let job_id = job.to_string();
