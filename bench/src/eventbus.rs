@@ -77,7 +77,7 @@ fn event_pool() -> anyhow::Result<Vec<JobEvent>> {
 
 async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
     let mut out = Outcome::default();
-    let pool = event_pool()?;
+    let pool = Arc::new(event_pool()?);
     let serialised: Vec<Outgoing> = pool
         .iter()
         .map(|e| Outgoing::job_event(e, SOURCE))
@@ -108,8 +108,23 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
 
     let url = nats.url();
     let reference = over_nats(&url, p.events, Payloads::Raw(raw.clone())).await?;
-    let domain = over_nats(&url, p.events, Payloads::Serialise(Arc::new(pool.clone()))).await?;
-    let in_process = in_process(&pool, p.events).await?;
+    let domain = over_nats(&url, p.events, Payloads::Serialise(pool.clone())).await?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let one_by_one = InProcess {
+        publishers: 1,
+        batch: 1,
+    };
+    let in_process_single = in_process(&pool, p.events, one_by_one).await?;
+    let handed = InProcess {
+        publishers: 1,
+        batch: HANDED,
+    };
+    let in_process_handed = in_process(&pool, p.events, handed).await?;
+    let per_core = InProcess {
+        publishers: cores,
+        batch: HANDED,
+    };
+    let in_process_per_core = in_process(&pool, p.events, per_core).await?;
     let packed_rate = over_nats(&url, p.events, Payloads::Packed(Arc::new(packed(&raw)))).await?;
 
     out.figure(
@@ -142,8 +157,22 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
     );
     out.figure(
         S,
-        "domain events/s in process (serialise, tokio mpsc, receive)",
-        in_process,
+        "domain events/s in process (serialise, tokio mpsc, receive), one at a time",
+        in_process_single,
+        "1/s",
+        Some(">= 1,500,000"),
+    );
+    out.figure(
+        S,
+        format!("domain events/s in process, handed over {HANDED} at a time, one publisher"),
+        in_process_handed,
+        "1/s",
+        Some(">= 1,500,000"),
+    );
+    out.figure(
+        S,
+        format!("domain events/s in process, handed over {HANDED} at a time, {cores} publishers"),
+        in_process_per_core,
         "1/s",
         Some(">= 1,500,000"),
     );
@@ -167,10 +196,12 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
          spec, assigned, started, succeeded); published on hodei.v1.evt.job.<id>.<event> by one \
          connection, {BATCH} at a time, never more than {WINDOW} ahead of the subscriber (a \
          second connection on hodei.v1.evt.>, counting, not decoding); the reference publishes \
-         the same bytes serialised beforehand; the in-process path sends each Outgoing through \
-         a tokio mpsc channel (capacity 65,536) to a task that counts; the packed reference (not \
-         what hodei publishes) shows what the transport carries when messages hold {PACKED} \
-         envelopes each",
+         the same bytes serialised beforehand; the in-process path sends the Outgoing messages \
+         through a tokio mpsc channel (65,536 messages) to a task that counts: one at a time \
+         from one publisher, then {HANDED} at a time (as a commit hands its messages to the \
+         relay) from one publisher and from one per core ({cores}), each serialising its share; \
+         the packed reference (not what hodei publishes) shows what the transport carries when \
+         messages hold {PACKED} envelopes each",
         p.events
     ));
     Ok(out)
@@ -193,6 +224,9 @@ impl Payloads {
         }
     }
 }
+
+/// Messages a publisher hands over at a time in process, as a commit of that many does.
+const HANDED: usize = 64;
 
 /// Envelopes per message in the packed reference.
 const PACKED: usize = 100;
@@ -310,26 +344,63 @@ async fn over_nats(url: &str, count: usize, payloads: Payloads) -> anyhow::Resul
     Ok(total as f64 / (last - started).as_secs_f64())
 }
 
-/// Serialises `count` events as the outbox does and passes each through a tokio mpsc channel
-/// to a task that counts them; events/s from the first send to the last receipt.
-async fn in_process(pool: &[JobEvent], count: usize) -> anyhow::Result<f64> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(1 << 16);
+/// How the in-process path is driven: by how many publishers, and how many events each hands
+/// over at a time.
+#[derive(Debug, Clone, Copy)]
+struct InProcess {
+    publishers: usize,
+    batch: usize,
+}
+
+/// Serialises `count` events as the outbox does, on `publishers` tasks, and hands them to one
+/// task that counts them through a tokio mpsc channel, `batch` at a time (a commit hands its
+/// messages to the relay as one `Vec`, as `hodei_runtime::relay::Handoff` does); events/s from
+/// the first serialisation to the last receipt.
+async fn in_process(
+    pool: &Arc<Vec<JobEvent>>,
+    count: usize,
+    how: InProcess,
+) -> anyhow::Result<f64> {
+    let InProcess { publishers, batch } = how;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Outgoing>>((1 << 16) / batch);
     let counting = tokio::spawn(async move {
         let mut n = 0_usize;
-        while let Some(o) = rx.recv().await {
-            std::hint::black_box(o.payload.len());
-            n += 1;
+        while let Some(handed) = rx.recv().await {
+            for o in &handed {
+                std::hint::black_box(o.payload.len());
+            }
+            n += handed.len();
         }
         (n, Instant::now())
     });
     let started = Instant::now();
-    for i in 0..count {
-        let o = Outgoing::job_event(&pool[i % POOL], SOURCE)?;
-        tx.send(o)
-            .await
-            .map_err(|_| anyhow::anyhow!("the in-process receiver stopped"))?;
+    let mut sending = Vec::with_capacity(publishers);
+    for publisher in 0..publishers {
+        let (tx, pool) = (tx.clone(), pool.clone());
+        let share = count / publishers + usize::from(publisher < count % publishers);
+        sending.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < share {
+                let n = batch.min(share - sent);
+                let handed = (sent..sent + n)
+                    .map(|i| {
+                        Outgoing::job_event(&pool[(i * publishers + publisher) % POOL], SOURCE)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                tx.send(handed)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the in-process receiver stopped"))?;
+                sent += n;
+            }
+            anyhow::Ok(())
+        }));
     }
     drop(tx);
+    for publisher in sending {
+        publisher
+            .await
+            .context("an in-process publisher panicked")??;
+    }
     let (n, last) = counting.await.context("the in-process receiver panicked")?;
     anyhow::ensure!(n == count, "only {n} of {count} events received in process");
     Ok(count as f64 / (last - started).as_secs_f64())
