@@ -97,6 +97,12 @@ macro_rules! uuid_id {
             pub fn as_uuid(&self) -> Uuid {
                 self.0
             }
+
+            /// The id's text (its `Display`), written into `buf`, a
+            /// [`Uuid::encode_buffer`]: what subjects and serialisers take without a `String`.
+            pub fn encode<'b>(&self, buf: &'b mut [u8; uuid::fmt::Urn::LENGTH]) -> &'b str {
+                self.0.as_hyphenated().encode_lower(buf)
+            }
         }
 
         impl Default for $name {
@@ -111,9 +117,11 @@ macro_rules! uuid_id {
             }
         }
 
+        /// As its text, handed over whole: `collect_str` would go through the formatting
+        /// machinery, and a JSON writer escapes each piece it is given.
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.0.as_hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+                s.serialize_str(self.encode(&mut Uuid::encode_buffer()))
             }
         }
 
@@ -200,6 +208,7 @@ macro_rules! name_id {
             }
         }
 
+        /// As its text, handed over whole.
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(&self.0)
@@ -315,15 +324,14 @@ impl FromStr for AttemptId {
     }
 }
 
+/// As its text, `<job id>#<n>`, formatted (it is not on the hot path).
 impl Serialize for AttemptId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-/// Every id deserialises from its text. (Each serialises as its text too: the UUIDs and names
-/// hand theirs to the serializer whole, since `collect_str` would go through the formatting
-/// machinery and a JSON writer escapes each piece it is given.)
+/// Every id deserialises from its text.
 macro_rules! string_deserialize {
     ($($name:ident),*) => {$(
         impl<'de> Deserialize<'de> for $name {

@@ -26,6 +26,7 @@ pub mod rfc3339 {
 
     pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
         let mut buf = [0; LONGEST];
+        // The buffer holds ASCII only, so the check of its text never fails.
         match write(t, &mut buf).and_then(|n| std::str::from_utf8(&buf[..n]).ok()) {
             Some(text) => s.serialize_str(text),
             None => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),

@@ -41,17 +41,17 @@ pub struct Envelope<D = Value> {
 }
 
 /// An event's envelope as it is published: the JSON of [`Envelope`], written from parts
-/// borrowed from the event and the caller, so that serialising it allocates nothing but its
-/// output (the type, `hodei.<family>.<event>`, and the subject's id are written straight into
-/// it).
+/// borrowed from the event and the caller. The type, `hodei.<family>.<event>`, and the
+/// subject's id are written straight into the output, so that with `serde_json` serialising
+/// it allocates nothing but its output.
 #[derive(Debug, Serialize)]
-pub struct OutgoingEnvelope<'a, S, D> {
+pub struct OutgoingEnvelope<'a, Subject, D> {
     specversion: &'static str,
     id: Uuid,
     #[serde(rename = "type")]
     event_type: EventType,
     source: &'a str,
-    subject: &'a S,
+    subject: &'a Subject,
     #[serde(with = "hodei_domain::time::rfc3339")]
     time: DateTime<Utc>,
     datacontenttype: &'static str,
@@ -77,21 +77,22 @@ impl Serialize for EventType {
     }
 }
 
-impl<'a, S, D> OutgoingEnvelope<'a, S, D> {
+impl<'a, Subject, D> OutgoingEnvelope<'a, Subject, D> {
     fn new(
-        event: (Uuid, DateTime<Utc>),
+        id: Uuid,
+        time: DateTime<Utc>,
         event_type: EventType,
         source: &'a str,
-        subject: &'a S,
+        subject: &'a Subject,
         data: &'a D,
     ) -> Self {
         Self {
             specversion: SPECVERSION,
-            id: event.0,
+            id,
             event_type,
             source,
             subject,
-            time: event.1,
+            time,
             datacontenttype: DATACONTENTTYPE,
             data,
         }
@@ -102,7 +103,8 @@ impl<'a> OutgoingEnvelope<'a, JobId, JobEvent> {
     pub fn job(event: &'a JobEvent, source: &'a str) -> Self {
         let event_type = EventType::new("job", event.kind.name());
         Self::new(
-            (event.event_id, event.at),
+            event.event_id,
+            event.at,
             event_type,
             source,
             &event.job_id,
@@ -115,7 +117,8 @@ impl<'a> OutgoingEnvelope<'a, WorkerId, WorkerEvent> {
     pub fn worker(event: &'a WorkerEvent, source: &'a str) -> Self {
         let event_type = EventType::new("worker", event.kind.name());
         Self::new(
-            (event.event_id, event.at),
+            event.event_id,
+            event.at,
             event_type,
             source,
             &event.worker_id,
@@ -128,7 +131,8 @@ impl<'a> OutgoingEnvelope<'a, PipelineRunId, PipelineEvent> {
     pub fn pipeline(event: &'a PipelineEvent, source: &'a str) -> Self {
         let event_type = EventType::new("pipeline", event.kind.name());
         Self::new(
-            (event.event_id, event.at),
+            event.event_id,
+            event.at,
             event_type,
             source,
             &event.run_id,
@@ -141,7 +145,8 @@ impl<'a> OutgoingEnvelope<'a, ScheduleId, ScheduleEvent> {
     pub fn schedule(event: &'a ScheduleEvent, source: &'a str) -> Self {
         let event_type = EventType::new("schedule", event.kind.name());
         Self::new(
-            (event.event_id, event.at),
+            event.event_id,
+            event.at,
             event_type,
             source,
             &event.schedule_id,

@@ -20,8 +20,7 @@ pub const HEADER_DLQ_REASON: &str = "Hodei-Dlq-Reason";
 
 /// `hodei.v1.evt.job.<job_id>.<event>`: a job's domain event.
 pub fn job_event(job_id: &JobId, event: &str) -> String {
-    let mut buf = Uuid::encode_buffer();
-    event_subject("job", uuid_text(job_id.as_uuid(), &mut buf), event)
+    event_subject("job", job_id.encode(&mut Uuid::encode_buffer()), event)
 }
 
 /// `hodei.v1.evt.job.<job_id>.>`: every event of one job.
@@ -36,8 +35,7 @@ pub fn worker_event(worker_id: &WorkerId, event: &str) -> String {
 
 /// `hodei.v1.evt.pipeline.<run_id>.<event>`: a pipeline run's domain event.
 pub fn pipeline_event(run_id: &PipelineRunId, event: &str) -> String {
-    let mut buf = Uuid::encode_buffer();
-    event_subject("pipeline", uuid_text(run_id.as_uuid(), &mut buf), event)
+    event_subject("pipeline", run_id.encode(&mut Uuid::encode_buffer()), event)
 }
 
 /// `hodei.v1.evt.pipeline.<run_id>.>`: every event of one pipeline run.
@@ -48,10 +46,9 @@ pub fn pipeline_events_of(run_id: &PipelineRunId) -> String {
 /// `hodei.v1.evt.schedule.<schedule_id>.<event>`: a schedule's event (created, paused, resumed,
 /// deleted, fired, skipped, missed).
 pub fn schedule_event(schedule_id: &ScheduleId, event: &str) -> String {
-    let mut buf = Uuid::encode_buffer();
     event_subject(
         "schedule",
-        uuid_text(schedule_id.as_uuid(), &mut buf),
+        schedule_id.encode(&mut Uuid::encode_buffer()),
         event,
     )
 }
@@ -60,11 +57,6 @@ pub fn schedule_event(schedule_id: &ScheduleId, event: &str) -> String {
 /// is built for every event published, and `format!` would grow its string on the way.
 fn event_subject(family: &str, id: &str, event: &str) -> String {
     [PREFIX, ".evt.", family, ".", id, ".", event].concat()
-}
-
-/// A UUID's hyphenated text, written into `buf`.
-fn uuid_text(id: Uuid, buf: &mut [u8]) -> &str {
-    id.as_hyphenated().encode_lower(buf)
 }
 
 /// `hodei.v1.evt.>`: every domain event.
