@@ -1,42 +1,29 @@
 //! Criterion benchmarks of a job event's way into its envelope, as the outbox writes it
-//! (`Outgoing::job_event`), per kind of event, and of its parts: the envelope's JSON alone and
-//! the subject alone. The event bus scenario (`hodei-bench event-bus`) measures the whole
+//! (`Outgoing::job_event`), per kind of event, and of its parts: the envelope's JSON alone, the
+//! subject alone, one time (`chrono`'s `Serialize` and `hodei_domain::time::rfc3339`), one
+//! UUID and one job id. The event bus scenario (`hodei-bench event-bus`) measures the whole
 //! path with NATS; these say where a serialisation's time goes.
 
 use std::hint::black_box;
 
 use chrono::Utc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{AttemptNumber, AttemptOutcome, Job, JobEvent, JobId, JobSpec, TenantId};
+use hodei_domain::JobEvent;
 use hodei_messaging::{Outgoing, OutgoingEnvelope, subjects};
 
 const SOURCE: &str = "hodei/scheduler";
 
+#[path = "../src/job_events.rs"]
+mod job_events;
+
 /// One job's submitted, assigned, started and finished events.
 fn events() -> Result<Vec<(&'static str, JobEvent)>, String> {
-    let spec = JobSpec::try_from(JobSpecDraft::exec("build", &["make", "-j2", "test"]))
-        .map_err(|e| format!("invalid spec: {e}"))?;
-    let worker: hodei_domain::WorkerId = "worker-0001".parse().map_err(|e| format!("{e}"))?;
-    let now = Utc::now();
-    let (mut job, submitted) = Job::submit(JobId::new(), TenantId::default(), spec, now);
-    let fail = |e: hodei_domain::DomainError| e.to_string();
-    let assigned = job.assign(worker, now).map_err(fail)?;
-    let started = job.start(AttemptNumber::new(1), now).map_err(fail)?;
-    let finished = job
-        .finish(
-            AttemptNumber::new(1),
-            AttemptOutcome::Exited { code: 0 },
-            now,
-            0.0,
-        )
-        .map_err(fail)?;
-    Ok(vec![
-        ("submitted", submitted),
-        ("assigned", assigned),
-        ("started", started),
-        ("finished", finished),
-    ])
+    let fixture = job_events::Fixture::new()?;
+    let events = fixture.one_job(Utc::now()).map_err(|e| e.to_string())?;
+    Ok(["submitted", "assigned", "started", "finished"]
+        .into_iter()
+        .zip(events)
+        .collect())
 }
 
 fn envelope(c: &mut Criterion) {

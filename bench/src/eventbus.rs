@@ -20,11 +20,11 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::spec::JobSpecDraft;
-use hodei_domain::{AttemptNumber, AttemptOutcome, Job, JobEvent, JobId, JobSpec, TenantId};
+use hodei_domain::JobEvent;
 use hodei_messaging::{Envelope, Outgoing, subjects};
 use hodei_test_support::TestNats;
 
+use crate::job_events::Fixture;
 use crate::report::Outcome;
 
 const S: &str = "event-bus";
@@ -51,25 +51,10 @@ pub async fn event_bus(p: EventBusParams) -> anyhow::Result<Outcome> {
 
 /// A pool of real job events: submitted, assigned, started, succeeded, job after job.
 fn event_pool() -> anyhow::Result<Vec<JobEvent>> {
-    let spec = JobSpec::try_from(JobSpecDraft::exec("build", &["make", "-j2", "test"]))
-        .map_err(|e| anyhow::anyhow!("invalid spec: {e}"))?;
-    let worker: hodei_domain::WorkerId = "worker-0001"
-        .parse()
-        .map_err(|e| anyhow::anyhow!("invalid worker id: {e}"))?;
+    let fixture = Fixture::new().map_err(anyhow::Error::msg)?;
     let mut events = Vec::with_capacity(POOL);
     while events.len() < POOL {
-        let now = Utc::now();
-        let (mut job, submitted) =
-            Job::submit(JobId::new(), TenantId::default(), spec.clone(), now);
-        events.push(submitted);
-        events.push(job.assign(worker.clone(), now)?);
-        events.push(job.start(AttemptNumber::new(1), now)?);
-        events.push(job.finish(
-            AttemptNumber::new(1),
-            AttemptOutcome::Exited { code: 0 },
-            now,
-            0.0,
-        )?);
+        events.extend(fixture.one_job(Utc::now())?);
     }
     events.truncate(POOL);
     Ok(events)
@@ -110,21 +95,9 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
     let reference = over_nats(&url, p.events, Payloads::Raw(raw.clone())).await?;
     let domain = over_nats(&url, p.events, Payloads::Serialise(pool.clone())).await?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let one_by_one = InProcess {
-        publishers: 1,
-        batch: 1,
-    };
-    let in_process_single = in_process(&pool, p.events, one_by_one).await?;
-    let handed = InProcess {
-        publishers: 1,
-        batch: HANDED,
-    };
-    let in_process_handed = in_process(&pool, p.events, handed).await?;
-    let per_core = InProcess {
-        publishers: cores,
-        batch: HANDED,
-    };
-    let in_process_per_core = in_process(&pool, p.events, per_core).await?;
+    let in_process_single = in_process_one_by_one(&pool, p.events).await?;
+    let in_process_handed_one = in_process_handed(&pool, p.events, 1).await?;
+    let in_process_per_core = in_process_handed(&pool, p.events, cores).await?;
     let packed_rate = over_nats(&url, p.events, Payloads::Packed(Arc::new(packed(&raw)))).await?;
 
     out.figure(
@@ -165,7 +138,7 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
     out.figure(
         S,
         format!("domain events/s in process, handed over {HANDED} at a time, one publisher"),
-        in_process_handed,
+        in_process_handed_one,
         "1/s",
         Some(">= 1,500,000"),
     );
@@ -199,7 +172,8 @@ async fn run(nats: &TestNats, p: &EventBusParams) -> anyhow::Result<Outcome> {
          the same bytes serialised beforehand; the in-process path sends the Outgoing messages \
          through a tokio mpsc channel (65,536 messages) to a task that counts: one at a time \
          from one publisher, then {HANDED} at a time (as a commit hands its messages to the \
-         relay) from one publisher and from one per core ({cores}), each serialising its share; \
+         relay) from one publisher and from one per core ({cores}), each serialising its share, \
+         the counting task on the same {cores} worker threads; \
          the packed reference (not what hodei publishes) shows what the transport carries when \
          messages hold {PACKED} envelopes each",
         p.events
@@ -344,25 +318,41 @@ async fn over_nats(url: &str, count: usize, payloads: Payloads) -> anyhow::Resul
     Ok(total as f64 / (last - started).as_secs_f64())
 }
 
-/// How the in-process path is driven: by how many publishers, and how many events each hands
-/// over at a time.
-#[derive(Debug, Clone, Copy)]
-struct InProcess {
-    publishers: usize,
-    batch: usize,
+/// Serialises `count` events as the outbox does and passes each through a tokio mpsc channel
+/// to a task that counts them; events/s from the first send to the last receipt.
+async fn in_process_one_by_one(pool: &[JobEvent], count: usize) -> anyhow::Result<f64> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Outgoing>(1 << 16);
+    let counting = tokio::spawn(async move {
+        let mut n = 0_usize;
+        while let Some(o) = rx.recv().await {
+            std::hint::black_box(o.payload.len());
+            n += 1;
+        }
+        (n, Instant::now())
+    });
+    let started = Instant::now();
+    for i in 0..count {
+        let o = Outgoing::job_event(&pool[i % POOL], SOURCE)?;
+        tx.send(o)
+            .await
+            .map_err(|_| anyhow::anyhow!("the in-process receiver stopped"))?;
+    }
+    drop(tx);
+    let (n, last) = counting.await.context("the in-process receiver panicked")?;
+    anyhow::ensure!(n == count, "only {n} of {count} events received in process");
+    Ok(count as f64 / (last - started).as_secs_f64())
 }
 
 /// Serialises `count` events as the outbox does, on `publishers` tasks, and hands them to one
-/// task that counts them through a tokio mpsc channel, `batch` at a time (a commit hands its
+/// task that counts them through a tokio mpsc channel, [`HANDED`] at a time (a commit hands its
 /// messages to the relay as one `Vec`, as `hodei_runtime::relay::Handoff` does); events/s from
 /// the first serialisation to the last receipt.
-async fn in_process(
+async fn in_process_handed(
     pool: &Arc<Vec<JobEvent>>,
     count: usize,
-    how: InProcess,
+    publishers: usize,
 ) -> anyhow::Result<f64> {
-    let InProcess { publishers, batch } = how;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Outgoing>>((1 << 16) / batch);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Outgoing>>((1 << 16) / HANDED);
     let counting = tokio::spawn(async move {
         let mut n = 0_usize;
         while let Some(handed) = rx.recv().await {
@@ -381,12 +371,12 @@ async fn in_process(
         sending.push(tokio::spawn(async move {
             let mut sent = 0;
             while sent < share {
-                let n = batch.min(share - sent);
-                let handed = (sent..sent + n)
-                    .map(|i| {
-                        Outgoing::job_event(&pool[(i * publishers + publisher) % POOL], SOURCE)
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let n = HANDED.min(share - sent);
+                let mut handed = Vec::with_capacity(n);
+                for i in sent..sent + n {
+                    let event = &pool[(i * publishers + publisher) % pool.len()];
+                    handed.push(Outgoing::job_event(event, SOURCE)?);
+                }
                 tx.send(handed)
                     .await
                     .map_err(|_| anyhow::anyhow!("the in-process receiver stopped"))?;

@@ -8,6 +8,7 @@ mod eventbus;
 mod failure;
 mod fleet;
 mod heartbeats;
+mod job_events;
 mod machine;
 mod processes;
 mod procfs;

@@ -24,6 +24,18 @@ use crate::sim::{SimAgents, SimConfig};
 
 /// Heartbeat interval of the simulated agents: inside the test system's 5 s staleness window.
 const SIM_HEARTBEAT_MS: u64 = 1_000;
+/// Slots of each simulated agent.
+const SIM_SLOTS: u32 = 4;
+
+/// The simulated fleet of the scenarios that run the whole system: `agents` agents of
+/// [`SIM_SLOTS`] slots, beating every [`SIM_HEARTBEAT_MS`].
+fn sim_fleet(agents: usize) -> SimConfig {
+    SimConfig {
+        agents,
+        slots: SIM_SLOTS,
+        heartbeat_ms: SIM_HEARTBEAT_MS,
+    }
+}
 
 /// A running system with its simulated agents and a pool on its database.
 struct Bench {
@@ -49,16 +61,7 @@ impl Bench {
         let auth = system
             .admin_nats_auth()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let agents_started = SimAgents::start(
-            &system.nats.url(),
-            &auth,
-            SimConfig {
-                agents,
-                slots: 4,
-                heartbeat_ms: SIM_HEARTBEAT_MS,
-            },
-        )
-        .await;
+        let agents_started = SimAgents::start(&system.nats.url(), &auth, sim_fleet(agents)).await;
         let sim = match agents_started {
             Ok(sim) => sim,
             Err(e) => {
@@ -273,7 +276,7 @@ pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
     let mut out = result?;
     out.note(format!(
         "throughput: {} no-op jobs, {} grpc clients (one http/2 channel each), {} simulated \
-         agents x 4 slots beating every {SIM_HEARTBEAT_MS} ms; completion counted in postgres \
+         agents x {SIM_SLOTS} slots beating every {SIM_HEARTBEAT_MS} ms; completion counted in postgres \
          (every 20 ms near the end)",
         p.jobs, p.clients, p.agents
     ));
@@ -559,11 +562,7 @@ async fn overload_processes(p: &OverloadParams) -> anyhow::Result<Outcome> {
     let result = async {
         let no_credential = hodei_messaging::NatsAuth::load(None, None)?;
         let pool = services.pool().await?;
-        let config = SimConfig {
-            agents: p.agents,
-            slots: 4,
-            heartbeat_ms: SIM_HEARTBEAT_MS,
-        };
+        let config = sim_fleet(p.agents);
         let sim = match SimAgents::start(&services.nats.url(), &no_credential, config).await {
             Ok(sim) => sim,
             Err(e) => {
