@@ -3,6 +3,7 @@
 //! the reservation and the assignment in one transaction guarded by both aggregates'
 //! versions.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -10,7 +11,7 @@ use async_nats::jetstream::{AckKind, Message};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_domain::specification::Specification;
-use hodei_domain::worker::can_take_job;
+use hodei_domain::worker::{can_take_job, can_take_sealed};
 use hodei_domain::{
     AttemptId, Capacity, FairQueue, Job, JobEvent, JobId, JobSpec, JobState, Resources, Shares,
     TenantId, Worker, WorkerId,
@@ -114,8 +115,9 @@ pub(crate) async fn run(
     let mut refresh = Refresh::default();
     let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.placement_retry_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u32 = 0;
     loop {
-        let (requests, all) = tokio::select! {
+        let (requests, pass) = tokio::select! {
             () = shutdown.cancelled() => {
                 blocked.release(&ctx).await;
                 return Ok(());
@@ -125,18 +127,23 @@ pub(crate) async fn run(
                     blocked.release(&ctx).await;
                     return Ok(());
                 };
-                (decode(&ctx, batch).await, false)
+                (decode(&ctx, batch).await, Pass::Freed)
             }
-            () = ctx.capacity.notified(), if !blocked.is_empty() => (Vec::new(), false),
+            () = ctx.capacity.notified(), if !blocked.is_empty() => (Vec::new(), Pass::Freed),
             _ = tick.tick(), if !blocked.is_empty() => {
                 blocked.keep_alive(&ctx).await;
-                (Vec::new(), true)
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(FULL_PASS_EVERY) {
+                    (Vec::new(), Pass::Full)
+                } else {
+                    (Vec::new(), Pass::Tick)
+                }
             }
         };
         // The shared view of the live workers serves the whole round (see `WorkerView`);
-        // the periodic retry of every blocked request reads it afresh. Otherwise an old view
-        // is read again in the background and the rounds go on with it meanwhile.
-        if all {
+        // the periodic retries read it afresh. Otherwise an old view is read again in the
+        // background and the rounds go on with it meanwhile.
+        if pass != Pass::Freed {
             view.forget();
         } else {
             refresh.tend(&ctx, &mut view).await;
@@ -144,7 +151,7 @@ pub(crate) async fn run(
         for worker in ctx.take_freed() {
             view.saved(worker);
         }
-        let requests = match blocked.with(&ctx, requests, all, &mut view).await {
+        let requests = match blocked.with(&ctx, requests, pass, &mut view).await {
             Ok(requests) => requests,
             Err(e) => {
                 tracing::warn!(error = %e, "failed to read the live workers for placement");
@@ -187,6 +194,7 @@ async fn decode(
                 item,
                 message,
                 blocked: None,
+                fit: None,
             }),
             Err(e) => {
                 ctx.backends.metrics.message_dead_lettered("place");
@@ -204,7 +212,56 @@ struct Request {
     span: tracing::Span,
     /// Since when it waits for a worker, and when its message was last kept in progress.
     blocked: Option<(Instant, Instant)>,
+    /// What it needs of a worker, as the round that found none read its job.
+    fit: Option<Fit>,
 }
+
+/// What a blocked request's job needs of a worker, kept from the round that found none, so
+/// that later rounds read only the blocked jobs that a worker of the view could now take
+/// (a saturated queue is not read again at each freed slot or retry).
+#[derive(Debug, Clone)]
+struct Fit {
+    required_labels: BTreeMap<String, String>,
+    resources: Resources,
+    secrets: bool,
+    /// When it waits for its tenant's quota rather than for a worker.
+    quota: bool,
+    /// When its queue timeout passes: it is then read, to be failed with its reason.
+    deadline: chrono::DateTime<Utc>,
+}
+
+impl Fit {
+    fn of(job: &Job, quota: bool, queue_timeout: chrono::Duration) -> Fit {
+        let spec = job.spec();
+        Fit {
+            required_labels: spec.required_labels.clone(),
+            resources: spec.resources,
+            secrets: spec.has_secrets(),
+            quota,
+            deadline: job.updated_at() + queue_timeout,
+        }
+    }
+}
+
+/// Which blocked requests a round takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// A slot was freed on this scheduler, or new requests came: those a worker of the view
+    /// can take, no more than its free slots.
+    Freed,
+    /// The periodic retry, on a fresh view: as `Freed`, and also the first [`PREEMPT_LOOK`]
+    /// by priority (which may preempt) and those past their queue timeout.
+    Tick,
+    /// Every [`FULL_PASS_EVERY`]th retry: every blocked request, so their reasons are
+    /// written afresh and none waits on what `Fit` leaves out.
+    Full,
+}
+
+/// Every how many periodic retries all blocked requests are read.
+const FULL_PASS_EVERY: u32 = 10;
+/// The blocked requests, by priority, that a periodic retry reads even when no worker has
+/// room for them, for preemption to consider.
+const PREEMPT_LOOK: usize = 8;
 
 /// Requests no live worker could take when they were last tried, oldest first.
 #[derive(Default)]
@@ -217,32 +274,51 @@ impl Blocked {
         self.requests.is_empty()
     }
 
-    /// The requests of a round: `new` ones and, by priority (then age), the blocked ones
-    /// that could be placed: all of them when `all`, otherwise no more than the view's free
-    /// slots (a placement takes at least one), so a freed slot does not re-read every
-    /// blocked job.
+    /// The requests of a round: `new` ones and, by priority (then age), the blocked ones the
+    /// `pass` takes (see [`Pass`]). Taking no more than the view's free slots for capacity
+    /// (a placement takes at least one), and only requests that a worker of the view could
+    /// take, a freed slot does not re-read every blocked job, nor do jobs no free worker can
+    /// take stand in front of one that it can.
     async fn with(
         &mut self,
         ctx: &Context,
         new: Vec<Request>,
-        all: bool,
+        pass: Pass,
         view: &mut WorkerView,
     ) -> Result<Vec<Request>, StorageError> {
         let mut round = Vec::with_capacity(new.len() + self.requests.len());
         if !self.requests.is_empty() {
-            let take = if all {
-                self.requests.len()
+            // Highest priority first, the longest blocked first among equals: a request
+            // taken and held again keeps its place.
+            self.requests.sort_by_key(|r| {
+                (
+                    std::cmp::Reverse(r.item.priority),
+                    r.blocked.map(|(since, _)| since),
+                )
+            });
+            if pass == Pass::Full {
+                round.append(&mut self.requests);
             } else {
-                let (live, _) = ctx
-                    .backends
+                ctx.backends
                     .db(|| view.get(&ctx.backends.pool, live_since(ctx)))
                     .await?;
-                free_slots(live).min(self.requests.len())
-            };
-            // Highest priority first, the longest waiting first among equals (stable sort).
-            self.requests
-                .sort_by_key(|r| std::cmp::Reverse(r.item.priority));
-            round.extend(self.requests.drain(..take));
+                let now = Utc::now();
+                let taken = pick(
+                    self.requests.iter().map(|r| r.fit.as_ref()),
+                    free_slots(view.live()),
+                    |fit| view.fits(fit),
+                    (pass == Pass::Tick).then_some(now),
+                );
+                let mut kept = Vec::with_capacity(self.requests.len());
+                for (request, take) in self.requests.drain(..).zip(taken) {
+                    if take {
+                        round.push(request);
+                    } else {
+                        kept.push(request);
+                    }
+                }
+                self.requests = kept;
+            }
         }
         round.extend(new);
         round.sort_by_key(|r| std::cmp::Reverse(r.item.priority));
@@ -296,6 +372,37 @@ impl Blocked {
     }
 }
 
+/// Which of the blocked requests (their fits, in priority order) a round takes: while free
+/// slots last, those that `fits` (one a worker could take now; without a fit, any), each
+/// counted against one slot (those waiting for their tenant's quota against slots of their
+/// own, so they never stand in front of the others); and on a periodic retry (`retry_at`, its
+/// time) also the first [`PREEMPT_LOOK`] and those past their queue timeout.
+fn pick<'a>(
+    fits_of: impl Iterator<Item = Option<&'a Fit>>,
+    free: usize,
+    fits: impl Fn(&Fit) -> bool,
+    retry_at: Option<chrono::DateTime<Utc>>,
+) -> Vec<bool> {
+    let (mut room, mut quota_room) = (free, free);
+    fits_of
+        .enumerate()
+        .map(|(i, fit)| {
+            let room = if fit.is_some_and(|f| f.quota) {
+                &mut quota_room
+            } else {
+                &mut room
+            };
+            let fits = *room > 0 && fit.is_none_or(&fits);
+            if fits {
+                *room -= 1;
+            }
+            let retried = retry_at
+                .is_some_and(|now| i < PREEMPT_LOOK || fit.is_some_and(|f| f.deadline <= now));
+            fits || retried
+        })
+        .collect()
+}
+
 /// Workers that beat since this instant count as live.
 fn live_since(ctx: &Context) -> chrono::DateTime<Utc> {
     Utc::now()
@@ -339,7 +446,11 @@ async fn place_batch(
                     Some(Decision::Settled(placement)) => {
                         settle(ctx, &request, &Ok(placement), Some(started)).await;
                     }
-                    Some(Decision::Waits) => waiting.push(request),
+                    Some(Decision::Waits(fit)) => {
+                        let mut request = request;
+                        request.fit = Some(fit);
+                        waiting.push(request);
+                    }
                     None => rest.push(request),
                 }
             }
@@ -359,12 +470,12 @@ async fn place_batch(
 const ROUND_TRIES: u32 = 4;
 
 /// What a round decided for one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Decision {
     /// Placed, stale or not yet due: settled now.
     Settled(Placement),
-    /// No worker can take it now.
-    Waits,
+    /// No worker (or its tenant's quota) lets it run now: what it needs.
+    Waits(Fit),
 }
 
 /// Jobs read from the head of each tenant's queue in a round with free slots.
@@ -483,7 +594,7 @@ async fn decide_batch(
                 reasons.push((job.id(), reason));
             }
             if let Some(i) = request {
-                decided.push((i, Decision::Waits));
+                decided.push((i, Decision::Waits(Fit::of(&job, true, queue_timeout))));
             }
             continue;
         }
@@ -500,7 +611,7 @@ async fn decide_batch(
                 if job.reason() != Some(reason.as_str()) {
                     reasons.push((job.id(), reason));
                 }
-                decided.push((i, Decision::Waits));
+                decided.push((i, Decision::Waits(Fit::of(&job, false, queue_timeout))));
                 unplaced.push(job);
             }
             continue;
@@ -847,6 +958,22 @@ impl WorkerView {
                 .unwrap_or_default(),
             fresh,
         ))
+    }
+
+    /// The workers of the view as last read (none before the first read).
+    fn live(&self) -> &[Worker] {
+        self.workers
+            .as_ref()
+            .map(WorkerIndex::workers)
+            .unwrap_or_default()
+    }
+
+    /// Whether a worker of the view could take a job that needs `fit` now.
+    fn fits(&self, fit: &Fit) -> bool {
+        self.workers.as_ref().is_some_and(|index| {
+            let spec = can_take_sealed(&fit.required_labels, fit.resources, fit.secrets);
+            index.best_for(&fit.required_labels, &spec).is_some()
+        })
     }
 
     /// The worker of the view that can take `job` and comes first in preference (see
@@ -1447,5 +1574,72 @@ mod tests {
         view.forget();
         view.merge(read_of(vec![worker("c", &[], 1)], Instant::now()));
         assert!(view.workers.is_none());
+    }
+
+    fn fit(label: &str, quota: bool, deadline: chrono::DateTime<Utc>) -> Fit {
+        Fit {
+            required_labels: BTreeMap::from([("pool".to_owned(), label.to_owned())]),
+            resources: Resources::default(),
+            secrets: false,
+            quota,
+            deadline,
+        }
+    }
+
+    #[test]
+    fn a_round_takes_the_blocked_requests_a_free_worker_can_take_up_to_its_free_slots() {
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let gpu = fit("gpu", false, later);
+        let cpu = fit("cpu", false, later);
+        // Only `cpu` workers have room.
+        let fits = |f: &Fit| f.required_labels["pool"] == "cpu";
+        let blocked = [Some(&gpu), Some(&cpu), Some(&gpu), Some(&cpu), Some(&cpu)];
+        assert_eq!(
+            pick(blocked.iter().copied(), 2, fits, None),
+            [false, true, false, true, false],
+            "the gpu jobs in front do not hold back the ones a worker can take"
+        );
+        assert_eq!(
+            pick(blocked.iter().copied(), 0, fits, None),
+            [false; 5],
+            "a saturated fleet reads none of them"
+        );
+        // A request never tried has no fit: it counts as one that may fit.
+        assert_eq!(
+            pick([None, Some(&cpu)].into_iter(), 1, fits, None),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn requests_held_by_their_quota_do_not_use_up_the_room_of_the_others() {
+        let later = Utc::now() + chrono::Duration::hours(1);
+        let held = fit("cpu", true, later);
+        let cpu = fit("cpu", false, later);
+        let fits = |_: &Fit| true;
+        let blocked = [Some(&held), Some(&held), Some(&cpu), Some(&cpu)];
+        assert_eq!(
+            pick(blocked.iter().copied(), 1, fits, None),
+            [true, false, true, false]
+        );
+    }
+
+    #[test]
+    fn a_periodic_retry_also_reads_the_most_urgent_and_those_past_their_queue_timeout() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::hours(1);
+        let gpu = fit("gpu", false, later);
+        let overdue = fit("gpu", false, now - chrono::Duration::seconds(1));
+        let none = |_: &Fit| false;
+        let mut blocked = vec![Some(&gpu); PREEMPT_LOOK + 2];
+        blocked.push(Some(&overdue));
+        let picked = pick(blocked.iter().copied(), 4, none, Some(now));
+        let mut expected = vec![true; PREEMPT_LOOK];
+        expected.extend([false, false, true]);
+        assert_eq!(picked, expected);
+        assert!(
+            !pick(blocked.iter().copied(), 4, none, None).contains(&true),
+            "a freed slot reads only what fits"
+        );
     }
 }

@@ -7,7 +7,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use hodei_domain::specification::Specification;
+use hodei_domain::specification::{AllOf, Specification};
 use hodei_domain::worker::can_take_job;
 use hodei_domain::{Job, Worker, WorkerId};
 
@@ -84,8 +84,16 @@ impl WorkerIndex {
     /// The worker that can take `job` and comes first in preference, as
     /// [`crate::placement::best`] picks it.
     pub fn best(&self, job: &Job) -> Option<&Worker> {
-        let spec = can_take_job(job.spec());
-        let required = &job.spec().required_labels;
+        self.best_for(&job.spec().required_labels, &can_take_job(job.spec()))
+    }
+
+    /// The worker that meets `spec` (which requires `required` labels) and comes first in
+    /// preference.
+    pub fn best_for(
+        &self,
+        required: &BTreeMap<String, String>,
+        spec: &AllOf<Worker>,
+    ) -> Option<&Worker> {
         self.groups
             .iter()
             .filter(|g| required.iter().all(|(k, v)| g.labels.get(k) == Some(v)))

@@ -569,8 +569,18 @@ pub fn can_take(required_labels: &BTreeMap<String, String>, resources: Resources
 /// What a worker must offer to take a job with `spec`: [`can_take`] its labels and
 /// resources, and for a job with secrets, an agent that announced a sealing key.
 pub fn can_take_job(spec: &JobSpec) -> AllOf<Worker> {
-    let mut all = can_take(&spec.required_labels, spec.resources);
-    if spec.has_secrets() {
+    can_take_sealed(&spec.required_labels, spec.resources, spec.has_secrets())
+}
+
+/// [`can_take`], and when the job carries `secrets`, an agent that announced a sealing key:
+/// what [`can_take_job`] asks, from the parts of a specification that placement keeps.
+pub fn can_take_sealed(
+    required_labels: &BTreeMap<String, String>,
+    resources: Resources,
+    secrets: bool,
+) -> AllOf<Worker> {
+    let mut all = can_take(required_labels, resources);
+    if secrets {
         all.0.push(Box::new(Predicate::new(
             "an agent that announces a sealing key (for secret_env)",
             |w: &Worker| w.seal_key.is_some(),
