@@ -7,7 +7,9 @@
 //! system call, so a reader sees each entry whole, or a torn last line that it skips (the
 //! attempt then keeps its previous record). Once the journal has grown past
 //! [`COMPACT_AT`] bytes it is rewritten with only the records still held (to a temporary file,
-//! then renamed over it). A file per attempt, written through a temporary file and a rename,
+//! then renamed over it; the file is readable by the agent's user only). A journal that
+//! cannot be read or written is logged and does not stop the agent, and is written whole again
+//! at the next record. A file per attempt, written through a temporary file and a rename,
 //! made three files and removed them again for every job: on ext4 each new inode scans the
 //! inodes freed lately, and that was a third of the agent's own CPU at a few hundred jobs a
 //! second. Records in that older form (`<job id>-<attempt>.json`) are still read at start.
@@ -26,6 +28,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -91,14 +94,17 @@ pub(crate) struct Records {
 #[derive(Debug)]
 struct Journal {
     path: PathBuf,
-    file: File,
+    /// The journal opened for appending; `None` until it is (re)written: at start, and after a
+    /// write that failed part-way (the file may end in a torn line, so nothing is appended to
+    /// it).
+    file: Option<File>,
     /// Bytes in the file.
     size: u64,
-    /// Rewrite once the file is larger than this.
+    /// The least size at which the file is rewritten.
+    bound: u64,
+    /// Rewrite once the file is larger than this: [`Journal::bound`], or twice the records
+    /// held when more than that, so that many large records do not make every write a rewrite.
     compact_at: u64,
-    /// A write failed part-way: the file may end in a torn line, so it is rewritten before
-    /// anything is appended to it.
-    torn: bool,
     /// Every record held, as last written.
     held: HashMap<AttemptId, Record>,
 }
@@ -114,26 +120,38 @@ impl Records {
         let dir = work_dir.join(FOLDER);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(JOURNAL);
-        let mut held = read_journal(&path)?;
+        // A journal that cannot be read or written (a full disk, a failing device) must not
+        // keep the agent from starting: it is what sweeps the previous incarnation's jobs and
+        // workspaces away. It is written again at the next record.
+        let mut held = read_journal(&path).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "failed to read the attempt journal");
+            HashMap::new()
+        });
         let older = read_files(&dir, &mut held);
         let mut left: Vec<Record> = held.values().cloned().collect();
         left.sort_by_key(|r| r.attempt);
-        let file = rewrite(&path, &held)?;
-        let size = file.metadata()?.len();
-        // Only once their records are in the journal.
-        for older in older {
-            let _ = std::fs::remove_file(older);
+        let mut journal = Journal {
+            path,
+            file: None,
+            size: 0,
+            bound: compact_at,
+            compact_at,
+            held,
+        };
+        match journal.rewrite() {
+            // Only once their records are in the journal.
+            Ok(()) => {
+                for older in older {
+                    let _ = std::fs::remove_file(older);
+                }
+            }
+            Err(e) => {
+                warn!(path = %journal.path.display(), error = %e, "failed to write the attempt journal")
+            }
         }
         Ok(Records {
             dir,
-            journal: Arc::new(Mutex::new(Journal {
-                path,
-                file,
-                size,
-                compact_at,
-                torn: false,
-                held,
-            })),
+            journal: Arc::new(Mutex::new(journal)),
             left: Arc::new(left),
         })
     }
@@ -180,41 +198,49 @@ impl Journal {
     /// Appends `entry` (already applied to `held`), or rewrites the file from `held` when it
     /// has grown past its bound or may end in a torn line.
     fn append(&mut self, entry: &EntryOut<'_>) -> io::Result<()> {
-        if self.torn || self.size > self.compact_at {
-            self.file = rewrite(&self.path, &self.held)?;
-            self.size = self.file.metadata()?.len();
-            self.torn = false;
-            return Ok(());
-        }
+        let file = match &mut self.file {
+            Some(file) if self.size <= self.compact_at => file,
+            _ => return self.rewrite(),
+        };
         let mut line = serde_json::to_vec(entry).map_err(io::Error::other)?;
         line.push(b'\n');
         // One system call for the line (`O_APPEND`): a reader never sees half of it unless
         // the write itself failed part-way.
-        match self.file.write_all(&line) {
+        match file.write_all(&line) {
             Ok(()) => {
                 self.size += line.len() as u64;
                 Ok(())
             }
             Err(e) => {
-                self.torn = true;
+                self.file = None;
                 Err(e)
             }
         }
     }
-}
 
-/// Writes `held` as a new journal at `path` (a temporary file renamed over it) and opens it
-/// for appending.
-fn rewrite(path: &Path, held: &HashMap<AttemptId, Record>) -> io::Result<File> {
-    let mut lines = Vec::new();
-    for record in held.values() {
-        serde_json::to_writer(&mut lines, &EntryOut::Record(record)).map_err(io::Error::other)?;
-        lines.push(b'\n');
+    /// Writes the records held as a new journal (a temporary file, readable by the agent's
+    /// user only, renamed over it) and opens it for appending.
+    fn rewrite(&mut self) -> io::Result<()> {
+        let mut lines = Vec::new();
+        for record in self.held.values() {
+            serde_json::to_writer(&mut lines, &EntryOut::Record(record))
+                .map_err(io::Error::other)?;
+            lines.push(b'\n');
+        }
+        let tmp = self.path.with_extension("tmp");
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(&lines)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = Some(OpenOptions::new().append(true).open(&self.path)?);
+        self.size = lines.len() as u64;
+        self.compact_at = self.bound.max(self.size.saturating_mul(2));
+        Ok(())
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &lines)?;
-    std::fs::rename(&tmp, path)?;
-    OpenOptions::new().append(true).open(path)
 }
 
 /// The records held by the journal at `path` (none if there is no journal). A line that does
@@ -320,6 +346,8 @@ pub(crate) fn outcome_of(record: &Record) -> AttemptOutcome {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use hodei_domain::{AttemptNumber, JobId};
 
     use super::*;
@@ -402,6 +430,23 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_that_cannot_be_written_does_not_keep_the_agent_from_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        // Neither readable nor replaceable as a file.
+        std::fs::create_dir_all(journal(dir.path()).join("x")).unwrap();
+        let records = Records::open(dir.path()).unwrap();
+        assert!(records.left().is_empty());
+        let a = attempt();
+        records.write(&record(a));
+        records.remove(&a);
+        // Once it can be written again, the next record writes it whole.
+        std::fs::remove_dir_all(journal(dir.path())).unwrap();
+        let b = record(attempt());
+        records.write(&b);
+        assert_eq!(Records::open(dir.path()).unwrap().left(), vec![b]);
+    }
+
+    #[test]
     fn the_journal_is_rewritten_once_it_outgrows_its_bound() {
         let dir = tempfile::tempdir().unwrap();
         let bound = 4096;
@@ -416,6 +461,17 @@ mod tests {
         let size = std::fs::metadata(journal(dir.path())).unwrap().len();
         assert!(size <= bound + 1024, "the journal is {size} bytes");
         assert_eq!(Records::open(dir.path()).unwrap().left(), vec![held]);
+        // Records held that outgrow the bound themselves do not make every write a rewrite.
+        let dir = tempfile::tempdir().unwrap();
+        let records = Records::open_with(dir.path(), 512).unwrap();
+        let many: Vec<Record> = (0..20).map(|_| record(attempt())).collect();
+        for r in &many {
+            records.write(r);
+        }
+        let inode = || std::fs::metadata(journal(dir.path())).unwrap().ino();
+        let before = inode();
+        records.write(&many[0]);
+        assert_eq!(inode(), before, "appended, not rewritten");
     }
 
     #[test]
