@@ -299,9 +299,12 @@ impl Blocked {
             if pass == Pass::Full {
                 round.append(&mut self.requests);
             } else {
-                ctx.backends
+                let (_, read) = ctx
+                    .backends
                     .db(|| view.get(&ctx.backends.pool, live_since(ctx)))
                     .await?;
+                // The round's own first look at the view must still see it as fresh.
+                view.unseen = read;
                 let now = Utc::now();
                 let taken = pick(
                     self.requests.iter().map(|r| r.fit.as_ref()),
@@ -376,7 +379,8 @@ impl Blocked {
 /// slots last, those that `fits` (one a worker could take now; without a fit, any), each
 /// counted against one slot (those waiting for their tenant's quota against slots of their
 /// own, so they never stand in front of the others); and on a periodic retry (`retry_at`, its
-/// time) also the first [`PREEMPT_LOOK`] and those past their queue timeout.
+/// time) also the first [`PREEMPT_LOOK`] and those past their queue timeout (not those held by
+/// their quota, which a queue timeout does not end).
 fn pick<'a>(
     fits_of: impl Iterator<Item = Option<&'a Fit>>,
     free: usize,
@@ -396,8 +400,10 @@ fn pick<'a>(
             if fits {
                 *room -= 1;
             }
-            let retried = retry_at
-                .is_some_and(|now| i < PREEMPT_LOOK || fit.is_some_and(|f| f.deadline <= now));
+            // A job held by its tenant's quota does not time out in the queue.
+            let retried = retry_at.is_some_and(|now| {
+                i < PREEMPT_LOOK || fit.is_some_and(|f| !f.quota && f.deadline <= now)
+            });
             fits || retried
         })
         .collect()
@@ -933,6 +939,9 @@ struct WorkerView {
     /// Whether `shares` came from a background read no round has taken yet (the rounds
     /// publish the tenants' shares of each fresh read).
     shares_read: bool,
+    /// The workers were read to pick the blocked requests of a round, which has not been told
+    /// yet that they are fresh (it considers preemption only on a fresh read).
+    unseen: bool,
 }
 
 /// Oldest a view may be at the start of a placement round.
@@ -944,13 +953,14 @@ impl WorkerView {
         pool: &sqlx::PgPool,
         live_since: chrono::DateTime<Utc>,
     ) -> Result<(&[Worker], bool), StorageError> {
-        let fresh = self.workers.is_none();
-        if fresh {
+        let read = self.workers.is_none();
+        if read {
             self.workers = Some(WorkerIndex::new(
                 workers::placeable(pool, live_since).await?,
             ));
             self.read_at = Some(Instant::now());
         }
+        let fresh = read || std::mem::take(&mut self.unseen);
         Ok((
             self.workers
                 .as_ref()
@@ -984,6 +994,7 @@ impl WorkerView {
 
     fn forget(&mut self) {
         self.workers = None;
+        self.unseen = false;
         self.read_at = None;
         self.shares = None;
         self.shares_read = false;
@@ -1550,6 +1561,7 @@ mod tests {
             read_at: Some(before),
             shares: None,
             shares_read: false,
+            unseen: false,
         };
         // Read before the reservation was committed, after `gone` stopped beating and `b`
         // registered.
@@ -1641,5 +1653,31 @@ mod tests {
             !pick(blocked.iter().copied(), 4, none, None).contains(&true),
             "a freed slot reads only what fits"
         );
+        // A job held by its tenant's quota never times out in the queue: it is not read at
+        // every retry once its queue timeout has passed.
+        let held = fit("gpu", true, now - chrono::Duration::seconds(1));
+        let mut blocked = vec![Some(&gpu); PREEMPT_LOOK];
+        blocked.push(Some(&held));
+        assert!(!pick(blocked.iter().copied(), 4, none, Some(now))[PREEMPT_LOOK]);
+    }
+
+    #[tokio::test]
+    async fn a_view_read_to_pick_the_blocked_requests_is_fresh_for_the_round() {
+        // Never connected: a view that holds its workers makes no query.
+        let pool = sqlx::PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let mut view = WorkerView {
+            workers: Some(WorkerIndex::new(vec![worker("a", &[], 1)])),
+            unseen: true,
+            ..WorkerView::default()
+        };
+        let since = Utc::now();
+        assert!(
+            view.get(&pool, since).await.unwrap().1,
+            "the round sees the read as fresh"
+        );
+        assert!(!view.get(&pool, since).await.unwrap().1, "once");
+        view.unseen = true;
+        view.forget();
+        assert!(!view.unseen);
     }
 }
