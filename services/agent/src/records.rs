@@ -116,7 +116,7 @@ impl Records {
         Records::open_with(work_dir, COMPACT_AT)
     }
 
-    fn open_with(work_dir: &Path, compact_at: u64) -> io::Result<Records> {
+    fn open_with(work_dir: &Path, bound: u64) -> io::Result<Records> {
         let dir = work_dir.join(FOLDER);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(JOURNAL);
@@ -134,8 +134,8 @@ impl Records {
             path,
             file: None,
             size: 0,
-            bound: compact_at,
-            compact_at,
+            bound,
+            compact_at: bound,
             held,
         };
         match journal.rewrite() {

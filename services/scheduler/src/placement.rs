@@ -961,13 +961,7 @@ impl WorkerView {
             self.read_at = Some(Instant::now());
         }
         let fresh = read || std::mem::take(&mut self.unseen);
-        Ok((
-            self.workers
-                .as_ref()
-                .map(WorkerIndex::workers)
-                .unwrap_or_default(),
-            fresh,
-        ))
+        Ok((self.live(), fresh))
     }
 
     /// The workers of the view as last read (none before the first read).
