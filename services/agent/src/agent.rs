@@ -105,6 +105,7 @@ impl Agent {
                     source,
                 },
             )?;
+            crate::launch::protect_agent().map_err(AgentError::Protect)?;
         } else if crate::identity::is_root() {
             tracing::warn!(
                 "jobs run as root: set HODEI_JOB_USER to run them as an unprivileged user"

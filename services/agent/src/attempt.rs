@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,6 @@ use chrono::Utc;
 use hodei_domain::{AttemptId, AttemptOutcome, JobSpec, WorkerId};
 use hodei_messaging::{AgentReport, LogStreamKind, ReportKind, subjects};
 use nix::sys::signal::Signal;
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -37,7 +36,7 @@ use crate::artifacts;
 use crate::cgroup::{JobCgroup, JobCgroups};
 use crate::group::JobProcesses;
 use crate::identity::{Identity, JobUsers};
-use crate::launch::{self, JobStart};
+use crate::launch::{self, JobCommand, JobProcess, JobStart};
 use crate::mask::Masker;
 use crate::output::{self, LogShipper};
 use crate::publish;
@@ -170,17 +169,14 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
         Ok(child) => {
             let record = Record {
                 attempt: id,
-                pgid: child
-                    .id()
-                    .and_then(|pid| i32::try_from(pid).ok())
-                    .unwrap_or_default(),
+                pgid: i32::try_from(child.id()).unwrap_or_default(),
                 report_id,
                 outcome: None,
                 tail: Vec::new(),
             };
             ctx.records.write(&record);
             pgid = Some(record.pgid);
-            let processes = JobProcesses::new(child.id().unwrap_or_default(), cgroup.clone());
+            let processes = JobProcesses::new(child.id(), cgroup.clone());
             supervise(
                 &ctx, id, &spec, child, processes, &command, &stoppers, masker, record,
             )
@@ -262,7 +258,7 @@ async fn spawn(
     workspace: &Path,
     identity: &mut Option<Identity>,
     cgroup: &mut Option<JobCgroup>,
-) -> Result<Child, String> {
+) -> Result<JobProcess, String> {
     let io_err = |what: &str, path: &Path, e: io::Error| format!("{what} {}: {e}", path.display());
     match tokio::fs::remove_dir_all(workspace).await {
         Ok(()) => {}
@@ -330,8 +326,8 @@ async fn spawn(
         }
         None => None,
     };
-    let mut command = Command::new(&resolved);
-    command.args(args).env_clear();
+    let mut command = JobCommand::new(&resolved, &cwd);
+    command.args(args);
     if let Some(path) = &ctx.path {
         command.env("PATH", path);
     }
@@ -341,13 +337,7 @@ async fn spawn(
         .env("HODEI_JOB_ID", id.job_id.to_string())
         .env("HODEI_ATTEMPT", id.attempt.to_string())
         .env("HODEI_WORKER_ID", ctx.worker_id.as_str())
-        .env("HODEI_WORKSPACE", workspace)
-        .current_dir(&cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .env("HODEI_WORKSPACE", workspace);
     let start = JobStart {
         cgroup_procs,
         limits: ctx.job_limits,
@@ -389,7 +379,7 @@ async fn supervise(
     ctx: &AttemptContext,
     id: AttemptId,
     spec: &JobSpec,
-    mut child: Child,
+    mut child: JobProcess,
     processes: JobProcesses,
     command: &jetstream::Message,
     stoppers: &Stoppers,
@@ -397,7 +387,7 @@ async fn supervise(
     mut record: Record,
 ) -> (AttemptOutcome, Vec<String>, bool) {
     let deadline = Instant::now() + spec.timeout();
-    let pid = child.id().unwrap_or_default();
+    let pid = child.id();
     tracing::Span::current().record("process.pid", pid);
     info!(job_id = %id.job_id, attempt = %id.attempt, pid, "process started");
 
@@ -470,7 +460,7 @@ async fn supervise(
 async fn wait_or_stop(
     ctx: &AttemptContext,
     id: AttemptId,
-    child: &mut Child,
+    child: &mut JobProcess,
     processes: &JobProcesses,
     deadline: Instant,
     stoppers: &Stoppers,

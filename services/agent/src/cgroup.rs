@@ -17,7 +17,7 @@
 //! that job's limits, so the steady state makes and removes none (each costs the kernel, and a
 //! 2-core host running short jobs felt it). A new incarnation of the agent removes them all.
 //!
-//! A job joins its cgroup before it runs anything: between its fork and its exec, its process
+//! A job joins its cgroup before it runs anything: between its start and its exec, its process
 //! writes itself into the `cgroup.procs` files the agent opened for it ([`crate::launch`]).
 //!
 //! Cgroups are files in a pseudo file system, but moving a process into one may wait for an

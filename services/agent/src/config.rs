@@ -95,11 +95,11 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Most threads of the runtime's blocking pool (workspaces made and removed, attempt
     /// records, cgroups, name look-ups): half the slots, at least 8. The pool is otherwise
-    /// unbounded, and each of its threads is a stack and a malloc arena more that every job's
-    /// fork copies and the agent then faults back in: at 16 slots the pool grew to about 25
-    /// threads. Bounded to 4, real agents ran 8-10 % more jobs/s, and bounded to 8 about 4 %
-    /// fewer than that (BENCHMARKS.md); 8 leaves room for a few slow workspace removals before
-    /// a job's stop or a NATS reconnection waits behind them.
+    /// unbounded, and each of its threads is a stack and a malloc arena more (which every job's
+    /// fork copied, when jobs were forked, and the agent then faulted back in): at 16 slots the
+    /// pool grew to about 25 threads. Bounded to 4, real agents ran 8-10 % more jobs/s, and
+    /// bounded to 8 about 4 % fewer than that (BENCHMARKS.md); 8 leaves room for a few slow
+    /// workspace removals before a job's stop or a NATS reconnection waits behind them.
     pub fn blocking_threads(&self) -> usize {
         usize::try_from(self.max_concurrent_jobs / 2)
             .unwrap_or(usize::MAX)

@@ -1,41 +1,67 @@
-//! Starting a job's process: one fork, then one exec of the job's own program.
+//! Starting a job's process: a child that shares the agent's memory until its exec (as
+//! `posix_spawn` starts one), set up by the agent's own code, then one exec of the job's
+//! program.
 //!
-//! Between the two, in the child (still the agent's code, with nothing of the job run yet), it
-//! joins the job's cgroup (it writes `0` to each `cgroup.procs` the agent opened for it), takes
-//! the job's resource limits (soft and hard), drops to the job's own uid and gid with no
-//! supplementary groups and `no_new_privs` when the agent runs jobs as other users, and sets
-//! its parent-death signal to SIGKILL, then checks that its parent is still the agent. Should
-//! any of that fail, the child ends without running the job and the start fails with the
-//! error. The death signal is set after the uid changes, because the kernel clears it when
-//! the credentials change.
+//! The child is made with `clone(CLONE_VM | CLONE_VFORK)` on a launcher thread, which waits
+//! until the child has exec'd or ended. In the child (on a stack of its own, with every signal
+//! blocked), it writes its pid to a pipe, takes its standard input (`/dev/null`) and its output
+//! pipes, changes to the job's working directory, makes its own process group, sets every
+//! signal the agent handles back to its default, joins the job's cgroup (it writes `0` to each
+//! `cgroup.procs` the agent opened for it), takes the job's resource limits (soft and hard),
+//! drops to the job's own uid and gid with no supplementary groups and `no_new_privs` when the
+//! agent runs jobs as other users, and sets its parent-death signal to SIGKILL, then checks
+//! that its parent is still the agent, unblocks its signals and execs. Should any of that
+//! fail, the child stores the error where the launcher reads it, ends without running the job,
+//! and the start fails with the error. The death signal is set after the uid changes, because
+//! the kernel clears it when the credentials change.
 //!
-//! The kernel sends the parent-death signal when the *thread* that forked the process ends,
-//! not only its process. So jobs are forked on a few threads that live as long as the agent's
+//! The child runs on the agent's memory: it makes only raw system calls on values computed
+//! before the clone, allocates nothing, takes no lock and writes nothing of the agent's but the
+//! error it stores. A fork instead copied the agent's page tables for each job, and the agent
+//! then took a copy-on-write fault on each page it wrote while children still shared it:
+//! about a fifth of the machine with real agents (BENCHMARKS.md). As the agent's memory is the
+//! child's until its exec, the agent is made non-dumpable when it runs jobs as other users
+//! ([`protect_agent`]): a process of the job's uid may not attach to that child.
+//!
+//! The kernel sends the parent-death signal when the *thread* that made the process ends, not
+//! only its process. So jobs are started on a few threads that live as long as the agent's
 //! process (the launchers), never on a pool thread that could retire while the job runs. The
-//! launchers also keep the wait that a fork implies (until the child has exec'd, or a cgroup
-//! move has waited for an RCU grace period) off the agent's runtime threads, and a slow start
-//! holds up one of them, not every start.
+//! launchers also keep the wait until the child has exec'd (or a cgroup move has waited for an
+//! RCU grace period) off the agent's runtime threads, and a slow start holds up one of them,
+//! not every start.
 //!
 //! A child can be stopped before its exec (a process of the job's uid sends it SIGSTOP in the
 //! moment between its uid change and its exec; a frozen cgroup), and its launcher then waits.
 //! So a start that takes longer than [`START_TIMEOUT`] has its child killed (its pid is written
 //! to a pipe as the child's first act): its launcher goes on, and the attempt ends as killed.
 //!
-//! Before, a job's chain was `sh` (held until the agent had moved it into its cgroup), then
-//! `setpriv`, then the job: three programs started per job, each costing about 0.6 ms of CPU
-//! on a virtual machine where glibc's start-up traps to the hypervisor (BENCHMARKS.md).
+//! A started process is a [`JobProcess`]: its exit is awaited on a pidfd, and a process whose
+//! handle is dropped before it was reaped is killed and reaped in the background.
 
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString, c_char};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use nix::sched::CloneFlags;
+use nix::sys::signal::SigSet;
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
-use rustix::process::{DumpableBehavior, Gid, Pid, Rlimit, Signal, Uid};
-use tokio::process::{Child, Command};
+use rustix::process::{
+    DumpableBehavior, Gid, Pid, PidfdFlags, Resource, Rlimit, Signal, Uid, WaitOptions,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -44,8 +70,112 @@ use crate::config::JobLimits;
 /// How long a start may take, from the request to the exec of the job's program, before its
 /// child is killed.
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// The threads that fork jobs.
+/// The threads that start jobs.
 const LAUNCHERS: usize = 4;
+/// The stack a child runs on until its exec: it makes a few system calls (most of its pages
+/// are never touched, so never resident).
+const CHILD_STACK_BYTES: usize = 256 * 1024;
+/// What a child whose set-up or exec failed exits with.
+const FAILED_START_STATUS: i32 = 127;
+
+/// A job's program, its arguments, its environment (nothing but what is set here) and its
+/// working directory. Its standard input is `/dev/null`, its output two pipes, and it runs in
+/// a process group of its own.
+pub(crate) struct JobCommand {
+    program: OsString,
+    args: Vec<OsString>,
+    env: BTreeMap<OsString, OsString>,
+    cwd: OsString,
+}
+
+impl JobCommand {
+    /// Runs `program` (a path, not looked up) in `cwd`, with `program` as its `argv[0]`.
+    pub fn new(program: &Path, cwd: &Path) -> JobCommand {
+        JobCommand {
+            program: program.as_os_str().to_owned(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: cwd.as_os_str().to_owned(),
+        }
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut JobCommand
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets one variable; a later value of the same name replaces an earlier one.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut JobCommand {
+        self.env
+            .insert(key.as_ref().to_owned(), value.as_ref().to_owned());
+        self
+    }
+
+    pub fn envs<I, K, V>(&mut self, vars: I) -> &mut JobCommand
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        for (key, value) in vars {
+            self.env(key, value);
+        }
+        self
+    }
+
+    /// The command as its exec takes it.
+    fn exec(&self) -> io::Result<Exec> {
+        let program = c_string("program", &self.program)?;
+        let argv = std::iter::once(Ok(program.clone()))
+            .chain(self.args.iter().map(|arg| c_string("argument", arg)))
+            .collect::<io::Result<_>>()?;
+        let envp = self
+            .env
+            .iter()
+            .map(|(key, value)| {
+                if key.is_empty() || key.as_bytes().contains(&b'=') {
+                    let key = key.to_string_lossy();
+                    return Err(invalid(format!("environment variable name {key:?}")));
+                }
+                let mut pair = Vec::with_capacity(key.len() + 1 + value.len());
+                pair.extend_from_slice(key.as_bytes());
+                pair.push(b'=');
+                pair.extend_from_slice(value.as_bytes());
+                CString::new(pair).map_err(|_| {
+                    let key = key.to_string_lossy();
+                    invalid(format!("environment variable {key} holds a NUL byte"))
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Exec {
+            program,
+            argv,
+            envp,
+            cwd: c_string("working directory", &self.cwd)?,
+        })
+    }
+}
+
+fn c_string(what: &str, value: &OsStr) -> io::Result<CString> {
+    CString::new(value.as_bytes()).map_err(|_| invalid(format!("the {what} holds a NUL byte")))
+}
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+/// A command's exec, as C strings.
+struct Exec {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+}
 
 /// How one job's process is to be started.
 pub(crate) struct JobStart {
@@ -57,42 +187,121 @@ pub(crate) struct JobStart {
     pub user: Option<(u32, u32)>,
 }
 
-/// Starts `command`'s process as `start` says (see the module's documentation), on a launcher
-/// thread, in the calling task's runtime.
-pub(crate) async fn start(mut command: Command, start: JobStart) -> io::Result<Child> {
-    let (pid_read, pid_write) = pid_pipe()?;
-    prepare(&mut command, start, pid_write);
-    launch(command, &pid_read, START_TIMEOUT).await
-}
-
-/// A pipe for the child's pid: closed on exec, and never blocking.
-fn pid_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(rustix::pipe::pipe_with(
-        PipeFlags::CLOEXEC | PipeFlags::NONBLOCK,
+/// Makes the agent non-dumpable, as it must be before it starts jobs as other users: until its
+/// exec, a job's process runs on the agent's memory, and once it has the job's uid a process of
+/// that uid could otherwise attach to it (a non-dumpable process may be attached to only with
+/// `CAP_SYS_PTRACE`). It also keeps the agent's memory, with the secrets it opens, out of core
+/// dumps.
+pub(crate) fn protect_agent() -> io::Result<()> {
+    Ok(rustix::process::set_dumpable_behavior(
+        DumpableBehavior::NotDumpable,
     )?)
 }
 
-/// Has a launcher start `command` (prepared to write its pid to the other end of `pid_read`),
-/// killing its child if the start takes longer than `timeout`.
-async fn launch(command: Command, pid_read: &OwnedFd, timeout: Duration) -> io::Result<Child> {
-    let (reply, mut started) = oneshot::channel();
-    let request = Request {
-        command,
-        runtime: tokio::runtime::Handle::current(),
-        reply,
-    };
-    let ended = || io::Error::other("the launcher threads have ended");
-    launcher()?.send(request).map_err(|_| ended())?;
-    if let Ok(result) = tokio::time::timeout(timeout, &mut started).await {
-        return result.map_err(|_| ended())?;
+/// Starts `command`'s process as `start` says (see the module's documentation), on a launcher
+/// thread.
+pub(crate) async fn start(command: JobCommand, start: JobStart) -> io::Result<JobProcess> {
+    let (setup, ends) = Setup::new(&command, start)?;
+    launch(setup, ends, START_TIMEOUT).await
+}
+
+/// Everything a child needs, made before it exists.
+struct Setup {
+    exec: Exec,
+    /// The child's standard input, output and error.
+    stdio: [OwnedFd; 3],
+    /// Where the child writes its pid first.
+    pid_write: OwnedFd,
+    cgroup_procs: Vec<OwnedFd>,
+    limits: [(Resource, Rlimit); 3],
+    user: Option<(Uid, Gid)>,
+    agent: Pid,
+    /// Tests only: the child stops itself just before its exec.
+    #[cfg(test)]
+    stop_before_exec: bool,
+}
+
+/// The agent's ends of a child's pipes.
+struct Ends {
+    /// Never blocking: read only when a start timed out.
+    pid_read: OwnedFd,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+}
+
+impl Setup {
+    fn new(command: &JobCommand, start: JobStart) -> io::Result<(Setup, Ends)> {
+        let exec = command.exec()?;
+        let (pid_read, pid_write) =
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        let (stdout, stdout_write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+        let (stderr, stderr_write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+        let stdin = OwnedFd::from(std::fs::File::open("/dev/null")?);
+        let limits = start.limits.each().map(|(resource, value)| {
+            let both = Rlimit {
+                current: Some(value),
+                maximum: Some(value),
+            };
+            (resource, both)
+        });
+        let setup = Setup {
+            exec,
+            stdio: [stdin, stdout_write, stderr_write],
+            pid_write,
+            cgroup_procs: start.cgroup_procs,
+            limits,
+            user: start
+                .user
+                .map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
+            agent: rustix::process::getpid(),
+            #[cfg(test)]
+            stop_before_exec: false,
+        };
+        let ends = Ends {
+            pid_read,
+            stdout: pipe::Receiver::from_owned_fd(stdout)?,
+            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+        };
+        Ok((setup, ends))
     }
+}
+
+/// Has a launcher start `setup`'s process, killing its child if the start takes longer than
+/// `timeout`.
+async fn launch(setup: Setup, ends: Ends, timeout: Duration) -> io::Result<JobProcess> {
+    let (reply, mut started) = oneshot::channel();
+    let ended = || io::Error::other("the launcher threads have ended");
+    launcher()?
+        .send(Request { setup, reply })
+        .map_err(|_| ended())?;
+    let spawned = match tokio::time::timeout(timeout, &mut started).await {
+        Ok(result) => result.map_err(|_| ended())??,
+        Err(_) => {
+            kill_stopped_start(&ends.pid_read, timeout)?;
+            match tokio::time::timeout(timeout, started).await {
+                // Its launcher returns once the child is gone: the attempt ends as killed.
+                Ok(result) => result.map_err(|_| ended())??,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the job's process could not be started or killed (is its cgroup frozen?)",
+                    ));
+                }
+            }
+        }
+    };
+    JobProcess::new(spawned, ends)
+}
+
+/// Kills the child of a start that timed out, found by the pid it wrote first.
+fn kill_stopped_start(pid_read: &OwnedFd, timeout: Duration) -> io::Result<()> {
     let mut pid = [0; 4];
-    let forked = matches!(rustix::io::read(pid_read, &mut pid), Ok(4));
-    let pid = Pid::from_raw(i32::from_ne_bytes(pid)).filter(|_| forked);
+    let cloned = matches!(rustix::io::read(pid_read, &mut pid), Ok(4));
+    let pid = Pid::from_raw(i32::from_ne_bytes(pid)).filter(|_| cloned);
     let Some(pid) = pid else {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the job's process was not forked in time: every launcher is busy",
+            "the job's process was not started in time: every launcher is busy",
         ));
     };
     // Not yet reaped (its launcher is still waiting for it), so the pid is still the child's.
@@ -102,71 +311,18 @@ async fn launch(command: Command, pid_read: &OwnedFd, timeout: Duration) -> io::
         "a job's process was stopped before its program started: killing it"
     );
     let _ = rustix::process::kill_process(pid, Signal::KILL);
-    match tokio::time::timeout(timeout, started).await {
-        // Its launcher returns once the child is gone: the attempt ends as killed.
-        Ok(result) => result.map_err(|_| ended())?,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the job's process could not be started or killed (is its cgroup frozen?)",
-        )),
-    }
-}
-
-/// Makes `command` start its process as `start` says, writing the process's pid to
-/// `pid_write` first.
-#[allow(unsafe_code)]
-fn prepare(command: &mut Command, start: JobStart, pid_write: OwnedFd) {
-    // Everything the child needs is computed here: between fork and exec only system calls
-    // are made (no allocation, no lock), as is safe in the child of a threaded process.
-    let agent = rustix::process::getpid();
-    let limits = start.limits.each().map(|(resource, value)| {
-        let both = Rlimit {
-            current: Some(value),
-            maximum: Some(value),
-        };
-        (resource, both)
-    });
-    let user = start
-        .user
-        .map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid)));
-    let cgroup_procs = start.cgroup_procs;
-    let child_setup = move || -> io::Result<()> {
-        let pid = rustix::process::getpid().as_raw_nonzero().get();
-        let _ = rustix::io::write(&pid_write, &pid.to_ne_bytes());
-        for procs in &cgroup_procs {
-            rustix::io::write(procs, b"0")?;
-        }
-        for (resource, limit) in limits {
-            rustix::process::setrlimit(resource, limit)?;
-        }
-        if let Some((uid, gid)) = user {
-            rustix::thread::set_thread_groups(&[])?;
-            rustix::thread::set_thread_res_gid(gid, gid, gid)?;
-            rustix::thread::set_thread_res_uid(uid, uid, uid)?;
-            // Until its exec this process is a copy of the agent (its memory, its files): no
-            // process of the job's uid may attach to it or read its memory.
-            rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
-            rustix::thread::set_no_new_privs(true)?;
-        }
-        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-        // The agent may have ended before the signal was set: then nothing may run.
-        if rustix::process::getppid() != Some(agent) {
-            return Err(Errno::SRCH.into());
-        }
-        Ok(())
-    };
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe work is allowed: it makes raw system calls through `rustix` on values
-    // computed before the fork, and allocates nothing (its errors are plain errno values).
-    unsafe {
-        command.pre_exec(child_setup);
-    }
+    Ok(())
 }
 
 struct Request {
-    command: Command,
-    runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<io::Result<Child>>,
+    setup: Setup,
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// A child that has exec'd (or was killed before it could), not yet reaped.
+struct Spawned {
+    pid: Pid,
+    pidfd: OwnedFd,
 }
 
 /// The launchers' queue; the threads are started on first use and, as this keeps their queue
@@ -191,39 +347,290 @@ fn launcher() -> io::Result<mpsc::Sender<Request>> {
     Ok(queue)
 }
 
-/// One launcher: takes the next request, forks its process, hands it back.
+/// One launcher: takes the next request, starts its process, hands it back.
 fn launch_loop(requests: &Mutex<mpsc::Receiver<Request>>) {
+    // Its children start with every signal blocked, so that none of the agent's handlers runs
+    // in one (on the agent's memory) before the child has set them back to their defaults.
+    // Signals to the agent go to its other threads.
+    if let Err(e) = SigSet::all().thread_block() {
+        warn!(error = %e, "a launcher could not block its signals: it starts no job");
+        return;
+    }
+    let mut stack = Vec::new();
     loop {
         let next = requests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .recv();
-        let Ok(Request {
-            mut command,
-            runtime,
-            reply,
-        }) = next
-        else {
+        let Ok(Request { setup, reply }) = next else {
             return;
         };
         // A caller that has gone (its attempt aborted, its start timed out) starts nothing.
         if reply.is_closed() {
             continue;
         }
-        // The child's pipes and its reaping belong to the caller's runtime; a child whose
-        // caller has gone is dropped, and so killed, there too. A panic must not end this
-        // thread: its children's death signal would fire.
-        let _runtime = runtime.enter();
-        let started = std::panic::catch_unwind(AssertUnwindSafe(|| command.spawn()))
+        // A panic must not end this thread: its children's death signal would fire.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| spawn(&setup, &mut stack)))
             .unwrap_or_else(|_| Err(io::Error::other("starting the job's process panicked")));
-        let _ = reply.send(started);
+        // The child's ends close here, so that the agent sees the end of the job's output.
+        drop(setup);
+        if let Err(Ok(spawned)) = reply.send(started) {
+            kill_and_reap(spawned.pid);
+        }
+    }
+}
+
+/// Clones the child, which sets itself up and execs (see the module's documentation); returns
+/// once it has exec'd or ended.
+#[allow(unsafe_code)]
+fn spawn(setup: &Setup, stack: &mut Vec<u8>) -> io::Result<Spawned> {
+    if stack.is_empty() {
+        // Zeroed by the allocator (fresh pages, left untouched until the child uses them).
+        *stack = vec![0; CHILD_STACK_BYTES];
+    }
+    let argv = pointers(&setup.exec.argv);
+    let envp = pointers(&setup.exec.envp);
+    let failure = AtomicI32::new(0);
+    let child = Box::new(|| child_main(setup, &argv, &envp, &failure));
+    // SAFETY: the child runs `child_main` on `stack` (used by nothing else: this thread is
+    // suspended until the child has exec'd or ended, `CLONE_VFORK`) and on this process's
+    // memory (`CLONE_VM`), where it only reads `setup` and the pointer arrays, which outlive
+    // it, makes raw system calls, and stores its error in `failure`. It has its own copy of
+    // the file table and of the signal handlers, and starts with every signal blocked.
+    let pid = unsafe {
+        nix::sched::clone(
+            child,
+            stack,
+            CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    }
+    .map_err(io::Error::from)?;
+    let pid = Pid::from_raw(pid.as_raw()).ok_or_else(|| io::Error::other("clone returned 0"))?;
+    let errno = failure.load(Ordering::Acquire);
+    if errno != 0 {
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(pidfd) => Ok(Spawned { pid, pidfd }),
+        Err(e) => {
+            kill_and_reap(pid);
+            Err(e.into())
+        }
+    }
+}
+
+/// A null-terminated array of pointers to `strings`, as `execve` takes it.
+fn pointers(strings: &[CString]) -> Vec<*const c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// The child: sets itself up and execs; stores why it could not and exits.
+#[allow(unsafe_code)]
+fn child_main(
+    setup: &Setup,
+    argv: &[*const c_char],
+    envp: &[*const c_char],
+    failure: &AtomicI32,
+) -> isize {
+    let errno = match child_setup(setup) {
+        Ok(()) => {
+            // SAFETY: the program is a C string and `argv` and `envp` null-terminated arrays
+            // of pointers to C strings, all held by the caller until this child has exec'd.
+            unsafe { libc::execve(setup.exec.program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        }
+        Err(e) => e.raw_os_error(),
+    };
+    failure.store(
+        if errno == 0 { libc::EINVAL } else { errno },
+        Ordering::Release,
+    );
+    // SAFETY: ends this child at once, without running anything of the agent's.
+    unsafe { libc::_exit(FAILED_START_STATUS) }
+}
+
+/// The child's set-up, in its order (see the module's documentation). Raw system calls only.
+fn child_setup(setup: &Setup) -> Result<(), Errno> {
+    let pid = rustix::process::getpid().as_raw_nonzero().get();
+    let _ = rustix::io::write(&setup.pid_write, &pid.to_ne_bytes());
+    // std keeps descriptors 0 to 2 open in the agent, so none of these is one of them.
+    let [stdin, stdout, stderr] = &setup.stdio;
+    rustix::stdio::dup2_stdin(stdin)?;
+    rustix::stdio::dup2_stdout(stdout)?;
+    rustix::stdio::dup2_stderr(stderr)?;
+    rustix::process::chdir(setup.exec.cwd.as_c_str())?;
+    rustix::process::setpgid(None, None)?;
+    default_signal_handlers();
+    for procs in &setup.cgroup_procs {
+        rustix::io::write(procs, b"0")?;
+    }
+    for &(resource, limit) in &setup.limits {
+        rustix::process::setrlimit(resource, limit)?;
+    }
+    if let Some((uid, gid)) = setup.user {
+        rustix::thread::set_thread_groups(&[])?;
+        rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+        rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+        // The agent is non-dumpable already (`protect_agent`), and this process shares its
+        // memory: set again, as the uid change has just set it to the host's default.
+        rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+        rustix::thread::set_no_new_privs(true)?;
+    }
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    // The agent may have ended before the signal was set: then nothing may run.
+    if rustix::process::getppid() != Some(setup.agent) {
+        return Err(Errno::SRCH);
+    }
+    #[cfg(test)]
+    if setup.stop_before_exec {
+        rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)?;
+    }
+    SigSet::empty()
+        .thread_set_mask()
+        .map_err(|e| Errno::from_raw_os_error(e as i32))?;
+    Ok(())
+}
+
+/// Sets each signal that has a handler (the agent's, of which this child has a copy) back to
+/// its default, and SIGPIPE too, which Rust programs ignore. Signals ignored otherwise stay
+/// ignored, as an exec keeps them.
+#[allow(unsafe_code)]
+fn default_signal_handlers() {
+    // SAFETY: `sigaction` reads and writes this process's own table of handlers (the child
+    // has its own copy: no `CLONE_SIGHAND`), from zeroed structures (SIG_DFL, no flags, an
+    // empty mask).
+    unsafe {
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..=64 {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
+                continue;
+            }
+            let handled =
+                current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN;
+            if handled || signal == libc::SIGPIPE {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+/// Kills a child and waits for it, blocking.
+fn kill_and_reap(pid: Pid) {
+    let _ = rustix::process::kill_process(pid, Signal::KILL);
+    let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+}
+
+/// How `pid` ended, if it has (reaping it).
+fn reap(pid: Pid) -> io::Result<Option<ExitStatus>> {
+    let ended = rustix::process::waitpid(Some(pid), WaitOptions::NOHANG)?;
+    Ok(ended.map(|(_, status)| ExitStatus::from_raw(status.as_raw())))
+}
+
+/// A started job's process: its output pipes, and its end awaited on a pidfd. Dropped before
+/// it was reaped, it is killed, and reaped in the background.
+pub(crate) struct JobProcess {
+    pid: Pid,
+    /// `None` only once handed to the background reaper.
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    status: Option<ExitStatus>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+}
+
+impl JobProcess {
+    #[allow(unsafe_code)]
+    fn new(spawned: Spawned, ends: Ends) -> io::Result<JobProcess> {
+        let Spawned { pid, pidfd } = spawned;
+        // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
+        let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
+        let pidfd = match registered {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                kill_and_reap(pid);
+                return Err(e.into());
+            }
+        };
+        Ok(JobProcess {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            stdout: Some(ends.stdout),
+            stderr: Some(ends.stderr),
+        })
+    }
+
+    /// The process's id (also its process group's).
+    pub fn id(&self) -> u32 {
+        self.pid.as_raw_nonzero().get().unsigned_abs()
+    }
+
+    /// Waits for the process to end and reaps it.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.status {
+                return Ok(status);
+            }
+            let Some(pidfd) = &self.pidfd else {
+                return Err(io::Error::other("the process was handed to the reaper"));
+            };
+            let mut ready = pidfd.readable().await?;
+            match reap(self.pid)? {
+                Some(status) => self.status = Some(status),
+                None => ready.clear_ready(),
+            }
+        }
+    }
+
+    /// Sends SIGKILL to the process (not its group), unless it has been reaped.
+    pub fn start_kill(&self) -> io::Result<()> {
+        match &self.pidfd {
+            Some(pidfd) if self.status.is_none() => Ok(rustix::process::pidfd_send_signal(
+                pidfd.get_ref(),
+                Signal::KILL,
+            )?),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        let Some(pidfd) = self.pidfd.take() else {
+            return;
+        };
+        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
+        let pid = self.pid;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+            return;
+        };
+        runtime.spawn(async move {
+            while let Ok(mut ready) = pidfd.readable().await {
+                match reap(pid) {
+                    Ok(None) => ready.clear_ready(),
+                    Ok(Some(_)) | Err(_) => return,
+                }
+            }
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
+    use std::path::PathBuf;
+    use tokio::io::AsyncReadExt;
 
     fn no_limits() -> JobStart {
         JobStart {
@@ -233,53 +640,150 @@ mod tests {
         }
     }
 
+    fn command(program: &str, args: &[&str]) -> JobCommand {
+        let program = which::which(program).unwrap();
+        let mut command = JobCommand::new(&program, Path::new("/"));
+        command.args(args);
+        command
+    }
+
+    /// Runs `command` to its end: its status, its output and its errors.
+    async fn run(command: JobCommand) -> (ExitStatus, String, String) {
+        let mut process = start(command, no_limits()).await.unwrap();
+        let (mut out, mut err) = (String::new(), String::new());
+        let mut stdout = process.stdout.take().unwrap();
+        let mut stderr = process.stderr.take().unwrap();
+        let (read_out, read_err) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err)
+        );
+        read_out.unwrap();
+        read_err.unwrap();
+        (process.wait().await.unwrap(), out, err)
+    }
+
     #[tokio::test]
     async fn a_start_stopped_before_its_exec_is_killed_and_its_launcher_goes_on() {
         // Every launcher gets a child that stops itself after its set-up, before its exec.
         let mut stopped = Vec::new();
         for _ in 0..LAUNCHERS {
-            let (pid_read, pid_write) = pid_pipe().unwrap();
-            let mut command = Command::new("true");
-            prepare(&mut command, no_limits(), pid_write);
-            // SAFETY: one raw system call (kill of itself), as in `prepare`.
-            #[allow(unsafe_code)]
-            unsafe {
-                command.pre_exec(|| {
-                    rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)?;
-                    Ok(())
-                });
-            }
+            let (mut setup, ends) = Setup::new(&command("true", &[]), no_limits()).unwrap();
+            setup.stop_before_exec = true;
             stopped.push(tokio::spawn(async move {
-                launch(command, &pid_read, Duration::from_millis(300)).await
+                launch(setup, ends, Duration::from_millis(300)).await
             }));
         }
         for start in stopped {
-            let mut child = start.await.unwrap().unwrap();
-            let status = child.wait().await.unwrap();
+            let mut process = start.await.unwrap().unwrap();
+            let status = process.wait().await.unwrap();
             assert_eq!(status.signal(), Some(9), "{status:?}");
         }
         // Each launcher was freed by the kill: a start after them runs its program.
         for _ in 0..LAUNCHERS {
-            let mut command = Command::new("true");
-            command.kill_on_drop(true);
-            let mut child = start(command, no_limits()).await.unwrap();
-            assert!(child.wait().await.unwrap().success());
+            let (status, _, _) = run(command("true", &[])).await;
+            assert!(status.success());
         }
     }
 
     #[tokio::test]
     async fn the_program_runs_with_its_limits() {
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "ulimit -Sn; ulimit -Hn; ulimit -c"])
-            .stdout(std::process::Stdio::piped());
-        let child = start(command, no_limits()).await.unwrap();
-        let out = child.wait_with_output().await.unwrap();
-        assert!(out.status.success());
+        let (status, out, _) =
+            run(command("sh", &["-c", "ulimit -Sn; ulimit -Hn; ulimit -c"])).await;
+        assert!(status.success());
         let nofile = JobLimits::within_own(4096, 1024).max_open_files;
+        assert_eq!(out, format!("{nofile}\n{nofile}\n0\n"));
+    }
+
+    #[tokio::test]
+    async fn the_program_gets_its_arguments_environment_directory_and_own_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = which::which("sh").unwrap();
+        let script = r#"tr '\0' '|' < /proc/$$/cmdline; echo; pwd; env | sort; cut -d' ' -f5 /proc/$$/stat; echo $$; echo oops >&2; exit 3"#;
+        let mut command = JobCommand::new(&program, dir.path());
+        command
+            .args(["-c", script, "one two", ""])
+            .env("B", "2")
+            .envs([("A", "1"), ("B", "3")])
+            .env("PATH", std::env::var_os("PATH").unwrap());
+        let (status, out, err) = run(command).await;
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(err, "oops\n");
+        let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            format!("{nofile}\n{nofile}\n0\n")
+            lines[0],
+            format!("{}|-c|{script}|one two||", program.display())
         );
+        assert_eq!(
+            lines[1],
+            dir.path().canonicalize().unwrap().to_str().unwrap()
+        );
+        // `sh` adds PWD (and may add SHLVL and `_`); nothing of the agent's comes through.
+        let env: Vec<&str> = lines[2..lines.len() - 2]
+            .iter()
+            .copied()
+            .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+            .collect();
+        let path = format!("PATH={}", std::env::var("PATH").unwrap());
+        assert_eq!(env, ["A=1", "B=3", path.as_str()]);
+        // Its own process group, led by itself.
+        assert_eq!(lines[lines.len() - 2].trim(), lines[lines.len() - 1]);
+    }
+
+    #[tokio::test]
+    async fn the_program_starts_with_no_signal_blocked_and_the_agents_handlers_undone() {
+        // The test's process handles SIGHUP, as the agent handles its own signals.
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
+        let (status, out, _) = run(command(
+            "sh",
+            &[
+                "-c",
+                "grep -E '^Sig(Blk|Ign)' /proc/self/status; kill -HUP $$; echo survived",
+            ],
+        ))
+        .await;
+        let blocked = out.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+        assert!(blocked.ends_with("0000000000000000"), "{out}");
+        let ignored = out.lines().find(|l| l.starts_with("SigIgn:")).unwrap();
+        let ignored = u64::from_str_radix(ignored.rsplit('\t').next().unwrap(), 16).unwrap();
+        assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
+        assert_eq!(status.signal(), Some(libc::SIGHUP), "{out}");
+        assert!(!out.contains("survived"));
+        // The hangup was the job's alone.
+        let nothing = tokio::time::timeout(Duration::from_millis(50), hangups.recv()).await;
+        assert!(nothing.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_failed_set_up_or_exec_is_the_starts_error() {
+        let program = which::which("true").unwrap();
+        let missing = JobCommand::new(&program, Path::new("/nonexistent/workspace"));
+        let e = start(missing, no_limits()).await.err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let not_a_program = JobCommand::new(Path::new("/"), Path::new("/"));
+        let e = start(not_a_program, no_limits()).await.err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        let mut nul = command("true", &[]);
+        nul.env("A", "x\0y");
+        let e = start(nul, no_limits()).await.err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("environment variable A"), "{e}");
+        // The launchers still start programs.
+        assert!(run(command("true", &[])).await.0.success());
+    }
+
+    #[tokio::test]
+    async fn a_process_dropped_before_its_end_is_killed_and_reaped() {
+        let process = start(command("sleep", &["30"]), no_limits()).await.unwrap();
+        let proc_dir = PathBuf::from(format!("/proc/{}", process.id()));
+        assert!(proc_dir.exists());
+        drop(process);
+        // Gone altogether: killed, and reaped (a zombie would keep its /proc entry).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while proc_dir.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "still there");
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
