@@ -259,15 +259,10 @@ async fn spawn(
     identity: &mut Option<Identity>,
     cgroup: &mut Option<JobCgroup>,
 ) -> Result<JobProcess, String> {
-    let io_err = |what: &str, path: &Path, e: io::Error| format!("{what} {}: {e}", path.display());
-    match tokio::fs::remove_dir_all(workspace).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("failed to clear old workspace", workspace, e)),
-    }
-    tokio::fs::create_dir_all(workspace)
+    let fresh = workspace.to_path_buf();
+    tokio::task::spawn_blocking(move || fresh_workspace(&fresh))
         .await
-        .map_err(|e| io_err("failed to create workspace", workspace, e))?;
+        .map_err(|e| format!("failed to make workspace {}: {e}", workspace.display()))??;
     if let Some(plan) = &spec.artifacts {
         artifacts::fetch(&ctx.artifact_reader, plan, workspace)
             .await
@@ -346,6 +341,21 @@ async fn spawn(
     launch::start(command, start)
         .await
         .map_err(|e| format!("failed to start {program}: {e}"))
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+/// Makes an empty workspace at `path`, removing what an earlier attempt left there: both in one
+/// trip to the blocking pool.
+fn fresh_workspace(path: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("failed to clear old workspace", path, e)),
+    }
+    std::fs::create_dir_all(path).map_err(|e| io_err("failed to create workspace", path, e))
 }
 
 /// Empties an ended job's cgroup for the next job; returns the line to add to the output's tail
