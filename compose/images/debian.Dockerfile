@@ -6,8 +6,8 @@
 ARG ROOTFS_BASE
 ARG ROOTFS_POSTGRES
 
-# The agent runs jobs with /bin/sh, through setpriv and prlimit (util-linux), as its own user
-# (uid 10001: HODEI_JOB_USER needs root). tini, as PID 1, reaps the processes jobs orphan.
+# The agent runs jobs (a shell and the usual tools for them here) as its own user (uid 10001:
+# HODEI_JOB_USER needs root). tini, as PID 1, reaps the processes jobs orphan.
 # `hodei-compose-agent` picks a free worker id and NATS key in compose (see compose/).
 FROM ${ROOTFS_BASE} AS agent
 COPY bin/hodei-agent bin/hodei-probe /usr/local/bin/

@@ -98,6 +98,7 @@ impl Agent {
             path: settings.work_dir.clone(),
             source,
         })?;
+        crate::launch::check_host(settings.job_user.is_some()).map_err(AgentError::Host)?;
         if settings.job_user.is_some() {
             crate::identity::close_work_dir(&settings.work_dir, records.dir()).map_err(
                 |source| AgentError::WorkDir {
@@ -105,7 +106,6 @@ impl Agent {
                     source,
                 },
             )?;
-            crate::launch::protect_agent().map_err(AgentError::Protect)?;
         } else if crate::identity::is_root() {
             tracing::warn!(
                 "jobs run as root: set HODEI_JOB_USER to run them as an unprivileged user"

@@ -26,9 +26,9 @@ pub enum AgentError {
     /// `HODEI_JOB_CGROUPS=required`, and jobs cannot have cgroups here.
     #[error("job_cgroups: {0}")]
     Cgroups(#[from] crate::cgroup::CgroupError),
-    /// The agent could not be made non-dumpable, as it must be to run jobs as other users.
-    #[error("failed to make the agent non-dumpable (needed with job_user): {0}")]
-    Protect(#[source] std::io::Error),
+    /// This host cannot start jobs as the agent does (see `launch::check_host`).
+    #[error("this host cannot run jobs: {0}")]
+    Host(#[source] std::io::Error),
     /// The folder holding the workspaces cannot be created.
     #[error("failed to create the work folder {}: {source}", path.display())]
     WorkDir {

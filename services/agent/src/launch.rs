@@ -4,7 +4,7 @@
 //!
 //! The child is made with `clone(CLONE_VM | CLONE_VFORK)` on a launcher thread, which waits
 //! until the child has exec'd or ended. In the child (on a stack of its own, with every signal
-//! blocked), it writes its pid to a pipe, takes its standard input (`/dev/null`) and its output
+//! blocked but glibc's two internal ones), it writes its pid to a pipe, takes its standard input (`/dev/null`) and its output
 //! pipes, changes to the job's working directory, makes its own process group, sets every
 //! signal the agent handles back to its default, joins the job's cgroup (it writes `0` to each
 //! `cgroup.procs` the agent opened for it), takes the job's resource limits (soft and hard),
@@ -16,12 +16,15 @@
 //! the kernel clears it when the credentials change.
 //!
 //! The child runs on the agent's memory: it makes only raw system calls on values computed
-//! before the clone, allocates nothing, takes no lock and writes nothing of the agent's but the
-//! error it stores. A fork instead copied the agent's page tables for each job, and the agent
+//! before the clone, allocates nothing and takes no lock (its signal handlers are read and set
+//! with the raw system call: glibc's `sigaction` may take a lock). What it writes of the
+//! agent's is its own stack (a mapping of the launcher's, with a guard page below it), the
+//! launcher's `errno` (the launcher is suspended meanwhile) and the error it stores. A fork instead copied the agent's page tables for each job, and the agent
 //! then took a copy-on-write fault on each page it wrote while children still shared it:
 //! about a fifth of the machine with real agents (BENCHMARKS.md). As the agent's memory is the
-//! child's until its exec, the agent is made non-dumpable when it runs jobs as other users
-//! ([`protect_agent`]): a process of the job's uid may not attach to that child.
+//! child's until its exec, the agent is made non-dumpable when it runs jobs as other users,
+//! and refuses to when the host's `fs.suid_dumpable` is 1 ([`check_host`]): a process of the
+//! job's uid may not attach to that child.
 //!
 //! The kernel sends the parent-death signal when the *thread* that made the process ends, not
 //! only its process. So jobs are started on a few threads that live as long as the agent's
@@ -39,7 +42,7 @@
 //! handle is dropped before it was reaped is killed and reaped in the background.
 
 use std::collections::BTreeMap;
-use std::ffi::{CString, OsStr, OsString, c_char};
+use std::ffi::{CString, OsStr, OsString, c_char, c_void};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -55,6 +58,7 @@ use std::time::Duration;
 use nix::sched::CloneFlags;
 use nix::sys::signal::SigSet;
 use rustix::io::Errno;
+use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
 use rustix::pipe::PipeFlags;
 use rustix::process::{
     DumpableBehavior, Gid, Pid, PidfdFlags, Resource, Rlimit, Signal, Uid, WaitOptions,
@@ -187,15 +191,45 @@ pub(crate) struct JobStart {
     pub user: Option<(u32, u32)>,
 }
 
-/// Makes the agent non-dumpable, as it must be before it starts jobs as other users: until its
-/// exec, a job's process runs on the agent's memory, and once it has the job's uid a process of
-/// that uid could otherwise attach to it (a non-dumpable process may be attached to only with
-/// `CAP_SYS_PTRACE`). It also keeps the agent's memory, with the secrets it opens, out of core
-/// dumps.
-pub(crate) fn protect_agent() -> io::Result<()> {
-    Ok(rustix::process::set_dumpable_behavior(
-        DumpableBehavior::NotDumpable,
-    )?)
+/// Checks that this host can start jobs as this module does, before the agent takes any: the
+/// kernel has pidfds (Linux 5.3), and, when jobs run as other users (`other_users`), the agent
+/// is made non-dumpable and the host's `fs.suid_dumpable` is not 1.
+///
+/// Until its exec, a job's process runs on the agent's memory, and once it has the job's uid a
+/// process of that uid could attach to it (or open its `/proc/<pid>/mem`, which would then keep
+/// the agent's memory) unless that memory is not dumpable: a process whose memory is not
+/// user-dumpable may be attached to only with `CAP_SYS_PTRACE`. A uid change sets the
+/// dumpable state of the memory to `fs.suid_dumpable`, so with 1 ("debug", which the kernel
+/// documents as insecure) there would be a moment after each job's uid change when it is.
+pub(crate) fn check_host(other_users: bool) -> io::Result<()> {
+    rustix::process::pidfd_open(rustix::process::getpid(), PidfdFlags::empty()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("jobs are watched through pidfds, which need Linux 5.3 or later: {e}"),
+        )
+    })?;
+    if other_users {
+        check_suid_dumpable()?;
+        // Also keeps the agent's memory, with the secrets it opens, out of core dumps.
+        rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    }
+    Ok(())
+}
+
+/// Fails when `fs.suid_dumpable` is 1 (see [`check_host`]); read again before each job that
+/// changes user, as it may be changed at any time.
+fn check_suid_dumpable() -> io::Result<()> {
+    const SETTING: &str = "/proc/sys/fs/suid_dumpable";
+    let value = std::fs::read_to_string(SETTING)
+        .map_err(|e| io::Error::new(e.kind(), format!("failed to read {SETTING}: {e}")))?;
+    if value.trim() == "1" {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "fs.suid_dumpable is 1, which would let a job's uid attach to its process before \
+             its exec: set it to 0 or 2 (sysctl fs.suid_dumpable=0) to run jobs as other users",
+        ));
+    }
+    Ok(())
 }
 
 /// Starts `command`'s process as `start` says (see the module's documentation), on a launcher
@@ -232,6 +266,9 @@ struct Ends {
 impl Setup {
     fn new(command: &JobCommand, start: JobStart) -> io::Result<(Setup, Ends)> {
         let exec = command.exec()?;
+        if start.user.is_some() {
+            check_suid_dumpable()?;
+        }
         let (pid_read, pid_write) =
             rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         let (stdout, stdout_write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
@@ -320,9 +357,32 @@ struct Request {
 }
 
 /// A child that has exec'd (or was killed before it could), not yet reaped.
+/// Killed and reaped if dropped before it became a [`JobProcess`] (its caller gone).
 struct Spawned {
     pid: Pid,
-    pidfd: OwnedFd,
+    /// `None` once taken by [`JobProcess::new`].
+    pidfd: Option<OwnedFd>,
+}
+
+impl Drop for Spawned {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        let Some(pidfd) = self.pidfd.take() else {
+            return;
+        };
+        let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
+        // In a runtime (a caller that went after its reply was sent), reaped in the background;
+        // on a launcher, at once.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
+            let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
+            if let Ok(pidfd) = registered {
+                reap_later(self.pid, pidfd);
+                return;
+            }
+        }
+        let _ = rustix::process::waitpid(Some(self.pid), WaitOptions::empty());
+    }
 }
 
 /// The launchers' queue; the threads are started on first use and, as this keeps their queue
@@ -349,14 +409,15 @@ fn launcher() -> io::Result<mpsc::Sender<Request>> {
 
 /// One launcher: takes the next request, starts its process, hands it back.
 fn launch_loop(requests: &Mutex<mpsc::Receiver<Request>>) {
-    // Its children start with every signal blocked, so that none of the agent's handlers runs
-    // in one (on the agent's memory) before the child has set them back to their defaults.
-    // Signals to the agent go to its other threads.
+    // Its children start with every signal blocked (but glibc's two, which glibc does not let
+    // a thread block; their handlers return unless glibc itself sent them to this thread), so
+    // that none of the agent's handlers runs in one (on the agent's memory) before the child
+    // has set them back to their defaults. Signals to the agent go to its other threads.
     if let Err(e) = SigSet::all().thread_block() {
         warn!(error = %e, "a launcher could not block its signals: it starts no job");
         return;
     }
-    let mut stack = Vec::new();
+    let mut stack = None;
     loop {
         let next = requests
             .lock()
@@ -374,20 +435,19 @@ fn launch_loop(requests: &Mutex<mpsc::Receiver<Request>>) {
             .unwrap_or_else(|_| Err(io::Error::other("starting the job's process panicked")));
         // The child's ends close here, so that the agent sees the end of the job's output.
         drop(setup);
-        if let Err(Ok(spawned)) = reply.send(started) {
-            kill_and_reap(spawned.pid);
-        }
+        // A process whose caller has gone meanwhile is killed and reaped as it is dropped.
+        let _ = reply.send(started);
     }
 }
 
 /// Clones the child, which sets itself up and execs (see the module's documentation); returns
 /// once it has exec'd or ended.
 #[allow(unsafe_code)]
-fn spawn(setup: &Setup, stack: &mut Vec<u8>) -> io::Result<Spawned> {
-    if stack.is_empty() {
-        // Zeroed by the allocator (fresh pages, left untouched until the child uses them).
-        *stack = vec![0; CHILD_STACK_BYTES];
-    }
+fn spawn(setup: &Setup, stack: &mut Option<ChildStack>) -> io::Result<Spawned> {
+    let stack = match stack {
+        Some(stack) => stack,
+        None => stack.insert(ChildStack::new()?),
+    };
     let argv = pointers(&setup.exec.argv);
     let envp = pointers(&setup.exec.envp);
     let failure = AtomicI32::new(0);
@@ -396,11 +456,11 @@ fn spawn(setup: &Setup, stack: &mut Vec<u8>) -> io::Result<Spawned> {
     // suspended until the child has exec'd or ended, `CLONE_VFORK`) and on this process's
     // memory (`CLONE_VM`), where it only reads `setup` and the pointer arrays, which outlive
     // it, makes raw system calls, and stores its error in `failure`. It has its own copy of
-    // the file table and of the signal handlers, and starts with every signal blocked.
+    // the file table and of the signal handlers, and starts with this thread's signals blocked.
     let pid = unsafe {
         nix::sched::clone(
             child,
-            stack,
+            stack.as_mut_slice(),
             CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK,
             Some(libc::SIGCHLD),
         )
@@ -413,11 +473,68 @@ fn spawn(setup: &Setup, stack: &mut Vec<u8>) -> io::Result<Spawned> {
         return Err(io::Error::from_raw_os_error(errno));
     }
     match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
-        Ok(pidfd) => Ok(Spawned { pid, pidfd }),
+        Ok(pidfd) => Ok(Spawned {
+            pid,
+            pidfd: Some(pidfd),
+        }),
         Err(e) => {
             kill_and_reap(pid);
             Err(e.into())
         }
+    }
+}
+
+/// The stack a launcher's children run on: anonymous memory (its pages resident only once
+/// used) with a guard page below it, so that an overflow faults instead of writing over the
+/// agent's memory.
+struct ChildStack {
+    mapping: *mut c_void,
+    len: usize,
+    guard: usize,
+}
+
+impl ChildStack {
+    #[allow(unsafe_code)]
+    fn new() -> io::Result<ChildStack> {
+        let guard = rustix::param::page_size();
+        let len = CHILD_STACK_BYTES + guard;
+        // SAFETY: a new private anonymous mapping, owned (and unmapped) by the value returned.
+        let mapping = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::STACK,
+            )
+        }?;
+        let stack = ChildStack {
+            mapping,
+            len,
+            guard,
+        };
+        // SAFETY: the lowest page of that mapping, which nothing uses.
+        unsafe { rustix::mm::mprotect(mapping, guard, MprotectFlags::empty()) }?;
+        Ok(stack)
+    }
+
+    #[allow(unsafe_code)]
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the pages of the mapping above its guard page, readable and writable, and
+        // borrowed no longer than `self`.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.mapping.cast::<u8>().add(self.guard),
+                self.len - self.guard,
+            )
+        }
+    }
+}
+
+impl Drop for ChildStack {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer borrowed.
+        let _ = unsafe { rustix::mm::munmap(self.mapping, self.len) };
     }
 }
 
@@ -477,8 +594,9 @@ fn child_setup(setup: &Setup) -> Result<(), Errno> {
         rustix::thread::set_thread_groups(&[])?;
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
         rustix::thread::set_thread_res_uid(uid, uid, uid)?;
-        // The agent is non-dumpable already (`protect_agent`), and this process shares its
-        // memory: set again, as the uid change has just set it to the host's default.
+        // The agent is non-dumpable already (`check_host`), and this process shares its
+        // memory: set again, as the uid change has just set it to `fs.suid_dumpable` (0 or 2,
+        // under which no process of the job's uid may attach either).
         rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
         rustix::thread::set_no_new_privs(true)?;
     }
@@ -491,34 +609,87 @@ fn child_setup(setup: &Setup) -> Result<(), Errno> {
     if setup.stop_before_exec {
         rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)?;
     }
-    SigSet::empty()
-        .thread_set_mask()
-        .map_err(|e| Errno::from_raw_os_error(e as i32))?;
+    set_signal_mask(0)?;
     Ok(())
 }
 
 /// Sets each signal that has a handler (the agent's, of which this child has a copy) back to
 /// its default, and SIGPIPE too, which Rust programs ignore. Signals ignored otherwise stay
-/// ignored, as an exec keeps them.
-#[allow(unsafe_code)]
+/// ignored, as an exec keeps them. Through the raw system call: glibc's `sigaction` may take a
+/// lock (for SIGABRT), and refuses its own two signals.
 fn default_signal_handlers() {
-    // SAFETY: `sigaction` reads and writes this process's own table of handlers (the child
-    // has its own copy: no `CLONE_SIGHAND`), from zeroed structures (SIG_DFL, no flags, an
-    // empty mask).
-    unsafe {
-        let mut default: libc::sigaction = std::mem::zeroed();
-        default.sa_sigaction = libc::SIG_DFL;
-        for signal in 1..=64 {
-            let mut current: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
-                continue;
-            }
-            let handled =
-                current.sa_sigaction != libc::SIG_DFL && current.sa_sigaction != libc::SIG_IGN;
-            if handled || signal == libc::SIGPIPE {
-                libc::sigaction(signal, &default, std::ptr::null_mut());
-            }
+    let default = KernelSigaction::default();
+    for signal in 1..=64 {
+        let mut current = KernelSigaction::default();
+        if rt_sigaction(signal, None, Some(&mut current)).is_err() {
+            continue;
         }
+        let handled = current.handler != libc::SIG_DFL && current.handler != libc::SIG_IGN;
+        if handled || signal == libc::SIGPIPE {
+            let _ = rt_sigaction(signal, Some(&default), None);
+        }
+    }
+}
+
+/// The kernel's `struct sigaction` on 64-bit Linux (x86-64 and arm64 both have `sa_restorer`);
+/// all zero is SIG_DFL with no flags and an empty mask.
+#[derive(Default)]
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// The size of the kernel's signal set, as `rt_sigaction` and `rt_sigprocmask` take it.
+const KERNEL_SIGSET_BYTES: usize = 8;
+
+/// `rt_sigaction(2)`.
+#[allow(unsafe_code)]
+fn rt_sigaction(
+    signal: i32,
+    new: Option<&KernelSigaction>,
+    old: Option<&mut KernelSigaction>,
+) -> Result<(), Errno> {
+    let new = new.map_or(std::ptr::null(), std::ptr::from_ref);
+    let old = old.map_or(std::ptr::null_mut(), std::ptr::from_mut);
+    // SAFETY: both pointers are null or point to a `KernelSigaction`, laid out as the kernel's.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signal,
+            new,
+            old,
+            KERNEL_SIGSET_BYTES,
+        )
+    };
+    syscall_result(done)
+}
+
+/// Sets the calling thread's signal mask (`rt_sigprocmask(2)`, raw: glibc's would keep its
+/// own two signals as they are).
+#[allow(unsafe_code)]
+fn set_signal_mask(mask: u64) -> Result<(), Errno> {
+    // SAFETY: a pointer to a kernel signal set, and no old set asked for.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            std::ptr::from_ref(&mask),
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        )
+    };
+    syscall_result(done)
+}
+
+/// The result of `libc::syscall`: -1 and `errno` on failure.
+fn syscall_result(done: libc::c_long) -> Result<(), Errno> {
+    if done == -1 {
+        Err(Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(Errno::INVAL))
+    } else {
+        Ok(())
     }
 }
 
@@ -547,8 +718,12 @@ pub(crate) struct JobProcess {
 
 impl JobProcess {
     #[allow(unsafe_code)]
-    fn new(spawned: Spawned, ends: Ends) -> io::Result<JobProcess> {
-        let Spawned { pid, pidfd } = spawned;
+    fn new(mut spawned: Spawned, ends: Ends) -> io::Result<JobProcess> {
+        let pid = spawned.pid;
+        let pidfd = spawned
+            .pidfd
+            .take()
+            .ok_or_else(|| io::Error::other("the process was taken already"))?;
         // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
         let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
         let pidfd = match registered {
@@ -610,20 +785,24 @@ impl Drop for JobProcess {
             return;
         };
         let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
-        let pid = self.pid;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
-            return;
-        };
-        runtime.spawn(async move {
-            while let Ok(mut ready) = pidfd.readable().await {
-                match reap(pid) {
-                    Ok(None) => ready.clear_ready(),
-                    Ok(Some(_)) | Err(_) => return,
-                }
-            }
-        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            reap_later(self.pid, pidfd);
+        } else {
+            let _ = rustix::process::waitpid(Some(self.pid), WaitOptions::empty());
+        }
     }
+}
+
+/// Reaps `pid` once it has ended, in a task of the current runtime.
+fn reap_later(pid: Pid, pidfd: AsyncFd<OwnedFd>) {
+    tokio::spawn(async move {
+        while let Ok(mut ready) = pidfd.readable().await {
+            match reap(pid) {
+                Ok(None) => ready.clear_ready(),
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -772,18 +951,38 @@ mod tests {
         assert!(run(command("true", &[])).await.0.success());
     }
 
+    /// Waits until `pid` is gone altogether: killed, and reaped (a zombie keeps its entry).
+    async fn wait_gone(pid: u32) {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while proc_dir.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "{pid} still there");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_started_process_whose_caller_has_gone_is_killed_and_reaped() {
+        let (setup, _ends) = Setup::new(&command("sleep", &["30"]), no_limits()).unwrap();
+        let spawned = spawn(&setup, &mut None).unwrap();
+        drop(setup);
+        let pid = spawned.pid.as_raw_nonzero().get().unsigned_abs();
+        assert!(PathBuf::from(format!("/proc/{pid}")).exists());
+        drop(spawned);
+        wait_gone(pid).await;
+    }
+
+    #[test]
+    fn this_host_can_start_jobs() {
+        check_host(false).unwrap();
+    }
+
     #[tokio::test]
     async fn a_process_dropped_before_its_end_is_killed_and_reaped() {
         let process = start(command("sleep", &["30"]), no_limits()).await.unwrap();
-        let proc_dir = PathBuf::from(format!("/proc/{}", process.id()));
-        assert!(proc_dir.exists());
+        let pid = process.id();
+        assert!(PathBuf::from(format!("/proc/{pid}")).exists());
         drop(process);
-        // Gone altogether: killed, and reaped (a zombie would keep its /proc entry).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while proc_dir.exists() {
-            assert!(tokio::time::Instant::now() < deadline, "still there");
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_gone(pid).await;
     }
 }
