@@ -44,7 +44,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString, c_char, c_void};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::panic::AssertUnwindSafe;
@@ -52,7 +52,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use nix::sched::CloneFlags;
@@ -64,7 +64,7 @@ use rustix::process::{
     DumpableBehavior, Gid, Pid, PidfdFlags, Resource, Rlimit, Signal, Uid, WaitOptions,
 };
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -242,8 +242,10 @@ pub(crate) async fn start(command: JobCommand, start: JobStart) -> io::Result<Jo
 /// Everything a child needs, made before it exists.
 struct Setup {
     exec: Exec,
-    /// The child's standard input, output and error.
-    stdio: [OwnedFd; 3],
+    /// The child's standard input (`/dev/null`), output and error.
+    stdin: BorrowedFd<'static>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
     /// Where the child writes its pid first.
     pid_write: OwnedFd,
     cgroup_procs: Vec<OwnedFd>,
@@ -273,7 +275,7 @@ impl Setup {
             rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         let (stdout, stdout_write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
         let (stderr, stderr_write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
-        let stdin = OwnedFd::from(std::fs::File::open("/dev/null")?);
+        let stdin = dev_null()?;
         let limits = start.limits.each().map(|(resource, value)| {
             let both = Rlimit {
                 current: Some(value),
@@ -283,7 +285,9 @@ impl Setup {
         });
         let setup = Setup {
             exec,
-            stdio: [stdin, stdout_write, stderr_write],
+            stdin,
+            stdout: stdout_write,
+            stderr: stderr_write,
             pid_write,
             cgroup_procs: start.cgroup_procs,
             limits,
@@ -301,6 +305,16 @@ impl Setup {
         };
         Ok((setup, ends))
     }
+}
+
+/// `/dev/null`, opened once (closed on exec): every job's standard input.
+fn dev_null() -> io::Result<BorrowedFd<'static>> {
+    static DEV_NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(null) = DEV_NULL.get() {
+        return Ok(null.as_fd());
+    }
+    let null = OwnedFd::from(std::fs::File::open("/dev/null")?);
+    Ok(DEV_NULL.get_or_init(|| null).as_fd())
 }
 
 /// Has a launcher start `setup`'s process, killing its child if the start takes longer than
@@ -365,24 +379,38 @@ struct Spawned {
 }
 
 impl Drop for Spawned {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        let Some(pidfd) = self.pidfd.take() else {
-            return;
-        };
-        let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
-        // In a runtime (a caller that went after its reply was sent), reaped in the background;
-        // on a launcher, at once.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
-            let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
-            if let Ok(pidfd) = registered {
-                reap_later(self.pid, pidfd);
-                return;
-            }
+        if let Some(pidfd) = self.pidfd.take() {
+            abandon(self.pid, pidfd);
         }
-        let _ = rustix::process::waitpid(Some(self.pid), WaitOptions::empty());
     }
+}
+
+/// Kills a process not yet reaped, and reaps it: in a task when in a runtime (a caller gone
+/// after its reply was sent, a dropped [`JobProcess`]), else at once (on a launcher).
+fn abandon(pid: Pid, pidfd: OwnedFd) {
+    let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
+    if tokio::runtime::Handle::try_current().is_ok()
+        && let Ok(pidfd) = register(pidfd)
+    {
+        tokio::spawn(async move {
+            while let Ok(mut ready) = pidfd.readable().await {
+                match reap(pid) {
+                    Ok(None) => ready.clear_ready(),
+                    Ok(Some(_)) | Err(_) => return,
+                }
+            }
+        });
+        return;
+    }
+    let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+}
+
+/// A pidfd registered with the current runtime, readable once its process has ended.
+#[allow(unsafe_code)]
+fn register(pidfd: OwnedFd) -> Result<AsyncFd<OwnedFd>, AsyncFdRegisterError<OwnedFd>> {
+    // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
 }
 
 /// The launchers' queue; the threads are started on first use and, as this keeps their queue
@@ -577,10 +605,9 @@ fn child_setup(setup: &Setup) -> Result<(), Errno> {
     let pid = rustix::process::getpid().as_raw_nonzero().get();
     let _ = rustix::io::write(&setup.pid_write, &pid.to_ne_bytes());
     // std keeps descriptors 0 to 2 open in the agent, so none of these is one of them.
-    let [stdin, stdout, stderr] = &setup.stdio;
-    rustix::stdio::dup2_stdin(stdin)?;
-    rustix::stdio::dup2_stdout(stdout)?;
-    rustix::stdio::dup2_stderr(stderr)?;
+    rustix::stdio::dup2_stdin(setup.stdin)?;
+    rustix::stdio::dup2_stdout(&setup.stdout)?;
+    rustix::stdio::dup2_stderr(&setup.stderr)?;
     rustix::process::chdir(setup.exec.cwd.as_c_str())?;
     rustix::process::setpgid(None, None)?;
     default_signal_handlers();
@@ -717,24 +744,22 @@ pub(crate) struct JobProcess {
 }
 
 impl JobProcess {
-    #[allow(unsafe_code)]
     fn new(mut spawned: Spawned, ends: Ends) -> io::Result<JobProcess> {
-        let pid = spawned.pid;
         let pidfd = spawned
             .pidfd
             .take()
             .ok_or_else(|| io::Error::other("the process was taken already"))?;
-        // SAFETY: an `OwnedFd` keeps its descriptor, open, for as long as it lives.
-        let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
-        let pidfd = match registered {
+        let pidfd = match register(pidfd) {
             Ok(pidfd) => pidfd,
             Err(e) => {
-                kill_and_reap(pid);
-                return Err(e.into());
+                // Killed and reaped as `spawned` is dropped.
+                let (pidfd, e) = e.into_parts();
+                spawned.pidfd = Some(pidfd);
+                return Err(e);
             }
         };
         Ok(JobProcess {
-            pid,
+            pid: spawned.pid,
             pidfd: Some(pidfd),
             status: None,
             stdout: Some(ends.stdout),
@@ -781,28 +806,10 @@ impl Drop for JobProcess {
         if self.status.is_some() {
             return;
         }
-        let Some(pidfd) = self.pidfd.take() else {
-            return;
-        };
-        let _ = rustix::process::pidfd_send_signal(pidfd.get_ref(), Signal::KILL);
-        if tokio::runtime::Handle::try_current().is_ok() {
-            reap_later(self.pid, pidfd);
-        } else {
-            let _ = rustix::process::waitpid(Some(self.pid), WaitOptions::empty());
+        if let Some(pidfd) = self.pidfd.take() {
+            abandon(self.pid, pidfd.into_inner());
         }
     }
-}
-
-/// Reaps `pid` once it has ended, in a task of the current runtime.
-fn reap_later(pid: Pid, pidfd: AsyncFd<OwnedFd>) {
-    tokio::spawn(async move {
-        while let Ok(mut ready) = pidfd.readable().await {
-            match reap(pid) {
-                Ok(None) => ready.clear_ready(),
-                Ok(Some(_)) | Err(_) => return,
-            }
-        }
-    });
 }
 
 #[cfg(test)]
