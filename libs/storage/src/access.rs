@@ -3,8 +3,10 @@
 use chrono::{DateTime, Utc};
 use hodei_domain::{Role, TenantId, TokenId};
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder};
 
 use crate::error::{RowReader, StorageError};
+use crate::sql::Unnest;
 
 const TOKEN_COLUMNS: &str =
     "id, name, tenant, role, created_by, created_at, expires_at, revoked_at";
@@ -157,24 +159,48 @@ pub async fn record_audit(
     conn: impl sqlx::PgExecutor<'_>,
     entries: &[AuditEntry],
 ) -> Result<(), StorageError> {
-    let column = |f: fn(&AuditEntry) -> String| entries.iter().map(f).collect::<Vec<_>>();
-    let at: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
-    sqlx::query(
-        "INSERT INTO audit_log (at, subject, tenant, role, action, target, outcome, detail)
-         SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::text[], $8::text[])",
-    )
-    .bind(at)
-    .bind(column(|e| e.subject.clone()))
-    .bind(column(|e| e.tenant.to_string()))
-    .bind(column(|e| e.role.to_string()))
-    .bind(column(|e| e.action.clone()))
-    .bind(column(|e| e.target.clone()))
-    .bind(column(|e| e.outcome.clone()))
-    .bind(column(|e| e.detail.clone()))
-    .execute(conn)
-    .await?;
+    let mut query = QueryBuilder::new("");
+    push_audit(&mut query, entries, None);
+    query.build().execute(conn).await?;
     Ok(())
+}
+
+/// Writes into `query` the `INSERT` that appends `entries` to the audit log, for a statement
+/// that also does other writes (as one of its `WITH` clauses). With `only`, each entry's job
+/// and the name of an earlier `WITH` clause that returns an `id` column: only the entries of
+/// the jobs it returned are appended.
+pub(crate) fn push_audit(
+    query: &mut QueryBuilder<Postgres>,
+    entries: &[AuditEntry],
+    only: Option<(&[uuid::Uuid], &str)>,
+) {
+    let column = |f: fn(&AuditEntry) -> &str| entries.iter().map(f).collect::<Vec<_>>();
+    let at: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
+    let tenants: Vec<&str> = entries.iter().map(|e| e.tenant.as_str()).collect();
+    let roles: Vec<String> = entries.iter().map(|e| e.role.to_string()).collect();
+    query.push(
+        "INSERT INTO audit_log (at, subject, tenant, role, action, target, outcome, detail)
+         SELECT a.at, a.subject, a.tenant, a.role, a.action, a.target, a.outcome, a.detail
+         FROM ",
+    );
+    let columns = Unnest::new(query)
+        .column(at, "timestamptz")
+        .column(column(|e| e.subject.as_str()), "text")
+        .column(tenants, "text")
+        .column(roles, "text")
+        .column(column(|e| e.action.as_str()), "text")
+        .column(column(|e| e.target.as_str()), "text")
+        .column(column(|e| e.outcome.as_str()), "text")
+        .column(column(|e| e.detail.as_str()), "text");
+    match only {
+        None => columns.alias("a(at, subject, tenant, role, action, target, outcome, detail)"),
+        Some((jobs, only)) => {
+            columns
+                .column(jobs, "uuid")
+                .alias("a(at, subject, tenant, role, action, target, outcome, detail, job)");
+            query.push(format_args!(" WHERE a.job IN (SELECT id FROM {only})"));
+        }
+    }
 }
 
 /// An entry of the audit log with its position (newer entries have larger ids).

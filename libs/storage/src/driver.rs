@@ -106,6 +106,9 @@ pub async fn submit_jobs(
             job: &s.job,
             event: &s.event,
             trace: &s.trace,
+            // The caller hands the new jobs' messages to its relay once this commits.
+            messages: &s.messages,
+            audit: s.audit.as_ref(),
         })
         .collect();
     let mut inserted_new = jobs::insert_many(&mut tx, &new).await?.into_iter();
@@ -113,23 +116,6 @@ pub async fn submit_jobs(
         .iter()
         .map(|r| r.is_none() && inserted_new.next().unwrap_or(false))
         .collect();
-    let messages: Vec<&Outgoing> = submissions
-        .iter()
-        .zip(&inserted)
-        .filter(|(_, inserted)| **inserted)
-        .flat_map(|(s, _)| &s.messages)
-        .collect();
-    // The caller hands the new jobs' messages to its relay once this commits.
-    outbox::append_direct(&mut tx, &messages).await?;
-    let audit: Vec<crate::access::AuditEntry> = submissions
-        .iter()
-        .zip(&inserted)
-        .filter(|(_, inserted)| **inserted)
-        .filter_map(|(s, _)| s.audit.clone())
-        .collect();
-    if !audit.is_empty() {
-        crate::access::record_audit(&mut *tx, &audit).await?;
-    }
     tx.commit().await?;
     let mut answers = Vec::with_capacity(submissions.len());
     for ((s, inserted), refused) in submissions.iter().zip(inserted).zip(refused) {
@@ -269,16 +255,6 @@ pub async fn commit_transitions(
         .map(|t| (&t.job, t.expected_version))
         .collect();
     let events: Vec<&JobEvent> = transitions.iter().flat_map(|t| &t.events).collect();
-    let runs = jobs::save_many(conn, &changes, &events).await?;
-    let more = !runs.is_empty();
-    for (job_id, run) in runs {
-        if let Some(t) = transitions.iter().find(|t| t.job.id() == job_id) {
-            on_step_job(conn, run, &t.job, &t.events)
-                .instrument(t.span.clone())
-                .await?;
-        }
-    }
-    let freed = release_slots(conn, releases).await?;
     let mut messages: Vec<Cow<'_, Outgoing>> = Vec::with_capacity(events.len() * 2);
     for t in transitions {
         let _entered = t.span.enter();
@@ -295,8 +271,19 @@ pub async fn commit_transitions(
         }
         messages.extend(t.extra.iter().map(Cow::Borrowed));
     }
-    // Handed to the caller's relay once committed (see `Committed::messages`).
-    outbox::append_direct(conn, &messages).await?;
+    // Queued with the jobs' saves, and handed to the caller's relay once committed (see
+    // `Committed::messages`).
+    let queued: Vec<&Outgoing> = messages.iter().map(AsRef::as_ref).collect();
+    let runs = jobs::save_many(conn, &changes, &events, &queued).await?;
+    let more = !runs.is_empty();
+    for (job_id, run) in runs {
+        if let Some(t) = transitions.iter().find(|t| t.job.id() == job_id) {
+            on_step_job(conn, run, &t.job, &t.events)
+                .instrument(t.span.clone())
+                .await?;
+        }
+    }
+    let freed = release_slots(conn, releases).await?;
     Ok(Committed {
         freed,
         messages: messages.into_iter().map(Cow::into_owned).collect(),

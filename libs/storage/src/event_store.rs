@@ -5,10 +5,11 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::error::{StorageError, encode, to_i64};
+use crate::sql::Unnest;
 
 /// Which event table.
 #[derive(Debug, Clone, Copy)]
@@ -27,13 +28,9 @@ impl EventTable {
 
     fn insert_sql(self) -> &'static str {
         match self {
-            EventTable::Jobs => {
-                "INSERT INTO job_events (job_id, seq, event_id, type, at, data)
-                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])"
-            }
+            EventTable::Jobs => "INSERT INTO job_events (job_id, seq, event_id, type, at, data)",
             EventTable::Pipelines => {
-                "INSERT INTO pipeline_events (run_id, seq, event_id, type, at, data)
-                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])"
+                "INSERT INTO pipeline_events (run_id, seq, event_id, type, at, data)"
             }
         }
     }
@@ -72,10 +69,39 @@ pub(crate) async fn append<'e, E: Serialize + 'e>(
     table: EventTable,
     events: impl ExactSizeIterator<Item = Stored<'e, E>>,
 ) -> Result<(), StorageError> {
-    let n = events.len();
-    if n == 0 {
+    if events.len() == 0 {
         return Ok(());
     }
+    let mut query = QueryBuilder::new("");
+    push_insert(&mut query, table, events, None)?;
+    query.build().execute(conn).await.map_err(|e| {
+        let err = StorageError::Database(e);
+        if err.is_conflict() {
+            StorageError::Conflict {
+                what: match table {
+                    EventTable::Jobs => "job event sequence",
+                    EventTable::Pipelines => "pipeline event sequence",
+                }
+                .to_owned(),
+            }
+        } else {
+            err
+        }
+    })?;
+    Ok(())
+}
+
+/// Writes into `query` the `INSERT` that appends `events` to `table`, for a statement that
+/// also does other writes (as one of its `WITH` clauses). With `only`, the name of an earlier
+/// `WITH` clause that returns an `id` column, only the events of the aggregates it returned are
+/// appended.
+pub(crate) fn push_insert<'e, E: Serialize + 'e>(
+    query: &mut QueryBuilder<Postgres>,
+    table: EventTable,
+    events: impl ExactSizeIterator<Item = Stored<'e, E>>,
+    only: Option<&str>,
+) -> Result<(), StorageError> {
+    let n = events.len();
     let (mut aggregates, mut seqs, mut ids) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -94,29 +120,21 @@ pub(crate) async fn append<'e, E: Serialize + 'e>(
         ats.push(e.at);
         data.push(encode("event", e.event)?);
     }
-    sqlx::query(table.insert_sql())
-        .bind(&aggregates)
-        .bind(&seqs)
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&ats)
-        .bind(&data)
-        .execute(conn)
-        .await
-        .map_err(|e| {
-            let err = StorageError::Database(e);
-            if err.is_conflict() {
-                StorageError::Conflict {
-                    what: match table {
-                        EventTable::Jobs => "job event sequence",
-                        EventTable::Pipelines => "pipeline event sequence",
-                    }
-                    .to_owned(),
-                }
-            } else {
-                err
-            }
-        })?;
+    query.push(table.insert_sql());
+    query.push(" SELECT * FROM ");
+    Unnest::new(query)
+        .column(aggregates, "uuid")
+        .column(seqs, "bigint")
+        .column(ids, "uuid")
+        .column(kinds, "text")
+        .column(ats, "timestamptz")
+        .column(data, "jsonb")
+        .alias("e(aggregate, seq, event_id, type, at, data)");
+    if let Some(only) = only {
+        query.push(format_args!(
+            " WHERE e.aggregate IN (SELECT id FROM {only})"
+        ));
+    }
     Ok(())
 }
 

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use hodei_domain::{Job, JobEvent, JobId, JobState, PipelineRunId, TenantId};
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, QueryBuilder};
 use uuid::Uuid;
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 use crate::event_store::{self, EventRange, EventTable, Stored};
-use crate::sql::like_prefix;
+use crate::sql::{Unnest, like_prefix};
 
 const COLUMNS: &str = "id, tenant, state, spec, attempts, cancel_requested, preempted_by, not_before, reason, created_at, updated_at, version";
 
@@ -68,11 +68,17 @@ pub struct NewJob<'a> {
     pub job: &'a Job,
     pub event: &'a JobEvent,
     pub trace: &'a hodei_messaging::TraceHeaders,
+    /// Messages queued in the outbox with the job, handed to the caller's relay once
+    /// committed (see [`crate::outbox::append_direct`]).
+    pub messages: &'a [hodei_messaging::Outgoing],
+    /// The audit log's entry for its submission.
+    pub audit: Option<&'a crate::access::AuditEntry>,
 }
 
-/// [`insert`] for many jobs (none a pipeline step) in two statements. Returns, for each job in
-/// order, whether it was inserted: false when its tenant already used its idempotency key
-/// (before, or earlier in the same batch).
+/// [`insert`] for many jobs (none a pipeline step), with their first events, messages and
+/// audit entries, in one statement: a batch of submissions costs one round trip. Returns, for
+/// each job in order, whether it was inserted: false when its tenant already used its
+/// idempotency key (before, or earlier in the same batch); nothing of such a job is written.
 pub async fn insert_many(
     conn: &mut PgConnection,
     new: &[NewJob<'_>],
@@ -106,45 +112,76 @@ pub async fn insert_many(
         versions.push(to_i64(job.version()));
         traces.push(encode("trace context", trace)?);
     }
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
+    let mut query = QueryBuilder::new(
         "WITH inserted AS (
          INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
                            current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
                            created_at, updated_at, version, trace_context, pipeline_run_id, pipeline_step)
          SELECT u.id, u.tenant, u.name, u.state, u.priority, u.spec, u.labels, u.key, '[]', 0, NULL,
                 false, NULL, NULL, NULL, u.created_at, u.created_at, u.version, u.trace, NULL, NULL
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::jsonb[],
-                     $7::jsonb[], $8::text[], $9::timestamptz[], $10::bigint[], $11::jsonb[])
-              AS u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)
+         FROM ",
+    );
+    Unnest::new(&mut query)
+        .column(&ids, "uuid")
+        .column(&tenants, "text")
+        .column(&names, "text")
+        .column(&states, "text")
+        .column(&priorities, "int")
+        .column(&specs, "jsonb")
+        .column(&labels, "jsonb")
+        .column(&keys, "text")
+        .column(&created, "timestamptz")
+        .column(&versions, "bigint")
+        .column(&traces, "jsonb")
+        .alias(
+            "u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)",
+        );
+    query.push(
+        "
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-         RETURNING id, state, name, labels, spec)
+         RETURNING id, state, name, labels, spec),
+         searched AS (
          INSERT INTO job_search (job_id, state, search)
          SELECT id, state, hodei_job_search(name, labels, spec, NULL) FROM inserted
-         RETURNING job_id",
-    )
-    .bind(&ids)
-    .bind(&tenants)
-    .bind(&names)
-    .bind(&states)
-    .bind(&priorities)
-    .bind(&specs)
-    .bind(&labels)
-    .bind(&keys)
-    .bind(&created)
-    .bind(&versions)
-    .bind(&traces)
-    .fetch_all(&mut *conn)
-    .await?;
-    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
-    let flags: Vec<bool> = ids.iter().map(|id| inserted.contains(id)).collect();
-    let events = new
+         RETURNING job_id),
+         events AS (",
+    );
+    // Only what belongs to the jobs inserted is written with them.
+    event_store::push_insert(
+        &mut query,
+        EventTable::Jobs,
+        new.iter().map(|n| stored(n.event)),
+        Some("inserted"),
+    )?;
+    let mut of_messages = Vec::new();
+    let mut messages = Vec::new();
+    for n in new {
+        for message in n.messages {
+            of_messages.push(n.job.id().as_uuid());
+            messages.push(message);
+        }
+    }
+    if !messages.is_empty() {
+        query.push("), outbox AS (");
+        crate::outbox::push_insert(
+            &mut query,
+            &messages,
+            true,
+            Some((&of_messages, "inserted")),
+        )?;
+    }
+    let (of_audit, audit): (Vec<Uuid>, Vec<crate::access::AuditEntry>) = new
         .iter()
-        .zip(&flags)
-        .filter(|(_, inserted)| **inserted)
-        .map(|(n, _)| n.event);
-    let events: Vec<&JobEvent> = events.collect();
-    append_events(conn, events.iter().copied()).await?;
-    Ok(flags)
+        .filter_map(|n| n.audit.map(|a| (n.job.id().as_uuid(), a.clone())))
+        .unzip();
+    if !audit.is_empty() {
+        query.push("), audit AS (");
+        crate::access::push_audit(&mut query, &audit, Some((&of_audit, "inserted")));
+    }
+    query.push(") SELECT job_id FROM searched");
+    let inserted: Vec<Uuid> = query.build_query_scalar().fetch_all(&mut *conn).await?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    Ok(ids.iter().map(|id| inserted.contains(id)).collect())
 }
 
 /// The job a tenant submitted with `key`, if any.
@@ -213,15 +250,17 @@ pub async fn get_many(
         .collect()
 }
 
-/// [`save`] for many jobs in two statements: each job (with the version it was read at) is
-/// saved only if it is still at that version, and `events` (already applied to them) are
-/// appended. If any job moved meanwhile, returns `Conflict`: the caller's transaction must
-/// then be rolled back, as some jobs were saved. Returns the pipeline run of each saved job
-/// that is a step of one: moving those runs is the caller's business.
+/// [`save`] for many jobs in one statement: each job (with the version it was read at) is
+/// saved only if it is still at that version, `events` (already applied to them) are appended
+/// and `messages` are queued in the outbox, handed to the caller's relay once committed (see
+/// [`crate::outbox::append_direct`]). If any job moved meanwhile, returns `Conflict`: the
+/// caller's transaction must then be rolled back, as some jobs were saved. Returns the pipeline
+/// run of each saved job that is a step of one: moving those runs is the caller's business.
 pub async fn save_many(
     conn: &mut PgConnection,
     changes: &[(&Job, u64)],
     events: &[&JobEvent],
+    messages: &[&hodei_messaging::Outgoing],
 ) -> Result<Vec<(JobId, PipelineRunId)>, StorageError> {
     if changes.is_empty() {
         return Ok(Vec::new());
@@ -256,39 +295,58 @@ pub async fn save_many(
         versions.push(to_i64(job.version()));
     }
     // The search row's copy of the state moves in the same statement (see `list`).
-    let saved: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+    let mut query = QueryBuilder::new(
         "WITH saved AS (
          UPDATE jobs j SET state = u.state, attempts = u.attempts, current_attempt = u.current_attempt,
                 worker_id = u.worker_id, cancel_requested = u.cancel_requested,
                 not_before = u.not_before, reason = u.reason, exit_code = u.exit_code,
                 updated_at = u.updated_at, version = u.version, preempted_by = u.preempted_by
-         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::bigint[], $6::text[],
-                     $7::bool[], $8::timestamptz[], $9::text[], $10::int[], $11::timestamptz[],
-                     $12::bigint[], $13::uuid[])
-              AS u(id, expected, state, attempts, current_attempt, worker_id, cancel_requested,
-                   not_before, reason, exit_code, updated_at, version, preempted_by)
+         FROM ",
+    );
+    Unnest::new(&mut query)
+        .column(&ids, "uuid")
+        .column(&expected, "bigint")
+        .column(&states, "text")
+        .column(&attempts, "jsonb")
+        .column(&current, "bigint")
+        .column(&workers, "text")
+        .column(&cancels, "bool")
+        .column(&not_befores, "timestamptz")
+        .column(&reasons, "text")
+        .column(&exit_codes, "int")
+        .column(&updated, "timestamptz")
+        .column(&versions, "bigint")
+        .column(&preemptions, "uuid")
+        .alias(
+            "u(id, expected, state, attempts, current_attempt, worker_id, cancel_requested,
+               not_before, reason, exit_code, updated_at, version, preempted_by)",
+        );
+    query.push(
+        "
          WHERE j.id = u.id AND j.version = u.expected
          RETURNING j.id, j.state, j.pipeline_run_id),
          searched AS (
          UPDATE job_search s SET state = saved.state FROM saved
-         WHERE s.job_id = saved.id AND s.state <> saved.state)
-         SELECT id, pipeline_run_id FROM saved",
-    )
-    .bind(&ids)
-    .bind(&expected)
-    .bind(&states)
-    .bind(&attempts)
-    .bind(&current)
-    .bind(&workers)
-    .bind(&cancels)
-    .bind(&not_befores)
-    .bind(&reasons)
-    .bind(&exit_codes)
-    .bind(&updated)
-    .bind(&versions)
-    .bind(&preemptions)
-    .fetch_all(&mut *conn)
-    .await?;
+         WHERE s.job_id = saved.id AND s.state <> saved.state)",
+    );
+    // With the saves: should a job not be saved, the caller rolls all of it back.
+    if !events.is_empty() {
+        query.push(", events AS (");
+        event_store::push_insert(
+            &mut query,
+            EventTable::Jobs,
+            events.iter().map(|e| stored(e)),
+            None,
+        )?;
+        query.push(")");
+    }
+    if !messages.is_empty() {
+        query.push(", outbox AS (");
+        crate::outbox::push_insert(&mut query, messages, true, None)?;
+        query.push(")");
+    }
+    query.push(" SELECT id, pipeline_run_id FROM saved");
+    let saved: Vec<(Uuid, Option<Uuid>)> = query.build_query_as().fetch_all(&mut *conn).await?;
     if saved.len() != n {
         return Err(StorageError::Conflict {
             what: format!("{} of {n} jobs saved together", n - saved.len()),
@@ -300,7 +358,6 @@ pub async fn save_many(
         .map(|e| e.job_id.as_uuid())
         .collect();
     refresh_search(conn, &tails).await?;
-    append_events(conn, events.iter().copied()).await?;
     Ok(saved
         .into_iter()
         .filter_map(|(id, run)| {
@@ -381,15 +438,19 @@ async fn append_events<'e>(
     conn: &mut PgConnection,
     events: impl ExactSizeIterator<Item = &'e JobEvent>,
 ) -> Result<(), StorageError> {
-    let stored = events.map(|e| Stored {
+    event_store::append(conn, EventTable::Jobs, events.map(stored)).await
+}
+
+/// What the event table keeps of a job event.
+fn stored(e: &JobEvent) -> Stored<'_, JobEvent> {
+    Stored {
         aggregate: e.job_id.as_uuid(),
         seq: e.seq,
         event_id: e.event_id,
         kind: e.kind.name(),
         at: e.at,
         event: e,
-    });
-    event_store::append(conn, EventTable::Jobs, stored).await
+    }
 }
 
 /// A job's events with `seq >= from_seq`, in order.

@@ -6,10 +6,11 @@
 use std::borrow::Borrow;
 
 use hodei_messaging::{Outgoing, TraceHeaders};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::error::{StorageError, encode};
+use crate::sql::Unnest;
 
 /// Appends messages to the outbox inside the caller's transaction; any relay publishes them
 /// once woken.
@@ -38,6 +39,23 @@ async fn insert<M: Borrow<Outgoing>>(
     if messages.is_empty() {
         return Ok(());
     }
+    let mut query = QueryBuilder::new("");
+    push_insert(&mut query, messages, direct, None)?;
+    query.build().execute(conn).await?;
+    Ok(())
+}
+
+/// Writes into `query` the `INSERT` that appends `messages` to the outbox (handed to the
+/// caller's relay once committed when `direct`, as [`append_direct`]), for a statement that
+/// also does other writes (as one of its `WITH` clauses). With `only`, each message's job and
+/// the name of an earlier `WITH` clause that returns an `id` column: only the messages of the
+/// jobs it returned are appended.
+pub(crate) fn push_insert<M: Borrow<Outgoing>>(
+    query: &mut QueryBuilder<Postgres>,
+    messages: &[M],
+    direct: bool,
+    only: Option<(&[Uuid], &str)>,
+) -> Result<(), StorageError> {
     let messages: Vec<&Outgoing> = messages.iter().map(Borrow::borrow).collect();
     let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
     let subjects: Vec<&str> = messages.iter().map(|m| m.subject.as_str()).collect();
@@ -47,19 +65,27 @@ async fn insert<M: Borrow<Outgoing>>(
         .map(|m| encode("outbox headers", &m.headers))
         .collect::<Result<Vec<_>, _>>()?;
     let at_most_once: Vec<bool> = messages.iter().map(|m| m.at_most_once).collect();
-    sqlx::query(
+    query.push(
         "INSERT INTO outbox (id, subject, payload, headers, at_most_once, direct)
-         SELECT *, $6
-         FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::jsonb[], $5::bool[])",
-    )
-    .bind(&ids)
-    .bind(&subjects)
-    .bind(&payloads)
-    .bind(&headers)
-    .bind(&at_most_once)
-    .bind(direct)
-    .execute(conn)
-    .await?;
+         SELECT m.id, m.subject, m.payload, m.headers, m.at_most_once, ",
+    );
+    query.push_bind(direct);
+    query.push(" FROM ");
+    let columns = Unnest::new(query)
+        .column(ids, "uuid")
+        .column(subjects, "text")
+        .column(payloads, "bytea")
+        .column(headers, "jsonb")
+        .column(at_most_once, "bool");
+    match only {
+        None => columns.alias("m(id, subject, payload, headers, at_most_once)"),
+        Some((jobs, only)) => {
+            columns
+                .column(jobs, "uuid")
+                .alias("m(id, subject, payload, headers, at_most_once, job)");
+            query.push(format_args!(" WHERE m.job IN (SELECT id FROM {only})"));
+        }
+    }
     Ok(())
 }
 

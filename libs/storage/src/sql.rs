@@ -1,5 +1,7 @@
 //! Small helpers for building SQL shared by the data access modules.
 
+use sqlx::{Encode, Postgres, QueryBuilder, Type};
+
 /// A `LIKE` pattern matching strings that start with `prefix` (its `%`, `_` and `\\`
 /// escaped).
 pub(crate) fn like_prefix(prefix: &str) -> String {
@@ -10,6 +12,39 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
             .replace('%', "\\%")
             .replace('_', "\\_")
     )
+}
+
+/// Writes `unnest($1::uuid[], $2::text[], …)` into a query: one bound array per column, so a
+/// batch of rows is one parameter per column whatever its size.
+pub(crate) struct Unnest<'q> {
+    query: &'q mut QueryBuilder<Postgres>,
+    columns: usize,
+}
+
+impl<'q> Unnest<'q> {
+    pub(crate) fn new(query: &'q mut QueryBuilder<Postgres>) -> Self {
+        query.push("unnest(");
+        Self { query, columns: 0 }
+    }
+
+    /// Binds `values` as the next column, of SQL type `ty[]`.
+    pub(crate) fn column<'t, T>(mut self, values: T, ty: &str) -> Self
+    where
+        T: Encode<'t, Postgres> + Type<Postgres>,
+    {
+        if self.columns > 0 {
+            self.query.push(", ");
+        }
+        self.query.push_bind(values);
+        self.query.push(format_args!("::{ty}[]"));
+        self.columns += 1;
+        self
+    }
+
+    /// Closes the call and names its columns: `) AS alias(names)`.
+    pub(crate) fn alias(self, alias: &str) {
+        self.query.push(format_args!(") AS {alias}"));
+    }
 }
 
 /// The characters that separate whole tokens, as `hodei_search_text` splits texts (see the

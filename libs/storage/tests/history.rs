@@ -72,7 +72,7 @@ async fn run_to_end(pool: &sqlx::PgPool, job: &mut Job, tail: &[&str], batched: 
     let mut tx = pool.begin().await.unwrap();
     if batched {
         let events: Vec<&hodei_domain::JobEvent> = steps.iter().collect();
-        jobs::save_many(&mut tx, &[(job, before)], &events)
+        jobs::save_many(&mut tx, &[(job, before)], &events, &[])
             .await
             .unwrap();
     } else {
@@ -148,6 +148,8 @@ async fn search_matches_name_labels_command_and_the_latest_output_tail() {
             job: &batched,
             event: &event,
             trace: &trace,
+            messages: &[],
+            audit: None,
         }],
     )
     .await
@@ -500,6 +502,8 @@ async fn common_and_rare_words_page_the_same_whichever_way_they_are_read() {
                 job,
                 event,
                 trace: &trace,
+                messages: &[],
+                audit: None,
             })
             .collect();
         let mut tx = pool.begin().await.unwrap();

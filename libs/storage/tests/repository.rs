@@ -87,6 +87,84 @@ async fn idempotency_key_returns_the_first_job() {
 }
 
 #[tokio::test]
+async fn a_batch_of_submissions_writes_only_its_new_jobs_with_their_events_messages_and_audit() {
+    let (db, pool) = database().await;
+    let (earlier, earlier_event) = new_job(Some("key-1"));
+    driver::submit_job(&pool, &earlier, &earlier_event, &[])
+        .await
+        .unwrap();
+    let submission = |(job, event): (Job, hodei_domain::JobEvent)| {
+        let messages = hodei_messaging::Outgoing::job_submitted(&job, &event, "test")
+            .unwrap()
+            .to_vec();
+        let audit = hodei_storage::access::AuditEntry {
+            at: Utc::now().trunc_subsecs(6),
+            subject: "alice".into(),
+            tenant: TenantId::default(),
+            role: hodei_domain::Role::Submitter,
+            action: "SubmitJob".into(),
+            target: job.id().to_string(),
+            outcome: "ok".into(),
+            detail: String::new(),
+        };
+        driver::Submission {
+            job,
+            event,
+            messages,
+            trace: Default::default(),
+            audit: Some(audit),
+        }
+    };
+    // A key used before, a new job, a key used earlier in the same batch, and a job without
+    // a key.
+    let batch = vec![
+        submission(new_job(Some("key-1"))),
+        submission(new_job(Some("key-2"))),
+        submission(new_job(Some("key-2"))),
+        submission(new_job(None)),
+    ];
+    let recorded = driver::submit_jobs(&pool, &batch).await.unwrap();
+    assert!(
+        matches!(&recorded[0], driver::Recorded::Existing(j) if j.id() == earlier.id()),
+        "{recorded:?}"
+    );
+    assert!(matches!(recorded[1], driver::Recorded::New), "{recorded:?}");
+    assert!(
+        matches!(&recorded[2], driver::Recorded::Existing(j) if j.id() == batch[1].job.id()),
+        "{recorded:?}"
+    );
+    assert!(matches!(recorded[3], driver::Recorded::New), "{recorded:?}");
+    for (i, s) in batch.iter().enumerate() {
+        let new = i == 1 || i == 3;
+        let id = s.job.id();
+        assert_eq!(
+            jobs::get(&pool, id).await.unwrap().is_some(),
+            new,
+            "job {i}"
+        );
+        let events = jobs::events(&pool, id, 1).await.unwrap();
+        assert_eq!(events.len(), usize::from(new), "events of job {i}");
+        let ids: Vec<uuid::Uuid> = s.messages.iter().map(|m| m.id).collect();
+        let (queued, direct): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE direct) FROM outbox WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(queued, if new { 2 } else { 0 }, "messages of job {i}");
+        assert_eq!(direct, queued, "handed to the submitter's relay");
+        let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE target = $1")
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(audited, i64::from(new), "audit entry of job {i}");
+    }
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
     let (db, pool) = database().await;
     let now = Utc::now().trunc_subsecs(6);

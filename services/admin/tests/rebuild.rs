@@ -89,7 +89,7 @@ async fn operate(pool: &sqlx::PgPool, id: JobId, op: u8, param: u8) {
         .unwrap()
         .is_some_and(|j| j.spec().name.starts_with("solo"))
     {
-        jobs::save_many(&mut tx, &[(&job, before)], &[&event])
+        jobs::save_many(&mut tx, &[(&job, before)], &[&event], &[])
             .await
             .unwrap();
     } else {
