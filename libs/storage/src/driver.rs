@@ -88,35 +88,53 @@ pub struct Submission {
     pub audit: Option<crate::access::AuditEntry>,
 }
 
+impl Submission {
+    /// The job as [`jobs::insert_many`] writes it; the caller hands its messages to its relay
+    /// once committed.
+    fn new_job(&self) -> jobs::NewJob<'_> {
+        jobs::NewJob {
+            job: &self.job,
+            event: &self.event,
+            trace: &self.trace,
+            messages: &self.messages,
+            audit: self.audit.as_ref(),
+        }
+    }
+}
+
 /// [`submit_job`] for many jobs in one transaction (group commit): each job is recorded with
 /// its event and messages, unless its tenant already used its idempotency key or is at its
 /// queue quota (`max_queued_jobs`, counted in the transaction with the tenant's policy locked,
-/// so concurrent submissions cannot pass it together). Answers in the order of `submissions`.
+/// so concurrent submissions cannot pass it together). A batch none of whose tenants sets a
+/// queue quota is a single statement, its own transaction (the quotas are locked in it, so a
+/// quota committed before it is never passed by). Answers in the order of `submissions`.
 pub async fn submit_jobs(
     pool: &PgPool,
     submissions: &[Submission],
 ) -> Result<Vec<Recorded>, StorageError> {
-    let mut tx = pool.begin().await?;
-    let refused = queue_quota_holds(&mut tx, submissions).await?;
-    let new: Vec<jobs::NewJob<'_>> = submissions
-        .iter()
-        .zip(&refused)
-        .filter(|(_, refused)| refused.is_none())
-        .map(|(s, _)| jobs::NewJob {
-            job: &s.job,
-            event: &s.event,
-            trace: &s.trace,
-            // The caller hands the new jobs' messages to its relay once this commits.
-            messages: &s.messages,
-            audit: s.audit.as_ref(),
-        })
-        .collect();
-    let mut inserted_new = jobs::insert_many(&mut tx, &new).await?.into_iter();
-    let inserted: Vec<bool> = refused
-        .iter()
-        .map(|r| r.is_none() && inserted_new.next().unwrap_or(false))
-        .collect();
-    tx.commit().await?;
+    // Most tenants set no queue quota: a batch whose tenants have none is one statement.
+    let all: Vec<jobs::NewJob<'_>> = submissions.iter().map(Submission::new_job).collect();
+    let unlimited = jobs::insert_many_unless_queue_quota(&mut *pool.acquire().await?, &all).await?;
+    let (inserted, refused) = match unlimited {
+        Some(inserted) => (inserted, vec![None; submissions.len()]),
+        None => {
+            let mut tx = pool.begin().await?;
+            let refused = queue_quota_holds(&mut tx, submissions).await?;
+            let let_in: Vec<jobs::NewJob<'_>> = submissions
+                .iter()
+                .zip(&refused)
+                .filter(|(_, refused)| refused.is_none())
+                .map(|(s, _)| s.new_job())
+                .collect();
+            let mut inserted_new = jobs::insert_many(&mut tx, &let_in).await?.into_iter();
+            let inserted: Vec<bool> = refused
+                .iter()
+                .map(|r| r.is_none() && inserted_new.next().unwrap_or(false))
+                .collect();
+            tx.commit().await?;
+            (inserted, refused)
+        }
+    };
     let mut answers = Vec::with_capacity(submissions.len());
     for ((s, inserted), refused) in submissions.iter().zip(inserted).zip(refused) {
         if inserted {

@@ -83,8 +83,28 @@ pub async fn insert_many(
     conn: &mut PgConnection,
     new: &[NewJob<'_>],
 ) -> Result<Vec<bool>, StorageError> {
+    Ok(insert_batch(conn, new, false).await?.unwrap_or_default())
+}
+
+/// [`insert_many`] in a statement that first locks the queue quotas (`max_queued_jobs`) of the
+/// jobs' tenants: if any of them has one, it writes nothing and returns `None`, and the caller
+/// counts their queued jobs against it (see [`crate::driver::submit_jobs`]). Run outside a
+/// transaction it is its own, so a batch whose tenants set no queue quota costs one round trip
+/// instead of four (BEGIN, the quotas, the batch, COMMIT).
+pub async fn insert_many_unless_queue_quota(
+    conn: &mut PgConnection,
+    new: &[NewJob<'_>],
+) -> Result<Option<Vec<bool>>, StorageError> {
+    insert_batch(conn, new, true).await
+}
+
+async fn insert_batch(
+    conn: &mut PgConnection,
+    new: &[NewJob<'_>],
+    unless_queue_quota: bool,
+) -> Result<Option<Vec<bool>>, StorageError> {
     if new.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let n = new.len();
     let mut ids = Vec::with_capacity(n);
@@ -112,8 +132,14 @@ pub async fn insert_many(
         versions.push(to_i64(job.version()));
         traces.push(encode("trace context", trace)?);
     }
-    let mut query = QueryBuilder::new(
-        "WITH inserted AS (
+    let mut query = QueryBuilder::new("WITH ");
+    if unless_queue_quota {
+        query.push("quotas AS (");
+        crate::tenants::push_lock_quotas(&mut query, &tenants, crate::tenants::Limits::Queued);
+        query.push("), ");
+    }
+    query.push(
+        "inserted AS (
          INSERT INTO jobs (id, tenant, name, state, priority, spec, labels, idempotency_key, attempts,
                            current_attempt, worker_id, cancel_requested, not_before, reason, exit_code,
                            created_at, updated_at, version, trace_context, pipeline_run_id, pipeline_step)
@@ -136,6 +162,9 @@ pub async fn insert_many(
         .alias(
             "u(id, tenant, name, state, priority, spec, labels, key, created_at, version, trace)",
         );
+    if unless_queue_quota {
+        query.push(" WHERE NOT EXISTS (SELECT 1 FROM quotas)");
+    }
     query.push(
         "
          ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -178,10 +207,17 @@ pub async fn insert_many(
         query.push("), audit AS (");
         crate::access::push_audit(&mut query, &audit, Some((&of_audit, "inserted")));
     }
-    query.push(") SELECT job_id FROM searched");
-    let inserted: Vec<Uuid> = query.build_query_scalar().fetch_all(&mut *conn).await?;
+    query.push(if unless_queue_quota {
+        ") SELECT EXISTS (SELECT 1 FROM quotas), ARRAY(SELECT job_id FROM searched)"
+    } else {
+        ") SELECT false, ARRAY(SELECT job_id FROM searched)"
+    });
+    let (held, inserted): (bool, Vec<Uuid>) = query.build_query_as().fetch_one(&mut *conn).await?;
+    if held {
+        return Ok(None);
+    }
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
-    Ok(ids.iter().map(|id| inserted.contains(id)).collect())
+    Ok(Some(ids.iter().map(|id| inserted.contains(id)).collect()))
 }
 
 /// The job a tenant submitted with `key`, if any.

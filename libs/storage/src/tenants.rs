@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use hodei_domain::{TenantId, TenantPolicy, Usage};
-use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use crate::error::{RowReader, StorageError, to_i64};
 
@@ -106,6 +106,37 @@ pub enum Limits {
     Running,
 }
 
+impl Limits {
+    /// The condition on `tenant_policies` of a policy that sets such a quota.
+    fn set(self) -> &'static str {
+        match self {
+            Limits::Queued => "max_queued_jobs IS NOT NULL",
+            Limits::Running => {
+                "(max_running_jobs IS NOT NULL OR max_cpu_millis IS NOT NULL OR max_memory_mb IS NOT NULL)"
+            }
+        }
+    }
+}
+
+/// Writes into `query` a `SELECT` that locks, as [`lock_policies`] does, the policies of
+/// `tenants` that set a quota of `limits` and returns their tenants: for a statement that
+/// writes only when there are none (as one of its `WITH` clauses).
+pub(crate) fn push_lock_quotas(
+    query: &mut QueryBuilder<Postgres>,
+    tenants: &[&str],
+    limits: Limits,
+) {
+    let mut names = tenants.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    query.push("SELECT tenant FROM tenant_policies WHERE tenant = ANY(");
+    query.push_bind(names);
+    query.push(format_args!(
+        "::text[]) AND {} ORDER BY tenant FOR UPDATE",
+        limits.set()
+    ));
+}
+
 /// The policies of `tenants` that set a quota of `limits`, locked until the caller's
 /// transaction ends: what a check of a quota against the counts read next relies on, with
 /// concurrent writers. Tenants without such a quota take no lock.
@@ -118,16 +149,11 @@ pub async fn lock_policies(
         return Ok(HashMap::new());
     }
     let names: Vec<&str> = tenants.iter().map(|t| t.as_str()).collect();
-    let set = match limits {
-        Limits::Queued => "max_queued_jobs IS NOT NULL",
-        Limits::Running => {
-            "(max_running_jobs IS NOT NULL OR max_cpu_millis IS NOT NULL OR max_memory_mb IS NOT NULL)"
-        }
-    };
     // In one order, so two transactions locking overlapping sets cannot deadlock.
     let sql = format!(
-        "SELECT {COLUMNS} FROM tenant_policies WHERE tenant = ANY($1) AND {set}
-         ORDER BY tenant FOR UPDATE"
+        "SELECT {COLUMNS} FROM tenant_policies WHERE tenant = ANY($1) AND {}
+         ORDER BY tenant FOR UPDATE",
+        limits.set()
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&names)

@@ -165,6 +165,59 @@ async fn a_batch_of_submissions_writes_only_its_new_jobs_with_their_events_messa
 }
 
 #[tokio::test]
+async fn a_batch_with_a_tenant_at_its_queue_quota_lets_in_the_others() {
+    let (db, pool) = database().await;
+    let limited: TenantId = "limited".parse().unwrap();
+    let policy = hodei_domain::TenantPolicy {
+        max_queued_jobs: Some(1),
+        ..Default::default()
+    };
+    hodei_storage::tenants::set_policy(&pool, &limited, &policy, Utc::now())
+        .await
+        .unwrap();
+    let of = |tenant: &TenantId| {
+        let (job, event) = Job::submit(
+            JobId::new(),
+            tenant.clone(),
+            JobSpec::try_from(JobSpecDraft::exec("q", &["true"])).unwrap(),
+            Utc::now().trunc_subsecs(6),
+        );
+        let messages = hodei_messaging::Outgoing::job_submitted(&job, &event, "test")
+            .unwrap()
+            .to_vec();
+        driver::Submission {
+            job,
+            event,
+            messages,
+            trace: Default::default(),
+            audit: None,
+        }
+    };
+    // Without a quota among its tenants a batch is one statement; with one, the quota holds.
+    let free = vec![of(&TenantId::default()), of(&TenantId::default())];
+    let recorded = driver::submit_jobs(&pool, &free).await.unwrap();
+    assert!(
+        recorded.iter().all(|r| matches!(r, driver::Recorded::New)),
+        "{recorded:?}"
+    );
+    let batch = vec![of(&limited), of(&TenantId::default()), of(&limited)];
+    let recorded = driver::submit_jobs(&pool, &batch).await.unwrap();
+    assert!(matches!(recorded[0], driver::Recorded::New), "{recorded:?}");
+    assert!(matches!(recorded[1], driver::Recorded::New), "{recorded:?}");
+    assert!(
+        matches!(&recorded[2], driver::Recorded::OverQuota(reason) if reason.contains("limited")),
+        "{recorded:?}"
+    );
+    assert!(jobs::get(&pool, batch[2].job.id()).await.unwrap().is_none());
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 8, "two messages for each of the four jobs let in");
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_worker_survives_a_round_trip_with_its_held_attempts() {
     let (db, pool) = database().await;
     let now = Utc::now().trunc_subsecs(6);
