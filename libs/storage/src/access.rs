@@ -159,8 +159,9 @@ pub async fn record_audit(
     conn: impl sqlx::PgExecutor<'_>,
     entries: &[AuditEntry],
 ) -> Result<(), StorageError> {
+    let entries: Vec<&AuditEntry> = entries.iter().collect();
     let mut query = QueryBuilder::new("");
-    push_audit(&mut query, entries, None);
+    push_audit(&mut query, &entries, None);
     query.build().execute(conn).await?;
     Ok(())
 }
@@ -171,10 +172,10 @@ pub async fn record_audit(
 /// the jobs it returned are appended.
 pub(crate) fn push_audit(
     query: &mut QueryBuilder<Postgres>,
-    entries: &[AuditEntry],
+    entries: &[&AuditEntry],
     only: Option<(&[uuid::Uuid], &str)>,
 ) {
-    let column = |f: fn(&AuditEntry) -> &str| entries.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&AuditEntry) -> &str| entries.iter().map(|e| f(e)).collect::<Vec<_>>();
     let at: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
     let tenants: Vec<&str> = entries.iter().map(|e| e.tenant.as_str()).collect();
     let roles: Vec<String> = entries.iter().map(|e| e.role.to_string()).collect();

@@ -106,8 +106,9 @@ impl Submission {
 /// its event and messages, unless its tenant already used its idempotency key or is at its
 /// queue quota (`max_queued_jobs`, counted in the transaction with the tenant's policy locked,
 /// so concurrent submissions cannot pass it together). A batch none of whose tenants sets a
-/// queue quota is a single statement, its own transaction (the quotas are locked in it, so a
-/// quota committed before it is never passed by). Answers in the order of `submissions`.
+/// queue quota is a single statement, its own transaction (which writes nothing if it finds a
+/// quota set). A job already stored by an earlier attempt of the same submission is answered
+/// as `Existing`. Answers in the order of `submissions`.
 pub async fn submit_jobs(
     pool: &PgPool,
     submissions: &[Submission],
@@ -142,10 +143,15 @@ pub async fn submit_jobs(
             continue;
         }
         let key = s.job.spec().idempotency_key.as_deref();
-        let existing = match key {
+        let mut existing = match key {
             Some(key) => jobs::find_by_idempotency_key(pool, s.job.tenant(), key).await?,
             None => None,
         };
+        // A batch can commit after its caller stopped waiting for it; submitted again (the
+        // gateway retries a failed batch job by job), its jobs are found as they were stored.
+        if existing.is_none() && refused.is_none() {
+            existing = jobs::get(pool, s.job.id()).await?;
+        }
         match (existing, refused) {
             (Some(existing), _) => answers.push(Recorded::Existing(Box::new(existing))),
             (None, Some(reason)) => answers.push(Recorded::OverQuota(reason)),

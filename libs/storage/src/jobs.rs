@@ -78,19 +78,26 @@ pub struct NewJob<'a> {
 /// [`insert`] for many jobs (none a pipeline step), with their first events, messages and
 /// audit entries, in one statement: a batch of submissions costs one round trip. Returns, for
 /// each job in order, whether it was inserted: false when its tenant already used its
-/// idempotency key (before, or earlier in the same batch); nothing of such a job is written.
+/// idempotency key (before, or earlier in the same batch), or when the job itself is already
+/// stored (a batch that committed after its caller stopped waiting, submitted again); nothing
+/// of such a job is written.
 pub async fn insert_many(
     conn: &mut PgConnection,
     new: &[NewJob<'_>],
 ) -> Result<Vec<bool>, StorageError> {
-    Ok(insert_batch(conn, new, false).await?.unwrap_or_default())
+    insert_batch(conn, new, false)
+        .await?
+        .ok_or_else(|| StorageError::Conflict {
+            what: "a batch of jobs held by a queue quota".to_owned(),
+        })
 }
 
-/// [`insert_many`] in a statement that first locks the queue quotas (`max_queued_jobs`) of the
-/// jobs' tenants: if any of them has one, it writes nothing and returns `None`, and the caller
-/// counts their queued jobs against it (see [`crate::driver::submit_jobs`]). Run outside a
-/// transaction it is its own, so a batch whose tenants set no queue quota costs one round trip
-/// instead of four (BEGIN, the quotas, the batch, COMMIT).
+/// [`insert_many`] in a statement that first looks for a queue quota (`max_queued_jobs`) set
+/// for the jobs' tenants: if there is one, it writes nothing and returns `None`, and the
+/// caller counts their queued jobs against it under a lock (see
+/// [`crate::driver::submit_jobs`]). Run outside a transaction it is its own, so a batch whose
+/// tenants set no queue quota costs one round trip instead of four (BEGIN, the quotas, the
+/// batch, COMMIT).
 pub async fn insert_many_unless_queue_quota(
     conn: &mut PgConnection,
     new: &[NewJob<'_>],
@@ -135,7 +142,7 @@ async fn insert_batch(
     let mut query = QueryBuilder::new("WITH ");
     if unless_queue_quota {
         query.push("quotas AS (");
-        crate::tenants::push_lock_quotas(&mut query, &tenants, crate::tenants::Limits::Queued);
+        crate::tenants::push_quotas_set(&mut query, &tenants, crate::tenants::Limits::Queued);
         query.push("), ");
     }
     query.push(
@@ -167,7 +174,7 @@ async fn insert_batch(
     }
     query.push(
         "
-         ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         ON CONFLICT DO NOTHING
          RETURNING id, state, name, labels, spec),
          searched AS (
          INSERT INTO job_search (job_id, state, search)
@@ -199,9 +206,9 @@ async fn insert_batch(
             Some((&of_messages, "inserted")),
         )?;
     }
-    let (of_audit, audit): (Vec<Uuid>, Vec<crate::access::AuditEntry>) = new
+    let (of_audit, audit): (Vec<Uuid>, Vec<&crate::access::AuditEntry>) = new
         .iter()
-        .filter_map(|n| n.audit.map(|a| (n.job.id().as_uuid(), a.clone())))
+        .filter_map(|n| n.audit.map(|a| (n.job.id().as_uuid(), a)))
         .unzip();
     if !audit.is_empty() {
         query.push("), audit AS (");
@@ -372,7 +379,8 @@ pub async fn save_many(
             &mut query,
             EventTable::Jobs,
             events.iter().map(|e| stored(e)),
-            None,
+            // A job that moved meanwhile gets none: the count below reports the conflict.
+            Some("saved"),
         )?;
         query.push(")");
     }

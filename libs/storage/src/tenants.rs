@@ -118,10 +118,12 @@ impl Limits {
     }
 }
 
-/// Writes into `query` a `SELECT` that locks, as [`lock_policies`] does, the policies of
-/// `tenants` that set a quota of `limits` and returns their tenants: for a statement that
-/// writes only when there are none (as one of its `WITH` clauses).
-pub(crate) fn push_lock_quotas(
+/// Writes into `query` a `SELECT` of the tenants among `tenants` whose policy sets a quota of
+/// `limits` (at most one row): for a statement that writes only when there is none (as one of
+/// its `WITH` clauses). It takes no lock: a statement that finds none writes in its own
+/// transaction, and one that finds some writes nothing (see [`lock_policies`] for the check
+/// that counts against a quota).
+pub(crate) fn push_quotas_set(
     query: &mut QueryBuilder<Postgres>,
     tenants: &[&str],
     limits: Limits,
@@ -131,10 +133,7 @@ pub(crate) fn push_lock_quotas(
     names.dedup();
     query.push("SELECT tenant FROM tenant_policies WHERE tenant = ANY(");
     query.push_bind(names);
-    query.push(format_args!(
-        "::text[]) AND {} ORDER BY tenant FOR UPDATE",
-        limits.set()
-    ));
+    query.push(format_args!("::text[]) AND {} LIMIT 1", limits.set()));
 }
 
 /// The policies of `tenants` that set a quota of `limits`, locked until the caller's

@@ -165,6 +165,39 @@ async fn a_batch_of_submissions_writes_only_its_new_jobs_with_their_events_messa
 }
 
 #[tokio::test]
+async fn a_batch_submitted_again_after_it_committed_finds_its_jobs_as_stored() {
+    let (db, pool) = database().await;
+    let submission = |(job, event): (Job, hodei_domain::JobEvent)| driver::Submission {
+        job,
+        event,
+        messages: Vec::new(),
+        trace: Default::default(),
+        audit: None,
+    };
+    let batch = vec![
+        submission(new_job(None)),
+        submission(new_job(Some("key-again"))),
+    ];
+    let first = driver::submit_jobs(&pool, &batch).await.unwrap();
+    assert!(
+        first.iter().all(|r| matches!(r, driver::Recorded::New)),
+        "{first:?}"
+    );
+    // As the gateway does when it stopped waiting for a batch that committed meanwhile.
+    for s in &batch {
+        let again = driver::submit_jobs(&pool, std::slice::from_ref(s))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&again[..], [driver::Recorded::Existing(j)] if j.id() == s.job.id()),
+            "{again:?}"
+        );
+        assert_eq!(jobs::events(&pool, s.job.id(), 1).await.unwrap().len(), 1);
+    }
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_batch_with_a_tenant_at_its_queue_quota_lets_in_the_others() {
     let (db, pool) = database().await;
     let limited: TenantId = "limited".parse().unwrap();
@@ -490,7 +523,10 @@ async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
     let err = driver::commit_transitions(&mut tx, &stale, &[], "test")
         .await
         .unwrap_err();
-    assert!(err.is_conflict(), "{err}");
+    assert!(
+        matches!(err, StorageError::Conflict { .. }),
+        "a job that moved is a conflict, not a failed write: {err}"
+    );
     tx.rollback().await.unwrap();
     for t in &transitions {
         let job = jobs::get(&pool, t.job.id()).await.unwrap().unwrap();
