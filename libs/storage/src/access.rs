@@ -184,7 +184,7 @@ pub(crate) fn push_audit(
          SELECT a.at, a.subject, a.tenant, a.role, a.action, a.target, a.outcome, a.detail
          FROM ",
     );
-    let columns = Unnest::new(query)
+    Unnest::new(query)
         .column(at, "timestamptz")
         .column(column(|e| e.subject.as_str()), "text")
         .column(tenants, "text")
@@ -192,16 +192,12 @@ pub(crate) fn push_audit(
         .column(column(|e| e.action.as_str()), "text")
         .column(column(|e| e.target.as_str()), "text")
         .column(column(|e| e.outcome.as_str()), "text")
-        .column(column(|e| e.detail.as_str()), "text");
-    match only {
-        None => columns.alias("a(at, subject, tenant, role, action, target, outcome, detail)"),
-        Some((jobs, only)) => {
-            columns
-                .column(jobs, "uuid")
-                .alias("a(at, subject, tenant, role, action, target, outcome, detail, job)");
-            query.push(format_args!(" WHERE a.job IN (SELECT id FROM {only})"));
-        }
-    }
+        .column(column(|e| e.detail.as_str()), "text")
+        .alias_of_jobs(
+            "a",
+            "at, subject, tenant, role, action, target, outcome, detail",
+            only,
+        );
 }
 
 /// An entry of the audit log with its position (newer entries have larger ids).

@@ -71,21 +71,13 @@ pub(crate) fn push_insert<M: Borrow<Outgoing>>(
     );
     query.push_bind(direct);
     query.push(" FROM ");
-    let columns = Unnest::new(query)
+    Unnest::new(query)
         .column(ids, "uuid")
         .column(subjects, "text")
         .column(payloads, "bytea")
         .column(headers, "jsonb")
-        .column(at_most_once, "bool");
-    match only {
-        None => columns.alias("m(id, subject, payload, headers, at_most_once)"),
-        Some((jobs, only)) => {
-            columns
-                .column(jobs, "uuid")
-                .alias("m(id, subject, payload, headers, at_most_once, job)");
-            query.push(format_args!(" WHERE m.job IN (SELECT id FROM {only})"));
-        }
-    }
+        .column(at_most_once, "bool")
+        .alias_of_jobs("m", "id, subject, payload, headers, at_most_once", only);
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Small helpers for building SQL shared by the data access modules.
 
 use sqlx::{Encode, Postgres, QueryBuilder, Type};
+use uuid::Uuid;
 
 /// A `LIKE` pattern matching strings that start with `prefix` (its `%`, `_` and `\\`
 /// escaped).
@@ -44,6 +45,21 @@ impl<'q> Unnest<'q> {
     /// Closes the call and names its columns: `) AS alias(names)`.
     pub(crate) fn alias(self, alias: &str) {
         self.query.push(format_args!(") AS {alias}"));
+    }
+
+    /// Closes the call as `) AS {name}({columns})`. With `only`, each row's job and the name
+    /// of an earlier `WITH` clause that returns an `id` column, the rows also get their job as
+    /// a last column, `job`, and only the rows of the jobs that clause returned are kept.
+    pub(crate) fn alias_of_jobs(self, name: &str, columns: &str, only: Option<(&[Uuid], &str)>) {
+        match only {
+            None => self.alias(&format!("{name}({columns})")),
+            Some((jobs, clause)) => {
+                let query = self.column(jobs, "uuid").query;
+                query.push(format_args!(
+                    ") AS {name}({columns}, job) WHERE {name}.job IN (SELECT id FROM {clause})"
+                ));
+            }
+        }
     }
 }
 
