@@ -297,6 +297,23 @@ impl Scheduler {
     }
 }
 
+/// Times the steps of a round or a batch, for its debug event: each [`Laps::lap`] is the time
+/// in milliseconds since the one before (or since the start).
+pub(crate) struct Laps(std::time::Instant);
+
+impl Laps {
+    pub(crate) fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    pub(crate) fn lap(&mut self) -> f64 {
+        let now = std::time::Instant::now();
+        let took = now.duration_since(self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        took
+    }
+}
+
 /// A number in `[0, 1)` for retry jitter.
 pub(crate) fn jitter() -> f64 {
     hodei_resilience::random_unit()

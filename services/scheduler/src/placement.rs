@@ -500,11 +500,13 @@ async fn decide_batch(
     view: &mut WorkerView,
 ) -> Result<Vec<(usize, Decision)>, StorageError> {
     let round_started = Instant::now();
+    let mut laps = crate::Laps::start();
     let pool = &ctx.backends.pool;
     // The workers are read before the clock: a slot this round takes was freed (and the
     // freeing attempt's end stamped) before its `assigned_at`, so a worker's recorded
     // attempts never overlap beyond its slots.
     let (live, view_fresh) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
+    let workers_ms = laps.lap();
     let free = free_slots(live);
     let now = Utc::now();
     let queue_timeout = chrono::Duration::milliseconds(
@@ -512,6 +514,7 @@ async fn decide_batch(
     );
     let ids: Vec<JobId> = requests.iter().map(|r| r.item.job_id).collect();
     let mut jobs = ctx.backends.db(|| jobs::get_many(pool, &ids)).await?;
+    let jobs_ms = laps.lap();
     // Global priority: with a slot free, the head of every tenant's queue joins the round, so
     // the highest-priority job anywhere in the queue is considered first, whichever replica
     // holds its request and however many requests are ahead of it.
@@ -523,6 +526,7 @@ async fn decide_batch(
     } else {
         Vec::new()
     };
+    let heads_ms = laps.lap();
     let (mut shares, fresh) = ctx.backends.db(|| view.shares(pool)).await?;
     let mut decided = Vec::with_capacity(requests.len());
     let mut candidates = Vec::with_capacity(requests.len() + heads.len());
@@ -679,12 +683,35 @@ async fn decide_batch(
                 view.worker(id).map(|w| (w, *version, added.as_slice()))
             })
             .collect();
+        let decide_ms = laps.lap();
         let mut tx = pool.begin().await?;
+        let begin_ms = laps.lap();
         verify_quotas(&mut tx, &charged).await?;
+        let quotas_ms = laps.lap();
         let saved = driver::reserve_slots(&mut tx, &saves).await?;
+        let reserve_ms = laps.lap();
         let committed = driver::commit_transitions(&mut tx, &transitions, &[], SOURCE).await?;
+        let save_ms = laps.lap();
         jobs::set_pending_reasons(&mut tx, &reasons).await?;
+        let reasons_ms = laps.lap();
         tx.commit().await?;
+        // Where a round's time goes, step by step (BENCHMARKS.md, "Where a placement round's
+        // time goes").
+        tracing::debug!(
+            requests = requests.len(),
+            transitions = transitions.len(),
+            workers_ms,
+            jobs_ms,
+            heads_ms,
+            decide_ms,
+            begin_ms,
+            quotas_ms,
+            reserve_ms,
+            save_ms,
+            reasons_ms,
+            commit_ms = laps.lap(),
+            "placement round written"
+        );
         ctx.committed(committed);
         // Those rebased on slots freed meanwhile are newer than the view's copies.
         for worker in saved {

@@ -253,11 +253,13 @@ fn apply(job: &mut Job, report: &AgentReport, now: DateTime<Utc>) -> Applied {
 /// worker moved meanwhile (the caller tries the batch again).
 async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, StorageError> {
     let pool = &ctx.backends.pool;
+    let mut laps = crate::Laps::start();
     let now = Utc::now();
     let mut ids: Vec<JobId> = batch.iter().map(|c| c.report.job_id).collect();
     ids.sort_unstable();
     ids.dedup();
     let mut jobs = jobs::get_many(pool, &ids).await?;
+    let jobs_ms = laps.lap();
     // The jobs that moved, in the order their first report arrived: version read, events.
     let mut moved: Vec<(JobId, u64, Vec<JobEvent>, tracing::Span)> = Vec::new();
     let mut releases = Vec::new();
@@ -312,9 +314,23 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         })
         .collect();
     if !changed.is_empty() || !releases.is_empty() {
+        let apply_ms = laps.lap();
         let mut tx = pool.begin().await?;
+        let begin_ms = laps.lap();
         let committed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
+        let save_ms = laps.lap();
         tx.commit().await?;
+        // Where a batch's time goes (BENCHMARKS.md, "Where a placement round's time goes").
+        tracing::debug!(
+            reports = batch.len(),
+            jobs = changed.len(),
+            jobs_ms,
+            apply_ms,
+            begin_ms,
+            save_ms,
+            commit_ms = laps.lap(),
+            "report batch recorded"
+        );
         let freed = ctx.committed(committed);
         if !freed.is_empty() {
             ctx.freed(freed);
