@@ -696,7 +696,7 @@ async fn decide_batch(
         let reasons_ms = laps.lap();
         tx.commit().await?;
         // Where a round's time goes, step by step (BENCHMARKS.md, "Where a placement round's
-        // time goes").
+        // and a report batch's time goes").
         tracing::debug!(
             requests = requests.len(),
             transitions = transitions.len(),

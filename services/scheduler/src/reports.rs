@@ -320,7 +320,8 @@ async fn record_batch(ctx: &Context, batch: &[Checked]) -> Result<Vec<Outcome>, 
         let committed = driver::commit_transitions(&mut tx, &changed, &releases, SOURCE).await?;
         let save_ms = laps.lap();
         tx.commit().await?;
-        // Where a batch's time goes (BENCHMARKS.md, "Where a placement round's time goes").
+        // Where a batch's time goes (BENCHMARKS.md, "Where a placement round's and a report
+        // batch's time goes").
         tracing::debug!(
             reports = batch.len(),
             jobs = changed.len(),
