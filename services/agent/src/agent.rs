@@ -36,6 +36,7 @@ use crate::lease::{self, Lease};
 use crate::observe::{AgentProbes, SERVICE};
 use crate::records::{self, Records};
 use crate::running::Running;
+use crate::work_lock::WorkLock;
 
 /// How long to keep trying the first connection to NATS.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,6 +58,8 @@ pub struct Agent {
     /// New at every start: the registry tells this process from earlier ones by it.
     incarnation: IncarnationId,
     records: Records,
+    /// This agent's exclusive hold on its work folder, released when the agent is dropped.
+    _work_lock: WorkLock,
     /// Where jobs get cgroups of their own, when the host allows.
     cgroups: Option<JobCgroups>,
     client: async_nats::Client,
@@ -94,6 +97,8 @@ impl Agent {
                 path: settings.work_dir.clone(),
                 source,
             })?;
+        // Before anything in the folder is read: another agent's journal is not ours.
+        let work_lock = WorkLock::acquire(&settings.work_dir)?;
         let records = Records::open(&settings.work_dir).map_err(|source| AgentError::WorkDir {
             path: settings.work_dir.clone(),
             source,
@@ -162,6 +167,7 @@ impl Agent {
             // open dies with it.
             seal: OpeningKey::generate(),
             records,
+            _work_lock: work_lock,
             cgroups,
             client,
             js,

@@ -36,6 +36,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent holds the work folder, or its lock file cannot be used.
+    #[error(transparent)]
+    WorkLock(#[from] crate::work_lock::WorkLockError),
     /// Connecting to NATS or setting up streams and consumers failed.
     #[error(transparent)]
     Messaging(#[from] MessagingError),

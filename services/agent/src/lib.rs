@@ -34,6 +34,7 @@ mod output;
 mod publish;
 mod records;
 mod running;
+mod work_lock;
 
 pub use agent::Agent;
 pub use attempt::{LEASE_REASON, LOST_REASON};
@@ -41,3 +42,4 @@ pub use cgroup::CgroupMode;
 pub use config::AgentConfig;
 pub use error::AgentError;
 pub use records::RESTARTED_REASON;
+pub use work_lock::WorkLockError;

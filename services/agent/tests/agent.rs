@@ -148,24 +148,12 @@ impl Harness {
             })));
 
         let mut config = AgentConfig {
-            nats_url: nats.url(),
-            nats_auth: Default::default(),
-            worker_id: Some(worker_id.to_string()),
             labels: "gpu=true, os=linux".to_owned(),
-            max_concurrent_jobs: 3,
             cpu_millis: Some(2_000),
             memory_mb: Some(1_024),
-            work_dir: Some(work_dir.path().to_path_buf()),
-            heartbeat_interval_ms: 100,
-            kill_grace_ms: 500,
             lease_ms,
             drain_timeout_ms,
-            metrics_addr: None,
-            artifact_max_bytes: 1024 * 1024,
-            job_user: None,
-            job_max_processes: 4096,
-            job_max_open_files: 65_536,
-            job_cgroups: CgroupMode::Auto,
+            ..agent_config(nats.url(), &worker_id, work_dir.path())
         };
         configure(&mut config);
         let (agent, process) = if as_binary {
@@ -373,6 +361,11 @@ impl Harness {
             .join(format!("{}-{}", id.job_id, id.attempt))
     }
 
+    /// The configuration of another agent of the same worker on the same work folder.
+    fn next_incarnation(&self) -> AgentConfig {
+        agent_config(self.nats.url(), &self.worker_id, self.work_dir.path())
+    }
+
     /// Cancels the shutdown token and waits for the agent to return.
     async fn stop(&mut self) {
         self.shutdown.cancel();
@@ -387,6 +380,31 @@ impl Harness {
             .expect("the agent stops in time")
             .expect("the agent task does not panic");
         assert!(result.is_ok(), "{result:?}");
+    }
+}
+
+/// An agent of `worker_id` on `work_dir`: 3 slots, no labels or capacity given, beating every
+/// 100 ms, a 15 s lease and a 60 s drain.
+fn agent_config(nats_url: String, worker_id: &WorkerId, work_dir: &std::path::Path) -> AgentConfig {
+    AgentConfig {
+        nats_url,
+        nats_auth: Default::default(),
+        worker_id: Some(worker_id.to_string()),
+        labels: String::new(),
+        max_concurrent_jobs: 3,
+        cpu_millis: None,
+        memory_mb: None,
+        work_dir: Some(work_dir.to_path_buf()),
+        heartbeat_interval_ms: 100,
+        kill_grace_ms: 500,
+        lease_ms: 15_000,
+        drain_timeout_ms: 60_000,
+        metrics_addr: None,
+        artifact_max_bytes: 1024 * 1024,
+        job_user: None,
+        job_max_processes: 4096,
+        job_max_open_files: 65_536,
+        job_cgroups: CgroupMode::Auto,
     }
 }
 
@@ -1314,6 +1332,58 @@ async fn printed_pid(h: &Harness, id: AttemptId, label: &str) -> u32 {
 }
 
 #[tokio::test]
+async fn a_second_agent_on_a_work_folder_in_use_refuses_to_start_and_touches_nothing() {
+    let mut h = Harness::start_with(60_000).await;
+    let id = h.assign(spec(sh("holds", "echo up; sleep 300"))).await;
+    h.started(id).await;
+    let before = h
+        .heartbeat("a heartbeat with the job", |hb| hb.running.len() == 1)
+        .await;
+
+    // The binary, started on the folder the running agent holds, says who holds it and ends.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_hodei-agent"))
+        .env("HODEI_NATS_URL", h.nats.url())
+        .env("HODEI_WORKER_ID", h.worker_id.to_string())
+        .env("HODEI_WORK_DIR", h.work_dir.path())
+        .env("HODEI_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let refused = tokio::time::timeout(DEADLINE, refused)
+        .await
+        .expect("the second agent ends in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    let holder = format!(
+        "another agent (pid {}) holds the work folder",
+        std::process::id()
+    );
+    assert!(stderr.contains(&holder), "{stderr}");
+    // In process, the same refusal as a typed error.
+    match Agent::build(h.next_incarnation()).await {
+        Err(AgentError::WorkLock(hodei_agent::WorkLockError::InUse { .. })) => {}
+        other => panic!("expected the work folder to be in use: {:?}", other.err()),
+    }
+
+    // The running agent lost nothing: its job still runs in the same incarnation, and ends.
+    let after = h
+        .heartbeat("a later heartbeat", |hb| hb.sent_at > before.sent_at)
+        .await;
+    assert_eq!(after.incarnation, before.incarnation);
+    assert_eq!(after.running, before.running);
+    h.cancel(id).await;
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Cancelled);
+
+    // Once the first agent has stopped, the folder is free.
+    h.stop().await;
+    let next = Agent::build(h.next_incarnation()).await;
+    assert!(next.is_ok(), "{:?}", next.err());
+}
+
+#[tokio::test]
 async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_it() {
     let mut h = Harness::start_as(60_000, true).await;
     let first = h.heartbeat("a first heartbeat", |_| true).await.incarnation;
@@ -1341,27 +1411,7 @@ async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_i
     assert!(!process_gone(child), "the leader's own child outlives it");
 
     // The next incarnation sweeps what is left and reports the attempt lost.
-    let config = AgentConfig {
-        nats_url: h.nats.url(),
-        nats_auth: Default::default(),
-        worker_id: Some(h.worker_id.to_string()),
-        labels: String::new(),
-        max_concurrent_jobs: 3,
-        cpu_millis: None,
-        memory_mb: None,
-        work_dir: Some(h.work_dir.path().to_path_buf()),
-        heartbeat_interval_ms: 100,
-        kill_grace_ms: 500,
-        lease_ms: 15_000,
-        drain_timeout_ms: 60_000,
-        metrics_addr: None,
-        artifact_max_bytes: 1024 * 1024,
-        job_user: None,
-        job_max_processes: 4096,
-        job_max_open_files: 65_536,
-        job_cgroups: hodei_agent::CgroupMode::Auto,
-    };
-    h.process = Some(spawn_binary(&config));
+    h.process = Some(spawn_binary(&h.next_incarnation()));
     let (outcome, _) = h.finished(id).await;
     assert_eq!(
         outcome,
