@@ -4,12 +4,14 @@
 //!
 //! - Lists (jobs, runs, workers, the overview) hear of changes from one NATS subscription to
 //!   every domain event per gateway, fanned out in memory; a ping says only that some job,
-//!   run or worker changed, never which or how.
+//!   run or worker changed, never which or how. The subscription lasts while a page listens:
+//!   with no console page open, NATS sends the gateway no event at all.
 //! - A job's and a run's page follow WatchJob and WatchPipelineRun from the version the page
 //!   was drawn at, and a log follows StreamLogs from its next line: the same streams a gRPC
 //!   client gets, with their authorization and the tenant's stream quota.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -20,9 +22,8 @@ use hodei_messaging::subjects;
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
 use hodei_proto::v1::pipeline_service_server::PipelineService;
-use hodei_runtime::Backends;
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -56,39 +57,103 @@ type Events = Sse<KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>;
 #[derive(Clone)]
 pub(super) struct Feed {
     tx: broadcast::Sender<Kind>,
+    /// How many pages listen: the subscription is made at the first and dropped after the
+    /// last.
+    listeners: Arc<watch::Sender<usize>>,
+}
+
+/// A page listening to the feed; the feed stays subscribed while one is held.
+pub(super) struct Listening {
+    changes: broadcast::Receiver<Kind>,
+    listeners: Arc<watch::Sender<usize>>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.listeners.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Feed {
-    pub(super) fn start(backends: Backends, shutdown: CancellationToken) -> Feed {
+    pub(super) fn start(nats: async_nats::Client, shutdown: CancellationToken) -> Feed {
         let (tx, _) = broadcast::channel(FEED_BUFFER);
-        let feed = Feed { tx: tx.clone() };
-        tokio::spawn(async move {
-            loop {
-                match backends.nats.subscribe(subjects::all_events()).await {
-                    Ok(mut events) => loop {
-                        let message = tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            m = events.next() => m,
-                        };
-                        let Some(message) = message else { break };
-                        let kind = match subjects::event_aggregate(&message.subject) {
-                            Some(("job", _)) => Kind::Job,
-                            Some(("pipeline", _)) => Kind::Pipeline,
-                            Some(("worker", _)) => Kind::Worker,
-                            _ => continue,
-                        };
-                        // Nobody listening is fine.
-                        let _ = tx.send(kind);
-                    },
-                    Err(e) => tracing::warn!(error = %e, "console could not subscribe to events"),
-                }
+        let listeners = Arc::new(watch::Sender::new(0));
+        tokio::spawn(relay(nats, tx.clone(), listeners.subscribe(), shutdown));
+        Feed { tx, listeners }
+    }
+
+    /// Starts listening: the changes from now on (and one of each kind once the feed has
+    /// subscribed, for what it may have missed before).
+    pub(super) fn listen(&self) -> Listening {
+        let changes = self.tx.subscribe();
+        self.listeners.send_modify(|n| *n += 1);
+        Listening {
+            changes,
+            listeners: self.listeners.clone(),
+        }
+    }
+}
+
+/// Subscribes to every domain event while a page listens and sends each one's kind to the
+/// pages; drops the subscription when the last page has gone.
+async fn relay(
+    nats: async_nats::Client,
+    tx: broadcast::Sender<Kind>,
+    mut listeners: watch::Receiver<usize>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            listening = listeners.wait_for(|n| *n > 0) => if listening.is_err() { return },
+        }
+        let mut events = match nats.subscribe(subjects::all_events()).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "console could not subscribe to events");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+                    () = tokio::time::sleep(RESUBSCRIBE_AFTER) => continue,
                 }
             }
-        });
-        feed
+        };
+        // What changed while the feed was not subscribed went unheard: every page reloads once.
+        for kind in [Kind::Job, Kind::Pipeline, Kind::Worker] {
+            let _ = tx.send(kind);
+        }
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = listeners.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if *listeners.borrow_and_update() == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                m = events.next() => m,
+            };
+            let Some(message) = message else {
+                // NATS dropped the subscription: subscribe again shortly.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RESUBSCRIBE_AFTER) => break,
+                }
+            };
+            let kind = match subjects::event_aggregate(&message.subject) {
+                Some(("job", _)) => Kind::Job,
+                Some(("pipeline", _)) => Kind::Pipeline,
+                Some(("worker", _)) => Kind::Worker,
+                _ => continue,
+            };
+            // Every page may have gone meanwhile.
+            let _ = tx.send(kind);
+        }
+        if let Err(e) = events.unsubscribe().await {
+            tracing::debug!(error = %e, "console could not unsubscribe from events");
+        }
     }
 }
 
@@ -102,10 +167,11 @@ fn changes(
 ) -> Result<Events, Failure> {
     let permit = permit(console, caller)?;
     let (tx, rx) = mpsc::channel(4);
-    let mut events = console.live.tx.subscribe();
+    let mut listening = console.live.listen();
     let shutdown = console.shutdown.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        let events = &mut listening.changes;
         let mut timer = tokio::time::interval(every);
         timer.reset();
         loop {
@@ -333,4 +399,79 @@ pub(super) async fn job_log(
                 .data(data)
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use async_nats::RequestErrorKind;
+    use async_nats::client::Request;
+    use hodei_test_support::{TestNats, wait_for};
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+    const EVENT: &str = "hodei.v1.evt.job.0193a1b2-0000-7000-8000-000000000000.started";
+
+    /// Whether NATS has a subscriber for a job event (a request nobody subscribes to is
+    /// answered at once with "no responders").
+    async fn heard(probe: &async_nats::Client) -> bool {
+        let request = Request::new()
+            .payload("{}".into())
+            .timeout(Some(Duration::from_millis(200)));
+        match probe.send_request(EVENT, request).await {
+            Err(e) => e.kind() != RequestErrorKind::NoResponders,
+            Ok(_) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_feed_is_subscribed_only_while_a_page_listens() {
+        let nats = TestNats::start().await.unwrap();
+        let gateway = async_nats::connect(nats.url()).await.unwrap();
+        let probe = async_nats::connect(nats.url()).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let feed = Feed::start(gateway.clone(), shutdown.clone());
+
+        // No page: nothing subscribes, so no event reaches this gateway.
+        assert!(!heard(&probe).await);
+        assert_eq!(gateway.statistics().in_messages.load(Ordering::Relaxed), 0);
+
+        // A page listens: first a change of each kind, then the events' kinds.
+        let mut page = feed.listen();
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            first.push(
+                tokio::time::timeout(DEADLINE, page.changes.recv())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        assert_eq!(first, [Kind::Job, Kind::Pipeline, Kind::Worker]);
+        probe
+            .publish("hodei.v1.evt.worker.w-1.lost", "{}".into())
+            .await
+            .unwrap();
+        probe.flush().await.unwrap();
+        let kind = tokio::time::timeout(DEADLINE, page.changes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kind, Kind::Worker);
+
+        // Two pages, one leaves: still subscribed.
+        let other = feed.listen();
+        drop(page);
+        assert!(heard(&probe).await);
+
+        // The last page leaves: the subscription goes.
+        drop(other);
+        wait_for("the feed to unsubscribe", DEADLINE, || async {
+            (!heard(&probe).await).then_some(())
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+    }
 }

@@ -106,7 +106,7 @@ impl ConsoleServer {
         shutdown: CancellationToken,
     ) {
         let secure = self.tls.is_some();
-        let live = live::Feed::start(backends.clone(), shutdown.clone());
+        let live = live::Feed::start(backends.nats.clone(), shutdown.clone());
         let console = Console(Arc::new(Inner {
             services,
             auth,
