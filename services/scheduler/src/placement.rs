@@ -379,8 +379,9 @@ impl Blocked {
 /// slots last, those that `fits` (one a worker could take now; without a fit, any), each
 /// counted against one slot (those waiting for their tenant's quota against slots of their
 /// own, so they never stand in front of the others); and on a periodic retry (`retry_at`, its
-/// time) also the first [`PREEMPT_LOOK`] and those past their queue timeout (not those held by
-/// their quota, which a queue timeout does not end).
+/// time) also the first [`PREEMPT_LOOK`] that may preempt and those past their queue timeout
+/// (not those held by their quota: preemption does not act for them, and a queue timeout does
+/// not end them).
 fn pick<'a>(
     fits_of: impl Iterator<Item = Option<&'a Fit>>,
     free: usize,
@@ -388,21 +389,21 @@ fn pick<'a>(
     retry_at: Option<chrono::DateTime<Utc>>,
 ) -> Vec<bool> {
     let (mut room, mut quota_room) = (free, free);
+    let mut may_preempt = 0;
     fits_of
-        .enumerate()
-        .map(|(i, fit)| {
-            let room = if fit.is_some_and(|f| f.quota) {
-                &mut quota_room
-            } else {
-                &mut room
-            };
+        .map(|fit| {
+            let held = fit.is_some_and(|f| f.quota);
+            let room = if held { &mut quota_room } else { &mut room };
             let fits = *room > 0 && fit.is_none_or(&fits);
             if fits {
                 *room -= 1;
             }
-            // A job held by its tenant's quota does not time out in the queue.
             let retried = retry_at.is_some_and(|now| {
-                i < PREEMPT_LOOK || fit.is_some_and(|f| !f.quota && f.deadline <= now)
+                let look = !held && may_preempt < PREEMPT_LOOK;
+                if look {
+                    may_preempt += 1;
+                }
+                look || fit.is_some_and(|f| !f.quota && f.deadline <= now)
             });
             fits || retried
         })
@@ -1680,6 +1681,23 @@ mod tests {
         let mut blocked = vec![Some(&gpu); PREEMPT_LOOK];
         blocked.push(Some(&held));
         assert!(!pick(blocked.iter().copied(), 4, none, Some(now))[PREEMPT_LOOK]);
+    }
+
+    #[test]
+    fn requests_held_by_their_quota_do_not_take_the_places_preemption_looks_at() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::hours(1);
+        let held = fit("gpu", true, later);
+        let gpu = fit("gpu", false, later);
+        let none = |_: &Fit| false;
+        // A tenant's many quota-held jobs of a higher priority stand in front of another's job.
+        let mut blocked = vec![Some(&held); PREEMPT_LOOK + 2];
+        blocked.extend(vec![Some(&gpu); PREEMPT_LOOK + 1]);
+        let picked = pick(blocked.iter().copied(), 0, none, Some(now));
+        let mut expected = vec![false; PREEMPT_LOOK + 2];
+        expected.extend(vec![true; PREEMPT_LOOK]);
+        expected.push(false);
+        assert_eq!(picked, expected);
     }
 
     #[tokio::test]
