@@ -59,7 +59,7 @@ pub struct Agent {
     incarnation: IncarnationId,
     records: Records,
     /// This agent's exclusive hold on its work folder, released when the agent is dropped.
-    _work_lock: WorkLock,
+    work_lock: WorkLock,
     /// Where jobs get cgroups of their own, when the host allows.
     cgroups: Option<JobCgroups>,
     client: async_nats::Client,
@@ -167,7 +167,7 @@ impl Agent {
             // open dies with it.
             seal: OpeningKey::generate(),
             records,
-            _work_lock: work_lock,
+            work_lock,
             cgroups,
             client,
             js,
@@ -243,6 +243,7 @@ impl Agent {
             job_limits: self.settings.job_limits,
             cgroups: self.cgroups.clone(),
             seal: self.seal.clone(),
+            work_lock: self.work_lock.clone(),
             job_users: self
                 .settings
                 .job_user

@@ -79,6 +79,8 @@ pub(crate) struct AttemptContext {
     pub cgroups: Option<JobCgroups>,
     /// Opens the secret values sealed to this agent incarnation.
     pub seal: hodei_messaging::seal::OpeningKey,
+    /// The agent's hold on its work folder, which jobs' processes do not keep.
+    pub work_lock: crate::work_lock::WorkLock,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -337,6 +339,7 @@ async fn spawn(
         cgroup_procs,
         limits: ctx.job_limits,
         user,
+        work_lock: Some(ctx.work_lock.clone()),
     };
     launch::start(command, start)
         .await

@@ -70,6 +70,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::config::JobLimits;
+use crate::work_lock::WorkLock;
 
 /// How long a start may take, from the request to the exec of the job's program, before its
 /// child is killed.
@@ -189,6 +190,8 @@ pub(crate) struct JobStart {
     pub limits: JobLimits,
     /// The uid and gid the job runs as, when not the agent's.
     pub user: Option<(u32, u32)>,
+    /// The agent's hold on its work folder: the child closes its copy first.
+    pub work_lock: Option<WorkLock>,
 }
 
 /// Checks that this host can start jobs as this module does, before the agent takes any: the
@@ -251,6 +254,8 @@ struct Setup {
     cgroup_procs: Vec<OwnedFd>,
     limits: [(Resource, Rlimit); 3],
     user: Option<(Uid, Gid)>,
+    /// Kept open until the child has exec'd or ended: its descriptor is the child's to close.
+    work_lock: Option<WorkLock>,
     agent: Pid,
     /// Tests only: the child stops itself just before its exec.
     #[cfg(test)]
@@ -294,6 +299,7 @@ impl Setup {
             user: start
                 .user
                 .map(|(uid, gid)| (Uid::from_raw(uid), Gid::from_raw(gid))),
+            work_lock: start.work_lock,
             agent: rustix::process::getpid(),
             #[cfg(test)]
             stop_before_exec: false,
@@ -601,7 +607,15 @@ fn child_main(
 }
 
 /// The child's set-up, in its order (see the module's documentation). Raw system calls only.
+#[allow(unsafe_code)]
 fn child_setup(setup: &Setup) -> Result<(), Errno> {
+    if let Some(lock) = &setup.work_lock {
+        // SAFETY: this closes the child's own copy of the descriptor (it has its own file
+        // table: no `CLONE_FILES`), which nothing in the child uses; the agent's stays open.
+        // A child that never reaches its exec (stopped before it) then holds no lock on the
+        // work folder after the agent has gone.
+        unsafe { rustix::io::close(lock.raw_fd()) };
+    }
     let pid = rustix::process::getpid().as_raw_nonzero().get();
     let _ = rustix::io::write(&setup.pid_write, &pid.to_ne_bytes());
     // std keeps descriptors 0 to 2 open in the agent, so none of these is one of them.
@@ -823,6 +837,7 @@ mod tests {
             cgroup_procs: Vec::new(),
             limits: JobLimits::within_own(4096, 1024),
             user: None,
+            work_lock: None,
         }
     }
 
@@ -869,6 +884,48 @@ mod tests {
             let (status, _, _) = run(command("true", &[])).await;
             assert!(status.success());
         }
+    }
+
+    #[tokio::test]
+    async fn a_child_keeps_no_descriptor_of_the_locked_work_folder_even_before_its_exec() {
+        let folder = tempfile::tempdir().unwrap();
+        let lock = WorkLock::acquire(folder.path()).unwrap();
+        let start = JobStart {
+            work_lock: Some(lock.clone()),
+            ..no_limits()
+        };
+        let (mut setup, ends) = Setup::new(&command("true", &[]), start).unwrap();
+        setup.stop_before_exec = true;
+        let pid_read = ends.pid_read.try_clone().unwrap();
+        let launched =
+            tokio::spawn(async move { launch(setup, ends, Duration::from_secs(60)).await });
+        let pid = hodei_test_support::wait_for(
+            "the child to stop before its exec",
+            Duration::from_secs(10),
+            || {
+                let mut pid = [0; 4];
+                let read = matches!(rustix::io::read(&pid_read, &mut pid), Ok(4));
+                async move {
+                    let pid = i32::from_ne_bytes(pid);
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    (read && stat.rsplit(')').next()?.trim_start().starts_with('T')).then_some(pid)
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let held = std::fs::canonicalize(folder.path()).unwrap();
+        let links: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .collect();
+        assert!(!links.is_empty(), "the child's descriptors are listed");
+        assert!(!links.contains(&held), "{links:?}");
+        // The agent's own hold is untouched.
+        assert!(WorkLock::acquire(folder.path()).is_err());
+        rustix::process::kill_process(Pid::from_raw(pid).unwrap(), Signal::KILL).unwrap();
+        let mut process = launched.await.unwrap().unwrap();
+        assert_eq!(process.wait().await.unwrap().signal(), Some(9));
     }
 
     #[tokio::test]

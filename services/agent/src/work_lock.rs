@@ -1,5 +1,5 @@
-//! One agent per work folder: an agent holds an exclusive lock on `<work dir>/.lock` from
-//! its start until its process ends.
+//! One agent per work folder: an agent holds an exclusive lock on its work folder from its
+//! start until its process ends.
 //!
 //! Two agents on one folder would each read the other's attempt journal as left by a previous
 //! incarnation: each would kill the other's running jobs and report them as lost, and their
@@ -7,20 +7,25 @@
 //! started again while the old process still drains (a supervisor that does not wait for it,
 //! an overlapping rolling update), or when two agents are configured with the same folder.
 //! The second one now refuses to start, with an error that names the folder and the pid that
-//! holds it; once that process has ended, the kernel releases its lock and a new start
-//! succeeds.
+//! holds it (written to `<work dir>/.agent-pid`); once that process has ended, the kernel
+//! releases its lock and a new start succeeds.
 //!
-//! The lock is an open file description's `flock`: the kernel drops it when the process
-//! ends, however it ends, so a killed agent never leaves a stale lock behind. The file is
-//! opened close-on-exec, so no job's process (started by the agent) keeps it.
+//! The lock is a `flock` on the folder itself, not on a file in it, so removing or replacing a
+//! file cannot free it (and `systemd-tmpfiles` leaves a locked folder alone). The kernel drops
+//! it when the last descriptor of the open folder is closed: when the agent's process ends,
+//! however it ends, so a killed agent never leaves a stale lock behind. The folder is opened
+//! close-on-exec, and a job's process closes its copy before anything else (see
+//! [`crate::launch`]), so no job keeps it, not even one stopped before its exec. A file system
+//! without `flock` makes the start fail with the error.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, TryLockError};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// The lock file's name inside the work folder.
-const FILE: &str = ".lock";
+/// The file, inside the work folder, naming the pid of the agent that holds it.
+const PID_FILE: &str = ".agent-pid";
 
 /// Why the work folder could not be locked.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +36,8 @@ pub enum WorkLockError {
         path.display()
     )]
     InUse { path: PathBuf, holder: String },
-    /// The lock file could not be opened or written.
-    #[error("failed to lock the work folder with {}: {source}", path.display())]
+    /// The folder could not be opened or locked, or the pid not written.
+    #[error("failed to lock the work folder {}: {source}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -40,52 +45,50 @@ pub enum WorkLockError {
     },
 }
 
-/// The exclusive lock on a work folder, held until it is dropped (or the process ends).
-#[derive(Debug)]
+/// The exclusive lock on a work folder, held until every clone is dropped (or the process
+/// ends).
+#[derive(Debug, Clone)]
 pub(crate) struct WorkLock {
-    _file: File,
+    folder: Arc<File>,
 }
 
 impl WorkLock {
     /// Takes the lock of `work_dir` (which must exist) without waiting, and writes this
-    /// process's pid into the lock file for the error another agent would give.
+    /// process's pid into it for the error another agent would give.
     pub fn acquire(work_dir: &Path) -> Result<WorkLock, WorkLockError> {
-        let path = work_dir.join(FILE);
         let io_error = |source| WorkLockError::Io {
-            path: path.clone(),
+            path: work_dir.to_path_buf(),
             source,
         };
-        // Rust's std opens files close-on-exec.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_error)?;
-        match file.try_lock() {
+        // Rust's std opens files (and folders) close-on-exec.
+        let folder = File::open(work_dir).map_err(io_error)?;
+        match folder.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 return Err(WorkLockError::InUse {
-                    holder: holder(&mut file),
-                    path,
+                    path: work_dir.to_path_buf(),
+                    holder: holder(work_dir),
                 });
             }
             Err(TryLockError::Error(e)) => return Err(io_error(e)),
         }
-        file.set_len(0).map_err(io_error)?;
-        file.rewind().map_err(io_error)?;
-        writeln!(file, "{}", std::process::id()).map_err(io_error)?;
-        Ok(WorkLock { _file: file })
+        std::fs::write(work_dir.join(PID_FILE), format!("{}\n", std::process::id()))
+            .map_err(io_error)?;
+        Ok(WorkLock {
+            folder: Arc::new(folder),
+        })
+    }
+
+    /// The descriptor that holds the lock, for a job's process to close its copy of.
+    pub fn raw_fd(&self) -> RawFd {
+        self.folder.as_raw_fd()
     }
 }
 
-/// Who holds the lock, as its lock file says.
-fn holder(file: &mut File) -> String {
-    let mut text = String::new();
-    match file.read_to_string(&mut text) {
-        Ok(_) => match text.trim().parse::<u32>() {
+/// Who holds the lock of `work_dir`, as its pid file says.
+fn holder(work_dir: &Path) -> String {
+    match std::fs::read_to_string(work_dir.join(PID_FILE)) {
+        Ok(text) => match text.trim().parse::<u32>() {
             Ok(pid) => format!("pid {pid}"),
             Err(_) => "a process that has not written its pid yet".to_owned(),
         },
@@ -111,7 +114,15 @@ mod tests {
             message.contains(&dir.path().display().to_string()),
             "{message}"
         );
+        // Removing the pid file frees nothing: the lock is the folder's.
+        std::fs::remove_file(dir.path().join(PID_FILE)).unwrap();
+        let refused = WorkLock::acquire(dir.path()).unwrap_err();
+        assert!(matches!(refused, WorkLockError::InUse { .. }), "{refused}");
+        // Held until the last clone goes.
+        let clone = first.clone();
         drop(first);
+        assert!(WorkLock::acquire(dir.path()).is_err());
+        drop(clone);
         let _again = WorkLock::acquire(dir.path()).unwrap();
     }
 
