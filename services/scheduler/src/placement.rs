@@ -379,9 +379,10 @@ impl Blocked {
 /// slots last, those that `fits` (one a worker could take now; without a fit, any), each
 /// counted against one slot (those waiting for their tenant's quota against slots of their
 /// own, so they never stand in front of the others); and on a periodic retry (`retry_at`, its
-/// time) also the first [`PREEMPT_LOOK`] that may preempt and those past their queue timeout
-/// (not those held by their quota: preemption does not act for them, and a queue timeout does
-/// not end them).
+/// time) also the first [`PREEMPT_LOOK`] and those past their queue timeout (not those held
+/// by their quota, which a queue timeout does not end). Those last held by their quota have
+/// [`PREEMPT_LOOK`] places of their own (preemption does not act for one still held, so they
+/// never take the others' places; one whose quota has freed since may then preempt).
 fn pick<'a>(
     fits_of: impl Iterator<Item = Option<&'a Fit>>,
     free: usize,
@@ -389,19 +390,23 @@ fn pick<'a>(
     retry_at: Option<chrono::DateTime<Utc>>,
 ) -> Vec<bool> {
     let (mut room, mut quota_room) = (free, free);
-    let mut may_preempt = 0;
+    let (mut looks, mut quota_looks) = (PREEMPT_LOOK, PREEMPT_LOOK);
     fits_of
         .map(|fit| {
             let held = fit.is_some_and(|f| f.quota);
-            let room = if held { &mut quota_room } else { &mut room };
+            let (room, looks) = if held {
+                (&mut quota_room, &mut quota_looks)
+            } else {
+                (&mut room, &mut looks)
+            };
             let fits = *room > 0 && fit.is_none_or(&fits);
             if fits {
                 *room -= 1;
             }
             let retried = retry_at.is_some_and(|now| {
-                let look = !held && may_preempt < PREEMPT_LOOK;
+                let look = *looks > 0;
                 if look {
-                    may_preempt += 1;
+                    *looks -= 1;
                 }
                 look || fit.is_some_and(|f| !f.quota && f.deadline <= now)
             });
@@ -1678,7 +1683,7 @@ mod tests {
         // A job held by its tenant's quota never times out in the queue: it is not read at
         // every retry once its queue timeout has passed.
         let held = fit("gpu", true, now - chrono::Duration::seconds(1));
-        let mut blocked = vec![Some(&gpu); PREEMPT_LOOK];
+        let mut blocked = vec![Some(&held); PREEMPT_LOOK];
         blocked.push(Some(&held));
         assert!(!pick(blocked.iter().copied(), 4, none, Some(now))[PREEMPT_LOOK]);
     }
@@ -1694,7 +1699,8 @@ mod tests {
         let mut blocked = vec![Some(&held); PREEMPT_LOOK + 2];
         blocked.extend(vec![Some(&gpu); PREEMPT_LOOK + 1]);
         let picked = pick(blocked.iter().copied(), 0, none, Some(now));
-        let mut expected = vec![false; PREEMPT_LOOK + 2];
+        let mut expected = vec![true; PREEMPT_LOOK];
+        expected.extend([false, false]);
         expected.extend(vec![true; PREEMPT_LOOK]);
         expected.push(false);
         assert_eq!(picked, expected);
