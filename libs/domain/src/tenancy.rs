@@ -6,7 +6,7 @@
 //! the largest of its fractions of the fleet's slots, CPU and memory, divided by its weight);
 //! within one tenant, the oldest job first.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -265,7 +265,14 @@ impl Shares {
 
     /// Counts a job placed for `tenant`.
     pub fn charge(&mut self, tenant: &TenantId, resources: &Resources) {
-        self.usage.entry(tenant.clone()).or_default().add(resources);
+        match self.usage.get_mut(tenant) {
+            Some(usage) => usage.add(resources),
+            None => {
+                let mut usage = Usage::default();
+                usage.add(resources);
+                self.usage.insert(tenant.clone(), usage);
+            }
+        }
     }
 
     /// Each tenant that uses capacity or is named in `also` (say, tenants with queued jobs),
@@ -301,20 +308,61 @@ impl Shares {
 /// Waiting jobs in the order they get capacity (see the module's description). Built from the
 /// candidates of a placement round; [`FairQueue::next`] is asked again after every placement,
 /// because each one changes its tenant's share.
+///
+/// Each priority keeps its tenants in a heap by their weighted share as last computed (then
+/// their oldest job's id), so a pick looks again only at the tenants whose share could have
+/// put them first, not at every tenant with waiting jobs.
 #[derive(Debug)]
 pub struct FairQueue<T> {
     /// By priority, highest first.
     levels: BTreeMap<std::cmp::Reverse<i32>, Level<T>>,
 }
 
-/// One priority's candidates: each tenant's, oldest first.
-type Level<T> = BTreeMap<TenantId, VecDeque<(JobId, T)>>;
+/// One priority's candidates: each tenant's, oldest first, and its tenants by share.
+#[derive(Debug)]
+struct Level<T> {
+    jobs: HashMap<TenantId, VecDeque<(JobId, T)>>,
+    /// One entry per tenant with jobs here, smallest first.
+    order: BinaryHeap<std::cmp::Reverse<Turn>>,
+}
+
+/// A tenant's place in its level: its weighted share when last computed (`-inf` before the
+/// first time), then its oldest job's id.
+#[derive(Debug)]
+struct Turn {
+    share: f64,
+    head: JobId,
+    tenant: TenantId,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.share
+            .total_cmp(&other.share)
+            .then(self.head.cmp(&other.head))
+            .then_with(|| self.tenant.cmp(&other.tenant))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Turn {}
 
 impl<T> FairQueue<T> {
     /// Queues `candidates`: each with its priority, tenant and job id (ids are ordered by
     /// creation).
     pub fn new(candidates: impl IntoIterator<Item = (i32, TenantId, JobId, T)>) -> Self {
-        let mut levels: BTreeMap<_, BTreeMap<TenantId, Vec<(JobId, T)>>> = BTreeMap::new();
+        let mut levels: BTreeMap<_, HashMap<TenantId, Vec<(JobId, T)>>> = BTreeMap::new();
         for (priority, tenant, id, item) in candidates {
             levels
                 .entry(std::cmp::Reverse(priority))
@@ -326,14 +374,21 @@ impl<T> FairQueue<T> {
         let levels = levels
             .into_iter()
             .map(|(priority, tenants)| {
-                let tenants = tenants
+                let mut order = BinaryHeap::with_capacity(tenants.len());
+                let jobs = tenants
                     .into_iter()
-                    .map(|(tenant, mut jobs)| {
+                    .filter_map(|(tenant, mut jobs)| {
                         jobs.sort_by_key(|(id, _)| *id);
-                        (tenant, VecDeque::from(jobs))
+                        let head = jobs.first()?.0;
+                        order.push(std::cmp::Reverse(Turn {
+                            share: f64::NEG_INFINITY,
+                            head,
+                            tenant: tenant.clone(),
+                        }));
+                        Some((tenant, VecDeque::from(jobs)))
                     })
                     .collect();
-                (priority, tenants)
+                (priority, Level { jobs, order })
             })
             .collect();
         Self { levels }
@@ -341,28 +396,39 @@ impl<T> FairQueue<T> {
 
     /// The next candidate: of the highest priority waiting, the tenant with the lowest
     /// weighted share under `shares` (the oldest head first among equals), its oldest job.
+    ///
+    /// `shares` may only grow from one call to the next (a round charges the jobs it places),
+    /// which the order relies on: a tenant is looked at again only once the share it was last
+    /// seen with comes first.
     pub fn next(&mut self, shares: &Shares) -> Option<(TenantId, T)> {
-        let mut level = self.levels.first_entry()?;
-        let tenants = level.get_mut();
-        let tenant = tenants
-            .iter()
-            .filter_map(|(tenant, jobs)| jobs.front().map(|(id, _)| (tenant, *id)))
-            .min_by(|(a, a_id), (b, b_id)| {
-                shares
-                    .weighted_share(a)
-                    .total_cmp(&shares.weighted_share(b))
-                    .then(a_id.cmp(b_id))
-            })
-            .map(|(tenant, _)| tenant.clone())?;
-        let jobs = tenants.get_mut(&tenant)?;
-        let (_, item) = jobs.pop_front()?;
-        if jobs.is_empty() {
-            tenants.remove(&tenant);
+        let mut entry = self.levels.first_entry()?;
+        let level = entry.get_mut();
+        let picked = loop {
+            let std::cmp::Reverse(turn) = level.order.pop()?;
+            let share = shares.weighted_share(&turn.tenant);
+            if share.total_cmp(&turn.share).is_ne() {
+                // Its share moved since: back in its place, and look again.
+                level.order.push(std::cmp::Reverse(Turn { share, ..turn }));
+                continue;
+            }
+            let jobs = level.jobs.get_mut(&turn.tenant)?;
+            let (_, item) = jobs.pop_front()?;
+            match jobs.front() {
+                Some(&(head, _)) => level.order.push(std::cmp::Reverse(Turn {
+                    share,
+                    head,
+                    tenant: turn.tenant.clone(),
+                })),
+                None => {
+                    level.jobs.remove(&turn.tenant);
+                }
+            }
+            break (turn.tenant, item);
+        };
+        if level.order.is_empty() {
+            entry.remove();
         }
-        if tenants.is_empty() {
-            level.remove();
-        }
-        Some((tenant, item))
+        Some(picked)
     }
 }
 
@@ -427,6 +493,70 @@ mod tests {
         assert_eq!(view.len(), 2);
         assert!((view[0].entitled - 0.75).abs() < 1e-9, "{view:?}");
         assert!((view[0].share - 0.75).abs() < 1e-9, "{view:?}");
+    }
+
+    #[test]
+    fn the_order_is_what_comparing_every_tenant_at_every_pick_gives() {
+        // A small deterministic generator: the same sequence on every run.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        let mut s = Shares {
+            capacity: Capacity {
+                slots: 500,
+                cpu_millis: 100_000,
+                memory_mb: 100_000,
+            },
+            ..Shares::default()
+        };
+        let tenants: Vec<TenantId> = (0..20).map(|t| tenant(&format!("t{t}"))).collect();
+        for (i, t) in tenants.iter().enumerate() {
+            let weight = u32::try_from(i % 4 + 1).unwrap();
+            s.policies.insert(
+                t.clone(),
+                TenantPolicy {
+                    weight,
+                    ..TenantPolicy::default()
+                },
+            );
+            for _ in 0..next(5) {
+                s.charge(t, &Resources::new(next(2_000), next(2_000)));
+            }
+        }
+        let mut waiting: Vec<(i32, TenantId, JobId)> = (0..400)
+            .map(|_| {
+                let t = tenants[usize::try_from(next(20)).unwrap()].clone();
+                (i32::try_from(next(3)).unwrap(), t, JobId::new())
+            })
+            .collect();
+        let mut queue = FairQueue::new(waiting.iter().map(|(p, t, id)| (*p, t.clone(), *id, *id)));
+        while !waiting.is_empty() {
+            // Of the highest priority, the tenant with the lowest share (then the oldest
+            // head), its oldest job: every tenant compared afresh.
+            let top = waiting.iter().map(|(p, _, _)| *p).max().unwrap();
+            let expected = waiting
+                .iter()
+                .filter(|(p, _, _)| *p == top)
+                .min_by(|(_, a, a_id), (_, b, b_id)| {
+                    s.weighted_share(a)
+                        .total_cmp(&s.weighted_share(b))
+                        .then(a_id.cmp(b_id))
+                })
+                .map(|(_, _, id)| *id)
+                .unwrap();
+            let (tenant, picked) = queue.next(&s).unwrap();
+            assert_eq!(picked, expected);
+            waiting.retain(|(_, _, id)| *id != picked);
+            // Most picks are placed and charged; some are held or find no worker.
+            if next(4) != 0 {
+                s.charge(&tenant, &Resources::new(next(1_000), next(1_000)));
+            }
+        }
+        assert!(queue.next(&s).is_none());
     }
 
     #[test]
