@@ -401,34 +401,50 @@ impl<T> FairQueue<T> {
     /// which the order relies on: a tenant is looked at again only once the share it was last
     /// seen with comes first.
     pub fn next(&mut self, shares: &Shares) -> Option<(TenantId, T)> {
-        let mut entry = self.levels.first_entry()?;
-        let level = entry.get_mut();
-        let picked = loop {
-            let std::cmp::Reverse(turn) = level.order.pop()?;
+        loop {
+            let mut entry = self.levels.first_entry()?;
+            let picked = entry.get_mut().pick(shares);
+            if entry.get().order.is_empty() {
+                entry.remove();
+            }
+            if picked.is_some() {
+                return picked;
+            }
+        }
+    }
+}
+
+impl<T> Level<T> {
+    /// This priority's next candidate (see [`FairQueue::next`]); `None` once none is left.
+    fn pick(&mut self, shares: &Shares) -> Option<(TenantId, T)> {
+        loop {
+            let std::cmp::Reverse(turn) = self.order.pop()?;
             let share = shares.weighted_share(&turn.tenant);
             if share.total_cmp(&turn.share).is_ne() {
+                debug_assert!(share > turn.share, "a share went down within a round");
                 // Its share moved since: back in its place, and look again.
-                level.order.push(std::cmp::Reverse(Turn { share, ..turn }));
+                self.order.push(std::cmp::Reverse(Turn { share, ..turn }));
                 continue;
             }
-            let jobs = level.jobs.get_mut(&turn.tenant)?;
-            let (_, item) = jobs.pop_front()?;
+            let Some(jobs) = self.jobs.get_mut(&turn.tenant) else {
+                continue;
+            };
+            let Some((_, item)) = jobs.pop_front() else {
+                self.jobs.remove(&turn.tenant);
+                continue;
+            };
             match jobs.front() {
-                Some(&(head, _)) => level.order.push(std::cmp::Reverse(Turn {
+                Some(&(head, _)) => self.order.push(std::cmp::Reverse(Turn {
                     share,
                     head,
                     tenant: turn.tenant.clone(),
                 })),
                 None => {
-                    level.jobs.remove(&turn.tenant);
+                    self.jobs.remove(&turn.tenant);
                 }
             }
-            break (turn.tenant, item);
-        };
-        if level.order.is_empty() {
-            entry.remove();
+            return Some((turn.tenant, item));
         }
-        Some(picked)
     }
 }
 
