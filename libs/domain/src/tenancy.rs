@@ -265,13 +265,10 @@ impl Shares {
 
     /// Counts a job placed for `tenant`.
     pub fn charge(&mut self, tenant: &TenantId, resources: &Resources) {
+        // Looked up first: the id is cloned only for a tenant charged for the first time.
         match self.usage.get_mut(tenant) {
             Some(usage) => usage.add(resources),
-            None => {
-                let mut usage = Usage::default();
-                usage.add(resources);
-                self.usage.insert(tenant.clone(), usage);
-            }
+            None => self.usage.entry(tenant.clone()).or_default().add(resources),
         }
     }
 

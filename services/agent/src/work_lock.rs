@@ -54,7 +54,7 @@ pub(crate) struct WorkLock {
 
 impl WorkLock {
     /// Takes the lock of `work_dir` (which must exist) without waiting, and writes this
-    /// process's pid into it for the error another agent would give.
+    /// process's pid to the folder's pid file, for the error another agent would give.
     pub fn acquire(work_dir: &Path) -> Result<WorkLock, WorkLockError> {
         let io_error = |source| WorkLockError::Io {
             path: work_dir.to_path_buf(),
