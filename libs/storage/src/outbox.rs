@@ -200,28 +200,47 @@ pub async fn claim(
         .collect()
 }
 
-/// Deletes the messages at `positions` (published).
+/// A condition that always holds and turns `synchronous_commit` off for the rest of its
+/// transaction: the commit of a statement that deletes published messages does not wait for
+/// the WAL to reach the disk. Such a deletion, and nothing else, may be lost to a crash of the
+/// PostgreSQL server (its last few hundred milliseconds of asynchronous commits: at most three
+/// times `wal_writer_delay`), and losing it is harmless: the row is published again by a
+/// claiming relay and JetStream keeps one copy by its id, or, for a message that must not be
+/// delivered twice and is past [`Claim::at_most_once_within`], deleted unpublished, as after
+/// any deletion that PostgreSQL's absence lost. Every other commit stays synchronous. Without
+/// it every relay's batch of deletions waited for its own WAL flush, and those flushes queued
+/// with the submissions' and the placements' commits.
+const COMMIT_WITHOUT_WAITING_FOR_THE_DISK: &str =
+    "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
+
+/// Deletes the messages at `positions` (published), committed without waiting for the disk
+/// (see [`COMMIT_WITHOUT_WAITING_FOR_THE_DISK`]).
 pub async fn delete(conn: &mut PgConnection, positions: &[i64]) -> Result<(), StorageError> {
     if positions.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
-        .bind(positions)
-        .execute(conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM outbox WHERE position = ANY($1) AND {COMMIT_WITHOUT_WAITING_FOR_THE_DISK}"
+    )))
+    .bind(positions)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-/// Deletes the messages with these ids (published by the process that committed them);
+/// Deletes the messages with these ids (published by the process that committed them),
+/// committed without waiting for the disk (see [`COMMIT_WITHOUT_WAITING_FOR_THE_DISK`]);
 /// returns how many were still there.
 pub async fn delete_ids(pool: &PgPool, ids: &[Uuid]) -> Result<u64, StorageError> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let deleted = sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM outbox WHERE id = ANY($1) AND {COMMIT_WITHOUT_WAITING_FOR_THE_DISK}"
+    )))
+    .bind(ids)
+    .execute(pool)
+    .await?;
     Ok(deleted.rows_affected())
 }
 

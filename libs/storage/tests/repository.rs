@@ -595,3 +595,75 @@ async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
     );
     db.cleanup().await.unwrap();
 }
+
+/// Deleting published messages commits without waiting for the disk, for that transaction
+/// only: the setting never outlives the deletion on the pooled connection, so whatever the
+/// connection commits next (a submission, a placement) is synchronous again.
+#[tokio::test]
+async fn deleting_published_messages_leaves_later_commits_synchronous() {
+    let (db, pool) = database().await;
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url())
+        .await
+        .unwrap();
+    let messages: Vec<hodei_messaging::Outgoing> = (0..4)
+        .map(|i| hodei_messaging::Outgoing {
+            id: uuid::Uuid::now_v7(),
+            subject: format!("hodei.v1.evt.test.{i}"),
+            payload: b"{}".to_vec(),
+            headers: BTreeMap::new(),
+            at_most_once: false,
+        })
+        .collect();
+    let mut tx = single.begin().await.unwrap();
+    hodei_storage::outbox::append_direct(&mut tx, &messages)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let setting = || async {
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(&single)
+            .await
+            .unwrap()
+    };
+    assert_eq!(setting().await, "on");
+
+    let ids: Vec<uuid::Uuid> = messages[..2].iter().map(|m| m.id).collect();
+    let deleted = hodei_storage::outbox::delete_ids(&single, &ids)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    assert_eq!(setting().await, "on", "the deletion's setting leaked");
+
+    // The claiming relay's path: claimed and deleted in its own transaction.
+    let mut tx = single.begin().await.unwrap();
+    let claimed = hodei_storage::outbox::claim(
+        &mut tx,
+        hodei_storage::outbox::Claim {
+            limit: 10,
+            older_than: None,
+            direct_older_than: std::time::Duration::ZERO,
+            except: &[],
+            at_most_once_within: std::time::Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let positions: Vec<i64> = claimed.iter().map(|p| p.position).collect();
+    hodei_storage::outbox::delete(&mut tx, &positions)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        setting().await,
+        "on",
+        "the claimed deletion's setting leaked"
+    );
+    assert_eq!(hodei_storage::outbox::pending(&pool).await.unwrap(), 0);
+
+    single.close().await;
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
