@@ -20,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 /// Name of the one durable consumer standing in for every simulated agent.
 const CONSUMER: &str = "bench-agents";
 
+/// Each agent beats once an interval, in one of this many slices of it, so that the fleet's
+/// beats are spread evenly over the interval, as those of agents started at different times
+/// are. (They used to beat all at once, and each burst held up placements while the registry
+/// wrote it.)
+const SLICES: usize = 50;
+
 /// Attempts each simulated worker holds now, as its heartbeats report them.
 type Running = Arc<Mutex<HashMap<WorkerId, Vec<AttemptId>>>>;
 
@@ -67,17 +73,20 @@ impl SimAgents {
             running: running.clone(),
             incarnation: hodei_domain::IncarnationId::new(),
         };
-        beats.beat_all().await;
-        let interval = Duration::from_millis(config.heartbeat_ms);
+        beats.beat(0, 1).await;
+        let slice_every = (Duration::from_millis(config.heartbeat_ms) / SLICES as u32)
+            .max(Duration::from_micros(1));
         let token = stop.clone();
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(interval);
+            let mut tick = tokio::time::interval(slice_every);
             tick.tick().await;
+            let mut slice = 0;
             loop {
                 tokio::select! {
                     () = token.cancelled() => return,
-                    _ = tick.tick() => beats.beat_all().await,
+                    _ = tick.tick() => beats.beat(slice, SLICES).await,
                 }
+                slice = (slice + 1) % SLICES;
             }
         });
 
@@ -92,6 +101,8 @@ impl SimAgents {
         let token = stop.clone();
         tasks.spawn(async move {
             let mut batches = messages.ready_chunks(512);
+            // Ended with this task (dropping a `JoinSet` aborts its tasks).
+            let mut settling = JoinSet::new();
             loop {
                 let batch = tokio::select! {
                     () = token.cancelled() => return,
@@ -99,7 +110,11 @@ impl SimAgents {
                 };
                 let Some(batch) = batch else { return };
                 let batch: Vec<jetstream::Message> = batch.into_iter().flatten().collect();
-                answer(&js, &running, batch).await;
+                // Reports are published here, in the order the commands came; their acks and
+                // the commands' are awaited beside the next batches, as separate agents do
+                // not wait for each other.
+                settling.spawn(answer(&js, &running, batch).await);
+                while settling.try_join_next().is_some() {}
             }
         });
         Ok(SimAgents { stop, tasks })
@@ -126,10 +141,12 @@ struct Beats {
 }
 
 impl Beats {
-    async fn beat_all(&self) {
+    /// Beats for agents `slice`, `slice + slices`, `slice + 2 × slices`… (every agent with
+    /// `beat(0, 1)`).
+    async fn beat(&self, slice: usize, slices: usize) {
         let labels = BTreeMap::from([("os".to_owned(), "linux".to_owned())]);
         let now = Utc::now();
-        for id in &self.ids {
+        for id in self.ids.iter().skip(slice).step_by(slices) {
             let running = lock(&self.running).get(id).cloned().unwrap_or_default();
             let beat = Heartbeat {
                 worker_id: id.clone(),
@@ -168,8 +185,13 @@ fn lock(running: &Running) -> std::sync::MutexGuard<'_, HashMap<WorkerId, Vec<At
 }
 
 /// Answers one batch of commands: for every assignment, publishes `Started` then `Finished`
-/// (exit 0), awaits the acknowledgements together, then acks the commands.
-async fn answer(js: &jetstream::Context, running: &Running, batch: Vec<jetstream::Message>) {
+/// (exit 0). Returns what is left to do: await the reports' acknowledgements together, then
+/// ack the commands.
+async fn answer(
+    js: &jetstream::Context,
+    running: &Running,
+    batch: Vec<jetstream::Message>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut assigned = Vec::new();
     for message in &batch {
         let Ok(command) =
@@ -234,24 +256,28 @@ async fn answer(js: &jetstream::Context, running: &Running, batch: Vec<jetstream
             }
         }
     }
-    for result in
-        futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await
-    {
-        if let Err(e) = result {
-            eprintln!("simulated report not acknowledged: {e}");
-        }
-    }
-    {
-        let mut held = lock(running);
-        for (worker, attempt) in &assigned {
-            if let Some(list) = held.get_mut(worker) {
-                list.retain(|a| a != attempt);
+    let running = running.clone();
+    async move {
+        for result in
+            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+                .await
+        {
+            if let Err(e) = result {
+                eprintln!("simulated report not acknowledged: {e}");
             }
         }
-    }
-    for message in &batch {
-        if let Err(e) = message.ack().await {
-            eprintln!("simulated command not acked: {e}");
+        {
+            let mut held = lock(&running);
+            for (worker, attempt) in &assigned {
+                if let Some(list) = held.get_mut(worker) {
+                    list.retain(|a| a != attempt);
+                }
+            }
+        }
+        for message in &batch {
+            if let Err(e) = message.ack().await {
+                eprintln!("simulated command not acked: {e}");
+            }
         }
     }
 }

@@ -276,7 +276,7 @@ pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
     let mut out = result?;
     out.note(format!(
         "throughput: {} no-op jobs, {} grpc clients (one http/2 channel each), {} simulated \
-         agents x {SIM_SLOTS} slots beating every {SIM_HEARTBEAT_MS} ms; completion counted in postgres \
+         agents x {SIM_SLOTS} slots beating every {SIM_HEARTBEAT_MS} ms (spread evenly over it); completion counted in postgres \
          (every 20 ms near the end)",
         p.jobs, p.clients, p.agents
     ));
