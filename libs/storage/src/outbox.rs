@@ -204,15 +204,18 @@ pub async fn claim(
 /// transaction: the commit of a statement that deletes published messages does not wait for
 /// the WAL to reach the disk. Such a deletion (with, in the claiming relay's transaction, the
 /// moves to `outbox_dead` beside it, which a lost commit only makes the relay repeat) may be
-/// lost to a crash of the PostgreSQL server (its last few hundred milliseconds of
-/// asynchronous commits: at most three times `wal_writer_delay`), and losing it is harmless:
-/// the row is published again by a claiming relay and JetStream keeps one copy by its id, or,
-/// for a message that must not be delivered twice and is past [`Claim::at_most_once_within`],
-/// deleted unpublished, as after any deletion that PostgreSQL's absence lost. Any synchronous
-/// commit that follows it makes it durable too (the WAL is flushed in order), so nothing that
-/// read it and committed can outlive it. Every other commit stays synchronous. Without it
-/// every relay's batch of deletions waited for its own WAL flush, and those flushes queued
-/// with the submissions' and the placements' commits.
+/// lost to a crash of the PostgreSQL server (its last few hundred milliseconds of asynchronous
+/// commits: three times `wal_writer_delay`, more if the disk stalls), and losing it is
+/// harmless. The row is published again by a claiming relay and JetStream keeps one copy by
+/// its id, or, for a message that must not be delivered twice and is past
+/// [`Claim::at_most_once_within`], it is deleted unpublished, as after any deletion that
+/// PostgreSQL's absence lost; a copy of an assignment that gets through anyway (a NATS restart
+/// lost the duplicate memory) is refused by the agent, which is what the assignment's
+/// guarantee rests on (docs/ARCHITECTURE.md, "Delivery"). Any synchronous commit that follows
+/// it makes it durable too (the WAL is flushed in order), so nothing that read it and
+/// committed can outlive it. Every other commit stays synchronous. Without it every relay's
+/// batch of deletions waited for its own WAL flush, and those flushes queued with the
+/// submissions' and the placements' commits.
 const COMMIT_WITHOUT_WAITING_FOR_THE_DISK: &str =
     "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
 
