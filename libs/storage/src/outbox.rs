@@ -200,8 +200,8 @@ pub async fn claim(
         .collect()
 }
 
-/// A condition that always holds and turns `synchronous_commit` off for the rest of its
-/// transaction: the commit of a statement that deletes published messages does not wait for
+/// Adds to a deletion's `WHERE` a condition that always holds and turns `synchronous_commit`
+/// off for the rest of its transaction: the commit of a statement that deletes published messages does not wait for
 /// the WAL to reach the disk. Such a deletion (with, in the claiming relay's transaction, the
 /// moves to `outbox_dead` beside it, which a lost commit only makes the relay repeat) may be
 /// lost to a crash of the PostgreSQL server (its last few hundred milliseconds of asynchronous
@@ -216,18 +216,24 @@ pub async fn claim(
 /// committed can outlive it. Every other commit stays synchronous. Without it every relay's
 /// batch of deletions waited for its own WAL flush, and those flushes queued with the
 /// submissions' and the placements' commits.
-const COMMIT_WITHOUT_WAITING_FOR_THE_DISK: &str =
-    "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'";
+macro_rules! without_waiting_for_the_disk {
+    ($delete:literal) => {
+        concat!(
+            $delete,
+            " AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
+        )
+    };
+}
 
 /// Deletes the messages at `positions` (published), committed without waiting for the disk
-/// (see [`COMMIT_WITHOUT_WAITING_FOR_THE_DISK`]).
+/// (see `without_waiting_for_the_disk!`).
 pub async fn delete(conn: &mut PgConnection, positions: &[i64]) -> Result<(), StorageError> {
     if positions.is_empty() {
         return Ok(());
     }
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM outbox WHERE position = ANY($1) AND {COMMIT_WITHOUT_WAITING_FOR_THE_DISK}"
-    )))
+    sqlx::query(without_waiting_for_the_disk!(
+        "DELETE FROM outbox WHERE position = ANY($1)"
+    ))
     .bind(positions)
     .execute(conn)
     .await?;
@@ -235,15 +241,15 @@ pub async fn delete(conn: &mut PgConnection, positions: &[i64]) -> Result<(), St
 }
 
 /// Deletes the messages with these ids (published by the process that committed them),
-/// committed without waiting for the disk (see [`COMMIT_WITHOUT_WAITING_FOR_THE_DISK`]);
+/// committed without waiting for the disk (see `without_waiting_for_the_disk!`);
 /// returns how many were still there.
 pub async fn delete_ids(pool: &PgPool, ids: &[Uuid]) -> Result<u64, StorageError> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM outbox WHERE id = ANY($1) AND {COMMIT_WITHOUT_WAITING_FOR_THE_DISK}"
-    )))
+    let deleted = sqlx::query(without_waiting_for_the_disk!(
+        "DELETE FROM outbox WHERE id = ANY($1)"
+    ))
     .bind(ids)
     .execute(pool)
     .await?;
