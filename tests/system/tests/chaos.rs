@@ -8,16 +8,18 @@
 //!
 //! Phase by phase, under load, the test injects one fault: SIGKILL and restart of the registry
 //! (after every heartbeat in PostgreSQL has gone stale), of the scheduler (with a report
-//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; SIGKILL of an agent and its
-//! restart under the same worker id; and a partition of one agent from NATS for longer than
-//! its lease. Then it checks the ledger and the state of record:
+//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a PostgreSQL crash that
+//! loses the relays' last deletions of published rows (which commit without waiting for the
+//! disk) in the same outage as a NATS restart, so that every message is published again;
+//! SIGKILL of an agent and its restart under the same worker id; and a partition of one agent
+//! from NATS for longer than its lease. Then it checks the ledger and the state of record:
 //!
 //! - every accepted job ended, and its ledger shows exactly one `end` and no `overlap`;
 //! - every recorded outcome is what ran: the job's state and exit code are those of the one
 //!   `end` line (every fifth job exits 3 and is not retried);
 //! - every job ended within a bound the test prints, per phase;
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
-//!   scheduler, gateway, NATS, PostgreSQL): healthy workers were never blamed;
+//!   scheduler, gateway, NATS, PostgreSQL, lost deletions): healthy workers were never blamed;
 //! - only the phases that really killed running processes (agent restart, partition) re-ran
 //!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -360,6 +362,75 @@ impl Cluster {
     }
 
     /// Waits until a running job of `service`'s kind answers `status` on `/readyz`.
+    /// From now on, keeps a copy of every row written to the outbox.
+    async fn keep_outbox_rows(&self) {
+        for statement in [
+            "CREATE TABLE chaos_outbox_seen (LIKE outbox)",
+            "CREATE FUNCTION chaos_keep_outbox_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO chaos_outbox_seen SELECT NEW.*; RETURN NEW; END $$",
+            "CREATE TRIGGER chaos_keep_outbox_row AFTER INSERT ON outbox
+             FOR EACH ROW EXECUTE FUNCTION chaos_keep_outbox_row()",
+        ] {
+            sqlx::query(statement).execute(&self.pool).await.unwrap();
+        }
+    }
+
+    /// Puts back every row kept since [`Cluster::keep_outbox_rows`] that a relay deleted, as
+    /// a crash of the server that lost those deletions leaves the outbox; returns how many of
+    /// them were assignments.
+    async fn lose_outbox_deletions(&self) -> u64 {
+        sqlx::query("DROP TRIGGER chaos_keep_outbox_row ON outbox")
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        let assignments: i64 = sqlx::query_scalar(
+            "WITH lost AS (
+                 INSERT INTO outbox SELECT * FROM chaos_outbox_seen s
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = s.id)
+                 RETURNING at_most_once
+             )
+             SELECT count(*) FILTER (WHERE at_most_once) FROM lost",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        u64::try_from(assignments).unwrap()
+    }
+
+    /// The sequence of the last message the agents' stream stored.
+    async fn agent_stream_last_seq(&self) -> u64 {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        let mut stream = async_nats::jetstream::new(client)
+            .get_stream(hodei_messaging::streams::AGENT)
+            .await
+            .unwrap();
+        stream.info().await.unwrap().state.last_sequence
+    }
+
+    /// Waits until the outbox is empty and the agents have taken every assignment from their
+    /// stream (a work queue: what they acknowledged is gone from it).
+    async fn wait_republished_and_consumed(&self) {
+        self.wait_db("the outbox to be published again", |pool| async move {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (left == 0).then_some(())
+        })
+        .await;
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        wait_for("the agents to take every assignment", DEADLINE, || {
+            let js = js.clone();
+            async move {
+                let mut stream = js.get_stream(hodei_messaging::streams::AGENT).await.ok()?;
+                (stream.info().await.ok()?.state.messages == 0).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     async fn wait_services(&mut self, status: u16) {
         for service in [&mut self.gateway, &mut self.scheduler, &mut self.registry] {
             service.wait_readiness(status, DEADLINE).await.unwrap();
@@ -592,6 +663,42 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         ended: submitted.elapsed(),
     });
 
+    // PostgreSQL crashes and loses the relays' last deletions of published rows (they commit
+    // without waiting for the disk), in the same outage as a NATS restart that forgets which
+    // assignments it already stored: every message of the phase is published again, the
+    // assignments of running and of ended attempts among them, and none may run twice.
+    let submitted = Instant::now();
+    cluster.keep_outbox_rows().await;
+    cluster.submit("deletions", PHASE_JOBS, duration_secs).await;
+    cluster.wait_running("deletions", 8, None).await;
+    let stored_before = cluster.agent_stream_last_seq().await;
+    let t = Instant::now();
+    cluster.nats.stop().await;
+    cluster.wait_services(503).await;
+    let lost_assignments = cluster.lose_outbox_deletions().await;
+    assert!(lost_assignments > 0, "no assignment's deletion to lose");
+    cluster.nats.restart().await.unwrap();
+    cluster.wait_services(200).await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("deletions").await;
+    cluster.wait_republished_and_consumed().await;
+    let stored = cluster.agent_stream_last_seq().await - stored_before;
+    assert!(
+        stored >= lost_assignments,
+        "the lost assignments' rows were not published again: {stored} stored since, \
+         {lost_assignments} lost"
+    );
+    eprintln!(
+        "chaos deletions: {lost_assignments} assignments' deletions lost, {stored} assignments \
+         stored again or new after the restart"
+    );
+    phases.push(Phase {
+        name: "deletions",
+        kills_jobs_on: None,
+        fault,
+        ended: submitted.elapsed(),
+    });
+
     // An agent dies with jobs running and comes back under the same worker id: its jobs die
     // with it and run again, once.
     let submitted = Instant::now();
@@ -646,7 +753,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let ledger = read_ledger(&cluster.ledger());
     let record = cluster.jobs_of_record().await;
     let logs = cluster.logs();
-    assert_eq!(record.len(), 6 * PHASE_JOBS + 12, "{record:?}");
+    assert_eq!(record.len(), 7 * PHASE_JOBS + 12, "{record:?}");
     for (name, job) in &record {
         let runs = ledger.get(name);
         let Some(Runs {
