@@ -54,6 +54,10 @@ enum Scenario {
         /// Concurrent grpc clients (default 64; 16 with --quick).
         #[arg(long)]
         clients: Option<usize>,
+        /// Jobs per call: 1 submits each with SubmitJob, more submits them together with
+        /// SubmitJobs (default 1).
+        #[arg(long)]
+        batch: Option<usize>,
         /// Simulated agents (default 1,000; 100 with --quick).
         #[arg(long)]
         agents: Option<usize>,
@@ -134,6 +138,10 @@ enum Scenario {
         /// Concurrent grpc clients (default 16).
         #[arg(long)]
         clients: Option<usize>,
+        /// Jobs per call: 1 submits each with SubmitJob, more submits them together with
+        /// SubmitJobs (default 1).
+        #[arg(long)]
+        batch: Option<usize>,
         /// Agent processes (default 4).
         #[arg(long)]
         agents: Option<usize>,
@@ -202,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Throughput {
                 jobs: None,
                 clients: None,
+                batch: None,
                 agents: None,
             },
             Scenario::Latency {
@@ -232,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::RealAgents {
                 jobs: None,
                 clients: None,
+                batch: None,
                 agents: None,
                 slots: None,
                 work_dir: None,
@@ -329,11 +339,13 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
         Scenario::Throughput {
             jobs,
             clients,
+            batch,
             agents,
         } => {
             system::throughput(system::ThroughputParams {
                 jobs: size(jobs, quick, 10_000, 1_000),
                 clients: size(clients, quick, 64, 16),
+                batch: size(batch, quick, 1, 1),
                 agents: size(agents, quick, 1_000, 100),
                 timeout: Duration::from_secs(if quick { 60 } else { 900 }),
                 reference_messages: if quick { 5_000 } else { 50_000 },
@@ -430,6 +442,7 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
         Scenario::RealAgents {
             jobs,
             clients,
+            batch,
             agents,
             slots,
             work_dir,
@@ -440,6 +453,7 @@ async fn run(scenario: Scenario, quick: bool) -> anyhow::Result<Outcome> {
                 work_dir,
                 jobs: size(jobs, quick, 2_000, 200),
                 clients: size(clients, quick, 16, 16),
+                batch: size(batch, quick, 1, 1),
                 agents: size(agents, quick, 4, 4),
                 slots: size(slots, quick, 16, 16),
                 ready_within: Duration::from_secs(30),

@@ -35,6 +35,8 @@ pub struct RealAgentsParams {
     pub work_dir: Option<PathBuf>,
     pub jobs: usize,
     pub clients: usize,
+    /// Jobs per submission call (1: SubmitJob; more: SubmitJobs).
+    pub batch: usize,
     pub agents: usize,
     /// Slots (`--max-concurrent-jobs`) of each agent.
     pub slots: u32,
@@ -73,7 +75,7 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
     let mut out = result?;
     out.note(format!(
         "real-agents: {} jobs running `true` (exec, default resources: none requested), {} grpc \
-         clients (one http/2 channel each), {} {} processes x {} slots (heartbeat every \
+         clients (one http/2 channel each), {} a call, {} {} processes x {} slots (heartbeat every \
          {HEARTBEAT_MS} ms, each its own work dir in {}, default logging to a file) against the \
          system of `throughput`; completion counted in postgres (every 20 ms near the end); latencies from \
          each job's created_at (gateway) to its first attempt's started_at/finished_at; agent \
@@ -82,6 +84,7 @@ pub async fn real_agents(p: RealAgentsParams) -> anyhow::Result<Outcome> {
          each waiting for its process to exit",
         p.jobs,
         p.clients,
+        system::calls(p.batch),
         p.agents,
         binary.display(),
         p.slots,
@@ -326,7 +329,7 @@ async fn measure(
     let pids: Vec<u32> = agents.iter().map(|a| a.pid).collect();
     let cpu = GroupMeter::start(&pids);
     let started = Instant::now();
-    let refused = system::submit_all(clients, p.jobs).await?;
+    let refused = system::submit_all(clients, p.jobs, p.batch).await?;
     let submitted = started.elapsed();
     let finished = system::wait_count(
         pool,

@@ -185,14 +185,19 @@ pub(crate) async fn admin_client(
 pub(crate) async fn submit_all(
     clients: Vec<JobServiceClient<AuthChannel>>,
     jobs: usize,
+    batch: usize,
 ) -> anyhow::Result<u64> {
     let mut submitters = JoinSet::new();
     let n_clients = clients.len();
     for (c, mut client) in clients.into_iter().enumerate() {
         submitters.spawn(async move {
             let mut refused = 0;
-            for i in (c..jobs).step_by(n_clients) {
-                refused += submit(&mut client, i).await?;
+            let mine: Vec<usize> = (c..jobs).step_by(n_clients).collect();
+            for calls in mine.chunks(batch.max(1)) {
+                refused += match calls {
+                    [i] => submit(&mut client, *i).await?,
+                    many => submit_many(&mut client, many).await?,
+                };
             }
             anyhow::Ok(refused)
         });
@@ -258,10 +263,44 @@ async fn submit(client: &mut JobServiceClient<AuthChannel>, i: usize) -> anyhow:
     }
 }
 
+/// How jobs are submitted, for the notes: `1 job (SubmitJob)` or `100 jobs (SubmitJobs)`.
+pub(crate) fn calls(batch: usize) -> String {
+    if batch > 1 {
+        format!("{batch} jobs (SubmitJobs)")
+    } else {
+        "1 job (SubmitJob)".to_owned()
+    }
+}
+
+/// Submits jobs `indices` in one SubmitJobs call, retrying while the gateway answers
+/// RESOURCE_EXHAUSTED. Returns how many times it was refused.
+async fn submit_many(
+    client: &mut JobServiceClient<AuthChannel>,
+    indices: &[usize],
+) -> anyhow::Result<u64> {
+    let mut refused = 0;
+    loop {
+        let request = pb::SubmitJobsRequest {
+            specs: indices.iter().map(|i| noop_spec(*i)).collect(),
+            tenant: String::new(),
+        };
+        match client.submit_jobs(request).await {
+            Ok(_) => return Ok(refused),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && refused < 1_000 => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => anyhow::bail!("submit refused: {status}"),
+        }
+    }
+}
+
 /// Parameters of `throughput`.
 pub struct ThroughputParams {
     pub jobs: usize,
     pub clients: usize,
+    /// Jobs per submission call (1: SubmitJob; more: SubmitJobs).
+    pub batch: usize,
     pub agents: usize,
     pub timeout: Duration,
     pub reference_messages: usize,
@@ -275,10 +314,10 @@ pub async fn throughput(p: ThroughputParams) -> anyhow::Result<Outcome> {
     bench.stop().await;
     let mut out = result?;
     out.note(format!(
-        "throughput: {} no-op jobs, {} grpc clients (one http/2 channel each), {} simulated \
-         agents x {SIM_SLOTS} slots beating every {SIM_HEARTBEAT_MS} ms (spread evenly over it); completion counted in postgres \
+        "throughput: {} no-op jobs, {} grpc clients (one http/2 channel each), {} a call, {} \
+         simulated agents x {SIM_SLOTS} slots beating every {SIM_HEARTBEAT_MS} ms (spread evenly over it); completion counted in postgres \
          (every 20 ms near the end)",
-        p.jobs, p.clients, p.agents
+        p.jobs, p.clients, calls(p.batch), p.agents
     ));
     Ok(out)
 }
@@ -289,7 +328,7 @@ async fn throughput_on(bench: &Bench, p: &ThroughputParams) -> anyhow::Result<Ou
     let clients =
         connect_clients(bench.system.grpc_addr, &bench.system.admin_token, p.clients).await?;
     let started = Instant::now();
-    let refused = submit_all(clients, p.jobs).await?;
+    let refused = submit_all(clients, p.jobs, p.batch).await?;
     let submitted = started.elapsed();
     let wanted = i64::try_from(p.jobs).unwrap_or(i64::MAX);
     let finished = wait_count(

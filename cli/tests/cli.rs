@@ -105,6 +105,21 @@ impl JobService for FakeJobs {
         }))
     }
 
+    async fn submit_jobs(
+        &self,
+        request: Request<pb::SubmitJobsRequest>,
+    ) -> Result<Response<pb::SubmitJobsResponse>, Status> {
+        let mut results = Vec::new();
+        for spec in request.into_inner().specs {
+            let one = pb::SubmitJobRequest {
+                spec: Some(spec),
+                tenant: String::new(),
+            };
+            results.push(self.submit_job(Request::new(one)).await?.into_inner());
+        }
+        Ok(Response::new(pb::SubmitJobsResponse { results }))
+    }
+
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,

@@ -113,6 +113,25 @@ pub async fn submit_jobs(
     pool: &PgPool,
     submissions: &[Submission],
 ) -> Result<Vec<Recorded>, StorageError> {
+    submit(pool, submissions, false).await
+}
+
+/// [`submit_jobs`] for the jobs of one request, recorded all together or not at all: if the
+/// queue quota of a tenant would refuse any of them, none is recorded and each is answered
+/// `OverQuota` with the reason of the first refused. Jobs whose idempotency key their tenant
+/// used already are answered `Existing`, the others recorded.
+pub async fn submit_jobs_together(
+    pool: &PgPool,
+    submissions: &[Submission],
+) -> Result<Vec<Recorded>, StorageError> {
+    submit(pool, submissions, true).await
+}
+
+async fn submit(
+    pool: &PgPool,
+    submissions: &[Submission],
+    together: bool,
+) -> Result<Vec<Recorded>, StorageError> {
     // Most tenants set no queue quota: a batch whose tenants have none is one statement.
     let all: Vec<jobs::NewJob<'_>> = submissions.iter().map(Submission::new_job).collect();
     let unlimited = jobs::insert_many_unless_queue_quota(&mut *pool.acquire().await?, &all).await?;
@@ -121,6 +140,10 @@ pub async fn submit_jobs(
         None => {
             let mut tx = pool.begin().await?;
             let refused = queue_quota_holds(&mut tx, submissions).await?;
+            if together && let Some(reason) = refused.iter().flatten().next() {
+                // Dropping the transaction rolls it back and frees the policies' locks.
+                return Ok(vec![Recorded::OverQuota(reason.clone()); submissions.len()]);
+            }
             let let_in: Vec<jobs::NewJob<'_>> = submissions
                 .iter()
                 .zip(&refused)

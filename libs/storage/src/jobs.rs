@@ -242,6 +242,31 @@ pub async fn find_by_idempotency_key(
     row.as_ref().map(decode).transpose()
 }
 
+/// The jobs a tenant submitted with any of `keys`, by key.
+pub async fn find_by_idempotency_keys(
+    pool: &PgPool,
+    tenant: &TenantId,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, Job>, StorageError> {
+    if keys.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = ANY($2)");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant.as_str())
+        .bind(keys)
+        .fetch_all(pool)
+        .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let job = decode(row)?;
+        if let Some(key) = job.spec().idempotency_key.clone() {
+            found.insert(key, job);
+        }
+    }
+    Ok(found)
+}
+
 /// The trace context stored with each of `ids` at submission (see [`insert`]);
 /// jobs without one, or unknown, are absent from the answer.
 pub async fn trace_contexts(

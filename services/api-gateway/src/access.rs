@@ -281,6 +281,13 @@ pub fn named_tenant(who: &Principal, field: &str) -> TenantId {
         .unwrap_or_else(|| who.tenant.clone())
 }
 
+/// The tenant a submission's `tenant` field names, once `who` may submit for it: its own
+/// when the field is empty, another only for an admin.
+pub fn submitting_for(who: &Principal, field: &str) -> Result<TenantId, ApiError> {
+    who.authorize(Action::Submit)?;
+    Ok(who.acting_for(request::optional_tenant(field)?)?)
+}
+
 fn token_to_wire(t: &TokenRecord) -> pb::ApiToken {
     pb::ApiToken {
         id: t.id.to_string(),

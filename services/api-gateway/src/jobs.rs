@@ -11,7 +11,7 @@ use hodei_messaging::{LogBatch, LogStreamKind, Outgoing, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_server::JobService;
 use hodei_runtime::Backends;
-use hodei_storage::driver::{self, JobSubmitted, Submission};
+use hodei_storage::driver::{self, JobSubmitted, Recorded, Submission};
 use hodei_storage::jobs::{self, JobFilter};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,6 +33,10 @@ use crate::watch::{self, STREAM_POLL};
 
 /// The audit log's name of a submission.
 const SUBMIT_JOB: &str = "SubmitJob";
+/// The audit log's name of a submission of several jobs.
+const SUBMIT_JOBS: &str = "SubmitJobs";
+/// Most jobs one `SubmitJobs` call records.
+pub const MAX_SUBMIT_BATCH: usize = 1000;
 
 pub struct JobApi {
     backends: Backends,
@@ -81,12 +85,7 @@ impl JobApi {
         who: &Principal,
         req: pb::SubmitJobRequest,
     ) -> Result<(pb::SubmitJobResponse, bool), Status> {
-        who.authorize(Action::Submit)
-            .map_err(ApiError::from)
-            .into_status()?;
-        let tenant = request::optional_tenant(&req.tenant)
-            .and_then(|named| Ok(who.acting_for(named)?))
-            .into_status()?;
+        let tenant = access::submitting_for(who, &req.tenant).into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let spec = JobSpec::try_from(JobSpecDraft::from(wire)).into_status()?;
         request::client_idempotency_key(spec.idempotency_key.as_deref(), "jobs").into_status()?;
@@ -161,6 +160,141 @@ impl JobApi {
         ))
     }
 
+    /// Submits every job of `req` in one transaction, or none; true with the answer when any
+    /// was created (the audit entries of those committed with them).
+    async fn submit_many(
+        &self,
+        who: &Principal,
+        req: pb::SubmitJobsRequest,
+    ) -> Result<(pb::SubmitJobsResponse, bool), Status> {
+        let tenant = access::submitting_for(who, &req.tenant).into_status()?;
+        let count = match req.specs.len() {
+            0 => Err(ApiError::field("specs", "at least one job is required")),
+            n if n > MAX_SUBMIT_BATCH => Err(ApiError::field(
+                "specs",
+                format!("{n} jobs, more than the {MAX_SUBMIT_BATCH} one call may submit"),
+            )),
+            n => Ok(n),
+        }
+        .into_status()?;
+        let limits = TransportLimits::new(self.backends.nats.max_payload());
+        let mut specs = Vec::with_capacity(count);
+        let mut keys: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for (i, wire) in req.specs.into_iter().enumerate() {
+            let spec = JobSpec::try_from(JobSpecDraft::from(wire))
+                .map_err(ApiError::from)
+                .and_then(|spec| {
+                    request::client_idempotency_key(spec.idempotency_key.as_deref(), "jobs")?;
+                    Ok(spec)
+                })
+                .map_err(|e| within(i, e))
+                .into_status()?;
+            if let Some(key) = spec.idempotency_key.as_deref()
+                && let Some(first) = keys.insert(key.to_owned(), i)
+            {
+                return Err(ApiError::field(
+                    format!("specs[{i}].idempotency_key"),
+                    format!("the same key as specs[{first}]: each job of a call needs its own"),
+                ))
+                .into_status();
+            }
+            let spec = self.secrets.seal_job(spec).into_status()?;
+            limits
+                .check_job(&format!("specs[{i}]."), &spec)
+                .into_status()?;
+            specs.push(spec);
+        }
+        // A call retried after a lost answer is answered even when the queue is full.
+        if keys.len() == count {
+            let keys: Vec<&str> = keys.keys().map(String::as_str).collect();
+            let existing = self
+                .backends
+                .db(|| jobs::find_by_idempotency_keys(&self.backends.pool, &tenant, &keys))
+                .await
+                .into_status()?;
+            if existing.len() == count {
+                let results = specs
+                    .iter()
+                    .filter_map(|spec| existing.get(spec.idempotency_key.as_deref()?))
+                    .map(|job| pb::SubmitJobResponse {
+                        job: Some(job.into()),
+                        created: false,
+                    })
+                    .collect();
+                return Ok((pb::SubmitJobsResponse { results }, false));
+            }
+        }
+        let n = u32::try_from(count)
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+            .ok_or_else(|| ApiError::field("specs", "at least one job is required"))
+            .into_status()?;
+        self.quotas.submit_many(&tenant, n).into_status()?;
+        if let Err(refused) = self.admission.check() {
+            self.backends.metrics.submissions_refused.inc();
+            return Err(refused.into());
+        }
+        let now = Utc::now();
+        let trace = hodei_messaging::trace::current();
+        let mut submissions = Vec::with_capacity(count);
+        for (i, spec) in specs.into_iter().enumerate() {
+            let (job, event) = Job::submit(JobId::new(), tenant.clone(), spec, now);
+            let messages = Outgoing::job_submitted(&job, &event, SOURCE).into_status()?;
+            limits
+                .check_messages(&format!("specs[{i}]"), &messages)
+                .into_status()?;
+            let audit = access::entry(
+                who,
+                job.tenant(),
+                SUBMIT_JOBS,
+                &format!("job {}", job.id()),
+                &Ok::<(), Status>(()),
+            );
+            submissions.push(Submission {
+                job,
+                event,
+                messages: messages.into(),
+                trace: trace.clone(),
+                audit: Some(audit),
+            });
+        }
+        let recorded = self
+            .backends
+            .db(|| driver::submit_jobs_together(&self.backends.pool, &submissions))
+            .await
+            .into_status()?;
+        if let Some(Recorded::OverQuota(reason)) = recorded.first() {
+            return Err(ApiError::Exhausted(format!(
+                "none of the {count} jobs was recorded: {reason}"
+            )))
+            .into_status();
+        }
+        let mut created = 0;
+        let mut committed = Vec::new();
+        let mut results = Vec::with_capacity(count);
+        for (mut submission, recorded) in submissions.into_iter().zip(recorded) {
+            let (job, new) = match recorded {
+                Recorded::New => {
+                    committed.append(&mut submission.messages);
+                    (submission.job, true)
+                }
+                Recorded::Existing(existing) => (*existing, false),
+                Recorded::OverQuota(reason) => {
+                    return Err(ApiError::Exhausted(reason)).into_status();
+                }
+            };
+            created += usize::from(new);
+            results.push(pb::SubmitJobResponse {
+                job: Some((&job).into()),
+                created: new,
+            });
+        }
+        self.backends.relay.hand_over(committed);
+        self.backends.metrics.jobs_submitted.inc_by(created as u64);
+        tracing::info!(tenant = %tenant, jobs = count, created, by = %who.subject, "jobs submitted together");
+        Ok((pb::SubmitJobsResponse { results }, created > 0))
+    }
+
     async fn cancel(
         &self,
         who: &Principal,
@@ -225,6 +359,24 @@ impl JobService for JobApi {
         };
         self.audit
             .answer(&who, &tenant, SUBMIT_JOB, &target, result)
+            .await
+    }
+
+    async fn submit_jobs(
+        &self,
+        request: Request<pb::SubmitJobsRequest>,
+    ) -> Result<Response<pb::SubmitJobsResponse>, Status> {
+        let who = caller(&request).into_status()?;
+        let req = request.into_inner();
+        let tenant = access::named_tenant(&who, &req.tenant);
+        let result = match self.submit_many(&who, req).await {
+            // Created: the new jobs' audit entries were committed with them.
+            Ok((answer, true)) => return Ok(Response::new(answer)),
+            Ok((answer, false)) => Ok(answer),
+            Err(status) => Err(status),
+        };
+        self.audit
+            .answer(&who, &tenant, SUBMIT_JOBS, "jobs", result)
             .await
     }
 
@@ -562,4 +714,26 @@ async fn last_log_sequence(
         }
     }
     last
+}
+
+/// `error` about the job at `index` of a `SubmitJobs` call, its fields named under
+/// `specs[index].` (a single submission's are named under `spec.`, or bare).
+fn within(index: usize, error: ApiError) -> ApiError {
+    let name = |field: &str| {
+        let field = field.strip_prefix("spec.").unwrap_or(field);
+        format!("specs[{index}].{field}")
+    };
+    match error {
+        ApiError::Field { field, reason } => ApiError::Field {
+            field: name(&field),
+            reason,
+        },
+        ApiError::Invalid(mut errors) => {
+            for e in &mut errors.0 {
+                e.field = name(&e.field);
+            }
+            ApiError::Invalid(errors)
+        }
+        other => other,
+    }
 }

@@ -116,12 +116,7 @@ impl PipelineApi {
         who: &Principal,
         req: pb::SubmitPipelineRequest,
     ) -> Result<pb::SubmitPipelineResponse, Status> {
-        who.authorize(Action::Submit)
-            .map_err(ApiError::from)
-            .into_status()?;
-        let tenant = request::optional_tenant(&req.tenant)
-            .and_then(|named| Ok(who.acting_for(named)?))
-            .into_status()?;
+        let tenant = access::submitting_for(who, &req.tenant).into_status()?;
         let wire = request::required("spec", req.spec).into_status()?;
         let draft = hodei_proto::pipeline_spec_from_wire(wire).into_status()?;
         let spec = PipelineSpec::try_from(draft).into_status()?;

@@ -40,15 +40,29 @@ impl Quotas {
 
     /// Takes one submission from `tenant`'s bucket, or says when the next one is allowed.
     pub fn submit(&self, tenant: &TenantId) -> Result<(), ApiError> {
-        self.submissions.check_key(tenant).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            ApiError::Exhausted(format!(
-                "tenant {tenant} submits more than {} a second (bursts of {}); retry in {} ms",
-                self.rate,
-                self.burst,
-                wait.as_millis().max(1)
-            ))
-        })
+        self.submit_many(tenant, NonZeroU32::MIN)
+    }
+
+    /// Takes `n` submissions (the jobs of one call) from `tenant`'s bucket at once, or says
+    /// when they are allowed; more than a burst never are.
+    pub fn submit_many(&self, tenant: &TenantId, n: NonZeroU32) -> Result<(), ApiError> {
+        match self.submissions.check_key_n(tenant, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(ApiError::Exhausted(format!(
+                    "tenant {tenant} submits more than {} a second (bursts of {}); retry in {} ms",
+                    self.rate,
+                    self.burst,
+                    wait.as_millis().max(1)
+                )))
+            }
+            Err(_) => Err(ApiError::Exhausted(format!(
+                "{n} jobs in one call are more than tenant {tenant}'s burst of {} submissions; \
+                 submit them in smaller calls",
+                self.burst
+            ))),
+        }
     }
 
     /// Opens one of `tenant`'s streams; it is closed when the permit is dropped.
