@@ -140,9 +140,10 @@ async fn submit(
         None => {
             let mut tx = pool.begin().await?;
             let refused = queue_quota_holds(&mut tx, submissions).await?;
-            if together && let Some(reason) = refused.iter().flatten().next() {
-                // Dropping the transaction rolls it back and frees the policies' locks.
-                return Ok(vec![Recorded::OverQuota(reason.clone()); submissions.len()]);
+            if together && let Some(reason) = refused.iter().flatten().next().cloned() {
+                // Rolled back now, so that the policies' locks go with the answer.
+                tx.rollback().await?;
+                return Ok(vec![Recorded::OverQuota(reason); submissions.len()]);
             }
             let let_in: Vec<jobs::NewJob<'_>> = submissions
                 .iter()

@@ -45,10 +45,20 @@ impl Admission {
 
     /// Ok while the queue has room; RESOURCE_EXHAUSTED when it is full.
     pub fn check(&self) -> Result<(), ApiError> {
+        self.check_room(1)
+    }
+
+    /// Ok while the queue has room for `jobs` more; RESOURCE_EXHAUSTED otherwise.
+    pub fn check_room(&self, jobs: u64) -> Result<(), ApiError> {
         let queued = self.queued.load(Ordering::Relaxed);
-        if queued >= self.limit {
+        if queued.saturating_add(jobs) > self.limit {
+            let more = if jobs > 1 {
+                format!(", {jobs} more would pass it")
+            } else {
+                String::new()
+            };
             return Err(ApiError::Exhausted(format!(
-                "queue is full: {queued} jobs queued (limit {}), retry later",
+                "queue is full: {queued} jobs queued (limit {}){more}, retry later",
                 self.limit
             )));
         }

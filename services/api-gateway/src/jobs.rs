@@ -1,6 +1,7 @@
 //! `hodei.v1.JobService`: submit, get, list, cancel, watch and logs.
 
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -160,8 +161,10 @@ impl JobApi {
         ))
     }
 
-    /// Submits every job of `req` in one transaction, or none; true with the answer when any
-    /// was created (the audit entries of those committed with them).
+    /// Submits every new job of `req` in one transaction, or none; true with the answer when
+    /// any was created (the audit entries of those committed with them). Jobs whose
+    /// idempotency key the tenant used already are answered as recorded, and neither charged
+    /// to the tenant nor counted against its queue.
     async fn submit_many(
         &self,
         who: &Principal,
@@ -179,12 +182,14 @@ impl JobApi {
         .into_status()?;
         let limits = TransportLimits::new(self.backends.nats.max_payload());
         let mut specs = Vec::with_capacity(count);
-        let mut keys: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut keys: HashMap<String, usize> = HashMap::new();
         for (i, wire) in req.specs.into_iter().enumerate() {
             let spec = JobSpec::try_from(JobSpecDraft::from(wire))
                 .map_err(ApiError::from)
                 .and_then(|spec| {
                     request::client_idempotency_key(spec.idempotency_key.as_deref(), "jobs")?;
+                    let spec = self.secrets.seal_job(spec)?;
+                    limits.check_job("spec.", &spec)?;
                     Ok(spec)
                 })
                 .map_err(|e| within(i, e))
@@ -198,46 +203,32 @@ impl JobApi {
                 ))
                 .into_status();
             }
-            let spec = self.secrets.seal_job(spec).into_status()?;
-            limits
-                .check_job(&format!("specs[{i}]."), &spec)
-                .into_status()?;
             specs.push(spec);
         }
-        // A call retried after a lost answer is answered even when the queue is full.
-        if keys.len() == count {
+        // Jobs a retried call recorded already are answered as they are, even when the queue
+        // is full.
+        let existing = if keys.is_empty() {
+            HashMap::new()
+        } else {
             let keys: Vec<&str> = keys.keys().map(String::as_str).collect();
-            let existing = self
-                .backends
+            self.backends
                 .db(|| jobs::find_by_idempotency_keys(&self.backends.pool, &tenant, &keys))
                 .await
-                .into_status()?;
-            if existing.len() == count {
-                let results = specs
-                    .iter()
-                    .filter_map(|spec| existing.get(spec.idempotency_key.as_deref()?))
-                    .map(|job| pb::SubmitJobResponse {
-                        job: Some(job.into()),
-                        created: false,
-                    })
-                    .collect();
-                return Ok((pb::SubmitJobsResponse { results }, false));
-            }
-        }
-        let n = u32::try_from(count)
-            .ok()
-            .and_then(std::num::NonZeroU32::new)
-            .ok_or_else(|| ApiError::field("specs", "at least one job is required"))
-            .into_status()?;
-        self.quotas.submit_many(&tenant, n).into_status()?;
-        if let Err(refused) = self.admission.check() {
-            self.backends.metrics.submissions_refused.inc();
-            return Err(refused.into());
-        }
+                .into_status()?
+        };
         let now = Utc::now();
         let trace = hodei_messaging::trace::current();
-        let mut submissions = Vec::with_capacity(count);
+        let mut answers: Vec<Answer> = Vec::with_capacity(count);
+        let mut submissions = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
+            if let Some(job) = spec
+                .idempotency_key
+                .as_deref()
+                .and_then(|key| existing.get(key))
+            {
+                answers.push(Answer::Known(job.into()));
+                continue;
+            }
             let (job, event) = Job::submit(JobId::new(), tenant.clone(), spec, now);
             let messages = Outgoing::job_submitted(&job, &event, SOURCE).into_status()?;
             limits
@@ -250,6 +241,7 @@ impl JobApi {
                 &format!("job {}", job.id()),
                 &Ok::<(), Status>(()),
             );
+            answers.push(Answer::Fresh(submissions.len(), (&job).into()));
             submissions.push(Submission {
                 job,
                 event,
@@ -258,6 +250,19 @@ impl JobApi {
                 audit: Some(audit),
             });
         }
+        answer_fits(&answers).into_status()?;
+        let Some(fresh) = u32::try_from(submissions.len())
+            .ok()
+            .and_then(std::num::NonZeroU32::new)
+        else {
+            let results = answers.into_iter().map(Answer::known).collect();
+            return Ok((pb::SubmitJobsResponse { results }, false));
+        };
+        self.quotas.submit_many(&tenant, fresh).into_status()?;
+        if let Err(refused) = self.admission.check_room(u64::from(fresh.get())) {
+            self.backends.metrics.submissions_refused.inc();
+            return Err(refused.into());
+        }
         let recorded = self
             .backends
             .db(|| driver::submit_jobs_together(&self.backends.pool, &submissions))
@@ -265,33 +270,49 @@ impl JobApi {
             .into_status()?;
         if let Some(Recorded::OverQuota(reason)) = recorded.first() {
             return Err(ApiError::Exhausted(format!(
-                "none of the {count} jobs was recorded: {reason}"
+                "none of the {fresh} new jobs was recorded: {reason}"
             )))
             .into_status();
         }
         let mut created = 0;
         let mut committed = Vec::new();
-        let mut results = Vec::with_capacity(count);
-        for (mut submission, recorded) in submissions.into_iter().zip(recorded) {
-            let (job, new) = match recorded {
+        let mut outcomes = Vec::with_capacity(recorded.len());
+        for (submission, recorded) in submissions.iter_mut().zip(recorded) {
+            outcomes.push(match recorded {
                 Recorded::New => {
+                    created += 1;
                     committed.append(&mut submission.messages);
-                    (submission.job, true)
+                    None
                 }
-                Recorded::Existing(existing) => (*existing, false),
+                Recorded::Existing(job) => Some(pb::Job::from(job.as_ref())),
                 Recorded::OverQuota(reason) => {
                     return Err(ApiError::Exhausted(reason)).into_status();
                 }
-            };
-            created += usize::from(new);
-            results.push(pb::SubmitJobResponse {
-                job: Some((&job).into()),
-                created: new,
             });
         }
         self.backends.relay.hand_over(committed);
-        self.backends.metrics.jobs_submitted.inc_by(created as u64);
+        self.backends.metrics.jobs_submitted.inc_by(created);
         tracing::info!(tenant = %tenant, jobs = count, created, by = %who.subject, "jobs submitted together");
+        let results = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Answer::Known(job) => pb::SubmitJobResponse {
+                    job: Some(job),
+                    created: false,
+                },
+                Answer::Fresh(at, job) => match outcomes.get_mut(at).and_then(Option::take) {
+                    // Recorded meanwhile by a concurrent call with the same key.
+                    Some(found) => pb::SubmitJobResponse {
+                        job: Some(found),
+                        created: false,
+                    },
+                    None => pb::SubmitJobResponse {
+                        job: Some(job),
+                        created: true,
+                    },
+                },
+            })
+            .collect();
         Ok((pb::SubmitJobsResponse { results }, created > 0))
     }
 
@@ -714,6 +735,51 @@ async fn last_log_sequence(
         }
     }
     last
+}
+
+/// Most bytes a `SubmitJobs` answer may take: what a gRPC client decodes by default (tonic's,
+/// grpc-go's and grpcurl's limit), so that no call is recorded whose answer its caller could
+/// not read.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a `SubmitJobs` call answers for one spec: a job its key recorded earlier, or the new
+/// job (by its place among the call's submissions) as it will be answered once recorded.
+enum Answer {
+    Known(pb::Job),
+    Fresh(usize, pb::Job),
+}
+
+impl Answer {
+    fn known(self) -> pb::SubmitJobResponse {
+        let (Answer::Known(job) | Answer::Fresh(_, job)) = self;
+        pb::SubmitJobResponse {
+            job: Some(job),
+            created: false,
+        }
+    }
+}
+
+/// Refuses a call whose answer would be larger than its caller reads by default.
+fn answer_fits(answers: &[Answer]) -> Result<(), ApiError> {
+    use prost::Message as _;
+    let size: usize = answers
+        .iter()
+        .map(|answer| {
+            let (Answer::Known(job) | Answer::Fresh(_, job)) = answer;
+            // The job, the `created` flag and each message's tag and length.
+            job.encoded_len() + 16
+        })
+        .sum();
+    if size > MAX_ANSWER_BYTES {
+        return Err(ApiError::field(
+            "specs",
+            format!(
+                "the answer would be about {size} bytes, more than the {MAX_ANSWER_BYTES} a \
+                 gRPC client reads by default; submit these jobs in smaller calls"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `error` about the job at `index` of a `SubmitJobs` call, its fields named under

@@ -232,7 +232,7 @@ async fn a_batch_with_one_bad_spec_or_past_a_quota_records_nothing() {
     assert!(
         refused
             .message()
-            .starts_with("none of the 4 jobs was recorded: ")
+            .starts_with("none of the 4 new jobs was recorded: ")
             && refused.message().contains("max_queued_jobs"),
         "{}",
         refused.message()
