@@ -134,6 +134,23 @@ Examples:
   generate-job | hodei run -f - --label team=ci")]
     Run(JobArgs),
 
+    /// Submit every job of a file in one call, all of them or none, and print their ids in the
+    /// file's order.
+    ///
+    /// The file is a YAML or JSON list of jobs, each as `submit -f` reads one (up to 1,000).
+    /// Nothing is submitted when any job is invalid; each invalid field is named by the job's
+    /// place in the list (`jobs.yaml: [2].name: ...`).
+    #[command(after_help = "\
+Examples:
+  hodei submit-many -f examples/jobs/many.yaml
+  generate-jobs | hodei submit-many -f -
+  hodei --output json submit-many -f jobs.json")]
+    SubmitMany {
+        /// The list of jobs; `-` reads it from stdin.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: String,
+    },
+
     /// Show one job: its state, outcome and attempts; with --at, as it stood then.
     #[command(after_help = "\
 Examples:

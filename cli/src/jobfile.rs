@@ -109,6 +109,21 @@ impl Document for PipelineSpecDraft {
     }
 }
 
+impl Document for Vec<JobSpecDraft> {
+    const WHAT: &'static str = "list of jobs";
+    const REQUIRED: &'static str = "one job with `name` and `command`";
+
+    fn commands(document: &Value) -> Vec<(String, &Value)> {
+        let Some(jobs) = document.as_sequence() else {
+            return Vec::new();
+        };
+        jobs.iter()
+            .enumerate()
+            .filter_map(|(i, job)| Some((format!("[{i}]"), job.get("command")?)))
+            .collect()
+    }
+}
+
 /// Reads and parses the job or pipeline file at `path`, or stdin for `-`.
 pub fn load<D: Document>(path: &str) -> anyhow::Result<D> {
     let text = if path == STDIN {
@@ -484,9 +499,20 @@ steps:
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.to_str().unwrap();
-            let draft: JobSpecDraft = load(name).unwrap_or_else(|e| panic!("{e:#}"));
-            if let Err(e) = JobSpec::try_from(draft) {
-                panic!("{name}: {e}");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let listed = serde_yaml_ng::from_str::<Value>(&text)
+                .unwrap()
+                .is_sequence();
+            // A list is for `submit-many`, anything else for `submit -f`.
+            let drafts: Vec<JobSpecDraft> = if listed {
+                load(name).unwrap_or_else(|e| panic!("{e:#}"))
+            } else {
+                vec![load(name).unwrap_or_else(|e| panic!("{e:#}"))]
+            };
+            for draft in drafts {
+                if let Err(e) = JobSpec::try_from(draft) {
+                    panic!("{name}: {e}");
+                }
             }
             seen += 1;
         }

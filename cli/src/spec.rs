@@ -57,6 +57,32 @@ impl fmt::Display for InvalidSpec {
 
 impl std::error::Error for InvalidSpec {}
 
+/// The jobs of the list at `path` (`-` for stdin), validated, in wire form; an invalid field
+/// is named by its job's place in the list (`[2].name`).
+pub fn specs_from_list(path: &str) -> anyhow::Result<Vec<pb::JobSpec>> {
+    let drafts: Vec<JobSpecDraft> = jobfile::load(path)?;
+    let source = jobfile::display_name(path);
+    if drafts.is_empty() {
+        anyhow::bail!("{source}: the list has no job; it needs at least one");
+    }
+    let mut errors = Vec::new();
+    let mut specs = Vec::with_capacity(drafts.len());
+    for (i, draft) in drafts.into_iter().enumerate() {
+        match JobSpec::try_from(draft) {
+            Ok(spec) => specs.push(to_wire(&spec)),
+            Err(invalid) => errors.extend(invalid.0.into_iter().map(|mut e| {
+                e.field = format!("[{i}].{}", e.field);
+                e
+            })),
+        }
+    }
+    if errors.is_empty() {
+        Ok(specs)
+    } else {
+        Err(InvalidSpec { source, errors }.into())
+    }
+}
+
 impl JobArgs {
     /// The spec to submit: the job file with the options applied over it when `-f` is given,
     /// the options alone otherwise.

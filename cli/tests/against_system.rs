@@ -541,3 +541,61 @@ async fn tenant_policies_are_set_shown_and_reset_from_the_cli() {
     );
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_many_submits_a_list_together_or_nothing() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "cli-many-agent",
+        labels: "",
+        slots: 3,
+    }])
+    .await
+    .unwrap();
+    let server = Target::of(&system);
+
+    let out = hodei(&server, &["submit-many", "-f", &example("many.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ids: Vec<&str> = stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{stdout}");
+    for (i, id) in ids.iter().enumerate() {
+        let job = system
+            .wait_terminal(id, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(job.spec.as_ref().unwrap().name, format!("shard-{}", i + 1));
+        assert_eq!(
+            job.state(),
+            hodei_proto::v1::JobState::Succeeded,
+            "{:?}",
+            job.attempts
+        );
+    }
+
+    // One invalid entry: nothing is submitted, and the entry is named by its place.
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("bad.yaml");
+    std::fs::write(
+        &list,
+        "- {name: fine, command: {kind: exec, argv: [\"true\"]}}\n\
+         - {name: '', command: {kind: exec, argv: [\"true\"]}}\n",
+    )
+    .unwrap();
+    let out = hodei(&server, &["submit-many", "-f", list.to_str().unwrap()]).await;
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.yaml: [1].name: "), "{stderr}");
+    let listed = system
+        .jobs
+        .clone()
+        .list_jobs(hodei_proto::v1::ListJobsRequest {
+            name_prefix: "fine".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "{:?}", listed.jobs);
+
+    system.stop().await;
+}

@@ -36,6 +36,39 @@ pub async fn submit(
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn submit_many(
+    clients: &mut Clients,
+    file: &str,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let specs = crate::spec::specs_from_list(file)?;
+    let results = clients
+        .jobs
+        .submit_jobs(pb::SubmitJobsRequest {
+            specs,
+            tenant: String::new(),
+        })
+        .await?
+        .into_inner()
+        .results;
+    let mut jobs = Vec::with_capacity(results.len());
+    for result in results {
+        let job = result.job.context("the server answered without a job")?;
+        note_resubmission("job", &job.id, result.created);
+        jobs.push(job);
+    }
+    match format {
+        OutputFormat::Human => {
+            let ids: String = jobs.iter().map(|job| format!("{}\n", job.id)).collect();
+            print_text(&ids)?;
+        }
+        OutputFormat::Json => print_json(&serde_json::Value::Array(
+            jobs.iter().map(json::job).collect(),
+        ))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(
     clients: &mut Clients,
     args: &JobArgs,

@@ -31,6 +31,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Submit(args) => jobs::submit(&mut clients, &args, format).await,
         Command::Run(args) => jobs::run(&mut clients, &args, format).await,
+        Command::SubmitMany { file } => jobs::submit_many(&mut clients, &file, format).await,
         Command::Get { id, at } => jobs::get(&mut clients, id, at, format).await,
         Command::History { id } => jobs::history(&mut clients, id, format).await,
         Command::Events(args) => jobs::events(&mut clients, args, format).await,

@@ -189,7 +189,7 @@ impl Metrics {
         if is(&[Gateway]) {
             r.register(
                 "jobs_submitted",
-                "Jobs accepted by SubmitJob (idempotent resubmissions not counted)",
+                "Jobs accepted by SubmitJob and SubmitJobs (idempotent resubmissions not counted)",
                 self.jobs_submitted.clone(),
             );
             r.register(
