@@ -57,6 +57,9 @@ fn every_scenario_runs_small() {
         "200",
         "--clients",
         "4",
+        // SubmitJobs; the other scenarios submit one job a call.
+        "--batch",
+        "10",
         "--agents",
         "20",
     ]);
