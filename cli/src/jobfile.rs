@@ -171,6 +171,9 @@ pub fn parse<D: Document>(text: &str, format: Format, source: &str) -> Result<D,
                 .location()
                 .map_or((1, 1), |l| (l.line().max(1), l.column().max(1)));
             let message = without_position(&e.to_string(), line, column);
+            // The parser names an item of a top-level list `.[1]`; shown as `[1]`, as a
+            // pipeline's `steps[1]`.
+            let message = message.strip_prefix('.').unwrap_or(&message).to_owned();
             match command_error::<D>(text, &message) {
                 Some((path, message)) => {
                     let (line, column) =
@@ -442,6 +445,34 @@ steps:
         let names: Vec<&str> = draft.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["build", "test"]);
         assert_eq!(draft.steps[1].needs, ["build"]);
+    }
+
+    #[test]
+    fn a_list_of_jobs_names_a_bad_command_by_its_place() {
+        let text = "- name: a\n  command: {kind: exec, argv: [\"true\"]}\n- name: b\n  command:\n    kind: shell\n    argv: [\"true\"]\n";
+        let err = parse::<Vec<JobSpecDraft>>(text, Format::Yaml, "jobs.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("jobs.yaml:5:11: [1].command.kind: unknown variant `shell`"),
+            "{err}"
+        );
+        let err = parse::<Vec<JobSpecDraft>>(
+            &text
+                .replace("shell", "exec")
+                .replace("[\"true\"]\n", "[sleep, 10]\n"),
+            Format::Yaml,
+            "jobs.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("jobs.yaml:4:3: [1].command: invalid type: integer `10`"),
+            "{err}"
+        );
+        let jobs: Vec<JobSpecDraft> =
+            parse(&text.replace("shell", "exec"), Format::Yaml, "jobs.yaml").unwrap();
+        assert_eq!(jobs.len(), 2);
     }
 
     #[test]

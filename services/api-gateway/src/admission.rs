@@ -50,6 +50,12 @@ impl Admission {
 
     /// Ok while the queue has room for `jobs` more; RESOURCE_EXHAUSTED otherwise.
     pub fn check_room(&self, jobs: u64) -> Result<(), ApiError> {
+        if jobs > self.limit {
+            return Err(ApiError::Exhausted(format!(
+                "{jobs} jobs are more than the queue holds (limit {}); submit them in smaller calls",
+                self.limit
+            )));
+        }
         let queued = self.queued.load(Ordering::Relaxed);
         if queued.saturating_add(jobs) > self.limit {
             let more = if jobs > 1 {

@@ -109,11 +109,11 @@ impl JobApi {
                 false,
             ));
         }
-        self.quotas.submit(&tenant).into_status()?;
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
             return Err(refused.into());
         }
+        self.quotas.submit(&tenant).into_status()?;
         let (job, event) = Job::submit(JobId::new(), tenant, spec, Utc::now());
         let messages = Outgoing::job_submitted(&job, &event, SOURCE).into_status()?;
         limits.check_messages("spec", &messages).into_status()?;
@@ -258,11 +258,12 @@ impl JobApi {
             let results = answers.into_iter().map(Answer::known).collect();
             return Ok((pb::SubmitJobsResponse { results }, false));
         };
-        self.quotas.submit_many(&tenant, fresh).into_status()?;
+        // The queue first: a call it refuses takes nothing from the tenant's bucket.
         if let Err(refused) = self.admission.check_room(u64::from(fresh.get())) {
             self.backends.metrics.submissions_refused.inc();
             return Err(refused.into());
         }
+        self.quotas.submit_many(&tenant, fresh).into_status()?;
         let recorded = self
             .backends
             .db(|| driver::submit_jobs_together(&self.backends.pool, &submissions))
