@@ -194,10 +194,7 @@ pub(crate) async fn submit_all(
             let mut refused = 0;
             let mine: Vec<usize> = (c..jobs).step_by(n_clients).collect();
             for calls in mine.chunks(batch.max(1)) {
-                refused += match calls {
-                    [i] => submit(&mut client, *i).await?,
-                    many => submit_many(&mut client, many).await?,
-                };
+                refused += submit_jobs(&mut client, calls).await?;
             }
             anyhow::Ok(refused)
         });
@@ -243,17 +240,32 @@ pub(crate) fn rate_figures(
     );
 }
 
-/// Submits one job, retrying while the gateway answers RESOURCE_EXHAUSTED. Returns how many
-/// times it was refused.
-async fn submit(client: &mut JobServiceClient<AuthChannel>, i: usize) -> anyhow::Result<u64> {
+/// Submits jobs `indices`, one with SubmitJob or several in one SubmitJobs call, retrying
+/// while the gateway answers RESOURCE_EXHAUSTED. Returns how many times it was refused.
+async fn submit_jobs(
+    client: &mut JobServiceClient<AuthChannel>,
+    indices: &[usize],
+) -> anyhow::Result<u64> {
     let mut refused = 0;
     loop {
-        let request = pb::SubmitJobRequest {
-            spec: Some(noop_spec(i)),
-            tenant: String::new(),
+        let answered = match indices {
+            [i] => client
+                .submit_job(pb::SubmitJobRequest {
+                    spec: Some(noop_spec(*i)),
+                    tenant: String::new(),
+                })
+                .await
+                .map(drop),
+            many => client
+                .submit_jobs(pb::SubmitJobsRequest {
+                    specs: many.iter().map(|i| noop_spec(*i)).collect(),
+                    tenant: String::new(),
+                })
+                .await
+                .map(drop),
         };
-        match client.submit_job(request).await {
-            Ok(_) => return Ok(refused),
+        match answered {
+            Ok(()) => return Ok(refused),
             Err(status) if status.code() == tonic::Code::ResourceExhausted && refused < 1_000 => {
                 refused += 1;
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -269,29 +281,6 @@ pub(crate) fn calls(batch: usize) -> String {
         format!("{batch} jobs (SubmitJobs)")
     } else {
         "1 job (SubmitJob)".to_owned()
-    }
-}
-
-/// Submits jobs `indices` in one SubmitJobs call, retrying while the gateway answers
-/// RESOURCE_EXHAUSTED. Returns how many times it was refused.
-async fn submit_many(
-    client: &mut JobServiceClient<AuthChannel>,
-    indices: &[usize],
-) -> anyhow::Result<u64> {
-    let mut refused = 0;
-    loop {
-        let request = pb::SubmitJobsRequest {
-            specs: indices.iter().map(|i| noop_spec(*i)).collect(),
-            tenant: String::new(),
-        };
-        match client.submit_jobs(request).await {
-            Ok(_) => return Ok(refused),
-            Err(status) if status.code() == tonic::Code::ResourceExhausted && refused < 1_000 => {
-                refused += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(status) => anyhow::bail!("submit refused: {status}"),
-        }
     }
 }
 
@@ -423,7 +412,7 @@ async fn latency_on(bench: &Bench, p: &LatencyParams) -> anyhow::Result<Outcome>
         let mut client = client.clone();
         submissions.spawn(async move {
             let t = Instant::now();
-            submit(&mut client, i).await.map(|_| t.elapsed())
+            submit_jobs(&mut client, &[i]).await.map(|_| t.elapsed())
         });
     }
     let offered_for = started.elapsed();

@@ -233,13 +233,9 @@ pub async fn find_by_idempotency_key(
     tenant: &TenantId,
     key: &str,
 ) -> Result<Option<Job>, StorageError> {
-    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(tenant.as_str())
-        .bind(key)
-        .fetch_optional(pool)
-        .await?;
-    row.as_ref().map(decode).transpose()
+    Ok(find_by_idempotency_keys(pool, tenant, &[key])
+        .await?
+        .remove(key))
 }
 
 /// The jobs a tenant submitted with any of `keys`, by key.

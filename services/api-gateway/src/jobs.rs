@@ -218,7 +218,10 @@ impl JobApi {
         };
         let now = Utc::now();
         let trace = hodei_messaging::trace::current();
-        let mut answers: Vec<Answer> = Vec::with_capacity(count);
+        // The answer to each spec, a new job's provisional until it is recorded, and where
+        // each submission's answer is.
+        let mut results = Vec::with_capacity(count);
+        let mut places = Vec::new();
         let mut submissions = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
             if let Some(job) = spec
@@ -226,7 +229,10 @@ impl JobApi {
                 .as_deref()
                 .and_then(|key| existing.get(key))
             {
-                answers.push(Answer::Known(job.into()));
+                results.push(pb::SubmitJobResponse {
+                    job: Some(job.into()),
+                    created: false,
+                });
                 continue;
             }
             let (job, event) = Job::submit(JobId::new(), tenant.clone(), spec, now);
@@ -241,7 +247,11 @@ impl JobApi {
                 &format!("job {}", job.id()),
                 &Ok::<(), Status>(()),
             );
-            answers.push(Answer::Fresh(submissions.len(), (&job).into()));
+            places.push(results.len());
+            results.push(pb::SubmitJobResponse {
+                job: Some((&job).into()),
+                created: true,
+            });
             submissions.push(Submission {
                 job,
                 event,
@@ -250,13 +260,13 @@ impl JobApi {
                 audit: Some(audit),
             });
         }
-        answer_fits(&answers).into_status()?;
+        let mut answer = pb::SubmitJobsResponse { results };
+        answer_fits(&answer).into_status()?;
         let Some(fresh) = u32::try_from(submissions.len())
             .ok()
             .and_then(std::num::NonZeroU32::new)
         else {
-            let results = answers.into_iter().map(Answer::known).collect();
-            return Ok((pb::SubmitJobsResponse { results }, false));
+            return Ok((answer, false));
         };
         // The queue first: a call it refuses takes nothing from the tenant's bucket.
         if let Err(refused) = self.admission.check_room(u64::from(fresh.get())) {
@@ -269,52 +279,36 @@ impl JobApi {
             .db(|| driver::submit_jobs_together(&self.backends.pool, &submissions))
             .await
             .into_status()?;
-        if let Some(Recorded::OverQuota(reason)) = recorded.first() {
-            return Err(ApiError::Exhausted(format!(
-                "none of the {fresh} new jobs was recorded: {reason}"
-            )))
-            .into_status();
-        }
         let mut created = 0;
         let mut committed = Vec::new();
-        let mut outcomes = Vec::with_capacity(recorded.len());
-        for (submission, recorded) in submissions.iter_mut().zip(recorded) {
-            outcomes.push(match recorded {
+        for ((submission, recorded), place) in submissions.iter_mut().zip(recorded).zip(places) {
+            match recorded {
                 Recorded::New => {
                     created += 1;
                     committed.append(&mut submission.messages);
-                    None
                 }
-                Recorded::Existing(job) => Some(pb::Job::from(job.as_ref())),
+                // Recorded meanwhile by a concurrent call with the same key.
+                Recorded::Existing(job) => {
+                    if let Some(result) = answer.results.get_mut(place) {
+                        *result = pb::SubmitJobResponse {
+                            job: Some(job.as_ref().into()),
+                            created: false,
+                        };
+                    }
+                }
+                // All or none: every new job is refused with the same reason.
                 Recorded::OverQuota(reason) => {
-                    return Err(ApiError::Exhausted(reason)).into_status();
+                    return Err(ApiError::Exhausted(format!(
+                        "none of the {fresh} new jobs was recorded: {reason}"
+                    )))
+                    .into_status();
                 }
-            });
+            }
         }
         self.backends.relay.hand_over(committed);
         self.backends.metrics.jobs_submitted.inc_by(created);
         tracing::info!(tenant = %tenant, jobs = count, created, by = %who.subject, "jobs submitted together");
-        let results = answers
-            .into_iter()
-            .map(|answer| match answer {
-                Answer::Known(job) => pb::SubmitJobResponse {
-                    job: Some(job),
-                    created: false,
-                },
-                Answer::Fresh(at, job) => match outcomes.get_mut(at).and_then(Option::take) {
-                    // Recorded meanwhile by a concurrent call with the same key.
-                    Some(found) => pb::SubmitJobResponse {
-                        job: Some(found),
-                        created: false,
-                    },
-                    None => pb::SubmitJobResponse {
-                        job: Some(job),
-                        created: true,
-                    },
-                },
-            })
-            .collect();
-        Ok((pb::SubmitJobsResponse { results }, created > 0))
+        Ok((answer, created > 0))
     }
 
     async fn cancel(
@@ -743,40 +737,16 @@ async fn last_log_sequence(
 /// not read.
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
-/// What a `SubmitJobs` call answers for one spec: a job its key recorded earlier, or the new
-/// job (by its place among the call's submissions) as it will be answered once recorded.
-enum Answer {
-    Known(pb::Job),
-    Fresh(usize, pb::Job),
-}
-
-impl Answer {
-    fn known(self) -> pb::SubmitJobResponse {
-        let (Answer::Known(job) | Answer::Fresh(_, job)) = self;
-        pb::SubmitJobResponse {
-            job: Some(job),
-            created: false,
-        }
-    }
-}
-
 /// Refuses a call whose answer would be larger than its caller reads by default.
-fn answer_fits(answers: &[Answer]) -> Result<(), ApiError> {
+fn answer_fits(answer: &pb::SubmitJobsResponse) -> Result<(), ApiError> {
     use prost::Message as _;
-    let size: usize = answers
-        .iter()
-        .map(|answer| {
-            let (Answer::Known(job) | Answer::Fresh(_, job)) = answer;
-            // The job, the `created` flag and each message's tag and length.
-            job.encoded_len() + 16
-        })
-        .sum();
+    let size = answer.encoded_len();
     if size > MAX_ANSWER_BYTES {
         return Err(ApiError::field(
             "specs",
             format!(
-                "the answer would be about {size} bytes, more than the {MAX_ANSWER_BYTES} a \
-                 gRPC client reads by default; submit these jobs in smaller calls"
+                "the answer would be {size} bytes, more than the {MAX_ANSWER_BYTES} a gRPC \
+                 client reads by default; submit these jobs in smaller calls"
             ),
         ));
     }
