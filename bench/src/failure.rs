@@ -257,11 +257,12 @@ async fn measure(
 
     let mut to_lost = histogram()?;
     let mut beat_to_stored = histogram()?;
-    let stored: Vec<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT id, last_heartbeat_at FROM workers WHERE id = ANY($1)")
-            .bind(&silenced_ids)
-            .fetch_all(pool)
-            .await?;
+    let stored: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT worker_id, last_heartbeat_at FROM worker_beats WHERE worker_id = ANY($1)",
+    )
+    .bind(&silenced_ids)
+    .fetch_all(pool)
+    .await?;
     let stored: HashMap<String, DateTime<Utc>> = stored.into_iter().collect();
     let mut last_beats = HashMap::new();
     for (&i, id) in silenced.iter().zip(&silenced_ids) {

@@ -2,8 +2,8 @@
 //! PostgreSQL database, and a fleet of simulated agents beating at a fixed interval. After
 //! every agent is registered and a warm-up, a measured window: beats sent (the fleet's
 //! count), received (the registry's `hodei_heartbeats_received_total`) and persisted (rows
-//! the registry inserted or updated in `workers`, from PostgreSQL's `pg_stat_user_tables`),
-//! with the freshness of what is stored (the beat numbers in `workers.usage`), the registry's
+//! the registry inserted or updated in `worker_beats`, from PostgreSQL's `pg_stat_user_tables`),
+//! with the freshness of what is stored (the beat numbers in `worker_beats.usage`), the registry's
 //! write transactions, the CPU and memory of this process and the CPU of the nats-server and
 //! PostgreSQL backends.
 
@@ -79,7 +79,7 @@ async fn run_with(
         "heartbeats: {} simulated agents beating every {:?} (spread evenly over the interval, \
          one nats connection), one registry (flush every {} ms, at most 2,000 beats a statement), \
          {:?} warm-up after every agent registered, {:?} measured; 'persisted' is rows \
-         inserted or updated in workers per pg_stat_user_tables (postgresql publishes a busy \
+         inserted or updated in worker_beats per pg_stat_user_tables (postgresql publishes a busy \
          backend's counts about once a second: the window's ends are each up to ~1 s late); \
          'behind' compares each worker's last sent beat number with the one stored; the registry, its metrics server and the \
          simulated agents share this process (its cpu and rss below are theirs together)",
@@ -93,7 +93,7 @@ async fn run_with(
 async fn persisted(pool: &PgPool) -> anyhow::Result<(i64, i64, i64, f64)> {
     let (written, commits, active): (i64, i64, f64) = sqlx::query_as(
         "SELECT (SELECT coalesce(sum(n_tup_ins + n_tup_upd), 0)::bigint
-                 FROM pg_stat_user_tables WHERE relname = 'workers'),
+                 FROM pg_stat_user_tables WHERE relname = 'worker_beats'),
                 d.xact_commit, coalesce(d.active_time, 0)::float8
          FROM pg_stat_database d WHERE d.datname = current_database()",
     )
@@ -101,7 +101,7 @@ async fn persisted(pool: &PgPool) -> anyhow::Result<(i64, i64, i64, f64)> {
     .await
     .context("failed to read postgresql statistics")?;
     let covered: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum((usage->>'memory_used_mb')::bigint), 0)::bigint FROM workers",
+        "SELECT coalesce(sum((usage->>'memory_used_mb')::bigint), 0)::bigint FROM worker_beats",
     )
     .fetch_one(pool)
     .await
@@ -211,7 +211,7 @@ async fn measure(
     );
     out.figure(
         S,
-        "beats persisted/s (rows written to workers)",
+        "beats persisted/s (rows written to worker_beats)",
         stored / secs,
         "1/s",
         Some(">= 20,000"),

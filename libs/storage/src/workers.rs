@@ -1,5 +1,9 @@
 //! Worker rows. The registry writes what heartbeats say (in batches); schedulers write
 //! reservations (`held`) only `WHERE version = expected`, so replicas never over-commit.
+//! A worker's last beat and the usage it reported are kept apart in `worker_beats`, which
+//! only beats write, so that beats and reservations never wait for each other's row locks;
+//! every read of a worker joins them. Transactions that lock both lock the `worker_beats` rows
+//! first, each set in the order of the ids.
 
 use std::collections::HashMap;
 
@@ -11,14 +15,22 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 
-const COLUMNS: &str = "id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage, registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms, seal_key";
+/// A worker's columns, from [`FROM`]. A worker without a beat row (none is written without
+/// one) reads as last heard at its registration.
+const COLUMNS: &str = "w.id, w.labels, w.cpu_millis, w.memory_mb, w.max_concurrent_jobs, w.status, w.held, \
+     coalesce(b.usage, '{\"cpu_percent\": 0, \"memory_used_mb\": 0, \"memory_total_mb\": 0, \"load_1m\": 0}'::jsonb) AS usage, \
+     w.registered_at, coalesce(b.last_heartbeat_at, w.registered_at) AS last_heartbeat_at, w.version, \
+     w.incarnation, w.lease_ms, w.kill_grace_ms, w.seal_key";
+
+/// Workers with their beats.
+const FROM: &str = "workers w LEFT JOIN worker_beats b ON b.worker_id = w.id";
 
 /// One worker, if known.
 pub async fn get(
     conn: impl sqlx::PgExecutor<'_>,
     id: &WorkerId,
 ) -> Result<Option<Worker>, StorageError> {
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = $1");
+    let sql = format!("SELECT {COLUMNS} FROM {FROM} WHERE w.id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.as_str())
         .fetch_optional(conn)
@@ -36,9 +48,9 @@ pub async fn list(
     let statuses: Option<Vec<&str>> =
         (!statuses.is_empty()).then(|| statuses.iter().map(WorkerStatus::as_str).collect());
     let sql = format!(
-        "SELECT {COLUMNS} FROM workers
-         WHERE ($1::text[] IS NULL OR status = ANY($1)) AND ($2::text IS NULL OR id > $2)
-         ORDER BY id LIMIT $3"
+        "SELECT {COLUMNS} FROM {FROM}
+         WHERE ($1::text[] IS NULL OR w.status = ANY($1)) AND ($2::text IS NULL OR w.id > $2)
+         ORDER BY w.id LIMIT $3"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(statuses)
@@ -55,7 +67,8 @@ pub async fn placeable(
     alive_since: DateTime<Utc>,
 ) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM workers WHERE status = 'ready' AND last_heartbeat_at >= $1 ORDER BY id"
+        "SELECT {COLUMNS} FROM {FROM}
+         WHERE w.status = 'ready' AND b.last_heartbeat_at >= $1 ORDER BY w.id"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(alive_since)
@@ -86,14 +99,21 @@ pub async fn capacity(
 /// tests. Live updates use [`save_reservation`] and [`apply_heartbeats`].
 pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageError> {
     sqlx::query(
-        "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held, usage,
-                              registered_at, last_heartbeat_at, version, incarnation, lease_ms, kill_grace_ms,
-                              seal_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+        "INSERT INTO worker_beats (worker_id, last_heartbeat_at, usage) VALUES ($1, $2, $3)
+         ON CONFLICT (worker_id) DO UPDATE SET last_heartbeat_at = $2, usage = $3",
+    )
+    .bind(w.id().as_str())
+    .bind(w.last_heartbeat_at())
+    .bind(encode("resource usage", &w.usage())?)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
+                              registered_at, version, incarnation, lease_ms, kill_grace_ms, seal_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (id) DO UPDATE SET labels = $2, cpu_millis = $3, memory_mb = $4,
-             max_concurrent_jobs = $5, status = $6, held = $7, usage = $8, registered_at = $9,
-             last_heartbeat_at = $10, version = $11, incarnation = $12, lease_ms = $13,
-             kill_grace_ms = $14, seal_key = $15",
+             max_concurrent_jobs = $5, status = $6, held = $7, registered_at = $8, version = $9,
+             incarnation = $10, lease_ms = $11, kill_grace_ms = $12, seal_key = $13",
     )
     .bind(w.id().as_str())
     .bind(encode("worker labels", w.labels())?)
@@ -102,9 +122,7 @@ pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageEr
     .bind(i64::from(w.max_concurrent_jobs()))
     .bind(w.status().as_str())
     .bind(encode("held attempts", &w.held())?)
-    .bind(encode("resource usage", &w.usage())?)
     .bind(w.registered_at())
-    .bind(w.last_heartbeat_at())
     .bind(to_i64(w.version()))
     .bind(w.incarnation().map(|i| i.as_uuid()))
     .bind(to_i64(w.lease().lease_ms))
@@ -142,7 +160,7 @@ pub async fn save_reservation(
 
 /// The workers among `ids` that are known, by id, read in one statement inside the caller's
 /// transaction, each row locked until it ends, in the order of their ids (see [`apply_heartbeats`]): what is read cannot move before it is
-/// saved, so saving it cannot conflict.
+/// saved, so saving it cannot conflict. Their beats are read, not locked (see [`lock_beats`]).
 pub async fn lock_many(
     conn: &mut PgConnection,
     ids: &[&WorkerId],
@@ -151,7 +169,8 @@ pub async fn lock_many(
         return Ok(HashMap::new());
     }
     let names: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
-    let sql = format!("SELECT {COLUMNS} FROM workers WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let sql =
+        format!("SELECT {COLUMNS} FROM {FROM} WHERE w.id = ANY($1) ORDER BY w.id FOR UPDATE OF w");
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&names)
         .fetch_all(conn)
@@ -159,6 +178,23 @@ pub async fn lock_many(
     rows.iter()
         .map(|row| decode(row).map(|w| (w.id().clone(), w)))
         .collect()
+}
+
+/// Locks the beat rows of `ids` in the order of their ids until the caller's transaction ends,
+/// before it locks their workers: no beat of theirs is written meanwhile, so the times read
+/// afterwards stay their last ones until it ends.
+pub async fn lock_beats(conn: &mut PgConnection, ids: &[&WorkerId]) -> Result<(), StorageError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+    sqlx::query(
+        "SELECT 1 FROM worker_beats WHERE worker_id = ANY($1) ORDER BY worker_id FOR UPDATE",
+    )
+    .bind(&names)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// [`save_reservation`] for many workers in one statement, each at the version it was read
@@ -250,13 +286,20 @@ pub struct HeartbeatApplied {
     pub replaced_incarnation: Option<Option<IncarnationId>>,
 }
 
-/// Applies a batch of heartbeats in one statement: inserts unknown workers, refreshes labels,
-/// capacity, usage, incarnation, lease terms and last-seen time, brings unreachable, lost or
-/// offline workers back to ready, marks draining ones, and takes offline those whose agent
-/// said goodbye (`leaving`). A worker in `hold_back` (it still runs attempts that are no longer
-/// its own) is not brought back to ready until it has killed them. Reservations (`held`) are
-/// never touched here. Every beat must have passed [`hodei_messaging::Heartbeat`] validation
-/// (numbers in range). Returns each worker's effect.
+/// Applies a batch of heartbeats in two statements: every beat's time and usage into
+/// `worker_beats`; then, into `workers`, only the beats that change the worker beyond those:
+/// inserts unknown workers, refreshes labels, capacity, incarnation, lease terms and seal key,
+/// brings unreachable, lost or offline workers back to ready, marks draining ones, and takes
+/// offline those whose agent said goodbye (`leaving`). A beat that changes nothing else leaves
+/// the worker's row (and its lock) alone, so it never waits for a placement. A worker in
+/// `hold_back` (it still runs attempts that are no longer its own) is not brought back to
+/// ready until it has killed them. Reservations (`held`) are never touched here. Every beat
+/// must have passed [`hodei_messaging::Heartbeat`] validation (numbers in range), and a batch
+/// holds one beat a worker. Returns each worker's effect.
+///
+/// The beat rows are written (and locked) first, as the liveness sweep locks them before it
+/// marks a worker unreachable: a sweep that began first has committed before the second
+/// statement reads the workers, which then sees its mark and brings the worker back.
 pub async fn apply_heartbeats(
     conn: &mut PgConnection,
     beats: &[(Heartbeat, DateTime<Utc>)],
@@ -279,11 +322,7 @@ pub async fn apply_heartbeats(
     let mut leases = Vec::new();
     let mut graces = Vec::new();
     let mut seal_keys = Vec::new();
-    // Rows are upserted (and locked) in the order of their ids, the order every batch that
-    // writes several workers locks them in, so two such transactions never deadlock.
-    let mut sorted: Vec<&(Heartbeat, DateTime<Utc>)> = beats.iter().collect();
-    sorted.sort_by(|a, b| a.0.worker_id.cmp(&b.0.worker_id));
-    for (hb, at) in sorted {
+    for (hb, at) in beats {
         incarnations.push(hb.incarnation.as_uuid());
         leases.push(to_i64(hb.lease_ms));
         graces.push(to_i64(hb.kill_grace_ms));
@@ -299,35 +338,66 @@ pub async fn apply_heartbeats(
         draining.push(hb.draining);
         leaving.push(hb.leaving);
     }
+    // Rows are upserted (and locked) in the order of their ids, the order every statement
+    // that writes several workers (or their beats) locks them in, so two such transactions
+    // never deadlock.
+    sqlx::query(
+        "INSERT INTO worker_beats AS b (worker_id, last_heartbeat_at, usage)
+         SELECT id, seen, usage FROM unnest($1::text[], $2::timestamptz[], $3::jsonb[])
+             AS t(id, seen, usage)
+         ORDER BY id
+         ON CONFLICT (worker_id) DO UPDATE SET
+             last_heartbeat_at = greatest(b.last_heartbeat_at, excluded.last_heartbeat_at),
+             usage = excluded.usage",
+    )
+    .bind(&ids)
+    .bind(&seen)
+    .bind(&usages)
+    .execute(&mut *conn)
+    .await?;
     #[allow(clippy::type_complexity)]
     let rows: Vec<(String, Option<String>, String, Option<uuid::Uuid>, uuid::Uuid)> = sqlx::query_as(
         "WITH input AS (
-             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                  $6::jsonb[], $7::timestamptz[], $8::bool[], $9::bool[], $10::bool[],
-                                  $11::uuid[], $12::bigint[], $13::bigint[], $14::text[])
-                 AS t(id, labels, cpu, mem, maxc, usage, seen, draining, held_back, leaving,
+             SELECT *, CASE WHEN leaving THEN 'offline' WHEN draining THEN 'draining'
+                            WHEN held_back THEN 'lost' ELSE 'ready' END AS status
+             FROM unnest($1::text[], $2::jsonb[], $3::bigint[], $4::bigint[], $5::bigint[],
+                         $6::timestamptz[], $7::bool[], $8::bool[], $9::bool[], $10::uuid[],
+                         $11::bigint[], $12::bigint[], $13::text[])
+                 AS t(id, labels, cpu, mem, maxc, seen, draining, held_back, leaving,
                       incarnation, lease_ms, kill_grace_ms, seal_key)
          ),
-         -- The statement's snapshot: the status before this upsert. (With FOR UPDATE this CTE
+         -- The statement's snapshot: the worker before this beat. (With FOR UPDATE this CTE
          -- would skip the rows the upsert below changes, and every beat would look like a
          -- first registration.) Materialized: read once by primary key, not joined again.
          old AS MATERIALIZED (
-             SELECT w.id, w.status, w.incarnation FROM workers w JOIN input i ON i.id = w.id
+             SELECT w.id, w.status, w.incarnation, w.labels, w.cpu_millis, w.memory_mb,
+                    w.max_concurrent_jobs, w.lease_ms, w.kill_grace_ms, w.seal_key
+             FROM workers w JOIN input i ON i.id = w.id
+         ),
+         -- The beats that change the worker's row: the same tests as the upsert's below.
+         changing AS MATERIALIZED (
+             SELECT i.* FROM input i LEFT JOIN old o ON o.id = i.id
+             WHERE o.id IS NULL
+                OR (i.status = 'offline' AND o.status <> 'offline')
+                OR (i.status = 'draining' AND o.status <> 'draining')
+                OR (i.status = 'ready' AND o.status IN ('unreachable', 'lost', 'offline'))
+                OR i.incarnation IS DISTINCT FROM o.incarnation
+                OR i.labels <> o.labels OR i.cpu <> o.cpu_millis OR i.mem <> o.memory_mb
+                OR i.maxc <> o.max_concurrent_jobs OR i.lease_ms <> o.lease_ms
+                OR i.kill_grace_ms <> o.kill_grace_ms OR i.seal_key IS DISTINCT FROM o.seal_key
          ),
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
-                                       usage, registered_at, last_heartbeat_at, version, incarnation,
-                                       lease_ms, kill_grace_ms, seal_key)
-             SELECT id, labels, cpu, mem, maxc,
-                    CASE WHEN leaving THEN 'offline' WHEN draining THEN 'draining'
-                         WHEN held_back THEN 'lost' ELSE 'ready' END, '[]',
-                    usage, seen, seen, 0, incarnation, lease_ms, kill_grace_ms, seal_key FROM input
+                                       registered_at, version, incarnation, lease_ms, kill_grace_ms,
+                                       seal_key)
+             SELECT id, labels, cpu, mem, maxc, status, '[]', seen, 0, incarnation, lease_ms,
+                    kill_grace_ms, seal_key
+             FROM changing ORDER BY id
              ON CONFLICT (id) DO UPDATE SET
                  labels = excluded.labels, cpu_millis = excluded.cpu_millis, memory_mb = excluded.memory_mb,
-                 max_concurrent_jobs = excluded.max_concurrent_jobs, usage = excluded.usage,
+                 max_concurrent_jobs = excluded.max_concurrent_jobs,
                  incarnation = excluded.incarnation, lease_ms = excluded.lease_ms,
                  kill_grace_ms = excluded.kill_grace_ms, seal_key = excluded.seal_key,
-                 last_heartbeat_at = greatest(w.last_heartbeat_at, excluded.last_heartbeat_at),
                  status = CASE
                      WHEN excluded.status = 'offline' AND w.status <> 'offline' THEN 'offline'
                      WHEN excluded.status = 'offline' THEN w.status
@@ -343,14 +413,16 @@ pub async fn apply_heartbeats(
              RETURNING w.id, w.status, w.incarnation
          )
          SELECT u.id, o.status, u.status, o.incarnation, u.incarnation
-         FROM upserted u LEFT JOIN old o ON o.id = u.id",
+         FROM upserted u LEFT JOIN old o ON o.id = u.id
+         UNION ALL
+         SELECT o.id, o.status, o.status, o.incarnation, o.incarnation
+         FROM old o WHERE NOT EXISTS (SELECT 1 FROM changing c WHERE c.id = o.id)",
     )
     .bind(&ids)
     .bind(&labels)
     .bind(&cpus)
     .bind(&mems)
     .bind(&maxes)
-    .bind(&usages)
     .bind(&seen)
     .bind(&draining)
     .bind(&held_back)
@@ -389,13 +461,16 @@ pub async fn apply_heartbeats(
         .collect()
 }
 
-/// Ready or draining workers whose last heartbeat is older than `silent_since`.
+/// Ready or draining workers whose last heartbeat is older than `silent_since`. The beats are
+/// read first, and only the silent ones' workers (every worker's first beat writes its beat
+/// row in the transaction that registers it).
 pub async fn silent(
     pool: &PgPool,
     silent_since: DateTime<Utc>,
 ) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM workers WHERE status IN ('ready', 'draining') AND last_heartbeat_at < $1"
+        "SELECT {COLUMNS} FROM worker_beats b JOIN workers w ON w.id = b.worker_id
+         WHERE b.last_heartbeat_at < $1 AND w.status IN ('ready', 'draining')"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(silent_since)
@@ -410,11 +485,11 @@ pub async fn silent(
 /// the partial index `workers_to_hand_back`: the incarnation test is stored at each write.
 pub async fn holding_unreachable_or_gone(pool: &PgPool) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM workers
-         WHERE (status IN ('unreachable', 'lost', 'offline') OR holds_other_incarnation)
-           AND (status = 'unreachable'
-                OR (status IN ('lost', 'offline') AND held <> '[]'::jsonb)
-                OR holds_other_incarnation)"
+        "SELECT {COLUMNS} FROM {FROM}
+         WHERE (w.status IN ('unreachable', 'lost', 'offline') OR w.holds_other_incarnation)
+           AND (w.status = 'unreachable'
+                OR (w.status IN ('lost', 'offline') AND w.held <> '[]'::jsonb)
+                OR w.holds_other_incarnation)"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .fetch_all(pool)

@@ -430,6 +430,74 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
 }
 
 #[tokio::test]
+async fn a_beat_that_changes_nothing_else_waits_for_no_lock_on_the_worker() {
+    use hodei_storage::workers::HeartbeatEffect;
+    let (db, pool) = database().await;
+    let none = std::collections::HashSet::new();
+    let id: hodei_domain::WorkerId = "hb-lock".parse().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    workers::apply_heartbeats(&mut tx, &[beat("hb-lock", false, false)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // A placement holds the worker's row, as while it reserves a slot.
+    let mut placement = pool.begin().await.unwrap();
+    let locked = workers::lock_many(&mut placement, &[&id]).await.unwrap();
+    assert_eq!(locked.len(), 1);
+
+    // The next beat (new usage, later time) is written without waiting for it.
+    let (mut hb, _) = beat("hb-lock", false, false);
+    hb.usage.memory_used_mb = 77;
+    let at = Utc::now() + chrono::Duration::seconds(1);
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let out = workers::apply_heartbeats(&mut tx, &[(hb.clone(), at)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(out[0].effect, HeartbeatEffect::Refreshed);
+    placement.commit().await.unwrap();
+    let worker = workers::get(&pool, &id).await.unwrap().unwrap();
+    assert_eq!(worker.usage().memory_used_mb, 77);
+    assert_eq!(
+        worker.last_heartbeat_at().timestamp_micros(),
+        at.timestamp_micros()
+    );
+    // An older beat delivered late does not move the time back.
+    let mut tx = pool.begin().await.unwrap();
+    workers::apply_heartbeats(
+        &mut tx,
+        &[(hb.clone(), at - chrono::Duration::seconds(5))],
+        &none,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let worker = workers::get(&pool, &id).await.unwrap().unwrap();
+    assert_eq!(
+        worker.last_heartbeat_at().timestamp_micros(),
+        at.timestamp_micros()
+    );
+
+    // A beat that changes the worker itself (its labels) writes the row.
+    hb.labels.insert("gpu".to_owned(), "yes".to_owned());
+    let mut tx = pool.begin().await.unwrap();
+    let out = workers::apply_heartbeats(&mut tx, &[(hb, Utc::now())], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(out[0].effect, HeartbeatEffect::Refreshed);
+    let worker = workers::get(&pool, &id).await.unwrap().unwrap();
+    assert_eq!(worker.labels().get("gpu").map(String::as_str), Some("yes"));
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
     let (db, pool) = database().await;
     let now = Utc::now().trunc_subsecs(6);

@@ -253,7 +253,10 @@ async fn mark_unreachable(
     silent_before: DateTime<Utc>,
 ) -> Result<Vec<WorkerId>, StorageError> {
     let mut tx = backends.pool.begin().await?;
-    let locked = workers::lock_many(&mut tx, &ids.iter().collect::<Vec<_>>()).await?;
+    let ids: Vec<&WorkerId> = ids.iter().collect();
+    // Their beats first: a beat being written finishes before the times are read below.
+    workers::lock_beats(&mut tx, &ids).await?;
+    let locked = workers::lock_many(&mut tx, &ids).await?;
     let now = Utc::now();
     let mut marked = Vec::new();
     let mut messages = Vec::new();

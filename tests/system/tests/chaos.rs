@@ -342,7 +342,7 @@ impl Cluster {
         let stale = Duration::from_millis(HEARTBEAT_MS * u64::from(MISSED_BEATS) + 500);
         self.wait_db("every heartbeat to be stale", |pool| async move {
             let stale: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM workers
+                "SELECT count(*) FROM worker_beats
                  WHERE last_heartbeat_at < now() - make_interval(secs => $1)",
             )
             .bind(stale.as_secs_f64())
