@@ -15,12 +15,17 @@ use sqlx::{PgConnection, PgPool};
 
 use crate::error::{RowReader, StorageError, encode, to_i64};
 
-/// A worker's columns, from [`FROM`]. A worker without a beat row (none is written without
-/// one) reads as last heard at its registration.
+/// A worker's columns, from [`FROM`]. Its last beat is the later of its beat row's and the
+/// one a registry of the previous release may still write into `workers` during a rolling
+/// update ([`LAST_BEAT`]), with that beat's usage.
 const COLUMNS: &str = "w.id, w.labels, w.cpu_millis, w.memory_mb, w.max_concurrent_jobs, w.status, w.held, \
-     coalesce(b.usage, '{\"cpu_percent\": 0, \"memory_used_mb\": 0, \"memory_total_mb\": 0, \"load_1m\": 0}'::jsonb) AS usage, \
-     w.registered_at, coalesce(b.last_heartbeat_at, w.registered_at) AS last_heartbeat_at, w.version, \
+     CASE WHEN b.last_heartbeat_at IS NULL OR w.last_heartbeat_at > b.last_heartbeat_at \
+          THEN w.usage ELSE b.usage END AS usage, \
+     w.registered_at, greatest(b.last_heartbeat_at, w.last_heartbeat_at) AS last_heartbeat_at, w.version, \
      w.incarnation, w.lease_ms, w.kill_grace_ms, w.seal_key";
+
+/// A worker's last beat (see [`COLUMNS`]); this release writes only `b`'s.
+const LAST_BEAT: &str = "greatest(b.last_heartbeat_at, w.last_heartbeat_at)";
 
 /// Workers with their beats.
 const FROM: &str = "workers w LEFT JOIN worker_beats b ON b.worker_id = w.id";
@@ -68,7 +73,7 @@ pub async fn placeable(
 ) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM {FROM}
-         WHERE w.status = 'ready' AND b.last_heartbeat_at >= $1 ORDER BY w.id"
+         WHERE w.status = 'ready' AND {LAST_BEAT} >= $1 ORDER BY w.id"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(alive_since)
@@ -109,11 +114,13 @@ pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageEr
     .await?;
     sqlx::query(
         "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
-                              registered_at, version, incarnation, lease_ms, kill_grace_ms, seal_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                              registered_at, version, incarnation, lease_ms, kill_grace_ms, seal_key,
+                              last_heartbeat_at, usage)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
          ON CONFLICT (id) DO UPDATE SET labels = $2, cpu_millis = $3, memory_mb = $4,
              max_concurrent_jobs = $5, status = $6, held = $7, registered_at = $8, version = $9,
-             incarnation = $10, lease_ms = $11, kill_grace_ms = $12, seal_key = $13",
+             incarnation = $10, lease_ms = $11, kill_grace_ms = $12, seal_key = $13,
+             last_heartbeat_at = $14, usage = $15",
     )
     .bind(w.id().as_str())
     .bind(encode("worker labels", w.labels())?)
@@ -128,6 +135,8 @@ pub async fn upsert(conn: &mut PgConnection, w: &Worker) -> Result<(), StorageEr
     .bind(to_i64(w.lease().lease_ms))
     .bind(to_i64(w.lease().kill_grace_ms))
     .bind(w.seal_key())
+    .bind(w.last_heartbeat_at())
+    .bind(encode("resource usage", &w.usage())?)
     .execute(conn)
     .await?;
     Ok(())
@@ -348,7 +357,8 @@ pub async fn apply_heartbeats(
          ORDER BY id
          ON CONFLICT (worker_id) DO UPDATE SET
              last_heartbeat_at = greatest(b.last_heartbeat_at, excluded.last_heartbeat_at),
-             usage = excluded.usage",
+             usage = CASE WHEN excluded.last_heartbeat_at >= b.last_heartbeat_at
+                          THEN excluded.usage ELSE b.usage END",
     )
     .bind(&ids)
     .bind(&seen)
@@ -388,9 +398,9 @@ pub async fn apply_heartbeats(
          ),
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
-                                       registered_at, version, incarnation, lease_ms, kill_grace_ms,
-                                       seal_key)
-             SELECT id, labels, cpu, mem, maxc, status, '[]', seen, 0, incarnation, lease_ms,
+                                       registered_at, last_heartbeat_at, version, incarnation,
+                                       lease_ms, kill_grace_ms, seal_key)
+             SELECT id, labels, cpu, mem, maxc, status, '[]', seen, seen, 0, incarnation, lease_ms,
                     kill_grace_ms, seal_key
              FROM changing ORDER BY id
              ON CONFLICT (id) DO UPDATE SET
@@ -462,15 +472,16 @@ pub async fn apply_heartbeats(
 }
 
 /// Ready or draining workers whose last heartbeat is older than `silent_since`. The beats are
-/// read first, and only the silent ones' workers (every worker's first beat writes its beat
-/// row in the transaction that registers it).
+/// read first, and only the silent ones' workers (every worker has its beat row from the
+/// moment it is inserted: the trigger `workers_beat_row`).
 pub async fn silent(
     pool: &PgPool,
     silent_since: DateTime<Utc>,
 ) -> Result<Vec<Worker>, StorageError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM worker_beats b JOIN workers w ON w.id = b.worker_id
-         WHERE b.last_heartbeat_at < $1 AND w.status IN ('ready', 'draining')"
+         WHERE b.last_heartbeat_at < $1 AND w.last_heartbeat_at < $1
+           AND w.status IN ('ready', 'draining')"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(silent_since)

@@ -498,6 +498,74 @@ async fn a_beat_that_changes_nothing_else_waits_for_no_lock_on_the_worker() {
 }
 
 #[tokio::test]
+async fn beats_written_by_the_previous_release_still_count() {
+    let (db, pool) = database().await;
+    let none = std::collections::HashSet::new();
+    let id: hodei_domain::WorkerId = "hb-old".parse().unwrap();
+    let long_ago = Utc::now() - chrono::Duration::minutes(10);
+    // A registry of the previous release registers a worker the way it did: the trigger gives
+    // it its beat row, so the sweep can find it silent.
+    sqlx::query(
+        "INSERT INTO workers (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,
+                              usage, registered_at, last_heartbeat_at, version)
+         VALUES ($1, '{}', 1000, 1024, 2, 'ready', '[]',
+                 '{\"cpu_percent\": 0, \"memory_used_mb\": 5, \"memory_total_mb\": 0, \"load_1m\": 0}',
+                 $2, $2, 0)",
+    )
+    .bind(id.as_str())
+    .bind(long_ago)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let silent = workers::silent(&pool, Utc::now() - chrono::Duration::minutes(1))
+        .await
+        .unwrap();
+    assert_eq!(silent.len(), 1);
+    assert_eq!(silent[0].usage().memory_used_mb, 5);
+
+    // This release writes a beat; then the previous release's registry takes a later one
+    // from the queue group into `workers`: the later of the two counts, with its usage.
+    let (hb, _) = beat("hb-old", false, false);
+    let mut tx = pool.begin().await.unwrap();
+    workers::apply_heartbeats(&mut tx, &[(hb, Utc::now())], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let later = Utc::now() + chrono::Duration::seconds(5);
+    sqlx::query(
+        "UPDATE workers SET last_heartbeat_at = $2,
+             usage = '{\"cpu_percent\": 0, \"memory_used_mb\": 9, \"memory_total_mb\": 0, \"load_1m\": 0}'
+         WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .bind(later)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let worker = workers::get(&pool, &id).await.unwrap().unwrap();
+    assert_eq!(
+        worker.last_heartbeat_at().timestamp_micros(),
+        later.timestamp_micros()
+    );
+    assert_eq!(worker.usage().memory_used_mb, 9);
+    assert!(
+        workers::silent(&pool, later - chrono::Duration::seconds(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        workers::placeable(&pool, later - chrono::Duration::seconds(1))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_batch_of_transitions_commits_whole_or_not_at_all() {
     let (db, pool) = database().await;
     let now = Utc::now().trunc_subsecs(6);

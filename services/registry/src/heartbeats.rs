@@ -1,4 +1,5 @@
-//! Heartbeats into worker rows: received beats are checked one by one (numbers in range,
+//! Heartbeats into `worker_beats` (and into `workers` when a beat changes the worker itself):
+//! received beats are checked one by one (numbers in range,
 //! subject naming the worker), buffered (newest per worker) and written at each flush in
 //! transactions of at most [`WRITE_CHUNK`] beats (the first alone, then [`WRITERS`] at once)
 //! with the worker events they cause. A chunk that fails for any reason but PostgreSQL being
@@ -28,10 +29,10 @@ use crate::{QUEUE_GROUP, SERVICE, SOURCE};
 /// Most heartbeats buffered before a flush is forced.
 const MAX_BATCH: usize = 2000;
 
-/// Most beats written in one transaction. A transaction holds the row locks of its workers
-/// until it commits, and the scheduler's placements and recorded reports wait for those locks:
-/// a whole fleet's beats in one transaction (1,000 workers, 20-30 ms) held up every placement
-/// for that long, while a chunk holds 128 workers for its own time.
+/// Most beats written in one transaction. A transaction holds the row locks of its beat rows,
+/// and of the workers its beats change, until it commits: placements and recorded reports
+/// wait for the latter, the liveness sweep for the former. A whole fleet's beats in one
+/// transaction (1,000 workers, 20-30 ms) held them up that long, while a chunk holds 128.
 const WRITE_CHUNK: usize = 128;
 
 /// Chunks of one flush written at once, each on its own connection: one after the other, each
