@@ -206,6 +206,21 @@ pub async fn lock_beats(conn: &mut PgConnection, ids: &[&WorkerId]) -> Result<()
     Ok(())
 }
 
+/// Locks the beat row of `id` until the caller's transaction ends (see [`lock_beats`]) and
+/// returns the worker's last beat as it now stands; `None` for an unknown worker.
+pub async fn lock_last_beat(
+    conn: &mut PgConnection,
+    id: &WorkerId,
+) -> Result<Option<DateTime<Utc>>, StorageError> {
+    lock_beats(&mut *conn, &[id]).await?;
+    let sql = format!("SELECT {LAST_BEAT} FROM {FROM} WHERE w.id = $1");
+    let beat: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id.as_str())
+        .fetch_optional(conn)
+        .await?;
+    Ok(beat.flatten())
+}
+
 /// [`save_reservation`] for many workers in one statement, each at the version it was read
 /// at; `Conflict` if any moved (the caller's transaction must then be rolled back).
 pub async fn save_reservations(

@@ -561,6 +561,17 @@ async fn beats_written_by_the_previous_release_still_count() {
             .len(),
         1
     );
+    let mut tx = pool.begin().await.unwrap();
+    let heard = workers::lock_last_beat(&mut tx, &id).await.unwrap();
+    assert_eq!(
+        heard.map(|t| t.timestamp_micros()),
+        Some(later.timestamp_micros())
+    );
+    let unknown = workers::lock_last_beat(&mut tx, &"hb-none".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(unknown, None);
+    tx.rollback().await.unwrap();
     pool.close().await;
     db.cleanup().await.unwrap();
 }

@@ -350,6 +350,7 @@ pub(crate) async fn hand_back(
     }
     let now = Utc::now();
     let version = worker.version();
+    let last_beat = worker.last_heartbeat_at();
     let conflict = |e: hodei_domain::DomainError| StorageError::Conflict {
         what: e.to_string(),
     };
@@ -372,6 +373,17 @@ pub(crate) async fn hand_back(
     backends
         .db(|| async {
             let mut tx = backends.pool.begin().await?;
+            if change == StatusChange::Lost {
+                // A beat written since the worker was read (one that changed nothing else
+                // moves no version) renewed its agent's lease: its attempts may still run, so
+                // it is not declared lost. The next sweep decides again.
+                let heard = workers::lock_last_beat(&mut tx, worker.id()).await?;
+                if heard != Some(last_beat) {
+                    return Err(StorageError::Conflict {
+                        what: format!("worker {} beat while being declared lost", worker.id()),
+                    });
+                }
+            }
             workers::save_reservation(&mut tx, &worker, version).await?;
             let ids: Vec<_> = release.iter().map(|h| h.attempt.job_id).collect();
             let traces = jobs::trace_contexts(&mut *tx, &ids).await?;
