@@ -17,6 +17,7 @@ use hodei_proto::v1 as pb;
 use hodei_proto::v1::access_service_client::AccessServiceClient;
 use hodei_proto::v1::job_service_client::JobServiceClient;
 use hodei_proto::v1::pipeline_service_client::PipelineServiceClient;
+use hodei_proto::v1::tenant_service_client::TenantServiceClient;
 use hodei_proto::v1::worker_service_client::WorkerServiceClient;
 use hodei_proto::{AuthChannel, Bearer};
 use hodei_registry::{Registry, RegistryConfig};
@@ -133,6 +134,7 @@ pub struct Clients {
     pub pipelines: PipelineServiceClient<AuthChannel>,
     pub workers: WorkerServiceClient<AuthChannel>,
     pub access: AccessServiceClient<AuthChannel>,
+    pub tenants: TenantServiceClient<AuthChannel>,
 }
 
 impl Clients {
@@ -144,7 +146,8 @@ impl Clients {
             jobs: JobServiceClient::new(channel.clone()),
             pipelines: PipelineServiceClient::new(channel.clone()),
             workers: WorkerServiceClient::new(channel.clone()),
-            access: AccessServiceClient::new(channel),
+            access: AccessServiceClient::new(channel.clone()),
+            tenants: TenantServiceClient::new(channel),
         })
     }
 }

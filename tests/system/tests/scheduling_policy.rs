@@ -17,11 +17,7 @@ use hodei_test_support::{http_get, wait_for};
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn tenants(system: &TestSystem) -> TenantServiceClient<hodei_proto::AuthChannel> {
-    TenantServiceClient::new(
-        hodei_proto::Bearer::new(Some(&system.admin_token))
-            .unwrap()
-            .on(system.channel.clone()),
-    )
+    system.clients(Some(&system.admin_token)).unwrap().tenants
 }
 
 /// A job that appends `<name> start <time>` and `<name> end <time>` to `ledger` around
@@ -268,11 +264,7 @@ async fn a_tenant_at_its_quotas_waits_or_is_refused_and_says_why() {
         .token("team-q", hodei_domain::Role::Submitter)
         .await
         .unwrap();
-    let mut as_submitter = TenantServiceClient::new(
-        hodei_proto::Bearer::new(Some(&viewer))
-            .unwrap()
-            .on(system.channel.clone()),
-    );
+    let mut as_submitter = system.clients(Some(&viewer)).unwrap().tenants;
     let denied = as_submitter
         .set_tenant_policy(pb::SetTenantPolicyRequest {
             tenant: "team-q".into(),

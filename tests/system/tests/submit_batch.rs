@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use hodei_domain::Role;
 use hodei_proto::v1 as pb;
-use hodei_proto::v1::tenant_service_client::TenantServiceClient;
 use hodei_system_tests::{AgentSpec, TestSystem, shell_job};
 use hodei_test_support::wait_for;
 
@@ -209,21 +208,20 @@ async fn a_batch_with_one_bad_spec_or_past_a_quota_records_nothing() {
 
     // With a queue quota of 3 (no worker here, so jobs stay queued), a call of 4 is refused
     // whole, a call of 3 is recorded, and then a call of 1 is refused.
-    TenantServiceClient::new(
-        hodei_proto::Bearer::new(Some(&system.admin_token))
-            .unwrap()
-            .on(system.channel.clone()),
-    )
-    .set_tenant_policy(pb::SetTenantPolicyRequest {
-        tenant: "team-q".into(),
-        policy: Some(pb::TenantPolicy {
-            weight: 1,
-            max_queued_jobs: Some(3),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    system
+        .clients(Some(&system.admin_token))
+        .unwrap()
+        .tenants
+        .set_tenant_policy(pb::SetTenantPolicyRequest {
+            tenant: "team-q".into(),
+            policy: Some(pb::TenantPolicy {
+                weight: 1,
+                max_queued_jobs: Some(3),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     let four = (0..4)
         .map(|i| shell_job(&format!("q-{i}"), "true"))
         .collect();
