@@ -47,6 +47,13 @@ pub use auth::TOKEN_CACHE_TTL;
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// Most bytes one request message may have: a larger one is refused before it is decoded or
+/// buffered whole, with OUT_OF_RANGE giving its size and this limit. (What a request asks for
+/// must also fit the NATS server's `max_payload`, 1 MiB by default: that is checked once it
+/// is decoded, naming the field; see `limits`.) tonic's default, set here as one named figure
+/// for every service.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// Source name in the envelopes of events this service records.
 pub const SOURCE: &str = "hodei/api-gateway";
 
@@ -401,15 +408,31 @@ impl Gateway {
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
-            .add_service(JobServiceServer::from_arc(job_api))
-            .add_service(PipelineServiceServer::from_arc(pipeline_api))
-            .add_service(ScheduleServiceServer::new(schedule_api))
-            .add_service(TenantServiceServer::new(tenants::TenantApi::new(
-                self.backends.clone(),
-                audit.clone(),
-            )))
-            .add_service(WorkerServiceServer::from_arc(worker_api))
-            .add_service(AccessServiceServer::new(access_api))
+            .add_service(
+                JobServiceServer::from_arc(job_api).max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                PipelineServiceServer::from_arc(pipeline_api)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                ScheduleServiceServer::new(schedule_api)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                TenantServiceServer::new(tenants::TenantApi::new(
+                    self.backends.clone(),
+                    audit.clone(),
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                WorkerServiceServer::from_arc(worker_api)
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                AccessServiceServer::new(access_api).max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
             .await
             .map_err(|e| GatewayError::Serve(e.to_string()));

@@ -1,5 +1,5 @@
 //! A poison input blocks nobody but itself: a spec too large for the transport is refused at
-//! the edge naming its field, a message too large that got into the outbox anyway is taken out
+//! the edge naming its field (a request too large to decode, with its size and the limit), a message too large that got into the outbox anyway is taken out
 //! of the way (its job fails with the reason) while other users' jobs flow, and a secret named
 //! anywhere in a pipeline is masked everywhere.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -100,6 +100,24 @@ async fn a_spec_too_large_for_nats_is_refused_naming_its_field() {
         .unwrap_err();
     assert!(
         refused.message().starts_with("env[\"BIG\"]: "),
+        "{}",
+        refused.message()
+    );
+
+    // Past the largest request the gateway decodes, refused before it is decoded, with its
+    // size and the limit.
+    let mut huge = exec("huge", &["true"]);
+    huge.env.insert(
+        "HUGE".into(),
+        "x".repeat(hodei_api_gateway::MAX_REQUEST_BYTES + 1),
+    );
+    let refused = system.submit(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!(
+            "limit is: {} bytes",
+            hodei_api_gateway::MAX_REQUEST_BYTES
+        )),
         "{}",
         refused.message()
     );
