@@ -224,6 +224,23 @@ async fn queue_quota_holds(
         .collect())
 }
 
+/// The reason a schedule's tick is held when `tenant` is at its queue quota (its policy row
+/// locked, as a submission locks it, and its queued jobs counted); `None` when it has room or
+/// sets no queue quota.
+async fn tenant_queue_hold(
+    conn: &mut PgConnection,
+    tenant: &hodei_domain::TenantId,
+) -> Result<Option<String>, StorageError> {
+    let policies =
+        crate::tenants::lock_policies(conn, &[tenant], crate::tenants::Limits::Queued).await?;
+    let Some(policy) = policies.get(tenant) else {
+        return Ok(None);
+    };
+    let queued = crate::tenants::queued(&mut *conn, Some(&[tenant])).await?;
+    let count = queued.get(tenant).copied().unwrap_or_default();
+    Ok(policy.queue_hold(count).map(|hold| hold.reason(tenant)))
+}
+
 /// Saves a job changed by `events` (already applied to it) if it is still at
 /// `expected_version`; otherwise returns `Conflict` and changes nothing. When the job is a
 /// pipeline step and `events` start or end it, its run is moved on in the same transaction.
@@ -934,9 +951,17 @@ async fn fire_tick(
             schedules::unfinished(conn, schedule.id()).await?
         }
     };
-    if schedule.spec().overlap == OverlapPolicy::Skip && !unfinished.is_empty() {
+    let skipped = if schedule.spec().overlap == OverlapPolicy::Skip && !unfinished.is_empty() {
         let going: Vec<String> = unfinished.iter().map(ToString::to_string).collect();
-        let reason = format!("{} has not ended (overlap policy skip)", going.join(", "));
+        Some(format!(
+            "{} has not ended (overlap policy skip)",
+            going.join(", ")
+        ))
+    } else {
+        // The tenant's queue quota holds a tick as it refuses a submission.
+        tenant_queue_hold(conn, schedule.tenant()).await?
+    };
+    if let Some(reason) = skipped {
         let record = TickRecord {
             tick,
             outcome: TickOutcome::Skipped,

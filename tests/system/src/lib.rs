@@ -744,6 +744,23 @@ impl TestSystem {
             .ok_or_else(|| tonic::Status::internal("GetPipelineRun answered without a run"))
     }
 
+    /// Sets `tenant`'s policy (weight and quotas) as an admin.
+    pub async fn set_tenant_policy(
+        &self,
+        tenant: &str,
+        policy: pb::TenantPolicy,
+    ) -> Result<(), tonic::Status> {
+        self.clients(Some(&self.admin_token))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .tenants
+            .set_tenant_policy(pb::SetTenantPolicyRequest {
+                tenant: tenant.to_owned(),
+                policy: Some(policy),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Submits `spec` and returns the accepted job; a refusal is the error.
     pub async fn submit(&self, spec: pb::JobSpec) -> Result<pb::Job, tonic::Status> {
         let response = self

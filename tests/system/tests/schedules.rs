@@ -527,6 +527,21 @@ fn clients(system: &TestSystem) -> (Schedules, JobServiceClient<hodei_proto::Aut
     )
 }
 
+/// Triggers schedule `name` by hand and returns the tick it answers.
+async fn trigger(schedules: &Schedules, name: &str) -> pb::ScheduleTick {
+    schedules
+        .clone()
+        .trigger_schedule(pb::TriggerScheduleRequest {
+            schedule: name.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tick
+        .unwrap()
+}
+
 async fn get(schedules: &mut Schedules, name: &str) -> pb::Schedule {
     schedules
         .get_schedule(pb::GetScheduleRequest {
@@ -954,26 +969,14 @@ async fn the_schedule_api_names_fields_triggers_pauses_and_runs_pipelines() {
     let mut short = schedule_spec("short-history", "@yearly", shell_job("x", "true"));
     short.history_limit = 2;
     create(&mut schedules, short).await;
-    let trigger = |mut schedules: Schedules| async move {
-        schedules
-            .trigger_schedule(pb::TriggerScheduleRequest {
-                schedule: "short-history".to_owned(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .tick
-            .unwrap()
-    };
     let mut fired = Vec::new();
     for _ in 0..3 {
-        fired.push(trigger(schedules.clone()).await.job_id);
+        fired.push(trigger(&schedules, "short-history").await.job_id);
     }
     for id in &fired {
         system.wait_terminal(id, DEADLINE).await.unwrap();
     }
-    fired.push(trigger(schedules.clone()).await.job_id);
+    fired.push(trigger(&schedules, "short-history").await.job_id);
     let kept: Vec<String> = get(&mut schedules, "short-history")
         .await
         .recent_ticks
@@ -1055,5 +1058,77 @@ async fn a_trigger_retried_with_its_idempotency_key_fires_once() {
         BTreeMap::from([(first.job_id, 1), (second.job_id, 1)]),
         "each trigger's job ran once, and nothing else ran"
     );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "quota-agent",
+        labels: "",
+        slots: 4,
+    }])
+    .await
+    .unwrap();
+    let (schedules, mut jobs) = clients(&system);
+    create(
+        &mut schedules.clone(),
+        schedule_spec("under-quota", "@yearly", shell_job("under-quota", "true")),
+    )
+    .await;
+    // A queue quota of one, taken by a job no worker can take.
+    system
+        .set_tenant_policy(
+            "default",
+            pb::TenantPolicy {
+                weight: 1,
+                max_queued_jobs: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut waiting = shell_job("waiting", "true");
+    waiting
+        .required_labels
+        .insert("pool".into(), "nowhere".into());
+    let waiting = system.submit(waiting).await.unwrap();
+
+    // Held as a submission would be refused: skipped, naming the quota, nothing started.
+    let held = trigger(&schedules, "under-quota").await;
+    assert_eq!(held.outcome, "skipped", "{held:?}");
+    assert!(
+        held.detail
+            .contains("tenant default is at its quota max_queued_jobs (1 of 1 queued)"),
+        "{held:?}"
+    );
+    assert!(held.job_id.is_empty() && held.run_id.is_empty(), "{held:?}");
+    assert_eq!(
+        job_states(&system.database.connect().await.unwrap())
+            .await
+            .len(),
+        1,
+        "only the waiting job exists"
+    );
+
+    // With room again, the next tick fires and its job runs.
+    jobs.cancel_job(pb::CancelJobRequest {
+        job_id: waiting.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    system.wait_terminal(&waiting.id, DEADLINE).await.unwrap();
+    let fired = trigger(&schedules, "under-quota").await;
+    assert_eq!(fired.outcome, "triggered", "{fired:?}");
+    let job = system.wait_terminal(&fired.job_id, DEADLINE).await.unwrap();
+    assert_eq!(job.state(), pb::JobState::Succeeded, "{job:?}");
+    let recent: Vec<String> = get(&mut schedules.clone(), "under-quota")
+        .await
+        .recent_ticks
+        .into_iter()
+        .map(|t| t.outcome)
+        .collect();
+    assert_eq!(recent, ["triggered", "skipped"]);
     system.stop().await;
 }

@@ -209,17 +209,14 @@ async fn a_batch_with_one_bad_spec_or_past_a_quota_records_nothing() {
     // With a queue quota of 3 (no worker here, so jobs stay queued), a call of 4 is refused
     // whole, a call of 3 is recorded, and then a call of 1 is refused.
     system
-        .clients(Some(&system.admin_token))
-        .unwrap()
-        .tenants
-        .set_tenant_policy(pb::SetTenantPolicyRequest {
-            tenant: "team-q".into(),
-            policy: Some(pb::TenantPolicy {
+        .set_tenant_policy(
+            "team-q",
+            pb::TenantPolicy {
                 weight: 1,
                 max_queued_jobs: Some(3),
                 ..Default::default()
-            }),
-        })
+            },
+        )
         .await
         .unwrap();
     let four = (0..4)
