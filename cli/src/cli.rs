@@ -407,7 +407,8 @@ pub enum ScheduleCommand {
     Resume(ScheduleRef),
     /// Delete a schedule and its history (what it started is left as it is).
     Delete(ScheduleRef),
-    /// Fire now, as the overlap policy allows; prints the job or run it started.
+    /// Fire now, as the overlap policy and the tenant's queue quota allow; prints the job or run
+    /// it started, or why the tick was skipped.
     Trigger(TriggerArgs),
 }
 

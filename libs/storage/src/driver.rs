@@ -225,19 +225,19 @@ async fn queue_quota_holds(
 }
 
 /// The reason a schedule's tick is held when `tenant` is at its queue quota (its policy row
-/// locked, as a submission locks it, and its queued jobs counted); `None` when it has room or
-/// sets no queue quota.
+/// locked, as a submission locks it, and its queued jobs but `except` counted); `None` when it
+/// has room or sets no queue quota.
 async fn tenant_queue_hold(
     conn: &mut PgConnection,
     tenant: &hodei_domain::TenantId,
+    except: &[JobId],
 ) -> Result<Option<String>, StorageError> {
     let policies =
         crate::tenants::lock_policies(conn, &[tenant], crate::tenants::Limits::Queued).await?;
     let Some(policy) = policies.get(tenant) else {
         return Ok(None);
     };
-    let queued = crate::tenants::queued(&mut *conn, Some(&[tenant])).await?;
-    let count = queued.get(tenant).copied().unwrap_or_default();
+    let count = crate::tenants::queued_except(&mut *conn, tenant, except).await?;
     Ok(policy.queue_hold(count).map(|hold| hold.reason(tenant)))
 }
 
@@ -732,7 +732,7 @@ pub struct ScheduleHandled {
 /// What a trigger by hand did.
 #[derive(Debug, Clone)]
 pub enum Triggered {
-    /// It fired (or was skipped by the overlap policy) now.
+    /// It fired (or was skipped by the overlap policy or the tenant's queue quota) now.
     Now(ScheduleHandled),
     /// A trigger with the same idempotency key did, earlier: its tick, and nothing done again.
     Again {
@@ -879,7 +879,7 @@ async fn fire_schedule(
     Ok(events)
 }
 
-/// Fires schedule `id` now, by hand, as its overlap policy allows; a trigger with the
+/// Fires schedule `id` now, by hand, as its overlap policy and its tenant's queue quota allow; a trigger with the
 /// idempotency `key` of one still in the schedule's history does nothing and answers that
 /// one's tick. `None` for an unknown schedule.
 pub async fn trigger_schedule(
@@ -928,7 +928,8 @@ enum FiredBy<'a> {
 
 /// Fires one tick: records it, then, when an earlier job or run has not ended, does what the
 /// overlap policy says (skip this tick, or cancel them), then starts the template's job or
-/// run keyed by the tick. `None` when the tick was handled before (nothing is done again).
+/// run keyed by the tick. A job's tick is recorded skipped instead while the tenant is at its
+/// queue quota. `None` when the tick was handled before (nothing is done again).
 async fn fire_tick(
     conn: &mut PgConnection,
     schedule: &hodei_domain::Schedule,
@@ -951,15 +952,42 @@ async fn fire_tick(
             schedules::unfinished(conn, schedule.id()).await?
         }
     };
+    /// What the tick starts.
+    enum Start {
+        Job(Box<Job>, JobEvent),
+        Run(Box<PipelineRun>, PipelineEvent),
+    }
+    let tenant = schedule.tenant().clone();
+    let start = match schedule.firing(tick)? {
+        Firing::Job(spec) => {
+            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
+            Start::Job(Box::new(job), event)
+        }
+        Firing::Pipeline(spec) => {
+            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
+            Start::Run(Box::new(run), event)
+        }
+    };
     let skipped = if schedule.spec().overlap == OverlapPolicy::Skip && !unfinished.is_empty() {
         let going: Vec<String> = unfinished.iter().map(ToString::to_string).collect();
         Some(format!(
             "{} has not ended (overlap policy skip)",
             going.join(", ")
         ))
+    } else if matches!(start, Start::Job(..)) {
+        // The tenant's queue quota holds a job's tick as it refuses `SubmitJob` (a pipeline's
+        // tick is let through, as `SubmitPipeline` is). The jobs this tick would replace
+        // (`cancel_previous`) do not count: they leave the queue as its job joins it.
+        let replaced: Vec<JobId> = unfinished
+            .iter()
+            .filter_map(|started| match started {
+                schedules::Started::Job(id) => Some(*id),
+                schedules::Started::Run(_) => None,
+            })
+            .collect();
+        tenant_queue_hold(conn, schedule.tenant(), &replaced).await?
     } else {
-        // The tenant's queue quota holds a tick as it refuses a submission.
-        tenant_queue_hold(conn, schedule.tenant()).await?
+        None
     };
     if let Some(reason) = skipped {
         let record = TickRecord {
@@ -979,22 +1007,6 @@ async fn fire_tick(
             ScheduleEventKind::Skipped { tick, reason },
         )));
     }
-    /// What the tick starts.
-    enum Start {
-        Job(Box<Job>, JobEvent),
-        Run(Box<PipelineRun>, PipelineEvent),
-    }
-    let tenant = schedule.tenant().clone();
-    let start = match schedule.firing(tick)? {
-        Firing::Job(spec) => {
-            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
-            Start::Job(Box::new(job), event)
-        }
-        Firing::Pipeline(spec) => {
-            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
-            Start::Run(Box::new(run), event)
-        }
-    };
     let (job_id, run_id) = match &start {
         Start::Job(job, _) => (Some(job.id()), None),
         Start::Run(run, _) => (None, Some(run.id())),

@@ -223,6 +223,24 @@ pub async fn queued(
         .collect()
 }
 
+/// How many jobs `tenant` has queued, leaving out `except`.
+pub async fn queued_except(
+    conn: impl sqlx::PgExecutor<'_>,
+    tenant: &TenantId,
+    except: &[hodei_domain::JobId],
+) -> Result<u64, StorageError> {
+    let except: Vec<uuid::Uuid> = except.iter().map(hodei_domain::JobId::as_uuid).collect();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs
+         WHERE state = 'queued' AND tenant = $1 AND NOT (id = ANY($2))",
+    )
+    .bind(tenant.as_str())
+    .bind(&except)
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 /// A tenant as `jobs.tenant` holds it.
 fn job_tenant(name: String) -> Result<TenantId, StorageError> {
     name.parse()

@@ -529,17 +529,26 @@ fn clients(system: &TestSystem) -> (Schedules, JobServiceClient<hodei_proto::Aut
 
 /// Triggers schedule `name` by hand and returns the tick it answers.
 async fn trigger(schedules: &Schedules, name: &str) -> pb::ScheduleTick {
-    schedules
+    trigger_keyed(schedules, name, "").await.unwrap()
+}
+
+/// Triggers schedule `name` by hand with idempotency `key` (none when empty).
+async fn trigger_keyed(
+    schedules: &Schedules,
+    name: &str,
+    key: &str,
+) -> Result<pb::ScheduleTick, tonic::Status> {
+    Ok(schedules
         .clone()
         .trigger_schedule(pb::TriggerScheduleRequest {
             schedule: name.to_owned(),
+            idempotency_key: key.to_owned(),
             ..Default::default()
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner()
         .tick
-        .unwrap()
+        .unwrap())
 }
 
 async fn get(schedules: &mut Schedules, name: &str) -> pb::Schedule {
@@ -1009,17 +1018,8 @@ async fn a_trigger_retried_with_its_idempotency_key_fires_once() {
     )
     .await;
     let trigger = |key: String| {
-        let mut schedules = schedules.clone();
-        async move {
-            schedules
-                .trigger_schedule(pb::TriggerScheduleRequest {
-                    schedule: "by-hand".to_owned(),
-                    idempotency_key: key,
-                    ..Default::default()
-                })
-                .await
-                .map(|answer| answer.into_inner().tick.unwrap())
-        }
+        let schedules = schedules.clone();
+        async move { trigger_keyed(&schedules, "by-hand", &key).await }
     };
     let err = trigger("k".repeat(257)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -1103,6 +1103,15 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
         "{held:?}"
     );
     assert!(held.job_id.is_empty() && held.run_id.is_empty(), "{held:?}");
+    // A trigger skipped so keeps its key: retried with it, it answers the same skip.
+    let first = trigger_keyed(&schedules, "under-quota", "full-queue")
+        .await
+        .unwrap();
+    assert_eq!(first.outcome, "skipped", "{first:?}");
+    let again = trigger_keyed(&schedules, "under-quota", "full-queue")
+        .await
+        .unwrap();
+    assert_eq!(again, first);
     assert_eq!(
         job_states(&system.database.connect().await.unwrap())
             .await
@@ -1129,6 +1138,31 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
         .into_iter()
         .map(|t| t.outcome)
         .collect();
-    assert_eq!(recent, ["triggered", "skipped"]);
+    assert_eq!(recent, ["triggered", "skipped", "skipped"]);
+
+    // Under `cancel_previous` the queued job a tick replaces leaves room for its own: a quota
+    // of one never stalls such a schedule.
+    let mut stuck = shell_job("stuck", "true");
+    stuck
+        .required_labels
+        .insert("pool".into(), "nowhere".into());
+    let mut replacing = schedule_spec("replacing", "@yearly", stuck);
+    replacing.overlap = pb::OverlapPolicy::CancelPrevious.into();
+    create(&mut schedules.clone(), replacing).await;
+    let before = trigger(&schedules, "replacing").await;
+    assert_eq!(before.outcome, "triggered", "{before:?}");
+    let after = trigger(&schedules, "replacing").await;
+    assert_eq!(after.outcome, "triggered", "{after:?}");
+    let replaced = system
+        .wait_terminal(&before.job_id, DEADLINE)
+        .await
+        .unwrap();
+    assert_eq!(replaced.state(), pb::JobState::Cancelled, "{replaced:?}");
+    jobs.cancel_job(pb::CancelJobRequest {
+        job_id: after.job_id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
     system.stop().await;
 }
