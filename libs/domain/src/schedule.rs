@@ -62,7 +62,7 @@ named_enum! {
         Fired = "fired",
         /// A trigger by hand started a job or a run.
         Triggered = "triggered",
-        /// The overlap policy skipped it.
+        /// The overlap policy skipped it, or (a job's tick) its tenant's queue quota did.
         Skipped = "skipped",
         /// It was older than the catch-up window (one record for a run of them, at the last).
         Missed = "missed",

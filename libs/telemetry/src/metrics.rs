@@ -206,7 +206,7 @@ impl Metrics {
         if is(&[Scheduler]) {
             r.register(
                 "schedule_ticks",
-                "Schedule ticks handled, by outcome (fired, skipped by the overlap policy, missed: older than the catch-up window)",
+                "Schedule ticks handled, by outcome (fired, skipped by the overlap policy or the tenant's queue quota, missed: older than the catch-up window)",
                 self.schedule_ticks.clone(),
             );
             r.register(

@@ -1158,6 +1158,23 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
         .await
         .unwrap();
     assert_eq!(replaced.state(), pb::JobState::Cancelled, "{replaced:?}");
+
+    // The queue still full, a pipeline's tick goes through, as `SubmitPipeline` does.
+    let pipeline = pb::PipelineSpec {
+        name: "at-quota".to_owned(),
+        steps: vec![pb::PipelineStep {
+            name: "only".to_owned(),
+            job: Some(shell_job("", "true")),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut piped = schedule_spec("piped", "@yearly", shell_job("x", "true"));
+    piped.target = Some(pb::schedule_spec::Target::Pipeline(pipeline));
+    create(&mut schedules.clone(), piped).await;
+    let run = trigger(&schedules, "piped").await;
+    assert_eq!(run.outcome, "triggered", "{run:?}");
+    assert!(!run.run_id.is_empty(), "{run:?}");
     jobs.cancel_job(pb::CancelJobRequest {
         job_id: after.job_id.clone(),
         reason: String::new(),
