@@ -206,7 +206,7 @@ async fn queue_quota_holds(
         return Ok(vec![None; submissions.len()]);
     }
     let limited: Vec<&hodei_domain::TenantId> = policies.keys().collect();
-    let mut queued = crate::tenants::queued(&mut *tx, Some(&limited)).await?;
+    let mut queued = crate::tenants::queued(&mut *tx, Some(&limited), &[]).await?;
     Ok(submissions
         .iter()
         .map(|s| {
@@ -237,7 +237,8 @@ async fn tenant_queue_hold(
     let Some(policy) = policies.get(tenant) else {
         return Ok(None);
     };
-    let count = crate::tenants::queued_except(&mut *conn, tenant, except).await?;
+    let queued = crate::tenants::queued(&mut *conn, Some(&[tenant]), except).await?;
+    let count = queued.get(tenant).copied().unwrap_or_default();
     Ok(policy.queue_hold(count).map(|hold| hold.reason(tenant)))
 }
 
@@ -879,9 +880,9 @@ async fn fire_schedule(
     Ok(events)
 }
 
-/// Fires schedule `id` now, by hand, as its overlap policy and its tenant's queue quota allow; a trigger with the
-/// idempotency `key` of one still in the schedule's history does nothing and answers that
-/// one's tick. `None` for an unknown schedule.
+/// Fires schedule `id` now, by hand, as its overlap policy and its tenant's queue quota allow;
+/// a trigger with the idempotency `key` of one still in the schedule's history does nothing
+/// and answers that one's tick. `None` for an unknown schedule.
 pub async fn trigger_schedule(
     pool: &PgPool,
     id: hodei_domain::ScheduleId,
@@ -943,29 +944,13 @@ async fn fire_tick(
         FiredBy::Hand { key } => (true, key),
     };
     use hodei_domain::{
-        Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, TickOutcome,
-        TickRecord,
+        Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, ScheduleTarget,
+        TickOutcome, TickRecord,
     };
     let unfinished = match schedule.spec().overlap {
         OverlapPolicy::Allow => Vec::new(),
         OverlapPolicy::Skip | OverlapPolicy::CancelPrevious => {
             schedules::unfinished(conn, schedule.id()).await?
-        }
-    };
-    /// What the tick starts.
-    enum Start {
-        Job(Box<Job>, JobEvent),
-        Run(Box<PipelineRun>, PipelineEvent),
-    }
-    let tenant = schedule.tenant().clone();
-    let start = match schedule.firing(tick)? {
-        Firing::Job(spec) => {
-            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
-            Start::Job(Box::new(job), event)
-        }
-        Firing::Pipeline(spec) => {
-            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
-            Start::Run(Box::new(run), event)
         }
     };
     let skipped = if schedule.spec().overlap == OverlapPolicy::Skip && !unfinished.is_empty() {
@@ -974,7 +959,7 @@ async fn fire_tick(
             "{} has not ended (overlap policy skip)",
             going.join(", ")
         ))
-    } else if matches!(start, Start::Job(..)) {
+    } else if matches!(schedule.spec().target, ScheduleTarget::Job { .. }) {
         // The tenant's queue quota holds a job's tick as it refuses `SubmitJob` (a pipeline's
         // tick is let through, as `SubmitPipeline` is). The jobs this tick would replace
         // (`cancel_previous`) do not count: they leave the queue as its job joins it.
@@ -1007,6 +992,22 @@ async fn fire_tick(
             ScheduleEventKind::Skipped { tick, reason },
         )));
     }
+    /// What the tick starts.
+    enum Start {
+        Job(Box<Job>, JobEvent),
+        Run(Box<PipelineRun>, PipelineEvent),
+    }
+    let tenant = schedule.tenant().clone();
+    let start = match schedule.firing(tick)? {
+        Firing::Job(spec) => {
+            let (job, event) = Job::submit(JobId::new(), tenant, *spec, now);
+            Start::Job(Box::new(job), event)
+        }
+        Firing::Pipeline(spec) => {
+            let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, now);
+            Start::Run(Box::new(run), event)
+        }
+    };
     let (job_id, run_id) = match &start {
         Start::Job(job, _) => (Some(job.id()), None),
         Start::Run(run, _) => (None, Some(run.id())),

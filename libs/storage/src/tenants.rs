@@ -204,41 +204,27 @@ pub async fn usage(
         .collect()
 }
 
-/// How many jobs each tenant has queued; only `tenants` when given.
+/// How many jobs each tenant has queued, leaving out `except`; only `tenants` when given.
 pub async fn queued(
     conn: impl sqlx::PgExecutor<'_>,
     tenants: Option<&[&TenantId]>,
+    except: &[hodei_domain::JobId],
 ) -> Result<HashMap<TenantId, u64>, StorageError> {
     let names: Option<Vec<&str>> = tenants.map(|ts| ts.iter().map(|t| t.as_str()).collect());
+    let except: Vec<uuid::Uuid> = except.iter().map(hodei_domain::JobId::as_uuid).collect();
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT tenant, count(*) FROM jobs
          WHERE state = 'queued' AND ($1::text[] IS NULL OR tenant = ANY($1))
+           AND NOT (id = ANY($2))
          GROUP BY tenant",
     )
     .bind(names)
+    .bind(&except)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
         .map(|(tenant, n)| Ok((job_tenant(tenant)?, u64::try_from(n).unwrap_or(0))))
         .collect()
-}
-
-/// How many jobs `tenant` has queued, leaving out `except`.
-pub async fn queued_except(
-    conn: impl sqlx::PgExecutor<'_>,
-    tenant: &TenantId,
-    except: &[hodei_domain::JobId],
-) -> Result<u64, StorageError> {
-    let except: Vec<uuid::Uuid> = except.iter().map(hodei_domain::JobId::as_uuid).collect();
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs
-         WHERE state = 'queued' AND tenant = $1 AND NOT (id = ANY($2))",
-    )
-    .bind(tenant.as_str())
-    .bind(&except)
-    .fetch_one(conn)
-    .await?;
-    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// A tenant as `jobs.tenant` holds it.

@@ -73,7 +73,7 @@ impl TenantApi {
                 policies,
                 usage: tenants::usage(pool, None).await?,
             },
-            queued: tenants::queued(pool, None).await?,
+            queued: tenants::queued(pool, None, &[]).await?,
             set_at,
         })
     }
