@@ -14,6 +14,7 @@ pub mod schedule;
 pub mod spec;
 pub mod specification;
 pub mod tenancy;
+pub mod text;
 pub mod time;
 pub mod worker;
 

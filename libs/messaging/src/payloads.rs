@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use hodei_domain::text;
 use hodei_domain::{
     AttemptId, AttemptNumber, AttemptOutcome, IncarnationId, JobEvent, JobId, JobSpec,
     ResourceUsage, Resources, WorkerEvent, WorkerId,
@@ -81,6 +82,43 @@ pub enum ReportKind {
         outcome: AttemptOutcome,
         tail: Vec<String>,
     },
+}
+
+impl AgentReport {
+    /// Lines of output a `Finished` report keeps: the last ones.
+    pub const TAIL_LINES: usize = 20;
+    /// Longest line of a report's tail, in bytes: the report must fit in one NATS message.
+    pub const MAX_TAIL_LINE_BYTES: usize = 4 * 1024;
+    /// Longest reason an outcome carries, in bytes.
+    pub const MAX_REASON_BYTES: usize = 4 * 1024;
+
+    /// Makes what the agent wrote storable as it is recorded: the tail's last
+    /// [`Self::TAIL_LINES`] lines, and each line and an outcome's reason cut to its bound and
+    /// with no NUL character (a job may print one; PostgreSQL would refuse it, and with it the
+    /// batch of reports the line was recorded in).
+    pub fn make_storable(&mut self) {
+        let ReportKind::Finished { outcome, tail } = &mut self.kind else {
+            return;
+        };
+        if tail.len() > Self::TAIL_LINES {
+            tail.drain(..tail.len() - Self::TAIL_LINES);
+        }
+        for line in tail.iter_mut() {
+            text::make_storable(line, Self::MAX_TAIL_LINE_BYTES);
+        }
+        match outcome {
+            AttemptOutcome::SpawnFailed { reason }
+            | AttemptOutcome::Lost { reason }
+            | AttemptOutcome::ArtifactsFailed { reason } => {
+                text::make_storable(reason, Self::MAX_REASON_BYTES);
+            }
+            AttemptOutcome::Exited { .. }
+            | AttemptOutcome::Signalled { .. }
+            | AttemptOutcome::TimedOut
+            | AttemptOutcome::Cancelled
+            | AttemptOutcome::Preempted { .. } => {}
+        }
+    }
 }
 
 /// An agent's periodic sign of life, with what it has and holds.
@@ -193,12 +231,16 @@ impl Heartbeat {
             );
         }
         if let Some((key, value)) = self.labels.iter().find(|(k, v)| {
-            k.is_empty() || k.len() > Self::MAX_LABEL_LEN || v.len() > Self::MAX_LABEL_LEN
+            k.is_empty()
+                || k.len() > Self::MAX_LABEL_LEN
+                || v.len() > Self::MAX_LABEL_LEN
+                || k.contains('\0')
+                || v.contains('\0')
         }) {
             return refuse(
                 "labels",
                 format!(
-                    "label '{}' (key {} bytes, value {} bytes): keys 1 to {max} bytes, values at most {max}",
+                    "label '{}' (key {} bytes, value {} bytes): keys 1 to {max} bytes, values at most {max}, without NUL",
                     key.chars().take(32).collect::<String>(),
                     key.len(),
                     value.len(),
@@ -393,5 +435,47 @@ mod tests {
         let mut odd = beat();
         odd.labels.insert("k".repeat(300), "v".to_owned());
         assert_eq!(odd.validate().unwrap_err().field, "labels");
+        // PostgreSQL refuses NUL in the labels' jsonb: the beat is refused alone.
+        let mut odd = beat();
+        odd.labels.insert("zone".to_owned(), "a\0".to_owned());
+        assert_eq!(odd.validate().unwrap_err().field, "labels");
+    }
+
+    /// What an agent wrote is stored: the tail's last lines, each and a reason bounded and
+    /// without NUL.
+    #[test]
+    fn a_report_is_made_storable() {
+        let mut tail: Vec<String> = (0..25).map(|i| i.to_string()).collect();
+        tail.push(format!(
+            "x\0{}",
+            "y".repeat(AgentReport::MAX_TAIL_LINE_BYTES)
+        ));
+        let mut report = AgentReport {
+            report_id: Uuid::now_v7(),
+            worker_id: "w".parse().unwrap(),
+            job_id: JobId::new(),
+            attempt: AttemptNumber::new(1),
+            at: Utc::now(),
+            kind: ReportKind::Finished {
+                outcome: AttemptOutcome::SpawnFailed {
+                    reason: "no\0such".to_owned(),
+                },
+                tail,
+            },
+        };
+        report.make_storable();
+        let ReportKind::Finished { outcome, tail } = report.kind else {
+            panic!("still finished");
+        };
+        assert_eq!(tail.len(), AgentReport::TAIL_LINES);
+        assert_eq!(tail[0], "6");
+        let last = tail.last().unwrap();
+        assert!(last.starts_with("x\u{FFFD}y") && last.len() <= AgentReport::MAX_TAIL_LINE_BYTES);
+        assert_eq!(
+            outcome,
+            AttemptOutcome::SpawnFailed {
+                reason: "no\u{FFFD}such".to_owned()
+            }
+        );
     }
 }

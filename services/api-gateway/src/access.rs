@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Duration, Utc};
 use hodei_auth::token;
-use hodei_domain::{Action, Principal, Role, TenantId, TokenId};
+use hodei_domain::{Action, Principal, Role, TenantId, TokenId, text};
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::access_service_server::AccessService;
 use hodei_runtime::Backends;
@@ -247,8 +247,14 @@ impl Refusals {
     }
 }
 
+/// Longest target an audit entry keeps, in bytes (a target may repeat what the caller sent).
+const MAX_AUDIT_TARGET_BYTES: usize = 1024;
+/// Longest detail an audit entry keeps, in bytes (a refusal's message may repeat a field).
+const MAX_AUDIT_DETAIL_BYTES: usize = 4096;
+
 /// The audit log's entry for a call `who` made for `tenant`: `action` on `target`, ending in
-/// `result`.
+/// `result`. What may repeat the caller's input is made storable (no NUL, cut to a bound):
+/// entries are written many in one statement, which one bad entry would fail for all.
 pub fn entry<T>(
     who: &Principal,
     tenant: &TenantId,
@@ -258,15 +264,18 @@ pub fn entry<T>(
 ) -> AuditEntry {
     let (outcome, detail) = match result {
         Ok(_) => ("ok".to_owned(), String::new()),
-        Err(status) => (format!("{:?}", status.code()), status.message().to_owned()),
+        Err(status) => (
+            format!("{:?}", status.code()),
+            text::storable(status.message(), MAX_AUDIT_DETAIL_BYTES),
+        ),
     };
     AuditEntry {
         at: Utc::now(),
-        subject: who.subject.clone(),
+        subject: text::storable(&who.subject, MAX_AUDIT_TARGET_BYTES),
         tenant: tenant.clone(),
         role: who.role,
         action: action.to_owned(),
-        target: target.to_owned(),
+        target: text::storable(target, MAX_AUDIT_TARGET_BYTES),
         outcome,
         detail,
     }

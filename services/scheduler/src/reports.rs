@@ -92,16 +92,17 @@ async fn check(ctx: &Context, message: Message) -> Option<Checked> {
         streams::REPORTER,
         message.headers.as_ref(),
     );
-    let report = match hodei_messaging::decode::<AgentReport>(&message.subject, &message.payload) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.backends.metrics.report_refused("malformed");
-            dead_letter(&ctx.backends.js, &message, "report", &e.to_string())
-                .instrument(span)
-                .await;
-            return None;
-        }
-    };
+    let mut report =
+        match hodei_messaging::decode::<AgentReport>(&message.subject, &message.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.backends.metrics.report_refused("malformed");
+                dead_letter(&ctx.backends.js, &message, "report", &e.to_string())
+                    .instrument(span)
+                    .await;
+                return None;
+            }
+        };
     // The subject names the sender (a NATS credential can be bound to it): the payload must
     // agree with it.
     let named = subjects::report_sender(&message.subject);
@@ -121,6 +122,7 @@ async fn check(ctx: &Context, message: Message) -> Option<Checked> {
             .await;
         return None;
     }
+    report.make_storable();
     Some(Checked {
         report,
         message,

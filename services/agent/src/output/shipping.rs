@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
+use hodei_domain::text;
 use hodei_domain::{AttemptId, WorkerId};
-use hodei_messaging::{LogBatch, LogEntry, subjects};
+use hodei_messaging::{AgentReport, LogBatch, LogEntry, subjects};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +34,7 @@ pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) const MAX_IN_FLIGHT: usize = 8;
 
 /// Lines of output kept for the `Finished` report.
-pub(crate) const TAIL_LINES: usize = 20;
-
-/// Longest line kept in the tail; the report must fit in one NATS message.
-pub(crate) const MAX_TAIL_LINE_BYTES: usize = 4 * 1024;
+pub(crate) const TAIL_LINES: usize = AgentReport::TAIL_LINES;
 
 /// Publishes one attempt's output in numbered batches.
 pub(crate) struct LogShipper {
@@ -149,8 +147,8 @@ impl LogShipper {
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
-        let cut = line.text.floor_char_boundary(MAX_TAIL_LINE_BYTES);
-        self.tail.push_back(line.text[..cut].to_owned());
+        self.tail
+            .push_back(text::storable(&line.text, AgentReport::MAX_TAIL_LINE_BYTES));
         self.pending_bytes += line.text.len();
         self.pending.push(LogEntry {
             seq: self.next_seq,
