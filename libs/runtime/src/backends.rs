@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use hodei_messaging::{MessagingError, streams};
+use hodei_messaging::{MessagingError, streams, subjects};
 use hodei_resilience::{BreakerConfig, BreakerError, CircuitBreaker};
 use hodei_telemetry::{Metrics, ObservabilityServer, TelemetryError};
 use sqlx::PgPool;
@@ -188,6 +188,36 @@ impl Backends {
             match self.db(&mut op).await {
                 Err(e) if e.is_conflict() && tries < CONFLICT_ATTEMPTS => tries += 1,
                 result => return result,
+            }
+        }
+    }
+
+    /// Whether a report from `worker` about `job` still waits in the reports stream (a work
+    /// queue: recorded reports are gone from it). When the stream cannot be asked, the answer
+    /// is yes: an attempt is never ended for its worker's silence while its outcome may be on
+    /// its way.
+    pub async fn report_pending(
+        &self,
+        worker: &hodei_domain::WorkerId,
+        job: &hodei_domain::JobId,
+    ) -> bool {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let stream = match self.js.get_stream(streams::REPORTS).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to open the reports stream, deferring");
+                return true;
+            }
+        };
+        match stream
+            .get_last_raw_message_by_subject(&subjects::report(worker, job))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to look for pending reports, deferring");
+                true
             }
         }
     }

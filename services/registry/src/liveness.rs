@@ -20,7 +20,7 @@ use hodei_domain::{
     AttemptOutcome, HeldAttempt, IncarnationId, JobEventKind, Worker, WorkerEvent, WorkerEventKind,
     WorkerId, WorkerStatus,
 };
-use hodei_messaging::{Outgoing, streams, subjects, trace};
+use hodei_messaging::{Outgoing, trace};
 use hodei_runtime::Backends;
 use hodei_storage::{StorageError, driver, jobs, workers};
 use tokio_util::sync::CancellationToken;
@@ -297,35 +297,6 @@ pub(crate) struct HandedBack {
     pub deferred: usize,
 }
 
-/// Whether a report from `worker` about `job` still waits in the reports stream (a work
-/// queue: recorded reports are gone from it). When the stream cannot be asked, the answer is
-/// yes: an attempt is never handed back while its outcome may be on its way.
-async fn report_pending(
-    backends: &Backends,
-    worker: &hodei_domain::WorkerId,
-    job: &hodei_domain::JobId,
-) -> bool {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let stream = match backends.js.get_stream(streams::REPORTS).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            tracing::warn!(error = %e, "failed to open the reports stream, deferring hand-back");
-            return true;
-        }
-    };
-    match stream
-        .get_last_raw_message_by_subject(&subjects::report(worker, job))
-        .await
-    {
-        Ok(_) => true,
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "failed to look for pending reports, deferring hand-back");
-            true
-        }
-    }
-}
-
 /// In one transaction: releases `attempts` from `worker` (but those whose report is still
 /// pending), applies `change` to its status, ends each released attempt as `Lost` (its job is
 /// requeued without spending its retries) in its job's trace, and records the events.
@@ -339,7 +310,10 @@ pub(crate) async fn hand_back(
     let mut release = Vec::new();
     let mut done = HandedBack::default();
     for held in attempts {
-        if report_pending(backends, worker.id(), &held.attempt.job_id).await {
+        if backends
+            .report_pending(worker.id(), &held.attempt.job_id)
+            .await
+        {
             done.deferred += 1;
         } else {
             release.push(held);

@@ -2,8 +2,11 @@
 //! is overdue is found here and re-driven. A queued job whose placement request was lost is
 //! asked for again; an assignment never started is handed back; a running job far past its
 //! own timeout (its worker silent) is ended as timed out and its worker told to kill it. A
-//! lost message delays a job; it never loses it.
+//! lost message delays a job; it never loses it. A worker's silence counts only while the
+//! reconciler could have heard it ([`Watching`]), and never over a report still waiting to be
+//! recorded.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -20,15 +23,19 @@ use crate::{Context, SERVICE, SOURCE};
 pub(crate) async fn run(ctx: Context, overdue: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval((overdue / 3).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watching = Watching::start(&ctx.backends.nats);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        watching.look_at_nats(&ctx.backends.nats);
         if let Err(e) = sweep(&ctx, overdue).await {
+            watching.restart("postgres");
             tracing::warn!(error = %e, "reconciler sweep failed");
         }
-        if let Err(e) = sweep_workers(&ctx).await {
+        if let Err(e) = sweep_workers(&ctx, &watching).await {
+            watching.restart("postgres");
             tracing::warn!(error = %e, "reconciler sweep of jobs on workers failed");
         }
         if let Err(e) = sweep_dead_letters(&ctx).await {
@@ -156,12 +163,65 @@ async fn end_undeliverable(
     Ok(ended)
 }
 
+/// Since when the reconciler could have seen every report: its own start, NATS' last
+/// (re)connection, or the last sweep that could not reach PostgreSQL. A worker's silence
+/// counts only while the reconciler watched: an outage of the observer (this scheduler down,
+/// NATS or PostgreSQL away while the agents' reports waited) is never evidence against a
+/// worker.
+struct Watching {
+    since: tokio::time::Instant,
+    /// NATS connections made so far, as last looked at.
+    connects: u64,
+}
+
+impl Watching {
+    fn start(nats: &async_nats::Client) -> Self {
+        Self {
+            since: tokio::time::Instant::now(),
+            connects: nats.statistics().connects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restarts the clock when NATS is not connected now or reconnected since the last look.
+    fn look_at_nats(&mut self, nats: &async_nats::Client) {
+        let connects = nats.statistics().connects.load(Ordering::Relaxed);
+        if connects != self.connects {
+            self.connects = connects;
+            self.restart("nats reconnected");
+        } else if nats.connection_state() != async_nats::connection::State::Connected {
+            self.restart("nats disconnected");
+        }
+    }
+
+    fn restart(&mut self, cause: &'static str) {
+        self.since = tokio::time::Instant::now();
+        tracing::debug!(
+            cause,
+            "reconciler's watch restarted: silence counts from now"
+        );
+    }
+
+    /// How long the reconciler has watched without a break.
+    fn watched_for(&self) -> Duration {
+        self.since.elapsed()
+    }
+}
+
 /// Ends attempts whose next step is overdue: never started (handed back as lost, without
 /// spending the job's retries) or running far past the job's timeout (timed out). The worker
-/// is told to kill the attempt in case it still runs it.
-async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// is told to kill the attempt in case it still runs it. An attempt is judged only once the
+/// reconciler has watched for the whole of the window it is judged by (`watching`), and never
+/// while a report about it waits in the reports stream to be recorded.
+async fn sweep_workers(
+    ctx: &Context,
+    watching: &Watching,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start_within = Duration::from_millis(ctx.config.start_timeout_ms);
     let grace = Duration::from_millis(ctx.config.timeout_grace_ms);
+    let watched = watching.watched_for();
+    if watched < start_within.min(grace) {
+        return Ok(());
+    }
     let pool = &ctx.backends.pool;
     let overdue = ctx
         .backends
@@ -173,6 +233,19 @@ async fn sweep_workers(ctx: &Context) -> Result<(), Box<dyn std::error::Error + 
         let Some(record) = job.current_attempt_record().cloned() else {
             continue;
         };
+        let window = if job.state() == JobState::Assigned {
+            start_within
+        } else {
+            grace
+        };
+        if watched < window
+            || ctx
+                .backends
+                .report_pending(&record.worker_id, &job.id())
+                .await
+        {
+            continue;
+        }
         // The job's own trace goes on: ending the attempt is part of it.
         let step =
             tracing::info_span!("end overdue attempt", hodei.service = SERVICE, job_id = %job.id());

@@ -3,17 +3,22 @@
 //! - an attempt assigned but not started within the start timeout is handed back as lost,
 //!   without spending the job's retries, and its worker is told to kill it;
 //! - an attempt started but never reported past the job's timeout plus the grace ends the job
-//!   timed out, and its worker is told to kill it.
+//!   timed out, and its worker is told to kill it;
+//! - but a report that waited out an outage of PostgreSQL past those deadlines decides, and
+//!   a report's text is made storable first.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use hodei_domain::{AttemptId, IncarnationId, JobId, Resources, WorkerId};
-use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, subjects};
+use hodei_domain::{
+    AttemptId, AttemptNumber, AttemptOutcome, IncarnationId, JobId, Resources, WorkerId,
+};
+use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, streams, subjects};
 use hodei_proto::v1 as pb;
 use hodei_system_tests::{SystemOptions, TestSystem, heartbeat};
+use hodei_test_support::wait_for;
 use tokio_util::sync::CancellationToken;
 
 /// A worker that beats (listing `running`) and reads its commands, and does nothing else.
@@ -80,18 +85,40 @@ impl MuteWorker {
     }
 
     /// Reports that the attempt started, as an agent would, and lists it in its beats.
-    async fn report_started(&self, job_id: JobId, attempt: hodei_domain::AttemptNumber) {
+    async fn report_started(&self, job_id: JobId, attempt: AttemptNumber) {
         self.running
             .lock()
             .unwrap()
             .push(AttemptId::new(job_id, attempt));
+        self.report(job_id, attempt, ReportKind::Started { pid: 4242 })
+            .await;
+    }
+
+    /// Reports that the attempt ended with `outcome` and `tail`, and no longer lists it.
+    async fn report_finished(
+        &self,
+        job_id: JobId,
+        attempt: AttemptNumber,
+        outcome: AttemptOutcome,
+        tail: Vec<String>,
+    ) {
+        self.running
+            .lock()
+            .unwrap()
+            .retain(|a| *a != AttemptId::new(job_id, attempt));
+        self.report(job_id, attempt, ReportKind::Finished { outcome, tail })
+            .await;
+    }
+
+    /// Publishes a report as an agent would, and waits for the stream to store it.
+    async fn report(&self, job_id: JobId, attempt: AttemptNumber, kind: ReportKind) {
         let report = AgentReport {
             report_id: uuid::Uuid::now_v7(),
             worker_id: self.id.clone(),
             job_id,
             attempt,
             at: Utc::now(),
-            kind: ReportKind::Started { pid: 4242 },
+            kind,
         };
         self.js
             .publish(
@@ -124,6 +151,39 @@ fn sleeper(name: &str, timeout_secs: u64) -> pb::JobSpec {
 
 fn outcome(attempt: &pb::Attempt) -> Option<pb::attempt_outcome::Kind> {
     attempt.outcome.as_ref().and_then(|o| o.kind.clone())
+}
+
+/// A system whose running jobs time out after a grace of 500 ms, and a job sleeping with a
+/// timeout of `timeout_secs`, assigned to mute worker `worker` and reported started there.
+async fn started_on_mute(
+    worker: &str,
+    job: &str,
+    timeout_secs: u64,
+) -> (TestSystem, MuteWorker, pb::Job, JobId, AttemptNumber) {
+    let system = TestSystem::start_with(
+        &[],
+        SystemOptions {
+            timeout_grace_ms: 500,
+            ..SystemOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut worker = MuteWorker::start(&system, worker).await;
+    let job = system.submit(sleeper(job, timeout_secs)).await.unwrap();
+    let job_id: JobId = job.id.parse().unwrap();
+    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
+    else {
+        panic!("the first command is the assignment");
+    };
+    worker.report_started(job_id, attempt).await;
+    system
+        .wait_job(&job.id, "running", Duration::from_secs(30), |s| {
+            s == pb::JobState::Running
+        })
+        .await
+        .unwrap();
+    (system, worker, job, job_id, attempt)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -188,30 +248,8 @@ async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_started_attempt_silent_past_its_timeout_and_grace_times_the_job_out() {
-    let system = TestSystem::start_with(
-        &[],
-        SystemOptions {
-            timeout_grace_ms: 500,
-            ..SystemOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut worker = MuteWorker::start(&system, "silent").await;
-    let job = system.submit(sleeper("never-reported", 1)).await.unwrap();
-    let job_id: JobId = job.id.parse().unwrap();
-
-    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
-    else {
-        panic!("the first command is the assignment");
-    };
-    worker.report_started(job_id, attempt).await;
-    system
-        .wait_job(&job.id, "running", Duration::from_secs(30), |s| {
-            s == pb::JobState::Running
-        })
-        .await
-        .unwrap();
+    let (system, mut worker, job, job_id, attempt) =
+        started_on_mute("silent", "never-reported", 1).await;
     // Its own 1 s timeout and the 500 ms grace pass with no report: timed out, and killed.
     let done = system
         .wait_terminal(&job.id, Duration::from_secs(30))
@@ -233,6 +271,92 @@ async fn a_started_attempt_silent_past_its_timeout_and_grace_times_the_job_out()
             assert!(reason.contains("timed out"), "{reason}");
         }
         other => panic!("expected a cancel, got {other:?}"),
+    }
+    system.stop().await;
+}
+
+/// A report is as good as what it can store: a job that printed a NUL character (PostgreSQL
+/// refuses it in `jsonb`), in a tail longer than an agent keeps, still ends as it ended, with
+/// U+FFFD for the NUL and the tail's last 20 lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_report_whose_tail_holds_a_nul_character_is_recorded() {
+    let (system, worker, job, job_id, attempt) =
+        started_on_mute("nul-tail", "prints-nul", 60).await;
+    let mut tail: Vec<String> = (0..30).map(|i| format!("line {i}")).collect();
+    tail.push("done\0".into());
+    worker
+        .report_finished(job_id, attempt, AttemptOutcome::Exited { code: 0 }, tail)
+        .await;
+    let done = system
+        .wait_terminal(&job.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    let kept = &done.attempts[0].output_tail;
+    assert_eq!(kept.len(), 20, "{kept:?}");
+    assert_eq!(kept.first().map(String::as_str), Some("line 11"));
+    assert_eq!(kept.last().map(String::as_str), Some("done\u{FFFD}"));
+    system.stop().await;
+}
+
+/// Deliveries of the reports so far, by the schedulers' shared consumer.
+async fn report_deliveries(js: &async_nats::jetstream::Context) -> u64 {
+    let stream = js.get_stream(streams::REPORTS).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(streams::REPORTER).await.unwrap();
+    consumer.info().await.unwrap().delivered.consumer_sequence
+}
+
+/// An outage of the observer is never evidence against a worker: the worker reported its job
+/// done while PostgreSQL was away, and its report waited in the reports stream, redelivered
+/// ever later, while the job's timeout and grace passed. When PostgreSQL is back the job ends
+/// as its worker reported it, not timed out, and nobody tells the worker to kill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout() {
+    let (system, mut worker, job, job_id, attempt) =
+        started_on_mute("patient", "outlives-outage", 1).await;
+
+    system.database.set_available(false).await.unwrap();
+    system
+        .wait_readiness(&["scheduler"], 503, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let before = report_deliveries(&worker.js).await;
+    worker
+        .report_finished(
+            job_id,
+            attempt,
+            AttemptOutcome::Exited { code: 0 },
+            vec!["done".into()],
+        )
+        .await;
+    // Five deliveries, each refused for the outage, take 3.75 s of backing off (0.25, 0.5, 1
+    // and 2 s): the job's 1 s timeout and its 0.5 s grace are long past, and the next
+    // delivery is 4 s away when PostgreSQL returns.
+    wait_for(
+        "five deliveries of the report",
+        Duration::from_secs(60),
+        || {
+            let js = worker.js.clone();
+            async move { (report_deliveries(&js).await >= before + 5).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    system.database.set_available(true).await.unwrap();
+
+    let done = system
+        .wait_terminal(&job.id, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts.len(), 1, "{done:?}");
+    // No kill order went out for it.
+    if let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(2), worker.commands.next()).await
+    {
+        let command: AgentCommand = serde_json::from_slice(&message.payload).unwrap();
+        panic!("no command expected, got {command:?}");
     }
     system.stop().await;
 }
