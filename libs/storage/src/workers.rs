@@ -319,7 +319,9 @@ pub struct HeartbeatApplied {
 /// `hold_back` (it still runs attempts that are no longer its own) is not brought back to
 /// ready until it has killed them. Reservations (`held`) are never touched here. Every beat
 /// must have passed [`hodei_messaging::Heartbeat`] validation (numbers in range), and a batch
-/// holds one beat a worker. Returns each worker's effect.
+/// holds one beat a worker. Returns each worker's effect. A beat older than the worker's last
+/// one written (taken by another registry and written late) changes neither the worker's row
+/// nor its incarnation.
 ///
 /// The beat rows are written (and locked) first, as the liveness sweep locks them before it
 /// marks a worker unreachable: a sweep that began first has committed before the second
@@ -399,17 +401,21 @@ pub async fn apply_heartbeats(
                     w.max_concurrent_jobs, w.lease_ms, w.kill_grace_ms, w.seal_key
              FROM workers w JOIN input i ON i.id = w.id
          ),
-         -- The beats that change the worker's row: the same tests as the upsert's below.
+         -- The beats that change the worker's row: the same tests as the upsert's below. A
+         -- beat older than one already written (two registries share the beats, and one may
+         -- write late) changes nothing: it would bring back an incarnation that is gone.
          changing AS MATERIALIZED (
              SELECT i.* FROM input i LEFT JOIN old o ON o.id = i.id
-             WHERE o.id IS NULL
+             WHERE NOT EXISTS (SELECT 1 FROM worker_beats b
+                               WHERE b.worker_id = i.id AND b.last_heartbeat_at > i.seen)
+               AND (o.id IS NULL
                 OR (i.status = 'offline' AND o.status <> 'offline')
                 OR (i.status = 'draining' AND o.status <> 'draining')
                 OR (i.status = 'ready' AND o.status IN ('unreachable', 'lost', 'offline'))
                 OR i.incarnation IS DISTINCT FROM o.incarnation
                 OR i.labels <> o.labels OR i.cpu <> o.cpu_millis OR i.mem <> o.memory_mb
                 OR i.maxc <> o.max_concurrent_jobs OR i.lease_ms <> o.lease_ms
-                OR i.kill_grace_ms <> o.kill_grace_ms OR i.seal_key IS DISTINCT FROM o.seal_key
+                OR i.kill_grace_ms <> o.kill_grace_ms OR i.seal_key IS DISTINCT FROM o.seal_key)
          ),
          upserted AS (
              INSERT INTO workers AS w (id, labels, cpu_millis, memory_mb, max_concurrent_jobs, status, held,

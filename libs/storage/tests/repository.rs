@@ -429,6 +429,53 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
     db.cleanup().await.unwrap();
 }
 
+/// Two registries share the beats: the last beat of an agent's old incarnation, written late
+/// by one, after the new incarnation's first beat written by the other, does not bring the
+/// old incarnation back (which would hand back the new one's attempts as lost).
+#[tokio::test]
+async fn a_late_beat_of_an_old_incarnation_does_not_bring_it_back() {
+    let (db, pool) = database().await;
+    let none = std::collections::HashSet::new();
+    let (old, new) = (
+        hodei_domain::IncarnationId::new(),
+        hodei_domain::IncarnationId::new(),
+    );
+    let (old_beat, old_at) = beat_of("hb-late", old, false, false);
+    let mut tx = pool.begin().await.unwrap();
+    workers::apply_heartbeats(&mut tx, &[(old_beat.clone(), old_at)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // The new incarnation's first beat, written first.
+    let (new_beat, _) = beat_of("hb-late", new, false, false);
+    let new_at = old_at + chrono::Duration::seconds(2);
+    let mut tx = pool.begin().await.unwrap();
+    let out = workers::apply_heartbeats(&mut tx, &[(new_beat, new_at)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(out[0].replaced_incarnation, Some(Some(old)));
+    // The old incarnation's last beat, a second older, written late.
+    let late_at = old_at + chrono::Duration::seconds(1);
+    let mut tx = pool.begin().await.unwrap();
+    let out = workers::apply_heartbeats(&mut tx, &[(old_beat, late_at)], &none)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(out[0].replaced_incarnation, None, "{out:?}");
+    let worker = workers::get(&pool, &"hb-late".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(worker.incarnation(), Some(new));
+    assert_eq!(
+        worker.last_heartbeat_at().timestamp_micros(),
+        new_at.timestamp_micros()
+    );
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_beat_that_changes_nothing_else_waits_for_no_lock_on_the_worker() {
     use hodei_storage::workers::HeartbeatEffect;
