@@ -452,7 +452,7 @@ async fn supervise(
         let end = wait_or_stop(ctx, id, &mut child, &processes, deadline, stoppers).await;
         // Recorded at once: an agent killed from here on still has its next incarnation
         // report how the process ended, instead of running the job again.
-        record.outcome = Some(outcome(&end));
+        record.outcome = Some(journaled(outcome(&end), spec));
         ctx.records.write(&record);
         // The shipper sends its last batch once the pipes are closed too.
         let _ = exited_tx.send(());
@@ -466,6 +466,24 @@ async fn supervise(
         Vec::new()
     });
     (outcome(&end), tail, acked)
+}
+
+/// What the journal keeps as the attempt's outcome once its process ended, for the next
+/// incarnation to report should this one die before reporting it: a success whose artifacts
+/// are still to be kept is not one yet (the record is written again once they are).
+fn journaled(outcome: AttemptOutcome, spec: &JobSpec) -> AttemptOutcome {
+    if outcome.is_success()
+        && spec
+            .artifacts
+            .as_ref()
+            .is_some_and(|plan| !plan.produce.is_empty())
+    {
+        AttemptOutcome::ArtifactsFailed {
+            reason: crate::records::ARTIFACTS_INTERRUPTED_REASON.to_owned(),
+        }
+    } else {
+        outcome
+    }
 }
 
 /// Waits for the process to exit, or stops it (SIGTERM, grace, SIGKILL to its group and
@@ -631,6 +649,32 @@ mod tests {
 
     fn status_of(script: &str) -> ExitStatus {
         StdCommand::new("sh").args(["-c", script]).status().unwrap()
+    }
+
+    /// An agent killed while it keeps a step's artifacts leaves a journal that says they
+    /// failed, not that the step succeeded.
+    #[test]
+    fn a_success_is_journaled_as_such_only_when_no_artifacts_are_to_be_kept() {
+        let draft = hodei_domain::spec::JobSpecDraft::exec("plain", &["true"]);
+        let plain = JobSpec::try_from(draft.clone()).unwrap();
+        let mut producing = draft;
+        producing.artifacts = Some(hodei_domain::ArtifactPlan {
+            run_id: hodei_domain::PipelineRunId::new(),
+            step: "build".into(),
+            produce: vec!["dist/**".into()],
+            consume: Vec::new(),
+        });
+        let producing = JobSpec::try_from(producing).unwrap();
+        let success = AttemptOutcome::Exited { code: 0 };
+        assert_eq!(journaled(success.clone(), &plain), success);
+        assert_eq!(
+            journaled(success, &producing),
+            AttemptOutcome::ArtifactsFailed {
+                reason: crate::records::ARTIFACTS_INTERRUPTED_REASON.to_owned()
+            }
+        );
+        let failed = AttemptOutcome::Exited { code: 3 };
+        assert_eq!(journaled(failed.clone(), &producing), failed);
     }
 
     #[test]

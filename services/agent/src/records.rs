@@ -51,6 +51,12 @@ const COMPACT_AT: u64 = 512 * 1024;
 pub const RESTARTED_REASON: &str =
     "the agent restarted while the attempt ran: its process was killed with the agent";
 
+/// The reason reported for an attempt whose process exited 0 while the previous incarnation
+/// had not yet kept the step's artifacts: the step did not succeed (its artifacts may be
+/// missing or partial), and is retried as any attempt whose artifacts failed.
+pub const ARTIFACTS_INTERRUPTED_REASON: &str =
+    "the agent restarted before the step's artifacts were kept";
+
 /// One attempt, as recorded for the next incarnation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Record {
