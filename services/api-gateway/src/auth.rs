@@ -257,6 +257,41 @@ fn client_certificate<B>(request: &http::Request<B>) -> Option<Vec<u8>> {
     certs.first().map(|c| c.as_ref().to_vec())
 }
 
+/// What a call authenticated with, kept to check again while a stream the call opened lasts:
+/// a token revoked or expired meanwhile ends the stream (see [`crate::quotas::Permitted`]).
+#[derive(Clone)]
+pub struct Credential {
+    auth: Arc<Authenticator>,
+    authorization: Option<http::HeaderValue>,
+    certificate: Option<Vec<u8>>,
+}
+
+impl Credential {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        authorization: Option<http::HeaderValue>,
+        certificate: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            auth,
+            authorization,
+            certificate,
+        }
+    }
+
+    /// Authenticates the credential again (through the token cache).
+    pub async fn check(&self) -> Result<Principal, ApiError> {
+        self.auth
+            .authenticate(self.authorization.clone(), self.certificate.clone())
+            .await
+    }
+}
+
+/// The credential [`AuthLayer`] (or the console) put on a request, if any.
+pub fn credential<T>(request: &tonic::Request<T>) -> Option<Credential> {
+    request.extensions().get::<Credential>().cloned()
+}
+
 /// The principal [`AuthLayer`] put on a request.
 pub fn caller<T>(request: &tonic::Request<T>) -> Result<Principal, ApiError> {
     request
@@ -328,9 +363,17 @@ where
                 .is_none()
                 .then(|| client_certificate(&request))
                 .flatten();
-            match auth.authenticate(authorization, certificate).await {
+            match auth
+                .authenticate(authorization.clone(), certificate.clone())
+                .await
+            {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
+                    request.extensions_mut().insert(Credential::new(
+                        Arc::clone(&auth),
+                        authorization,
+                        certificate,
+                    ));
                     let response = inner.call(request).await?;
                     // A refusal is answered before any message: its code is in the headers.
                     if let Some(code) = response

@@ -356,9 +356,6 @@ pub async fn list_events(
     let found = backends
         .db(|| jobs::list_events(&backends.pool, &filter))
         .await?;
-    let next_page_token = request::page_token_after(&found, limit, |e| {
-        format!("{}_{}", e.event.at.timestamp_micros(), e.event.event_id)
-    });
     let events = found
         .iter()
         .map(|listed| {
@@ -370,6 +367,9 @@ pub async fn list_events(
             hodei_proto::job_event_to_wire(&listed.event, before)
         })
         .collect();
+    let (events, next_page_token) = request::fit_page(&found, events, limit, |e| {
+        format!("{}_{}", e.event.at.timestamp_micros(), e.event.event_id)
+    });
     Ok(pb::ListEventsResponse {
         events,
         next_page_token,

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::access::{self, Auditor};
 use crate::admission::Admission;
-use crate::auth::caller;
+use crate::auth::{self, caller};
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
 use crate::limits::TransportLimits;
@@ -487,9 +487,12 @@ impl JobService for JobApi {
             .db(|| jobs::list(&self.backends.pool, &filter))
             .await
             .into_status()?;
-        let next_page_token = request::page_token_after(&found, limit, |j| j.id().to_string());
+        let (jobs, next_page_token) =
+            request::fit_page(&found, found.iter().map(Into::into).collect(), limit, |j| {
+                j.id().to_string()
+            });
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: found.iter().map(Into::into).collect(),
+            jobs,
             next_page_token,
         }))
     }
@@ -502,7 +505,7 @@ impl JobService for JobApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
-        let reason = request::reason_or(req.reason, "cancelled by request");
+        let reason = request::reason_or(req.reason, "cancelled by request").into_status()?;
         let result = self.cancel(&who, id, reason).await;
         let tenant = match &result {
             Ok(pb::CancelJobResponse { job: Some(job) }) => {
@@ -522,6 +525,7 @@ impl JobService for JobApi {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let who = caller(&request).into_status()?;
+        let credential = auth::credential(&request);
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         self.load(&who, id).await?;
@@ -553,7 +557,7 @@ impl JobService for JobApi {
                 }
             },
         );
-        Ok(Response::new(Permitted::new(stream, permit)))
+        Ok(Response::new(Permitted::new(stream, permit, credential)))
     }
 
     type StreamLogsStream = Permitted<ReceiverStream<Result<pb::LogLine, Status>>>;
@@ -563,6 +567,7 @@ impl JobService for JobApi {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let who = caller(&request).into_status()?;
+        let credential = auth::credential(&request);
         let req = request.into_inner();
         let id: JobId = request::id("job_id", &req.job_id).into_status()?;
         let mut job = self.load(&who, id).await?;
@@ -580,6 +585,7 @@ impl JobService for JobApi {
             return Ok(Response::new(Permitted::new(
                 ReceiverStream::new(rx),
                 permit,
+                credential.clone(),
             )));
         }
         let consumer = stream
@@ -685,6 +691,7 @@ impl JobService for JobApi {
         Ok(Response::new(Permitted::new(
             ReceiverStream::new(rx),
             permit,
+            credential,
         )))
     }
 }
@@ -732,21 +739,17 @@ async fn last_log_sequence(
     last
 }
 
-/// Most bytes a `SubmitJobs` answer may take: what a gRPC client decodes by default (tonic's,
-/// grpc-go's and grpcurl's limit), so that no call is recorded whose answer its caller could
-/// not read.
-const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
-
 /// Refuses a call whose answer would be larger than its caller reads by default.
 fn answer_fits(answer: &pb::SubmitJobsResponse) -> Result<(), ApiError> {
     use prost::Message as _;
     let size = answer.encoded_len();
-    if size > MAX_ANSWER_BYTES {
+    if size > request::MAX_ANSWER_BYTES {
         return Err(ApiError::field(
             "specs",
             format!(
-                "the answer would be {size} bytes, more than the {MAX_ANSWER_BYTES} a gRPC \
-                 client reads by default; submit these jobs in smaller calls"
+                "the answer would be {size} bytes, more than the {} a gRPC \
+                 client reads by default; submit these jobs in smaller calls",
+                request::MAX_ANSWER_BYTES
             ),
         ));
     }

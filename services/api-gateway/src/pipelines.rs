@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::access::{self, Auditor};
 use crate::admission::Admission;
-use crate::auth::caller;
+use crate::auth::{self, caller};
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located};
 use crate::limits::TransportLimits;
@@ -278,9 +278,12 @@ impl PipelineService for PipelineApi {
             .db(|| pipelines::list(&self.backends.pool, &filter))
             .await
             .into_status()?;
-        let next_page_token = request::page_token_after(&found, limit, |r| r.id().to_string());
+        let (runs, next_page_token) =
+            request::fit_page(&found, self.all_to_wire(&found).await?, limit, |r| {
+                r.id().to_string()
+            });
         Ok(Response::new(pb::ListPipelineRunsResponse {
-            runs: self.all_to_wire(&found).await?,
+            runs,
             next_page_token,
         }))
     }
@@ -293,7 +296,7 @@ impl PipelineService for PipelineApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
-        let reason = request::reason_or(req.reason, "cancelled by request");
+        let reason = request::reason_or(req.reason, "cancelled by request").into_status()?;
         let result = self.cancel(&who, id, reason).await;
         let tenant = match &result {
             Ok(pb::CancelPipelineRunResponse { run: Some(run) }) => {
@@ -319,6 +322,7 @@ impl PipelineService for PipelineApi {
         request: Request<pb::WatchPipelineRunRequest>,
     ) -> Result<Response<Self::WatchPipelineRunStream>, Status> {
         let who = caller(&request).into_status()?;
+        let credential = auth::credential(&request);
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         self.load(&who, id).await?;
@@ -354,7 +358,7 @@ impl PipelineService for PipelineApi {
                 }
             },
         );
-        Ok(Response::new(Permitted::new(stream, permit)))
+        Ok(Response::new(Permitted::new(stream, permit, credential)))
     }
     async fn list_artifacts(
         &self,
@@ -407,6 +411,7 @@ impl PipelineService for PipelineApi {
         request: Request<pb::DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let who = caller(&request).into_status()?;
+        let credential = auth::credential(&request);
         let req = request.into_inner();
         let id: PipelineRunId = request::id("run_id", &req.run_id).into_status()?;
         request::required_text("step", &req.step).into_status()?;
@@ -457,6 +462,7 @@ impl PipelineService for PipelineApi {
         Ok(Response::new(Permitted::new(
             ReceiverStream::new(rx),
             permit,
+            credential,
         )))
     }
 }

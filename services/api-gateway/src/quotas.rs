@@ -1,19 +1,25 @@
 //! Abuse limits per tenant, so one tenant's client cannot take the gateway from the others:
 //! a submission rate (a token bucket per tenant: jobs, and pipeline runs, a second with a
 //! burst) and a cap on the streams (watches, log follows, artifact downloads) a tenant holds
-//! open at once. Both answer RESOURCE_EXHAUSTED, naming the limit. (Per connection, HTTP/2
+//! open at once. Both answer RESOURCE_EXHAUSTED, naming the limit. A stream also ends, with
+//! UNAUTHENTICATED, once the credential it was opened with is revoked or expires. (Per connection, HTTP/2
 //! caps concurrent streams and keepalive pings drop peers that went away; see `lib.rs`.)
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use hodei_domain::TenantId;
+use tokio::sync::oneshot;
+use tonic::Status;
 
+use crate::auth::Credential;
 use crate::errors::ApiError;
 
 /// The limits, shared by every call.
@@ -109,21 +115,75 @@ impl Drop for StreamPermit {
 pub struct Permitted<S> {
     inner: S,
     _permit: StreamPermit,
+    /// Says why the caller's credential no longer authenticates, once it does not.
+    revoked: Option<oneshot::Receiver<Status>>,
+    /// The stream ended on its credential.
+    ended: bool,
 }
 
+/// How often a stream's credential is authenticated again while the stream lasts. With the
+/// token cache's [`crate::auth::TOKEN_CACHE_TTL`], a stream outlives its token's revocation
+/// or expiry by at most the sum of the two.
+pub const CREDENTIAL_RECHECK: Duration = Duration::from_secs(5);
+
 impl<S> Permitted<S> {
-    pub fn new(inner: S, permit: StreamPermit) -> Self {
+    /// `inner`, holding `permit`, ended with UNAUTHENTICATED once `credential` (the one the
+    /// call was made with) no longer authenticates: a stream may last days, its token not.
+    pub fn new(inner: S, permit: StreamPermit, credential: Option<Credential>) -> Self {
+        let revoked = credential.map(|credential| {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(recheck(credential, tx));
+            rx
+        });
         Self {
             inner,
             _permit: permit,
+            revoked,
+            ended: false,
         }
     }
 }
 
-impl<S: futures::Stream + Unpin> futures::Stream for Permitted<S> {
+/// Authenticates `credential` every [`CREDENTIAL_RECHECK`] until it fails (sent on `tx`) or
+/// the stream is gone. A check that cannot be made (the database away) is no evidence against
+/// the caller: the next one decides.
+async fn recheck(credential: Credential, mut tx: oneshot::Sender<Status>) {
+    let mut tick = tokio::time::interval(CREDENTIAL_RECHECK);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = tx.closed() => return,
+            _ = tick.tick() => {}
+        }
+        match credential.check().await {
+            Ok(_) => {}
+            Err(ApiError::Unauthenticated(why)) => {
+                let _ = tx.send(Status::unauthenticated(why));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a stream's credential could not be checked");
+            }
+        }
+    }
+}
+
+impl<T, S: futures::Stream<Item = Result<T, Status>> + Unpin> futures::Stream for Permitted<S> {
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(revoked) = self.revoked.as_mut()
+            && let Poll::Ready(told) = Pin::new(revoked).poll(cx)
+        {
+            self.revoked = None;
+            if let Ok(status) = told {
+                self.ended = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+        }
         Pin::new(&mut self.inner).poll_next(cx)
     }
 }

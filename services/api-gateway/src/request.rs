@@ -63,12 +63,24 @@ pub fn required_text<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiErro
     }
 }
 
-/// The reason a request gives, or `default` when it gives none.
-pub fn reason_or(value: String, default: &str) -> String {
+/// Longest reason a request may give (a cancel's or a drain's), in bytes: it travels in the
+/// job's event and in the agent's command.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// The reason a request gives, or `default` when it gives none; refused when longer than
+/// [`MAX_REASON_BYTES`] or holding a NUL character, which no event could carry.
+pub fn reason_or(value: String, default: &str) -> Result<String, ApiError> {
     if value.is_empty() {
-        default.to_owned()
+        Ok(default.to_owned())
+    } else if value.len() > MAX_REASON_BYTES {
+        Err(ApiError::field(
+            "reason",
+            format!("{} bytes, at most {MAX_REASON_BYTES}", value.len()),
+        ))
+    } else if value.contains('\0') {
+        Err(ApiError::field("reason", "must not contain NUL"))
     } else {
-        value
+        Ok(value)
     }
 }
 
@@ -106,6 +118,39 @@ pub fn timestamp(
         .ok()
         .and_then(|nanos| chrono::DateTime::from_timestamp(value.seconds, nanos))
         .ok_or_else(|| ApiError::field(field, "is not a valid time"))
+}
+
+/// Most bytes an answer may take: what a gRPC client decodes by default (tonic's, grpc-go's
+/// and grpcurl's limit), so that no answer is given that its caller could not read.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Room left in a list's answer for its page token.
+const PAGE_TOKEN_ROOM: usize = 1024;
+
+/// A page of at most `limit` items and their wire messages (`wire`, in the same order), cut
+/// where the answer would pass [`MAX_ANSWER_BYTES`] (the first item is always kept), with the
+/// token of the page after it: the last kept item's id when cut, else as
+/// [`page_token_after`]. Items may each be large (a job's spec and its attempts' output), so
+/// a full page could exceed what the caller reads.
+pub fn fit_page<T, W: prost::Message>(
+    page: &[T],
+    mut wire: Vec<W>,
+    limit: u32,
+    id: impl Fn(&T) -> String,
+) -> (Vec<W>, String) {
+    let mut size = 0;
+    let cut = wire.iter().enumerate().position(|(i, w)| {
+        size += prost::encoding::message::encoded_len(1, w);
+        i > 0 && size > MAX_ANSWER_BYTES - PAGE_TOKEN_ROOM
+    });
+    match cut {
+        Some(kept) => {
+            wire.truncate(kept);
+            let token = page.get(kept - 1).map(&id).unwrap_or_default();
+            (wire, token)
+        }
+        None => (wire, page_token_after(page, limit, id)),
+    }
 }
 
 /// The token of the page after `page` (of at most `limit` items): the last item's id, or
@@ -173,8 +218,15 @@ mod tests {
                 .to_string()
                 .starts_with("tenant: ")
         );
-        assert_eq!(reason_or(String::new(), "by request"), "by request");
-        assert_eq!(reason_or("mine".into(), "by request"), "mine");
+        assert_eq!(
+            reason_or(String::new(), "by request").unwrap(),
+            "by request"
+        );
+        assert_eq!(reason_or("mine".into(), "by request").unwrap(), "mine");
+        let long = reason_or("x".repeat(MAX_REASON_BYTES + 1), "by request").unwrap_err();
+        assert!(long.to_string().starts_with("reason: "), "{long}");
+        let nul = reason_or("a\0b".into(), "by request").unwrap_err();
+        assert!(nul.to_string().starts_with("reason: "), "{nul}");
     }
 
     #[test]
@@ -190,6 +242,16 @@ mod tests {
     #[test]
     fn the_next_page_token_is_the_last_id_of_a_full_page() {
         assert_eq!(page_token_after(&[1, 2], 2, ToString::to_string), "2");
+        // Three items of 1.5 MiB: two fit in an answer, the token names the second.
+        let big = vec!["x".repeat(3 << 19); 3];
+        let (kept, token) = fit_page(&[1, 2, 3], big.clone(), 3, ToString::to_string);
+        assert_eq!((kept.len(), token.as_str()), (2, "2"));
+        // One item larger than an answer is still given (alone).
+        let huge = vec!["x".repeat(5 << 20), String::new()];
+        let (kept, token) = fit_page(&[1, 2], huge, 2, ToString::to_string);
+        assert_eq!((kept.len(), token.as_str()), (1, "1"));
+        let (kept, token) = fit_page(&[1, 2], vec![String::new(); 2], 3, ToString::to_string);
+        assert_eq!((kept.len(), token.as_str()), (2, ""));
         assert_eq!(page_token_after(&[1], 2, ToString::to_string), "");
     }
 }

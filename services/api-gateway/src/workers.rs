@@ -133,7 +133,7 @@ impl WorkerService for WorkerApi {
         let who = caller(&request).into_status()?;
         let req = request.into_inner();
         let id: WorkerId = request::id("worker_id", &req.worker_id).into_status()?;
-        let reason = request::reason_or(req.reason, "drained by request");
+        let reason = request::reason_or(req.reason, "drained by request").into_status()?;
         let result = self.drain(&who, id.clone(), reason).await;
         self.audit
             .answer(

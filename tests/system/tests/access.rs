@@ -54,6 +54,27 @@ async fn list_jobs(clients: &Clients, tenant: &str) -> Result<Vec<pb::Job>, toni
 }
 
 /// The gateway's count of calls refused with `code`.
+/// A team-a token made through the API by the system's admin.
+async fn api_token(
+    system: &TestSystem,
+    name: &str,
+    role: &str,
+    expires_in_seconds: u64,
+) -> pb::CreateTokenResponse {
+    system
+        .access
+        .clone()
+        .create_token(pb::CreateTokenRequest {
+            name: name.into(),
+            tenant: "team-a".into(),
+            role: role.into(),
+            expires_in_seconds,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn refused(system: &TestSystem, code: &str) -> f64 {
     let addr = system.metrics_addr("api-gateway").unwrap();
     let metrics = http_get(addr, "/metrics").await.unwrap().body;
@@ -126,18 +147,7 @@ async fn missing_bad_revoked_and_expired_credentials_are_unauthenticated() {
     assert!(refused(&system, "unauthenticated").await >= 8.0);
 
     // A token made through the API works until it is revoked, then at once no longer.
-    let created = system
-        .access
-        .clone()
-        .create_token(pb::CreateTokenRequest {
-            name: "ci".into(),
-            tenant: "team-a".into(),
-            role: "submitter".into(),
-            expires_in_seconds: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let created = api_token(&system, "ci", "submitter", 0).await;
     assert!(created.secret.starts_with("hodei_"));
     let token = created.token.unwrap();
     let ci = system.clients(Some(&created.secret)).unwrap();
@@ -206,18 +216,7 @@ async fn missing_bad_revoked_and_expired_credentials_are_unauthenticated() {
     .unwrap();
 
     // An expired token is refused.
-    let short = system
-        .access
-        .clone()
-        .create_token(pb::CreateTokenRequest {
-            name: "short".into(),
-            tenant: "team-a".into(),
-            role: "viewer".into(),
-            expires_in_seconds: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let short = api_token(&system, "short", "viewer", 1).await;
     let short = system.clients(Some(&short.secret)).unwrap();
     let status = wait_for("the token to expire", Duration::from_secs(10), || async {
         who_am_i(&short).await.err()
@@ -1043,5 +1042,142 @@ async fn a_tenant_over_its_submission_rate_or_stream_cap_is_refused_alone() {
     })
     .await
     .unwrap();
+    system.stop().await;
+}
+
+/// A refused call whose message repeats a NUL character the caller sent is audited with the
+/// character replaced: PostgreSQL refuses NUL in text, and the audit log is written many
+/// entries to a statement, so the entry would have failed itself and every entry beside it.
+/// A cancel's reason is bounded and may not hold one at all: it travels to the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn input_with_a_nul_character_is_refused_or_audited_without_it() {
+    let system = TestSystem::start(&agent()).await.unwrap();
+    let a = system
+        .clients(Some(
+            &system.token("team-a", Role::Submitter).await.unwrap(),
+        ))
+        .unwrap();
+    let mut spec = shell_job("nul-env", "true");
+    spec.env.insert("A\0B".into(), "1".into());
+    let refused = submit(&a, spec).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    for reason in ["a\0b".to_owned(), "x".repeat(1025)] {
+        let cancel = a
+            .jobs
+            .clone()
+            .cancel_job(pb::CancelJobRequest {
+                job_id: uuid::Uuid::now_v7().to_string(),
+                reason,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(cancel.code(), Code::InvalidArgument, "{cancel:?}");
+        assert!(cancel.message().starts_with("reason: "), "{cancel:?}");
+    }
+    let drain = system
+        .workers
+        .clone()
+        .drain_worker(pb::DrainWorkerRequest {
+            worker_id: "access-agent".into(),
+            reason: "a\0b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(drain.code(), Code::InvalidArgument, "{drain:?}");
+
+    // The refused submission is in the audit log, its detail with U+FFFD for the NUL.
+    let events = system
+        .access
+        .clone()
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let entry = events
+        .iter()
+        .find(|e| e.action == "SubmitJob" && e.outcome == "InvalidArgument")
+        .unwrap_or_else(|| panic!("no refused SubmitJob in {events:#?}"));
+    assert!(
+        entry.detail.contains("env.A\u{FFFD}B") && !entry.detail.contains('\0'),
+        "{entry:?}"
+    );
+    system.stop().await;
+}
+
+/// A stream lasts as long as its credential: a log follow opened with a token ends with
+/// UNAUTHENTICATED once the token is revoked, while the job still runs and prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_ends_when_its_token_is_revoked() {
+    let system = TestSystem::start(&agent()).await.unwrap();
+    let created = api_token(&system, "follower", "viewer", 0).await;
+    let viewer = system.clients(Some(&created.secret)).unwrap();
+    let submitter = system
+        .clients(Some(
+            &system.token("team-a", Role::Submitter).await.unwrap(),
+        ))
+        .unwrap();
+    let job = submit(
+        &submitter,
+        shell_job(
+            "prints-on",
+            "i=0; while [ $i -lt 600 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        ),
+    )
+    .await
+    .unwrap()
+    .job
+    .unwrap();
+    let mut lines = viewer
+        .jobs
+        .clone()
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job.id.clone(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The follow works: lines arrive.
+    let first = tokio::time::timeout(DEADLINE, lines.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.text.starts_with("tick"), "{first:?}");
+
+    system
+        .access
+        .clone()
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: created.token.unwrap().id,
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match lines.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .expect("the stream ends with a status");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    submitter
+        .jobs
+        .clone()
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
     system.stop().await;
 }

@@ -1,4 +1,5 @@
-//! A poison input blocks nobody but itself: a spec too large for the transport is refused at
+//! A poison input blocks nobody but itself: a job's output with a NUL character is stored
+//! with U+FFFD in its place, a spec too large for the transport is refused at
 //! the edge naming its field (a request too large to decode, with its size and the limit), a message too large that got into the outbox anyway is taken out
 //! of the way (its job fails with the reason) while other users' jobs flow, and a secret named
 //! anywhere in a pipeline is masked everywhere.
@@ -123,6 +124,65 @@ async fn a_spec_too_large_for_nats_is_refused_naming_its_field() {
     );
 
     others_still_flow(&system, "after-refusals").await;
+    system.stop().await;
+}
+
+/// Jobs as large as the edge accepts fill a list's answer past what a client reads (4 MiB):
+/// the page is cut there, and its token leads to the rest, so nobody's listing breaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_of_large_jobs_is_cut_to_what_a_client_reads() {
+    let system = TestSystem::start(&[]).await.unwrap();
+    let mut submitted = Vec::new();
+    for i in 0..6 {
+        let mut spec = exec(&format!("large-{i}"), &["true"]);
+        spec.env.insert("BULK".into(), "x".repeat(900_000));
+        submitted.push(system.submit(spec).await.unwrap().id);
+    }
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = system
+            .jobs
+            .clone()
+            .list_jobs(pb::ListJobsRequest {
+                page_size: 100,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        listed.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    listed.sort();
+    submitted.sort();
+    assert_eq!(listed, submitted);
+    assert!(pages >= 2, "{pages} pages");
+    system.stop().await;
+}
+
+/// A job may print a NUL character, which PostgreSQL refuses in text: its output tail keeps
+/// U+FFFD in its place, and the job ends as it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_prints_a_nul_character_ends_as_it_ended() {
+    let system = TestSystem::start(AGENTS).await.unwrap();
+    let job = system
+        .submit(exec("prints-nul", &["printf", "before\\0after\\n"]))
+        .await
+        .unwrap();
+    let done = system.wait_terminal(&job.id, DEADLINE).await.unwrap();
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!(
+        done.attempts[0].output_tail,
+        vec!["before\u{FFFD}after".to_owned()]
+    );
+    others_still_flow(&system, "after-nul").await;
     system.stop().await;
 }
 

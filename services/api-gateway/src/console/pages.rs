@@ -40,6 +40,7 @@ const PAGE_SIZE: u32 = 50;
 pub(super) fn call<T>(caller: &Caller, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.extensions_mut().insert(caller.principal.clone());
+    request.extensions_mut().insert(caller.credential.clone());
     request
 }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::Console;
 use super::views::{self, Failure};
+use crate::auth::Credential;
 
 /// The cookie that holds the caller's token.
 const COOKIE: &str = "hodei_console";
@@ -24,6 +25,8 @@ pub(super) const FRAGMENT_HEADER: &str = "x-hodei-fragment";
 /// A signed-in caller.
 pub(crate) struct Caller {
     pub principal: Principal,
+    /// The session's token, checked again while a stream opened for the page lasts.
+    pub credential: Credential,
     /// The anti-forgery token forms must carry.
     pub csrf: String,
     /// The request asks for a live region's fragment, not the whole page.
@@ -106,9 +109,14 @@ impl FromRequestParts<Console> for Caller {
         let Some(authorization) = authorization else {
             return Err(Failure::SignIn { next, why: None });
         };
-        match console.auth.authenticate(Some(authorization), None).await {
+        match console
+            .auth
+            .authenticate(Some(authorization.clone()), None)
+            .await
+        {
             Ok(principal) => Ok(Caller {
                 principal,
+                credential: Credential::new(console.auth.clone(), Some(authorization), None),
                 csrf: csrf_of(&credential),
                 fragment,
                 foreign: foreign_origin(&parts.headers, &parts.uri),
