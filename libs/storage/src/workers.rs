@@ -319,9 +319,9 @@ pub struct HeartbeatApplied {
 /// `hold_back` (it still runs attempts that are no longer its own) is not brought back to
 /// ready until it has killed them. Reservations (`held`) are never touched here. Every beat
 /// must have passed [`hodei_messaging::Heartbeat`] validation (numbers in range), and a batch
-/// holds one beat a worker. Returns each worker's effect. A beat older than the worker's last
-/// one written (taken by another registry and written late) changes neither the worker's row
-/// nor its incarnation.
+/// holds one beat a worker. Returns each worker's effect. A beat of another incarnation than
+/// the worker's, older than its last beat written (taken by another registry and written
+/// late), changes neither the worker's row nor its incarnation.
 ///
 /// The beat rows are written (and locked) first, as the liveness sweep locks them before it
 /// marks a worker unreachable: a sweep that began first has committed before the second
@@ -402,12 +402,14 @@ pub async fn apply_heartbeats(
              FROM workers w JOIN input i ON i.id = w.id
          ),
          -- The beats that change the worker's row: the same tests as the upsert's below. A
-         -- beat older than one already written (two registries share the beats, and one may
-         -- write late) changes nothing: it would bring back an incarnation that is gone.
+         -- beat of another incarnation older than one already written (two registries share
+         -- the beats, and one may write late) changes nothing: it would bring back an
+         -- incarnation that is gone.
          changing AS MATERIALIZED (
              SELECT i.* FROM input i LEFT JOIN old o ON o.id = i.id
-             WHERE NOT EXISTS (SELECT 1 FROM worker_beats b
-                               WHERE b.worker_id = i.id AND b.last_heartbeat_at > i.seen)
+             WHERE NOT (o.id IS NOT NULL AND i.incarnation IS DISTINCT FROM o.incarnation
+                        AND EXISTS (SELECT 1 FROM worker_beats b
+                                    WHERE b.worker_id = i.id AND b.last_heartbeat_at > i.seen))
                AND (o.id IS NULL
                 OR (i.status = 'offline' AND o.status <> 'offline')
                 OR (i.status = 'draining' AND o.status <> 'draining')
