@@ -66,10 +66,15 @@ impl StorageError {
 
 /// SQLSTATEs that mean the server (or the database) is not taking work right now rather than
 /// refusing this statement: connection exceptions (class 08), administrator or crash shutdown
-/// and start-up (57P01-57P03), too many connections (53300), and a database that does not
-/// accept connections (55000, as when `ALLOW_CONNECTIONS false` is set).
+/// and start-up (57P01-57P03), too many connections (53300), a database that does not
+/// accept connections (55000, as when `ALLOW_CONNECTIONS false` is set), and a server that
+/// takes no writes (25006: a standby during a failover, a database set read-only).
 fn is_unavailable_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "55000")
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "55000" | "25006"
+        )
 }
 
 pub(crate) fn encode<T: serde::Serialize>(
