@@ -101,7 +101,12 @@ fn service_permissions(role: &NatsRole, inbox: String) -> Permissions {
                 publish.extend(durable_consumer(stream, consumer));
             }
         }
-        NatsRole::Registry => subscribe.push(format!("{PREFIX}.hb.*")),
+        NatsRole::Registry => {
+            subscribe.push(format!("{PREFIX}.hb.*"));
+            let observation = crate::subjects::registry_observation();
+            publish.push(observation.clone());
+            subscribe.push(observation);
+        }
         NatsRole::Gateway => {
             subscribe.push(format!("{PREFIX}.evt.>"));
             // Log follows and artifact listings and downloads: ordered consumers of its own

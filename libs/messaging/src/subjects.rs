@@ -123,6 +123,14 @@ pub fn heartbeat(worker_id: &WorkerId) -> String {
     format!("{PREFIX}.hb.{worker_id}")
 }
 
+/// `hodei.v1.registry.observation`: a registry could not observe its share of the fleet (its
+/// start, a NATS reconnection, heartbeat writes failing or lagging), said to every registry
+/// (core NATS): the beats are shared among them, so a silence seen by one may be another's
+/// outage.
+pub fn registry_observation() -> String {
+    format!("{PREFIX}.registry.observation")
+}
+
 /// `hodei.v1.hb.*`: every heartbeat.
 pub fn all_heartbeats() -> String {
     format!("{PREFIX}.hb.*")

@@ -57,7 +57,7 @@ pub struct RegistryConfig {
 pub enum RegistryError {
     #[error(transparent)]
     Backend(#[from] hodei_runtime::BackendError),
-    #[error("failed to subscribe to heartbeats: {0}")]
+    #[error("failed to subscribe to heartbeats or to the other registries: {0}")]
     Subscribe(String),
     #[error("invalid configuration: {field} {reason}")]
     InvalidConfig {
@@ -96,6 +96,8 @@ pub struct Registry {
     config: RegistryConfig,
     backends: Backends,
     heartbeats: async_nats::Subscriber,
+    /// Other registries' restarts of their liveness clock.
+    peers: async_nats::Subscriber,
 }
 
 impl Registry {
@@ -107,10 +109,16 @@ impl Registry {
             .queue_subscribe(subjects::all_heartbeats(), QUEUE_GROUP.to_owned())
             .await
             .map_err(|e| RegistryError::Subscribe(e.to_string()))?;
+        let peers = backends
+            .nats
+            .subscribe(subjects::registry_observation())
+            .await
+            .map_err(|e| RegistryError::Subscribe(e.to_string()))?;
         Ok(Registry {
             config,
             backends,
             heartbeats,
+            peers,
         })
     }
 
@@ -125,9 +133,16 @@ impl Registry {
             config,
             backends,
             mut heartbeats,
+            peers,
         } = self;
         let policy = config.policy()?;
         let observation = Observation::start(&backends.nats, backends.metrics.clone());
+        let sharing = tokio::spawn(observation::share(
+            backends.nats.clone(),
+            peers,
+            observation.clone(),
+            shutdown.clone(),
+        ));
         let relay = backends.spawn_relay(shutdown.clone());
         let observability = backends.spawn_observability(shutdown.clone());
         let liveness = tokio::spawn(liveness::run(
@@ -145,6 +160,7 @@ impl Registry {
         )
         .await;
         let _ = liveness.await;
+        let _ = sharing.await;
         let _ = relay.await;
         if let Some(observability) = observability {
             let _ = observability.await;

@@ -1,22 +1,30 @@
 //! Whether the registry could observe its fleet, and since when. Silence counts against a
 //! worker only while the registry could have heard it: after the registry's own start, after
 //! NATS reconnects, after PostgreSQL comes back from failing heartbeat writes, and after its own
-//! processing lagged, the clock restarts. An outage of the observer is never evidence against a
-//! worker.
+//! processing lagged, the clock restarts, and so does every other registry's, since they share
+//! the beats. An outage of the observer is never evidence against a worker.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use hodei_messaging::subjects;
 use hodei_telemetry::Metrics;
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// The registry's view of its own ability to observe; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Observation {
     state: Arc<Mutex<State>>,
     metrics: Metrics,
+    /// Woken at each restart of the clock for a cause of this registry's own, to say it to
+    /// the other registries (see [`share`]).
+    restarted: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -48,6 +56,7 @@ impl Observation {
                 heard_through: now,
             })),
             metrics,
+            restarted: Arc::new(Notify::new()),
         }
     }
 
@@ -75,6 +84,19 @@ impl Observation {
             cause,
             "liveness clock restarted: the registry could not observe"
         );
+        self.restarted.notify_one();
+    }
+
+    /// Another registry could not observe its share of the beats: silence counts from now
+    /// here too.
+    fn peer_restarted(&self) {
+        let mut state = self.lock();
+        let now = Utc::now();
+        if now > state.since {
+            state.since = now;
+        }
+        self.metrics.liveness_reset("peer");
+        tracing::debug!("liveness clock restarted: another registry could not observe");
     }
 
     /// A batch of heartbeats was written (or there was none), holding every beat received
@@ -119,6 +141,38 @@ impl Observation {
         }
         if state.writes_failing {
             self.reset(&mut state, "postgres");
+        }
+    }
+}
+
+/// Shares the clock's restarts among registries, which share the beats (a queue group): this
+/// registry's own restarts are published on [`subjects::registry_observation`] (the first one,
+/// its start, at once), and another's restart restarts this one's clock. A registry that lost
+/// NATS gets no beats either, so what it cannot say it did not miss.
+pub(crate) async fn share(
+    nats: async_nats::Client,
+    mut peers: async_nats::Subscriber,
+    observation: Observation,
+    shutdown: CancellationToken,
+) {
+    let me = Uuid::new_v4().to_string();
+    let subject = subjects::registry_observation();
+    observation.restarted.notify_one();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = observation.restarted.notified() => {
+                if let Err(e) = nats.publish(subject.clone(), me.clone().into()).await {
+                    tracing::debug!(error = %e, "could not tell the other registries of a restart");
+                }
+            }
+            message = peers.next() => match message {
+                Some(message) if message.payload.as_ref() != me.as_bytes() => {
+                    observation.peer_restarted();
+                }
+                Some(_) => {}
+                None => return,
+            },
         }
     }
 }

@@ -707,6 +707,52 @@ impl TestSystem {
             .map(|(_, stopped)| stopped.is_cancelled())
     }
 
+    /// Starts another registry, `registry-<n>`, on this system's NATS (sharing the beats with
+    /// the first) and on the database at `database_url`; it stops with the system. Returns
+    /// its metrics address.
+    pub async fn start_registry(
+        &mut self,
+        database_url: String,
+    ) -> Result<std::net::SocketAddr, StartError> {
+        let role = NatsRole::Registry;
+        let backends = BackendConfig {
+            nats_auth: NatsCredentialArgs {
+                nats_nkey_file: self.nats_credentials.service_seed_file(&role),
+                nats_ca: self.backends.nats_auth.nats_ca.clone(),
+            },
+            database_url,
+            ..self.backends.clone()
+        };
+        let registry = Registry::build(RegistryConfig {
+            backends,
+            heartbeat_interval_ms: HEARTBEAT_MS,
+            missed_beats: self.options.missed_beats,
+            flush_interval_ms: 20,
+            partition_share: 0.5,
+            partition_min_workers: 3,
+        })
+        .await
+        .map_err(|e| StartError(format!("registry: {e}")))?;
+        let addr = registry
+            .metrics_addr()
+            .ok_or_else(|| StartError("the registry serves no metrics".into()))?;
+        let name = format!(
+            "registry-{}",
+            self.metrics_addrs
+                .iter()
+                .filter(|(n, _)| n.starts_with("registry"))
+                .count()
+        );
+        self.metrics_addrs.push((name, addr));
+        let token = self.shutdown.clone();
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = registry.run_until_stopped(token).await {
+                eprintln!("registry stopped with error: {e}");
+            }
+        }));
+        Ok(addr)
+    }
+
     /// The `/metrics`, `/healthz`, `/readyz` address of a service: `api-gateway`, `scheduler`
     /// (`scheduler-1`, … for further replicas), `registry`, or an agent's id.
     pub fn metrics_addr(&self, service: &str) -> Option<std::net::SocketAddr> {
