@@ -18,6 +18,16 @@ use crate::auth::Credential;
 
 /// The cookie that holds the caller's token.
 const COOKIE: &str = "hodei_console";
+/// The cookie over TLS: a `__Host-` cookie is set only by this host over TLS, for every path,
+/// so a sibling site (another subdomain or port) cannot plant one the console would read
+/// before its own.
+const HOST_COOKIE: &str = "__Host-hodei_console";
+
+/// The session cookie's name: [`HOST_COOKIE`] over TLS, [`COOKIE`] over plain HTTP (where a
+/// browser refuses `__Host-` cookies).
+fn cookie_name(secure: bool) -> &'static str {
+    if secure { HOST_COOKIE } else { COOKIE }
+}
 
 /// Header a page's script sets when it asks for a live region's fragment only.
 pub(super) const FRAGMENT_HEADER: &str = "x-hodei-fragment";
@@ -55,14 +65,14 @@ fn foreign_origin(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     }
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+fn cookie_token(headers: &HeaderMap, cookie: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == cookie)
         .map(|(_, value)| value.to_owned())
         .filter(|v| !v.is_empty())
 }
@@ -93,7 +103,7 @@ impl FromRequestParts<Console> for Caller {
                     .unwrap_or_default();
                 (Some(value.clone()), credential)
             }
-            None => match cookie_token(&parts.headers) {
+            None => match cookie_token(&parts.headers, cookie_name(console.secure)) {
                 Some(token) => (
                     HeaderValue::from_str(&format!("Bearer {token}")).ok(),
                     token,
@@ -243,7 +253,8 @@ pub(super) async fn login(
         Ok(principal) => {
             tracing::info!(subject = %principal.subject, tenant = %principal.tenant, "console sign-in");
             let secure = if console.secure { "; Secure" } else { "" };
-            let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
+            let name = cookie_name(console.secure);
+            let cookie = format!("{name}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
             ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
         }
         Err(crate::errors::ApiError::Unauthenticated(why)) => {
@@ -263,7 +274,8 @@ pub(super) async fn logout(
         return e.into_response();
     }
     let secure = if console.secure { "; Secure" } else { "" };
-    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+    let name = cookie_name(console.secure);
+    let cookie = format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
@@ -278,9 +290,22 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; hodei_console=hodei_abc; b=2"),
         );
-        assert_eq!(cookie_token(&headers).as_deref(), Some("hodei_abc"));
+        assert_eq!(
+            cookie_token(&headers, cookie_name(false)).as_deref(),
+            Some("hodei_abc")
+        );
+        // Over TLS only the `__Host-` cookie counts: one planted under the plain name does not.
+        assert_eq!(cookie_token(&headers, cookie_name(true)), None);
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("hodei_console=planted; __Host-hodei_console=hodei_own"),
+        );
+        assert_eq!(
+            cookie_token(&headers, cookie_name(true)).as_deref(),
+            Some("hodei_own")
+        );
         headers.insert(header::COOKIE, HeaderValue::from_static("hodei_console="));
-        assert_eq!(cookie_token(&headers), None);
+        assert_eq!(cookie_token(&headers, cookie_name(false)), None);
     }
 
     #[test]
