@@ -4,7 +4,9 @@
 //! that joins them, and the `/metrics`, `/healthz`, `/readyz` server with its probes.
 
 pub mod backends;
+pub mod continuity;
 mod probes;
 pub mod relay;
 
 pub use backends::{BackendConfig, BackendError, Backends, CONFLICT_ATTEMPTS, DB_CALL_TIMEOUT};
+pub use continuity::{NatsBreak, NatsContinuity};

@@ -4,13 +4,13 @@
 //! processing lagged, the clock restarts, and so does every other registry's, since they share
 //! the beats. An outage of the observer is never evidence against a worker.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use hodei_messaging::subjects;
+use hodei_runtime::{NatsBreak, NatsContinuity};
 use hodei_telemetry::Metrics;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,8 +31,8 @@ pub(crate) struct Observation {
 struct State {
     /// Silence before this instant is not counted.
     since: DateTime<Utc>,
-    /// NATS connections made so far (initial one included), as last seen.
-    nats_connects: u64,
+    /// Whether NATS stayed connected since the last check.
+    nats: NatsContinuity,
     /// The last heartbeat write failed: the beats it carried were dropped.
     writes_failing: bool,
     /// When buffered heartbeats were last written (or there were none to write).
@@ -50,7 +50,7 @@ impl Observation {
         Self {
             state: Arc::new(Mutex::new(State {
                 since: now,
-                nats_connects: nats.statistics().connects.load(Ordering::Relaxed),
+                nats: NatsContinuity::start(nats),
                 writes_failing: false,
                 last_flush: Instant::now(),
                 heard_through: now,
@@ -74,7 +74,14 @@ impl Observation {
         self.lock().heard_through
     }
 
+    /// The registry could not observe: silence counts from now, here and (told through
+    /// [`share`]) in every other registry.
     fn reset(&self, state: &mut State, cause: &'static str) {
+        self.restart_clock(state, cause);
+        self.restarted.notify_one();
+    }
+
+    fn restart_clock(&self, state: &mut State, cause: &'static str) {
         let now = Utc::now();
         if now > state.since {
             state.since = now;
@@ -82,21 +89,15 @@ impl Observation {
         self.metrics.liveness_reset(cause);
         tracing::debug!(
             cause,
-            "liveness clock restarted: the registry could not observe"
+            "liveness clock restarted: this or another registry could not observe"
         );
-        self.restarted.notify_one();
     }
 
     /// Another registry could not observe its share of the beats: silence counts from now
     /// here too.
     fn peer_restarted(&self) {
         let mut state = self.lock();
-        let now = Utc::now();
-        if now > state.since {
-            state.since = now;
-        }
-        self.metrics.liveness_reset("peer");
-        tracing::debug!("liveness clock restarted: another registry could not observe");
+        self.restart_clock(&mut state, "peer");
     }
 
     /// A batch of heartbeats was written (or there was none), holding every beat received
@@ -127,13 +128,10 @@ impl Observation {
     /// disconnected, after it reconnected, and while heartbeat writes lag more than `lag_limit`.
     pub fn check(&self, nats: &async_nats::Client, lag_limit: Duration) {
         let mut state = self.lock();
-        let connects = nats.statistics().connects.load(Ordering::Relaxed);
-        let connected = nats.connection_state() == async_nats::connection::State::Connected;
-        if !connected || connects != state.nats_connects {
-            if connected {
+        if let Some(broke) = state.nats.look(nats) {
+            if broke == NatsBreak::Reconnected {
                 tracing::info!("nats reconnected, silence counted from now");
             }
-            state.nats_connects = connects;
             self.reset(&mut state, "nats");
         }
         if state.last_flush.elapsed() > lag_limit {

@@ -6,12 +6,12 @@
 //! reconciler could have heard it ([`Watching`]), and never over a report still waiting to be
 //! recorded.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::Utc;
 use hodei_domain::{AttemptId, AttemptOutcome, JobState};
 use hodei_messaging::{AgentCommand, Outgoing, PlaceJob, streams, subjects, trace};
+use hodei_runtime::{NatsBreak, NatsContinuity};
 use hodei_storage::{driver, jobs};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -170,26 +170,23 @@ async fn end_undeliverable(
 /// worker.
 struct Watching {
     since: tokio::time::Instant,
-    /// NATS connections made so far, as last looked at.
-    connects: u64,
+    nats: NatsContinuity,
 }
 
 impl Watching {
     fn start(nats: &async_nats::Client) -> Self {
         Self {
             since: tokio::time::Instant::now(),
-            connects: nats.statistics().connects.load(Ordering::Relaxed),
+            nats: NatsContinuity::start(nats),
         }
     }
 
     /// Restarts the clock when NATS is not connected now or reconnected since the last look.
     fn look_at_nats(&mut self, nats: &async_nats::Client) {
-        let connects = nats.statistics().connects.load(Ordering::Relaxed);
-        if connects != self.connects {
-            self.connects = connects;
-            self.restart("nats reconnected");
-        } else if nats.connection_state() != async_nats::connection::State::Connected {
-            self.restart("nats disconnected");
+        match self.nats.look(nats) {
+            Some(NatsBreak::Reconnected) => self.restart("nats reconnected"),
+            Some(NatsBreak::Disconnected) => self.restart("nats disconnected"),
+            None => {}
         }
     }
 

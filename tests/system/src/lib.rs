@@ -254,6 +254,32 @@ impl Default for SystemOptions {
     }
 }
 
+/// A registry with the test systems' settings on `backends`, running until `shutdown`: its
+/// metrics address and its task.
+async fn spawn_registry(
+    backends: BackendConfig,
+    missed_beats: u32,
+    shutdown: CancellationToken,
+) -> Result<(Option<std::net::SocketAddr>, JoinHandle<()>), StartError> {
+    let registry = Registry::build(RegistryConfig {
+        backends,
+        heartbeat_interval_ms: HEARTBEAT_MS,
+        missed_beats,
+        flush_interval_ms: 20,
+        partition_share: 0.5,
+        partition_min_workers: 3,
+    })
+    .await
+    .map_err(|e| StartError(format!("registry: {e}")))?;
+    let addr = registry.metrics_addr();
+    let task = tokio::spawn(async move {
+        if let Err(e) = registry.run_until_stopped(shutdown).await {
+            eprintln!("registry stopped with error: {e}");
+        }
+    });
+    Ok((addr, task))
+}
+
 /// A beat of worker `id` as an agent of a new incarnation sends it, with nothing running: a
 /// 15 s lease, 10 s kill grace, no labels, 1 CPU, 1,000 MB and 2 slots. Tests change what they
 /// need.
@@ -451,23 +477,14 @@ impl TestSystem {
             }));
         }
 
-        let registry = Registry::build(RegistryConfig {
-            backends: as_service(NatsRole::Registry),
-            heartbeat_interval_ms: HEARTBEAT_MS,
-            missed_beats: options.missed_beats,
-            flush_interval_ms: 20,
-            partition_share: 0.5,
-            partition_min_workers: 3,
-        })
-        .await
-        .map_err(|e| fail("registry")(e.to_string()))?;
-        metrics_addrs.extend(registry.metrics_addr().map(|a| ("registry".to_owned(), a)));
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = registry.run_until_stopped(token).await {
-                eprintln!("registry stopped with error: {e}");
-            }
-        }));
+        let (registry, task) = spawn_registry(
+            as_service(NatsRole::Registry),
+            options.missed_beats,
+            shutdown.clone(),
+        )
+        .await?;
+        metrics_addrs.extend(registry.map(|a| ("registry".to_owned(), a)));
+        tasks.push(task);
 
         let work_root = tempfile::tempdir().map_err(|e| fail("agents")(e.to_string()))?;
         let channel = endpoint(
@@ -723,19 +740,10 @@ impl TestSystem {
             database_url,
             ..self.backends.clone()
         };
-        let registry = Registry::build(RegistryConfig {
-            backends,
-            heartbeat_interval_ms: HEARTBEAT_MS,
-            missed_beats: self.options.missed_beats,
-            flush_interval_ms: 20,
-            partition_share: 0.5,
-            partition_min_workers: 3,
-        })
-        .await
-        .map_err(|e| StartError(format!("registry: {e}")))?;
-        let addr = registry
-            .metrics_addr()
-            .ok_or_else(|| StartError("the registry serves no metrics".into()))?;
+        let (addr, task) =
+            spawn_registry(backends, self.options.missed_beats, self.shutdown.clone()).await?;
+        self.tasks.push(task);
+        let addr = addr.ok_or_else(|| StartError("the registry serves no metrics".into()))?;
         let name = format!(
             "registry-{}",
             self.metrics_addrs
@@ -744,12 +752,6 @@ impl TestSystem {
                 .count()
         );
         self.metrics_addrs.push((name, addr));
-        let token = self.shutdown.clone();
-        self.tasks.push(tokio::spawn(async move {
-            if let Err(e) = registry.run_until_stopped(token).await {
-                eprintln!("registry stopped with error: {e}");
-            }
-        }));
         Ok(addr)
     }
 
