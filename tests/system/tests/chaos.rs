@@ -8,18 +8,21 @@
 //!
 //! Phase by phase, under load, the test injects one fault: SIGKILL and restart of the registry
 //! (after every heartbeat in PostgreSQL has gone stale), of the scheduler (with a report
-//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a PostgreSQL crash that
-//! loses the relays' last deletions of published rows (which commit without waiting for the
-//! disk) in the same outage as a NATS restart, so that every message is published again;
-//! SIGKILL of an agent and its restart under the same worker id; and a partition of one agent
-//! from NATS for longer than its lease. Then it checks the ledger and the state of record:
+//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a PostgreSQL outage that
+//! outlasts the running jobs' own timeout and the scheduler's grace while they end (so their
+//! reports, not the timeout, must decide); a PostgreSQL crash that loses the relays' last
+//! deletions of published rows (which commit without waiting for the disk) in the same
+//! outage as a NATS restart, so that every message is published again; SIGKILL of an agent
+//! and its restart under the same worker id; and a partition of one agent from NATS for
+//! longer than its lease. Then it checks the ledger and the state of record:
 //!
 //! - every accepted job ended, and its ledger shows exactly one `end` and no `overlap`;
 //! - every recorded outcome is what ran: the job's state and exit code are those of the one
 //!   `end` line (every fifth job exits 3 and is not retried);
 //! - every job ended within a bound the test prints, per phase;
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
-//!   scheduler, gateway, NATS, PostgreSQL, lost deletions): healthy workers were never blamed;
+//!   scheduler, gateway, NATS, PostgreSQL, timeouts, lost deletions): healthy workers were
+//!   never blamed;
 //! - only the phases that really killed running processes (agent restart, partition) re-ran
 //!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -60,6 +63,14 @@ const PARTITION_JOB_SECS: f64 = 10.0;
 /// How long PostgreSQL stays away: longer than the 2 s of silence that make a worker
 /// unreachable.
 const PG_OUTAGE: Duration = Duration::from_secs(3);
+/// The `timeouts` phase's jobs' own timeout: longer than any of them runs (at most 2 s).
+const SHORT_TIMEOUT_SECS: u64 = 4;
+/// How long a running job may go unreported past its timeout before the scheduler ends it.
+const TIMEOUT_GRACE_MS: u64 = 1_000;
+/// How long PostgreSQL stays away in the `timeouts` phase: past every running job's timeout
+/// and grace, so that each of them is overdue when the database is back.
+const LONG_PG_OUTAGE: Duration =
+    Duration::from_millis(SHORT_TIMEOUT_SECS * 1_000 + TIMEOUT_GRACE_MS + 1_000);
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The job each ledger entry comes from: takes its lock, writes `start`, sleeps, writes `end`
@@ -129,6 +140,7 @@ impl Cluster {
                 ("HODEI_PLACEMENT_RETRY_MS", "100".to_owned()),
                 ("HODEI_RECONCILE_AFTER_MS", "3000".to_owned()),
                 ("HODEI_ACK_WAIT_MS", "2000".to_owned()),
+                ("HODEI_TIMEOUT_GRACE_MS", TIMEOUT_GRACE_MS.to_string()),
             ]),
             loopback_port(),
             &logs,
@@ -232,8 +244,19 @@ impl Cluster {
         self.agents.iter_mut().find(|a| a.name() == id).unwrap()
     }
 
-    /// Submits the phase's jobs; each sleeps `secs(i)` seconds.
+    /// Submits the phase's jobs; each sleeps `secs(i)` seconds, within a timeout of 60 s.
     async fn submit(&self, phase: &str, count: usize, secs: impl Fn(usize) -> f64) {
+        self.submit_timed(phase, count, secs, 60).await;
+    }
+
+    /// Submits the phase's jobs; each sleeps `secs(i)` seconds, within `timeout_secs`.
+    async fn submit_timed(
+        &self,
+        phase: &str,
+        count: usize,
+        secs: impl Fn(usize) -> f64,
+        timeout_secs: u64,
+    ) {
         for i in 0..count {
             let name = format!("{phase}-{i:02}");
             let env = [
@@ -253,7 +276,7 @@ impl Cluster {
                     script: JOB_SCRIPT.to_owned(),
                 })),
                 env,
-                timeout_secs: 60,
+                timeout_secs,
                 // A failed run is not retried: the one end in the ledger is the outcome.
                 max_attempts: 1,
                 ..Default::default()
@@ -361,7 +384,18 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Waits until a running job of `service`'s kind answers `status` on `/readyz`.
+    /// Whether every run of the phase the ledger shows started has reached its end.
+    fn every_start_ended(&self, phase: &str) -> bool {
+        let ledger = std::fs::read_to_string(self.ledger()).unwrap_or_default();
+        let count = |kind: &str| {
+            ledger
+                .lines()
+                .filter(|line| line.starts_with(&format!("{kind} {phase}-")))
+                .count()
+        };
+        count("start") == count("end")
+    }
+
     /// From now on, keeps a copy of every row written to the outbox.
     async fn keep_outbox_rows(&self) {
         for statement in [
@@ -663,6 +697,36 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         ended: submitted.elapsed(),
     });
 
+    // PostgreSQL goes away while the running jobs end, and stays away past their own timeout
+    // and the scheduler's grace after it: their reports wait in JetStream, and when the
+    // database is back, those reports decide, not the timeout (silence counts only while the
+    // scheduler could have heard it).
+    let submitted = Instant::now();
+    cluster
+        .submit_timed("timeouts", PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
+        .await;
+    cluster.wait_running("timeouts", 8, None).await;
+    let t = Instant::now();
+    cluster.database.set_available(false).await.unwrap();
+    cluster.wait_services(503).await;
+    wait_for("the running jobs to end in the outage", DEADLINE, || {
+        let cluster = &cluster;
+        async move { cluster.every_start_ended("timeouts").then_some(()) }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep_until((t + LONG_PG_OUTAGE).into()).await;
+    cluster.database.set_available(true).await.unwrap();
+    cluster.wait_services(200).await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("timeouts").await;
+    phases.push(Phase {
+        name: "timeouts",
+        kills_jobs_on: None,
+        fault,
+        ended: submitted.elapsed(),
+    });
+
     // PostgreSQL crashes and loses the relays' last deletions of published rows (they commit
     // without waiting for the disk), in the same outage as a NATS restart that forgets which
     // assignments it already stored: every message of the phase is published again, the
@@ -753,7 +817,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let ledger = read_ledger(&cluster.ledger());
     let record = cluster.jobs_of_record().await;
     let logs = cluster.logs();
-    assert_eq!(record.len(), 7 * PHASE_JOBS + 12, "{record:?}");
+    assert_eq!(record.len(), 8 * PHASE_JOBS + 12, "{record:?}");
     for (name, job) in &record {
         let runs = ledger.get(name);
         let Some(Runs {
