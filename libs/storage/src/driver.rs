@@ -505,11 +505,15 @@ pub enum RunSubmitted {
     Created(PipelineRun),
     /// A run with the same idempotency key existed; it is returned as it is now.
     Existing(PipelineRun),
+    /// Nothing was recorded: the tenant is at its queue quota (the reason says so).
+    OverQuota(String),
 }
 
 /// Records a new run, its first event and the jobs of the steps that need nothing, in one
 /// transaction. With an idempotency key the tenant already used, records nothing and returns
-/// the existing run.
+/// the existing run. A tenant at its queue quota (`max_queued_jobs`, counted with its policy
+/// locked, as a job submission counts it) gets nothing recorded: a run is let in while its
+/// tenant may queue one more job, and its later steps are never refused.
 pub async fn submit_run(
     pool: &PgPool,
     run: PipelineRun,
@@ -517,14 +521,28 @@ pub async fn submit_run(
     source: &str,
 ) -> Result<RunSubmitted, StorageError> {
     let mut tx = pool.begin().await?;
-    let key = run.spec().idempotency_key.clone().unwrap_or_default();
+    let key = run.spec().idempotency_key.clone();
     let tenant = run.tenant().clone();
-    let Some(run) = start_run(&mut tx, run, event, source).await? else {
+    let refused = tenant_queue_hold(&mut tx, &tenant, &[]).await?;
+    let started = match refused {
+        Some(_) => None,
+        None => start_run(&mut tx, run, event, source).await?,
+    };
+    let Some(run) = started else {
         tx.rollback().await?;
-        return match pipelines::find_by_idempotency_key(pool, &tenant, &key).await? {
-            Some(existing) => Ok(RunSubmitted::Existing(existing)),
-            None => Err(StorageError::Conflict {
-                what: format!("pipeline run with idempotency key {key}"),
+        // A submission retried after its run was recorded answers that run, quota or not.
+        let existing = match key.as_deref() {
+            Some(key) => pipelines::find_by_idempotency_key(pool, &tenant, key).await?,
+            None => None,
+        };
+        return match (existing, refused) {
+            (Some(existing), _) => Ok(RunSubmitted::Existing(existing)),
+            (None, Some(reason)) => Ok(RunSubmitted::OverQuota(reason)),
+            (None, None) => Err(StorageError::Conflict {
+                what: format!(
+                    "pipeline run with idempotency key {}",
+                    key.unwrap_or_default()
+                ),
             }),
         };
     };
@@ -944,8 +962,8 @@ async fn fire_tick(
         FiredBy::Hand { key } => (true, key),
     };
     use hodei_domain::{
-        Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, ScheduleTarget,
-        TickOutcome, TickRecord,
+        Firing, OverlapPolicy, PipelineRunId, ScheduleEvent, ScheduleEventKind, TickOutcome,
+        TickRecord,
     };
     let unfinished = match schedule.spec().overlap {
         OverlapPolicy::Allow => Vec::new(),
@@ -959,10 +977,10 @@ async fn fire_tick(
             "{} has not ended (overlap policy skip)",
             going.join(", ")
         ))
-    } else if matches!(schedule.spec().target, ScheduleTarget::Job { .. }) {
-        // The tenant's queue quota holds a job's tick as it refuses `SubmitJob` (a pipeline's
-        // tick is let through, as `SubmitPipeline` is). The jobs this tick would replace
-        // (`cancel_previous`) do not count: they leave the queue as its job joins it.
+    } else {
+        // The tenant's queue quota holds a tick as it refuses `SubmitJob` and
+        // `SubmitPipeline`. The jobs this tick would replace (`cancel_previous`) do not count:
+        // they leave the queue as its job joins it.
         let replaced: Vec<JobId> = unfinished
             .iter()
             .filter_map(|started| match started {
@@ -971,8 +989,6 @@ async fn fire_tick(
             })
             .collect();
         tenant_queue_hold(conn, schedule.tenant(), &replaced).await?
-    } else {
-        None
     };
     if let Some(reason) = skipped {
         let record = TickRecord {

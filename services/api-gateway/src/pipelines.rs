@@ -160,6 +160,9 @@ impl PipelineApi {
                 tracing::info!(run_id = %run.id(), "idempotent resubmission returned the existing pipeline run");
                 (run, false)
             }
+            RunSubmitted::OverQuota(reason) => {
+                return Err(ApiError::Exhausted(reason)).into_status();
+            }
         };
         Ok(pb::SubmitPipelineResponse {
             run: Some(self.to_wire(&run).await?),

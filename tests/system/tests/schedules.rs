@@ -1159,7 +1159,8 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
         .unwrap();
     assert_eq!(replaced.state(), pb::JobState::Cancelled, "{replaced:?}");
 
-    // The queue still full, a pipeline's tick goes through, as `SubmitPipeline` does.
+    // The queue still full, a pipeline's tick is skipped as `SubmitPipeline` is refused, and
+    // fires once there is room.
     let pipeline = pb::PipelineSpec {
         name: "at-quota".to_owned(),
         steps: vec![pb::PipelineStep {
@@ -1172,14 +1173,21 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
     let mut piped = schedule_spec("piped", "@yearly", shell_job("x", "true"));
     piped.target = Some(pb::schedule_spec::Target::Pipeline(pipeline));
     create(&mut schedules.clone(), piped).await;
-    let run = trigger(&schedules, "piped").await;
-    assert_eq!(run.outcome, "triggered", "{run:?}");
-    assert!(!run.run_id.is_empty(), "{run:?}");
+    let held = trigger(&schedules, "piped").await;
+    assert_eq!(held.outcome, "skipped", "{held:?}");
+    assert!(
+        held.detail.contains("max_queued_jobs (1 of 1 queued)") && held.run_id.is_empty(),
+        "{held:?}"
+    );
     jobs.cancel_job(pb::CancelJobRequest {
         job_id: after.job_id.clone(),
         reason: String::new(),
     })
     .await
     .unwrap();
+    system.wait_terminal(&after.job_id, DEADLINE).await.unwrap();
+    let run = trigger(&schedules, "piped").await;
+    assert_eq!(run.outcome, "triggered", "{run:?}");
+    assert!(!run.run_id.is_empty(), "{run:?}");
     system.stop().await;
 }

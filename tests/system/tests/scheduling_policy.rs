@@ -134,6 +134,18 @@ async fn a_priority_1000_job_behind_5000_queued_jobs_starts_next() {
     system.stop().await;
 }
 
+/// `refused` is the answer of team-q's queue quota of 2, naming it.
+fn assert_over_queue_quota(refused: &tonic::Status) {
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("max_queued_jobs (2 of 2 queued)"),
+        "{}",
+        refused.message()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_at_its_quotas_waits_or_is_refused_and_says_why() {
     let system = one_agent_system(4, 1).await;
@@ -220,14 +232,32 @@ async fn a_tenant_at_its_quotas_waits_or_is_refused_and_says_why() {
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    assert!(
-        refused
-            .message()
-            .contains("max_queued_jobs (2 of 2 queued)"),
-        "{}",
-        refused.message()
-    );
+    assert_over_queue_quota(&refused);
+    // A pipeline run is refused the same way, and nothing of it is recorded.
+    let step = pb::PipelineStep {
+        name: "only".into(),
+        job: Some(shell_job("", "true")),
+        ..Default::default()
+    };
+    let refused = system
+        .pipelines
+        .clone()
+        .submit_pipeline(pb::SubmitPipelineRequest {
+            spec: Some(pb::PipelineSpec {
+                name: "q-run".into(),
+                steps: vec![step],
+                ..Default::default()
+            }),
+            tenant: "team-q".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_over_queue_quota(&refused);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM pipeline_runs")
+        .fetch_one(&system.database.connect().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(runs, 0, "a refused run is not recorded");
     let other = system.submit(shell_job("other", "true")).await.unwrap();
     let other = system.wait_terminal(&other.id, DEADLINE).await.unwrap();
     assert_eq!(other.state(), pb::JobState::Succeeded);
