@@ -159,13 +159,7 @@ impl ServiceProcess {
         let Some(mut child) = self.child.take() else {
             return Err(StartError(format!("{} is not running", self.name)));
         };
-        let pid = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .map(nix::unistd::Pid::from_raw)
-            .ok_or_else(|| StartError(format!("{} has already exited", self.name)))?;
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-            .map_err(|e| StartError(format!("could not signal {}: {e}", self.name)))?;
+        self.signal(&child, nix::sys::signal::Signal::SIGTERM)?;
         match tokio::time::timeout(grace, child.wait()).await {
             Ok(exited) => exited.map_err(|e| StartError(format!("waiting for {}: {e}", self.name))),
             Err(_) => {
@@ -177,6 +171,36 @@ impl ServiceProcess {
                 )))
             }
         }
+    }
+
+    /// Freezes the process where it stands (SIGSTOP), as a long pause of its host or of its
+    /// runtime does: its connections stay open, nothing it holds is released, and it reads
+    /// nothing until [`ServiceProcess::resume`].
+    pub fn pause(&self) -> Result<(), StartError> {
+        let child = self.running()?;
+        self.signal(child, nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) -> Result<(), StartError> {
+        let child = self.running()?;
+        self.signal(child, nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn running(&self) -> Result<&Child, StartError> {
+        self.child
+            .as_ref()
+            .ok_or_else(|| StartError(format!("{} is not running", self.name)))
+    }
+
+    fn signal(&self, child: &Child, signal: nix::sys::signal::Signal) -> Result<(), StartError> {
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(nix::unistd::Pid::from_raw)
+            .ok_or_else(|| StartError(format!("{} has already exited", self.name)))?;
+        nix::sys::signal::kill(pid, signal)
+            .map_err(|e| StartError(format!("could not signal {}: {e}", self.name)))
     }
 
     /// Starts the process again with the same settings (killing it first if it runs).

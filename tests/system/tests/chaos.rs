@@ -10,19 +10,20 @@
 //! (after every heartbeat in PostgreSQL has gone stale), of the scheduler (with a report
 //! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a PostgreSQL outage that
 //! outlasts the running jobs' own timeout and the scheduler's grace while they end (so their
-//! reports, not the timeout, must decide); a PostgreSQL crash that loses the relays' last
-//! deletions of published rows (which commit without waiting for the disk) in the same
-//! outage as a NATS restart, so that every message is published again; SIGKILL of an agent
-//! and its restart under the same worker id; and a partition of one agent from NATS for
-//! longer than its lease. Then it checks the ledger and the state of record:
+//! reports, not the timeout, must decide); a freeze (SIGSTOP) of the registry and the scheduler
+//! together, past a worker's lease and the running jobs' timeout, while they end; a PostgreSQL
+//! crash that loses the relays' last deletions of published rows (which commit without
+//! waiting for the disk) in the same outage as a NATS restart, so that every message is
+//! published again; SIGKILL of an agent and its restart under the same worker id; and a
+//! partition of one agent from NATS for longer than its lease. Then it checks the ledger and the state of record:
 //!
 //! - every accepted job ended, and its ledger shows exactly one `end` and no `overlap`;
 //! - every recorded outcome is what ran: the job's state and exit code are those of the one
 //!   `end` line (every fifth job exits 3 and is not retried);
 //! - every job ended within a bound the test prints, per phase;
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
-//!   scheduler, gateway, NATS, PostgreSQL, timeouts, lost deletions): healthy workers were
-//!   never blamed;
+//!   scheduler, gateway, NATS, PostgreSQL, timeouts, stall, lost deletions): healthy workers
+//!   were never blamed;
 //! - only the phases that really killed running processes (agent restart, partition) re-ran
 //!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -71,6 +72,10 @@ const TIMEOUT_GRACE_MS: u64 = 1_000;
 /// and grace, so that each of them is overdue when the database is back.
 const LONG_PG_OUTAGE: Duration =
     Duration::from_millis(SHORT_TIMEOUT_SECS * 1_000 + TIMEOUT_GRACE_MS + 1_000);
+/// How long the registry and the scheduler stay frozen in the `stall` phase: past the silence
+/// after which the registry hands a worker's attempts back (lease + kill grace), and past the
+/// running jobs' timeout and grace.
+const STALL: Duration = Duration::from_millis(LEASE_MS + KILL_GRACE_MS + 1_000);
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The job each ledger entry comes from: takes its lock, writes `start`, sleeps, writes `end`
@@ -727,6 +732,37 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         ended: submitted.elapsed(),
     });
 
+    // The registry and the scheduler freeze where they stand (SIGSTOP, as a stalled host or
+    // runtime would), with jobs running, past a worker's lease and the jobs' own timeout and
+    // grace; the jobs end meanwhile. Thawed, they find every stored beat and every running job
+    // long overdue: what they did not observe is no evidence against the workers, and the
+    // reports waiting in JetStream decide.
+    let submitted = Instant::now();
+    cluster
+        .submit_timed("stall", PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
+        .await;
+    cluster.wait_running("stall", 8, None).await;
+    let t = Instant::now();
+    cluster.registry.pause().unwrap();
+    cluster.scheduler.pause().unwrap();
+    wait_for("the running jobs to end in the stall", DEADLINE, || {
+        let cluster = &cluster;
+        async move { cluster.every_start_ended("stall").then_some(()) }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep_until((t + STALL).into()).await;
+    cluster.registry.resume().unwrap();
+    cluster.scheduler.resume().unwrap();
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("stall").await;
+    phases.push(Phase {
+        name: "stall",
+        kills_jobs_on: None,
+        fault,
+        ended: submitted.elapsed(),
+    });
+
     // PostgreSQL crashes and loses the relays' last deletions of published rows (they commit
     // without waiting for the disk), in the same outage as a NATS restart that forgets which
     // assignments it already stored: every message of the phase is published again, the
@@ -817,7 +853,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let ledger = read_ledger(&cluster.ledger());
     let record = cluster.jobs_of_record().await;
     let logs = cluster.logs();
-    assert_eq!(record.len(), 8 * PHASE_JOBS + 12, "{record:?}");
+    assert_eq!(record.len(), 9 * PHASE_JOBS + 12, "{record:?}");
     for (name, job) in &record {
         let runs = ledger.get(name);
         let Some(Runs {
