@@ -389,16 +389,25 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Whether every run of the phase the ledger shows started has reached its end.
-    fn every_start_ended(&self, phase: &str) -> bool {
-        let ledger = std::fs::read_to_string(self.ledger()).unwrap_or_default();
-        let count = |kind: &str| {
-            ledger
-                .lines()
-                .filter(|line| line.starts_with(&format!("{kind} {phase}-")))
-                .count()
-        };
-        count("start") == count("end")
+    /// Waits until every run of the phase the ledger shows started has reached its end.
+    async fn wait_every_start_ended(&self, phase: &str) {
+        let ledger = self.ledger();
+        wait_for(
+            &format!("the running jobs of {phase} to end"),
+            DEADLINE,
+            || {
+                let ledger = std::fs::read_to_string(&ledger).unwrap_or_default();
+                let count = |kind: &str| {
+                    ledger
+                        .lines()
+                        .filter(|line| line.starts_with(&format!("{kind} {phase}-")))
+                        .count()
+                };
+                std::future::ready((count("start") == count("end")).then_some(()))
+            },
+        )
+        .await
+        .unwrap();
     }
 
     /// From now on, keeps a copy of every row written to the outbox.
@@ -714,12 +723,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let t = Instant::now();
     cluster.database.set_available(false).await.unwrap();
     cluster.wait_services(503).await;
-    wait_for("the running jobs to end in the outage", DEADLINE, || {
-        let cluster = &cluster;
-        async move { cluster.every_start_ended("timeouts").then_some(()) }
-    })
-    .await
-    .unwrap();
+    cluster.wait_every_start_ended("timeouts").await;
     tokio::time::sleep_until((t + LONG_PG_OUTAGE).into()).await;
     cluster.database.set_available(true).await.unwrap();
     cluster.wait_services(200).await;
@@ -745,12 +749,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let t = Instant::now();
     cluster.registry.pause().unwrap();
     cluster.scheduler.pause().unwrap();
-    wait_for("the running jobs to end in the stall", DEADLINE, || {
-        let cluster = &cluster;
-        async move { cluster.every_start_ended("stall").then_some(()) }
-    })
-    .await
-    .unwrap();
+    cluster.wait_every_start_ended("stall").await;
     tokio::time::sleep_until((t + STALL).into()).await;
     cluster.registry.resume().unwrap();
     cluster.scheduler.resume().unwrap();
