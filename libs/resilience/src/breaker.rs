@@ -31,11 +31,12 @@ pub struct BreakerConfig {
 }
 
 impl Default for BreakerConfig {
-    /// 5 consecutive failures open the circuit for 5 s, then 1 probe call decides.
+    /// 5 consecutive failures open the circuit for 1 s, then 1 probe call decides: a probe a
+    /// second costs the backend nothing, and work resumes within a second of its return.
     fn default() -> Self {
         Self {
             failure_threshold: 5,
-            open_for: Duration::from_secs(5),
+            open_for: Duration::from_secs(1),
             half_open_probes: 1,
         }
     }
@@ -382,7 +383,7 @@ mod tests {
     fn default_config_matches_the_documented_values() {
         let config = BreakerConfig::default();
         assert_eq!(config.failure_threshold, 5);
-        assert_eq!(config.open_for, Duration::from_secs(5));
+        assert_eq!(config.open_for, Duration::from_secs(1));
         assert_eq!(config.half_open_probes, 1);
     }
 

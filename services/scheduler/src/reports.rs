@@ -27,6 +27,10 @@ const REPORT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Most reports recorded in one transaction.
 const REPORT_BATCH: usize = 256;
 
+/// Shortest and longest wait between two tries of a batch held while PostgreSQL is away.
+const HOLD_RETRY_MIN: Duration = Duration::from_millis(100);
+const HOLD_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Consumes reports until `shutdown`: each batch that is ready (up to [`REPORT_BATCH`]) is
 /// recorded in one transaction (group commit); a batch that cannot be recorded as a whole is
 /// recorded report by report, so one bad report fails alone.
@@ -65,7 +69,9 @@ pub(crate) async fn run(
                 }
             }
         }
-        handle_batch(&ctx, checked).await;
+        if !handle_batch(&ctx, checked, &shutdown).await {
+            return Ok(());
+        }
     }
 }
 
@@ -130,15 +136,15 @@ async fn check(ctx: &Context, message: Message) -> Option<Checked> {
     })
 }
 
-/// Records a batch in one transaction, or, if that fails, report by report.
-async fn handle_batch(ctx: &Context, batch: Vec<Checked>) {
+/// Records a batch in one transaction, or, if that fails, report by report. False when
+/// `shutdown` came while the batch was held (its reports are delivered again elsewhere).
+async fn handle_batch(ctx: &Context, batch: Vec<Checked>, shutdown: &CancellationToken) -> bool {
     if batch.is_empty() {
-        return;
+        return true;
     }
-    let recorded = ctx
-        .backends
-        .db_until_no_conflict(|| record_batch(ctx, &batch))
-        .await;
+    let Some(recorded) = record_when_available(ctx, &batch, shutdown).await else {
+        return false;
+    };
     match recorded {
         Ok(outcomes) => {
             for (checked, outcome) in batch.iter().zip(outcomes) {
@@ -161,6 +167,51 @@ async fn handle_batch(ctx: &Context, batch: Vec<Checked>) {
                     .instrument(checked.span.clone())
                     .await;
             }
+        }
+    }
+    true
+}
+
+/// Records the batch in one transaction. While PostgreSQL is away the batch is held rather
+/// than handed back: its messages are kept in progress (so JetStream delivers them to no one
+/// else) and it is tried again as soon as the circuit breaker lets a call through, so its
+/// reports are recorded within a second of PostgreSQL's return, and a long outage does not
+/// redeliver every waiting report over and over. `None` when `shutdown` came meanwhile.
+async fn record_when_available(
+    ctx: &Context,
+    batch: &[Checked],
+    shutdown: &CancellationToken,
+) -> Option<Result<Vec<Outcome>, StorageError>> {
+    let keep_every = Duration::from_millis(ctx.config.ack_wait_ms) / 3;
+    let mut kept_at: Option<tokio::time::Instant> = None;
+    loop {
+        let recorded = ctx
+            .backends
+            .db_until_no_conflict(|| record_batch(ctx, batch))
+            .await;
+        let wait = match &recorded {
+            Err(StorageError::Unavailable { retry_in, .. }) => *retry_in,
+            Err(e) if e.is_unavailable() => HOLD_RETRY_MIN,
+            _ => return Some(recorded),
+        };
+        if kept_at.is_none_or(|at| at.elapsed() >= keep_every) {
+            if kept_at.is_none() {
+                tracing::warn!(
+                    count = batch.len(),
+                    "postgres unavailable, holding a batch of reports until it is back"
+                );
+            }
+            for checked in batch {
+                if let Err(e) = checked.message.ack_with(AckKind::Progress).await {
+                    ctx.backends.metrics.nats_error("ack");
+                    tracing::debug!(error = %e, "failed to keep a held report in progress");
+                }
+            }
+            kept_at = Some(tokio::time::Instant::now());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(wait.clamp(HOLD_RETRY_MIN, HOLD_RETRY_MAX)) => {}
         }
     }
 }

@@ -299,29 +299,33 @@ async fn a_finished_report_whose_tail_holds_a_nul_character_is_recorded() {
     system.stop().await;
 }
 
-/// Deliveries of the reports so far, by the schedulers' shared consumer.
-async fn report_deliveries(js: &async_nats::jetstream::Context) -> u64 {
+/// The reports delivered so far by the schedulers' shared consumer, and how many of them
+/// wait for their acknowledgement.
+async fn report_deliveries(js: &async_nats::jetstream::Context) -> (u64, usize) {
     let stream = js.get_stream(streams::REPORTS).await.unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer(streams::REPORTER).await.unwrap();
-    consumer.info().await.unwrap().delivered.consumer_sequence
+    let info = consumer.info().await.unwrap();
+    (info.delivered.consumer_sequence, info.num_ack_pending)
 }
 
 /// An outage of the observer is never evidence against a worker: the worker reported its job
-/// done while PostgreSQL was away, and its report waited in the reports stream, redelivered
-/// ever later, while the job's timeout and grace passed. When PostgreSQL is back the job ends
-/// as its worker reported it, not timed out, and nobody tells the worker to kill it.
+/// done while PostgreSQL was away, and its report waited, held by the scheduler that took it,
+/// while the job's timeout and grace passed. When PostgreSQL is back the job ends as its
+/// worker reported it, not timed out, and nobody tells the worker to kill it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout() {
     let (system, mut worker, job, job_id, attempt) =
         started_on_mute("patient", "outlives-outage", 1).await;
+    // The job started before this instant; its timeout is 1 s and its grace 0.5 s.
+    let started = tokio::time::Instant::now();
 
     system.database.set_available(false).await.unwrap();
     system
         .wait_readiness(&["scheduler"], 503, Duration::from_secs(30))
         .await
         .unwrap();
-    let before = report_deliveries(&worker.js).await;
+    let (before, _) = report_deliveries(&worker.js).await;
     worker
         .report_finished(
             job_id,
@@ -330,19 +334,27 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
             vec!["done".into()],
         )
         .await;
-    // Five deliveries, each refused for the outage, take 3.75 s of backing off (0.25, 0.5, 1
-    // and 2 s): the job's 1 s timeout and its 0.5 s grace are long past, and the next
-    // delivery is 4 s away when PostgreSQL returns.
     wait_for(
-        "five deliveries of the report",
+        "the report to be taken and held",
         Duration::from_secs(60),
         || {
             let js = worker.js.clone();
-            async move { (report_deliveries(&js).await >= before + 5).then_some(()) }
+            async move {
+                let (delivered, pending) = report_deliveries(&js).await;
+                (delivered > before && pending == 1).then_some(())
+            }
         },
     )
     .await
     .unwrap();
+    // The outage's length is part of the fault: past the job's timeout and grace, by a second.
+    tokio::time::sleep_until(started + Duration::from_millis(2_500)).await;
+    let (delivered, _) = report_deliveries(&worker.js).await;
+    assert_eq!(
+        delivered,
+        before + 1,
+        "a held report is delivered once, not again and again"
+    );
     system.database.set_available(true).await.unwrap();
 
     let done = system
