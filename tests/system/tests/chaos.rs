@@ -8,9 +8,9 @@
 //!
 //! Phase by phase, under load, the test injects one fault: SIGKILL and restart of the registry
 //! (after every heartbeat in PostgreSQL has gone stale), of the scheduler (with a report
-//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a PostgreSQL outage that
-//! outlasts the running jobs' own timeout and the scheduler's grace while they end (so their
-//! reports, not the timeout, must decide); a freeze (SIGSTOP) of the registry and the scheduler
+//! waiting), of the gateway; a NATS restart; a PostgreSQL outage; a NATS outage and a
+//! PostgreSQL outage that each outlast the running jobs' own timeout and the scheduler's grace
+//! while they end (so their reports, not the timeout, must decide); a freeze (SIGSTOP) of the registry and the scheduler
 //! together, past a worker's lease and the running jobs' timeout, while they end; a PostgreSQL
 //! crash that loses the relays' last deletions of published rows (which commit without
 //! waiting for the disk) in the same outage as a NATS restart, so that every message is
@@ -22,8 +22,8 @@
 //!   `end` line (every fifth job exits 3 and is not retried);
 //! - every job ended within a bound the test prints, per phase;
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
-//!   scheduler, gateway, NATS, PostgreSQL, timeouts, stall, lost deletions): healthy workers
-//!   were never blamed;
+//!   scheduler, gateway, NATS, PostgreSQL, both timeouts phases, stall, lost deletions):
+//!   healthy workers were never blamed;
 //! - only the phases that really killed running processes (agent restart, partition) re-ran
 //!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -64,13 +64,14 @@ const PARTITION_JOB_SECS: f64 = 10.0;
 /// How long PostgreSQL stays away: longer than the 2 s of silence that make a worker
 /// unreachable.
 const PG_OUTAGE: Duration = Duration::from_secs(3);
-/// The `timeouts` phase's jobs' own timeout: longer than any of them runs (at most 2 s).
+/// The `timeouts-*` phases' jobs' own timeout: longer than any of them runs (at most 2 s).
 const SHORT_TIMEOUT_SECS: u64 = 4;
 /// How long a running job may go unreported past its timeout before the scheduler ends it.
 const TIMEOUT_GRACE_MS: u64 = 1_000;
-/// How long PostgreSQL stays away in the `timeouts` phase: past every running job's timeout
-/// and grace, so that each of them is overdue when the database is back.
-const LONG_PG_OUTAGE: Duration =
+/// How long NATS or PostgreSQL stays away in the `timeouts-*` phases: past every running job's
+/// timeout and grace, so that each of them is overdue when the backend is back (and within
+/// the agents' lease, so that they run their jobs to the end).
+const LONG_OUTAGE: Duration =
     Duration::from_millis(SHORT_TIMEOUT_SECS * 1_000 + TIMEOUT_GRACE_MS + 1_000);
 /// How long the registry and the scheduler stay frozen in the `stall` phase: past the silence
 /// after which the registry hands a worker's attempts back (lease + kill grace), and past the
@@ -711,26 +712,56 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
         ended: submitted.elapsed(),
     });
 
-    // PostgreSQL goes away while the running jobs end, and stays away past their own timeout
-    // and the scheduler's grace after it: their reports wait in JetStream, and when the
-    // database is back, those reports decide, not the timeout (silence counts only while the
+    // NATS goes away while the running jobs end, and stays away past their own timeout and
+    // the scheduler's grace after it (but within the agents' lease): the agents keep their
+    // reports, the scheduler still reaches PostgreSQL, and every running job is overdue there.
+    // When NATS is back, the reports decide, not the timeout (silence counts only while the
     // scheduler could have heard it).
     let submitted = Instant::now();
     cluster
-        .submit_timed("timeouts", PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
+        .submit_timed(
+            "timeouts-nats",
+            PHASE_JOBS,
+            duration_secs,
+            SHORT_TIMEOUT_SECS,
+        )
         .await;
-    cluster.wait_running("timeouts", 8, None).await;
+    cluster.wait_running("timeouts-nats", 8, None).await;
+    let t = Instant::now();
+    cluster.nats.stop().await;
+    cluster.wait_services(503).await;
+    cluster.wait_every_start_ended("timeouts-nats").await;
+    tokio::time::sleep_until((t + LONG_OUTAGE).into()).await;
+    cluster.nats.restart().await.unwrap();
+    cluster.wait_services(200).await;
+    let fault = t.elapsed();
+    cluster.wait_phase_ended("timeouts-nats").await;
+    phases.push(Phase {
+        name: "timeouts-nats",
+        kills_jobs_on: None,
+        fault,
+        ended: submitted.elapsed(),
+    });
+
+    // PostgreSQL goes away while the running jobs end, and stays away past their own timeout
+    // and the scheduler's grace after it: their reports wait in JetStream, and when the
+    // database is back, those reports decide, not the timeout.
+    let submitted = Instant::now();
+    cluster
+        .submit_timed("timeouts-pg", PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
+        .await;
+    cluster.wait_running("timeouts-pg", 8, None).await;
     let t = Instant::now();
     cluster.database.set_available(false).await.unwrap();
     cluster.wait_services(503).await;
-    cluster.wait_every_start_ended("timeouts").await;
-    tokio::time::sleep_until((t + LONG_PG_OUTAGE).into()).await;
+    cluster.wait_every_start_ended("timeouts-pg").await;
+    tokio::time::sleep_until((t + LONG_OUTAGE).into()).await;
     cluster.database.set_available(true).await.unwrap();
     cluster.wait_services(200).await;
     let fault = t.elapsed();
-    cluster.wait_phase_ended("timeouts").await;
+    cluster.wait_phase_ended("timeouts-pg").await;
     phases.push(Phase {
-        name: "timeouts",
+        name: "timeouts-pg",
         kills_jobs_on: None,
         fault,
         ended: submitted.elapsed(),
@@ -852,25 +883,36 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     let ledger = read_ledger(&cluster.ledger());
     let record = cluster.jobs_of_record().await;
     let logs = cluster.logs();
-    assert_eq!(record.len(), 9 * PHASE_JOBS + 12, "{record:?}");
+    assert_eq!(record.len(), 10 * PHASE_JOBS + 12, "{record:?}");
+    // Every job's verdict, so that a failure names all the jobs it hit.
+    let mut wrong = Vec::new();
     for (name, job) in &record {
         let runs = ledger.get(name);
         let Some(Runs {
             ends, overlaps: 0, ..
         }) = runs
         else {
-            panic!("{name} ran alongside a copy of itself, or never: {runs:?}\n{logs}");
+            wrong.push(format!(
+                "{name} ran alongside a copy of itself, or never: {runs:?}"
+            ));
+            continue;
         };
         let [code] = ends.as_slice() else {
-            panic!("{name} must have run to the end exactly once: {runs:?}\n{logs}");
+            wrong.push(format!(
+                "{name} must have run to the end exactly once: {runs:?}"
+            ));
+            continue;
         };
         let state = if *code == 0 { "succeeded" } else { "failed" };
-        assert_eq!(
-            (job.state.as_str(), job.exit_code),
-            (state, Some(*code)),
-            "{name}: the recorded outcome must be what ran\n{logs}"
-        );
+        if (job.state.as_str(), job.exit_code) != (state, Some(*code)) {
+            wrong.push(format!(
+                "{name}: the recorded outcome must be what ran: recorded {} (exit code {:?}), \
+                 ran to exit code {code}",
+                job.state, job.exit_code
+            ));
+        }
     }
+    assert!(wrong.is_empty(), "{}\n{logs}", wrong.join("\n"));
     for phase in &phases {
         let jobs: Vec<_> = record
             .iter()
@@ -888,7 +930,7 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
             .filter(|(name, _)| ledger.get(*name).is_some_and(|r| r.starts > 1))
             .count();
         eprintln!(
-            "chaos {:<9} fault {:>5.2} s, every job ended within {:>5.2} s of its submission, \
+            "chaos {:<13} fault {:>5.2} s, every job ended within {:>5.2} s of its submission, \
              {} attempts handed back, {rerun} jobs started again",
             phase.name,
             phase.fault.as_secs_f64(),
