@@ -968,16 +968,19 @@ pub async fn set_pending_reasons(
 }
 
 /// Jobs on a worker whose next step is overdue: assigned but not started within
-/// `start_within`, or running for longer than their own timeout plus `grace`.
+/// `start_within` (`fetching_within` for a job that first fetches artifacts of earlier
+/// pipeline steps), or running for longer than their own timeout plus `grace`.
 pub async fn overdue_on_workers(
     pool: &PgPool,
     start_within: std::time::Duration,
+    fetching_within: std::time::Duration,
     grace: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<Job>, StorageError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM jobs
-         WHERE (state = 'assigned' AND updated_at < now() - make_interval(secs => $1))
+         WHERE (state = 'assigned' AND updated_at < now() - make_interval(secs =>
+                    CASE WHEN spec->'artifacts'->'consume' IS NULL THEN $1 ELSE $4 END))
             OR (state = 'running'
                 AND updated_at < now() - make_interval(secs => (spec->>'timeout_secs')::double precision + $2))
          ORDER BY updated_at LIMIT $3"
@@ -986,6 +989,7 @@ pub async fn overdue_on_workers(
         .bind(start_within.as_secs_f64())
         .bind(grace.as_secs_f64())
         .bind(limit)
+        .bind(fetching_within.as_secs_f64())
         .fetch_all(pool)
         .await?;
     rows.iter().map(decode).collect()

@@ -48,6 +48,14 @@ pub struct SchedulerConfig {
     /// milliseconds.
     #[arg(long, env = "HODEI_START_TIMEOUT_MS", default_value_t = 60_000)]
     pub start_timeout_ms: u64,
+    /// The same for an attempt that must first fetch artifacts of earlier pipeline steps (its
+    /// agent reports it started only once they are in its workspace), in milliseconds.
+    #[arg(
+        long,
+        env = "HODEI_START_TIMEOUT_ARTIFACTS_MS",
+        default_value_t = 600_000
+    )]
+    pub start_timeout_artifacts_ms: u64,
     /// A running job still not reported finished this long after its own timeout is ended as
     /// timed out by the scheduler (its worker may be silent), in milliseconds.
     #[arg(long, env = "HODEI_TIMEOUT_GRACE_MS", default_value_t = 30_000)]
@@ -88,6 +96,7 @@ impl SchedulerConfig {
             placement_retry_ms: 500,
             reconcile_after_ms: 15_000,
             start_timeout_ms: 60_000,
+            start_timeout_artifacts_ms: 600_000,
             timeout_grace_ms: 30_000,
             queue_timeout_ms: 3_600_000,
             ack_wait_ms: 30_000,
@@ -108,6 +117,11 @@ impl SchedulerConfig {
             ("placement_retry_ms", self.placement_retry_ms, DAY_MS),
             ("reconcile_after_ms", self.reconcile_after_ms, DAY_MS),
             ("start_timeout_ms", self.start_timeout_ms, DAY_MS),
+            (
+                "start_timeout_artifacts_ms",
+                self.start_timeout_artifacts_ms,
+                DAY_MS,
+            ),
             ("timeout_grace_ms", self.timeout_grace_ms, DAY_MS),
             ("queue_timeout_ms", self.queue_timeout_ms, 30 * DAY_MS),
             ("ack_wait_ms", self.ack_wait_ms, DAY_MS),

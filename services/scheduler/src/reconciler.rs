@@ -214,15 +214,16 @@ async fn sweep_workers(
     watching: &Watching,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start_within = Duration::from_millis(ctx.config.start_timeout_ms);
+    let fetching_within = Duration::from_millis(ctx.config.start_timeout_artifacts_ms);
     let grace = Duration::from_millis(ctx.config.timeout_grace_ms);
     let watched = watching.watched_for();
-    if watched < start_within.min(grace) {
+    if watched < start_within.min(fetching_within).min(grace) {
         return Ok(());
     }
     let pool = &ctx.backends.pool;
     let overdue = ctx
         .backends
-        .db(|| jobs::overdue_on_workers(pool, start_within, grace, 500))
+        .db(|| jobs::overdue_on_workers(pool, start_within, fetching_within, grace, 500))
         .await?;
     let ids: Vec<_> = overdue.iter().map(|j| j.id()).collect();
     let traces = ctx.backends.db(|| jobs::trace_contexts(pool, &ids)).await?;
@@ -230,10 +231,15 @@ async fn sweep_workers(
         let Some(record) = job.current_attempt_record().cloned() else {
             continue;
         };
-        let window = if job.state() == JobState::Assigned {
-            start_within
-        } else {
-            grace
+        let fetches = job
+            .spec()
+            .artifacts
+            .as_ref()
+            .is_some_and(|plan| !plan.consume.is_empty());
+        let window = match job.state() {
+            JobState::Assigned if fetches => fetching_within,
+            JobState::Assigned => start_within,
+            _ => grace,
         };
         if watched < window
             || ctx
@@ -249,10 +255,7 @@ async fn sweep_workers(
         trace::set_parent(&step, traces.get(&job.id()).unwrap_or(&Default::default()));
         let version = job.version();
         let (outcome, why) = if job.state() == JobState::Assigned {
-            let reason = format!(
-                "not started on {} within {start_within:?}",
-                record.worker_id
-            );
+            let reason = format!("not started on {} within {window:?}", record.worker_id);
             (
                 AttemptOutcome::Lost {
                     reason: reason.clone(),

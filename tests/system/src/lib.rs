@@ -195,6 +195,8 @@ pub struct SystemOptions {
     pub max_queued_jobs: u64,
     pub queue_timeout_ms: u64,
     pub start_timeout_ms: u64,
+    /// The same for an attempt that first fetches artifacts of earlier pipeline steps.
+    pub start_timeout_artifacts_ms: u64,
     /// How long past its own timeout a running job may stay without a report before the
     /// reconciler ends it.
     pub timeout_grace_ms: u64,
@@ -234,6 +236,7 @@ impl Default for SystemOptions {
             max_queued_jobs: 100_000,
             queue_timeout_ms: 3_600_000,
             start_timeout_ms: 60_000,
+            start_timeout_artifacts_ms: 600_000,
             timeout_grace_ms: 30_000,
             agent_drain_timeout_ms: 2_000,
             schedulers: 1,
@@ -455,6 +458,7 @@ impl TestSystem {
                 reconcile_after_ms: 3_000,
                 queue_timeout_ms: options.queue_timeout_ms,
                 start_timeout_ms: options.start_timeout_ms,
+                start_timeout_artifacts_ms: options.start_timeout_artifacts_ms,
                 timeout_grace_ms: options.timeout_grace_ms,
                 ack_wait_ms: options.ack_wait_ms,
                 retention_age: options.retention_age,

@@ -17,7 +17,7 @@ use hodei_domain::{
 };
 use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, streams, subjects};
 use hodei_proto::v1 as pb;
-use hodei_system_tests::{SystemOptions, TestSystem, heartbeat};
+use hodei_system_tests::{SystemOptions, TestSystem, heartbeat, shell_job};
 use hodei_test_support::wait_for;
 use tokio_util::sync::CancellationToken;
 
@@ -243,6 +243,82 @@ async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry(
         }
         other => panic!("the first attempt ended lost, not {other:?}"),
     }
+    system.stop().await;
+}
+
+/// An agent reports a pipeline step started only once the artifacts of the steps it consumes
+/// are in its workspace: the download counts against the longer start timeout of such
+/// attempts (60 s here), not that of a plain job (1 s here). A plain job assigned after it and
+/// never started is handed back; it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_fetching_artifacts_has_the_longer_start_timeout() {
+    let system = TestSystem::start_with(
+        &[],
+        SystemOptions {
+            start_timeout_ms: 1_000,
+            start_timeout_artifacts_ms: 60_000,
+            ..SystemOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut worker = MuteWorker::start(&system, "fetching").await;
+    let step = |name: &str, needs: &[&str], produce: &[&str], consume: &[&str]| {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        pb::PipelineStep {
+            name: name.into(),
+            needs: names(needs),
+            job: Some(shell_job("", "true")),
+            artifacts: Some(pb::StepArtifacts {
+                produce: names(produce),
+                consume: names(consume),
+            }),
+            ..Default::default()
+        }
+    };
+    system
+        .submit_pipeline(pb::PipelineSpec {
+            name: "fetches".into(),
+            steps: vec![
+                step("build", &[], &["out"], &[]),
+                step("test", &["build"], &[], &["build"]),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let AgentCommand::Assign {
+        job_id: build,
+        attempt,
+        ..
+    } = worker.next_command(Duration::from_secs(30)).await
+    else {
+        panic!("the first command is build's assignment");
+    };
+    worker.report_started(build, attempt).await;
+    worker
+        .report_finished(build, attempt, AttemptOutcome::Exited { code: 0 }, vec![])
+        .await;
+    // The step that consumes build's artifacts: assigned, and never reported started.
+    let AgentCommand::Assign { job_id: test, .. } =
+        worker.next_command(Duration::from_secs(30)).await
+    else {
+        panic!("the next command is test's assignment");
+    };
+    let plain = system.submit(sleeper("plain", 60)).await.unwrap();
+    let plain: JobId = plain.id.parse().unwrap();
+    loop {
+        match worker.next_command(Duration::from_secs(30)).await {
+            AgentCommand::Cancel { job_id, .. } if job_id == plain => break,
+            AgentCommand::Cancel { job_id, reason, .. } if job_id == test => {
+                panic!("the step fetching artifacts was handed back: {reason}")
+            }
+            _ => {}
+        }
+    }
+    let still = system.get_job(&test.to_string()).await.unwrap();
+    assert_eq!(still.state(), pb::JobState::Assigned, "{still:?}");
+    assert_eq!(still.attempts.len(), 1, "{still:?}");
     system.stop().await;
 }
 
