@@ -299,10 +299,19 @@ impl Blocked {
             if pass == Pass::Full {
                 round.append(&mut self.requests);
             } else {
-                let (_, read) = ctx
+                let read = ctx
                     .backends
                     .db(|| view.get(&ctx.backends.pool, live_since(ctx)))
-                    .await?;
+                    .await;
+                let read = match read {
+                    Ok((_, read)) => read,
+                    Err(e) => {
+                        // The new requests wait with the others, kept in progress, rather
+                        // than for their ack wait to pass.
+                        self.hold(ctx, new);
+                        return Err(e);
+                    }
+                };
                 // The round's own first look at the view must still see it as fresh.
                 view.unseen = read;
                 let now = Utc::now();
@@ -328,12 +337,17 @@ impl Blocked {
         Ok(round)
     }
 
-    /// Holds requests that wait for a worker.
+    /// Holds requests that wait for a worker (those with a fit), or for PostgreSQL.
     fn hold(&mut self, ctx: &Context, waiting: Vec<Request>) {
         let now = Instant::now();
         for mut request in waiting {
             if request.blocked.is_none() {
-                ctx.backends.metrics.placement("no_worker");
+                let why = if request.fit.is_some() {
+                    "no_worker"
+                } else {
+                    "error"
+                };
+                ctx.backends.metrics.placement(why);
                 request.blocked = Some((now, now));
             }
             self.requests.push(request);
@@ -467,6 +481,13 @@ async fn place_batch(
                 }
             }
             (waiting, rest)
+        }
+        // PostgreSQL away: the requests are held, kept in progress, and tried again at the
+        // next retry (as requests waiting for a worker are), not handed back to be delivered
+        // again and again while it lasts.
+        Err(e) if e.is_unavailable() => {
+            view.forget();
+            (requests, Vec::new())
         }
         Err(e) => {
             view.forget();

@@ -641,3 +641,65 @@ async fn a_job_that_asks_for_it_is_requeued_as_soon_as_its_worker_is_unreachable
     );
     system.stop().await;
 }
+
+/// The placement requests delivered so far by the schedulers' shared consumer, and how many
+/// of them wait for their acknowledgement.
+async fn placement_deliveries(js: &async_nats::jetstream::Context) -> (u64, usize) {
+    let stream = js.get_stream(hodei_messaging::streams::WORK).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(hodei_messaging::streams::PLACER)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.delivered.consumer_sequence, info.num_ack_pending)
+}
+
+/// While PostgreSQL is away, the placement requests a scheduler holds wait with it, kept in
+/// progress: none is handed back to be delivered again and again for as long as the outage
+/// lasts (each delivery a wake-up of the scheduler and a message for NATS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_requests_wait_out_a_postgres_outage_without_being_redelivered() {
+    const JOBS: usize = 50;
+    const DEADLINE: Duration = Duration::from_secs(30);
+    let system = TestSystem::start_with(&[], SystemOptions::default())
+        .await
+        .unwrap();
+    let (_, js) = system.admin_nats().await.unwrap();
+    // No worker: every request is held, waiting for one.
+    for i in 0..JOBS {
+        system
+            .submit(script(&format!("held-{i:02}"), "true"))
+            .await
+            .unwrap();
+    }
+    let before = wait_for("every request held", DEADLINE, || {
+        let js = js.clone();
+        async move {
+            let (delivered, pending) = placement_deliveries(&js).await;
+            (pending == JOBS).then_some(delivered)
+        }
+    })
+    .await
+    .unwrap();
+
+    system.database.set_available(false).await.unwrap();
+    system
+        .wait_readiness(&["scheduler"], 503, DEADLINE)
+        .await
+        .unwrap();
+    // The outage's length is part of the fault: three of the scheduler's full passes over
+    // its held requests (every tenth retry, 100 ms apart here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (during, pending) = placement_deliveries(&js).await;
+    system.database.set_available(true).await.unwrap();
+    assert_eq!(
+        (during, pending),
+        (before, JOBS),
+        "requests were delivered again during the outage"
+    );
+    system
+        .wait_readiness(&["scheduler"], 200, DEADLINE)
+        .await
+        .unwrap();
+    system.stop().await;
+}
