@@ -163,44 +163,57 @@ async fn end_undeliverable(
     Ok(ended)
 }
 
-/// Since when the reconciler could have seen every report: its own start, NATS' last
-/// (re)connection, or the last sweep that could not reach PostgreSQL. A worker's silence
-/// counts only while the reconciler watched: an outage of the observer (this scheduler down,
-/// NATS or PostgreSQL away while the agents' reports waited) is never evidence against a
-/// worker.
+/// How long after NATS comes back (or this scheduler starts) the workers may still be on
+/// their way back: a NATS client waits up to 4 s between two reconnection attempts, and an
+/// agent publishes the reports it kept only once it is connected.
+const RECONNECT_ALLOWANCE: Duration = Duration::from_secs(5);
+
+/// Since when the reconciler could have seen every report: its own start or NATS' last
+/// (re)connection, each with the time the workers may take to reconnect, or the last sweep
+/// that could not reach PostgreSQL. A worker's silence counts only while the reconciler
+/// watched: an outage of the observer (this scheduler down, NATS or PostgreSQL away while the
+/// agents' reports waited) is never evidence against a worker.
 struct Watching {
-    since: tokio::time::Instant,
+    /// Silence counts from this instant (which may be ahead).
+    from: tokio::time::Instant,
     nats: NatsContinuity,
 }
 
 impl Watching {
     fn start(nats: &async_nats::Client) -> Self {
         Self {
-            since: tokio::time::Instant::now(),
+            from: tokio::time::Instant::now() + RECONNECT_ALLOWANCE,
             nats: NatsContinuity::start(nats),
         }
     }
 
     /// Restarts the clock when NATS is not connected now or reconnected since the last look.
     fn look_at_nats(&mut self, nats: &async_nats::Client) {
-        match self.nats.look(nats) {
-            Some(NatsBreak::Reconnected) => self.restart("nats reconnected"),
-            Some(NatsBreak::Disconnected) => self.restart("nats disconnected"),
-            None => {}
-        }
+        let cause = match self.nats.look(nats) {
+            Some(NatsBreak::Reconnected) => "nats reconnected",
+            Some(NatsBreak::Disconnected) => "nats disconnected",
+            None => return,
+        };
+        self.restart_after(cause, RECONNECT_ALLOWANCE);
     }
 
     fn restart(&mut self, cause: &'static str) {
-        self.since = tokio::time::Instant::now();
+        self.restart_after(cause, Duration::ZERO);
+    }
+
+    /// Silence counts again `after` from now (never earlier than it already would).
+    fn restart_after(&mut self, cause: &'static str, after: Duration) {
+        self.from = self.from.max(tokio::time::Instant::now() + after);
         tracing::debug!(
             cause,
-            "reconciler's watch restarted: silence counts from now"
+            after_ms = after.as_millis(),
+            "reconciler's watch restarted: silence counts from then"
         );
     }
 
     /// How long the reconciler has watched without a break.
     fn watched_for(&self) -> Duration {
-        self.since.elapsed()
+        tokio::time::Instant::now().saturating_duration_since(self.from)
     }
 }
 
