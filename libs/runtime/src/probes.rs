@@ -18,6 +18,7 @@ const WORKER_STATES: [&str; 5] = ["ready", "draining", "unreachable", "lost", "o
 pub(crate) struct BackendProbes {
     nats: async_nats::Client,
     pool: PgPool,
+    breaker: hodei_resilience::CircuitBreaker,
     metrics: Metrics,
 }
 
@@ -26,6 +27,7 @@ impl BackendProbes {
         Self {
             nats: backends.nats.clone(),
             pool: backends.pool.clone(),
+            breaker: backends.db_breaker.clone(),
             metrics: backends.metrics.clone(),
         }
     }
@@ -74,6 +76,8 @@ impl BackendProbes {
     }
 
     async fn refresh_gauges(&self) {
+        let open = self.breaker.state() != hodei_resilience::BreakerState::Closed;
+        self.metrics.postgres_breaker_open.set(i64::from(open));
         let backlog = self.query("outbox backlog", outbox::backlog(&self.pool));
         if let Some((pending, lag)) = backlog.await {
             self.metrics.outbox_pending.set(pending);

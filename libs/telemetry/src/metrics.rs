@@ -35,6 +35,7 @@
 //! | `hodei_messages_dead_lettered_total{kind}` | counter | scheduler, agent |
 //! | `hodei_nats_errors_total{operation}` | counter | every service |
 //! | `hodei_postgres_errors_total` | counter | api-gateway, scheduler, registry |
+//! | `hodei_postgres_breaker_open` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_pending` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_lag_seconds` | gauge | api-gateway, scheduler, registry (read at scrape time) |
 //! | `hodei_outbox_published_total` | counter | api-gateway, scheduler, registry |
@@ -118,6 +119,7 @@ pub struct Metrics {
     messages_dead_lettered: Family<Label, Counter>,
     nats_errors: Family<Label, Counter>,
     pub postgres_errors: Counter,
+    pub postgres_breaker_open: Gauge,
     pub outbox_pending: Gauge,
     pub outbox_lag: Gauge<f64, AtomicU64>,
     pub outbox_published: Counter,
@@ -166,6 +168,7 @@ impl Metrics {
             messages_dead_lettered: Family::default(),
             nats_errors: Family::default(),
             postgres_errors: Counter::default(),
+            postgres_breaker_open: Gauge::default(),
             outbox_pending: Gauge::default(),
             outbox_lag: Gauge::default(),
             outbox_published: Counter::default(),
@@ -283,6 +286,11 @@ impl Metrics {
                 "postgres_errors",
                 "PostgreSQL calls that failed (unreachable, timed out, circuit open or an error answer)",
                 self.postgres_errors.clone(),
+            );
+            r.register(
+                "postgres_breaker_open",
+                "1 while this process's PostgreSQL circuit breaker is open or probing (its calls fail fast, and the work that meets it waits, held), else 0",
+                self.postgres_breaker_open.clone(),
             );
             r.register(
                 "outbox_pending",

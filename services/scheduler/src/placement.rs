@@ -482,10 +482,11 @@ async fn place_batch(
             }
             (waiting, rest)
         }
-        // PostgreSQL away: the requests are held, kept in progress, and tried again at the
+        // PostgreSQL away (the breaker has opened: a round that failed or timed out alone is
+        // placed one by one): the requests are held, kept in progress, and tried again at the
         // next retry (as requests waiting for a worker are), not handed back to be delivered
         // again and again while it lasts.
-        Err(e) if e.is_unavailable() => {
+        Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => {
             view.forget();
             (requests, Vec::new())
         }

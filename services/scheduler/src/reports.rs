@@ -172,7 +172,8 @@ async fn handle_batch(ctx: &Context, batch: Vec<Checked>, shutdown: &Cancellatio
     true
 }
 
-/// Records the batch in one transaction. While PostgreSQL is away the batch is held rather
+/// Records the batch in one transaction. While PostgreSQL is away (this process's breaker
+/// has opened: one call that failed or timed out alone is no outage) the batch is held rather
 /// than handed back: its messages are kept in progress (so JetStream delivers them to no one
 /// else) and it is tried again as soon as the circuit breaker lets a call through, so its
 /// reports are recorded within a second of PostgreSQL's return, and a long outage does not
@@ -190,8 +191,10 @@ async fn record_when_available(
             .db_until_no_conflict(|| record_batch(ctx, batch))
             .await;
         let wait = match &recorded {
-            Err(StorageError::Unavailable { retry_in, .. }) => *retry_in,
-            Err(e) if e.is_unavailable() => HOLD_RETRY_MIN,
+            Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => match e {
+                StorageError::Unavailable { retry_in, .. } => *retry_in,
+                _ => HOLD_RETRY_MIN,
+            },
             _ => return Some(recorded),
         };
         if kept_at.is_none_or(|at| at.elapsed() >= keep_every) {

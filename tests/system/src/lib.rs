@@ -857,12 +857,7 @@ impl TestSystem {
         deadline: Duration,
     ) -> Result<(), TestSupportError> {
         for service in services {
-            let addr = self
-                .metrics_addr(service)
-                .ok_or_else(|| TestSupportError::Http {
-                    url: format!("/readyz of {service}"),
-                    reason: "no such service in this test system".to_owned(),
-                })?;
+            let addr = self.served_at(service, "/readyz")?;
             wait_for(
                 &format!("{service} /readyz to answer {status}"),
                 deadline,
@@ -874,6 +869,40 @@ impl TestSystem {
             .await?;
         }
         Ok(())
+    }
+
+    /// Where `service` serves `path` (`/readyz`, `/metrics`).
+    fn served_at(
+        &self,
+        service: &str,
+        path: &str,
+    ) -> Result<std::net::SocketAddr, TestSupportError> {
+        self.metrics_addr(service)
+            .ok_or_else(|| TestSupportError::Http {
+                url: format!("{path} of {service}"),
+                reason: "no such service in this test system".to_owned(),
+            })
+    }
+
+    /// Waits (up to `deadline`) until `service`'s PostgreSQL circuit breaker is open (its
+    /// `hodei_postgres_breaker_open` gauge reads 1): the service takes PostgreSQL for away.
+    pub async fn wait_postgres_breaker_open(
+        &self,
+        service: &str,
+        deadline: Duration,
+    ) -> Result<(), TestSupportError> {
+        let addr = self.served_at(service, "/metrics")?;
+        wait_for(
+            &format!("{service}'s postgres breaker to open"),
+            deadline,
+            || async move {
+                let metrics = http_get(addr, "/metrics").await.ok()?.body;
+                let open =
+                    hodei_test_support::metric_sample(&metrics, "hodei_postgres_breaker_open");
+                (open == Some(1.0)).then_some(())
+            },
+        )
+        .await
     }
 
     /// Waits (up to `deadline`) until job `id` is in a state `pred` accepts, and returns it.

@@ -398,7 +398,7 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
 
     system.database.set_available(false).await.unwrap();
     system
-        .wait_readiness(&["scheduler"], 503, Duration::from_secs(30))
+        .wait_postgres_breaker_open("scheduler", Duration::from_secs(30))
         .await
         .unwrap();
     let (before, _) = report_deliveries(&worker.js).await;

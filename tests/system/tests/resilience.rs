@@ -672,21 +672,21 @@ async fn placement_requests_wait_out_a_postgres_outage_without_being_redelivered
             .await
             .unwrap();
     }
-    let before = wait_for("every request held", DEADLINE, || {
+    wait_for("every request held", DEADLINE, || {
         let js = js.clone();
-        async move {
-            let (delivered, pending) = placement_deliveries(&js).await;
-            (pending == JOBS).then_some(delivered)
-        }
+        async move { (placement_deliveries(&js).await.1 == JOBS).then_some(()) }
     })
     .await
     .unwrap();
 
     system.database.set_available(false).await.unwrap();
+    // From when the scheduler takes PostgreSQL for away (a call that fails alone is retried
+    // as one that failed for its own reasons).
     system
-        .wait_readiness(&["scheduler"], 503, DEADLINE)
+        .wait_postgres_breaker_open("scheduler", DEADLINE)
         .await
         .unwrap();
+    let (before, _) = placement_deliveries(&js).await;
     // The outage's length is part of the fault: three of the scheduler's full passes over
     // its held requests (every tenth retry, 100 ms apart here).
     tokio::time::sleep(Duration::from_secs(3)).await;
