@@ -65,6 +65,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
         .map_err(|e| StorageError::Migrate(e.to_string()))
 }
 
+/// Whether PostgreSQL answers: the cheapest statement there is.
+pub async fn ping(pool: &PgPool) -> Result<(), StorageError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
 /// How many migrations the database has applied, and how many are built in.
 pub async fn migrations_applied(pool: &PgPool) -> Result<(usize, usize), StorageError> {
     let expected = MIGRATOR

@@ -175,35 +175,53 @@ async fn handle_batch(ctx: &Context, batch: Vec<Checked>, shutdown: &Cancellatio
 /// Records the batch in one transaction. While PostgreSQL is away (this process's breaker
 /// has opened: one call that failed or timed out alone is no outage) the batch is held rather
 /// than handed back: its messages are kept in progress (so JetStream delivers them to no one
-/// else) and it is tried again as soon as the circuit breaker lets a call through, so its
-/// reports are recorded within a second of PostgreSQL's return, and a long outage does not
-/// redeliver every waiting report over and over. `None` when `shutdown` came meanwhile.
+/// else) until PostgreSQL answers a ping, then the batch is tried again as any batch is. So
+/// its reports are recorded within a second of PostgreSQL's return, a long outage does not
+/// redeliver every waiting report over and over, and the batch is never the breaker's probe
+/// (one slow for its own reasons, a row locked, would keep the breaker open for everyone).
+/// `None` when `shutdown` came meanwhile: the batch is handed back for another replica.
 async fn record_when_available(
     ctx: &Context,
     batch: &[Checked],
     shutdown: &CancellationToken,
 ) -> Option<Result<Vec<Outcome>, StorageError>> {
-    let keep_every = Duration::from_millis(ctx.config.ack_wait_ms) / 3;
-    let mut kept_at: Option<tokio::time::Instant> = None;
     loop {
         let recorded = ctx
             .backends
             .db_until_no_conflict(|| record_batch(ctx, batch))
             .await;
-        let wait = match &recorded {
-            Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => match e {
-                StorageError::Unavailable { retry_in, .. } => *retry_in,
-                _ => HOLD_RETRY_MIN,
-            },
+        match &recorded {
+            Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => {}
             _ => return Some(recorded),
-        };
-        if kept_at.is_none_or(|at| at.elapsed() >= keep_every) {
-            if kept_at.is_none() {
-                tracing::warn!(
-                    count = batch.len(),
-                    "postgres unavailable, holding a batch of reports until it is back"
-                );
+        }
+        tracing::warn!(
+            count = batch.len(),
+            "postgres unavailable, holding a batch of reports until it answers"
+        );
+        if !hold_until_postgres_answers(ctx, batch, shutdown).await {
+            for checked in batch {
+                if let Err(e) = checked.message.ack_with(AckKind::Nak(None)).await {
+                    ctx.backends.metrics.nats_error("ack");
+                    tracing::warn!(job_id = %checked.report.job_id, error = %e, "failed to hand back a held report");
+                }
             }
+            return None;
+        }
+    }
+}
+
+/// Keeps `batch` in progress until a ping through the breaker succeeds (true) or `shutdown`
+/// (false). Progress goes out before each ping, so the messages outlive every wait.
+async fn hold_until_postgres_answers(
+    ctx: &Context,
+    batch: &[Checked],
+    shutdown: &CancellationToken,
+) -> bool {
+    let keep_every = Duration::from_millis(ctx.config.ack_wait_ms) / 3;
+    let mut kept_at: Option<tokio::time::Instant> = None;
+    let mut wait = HOLD_RETRY_MIN;
+    loop {
+        if kept_at.is_none_or(|at| at.elapsed() >= keep_every) {
             for checked in batch {
                 if let Err(e) = checked.message.ack_with(AckKind::Progress).await {
                     ctx.backends.metrics.nats_error("ack");
@@ -213,8 +231,17 @@ async fn record_when_available(
             kept_at = Some(tokio::time::Instant::now());
         }
         tokio::select! {
-            () = shutdown.cancelled() => return None,
+            () = shutdown.cancelled() => return false,
             () = tokio::time::sleep(wait.clamp(HOLD_RETRY_MIN, HOLD_RETRY_MAX)) => {}
+        }
+        match ctx
+            .backends
+            .db(|| hodei_storage::ping(&ctx.backends.pool))
+            .await
+        {
+            Ok(()) => return true,
+            Err(StorageError::Unavailable { retry_in, .. }) => wait = retry_in,
+            Err(_) => wait = HOLD_RETRY_MIN,
         }
     }
 }
