@@ -76,7 +76,12 @@ impl BackendProbes {
     }
 
     async fn refresh_gauges(&self) {
-        let open = self.breaker.state() != hodei_resilience::BreakerState::Closed;
+        // Open only: a half-open breaker waits for the next call to decide, which an idle
+        // process may not make for a long time.
+        let open = matches!(
+            self.breaker.state(),
+            hodei_resilience::BreakerState::Open { .. }
+        );
         self.metrics.postgres_breaker_open.set(i64::from(open));
         let backlog = self.query("outbox backlog", outbox::backlog(&self.pool));
         if let Some((pending, lag)) = backlog.await {

@@ -289,7 +289,7 @@ impl Metrics {
             );
             r.register(
                 "postgres_breaker_open",
-                "1 while this process's PostgreSQL circuit breaker is open or probing (its calls fail fast, and the work that meets it waits, held), else 0",
+                "1 while this process's PostgreSQL circuit breaker is open (its calls fail fast, and the work that meets it waits, held), else 0",
                 self.postgres_breaker_open.clone(),
             );
             r.register(
