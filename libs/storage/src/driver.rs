@@ -979,15 +979,18 @@ async fn fire_tick(
         ))
     } else {
         // The tenant's queue quota holds a tick as it refuses `SubmitJob` and
-        // `SubmitPipeline`. The jobs this tick would replace (`cancel_previous`) do not count:
-        // they leave the queue as its job joins it.
-        let replaced: Vec<JobId> = unfinished
-            .iter()
-            .filter_map(|started| match started {
-                schedules::Started::Job(id) => Some(*id),
-                schedules::Started::Run(_) => None,
-            })
-            .collect();
+        // `SubmitPipeline`. The jobs this tick would replace (`cancel_previous`: the previous
+        // job, or the queued jobs of the previous run) do not count: they leave the queue as
+        // its job or run joins it.
+        let mut replaced = Vec::new();
+        let mut runs = Vec::new();
+        for started in &unfinished {
+            match started {
+                schedules::Started::Job(id) => replaced.push(*id),
+                schedules::Started::Run(id) => runs.push(*id),
+            }
+        }
+        replaced.extend(jobs::queued_of_runs(&mut *conn, &runs).await?);
         tenant_queue_hold(conn, schedule.tenant(), &replaced).await?
     };
     if let Some(reason) = skipped {

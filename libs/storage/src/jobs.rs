@@ -995,6 +995,24 @@ pub async fn overdue_on_workers(
     rows.iter().map(decode).collect()
 }
 
+/// The queued jobs of pipeline runs `runs`.
+pub async fn queued_of_runs(
+    conn: impl sqlx::PgExecutor<'_>,
+    runs: &[PipelineRunId],
+) -> Result<Vec<JobId>, StorageError> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs: Vec<Uuid> = runs.iter().map(PipelineRunId::as_uuid).collect();
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE pipeline_run_id = ANY($1) AND state = 'queued'",
+    )
+    .bind(&runs)
+    .fetch_all(conn)
+    .await?;
+    Ok(ids.into_iter().map(JobId::from_uuid).collect())
+}
+
 /// Where each of `ids` stands now: state, current attempt and the worker of that attempt.
 /// Unknown ids are absent from the answer.
 pub async fn current_attempts(

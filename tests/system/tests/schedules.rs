@@ -1189,5 +1189,43 @@ async fn a_tick_is_skipped_while_its_tenant_is_at_its_queue_quota() {
     let run = trigger(&schedules, "piped").await;
     assert_eq!(run.outcome, "triggered", "{run:?}");
     assert!(!run.run_id.is_empty(), "{run:?}");
+
+    // Under `cancel_previous`, the queued jobs of the run a tick replaces leave room for its
+    // own, as the job a job schedule's tick replaces does.
+    let pool = system.database.connect().await.unwrap();
+    wait_for("the queue to empty", DEADLINE, || {
+        let pool = pool.clone();
+        async move {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'queued'")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (queued == 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let mut stuck_step = shell_job("", "true");
+    stuck_step
+        .required_labels
+        .insert("pool".into(), "nowhere".into());
+    let mut runs = schedule_spec("replacing-run", "@yearly", shell_job("x", "true"));
+    runs.target = Some(pb::schedule_spec::Target::Pipeline(pb::PipelineSpec {
+        name: "replacing-run".to_owned(),
+        steps: vec![pb::PipelineStep {
+            name: "only".to_owned(),
+            job: Some(stuck_step),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }));
+    runs.overlap = pb::OverlapPolicy::CancelPrevious.into();
+    create(&mut schedules.clone(), runs).await;
+    let first = trigger(&schedules, "replacing-run").await;
+    assert_eq!(first.outcome, "triggered", "{first:?}");
+    let second = trigger(&schedules, "replacing-run").await;
+    assert_eq!(second.outcome, "triggered", "{second:?}");
+    assert_ne!(first.run_id, second.run_id);
     system.stop().await;
 }
