@@ -174,6 +174,13 @@ impl Backends {
         result
     }
 
+    /// Whether this process takes PostgreSQL for away: its breaker opened after consecutive
+    /// failures and has not closed since. Work that meets it may wait, held; a call that
+    /// failed alone is retried as one that failed for its own reasons.
+    pub fn postgres_away(&self) -> bool {
+        self.db_breaker.state() != hodei_resilience::BreakerState::Closed
+    }
+
     /// Runs `op` through [`Backends::db`], again while it fails with a version conflict, at
     /// most [`CONFLICT_ATTEMPTS`] times in all: another writer moved the row first, and the
     /// next try re-reads it and decides again. When every try lost, the last conflict is the

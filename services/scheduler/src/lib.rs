@@ -333,13 +333,6 @@ pub(crate) fn jitter() -> f64 {
     hodei_resilience::random_unit()
 }
 
-/// Whether this process takes PostgreSQL for away: its breaker has opened after consecutive
-/// failures (and not closed since). Work that meets it waits, held; a call that failed alone
-/// is retried as one that failed for its own reasons.
-pub(crate) fn postgres_away(ctx: &Context) -> bool {
-    ctx.backends.db_breaker.state() != hodei_resilience::BreakerState::Closed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

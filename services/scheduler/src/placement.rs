@@ -486,7 +486,7 @@ async fn place_batch(
         // placed one by one): the requests are held, kept in progress, and tried again at the
         // next retry (as requests waiting for a worker are), not handed back to be delivered
         // again and again while it lasts.
-        Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => {
+        Err(e) if e.is_unavailable() && ctx.backends.postgres_away() => {
             view.forget();
             (requests, Vec::new())
         }

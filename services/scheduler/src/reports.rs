@@ -191,7 +191,7 @@ async fn record_when_available(
             .db_until_no_conflict(|| record_batch(ctx, batch))
             .await;
         match &recorded {
-            Err(e) if e.is_unavailable() && crate::postgres_away(ctx) => {}
+            Err(e) if e.is_unavailable() && ctx.backends.postgres_away() => {}
             _ => return Some(recorded),
         }
         tracing::warn!(

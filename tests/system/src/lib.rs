@@ -884,6 +884,13 @@ impl TestSystem {
             })
     }
 
+    /// The value of `series` on `service`'s `/metrics` now; `None` if it cannot be read.
+    pub async fn metric(&self, service: &str, series: &str) -> Option<f64> {
+        let addr = self.served_at(service, "/metrics").ok()?;
+        let metrics = http_get(addr, "/metrics").await.ok()?.body;
+        hodei_test_support::metric_sample(&metrics, series)
+    }
+
     /// Waits (up to `deadline`) until `service`'s PostgreSQL circuit breaker is open (its
     /// `hodei_postgres_breaker_open` gauge reads 1): the service takes PostgreSQL for away.
     pub async fn wait_postgres_breaker_open(
@@ -891,14 +898,11 @@ impl TestSystem {
         service: &str,
         deadline: Duration,
     ) -> Result<(), TestSupportError> {
-        let addr = self.served_at(service, "/metrics")?;
         wait_for(
             &format!("{service}'s postgres breaker to open"),
             deadline,
             || async move {
-                let metrics = http_get(addr, "/metrics").await.ok()?.body;
-                let open =
-                    hodei_test_support::metric_sample(&metrics, "hodei_postgres_breaker_open");
+                let open = self.metric(service, "hodei_postgres_breaker_open").await;
                 (open == Some(1.0)).then_some(())
             },
         )

@@ -480,6 +480,46 @@ impl Cluster {
         .unwrap();
     }
 
+    /// Stops `backend` and waits until every service says it is not ready.
+    async fn take_away(&mut self, backend: Backend) {
+        match backend {
+            Backend::Nats => self.nats.stop().await,
+            Backend::Postgres => self.database.set_available(false).await.unwrap(),
+        }
+        self.wait_services(503).await;
+    }
+
+    /// Starts `backend` again and waits until every service is ready.
+    async fn bring_back(&mut self, backend: Backend) {
+        match backend {
+            Backend::Nats => self.nats.restart().await.unwrap(),
+            Backend::Postgres => self.database.set_available(true).await.unwrap(),
+        }
+        self.wait_services(200).await;
+    }
+
+    /// A phase whose jobs (4 s timeout) run while `backend` goes away, and end while it stays
+    /// away past their timeout and the scheduler's grace after it.
+    async fn outage_past_timeouts(&mut self, phase: &'static str, backend: Backend) -> Phase {
+        let submitted = Instant::now();
+        self.submit_timed(phase, PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
+            .await;
+        self.wait_running(phase, 8, None).await;
+        let t = Instant::now();
+        self.take_away(backend).await;
+        self.wait_every_start_ended(phase).await;
+        tokio::time::sleep_until((t + LONG_OUTAGE).into()).await;
+        self.bring_back(backend).await;
+        let fault = t.elapsed();
+        self.wait_phase_ended(phase).await;
+        Phase {
+            name: phase,
+            kills_jobs_on: None,
+            fault,
+            ended: submitted.elapsed(),
+        }
+    }
+
     async fn wait_services(&mut self, status: u16) {
         for service in [&mut self.gateway, &mut self.scheduler, &mut self.registry] {
             service.wait_readiness(status, DEADLINE).await.unwrap();
@@ -579,6 +619,13 @@ fn read_ledger(path: &Path) -> BTreeMap<String, Runs> {
     runs
 }
 
+/// A backend a phase takes away.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Nats,
+    Postgres,
+}
+
 /// One phase's fault, and how long it took from injection to healing.
 struct Phase {
     name: &'static str,
@@ -676,12 +723,10 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     cluster.submit("nats", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("nats", 8, None).await;
     let t = Instant::now();
-    cluster.nats.stop().await;
-    cluster.wait_services(503).await;
+    cluster.take_away(Backend::Nats).await;
     // It stays down past the silence that makes a worker unreachable.
     cluster.wait_heartbeats_stale().await;
-    cluster.nats.restart().await.unwrap();
-    cluster.wait_services(200).await;
+    cluster.bring_back(Backend::Nats).await;
     let fault = t.elapsed();
     cluster.wait_phase_ended("nats").await;
     phases.push(Phase {
@@ -696,13 +741,11 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     cluster.submit("postgres", PHASE_JOBS, duration_secs).await;
     cluster.wait_running("postgres", 8, None).await;
     let t = Instant::now();
-    cluster.database.set_available(false).await.unwrap();
-    cluster.wait_services(503).await;
+    cluster.take_away(Backend::Postgres).await;
     // The outage's length is part of the fault (nothing to wait for can be read while the
     // database is away): past the silence that makes a worker unreachable.
     tokio::time::sleep_until((t + PG_OUTAGE).into()).await;
-    cluster.database.set_available(true).await.unwrap();
-    cluster.wait_services(200).await;
+    cluster.bring_back(Backend::Postgres).await;
     let fault = t.elapsed();
     cluster.wait_phase_ended("postgres").await;
     phases.push(Phase {
@@ -717,55 +760,20 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     // reports, the scheduler still reaches PostgreSQL, and every running job is overdue there.
     // When NATS is back, the reports decide, not the timeout (silence counts only while the
     // scheduler could have heard it).
-    let submitted = Instant::now();
-    cluster
-        .submit_timed(
-            "timeouts-nats",
-            PHASE_JOBS,
-            duration_secs,
-            SHORT_TIMEOUT_SECS,
-        )
-        .await;
-    cluster.wait_running("timeouts-nats", 8, None).await;
-    let t = Instant::now();
-    cluster.nats.stop().await;
-    cluster.wait_services(503).await;
-    cluster.wait_every_start_ended("timeouts-nats").await;
-    tokio::time::sleep_until((t + LONG_OUTAGE).into()).await;
-    cluster.nats.restart().await.unwrap();
-    cluster.wait_services(200).await;
-    let fault = t.elapsed();
-    cluster.wait_phase_ended("timeouts-nats").await;
-    phases.push(Phase {
-        name: "timeouts-nats",
-        kills_jobs_on: None,
-        fault,
-        ended: submitted.elapsed(),
-    });
+    phases.push(
+        cluster
+            .outage_past_timeouts("timeouts-nats", Backend::Nats)
+            .await,
+    );
 
     // PostgreSQL goes away while the running jobs end, and stays away past their own timeout
     // and the scheduler's grace after it: their reports wait in JetStream, and when the
     // database is back, those reports decide, not the timeout.
-    let submitted = Instant::now();
-    cluster
-        .submit_timed("timeouts-pg", PHASE_JOBS, duration_secs, SHORT_TIMEOUT_SECS)
-        .await;
-    cluster.wait_running("timeouts-pg", 8, None).await;
-    let t = Instant::now();
-    cluster.database.set_available(false).await.unwrap();
-    cluster.wait_services(503).await;
-    cluster.wait_every_start_ended("timeouts-pg").await;
-    tokio::time::sleep_until((t + LONG_OUTAGE).into()).await;
-    cluster.database.set_available(true).await.unwrap();
-    cluster.wait_services(200).await;
-    let fault = t.elapsed();
-    cluster.wait_phase_ended("timeouts-pg").await;
-    phases.push(Phase {
-        name: "timeouts-pg",
-        kills_jobs_on: None,
-        fault,
-        ended: submitted.elapsed(),
-    });
+    phases.push(
+        cluster
+            .outage_past_timeouts("timeouts-pg", Backend::Postgres)
+            .await,
+    );
 
     // The registry and the scheduler freeze where they stand (SIGSTOP, as a stalled host or
     // runtime would), with jobs running, past a worker's lease and the jobs' own timeout and
@@ -803,12 +811,10 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     cluster.wait_running("deletions", 8, None).await;
     let stored_before = cluster.agent_stream_last_seq().await;
     let t = Instant::now();
-    cluster.nats.stop().await;
-    cluster.wait_services(503).await;
+    cluster.take_away(Backend::Nats).await;
     let lost_assignments = cluster.lose_outbox_deletions().await;
     assert!(lost_assignments > 0, "no assignment's deletion to lose");
-    cluster.nats.restart().await.unwrap();
-    cluster.wait_services(200).await;
+    cluster.bring_back(Backend::Nats).await;
     let fault = t.elapsed();
     cluster.wait_phase_ended("deletions").await;
     cluster.wait_republished_and_consumed().await;

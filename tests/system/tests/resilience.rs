@@ -687,9 +687,21 @@ async fn placement_requests_wait_out_a_postgres_outage_without_being_redelivered
         .await
         .unwrap();
     let (before, _) = placement_deliveries(&js).await;
-    // The outage's length is part of the fault: three of the scheduler's full passes over
-    // its held requests (every tenth retry, 100 ms apart here).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage lasts until the scheduler has tried again many times: 45 more failed calls,
+    // of which its placement retries (100 ms apart here, every tenth a full pass over the
+    // held requests) are at least two in three.
+    const FAILED: &str = "hodei_postgres_errors_total";
+    let failed = system.metric("scheduler", FAILED).await.unwrap_or(0.0);
+    wait_for(
+        "45 more failed calls of the scheduler",
+        DEADLINE,
+        || async {
+            let now = system.metric("scheduler", FAILED).await?;
+            (now >= failed + 45.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     let (during, pending) = placement_deliveries(&js).await;
     system.database.set_available(true).await.unwrap();
     assert_eq!(

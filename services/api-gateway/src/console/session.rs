@@ -29,6 +29,14 @@ fn cookie_name(secure: bool) -> &'static str {
     if secure { HOST_COOKIE } else { COOKIE }
 }
 
+/// The `Set-Cookie` value that holds `token`, or with an empty one ends the session.
+fn session_cookie(secure: bool, token: &str) -> String {
+    let name = cookie_name(secure);
+    let ended = if token.is_empty() { "; Max-Age=0" } else { "" };
+    let tls = if secure { "; Secure" } else { "" };
+    format!("{name}={token}; Path=/; HttpOnly; SameSite=Strict{ended}{tls}")
+}
+
 /// Header a page's script sets when it asks for a live region's fragment only.
 pub(super) const FRAGMENT_HEADER: &str = "x-hodei-fragment";
 
@@ -252,9 +260,7 @@ pub(super) async fn login(
     match console.auth.authenticate(Some(header), None).await {
         Ok(principal) => {
             tracing::info!(subject = %principal.subject, tenant = %principal.tenant, "console sign-in");
-            let secure = if console.secure { "; Secure" } else { "" };
-            let name = cookie_name(console.secure);
-            let cookie = format!("{name}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
+            let cookie = session_cookie(console.secure, token);
             ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
         }
         Err(crate::errors::ApiError::Unauthenticated(why)) => {
@@ -273,9 +279,7 @@ pub(super) async fn logout(
     if let Err(e) = caller.check_form(&form) {
         return e.into_response();
     }
-    let secure = if console.secure { "; Secure" } else { "" };
-    let name = cookie_name(console.secure);
-    let cookie = format!("{name}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}");
+    let cookie = session_cookie(console.secure, "");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
