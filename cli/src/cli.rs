@@ -359,6 +359,10 @@ pub enum TenantCommand {
         /// Most memory (MiB) its jobs on workers may request together.
         #[arg(long, value_name = "N")]
         max_memory_mb: Option<u64>,
+        /// The highest priority its jobs count with (-1000 to 1000): a job asking for more is
+        /// ordered, and may preempt, as if it had asked for this.
+        #[arg(long, value_name = "P", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+        max_priority: Option<i32>,
     },
     /// Remove a tenant's policy: weight 1, no quota.
     Reset {

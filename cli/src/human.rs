@@ -232,6 +232,7 @@ pub fn tenants_table(tenants: &[pb::Tenant]) -> String {
         ]
         .into_iter()
         .filter_map(|(name, limit)| limit.map(|l| format!("{name}<={l}")))
+        .chain(policy.max_priority.map(|p| format!("priority<={p}")))
         .collect();
         t.row([
             tenant.tenant.clone(),

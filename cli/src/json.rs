@@ -205,6 +205,7 @@ pub fn tenant(t: &pb::Tenant) -> Value {
         "max_running_jobs": policy.max_running_jobs,
         "max_cpu_millis": policy.max_cpu_millis,
         "max_memory_mb": policy.max_memory_mb,
+        "max_priority": policy.max_priority,
         "policy_updated_at": wire::rfc3339(t.policy_updated_at.as_ref()),
         "queued_jobs": t.queued_jobs,
         "running_jobs": t.running_jobs,

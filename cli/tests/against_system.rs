@@ -508,13 +508,18 @@ async fn tenant_policies_are_set_shown_and_reset_from_the_cli() {
             "5",
             "--max-queued-jobs",
             "100",
+            "--max-priority",
+            "-5",
         ],
     )
     .await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(stdout.contains("team-a"), "{stdout}");
-    assert!(stdout.contains("queued<=100 running<=5"), "{stdout}");
+    assert!(
+        stdout.contains("queued<=100 running<=5 priority<=-5"),
+        "{stdout}"
+    );
 
     let out = hodei(&server, &["--output", "json", "tenant", "list"]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -527,9 +532,16 @@ async fn tenant_policies_are_set_shown_and_reset_from_the_cli() {
         .unwrap();
     assert_eq!(team["weight"], 3);
     assert_eq!(team["max_running_jobs"], 5);
+    assert_eq!(team["max_priority"], -5);
     assert_eq!(team["entitled_share"], 1.0);
 
     let out = hodei(&server, &["tenant", "set", "team-a", "--weight", "0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = hodei(
+        &server,
+        &["tenant", "set", "team-a", "--max-priority", "1001"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = hodei(&server, &["tenant", "reset", "team-a"]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");

@@ -43,6 +43,7 @@ pub async fn execute(
             max_running_jobs,
             max_cpu_millis,
             max_memory_mb,
+            max_priority,
         } => vec![
             clients
                 .tenants
@@ -54,6 +55,7 @@ pub async fn execute(
                         max_running_jobs,
                         max_cpu_millis,
                         max_memory_mb,
+                        max_priority,
                     }),
                 })
                 .await?

@@ -14,6 +14,10 @@ use crate::specification::{Predicate, Specification};
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Most attempts a job may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// The lowest priority a job may ask for.
+pub const MIN_PRIORITY: i32 = -1000;
+/// The highest priority a job may ask for.
+pub const MAX_PRIORITY: i32 = 1000;
 const MAX_ARGS: usize = 4096;
 const MAX_ARG_BYTES: usize = 128 * 1024;
 const MAX_MAP_ENTRIES: usize = 256;
@@ -439,9 +443,11 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
             format!("must be between 1 and {MAX_ATTEMPTS}"),
             |d| (1..=MAX_ATTEMPTS).contains(&d.max_attempts),
         ),
-        Rule::new("priority", "must be between -1000 and 1000", |d| {
-            (-1000..=1000).contains(&d.priority)
-        }),
+        Rule::new(
+            "priority",
+            format!("must be between {MIN_PRIORITY} and {MAX_PRIORITY}"),
+            |d| (MIN_PRIORITY..=MAX_PRIORITY).contains(&d.priority),
+        ),
         Rule::new(
             "resources.cpu_millis",
             "must be at most 1048576 (1024 cores)",

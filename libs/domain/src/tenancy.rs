@@ -4,7 +4,9 @@
 //! The order is: the highest priority first, across the whole queue; within one priority, the
 //! tenant furthest below its weighted share (dominant-resource fairness: a tenant's share is
 //! the largest of its fractions of the fleet's slots, CPU and memory, divided by its weight);
-//! within one tenant, the oldest job first.
+//! within one tenant, the oldest job first. A job counts with its own priority, or with its
+//! tenant's `max_priority` when that is lower: no tenant can put its jobs ahead of the others'
+//! (or stop theirs) with priorities its policy does not allow.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
@@ -13,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FieldError, ValidationErrors};
 use crate::ids::{JobId, TenantId};
-use crate::spec::Resources;
+use crate::spec::{MAX_PRIORITY, MIN_PRIORITY, Resources};
 use crate::worker::Worker;
 
 /// The largest weight a tenant may have.
@@ -32,6 +34,9 @@ pub struct TenantPolicy {
     pub max_cpu_millis: Option<u64>,
     /// Most memory (MiB) its jobs on workers may request together.
     pub max_memory_mb: Option<u64>,
+    /// The highest priority its jobs count with, in placement order and preemption; a job
+    /// asking for more keeps what it asked for but counts with this.
+    pub max_priority: Option<i32>,
 }
 
 impl Default for TenantPolicy {
@@ -42,6 +47,7 @@ impl Default for TenantPolicy {
             max_running_jobs: None,
             max_cpu_millis: None,
             max_memory_mb: None,
+            max_priority: None,
         }
     }
 }
@@ -117,11 +123,26 @@ impl TenantPolicy {
                 errors.push(FieldError::new(quota.as_str(), "is too large"));
             }
         }
+        if self
+            .max_priority
+            .is_some_and(|p| !(MIN_PRIORITY..=MAX_PRIORITY).contains(&p))
+        {
+            errors.push(FieldError::new(
+                "max_priority",
+                format!("must be between {MIN_PRIORITY} and {MAX_PRIORITY}"),
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ValidationErrors(errors))
         }
+    }
+
+    /// The priority a job of this tenant asking for `requested` counts with.
+    pub fn priority(&self, requested: i32) -> i32 {
+        self.max_priority
+            .map_or(requested, |cap| requested.min(cap))
     }
 
     /// Whether the tenant may queue one more job, having `queued`.
@@ -254,6 +275,14 @@ impl Shares {
     /// `tenant`'s dominant share divided by its weight: the lower, the sooner it is served.
     pub fn weighted_share(&self, tenant: &TenantId) -> f64 {
         self.capacity.dominant_share(&self.usage(tenant)) / f64::from(self.weight(tenant))
+    }
+
+    /// The priority a job of `tenant` asking for `requested` counts with (see
+    /// [`TenantPolicy::priority`]).
+    pub fn priority(&self, tenant: &TenantId, requested: i32) -> i32 {
+        self.policies
+            .get(tenant)
+            .map_or(requested, |p| p.priority(requested))
     }
 
     /// The running quota of `tenant` that one more job requesting `resources` would pass.
@@ -625,5 +654,59 @@ mod tests {
             .map(|e| e.field)
             .collect();
         assert_eq!(fields, ["weight", "max_memory_mb"]);
+    }
+
+    #[test]
+    fn a_tenant_s_jobs_count_with_no_more_than_its_max_priority() {
+        let mut s = shares(10);
+        s.policies.insert(
+            tenant("capped"),
+            TenantPolicy {
+                max_priority: Some(10),
+                ..TenantPolicy::default()
+            },
+        );
+        assert_eq!(s.priority(&tenant("capped"), 1000), 10);
+        assert_eq!(s.priority(&tenant("capped"), 5), 5);
+        assert_eq!(s.priority(&tenant("capped"), -1000), -1000);
+        assert_eq!(s.priority(&tenant("free"), 1000), 1000);
+        // Ordered with what they count with: the capped tenant's older 1000 waits behind 50.
+        let capped = JobId::new();
+        let free = JobId::new();
+        let mut queue = FairQueue::new([
+            (
+                s.priority(&tenant("capped"), 1000),
+                tenant("capped"),
+                capped,
+                "capped",
+            ),
+            (
+                s.priority(&tenant("free"), 50),
+                tenant("free"),
+                free,
+                "free",
+            ),
+        ]);
+        assert_eq!(queue.next(&s).unwrap().1, "free");
+        assert_eq!(queue.next(&s).unwrap().1, "capped");
+        for (max_priority, valid) in [
+            (Some(-1000), true),
+            (Some(1000), true),
+            (None, true),
+            (Some(1001), false),
+            (Some(-1001), false),
+        ] {
+            let policy = TenantPolicy {
+                max_priority,
+                ..TenantPolicy::default()
+            };
+            match policy.validate() {
+                Ok(()) => assert!(valid, "{max_priority:?} accepted"),
+                Err(e) => {
+                    assert!(!valid, "{max_priority:?} refused: {e:?}");
+                    assert_eq!(e.0[0].field, "max_priority");
+                }
+            }
+        }
     }
 }

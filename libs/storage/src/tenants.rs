@@ -11,7 +11,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use crate::error::{RowReader, StorageError, to_i64};
 
-const COLUMNS: &str = "tenant AS id, weight, max_queued_jobs, max_running_jobs, max_cpu_millis, max_memory_mb, updated_at";
+const COLUMNS: &str = "tenant AS id, weight, max_queued_jobs, max_running_jobs, max_cpu_millis, max_memory_mb, max_priority, updated_at";
 
 fn limit(r: &RowReader<'_>, column: &'static str) -> Result<Option<u64>, StorageError> {
     let v: Option<i64> = r.get(column)?;
@@ -32,6 +32,7 @@ fn decode(row: &PgRow) -> Result<(TenantId, TenantPolicy, DateTime<Utc>), Storag
         max_running_jobs: limit(&r, "max_running_jobs")?,
         max_cpu_millis: limit(&r, "max_cpu_millis")?,
         max_memory_mb: limit(&r, "max_memory_mb")?,
+        max_priority: r.get("max_priority")?,
     };
     Ok((tenant, policy, r.get("updated_at")?))
 }
@@ -46,10 +47,11 @@ pub async fn set_policy(
     let bind = |v: Option<u64>| v.map(to_i64);
     sqlx::query(
         "INSERT INTO tenant_policies (tenant, weight, max_queued_jobs, max_running_jobs,
-                                      max_cpu_millis, max_memory_mb, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                      max_cpu_millis, max_memory_mb, max_priority, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (tenant) DO UPDATE SET weight = $2, max_queued_jobs = $3,
-             max_running_jobs = $4, max_cpu_millis = $5, max_memory_mb = $6, updated_at = $7",
+             max_running_jobs = $4, max_cpu_millis = $5, max_memory_mb = $6, max_priority = $7,
+             updated_at = $8",
     )
     .bind(tenant.as_str())
     .bind(i32::try_from(policy.weight).unwrap_or(i32::MAX))
@@ -57,6 +59,7 @@ pub async fn set_policy(
     .bind(bind(policy.max_running_jobs))
     .bind(bind(policy.max_cpu_millis))
     .bind(bind(policy.max_memory_mb))
+    .bind(policy.max_priority)
     .bind(now)
     .execute(conn)
     .await?;

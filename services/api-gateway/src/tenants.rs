@@ -37,6 +37,7 @@ fn policy_from_wire(wire: pb::TenantPolicy) -> Result<TenantPolicy, ApiError> {
         max_running_jobs: wire.max_running_jobs,
         max_cpu_millis: wire.max_cpu_millis,
         max_memory_mb: wire.max_memory_mb,
+        max_priority: wire.max_priority,
     };
     policy
         .validate()
@@ -51,6 +52,7 @@ fn policy_to_wire(p: &TenantPolicy) -> pb::TenantPolicy {
         max_running_jobs: p.max_running_jobs,
         max_cpu_millis: p.max_cpu_millis,
         max_memory_mb: p.max_memory_mb,
+        max_priority: p.max_priority,
     }
 }
 

@@ -216,6 +216,16 @@ struct Request {
     fit: Option<Fit>,
 }
 
+impl Request {
+    /// Its priority: as its job counts it once a round has read the job (see [`Fit`]), as
+    /// the request says before.
+    fn priority(&self) -> i32 {
+        self.fit
+            .as_ref()
+            .map_or(self.item.priority, |fit| fit.priority)
+    }
+}
+
 /// What a blocked request's job needs of a worker, kept from the round that found none, so
 /// that later rounds read only the blocked jobs that a worker of the view could now take
 /// (a saturated queue is not read again at each freed slot or retry).
@@ -228,10 +238,12 @@ struct Fit {
     quota: bool,
     /// When its queue timeout passes: it is then read, to be failed with its reason.
     deadline: chrono::DateTime<Utc>,
+    /// The priority its job counts with (its own, or its tenant's `max_priority` if lower).
+    priority: i32,
 }
 
 impl Fit {
-    fn of(job: &Job, quota: bool, queue_timeout: chrono::Duration) -> Fit {
+    fn of(job: &Job, quota: bool, queue_timeout: chrono::Duration, shares: &Shares) -> Fit {
         let spec = job.spec();
         Fit {
             required_labels: spec.required_labels.clone(),
@@ -239,6 +251,7 @@ impl Fit {
             secrets: spec.has_secrets(),
             quota,
             deadline: job.updated_at() + queue_timeout,
+            priority: shares.priority(job.tenant(), spec.priority),
         }
     }
 }
@@ -292,7 +305,7 @@ impl Blocked {
             // taken and held again keeps its place.
             self.requests.sort_by_key(|r| {
                 (
-                    std::cmp::Reverse(r.item.priority),
+                    std::cmp::Reverse(r.priority()),
                     r.blocked.map(|(since, _)| since),
                 )
             });
@@ -333,7 +346,7 @@ impl Blocked {
             }
         }
         round.extend(new);
-        round.sort_by_key(|r| std::cmp::Reverse(r.item.priority));
+        round.sort_by_key(|r| std::cmp::Reverse(r.priority()));
         Ok(round)
     }
 
@@ -583,13 +596,14 @@ async fn decide_batch(
     // fill the free slots. (Otherwise every busy replica would add the same heads and lose
     // rounds to each other's conflicts.)
     let in_round: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let own_top = candidates.iter().map(|c| c.job.spec().priority).max();
+    let priority = |job: &Job| shares.priority(job.tenant(), job.spec().priority);
+    let own_top = candidates.iter().map(|c| priority(&c.job)).max();
     let own_tenants: std::collections::HashSet<TenantId> =
         candidates.iter().map(|c| c.job.tenant().clone()).collect();
     let room = candidates.len() < free;
     for job in heads {
         let joins = room
-            || own_top.is_none_or(|top| job.spec().priority > top)
+            || own_top.is_none_or(|top| priority(&job) > top)
             || !own_tenants.contains(job.tenant());
         if joins && !in_round.contains(&job.id()) {
             candidates.push(Candidate { request: None, job });
@@ -609,7 +623,7 @@ async fn decide_batch(
     let mut queue = FairQueue::new(
         candidates
             .into_iter()
-            .map(|c| (c.job.spec().priority, c.job.tenant().clone(), c.job.id(), c)),
+            .map(|c| (priority(&c.job), c.job.tenant().clone(), c.job.id(), c)),
     );
     let mut transitions = Vec::new();
     let mut reasons: Vec<(JobId, String)> = Vec::new();
@@ -632,7 +646,10 @@ async fn decide_batch(
                 reasons.push((job.id(), reason));
             }
             if let Some(i) = request {
-                decided.push((i, Decision::Waits(Fit::of(&job, true, queue_timeout))));
+                decided.push((
+                    i,
+                    Decision::Waits(Fit::of(&job, true, queue_timeout, &shares)),
+                ));
             }
             continue;
         }
@@ -649,7 +666,10 @@ async fn decide_batch(
                 if job.reason() != Some(reason.as_str()) {
                     reasons.push((job.id(), reason));
                 }
-                decided.push((i, Decision::Waits(Fit::of(&job, false, queue_timeout))));
+                decided.push((
+                    i,
+                    Decision::Waits(Fit::of(&job, false, queue_timeout, &shares)),
+                ));
                 unplaced.push(job);
             }
             continue;
@@ -696,14 +716,14 @@ async fn decide_batch(
             (None, false) => {}
         }
     }
-    view.keep_shares(shares);
     // Preemptions are decided on workers read for this round only (a view kept from earlier
     // rounds may miss slots other replicas freed), after its own placements.
     let preemptions = if view_fresh && !unplaced.is_empty() {
-        preempt(ctx, &unplaced, view, now).await?
+        preempt(ctx, &unplaced, view, &shares, now).await?
     } else {
         Preemptions::default()
     };
+    view.keep_shares(shares);
     if !transitions.is_empty() || !reasons.is_empty() {
         let saves: Vec<(&Worker, u64, &[AttemptId])> = reserved
             .iter()
@@ -807,7 +827,8 @@ struct Preemptions {
 
 /// For each job of `unplaced` (highest priority first) that no worker can take now, looks for
 /// the worker where stopping the fewest preemptible jobs of a lower priority (the lowest
-/// priorities, then the youngest) would make room, and asks for those preemptions. The room
+/// priorities, then the youngest) would make room, and asks for those preemptions. Every job
+/// counts with the priority its tenant's policy allows it (see [`Shares::priority`]). The room
 /// is taken when the victims' attempts end and free their slots: the waiting job, of a higher
 /// priority, then comes first. Kubernetes' scheduler preempts the same way (victims of the
 /// lowest priority on the node needing the fewest).
@@ -815,9 +836,11 @@ async fn preempt(
     ctx: &Context,
     unplaced: &[Job],
     view: &mut WorkerView,
+    shares: &Shares,
     now: chrono::DateTime<Utc>,
 ) -> Result<Preemptions, StorageError> {
     let pool = &ctx.backends.pool;
+    let priority = |job: &Job| shares.priority(job.tenant(), job.spec().priority);
     // A job some running job is already being stopped for waits for that one (whichever
     // replica asked): it is not preempted for again until those victims have ended.
     let ids: Vec<JobId> = unplaced.iter().map(Job::id).collect();
@@ -826,21 +849,29 @@ async fn preempt(
         .iter()
         .filter(|j| !under_way.contains(&j.id()))
         .collect();
-    waiting.sort_by_key(|j| (std::cmp::Reverse(j.spec().priority), j.id()));
-    let Some(top) = waiting.first().map(|j| j.spec().priority) else {
+    waiting.sort_by_key(|j| (std::cmp::Reverse(priority(j)), j.id()));
+    let Some(top) = waiting.first().map(|j| priority(j)) else {
         return Ok(Preemptions::default());
     };
+    // Jobs of tenants that count them lower than they ask may be victims whatever they ask.
+    let capped: Vec<&TenantId> = shares
+        .policies
+        .iter()
+        .filter(|(_, policy)| policy.max_priority.is_some_and(|cap| cap < top))
+        .map(|(tenant, _)| tenant)
+        .collect();
     let mut victims = ctx
         .backends
-        .db(|| jobs::preemptible_on_workers(pool, top, VICTIMS_READ))
+        .db(|| jobs::preemptible_on_workers(pool, top, &capped, VICTIMS_READ))
         .await?;
+    victims.sort_by_key(|v| (priority(v), std::cmp::Reverse(v.id())));
     let mut done = Preemptions::default();
     if victims.is_empty() {
         return Ok(done);
     }
     let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
     for job in waiting {
-        let Some((worker_id, chosen)) = room_for(live, &victims, job) else {
+        let Some((worker_id, chosen)) = room_for(live, &victims, job, &priority) else {
             continue;
         };
         // Taken out of the list in its order (lowest priority, then youngest, first).
@@ -883,16 +914,21 @@ async fn preempt(
 }
 
 /// The worker of `live` where stopping the fewest of `victims` (each of a lower priority than
-/// `job`) lets `job` fit, and those victims; among equals, the one whose victims have the
-/// lowest priority.
-fn room_for(live: &[Worker], victims: &[Job], job: &Job) -> Option<(WorkerId, Vec<JobId>)> {
+/// `job`, as `priority` counts them) lets `job` fit, and those victims; among equals, the one
+/// whose victims have the lowest priority.
+fn room_for(
+    live: &[Worker],
+    victims: &[Job],
+    job: &Job,
+    priority: &impl Fn(&Job) -> i32,
+) -> Option<(WorkerId, Vec<JobId>)> {
     let spec = can_take_job(job.spec());
     let mut best: Option<(usize, i32, WorkerId, Vec<JobId>)> = None;
     for worker in live {
         // Victims on this worker, lowest priority (then youngest) first, as read.
         let here: Vec<&Job> = victims
             .iter()
-            .filter(|v| v.spec().priority < job.spec().priority)
+            .filter(|v| priority(v) < priority(job))
             .filter(|v| {
                 v.current_attempt_record()
                     .is_some_and(|a| &a.worker_id == worker.id())
@@ -912,7 +948,7 @@ fn room_for(live: &[Worker], victims: &[Job], job: &Job) -> Option<(WorkerId, Ve
                 continue;
             }
             chosen.push(victim.id());
-            highest = highest.max(victim.spec().priority);
+            highest = highest.max(priority(victim));
             if spec.is_satisfied_by(&freed) {
                 break;
             }
@@ -1644,6 +1680,7 @@ mod tests {
             secrets: false,
             quota,
             deadline,
+            priority: 0,
         }
     }
 

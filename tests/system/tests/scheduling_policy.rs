@@ -77,6 +77,21 @@ fn read_ledger(ledger: &Path) -> Vec<(String, String, f64)> {
         .collect()
 }
 
+/// The first jobs to start, in the ledger's order, are `first`.
+fn assert_first_starts<const N: usize>(ledger: &Path, first: [&str; N]) {
+    let starts: Vec<String> = read_ledger(ledger)
+        .into_iter()
+        .filter(|(_, event, _)| event == "start")
+        .map(|(name, _, _)| name)
+        .collect();
+    assert_eq!(
+        starts.get(..N),
+        Some(&first.map(str::to_owned)[..]),
+        "the first starts were {:?}",
+        starts.iter().take(N + 3).collect::<Vec<_>>()
+    );
+}
+
 async fn one_agent_system(slots: u32, schedulers: usize) -> TestSystem {
     TestSystem::start_with(
         &[AgentSpec {
@@ -120,17 +135,7 @@ async fn a_priority_1000_job_behind_5000_queued_jobs_starts_next() {
     std::fs::write(&release, b"").unwrap();
     let done = system.wait_terminal(&high.id, DEADLINE).await.unwrap();
     assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
-    let starts: Vec<String> = read_ledger(&ledger)
-        .into_iter()
-        .filter(|(_, event, _)| event == "start")
-        .map(|(name, _, _)| name)
-        .collect();
-    assert_eq!(
-        starts.get(..2),
-        Some(&["blocker".to_owned(), "high".to_owned()][..]),
-        "the first starts were {:?}",
-        starts.iter().take(5).collect::<Vec<_>>()
-    );
+    assert_first_starts(&ledger, ["blocker", "high"]);
     system.stop().await;
 }
 
@@ -535,5 +540,76 @@ async fn a_waiting_job_of_a_higher_priority_preempts_a_preemptible_one() {
             .any(|r| r.contains(&format!("preempted by job {}", high.id))),
         "{reasons:?}"
     );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_s_max_priority_neither_jumps_the_queue_nor_preempts() {
+    let system = one_agent_system(1, 1).await;
+    let mut admin = tenants(&system);
+    let capped_at = |max_priority| pb::SetTenantPolicyRequest {
+        tenant: "capped".into(),
+        policy: Some(pb::TenantPolicy {
+            weight: 1,
+            max_priority: Some(max_priority),
+            ..Default::default()
+        }),
+    };
+    let refused = admin.set_tenant_policy(capped_at(1001)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("max_priority"), "{refused:?}");
+    let set = admin
+        .set_tenant_policy(capped_at(0))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert_eq!(set.policy.unwrap().max_priority, Some(0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger");
+    let release = dir.path().join("release");
+    // Another tenant's preemptible job of priority 0 holds the one slot.
+    let mut victim = ledger_job(&ledger, "victim", &wait_for_file(&release));
+    victim.preemptible = true;
+    let victim = submit_all(&system, "others", vec![victim]).await.remove(0);
+    system
+        .wait_job(&victim.id, "to run", DEADLINE, |s| {
+            s == pb::JobState::Running
+        })
+        .await
+        .unwrap();
+    // The capped tenant asks for 1000 and counts with 0: not above the victim's 0. Then a job
+    // of priority 5 comes: it is the one the victim is stopped for, and the first to run.
+    let mut greedy = ledger_job(&ledger, "greedy", "true");
+    greedy.priority = 1000;
+    let greedy = submit_all(&system, "capped", vec![greedy]).await.remove(0);
+    let mut urgent = ledger_job(&ledger, "urgent", "true");
+    urgent.priority = 5;
+    let urgent = submit_all(&system, "others", vec![urgent]).await.remove(0);
+    let urgent = system.wait_terminal(&urgent.id, DEADLINE).await.unwrap();
+    assert_eq!(urgent.state(), pb::JobState::Succeeded, "{urgent:?}");
+    std::fs::write(&release, b"").unwrap();
+    for id in [&greedy.id, &victim.id] {
+        let done = system.wait_terminal(id, DEADLINE).await.unwrap();
+        assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    }
+    let victim = system.get_job(&victim.id).await.unwrap();
+    assert_eq!(
+        victim.attempts[0]
+            .outcome
+            .as_ref()
+            .and_then(|o| o.kind.clone()),
+        Some(pb::attempt_outcome::Kind::Preempted(urgent.id.clone())),
+        "{victim:?}"
+    );
+    let greedy = system.get_job(&greedy.id).await.unwrap();
+    assert_eq!(
+        greedy.spec.unwrap().priority,
+        1000,
+        "it keeps what it asked for"
+    );
+    assert_first_starts(&ledger, ["victim", "urgent"]);
     system.stop().await;
 }
