@@ -860,26 +860,26 @@ pub async fn preempting_for(
 }
 
 /// Running jobs that may be preempted for a job of priority `above`: marked preemptible, of a
-/// lower priority or of one of the `also` tenants (whose policy counts their jobs lower than
-/// they ask), not being cancelled or preempted already (an attempt not started yet is left
-/// alone: its agent may not have it, and would ignore the stop); the lowest priority first,
-/// the youngest first among equals. At most `limit`.
+/// lower priority as their tenant's policy counts it (their own, or the tenant's
+/// `max_priority` if lower), not being cancelled or preempted already (an attempt not started
+/// yet is left alone: its agent may not have it, and would ignore the stop); the lowest
+/// priority first, the youngest first among equals. At most `limit`.
 pub async fn preemptible_on_workers(
     conn: impl sqlx::PgExecutor<'_>,
     above: i32,
-    also: &[&TenantId],
     limit: i64,
 ) -> Result<Vec<Job>, StorageError> {
-    let also: Vec<&str> = also.iter().map(|t| t.as_str()).collect();
     let sql = format!(
-        "SELECT {COLUMNS} FROM jobs
-         WHERE state = 'running' AND (priority < $1 OR tenant = ANY($2)) AND NOT cancel_requested
-           AND preempted_by IS NULL AND (spec->>'preemptible')::boolean IS TRUE
-         ORDER BY priority, id DESC LIMIT $3"
+        "SELECT {COLUMNS} FROM (
+             SELECT j.*, LEAST(j.priority, p.max_priority) AS counted
+             FROM jobs j LEFT JOIN tenant_policies p ON p.tenant = j.tenant
+             WHERE j.state = 'running' AND NOT j.cancel_requested AND j.preempted_by IS NULL
+               AND (j.spec->>'preemptible')::boolean IS TRUE) jobs
+         WHERE counted < $1
+         ORDER BY counted, id DESC LIMIT $2"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(above)
-        .bind(&also)
         .bind(limit)
         .fetch_all(conn)
         .await?;

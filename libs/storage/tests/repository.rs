@@ -861,3 +861,65 @@ async fn deleting_published_messages_leaves_later_commits_synchronous() {
     pool.close().await;
     db.cleanup().await.unwrap();
 }
+
+#[tokio::test]
+async fn preemption_reads_running_jobs_by_the_priority_their_tenant_lets_them_count_with() {
+    let (db, pool) = database().await;
+    let capped: TenantId = "capped".parse().unwrap();
+    let policy = hodei_domain::TenantPolicy {
+        max_priority: Some(-1000),
+        ..Default::default()
+    };
+    hodei_storage::tenants::set_policy(&pool, &capped, &policy, Utc::now())
+        .await
+        .unwrap();
+    // Each tenant runs a preemptible job that asked for 1000, and one of priority 4.
+    let mut ids = BTreeMap::new();
+    for (tenant, priority) in [
+        (capped.clone(), 1000),
+        (TenantId::default(), 1000),
+        (TenantId::default(), 4),
+    ] {
+        let mut d = JobSpecDraft::exec("victim", &["true"]);
+        d.priority = priority;
+        d.preemptible = true;
+        let now = Utc::now().trunc_subsecs(6);
+        let (mut job, first) = Job::submit(
+            JobId::new(),
+            tenant.clone(),
+            JobSpec::try_from(d).unwrap(),
+            now,
+        );
+        driver::submit_job(&pool, &job, &first, &[]).await.unwrap();
+        let v = job.version();
+        let events = vec![
+            job.assign("w1".parse().unwrap(), now).unwrap(),
+            job.start(AttemptNumber::new(1), now).unwrap(),
+        ];
+        let mut tx = pool.begin().await.unwrap();
+        driver::save_job(&mut tx, &job, v, &events).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.insert(job.id(), format!("{tenant}/{priority}"));
+    }
+    let read = |above| {
+        let pool = pool.clone();
+        let ids = ids.clone();
+        async move {
+            jobs::preemptible_on_workers(&pool, above, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|j| ids[&j.id()].clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    // For a job of priority 5: the capped tenant's (counted -1000) first, then the 4; never
+    // the other tenant's 1000.
+    assert_eq!(read(5).await, ["capped/1000", "default/4"]);
+    assert_eq!(read(-1000).await, Vec::<String>::new());
+    assert_eq!(
+        read(1001).await,
+        ["capped/1000", "default/4", "default/1000"]
+    );
+    db.cleanup().await.unwrap();
+}

@@ -814,6 +814,9 @@ async fn record_preemptions(ctx: &Context, preemptions: Preemptions) {
     }
 }
 
+/// A job with the priority it counts with (see [`Shares::priority`]).
+type Counted = (i32, Job);
+
 /// Preemptible jobs read per round in which some job of this scheduler found no worker.
 const VICTIMS_READ: i64 = 1000;
 
@@ -853,32 +856,31 @@ async fn preempt(
     let Some(top) = waiting.first().map(|j| priority(j)) else {
         return Ok(Preemptions::default());
     };
-    // Jobs of tenants that count them lower than they ask may be victims whatever they ask.
-    let capped: Vec<&TenantId> = shares
-        .policies
-        .iter()
-        .filter(|(_, policy)| policy.max_priority.is_some_and(|cap| cap < top))
-        .map(|(tenant, _)| tenant)
-        .collect();
-    let mut victims = ctx
+    // Each with the priority it counts with, as the view's policies say (the read used the
+    // policies as stored), lowest first, then youngest.
+    let mut victims: Vec<Counted> = ctx
         .backends
-        .db(|| jobs::preemptible_on_workers(pool, top, &capped, VICTIMS_READ))
-        .await?;
-    victims.sort_by_key(|v| (priority(v), std::cmp::Reverse(v.id())));
+        .db(|| jobs::preemptible_on_workers(pool, top, VICTIMS_READ))
+        .await?
+        .into_iter()
+        .map(|v| (priority(&v), v))
+        .collect();
+    victims.sort_by_key(|(counted, v)| (*counted, std::cmp::Reverse(v.id())));
     let mut done = Preemptions::default();
     if victims.is_empty() {
         return Ok(done);
     }
     let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
     for job in waiting {
-        let Some((worker_id, chosen)) = room_for(live, &victims, job, &priority) else {
+        let Some((worker_id, chosen)) = room_for(live, &victims, job, priority(job)) else {
             continue;
         };
         // Taken out of the list in its order (lowest priority, then youngest, first).
-        let (taken, rest): (Vec<Job>, Vec<Job>) =
-            victims.into_iter().partition(|v| chosen.contains(&v.id()));
+        let (taken, rest): (Vec<Counted>, Vec<Counted>) = victims
+            .into_iter()
+            .partition(|(_, v)| chosen.contains(&v.id()));
         victims = rest;
-        for mut victim in taken {
+        for (_, mut victim) in taken {
             let version = victim.version();
             let Some(attempt) = victim.current_attempt_record().map(|a| a.attempt) else {
                 continue;
@@ -913,25 +915,25 @@ async fn preempt(
     Ok(done)
 }
 
-/// The worker of `live` where stopping the fewest of `victims` (each of a lower priority than
-/// `job`, as `priority` counts them) lets `job` fit, and those victims; among equals, the one
-/// whose victims have the lowest priority.
+/// The worker of `live` where stopping the fewest of `victims` (each with the priority it
+/// counts with, lower than `counted`, what `job` counts with) lets `job` fit, and those
+/// victims; among equals, the one whose victims have the lowest priority.
 fn room_for(
     live: &[Worker],
-    victims: &[Job],
+    victims: &[Counted],
     job: &Job,
-    priority: &impl Fn(&Job) -> i32,
+    counted: i32,
 ) -> Option<(WorkerId, Vec<JobId>)> {
     let spec = can_take_job(job.spec());
     let mut best: Option<(usize, i32, WorkerId, Vec<JobId>)> = None;
     for worker in live {
-        // Victims on this worker, lowest priority (then youngest) first, as read.
-        let here: Vec<&Job> = victims
+        // Victims on this worker, lowest priority (then youngest) first, as given.
+        let here: Vec<&Counted> = victims
             .iter()
-            .filter(|v| priority(v) < priority(job))
-            .filter(|v| {
-                v.current_attempt_record()
-                    .is_some_and(|a| &a.worker_id == worker.id())
+            .filter(|(priority, v)| {
+                *priority < counted
+                    && v.current_attempt_record()
+                        .is_some_and(|a| &a.worker_id == worker.id())
             })
             .collect();
         if here.is_empty() {
@@ -940,7 +942,7 @@ fn room_for(
         let mut freed = worker.clone();
         let mut chosen = Vec::new();
         let mut highest = i32::MIN;
-        for victim in here {
+        for (priority, victim) in here {
             let Some(attempt) = victim.current_attempt_id() else {
                 continue;
             };
@@ -948,7 +950,7 @@ fn room_for(
                 continue;
             }
             chosen.push(victim.id());
-            highest = highest.max(priority(victim));
+            highest = highest.max(*priority);
             if spec.is_satisfied_by(&freed) {
                 break;
             }
