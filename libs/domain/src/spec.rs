@@ -14,6 +14,8 @@ use crate::specification::{Predicate, Specification};
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// Most attempts a job may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// The longest a job's name may be, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
 /// The lowest priority a job may ask for.
 pub const MIN_PRIORITY: i32 = -1000;
 /// The highest priority a job may ask for.
@@ -431,7 +433,9 @@ fn rules(draft: &JobSpecDraft) -> Vec<Rule> {
         Rule::new(
             "name",
             "must be 1 to 128 characters without control characters",
-            |d| !d.name.trim().is_empty() && d.name.len() <= 128 && is_printable(&d.name),
+            |d| {
+                !d.name.trim().is_empty() && d.name.len() <= MAX_NAME_BYTES && is_printable(&d.name)
+            },
         ),
         Rule::new(
             "timeout_secs",

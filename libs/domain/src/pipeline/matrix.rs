@@ -40,6 +40,18 @@ pub(super) fn first_combination(
         .collect()
 }
 
+/// The combination whose expanded name is the longest: each key with its longest value.
+pub(super) fn longest_combination(
+    matrix: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, String> {
+    matrix
+        .iter()
+        .filter_map(|(key, values)| {
+            Some((key.clone(), values.iter().max_by_key(|v| v.len())?.clone()))
+        })
+        .collect()
+}
+
 pub(super) fn combination_count(matrix: &BTreeMap<String, Vec<String>>) -> usize {
     matrix
         .values()

@@ -540,7 +540,8 @@ impl PipelineRun {
 
     /// Asks for the run to be cancelled: steps not started are cancelled (but `always` steps,
     /// which still run once their needs end), the jobs of queued and running steps are to be
-    /// cancelled by the caller, and the run ends `cancelled` once every step has ended.
+    /// cancelled by the caller (but those of `always` steps, the clean-up the cancel must not
+    /// cut short), and the run ends `cancelled` once every step has ended.
     pub fn cancel(&mut self, reason: &str, now: DateTime<Utc>) -> Result<Effects, DomainError> {
         if self.state.is_terminal() {
             return Err(self.illegal("cancel"));
@@ -559,6 +560,7 @@ impl PipelineRun {
             .steps
             .iter()
             .filter(|s| matches!(s.state, StepState::Queued | StepState::Running))
+            .filter(|s| s.when != When::Always)
             .filter_map(|s| s.job_id)
             .collect();
         effects.extend(self.advance(now, JobId::new)?);
@@ -596,7 +598,11 @@ impl PipelineRun {
                     .iter()
                     .map(|n| (n, states.get(n).copied().unwrap_or(StepState::Skipped)))
                     .collect();
-                if stopping && s.when == When::OnSuccess {
+                // A cancel also cancels the waiting `on_failure` steps: after a cancel only
+                // `always` steps start.
+                if (stopping && s.when == When::OnSuccess)
+                    || (self.cancel_requested && s.when == When::OnFailure)
+                {
                     let why = if self.cancel_requested {
                         "pipeline run cancelled"
                     } else {
@@ -621,9 +627,6 @@ impl PipelineRun {
                         Decision::Skip(format!("needs not succeeded: {}", not_ok.join(", ")))
                     }
                     When::OnFailure if failed => Decision::Queue,
-                    When::OnFailure if self.cancel_requested => {
-                        Decision::Cancel("pipeline run cancelled".to_owned())
-                    }
                     When::OnFailure => Decision::Skip("no step it needs failed".to_owned()),
                 };
                 decided = Some((s.name.clone(), decision));
@@ -644,10 +647,14 @@ impl PipelineRun {
             effects.events.push(self.record(kind, now)?);
         }
         if self.steps.iter().all(|s| s.state.is_terminal()) {
+            // A step cancelled by itself (its job cancelled, or its agent stopped by force)
+            // did not do its work: the run cannot have succeeded.
             let state = if self.cancel_requested {
                 PipelineState::Cancelled
             } else if self.steps.iter().any(|s| s.state == StepState::Failed) || self.failing_fast {
                 PipelineState::Failed
+            } else if self.steps.iter().any(|s| s.state == StepState::Cancelled) {
+                PipelineState::Cancelled
             } else {
                 PipelineState::Succeeded
             };
@@ -844,6 +851,55 @@ mod tests {
         assert_eq!(created(&e), ["cleanup"]);
         run.job_ended(job_of(&run, "cleanup"), JobState::Succeeded, None, now)
             .unwrap();
+        assert_eq!(run.state(), PipelineState::Cancelled);
+    }
+
+    #[test]
+    fn a_cancel_leaves_always_steps_under_way_and_starts_no_on_failure_step() {
+        let now = Utc::now();
+        let mut cleanup = StepDraft::exec("cleanup", &["true"]);
+        cleanup.when = When::Always;
+        let mut notify = StepDraft::exec("notify", &["true"]).needing(&["build", "test"]);
+        notify.when = When::OnFailure;
+        let (mut run, _, effects) = start(
+            vec![
+                StepDraft::exec("build", &["true"]),
+                StepDraft::exec("test", &["true"]),
+                cleanup,
+                notify,
+            ],
+            false,
+        );
+        assert_eq!(created(&effects), ["build", "test", "cleanup"]);
+        run.job_ended(job_of(&run, "build"), JobState::Failed, None, now)
+            .unwrap();
+        let test = job_of(&run, "test");
+        let e = run.cancel("stop", now).unwrap();
+        // The clean-up already queued goes on; `notify` will not start, though `build` failed.
+        assert_eq!(e.jobs_to_cancel, [test]);
+        assert_eq!(state_of(&run, "notify"), StepState::Cancelled);
+        let e = run.job_ended(test, JobState::Cancelled, None, now).unwrap();
+        assert!(created(&e).is_empty());
+        run.job_ended(job_of(&run, "cleanup"), JobState::Succeeded, None, now)
+            .unwrap();
+        assert_eq!(state_of(&run, "cleanup"), StepState::Succeeded);
+        assert_eq!(run.state(), PipelineState::Cancelled);
+    }
+
+    #[test]
+    fn a_step_whose_job_was_cancelled_keeps_the_run_from_succeeding() {
+        let now = Utc::now();
+        let (mut run, _, _) = start(
+            vec![
+                StepDraft::exec("build", &["true"]),
+                StepDraft::exec("deploy", &["true"]).needing(&["build"]),
+            ],
+            false,
+        );
+        // `CancelJob` on the step's job, or its agent stopped by force: not a cancel of the run.
+        run.job_ended(job_of(&run, "build"), JobState::Cancelled, None, now)
+            .unwrap();
+        assert_eq!(state_of(&run, "deploy"), StepState::Skipped);
         assert_eq!(run.state(), PipelineState::Cancelled);
     }
 

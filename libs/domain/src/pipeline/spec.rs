@@ -237,9 +237,10 @@ impl PipelineSpec {
                 let mut draft = step.job_draft(name.clone(), &self.env, &matrix_env(&combo), run);
                 // A pipeline-level value that any step calls secret is secret in every step.
                 draft.secret_env.extend(secrets.iter().cloned());
-                // Validation checked the first combination; the others differ only in the
-                // matrix values, which were checked too, so this cannot fail. A failure would
-                // still not panic: the step is dropped and the run reports it missing.
+                // Validation checked the first combination's job and the longest name any
+                // combination gets; the others differ only in their names and matrix values,
+                // which were checked too, so this cannot fail. (A failure would not panic: the
+                // step would be missing, and its dependants would take it as skipped.)
                 let Ok(job) = JobSpec::try_from(draft) else {
                     continue;
                 };

@@ -7,14 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::dag::find_cycle;
 use super::matrix::{
-    combination_count, expanded_name, first_combination, is_matrix_key, matrix_env,
+    combination_count, expanded_name, first_combination, is_matrix_key, longest_combination,
+    matrix_env,
 };
 use super::spec::{
     MAX_EXPANDED_STEPS, MAX_MATRIX_COMBINATIONS, MAX_STEPS, PipelineSpecDraft, StepDraft,
 };
 use crate::error::FieldError;
 use crate::ids::PipelineRunId;
-use crate::spec::{JobSpec, JobSpecDraft};
+use crate::spec::{JobSpec, JobSpecDraft, MAX_NAME_BYTES};
 
 fn is_step_name(s: &str) -> bool {
     !s.is_empty()
@@ -158,11 +159,25 @@ pub(super) fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
         );
         if let Err(e) = JobSpec::try_from(job) {
             for f in e.0 {
-                // The job's name is the step's, reported under steps[i].name above.
+                // The job's name is the step's, reported under steps[i].name above, and its
+                // length under `matrix` below.
                 if f.field != "name" {
                     errors.push(FieldError::new(format!("{at}.{}", f.field), f.reason));
                 }
             }
+        }
+        // Every combination's job is named `step[key=value,...]`: the longest must fit a job's
+        // name, or its combination could not become a job.
+        let longest = expanded_name(&step.name, &longest_combination(&step.matrix)).len();
+        if longest > MAX_NAME_BYTES {
+            errors.push(FieldError::new(
+                format!("{at}.matrix"),
+                format!(
+                    "names steps of up to {longest} bytes (`{}[key=value,...]`), at most \
+                     {MAX_NAME_BYTES} allowed: shorten the step's name or the matrix's keys or values",
+                    step.name
+                ),
+            ));
         }
     }
     if expanded > MAX_EXPANDED_STEPS {
@@ -246,6 +261,25 @@ mod tests {
             .into_iter()
             .map(|f| (f.field, f.reason))
             .collect()
+    }
+
+    #[test]
+    fn a_matrix_whose_step_names_would_be_too_long_is_refused() {
+        let mut wide = StepDraft::exec("a-step-with-a-rather-long-name", &["true"]);
+        // The first combination's name fits (its values are short); the longest does not.
+        wide.matrix.insert(
+            "platform_under_test".into(),
+            vec!["x".into(), "p".repeat(64)],
+        );
+        wide.matrix
+            .insert("toolchain".into(), vec!["y".into(), "t".repeat(40)]);
+        let errors = refused(pipeline(vec![wide]));
+        let reason = &errors["steps.a-step-with-a-rather-long-name.matrix"];
+        assert!(reason.contains("at most 128"), "{reason}");
+        let mut fits = StepDraft::exec("a-step-with-a-rather-long-name", &["true"]);
+        fits.matrix
+            .insert("os".into(), vec!["linux".into(), "p".repeat(64)]);
+        assert!(PipelineSpec::try_from(pipeline(vec![fits])).is_ok());
     }
 
     #[test]
