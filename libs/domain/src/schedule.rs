@@ -463,7 +463,9 @@ impl Schedule {
     }
 
     /// Resumes it from the first tick after `now`: ticks that fell while it was paused never
-    /// fire. `None` when it was not paused.
+    /// fire. Never from before the tick it was to fire next when paused (every earlier tick
+    /// was handled): a caller whose clock is behind the one that fired them cannot make a
+    /// tick fire twice. `None` when it was not paused.
     pub fn resume(
         &mut self,
         cadence: &Cadence,
@@ -474,7 +476,11 @@ impl Schedule {
             return None;
         }
         self.paused = false;
-        self.set_next(cadence.next_after(now), jitter_unit);
+        let next = match (cadence.next_after(now), self.next_tick) {
+            (Some(after_now), Some(stored)) => Some(after_now.max(stored)),
+            (after_now, _) => after_now,
+        };
+        self.set_next(next, jitter_unit);
         self.touch(now);
         Some(ScheduleEvent::new(
             self.id,
@@ -783,6 +789,12 @@ mod tests {
                 .is_empty()
         );
         schedule.resume(&cadence, later, 0.0).unwrap();
+        assert_eq!(schedule.next_tick(), Some(later + Duration::seconds(10)));
+        // Resumed by a caller whose clock is a minute behind: not from a tick already handled.
+        assert!(schedule.pause(later).is_some());
+        schedule
+            .resume(&cadence, later - Duration::minutes(1), 0.0)
+            .unwrap();
         assert_eq!(schedule.next_tick(), Some(later + Duration::seconds(10)));
     }
 
