@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FieldError, ValidationErrors};
 use crate::ids::{JobId, TenantId};
+use crate::job::Job;
 use crate::spec::{MAX_PRIORITY, MIN_PRIORITY, Resources};
 use crate::worker::Worker;
 
@@ -283,6 +284,11 @@ impl Shares {
         self.policies
             .get(tenant)
             .map_or(requested, |p| p.priority(requested))
+    }
+
+    /// The priority `job` counts with (see [`Shares::priority`]).
+    pub fn priority_of(&self, job: &Job) -> i32 {
+        self.priority(job.tenant(), job.spec().priority)
     }
 
     /// The running quota of `tenant` that one more job requesting `resources` would pass.

@@ -251,7 +251,7 @@ impl Fit {
             secrets: spec.has_secrets(),
             quota,
             deadline: job.updated_at() + queue_timeout,
-            priority: shares.priority(job.tenant(), spec.priority),
+            priority: shares.priority_of(job),
         }
     }
 }
@@ -596,14 +596,13 @@ async fn decide_batch(
     // fill the free slots. (Otherwise every busy replica would add the same heads and lose
     // rounds to each other's conflicts.)
     let in_round: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let priority = |job: &Job| shares.priority(job.tenant(), job.spec().priority);
-    let own_top = candidates.iter().map(|c| priority(&c.job)).max();
+    let own_top = candidates.iter().map(|c| shares.priority_of(&c.job)).max();
     let own_tenants: std::collections::HashSet<TenantId> =
         candidates.iter().map(|c| c.job.tenant().clone()).collect();
     let room = candidates.len() < free;
     for job in heads {
         let joins = room
-            || own_top.is_none_or(|top| priority(&job) > top)
+            || own_top.is_none_or(|top| shares.priority_of(&job) > top)
             || !own_tenants.contains(job.tenant());
         if joins && !in_round.contains(&job.id()) {
             candidates.push(Candidate { request: None, job });
@@ -620,11 +619,14 @@ async fn decide_batch(
             );
         }
     }
-    let mut queue = FairQueue::new(
-        candidates
-            .into_iter()
-            .map(|c| (priority(&c.job), c.job.tenant().clone(), c.job.id(), c)),
-    );
+    let mut queue = FairQueue::new(candidates.into_iter().map(|c| {
+        (
+            shares.priority_of(&c.job),
+            c.job.tenant().clone(),
+            c.job.id(),
+            c,
+        )
+    }));
     let mut transitions = Vec::new();
     let mut reasons: Vec<(JobId, String)> = Vec::new();
     // Each reserved worker, the version it was read at and the attempts reserved on it, in
@@ -843,7 +845,6 @@ async fn preempt(
     now: chrono::DateTime<Utc>,
 ) -> Result<Preemptions, StorageError> {
     let pool = &ctx.backends.pool;
-    let priority = |job: &Job| shares.priority(job.tenant(), job.spec().priority);
     // A job some running job is already being stopped for waits for that one (whichever
     // replica asked): it is not preempted for again until those victims have ended.
     let ids: Vec<JobId> = unplaced.iter().map(Job::id).collect();
@@ -852,27 +853,27 @@ async fn preempt(
         .iter()
         .filter(|j| !under_way.contains(&j.id()))
         .collect();
-    waiting.sort_by_key(|j| (std::cmp::Reverse(priority(j)), j.id()));
-    let Some(top) = waiting.first().map(|j| priority(j)) else {
+    waiting.sort_by_key(|j| (std::cmp::Reverse(shares.priority_of(j)), j.id()));
+    let Some(top) = waiting.first().map(|j| shares.priority_of(j)) else {
         return Ok(Preemptions::default());
     };
-    // Each with the priority it counts with, as the view's policies say (the read used the
-    // policies as stored), lowest first, then youngest.
+    // In the read's order (lowest priority, then youngest, first), each with the priority it
+    // counts with as the view's policies say.
     let mut victims: Vec<Counted> = ctx
         .backends
         .db(|| jobs::preemptible_on_workers(pool, top, VICTIMS_READ))
         .await?
         .into_iter()
-        .map(|v| (priority(&v), v))
+        .map(|v| (shares.priority_of(&v), v))
         .collect();
-    victims.sort_by_key(|(counted, v)| (*counted, std::cmp::Reverse(v.id())));
     let mut done = Preemptions::default();
     if victims.is_empty() {
         return Ok(done);
     }
     let (live, _) = ctx.backends.db(|| view.get(pool, live_since(ctx))).await?;
     for job in waiting {
-        let Some((worker_id, chosen)) = room_for(live, &victims, job, priority(job)) else {
+        let Some((worker_id, chosen)) = room_for(live, &victims, job, shares.priority_of(job))
+        else {
             continue;
         };
         // Taken out of the list in its order (lowest priority, then youngest, first).
