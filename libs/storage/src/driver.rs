@@ -715,7 +715,14 @@ async fn create_step_job(
     source: &str,
 ) -> Result<(), StorageError> {
     let (job, event) = Job::submit(job_id, run.tenant().clone(), spec, Utc::now());
-    jobs::insert(conn, &job, &event, Some((run.id(), step))).await?;
+    // A step's job carries no idempotency key (the run's validation refuses one): an insert
+    // that did nothing is never a silent loss. A second job for the step fails on the unique
+    // index `jobs_pipeline_step`.
+    if !jobs::insert(conn, &job, &event, Some((run.id(), step))).await? {
+        return Err(StorageError::Conflict {
+            what: format!("job of step {step} of pipeline run {}", run.id()),
+        });
+    }
     outbox::append(conn, &Outgoing::job_submitted(&job, &event, source)?).await
 }
 
@@ -744,8 +751,16 @@ fn job_reason(job: &Job) -> Option<String> {
 pub struct ScheduleHandled {
     pub schedule: hodei_domain::Schedule,
     pub events: Vec<hodei_domain::ScheduleEvent>,
-    /// Why the schedule could not be handled (it was put off by [`RETRY_FAILED`]).
-    pub failed: Option<String>,
+    /// Why the schedule could not be handled, and for how long it was put off.
+    pub failed: Option<PutOff>,
+}
+
+/// A due schedule that could not be handled: why, and how long until it is tried again.
+#[derive(Debug, Clone)]
+pub struct PutOff {
+    pub reason: String,
+    /// [`RETRY_CONFLICT`] after a concurrent change, [`RETRY_FAILED`] otherwise.
+    pub retry_in: chrono::Duration,
 }
 
 /// What a trigger by hand did.
@@ -763,6 +778,12 @@ pub enum Triggered {
 /// How long a schedule that could not be handled (for a reason other than PostgreSQL being
 /// away or a concurrent change) is put off, so it does not stand first in line at every poll.
 pub const RETRY_FAILED: chrono::Duration = chrono::Duration::seconds(60);
+
+/// How long a schedule whose firing met a concurrent change (a row another transaction moved
+/// first, a deadlock, a key already taken) is put off: the other due schedules are handled
+/// first, and it is tried again about a poll later. A conflict that lasts thus delays only its
+/// own schedule, never the ones due after it.
+pub const RETRY_CONFLICT: chrono::Duration = chrono::Duration::seconds(1);
 
 /// Fires what is due of the soonest due schedule no other replica holds, in one transaction:
 /// its ticks, the jobs and runs they start, what the overlap policy cancels, its next tick.
@@ -800,15 +821,25 @@ pub async fn fire_due_schedule(
                 failed: None,
             }))
         }
-        Err(e) if e.is_unavailable() || e.is_conflict() => Err(e),
+        Err(e) if e.is_unavailable() => Err(e),
         Err(e) => {
+            // The savepoint's rollback undoes its statements and their locks, a unique
+            // violation's or a deadlock's included: the schedule's own lock is kept.
             savepoint.rollback().await?;
-            schedules::postpone(&mut tx, schedule.id(), now + RETRY_FAILED).await?;
+            let retry_in = if e.is_conflict() {
+                RETRY_CONFLICT
+            } else {
+                RETRY_FAILED
+            };
+            schedules::postpone(&mut tx, schedule.id(), now + retry_in).await?;
             tx.commit().await?;
             Ok(Some(ScheduleHandled {
                 schedule,
                 events: Vec::new(),
-                failed: Some(e.to_string()),
+                failed: Some(PutOff {
+                    reason: e.to_string(),
+                    retry_in,
+                }),
             }))
         }
     }

@@ -923,3 +923,159 @@ async fn preemption_reads_running_jobs_by_the_priority_their_tenant_lets_them_co
     );
     db.cleanup().await.unwrap();
 }
+
+/// A schedule every second, created `ago` before `now` (so its first tick is due), whose
+/// ticks start a job.
+fn due_schedule(name: &str, now: chrono::DateTime<Utc>, ago: i64) -> hodei_domain::Schedule {
+    use hodei_domain::{
+        Cadence, OverlapPolicy, Schedule, ScheduleId, ScheduleSpec, ScheduleTarget,
+    };
+    let d = JobSpecDraft::exec(name, &["true"]);
+    let spec = ScheduleSpec {
+        name: name.to_owned(),
+        cron: "* * * * * *".to_owned(),
+        time_zone: "UTC".to_owned(),
+        target: ScheduleTarget::Job {
+            spec: Box::new(JobSpec::try_from(d).unwrap()),
+        },
+        overlap: OverlapPolicy::Allow,
+        catch_up_window_ms: 60_000,
+        jitter_ms: 0,
+        history_limit: 10,
+    };
+    let cadence = Cadence::parse(&spec.cron, &spec.time_zone).unwrap();
+    let created = now - chrono::Duration::seconds(ago);
+    let (schedule, _) = Schedule::create(
+        ScheduleId::new(),
+        TenantId::default(),
+        spec,
+        &cadence,
+        false,
+        created,
+        0.0,
+    );
+    schedule
+}
+
+#[tokio::test]
+async fn a_schedule_whose_firing_keeps_conflicting_holds_up_no_other_due_schedule() {
+    let (db, pool) = database().await;
+    let now = Utc::now().trunc_subsecs(6);
+    // The stuck one is due first, so each poll claims it first.
+    let stuck = due_schedule("stuck", now, 5);
+    let other = due_schedule("other", now, 3);
+    for schedule in [&stuck, &other] {
+        let mut tx = pool.begin().await.unwrap();
+        assert!(
+            hodei_storage::schedules::insert(&mut tx, schedule)
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+    }
+    // Each tick of `stuck` meets a unique violation, as a key or a row taken by another
+    // transaction would make it, however often it is tried.
+    let inject = [
+        "CREATE FUNCTION conflict_always() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'injected conflict' USING ERRCODE = 'unique_violation'; END $$"
+            .to_owned(),
+        format!(
+            "CREATE TRIGGER stuck_conflicts BEFORE INSERT ON schedule_ticks FOR EACH ROW \
+             WHEN (NEW.schedule_id = '{}') EXECUTE FUNCTION conflict_always()",
+            stuck.id()
+        ),
+    ];
+    for statement in inject {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let grace = chrono::Duration::seconds(2);
+
+    let first = driver::fire_due_schedule(&pool, now, grace, "test", 0.0)
+        .await
+        .unwrap()
+        .expect("a schedule is due");
+    assert_eq!(first.schedule.id(), stuck.id());
+    assert!(first.events.is_empty(), "{:?}", first.events);
+    let put_off = first.failed.expect("the conflict is reported");
+    assert_eq!(put_off.retry_in, driver::RETRY_CONFLICT);
+    assert!(
+        put_off.reason.contains("injected conflict"),
+        "{}",
+        put_off.reason
+    );
+    // Put off, with its next tick where it was: nothing of the tick was recorded.
+    let stored = hodei_storage::schedules::get(&pool, stuck.id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.next_tick(), stuck.next_tick());
+    assert_eq!(stored.fire_at(), Some(now + driver::RETRY_CONFLICT));
+
+    // The same poll goes on to the schedule due after it.
+    let second = driver::fire_due_schedule(&pool, now, grace, "test", 0.0)
+        .await
+        .unwrap()
+        .expect("the other schedule is due");
+    assert_eq!(second.schedule.id(), other.id());
+    assert!(second.failed.is_none());
+    assert!(
+        second
+            .events
+            .iter()
+            .any(|e| matches!(e.kind, hodei_domain::ScheduleEventKind::Fired { .. })),
+        "{:?}",
+        second.events
+    );
+    assert!(
+        driver::fire_due_schedule(&pool, now, grace, "test", 0.0)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing else is due until the stuck one's retry"
+    );
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pipeline_step_never_gets_a_second_job() {
+    use hodei_domain::pipeline::{PipelineSpecDraft, StepDraft};
+    use hodei_domain::{PipelineRun, PipelineRunId, PipelineSpec};
+    let (db, pool) = database().await;
+    let spec = PipelineSpec::try_from(PipelineSpecDraft {
+        name: "once".to_owned(),
+        env: BTreeMap::new(),
+        steps: vec![StepDraft::exec("build", &["true"])],
+        fail_fast: false,
+        idempotency_key: None,
+        labels: BTreeMap::new(),
+    })
+    .unwrap();
+    let (run, event) =
+        PipelineRun::submit(PipelineRunId::new(), TenantId::default(), spec, Utc::now());
+    driver::submit_run(&pool, run.clone(), &event, "test")
+        .await
+        .unwrap();
+    let jobs_of_step = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM jobs WHERE pipeline_run_id = $1 AND pipeline_step = 'build'",
+        )
+        .bind(run.id().as_uuid())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(jobs_of_step().await, 1, "the run started its step");
+
+    let (again, again_event) = new_job(None);
+    let mut tx = pool.begin().await.unwrap();
+    let err = jobs::insert(&mut tx, &again, &again_event, Some((run.id(), "build")))
+        .await
+        .unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    drop(tx);
+    assert_eq!(jobs_of_step().await, 1);
+    db.cleanup().await.unwrap();
+}

@@ -50,8 +50,8 @@ pub(crate) async fn run(ctx: Context, shutdown: CancellationToken) {
                     break;
                 }
             };
-            if let Some(why) = &handled.failed {
-                tracing::warn!(schedule_id = %handled.schedule.id(), name = %handled.schedule.spec().name, error = %why, retry_in_s = driver::RETRY_FAILED.num_seconds(), "schedule could not be handled, put off");
+            if let Some(put_off) = &handled.failed {
+                tracing::warn!(schedule_id = %handled.schedule.id(), name = %handled.schedule.spec().name, error = %put_off.reason, retry_in_ms = put_off.retry_in.num_milliseconds(), "schedule could not be handled, put off");
             }
             if !handled.events.is_empty() {
                 ctx.backends.relay_wake.notify_one();
