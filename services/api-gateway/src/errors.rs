@@ -98,24 +98,53 @@ impl From<crate::submissions::SubmitError> for ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::Field { .. } | ApiError::Invalid(_) => {
-                Status::invalid_argument(e.to_string())
-            }
-            ApiError::NotFound { .. } => Status::not_found(e.to_string()),
-            ApiError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-            ApiError::Archived { .. } | ApiError::Unsupported(_) => {
-                Status::failed_precondition(e.to_string())
-            }
-            ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
-            ApiError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
-            ApiError::Denied(_) => Status::permission_denied(e.to_string()),
-            ApiError::Unavailable { .. } => Status::unavailable(e.to_string()),
-            ApiError::DataLoss(_) => Status::data_loss(e.to_string()),
-            ApiError::Storage(e) => storage(e),
-            ApiError::Domain(e) => domain(e),
-            ApiError::Encode(_) => Status::internal(e.to_string()),
+        bounded(status_of(e))
+    }
+}
+
+/// Longest status message sent, in bytes. A message often repeats what the caller sent (an
+/// id, a label key, a cron expression); it travels in the `grpc-message` trailer,
+/// percent-encoded (up to three bytes each), and clients refuse header blocks past 16 KiB
+/// (hyper's default) with a protocol error instead of the status. The field is named first, so
+/// it survives the cut.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
+
+/// `status` with its message cut to [`MAX_STATUS_MESSAGE_BYTES`], saying how much was cut.
+fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return status;
+    }
+    let keep = message.floor_char_boundary(MAX_STATUS_MESSAGE_BYTES - 64);
+    let cut = format!(
+        "{}… ({} more bytes not shown)",
+        &message[..keep],
+        message.len() - keep
+    );
+    Status::with_details_and_metadata(
+        status.code(),
+        cut,
+        status.details().to_vec().into(),
+        status.metadata().clone(),
+    )
+}
+
+fn status_of(e: ApiError) -> Status {
+    match e {
+        ApiError::Field { .. } | ApiError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ApiError::NotFound { .. } => Status::not_found(e.to_string()),
+        ApiError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        ApiError::Archived { .. } | ApiError::Unsupported(_) => {
+            Status::failed_precondition(e.to_string())
         }
+        ApiError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+        ApiError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
+        ApiError::Denied(_) => Status::permission_denied(e.to_string()),
+        ApiError::Unavailable { .. } => Status::unavailable(e.to_string()),
+        ApiError::DataLoss(_) => Status::data_loss(e.to_string()),
+        ApiError::Storage(e) => storage(e),
+        ApiError::Domain(e) => domain(e),
+        ApiError::Encode(_) => Status::internal(e.to_string()),
     }
 }
 
@@ -223,6 +252,17 @@ mod tests {
             assert_eq!(status.code(), code, "{status:?}");
             assert!(status.message().contains(message), "{status:?}");
         }
+    }
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_keeping_its_code_and_its_start() {
+        let status = Status::from(ApiError::field("labels.é", "é".repeat(10_000)));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE_BYTES);
+        assert!(status.message().starts_with("labels.é: éé"), "{status:?}");
+        assert!(status.message().ends_with("more bytes not shown)"));
+        let short = Status::from(ApiError::field("job_id", "not a uuid"));
+        assert_eq!(short.message(), "job_id: not a uuid");
     }
 
     #[test]

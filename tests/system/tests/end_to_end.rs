@@ -187,6 +187,23 @@ async fn bad_input_is_refused_and_submissions_are_idempotent() {
         "{}",
         status.message()
     );
+    // A message that repeats a huge input is cut: whole, it would pass the 16 KiB of
+    // headers a client accepts, and the client would see a protocol error, not the status.
+    let status = system
+        .jobs
+        .get_job(pb::GetJobRequest {
+            job_id: "x".repeat(40_000),
+            as_of: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("job_id:")
+            && status.message().ends_with("more bytes not shown)"),
+        "{}",
+        &status.message()[..200.min(status.message().len())]
+    );
     let status = system
         .jobs
         .get_job(pb::GetJobRequest {
