@@ -146,12 +146,13 @@ impl DirectReader {
     }
 }
 
-/// The digest the object store records for the bytes of the file at `path`.
-pub async fn file_digest(path: &std::path::Path) -> Result<String, String> {
+/// The digest the object store records for the bytes `file` reads from where it stands to its
+/// end; `path` names it in errors.
+pub async fn file_digest(
+    file: &mut tokio::fs::File,
+    path: &std::path::Path,
+) -> Result<String, String> {
     use tokio::io::AsyncReadExt as _;
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buffer = vec![0u8; 64 * 1024];
     loop {

@@ -84,22 +84,32 @@ pub(crate) async fn keep(
             plan.step
         ));
     }
+    let root = rustix::fs::open(
+        workspace,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("failed to open {}: {e}", workspace.display()))?;
     for (path, _) in &files {
         let relative = relative_name(workspace, path)?;
         let name = artifacts::object_name(&plan.run_id, &plan.step, &relative);
+        let mut file = open_beneath(&root, &relative)
+            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
         // A requeued attempt that produces the same bytes finds them kept already. (Replacing
         // an object purges its old chunks, which an agent's credential may not do.)
         if let Ok(kept) = store.info(name.as_str()).await
             && !kept.deleted
-            && kept.digest.as_deref() == Some(artifacts::file_digest(path).await?.as_str())
         {
-            moved.files += 1;
-            moved.bytes += u64::try_from(kept.size).unwrap_or(u64::MAX);
-            continue;
+            let digest = artifacts::file_digest(&mut file, path).await?;
+            if kept.digest.as_deref() == Some(digest.as_str()) {
+                moved.files += 1;
+                moved.bytes += u64::try_from(kept.size).unwrap_or(u64::MAX);
+                continue;
+            }
+            tokio::io::AsyncSeekExt::rewind(&mut file)
+                .await
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
         }
-        let mut file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
         let info = store
             .put(name.as_str(), &mut file)
             .await
@@ -141,6 +151,11 @@ fn matching_files(workspace: &Path, globs: &[String]) -> Result<Vec<(PathBuf, u6
             .map_err(|e| format!("invalid artifact glob {pattern}: {e}"))?;
         for entry in paths {
             let path = entry.map_err(|e| format!("failed to read {}: {e}", e.path().display()))?;
+            // The glob crate follows links to folders: what it found through one is not the
+            // workspace's.
+            if through_link(workspace, &path)? {
+                continue;
+            }
             let meta = std::fs::symlink_metadata(&path)
                 .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
             if meta.is_file() {
@@ -165,6 +180,43 @@ fn matching_files(workspace: &Path, globs: &[String]) -> Result<Vec<(PathBuf, u6
             Ok((path, size))
         })
         .collect()
+}
+
+/// Whether a folder between `workspace` and `path` is a symbolic link.
+fn through_link(workspace: &Path, path: &Path) -> Result<bool, String> {
+    let mut folder = path.parent();
+    while let Some(current) = folder
+        && current != workspace
+        && current.starts_with(workspace)
+    {
+        let meta = std::fs::symlink_metadata(current)
+            .map_err(|e| format!("failed to read {}: {e}", current.display()))?;
+        if meta.file_type().is_symlink() {
+            return Ok(true);
+        }
+        folder = current.parent();
+    }
+    Ok(false)
+}
+
+/// Opens the regular file `relative` (`/`-separated) below the folder `root` for reading,
+/// following no symbolic link on the way and never leaving `root`: a job may have replaced a
+/// folder of its workspace with a link to anywhere the agent can read (the glob that matched
+/// the file followed it), and a process it left may do so at any moment.
+fn open_beneath(root: &rustix::fd::OwnedFd, relative: &str) -> std::io::Result<tokio::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fd = rustix::fs::openat2(
+        root,
+        relative,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(tokio::fs::File::from_std(file))
 }
 
 /// `path` relative to `workspace`, `/`-separated, refusing anything that would leave it.
@@ -210,5 +262,44 @@ mod tests {
         assert_eq!(deep.len(), 2, "{deep:?}");
         let files = matching_files(ws, &["dist/**/*.txt".to_owned()]).unwrap();
         assert_eq!(files.len(), 1, "{files:?}");
+    }
+
+    #[test]
+    fn nothing_is_kept_through_a_linked_folder() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), b"not yours").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        std::fs::create_dir_all(ws.join("dist")).unwrap();
+        std::fs::write(ws.join("dist/own.txt"), b"mine").unwrap();
+        std::os::unix::fs::symlink(outside.path(), ws.join("linked")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), ws.join("dist/inner")).unwrap();
+        for glob in [
+            "linked/*",
+            "linked/**",
+            "**/*.txt",
+            "dist/**",
+            "dist/inner/*",
+        ] {
+            let found = matching_files(ws, &[glob.to_owned()]).unwrap();
+            let names: Vec<String> = found
+                .iter()
+                .map(|(p, _)| relative_name(ws, p).unwrap())
+                .collect();
+            assert!(
+                names.iter().all(|n| n == "dist/own.txt"),
+                "{glob}: {names:?}"
+            );
+        }
+        // Opening refuses the link too, should one be put in place after the match.
+        let root = rustix::fs::open(
+            ws,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert!(open_beneath(&root, "dist/own.txt").is_ok());
+        assert!(open_beneath(&root, "linked/secret.txt").is_err());
+        assert!(open_beneath(&root, "dist").is_err(), "a folder is no file");
     }
 }
