@@ -193,6 +193,7 @@ fn agent_permissions(id: &WorkerId, inbox: String) -> Permissions {
     Permissions {
         publish: vec![
             format!("{PREFIX}.hb.{id}"),
+            crate::subjects::lease_echo(id),
             format!("{PREFIX}.report.{id}.*"),
             format!("{PREFIX}.log.{id}.*"),
             crate::subjects::dead_letter(&agent_dead_letter_kind(id)),

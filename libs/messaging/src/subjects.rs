@@ -123,6 +123,17 @@ pub fn heartbeat(worker_id: &WorkerId) -> String {
     format!("{PREFIX}.hb.{worker_id}")
 }
 
+/// `_INBOX_hodei-agent-<worker_id>.lease`: what agent `worker_id` publishes to itself after
+/// each heartbeat; receiving it back proves the server has the beat (a flush only empties the
+/// client's buffer into the socket). Under the agent's own inbox prefix, which no other
+/// credential may subscribe to.
+pub fn lease_echo(worker_id: &WorkerId) -> String {
+    format!(
+        "{}.lease",
+        crate::permissions::inbox_prefix(&crate::permissions::agent_client_name(worker_id))
+    )
+}
+
 /// `hodei.v1.registry.observation`: a registry could not observe its share of the fleet (its
 /// start, a NATS reconnection, heartbeat writes failing or lagging), said to every registry
 /// (core NATS): the beats are shared among them, so a silence seen by one may be another's

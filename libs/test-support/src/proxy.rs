@@ -13,12 +13,16 @@ use crate::TestSupportError;
 /// Forwards every connection made to [`TcpProxy::addr`] to `upstream`.
 ///
 /// [`TcpProxy::cut`] drops every forwarded connection and closes new ones at once, as a
-/// partition does to a client that retries; [`TcpProxy::heal`] lets connections through
-/// again. The proxy stops when dropped.
+/// partition does to a client that retries; [`TcpProxy::stall`] keeps every connection open
+/// but passes no byte either way, as a partition that drops packets silently does (no reset:
+/// each side's writes still succeed until its socket buffers fill); [`TcpProxy::heal`] lets
+/// connections through again (a stalled one passes what it held). The proxy stops when
+/// dropped.
 #[derive(Debug)]
 pub struct TcpProxy {
     addr: SocketAddr,
     cut: Arc<watch::Sender<bool>>,
+    stalled: Arc<watch::Sender<bool>>,
     accepting: JoinHandle<()>,
 }
 
@@ -33,10 +37,18 @@ impl TcpProxy {
             .map_err(TestSupportError::io("reading the tcp proxy's address"))?;
         let (cut, _) = watch::channel(false);
         let cut = Arc::new(cut);
-        let accepting = tokio::spawn(accept(listener, upstream, Arc::clone(&cut)));
+        let (stalled, _) = watch::channel(false);
+        let stalled = Arc::new(stalled);
+        let accepting = tokio::spawn(accept(
+            listener,
+            upstream,
+            Arc::clone(&cut),
+            Arc::clone(&stalled),
+        ));
         Ok(TcpProxy {
             addr,
             cut,
+            stalled,
             accepting,
         })
     }
@@ -51,9 +63,15 @@ impl TcpProxy {
         self.cut.send_replace(true);
     }
 
+    /// Passes no byte either way until [`TcpProxy::heal`], closing nothing.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
     /// Forwards connections again.
     pub fn heal(&self) {
         self.cut.send_replace(false);
+        self.stalled.send_replace(false);
     }
 }
 
@@ -64,7 +82,12 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept(listener: TcpListener, upstream: SocketAddr, cut: Arc<watch::Sender<bool>>) {
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    cut: Arc<watch::Sender<bool>>,
+    stalled: Arc<watch::Sender<bool>>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
@@ -73,22 +96,60 @@ async fn accept(listener: TcpListener, upstream: SocketAddr, cut: Arc<watch::Sen
             drop(client);
             continue;
         }
-        tokio::spawn(forward(client, upstream, cut.subscribe()));
+        tokio::spawn(forward(
+            client,
+            upstream,
+            cut.subscribe(),
+            stalled.subscribe(),
+        ));
     }
 }
 
-/// Copies both ways until either side closes or the proxy is cut.
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<bool>) {
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
+/// Copies both ways, holding the bytes while stalled, until either side closes or the proxy
+/// is cut.
+async fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut cut: watch::Receiver<bool>,
+    stalled: watch::Receiver<bool>,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
-            if let Err(err) = copied {
+        ended = pump(client_read, server_write, stalled.clone()) => {
+            if let Err(err) = ended {
+                tracing::debug!(error = %err, "tcp proxy connection ended");
+            }
+        }
+        ended = pump(server_read, client_write, stalled) => {
+            if let Err(err) = ended {
                 tracing::debug!(error = %err, "tcp proxy connection ended");
             }
         }
         _ = cut.wait_for(|cut| *cut) => {}
+    }
+}
+
+/// Copies `from` to `to` until `from` ends; reads nothing while stalled, and writes what it
+/// read before the stall only once it is over.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let _ = stalled.wait_for(|stalled| !*stalled).await;
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        let _ = stalled.wait_for(|stalled| !*stalled).await;
+        to.write_all(&buf[..n]).await?;
     }
 }
 
@@ -142,6 +203,24 @@ mod tests {
 
         proxy.heal();
         assert_eq!(round_trip(proxy.addr()).await?, b"ping");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_stalled_connection_stays_open_passes_nothing_then_everything_once_healed()
+    -> TestResult {
+        let proxy = TcpProxy::start(echo().await?).await?;
+        let mut open = TcpStream::connect(proxy.addr()).await?;
+        proxy.stall();
+        // Accepted by the socket, as a silent partition lets a writer believe.
+        open.write_all(b"held").await?;
+        let mut buf = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_millis(300), open.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing passes while stalled: {read:?}");
+
+        proxy.heal();
+        tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut buf)).await??;
+        assert_eq!(&buf, b"held");
         Ok(())
     }
 }

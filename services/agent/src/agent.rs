@@ -228,7 +228,9 @@ impl Agent {
         let beat_now = Arc::new(Notify::new());
         let stop_beating = CancellationToken::new();
         let stops = Stops::default();
+        let fence = lease::Fence::default();
         let ctx = Arc::new(AttemptContext {
+            fence: fence.clone(),
             js: self.js.clone(),
             worker_id: worker_id.clone(),
             work_dir: self.settings.work_dir.clone(),
@@ -258,6 +260,7 @@ impl Agent {
         // tests) stops beating at once, as a killed process would.
         let lease_watch = AbortOnDropHandle::new(tokio::spawn(lease::watch(
             lease.clone(),
+            fence.clone(),
             running.clone(),
             worker_id.clone(),
             self.metrics.clone(),
@@ -278,6 +281,7 @@ impl Agent {
             )
             .with_metrics(self.metrics.clone())
             .with_seal_key(self.seal.public_key())
+            .with_fence(fence)
             .run(
                 self.settings.heartbeat_interval,
                 Arc::clone(&beat_now),
@@ -468,6 +472,22 @@ impl Agent {
                     self.metrics.agent_assignments_refused.inc();
                     warn!(job_id = %job_id, attempt = %attempt, late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX), "assignment stored too long after it was made, not running it");
                     ack(&message).await;
+                    return None;
+                }
+                // Stored before the lease lapsed (or while it had): the registry may have
+                // handed it to another worker meanwhile. Reported lost, so it is requeued at
+                // once (the sequence was readable above, or the command was refused there).
+                let sequence = message.info().map_or(u64::MAX, |info| info.stream_sequence);
+                if ctx.fence.refuses(sequence) && running.start(id).is_some() {
+                    self.metrics.agent_assignments_refused.inc();
+                    warn!(job_id = %job_id, attempt = %attempt, sequence, "assignment stored before the lease lapsed, reporting it lost");
+                    running.release_slot(&id);
+                    let ctx = Arc::clone(ctx);
+                    let running = running.clone();
+                    attempts.spawn(async move {
+                        attempt::refuse(&ctx, id, &message, lease::FENCED_REASON).await;
+                        running.finish(&id);
+                    });
                     return None;
                 }
                 let Some(stoppers) = running.start(id) else {

@@ -81,6 +81,8 @@ pub(crate) struct AttemptContext {
     pub seal: hodei_messaging::seal::OpeningKey,
     /// The agent's hold on its work folder, which jobs' processes do not keep.
     pub work_lock: crate::work_lock::WorkLock,
+    /// Which assignments may still run after a lapse of the lease.
+    pub fence: crate::lease::Fence,
 }
 
 /// The agent's stages of stopping, as seen by attempts. (Draining itself changes nothing for
@@ -188,15 +190,7 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             // The reason names the program, which may hold a secret value.
             let reason = String::from_utf8_lossy(&masker.mask(reason.as_bytes())).into_owned();
             warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "attempt failed to start");
-            LogShipper::new(
-                ctx.js.clone(),
-                ctx.metrics.clone(),
-                &ctx.worker_id,
-                id,
-                ctx.stops.give_up.clone(),
-            )
-            .eof_only()
-            .await;
+            end_log(&ctx, id).await;
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
         }
     };
@@ -427,15 +421,9 @@ async fn supervise(
     drop(lines_tx);
     let (exited_tx, exited_rx) = oneshot::channel();
     let shipper = tokio::spawn(
-        LogShipper::new(
-            ctx.js.clone(),
-            ctx.metrics.clone(),
-            &ctx.worker_id,
-            id,
-            ctx.stops.give_up.clone(),
-        )
-        .ship(lines_rx, exited_rx)
-        .instrument(tracing::Span::current()),
+        log_shipper(ctx, id)
+            .ship(lines_rx, exited_rx)
+            .instrument(tracing::Span::current()),
     );
 
     // Retried until stored (or the agent gives up): a job must not go from assigned to ended
@@ -593,6 +581,42 @@ fn outcome(end: &End) -> AttemptOutcome {
         End::Exited(Err(e)) => AttemptOutcome::Lost {
             reason: format!("failed to wait for the process: {e}"),
         },
+    }
+}
+
+/// What ships attempt `id`'s log.
+fn log_shipper(ctx: &AttemptContext, id: AttemptId) -> LogShipper {
+    LogShipper::new(
+        ctx.js.clone(),
+        ctx.metrics.clone(),
+        &ctx.worker_id,
+        id,
+        ctx.stops.give_up.clone(),
+    )
+}
+
+/// Ends the log of attempt `id`, which ran no process, for whoever follows it.
+async fn end_log(ctx: &AttemptContext, id: AttemptId) {
+    log_shipper(ctx, id).eof_only().await;
+}
+
+/// Reports attempt `id` lost with `reason` without running it, then acknowledges its
+/// `command` (left for redelivery if the report was not stored).
+pub(crate) async fn refuse(
+    ctx: &AttemptContext,
+    id: AttemptId,
+    command: &jetstream::Message,
+    reason: &str,
+) {
+    end_log(ctx, id).await;
+    let finished = ReportKind::Finished {
+        outcome: AttemptOutcome::Lost {
+            reason: reason.to_owned(),
+        },
+        tail: Vec::new(),
+    };
+    if report(ctx, id, Uuid::now_v7(), finished, &ctx.stops.give_up).await {
+        ack(command, id).await;
     }
 }
 

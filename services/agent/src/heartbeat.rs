@@ -1,7 +1,11 @@
 //! Heartbeats: the agent's sign of life on core NATS, with its incarnation, lease terms,
 //! labels, capacity, the host's measured usage and the attempts it runs. Each beat the server
-//! confirms (a flush round trip) renews the agent's [`Lease`]. A failed publish is logged and
-//! tried again at the next tick; heartbeats are never fatal.
+//! confirms renews the agent's [`Lease`]: after the beat the agent publishes an echo to a
+//! subject of its own inbox and waits for it to come back through the server, which then has
+//! the beat (messages of one connection are handled in order). A flush would not do: it only
+//! empties the client's buffer into the socket, which a silent partition (packets dropped, no
+//! reset) keeps accepting. A failed publish is logged and tried again at the next tick;
+//! heartbeats are never fatal.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,15 +13,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use hodei_domain::{IncarnationId, ResourceUsage, Resources, WorkerId};
 use hodei_messaging::{Heartbeat, subjects, trace};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use crate::lease::Lease;
+use crate::lease::{Fence, Lease};
 use crate::running::Running;
 
 const MIB: u64 = 1024 * 1024;
@@ -35,6 +40,15 @@ pub(crate) struct Heartbeater {
     kill_grace_ms: u64,
     /// Longest wait for the server to confirm a beat.
     confirm_within: Duration,
+    /// Where the echo that confirms a beat goes ([`subjects::lease_echo`]).
+    echo_subject: String,
+    /// The subscription the echoes come back on; made at the first beat (and again after it
+    /// failed).
+    echoes: Option<async_nats::Subscriber>,
+    /// The last echo's number: an echo that came back late is told from the awaited one.
+    echo_number: u64,
+    /// Set again at the first confirmed beat after a lapse of the lease.
+    fence: Option<Fence>,
     labels: BTreeMap<String, String>,
     capacity: Resources,
     max_concurrent_jobs: u32,
@@ -72,6 +86,10 @@ impl Heartbeater {
         Self {
             client,
             subject: subjects::heartbeat(&worker_id),
+            echo_subject: subjects::lease_echo(&worker_id),
+            echoes: None,
+            echo_number: 0,
+            fence: None,
             worker_id,
             incarnation,
             lease,
@@ -92,6 +110,12 @@ impl Heartbeater {
     /// Counts failed publishes in `metrics` (`hodei_nats_errors_total{operation="heartbeat"}`).
     pub fn with_metrics(mut self, metrics: hodei_telemetry::Metrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reopens `fence` at the first confirmed beat after the lease lapsed.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
         self
     }
 
@@ -138,6 +162,67 @@ impl Heartbeater {
         self.send(false).await;
     }
 
+    /// Publishes the next echo and waits until it comes back through the server: everything
+    /// published before it, the beat included, has then reached the server.
+    async fn confirm(&mut self) -> Result<(), String> {
+        let echoes = match &mut self.echoes {
+            Some(echoes) => echoes,
+            None => {
+                let subscribed = self
+                    .client
+                    .subscribe(self.echo_subject.clone())
+                    .await
+                    .map_err(|e| format!("subscribing to the echoes: {e}"))?;
+                self.echoes.insert(subscribed)
+            }
+        };
+        self.echo_number = self.echo_number.wrapping_add(1);
+        let number = self.echo_number.to_string();
+        self.client
+            .publish(self.echo_subject.clone(), number.clone().into())
+            .await
+            .map_err(|e| format!("publishing the echo: {e}"))?;
+        loop {
+            match echoes.next().await {
+                Some(echo) if echo.payload.as_ref() == number.as_bytes() => return Ok(()),
+                // An earlier beat's echo, come back after its wait ended.
+                Some(_) => {}
+                None => {
+                    self.echoes = None;
+                    return Err("the echo subscription ended".to_owned());
+                }
+            }
+        }
+    }
+
+    /// After a lapse, once a beat is confirmed: reads the command stream's last sequence, up
+    /// to which assignments stay refused (see [`Fence`]). Tried again at the next beat if the
+    /// stream cannot be read.
+    async fn reopen_fence(&self) {
+        let Some(fence) = self.fence.as_ref().filter(|f| f.lapsed()) else {
+            return;
+        };
+        let js = async_nats::jetstream::new(self.client.clone());
+        let read = tokio::time::timeout(
+            self.confirm_within,
+            js.get_stream(hodei_messaging::streams::AGENT),
+        )
+        .await;
+        match read {
+            Ok(Ok(stream)) => {
+                let last = stream.cached_info().state.last_sequence;
+                fence.reopen(last);
+                info!(worker_id = %self.worker_id, refused_through = last, "lease renewed after a lapse, assignments stored before now are refused");
+            }
+            Ok(Err(e)) => {
+                debug!(worker_id = %self.worker_id, error = %e, "command stream not read after a lapse, assignments still refused");
+            }
+            Err(_) => {
+                debug!(worker_id = %self.worker_id, "command stream not read in time after a lapse, assignments still refused");
+            }
+        }
+    }
+
     async fn send(&mut self, leaving: bool) {
         let heartbeat = Heartbeat {
             worker_id: self.worker_id.clone(),
@@ -178,9 +263,11 @@ impl Heartbeater {
                     draining = heartbeat.draining,
                     "heartbeat sent"
                 );
-                // The server has it once a round trip after it completes.
-                match tokio::time::timeout(self.confirm_within, self.client.flush()).await {
-                    Ok(Ok(())) => self.lease.renew(sent),
+                match tokio::time::timeout(self.confirm_within, self.confirm()).await {
+                    Ok(Ok(())) => {
+                        self.lease.renew(sent);
+                        self.reopen_fence().await;
+                    }
                     Ok(Err(e)) => {
                         debug!(worker_id = %self.worker_id, error = %e, "heartbeat not confirmed")
                     }

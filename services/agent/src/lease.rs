@@ -1,5 +1,6 @@
 //! The agent's lease on its work. Each heartbeat that reaches the NATS server (published, then
-//! confirmed by a flush round trip) renews it from the moment it was sent. An agent cut off
+//! confirmed by an echo that came back through the server, see [`crate::heartbeat`]) renews
+//! it from the moment it was sent. An agent cut off
 //! from NATS for longer than its lease stops its attempts itself (SIGTERM, kill grace,
 //! SIGKILL) and reports them lost once it reconnects. The registry hands a silent worker's
 //! attempts back only after lease plus kill grace since its last heartbeat, so by then none of
@@ -57,9 +58,65 @@ impl Lease {
     }
 }
 
-/// Stops every running attempt as lost whenever the lease expires, until `stop`.
+/// Which assignments the agent may run, after its lease lapsed. While the agent was cut off,
+/// the registry may have handed its attempts back (it does so after lease plus kill grace of
+/// silence, so only once the lease has lapsed), and assignments stored before then may be
+/// delivered once the path heals, in any order with the first renewed beat. So from a lapse
+/// on, every assignment is refused until a beat is confirmed again and the agent has read the
+/// last sequence its command stream stored by then; afterwards, those stored up to that
+/// sequence are refused too. A refused attempt is reported lost, and requeued without
+/// spending a retry; one never handed back is requeued a little early, which runs it once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fence {
+    state: Arc<Mutex<FenceState>>,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    lapsed: bool,
+    /// Assignments stored at or before this sequence of the command stream are refused.
+    floor: u64,
+}
+
+/// The reason a fenced assignment is reported lost with.
+pub const FENCED_REASON: &str =
+    "assigned before the agent's lease lapsed: it may have been handed to another worker";
+
+impl Fence {
+    fn state(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lease lapsed: assignments are refused until [`Fence::reopen`].
+    pub fn lapse(&self) {
+        self.state().lapsed = true;
+    }
+
+    /// Whether the lease lapsed and the fence was not yet set since.
+    pub fn lapsed(&self) -> bool {
+        self.state().lapsed
+    }
+
+    /// A beat was confirmed after a lapse, and the command stream's last sequence read after
+    /// it is `last_stored`: assignments stored up to it stay refused, later ones run.
+    pub fn reopen(&self, last_stored: u64) {
+        let mut state = self.state();
+        state.floor = state.floor.max(last_stored);
+        state.lapsed = false;
+    }
+
+    /// Whether an assignment stored at `sequence` of the command stream is refused.
+    pub fn refuses(&self, sequence: u64) -> bool {
+        let state = self.state();
+        state.lapsed || sequence <= state.floor
+    }
+}
+
+/// Stops every running attempt as lost whenever the lease expires, until `stop`; a lapse
+/// closes `fence`.
 pub(crate) async fn watch(
     lease: Lease,
+    fence: Fence,
     running: Running,
     worker_id: WorkerId,
     metrics: hodei_telemetry::Metrics,
@@ -75,6 +132,7 @@ pub(crate) async fn watch(
             _ = tick.tick() => {}
         }
         if lease.expired() {
+            fence.lapse();
             let stopped = running.lose_all();
             if !expired {
                 expired = true;
@@ -107,5 +165,18 @@ mod tests {
             !lease.expired(),
             "an older contact never shortens the lease"
         );
+    }
+
+    #[test]
+    fn after_a_lapse_only_assignments_stored_after_the_renewal_run() {
+        let fence = Fence::default();
+        assert!(!fence.refuses(1), "no lapse yet");
+        fence.lapse();
+        assert!(fence.refuses(1_000_000), "everything while lapsed");
+        fence.reopen(40);
+        assert!(fence.refuses(40));
+        assert!(!fence.refuses(41));
+        fence.reopen(10);
+        assert!(fence.refuses(40), "the floor never goes back");
     }
 }

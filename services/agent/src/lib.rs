@@ -41,5 +41,6 @@ pub use attempt::{LEASE_REASON, LOST_REASON};
 pub use cgroup::CgroupMode;
 pub use config::AgentConfig;
 pub use error::AgentError;
+pub use lease::FENCED_REASON;
 pub use records::RESTARTED_REASON;
 pub use work_lock::WorkLockError;

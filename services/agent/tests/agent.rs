@@ -6,13 +6,14 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
 use futures::StreamExt;
 use hodei_agent::{
-    Agent, AgentConfig, AgentError, CgroupMode, LEASE_REASON, LOST_REASON, RESTARTED_REASON,
+    Agent, AgentConfig, AgentError, CgroupMode, FENCED_REASON, LEASE_REASON, LOST_REASON,
+    RESTARTED_REASON,
 };
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{AttemptId, AttemptNumber, AttemptOutcome, JobId, JobSpec, WorkerId};
@@ -20,7 +21,7 @@ use hodei_messaging::{
     AgentCommand, AgentReport, Heartbeat, LogBatch, LogEntry, LogStreamKind, ReportKind, decode,
     streams, subjects,
 };
-use hodei_test_support::{TestNats, wait_for};
+use hodei_test_support::{TcpProxy, TestNats, wait_for};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +82,8 @@ struct Harness {
     reports: Collector<AgentReport>,
     logs: Collector<LogBatch>,
     heartbeats: Collector<Heartbeat>,
+    /// The proxy the agent reaches NATS through, when it was started behind one.
+    proxy: Option<TcpProxy>,
 }
 
 impl Harness {
@@ -100,6 +103,12 @@ impl Harness {
     /// Like [`Harness::start_as`], with a lease of `lease_ms` on the agent's work.
     async fn start_leased(drain_timeout_ms: u64, as_binary: bool, lease_ms: u64) -> Harness {
         Harness::start_full(drain_timeout_ms, as_binary, lease_ms, |_| {}).await
+    }
+
+    /// An in-process agent with a lease of `lease_ms` that reaches NATS through a
+    /// [`TcpProxy`] the test can stall or cut.
+    async fn start_behind_proxy(lease_ms: u64) -> Harness {
+        Harness::start_with_proxy(1_000, false, lease_ms, true, |_| {}).await
     }
 
     /// An in-process agent whose jobs run as `job_user` (`HODEI_JOB_USER`).
@@ -127,7 +136,26 @@ impl Harness {
         lease_ms: u64,
         configure: impl FnOnce(&mut AgentConfig),
     ) -> Harness {
+        Harness::start_with_proxy(drain_timeout_ms, as_binary, lease_ms, false, configure).await
+    }
+
+    async fn start_with_proxy(
+        drain_timeout_ms: u64,
+        as_binary: bool,
+        lease_ms: u64,
+        proxied: bool,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> Harness {
         let nats = TestNats::start().await.expect("nats-server starts");
+        let proxy = if proxied {
+            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], nats.port()));
+            Some(TcpProxy::start(upstream).await.unwrap())
+        } else {
+            None
+        };
+        let agent_url = proxy
+            .as_ref()
+            .map_or_else(|| nats.url(), |p| format!("nats://{}", p.addr()));
         let worker_id: WorkerId = format!("test-{}", Uuid::new_v4().simple()).parse().unwrap();
         let work_dir = tempfile::tempdir().unwrap();
         let (client, js) = hodei_messaging::connect(&nats.url(), "agent-test", DEADLINE)
@@ -153,7 +181,7 @@ impl Harness {
             memory_mb: Some(1_024),
             lease_ms,
             drain_timeout_ms,
-            ..agent_config(nats.url(), &worker_id, work_dir.path())
+            ..agent_config(agent_url, &worker_id, work_dir.path())
         };
         configure(&mut config);
         let (agent, process) = if as_binary {
@@ -218,6 +246,7 @@ impl Harness {
             reports,
             logs,
             heartbeats,
+            proxy,
         }
     }
 
@@ -1446,6 +1475,86 @@ async fn a_killed_agent_takes_its_job_with_it_and_its_next_incarnation_reports_i
     .await
     .unwrap();
     assert!(h.reports_of(stale).is_empty(), "{:?}", h.reports_of(stale));
+}
+
+/// An agent with a 1 s lease behind a proxy, running a long attempt, once the proxy stalled
+/// and the agent stopped the attempt (lease, then SIGTERM and the kill grace at most; the
+/// client's own pings, every two minutes, would notice only much later).
+async fn stalled_past_the_lease() -> (Harness, AttemptId) {
+    let h = Harness::start_behind_proxy(1_000).await;
+    let id = h
+        .assign(spec(sh("long", "echo leader $$; sleep 300")))
+        .await;
+    let leader = printed_pid(&h, id, "leader").await;
+    h.proxy.as_ref().unwrap().stall();
+    wait_for("the agent to stop its attempt", DEADLINE, || async {
+        process_gone(leader).then_some(())
+    })
+    .await
+    .unwrap();
+    (h, id)
+}
+
+/// A partition that drops packets without a reset: the agent's socket keeps taking its
+/// heartbeats (a flush succeeds), but the server gets none of them. Only a round trip through
+/// the server renews the lease, so the agent stops its attempt after its lease, before the
+/// registry would hand it back (lease plus kill grace), and reports it once the path heals.
+#[tokio::test]
+async fn a_silent_partition_stops_the_attempts_after_the_lease() {
+    let (mut h, id) = stalled_past_the_lease().await;
+    h.proxy.as_ref().unwrap().heal();
+    let outcome = h.finished(id).await.0;
+    assert_eq!(
+        outcome,
+        AttemptOutcome::Lost {
+            reason: LEASE_REASON.to_owned()
+        }
+    );
+    h.stop().await;
+}
+
+/// An assignment stored while the agent was cut off past its lease may have been handed to
+/// another worker by the time the path heals (the registry does so after lease plus kill
+/// grace): delivered then, it is reported lost (requeued at once), never run; one stored
+/// after the renewal runs.
+#[tokio::test]
+async fn an_assignment_stored_before_the_lease_lapsed_is_reported_lost_not_run() {
+    let (mut h, _) = stalled_past_the_lease().await;
+    // Stored while the agent is cut off (the test reaches NATS directly).
+    let marker = h.work_dir.path().join("stale-ran");
+    let stale = h
+        .assign(spec(sh("stale", &format!("touch {}", marker.display()))))
+        .await;
+    h.proxy.as_ref().unwrap().heal();
+    let outcome = h.finished(stale).await.0;
+    assert_eq!(
+        outcome,
+        AttemptOutcome::Lost {
+            reason: FENCED_REASON.to_owned()
+        }
+    );
+    assert!(
+        !h.reports_of(stale)
+            .iter()
+            .any(|r| matches!(r.kind, ReportKind::Started { .. })),
+        "{:?}",
+        h.reports_of(stale)
+    );
+    assert!(!marker.exists(), "the stale assignment ran");
+    // Once a beat is confirmed again and the fence set, assignments run again (one stored
+    // before that is refused like the stale one).
+    let started = Instant::now();
+    loop {
+        let fresh = h.assign(spec(sh("fresh", "echo fresh"))).await;
+        match h.finished(fresh).await.0 {
+            AttemptOutcome::Exited { code: 0 } => break,
+            AttemptOutcome::Lost { reason } if reason == FENCED_REASON => {
+                assert!(started.elapsed() < DEADLINE, "assignments still refused");
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    h.stop().await;
 }
 
 #[tokio::test]
