@@ -39,6 +39,12 @@ pub const MAX_CATCH_UP_WINDOW_MS: u64 = 7 * 86_400_000;
 pub const MAX_JITTER_MS: u64 = 3_600_000;
 /// The most ticks a schedule's history keeps.
 pub const MAX_HISTORY_LIMIT: u32 = 1_000;
+/// Longest cron expression, in bytes (the longest useful ones list a few dozen values).
+pub const MAX_CRON_BYTES: usize = 256;
+/// Longest time zone name, in bytes (IANA names are at most 30 or so).
+pub const MAX_TIME_ZONE_BYTES: usize = 64;
+/// How many consecutive ticks the shortest interval of an expression is looked for in.
+const INTERVAL_SAMPLE: usize = 64;
 /// Missed ticks counted one by one before the rest are jumped over.
 const MAX_MISSED_COUNTED: u64 = 10_000;
 
@@ -152,6 +158,23 @@ impl Cadence {
         }
     }
 
+    /// The shortest time between two consecutive ticks among the first [`INTERVAL_SAMPLE`]
+    /// after the start of 2026 (a fixed point, so validation is deterministic); `None` for an
+    /// expression with fewer than two.
+    pub fn shortest_interval(&self) -> Option<std::time::Duration> {
+        let mut at = self.next_after(DateTime::from_timestamp(1_767_225_600, 0)?)?;
+        let mut shortest: Option<chrono::Duration> = None;
+        for _ in 1..INTERVAL_SAMPLE {
+            let Some(next) = self.next_after(at) else {
+                break;
+            };
+            let gap = next - at;
+            shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
+            at = next;
+        }
+        shortest.and_then(|s| s.to_std().ok())
+    }
+
     /// The first tick strictly after `t`, or `None` when the expression has no more. Ticks
     /// fall on whole seconds (the search keeps the fraction of a second it starts from, so
     /// it starts from `t`'s whole second).
@@ -222,7 +245,39 @@ impl ScheduleSpec {
                 "must be empty: each tick's job or run gets the key schedule-<id>-<tick>",
             ));
         }
+        let mut too_long = false;
+        for (field, value, max) in [
+            ("cron", &self.cron, MAX_CRON_BYTES),
+            ("time_zone", &self.time_zone, MAX_TIME_ZONE_BYTES),
+        ] {
+            if value.len() > max {
+                too_long = true;
+                errors.push(FieldError::new(
+                    field,
+                    format!("must be at most {max} bytes, not {}", value.len()),
+                ));
+            }
+        }
+        if too_long {
+            return Err(ValidationErrors(errors));
+        }
         let cadence = Cadence::parse(&self.cron, &self.time_zone);
+        // A jitter as long as the time between two ticks would fire them together (a round
+        // fires every tick due by then) and, with `skip`, make the later one an overlap.
+        if let Ok(cadence) = &cadence
+            && self.jitter_ms > 0
+            && let Some(shortest) = cadence.shortest_interval()
+            && u128::from(self.jitter_ms) >= shortest.as_millis()
+        {
+            errors.push(FieldError::new(
+                "jitter_ms",
+                format!(
+                    "must be less than the {} ms between two ticks of {:?}",
+                    shortest.as_millis(),
+                    self.cron
+                ),
+            ));
+        }
         match cadence {
             Ok(cadence) if errors.is_empty() => Ok(cadence),
             Ok(_) => Err(ValidationErrors(errors)),
@@ -688,6 +743,31 @@ mod tests {
         let round = schedule.round(&cadence, now, Duration::seconds(1));
         assert_eq!(round.fire, [utc(2026, 1, 1, 1, 0, 0)]);
         assert!(round.missed.is_none());
+    }
+
+    #[test]
+    fn a_jitter_must_be_shorter_than_the_time_between_ticks() {
+        let mut s = spec("*/5 * * * *", "UTC");
+        s.jitter_ms = 300_000;
+        let errors = s.validate().unwrap_err();
+        assert_eq!(errors.0[0].field, "jitter_ms", "{errors}");
+        assert!(errors.0[0].reason.contains("300000 ms"), "{errors}");
+        s.jitter_ms = 299_999;
+        s.validate().unwrap();
+        // The shortest gap counts: 09:00 and 10:00 are an hour apart, then 23 hours.
+        let mut s = spec("0 9,10 * * *", "UTC");
+        s.jitter_ms = 3_600_000;
+        assert_eq!(s.validate().unwrap_err().0[0].field, "jitter_ms");
+    }
+
+    #[test]
+    fn a_cron_expression_or_zone_too_long_is_refused_before_it_is_read() {
+        let s = spec(&format!("0 * * * *{}", " ".repeat(1_000_000)), "UTC");
+        let errors = s.validate().unwrap_err();
+        assert_eq!(errors.0[0].field, "cron", "{errors}");
+        assert!(errors.0[0].reason.contains("at most 256 bytes"), "{errors}");
+        let s = spec("0 * * * *", &"Europe/".repeat(20));
+        assert_eq!(s.validate().unwrap_err().0[0].field, "time_zone");
     }
 
     #[test]

@@ -332,6 +332,9 @@ impl AccessApi {
     ) -> Result<pb::CreateTokenResponse, ApiError> {
         who.authorize(Action::Administer)?;
         let name = request::required_text("name", &req.name)?;
+        if name.contains('\0') {
+            return Err(ApiError::field("name", "must not contain NUL"));
+        }
         if name.chars().count() > MAX_TOKEN_NAME {
             return Err(ApiError::field(
                 "name",

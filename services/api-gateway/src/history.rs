@@ -349,7 +349,7 @@ pub async fn list_events(
         to,
         types: req.types,
         tenant,
-        labels: req.labels.into_iter().collect(),
+        labels: request::label_filters(req.labels)?,
         after: event_token(&req.page_token)?,
         limit,
     };
@@ -401,6 +401,7 @@ fn event_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ApiError> {
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
+        .filter(|at| (1..=9999).contains(&chrono::Datelike::year(at)))
         .ok_or_else(bad)?;
     let id = id.parse::<Uuid>().map_err(|_| bad())?;
     Ok(Some((at, id)))

@@ -473,11 +473,15 @@ impl JobService for JobApi {
             )
             .into());
         }
+        // A word of the query past 2,047 bytes is refused by PostgreSQL's full-text search.
+        request::filter_text("query", &req.query, request::MAX_FILTER_BYTES).into_status()?;
+        request::filter_text("name_prefix", &req.name_prefix, request::MAX_FILTER_BYTES)
+            .into_status()?;
         let filter = JobFilter {
             tenant,
             states,
             name_prefix: Some(req.name_prefix).filter(|p| !p.is_empty()),
-            labels: req.labels.into_iter().collect(),
+            labels: request::label_filters(req.labels).into_status()?,
             search: Some(req.query).filter(|q| !q.trim().is_empty()),
             before,
             limit,

@@ -269,6 +269,8 @@ impl PipelineService for PipelineApi {
         )
         .into_status()?;
         let before = request::page_token(&req.page_token).into_status()?;
+        request::filter_text("name_prefix", &req.name_prefix, request::MAX_FILTER_BYTES)
+            .into_status()?;
         let filter = RunFilter {
             tenant,
             states,

@@ -109,15 +109,55 @@ where
     }
 }
 
-/// A timestamp in request field `field`.
+/// A timestamp in request field `field`, from year 1 to 9999 (what the protobuf `Timestamp`
+/// allows; PostgreSQL refuses times before 4713 BC, which `chrono` would take).
 pub fn timestamp(
     field: &str,
     value: &prost_types::Timestamp,
 ) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
-    u32::try_from(value.nanos)
+    use chrono::Datelike;
+    let at = u32::try_from(value.nanos)
         .ok()
         .and_then(|nanos| chrono::DateTime::from_timestamp(value.seconds, nanos))
-        .ok_or_else(|| ApiError::field(field, "is not a valid time"))
+        .ok_or_else(|| ApiError::field(field, "is not a valid time"))?;
+    if (1..=9999).contains(&at.year()) {
+        Ok(at)
+    } else {
+        Err(ApiError::field(
+            field,
+            format!("year {} is not from 1 to 9999", at.year()),
+        ))
+    }
+}
+
+/// Longest text a filter may hold (a name prefix, a label's key or value), in bytes.
+pub const MAX_FILTER_BYTES: usize = 1024;
+
+/// A text filter of field `field`: refused when longer than `max_bytes` or holding a NUL
+/// character, which PostgreSQL cannot compare with (it would fail the whole call as an
+/// internal error).
+pub fn filter_text<'a>(field: &str, value: &'a str, max_bytes: usize) -> Result<&'a str, ApiError> {
+    if value.len() > max_bytes {
+        Err(ApiError::field(
+            field,
+            format!("{} bytes, at most {max_bytes}", value.len()),
+        ))
+    } else if value.contains('\0') {
+        Err(ApiError::field(field, "must not contain NUL"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Label filters (`labels`): each key and value checked as [`filter_text`].
+pub fn label_filters(
+    labels: std::collections::HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    for (key, value) in &labels {
+        filter_text("labels", key, MAX_FILTER_BYTES)?;
+        filter_text(&format!("labels.{key}"), value, MAX_FILTER_BYTES)?;
+    }
+    Ok(labels.into_iter().collect())
 }
 
 /// Most bytes an answer may take: what a gRPC client decodes by default (tonic's, grpc-go's

@@ -56,7 +56,11 @@ impl ScheduleApi {
         schedule: &str,
         tenant: &str,
     ) -> Result<Schedule, ApiError> {
-        let named = request::required_text("schedule", schedule)?;
+        let named = request::filter_text(
+            "schedule",
+            request::required_text("schedule", schedule)?,
+            request::MAX_FILTER_BYTES,
+        )?;
         let found = match named.parse::<ScheduleId>() {
             Ok(id) => {
                 self.backends

@@ -204,6 +204,53 @@ async fn bad_input_is_refused_and_submissions_are_idempotent() {
         "{}",
         &status.message()[..200.min(status.message().len())]
     );
+    // Filters PostgreSQL could not compare with are refused naming their field, not failed
+    // as internal errors.
+    let refused = [
+        (
+            pb::ListJobsRequest {
+                name_prefix: "a\0".into(),
+                ..Default::default()
+            },
+            "name_prefix:",
+        ),
+        (
+            pb::ListJobsRequest {
+                labels: [("team".to_owned(), "\0".to_owned())].into(),
+                ..Default::default()
+            },
+            "labels.team:",
+        ),
+        (
+            pb::ListJobsRequest {
+                query: "𝄞".repeat(512),
+                ..Default::default()
+            },
+            "query:",
+        ),
+    ];
+    for (request, field) in refused {
+        let status = system.jobs.list_jobs(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{}", status.message());
+    }
+    let status = system
+        .jobs
+        .list_events(pb::ListEventsRequest {
+            start_time: Some(prost_types::Timestamp {
+                seconds: -300_000_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("start_time:"),
+        "{}",
+        status.message()
+    );
     let status = system
         .jobs
         .get_job(pb::GetJobRequest {

@@ -106,11 +106,23 @@ pub(super) fn validate(draft: &PipelineSpecDraft) -> Vec<FieldError> {
                 ));
             }
         }
+        // Each key becomes `MATRIX_<KEY>` in the jobs' environment: two keys that differ
+        // only in case would set the same variable, one value silently lost.
+        let mut variables: BTreeMap<String, &String> = BTreeMap::new();
         for (key, values) in &step.matrix {
             if !is_matrix_key(key) {
                 errors.push(FieldError::new(
                     format!("{at}.matrix.{key}"),
                     "key must match [A-Za-z_][A-Za-z0-9_]*",
+                ));
+            }
+            if let Some(other) = variables.insert(key.to_ascii_uppercase(), key) {
+                errors.push(FieldError::new(
+                    format!("{at}.matrix.{key}"),
+                    format!(
+                        "differs from key {other} only in case: both would set MATRIX_{}",
+                        key.to_ascii_uppercase()
+                    ),
                 ));
             }
             if values.is_empty() {
@@ -280,6 +292,16 @@ mod tests {
         fits.matrix
             .insert("os".into(), vec!["linux".into(), "p".repeat(64)]);
         assert!(PipelineSpec::try_from(pipeline(vec![fits])).is_ok());
+    }
+
+    #[test]
+    fn matrix_keys_that_differ_only_in_case_are_refused() {
+        let mut step = StepDraft::exec("test", &["true"]);
+        step.matrix.insert("OS".into(), vec!["linux".into()]);
+        step.matrix.insert("os".into(), vec!["mac".into()]);
+        let errors = refused(pipeline(vec![step]));
+        let reason = &errors["steps.test.matrix.os"];
+        assert!(reason.contains("MATRIX_OS"), "{errors:?}");
     }
 
     #[test]
