@@ -487,22 +487,27 @@ impl AccessService for AccessApi {
             .db(|| access::audit_log(pool, tenant.as_ref(), before, limit))
             .await
             .into_status()?;
-        let next_page_token = request::page_token_after(&found, limit, |r| r.id.to_string());
+        let wire = found
+            .iter()
+            .cloned()
+            .map(|r| pb::AuditEvent {
+                id: r.id,
+                at: Some(hodei_proto::timestamp(r.entry.at)),
+                subject: r.entry.subject,
+                tenant: r.entry.tenant.to_string(),
+                role: r.entry.role.to_string(),
+                action: r.entry.action,
+                target: r.entry.target,
+                outcome: r.entry.outcome,
+                detail: r.entry.detail,
+            })
+            .collect();
+        // Up to 4 KiB of detail and 1 KiB of target each: a page of 1,000 can pass what a
+        // client reads, and is cut there.
+        let (events, next_page_token) =
+            request::fit_page(&found, wire, limit, |r| r.id.to_string());
         Ok(Response::new(pb::ListAuditEventsResponse {
-            events: found
-                .into_iter()
-                .map(|r| pb::AuditEvent {
-                    id: r.id,
-                    at: Some(hodei_proto::timestamp(r.entry.at)),
-                    subject: r.entry.subject,
-                    tenant: r.entry.tenant.to_string(),
-                    role: r.entry.role.to_string(),
-                    action: r.entry.action,
-                    target: r.entry.target,
-                    outcome: r.entry.outcome,
-                    detail: r.entry.detail,
-                })
-                .collect(),
+            events,
             next_page_token,
         }))
     }

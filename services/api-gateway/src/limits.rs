@@ -107,6 +107,30 @@ impl TransportLimits {
     }
 }
 
+/// Most bytes a run's steps (expanded, with their names and needs) may take on the wire. Every
+/// answer carrying the run carries them (and the spec, and each step's attempts, besides), and
+/// the run's row rewrites them at each of its steps' moves: a few steps that each need every
+/// job of a wide matrix would otherwise make a run of megabytes from a request of kilobytes,
+/// whose answers no client could read.
+pub const MAX_RUN_STEPS_BYTES: usize = 1024 * 1024;
+
+/// Refuses a run whose steps on the wire would pass [`MAX_RUN_STEPS_BYTES`], naming `steps`.
+pub fn check_run_steps(run: &hodei_domain::PipelineRun) -> Result<(), ApiError> {
+    let wire = hodei_proto::pipeline_run_to_wire(run, &std::collections::HashMap::new());
+    let size: usize = wire.steps.iter().map(prost::Message::encoded_len).sum();
+    if size <= MAX_RUN_STEPS_BYTES {
+        return Ok(());
+    }
+    let needs: usize = run.steps().iter().map(|s| s.needs.len()).sum();
+    Err(ApiError::field(
+        "steps",
+        format!(
+            "the run's {} steps (matrices expanded) would take {size} bytes with their {needs}              needs, more than {MAX_RUN_STEPS_BYTES}: have fewer steps need a whole matrix (one              step that needs it can gather it for the others)",
+            run.steps().len()
+        ),
+    ))
+}
+
 /// The size of the command that assigns `spec` to a worker, with the widest ids and numbers.
 fn assign_size(spec: &JobSpec) -> usize {
     let command = AgentCommand::Assign {
@@ -166,6 +190,43 @@ mod tests {
             draft.env.insert((*key).to_owned(), "x".repeat(*size));
         }
         JobSpec::try_from(draft).unwrap()
+    }
+
+    #[test]
+    fn a_run_whose_needs_fan_out_past_the_bound_is_refused_naming_steps() {
+        use hodei_domain::pipeline::{PipelineSpecDraft, StepDraft};
+        let pipeline = |dependants: usize| {
+            let mut wide = StepDraft::exec("a", &["true"]);
+            wide.matrix.insert(
+                "k".repeat(60),
+                (0..256).map(|i| format!("{i:0>64}")).collect(),
+            );
+            let mut steps = vec![wide];
+            steps.extend(
+                (0..dependants)
+                    .map(|i| StepDraft::exec(format!("s{i}"), &["true"]).needing(&["a"])),
+            );
+            let spec = hodei_domain::PipelineSpec::try_from(PipelineSpecDraft {
+                name: "fan".to_owned(),
+                env: Default::default(),
+                steps,
+                fail_fast: false,
+                idempotency_key: None,
+                labels: Default::default(),
+            })
+            .unwrap();
+            hodei_domain::PipelineRun::submit(
+                PipelineRunId::new(),
+                hodei_domain::TenantId::default(),
+                spec,
+                Utc::now(),
+            )
+            .0
+        };
+        check_run_steps(&pipeline(2)).unwrap();
+        let err = tonic::Status::from(check_run_steps(&pipeline(499)).unwrap_err());
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("steps: "), "{}", err.message());
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl PipelineApi {
         TransportLimits::new(self.backends.nats.max_payload())
             .check_pipeline(run.spec(), run.id(), std::slice::from_ref(&announced))
             .into_status()?;
+        crate::limits::check_run_steps(&run).into_status()?;
         let (run, created) = match self
             .backends
             .db(|| driver::submit_run(&self.backends.pool, run.clone(), &event, SOURCE))

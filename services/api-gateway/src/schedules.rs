@@ -104,6 +104,7 @@ impl ScheduleApi {
                     hodei_domain::PipelineRun::submit(run, tenant.clone(), pipeline, Utc::now());
                 let announced = Outgoing::pipeline_event(&event, SOURCE)?;
                 limits.check_pipeline(probe.spec(), run, std::slice::from_ref(&announced))?;
+                crate::limits::check_run_steps(&probe)?;
                 ScheduleTarget::Pipeline {
                     spec: probe.spec().clone(),
                 }
@@ -382,9 +383,14 @@ impl ScheduleService for ScheduleApi {
             })
             .await
             .into_status()?;
-        let next_page_token = request::page_token_after(&found, limit, |s| s.id().to_string());
+        // Each schedule carries its template, up to NATS' `max_payload`: a page is cut where
+        // the answer would pass what a client reads.
+        let (schedules, next_page_token) =
+            request::fit_page(&found, found.iter().map(Into::into).collect(), limit, |s| {
+                s.id().to_string()
+            });
         Ok(Response::new(pb::ListSchedulesResponse {
-            schedules: found.iter().map(Into::into).collect(),
+            schedules,
             next_page_token,
         }))
     }
