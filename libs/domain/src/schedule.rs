@@ -181,8 +181,23 @@ impl Cadence {
     ///
     /// When clocks go back, an hour of wall-clock times happens twice; the search gives the
     /// first instance of such a time, which lies before `t` when `t` is in the second pass.
-    /// The second instance is taken then, so the answer is always after `t`.
+    /// The second instance is taken then, so the answer is always after `t`. An expression
+    /// with a wildcard, a step, a range or a list in its time fields (every 15 minutes,
+    /// hourly) fires in both passes, as time goes on; one at a fixed time of day (02:30) fires
+    /// once, in the first (croner's rule, after the Open Cron Pattern Specification).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let found = self.next_by_wall_clock(t)?;
+        if self.cron.determine_job_type() == croner::JobType::IntervalWildcard
+            && let Some(second_pass) = self.in_second_pass(t, found)
+        {
+            return Some(second_pass);
+        }
+        Some(found)
+    }
+
+    /// The first tick after `t` by the wall clock: the search walks local times, and passes
+    /// over the second pass of a repeated hour that `t` is before.
+    fn next_by_wall_clock(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         use chrono::TimeZone;
         let mut from = DateTime::from_timestamp(t.timestamp(), 0)?.with_timezone(&self.zone);
         for _ in 0..4 {
@@ -200,6 +215,46 @@ impl Cadence {
             from = later;
         }
         None
+    }
+
+    /// A tick in the second pass of an hour that clocks went back over between `t` and
+    /// `found` (both excluded), the first one, if any.
+    fn in_second_pass(&self, t: DateTime<Utc>, found: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        use chrono::{Offset, TimeZone};
+        let offset = |at: DateTime<Utc>| {
+            self.zone
+                .offset_from_utc_datetime(&at.naive_utc())
+                .fix()
+                .local_minus_utc()
+        };
+        let (before, after) = (offset(t), offset(found));
+        if after >= before {
+            return None;
+        }
+        // The instant the clocks went back: the first second with the later offset.
+        let (mut low, mut high) = (t.timestamp(), found.timestamp());
+        while high - low > 1 {
+            let mid = low + (high - low) / 2;
+            if offset(DateTime::from_timestamp(mid, 0)?) == before {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        let back = DateTime::from_timestamp(high, 0)?;
+        // The repeated wall-clock times, as the second pass shows them.
+        let first = back.with_timezone(&self.zone);
+        let last = first.naive_local() + Duration::seconds(i64::from(before - after));
+        let tick = self.cron.find_next_occurrence(&first, true).ok()?;
+        if tick.naive_local() >= last {
+            return None;
+        }
+        let tick = self
+            .zone
+            .from_local_datetime(&tick.naive_local())
+            .latest()?
+            .with_timezone(&Utc);
+        (tick > t && tick < found).then_some(tick)
     }
 }
 
@@ -743,6 +798,38 @@ mod tests {
         let round = schedule.round(&cadence, now, Duration::seconds(1));
         assert_eq!(round.fire, [utc(2026, 1, 1, 1, 0, 0)]);
         assert!(round.missed.is_none());
+    }
+
+    #[test]
+    fn when_clocks_go_back_an_interval_fires_through_the_repeated_hour_a_fixed_time_once() {
+        // Europe/Madrid, 2026-10-25: at 01:00 UTC (03:00 CEST) clocks go back to 02:00 CET.
+        let quarter = spec("*/15 * * * *", "Europe/Madrid").validate().unwrap();
+        let mut at = utc(2026, 10, 25, 0, 30, 0);
+        let mut ticks = Vec::new();
+        for _ in 0..7 {
+            at = quarter.next_after(at).unwrap();
+            ticks.push(at);
+        }
+        let expected: Vec<_> = (0..7)
+            .map(|i| utc(2026, 10, 25, 0, 45, 0) + Duration::minutes(15 * i))
+            .collect();
+        assert_eq!(ticks, expected, "every quarter of an hour, as time goes on");
+        let hourly = spec("0 * * * *", "Europe/Madrid").validate().unwrap();
+        assert_eq!(
+            hourly.next_after(utc(2026, 10, 25, 0, 0, 0)),
+            Some(utc(2026, 10, 25, 1, 0, 0))
+        );
+        // 02:30 happens twice that night; a daily 02:30 fires at the first only.
+        let daily = spec("30 2 * * *", "Europe/Madrid").validate().unwrap();
+        assert_eq!(
+            daily.next_after(utc(2026, 10, 25, 0, 30, 0)),
+            Some(utc(2026, 10, 26, 1, 30, 0))
+        );
+        // Spring forward (2026-03-29, 02:00 CET → 03:00 CEST) is unchanged.
+        assert_eq!(
+            quarter.next_after(utc(2026, 3, 29, 0, 45, 0)),
+            Some(utc(2026, 3, 29, 1, 0, 0))
+        );
     }
 
     #[test]
