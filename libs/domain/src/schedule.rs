@@ -601,6 +601,14 @@ impl Schedule {
         ))
     }
 
+    /// The tick that was due when it was paused but had not fired (its jitter, or the next
+    /// poll, was still to come): a paused schedule's last change is its pause, so its next
+    /// tick at or before then is that one.
+    pub fn unfired_at_pause(&self) -> Option<DateTime<Utc>> {
+        self.next_tick
+            .filter(|tick| self.paused && *tick <= self.updated_at)
+    }
+
     /// Whether a tick is due at `now`.
     pub fn is_due(&self, now: DateTime<Utc>) -> bool {
         !self.paused && self.fire_at.is_some_and(|at| at <= now)

@@ -598,28 +598,29 @@ pub async fn cancel_run(
     let mut tx = pool.begin().await?;
     let run = cancel_run_in(&mut tx, id, reason, source).await?;
     tx.commit().await?;
-    Ok(run)
+    Ok(run.map(|(run, _)| run))
 }
 
-/// [`cancel_run`] inside the caller's transaction.
+/// [`cancel_run`] inside the caller's transaction; with the run, whether this cancel changed
+/// it (false when a cancel was under way already, or it had ended).
 pub async fn cancel_run_in(
     conn: &mut PgConnection,
     id: PipelineRunId,
     reason: &str,
     source: &str,
-) -> Result<Option<PipelineRun>, StorageError> {
+) -> Result<Option<(PipelineRun, bool)>, StorageError> {
     let Some(mut run) = pipelines::lock(conn, id).await? else {
         return Ok(None);
     };
     let version = run.version();
     let effects = run.cancel(reason, Utc::now())?;
     if effects.events.is_empty() {
-        return Ok(Some(run));
+        return Ok(Some((run, false)));
     }
     let mut messages = Vec::new();
     carry_out(conn, &mut run, effects, source, &mut messages).await?;
     save_run(conn, &run, version, &messages).await?;
-    Ok(Some(run))
+    Ok(Some((run, true)))
 }
 
 /// Moves run `run_id` after its step job `job` changed by `events` (already saved): a start
@@ -895,21 +896,7 @@ async fn fire_schedule(
                 "replaced by the later tick {} of the same catch-up (overlap policy cancel_previous)",
                 round.fire[0].to_rfc3339()
             );
-            let record = TickRecord {
-                tick,
-                outcome: TickOutcome::Skipped,
-                handled_at: now,
-                job_id: None,
-                run_id: None,
-                detail: reason.clone(),
-            };
-            if schedules::record_tick(conn, schedule.id(), &record, None).await? {
-                events.push(ScheduleEvent::new(
-                    schedule.id(),
-                    now,
-                    ScheduleEventKind::Skipped { tick, reason },
-                ));
-            }
+            events.extend(skip_tick(conn, schedule.id(), tick, reason, None, now).await?);
         }
     }
     for tick in round.fire {
@@ -921,11 +908,7 @@ async fn fire_schedule(
     schedule.advance(round.next_tick, now, jitter_unit);
     schedules::save(conn, schedule, version).await?;
     schedules::prune_ticks(conn, schedule.id(), schedule.spec().history_limit).await?;
-    let messages = events
-        .iter()
-        .map(|e| Outgoing::schedule_event(e, source))
-        .collect::<Result<Vec<_>, _>>()?;
-    outbox::append(conn, &messages).await?;
+    append_schedule_events(conn, &events, source).await?;
     Ok(events)
 }
 
@@ -955,11 +938,7 @@ pub async fn trigger_schedule(
         .await?
         .into_iter()
         .collect();
-    let messages = events
-        .iter()
-        .map(|e| Outgoing::schedule_event(e, source))
-        .collect::<Result<Vec<_>, _>>()?;
-    outbox::append(&mut tx, &messages).await?;
+    append_schedule_events(&mut tx, &events, source).await?;
     schedules::prune_ticks(&mut tx, schedule.id(), schedule.spec().history_limit).await?;
     tx.commit().await?;
     Ok(Some(Triggered::Now(ScheduleHandled {
@@ -967,6 +946,83 @@ pub async fn trigger_schedule(
         events,
         failed: None,
     })))
+}
+
+/// Queues schedule `events` in the outbox, as sent by `source`.
+async fn append_schedule_events(
+    conn: &mut PgConnection,
+    events: &[hodei_domain::ScheduleEvent],
+    source: &str,
+) -> Result<(), StorageError> {
+    let messages = events
+        .iter()
+        .map(|e| Outgoing::schedule_event(e, source))
+        .collect::<Result<Vec<_>, _>>()?;
+    outbox::append(conn, &messages).await
+}
+
+/// Records `tick` of schedule `id` skipped for `reason` (with the trigger's idempotency `key`,
+/// if any): its event, or `None` when the tick was handled before.
+async fn skip_tick(
+    conn: &mut PgConnection,
+    id: hodei_domain::ScheduleId,
+    tick: chrono::DateTime<Utc>,
+    reason: String,
+    key: Option<&str>,
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<hodei_domain::ScheduleEvent>, StorageError> {
+    use hodei_domain::{ScheduleEvent, ScheduleEventKind, TickOutcome, TickRecord};
+    let record = TickRecord {
+        tick,
+        outcome: TickOutcome::Skipped,
+        handled_at: now,
+        job_id: None,
+        run_id: None,
+        detail: reason.clone(),
+    };
+    if !schedules::record_tick(conn, id, &record, key).await? {
+        return Ok(None);
+    }
+    Ok(Some(ScheduleEvent::new(
+        id,
+        now,
+        ScheduleEventKind::Skipped { tick, reason },
+    )))
+}
+
+/// Resumes schedule `schedule` (locked by the caller) at `now`, saving it at `version`. A tick
+/// that was due before it was paused and had not fired yet (its jitter or the next poll was
+/// still to come) does not fire: it is recorded skipped, with an event, rather than dropped
+/// without a trace. The events, `resumed` first; none when it was not paused.
+pub async fn resume_schedule(
+    conn: &mut PgConnection,
+    schedule: &mut hodei_domain::Schedule,
+    now: chrono::DateTime<Utc>,
+    jitter_unit: f64,
+    source: &str,
+) -> Result<Vec<hodei_domain::ScheduleEvent>, StorageError> {
+    let version = schedule.version();
+    let cadence = schedule
+        .cadence()
+        .map_err(hodei_domain::DomainError::from)?;
+    let paused_at = schedule.updated_at();
+    let unfired = schedule.unfired_at_pause();
+    let Some(resumed) = schedule.resume(&cadence, now, jitter_unit) else {
+        return Ok(Vec::new());
+    };
+    let mut events = vec![resumed];
+    if let Some(tick) = unfired
+        && schedule.next_tick().is_none_or(|next| next > tick)
+    {
+        let reason = format!(
+            "the schedule was paused at {} before this tick fired (its jitter or the next poll was still to come)",
+            paused_at.to_rfc3339()
+        );
+        events.extend(skip_tick(conn, schedule.id(), tick, reason, None, now).await?);
+    }
+    schedules::save(conn, schedule, version).await?;
+    append_schedule_events(conn, &events, source).await?;
+    Ok(events)
 }
 
 /// Who fires a tick: the schedule's own time, or a trigger by hand with its idempotency key.
@@ -1025,22 +1081,7 @@ async fn fire_tick(
         tenant_queue_hold(conn, schedule.tenant(), &replaced).await?
     };
     if let Some(reason) = skipped {
-        let record = TickRecord {
-            tick,
-            outcome: TickOutcome::Skipped,
-            handled_at: now,
-            job_id: None,
-            run_id: None,
-            detail: reason.clone(),
-        };
-        if !schedules::record_tick(conn, schedule.id(), &record, key).await? {
-            return Ok(None);
-        }
-        return Ok(Some(ScheduleEvent::new(
-            schedule.id(),
-            now,
-            ScheduleEventKind::Skipped { tick, reason },
-        )));
+        return skip_tick(conn, schedule.id(), tick, reason, key, now).await;
     }
     /// What the tick starts.
     enum Start {
@@ -1092,7 +1133,7 @@ async fn fire_tick(
                     .map(|done| done.and_then(|(_, event)| event).is_some()),
                 schedules::Started::Run(id) => cancel_run_in(conn, *id, &reason, source)
                     .await
-                    .map(|run| run.is_some()),
+                    .map(|run| run.is_some_and(|(_, changed)| changed)),
             };
             match done {
                 Ok(true) => cancelled.push(started.to_string()),

@@ -1039,15 +1039,16 @@ async fn a_schedule_whose_firing_keeps_conflicting_holds_up_no_other_due_schedul
     db.cleanup().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_pipeline_step_never_gets_a_second_job() {
-    use hodei_domain::pipeline::{PipelineSpecDraft, StepDraft};
-    use hodei_domain::{PipelineRun, PipelineRunId, PipelineSpec};
-    let (db, pool) = database().await;
+/// A run of `steps`, submitted.
+async fn submitted_run(
+    pool: &sqlx::PgPool,
+    steps: Vec<hodei_domain::pipeline::StepDraft>,
+) -> hodei_domain::PipelineRun {
+    use hodei_domain::{PipelineRun, PipelineRunId, PipelineSpec, pipeline::PipelineSpecDraft};
     let spec = PipelineSpec::try_from(PipelineSpecDraft {
-        name: "once".to_owned(),
+        name: "run".to_owned(),
         env: BTreeMap::new(),
-        steps: vec![StepDraft::exec("build", &["true"])],
+        steps,
         fail_fast: false,
         idempotency_key: None,
         labels: BTreeMap::new(),
@@ -1055,9 +1056,17 @@ async fn a_pipeline_step_never_gets_a_second_job() {
     .unwrap();
     let (run, event) =
         PipelineRun::submit(PipelineRunId::new(), TenantId::default(), spec, Utc::now());
-    driver::submit_run(&pool, run.clone(), &event, "test")
+    driver::submit_run(pool, run.clone(), &event, "test")
         .await
         .unwrap();
+    run
+}
+
+#[tokio::test]
+async fn a_pipeline_step_never_gets_a_second_job() {
+    use hodei_domain::pipeline::StepDraft;
+    let (db, pool) = database().await;
+    let run = submitted_run(&pool, vec![StepDraft::exec("build", &["true"])]).await;
     let jobs_of_step = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM jobs WHERE pipeline_run_id = $1 AND pipeline_step = 'build'",
@@ -1077,5 +1086,93 @@ async fn a_pipeline_step_never_gets_a_second_job() {
     assert!(err.is_conflict(), "{err}");
     drop(tx);
     assert_eq!(jobs_of_step().await, 1);
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelling_a_run_whose_cancel_is_under_way_changes_nothing_and_says_so() {
+    use hodei_domain::PipelineState;
+    use hodei_domain::pipeline::{StepDraft, When};
+    let (db, pool) = database().await;
+    let mut cleanup = StepDraft::exec("cleanup", &["true"]).needing(&["build"]);
+    cleanup.when = When::Always;
+    let run = submitted_run(&pool, vec![StepDraft::exec("build", &["true"]), cleanup]).await;
+    let cancel = || async {
+        let mut tx = pool.begin().await.unwrap();
+        let done = driver::cancel_run_in(&mut tx, run.id(), "replaced", "test")
+            .await
+            .unwrap()
+            .unwrap();
+        tx.commit().await.unwrap();
+        done
+    };
+    let (first, changed) = cancel().await;
+    assert!(changed);
+    // Its `always` step still runs: the run has not ended.
+    assert_eq!(first.state(), PipelineState::Running, "{first:?}");
+    let (again, changed) = cancel().await;
+    assert!(!changed, "the second cancel changed nothing");
+    assert_eq!(again.version(), first.version());
+    db.cleanup().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tick_due_before_a_pause_is_recorded_skipped_when_the_schedule_resumes() {
+    let (db, pool) = database().await;
+    let now = Utc::now().trunc_subsecs(6);
+    let mut schedule = due_schedule("paused", now, 5);
+    let unfired = schedule.next_tick().unwrap();
+    assert!(unfired <= now);
+    // Paused before any replica fired its due tick.
+    schedule.pause(now).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        hodei_storage::schedules::insert(&mut tx, &schedule)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+
+    let later = now + chrono::Duration::seconds(30);
+    let mut tx = pool.begin().await.unwrap();
+    let mut locked = hodei_storage::schedules::lock(&mut tx, schedule.id())
+        .await
+        .unwrap()
+        .unwrap();
+    let events = driver::resume_schedule(&mut tx, &mut locked, later, 0.0, "test")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind.clone()).collect();
+    assert!(
+        matches!(kinds[0], hodei_domain::ScheduleEventKind::Resumed { .. }),
+        "{kinds:?}"
+    );
+    assert!(
+        matches!(&kinds[1], hodei_domain::ScheduleEventKind::Skipped { tick, reason } if *tick == unfired && reason.contains("paused")),
+        "{kinds:?}"
+    );
+    assert!(locked.next_tick().unwrap() > later);
+    let outcome: String = sqlx::query_scalar(
+        "SELECT outcome FROM schedule_ticks WHERE schedule_id = $1 AND tick = $2",
+    )
+    .bind(schedule.id().as_uuid())
+    .bind(unfired)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "skipped");
+    // Resuming a running schedule does nothing.
+    let mut tx = pool.begin().await.unwrap();
+    let mut locked = hodei_storage::schedules::lock(&mut tx, schedule.id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        driver::resume_schedule(&mut tx, &mut locked, later, 0.0, "test")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     db.cleanup().await.unwrap();
 }

@@ -171,20 +171,26 @@ impl ScheduleApi {
                 };
                 let version = schedule.version();
                 let now = Utc::now();
-                let event = match switch {
-                    Switch::Pause => schedule.pause(now),
-                    Switch::Resume => {
-                        let cadence = schedule
-                            .cadence()
-                            .map_err(hodei_domain::DomainError::from)?;
-                        schedule.resume(&cadence, now, hodei_resilience::random_unit())
+                match switch {
+                    Switch::Pause => {
+                        if let Some(event) = schedule.pause(now) {
+                            schedules::save(&mut tx, &schedule, version).await?;
+                            outbox::append(&mut tx, &[Outgoing::schedule_event(&event, SOURCE)?])
+                                .await?;
+                        }
                     }
-                };
-                if let Some(event) = event {
-                    schedules::save(&mut tx, &schedule, version).await?;
-                    outbox::append(&mut tx, &[Outgoing::schedule_event(&event, SOURCE)?]).await?;
-                    tx.commit().await?;
+                    Switch::Resume => {
+                        driver::resume_schedule(
+                            &mut tx,
+                            &mut schedule,
+                            now,
+                            hodei_resilience::random_unit(),
+                            SOURCE,
+                        )
+                        .await?;
+                    }
                 }
+                tx.commit().await?;
                 Ok(Some(schedule))
             })
             .await?;
