@@ -48,8 +48,11 @@ const MAX_PULL_BACKOFF: Duration = Duration::from_secs(5);
 const REPORT_GRACE: Duration = Duration::from_secs(10);
 /// After giving up on reports, how long attempts get to wind down before they are aborted.
 const ABORT_GRACE: Duration = Duration::from_secs(2);
-/// How long the reports of what the previous incarnation left may take before the agent
-/// starts beating anyway (the registry then hands those attempts back itself).
+/// The least time the reports of what the previous incarnation left may take before the
+/// agent starts beating anyway (the registry then hands those attempts back itself). The
+/// agent waits up to its lease plus kill grace when that is longer: until then, the registry
+/// would not hand them back for silence, and once it beats, the new incarnation makes it hand
+/// them back at once, so an outcome not stored by then (a job that had ended) is run again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An agent, connected and ready to run: see [`Agent::run_until_stopped`].
@@ -254,7 +257,11 @@ impl Agent {
         });
         // Before the first beat: a report the previous incarnation could not send must be
         // stored before the registry, seeing the new incarnation, hands its attempts back.
-        recover(&ctx).await;
+        recover(
+            &ctx,
+            RECOVERY_TIMEOUT.max(self.settings.lease + self.settings.kill_grace),
+        )
+        .await;
         let lease = Lease::new(self.settings.lease);
         // The background tasks die with this future: an agent dropped mid-run (a crash, in
         // tests) stops beating at once, as a killed process would.
@@ -591,7 +598,7 @@ impl Agent {
 /// Sweeps and reports what the previous incarnation left in the work folder: kills what is
 /// left of each recorded attempt's processes, then reports each attempt (as recorded when its
 /// process had ended, as lost otherwise), removing the record once the report is stored.
-async fn recover(ctx: &AttemptContext) {
+async fn recover(ctx: &AttemptContext, within: Duration) {
     let left = ctx.records.left();
     if left.is_empty() {
         return;
@@ -616,7 +623,7 @@ async fn recover(ctx: &AttemptContext) {
             let _ = tokio::fs::remove_dir_all(workspace).await;
         }
     }));
-    if tokio::time::timeout(RECOVERY_TIMEOUT, all).await.is_err() {
+    if tokio::time::timeout(within, all).await.is_err() {
         warn!(worker_id = %ctx.worker_id, "reports of the previous incarnation not stored in time, the registry hands those attempts back");
     }
 }
