@@ -134,20 +134,17 @@ impl PipelineApi {
                 created: false,
             });
         }
-        // Checked before the tenant's rate bucket is spent: a refused request costs the
-        // tenant's other callers nothing.
-        let (run, event) =
-            PipelineRun::submit(PipelineRunId::new(), tenant.clone(), spec, Utc::now());
-        let announced = Outgoing::pipeline_event(&event, SOURCE).into_status()?;
-        TransportLimits::new(self.backends.nats.max_payload())
-            .check_pipeline(run.spec(), run.id(), std::slice::from_ref(&announced))
-            .into_status()?;
-        crate::limits::check_run_steps(&run).into_status()?;
         self.quotas.submit(&tenant).into_status()?;
         if let Err(refused) = self.admission.check() {
             self.backends.metrics.submissions_refused.inc();
             return Err(refused.into());
         }
+        let (run, event) = PipelineRun::submit(PipelineRunId::new(), tenant, spec, Utc::now());
+        let announced = Outgoing::pipeline_event(&event, SOURCE).into_status()?;
+        TransportLimits::new(self.backends.nats.max_payload())
+            .check_pipeline(run.spec(), run.id(), std::slice::from_ref(&announced))
+            .into_status()?;
+        crate::limits::check_run_steps(&run).into_status()?;
         let (run, created) = match self
             .backends
             .db(|| driver::submit_run(&self.backends.pool, run.clone(), &event, SOURCE))
