@@ -133,6 +133,8 @@ pub struct ScheduleSpec {
 pub struct Cadence {
     cron: croner::Cron,
     zone: Tz,
+    /// The shortest time between two of its ticks (see [`Cadence::shortest_interval`]).
+    shortest: Option<std::time::Duration>,
 }
 
 impl Cadence {
@@ -153,7 +155,15 @@ impl Cadence {
             })
             .ok();
         match (cron, zone) {
-            (Some(cron), Some(zone)) => Ok(Self { cron, zone }),
+            (Some(cron), Some(zone)) => {
+                let mut cadence = Self {
+                    cron,
+                    zone,
+                    shortest: None,
+                };
+                cadence.shortest = cadence.sample_shortest();
+                Ok(cadence)
+            }
             _ => Err(ValidationErrors(errors)),
         }
     }
@@ -162,10 +172,15 @@ impl Cadence {
     /// after the start of 2026 (a fixed point, so validation is deterministic); `None` for an
     /// expression with fewer than two.
     pub fn shortest_interval(&self) -> Option<std::time::Duration> {
-        let mut at = self.next_after(DateTime::from_timestamp(1_767_225_600, 0)?)?;
+        self.shortest
+    }
+
+    /// [`Cadence::shortest_interval`], measured by the wall clock.
+    fn sample_shortest(&self) -> Option<std::time::Duration> {
+        let mut at = self.next_by_wall_clock(DateTime::from_timestamp(1_767_225_600, 0)?)?;
         let mut shortest: Option<chrono::Duration> = None;
         for _ in 1..INTERVAL_SAMPLE {
-            let Some(next) = self.next_after(at) else {
+            let Some(next) = self.next_by_wall_clock(at) else {
                 break;
             };
             let gap = next - at;
@@ -182,9 +197,10 @@ impl Cadence {
     /// When clocks go back, an hour of wall-clock times happens twice; the search gives the
     /// first instance of such a time, which lies before `t` when `t` is in the second pass.
     /// The second instance is taken then, so the answer is always after `t`. An expression
-    /// with a wildcard, a step, a range or a list in its time fields (every 15 minutes,
-    /// hourly) fires in both passes, as time goes on; one at a fixed time of day (02:30) fires
-    /// once, in the first (croner's rule, after the Open Cron Pattern Specification).
+    /// with a wildcard, a step, a range or a list in its time fields that ticks at least as
+    /// often as the clocks go back by (every 15 minutes, hourly) fires in both passes, as time
+    /// goes on; one at a fixed time of day (02:30), or a few times a day (`0 2,14 * * *`),
+    /// fires once, in the first (the Open Cron Pattern Specification's rule for fixed times).
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let found = self.next_by_wall_clock(t)?;
         if self.cron.determine_job_type() == croner::JobType::IntervalWildcard
@@ -240,6 +256,11 @@ impl Cadence {
             } else {
                 high = mid;
             }
+        }
+        // Only an expression that ticks within every such hour keeps ticking through it.
+        let shift = std::time::Duration::from_secs(u64::try_from(before - after).ok()?);
+        if self.shortest.is_none_or(|shortest| shortest > shift) {
+            return None;
         }
         let back = DateTime::from_timestamp(high, 0)?;
         // The repeated wall-clock times, as the second pass shows them.
@@ -832,6 +853,12 @@ mod tests {
         assert_eq!(
             daily.next_after(utc(2026, 10, 25, 0, 30, 0)),
             Some(utc(2026, 10, 26, 1, 30, 0))
+        );
+        // A few fixed hours a day count as fixed times: 02:00 fires once.
+        let twice_a_day = spec("0 2,14 * * *", "Europe/Madrid").validate().unwrap();
+        assert_eq!(
+            twice_a_day.next_after(utc(2026, 10, 25, 0, 0, 0)),
+            Some(utc(2026, 10, 25, 13, 0, 0))
         );
         // Spring forward (2026-03-29, 02:00 CET → 03:00 CEST) is unchanged.
         assert_eq!(

@@ -203,14 +203,37 @@ fn through_link(workspace: &Path, path: &Path) -> Result<bool, String> {
 /// following no symbolic link on the way and never leaving `root`: a job may have replaced a
 /// folder of its workspace with a link to anywhere the agent can read (the glob that matched
 /// the file followed it), and a process it left may do so at any moment.
+///
+/// Each folder is opened below the one before it with `O_NOFOLLOW`, and `relative` holds only
+/// plain names (see [`relative_name`]): no `..`, no absolute path, no link anywhere. (`openat2`
+/// with `RESOLVE_NO_SYMLINKS` would do it in one call, but needs Linux 5.6.)
 fn open_beneath(root: &rustix::fd::OwnedFd, relative: &str) -> std::io::Result<tokio::fs::File> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let fd = rustix::fs::openat2(
-        root,
-        relative,
+    use rustix::fs::{Mode, OFlags};
+    let parts: Vec<&str> = relative.split('/').collect();
+    let (file_name, folders) = parts
+        .split_last()
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
+    let mut folder: Option<rustix::fd::OwnedFd> = None;
+    for name in folders {
+        if matches!(*name, "" | "." | "..") {
+            return Err(std::io::Error::other("not a plain name"));
+        }
+        let at = folder.as_ref().unwrap_or(root);
+        folder = Some(rustix::fs::openat(
+            at,
+            *name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?);
+    }
+    if matches!(*file_name, "" | "." | "..") {
+        return Err(std::io::Error::other("not a plain name"));
+    }
+    let fd = rustix::fs::openat(
+        folder.as_ref().unwrap_or(root),
+        *file_name,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
         Mode::empty(),
-        ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
     )?;
     let file = std::fs::File::from(fd);
     if !file.metadata()?.is_file() {

@@ -224,6 +224,33 @@ impl Heartbeater {
     }
 
     async fn send(&mut self, leaving: bool) {
+        // Past its lease the fence closes before anything renews it (the lease's watch may
+        // not have looked since).
+        if let Some(fence) = &self.fence
+            && self.lease.expired()
+        {
+            fence.lapse();
+        }
+        // Fenced, the agent refuses its assignments: it does not beat, so the registry takes it
+        // for silent and places nothing on it, until an echo comes back and the fence is set.
+        // (Were its beats to arrive while its echoes do not, say with a NATS authorization
+        // that predates the echo, it would otherwise get work only to refuse it.)
+        if !leaving && self.fence.as_ref().is_some_and(Fence::lapsed) {
+            let sent = tokio::time::Instant::now();
+            match tokio::time::timeout(self.confirm_within, self.confirm()).await {
+                Ok(Ok(())) => {
+                    self.lease.renew(sent);
+                    self.reopen_fence().await;
+                }
+                Ok(Err(e)) => {
+                    debug!(worker_id = %self.worker_id, error = %e, "no contact with nats confirmed: not beating while assignments are refused")
+                }
+                Err(_) => {
+                    debug!(worker_id = %self.worker_id, "no contact with nats confirmed in time: not beating while assignments are refused")
+                }
+            }
+            return;
+        }
         let heartbeat = Heartbeat {
             worker_id: self.worker_id.clone(),
             incarnation: self.incarnation,

@@ -125,7 +125,9 @@ pub fn check_run_steps(run: &hodei_domain::PipelineRun) -> Result<(), ApiError> 
     Err(ApiError::field(
         "steps",
         format!(
-            "the run's {} steps (matrices expanded) would take {size} bytes with their {needs}              needs, more than {MAX_RUN_STEPS_BYTES}: have fewer steps need a whole matrix (one              step that needs it can gather it for the others)",
+            "the run's {} steps (matrices expanded) would take {size} bytes with their {needs} \
+             needs, more than {MAX_RUN_STEPS_BYTES}: have fewer steps need a whole matrix (one \
+             step that needs it can gather it for the others)",
             run.steps().len()
         ),
     ))
