@@ -133,8 +133,6 @@ pub struct ScheduleSpec {
 pub struct Cadence {
     cron: croner::Cron,
     zone: Tz,
-    /// The shortest time between two of its ticks (see [`Cadence::shortest_interval`]).
-    shortest: Option<std::time::Duration>,
 }
 
 impl Cadence {
@@ -155,28 +153,15 @@ impl Cadence {
             })
             .ok();
         match (cron, zone) {
-            (Some(cron), Some(zone)) => {
-                let mut cadence = Self {
-                    cron,
-                    zone,
-                    shortest: None,
-                };
-                cadence.shortest = cadence.sample_shortest();
-                Ok(cadence)
-            }
+            (Some(cron), Some(zone)) => Ok(Self { cron, zone }),
             _ => Err(ValidationErrors(errors)),
         }
     }
 
     /// The shortest time between two consecutive ticks among the first [`INTERVAL_SAMPLE`]
     /// after the start of 2026 (a fixed point, so validation is deterministic); `None` for an
-    /// expression with fewer than two.
+    /// expression with fewer than two. Measured by the wall clock, as the search walks.
     pub fn shortest_interval(&self) -> Option<std::time::Duration> {
-        self.shortest
-    }
-
-    /// [`Cadence::shortest_interval`], measured by the wall clock.
-    fn sample_shortest(&self) -> Option<std::time::Duration> {
         let mut at = self.next_by_wall_clock(DateTime::from_timestamp(1_767_225_600, 0)?)?;
         let mut shortest: Option<chrono::Duration> = None;
         for _ in 1..INTERVAL_SAMPLE {
@@ -257,9 +242,13 @@ impl Cadence {
                 high = mid;
             }
         }
-        // Only an expression that ticks within every such hour keeps ticking through it.
+        // Only an expression that ticks within every such hour keeps ticking through it. (Read
+        // here, on the one night a year this path runs, not at each parse.)
         let shift = std::time::Duration::from_secs(u64::try_from(before - after).ok()?);
-        if self.shortest.is_none_or(|shortest| shortest > shift) {
+        if self
+            .shortest_interval()
+            .is_none_or(|shortest| shortest > shift)
+        {
             return None;
         }
         let back = DateTime::from_timestamp(high, 0)?;

@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use chrono::Utc;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{
-    Job, JobId, JobSpec, JobState, PipelineRun, PipelineRunId, PipelineSpec, PipelineSpecDraft,
-    PipelineState, Resources, StepDraft, TenantId, Worker, WorkerId, WorkerStatus,
+    Job, JobId, JobSpec, JobState, PipelineRun, PipelineState, Resources, StepDraft, TenantId,
+    Worker, WorkerId, WorkerStatus,
 };
 use hodei_storage::jobs::{self, JobFilter};
 use hodei_storage::pipelines::{self, RunFilter};
 use hodei_storage::{driver, workers};
 use hodei_test_support::TestDatabase;
+
+mod common;
 
 async fn database() -> (TestDatabase, sqlx::PgPool) {
     let db = TestDatabase::create().await.unwrap();
@@ -201,20 +203,8 @@ async fn run_pages_follow_the_cursor_and_filter_by_state_and_name() {
         "releaseX",
         "nightly-3",
     ] {
-        let spec = PipelineSpec::try_from(PipelineSpecDraft {
-            name: name.to_owned(),
-            env: BTreeMap::new(),
-            steps: vec![StepDraft::exec("only", &["true"])],
-            fail_fast: false,
-            idempotency_key: None,
-            labels: BTreeMap::new(),
-        })
-        .unwrap();
-        let (run, event) =
-            PipelineRun::submit(PipelineRunId::new(), TenantId::default(), spec, Utc::now());
-        driver::submit_run(&pool, run.clone(), &event, "test")
-            .await
-            .unwrap();
+        let run =
+            common::submitted_run(&pool, name, vec![StepDraft::exec("only", &["true"])]).await;
         ids.push(run.id());
     }
     let cancelled = ids[1];

@@ -12,6 +12,8 @@ use hodei_domain::{
 use hodei_storage::{StorageError, driver, jobs, workers};
 use hodei_test_support::TestDatabase;
 
+mod common;
+
 async fn database() -> (TestDatabase, sqlx::PgPool) {
     let db = TestDatabase::create().await.unwrap();
     let pool = db.connect().await.unwrap();
@@ -1039,34 +1041,11 @@ async fn a_schedule_whose_firing_keeps_conflicting_holds_up_no_other_due_schedul
     db.cleanup().await.unwrap();
 }
 
-/// A run of `steps`, submitted.
-async fn submitted_run(
-    pool: &sqlx::PgPool,
-    steps: Vec<hodei_domain::pipeline::StepDraft>,
-) -> hodei_domain::PipelineRun {
-    use hodei_domain::{PipelineRun, PipelineRunId, PipelineSpec, pipeline::PipelineSpecDraft};
-    let spec = PipelineSpec::try_from(PipelineSpecDraft {
-        name: "run".to_owned(),
-        env: BTreeMap::new(),
-        steps,
-        fail_fast: false,
-        idempotency_key: None,
-        labels: BTreeMap::new(),
-    })
-    .unwrap();
-    let (run, event) =
-        PipelineRun::submit(PipelineRunId::new(), TenantId::default(), spec, Utc::now());
-    driver::submit_run(pool, run.clone(), &event, "test")
-        .await
-        .unwrap();
-    run
-}
-
 #[tokio::test]
 async fn a_pipeline_step_never_gets_a_second_job() {
     use hodei_domain::pipeline::StepDraft;
     let (db, pool) = database().await;
-    let run = submitted_run(&pool, vec![StepDraft::exec("build", &["true"])]).await;
+    let run = common::submitted_run(&pool, "run", vec![StepDraft::exec("build", &["true"])]).await;
     let jobs_of_step = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM jobs WHERE pipeline_run_id = $1 AND pipeline_step = 'build'",
@@ -1096,7 +1075,12 @@ async fn cancelling_a_run_whose_cancel_is_under_way_changes_nothing_and_says_so(
     let (db, pool) = database().await;
     let mut cleanup = StepDraft::exec("cleanup", &["true"]).needing(&["build"]);
     cleanup.when = When::Always;
-    let run = submitted_run(&pool, vec![StepDraft::exec("build", &["true"]), cleanup]).await;
+    let run = common::submitted_run(
+        &pool,
+        "run",
+        vec![StepDraft::exec("build", &["true"]), cleanup],
+    )
+    .await;
     let cancel = || async {
         let mut tx = pool.begin().await.unwrap();
         let done = driver::cancel_run_in(&mut tx, run.id(), "replaced", "test")

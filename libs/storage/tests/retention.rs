@@ -4,19 +4,20 @@
 //! never move the same job twice.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{Duration, Utc};
-use hodei_domain::pipeline::{PipelineSpecDraft, StepDraft};
+use hodei_domain::pipeline::StepDraft;
 use hodei_domain::spec::JobSpecDraft;
 use hodei_domain::{
-    AttemptOutcome, Job, JobId, JobSpec, JobState, PipelineRun, PipelineRunId, PipelineSpec,
-    PipelineState, TenantId,
+    AttemptOutcome, Job, JobId, JobSpec, JobState, PipelineRun, PipelineState, TenantId,
 };
 use hodei_storage::archive::{self, Counts, Moved};
 use hodei_storage::jobs::{self, EventFilter, JobFilter};
 use hodei_storage::{EventRange, driver, pipelines};
 use hodei_test_support::TestDatabase;
+
+mod common;
 
 async fn database() -> (TestDatabase, sqlx::PgPool) {
     let db = TestDatabase::create().await.unwrap();
@@ -63,24 +64,11 @@ async fn run(pool: &sqlx::PgPool, job: &mut Job, end: bool) {
 }
 
 async fn submit_run(pool: &sqlx::PgPool, name: &str) -> PipelineRun {
-    let spec = PipelineSpec::try_from(PipelineSpecDraft {
-        name: name.to_owned(),
-        env: BTreeMap::new(),
-        steps: vec![
-            StepDraft::exec("first", &["true"]),
-            StepDraft::exec("second", &["true"]),
-        ],
-        fail_fast: false,
-        idempotency_key: None,
-        labels: BTreeMap::new(),
-    })
-    .unwrap();
-    let (run, event) =
-        PipelineRun::submit(PipelineRunId::new(), TenantId::default(), spec, Utc::now());
-    driver::submit_run(pool, run.clone(), &event, "test")
-        .await
-        .unwrap();
-    run
+    let steps = vec![
+        StepDraft::exec("first", &["true"]),
+        StepDraft::exec("second", &["true"]),
+    ];
+    common::submitted_run(pool, name, steps).await
 }
 
 /// Every batch until nothing is left.

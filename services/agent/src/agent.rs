@@ -262,12 +262,11 @@ impl Agent {
             RECOVERY_TIMEOUT.max(self.settings.lease + self.settings.kill_grace),
         )
         .await;
-        let lease = Lease::new(self.settings.lease);
+        let lease = Lease::new(self.settings.lease, fence);
         // The background tasks die with this future: an agent dropped mid-run (a crash, in
         // tests) stops beating at once, as a killed process would.
         let lease_watch = AbortOnDropHandle::new(tokio::spawn(lease::watch(
             lease.clone(),
-            fence.clone(),
             running.clone(),
             worker_id.clone(),
             self.metrics.clone(),
@@ -288,7 +287,6 @@ impl Agent {
             )
             .with_metrics(self.metrics.clone())
             .with_seal_key(self.seal.public_key())
-            .with_fence(fence)
             .run(
                 self.settings.heartbeat_interval,
                 Arc::clone(&beat_now),
@@ -468,11 +466,14 @@ impl Agent {
                 // dropped it as a second copy: running it could run the attempt again. If it
                 // is the only copy, the attempt was never started and its start timeout hands
                 // it back. A command whose stored time cannot be read is refused too.
-                let late = match message.info() {
-                    Ok(info) => stored_late(assigned_at, info.published.unix_timestamp_nanos()),
+                let (late, sequence) = match message.info() {
+                    Ok(info) => (
+                        stored_late(assigned_at, info.published.unix_timestamp_nanos()),
+                        info.stream_sequence,
+                    ),
                     Err(e) => {
                         warn!(job_id = %job_id, attempt = %attempt, error = %e, "assignment without a readable stored time");
-                        Some(Duration::MAX)
+                        (Some(Duration::MAX), u64::MAX)
                     }
                 };
                 if let Some(late) = late {
@@ -483,8 +484,7 @@ impl Agent {
                 }
                 // Stored before the lease lapsed (or while it had): the registry may have
                 // handed it to another worker meanwhile. Reported lost, so it is requeued at
-                // once (the sequence was readable above, or the command was refused there).
-                let sequence = message.info().map_or(u64::MAX, |info| info.stream_sequence);
+                // once.
                 if ctx.fence.refuses(sequence) && running.start(id).is_some() {
                     self.metrics.agent_assignments_refused.inc();
                     warn!(job_id = %job_id, attempt = %attempt, sequence, "assignment stored before the lease lapsed, reporting it lost");

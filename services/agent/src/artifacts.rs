@@ -210,14 +210,14 @@ fn through_link(workspace: &Path, path: &Path) -> Result<bool, String> {
 fn open_beneath(root: &rustix::fd::OwnedFd, relative: &str) -> std::io::Result<tokio::fs::File> {
     use rustix::fs::{Mode, OFlags};
     let parts: Vec<&str> = relative.split('/').collect();
+    if parts.iter().any(|name| matches!(*name, "" | "." | "..")) {
+        return Err(std::io::Error::other("not a plain name"));
+    }
     let (file_name, folders) = parts
         .split_last()
         .ok_or_else(|| std::io::Error::other("no file name"))?;
     let mut folder: Option<rustix::fd::OwnedFd> = None;
     for name in folders {
-        if matches!(*name, "" | "." | "..") {
-            return Err(std::io::Error::other("not a plain name"));
-        }
         let at = folder.as_ref().unwrap_or(root);
         folder = Some(rustix::fs::openat(
             at,
@@ -225,9 +225,6 @@ fn open_beneath(root: &rustix::fd::OwnedFd, relative: &str) -> std::io::Result<t
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?);
-    }
-    if matches!(*file_name, "" | "." | "..") {
-        return Err(std::io::Error::other("not a plain name"));
     }
     let fd = rustix::fs::openat(
         folder.as_ref().unwrap_or(root),

@@ -22,7 +22,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::lease::{Fence, Lease};
+use crate::lease::Lease;
 use crate::running::Running;
 
 const MIB: u64 = 1024 * 1024;
@@ -47,8 +47,6 @@ pub(crate) struct Heartbeater {
     echoes: Option<async_nats::Subscriber>,
     /// The last echo's number: an echo that came back late is told from the awaited one.
     echo_number: u64,
-    /// Set again at the first confirmed beat after a lapse of the lease.
-    fence: Option<Fence>,
     labels: BTreeMap<String, String>,
     capacity: Resources,
     max_concurrent_jobs: u32,
@@ -89,7 +87,6 @@ impl Heartbeater {
             echo_subject: subjects::lease_echo(&worker_id),
             echoes: None,
             echo_number: 0,
-            fence: None,
             worker_id,
             incarnation,
             lease,
@@ -110,12 +107,6 @@ impl Heartbeater {
     /// Counts failed publishes in `metrics` (`hodei_nats_errors_total{operation="heartbeat"}`).
     pub fn with_metrics(mut self, metrics: hodei_telemetry::Metrics) -> Self {
         self.metrics = Some(metrics);
-        self
-    }
-
-    /// Reopens `fence` at the first confirmed beat after the lease lapsed.
-    pub fn with_fence(mut self, fence: Fence) -> Self {
-        self.fence = Some(fence);
         self
     }
 
@@ -199,9 +190,10 @@ impl Heartbeater {
     /// to which assignments stay refused (see [`Fence`]). Tried again at the next beat if the
     /// stream cannot be read.
     async fn reopen_fence(&self) {
-        let Some(fence) = self.fence.as_ref().filter(|f| f.lapsed()) else {
+        let fence = self.lease.fence();
+        if !fence.lapsed() {
             return;
-        };
+        }
         let js = async_nats::jetstream::new(self.client.clone());
         let read = tokio::time::timeout(
             self.confirm_within,
@@ -223,32 +215,30 @@ impl Heartbeater {
         }
     }
 
-    async fn send(&mut self, leaving: bool) {
-        // Past its lease the fence closes before anything renews it (the lease's watch may
-        // not have looked since).
-        if let Some(fence) = &self.fence
-            && self.lease.expired()
-        {
-            fence.lapse();
+    /// Waits, at most `confirm_within`, for the echo that confirms what was published before
+    /// it; once it is back, renews the lease from `sent` and, after a lapse, sets the fence.
+    async fn renew_when_confirmed(&mut self, sent: tokio::time::Instant) {
+        match tokio::time::timeout(self.confirm_within, self.confirm()).await {
+            Ok(Ok(())) => {
+                self.lease.renew(sent);
+                self.reopen_fence().await;
+            }
+            Ok(Err(e)) => {
+                debug!(worker_id = %self.worker_id, error = %e, "contact with nats not confirmed")
+            }
+            Err(_) => {
+                debug!(worker_id = %self.worker_id, "contact with nats not confirmed in time")
+            }
         }
+    }
+
+    async fn send(&mut self, leaving: bool) {
         // Fenced, the agent refuses its assignments: it does not beat, so the registry takes it
         // for silent and places nothing on it, until an echo comes back and the fence is set.
         // (Were its beats to arrive while its echoes do not, say with a NATS authorization
         // that predates the echo, it would otherwise get work only to refuse it.)
-        if !leaving && self.fence.as_ref().is_some_and(Fence::lapsed) {
-            let sent = tokio::time::Instant::now();
-            match tokio::time::timeout(self.confirm_within, self.confirm()).await {
-                Ok(Ok(())) => {
-                    self.lease.renew(sent);
-                    self.reopen_fence().await;
-                }
-                Ok(Err(e)) => {
-                    debug!(worker_id = %self.worker_id, error = %e, "no contact with nats confirmed: not beating while assignments are refused")
-                }
-                Err(_) => {
-                    debug!(worker_id = %self.worker_id, "no contact with nats confirmed in time: not beating while assignments are refused")
-                }
-            }
+        if !leaving && self.lease.fence().lapsed() {
+            self.renew_when_confirmed(tokio::time::Instant::now()).await;
             return;
         }
         let heartbeat = Heartbeat {
@@ -290,18 +280,7 @@ impl Heartbeater {
                     draining = heartbeat.draining,
                     "heartbeat sent"
                 );
-                match tokio::time::timeout(self.confirm_within, self.confirm()).await {
-                    Ok(Ok(())) => {
-                        self.lease.renew(sent);
-                        self.reopen_fence().await;
-                    }
-                    Ok(Err(e)) => {
-                        debug!(worker_id = %self.worker_id, error = %e, "heartbeat not confirmed")
-                    }
-                    Err(_) => {
-                        debug!(worker_id = %self.worker_id, "heartbeat not confirmed in time")
-                    }
-                }
+                self.renew_when_confirmed(sent).await;
             }
             Err(e) => {
                 if let Some(metrics) = &self.metrics {

@@ -17,31 +17,44 @@ use tracing::{info, warn};
 
 use crate::running::Running;
 
-/// When the agent last reached NATS, and for how long that lets it run attempts.
+/// When the agent last reached NATS, and for how long that lets it run attempts; and the
+/// fence its lapses close.
 #[derive(Debug, Clone)]
 pub(crate) struct Lease {
     last_contact: Arc<Mutex<Instant>>,
     length: Duration,
+    fence: Fence,
 }
 
 impl Lease {
-    /// A lease of `length`, held from now (the agent has just connected).
-    pub fn new(length: Duration) -> Self {
+    /// A lease of `length`, held from now (the agent has just connected), whose lapses close
+    /// `fence`.
+    pub fn new(length: Duration, fence: Fence) -> Self {
         Self {
             last_contact: Arc::new(Mutex::new(Instant::now())),
             length,
+            fence,
         }
     }
 
-    /// The server confirmed a heartbeat sent at `sent`: the lease runs from then.
+    /// The server confirmed a heartbeat sent at `sent`: the lease runs from then. A lease that
+    /// had run out closes the fence first, whether or not [`watch`] saw it.
     pub fn renew(&self, sent: Instant) {
         let mut last = self
             .last_contact
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if last.elapsed() > self.length {
+            self.fence.lapse();
+        }
         if sent > *last {
             *last = sent;
         }
+    }
+
+    /// The fence the lease's lapses close.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     /// How long since the last confirmed contact.
@@ -113,10 +126,9 @@ impl Fence {
 }
 
 /// Stops every running attempt as lost whenever the lease expires, until `stop`; a lapse
-/// closes `fence`.
+/// closes the lease's fence.
 pub(crate) async fn watch(
     lease: Lease,
-    fence: Fence,
     running: Running,
     worker_id: WorkerId,
     metrics: hodei_telemetry::Metrics,
@@ -132,7 +144,7 @@ pub(crate) async fn watch(
             _ = tick.tick() => {}
         }
         if lease.expired() {
-            fence.lapse();
+            lease.fence.lapse();
             let stopped = running.lose_all();
             if !expired {
                 expired = true;
@@ -152,7 +164,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_lease_runs_from_the_last_confirmed_beat() {
-        let lease = Lease::new(Duration::from_secs(3));
+        let lease = Lease::new(Duration::from_secs(3), Fence::default());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(!lease.expired());
         let sent = Instant::now();

@@ -401,7 +401,7 @@ fn event_token(token: &str) -> Result<Option<(DateTime<Utc>, Uuid)>, ApiError> {
         .parse::<i64>()
         .ok()
         .and_then(DateTime::from_timestamp_micros)
-        .filter(|at| (1..=9999).contains(&chrono::Datelike::year(at)))
+        .filter(request::storable_time)
         .ok_or_else(bad)?;
     let id = id.parse::<Uuid>().map_err(|_| bad())?;
     Ok(Some((at, id)))

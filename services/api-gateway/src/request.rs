@@ -120,7 +120,7 @@ pub fn timestamp(
         .ok()
         .and_then(|nanos| chrono::DateTime::from_timestamp(value.seconds, nanos))
         .ok_or_else(|| ApiError::field(field, "is not a valid time"))?;
-    if (1..=9999).contains(&at.year()) {
+    if storable_time(&at) {
         Ok(at)
     } else {
         Err(ApiError::field(
@@ -128,6 +128,11 @@ pub fn timestamp(
             format!("year {} is not from 1 to 9999", at.year()),
         ))
     }
+}
+
+/// Whether `at` falls in years 1 to 9999, which a request's times and tokens may name.
+pub fn storable_time(at: &chrono::DateTime<chrono::Utc>) -> bool {
+    (1..=9999).contains(&chrono::Datelike::year(at))
 }
 
 /// Longest text a filter may hold (a name prefix, a label's key or value), in bytes.
