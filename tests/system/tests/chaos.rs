@@ -15,7 +15,9 @@
 //! crash that loses the relays' last deletions of published rows (which commit without
 //! waiting for the disk) in the same outage as a NATS restart, so that every message is
 //! published again; SIGKILL of an agent and its restart under the same worker id; and a
-//! partition of one agent from NATS for longer than its lease. Then it checks the ledger and the state of record:
+//! partition of one agent from NATS for longer than its lease, once closing its connection
+//! and once keeping it open but passing no byte (a silent partition). Then it checks the
+//! ledger and the state of record:
 //!
 //! - every accepted job ended, and its ledger shows exactly one `end` and no `overlap`;
 //! - every recorded outcome is what ran: the job's state and exit code are those of the one
@@ -24,8 +26,9 @@
 //! - no attempt was handed back in a phase whose fault only hit an observer (registry,
 //!   scheduler, gateway, NATS, PostgreSQL, both timeouts phases, stall, lost deletions):
 //!   healthy workers were never blamed;
-//! - only the phases that really killed running processes (agent restart, partition) re-ran
-//!   jobs, at most one agent's slots, and each re-run began after the killed copy was gone.
+//! - only the phases that really killed running processes (agent restart, both partitions)
+//!   re-ran jobs, at most one agent's slots, and each re-run began after the killed copy was
+//!   gone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -58,7 +61,7 @@ const KILL_GRACE_MS: u64 = 500;
 /// Jobs per phase: more than the 12 slots, so that work is queued, placed and running when
 /// the fault hits.
 const PHASE_JOBS: usize = 16;
-/// The partition phase's jobs outlast the lease, so that the partitioned agent kills them
+/// The partition phases' jobs outlast the lease, so that the partitioned agent kills them
 /// before any of them ends unreported.
 const PARTITION_JOB_SECS: f64 = 10.0;
 /// How long PostgreSQL stays away: longer than the 2 s of silence that make a worker
@@ -352,6 +355,38 @@ impl Cluster {
         .await;
     }
 
+    /// A phase of jobs that outlast the lease, all the slots busy, while the partitioned
+    /// agent is cut off until the registry has declared it lost; then the path heals.
+    async fn partition(&self, phase: &'static str, how: Cut) -> Phase {
+        let submitted = Instant::now();
+        self.submit(phase, AGENTS.len() * SLOTS as usize, |_| PARTITION_JOB_SECS)
+            .await;
+        self.wait_running(phase, (AGENTS.len() * SLOTS as usize) as i64, None)
+            .await;
+        self.wait_running(phase, 1, Some(PARTITIONED)).await;
+        let t = Instant::now();
+        match how {
+            Cut::Closed => self.proxy.cut(),
+            Cut::Silent => self.proxy.stall(),
+        }
+        self.wait_worker_status(PARTITIONED, "lost").await;
+        eprintln!(
+            "chaos {phase}: {PARTITIONED} lost and its attempts handed back {:.2} s after the \
+             cut (lease {LEASE_MS} ms + kill grace {KILL_GRACE_MS} ms)",
+            t.elapsed().as_secs_f64()
+        );
+        self.proxy.heal();
+        self.wait_worker_status(PARTITIONED, "ready").await;
+        let fault = t.elapsed();
+        self.wait_phase_ended(phase).await;
+        Phase {
+            name: phase,
+            kills_jobs_on: Some(PARTITIONED),
+            fault,
+            ended: submitted.elapsed(),
+        }
+    }
+
     /// Waits until the worker's status in the state of record is `status`.
     async fn wait_worker_status(&self, id: &str, status: &str) {
         self.wait_db(&format!("{id} to be {status}"), |pool| async move {
@@ -619,6 +654,15 @@ fn read_ledger(path: &Path) -> BTreeMap<String, Runs> {
     runs
 }
 
+/// How a partition phase cuts the agent off NATS.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// Every connection closed, new ones refused.
+    Closed,
+    /// Every connection kept open, no byte passed either way.
+    Silent,
+}
+
 /// A backend a phase takes away.
 #[derive(Debug, Clone, Copy)]
 enum Backend {
@@ -857,39 +901,22 @@ async fn no_fault_runs_a_job_twice_or_blames_a_healthy_worker() {
     });
 
     // One agent is cut off NATS, with jobs that outlast its lease: it stops them when its
-    // lease runs out, and only then are they handed back and run elsewhere.
-    let submitted = Instant::now();
-    cluster
-        .submit("partition", 12, |_| PARTITION_JOB_SECS)
-        .await;
-    cluster.wait_running("partition", 12, None).await;
-    cluster
-        .wait_running("partition", 1, Some(PARTITIONED))
-        .await;
-    let t = Instant::now();
-    cluster.proxy.cut();
-    cluster.wait_worker_status(PARTITIONED, "lost").await;
-    eprintln!(
-        "chaos partition: {PARTITIONED} lost and its attempts handed back {:.2} s after the \
-         cut (lease {LEASE_MS} ms + kill grace {KILL_GRACE_MS} ms)",
-        t.elapsed().as_secs_f64()
-    );
-    cluster.proxy.heal();
-    cluster.wait_worker_status(PARTITIONED, "ready").await;
-    let fault = t.elapsed();
-    cluster.wait_phase_ended("partition").await;
-    phases.push(Phase {
-        name: "partition",
-        kills_jobs_on: Some(PARTITIONED),
-        fault,
-        ended: submitted.elapsed(),
-    });
+    // lease runs out, and only then are they handed back and run elsewhere. First the
+    // connection is closed (the agent sees it go); then it stays open but silent, as a network
+    // that drops packets leaves it: the agent's writes still succeed, only the lack of echoes
+    // tells it, and what each side sent meanwhile arrives, late, once the path heals.
+    phases.push(cluster.partition("partition", Cut::Closed).await);
+    phases.push(cluster.partition("silent", Cut::Silent).await);
 
     // The ledger and the state of record.
     let ledger = read_ledger(&cluster.ledger());
     let record = cluster.jobs_of_record().await;
     let logs = cluster.logs();
-    assert_eq!(record.len(), 10 * PHASE_JOBS + 12, "{record:?}");
+    assert_eq!(
+        record.len(),
+        10 * PHASE_JOBS + 2 * AGENTS.len() * SLOTS as usize,
+        "{record:?}"
+    );
     // Every job's verdict, so that a failure names all the jobs it hit.
     let mut wrong = Vec::new();
     for (name, job) in &record {
