@@ -35,6 +35,7 @@ pub fn sample_job() -> pb::Job {
                 kind: Some(Kind::Exited(3)),
             }),
             output_tail: vec!["hi".into(), "error: disk full".into()],
+            output_tail_omitted: false,
         }],
         cancel_requested: false,
         reason: "exited with code 3".into(),
@@ -44,6 +45,7 @@ pub fn sample_job() -> pb::Job {
         version: 4,
         not_before: None,
         archived_at: None,
+        attempts_omitted: 0,
     }
 }
 

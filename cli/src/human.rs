@@ -107,13 +107,26 @@ pub fn job_block(j: &pb::Job, style: Style) -> String {
         out.push_str("attempts:\n");
         out.push_str(&indent(&attempts_table(&j.attempts).render(), "  "));
     }
-    if let Some(last) = j.attempts.last().filter(|a| !a.output_tail.is_empty()) {
+    if j.attempts_omitted > 0 {
         out.push_str(&format!(
-            "output of attempt {} (last lines, `hodei logs` for all):\n",
-            last.attempt
+            "  ({} earlier attempts left out of the answer: `hodei history {}` lists them)\n",
+            j.attempts_omitted, j.id
         ));
-        for line in &last.output_tail {
-            out.push_str(&format!("  {line}\n"));
+    }
+    if let Some(last) = j.attempts.last() {
+        if !last.output_tail.is_empty() {
+            out.push_str(&format!(
+                "output of attempt {} (last lines, `hodei logs` for all):\n",
+                last.attempt
+            ));
+            for line in &last.output_tail {
+                out.push_str(&format!("  {line}\n"));
+            }
+        } else if last.output_tail_omitted {
+            out.push_str(&format!(
+                "output of attempt {} left out of the answer (too large): `hodei logs` for all\n",
+                last.attempt
+            ));
         }
     }
     out
@@ -350,7 +363,7 @@ pub fn run_block(r: &pb::PipelineRun, now: DateTime<Utc>, style: Style) -> Strin
                 .unwrap_or_default()
                 .into(),
             step.job_id.as_str().into(),
-            match step.attempts.len() {
+            match step.attempts.len() + step.attempts_omitted as usize {
                 0 => String::new(),
                 n => n.to_string(),
             }

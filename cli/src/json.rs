@@ -19,6 +19,7 @@ pub fn job(j: &pb::Job) -> Value {
         "spec": j.spec.as_ref().map(spec),
         "state": wire::state_name(j.state),
         "attempts": j.attempts.iter().map(attempt).collect::<Vec<_>>(),
+        "attempts_omitted": j.attempts_omitted,
         "cancel_requested": j.cancel_requested,
         "reason": j.reason,
         "exit_code": j.exit_code,
@@ -68,6 +69,7 @@ pub fn attempt(a: &pb::Attempt) -> Value {
         "finished_at": wire::rfc3339(a.finished_at.as_ref()),
         "outcome": outcome(a.outcome.as_ref()),
         "output_tail": a.output_tail,
+        "output_tail_omitted": a.output_tail_omitted,
     })
 }
 
@@ -169,6 +171,7 @@ pub fn step_run(s: &pb::StepRun) -> Value {
         "finished_at": wire::rfc3339(s.finished_at.as_ref()),
         "reason": s.reason,
         "attempts": s.attempts.iter().map(attempt).collect::<Vec<_>>(),
+        "attempts_omitted": s.attempts_omitted,
     })
 }
 
@@ -294,7 +297,9 @@ mod tests {
                 "finished_at": "2023-11-14T22:13:25Z",
                 "outcome": { "kind": "exited", "code": 3 },
                 "output_tail": ["hi", "error: disk full"],
+                "output_tail_omitted": false,
             }],
+            "attempts_omitted": 0,
             "cancel_requested": false,
             "reason": "exited with code 3",
             "exit_code": 3,

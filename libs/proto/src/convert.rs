@@ -176,6 +176,7 @@ impl From<&AttemptRecord> for pb::Attempt {
             finished_at: a.finished_at.map(timestamp),
             outcome: a.outcome.as_ref().map(Into::into),
             output_tail: a.output_tail.clone(),
+            output_tail_omitted: false,
         }
     }
 }
@@ -196,6 +197,7 @@ impl From<&Job> for pb::Job {
             version: j.version(),
             not_before: j.not_before().map(timestamp),
             archived_at: None,
+            attempts_omitted: 0,
         }
     }
 }

@@ -181,6 +181,7 @@ fn step_to_wire(s: &StepRun, attempts: Option<&Vec<AttemptRecord>>) -> pb::StepR
         attempts: attempts
             .map(|a| a.iter().map(Into::into).collect())
             .unwrap_or_default(),
+        attempts_omitted: 0,
     }
 }
 

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::access::{self, Auditor};
 use crate::admission::Admission;
+use crate::answer;
 use crate::auth::{self, caller};
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located, MAX_QUERY_CHARS};
@@ -103,7 +104,7 @@ impl JobApi {
         {
             return Ok((
                 pb::SubmitJobResponse {
-                    job: Some((&existing).into()),
+                    job: Some(answer::job(&existing)),
                     created: false,
                 },
                 false,
@@ -230,7 +231,7 @@ impl JobApi {
                 .and_then(|key| existing.get(key))
             {
                 results.push(pb::SubmitJobResponse {
-                    job: Some(job.into()),
+                    job: Some(answer::job(job)),
                     created: false,
                 });
                 continue;
@@ -291,7 +292,7 @@ impl JobApi {
                 Recorded::Existing(job) => {
                     if let Some(result) = answer.results.get_mut(place) {
                         *result = pb::SubmitJobResponse {
-                            job: Some(job.as_ref().into()),
+                            job: Some(answer::job(&job)),
                             created: false,
                         };
                     }
@@ -348,7 +349,7 @@ impl JobApi {
             tracing::info!(job_id = %id, event = event.kind.name(), by = %who.subject, "job cancel recorded");
         }
         Ok(pb::CancelJobResponse {
-            job: Some((&job).into()),
+            job: Some(answer::job(&job)),
         })
     }
 }
@@ -415,7 +416,7 @@ impl JobService for JobApi {
                 .await
                 .into_status()?,
         };
-        let mut wire = pb::Job::from(&job);
+        let mut wire = answer::job(&job);
         wire.archived_at = archived_at.map(hodei_proto::timestamp);
         Ok(Response::new(pb::GetJobResponse { job: Some(wire) }))
     }
@@ -491,10 +492,12 @@ impl JobService for JobApi {
             .db(|| jobs::list(&self.backends.pool, &filter))
             .await
             .into_status()?;
-        let (jobs, next_page_token) =
-            request::fit_page(&found, found.iter().map(Into::into).collect(), limit, |j| {
-                j.id().to_string()
-            });
+        let (jobs, next_page_token) = request::fit_page(
+            &found,
+            found.iter().map(answer::job).collect(),
+            limit,
+            |j| j.id().to_string(),
+        );
         Ok(Response::new(pb::ListJobsResponse {
             jobs,
             next_page_token,

@@ -6,6 +6,7 @@
 
 mod access;
 mod admission;
+mod answer;
 mod auth;
 mod console;
 mod errors;

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::SOURCE;
 use crate::access::{self, Auditor};
 use crate::admission::Admission;
+use crate::answer;
 use crate::auth::{self, caller};
 use crate::errors::{ApiError, IntoStatus};
 use crate::history::{self, AsOf, Located};
@@ -84,7 +85,9 @@ impl PipelineApi {
     /// The run on the wire, with its steps' attempts.
     async fn to_wire(&self, run: &PipelineRun) -> Result<pb::PipelineRun, Status> {
         let attempts = self.step_attempts(std::slice::from_ref(run)).await?;
-        Ok(hodei_proto::pipeline_run_to_wire(run, &attempts))
+        Ok(answer::fit_run(hodei_proto::pipeline_run_to_wire(
+            run, &attempts,
+        )))
     }
 
     /// `runs` on the wire, with their steps' attempts read in one query.
@@ -92,7 +95,7 @@ impl PipelineApi {
         let attempts = self.step_attempts(runs).await?;
         Ok(runs
             .iter()
-            .map(|run| hodei_proto::pipeline_run_to_wire(run, &attempts))
+            .map(|run| answer::fit_run(hodei_proto::pipeline_run_to_wire(run, &attempts)))
             .collect())
     }
 
@@ -243,7 +246,7 @@ impl PipelineService for PipelineApi {
                 let (run, attempts) = history::run_as_of(&self.backends, id, tier, as_of)
                     .await
                     .into_status()?;
-                hodei_proto::pipeline_run_to_wire(&run, &attempts)
+                answer::fit_run(hodei_proto::pipeline_run_to_wire(&run, &attempts))
             }
         };
         wire.archived_at = archived_at.map(hodei_proto::timestamp);

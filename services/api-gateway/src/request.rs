@@ -170,7 +170,7 @@ pub fn label_filters(
 pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Room left in a list's answer for its page token.
-const PAGE_TOKEN_ROOM: usize = 1024;
+pub const PAGE_TOKEN_ROOM: usize = 1024;
 
 /// A page of at most `limit` items and their wire messages (`wire`, in the same order), cut
 /// where the answer would pass [`MAX_ANSWER_BYTES`] (the first item is always kept), with the

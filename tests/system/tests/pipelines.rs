@@ -191,6 +191,83 @@ async fn a_diamond_runs_in_order_with_its_branches_in_parallel_on_two_agents() {
     system.stop().await;
 }
 
+/// A run whose steps' output tails add up to more than a gRPC client reads (4 MiB) is still
+/// answered whole: the tails that matter least are left out and marked, the failed step keeps
+/// its tail, and the job's history still has every tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_larger_than_an_answer_is_answered_with_tails_left_out() {
+    let system = TestSystem::start(&[AgentSpec {
+        id: "pipe-agent-wide",
+        labels: "os=linux",
+        slots: 8,
+    }])
+    .await
+    .unwrap();
+    // 64 steps of 20 lines of 4,000 bytes each: 5 MB of tails. The last one, after all the
+    // others, fails.
+    let loud = "for i in $(seq 20); do printf '%04000d\\n' \"$i\"; done";
+    let mut spec: Vec<_> = (0..63)
+        .map(|i| step(&format!("loud-{i:02}"), &[], loud))
+        .collect();
+    let names: Vec<String> = spec.iter().map(|s| s.name.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    spec.push(step("broken", &names, &format!("{loud}; exit 1")));
+    let run = system
+        .submit_pipeline(pipeline("loud", spec))
+        .await
+        .unwrap();
+    let run = wait_run(&system, &run.id, Duration::from_secs(120)).await;
+    assert_eq!(run.state, pb::PipelineState::Failed as i32);
+    use prost::Message as _;
+    assert!(
+        run.encoded_len() <= 4 * 1024 * 1024,
+        "{}",
+        run.encoded_len()
+    );
+    let s = steps(&run);
+    let broken = &s["broken"].attempts[0];
+    assert_eq!(
+        (broken.output_tail.len(), broken.output_tail_omitted),
+        (20, false)
+    );
+    let cut: Vec<_> = run
+        .steps
+        .iter()
+        .filter(|s| s.attempts[0].output_tail_omitted)
+        .collect();
+    assert!(!cut.is_empty() && cut.len() < 63, "{}", cut.len());
+    assert!(cut.iter().all(|s| s.attempts[0].output_tail.is_empty()));
+    assert!(run.steps.iter().all(|s| s.attempts_omitted == 0));
+    // The list gives the same run, cut the same way.
+    let listed = system
+        .pipelines
+        .clone()
+        .list_pipeline_runs(pb::ListPipelineRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+    assert_eq!(listed.runs[0].steps, run.steps);
+    // The history of a cut step's job has its tail.
+    let history = system
+        .jobs
+        .clone()
+        .get_job_history(pb::GetJobHistoryRequest {
+            job_id: cut[0].job_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let tail = format!("{:04000}", 20);
+    assert!(
+        history.events.iter().any(|e| e.data.contains(&tail)),
+        "{:?}",
+        history.events.iter().map(|e| &e.r#type).collect::<Vec<_>>()
+    );
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failure_skips_dependants_runs_always_steps_and_fail_fast_cancels_siblings() {
     let system = TestSystem::start(TWO_AGENTS).await.unwrap();
