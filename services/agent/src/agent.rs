@@ -55,6 +55,10 @@ const ABORT_GRACE: Duration = Duration::from_secs(2);
 /// them back at once, so an outcome not stored by then (a job that had ended) is run again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the agent waits for the command stream's info when an assignment falls under the
+/// fence's floor.
+const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// An agent, connected and ready to run: see [`Agent::run_until_stopped`].
 pub struct Agent {
     settings: Settings,
@@ -405,6 +409,25 @@ impl Agent {
         }
     }
 
+    /// Reads when the command stream was created, so that a floor read from a stream since
+    /// made again is dropped (see [`lease::Fence`]); if it cannot be read, the floor stays.
+    async fn check_command_stream(&self, fence: &lease::Fence) {
+        let read = tokio::time::timeout(STREAM_READ_TIMEOUT, self.js.get_stream(streams::AGENT));
+        match read.await {
+            Ok(Ok(stream)) => {
+                if fence.stream_is(stream.cached_info().created.unix_timestamp_nanos()) {
+                    warn!(worker_id = %self.settings.worker_id, "the command stream was made again since the lease was renewed, its assignments are not refused");
+                }
+            }
+            Ok(Err(e)) => {
+                debug!(worker_id = %self.settings.worker_id, error = %e, "command stream not read, the fence stays");
+            }
+            Err(_) => {
+                debug!(worker_id = %self.settings.worker_id, "command stream not read in time, the fence stays");
+            }
+        }
+    }
+
     /// A fresh message stream from this agent's consumer, getting (or creating again) the
     /// consumer first so a deleted consumer comes back.
     async fn pull(&mut self) -> Result<MessageStream, AgentError> {
@@ -484,7 +507,10 @@ impl Agent {
                 }
                 // Stored before the lease lapsed (or while it had): the registry may have
                 // handed it to another worker meanwhile. Reported lost, so it is requeued at
-                // once.
+                // once. Under the floor alone, unless the stream was made again since.
+                if ctx.fence.refuses_by_floor_alone(sequence) {
+                    self.check_command_stream(&ctx.fence).await;
+                }
                 if ctx.fence.refuses(sequence) && running.start(id).is_some() {
                     self.metrics.agent_assignments_refused.inc();
                     warn!(job_id = %job_id, attempt = %attempt, sequence, "assignment stored before the lease lapsed, reporting it lost");

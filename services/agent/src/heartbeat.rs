@@ -202,8 +202,9 @@ impl Heartbeater {
         .await;
         match read {
             Ok(Ok(stream)) => {
-                let last = stream.cached_info().state.last_sequence;
-                fence.reopen(last);
+                let info = stream.cached_info();
+                let last = info.state.last_sequence;
+                fence.reopen(last, info.created.unix_timestamp_nanos());
                 info!(worker_id = %self.worker_id, refused_through = last, "lease renewed after a lapse, assignments stored before now are refused");
             }
             Ok(Err(e)) => {

@@ -79,6 +79,10 @@ impl Lease {
 /// last sequence its command stream stored by then; afterwards, those stored up to that
 /// sequence are refused too. A refused attempt is reported lost, and requeued without
 /// spending a retry; one never handed back is requeued a little early, which runs it once.
+///
+/// The floor belongs to one command stream, known by its creation time: a stream made again
+/// (NATS lost its store, an operator deleted it) numbers its messages from 1 again, and every
+/// one of them was stored after the floor was read, so the floor is dropped then.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Fence {
     state: Arc<Mutex<FenceState>>,
@@ -89,6 +93,8 @@ struct FenceState {
     lapsed: bool,
     /// Assignments stored at or before this sequence of the command stream are refused.
     floor: u64,
+    /// When the command stream the floor was read from was created (Unix nanoseconds).
+    stream_created: Option<i128>,
 }
 
 /// The reason a fenced assignment is reported lost with.
@@ -110,11 +116,17 @@ impl Fence {
         self.state().lapsed
     }
 
-    /// A beat was confirmed after a lapse, and the command stream's last sequence read after
-    /// it is `last_stored`: assignments stored up to it stay refused, later ones run.
-    pub fn reopen(&self, last_stored: u64) {
+    /// A beat was confirmed after a lapse, and the command stream (created at
+    /// `stream_created`, Unix nanoseconds) last stored sequence `last_stored` after it:
+    /// assignments stored up to it stay refused, later ones run.
+    pub fn reopen(&self, last_stored: u64, stream_created: i128) {
         let mut state = self.state();
-        state.floor = state.floor.max(last_stored);
+        state.floor = if state.stream_created == Some(stream_created) {
+            state.floor.max(last_stored)
+        } else {
+            last_stored
+        };
+        state.stream_created = Some(stream_created);
         state.lapsed = false;
     }
 
@@ -122,6 +134,25 @@ impl Fence {
     pub fn refuses(&self, sequence: u64) -> bool {
         let state = self.state();
         state.lapsed || sequence <= state.floor
+    }
+
+    /// Whether the assignment at `sequence` is refused only by the floor (the lease is not
+    /// lapsed): the stream may have been made again since, which [`Fence::stream_is`] tells.
+    pub fn refuses_by_floor_alone(&self, sequence: u64) -> bool {
+        let state = self.state();
+        !state.lapsed && sequence <= state.floor
+    }
+
+    /// The command stream now in place was created at `created` (Unix nanoseconds): if it is
+    /// not the one the floor was read from, the floor is dropped. Returns whether it was.
+    pub fn stream_is(&self, created: i128) -> bool {
+        let mut state = self.state();
+        if state.stream_created.is_none_or(|known| known == created) {
+            return false;
+        }
+        state.floor = 0;
+        state.stream_created = Some(created);
+        true
     }
 }
 
@@ -185,10 +216,33 @@ mod tests {
         assert!(!fence.refuses(1), "no lapse yet");
         fence.lapse();
         assert!(fence.refuses(1_000_000), "everything while lapsed");
-        fence.reopen(40);
+        fence.reopen(40, 7);
         assert!(fence.refuses(40));
         assert!(!fence.refuses(41));
-        fence.reopen(10);
-        assert!(fence.refuses(40), "the floor never goes back");
+        fence.reopen(10, 7);
+        assert!(fence.refuses(40), "the floor never goes back on one stream");
+    }
+
+    #[test]
+    fn a_stream_made_again_drops_the_floor() {
+        let fence = Fence::default();
+        assert!(!fence.stream_is(9), "no floor to drop");
+        fence.lapse();
+        fence.reopen(40, 7);
+        assert!(fence.refuses_by_floor_alone(3));
+        assert!(!fence.stream_is(7), "the same stream keeps its floor");
+        assert!(fence.refuses(3));
+        // Made again after the floor was read: its messages are all newer.
+        assert!(fence.stream_is(9));
+        assert!(!fence.refuses(3));
+        // Made again before a renewal after a lapse: its own last sequence is the floor.
+        fence.lapse();
+        assert!(
+            !fence.refuses_by_floor_alone(3),
+            "a lapse refuses by itself"
+        );
+        fence.reopen(5, 11);
+        assert!(fence.refuses(5));
+        assert!(!fence.refuses(6));
     }
 }

@@ -1541,8 +1541,13 @@ async fn an_assignment_stored_before_the_lease_lapsed_is_reported_lost_not_run()
         h.reports_of(stale)
     );
     assert!(!marker.exists(), "the stale assignment ran");
-    // Once a beat is confirmed again and the fence set, assignments run again (one stored
-    // before that is refused like the stale one).
+    run_once_the_fence_is_set(&h).await;
+    h.stop().await;
+}
+
+/// Once a beat is confirmed again after a lapse and the fence set, assignments run again (one
+/// stored before that is refused like a stale one): assigns until one runs.
+async fn run_once_the_fence_is_set(h: &Harness) {
     let started = Instant::now();
     loop {
         let fresh = h.assign(spec(sh("fresh", "echo fresh"))).await;
@@ -1554,6 +1559,23 @@ async fn an_assignment_stored_before_the_lease_lapsed_is_reported_lost_not_run()
             other => panic!("unexpected outcome {other:?}"),
         }
     }
+}
+
+/// The fence's floor is a sequence of one command stream: a stream made again (NATS lost its
+/// store) numbers its messages from 1 again, all stored after the floor was read, and they run
+/// instead of being refused (which would have failed every job placed here as lost).
+#[tokio::test]
+async fn a_command_stream_made_again_after_a_lapse_keeps_no_floor() {
+    let (mut h, _) = stalled_past_the_lease().await;
+    h.proxy.as_ref().unwrap().heal();
+    run_once_the_fence_is_set(&h).await;
+    h.js.delete_stream(streams::AGENT).await.unwrap();
+    hodei_messaging::streams::ensure_all(&h.js).await.unwrap();
+    let first = h.assign(spec(sh("first", "echo first"))).await;
+    assert_eq!(
+        h.finished(first).await.0,
+        AttemptOutcome::Exited { code: 0 }
+    );
     h.stop().await;
 }
 
