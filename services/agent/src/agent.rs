@@ -416,7 +416,7 @@ impl Agent {
         match read.await {
             Ok(Ok(stream)) => {
                 if fence.stream_is(stream.cached_info().created.unix_timestamp_nanos()) {
-                    warn!(worker_id = %self.settings.worker_id, "the command stream was made again since the lease was renewed, its assignments are not refused");
+                    warn!(worker_id = %self.settings.worker_id, "the command stream was made again since the lease was renewed, what it stored since is not refused");
                 }
             }
             Ok(Err(e)) => {
@@ -489,14 +489,26 @@ impl Agent {
                 // dropped it as a second copy: running it could run the attempt again. If it
                 // is the only copy, the attempt was never started and its start timeout hands
                 // it back. A command whose stored time cannot be read is refused too.
-                let (late, sequence) = match message.info() {
-                    Ok(info) => (
-                        stored_late(assigned_at, info.published.unix_timestamp_nanos()),
-                        info.stream_sequence,
-                    ),
+                let (late, stored) = match message.info() {
+                    Ok(info) => {
+                        let at = info.published.unix_timestamp_nanos();
+                        (
+                            stored_late(assigned_at, at),
+                            lease::Stored {
+                                sequence: info.stream_sequence,
+                                at,
+                            },
+                        )
+                    }
                     Err(e) => {
                         warn!(job_id = %job_id, attempt = %attempt, error = %e, "assignment without a readable stored time");
-                        (Some(Duration::MAX), u64::MAX)
+                        (
+                            Some(Duration::MAX),
+                            lease::Stored {
+                                sequence: u64::MAX,
+                                at: i128::MIN,
+                            },
+                        )
                     }
                 };
                 if let Some(late) = late {
@@ -508,12 +520,12 @@ impl Agent {
                 // Stored before the lease lapsed (or while it had): the registry may have
                 // handed it to another worker meanwhile. Reported lost, so it is requeued at
                 // once. Under the floor alone, unless the stream was made again since.
-                if ctx.fence.refuses_by_floor_alone(sequence) {
+                if ctx.fence.refuses_by_floor_alone(stored) {
                     self.check_command_stream(&ctx.fence).await;
                 }
-                if ctx.fence.refuses(sequence) && running.start(id).is_some() {
+                if ctx.fence.refuses(stored) && running.start(id).is_some() {
                     self.metrics.agent_assignments_refused.inc();
-                    warn!(job_id = %job_id, attempt = %attempt, sequence, "assignment stored before the lease lapsed, reporting it lost");
+                    warn!(job_id = %job_id, attempt = %attempt, sequence = stored.sequence, "assignment stored before the lease lapsed, reporting it lost");
                     running.release_slot(&id);
                     let ctx = Arc::clone(ctx);
                     let running = running.clone();

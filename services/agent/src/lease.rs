@@ -82,7 +82,8 @@ impl Lease {
 ///
 /// The floor belongs to one command stream, known by its creation time: a stream made again
 /// (NATS lost its store, an operator deleted it) numbers its messages from 1 again, and every
-/// one of them was stored after the floor was read, so the floor is dropped then.
+/// one of them was stored after the floor was read, so the floor does not hold for what was
+/// stored from its creation on (an assignment of the old stream still on its way keeps it).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Fence {
     state: Arc<Mutex<FenceState>>,
@@ -95,6 +96,17 @@ struct FenceState {
     floor: u64,
     /// When the command stream the floor was read from was created (Unix nanoseconds).
     stream_created: Option<i128>,
+    /// When a command stream made again since was created: what it stored from then on is
+    /// not under the floor.
+    remade_at: Option<i128>,
+}
+
+/// Where and when the command stream stored an assignment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored {
+    pub sequence: u64,
+    /// The server's time (Unix nanoseconds).
+    pub at: i128,
 }
 
 /// The reason a fenced assignment is reported lost with.
@@ -127,32 +139,40 @@ impl Fence {
             last_stored
         };
         state.stream_created = Some(stream_created);
+        state.remade_at = None;
         state.lapsed = false;
     }
 
-    /// Whether an assignment stored at `sequence` of the command stream is refused.
-    pub fn refuses(&self, sequence: u64) -> bool {
+    /// Whether an assignment `stored` so in the command stream is refused.
+    pub fn refuses(&self, stored: Stored) -> bool {
         let state = self.state();
-        state.lapsed || sequence <= state.floor
+        state.lapsed || state.under_floor(stored)
     }
 
-    /// Whether the assignment at `sequence` is refused only by the floor (the lease is not
+    /// Whether the assignment `stored` so is refused only by the floor (the lease is not
     /// lapsed): the stream may have been made again since, which [`Fence::stream_is`] tells.
-    pub fn refuses_by_floor_alone(&self, sequence: u64) -> bool {
+    pub fn refuses_by_floor_alone(&self, stored: Stored) -> bool {
         let state = self.state();
-        !state.lapsed && sequence <= state.floor
+        !state.lapsed && state.under_floor(stored)
     }
 
     /// The command stream now in place was created at `created` (Unix nanoseconds): if it is
-    /// not the one the floor was read from, the floor is dropped. Returns whether it was.
+    /// not the one the floor was read from, what it stored from then on is no longer under the
+    /// floor. Returns whether that is news.
     pub fn stream_is(&self, created: i128) -> bool {
         let mut state = self.state();
-        if state.stream_created.is_none_or(|known| known == created) {
+        let known = state.stream_created.is_none_or(|known| known == created);
+        if known || state.remade_at == Some(created) {
             return false;
         }
-        state.floor = 0;
-        state.stream_created = Some(created);
+        state.remade_at = Some(created);
         true
+    }
+}
+
+impl FenceState {
+    fn under_floor(&self, stored: Stored) -> bool {
+        stored.sequence <= self.floor && self.remade_at.is_none_or(|remade| stored.at < remade)
     }
 }
 
@@ -210,39 +230,53 @@ mod tests {
         );
     }
 
-    #[test]
-    fn after_a_lapse_only_assignments_stored_after_the_renewal_run() {
-        let fence = Fence::default();
-        assert!(!fence.refuses(1), "no lapse yet");
-        fence.lapse();
-        assert!(fence.refuses(1_000_000), "everything while lapsed");
-        fence.reopen(40, 7);
-        assert!(fence.refuses(40));
-        assert!(!fence.refuses(41));
-        fence.reopen(10, 7);
-        assert!(fence.refuses(40), "the floor never goes back on one stream");
+    /// Stored at `sequence`, `at` seconds.
+    fn stored(sequence: u64, at: i128) -> Stored {
+        Stored { sequence, at }
     }
 
     #[test]
-    fn a_stream_made_again_drops_the_floor() {
+    fn after_a_lapse_only_assignments_stored_after_the_renewal_run() {
         let fence = Fence::default();
-        assert!(!fence.stream_is(9), "no floor to drop");
+        assert!(!fence.refuses(stored(1, 1)), "no lapse yet");
+        fence.lapse();
+        assert!(
+            fence.refuses(stored(1_000_000, 1)),
+            "everything while lapsed"
+        );
+        fence.reopen(40, 7);
+        assert!(fence.refuses(stored(40, 50)));
+        assert!(!fence.refuses(stored(41, 50)));
+        fence.reopen(10, 7);
+        assert!(
+            fence.refuses(stored(40, 50)),
+            "the floor never goes back on one stream"
+        );
+    }
+
+    #[test]
+    fn a_stream_made_again_lifts_the_floor_for_what_it_stored() {
+        let fence = Fence::default();
+        assert!(!fence.stream_is(9), "no floor yet");
         fence.lapse();
         fence.reopen(40, 7);
-        assert!(fence.refuses_by_floor_alone(3));
+        assert!(fence.refuses_by_floor_alone(stored(3, 20)));
         assert!(!fence.stream_is(7), "the same stream keeps its floor");
-        assert!(fence.refuses(3));
-        // Made again after the floor was read: its messages are all newer.
-        assert!(fence.stream_is(9));
-        assert!(!fence.refuses(3));
+        assert!(fence.refuses(stored(3, 20)));
+        // Made again at 30: what it stored runs; what the old one stored before still on its
+        // way is refused.
+        assert!(fence.stream_is(30));
+        assert!(!fence.stream_is(30), "told once");
+        assert!(!fence.refuses(stored(3, 31)));
+        assert!(fence.refuses(stored(3, 20)));
         // Made again before a renewal after a lapse: its own last sequence is the floor.
         fence.lapse();
         assert!(
-            !fence.refuses_by_floor_alone(3),
+            !fence.refuses_by_floor_alone(stored(3, 40)),
             "a lapse refuses by itself"
         );
-        fence.reopen(5, 11);
-        assert!(fence.refuses(5));
-        assert!(!fence.refuses(6));
+        fence.reopen(5, 45);
+        assert!(fence.refuses(stored(5, 50)));
+        assert!(!fence.refuses(stored(6, 50)));
     }
 }

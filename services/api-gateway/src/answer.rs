@@ -31,6 +31,7 @@ fn fit_job(mut job: pb::Job) -> pb::Job {
             vec![Attempts {
                 kept: &mut job.attempts,
                 omitted: &mut job.attempts_omitted,
+                reason: &mut job.reason,
             }],
         );
     }
@@ -47,6 +48,7 @@ pub fn fit_run(mut run: pb::PipelineRun) -> pb::PipelineRun {
             .map(|s| Attempts {
                 kept: &mut s.attempts,
                 omitted: &mut s.attempts_omitted,
+                reason: &mut s.reason,
             })
             .collect();
         fit_attempts(size, steps);
@@ -54,20 +56,31 @@ pub fn fit_run(mut run: pb::PipelineRun) -> pb::PipelineRun {
     run
 }
 
-/// One job's attempts in an answer, oldest first, and the count of those left out.
+/// One job's attempts in an answer, oldest first, the count of those left out, and the
+/// reason its job or step gives for its state.
 struct Attempts<'a> {
     kept: &'a mut Vec<pb::Attempt>,
     omitted: &'a mut u32,
+    reason: &'a mut String,
 }
+
+/// Longest reason (a step's, a job's, an attempt's outcome's) an item keeps when cutting its
+/// tails and earlier attempts was not enough: a reason may take 4 KiB, and a run of 1,000
+/// steps repeats each one in its step and its last attempt.
+const CUT_REASON_BYTES: usize = 256;
+
+/// What ends a reason that was cut.
+const CUT_MARK: &str = "… (cut to fit the answer)";
 
 /// Bytes an attempt takes in its list, tag and length included.
 fn attempt_len(a: &pb::Attempt) -> usize {
     prost::encoding::message::encoded_len(1, a)
 }
 
-/// Drops tails, then the oldest attempts, until `size` (the item's encoded size) is within
-/// [`MAX_ITEM_BYTES`]. Sizes are counted at the attempt's level: what the attempt's parent
-/// saves on its own length prefix only makes the item smaller than counted.
+/// Drops tails, then the oldest attempts, then cuts long reasons, until `size` (the item's
+/// encoded size) is within [`MAX_ITEM_BYTES`]. Sizes are counted at the level of what is cut:
+/// what its parents save on their own length prefixes only makes the item smaller than
+/// counted.
 fn fit_attempts(mut size: usize, mut jobs: Vec<Attempts<'_>>) {
     // Tails, least useful first: earlier attempts', then last attempts' that succeeded, then
     // the rest; within a rank, in order.
@@ -111,10 +124,44 @@ fn fit_attempts(mut size: usize, mut jobs: Vec<Attempts<'_>>) {
         }
         job.kept.drain(..dropped);
         *job.omitted += u32::try_from(dropped).unwrap_or(u32::MAX);
-        if size <= MAX_ITEM_BYTES {
-            return;
+    }
+    // Then long reasons: each job's or step's own, and its attempts' outcomes'.
+    for job in &mut jobs {
+        let outcomes =
+            job.kept
+                .iter_mut()
+                .filter_map(|a| match a.outcome.as_mut()?.kind.as_mut()? {
+                    pb::attempt_outcome::Kind::Lost(reason)
+                    | pb::attempt_outcome::Kind::SpawnFailed(reason)
+                    | pb::attempt_outcome::Kind::ArtifactsFailed(reason) => Some(reason),
+                    _ => None,
+                });
+        for reason in std::iter::once(&mut *job.reason).chain(outcomes) {
+            if size <= MAX_ITEM_BYTES {
+                return;
+            }
+            size -= cut_reason(reason);
         }
     }
+    if size > MAX_ITEM_BYTES {
+        tracing::warn!(
+            size,
+            limit = MAX_ITEM_BYTES,
+            "an item still passes what a client reads after every cut"
+        );
+    }
+}
+
+/// Cuts `reason` to [`CUT_REASON_BYTES`] (at a character), marked; returns the bytes it saved
+/// (none for a reason short enough).
+fn cut_reason(reason: &mut String) -> usize {
+    if reason.len() <= CUT_REASON_BYTES + CUT_MARK.len() {
+        return 0;
+    }
+    let before = reason.len();
+    reason.truncate(reason.floor_char_boundary(CUT_REASON_BYTES));
+    reason.push_str(CUT_MARK);
+    before - reason.len()
 }
 
 #[cfg(test)]
@@ -139,6 +186,16 @@ mod tests {
             attempts,
             ..Default::default()
         }
+    }
+
+    /// A run of `steps`, fitted, checked to fit.
+    fn fitted_run(steps: Vec<pb::StepRun>) -> pb::PipelineRun {
+        let fitted = fit_run(pb::PipelineRun {
+            steps,
+            ..Default::default()
+        });
+        assert!(fitted.encoded_len() <= MAX_ITEM_BYTES);
+        fitted
     }
 
     fn lost(n: u32) -> pb::Attempt {
@@ -193,11 +250,7 @@ mod tests {
             .map(|i| step(&format!("ok-{i}"), Kind::Exited(0)))
             .collect();
         steps.insert(30, step("broken", Kind::Exited(1)));
-        let fitted = fit_run(pb::PipelineRun {
-            steps,
-            ..Default::default()
-        });
-        assert!(fitted.encoded_len() <= MAX_ITEM_BYTES);
+        let fitted = fitted_run(steps);
         let broken = fitted.steps.iter().find(|s| s.name == "broken").unwrap();
         assert_eq!(broken.attempts[0].output_tail.len(), 20);
         assert!(
@@ -225,11 +278,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let fitted = fit_run(pb::PipelineRun {
-            steps,
-            ..Default::default()
-        });
-        assert!(fitted.encoded_len() <= MAX_ITEM_BYTES);
+        let fitted = fitted_run(steps);
         for s in &fitted.steps {
             assert_eq!(
                 s.attempts.last().unwrap().attempt,
@@ -239,5 +288,40 @@ mod tests {
             assert_eq!(s.attempts.len() as u32 + s.attempts_omitted, 2);
         }
         assert!(fitted.steps.iter().any(|s| s.attempts_omitted == 1));
+    }
+
+    #[test]
+    fn when_nothing_else_is_left_long_reasons_are_cut_and_marked() {
+        // 1,000 steps whose one attempt was lost with a reason of 4 KiB, repeated as the
+        // step's reason: 8 MiB with no tail and no earlier attempt to leave out.
+        let long = "é".repeat(2048);
+        let steps: Vec<_> = (0..1000)
+            .map(|i| pb::StepRun {
+                name: format!("s-{i}"),
+                job_id: "01J0Z3N1W8Q4K5T6Y7V8X9ABCD".to_owned(),
+                reason: long.clone(),
+                attempts: vec![pb::Attempt {
+                    attempt: 1,
+                    worker_id: "w-1".to_owned(),
+                    assigned_at: Some(prost_types::Timestamp::default()),
+                    outcome: Some(pb::AttemptOutcome {
+                        kind: Some(Kind::Lost(long.clone())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect();
+        let fitted = fitted_run(steps);
+        assert!(fitted.steps.iter().all(|s| s.attempts.len() == 1));
+        let cut = fitted
+            .steps
+            .iter()
+            .filter(|s| s.reason.ends_with(CUT_MARK))
+            .count();
+        assert!(cut > 0 && cut < 1000, "as few as it takes: {cut}");
+        assert!(fitted.steps.iter().all(|s| s.reason.len() <= long.len()));
+        // The last steps kept theirs whole.
+        assert_eq!(fitted.steps[999].reason, long);
     }
 }

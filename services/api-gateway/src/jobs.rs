@@ -155,7 +155,7 @@ impl JobApi {
         };
         Ok((
             pb::SubmitJobResponse {
-                job: Some((&job).into()),
+                job: Some(answer::job(&job)),
                 created,
             },
             created,

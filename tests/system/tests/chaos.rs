@@ -61,9 +61,9 @@ const KILL_GRACE_MS: u64 = 500;
 /// Jobs per phase: more than the 12 slots, so that work is queued, placed and running when
 /// the fault hits.
 const PHASE_JOBS: usize = 16;
-/// The partition phases' jobs outlast the lease, so that the partitioned agent kills them
-/// before any of them ends unreported.
-const PARTITION_JOB_SECS: f64 = 10.0;
+/// The partition phases' jobs outlast the lease by far, so that the partitioned agent kills
+/// them before any of them ends unreported, even if they started seconds before the cut.
+const PARTITION_JOB_SECS: f64 = (LEASE_MS / 1_000 + 6) as f64;
 /// How long PostgreSQL stays away: longer than the 2 s of silence that make a worker
 /// unreachable.
 const PG_OUTAGE: Duration = Duration::from_secs(3);

@@ -643,6 +643,9 @@ pub(super) async fn job(
         }
         h2 { "Attempts" }
         (attempts_table(&job.attempts))
+        @if job.attempts_omitted > 0 {
+            p.muted { (job.attempts_omitted) " earlier attempts left out: the job would pass what an answer carries (4 MiB). The events below list them." }
+        }
         details.events open[history.events.len() <= 20] {
             summary { "Events (" (history.events.len()) @if !history.next_page_token.is_empty() { "+" } ")" }
             (events_table(&history.events))
