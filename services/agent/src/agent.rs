@@ -15,7 +15,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::{MessagesErrorKind, Stream as MessageStream};
 use futures::StreamExt;
-use hodei_domain::{AttemptId, IncarnationId, WorkerId};
+use hodei_domain::{AttemptId, AttemptOutcome, IncarnationId, WorkerId};
 use hodei_messaging::seal::OpeningKey;
 use hodei_messaging::{
     AgentCommand, MessagingError, artifacts, connect_with, decode, permissions, streams, trace,
@@ -517,6 +517,16 @@ impl Agent {
                     ack(&message).await;
                     return None;
                 }
+                // Cancelled before it came (its cancel overtook it): reported cancelled,
+                // never run.
+                if running.take_cancelled_before_start(&id) {
+                    info!(job_id = %job_id, attempt = %attempt, "attempt cancelled before its assignment came, reporting it cancelled");
+                    let ctx = Arc::clone(ctx);
+                    attempts.spawn(async move {
+                        attempt::refuse(&ctx, id, &message, AttemptOutcome::Cancelled).await;
+                    });
+                    return None;
+                }
                 // Stored before the lease lapsed (or while it had): the registry may have
                 // handed it to another worker meanwhile. Reported lost, so it is requeued at
                 // once. Under the floor alone, unless the stream was made again since.
@@ -530,7 +540,10 @@ impl Agent {
                     let ctx = Arc::clone(ctx);
                     let running = running.clone();
                     attempts.spawn(async move {
-                        attempt::refuse(&ctx, id, &message, lease::FENCED_REASON).await;
+                        let outcome = AttemptOutcome::Lost {
+                            reason: lease::FENCED_REASON.to_owned(),
+                        };
+                        attempt::refuse(&ctx, id, &message, outcome).await;
                         running.finish(&id);
                     });
                     return None;
@@ -583,7 +596,7 @@ impl Agent {
                 if running.cancel(&id) {
                     info!(job_id = %job_id, attempt = %attempt, reason = %reason, "attempt cancelled");
                 } else {
-                    debug!(job_id = %job_id, attempt = %attempt, reason = %reason, "cancel for an attempt not running here, ignoring it");
+                    debug!(job_id = %job_id, attempt = %attempt, reason = %reason, "cancel for an attempt not running here, remembering it in case its assignment comes later");
                 }
                 ack(&message).await;
                 None

@@ -166,8 +166,19 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     let mut identity = None;
     let mut cgroup = None;
     let started = match opened {
-        Ok(()) => spawn(&ctx, id, &spec, &workspace, &mut identity, &mut cgroup).await,
-        Err(e) => Err(format!("secret_env: {e}")),
+        Ok(()) => {
+            spawn(
+                &ctx,
+                id,
+                &spec,
+                &workspace,
+                &stoppers,
+                &mut identity,
+                &mut cgroup,
+            )
+            .await
+        }
+        Err(e) => Err(NotStarted::Failed(format!("secret_env: {e}"))),
     };
     let (mut outcome, mut tail, acked) = match started {
         Ok(child) => {
@@ -186,12 +197,17 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
             )
             .await
         }
-        Err(reason) => {
+        Err(NotStarted::Failed(reason)) => {
             // The reason names the program, which may hold a secret value.
             let reason = String::from_utf8_lossy(&masker.mask(reason.as_bytes())).into_owned();
             warn!(job_id = %id.job_id, attempt = %id.attempt, reason = %reason, "attempt failed to start");
             end_log(&ctx, id).await;
             (AttemptOutcome::SpawnFailed { reason }, Vec::new(), false)
+        }
+        Err(NotStarted::Stopped(reason)) => {
+            info!(job_id = %id.job_id, attempt = %id.attempt, reason = reason.as_str(), "attempt stopped before its process started");
+            end_log(&ctx, id).await;
+            (outcome(&End::Stopped(reason)), Vec::new(), false)
         }
     };
     if let (Some(cgroup), Some(cgroups)) = (cgroup.take(), &ctx.cgroups) {
@@ -243,26 +259,69 @@ pub(crate) async fn run(ctx: Arc<AttemptContext>, assignment: Assignment) {
     drop(identity);
 }
 
+/// Why an attempt's process was not started.
+enum NotStarted {
+    /// Its start failed: reported `spawn_failed` with the reason.
+    Failed(String),
+    /// It was stopped first (cancelled, its lease ran out, the agent stopping), while its
+    /// artifacts were fetched or before: its process never runs, since the attempt may
+    /// already have been handed to another worker.
+    Stopped(StopReason),
+}
+
+impl From<String> for NotStarted {
+    fn from(reason: String) -> Self {
+        NotStarted::Failed(reason)
+    }
+}
+
+/// Why the attempt is stopped already, if it is.
+fn stopped(ctx: &AttemptContext, stoppers: &Stoppers) -> Option<StopReason> {
+    if stoppers.cancel.is_cancelled() {
+        Some(StopReason::Cancelled)
+    } else if stoppers.lose.is_cancelled() {
+        Some(StopReason::LeaseExpired)
+    } else if ctx.stops.lost.is_cancelled() {
+        Some(StopReason::Lost)
+    } else {
+        None
+    }
+}
+
+/// Waits until the attempt is stopped, and says why.
+async fn stopping(ctx: &AttemptContext, stoppers: &Stoppers) -> StopReason {
+    tokio::select! {
+        _ = stoppers.cancel.cancelled() => StopReason::Cancelled,
+        _ = stoppers.lose.cancelled() => StopReason::LeaseExpired,
+        _ = ctx.stops.lost.cancelled() => StopReason::Lost,
+    }
+}
+
 /// Creates a fresh workspace and starts the job's process in it. The environment is only:
 /// the agent's `PATH` (so `argv[0]` is looked up as on the host; the job's env may replace
 /// it), `HOME` set to the workspace, the job's env, and `HODEI_JOB_ID`, `HODEI_ATTEMPT`,
 /// `HODEI_WORKER_ID` and `HODEI_WORKSPACE`.
+#[allow(clippy::too_many_arguments)]
 async fn spawn(
     ctx: &AttemptContext,
     id: AttemptId,
     spec: &JobSpec,
     workspace: &Path,
+    stoppers: &Stoppers,
     identity: &mut Option<Identity>,
     cgroup: &mut Option<JobCgroup>,
-) -> Result<JobProcess, String> {
+) -> Result<JobProcess, NotStarted> {
     let fresh = workspace.to_path_buf();
     tokio::task::spawn_blocking(move || fresh_workspace(&fresh))
         .await
         .map_err(|e| format!("failed to make workspace {}: {e}", workspace.display()))??;
     if let Some(plan) = &spec.artifacts {
-        artifacts::fetch(&ctx.artifact_reader, plan, workspace)
-            .await
-            .map_err(|reason| format!("failed to fetch artifacts: {reason}"))?;
+        tokio::select! {
+            fetched = artifacts::fetch(&ctx.artifact_reader, plan, workspace) => {
+                fetched.map_err(|reason| format!("failed to fetch artifacts: {reason}"))?;
+            }
+            reason = stopping(ctx, stoppers) => return Err(NotStarted::Stopped(reason)),
+        }
     }
     let cwd = match &spec.working_dir {
         Some(dir) => {
@@ -335,9 +394,12 @@ async fn spawn(
         user,
         work_lock: Some(ctx.work_lock.clone()),
     };
-    launch::start(command, start)
+    if let Some(reason) = stopped(ctx, stoppers) {
+        return Err(NotStarted::Stopped(reason));
+    }
+    Ok(launch::start(command, start)
         .await
-        .map_err(|e| format!("failed to start {program}: {e}"))
+        .map_err(|e| format!("failed to start {program}: {e}"))?)
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> String {
@@ -600,19 +662,17 @@ async fn end_log(ctx: &AttemptContext, id: AttemptId) {
     log_shipper(ctx, id).eof_only().await;
 }
 
-/// Reports attempt `id` lost with `reason` without running it, then acknowledges its
+/// Reports attempt `id` ended with `outcome` without running it, then acknowledges its
 /// `command` (left for redelivery if the report was not stored).
 pub(crate) async fn refuse(
     ctx: &AttemptContext,
     id: AttemptId,
     command: &jetstream::Message,
-    reason: &str,
+    outcome: AttemptOutcome,
 ) {
     end_log(ctx, id).await;
     let finished = ReportKind::Finished {
-        outcome: AttemptOutcome::Lost {
-            reason: reason.to_owned(),
-        },
+        outcome,
         tail: Vec::new(),
     };
     if report(ctx, id, Uuid::now_v7(), finished, &ctx.stops.give_up).await {

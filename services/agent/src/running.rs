@@ -44,6 +44,9 @@ struct Attempts {
     ended: HashSet<AttemptId>,
     /// `ended`, oldest first, with when each ended.
     ended_at: VecDeque<(Instant, AttemptId)>,
+    /// Those of `ended` that were cancelled before they came: their assignment, should it
+    /// come after its cancel, is reported cancelled.
+    cancelled_early: HashSet<AttemptId>,
 }
 
 impl Attempts {
@@ -55,6 +58,7 @@ impl Attempts {
             }
             self.ended_at.pop_front();
             self.ended.remove(&id);
+            self.cancelled_early.remove(&id);
         }
     }
 }
@@ -118,15 +122,28 @@ impl Running {
         map.forget_ended(now);
     }
 
-    /// Cancels `attempt`; returns whether it was running.
+    /// Cancels `attempt`; returns whether it was running. One that never came is remembered
+    /// as ended, cancelled: a cancel can overtake its assignment (stored later, by a relay
+    /// that took over the row, or by a client that held it), which then must not run.
     pub fn cancel(&self, attempt: &AttemptId) -> bool {
-        match self.lock().running.get(attempt) {
-            Some(entry) => {
-                entry.stoppers.cancel.cancel();
-                true
-            }
-            None => false,
+        let mut map = self.lock();
+        if let Some(entry) = map.running.get(attempt) {
+            entry.stoppers.cancel.cancel();
+            return true;
         }
+        let now = Instant::now();
+        map.forget_ended(now);
+        if map.ended.insert(*attempt) {
+            map.ended_at.push_back((now, *attempt));
+            map.cancelled_early.insert(*attempt);
+        }
+        false
+    }
+
+    /// Whether `attempt` was cancelled before its assignment came; says so once (the
+    /// assignment delivered again is ignored as ended).
+    pub fn take_cancelled_before_start(&self, attempt: &AttemptId) -> bool {
+        self.lock().cancelled_early.remove(attempt)
     }
 
     /// Cancels every running attempt; returns how many there were.

@@ -758,6 +758,32 @@ async fn cancel_stops_a_running_attempt() {
     h.stop().await;
 }
 
+/// A cancel can overtake its assignment (the assignment's row published later by another
+/// relay, or held by a client): the assignment that comes after it is reported cancelled and
+/// never run, and delivered again it is ignored.
+#[tokio::test]
+async fn an_assignment_that_comes_after_its_cancel_never_runs() {
+    let mut h = Harness::start().await;
+    let marker = h.work_dir.path().join("overtaken-ran");
+    let id = AttemptId::new(JobId::new(), AttemptNumber::new(1));
+    h.cancel(id).await;
+    let job = spec(sh("overtaken", &format!("touch {}", marker.display())));
+    h.assign_attempt(id, job.clone()).await;
+    assert_eq!(h.finished(id).await.0, AttemptOutcome::Cancelled);
+    h.assign_attempt(id, job).await;
+    h.handled_before_the_next().await;
+    assert!(!marker.exists(), "the overtaken assignment ran");
+    assert_eq!(h.started_reports(id), 0);
+    assert_eq!(
+        h.reports_of(id)
+            .iter()
+            .filter(|r| matches!(r.kind, ReportKind::Finished { .. }))
+            .count(),
+        1
+    );
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn timeout_kills_the_whole_process_group() {
     let mut h = Harness::start().await;
