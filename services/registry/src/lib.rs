@@ -79,6 +79,14 @@ impl RegistryConfig {
         if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
             return Err(invalid("flush_interval_ms", "must be 1 to 60000"));
         }
+        // Writes later than two heartbeat intervals count as the registry not observing: a
+        // longer flush interval would restart its clock at every sweep and hide every silence.
+        if self.flush_interval_ms > self.heartbeat_interval_ms {
+            return Err(invalid(
+                "flush_interval_ms",
+                "must be at most heartbeat_interval_ms",
+            ));
+        }
         if !(self.partition_share > 0.0 && self.partition_share <= 1.0) {
             return Err(invalid("partition_share", "must be above 0 and at most 1"));
         }
@@ -166,5 +174,34 @@ impl Registry {
             let _ = observability.await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> RegistryConfig {
+        let mut all = vec!["hodei-registry"];
+        all.extend_from_slice(args);
+        RegistryConfig::parse_from(all)
+    }
+
+    #[test]
+    fn a_flush_interval_longer_than_the_heartbeat_interval_is_refused() {
+        assert!(config(&[]).policy().is_ok());
+        let err = config(&[
+            "--heartbeat-interval-ms",
+            "500",
+            "--flush-interval-ms",
+            "1000",
+        ])
+        .policy()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("flush_interval_ms"), "{err}");
     }
 }

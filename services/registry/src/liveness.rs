@@ -120,6 +120,7 @@ async fn sweep(
         && live >= i64::from(policy.partition_min_workers)
         && (unreachable as f64) > policy.partition_share * (live as f64);
     if suspect_partition {
+        observation.partition_suspected();
         if !*partitioned {
             backends.metrics.liveness_partitions.inc();
             tracing::warn!(

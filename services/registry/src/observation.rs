@@ -124,6 +124,15 @@ impl Observation {
         self.reset(&mut state, "postgres");
     }
 
+    /// Most of the fleet went silent at once, which is taken for the registry's own partition
+    /// (a NATS route it cannot see from its connection): nobody's silence counts until it is
+    /// heard again, so a worker whose beats come back a moment after the others' is not
+    /// blamed for the partition's length.
+    pub fn partition_suspected(&self) {
+        let mut state = self.lock();
+        self.reset(&mut state, "partition");
+    }
+
     /// Checks the NATS connection and the registry's own pace; restarts the clock while NATS is
     /// disconnected, after it reconnected, and while heartbeat writes lag more than `lag_limit`.
     pub fn check(&self, nats: &async_nats::Client, lag_limit: Duration) {
