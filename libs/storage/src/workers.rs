@@ -402,12 +402,15 @@ pub async fn apply_heartbeats(
              FROM workers w JOIN input i ON i.id = w.id
          ),
          -- The beats that change the worker's row: the same tests as the upsert's below. A
-         -- beat of another incarnation older than one already written (two registries share
-         -- the beats, and one may write late) changes nothing: it would bring back an
-         -- incarnation that is gone.
+         -- beat older than one already written (two registries share the beats, and one may
+         -- write late) changes nothing when it is of another incarnation (it would bring back
+         -- an incarnation that is gone) or when the worker said goodbye (it would undo it:
+         -- the agent is gone).
          changing AS MATERIALIZED (
              SELECT i.* FROM input i LEFT JOIN old o ON o.id = i.id
-             WHERE NOT (o.id IS NOT NULL AND i.incarnation IS DISTINCT FROM o.incarnation
+             WHERE NOT (o.id IS NOT NULL
+                        AND (i.incarnation IS DISTINCT FROM o.incarnation
+                             OR (o.status = 'offline' AND i.status <> 'offline'))
                         AND EXISTS (SELECT 1 FROM worker_beats b
                                     WHERE b.worker_id = i.id AND b.last_heartbeat_at > i.seen))
                AND (o.id IS NULL

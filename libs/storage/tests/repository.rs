@@ -431,6 +431,36 @@ async fn heartbeats_register_once_then_refresh_drain_and_go_offline() {
     db.cleanup().await.unwrap();
 }
 
+/// Two registries share the beats: an agent's beat written late by one, after its goodbye
+/// (written by the other), does not undo the goodbye: the agent is gone, and nothing must be
+/// placed on it nor its attempts kept waiting for its lease.
+#[tokio::test]
+async fn a_late_beat_does_not_undo_a_goodbye() {
+    let (db, pool) = database().await;
+    let none = std::collections::HashSet::new();
+    let incarnation = hodei_domain::IncarnationId::new();
+    let (beat, at) = beat_of("hb-bye", incarnation, false, false);
+    let (goodbye, _) = beat_of("hb-bye", incarnation, false, true);
+    for (hb, seen) in [
+        (beat.clone(), at),
+        (goodbye, at + chrono::Duration::seconds(2)),
+        (beat, at + chrono::Duration::seconds(1)),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        workers::apply_heartbeats(&mut tx, &[(hb, seen)], &none)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let worker = workers::get(&pool, &"hb-bye".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(worker.status(), hodei_domain::WorkerStatus::Offline);
+    pool.close().await;
+    db.cleanup().await.unwrap();
+}
+
 /// Two registries share the beats: the last beat of an agent's old incarnation, written late
 /// by one, after the new incarnation's first beat written by the other, does not bring the
 /// old incarnation back (which would hand back the new one's attempts as lost).
