@@ -94,7 +94,8 @@ async fn sweep(
     partitioned: &mut bool,
 ) -> Result<(), StorageError> {
     let now = Utc::now();
-    let since = observation.since();
+    // Silence counts from the observation's start, or from the end of a suspected partition.
+    let mut since = observation.since();
     let silence = chrono::Duration::from_std(policy.silence()).unwrap_or(chrono::Duration::MAX);
     // Detection: no new work for a worker silent for `missed_beats` intervals, observed. Silence
     // is measured up to the last written beats, so a beat still being written never counts
@@ -120,7 +121,6 @@ async fn sweep(
         && live >= i64::from(policy.partition_min_workers)
         && (unreachable as f64) > policy.partition_share * (live as f64);
     if suspect_partition {
-        observation.partition_suspected();
         if !*partitioned {
             backends.metrics.liveness_partitions.inc();
             tracing::warn!(
@@ -138,6 +138,8 @@ async fn sweep(
             "fleet heard again, liveness back to normal"
         );
         *partitioned = false;
+        observation.partition_ended();
+        since = observation.since();
     }
 
     for worker in candidates {

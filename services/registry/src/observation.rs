@@ -124,11 +124,11 @@ impl Observation {
         self.reset(&mut state, "postgres");
     }
 
-    /// Most of the fleet went silent at once, which is taken for the registry's own partition
-    /// (a NATS route it cannot see from its connection): nobody's silence counts until it is
-    /// heard again, so a worker whose beats come back a moment after the others' is not
-    /// blamed for the partition's length.
-    pub fn partition_suspected(&self) {
+    /// Most of the fleet had gone silent at once, which was taken for the registry's own
+    /// partition (a NATS route it cannot see from its connection), and is heard again: the
+    /// silence of those still silent counts from now, so a worker whose beats come back a
+    /// moment after the others' is not blamed for the partition's length.
+    pub fn partition_ended(&self) {
         let mut state = self.lock();
         self.reset(&mut state, "partition");
     }

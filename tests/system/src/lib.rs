@@ -3,6 +3,7 @@
 //! same `build` + `run_until_stopped` wiring their binaries use.
 
 pub mod browser;
+pub mod mute;
 pub mod processes;
 
 use std::time::Duration;

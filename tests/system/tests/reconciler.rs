@@ -10,133 +10,12 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-use futures::StreamExt;
-use hodei_domain::{
-    AttemptId, AttemptNumber, AttemptOutcome, IncarnationId, JobId, Resources, WorkerId,
-};
-use hodei_messaging::{AgentCommand, AgentReport, Heartbeat, ReportKind, streams, subjects};
+use hodei_domain::{AttemptNumber, AttemptOutcome, JobId};
+use hodei_messaging::{AgentCommand, streams};
 use hodei_proto::v1 as pb;
-use hodei_system_tests::{SystemOptions, TestSystem, heartbeat, shell_job};
+use hodei_system_tests::mute::MuteWorker;
+use hodei_system_tests::{SystemOptions, TestSystem, shell_job};
 use hodei_test_support::wait_for;
-use tokio_util::sync::CancellationToken;
-
-/// A worker that beats (listing `running`) and reads its commands, and does nothing else.
-struct MuteWorker {
-    id: WorkerId,
-    _client: async_nats::Client,
-    js: async_nats::jetstream::Context,
-    commands: async_nats::Subscriber,
-    running: std::sync::Arc<std::sync::Mutex<Vec<AttemptId>>>,
-    stop: CancellationToken,
-}
-
-impl MuteWorker {
-    async fn start(system: &TestSystem, id: &str) -> MuteWorker {
-        let id: WorkerId = id.parse().unwrap();
-        // A test double subscribing to an agent's command subject directly: only admin may.
-        let (client, js) = system.admin_nats().await.unwrap();
-        let commands = client
-            .subscribe(subjects::agent_commands(&id))
-            .await
-            .unwrap();
-        let running = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let incarnation = IncarnationId::new();
-        {
-            let (client, id, running, stop) =
-                (client.clone(), id.clone(), running.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(200));
-                while !stop.is_cancelled() {
-                    tick.tick().await;
-                    let beat = Heartbeat {
-                        incarnation,
-                        lease_ms: 60_000,
-                        kill_grace_ms: 1_000,
-                        capacity: Resources::new(4000, 4096),
-                        running: running.lock().unwrap().clone(),
-                        ..heartbeat(&id)
-                    };
-                    let payload = serde_json::to_vec(&beat).unwrap();
-                    let _ = client
-                        .publish(subjects::heartbeat(&id), payload.into())
-                        .await;
-                }
-            });
-        }
-        MuteWorker {
-            id,
-            _client: client,
-            js,
-            commands,
-            running,
-            stop,
-        }
-    }
-
-    /// The next command for this worker, within `within`.
-    async fn next_command(&mut self, within: Duration) -> AgentCommand {
-        let message = tokio::time::timeout(within, self.commands.next())
-            .await
-            .expect("a command in time")
-            .expect("the subscription is open");
-        serde_json::from_slice(&message.payload).unwrap()
-    }
-
-    /// Reports that the attempt started, as an agent would, and lists it in its beats.
-    async fn report_started(&self, job_id: JobId, attempt: AttemptNumber) {
-        self.running
-            .lock()
-            .unwrap()
-            .push(AttemptId::new(job_id, attempt));
-        self.report(job_id, attempt, ReportKind::Started { pid: 4242 })
-            .await;
-    }
-
-    /// Reports that the attempt ended with `outcome` and `tail`, and no longer lists it.
-    async fn report_finished(
-        &self,
-        job_id: JobId,
-        attempt: AttemptNumber,
-        outcome: AttemptOutcome,
-        tail: Vec<String>,
-    ) {
-        self.running
-            .lock()
-            .unwrap()
-            .retain(|a| *a != AttemptId::new(job_id, attempt));
-        self.report(job_id, attempt, ReportKind::Finished { outcome, tail })
-            .await;
-    }
-
-    /// Publishes a report as an agent would, and waits for the stream to store it.
-    async fn report(&self, job_id: JobId, attempt: AttemptNumber, kind: ReportKind) {
-        let report = AgentReport {
-            report_id: uuid::Uuid::now_v7(),
-            worker_id: self.id.clone(),
-            job_id,
-            attempt,
-            at: Utc::now(),
-            kind,
-        };
-        self.js
-            .publish(
-                subjects::report(&self.id, &job_id),
-                serde_json::to_vec(&report).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-}
-
-impl Drop for MuteWorker {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 fn sleeper(name: &str, timeout_secs: u64) -> pb::JobSpec {
     pb::JobSpec {
@@ -169,14 +48,15 @@ async fn started_on_mute(
     )
     .await
     .unwrap();
-    let mut worker = MuteWorker::start(&system, worker).await;
+    let mut worker = MuteWorker::start(&system, worker).await.unwrap();
     let job = system.submit(sleeper(job, timeout_secs)).await.unwrap();
     let job_id: JobId = job.id.parse().unwrap();
-    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
+    let AgentCommand::Assign { attempt, .. } =
+        worker.next_command(Duration::from_secs(30)).await.unwrap()
     else {
         panic!("the first command is the assignment");
     };
-    worker.report_started(job_id, attempt).await;
+    worker.report_started(job_id, attempt).await.unwrap();
     system
         .wait_job(&job.id, "running", Duration::from_secs(30), |s| {
             s == pb::JobState::Running
@@ -197,17 +77,18 @@ async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry(
     )
     .await
     .unwrap();
-    let mut worker = MuteWorker::start(&system, "mute").await;
+    let mut worker = MuteWorker::start(&system, "mute").await.unwrap();
     let job = system.submit(sleeper("never-started", 60)).await.unwrap();
     let job_id: JobId = job.id.parse().unwrap();
 
-    let AgentCommand::Assign { attempt, .. } = worker.next_command(Duration::from_secs(30)).await
+    let AgentCommand::Assign { attempt, .. } =
+        worker.next_command(Duration::from_secs(30)).await.unwrap()
     else {
         panic!("the first command is the assignment");
     };
     assert_eq!(attempt.get(), 1);
     // Never started: the reconciler tells the worker to kill it and hands it back.
-    let cancel = worker.next_command(Duration::from_secs(30)).await;
+    let cancel = worker.next_command(Duration::from_secs(30)).await.unwrap();
     match cancel {
         AgentCommand::Cancel {
             job_id: cancelled,
@@ -220,7 +101,7 @@ async fn an_attempt_not_started_in_time_is_handed_back_without_spending_a_retry(
         other => panic!("expected a cancel, got {other:?}"),
     }
     // Placed again as attempt 2 although max_attempts is 1: a lost attempt spends no retry.
-    match worker.next_command(Duration::from_secs(30)).await {
+    match worker.next_command(Duration::from_secs(30)).await.unwrap() {
         AgentCommand::Assign { attempt, .. } => assert_eq!(attempt.get(), 2),
         other => panic!("expected the second assignment, got {other:?}"),
     }
@@ -262,7 +143,7 @@ async fn an_attempt_fetching_artifacts_has_the_longer_start_timeout() {
     )
     .await
     .unwrap();
-    let mut worker = MuteWorker::start(&system, "fetching").await;
+    let mut worker = MuteWorker::start(&system, "fetching").await.unwrap();
     let step = |name: &str, needs: &[&str], produce: &[&str], consume: &[&str]| {
         let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         pb::PipelineStep {
@@ -291,24 +172,25 @@ async fn an_attempt_fetching_artifacts_has_the_longer_start_timeout() {
         job_id: build,
         attempt,
         ..
-    } = worker.next_command(Duration::from_secs(30)).await
+    } = worker.next_command(Duration::from_secs(30)).await.unwrap()
     else {
         panic!("the first command is build's assignment");
     };
-    worker.report_started(build, attempt).await;
+    worker.report_started(build, attempt).await.unwrap();
     worker
         .report_finished(build, attempt, AttemptOutcome::Exited { code: 0 }, vec![])
-        .await;
+        .await
+        .unwrap();
     // The step that consumes build's artifacts: assigned, and never reported started.
     let AgentCommand::Assign { job_id: test, .. } =
-        worker.next_command(Duration::from_secs(30)).await
+        worker.next_command(Duration::from_secs(30)).await.unwrap()
     else {
         panic!("the next command is test's assignment");
     };
     let plain = system.submit(sleeper("plain", 60)).await.unwrap();
     let plain: JobId = plain.id.parse().unwrap();
     loop {
-        match worker.next_command(Duration::from_secs(30)).await {
+        match worker.next_command(Duration::from_secs(30)).await.unwrap() {
             AgentCommand::Cancel { job_id, .. } if job_id == plain => break,
             AgentCommand::Cancel { job_id, reason, .. } if job_id == test => {
                 panic!("the step fetching artifacts was handed back: {reason}")
@@ -337,7 +219,7 @@ async fn a_started_attempt_silent_past_its_timeout_and_grace_times_the_job_out()
         outcome(&done.attempts[0]),
         Some(pb::attempt_outcome::Kind::TimedOut(true))
     );
-    match worker.next_command(Duration::from_secs(30)).await {
+    match worker.next_command(Duration::from_secs(30)).await.unwrap() {
         AgentCommand::Cancel {
             job_id: cancelled,
             attempt: killed,
@@ -362,7 +244,8 @@ async fn a_finished_report_whose_tail_holds_a_nul_character_is_recorded() {
     tail.push("done\0".into());
     worker
         .report_finished(job_id, attempt, AttemptOutcome::Exited { code: 0 }, tail)
-        .await;
+        .await
+        .unwrap();
     let done = system
         .wait_terminal(&job.id, Duration::from_secs(30))
         .await
@@ -401,7 +284,7 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
         .wait_postgres_breaker_open("scheduler", Duration::from_secs(30))
         .await
         .unwrap();
-    let (before, _) = report_deliveries(&worker.js).await;
+    let (before, _) = report_deliveries(worker.js()).await;
     worker
         .report_finished(
             job_id,
@@ -409,12 +292,13 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
             AttemptOutcome::Exited { code: 0 },
             vec!["done".into()],
         )
-        .await;
+        .await
+        .unwrap();
     wait_for(
         "the report to be taken and held",
         Duration::from_secs(60),
         || {
-            let js = worker.js.clone();
+            let js = worker.js().clone();
             async move {
                 let (delivered, pending) = report_deliveries(&js).await;
                 (delivered > before && pending == 1).then_some(())
@@ -425,7 +309,7 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
     .unwrap();
     // The outage's length is part of the fault: past the job's timeout and grace, by a second.
     tokio::time::sleep_until(started + Duration::from_millis(2_500)).await;
-    let (delivered, _) = report_deliveries(&worker.js).await;
+    let (delivered, _) = report_deliveries(worker.js()).await;
     assert_eq!(
         delivered,
         before + 1,
@@ -440,10 +324,7 @@ async fn a_report_that_waited_out_a_postgres_outage_decides_and_not_the_timeout(
     assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
     assert_eq!(done.attempts.len(), 1, "{done:?}");
     // No kill order went out for it.
-    if let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_secs(2), worker.commands.next()).await
-    {
-        let command: AgentCommand = serde_json::from_slice(&message.payload).unwrap();
+    if let Ok(command) = worker.next_command(Duration::from_secs(2)).await {
         panic!("no command expected, got {command:?}");
     }
     system.stop().await;

@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hodei_messaging::AgentCommand;
 use hodei_proto::v1 as pb;
 use hodei_proto::v1::job_service_client::JobServiceClient;
+use hodei_system_tests::mute::MuteWorker;
 use hodei_system_tests::shell_job as script;
 use hodei_system_tests::{AgentSpec, HEARTBEAT_MS, SystemOptions, TestSystem};
 use hodei_test_support::wait_for;
@@ -476,6 +478,105 @@ async fn worker_status(system: &TestSystem, id: &str) -> Option<pb::WorkerStatus
         .workers;
     let worker = workers.into_iter().find(|w| w.id == id)?;
     pb::WorkerStatus::try_from(worker.status).ok()
+}
+
+/// Most of the fleet silent at once is taken for the registry's own partition (a NATS route
+/// it cannot see): nobody is declared lost while it lasts. When it ends, the workers whose
+/// beats come back a moment after the others' are not handed back for the partition's whole
+/// length: silence counts from when the partition was seen to end, not from their last beat.
+/// The workers here keep running their attempts all along, as agents whose lease is renewed
+/// through their own NATS server do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_heard_a_moment_after_the_rest_of_a_silent_fleet_keeps_its_attempts() {
+    let system = TestSystem::start_with(&[], SystemOptions::default())
+        .await
+        .unwrap();
+    // Handed back after 6 s of silence (lease 5 s, kill grace 1 s); 2 slots each.
+    let mut workers = Vec::new();
+    for id in ["quiet-a", "quiet-b", "quiet-c"] {
+        workers.push(
+            MuteWorker::start_leased(&system, id, 5_000, 1_000)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut jobs = Vec::new();
+    for i in 0..6 {
+        let job = system
+            .submit(script(&format!("held-{i}"), "sleep 600"))
+            .await
+            .unwrap();
+        jobs.push(job.id);
+    }
+    // The six slots take the six jobs, two on each worker; each reports them started.
+    for worker in &mut workers {
+        for _ in 0..2 {
+            let AgentCommand::Assign {
+                job_id, attempt, ..
+            } = worker.next_command(Duration::from_secs(30)).await.unwrap()
+            else {
+                panic!("only assignments are sent");
+            };
+            worker.report_started(job_id, attempt).await.unwrap();
+        }
+    }
+    for id in &jobs {
+        system
+            .wait_job(id, "running", Duration::from_secs(30), |s| {
+                s == pb::JobState::Running
+            })
+            .await
+            .unwrap();
+    }
+    let all_are = |status: pb::WorkerStatus, ids: &'static [&'static str]| {
+        let system = &system;
+        async move {
+            wait_for(
+                &format!("{ids:?} to be {status:?}"),
+                Duration::from_secs(20),
+                || async move {
+                    for id in ids {
+                        if worker_status(system, id).await? != status {
+                            return None;
+                        }
+                    }
+                    Some(())
+                },
+            )
+            .await
+            .unwrap();
+        }
+    };
+    for worker in &workers {
+        worker.fall_silent();
+    }
+    all_are(
+        pb::WorkerStatus::Unreachable,
+        &["quiet-a", "quiet-b", "quiet-c"],
+    )
+    .await;
+    // The partition lasts past the lease and kill grace.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    workers[0].speak();
+    workers[1].speak();
+    all_are(pb::WorkerStatus::Ready, &["quiet-a", "quiet-b"]).await;
+    // The last one is heard a moment later, well within its lease and kill grace.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    workers[2].speak();
+    all_are(pb::WorkerStatus::Ready, &["quiet-c"]).await;
+    for id in &jobs {
+        let job = system.get_job(id).await.unwrap();
+        assert_eq!(
+            (
+                job.state(),
+                job.attempts.len(),
+                job.attempts[0].outcome.is_none()
+            ),
+            (pb::JobState::Running, 1, true),
+            "{job:?}"
+        );
+    }
+    system.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
