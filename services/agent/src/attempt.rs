@@ -549,9 +549,7 @@ async fn wait_or_stop(
     let reason = tokio::select! {
         status = child.wait() => return End::Exited(status),
         _ = tokio::time::sleep_until(deadline) => StopReason::TimedOut,
-        _ = stoppers.cancel.cancelled() => StopReason::Cancelled,
-        _ = stoppers.lose.cancelled() => StopReason::LeaseExpired,
-        _ = ctx.stops.lost.cancelled() => StopReason::Lost,
+        reason = stopping(ctx, stoppers) => reason,
     };
     info!(job_id = %id.job_id, attempt = %id.attempt, reason = reason.as_str(), grace_ms = %ctx.kill_grace.as_millis(), "stopping process group");
     let status = if processes.is_tracked() {

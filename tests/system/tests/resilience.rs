@@ -555,13 +555,55 @@ async fn a_worker_heard_a_moment_after_the_rest_of_a_silent_fleet_keeps_its_atte
         &["quiet-a", "quiet-b", "quiet-c"],
     )
     .await;
-    // The partition lasts past the lease and kill grace.
-    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    // The partition lasts past the lease and kill grace (6 s) since every worker's last beat.
+    wait_for(
+        "every worker silent past its lease and kill grace",
+        Duration::from_secs(30),
+        || async {
+            let workers = system
+                .workers
+                .clone()
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .workers;
+            let now = chrono::Utc::now().timestamp();
+            workers
+                .iter()
+                .filter(|w| w.id.starts_with("quiet-"))
+                .all(|w| {
+                    w.last_heartbeat_at
+                        .as_ref()
+                        .is_some_and(|t| now - t.seconds > 7)
+                })
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
     workers[0].speak();
     workers[1].speak();
     all_are(pb::WorkerStatus::Ready, &["quiet-a", "quiet-b"]).await;
-    // The last one is heard a moment later, well within its lease and kill grace.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // The last one is heard a moment later: once the registry has taken the partition for
+    // over (or, as it did before, handed the last one back at once).
+    wait_for(
+        "the registry to see the partition end",
+        Duration::from_secs(20),
+        || async {
+            let ended = system
+                .metric(
+                    "registry",
+                    r#"hodei_liveness_resets_total{cause="partition"}"#,
+                )
+                .await
+                .is_some_and(|n| n >= 1.0);
+            let lost = worker_status(&system, "quiet-c").await == Some(pb::WorkerStatus::Lost);
+            (ended || lost).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     workers[2].speak();
     all_are(pb::WorkerStatus::Ready, &["quiet-c"]).await;
     for id in &jobs {
